@@ -1,0 +1,71 @@
+/*
+ * Paged attention over compressed and staging pages: the CPU reference (kvc_attn_cpu) and the CUDA
+ * kernels (kvc_attn_cuda), driven by the same argument block built once per step by the plan.
+ *
+ * Every token a sequence holds — cached blocks and this step's new tokens, which kvc_store has
+ * already written — is read from this layer's pages: block j of sequence s is
+ * dir[block_ids[block_indptr[s] + j]], a compressed page (compress/kvc_page_format.h) or a staging
+ * page (allocator/kvc_pool_layout.h). Query row r of sequence s (qo_indptr[s] <= r <
+ * qo_indptr[s+1]) sits at position kv_len[s] - (qo_indptr[s+1] - qo_indptr[s]) + (r - qo_indptr[s])
+ * and attends to positions 0..itself (causal).
+ */
+#ifndef KVC_ATTN_H
+#define KVC_ATTN_H
+
+#include <stdint.h>
+
+#include "allocator/kvc_pool_layout.h"
+#include "kvcomp.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvc_attn_args {
+  /* Shape. */
+  int num_q_heads;
+  int num_kv_heads;
+  int head_dim;
+  int block_tokens;
+  kvc_dtype_t dtype;        /* of q, out and staging pages */
+  float scale;              /* softmax scale */
+
+  /* Batch, CSR (device pointers on CUDA, host pointers on CPU). */
+  int num_seqs;
+  int total_q_rows;
+  const int32_t *qo_indptr;    /* [num_seqs + 1] */
+  const int32_t *kv_len;       /* [num_seqs] tokens held after this step's store */
+  const int32_t *block_indptr; /* [num_seqs + 1] */
+  const int32_t *block_ids;    /* [block_indptr[num_seqs]] */
+  int max_kv_len;              /* max over kv_len (host value, for launch shapes) */
+
+  /* This layer's pages. */
+  const kvc_page_entry_t *dir; /* [max_blocks] */
+  const uint8_t *pool;
+  uint32_t chunk_bytes;
+
+  /* Tensors: q, out [total_q_rows][num_q_heads][head_dim]. */
+  const void *q;
+  void *out;
+
+  /* CUDA only: split-K workspace, sized by kvc_attn_cuda_workspace_bytes for the cache's limits. */
+  void *workspace;
+  size_t workspace_bytes;
+} kvc_attn_args_t;
+
+/* Reference: float64 accumulation, pages decoded with the CPU codec. KVC_OK, KVC_ERR_CORRUPT. */
+kvc_status_t kvc_attn_cpu(const kvc_attn_args_t *a);
+
+/* Bytes of split-K workspace kvc_attn_cuda needs at most for these limits. */
+size_t kvc_attn_cuda_workspace_bytes(int max_q_rows, int num_q_heads, int head_dim, int max_seqs,
+                                     int max_seq_len, int block_tokens);
+
+/* Fused CUDA attention; enqueued on `stream` (a cudaStream_t), no sync, no allocation.
+ * KVC_OK, KVC_ERR_UNSUPPORTED (head_dim/dtype/group not built), KVC_ERR_CUDA. */
+kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVC_ATTN_H */

@@ -1,0 +1,84 @@
+/*
+ * The codecs, host side: error-bounded quantization followed by Huffman or bit-pack coding, or raw.
+ * This is the exact CPU reference; the CUDA kernels (kvc_codec_cuda.h) produce bit-identical pages.
+ *
+ * A codec turns one *block* for one layer — the K and V of up to block_tokens tokens for all kv
+ * heads — into one self-contained *page* (format: kvc_page_format.h). Input blocks use the staging
+ * layout of allocator/kvc_pool_layout.h:
+ *   // [2 (K, V)][num_kv_heads][block_tokens][head_dim] in `dtype`, first n_tokens rows of each valid
+ *
+ * Error bound contract: every decoded value differs from the input by at most the bound (relative
+ * mode: bound * (max - min) of its quantization group; keys are grouped per channel over the block's
+ * tokens, values per token; absolute mode: bound). Blocks holding NaN or Inf are stored raw.
+ */
+#ifndef KVC_CODEC_H
+#define KVC_CODEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvcomp.h"
+
+typedef struct kvc_codec_params {
+  kvc_dtype_t dtype;
+  int num_kv_heads;
+  int head_dim;
+  int block_tokens;            /* staging row stride, in tokens */
+  kvc_bound_mode_t bound_mode;
+  float k_bound;
+  float v_bound;
+  kvc_codec_policy_t policy;
+  kvc_codec_t codec;           /* for KVC_POLICY_FIXED */
+  float size_budget;           /* for KVC_POLICY_FASTEST_WITHIN */
+} kvc_codec_params_t;
+
+/* KVC_OK or KVC_ERR_INVALID_ARGUMENT / KVC_ERR_UNSUPPORTED for parameters no codec accepts. */
+kvc_status_t kvc_codec_check_params(const kvc_codec_params_t *p);
+
+/* Bytes of a staging block (the input of one encode). */
+size_t kvc_codec_staging_bytes(const kvc_codec_params_t *p);
+
+/* Largest page any codec/policy can produce for these parameters (a raw page with its header). */
+size_t kvc_codec_max_page_bytes(const kvc_codec_params_t *p);
+
+/*
+ * Encodes the first n_tokens (1..block_tokens) tokens of `block` (staging layout) into out[cap]
+ * with the codec the policy picks; *size is the page size. Deterministic: same input, same bytes.
+ * Returns KVC_ERR_INVALID_ARGUMENT (cap < kvc_codec_max_page_bytes, bad n_tokens).
+ */
+kvc_status_t kvc_codec_encode(const kvc_codec_params_t *p, const void *block, int n_tokens,
+                              uint8_t *out, size_t cap, size_t *size);
+
+/* Encodes with one given codec (no policy); KVC_ERR_UNSUPPORTED if that codec cannot code this
+ * block (non-finite values, quantized range too wide) — the caller falls back to raw. */
+kvc_status_t kvc_codec_encode_with(const kvc_codec_params_t *p, kvc_codec_t codec,
+                                   const void *block, int n_tokens, uint8_t *out, size_t cap,
+                                   size_t *size);
+
+/* What a page says about itself, after checking its header (checksum, version, sizes vs `size`). */
+typedef struct kvc_page_info {
+  kvc_codec_t codec;
+  kvc_dtype_t dtype;
+  int num_kv_heads;
+  int head_dim;
+  int n_tokens;
+  size_t bytes;
+} kvc_page_info_t;
+
+/* KVC_OK or KVC_ERR_CORRUPT. Never reads outside page[size]. */
+kvc_status_t kvc_codec_page_info(const uint8_t *page, size_t size, kvc_page_info_t *info);
+
+/*
+ * Decodes one (tensor 0=K / 1=V, head) of a page into out[n_tokens][head_dim] as float.
+ * Never reads outside page[size] nor writes outside out[n_tokens * head_dim]; returns
+ * KVC_ERR_CORRUPT for a page that is inconsistent, KVC_ERR_INVALID_ARGUMENT for a bad tensor/head.
+ */
+kvc_status_t kvc_codec_decode_head(const uint8_t *page, size_t size, int tensor, int head,
+                                   float *out);
+
+/* Decodes a whole page into the staging layout, as float:
+ *   // out[2][num_kv_heads][n_tokens][head_dim]
+ */
+kvc_status_t kvc_codec_decode(const uint8_t *page, size_t size, float *out);
+
+#endif /* KVC_CODEC_H */

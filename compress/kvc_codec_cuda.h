@@ -1,0 +1,61 @@
+/*
+ * The codecs on the GPU: launchers callable from C (no CUDA types; `stream` is a cudaStream_t).
+ * Pages are bit-identical to the CPU encoder's (kvc_codec.h). All launchers enqueue on `stream`,
+ * return before the work is done, never synchronize and never allocate.
+ *
+ * The device free stack: free_stack[0 .. *free_top) holds free chunk ids. A kernel takes n chunks
+ * with old = atomicSub(free_top, n) and uses free_stack[old - n .. old); it returns chunks with
+ * old = atomicAdd(free_top, n) and writes free_stack[old .. old + n). Taking and returning never
+ * happen in the same launch. The host's accounting guarantees the stack never runs dry; if it does,
+ * the kernel sets *error (never corrupts a page) and the host reports KVC_ERR_INTERNAL.
+ */
+#ifndef KVC_CODEC_CUDA_H
+#define KVC_CODEC_CUDA_H
+
+#include <stdint.h>
+
+#include "allocator/kvc_pool_layout.h"
+#include "compress/kvc_codec.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvc_dev_pool {
+  uint8_t *base;         /* device: num_chunks * chunk_bytes */
+  uint32_t chunk_bytes;
+  uint32_t num_chunks;
+  uint32_t *free_stack;  /* device: [num_chunks] */
+  int32_t *free_top;     /* device: one int */
+  int32_t *error;        /* device: set non-zero when the stack ran dry */
+} kvc_dev_pool_t;
+
+/*
+ * Compresses num_jobs full or partial blocks in one launch.
+ *   blocks      device, [num_jobs] staging-layout blocks back to back (kvc_codec_staging_bytes each)
+ *   n_tokens    device, [num_jobs] valid tokens of each block (1..block_tokens)
+ *   block_ids   device, [num_jobs] where each page goes in `dir`
+ *   dir         device, this layer's page directory; entries of block_ids are overwritten
+ *               (kind COMPRESSED, codec, nbytes, chunks taken from the pool's free stack)
+ *   page_bytes  device, [num_jobs] out: each page's size (for the host's accounting)
+ * KVC_OK or KVC_ERR_CUDA (launch failed), KVC_ERR_UNSUPPORTED (head_dim/dtype not built).
+ */
+kvc_status_t kvc_codec_cuda_compress(const kvc_codec_params_t *p, const void *blocks,
+                                     const int32_t *n_tokens, const int32_t *block_ids,
+                                     int num_jobs, kvc_page_entry_t *dir, kvc_dev_pool_t pool,
+                                     uint32_t *page_bytes, void *stream);
+
+/*
+ * Standalone decompression (swap, migration, debugging): decodes the pages dir[block_ids[i]]
+ * (compressed or staging) into out + i * kvc_codec_staging_bytes(p), staging layout, in p->dtype.
+ */
+kvc_status_t kvc_codec_cuda_decompress(const kvc_codec_params_t *p, const kvc_page_entry_t *dir,
+                                       const int32_t *block_ids, int num_jobs,
+                                       const uint8_t *pool_base, uint32_t chunk_bytes, void *out,
+                                       void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVC_CODEC_CUDA_H */

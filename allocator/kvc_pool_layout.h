@@ -4,7 +4,7 @@
  *
  * The pool is an array of fixed-size chunks (`chunk_bytes`, a power of two >= 256). A page — the
  * compressed K/V of one block for one layer, or the uncompressed staging bytes of a sequence's tail
- * block for one layer — is a short list of chunks, at most KVC_PAGE_MAX_CHUNKS. Chunk ids come from
+ * block for one layer — is a short list of chunks, at most KVC_PAGE_MAX_CHUNKS (64). Chunk ids come from
  * a free stack that lives where the pool lives (device memory on the CUDA backend), so a kernel that
  * has just compressed a block takes the chunks for its page itself, without asking the host.
  *
@@ -26,7 +26,7 @@
 #define KVC_HD static inline
 #endif
 
-#define KVC_PAGE_MAX_CHUNKS 32
+#define KVC_PAGE_MAX_CHUNKS 64
 #define KVC_CHUNK_MIN_BYTES 256
 
 typedef enum kvc_page_kind {

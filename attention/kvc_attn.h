@@ -51,9 +51,20 @@ typedef struct kvc_attn_args {
   /* CUDA only: split-K workspace, sized by kvc_attn_cuda_workspace_bytes for the cache's limits. */
   void *workspace;
   size_t workspace_bytes;
+
+  /* Optional (appended; 0 when unknown): max over sequences of qo_indptr[s+1] - qo_indptr[s], a
+   * host value that tightens the CUDA launch shape. 0: derived from total_q_rows and num_seqs. */
+  int max_qo_len;
 } kvc_attn_args_t;
 
-/* Reference: float64 accumulation, pages decoded with the CPU codec. KVC_OK, KVC_ERR_CORRUPT. */
+/*
+ * Reference: float64 accumulation, pages decoded with the CPU codec, each page once per call.
+ * Also the CPU backend's attention. Takes one scratch allocation per call. Returns KVC_OK,
+ * KVC_ERR_INVALID_ARGUMENT (shapes: head_dim a multiple of 8 in 8..256, num_q_heads a multiple of
+ * num_kv_heads, CSR arrays inconsistent, a sequence with more query rows than tokens or fewer
+ * blocks than its tokens need), KVC_ERR_CORRUPT (a page that fails its checks, or an empty page
+ * where a block is needed), KVC_ERR_OUT_OF_HOST_MEMORY. On error `out` is unspecified.
+ */
 kvc_status_t kvc_attn_cpu(const kvc_attn_args_t *a);
 
 /* Bytes of split-K workspace kvc_attn_cuda needs at most for these limits. */

@@ -19,6 +19,10 @@
 
 #include "kvcomp.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct kvc_codec_params {
   kvc_dtype_t dtype;
   int num_kv_heads;
@@ -80,5 +84,13 @@ kvc_status_t kvc_codec_decode_head(const uint8_t *page, size_t size, int tensor,
  *   // out[2][num_kv_heads][n_tokens][head_dim]
  */
 kvc_status_t kvc_codec_decode(const uint8_t *page, size_t size, float *out);
+
+/* Exact conversions of one fp16 / bf16 value (bits) to float, as the codec reads its input. */
+float kvc_codec_f16_to_f32(uint16_t h);
+float kvc_codec_bf16_to_f32(uint16_t h);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* KVC_CODEC_H */

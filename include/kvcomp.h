@@ -18,7 +18,27 @@
  *     backend.
  *
  * Threading: one scheduler thread drives a cache (every call except those marked "any thread").
- * kvc_get_stats() and kvc_stats_prometheus() may be called from any thread at any time.
+ * Every call holds the cache's mutex for its duration, so calls that do come from several threads
+ * are serialized and cannot corrupt it, but the per-step protocol below assumes a single driver.
+ * kvc_get_stats(), kvc_stats_prometheus(), kvc_seq_info(), kvc_tokens_fit() and kvc_cache_config()
+ * may be called from any thread at any time (they wait while another call holds the cache).
+ *
+ * Streams (CUDA backend): the cache keeps all of its device work in one order. When a call's
+ * stream differs from the stream of the cache's previous device work, the new stream first waits
+ * for that work (an event, no host wait). Hooks without a stream argument (kvc_seq_add,
+ * kvc_seq_reserve, kvc_seq_fork, kvc_seq_free) enqueue their device work (releasing the pages of
+ * freed or evicted blocks, copying a forked tail) on the stream of the cache's most recent call
+ * that took one (initially the legacy default stream). A stream given to the cache must stay valid
+ * until the cache has been given another stream, synchronized, or destroyed.
+ *
+ * CUDA graphs: kvc_store and kvc_attend only launch kernels on their stream, so the stores and
+ * attends of a step may be captured (cudaStreamBeginCapture) on the stream its kvc_plan was given.
+ * The cache records the step as done when the calls return: launch the captured graph exactly
+ * once, before the cache's next call that enqueues work. kvc_plan and the hooks are not capturable.
+ *
+ * Device failures: a call that fails with KVC_ERR_CUDA (or KVC_ERR_INTERNAL) after the cache had
+ * committed to its effect (a store, the device work of a hook) cannot restore the cache; it stays
+ * unusable and every later call returns that status. Destroy it.
  *
  * The per-step protocol (FlashInfer plan/run; vLLM allocate_slots semantics):
  *
@@ -168,18 +188,30 @@ typedef uint64_t kvc_seq_id_t;
 #define KVC_SEQ_NONE UINT64_MAX
 
 /*
- * Creates a cache: validates `config` (copied; the caller keeps ownership), takes the pool
- * (cudaMalloc on the CUDA backend) and the host metadata. Synchronous.
- * Returns KVC_OK, KVC_ERR_INVALID_ARGUMENT (NULL, bad shape, pool too small for one block of every
- * layer per sequence), KVC_ERR_UNSUPPORTED (backend not built, dtype/head_dim not supported),
- * KVC_ERR_OUT_OF_MEMORY, KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CUDA. *out is set only on KVC_OK.
+ * Creates a cache: validates `config` (copied; the caller keeps ownership; min(struct_size,
+ * sizeof(kvc_config_t)) bytes are read, later fields take their defaults), takes the pool (cudaMalloc
+ * on the CUDA backend) and the host metadata. Synchronous. The reason for a rejected configuration
+ * is logged (config->log_fn, else stderr).
+ * Besides the pool the cache holds: per block id and layer one 264-byte page directory entry;
+ * per block that one step can complete (max_batch_tokens / block_tokens + min(max_seqs,
+ * max_batch_tokens), at most max_batch_tokens) one uncompressed block of compress scratch; on CUDA
+ * also the split-K attention workspace, the step's block tables (device and 3 pinned copies,
+ * sized for min(max_seqs, max_batch_tokens) sequences of max_seq_len tokens), and swap_bytes of
+ * pinned, mapped host memory.
+ * Returns KVC_OK, KVC_ERR_INVALID_ARGUMENT (NULL, bad shape, pool too small to hold one
+ * worst-case block of every layer beyond the watermark, CUDA device out of range),
+ * KVC_ERR_UNSUPPORTED (backend not built, dtype/head_dim not supported), KVC_ERR_OUT_OF_MEMORY,
+ * KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CUDA. *out is set only on KVC_OK.
  */
 kvc_status_t kvc_cache_create(const kvc_config_t *config, kvc_cache_t **out);
 
 /* Waits for the cache's outstanding work, then frees everything it owns. NULL is a no-op. */
 void kvc_cache_destroy(kvc_cache_t *cache);
 
-/* The configuration the cache runs with, defaults filled in. */
+/* The configuration the cache runs with, defaults filled in. The caller sets out->struct_size
+ * (e.g. from KVC_CONFIG_INIT); min(out->struct_size, sizeof(kvc_config_t)) bytes are written.
+ * KVC_ERR_INVALID_ARGUMENT for NULL or a struct_size smaller than the first kvc_config_t. Any
+ * thread. */
 kvc_status_t kvc_cache_config(const kvc_cache_t *cache, kvc_config_t *out);
 
 /* ---------------------------------------------------------------------------------------------
@@ -208,22 +240,26 @@ kvc_status_t kvc_seq_add(kvc_cache_t *cache, kvc_seq_id_t id, const int32_t *tok
  * watermark is kept free as well. Fails cleanly: KVC_ERR_OUT_OF_MEMORY (the pool cannot guarantee
  * it even after evicting unreferenced cached blocks), KVC_ERR_INVALID_ARGUMENT (negative counts,
  * past max_seq_len), KVC_ERR_NOT_FOUND, KVC_ERR_INVALID_STATE (sequence swapped out or in the
- * current incomplete step).
+ * current incomplete step), KVC_ERR_OUT_OF_HOST_MEMORY (its block table grows here, so that
+ * kvc_plan never allocates). A forked child's reservation is its length, and swapping out releases
+ * a sequence's reservation: reserve before growing either.
  */
 kvc_status_t kvc_seq_reserve(kvc_cache_t *cache, kvc_seq_id_t id, int n_new, int n_lookahead);
 
 /*
  * New sequence `child` sharing every full block of `parent` (reference counted, no copy) and a
- * copy of its tail (enqueued on the cache's internal stream order; visible to the next plan).
+ * copy of its tail (enqueued on the cache's last-used stream; visible to the next plan).
  * For parallel sampling and beam search. Returns KVC_ERR_NOT_FOUND, KVC_ERR_INVALID_ARGUMENT
- * (child id in use), KVC_ERR_INVALID_STATE (parent swapped out or mid-step), KVC_ERR_OUT_OF_MEMORY.
+ * (child id in use), KVC_ERR_INVALID_STATE (parent swapped out or mid-step), KVC_ERR_OUT_OF_MEMORY
+ * (max_seqs live sequences, or no room for the tail copy), KVC_ERR_OUT_OF_HOST_MEMORY.
  */
 kvc_status_t kvc_seq_fork(kvc_cache_t *cache, kvc_seq_id_t parent, kvc_seq_id_t child);
 
 /*
  * Frees `id`. Its full blocks stay in the prefix cache (if enabled) until evicted (LRU, the
- * sequence's last blocks first); everything else returns to the pool. Preemption by drop is a free
- * followed by a later kvc_seq_add of the same tokens. Returns KVC_ERR_NOT_FOUND,
+ * sequence's last blocks first); everything else returns to the pool (enqueued on the cache's
+ * last-used stream), and a swapped-out sequence's swap memory is released. Preemption by drop is a
+ * free followed by a later kvc_seq_add of the same tokens. Returns KVC_ERR_NOT_FOUND,
  * KVC_ERR_INVALID_STATE (mid-step).
  */
 kvc_status_t kvc_seq_free(kvc_cache_t *cache, kvc_seq_id_t id);
@@ -232,8 +268,13 @@ kvc_status_t kvc_seq_free(kvc_cache_t *cache, kvc_seq_id_t id);
  * Preemption by swap: moves the sequence's pages (compressed bytes, not fp16) and its tail to host
  * swap memory and frees their pool space; kvc_seq_swap_in brings them back (new chunks, same block
  * ids). Blocks shared with other sequences stay in the pool. Enqueued on `stream`; a swapped-out
- * sequence cannot be planned, forked or reserved. Returns KVC_ERR_NOT_FOUND, KVC_ERR_INVALID_STATE,
- * KVC_ERR_OUT_OF_MEMORY (swap space, or pool on swap-in), KVC_ERR_UNSUPPORTED (swap_bytes is 0).
+ * sequence cannot be planned, forked or reserved, and comes back with its reservation released.
+ * Swap-out first waits for the sizes of pages still in flight from earlier steps (a host wait:
+ * swap is not on the hot path); each moved block takes its pages' bytes plus a small header of
+ * swap memory, and the space is checked conservatively, as if every block of the sequence moved.
+ * Returns KVC_ERR_NOT_FOUND, KVC_ERR_INVALID_STATE (already swapped out / not swapped out,
+ * mid-step), KVC_ERR_OUT_OF_MEMORY (swap space, or pool on swap-in), KVC_ERR_UNSUPPORTED
+ * (swap_bytes is 0).
  */
 kvc_status_t kvc_seq_swap_out(kvc_cache_t *cache, kvc_seq_id_t id, void *stream);
 kvc_status_t kvc_seq_swap_in(kvc_cache_t *cache, kvc_seq_id_t id, void *stream);
@@ -251,12 +292,13 @@ typedef struct kvc_seq_info {
   kvc_seq_state_t state;
 } kvc_seq_info_t;
 
+/* KVC_OK, KVC_ERR_INVALID_ARGUMENT (NULL), KVC_ERR_NOT_FOUND. Any thread. */
 kvc_status_t kvc_seq_info(const kvc_cache_t *cache, kvc_seq_id_t id, kvc_seq_info_t *out);
 
 /*
  * Conservative capacity estimate from the measured average page size: how many more tokens fit
  * in the pool (after the watermark), counting blocks that could be evicted from the prefix cache.
- * Cheap; host only.
+ * Cheap; host only. Any thread.
  */
 kvc_status_t kvc_tokens_fit(const kvc_cache_t *cache, int64_t *n_tokens);
 
@@ -293,7 +335,7 @@ kvc_status_t kvc_plan(kvc_cache_t *cache, const kvc_batch_t *batch, void *stream
  * become full are compressed in one batched launch; the space for their pages is taken on the
  * device. Enqueued on `stream`, returns before the work is done; no synchronization, no CUDA
  * allocation (capturable in a CUDA graph). Returns KVC_ERR_INVALID_STATE (no plan, layer already
- * stored this step), KVC_ERR_INVALID_ARGUMENT, KVC_ERR_CUDA.
+ * stored this step), KVC_ERR_INVALID_ARGUMENT (NULL tensor, layer out of range), KVC_ERR_CUDA.
  */
 kvc_status_t kvc_store(kvc_cache_t *cache, int layer, const void *k, const void *v, void *stream);
 
@@ -303,14 +345,19 @@ kvc_status_t kvc_store(kvc_cache_t *cache, int layer, const void *k, const void 
  * tokens up to and including i (causal). q, out [total_new_tokens, num_q_heads, head_dim] in
  * config.dtype; query head h uses kv head h / (num_q_heads / num_kv_heads). Accumulates in fp32
  * (fp64 on the CPU backend). Compressed pages are decoded on the fly, nothing decompressed is
- * written to memory. Enqueued on `stream`; no synchronization, no allocation. Returns
- * KVC_ERR_INVALID_STATE (no plan, layer not stored this step), KVC_ERR_INVALID_ARGUMENT,
- * KVC_ERR_CUDA.
+ * written to memory. Enqueued on `stream`; no synchronization, no allocation on the CUDA backend
+ * (the CPU backend takes one host scratch allocation). May be repeated for a stored layer until the
+ * next kvc_plan; once every layer is stored, a kvc_seq_free or kvc_seq_swap_out may release pages
+ * the plan reads, so it also ends attention for that step. Returns KVC_ERR_INVALID_STATE (no plan,
+ * layer not stored this step, step ended as above), KVC_ERR_INVALID_ARGUMENT (NULL tensor, layer
+ * out of range, scale not finite and > 0), KVC_ERR_CUDA; on the CPU backend also
+ * KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CORRUPT. A failed attend leaves the cache as it was.
  */
 kvc_status_t kvc_attend(kvc_cache_t *cache, int layer, const void *q, void *out, float scale,
                         void *stream);
 
-/* Waits for all work the cache enqueued, then collects page sizes. Not on the hot path. */
+/* Waits for all work the cache enqueued (on the stream of its most recent device work, which is
+ * ordered after all earlier work), then collects page sizes. Not on the hot path. */
 kvc_status_t kvc_cache_synchronize(kvc_cache_t *cache);
 
 /* ---------------------------------------------------------------------------------------------
@@ -340,7 +387,10 @@ typedef struct kvc_stats {
   int64_t pages_by_codec[3];   /* indexed by kvc_codec_t */
 } kvc_stats_t;
 
-/* A consistent snapshot. Any thread. */
+/* A consistent snapshot. The caller sets out->struct_size; min(struct_size, sizeof(kvc_stats_t))
+ * bytes are written (KVC_ERR_INVALID_ARGUMENT when smaller than the first kvc_stats_t). Page sizes
+ * reach the host asynchronously, so page_bytes and friends lag the device by a step or two
+ * (kvc_cache_synchronize brings them up to date). Any thread. */
 kvc_status_t kvc_get_stats(const kvc_cache_t *cache, kvc_stats_t *out);
 
 /* Prometheus text exposition of the stats into buf[cap] (NUL-terminated); *needed is the length
@@ -365,8 +415,11 @@ typedef struct kvc_event {
 kvc_status_t kvc_poll_events(kvc_cache_t *cache, kvc_event_t *events, int cap, int *n,
                              int64_t *dropped);
 
-/* Checks every invariant (refcounts, free lists, directory, block tables, accounting). Host side;
- * on the CUDA backend it synchronizes. Returns KVC_OK or KVC_ERR_INTERNAL (logged). */
+/* Checks every invariant (refcounts, free lists, directory, block tables, accounting): every pool
+ * chunk is free or in exactly one page, every directory entry agrees with the block manager, every
+ * block of a running sequence holds the page its length implies. Host side; synchronizes and
+ * collects page sizes first (on CUDA it copies the directories to the host). Returns KVC_OK,
+ * KVC_ERR_INTERNAL (the reason is logged), KVC_ERR_OUT_OF_HOST_MEMORY (its scratch copies). */
 kvc_status_t kvc_cache_validate(kvc_cache_t *cache);
 
 #ifdef __cplusplus

@@ -1,0 +1,893 @@
+/*
+ * Fused paged attention on the GPU: kvc_attn_cuda (attention/kvc_attn.h).
+ *
+ * One CTA handles (sequence, kv head, query tile, split): a query tile is 16 * WM "query entries"
+ * (a query row times one head of the kv head's GQA group, flattened row-major), a split a range of
+ * the sequence's 64-token *units*. Five warps:
+ *
+ *   producer (warp 4)  walks the split's units: reads block ids, page entries, page headers and
+ *                      section tables 32 pages at a time, takes space in a shared-memory byte ring
+ *                      and issues 16-byte cp.async loads; a unit's completion is tracked by an
+ *                      mbarrier ("full"), its release by the consumers by another ("empty"). A unit
+ *                      whose pages are all uncompressed rows (staging pages, RAW pages) lands
+ *                      directly in the swizzled tile layout the tensor cores read; otherwise its
+ *                      compressed sections land as bytes. The producer runs ahead as far as the
+ *                      ring allows, so its dependent metadata loads stay off the consumers' path.
+ *   consumers (0..3)   per unit: decode compressed sections into a shared K/V tile (warps 0-1 the
+ *                      K sections, warps 2-3 the V sections, attention/kvc_attn_decode.cuh), then
+ *                      S = Q K^T with mma.sync m16n8k16 (M = the 16 query entries, so the GQA group
+ *                      shares every K/V value it loads), online softmax in fp32 (exp2, scale folded
+ *                      in), O += P V with mma.sync. With one query tile (decode) the four warps
+ *                      split the unit's 64 tokens; with more entries each warp owns 16 of them.
+ *
+ * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
+ * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.
+ * A page that fails its checks makes the rows of every CTA that reads it NaN: the kernels cannot
+ * return a status, and NaN is never mistaken for attention output.
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "attention/kvc_attn.h"
+#include "attention/kvc_attn_decode.cuh"
+#include "compress/kvc_page_format.h"
+
+namespace kvc_attn {
+
+#ifdef NDEBUG
+constexpr bool kDebug = false;
+#else
+constexpr bool kDebug = true; /* bounds checks on every pool read the producer issues */
+#endif
+
+constexpr int kConsumerWarps = 4;
+constexpr int kConsumers = 32 * kConsumerWarps;
+constexpr int kThreads = kConsumers + 32;
+constexpr int kSlots = 8;                        /* units in flight at most */
+constexpr int kMaxUnitPages = kUnitTokens / 16;  /* pages in a unit (block_tokens >= 16) */
+constexpr int kBatch = 32;                       /* pages whose metadata the producer loads at once */
+constexpr int kMaxCtasForSplit = 1024;           /* splitting stops at this many CTAs */
+constexpr int kMaxSplits = 64;
+constexpr int kWsEntries = 16 * kMaxCtasForSplit; /* (row, head) partials the workspace is sized for */
+
+enum : uint8_t { PG_NONE = 0, PG_STAGING, PG_RAW, PG_BITPACK, PG_HUFFMAN, PG_BAD };
+enum : int32_t { UNIT_TILE_IN_RING = 1, UNIT_BAD = 2 };
+
+/* What the producer knows about one page of its current batch. */
+struct page_meta {
+  uint32_t k_off, k_bytes, v_off, v_bytes; /* page offsets and sizes of this head's K and V */
+  uint16_t n_tokens;                       /* tokens the page holds */
+  uint8_t cls;                             /* PG_* */
+  uint8_t nchunks;                         /* for the debug bounds checks */
+};
+
+/* One page of a unit, as the consumers see it. */
+struct unit_page {
+  uint32_t k_ring, v_ring;   /* offsets of its K / V bytes from the unit's ring offset */
+  uint32_t k_bytes, v_bytes;
+  uint16_t n_tokens;
+  int16_t ptok0;             /* first page token the unit uses */
+  int16_t row0;              /* the unit row it goes to */
+  int16_t nrows;
+  uint8_t cls;
+  uint8_t pad[3];
+};
+
+struct unit_desc {
+  uint32_t ring_off;
+  int32_t flags;             /* UNIT_*; consumers OR in UNIT_BAD */
+  int16_t n_valid;           /* rows of the unit below kv_len */
+  int16_t npages;
+  int32_t pad;
+  unit_page pages[kMaxUnitPages];
+};
+
+struct params {
+  const int32_t *qo_indptr, *kv_len, *block_indptr, *block_ids;
+  const kvc_page_entry_t *dir;
+  const uint8_t *pool;
+  const void *q;
+  void *out;
+  float *ws_o;   /* [nsplits][total_q_rows][num_q_heads][head_dim] */
+  float *ws_lse; /* [nsplits][total_q_rows][num_q_heads], log2 domain */
+  uint32_t chunk_bytes, chunk_shift;
+  int num_q_heads, num_kv_heads, group, block_tokens, dtype;
+  int total_q_rows, qtiles, nsplits, units_per_split;
+  float scale_log2;
+};
+
+constexpr int align_up(int x, int a) { return (x + a - 1) / a * a; }
+
+/* Ring size: at least two uncompressed units where it fits, as many as the budget allows. */
+template <int HD> constexpr int ring_bytes() {
+  return HD == 64 ? 48 * 1024 : HD == 128 ? 144 * 1024 : 112 * 1024;
+}
+
+template <int HD, int WM> struct smem_layout {
+  static constexpr int RB = 2 * HD;
+  static constexpr int tile = kUnitTokens * RB; /* one of K, V */
+  static constexpr int ring = ring_bytes<HD>();
+  static constexpr int dtile_off = ring;
+  static constexpr int scratch_bytes = align_up(scratch_layout<HD>::bytes, 128);
+  static constexpr int scratch_off = dtile_off + 2 * tile;
+  static constexpr int qtile_off = scratch_off + 2 * scratch_bytes;
+  static constexpr int desc_off = qtile_off + 16 * WM * RB;
+  static constexpr int meta_off = desc_off + kSlots * (int)sizeof(unit_desc);
+  static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
+  static constexpr int bar_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 8);
+  static constexpr int bytes = bar_off + 2 * kSlots * 8;
+  /* The epilogue reuses the ring for the warps' partial results. */
+  static_assert(kConsumerWarps * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
+  static_assert(2 * tile <= ring, "one uncompressed unit must fit the ring");
+  static_assert(bytes <= 232448, "more than the 227 KiB of shared memory a CTA may have");
+};
+
+/* ---- PTX wrappers ---------------------------------------------------------------------------- */
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+/* Arrives on `bar` once all of this thread's earlier cp.async have landed. */
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred P1;\n"
+      "LAB_WAIT:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      " @P1 bra DONE;\n"
+      " bra LAB_WAIT;\n"
+      "DONE:\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+/* Barrier of the four consumer warps that also ORs `x` over them. */
+__device__ __forceinline__ bool consumers_any(bool x) {
+  uint32_t r;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, 1, %2, p;\n"
+      " selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r)
+      : "r"((uint32_t)x), "n"(kConsumers)
+      : "memory");
+  return r != 0;
+}
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+template <class T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                 uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* ---- producer -------------------------------------------------------------------------------- */
+
+/* Address in the pool of byte `off` of the page whose chunk ids are `chunks` (shared). */
+__device__ __forceinline__ const uint8_t *page_addr(const params &p, const uint32_t *chunks,
+                                                    uint32_t off) {
+  return p.pool + ((uint64_t)chunks[off >> p.chunk_shift] << p.chunk_shift) +
+         (off & (p.chunk_bytes - 1));
+}
+
+/*
+ * Loads the metadata of pages [first, first + 32) of the sequence into meta[] / chunks[] (lane i:
+ * page first + i): block id, then the directory entry and its chunk ids, then (compressed pages)
+ * the header and this head's two section-table entries. Validates everything the consumers and
+ * the copies rely on; a page that fails is PG_BAD.
+ */
+template <int HD>
+__device__ void load_batch(const params &p, int first, int nblocks, int bi0, int kh, int len,
+                           page_meta *meta, uint32_t *chunks) {
+  const int lane = threadIdx.x & 31, j = first + lane, H = p.num_kv_heads, bt = p.block_tokens;
+  const bool valid = j < nblocks;
+  const int bid = valid ? p.block_ids[bi0 + j] : 0;
+  uint2 head = make_uint2(0, 0);
+  if (valid) head = *(const uint2 *)(p.dir + bid); /* nbytes; kind | nchunks << 8 | codec << 16 */
+  uint32_t cv[kBatch];
+#pragma unroll
+  for (int i = 0; i < kBatch; i++) {
+    const int bi = __shfl_sync(0xffffffffu, bid, i);
+    cv[i] = first + i < nblocks ? p.dir[bi].chunk[lane] : 0u;
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < kBatch; i++) chunks[i * KVC_PAGE_MAX_CHUNKS + lane] = cv[i];
+  __syncwarp();
+  const uint32_t *my = chunks + lane * KVC_PAGE_MAX_CHUNKS;
+  const uint32_t nbytes = head.x, kind = head.y & 0xffu, nchunks = (head.y >> 8) & 0xffu;
+  const uint32_t codec = (head.y >> 16) & 0xffu;
+  const uint32_t RB = 2 * HD;
+  const int need = valid ? min(bt, len - j * bt) : 0;
+  page_meta pm;
+  pm.cls = valid ? PG_BAD : PG_NONE;
+  pm.n_tokens = 0;
+  pm.k_off = pm.k_bytes = pm.v_off = pm.v_bytes = 0;
+  pm.nchunks = (uint8_t)nchunks;
+  const bool sized = nchunks >= 1 && nchunks <= KVC_PAGE_MAX_CHUNKS &&
+                     (uint64_t)nbytes <= (uint64_t)nchunks * p.chunk_bytes;
+  if (valid && sized && kind == KVC_PAGE_STAGING) {
+    if ((uint64_t)nbytes >= 2ull * H * bt * RB) {
+      pm.cls = PG_STAGING;
+      pm.n_tokens = (uint16_t)bt;
+      pm.k_off = kvc_staging_row_offset(0, kh, 0, H, bt, (int)RB);
+      pm.v_off = kvc_staging_row_offset(1, kh, 0, H, bt, (int)RB);
+      pm.k_bytes = pm.v_bytes = (uint32_t)bt * RB;
+    }
+  } else if (valid && sized && kind == KVC_PAGE_COMPRESSED && nbytes >= KVC_PAGE_HEADER_BYTES) {
+    /* This head's section-table words: end[kh - 1], end[kh], end[H + kh - 1], end[H + kh]. */
+    const uint32_t tk = KVC_PAGE_HEADER_BYTES + 4u * kh, tv = tk + 4u * H;
+    uint32_t w[4] = {0, 0, 0, 0};
+    const bool table_ok = tv + 4 <= nbytes;
+    const uint8_t *hp = page_addr(p, my, 0);
+    union {
+      uint4 v[2];
+      uint8_t b[32];
+    } raw;
+    raw.v[0] = __ldg((const uint4 *)hp);
+    raw.v[1] = __ldg((const uint4 *)hp + 1);
+    if (table_ok) {
+      if (kh > 0) w[0] = __ldg((const uint32_t *)page_addr(p, my, tk - 4));
+      w[1] = __ldg((const uint32_t *)page_addr(p, my, tk));
+      w[2] = __ldg((const uint32_t *)page_addr(p, my, tv - 4));
+      w[3] = __ldg((const uint32_t *)page_addr(p, my, tv));
+    }
+    kvc_page_header_t h;
+    kvc_page_header_read(raw.b, &h);
+    const uint32_t k0 = kh > 0 ? kvc_align16(w[0]) : kvc_page_sections_start((uint32_t)H);
+    const uint32_t v0 = kvc_align16(w[2]);
+    bool ok = table_ok && h.magic == KVC_PAGE_MAGIC && h.version == KVC_PAGE_VERSION &&
+              h.codec == codec && codec <= KVC_CODEC_HUFFMAN && h.num_kv_heads == H &&
+              h.head_dim == HD && h.n_tokens >= need && h.n_tokens <= bt &&
+              h.total_bytes <= nbytes && k0 <= w[1] && w[1] <= h.total_bytes && v0 <= w[3] &&
+              w[3] <= h.total_bytes;
+    const uint32_t raw_bytes = (uint32_t)h.n_tokens * RB;
+    const uint32_t kb = w[1] - k0, vb = w[3] - v0;
+    if (ok && codec == KVC_CODEC_RAW) {
+      if (h.dtype == (uint32_t)p.dtype && kb >= raw_bytes && vb >= raw_bytes) pm.cls = PG_RAW;
+    } else if (ok) {
+      if (kb >= KVC_QSEC_HEADER_BYTES + 4 && vb >= KVC_QSEC_HEADER_BYTES + 4 && kb <= raw_bytes &&
+          vb <= raw_bytes && kb % 4 == 0 && vb % 4 == 0)
+        pm.cls = codec == KVC_CODEC_BITPACK ? PG_BITPACK : PG_HUFFMAN;
+    }
+    if (pm.cls != PG_BAD) {
+      pm.n_tokens = h.n_tokens;
+      pm.k_off = k0;
+      pm.v_off = v0;
+      pm.k_bytes = kb;
+      pm.v_bytes = vb;
+    }
+  }
+  meta[lane] = pm;
+  __syncwarp();
+}
+
+/* Copies page bytes [src_off, src_off + align16(bytes)) to shared address dst. */
+__device__ __forceinline__ void copy_linear(const params &p, const uint32_t *chunks, uint32_t nchunks_dbg,
+                                            uint32_t src_off, uint32_t bytes, uint32_t dst) {
+  const uint32_t n = (bytes + 15) >> 4;
+  for (uint32_t i = threadIdx.x & 31; i < n; i += 32) {
+    const uint32_t o = src_off + 16 * i;
+    if (kDebug && (o >> p.chunk_shift) >= nchunks_dbg) __trap();
+    cp_async16(dst + 16 * i, page_addr(p, chunks, o));
+  }
+}
+
+/* Copies nrows contiguous rows starting at page byte src_off into swizzled tile rows row0.. . */
+template <int HD>
+__device__ __forceinline__ void copy_rows_tile(const params &p, const uint32_t *chunks,
+                                               uint32_t nchunks_dbg, uint32_t src_off, int nrows,
+                                               int row0, uint32_t tile) {
+  constexpr int P = HD / 8;
+  for (int i = threadIdx.x & 31; i < nrows * P; i += 32) {
+    const uint32_t o = src_off + 16u * i;
+    if (kDebug && (o >> p.chunk_shift) >= nchunks_dbg) __trap();
+    cp_async16(tile + tile_off<HD>(row0 + i / P, i % P), page_addr(p, chunks, o));
+  }
+}
+
+template <int HD, int WM>
+__device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
+                         int u_end) {
+  typedef smem_layout<HD, WM> SL;
+  const int lane = threadIdx.x & 31, bt = p.block_tokens;
+  const int nblocks = (len + bt - 1) / bt, bi0 = p.block_indptr[seq];
+  const uint32_t ring = smem_u32(smem), bars = smem_u32(smem + SL::bar_off);
+  unit_desc *descs = (unit_desc *)(smem + SL::desc_off);
+  page_meta *meta = (page_meta *)(smem + SL::meta_off);
+  uint32_t *chunks = (uint32_t *)(smem + SL::chunks_off);
+  const uint32_t RB = 2 * HD;
+  int batch = -1 - kBatch; /* first page of the loaded batch */
+  int rel = 0;             /* units [0, rel) are known to be released */
+  uint32_t head = 0, live_off = 0, live_end = 0; /* lane s: ring range of slot s */
+
+  for (int k = 0; u_begin + k < u_end; k++) {
+    const int u = u_begin + k, slot = k % kSlots;
+    const int t0 = u * kUnitTokens, n_valid = min(kUnitTokens, len - t0);
+    while (rel <= k - kSlots) {
+      mbar_wait(bars + 8 * (kSlots + rel % kSlots), (uint32_t)(rel / kSlots) & 1u);
+      rel++;
+    }
+    const int jf = t0 / bt;
+    const int npg = bt >= kUnitTokens ? 1 : min(kUnitTokens / bt, nblocks - jf);
+    if (jf + npg > batch + kBatch) {
+      batch = jf;
+      load_batch<HD>(p, batch, nblocks, bi0, kh, len, meta, chunks);
+    }
+    /* The unit's pages and the ring bytes they need. */
+    unit_page up[kMaxUnitPages];
+    bool all_rows = true, any_bad = false;
+    uint32_t need = 0;
+#pragma unroll
+    for (int q = 0; q < kMaxUnitPages; q++) {
+      if (q >= npg) break;
+      const page_meta pm = meta[jf + q - batch];
+      unit_page &x = up[q];
+      x.cls = pm.cls;
+      x.n_tokens = pm.n_tokens;
+      x.ptok0 = (int16_t)(bt >= kUnitTokens ? t0 - jf * bt : 0);
+      x.row0 = (int16_t)(bt >= kUnitTokens ? 0 : q * bt);
+      x.nrows = (int16_t)(bt >= kUnitTokens ? n_valid : min(bt, len - (jf + q) * bt));
+      any_bad |= pm.cls == PG_BAD || pm.cls == PG_NONE;
+      const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
+      all_rows &= rows;
+      x.k_bytes = rows ? (uint32_t)x.nrows * RB : pm.k_bytes;
+      x.v_bytes = rows ? (uint32_t)x.nrows * RB : pm.v_bytes;
+      x.k_ring = need;
+      need += kvc_align16(x.k_bytes);
+      x.v_ring = need;
+      need += kvc_align16(x.v_bytes);
+    }
+    int32_t flags = any_bad ? UNIT_BAD : all_rows ? UNIT_TILE_IN_RING : 0;
+    if (flags == UNIT_TILE_IN_RING) need = 2 * SL::tile;
+    if (any_bad || need > (uint32_t)SL::ring) {
+      flags = UNIT_BAD;
+      need = 0;
+    }
+    /* Ring space: after the newest unit, else from the start; wait for the oldest until free. */
+    uint32_t off = 0;
+    for (;;) {
+      if (rel == k || need == 0) {
+        off = rel == k ? 0 : head;
+        break;
+      }
+      off = head + need <= (uint32_t)SL::ring ? head : 0;
+      bool clash = false;
+      for (int i = rel; i < k; i++) {
+        const uint32_t o = __shfl_sync(0xffffffffu, live_off, i % kSlots);
+        const uint32_t e = __shfl_sync(0xffffffffu, live_end, i % kSlots);
+        clash |= off < e && o < off + need;
+      }
+      if (!clash) break;
+      mbar_wait(bars + 8 * (kSlots + rel % kSlots), (uint32_t)(rel / kSlots) & 1u);
+      rel++;
+    }
+    head = off + need;
+    if (lane == slot) {
+      live_off = off;
+      live_end = off + need;
+    }
+    /* Issue the copies. */
+    if (flags == UNIT_TILE_IN_RING) {
+      const uint32_t kt = ring + off, vt = kt + SL::tile;
+#pragma unroll
+      for (int q = 0; q < kMaxUnitPages; q++) {
+        if (q >= npg) break;
+        const page_meta pm = meta[jf + q - batch];
+        const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
+        const uint32_t nch = pm.nchunks;
+        const uint32_t rofs = (uint32_t)up[q].ptok0 * RB;
+        copy_rows_tile<HD>(p, pc, nch, pm.k_off + rofs, up[q].nrows, up[q].row0, kt);
+        copy_rows_tile<HD>(p, pc, nch, pm.v_off + rofs, up[q].nrows, up[q].row0, vt);
+      }
+      /* Rows past the sequence: zeros, so that masked probabilities never meet NaN. */
+      uint8_t *kz = smem + off, *vz = kz + SL::tile;
+      for (int i = n_valid * (HD / 8) + lane; i < kUnitTokens * (HD / 8); i += 32) {
+        *(uint4 *)(kz + 16 * i) = make_uint4(0, 0, 0, 0);
+        *(uint4 *)(vz + 16 * i) = make_uint4(0, 0, 0, 0);
+      }
+    } else if (flags == 0) {
+#pragma unroll
+      for (int q = 0; q < kMaxUnitPages; q++) {
+        if (q >= npg) break;
+        const page_meta pm = meta[jf + q - batch];
+        const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
+        const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
+        const uint32_t rofs = rows ? (uint32_t)up[q].ptok0 * RB : 0;
+        copy_linear(p, pc, pm.nchunks, pm.k_off + rofs, up[q].k_bytes, ring + off + up[q].k_ring);
+        copy_linear(p, pc, pm.nchunks, pm.v_off + rofs, up[q].v_bytes, ring + off + up[q].v_ring);
+      }
+    }
+    if (lane == 0) {
+      unit_desc &d = descs[slot];
+      d.ring_off = off;
+      d.flags = flags;
+      d.n_valid = (int16_t)n_valid;
+      d.npages = (int16_t)npg;
+#pragma unroll
+      for (int q = 0; q < kMaxUnitPages; q++)
+        if (q < npg) d.pages[q] = up[q];
+    }
+    mbar_arrive_cp_async(bars + 8 * slot);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bars + 8 * slot);
+  }
+}
+
+/* ---- consumers ------------------------------------------------------------------------------- */
+
+/*
+ * One warp's share of a unit: tokens [tb, tb + NT) of the tiles at kt, vt (shared addresses)
+ * against the 16 query entries of the warp's Q tile at qt. Rows g and g + 8 of the M tile sit at
+ * positions pos0 and pos1 (causal limits; pos_warp is the largest over the warp); tokens past
+ * n_valid are masked.
+ */
+template <int HD, class T, int NT>
+__device__ __forceinline__ void attend(uint32_t kt, uint32_t vt, uint32_t qt, int tb, int n_valid,
+                                       int token0, int pos0, int pos1, int pos_warp,
+                                       float scale_log2, float (&o)[HD / 8][4], float (&m)[2],
+                                       float (&l)[2]) {
+  const int lane = threadIdx.x & 31, c = lane & 3, mi = lane >> 3, ri = lane & 7;
+  /* Warp-uniform: nothing of this slice is visible to any of the warp's rows. */
+  if (tb >= n_valid || token0 + tb > pos_warp) return;
+  float s[NT / 8][4];
+#pragma unroll
+  for (int j = 0; j < NT / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; kk++) {
+    uint32_t a[4];
+    ldsm_x4(a, qt + tile_off<HD>(ri + ((mi & 1) << 3), 2 * kk + (mi >> 1)));
+#pragma unroll
+    for (int jj = 0; jj < NT / 16; jj++) {
+      uint32_t b[4];
+      ldsm_x4(b, kt + tile_off<HD>(tb + 16 * jj + ri + ((mi >> 1) << 3), 2 * kk + (mi & 1)));
+      mma16816<T>(s[2 * jj], a, b[0], b[1]);
+      mma16816<T>(s[2 * jj + 1], a, b[2], b[3]);
+    }
+  }
+  float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < NT / 8; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int tr = tb + 8 * j + 2 * c + (e & 1);
+      const bool visible = tr < n_valid && token0 + tr <= (e < 2 ? pos0 : pos1);
+      s[j][e] = visible ? s[j][e] * scale_log2 : -INFINITY;
+      if (e < 2) mx0 = fmaxf(mx0, s[j][e]);
+      else mx1 = fmaxf(mx1, s[j][e]);
+    }
+#pragma unroll
+  for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
+  }
+  const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
+  /* A row with nothing visible yet keeps max -inf; subtract 0 instead so that exp2 gives 0. */
+  const float mu0 = mn0 == -INFINITY ? 0.f : mn0, mu1 = mn1 == -INFINITY ? 0.f : mn1;
+  const float c0 = exp2f(m[0] - mu0), c1 = exp2f(m[1] - mu1);
+  m[0] = mn0;
+  m[1] = mn1;
+  l[0] *= c0;
+  l[1] *= c1;
+#pragma unroll
+  for (int n = 0; n < HD / 8; n++) {
+    o[n][0] *= c0;
+    o[n][1] *= c0;
+    o[n][2] *= c1;
+    o[n][3] *= c1;
+  }
+  uint32_t pa[NT / 16][4];
+#pragma unroll
+  for (int jj = 0; jj < NT / 16; jj++) {
+    float pv[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      pv[h][0] = exp2f(s[2 * jj + h][0] - mu0);
+      pv[h][1] = exp2f(s[2 * jj + h][1] - mu0);
+      pv[h][2] = exp2f(s[2 * jj + h][2] - mu1);
+      pv[h][3] = exp2f(s[2 * jj + h][3] - mu1);
+      l[0] += pv[h][0] + pv[h][1];
+      l[1] += pv[h][2] + pv[h][3];
+    }
+    pa[jj][0] = pack2<T>(pv[0][0], pv[0][1]);
+    pa[jj][1] = pack2<T>(pv[0][2], pv[0][3]);
+    pa[jj][2] = pack2<T>(pv[1][0], pv[1][1]);
+    pa[jj][3] = pack2<T>(pv[1][2], pv[1][3]);
+  }
+#pragma unroll
+  for (int jj = 0; jj < NT / 16; jj++)
+#pragma unroll
+    for (int dn = 0; dn < HD / 16; dn++) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, vt + tile_off<HD>(tb + 16 * jj + ri + ((mi & 1) << 3), 2 * dn + (mi >> 1)));
+      mma16816<T>(o[2 * dn], pa[jj], b[0], b[1]);
+      mma16816<T>(o[2 * dn + 1], pa[jj], b[2], b[3]);
+    }
+}
+
+template <class T> __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
+  return make_uint4(pack2<T>(x[0], x[1]), pack2<T>(x[2], x[3]), pack2<T>(x[4], x[5]),
+                    pack2<T>(x[6], x[7]));
+}
+
+template <int HD, class T, int WM>
+__global__ void __launch_bounds__(kThreads, 1) attn_kernel(const params p) {
+  typedef smem_layout<HD, WM> SL;
+  constexpr int WN = kConsumerWarps / WM, NT = kUnitTokens / WN;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int seq = blockIdx.z, kh = blockIdx.y;
+  const int qt = blockIdx.x % p.qtiles, split = blockIdx.x / p.qtiles;
+  const int q0 = p.qo_indptr[seq], nq = p.qo_indptr[seq + 1] - q0, len = p.kv_len[seq];
+  const int group = p.group, entries = nq * group, e0 = qt * 16 * WM;
+  if (e0 >= entries) return; /* the whole CTA: a query tile past this sequence's rows */
+  const int hq = p.num_q_heads;
+  const int pos_max = len - nq + (min(entries, e0 + 16 * WM) - 1) / group;
+  const int units = (min(len, pos_max + 1) + kUnitTokens - 1) / kUnitTokens;
+  const int u_begin = split * p.units_per_split;
+  const int u_end = min(units, u_begin + p.units_per_split);
+  const uint32_t bars = smem_u32(smem + SL::bar_off);
+  const uint32_t qtile = smem_u32(smem + SL::qtile_off);
+
+  if (tid == 0) {
+    for (int i = 0; i < kSlots; i++) {
+      mbar_init(bars + 8 * i, 1);                           /* full: the producer's lane 0 */
+      mbar_init(bars + 8 * (kSlots + i), kConsumerWarps);   /* empty: one arrive per consumer warp */
+    }
+  }
+  /* Q tile: entry e -> (row e / group, head kh * group + e % group); zeros past the rows. */
+  for (int i = tid; i < 16 * WM * (HD / 8); i += kThreads) {
+    const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (e < entries) {
+      const T *src = (const T *)p.q + ((size_t)(q0 + e / group) * hq + kh * group + e % group) * HD;
+      v = __ldg((const uint4 *)(src + 8 * c8));
+    }
+    *(uint4 *)(smem + SL::qtile_off + tile_off<HD>(r, c8)) = v;
+  }
+  __syncthreads();
+
+  float o[HD / 8][4];
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  bool bad = false;
+  if (warp == kConsumerWarps) {
+    producer<HD, WM>(p, smem, seq, kh, len, u_begin, u_end);
+  } else {
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    const int mt = warp / WN, tb = (warp % WN) * NT, g = lane >> 2;
+    const int er0 = e0 + mt * 16 + g, er1 = er0 + 8;
+    /* Entries past the rows attend like the last row; their output is never written. */
+    const int pos0 = len - nq + (er0 < entries ? er0 / group : nq - 1);
+    const int pos1 = len - nq + (er1 < entries ? er1 / group : nq - 1);
+    const int pos_warp = __reduce_max_sync(0xffffffffu, max(pos0, pos1));
+    const uint32_t qw = qtile + mt * 16 * SL::RB;
+    const unit_desc *descs = (const unit_desc *)(smem + SL::desc_off);
+    uint8_t *dtile = smem + SL::dtile_off;
+    const int pr = warp >> 1, pt = tid & 63;
+    const scratch sc = make_scratch<HD>(smem + SL::scratch_off + pr * SL::scratch_bytes);
+    for (int k = 0; u_begin + k < u_end; k++) {
+      const int slot = k % kSlots, token0 = (u_begin + k) * kUnitTokens;
+      mbar_wait(bars + 8 * slot, (uint32_t)(k / kSlots) & 1u);
+      const unit_desc *d = &descs[slot];
+      const int32_t flags = d->flags;
+      const int n_valid = d->n_valid;
+      const uint32_t uo = d->ring_off;
+      if (flags & UNIT_BAD) {
+        bad = true;
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bars + 8 * (kSlots + slot));
+        continue;
+      }
+      if (flags & UNIT_TILE_IN_RING) {
+        const uint32_t kt = smem_u32(smem) + uo;
+        attend<HD, T, NT>(kt, kt + SL::tile, qw, tb, n_valid, token0, pos0, pos1, pos_warp,
+                          p.scale_log2, o, m, l);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bars + 8 * (kSlots + slot));
+        continue;
+      }
+      consumers_sync(); /* every warp is done with the previous unit's decoded tile */
+      uint8_t *tile = dtile + pr * SL::tile;
+      bool ok = true;
+      for (int q = 0; q < d->npages; q++) {
+        const unit_page pg = d->pages[q];
+        const uint8_t *src = smem + uo + (pr ? pg.v_ring : pg.k_ring);
+        if (pg.cls == PG_STAGING || pg.cls == PG_RAW)
+          copy_rows<HD>(src, pg.nrows, pg.row0, tile, pt);
+        else
+          ok &= decode_quant<HD, T>(src, pr ? pg.v_bytes : pg.k_bytes,
+                                    pg.cls == PG_BITPACK ? KVC_CODEC_BITPACK : KVC_CODEC_HUFFMAN,
+                                    pr, pg.n_tokens, pg.ptok0, pg.nrows, pg.row0, tile, sc, pt,
+                                    2 + pr);
+      }
+      zero_rows<HD>(n_valid, tile, pt);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bars + 8 * (kSlots + slot)); /* the ring bytes are free */
+      if (consumers_any(!ok)) {
+        bad = true;
+        continue;
+      }
+      const uint32_t kt = smem_u32(dtile);
+      attend<HD, T, NT>(kt, kt + SL::tile, qw, tb, n_valid, token0, pos0, pos1, pos_warp,
+                        p.scale_log2, o, m, l);
+    }
+  }
+
+  /* Epilogue: the consumer warps' (m, l, O) through the ring, combined per query entry. */
+  const bool cta_bad = __syncthreads_or(bad);
+  float *obuf = (float *)smem; /* [4 warps][16][HD] */
+  float *mbuf = obuf + kConsumerWarps * 16 * HD, *lbuf = mbuf + kConsumerWarps * 16;
+  if (warp < kConsumerWarps) {
+    const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+    for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+      l[0] += __shfl_xor_sync(0xffffffffu, l[0], o2);
+      l[1] += __shfl_xor_sync(0xffffffffu, l[1], o2);
+    }
+    float *ow = obuf + warp * 16 * HD;
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+      *(float2 *)(ow + g * HD + n * 8 + 2 * c) = make_float2(o[n][0], o[n][1]);
+      *(float2 *)(ow + (g + 8) * HD + n * 8 + 2 * c) = make_float2(o[n][2], o[n][3]);
+    }
+    if (c == 0) {
+      mbuf[warp * 16 + g] = m[0];
+      mbuf[warp * 16 + g + 8] = m[1];
+      lbuf[warp * 16 + g] = l[0];
+      lbuf[warp * 16 + g + 8] = l[1];
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < 16 * WM * (HD / 8); i += kThreads) {
+    const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
+    if (e >= entries) continue;
+    const int mt = r / 16, rr = r % 16;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WN; w++) mx = fmaxf(mx, mbuf[(mt * WN + w) * 16 + rr]);
+    const float mu = mx == -INFINITY ? 0.f : mx;
+    float lsum = 0.f, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+    for (int w = 0; w < WN; w++) {
+      const int wi = (mt * WN + w) * 16 + rr;
+      const float f = exp2f(mbuf[wi] - mu);
+      lsum += lbuf[wi] * f;
+      const float *src = obuf + (size_t)wi * HD + 8 * c8;
+#pragma unroll
+      for (int j = 0; j < 8; j++) acc[j] += src[j] * f;
+    }
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] = cta_bad ? __int_as_float(0x7fc00000) : acc[j] * inv;
+    const int row = q0 + e / group, qh = kh * group + e % group;
+    if (p.nsplits == 1) {
+      *(uint4 *)((T *)p.out + ((size_t)row * hq + qh) * HD + 8 * c8) = pack8<T>(acc);
+    } else {
+      const size_t pe = ((size_t)split * p.total_q_rows + row) * hq + qh;
+      float4 *dst = (float4 *)(p.ws_o + pe * HD + 8 * c8);
+      dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      if (c8 == 0) p.ws_lse[pe] = cta_bad ? 0.f : lsum > 0.f ? mu + log2f(lsum) : -INFINITY;
+    }
+  }
+}
+
+/* Log-sum-exp combination of the splits: one warp per (query row, query head). */
+template <int HD, class T>
+__global__ void __launch_bounds__(256) combine_kernel(const params p) {
+  const int hq = p.num_q_heads, lane = threadIdx.x & 31;
+  const long pe = (long)blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (pe >= (long)p.total_q_rows * hq) return;
+  const size_t stride = (size_t)p.total_q_rows * hq;
+  float mx = -INFINITY;
+  for (int s = lane; s < p.nsplits; s += 32) mx = fmaxf(mx, p.ws_lse[s * stride + pe]);
+#pragma unroll
+  for (int o2 = 16; o2 >= 1; o2 >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+  float wsum = 0.f;
+  for (int s = lane; s < p.nsplits; s += 32) wsum += exp2f(p.ws_lse[s * stride + pe] - mx);
+#pragma unroll
+  for (int o2 = 16; o2 >= 1; o2 >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o2);
+  const float inv = 1.f / wsum;
+  T *out = (T *)p.out + (size_t)pe * HD;
+  for (int d = 2 * lane; d < HD; d += 64) {
+    float a0 = 0.f, a1 = 0.f;
+    for (int s = 0; s < p.nsplits; s++) {
+      const float w = exp2f(p.ws_lse[s * stride + pe] - mx);
+      const float2 v = *(const float2 *)(p.ws_o + (s * stride + pe) * HD + d);
+      a0 += w * v.x;
+      a1 += w * v.y;
+    }
+    *(uint32_t *)(out + d) = pack2<T>(a0 * inv, a1 * inv);
+  }
+}
+
+/* ---- host ------------------------------------------------------------------------------------ */
+
+typedef kvc_status_t (*launch_fn)(const params &, dim3, cudaStream_t);
+
+template <int HD, class T, int WM>
+kvc_status_t launch(const params &p, dim3 grid, cudaStream_t stream) {
+  constexpr int smem = smem_layout<HD, WM>::bytes;
+  if (cudaFuncSetAttribute(attn_kernel<HD, T, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           smem) != cudaSuccess)
+    return KVC_ERR_CUDA;
+  attn_kernel<HD, T, WM><<<grid, kThreads, smem, stream>>>(p);
+  if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
+  if (p.nsplits > 1) {
+    const long pairs = (long)p.total_q_rows * p.num_q_heads;
+    combine_kernel<HD, T><<<(unsigned)((pairs + 7) / 8), 256, 0, stream>>>(p);
+    if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
+  }
+  return KVC_OK;
+}
+
+/* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4]; NULL: not built (the
+ * shared-memory budget of head_dim 256 leaves room for one query tile of 16 entries). */
+const launch_fn kLaunch[3][2][3] = {
+    {{launch<64, __half, 1>, launch<64, __half, 2>, launch<64, __half, 4>},
+     {launch<64, __nv_bfloat16, 1>, launch<64, __nv_bfloat16, 2>, launch<64, __nv_bfloat16, 4>}},
+    {{launch<128, __half, 1>, launch<128, __half, 2>, launch<128, __half, 4>},
+     {launch<128, __nv_bfloat16, 1>, launch<128, __nv_bfloat16, 2>,
+      launch<128, __nv_bfloat16, 4>}},
+    {{launch<256, __half, 1>, NULL, NULL}, {launch<256, __nv_bfloat16, 1>, NULL, NULL}},
+};
+
+int hd_index(int hd) { return hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1; }
+
+/* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring:
+ * 128 for head_dim 64 and 128, 64 for head_dim 256. */
+int max_block_tokens(int hdi) {
+  const int ring = hdi == 0 ? ring_bytes<64>() : hdi == 1 ? ring_bytes<128>() : ring_bytes<256>();
+  const int row = hdi == 0 ? 128 : hdi == 1 ? 256 : 512;
+  int bt = kMaxBlockTokens;
+  while (2 * bt * row > ring) bt /= 2;
+  return bt;
+}
+
+/* Splits of each sequence's units: minimises (waves of CTAs) x (units per CTA + a fixed cost). */
+int choose_splits(long base_ctas, int units_max, int slots) {
+  const long fixed = 2; /* per-CTA cost (Q tile, metadata, epilogue), in units */
+  int best = 1;
+  long best_cost = -1;
+  for (int ns = 1; ns <= kMaxSplits && ns <= units_max; ns++) {
+    const int ups = (units_max + ns - 1) / ns, ns_eff = (units_max + ups - 1) / ups;
+    if (ns_eff != ns) continue;
+    const long ctas = base_ctas * ns;
+    if (ns > 1 && ctas > kMaxCtasForSplit) break;
+    const long waves = (ctas + slots - 1) / slots;
+    const long cost = waves * (ups + fixed);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best = ns;
+    }
+  }
+  return best;
+}
+
+}  // namespace kvc_attn
+
+using namespace kvc_attn;
+
+extern "C" size_t kvc_attn_cuda_workspace_bytes(int max_q_rows, int num_q_heads, int head_dim,
+                                                int max_seqs, int max_seq_len, int block_tokens) {
+  (void)max_seqs;
+  (void)block_tokens;
+  if (max_q_rows < 1 || num_q_heads < 1 || head_dim < 1 || max_seq_len < 1) return 0;
+  const long units = (max_seq_len + kUnitTokens - 1) / kUnitTokens;
+  long entries = (long)max_q_rows * num_q_heads * (units < kMaxSplits ? units : kMaxSplits);
+  if (entries > kWsEntries) entries = kWsEntries;
+  return (size_t)entries * (size_t)(head_dim + 1) * sizeof(float);
+}
+
+extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
+  if (!a || a->num_seqs < 0 || a->total_q_rows < 0) return KVC_ERR_INVALID_ARGUMENT;
+  if (a->num_kv_heads < 1 || a->num_q_heads < a->num_kv_heads ||
+      a->num_q_heads % a->num_kv_heads != 0 || !(a->scale == a->scale))
+    return KVC_ERR_INVALID_ARGUMENT;
+  const int hdi = hd_index(a->head_dim);
+  const int bt = a->block_tokens;
+  if (hdi < 0 || (a->dtype != KVC_DTYPE_F16 && a->dtype != KVC_DTYPE_BF16) || bt < 16 ||
+      bt > max_block_tokens(hdi) || (bt & (bt - 1)) != 0)
+    return KVC_ERR_UNSUPPORTED;
+  if (a->num_seqs == 0) return a->total_q_rows == 0 ? KVC_OK : KVC_ERR_INVALID_ARGUMENT;
+  if (a->num_seqs > 65535) return KVC_ERR_UNSUPPORTED; /* grid.z */
+  if (!a->qo_indptr || !a->kv_len || !a->block_indptr || !a->block_ids || !a->dir || !a->pool ||
+      !a->q || !a->out || a->chunk_bytes < KVC_CHUNK_MIN_BYTES ||
+      (a->chunk_bytes & (a->chunk_bytes - 1)) != 0 || a->max_kv_len < 1 || a->total_q_rows < 1)
+    return KVC_ERR_INVALID_ARGUMENT;
+  if (((uintptr_t)a->q | (uintptr_t)a->out | (uintptr_t)a->pool) % 16 != 0)
+    return KVC_ERR_INVALID_ARGUMENT;
+
+  const int group = a->num_q_heads / a->num_kv_heads;
+  const int max_qo = a->max_qo_len > 0 ? a->max_qo_len : a->total_q_rows - a->num_seqs + 1;
+  if (max_qo < 1) return KVC_ERR_INVALID_ARGUMENT;
+  const long entries_max = (long)max_qo * group;
+  int wmi = entries_max <= 16 ? 0 : entries_max <= 32 ? 1 : 2;
+  if (hdi == 2) wmi = 0;
+  const int wm = 1 << wmi;
+  const long qtiles = (entries_max + 16 * wm - 1) / (16 * wm);
+  const int units_max = (a->max_kv_len + kUnitTokens - 1) / kUnitTokens;
+
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    return KVC_ERR_CUDA;
+  const long base = (long)a->num_seqs * a->num_kv_heads * qtiles;
+  int ns = choose_splits(base, units_max, sms);
+  const size_t per_split = (size_t)a->total_q_rows * a->num_q_heads * (a->head_dim + 1) * 4;
+  const size_t fit = a->workspace ? a->workspace_bytes / per_split : 0;
+  if (ns > 1 && (size_t)ns > fit) ns = fit >= 2 ? (int)fit : 1;
+  int ups = (units_max + ns - 1) / ns;
+  ns = (units_max + ups - 1) / ups;
+  if (qtiles * ns > 0x7fffffffL) return KVC_ERR_UNSUPPORTED;
+  if (ns > 1 && (uintptr_t)a->workspace % 16 != 0) return KVC_ERR_INVALID_ARGUMENT;
+
+  kvc_attn::params p;
+  p.qo_indptr = a->qo_indptr;
+  p.kv_len = a->kv_len;
+  p.block_indptr = a->block_indptr;
+  p.block_ids = a->block_ids;
+  p.dir = a->dir;
+  p.pool = a->pool;
+  p.q = a->q;
+  p.out = a->out;
+  p.ws_o = ns > 1 ? (float *)a->workspace : NULL;
+  p.ws_lse = ns > 1 ? p.ws_o + (size_t)ns * a->total_q_rows * a->num_q_heads * a->head_dim : NULL;
+  p.chunk_bytes = a->chunk_bytes;
+  p.chunk_shift = (uint32_t)__builtin_ctz(a->chunk_bytes);
+  p.num_q_heads = a->num_q_heads;
+  p.num_kv_heads = a->num_kv_heads;
+  p.group = group;
+  p.block_tokens = bt;
+  p.dtype = (int)a->dtype;
+  p.total_q_rows = a->total_q_rows;
+  p.qtiles = (int)qtiles;
+  p.nsplits = ns;
+  p.units_per_split = ups;
+  p.scale_log2 = a->scale * 1.4426950408889634f;
+  const dim3 grid((unsigned)(qtiles * ns), (unsigned)a->num_kv_heads, (unsigned)a->num_seqs);
+  return kLaunch[hdi][a->dtype == KVC_DTYPE_BF16][wmi](p, grid, (cudaStream_t)stream);
+}

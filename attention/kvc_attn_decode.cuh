@@ -1,0 +1,349 @@
+/*
+ * Page-section decoders for the fused attention kernel (CUDA C++; included by kvc_attn_cuda.cu).
+ *
+ * The format is compress/kvc_page_format.h; the reference decoders are the CPU codec and
+ * compress/kvc_codec_device.cuh. These decode the same bytes to the same float values (then round
+ * once to the tile type), but fit the attention kernel's structure, which the CTA-wide decoder does
+ * not: they run on a *pair* of warps (64 threads, synchronised by a named barrier) while the other
+ * pair decodes the V section and a producer warp keeps loading, so they may not use
+ * __syncthreads(); they write bf16 as well as fp16; they decode only the token rows a 64-token
+ * attention unit needs; and they write straight into the XOR-swizzled tile the tensor-core loads
+ * (ldmatrix) read, with a 16-byte store per 8 values where the code layout allows it.
+ *
+ * Tile layout (shared memory), for one of K or V of a 64-token unit:
+ *   // [64 rows (tokens)][HD] of T, row r at r * 2*HD bytes, 16-byte piece c of row r stored at
+ *   // piece (c ^ (r & 7)): eight consecutive rows of one piece hit eight different bank groups.
+ *
+ * Every function here is "pair-cooperative": all 64 threads of the pair call it with the same
+ * arguments; `pt` is the thread's index in the pair (0..63), `bar` the pair's named barrier.
+ * Damaged section bytes never make them read or write out of bounds; they make them return false.
+ */
+#ifndef KVC_ATTN_DECODE_CUH
+#define KVC_ATTN_DECODE_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "compress/kvc_codec_device.cuh"
+#include "compress/kvc_page_format.h"
+
+namespace kvc_attn {
+
+constexpr int kUnitTokens = 64;          /* tokens of one attention unit (one smem tile) */
+constexpr int kMaxBlockTokens = 128;     /* largest block_tokens the CUDA kernels accept */
+
+/* Byte offset of 16-byte piece `piece` of row `row` in a swizzled tile with HD values per row. */
+template <int HD>
+__device__ __forceinline__ uint32_t tile_off(int row, int piece) {
+  return (uint32_t)(row * (HD * 2) + ((piece ^ (row & 7)) << 4));
+}
+
+__device__ __forceinline__ void pair_sync(int bar) {
+  asm volatile("bar.sync %0, 64;\n" ::"r"(bar) : "memory");
+}
+
+/* A pair barrier that also returns whether `x` held in any thread of the pair. */
+__device__ __forceinline__ bool pair_any(bool x, int bar) {
+  uint32_t r;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, 64, p;\n"
+      " selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r)
+      : "r"((uint32_t)x), "r"(bar)
+      : "memory");
+  return r != 0;
+}
+
+template <class T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&h);
+}
+template <class T> __device__ __forceinline__ uint16_t to_bits(float x);
+template <> __device__ __forceinline__ uint16_t to_bits<__half>(float x) {
+  return __half_as_ushort(__float2half_rn(x));
+}
+template <> __device__ __forceinline__ uint16_t to_bits<__nv_bfloat16>(float x) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
+/* Per-pair decode scratch in shared memory. */
+template <int HD> struct scratch_layout {
+  static constexpr int groups = HD > kMaxBlockTokens ? HD : kMaxBlockTokens;
+  static constexpr int lanes = HD * kMaxBlockTokens / KVC_LANE_SYMBOLS; /* <= KVC_MAX_LANES */
+  static constexpr int table_off = 0;
+  static constexpr int base_off = table_off + 4 * KVC_HUF_TABLE_SIZE;
+  static constexpr int step_off = base_off + 4 * groups;
+  static constexpr int lane_off = step_off + 4 * groups;
+  static constexpr int sym_start_off = lane_off + 4 * (lanes + 4);
+  static constexpr int sym_entry_off = sym_start_off + 4 * KVC_SYM_COUNT;
+  static constexpr int cnt_off = sym_entry_off + 4 * KVC_SYM_COUNT;
+  static constexpr int bytes = cnt_off + 4 * 2 * 16;
+};
+
+struct scratch {
+  uint32_t *table;
+  int32_t *base;
+  float *step;
+  uint32_t *lane_start; /* [n_lanes + 1] */
+  uint32_t *sym_start;  /* [64] canonical order: table index where each code's range starts */
+  uint32_t *sym_entry;  /* [64] its table entry */
+  int32_t *cnt;         /* [2 warps][16 lengths] */
+};
+
+template <int HD> __device__ __forceinline__ scratch make_scratch(uint8_t *p) {
+  typedef scratch_layout<HD> L;
+  scratch s;
+  s.table = (uint32_t *)(p + L::table_off);
+  s.base = (int32_t *)(p + L::base_off);
+  s.step = (float *)(p + L::step_off);
+  s.lane_start = (uint32_t *)(p + L::lane_off);
+  s.sym_start = (uint32_t *)(p + L::sym_start_off);
+  s.sym_entry = (uint32_t *)(p + L::sym_entry_off);
+  s.cnt = (int32_t *)(p + L::cnt_off);
+  return s;
+}
+
+/*
+ * Copies rows [0, nrows) of a row section (staging rows or a RAW section in the tile dtype,
+ * [nrows][HD] at `src`, 16-byte aligned) to tile rows row0.. .
+ */
+template <int HD>
+__device__ __forceinline__ void copy_rows(const uint8_t *src, int nrows, int row0, uint8_t *tile,
+                                          int pt) {
+  constexpr int P = HD / 8;
+  for (int i = pt; i < nrows * P; i += 64) {
+    int r = i / P, c = i % P;
+    *(uint4 *)(tile + tile_off<HD>(row0 + r, c)) = *(const uint4 *)(src + (r * P + c) * 16);
+  }
+}
+
+/* Zeroes tile rows [r0, 64). */
+template <int HD>
+__device__ __forceinline__ void zero_rows(int r0, uint8_t *tile, int pt) {
+  constexpr int P = HD / 8;
+  for (int i = r0 * P + pt; i < kUnitTokens * P; i += 64)
+    *(uint4 *)(tile + (size_t)i * 16) = make_uint4(0, 0, 0, 0);
+}
+
+/* The value of code u at (t, d): (base + u) * step for relative mode (group d for keys, t for
+ * values), (centre_d + unzigzag(u)) * step for absolute mode; exactly the CPU decoder's float. */
+template <int MODE>
+__device__ __forceinline__ float recon(const scratch &sc, float abs_step, uint32_t u, int t, int d) {
+  if (MODE == 0) return __fmul_rn(__int2float_rn((int)((uint32_t)sc.base[d] + u)), sc.step[d]);
+  if (MODE == 1) return __fmul_rn(__int2float_rn((int)((uint32_t)sc.base[t] + u)), sc.step[t]);
+  return __fmul_rn(__int2float_rn((int)((uint32_t)sc.base[d] + (uint32_t)kvc_unzigzag(u))),
+                   abs_step);
+}
+
+/* Bit-pack: eight consecutive codes per thread, one 16-byte store per eight values. */
+template <int HD, class T, int MODE>
+__device__ __forceinline__ void bitpack_rows(const scratch &sc, float abs_step, const uint32_t *w,
+                                             uint32_t last, uint32_t meta, uint32_t width,
+                                             int ptok0, int nrows, int row0, uint8_t *tile,
+                                             int pt) {
+  constexpr int P = HD / 8;
+  for (int i = pt; i < nrows * P; i += 64) {
+    const int r = i / P, c = i % P, t = ptok0 + r;
+    uint32_t pos = meta + (uint32_t)(t * HD + c * 8) * width;
+    uint32_t v[4];
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+      uint32_t u0 = kvc_dev_top(kvc_dev_window(w, last, pos + j * width), width);
+      uint32_t u1 = kvc_dev_top(kvc_dev_window(w, last, pos + (j + 1) * width), width);
+      v[j / 2] = pack2<T>(recon<MODE>(sc, abs_step, u0, t, c * 8 + j),
+                          recon<MODE>(sc, abs_step, u1, t, c * 8 + j + 1));
+    }
+    *(uint4 *)(tile + tile_off<HD>(row0 + r, c)) = make_uint4(v[0], v[1], v[2], v[3]);
+  }
+}
+
+/*
+ * Huffman: one thread per lane (the format's independently decodable sub-streams); lane i codes
+ * symbols i, i + n_lanes, ...; it stops after the last symbol of the rows this unit needs and
+ * writes only those rows. A lane decoded to its end must stop exactly where the next one starts.
+ */
+template <int HD, class T, int MODE>
+__device__ __forceinline__ bool huffman_rows(const scratch &sc, float abs_step, const uint32_t *w,
+                                             uint32_t last, int n_lanes, int lmax, int S,
+                                             int ptok0, int nrows, int row0, uint8_t *tile,
+                                             int pt) {
+  const int s_begin = ptok0 * HD, s_end = (ptok0 + nrows) * HD;
+  bool ok = true;
+  for (int lane = pt; lane < n_lanes; lane += 64) {
+    uint32_t pos = sc.lane_start[lane];
+    int s = lane;
+    for (; s < s_end; s += n_lanes) {
+      uint32_t win = kvc_dev_window(w, last, pos);
+      uint32_t ent = sc.table[kvc_dev_top(win, (uint32_t)lmax)];
+      uint32_t tot = ent & 31u, ne = (ent >> 5) & 31u;
+      uint32_t u = (ent >> 10) + (kvc_dev_top(win, tot) & ((1u << ne) - 1u));
+      pos += tot;
+      if (s >= s_begin) {
+        const int t = s / HD, d = s % HD, row = row0 + t - ptok0;
+        *(uint16_t *)(tile + tile_off<HD>(row, d >> 3) + (d & 7) * 2) =
+            to_bits<T>(recon<MODE>(sc, abs_step, u, t, d));
+      }
+    }
+    if (s >= S && pos != sc.lane_start[lane + 1]) ok = false;
+  }
+  return ok;
+}
+
+/*
+ * Decodes tokens [ptok0, ptok0 + nrows) of a quantized section (bit-pack or Huffman) of a page
+ * with n_tokens tokens into tile rows row0.. . `sec` (16-byte aligned, shared) holds sec_bytes.
+ * Returns false, in every thread of the pair, for a section inconsistent with the format. The
+ * caller synchronizes the readers of the tile with its writers.
+ */
+template <int HD, class T>
+__device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, int tensor,
+                             int n_tokens, int ptok0, int nrows, int row0, uint8_t *tile,
+                             const scratch &sc, int pt, int bar) {
+  typedef scratch_layout<HD> SL;
+  const int S = n_tokens * HD;
+  pair_sync(bar); /* the previous section's readers are done with the scratch */
+  bool bad = false;
+  bool ok = sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 && n_tokens >= 1 &&
+            n_tokens <= kMaxBlockTokens && ptok0 >= 0 && ptok0 + nrows <= n_tokens;
+  kvc_qsec_header_t qh;
+  if (ok) {
+    kvc_qsec_header_read(sec, &qh);
+    ok = qh.mode <= KVC_QMODE_ABS && qh.w_e <= 16 && qh.w_b <= 31 &&
+         qh.e_min >= KVC_STEP_CODE_MIN && qh.e_min <= KVC_STEP_CODE_MAX &&
+         (qh.mode == KVC_QMODE_REL || qh.w_e == 0);
+  }
+  if (!ok) return false; /* uniform: every thread computed the same from the same bytes */
+  const uint32_t *w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
+  const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4, last = nwords - 1;
+  const uint64_t cap = (uint64_t)nwords * 32;
+  const bool rel = qh.mode == KVC_QMODE_REL;
+  const int G = rel ? (tensor == 0 ? HD : n_tokens) : HD;
+  const uint32_t pos_b = rel ? (uint32_t)G * qh.w_e : 0;
+  const uint64_t meta = (uint64_t)pos_b + (uint64_t)G * qh.w_b;
+  if (meta > cap || G > SL::groups) return false;
+  for (int g = pt; g < G; g += 64) {
+    sc.base[g] = (int32_t)((uint32_t)qh.b_min +
+                           kvc_dev_top(kvc_dev_window(w, last, pos_b + (uint32_t)g * qh.w_b), qh.w_b));
+    if (rel) {
+      int e = qh.e_min + (int)kvc_dev_top(kvc_dev_window(w, last, (uint32_t)g * qh.w_e), qh.w_e);
+      bad |= e > KVC_STEP_CODE_MAX;
+      sc.step[g] = kvc_step_from_code(min(e, KVC_STEP_CODE_MAX));
+    }
+  }
+  const float abs_step = kvc_step_from_code(qh.e_min);
+  const int mode = rel ? tensor : 2;
+
+  if (codec == KVC_CODEC_BITPACK) {
+    if (qh.width > KVC_Q_MAX_BITS || qh.n_lanes != 0 || meta + (uint64_t)S * qh.width > cap)
+      return false;
+    if (pair_any(bad, bar)) return false;
+    if (mode == 0)
+      bitpack_rows<HD, T, 0>(sc, abs_step, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
+                             tile, pt);
+    else if (mode == 1)
+      bitpack_rows<HD, T, 1>(sc, abs_step, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
+                             tile, pt);
+    else
+      bitpack_rows<HD, T, 2>(sc, abs_step, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
+                             tile, pt);
+    return true;
+  }
+  if (codec != KVC_CODEC_HUFFMAN) return false;
+
+  /* Huffman: code lengths, canonical table (only as many index bits as the longest code), lanes. */
+  const int n_sym = qh.width, n_lanes = qh.n_lanes;
+  const uint32_t w_lane = qh.lane_info >> 27, lane_min = qh.lane_info & ((1u << 27) - 1);
+  const uint64_t lens_pos = meta, lanes_pos = meta + 4u * (uint32_t)n_sym;
+  const uint64_t stream_pos = lanes_pos + (uint64_t)n_lanes * w_lane;
+  if (n_sym < 1 || n_sym > KVC_SYM_COUNT || n_lanes < 1 || n_lanes > SL::lanes || n_lanes > S ||
+      stream_pos > cap)
+    return false;
+  const int wp = pt >> 5, ln = pt & 31;
+  const uint32_t len =
+      pt < n_sym ? kvc_dev_top(kvc_dev_window(w, last, (uint32_t)lens_pos + 4 * pt), 4) : 0u;
+  bad |= len > KVC_HUF_MAX_LEN;
+  /* Rank of this symbol among the symbols of its length, in symbol order, per warp. */
+  const uint32_t same = __match_any_sync(0xffffffffu, len);
+  const uint32_t below = same & ((1u << ln) - 1u);
+  if (ln < 16) sc.cnt[wp * 16 + ln] = 0;
+  __syncwarp();
+  if (below == 0 && len <= KVC_HUF_MAX_LEN) sc.cnt[wp * 16 + len] = __popc(same);
+  pair_sync(bar);
+  uint32_t kraft = 0, first = 0, sorted = 0, nz = 0;
+  int lmax = 0;
+  for (int l = 1; l <= KVC_HUF_MAX_LEN; l++) {
+    const uint32_t c = (uint32_t)(sc.cnt[l] + sc.cnt[16 + l]);
+    if ((uint32_t)l < len) {
+      first += c << (KVC_HUF_MAX_LEN - l);
+      sorted += c;
+    }
+    kraft += c << (KVC_HUF_MAX_LEN - l);
+    nz += c;
+    if (c) lmax = l;
+  }
+  const bool single = kraft == 0; /* one symbol (n_sym - 1), coded with no bits */
+  if (!single && kraft != KVC_HUF_TABLE_SIZE) return false;
+  if (len > 0 && len <= KVC_HUF_MAX_LEN) {
+    const uint32_t rank = (uint32_t)__popc(below) + (wp ? (uint32_t)sc.cnt[len] : 0u);
+    const uint32_t start = first + (rank << (KVC_HUF_MAX_LEN - len));
+    sc.sym_start[sorted + rank] = start >> (KVC_HUF_MAX_LEN - lmax);
+    sc.sym_entry[sorted + rank] = kvc_huf_entry((uint32_t)pt, len);
+  }
+  if (single && pt == 0) {
+    sc.sym_start[0] = 0;
+    sc.sym_entry[0] = kvc_huf_entry((uint32_t)n_sym - 1, 0);
+  }
+  /* Lane starts: exclusive scan of the lane lengths (each thread a contiguous run of lanes). */
+  const int per = (n_lanes + 63) / 64, lo = min(n_lanes, pt * per), hi = min(n_lanes, lo + per);
+  uint32_t sum = 0;
+  for (int i = lo; i < hi; i++)
+    sum += lane_min + kvc_dev_top(kvc_dev_window(w, last, (uint32_t)lanes_pos + i * w_lane), w_lane);
+  uint32_t incl = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (ln >= o) incl += v;
+  }
+  if (wp == 0 && ln == 31) sc.cnt[0] = (int32_t)incl; /* cnt[0] (length 0) is not read again */
+  pair_sync(bar);
+  const uint32_t carry = wp ? (uint32_t)sc.cnt[0] : 0u;
+  uint32_t run = (uint32_t)stream_pos + carry + incl - sum;
+  for (int i = lo; i < hi; i++) {
+    sc.lane_start[i] = run;
+    run += lane_min + kvc_dev_top(kvc_dev_window(w, last, (uint32_t)lanes_pos + i * w_lane), w_lane);
+  }
+  if (hi == n_lanes && lo < hi) {
+    sc.lane_start[n_lanes] = run;
+    bad |= (uint64_t)run > cap;
+  }
+  /* Table: each code's range, all 64 threads on one code at a time. */
+  const int table_size = 1 << lmax, ncodes = single ? 1 : (int)nz;
+  for (int p = 0; p < ncodes; p++) {
+    const uint32_t a = sc.sym_start[p];
+    const uint32_t b = p + 1 < ncodes ? sc.sym_start[p + 1] : (uint32_t)table_size;
+    const uint32_t ent = sc.sym_entry[p];
+    for (uint32_t i = a + pt; i < b; i += 64) sc.table[i] = ent;
+  }
+  if (pair_any(bad, bar)) return false;
+  bool lanes_ok;
+  if (mode == 0)
+    lanes_ok = huffman_rows<HD, T, 0>(sc, abs_step, w, last, n_lanes, lmax, S, ptok0, nrows, row0,
+                                      tile, pt);
+  else if (mode == 1)
+    lanes_ok = huffman_rows<HD, T, 1>(sc, abs_step, w, last, n_lanes, lmax, S, ptok0, nrows, row0,
+                                      tile, pt);
+  else
+    lanes_ok = huffman_rows<HD, T, 2>(sc, abs_step, w, last, n_lanes, lmax, S, ptok0, nrows, row0,
+                                      tile, pt);
+  return !pair_any(!lanes_ok, bar);
+}
+
+}  // namespace kvc_attn
+
+#endif /* KVC_ATTN_DECODE_CUH */

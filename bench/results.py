@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""Regenerates bench/RESULTS.md and its plots from the benchmark records in bench/results/.
+
+Each file bench/results/*.jsonl holds JSON lines {"machine", "date", "command", "result"}, where
+result is the JSON line a benchmark printed last (bench/record.sh writes them). For every benchmark
+the page shows the latest record of each (machine, command), with the machine, date and command of
+each figure, and checks the targets of issue 8 where the figures allow. Plots (PNG, matplotlib) go
+to bench/results/: capacity by codec and context, decode-step throughput, and the accuracy Pareto
+front of `./kvc eval`.
+
+    ./kvc results                 # write bench/RESULTS.md (and the plots)
+    python3 bench/results.py --eval-target
+                                  # print "BITS<Tab>SOURCE": kvcomp Huffman's bits per value at the
+                                  # default bound from the latest eval record (for capacity.sh)
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+PAGE = os.path.join(HERE, "RESULTS.md")
+
+CAPACITY_ORDER = ["fp16", "fp8-e4m3", "kivi-4", "kivi-2", "kvcomp-bitpack", "kvcomp-huffman"]
+STEP_ORDER = ["raw", "bitpack", "huffman"]
+
+
+def load_records(directory):
+    """Every well-formed record, oldest first; malformed lines are reported and skipped."""
+    records = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec.get("result"), dict):
+                        raise ValueError("no result object")
+                    for key in ("machine", "date", "command"):
+                        rec[key] = str(rec.get(key, "?"))
+                except ValueError as e:
+                    print(f"results: {os.path.basename(path)}:{n}: skipped ({e})", file=sys.stderr)
+                    continue
+                rec["file"] = os.path.basename(path)
+                records.append(rec)
+    records.sort(key=lambda r: r["date"])
+    return records
+
+
+def kind_of(rec):
+    result = rec["result"]
+    if isinstance(result.get("bench"), str):
+        return result["bench"]
+    if re.search(r"\beval\b", rec["command"]):
+        return "eval"
+    return "other"
+
+
+def latest_per_setup(records):
+    """The latest record of each (machine, command), in date order."""
+    latest = {}
+    for rec in records:
+        latest[(rec["machine"], rec["command"])] = rec
+    return sorted(latest.values(), key=lambda r: r["date"])
+
+
+def provenance(rec):
+    return f"{rec['machine']} · {rec['date']} · `{rec['command']}` · [{rec['file']}](results/{rec['file']})"
+
+
+def slug(*parts):
+    return re.sub(r"[^A-Za-z0-9]+", "-", "-".join(str(p) for p in parts)).strip("-").lower()
+
+
+def fmt(v, digits=3):
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def check(ok, text):
+    return f"- {'✅' if ok else '❌'} {text}"
+
+
+# ---- evaluation records (./kvc eval) ---------------------------------------------------------
+
+def eval_models(result):
+    """[(model name, rows, default)] from an eval JSON line, whatever its nesting: any object with
+    a `rows` list is a model; its name is its `model`/`name` field or the key it sits under."""
+    found = []
+
+    def walk(node, key):
+        if isinstance(node, dict):
+            if isinstance(node.get("rows"), list):
+                name = node.get("model") or node.get("name") or key or "model"
+                found.append((os.path.basename(str(name)), node["rows"], node.get("default")))
+                return
+            for k, v in node.items():
+                walk(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, key)
+
+    walk(result, None)
+    return found
+
+
+def eval_target(records):
+    """Bits per value of kvcomp Huffman at the default bound, from the latest eval record: the
+    largest over its models (the conservative choice for capacity)."""
+    evals = [r for r in records if kind_of(r) == "eval"]
+    if not evals:
+        return None
+    rec = evals[-1]
+    best = None
+    for name, _, default in eval_models(rec["result"]):
+        if isinstance(default, dict) and isinstance(default.get("bits_per_value"), (int, float)):
+            if best is None or default["bits_per_value"] > best[0]:
+                best = (float(default["bits_per_value"]), name)
+    if best is None:
+        return None
+    source = f"./kvc eval default on {best[1]}, {rec['date']}, {rec['file']}"
+    return best[0], source
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+def plotting():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def plot_capacity(plt, rec, path):
+    rows = rec["result"]["rows"]
+    contexts = sorted({r["context"] for r in rows})
+    codecs = [c for c in CAPACITY_ORDER if any(r["codec"] == c for r in rows)]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / max(1, len(codecs))
+    for i, codec in enumerate(codecs):
+        xs, ys = [], []
+        for j, ctx in enumerate(contexts):
+            for r in rows:
+                if r["codec"] == codec and r["context"] == ctx:
+                    xs.append(j + (i - (len(codecs) - 1) / 2) * width)
+                    ys.append(r["sequences"])
+        bars = ax.bar(xs, ys, width, label=codec)
+        ax.bar_label(bars, fontsize=7, padding=1)
+    ax.set_xticks(range(len(contexts)), [f"{c // 1024}k" for c in contexts])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("sequences admitted")
+    ax.set_yscale("log")
+    res = rec["result"]
+    ax.set_title(f"Capacity, {res.get('shape', '?')}, {res.get('pool_gib', '?')} GiB KV pool "
+                 f"({res.get('backend', '?')})", fontsize=10)
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_step(plt, rec, path):
+    rows = rec["result"]["rows"]
+    contexts = sorted({r["context"] for r in rows})
+    codecs = [c for c in STEP_ORDER if any(r["codec"] == c for r in rows)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(codecs))
+    for i, codec in enumerate(codecs):
+        xs, ys = [], []
+        for j, ctx in enumerate(contexts):
+            for r in rows:
+                if r["codec"] == codec and r["context"] == ctx:
+                    xs.append(j + (i - (len(codecs) - 1) / 2) * width)
+                    ys.append(r["tokens_per_s"])
+        bars = ax.bar(xs, ys, width, label=codec)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(contexts)), [f"{c // 1024}k" for c in contexts])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens/s per GPU, at capacity")
+    res = rec["result"]
+    ax.set_title(f"Decode step at capacity, {res.get('shape', '?')}, {res.get('layers_run', '?')} "
+                 f"of {res.get('model_layers', '?')} layers ({res.get('backend', '?')})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+FAMILY_COLORS = {"raw": "tab:gray", "fp8": "tab:orange", "kivi": "tab:green", "bitpack": "tab:purple",
+                 "huffman": "tab:blue", "other": "tab:brown"}
+
+
+def family(row):
+    """Codec family of an eval row, from its `family` field when it has one, else its name."""
+    n = f"{row.get('family', '')} {row.get('name', '')}".lower()
+    if "default" in n:
+        return "huffman" if "huffman" in n else "bitpack" if "bitpack" in n else "other"
+    for fam in ("huffman", "bitpack", "bit-pack", "kivi", "fp8", "raw", "fp16", "exact"):
+        if fam in n:
+            return {"bit-pack": "bitpack", "fp16": "raw", "exact": "raw"}.get(fam, fam)
+    return "other"
+
+
+def pareto_front(points):
+    """Points (bits, change) not dominated by one with fewer bits and a smaller change."""
+    front, best = [], float("inf")
+    for b, c in sorted(points):
+        if c < best:
+            front.append((b, c))
+            best = c
+    return front
+
+
+def plot_pareto(plt, rec, path):
+    models = eval_models(rec["result"])
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    for ax, (name, rows, default) in zip(axes[0], models):
+        pts = [(r["bits_per_value"], 100.0 * r["ppl_change"], family(r)) for r in rows
+               if isinstance(r.get("bits_per_value"), (int, float))
+               and isinstance(r.get("ppl_change"), (int, float))]
+        for fam in sorted({p[2] for p in pts}):
+            sel = [p for p in pts if p[2] == fam]
+            ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=fam, s=22,
+                       c=FAMILY_COLORS[fam])
+        front = pareto_front([(p[0], p[1]) for p in pts])
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+        if isinstance(default, dict) and "bits_per_value" in default and "ppl_change" in default:
+            ax.scatter([default["bits_per_value"]], [100.0 * default["ppl_change"]], marker="*",
+                       s=180, facecolors="none", edgecolors="red", zorder=5, label="default")
+        ax.set_xlabel("bits per value (every stored byte)")
+        ax.set_ylabel("perplexity change (%)")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- sections ----------------------------------------------------------------------------------
+
+def capacity_section(recs, plt, plots):
+    out = ["## Capacity: sequences admitted by a fixed KV pool", "",
+           "`./kvc bench capacity`: sequences of each context admitted until `kvc_seq_reserve` "
+           "refuses (chunked prefill), kvcomp rows measured on a real cache, fp8/KIVI rows from "
+           "the same admission over their exact bytes per block. See the benchmark's own output "
+           "for the data calibration and scale.", ""]
+    for rec in recs:
+        res = rec["result"]
+        out += [f"### {res.get('shape', '?')}, {res.get('pool_gib', '?')} GiB pool, "
+                f"{res.get('backend', '?')} backend", "", provenance(rec), ""]
+        out.append(f"Layers run: {res.get('layers_run', '?')} of {res.get('model_layers', '?')} "
+                   f"(pool {res.get('pool_bytes_run', 0) / 2**30:.3f} GiB, the full pool scaled by "
+                   f"the same fraction); data calibrated to {fmt(res.get('target_bits'))} bits/value "
+                   f"({res.get('target_source', '?')}), measured {fmt(res.get('calibrated_bits'))}; "
+                   f"bounds {res.get('bound_mode', '?')} K {res.get('k_bound', '?')} "
+                   f"V {res.get('v_bound', '?')}.")
+        out.append("")
+        rows = sorted(res["rows"], key=lambda r: (r["context"], CAPACITY_ORDER.index(r["codec"])
+                                                   if r["codec"] in CAPACITY_ORDER else 99))
+        out += table(["context", "codec", "how", "sequences", "tokens", "bits/value",
+                      "vs fp16"],
+                     [[f"{r['context'] // 1024}k", r["codec"], r.get("method", ""), r["sequences"],
+                       r.get("tokens", ""), r.get("bits_per_value"),
+                       f"{r.get('ratio_vs_fp16', 0):.2f}×"] for r in rows])
+        out.append("")
+        by = {(r["codec"], r["context"]): r for r in rows}
+        if ("kvcomp-huffman", 32768) in by and ("fp16", 32768) in by:
+            huff, fp16 = by[("kvcomp-huffman", 32768)], by[("fp16", 32768)]
+            ratio = huff["sequences"] / fp16["sequences"] if fp16["sequences"] else 0
+            out.append(check(ratio >= 4.0, f"32k: kvcomp Huffman admits {ratio:.2f}× fp16's "
+                             "sequences (target ≥ 4×)"))
+            if ("kivi-4", 32768) in by:
+                kivi = by[("kivi-4", 32768)]
+                out.append(check(huff["sequences"] > kivi["sequences"],
+                                 f"32k: kvcomp Huffman {huff['sequences']} vs KIVI-4 "
+                                 f"{kivi['sequences']} sequences (target: more, at no worse "
+                                 "accuracy — see the accuracy section)"))
+            out.append("")
+        if plt:
+            name = f"capacity-{slug(res.get('backend'), res.get('shape'), rec['machine'])}.png"
+            plot_capacity(plt, rec, os.path.join(RESULTS_DIR, name))
+            plots.append(name)
+            out += [f"![capacity](results/{name})", ""]
+    return out
+
+
+def step_section(recs, plt, plots):
+    out = ["## Decode step at capacity", "",
+           "`./kvc bench step`: one full decode step (plan, store of one token per sequence, "
+           "attention, every layer run) with each codec's cache filled to its capacity; "
+           "tokens/s = sequences / median step time.", ""]
+    for rec in recs:
+        res = rec["result"]
+        out += [f"### {res.get('shape', '?')}, {res.get('pool_gib', '?')} GiB pool, "
+                f"{res.get('backend', '?')} backend", "", provenance(rec), ""]
+        out.append(f"Layers run: {res.get('layers_run', '?')} of {res.get('model_layers', '?')}; "
+                   f"{res.get('warmup', '?')} warm-up + {res.get('steps', '?')} timed steps, timed "
+                   f"with {res.get('timer', '?')}.")
+        out.append("")
+        rows = sorted(res["rows"], key=lambda r: (r["context"], STEP_ORDER.index(r["codec"])
+                                                   if r["codec"] in STEP_ORDER else 99))
+        out += table(["context", "codec", "sequences", "bits/value", "median step ms",
+                      "mean step ms", "tokens/s", "tokens/s (mean)", "vs raw"],
+                     [[f"{r['context'] // 1024}k", r["codec"], r["sequences"],
+                       r.get("bits_per_value"), r.get("step_ms_median"), r.get("step_ms_mean"),
+                       f"{r.get('tokens_per_s', 0):.0f}", f"{r.get('tokens_per_s_amortized', 0):.0f}",
+                       f"{r.get('speedup_vs_raw', 0):.2f}×"] for r in rows])
+        out.append("")
+        by = {(r["codec"], r["context"]): r for r in rows}
+        full = res.get("layers_run") == res.get("model_layers") and res.get("backend") == "cuda"
+        for codec, target in (("bitpack", 2.0), ("huffman", 1.0)):
+            if (codec, 32768) in by and ("raw", 32768) in by and full:
+                s = by[(codec, 32768)].get("speedup_vs_raw", 0)
+                out.append(check(s >= target, f"32k: {codec} at capacity {s:.2f}× raw's tokens/s "
+                                 f"(target ≥ {target:g}×)"))
+        if not full:
+            out.append("- Targets are judged on the CUDA backend with every layer run only.")
+        out.append("")
+        if plt:
+            name = f"step-{slug(res.get('backend'), res.get('shape'), rec['machine'])}.png"
+            plot_step(plt, rec, os.path.join(RESULTS_DIR, name))
+            plots.append(name)
+            out += [f"![step throughput](results/{name})", ""]
+    return out
+
+
+def eval_section(recs, plt, plots):
+    out = ["## Accuracy against size (`./kvc eval`)", "",
+           "Perplexity change and top-1 agreement against raw, by bits per value with every stored "
+           "byte counted.", ""]
+    for rec in recs:
+        out += [provenance(rec), ""]
+        for name, rows, default in eval_models(rec["result"]):
+            out += [f"### {name}", ""]
+            out += table(["setting", "ppl", "ppl change", "agreement", "bits/value"],
+                         [[r.get("name", "?"), r.get("ppl"),
+                           f"{100 * r['ppl_change']:+.2f}%" if isinstance(r.get("ppl_change"), (int, float)) else "?",
+                           r.get("agreement"), r.get("bits_per_value")] for r in rows])
+            if isinstance(default, dict):
+                change = default.get("ppl_change")
+                out += ["", f"Default setting: {default.get('name', '?')}, "
+                        f"{fmt(default.get('bits_per_value'))} bits/value, perplexity change "
+                        + (f"{100 * change:+.2f}%" if isinstance(change, (int, float)) else "?") + "."]
+            out.append("")
+        if plt and eval_models(rec["result"]):
+            name = f"pareto-{slug(rec['machine'], rec['date'])}.png"
+            plot_pareto(plt, rec, os.path.join(RESULTS_DIR, name))
+            plots.append(name)
+            out += [f"![accuracy Pareto front](results/{name})", ""]
+    return out
+
+
+def other_section(kind, recs):
+    out = [f"## {kind}", ""]
+    for rec in recs:
+        out += [provenance(rec), ""]
+        rows = rec["result"].get("rows")
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+            keys = []
+            for r in rows:
+                keys += [k for k in r if k not in keys and not isinstance(r[k], (dict, list))]
+            out += table(keys, [[r.get(k, "") for k in keys] for r in rows])
+        else:
+            out += ["```json", json.dumps(rec["result"], indent=1)[:4000], "```"]
+        out.append("")
+    return out
+
+
+def write_page(records):
+    plt = plotting()
+    plots = []
+    by_kind = {}
+    for rec in records:
+        by_kind.setdefault(kind_of(rec), []).append(rec)
+    lines = ["# kvcomp benchmark results", "",
+             "Generated by `./kvc results` from the records in [bench/results/](results/) "
+             f"({len(records)} records); do not edit by hand. Each figure names the machine, date "
+             "and command it came from; `bench/record.sh bench NAME [ARGS]` (or `bench/record.sh "
+             "eval`) reruns one and keeps its record.", ""]
+    if not plt:
+        lines += ["Plots were not drawn: matplotlib is not installed (`python3 -m pip install "
+                  "matplotlib`).", ""]
+    if not records:
+        lines += ["No records yet.", ""]
+    sections = {"capacity": capacity_section, "step": step_section, "eval": eval_section}
+    for kind in ("capacity", "step", "eval"):
+        if kind in by_kind:
+            lines += sections[kind](latest_per_setup(by_kind[kind]), plt, plots)
+    for kind in sorted(k for k in by_kind if k not in sections):
+        lines += other_section(kind, latest_per_setup(by_kind[kind]))
+    with open(PAGE, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return plots
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--eval-target", action="store_true",
+                    help="print BITS<TAB>SOURCE for capacity.sh and exit (nothing when no eval)")
+    args = ap.parse_args()
+    records = load_records(RESULTS_DIR)
+    if args.eval_target:
+        target = eval_target(records)
+        if target:
+            print(f"{target[0]:.4f}\t{target[1]}")
+        return 0
+    plots = write_page(records)
+    print(f"results: wrote {os.path.relpath(PAGE)} from {len(records)} records"
+          + (f" and {len(plots)} plots" if plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

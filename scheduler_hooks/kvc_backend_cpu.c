@@ -1,0 +1,381 @@
+/*
+ * The CPU backend: the pool, directories and free stack in host memory (from the cache's host
+ * allocator), the same protocol as the CUDA backend (chunks popped from and pushed to a stack,
+ * staging pages, one compress scratch block per job), executed at once. It is the reference the
+ * CUDA backend is compared with, and what CI runs end to end.
+ */
+#include <string.h>
+
+#include "attention/kvc_attn.h"
+#include "scheduler_hooks/kvc_backend.h"
+
+typedef struct cpu_be {
+  uint8_t *pool;            /* [total_chunks * chunk_bytes] */
+  uint32_t *free_stack;     /* [total_chunks]; free_stack[0 .. free_top) are free chunk ids */
+  int32_t free_top;
+  kvc_page_entry_t *dir;    /* [num_layers][max_blocks] */
+  uint8_t *scratch;         // [max_jobs][2][num_kv_heads][block_tokens][head_dim] staging layout
+  uint8_t *page_buf;        /* [max_page_bytes]: one encoded page before it is scattered */
+  uint32_t *page_bytes;     /* [num_layers][max_jobs] sizes of this step's pages */
+  uint8_t *page_codec;      /* [num_layers][max_jobs] */
+  uint32_t *slot_bytes;     /* [KVC__SIZE_SLOTS][num_layers][max_jobs] */
+  uint8_t *slot_codec;      /* [KVC__SIZE_SLOTS][num_layers][max_jobs] */
+  uint8_t *swap;            /* [swap_bytes] */
+  kvc_attn_args_t attn;     /* the step's attention arguments, less layer and tensors */
+} cpu_be_t;
+
+static cpu_be_t *be_of(const kvc_cache_t *c) { return (cpu_be_t *)c->be; }
+
+static kvc_page_entry_t *entry(cpu_be_t *be, const kvc_cache_t *c, int layer, int32_t block) {
+  return be->dir + (size_t)layer * (size_t)c->geo.max_blocks + (size_t)block;
+}
+
+/* Page bytes [off, off + n) <-> flat memory, split at chunk boundaries. */
+static void page_write(const kvc_cache_t *c, uint8_t *pool, const kvc_page_entry_t *e, uint32_t off,
+                       const uint8_t *src, size_t n) {
+  uint32_t cb = c->geo.chunk_bytes;
+  while (n > 0) {
+    size_t room = cb - off % cb, m = n < room ? n : room;
+    memcpy(kvc_page_byte(pool, cb, e, off), src, m);
+    off += (uint32_t)m;
+    src += m;
+    n -= m;
+  }
+}
+
+static void page_read(const kvc_cache_t *c, uint8_t *pool, const kvc_page_entry_t *e, uint32_t off,
+                      uint8_t *dst, size_t n) {
+  uint32_t cb = c->geo.chunk_bytes;
+  while (n > 0) {
+    size_t room = cb - off % cb, m = n < room ? n : room;
+    memcpy(dst, kvc_page_byte(pool, cb, e, off), m);
+    off += (uint32_t)m;
+    dst += m;
+    n -= m;
+  }
+}
+
+/* Takes n chunks into e->chunk. The block manager's accounting makes a dry stack impossible; if
+ * it happens anyway the entry stays as it was and the caller reports KVC_ERR_INTERNAL. */
+static int pop_chunks(cpu_be_t *be, kvc_page_entry_t *e, uint32_t n) {
+  if (n > KVC_PAGE_MAX_CHUNKS || (uint32_t)be->free_top < n) return -1;
+  be->free_top -= (int32_t)n;
+  memcpy(e->chunk, be->free_stack + be->free_top, n * sizeof(uint32_t));
+  e->nchunks = (uint8_t)n;
+  return 0;
+}
+
+static void release_entry(cpu_be_t *be, kvc_page_entry_t *e) {
+  memcpy(be->free_stack + be->free_top, e->chunk, e->nchunks * sizeof(uint32_t));
+  be->free_top += e->nchunks;
+  e->nbytes = 0;
+  e->kind = KVC_PAGE_EMPTY;
+  e->nchunks = 0;
+  e->codec = 0;
+}
+
+static void cpu_destroy(kvc_cache_t *c) {
+  cpu_be_t *be = be_of(c);
+  if (!be) return;
+  kvc_host_free(c->ha, be->pool);
+  kvc_host_free(c->ha, be->free_stack);
+  kvc_host_free(c->ha, be->dir);
+  kvc_host_free(c->ha, be->scratch);
+  kvc_host_free(c->ha, be->page_buf);
+  kvc_host_free(c->ha, be->page_bytes);
+  kvc_host_free(c->ha, be->page_codec);
+  kvc_host_free(c->ha, be->slot_bytes);
+  kvc_host_free(c->ha, be->slot_codec);
+  kvc_host_free(c->ha, be->swap);
+  kvc_host_free(c->ha, be);
+  c->be = NULL;
+}
+
+static kvc_status_t cpu_create(kvc_cache_t *c) {
+  const kvc__geometry_t *g = &c->geo;
+  size_t L = (size_t)c->cfg.num_layers, jobs = (size_t)g->max_jobs;
+  cpu_be_t *be = kvc_host_calloc(c->ha, 1, sizeof(*be));
+  if (!be) return KVC_ERR_OUT_OF_HOST_MEMORY;
+  c->be = be;
+  be->pool = kvc_host_malloc(c->ha, (size_t)g->total_chunks * g->chunk_bytes);
+  be->free_stack = kvc_host_malloc(c->ha, (size_t)g->total_chunks * sizeof(uint32_t));
+  be->dir = kvc_host_calloc(c->ha, L * (size_t)g->max_blocks, sizeof(kvc_page_entry_t));
+  be->scratch = kvc_host_malloc(c->ha, jobs * g->staging_bytes);
+  be->page_buf = kvc_host_malloc(c->ha, g->max_page_bytes);
+  be->page_bytes = kvc_host_calloc(c->ha, L * jobs, sizeof(uint32_t));
+  be->page_codec = kvc_host_calloc(c->ha, L * jobs, 1);
+  be->slot_bytes = kvc_host_calloc(c->ha, KVC__SIZE_SLOTS * L * jobs, sizeof(uint32_t));
+  be->slot_codec = kvc_host_calloc(c->ha, KVC__SIZE_SLOTS * L * jobs, 1);
+  if (c->cfg.swap_bytes) be->swap = kvc_host_malloc(c->ha, c->cfg.swap_bytes);
+  if (!be->pool || !be->free_stack || !be->dir || !be->scratch || !be->page_buf ||
+      !be->page_bytes || !be->page_codec || !be->slot_bytes || !be->slot_codec ||
+      (c->cfg.swap_bytes && !be->swap)) {
+    cpu_destroy(c);
+    return KVC_ERR_OUT_OF_HOST_MEMORY;
+  }
+  /* Low chunk ids on top, so a fresh cache fills the pool from its start. */
+  for (uint32_t i = 0; i < g->total_chunks; i++) be->free_stack[i] = g->total_chunks - 1 - i;
+  be->free_top = (int32_t)g->total_chunks;
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_plan(kvc_cache_t *c, void *stream) {
+  cpu_be_t *be = be_of(c);
+  const kvc_bm_plan_t *p = &c->plan;
+  int max_qo = 0;
+  for (int s = 0; s < p->num_seqs; s++) {
+    int n = p->qo_indptr[s + 1] - p->qo_indptr[s];
+    if (n > max_qo) max_qo = n;
+  }
+  kvc_attn_args_t a;
+  memset(&a, 0, sizeof(a));
+  a.num_q_heads = c->cfg.num_q_heads;
+  a.num_kv_heads = c->cfg.num_kv_heads;
+  a.head_dim = c->cfg.head_dim;
+  a.block_tokens = c->cfg.block_tokens;
+  a.dtype = c->cfg.dtype;
+  a.num_seqs = p->num_seqs;
+  a.total_q_rows = p->total_rows;
+  a.qo_indptr = p->qo_indptr;
+  a.kv_len = p->kv_len;
+  a.block_indptr = p->block_indptr;
+  a.block_ids = p->block_ids;
+  a.max_kv_len = p->max_kv_len;
+  a.max_qo_len = max_qo;
+  a.pool = be->pool;
+  a.chunk_bytes = c->geo.chunk_bytes;
+  be->attn = a;
+  return KVC_OK;
+}
+
+/* kvc_store on the CPU, the steps numbered as in kvc_cache.c. */
+static kvc_status_t cpu_store(kvc_cache_t *c, int layer, const void *k, const void *v,
+                              void *stream) {
+  cpu_be_t *be = be_of(c);
+  const kvc_bm_plan_t *p = &c->plan;
+  const kvc__geometry_t *g = &c->geo;
+  const int H = c->cfg.num_kv_heads, bt = c->cfg.block_tokens, rb = (int)g->row_bytes;
+  const size_t sb = g->staging_bytes;
+
+  /* (1) Staging pages for blocks left partial that had none. */
+  for (int i = 0; i < p->num_new_staging; i++) {
+    kvc_page_entry_t *e = entry(be, c, layer, p->new_staging[i]);
+    if (e->kind != KVC_PAGE_EMPTY || pop_chunks(be, e, g->staging_chunks)) return KVC_ERR_INTERNAL;
+    e->kind = KVC_PAGE_STAGING;
+    e->nbytes = g->staging_bytes;
+    e->codec = 0;
+  }
+  /* (2) Rows a completed block already held move from its staging page to the job's block... */
+  for (int j = 0; j < p->num_jobs; j++) {
+    int staged = p->job_staged[j];
+    if (staged == 0) continue;
+    const kvc_page_entry_t *e = entry(be, c, layer, p->job_block[j]);
+    if (e->kind != KVC_PAGE_STAGING) return KVC_ERR_INTERNAL;
+    for (int t = 0; t < 2; t++) {
+      for (int h = 0; h < H; h++) {
+        uint32_t off = kvc_staging_row_offset(t, h, 0, H, bt, rb);
+        page_read(c, be->pool, e, off, be->scratch + (size_t)j * sb + off, (size_t)staged * rb);
+      }
+    }
+  }
+  /* ... and every new row goes to its staging page or its job's block. */
+  for (int r = 0; r < p->total_rows; r++) {
+    int job = p->row_job[r], slot = p->row_slot[r];
+    const kvc_page_entry_t *e = NULL;
+    if (job < 0) {
+      e = entry(be, c, layer, p->row_block[r]);
+      if (e->kind != KVC_PAGE_STAGING) return KVC_ERR_INTERNAL;
+    }
+    for (int t = 0; t < 2; t++) {
+      const uint8_t *src = (const uint8_t *)(t ? v : k) + (size_t)r * H * rb;
+      for (int h = 0; h < H; h++, src += rb) {
+        uint32_t off = kvc_staging_row_offset(t, h, slot, H, bt, rb);
+        if (job >= 0) memcpy(be->scratch + (size_t)job * sb + off, src, (size_t)rb);
+        else page_write(c, be->pool, e, off, src, (size_t)rb);
+      }
+    }
+  }
+  /* (3) Staging pages of blocks now full go back. */
+  for (int i = 0; i < p->num_done_staging; i++) {
+    kvc_page_entry_t *e = entry(be, c, layer, p->done_staging[i]);
+    if (e->kind != KVC_PAGE_STAGING) return KVC_ERR_INTERNAL;
+    release_entry(be, e);
+  }
+  /* (4) Compress each job into chunks of its own. */
+  for (int j = 0; j < p->num_jobs; j++) {
+    kvc_page_entry_t *e = entry(be, c, layer, p->job_block[j]);
+    size_t size = 0;
+    kvc_page_info_t info;
+    kvc_status_t st = kvc_codec_encode(&c->codec, be->scratch + (size_t)j * sb, bt, be->page_buf,
+                                       g->max_page_bytes, &size);
+    if (st != KVC_OK) return st;
+    st = kvc_codec_page_info(be->page_buf, size, &info);
+    if (st != KVC_OK) return st;
+    if (e->kind != KVC_PAGE_EMPTY || pop_chunks(be, e, kvc_chunks_for(size, g->chunk_bytes)))
+      return KVC_ERR_INTERNAL;
+    e->kind = KVC_PAGE_COMPRESSED;
+    e->nbytes = (uint32_t)size;
+    e->codec = (uint8_t)info.codec;
+    page_write(c, be->pool, e, 0, be->page_buf, size);
+    be->page_bytes[(size_t)layer * g->max_jobs + j] = (uint32_t)size;
+    be->page_codec[(size_t)layer * g->max_jobs + j] = (uint8_t)info.codec;
+  }
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_attend(kvc_cache_t *c, int layer, const void *q, void *out, float scale,
+                               void *stream) {
+  cpu_be_t *be = be_of(c);
+  kvc_attn_args_t a = be->attn;
+  a.dir = entry(be, c, layer, 0);
+  a.q = q;
+  a.out = out;
+  a.scale = scale;
+  return kvc_attn_cpu(&a);
+}
+
+static kvc_status_t cpu_sizes_fetch(kvc_cache_t *c, int slot, int num_jobs, void *stream) {
+  cpu_be_t *be = be_of(c);
+  size_t L = (size_t)c->cfg.num_layers, jobs = (size_t)c->geo.max_jobs;
+  for (size_t l = 0; l < L; l++) {
+    memcpy(be->slot_bytes + ((size_t)slot * L + l) * jobs, be->page_bytes + l * jobs,
+           (size_t)num_jobs * sizeof(uint32_t));
+    memcpy(be->slot_codec + ((size_t)slot * L + l) * jobs, be->page_codec + l * jobs,
+           (size_t)num_jobs);
+  }
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_sizes_poll(kvc_cache_t *c, int slot, int wait, int *ready,
+                                   const uint32_t **bytes, const uint8_t **codecs) {
+  cpu_be_t *be = be_of(c);
+  size_t per_slot = (size_t)c->cfg.num_layers * (size_t)c->geo.max_jobs;
+  *ready = 1;
+  *bytes = be->slot_bytes + (size_t)slot * per_slot;
+  *codecs = be->slot_codec + (size_t)slot * per_slot;
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_free_pages(kvc_cache_t *c, const int32_t *blocks, int n, void *stream) {
+  cpu_be_t *be = be_of(c);
+  for (int i = 0; i < n; i++) {
+    for (int l = 0; l < c->cfg.num_layers; l++) {
+      kvc_page_entry_t *e = entry(be, c, l, blocks[i]);
+      if (e->kind != KVC_PAGE_EMPTY) release_entry(be, e);
+    }
+  }
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_copy_tail(kvc_cache_t *c, int32_t src, int32_t dst, void *stream) {
+  cpu_be_t *be = be_of(c);
+  const kvc__geometry_t *g = &c->geo;
+  for (int l = 0; l < c->cfg.num_layers; l++) {
+    const kvc_page_entry_t *s = entry(be, c, l, src);
+    kvc_page_entry_t *d = entry(be, c, l, dst);
+    if (s->kind != KVC_PAGE_STAGING || d->kind != KVC_PAGE_EMPTY ||
+        pop_chunks(be, d, g->staging_chunks))
+      return KVC_ERR_INTERNAL;
+    for (uint32_t i = 0; i < g->staging_chunks; i++) {
+      uint32_t n = g->staging_bytes - i * g->chunk_bytes;
+      memcpy(be->pool + (size_t)d->chunk[i] * g->chunk_bytes,
+             be->pool + (size_t)s->chunk[i] * g->chunk_bytes, n < g->chunk_bytes ? n : g->chunk_bytes);
+    }
+    d->kind = KVC_PAGE_STAGING;
+    d->nbytes = g->staging_bytes;
+    d->codec = 0;
+  }
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_swap_out(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets,
+                                 int n, void *stream) {
+  cpu_be_t *be = be_of(c);
+  const int L = c->cfg.num_layers;
+  for (int i = 0; i < n; i++) {
+    uint8_t *base = be->swap + offsets[i];
+    uint64_t pos = kvc__round16((uint64_t)L * KVC__SWAP_HDR_BYTES);
+    for (int l = 0; l < L; l++) {
+      kvc_page_entry_t *e = entry(be, c, l, blocks[i]);
+      memcpy(base + (size_t)l * KVC__SWAP_HDR_BYTES, e, KVC__SWAP_HDR_BYTES);
+      if (e->kind == KVC_PAGE_EMPTY) continue;
+      page_read(c, be->pool, e, 0, base + pos, e->nbytes);
+      pos += kvc__round16(e->nbytes);
+      release_entry(be, e);
+    }
+  }
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_swap_in(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets,
+                                int n, void *stream) {
+  cpu_be_t *be = be_of(c);
+  const int L = c->cfg.num_layers;
+  const kvc__geometry_t *g = &c->geo;
+  for (int i = 0; i < n; i++) {
+    const uint8_t *base = be->swap + offsets[i];
+    uint64_t pos = kvc__round16((uint64_t)L * KVC__SWAP_HDR_BYTES);
+    for (int l = 0; l < L; l++) {
+      kvc_page_entry_t saved, *e = entry(be, c, l, blocks[i]);
+      memcpy(&saved, base + (size_t)l * KVC__SWAP_HDR_BYTES, KVC__SWAP_HDR_BYTES);
+      if (saved.kind == KVC_PAGE_EMPTY) continue;
+      uint32_t nch = saved.kind == KVC_PAGE_STAGING ? g->staging_chunks
+                                                     : kvc_chunks_for(saved.nbytes, g->chunk_bytes);
+      if (e->kind != KVC_PAGE_EMPTY || pop_chunks(be, e, nch)) return KVC_ERR_INTERNAL;
+      e->kind = saved.kind;
+      e->codec = saved.codec;
+      e->nbytes = saved.nbytes;
+      page_write(c, be->pool, e, 0, base + pos, saved.nbytes);
+      pos += kvc__round16(saved.nbytes);
+    }
+  }
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_synchronize(kvc_cache_t *c) { return KVC_OK; }
+
+static kvc_status_t cpu_read_state(kvc_cache_t *c, kvc_page_entry_t *dir, uint32_t *free_stack,
+                                   int32_t *free_top) {
+  cpu_be_t *be = be_of(c);
+  memcpy(dir, be->dir, (size_t)c->cfg.num_layers * (size_t)c->geo.max_blocks * sizeof(*dir));
+  memcpy(free_stack, be->free_stack, (size_t)be->free_top * sizeof(uint32_t));
+  *free_top = be->free_top;
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_read_entry(kvc_cache_t *c, int layer, int32_t block, kvc_page_entry_t *e) {
+  *e = *entry(be_of(c), c, layer, block);
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_read_page(kvc_cache_t *c, const kvc_page_entry_t *e, uint8_t *out) {
+  page_read(c, be_of(c)->pool, e, 0, out, e->nbytes);
+  return KVC_OK;
+}
+
+static size_t cpu_overhead_bytes(const kvc_cache_t *c) { return 0; }
+
+static size_t cpu_host_data_bytes(const kvc_cache_t *c) {
+  return (size_t)c->geo.total_chunks * c->geo.chunk_bytes + c->cfg.swap_bytes;
+}
+
+const kvc__backend_ops_t kvc__backend_cpu = {
+    .name = "cpu",
+    .create = cpu_create,
+    .destroy = cpu_destroy,
+    .plan = cpu_plan,
+    .store = cpu_store,
+    .attend = cpu_attend,
+    .sizes_fetch = cpu_sizes_fetch,
+    .sizes_poll = cpu_sizes_poll,
+    .free_pages = cpu_free_pages,
+    .copy_tail = cpu_copy_tail,
+    .swap_out = cpu_swap_out,
+    .swap_in = cpu_swap_in,
+    .synchronize = cpu_synchronize,
+    .read_state = cpu_read_state,
+    .read_entry = cpu_read_entry,
+    .read_page = cpu_read_page,
+    .overhead_bytes = cpu_overhead_bytes,
+    .host_data_bytes = cpu_host_data_bytes,
+};

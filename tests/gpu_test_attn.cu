@@ -1,0 +1,392 @@
+/*
+ * kvc_attn_cuda against kvc_attn_cpu on the same pages (the CPU reference decodes them with the
+ * CPU codec and accumulates in float64). Relative L2 error of the outputs <= 1e-3 for fp16, 1e-2
+ * for bf16; NaN never passes; outputs are poisoned (NaN) before every run, so an element the
+ * kernel does not write fails. Each case runs twice: with the split-K workspace (flash-decoding
+ * splits and the combine kernel) and without it (one CTA per sequence and head). Sweep: 1, 3, 7,
+ * 37, 61 sequences; lengths shorter than a block and not multiples of it; GQA 1, 3, 4, 8;
+ * head_dim 64, 128, 256; fp16 and bf16; block_tokens 16..128; decode, speculative and chunked
+ * prefill rows (causal); every page kind mixed in one batch; prefix-shared blocks; a long context.
+ * Skips cleanly where there is no GPU. KVC_TEST_SCALE scales the lengths.
+ */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include <cmocka.h>
+
+#include "kvc_test_util.h"
+}
+#include "attention/kvc_attn.h"
+#include "kvc_test_pages.h"
+
+static int have_gpu(void) {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define CU(x) assert_int_equal((int)(x), (int)cudaSuccess)
+
+typedef struct gpu_case {
+  int num_seqs, num_q_heads, num_kv_heads, head_dim, block_tokens;
+  kvc_dtype_t dtype;
+  int max_len;    /* lengths drawn in [1, max_len * KVC_TEST_SCALE] */
+  int max_q;      /* query rows per sequence in [1, max_q] */
+  unsigned kinds; /* page kinds of full blocks */
+  int shared_prefix_blocks;
+  uint64_t seed;
+} gpu_case_t;
+
+static float to_float(kvc_dtype_t t, uint16_t h) {
+  return t == KVC_DTYPE_F16 ? kvc_test_f16_to_f32(h) : kvc_test_bf16_to_f32(h);
+}
+
+/* Host side of one case: pages, queries and the CPU reference. */
+typedef struct host_case {
+  kvc_test_pages_t tp;
+  int32_t *qo_indptr;
+  uint16_t *q, *ref;
+  int rows;
+  kvc_attn_args_t args; /* host pointers */
+} host_case_t;
+
+static void host_setup(const gpu_case_t *c, host_case_t *h) {
+  memset(h, 0, sizeof(*h));
+  kvc_test_rng_t rng;
+  kvc_test_rng_seed(&rng, c->seed);
+  int max_len = (int)(c->max_len * kvc_test_scale());
+  if (max_len < 1) max_len = 1;
+  int32_t *len = (int32_t *)malloc(sizeof(int32_t) * c->num_seqs);
+  assert_non_null(len);
+  int64_t tokens = 0;
+  for (int s = 0; s < c->num_seqs; s++) {
+    len[s] = 1 + (int32_t)kvc_test_rng_below(&rng, (uint32_t)max_len);
+    if (s % 5 == 1) len[s] = 1;
+    if (s % 5 == 2 && c->block_tokens <= max_len) len[s] = c->block_tokens;
+    if (s % 5 == 3 && c->block_tokens < max_len) len[s] = c->block_tokens + 1;
+    if (s % 5 == 4 && 64 < max_len) len[s] = 65; /* one token past a 64-token unit */
+    tokens += len[s];
+  }
+  const size_t width = (size_t)c->num_kv_heads * c->head_dim;
+  float *k = (float *)malloc(sizeof(float) * tokens * width);
+  float *v = (float *)malloc(sizeof(float) * tokens * width);
+  assert_non_null(k);
+  assert_non_null(v);
+  kvc_test_fill_kv(c->seed ^ 0x5eedull, tokens, c->num_kv_heads, c->head_dim, k, v);
+  size_t staging = 2 * width * (size_t)c->block_tokens * 2;
+  uint32_t chunk = KVC_CHUNK_MIN_BYTES;
+  while ((size_t)chunk * KVC_PAGE_MAX_CHUNKS < staging + 1024) chunk *= 2;
+  chunk <<= kvc_test_rng_below(&rng, 3);
+  kvc_test_pages_spec_t spec = {c->num_seqs, len, c->num_kv_heads, c->head_dim, c->block_tokens,
+                                c->dtype, chunk, c->kinds, 0.05f, 0.05f, c->shared_prefix_blocks,
+                                c->seed ^ 0xabcull};
+  assert_int_equal(kvc_test_pages_build(&spec, k, v, &h->tp), KVC_OK);
+  free(k);
+  free(v);
+  free(len);
+
+  h->qo_indptr = (int32_t *)malloc(sizeof(int32_t) * (c->num_seqs + 1));
+  assert_non_null(h->qo_indptr);
+  h->qo_indptr[0] = 0;
+  int max_qo = 0;
+  for (int s = 0; s < c->num_seqs; s++) {
+    int nq = 1 + (int)kvc_test_rng_below(&rng, (uint32_t)c->max_q);
+    if (nq > h->tp.kv_len[s]) nq = h->tp.kv_len[s];
+    if (nq > max_qo) max_qo = nq;
+    h->qo_indptr[s + 1] = h->qo_indptr[s] + nq;
+  }
+  h->rows = h->qo_indptr[c->num_seqs];
+  const size_t elems = (size_t)h->rows * c->num_q_heads * c->head_dim;
+  h->q = (uint16_t *)malloc(elems * 2);
+  h->ref = (uint16_t *)malloc(elems * 2);
+  assert_non_null(h->q);
+  assert_non_null(h->ref);
+  for (size_t i = 0; i < elems; i++) {
+    float x = (float)kvc_test_rng_normal(&rng);
+    h->q[i] = c->dtype == KVC_DTYPE_F16 ? kvc_test_f32_to_f16(x) : kvc_test_f32_to_bf16(x);
+  }
+  kvc_attn_args_t *a = &h->args;
+  memset(a, 0, sizeof(*a));
+  a->num_q_heads = c->num_q_heads;
+  a->num_kv_heads = c->num_kv_heads;
+  a->head_dim = c->head_dim;
+  a->block_tokens = c->block_tokens;
+  a->dtype = c->dtype;
+  a->scale = 1.0f / sqrtf((float)c->head_dim);
+  a->num_seqs = c->num_seqs;
+  a->total_q_rows = h->rows;
+  a->qo_indptr = h->qo_indptr;
+  a->kv_len = h->tp.kv_len;
+  a->block_indptr = h->tp.block_indptr;
+  a->block_ids = h->tp.block_ids;
+  a->max_kv_len = h->tp.max_kv_len;
+  a->dir = h->tp.dir;
+  a->pool = h->tp.pool;
+  a->chunk_bytes = h->tp.chunk_bytes;
+  a->q = h->q;
+  a->out = h->ref;
+  a->max_qo_len = max_qo;
+  assert_int_equal(kvc_attn_cpu(a), KVC_OK);
+}
+
+static void host_teardown(host_case_t *h) {
+  kvc_test_pages_free(&h->tp);
+  free(h->qo_indptr);
+  free(h->q);
+  free(h->ref);
+}
+
+/* Device copies of a host case. */
+typedef struct dev_case {
+  uint8_t *pool;
+  kvc_page_entry_t *dir;
+  int32_t *qo_indptr, *kv_len, *block_indptr, *block_ids;
+  uint16_t *q, *out;
+  void *ws;
+  size_t ws_bytes, out_bytes;
+  kvc_attn_args_t args; /* device pointers */
+} dev_case_t;
+
+template <class P> static void upload(P **dst, const void *src, size_t bytes) {
+  CU(cudaMalloc((void **)dst, bytes ? bytes : 16));
+  if (bytes) CU(cudaMemcpy(*dst, src, bytes, cudaMemcpyHostToDevice));
+}
+
+static void dev_setup(const host_case_t *h, dev_case_t *d) {
+  memset(d, 0, sizeof(*d));
+  const kvc_attn_args_t *a = &h->args;
+  const int ns = a->num_seqs;
+  upload(&d->pool, h->tp.pool, (size_t)h->tp.num_chunks * h->tp.chunk_bytes);
+  upload(&d->dir, h->tp.dir, sizeof(kvc_page_entry_t) * h->tp.dir_len);
+  upload(&d->qo_indptr, h->qo_indptr, sizeof(int32_t) * (ns + 1));
+  upload(&d->kv_len, h->tp.kv_len, sizeof(int32_t) * ns);
+  upload(&d->block_indptr, h->tp.block_indptr, sizeof(int32_t) * (ns + 1));
+  upload(&d->block_ids, h->tp.block_ids, sizeof(int32_t) * h->tp.block_indptr[ns]);
+  d->out_bytes = (size_t)h->rows * a->num_q_heads * a->head_dim * 2;
+  upload(&d->q, h->q, d->out_bytes);
+  CU(cudaMalloc((void **)&d->out, d->out_bytes));
+  d->ws_bytes = kvc_attn_cuda_workspace_bytes(h->rows, a->num_q_heads, a->head_dim, ns,
+                                              a->max_kv_len, a->block_tokens);
+  assert_true(d->ws_bytes > 0);
+  CU(cudaMalloc(&d->ws, d->ws_bytes));
+  d->args = *a;
+  d->args.qo_indptr = d->qo_indptr;
+  d->args.kv_len = d->kv_len;
+  d->args.block_indptr = d->block_indptr;
+  d->args.block_ids = d->block_ids;
+  d->args.dir = d->dir;
+  d->args.pool = d->pool;
+  d->args.q = d->q;
+  d->args.out = d->out;
+  d->args.workspace = d->ws;
+  d->args.workspace_bytes = d->ws_bytes;
+}
+
+static void dev_teardown(dev_case_t *d) {
+  cudaFree(d->pool);
+  cudaFree(d->dir);
+  cudaFree(d->qo_indptr);
+  cudaFree(d->kv_len);
+  cudaFree(d->block_indptr);
+  cudaFree(d->block_ids);
+  cudaFree(d->q);
+  cudaFree(d->out);
+  cudaFree(d->ws);
+}
+
+/* Runs the kernel with `args` over a NaN-poisoned output and returns the output (host). */
+static uint16_t *run_gpu(const dev_case_t *d, const kvc_attn_args_t *args) {
+  cudaStream_t st;
+  CU(cudaStreamCreate(&st));
+  CU(cudaMemsetAsync(d->out, 0xFF, d->out_bytes, st));
+  assert_int_equal(kvc_attn_cuda(args, st), KVC_OK);
+  CU(cudaStreamSynchronize(st));
+  CU(cudaGetLastError());
+  CU(cudaStreamDestroy(st));
+  uint16_t *out = (uint16_t *)malloc(d->out_bytes);
+  assert_non_null(out);
+  CU(cudaMemcpy(out, d->out, d->out_bytes, cudaMemcpyDeviceToHost));
+  return out;
+}
+
+/* Relative L2 error of got against ref; any NaN in got fails. Rows [row_lo, row_hi) only. */
+static double rel_l2(kvc_dtype_t t, const uint16_t *got, const uint16_t *ref, size_t lo,
+                     size_t hi) {
+  double e2 = 0, r2 = 0;
+  for (size_t i = lo; i < hi; i++) {
+    double g = to_float(t, got[i]), r = to_float(t, ref[i]);
+    if (isnan(g)) {
+      print_error("NaN at element %zu (reference %g)\n", i, r);
+      return INFINITY;
+    }
+    e2 += (g - r) * (g - r);
+    r2 += r * r;
+  }
+  return r2 > 0 ? sqrt(e2 / r2) : sqrt(e2);
+}
+
+static double tolerance(kvc_dtype_t t) { return t == KVC_DTYPE_F16 ? 1e-3 : 1e-2; }
+
+static void check_case(const gpu_case_t *c) {
+  if (!have_gpu()) skip();
+  host_case_t h;
+  dev_case_t d;
+  host_setup(c, &h);
+  dev_setup(&h, &d);
+  const size_t n = d.out_bytes / 2;
+  /* With the workspace (splits where the batch is small), then without (no splits). */
+  for (int variant = 0; variant < 3; variant++) {
+    kvc_attn_args_t a = d.args;
+    if (variant == 1) {
+      a.workspace = NULL;
+      a.workspace_bytes = 0;
+    }
+    if (variant == 2) a.max_qo_len = 0; /* launch shape derived from total_q_rows */
+    uint16_t *out = run_gpu(&d, &a);
+    double err = rel_l2(c->dtype, out, h.ref, 0, n);
+    if (!(err <= tolerance(c->dtype))) {
+      print_error("case seed %llu variant %d: relative L2 error %g > %g\n",
+                  (unsigned long long)c->seed, variant, err, tolerance(c->dtype));
+      free(out);
+      fail();
+    }
+    free(out);
+  }
+  dev_teardown(&d);
+  host_teardown(&h);
+}
+
+static void sweep_sizes_and_gqa(void **state) {
+  (void)state;
+  static const int nseqs[] = {1, 3, 7, 37, 61};
+  static const int gqa[][2] = {{4, 4}, {8, 2}, {16, 2}, {6, 2}, {32, 8}};
+  uint64_t seed = 1000;
+  for (size_t i = 0; i < 5; i++)
+    for (size_t g = 0; g < 5; g++) {
+      gpu_case_t c = {nseqs[i], gqa[g][0], gqa[g][1], 128, 64, KVC_DTYPE_F16,
+                      nseqs[i] > 10 ? 300 : 1500, 1, KVC_TEST_PAGE_ALL, 0, seed++};
+      check_case(&c);
+    }
+}
+
+static void head_dims_dtypes_block_sizes(void **state) {
+  (void)state;
+  static const int hds[] = {64, 128, 256};
+  static const kvc_dtype_t dts[] = {KVC_DTYPE_F16, KVC_DTYPE_BF16};
+  static const int bts[] = {16, 32, 64, 128};
+  uint64_t seed = 2000;
+  for (size_t i = 0; i < 3; i++)
+    for (size_t d = 0; d < 2; d++)
+      for (size_t b = 0; b < 4; b++) {
+        if (hds[i] == 256 && bts[b] > 64) continue; /* unsupported: see the next test */
+        gpu_case_t c = {5, 8, 2, hds[i], bts[b], dts[d], 500, 2, KVC_TEST_PAGE_ALL, 0, seed++};
+        check_case(&c);
+      }
+}
+
+/* Chunked prefill (255-row windows), speculative tokens, MHA with many rows, head_dim 256. */
+static void multi_query_causal(void **state) {
+  (void)state;
+  uint64_t seed = 3000;
+  gpu_case_t cases[] = {
+      {3, 8, 2, 128, 64, KVC_DTYPE_F16, 700, 255, KVC_TEST_PAGE_ALL, 0, seed++},
+      {7, 32, 4, 128, 64, KVC_DTYPE_BF16, 400, 4, KVC_TEST_PAGE_ALL, 0, seed++},
+      {3, 4, 4, 64, 32, KVC_DTYPE_F16, 300, 40, KVC_TEST_PAGE_ALL, 0, seed++},
+      {2, 8, 2, 256, 64, KVC_DTYPE_F16, 300, 30, KVC_TEST_PAGE_ALL, 0, seed++},
+      {37, 8, 1, 64, 16, KVC_DTYPE_BF16, 120, 9, KVC_TEST_PAGE_ALL, 0, seed++},
+  };
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) check_case(&cases[i]);
+}
+
+/* Each page kind alone (all-staging batches take the uncompressed path only), shared blocks. */
+static void page_kinds_and_sharing(void **state) {
+  (void)state;
+  static const unsigned kinds[] = {KVC_TEST_PAGE_STAGING, KVC_TEST_PAGE_RAW, KVC_TEST_PAGE_BITPACK,
+                                   KVC_TEST_PAGE_HUFFMAN};
+  uint64_t seed = 4000;
+  for (size_t i = 0; i < 4; i++) {
+    gpu_case_t c = {7, 16, 2, 128, 64, KVC_DTYPE_F16, 900, 3, kinds[i], 0, seed++};
+    check_case(&c);
+  }
+  gpu_case_t shared = {9, 32, 8, 128, 64, KVC_DTYPE_BF16, 600, 1, KVC_TEST_PAGE_ALL, 4, seed++};
+  check_case(&shared);
+}
+
+/* Long contexts: many splits per sequence, then the log-sum-exp combination. */
+static void long_context_splits(void **state) {
+  (void)state;
+  gpu_case_t one = {1, 32, 8, 128, 64, KVC_DTYPE_F16, 40000, 1, KVC_TEST_PAGE_ALL, 0, 5000};
+  check_case(&one);
+  gpu_case_t few = {4, 32, 8, 128, 64, KVC_DTYPE_BF16, 12000, 2, KVC_TEST_PAGE_HUFFMAN, 0, 5001};
+  check_case(&few);
+}
+
+static void unsupported_shapes(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  gpu_case_t c = {2, 8, 2, 128, 64, KVC_DTYPE_F16, 100, 1, KVC_TEST_PAGE_ALL, 0, 6000};
+  host_case_t h;
+  dev_case_t d;
+  host_setup(&c, &h);
+  dev_setup(&h, &d);
+  kvc_attn_args_t a = d.args;
+  a.head_dim = 96;
+  assert_int_equal(kvc_attn_cuda(&a, NULL), KVC_ERR_UNSUPPORTED);
+  a = d.args;
+  a.dtype = KVC_DTYPE_F32;
+  assert_int_equal(kvc_attn_cuda(&a, NULL), KVC_ERR_UNSUPPORTED);
+  a = d.args;
+  a.block_tokens = 256;
+  assert_int_equal(kvc_attn_cuda(&a, NULL), KVC_ERR_UNSUPPORTED);
+  a = d.args;
+  a.head_dim = 256;
+  a.block_tokens = 128;
+  assert_int_equal(kvc_attn_cuda(&a, NULL), KVC_ERR_UNSUPPORTED);
+  a = d.args;
+  a.num_q_heads = 7;
+  assert_int_equal(kvc_attn_cuda(&a, NULL), KVC_ERR_INVALID_ARGUMENT);
+  dev_teardown(&d);
+  host_teardown(&h);
+}
+
+/* A page whose header fails its checks turns the rows that read it into NaN, never into numbers;
+ * sequences that do not read it are unaffected. */
+static void corrupt_page_gives_nan(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  gpu_case_t c = {3, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 1, KVC_TEST_PAGE_HUFFMAN, 0, 7000};
+  host_case_t h;
+  dev_case_t d;
+  host_setup(&c, &h);
+  /* Sequence 2 has exactly one full block (host_setup pins it): break its page's magic. */
+  const int32_t bid = h.tp.block_ids[h.tp.block_indptr[2]];
+  kvc_page_entry_t *e = &h.tp.dir[bid];
+  assert_int_equal(e->kind, KVC_PAGE_COMPRESSED);
+  *kvc_page_byte(h.tp.pool, h.tp.chunk_bytes, e, 0) ^= 0x01;
+  dev_setup(&h, &d);
+  uint16_t *out = run_gpu(&d, &d.args);
+  const size_t per_row = (size_t)c.num_q_heads * c.head_dim;
+  const size_t r2 = (size_t)h.qo_indptr[2], r3 = (size_t)h.qo_indptr[3];
+  for (size_t i = r2 * per_row; i < r3 * per_row; i++)
+    assert_true(isnan(to_float(c.dtype, out[i])));
+  assert_true(rel_l2(c.dtype, out, h.ref, 0, r2 * per_row) <= tolerance(c.dtype));
+  free(out);
+  dev_teardown(&d);
+  host_teardown(&h);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(sweep_sizes_and_gqa),   cmocka_unit_test(head_dims_dtypes_block_sizes),
+      cmocka_unit_test(multi_query_causal),    cmocka_unit_test(page_kinds_and_sharing),
+      cmocka_unit_test(long_context_splits),   cmocka_unit_test(unsupported_shapes),
+      cmocka_unit_test(corrupt_page_gives_nan),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,513 @@
+/*
+ * The CUDA backend against the CPU backend, and a step captured in a CUDA graph.
+ *
+ * cuda_matches_cpu: a continuous-batching loop (admission with prompts and prefix hits, chunked
+ * prefill, decode, parallel sampling by fork, preemption by swap and by drop, completion) drives a
+ * CPU cache and a CUDA cache with identical configurations and inputs in lockstep. Every call must
+ * return the same status on both (both caches are synchronized after each step, so the block
+ * managers see the same page sizes and make the same decisions); every attention output must
+ * agree within 1e-3 relative; every page completed in a step, and every tail, must be
+ * bit-identical (same codec, same size, same bytes); both caches validate after every step.
+ *
+ * graph_capture: two CUDA caches run the same steps; for one step, cache A's stores and attends of
+ * every layer are captured on a non-default stream (cudaStreamBeginCapture), instantiated and
+ * launched, while cache B runs them directly. Outputs and pages must be equal, and both caches
+ * must go on working (another step, validation).
+ *
+ * Without a GPU every test skips.
+ */
+#include <cuda_runtime.h>
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include <vector>
+
+#include "kvc_test_util.h"
+#include "kvcomp.h"
+#include "kvcomp_cuda.h"
+#include "scheduler_hooks/kvc_cache_test.h"
+
+namespace {
+
+constexpr int kLayers = 2, kKvHeads = 2, kQHeads = 8, kHeadDim = 64, kBt = 16;
+constexpr int kMaxLen = 256, kMaxBatch = 256, kMaxSeqs = 48, kMaxRunning = 10, kChunk = 48;
+constexpr int kKvRow = kKvHeads * kHeadDim, kQRow = kQHeads * kHeadDim;
+
+bool have_gpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define CUDA_OK(call)                                                                              \
+  do {                                                                                             \
+    cudaError_t e_ = (call);                                                                       \
+    if (e_ != cudaSuccess) fail_msg("%s: %s", #call, cudaGetErrorString(e_));                     \
+  } while (0)
+
+kvc_config_t config(kvc_backend_t backend, kvc_dtype_t dtype) {
+  kvc_config_t cfg = KVC_CONFIG_INIT;
+  cfg.backend = backend;
+  cfg.num_layers = kLayers;
+  cfg.num_q_heads = kQHeads;
+  cfg.num_kv_heads = kKvHeads;
+  cfg.head_dim = kHeadDim;
+  cfg.dtype = dtype;
+  cfg.block_tokens = kBt;
+  cfg.pool_bytes = (size_t)1 << 20;
+  cfg.swap_bytes = (size_t)512 << 10;
+  cfg.max_seqs = kMaxSeqs;
+  cfg.max_seq_len = kMaxLen;
+  cfg.max_batch_tokens = kMaxBatch;
+  cfg.policy = KVC_POLICY_SMALLEST;
+  return cfg;
+}
+
+uint16_t to_dtype(kvc_dtype_t t, float x) {
+  return t == KVC_DTYPE_F16 ? kvc_test_f32_to_f16(x) : kvc_test_f32_to_bf16(x);
+}
+float from_dtype(kvc_dtype_t t, uint16_t h) {
+  return t == KVC_DTYPE_F16 ? kvc_test_f16_to_f32(h) : kvc_test_bf16_to_f32(h);
+}
+
+/* Host and device copies of one step's tensors. */
+struct tensors {
+  std::vector<uint16_t> k, v, q, out_cpu, out_gpu;
+  uint16_t *dk = nullptr, *dv = nullptr, *dq = nullptr, *dout = nullptr;
+  tensors()
+      : k(kMaxBatch * kKvRow), v(kMaxBatch * kKvRow), q(kMaxBatch * kQRow),
+        out_cpu(kMaxBatch * kQRow), out_gpu(kMaxBatch * kQRow) {
+    CUDA_OK(cudaMalloc(&dk, k.size() * 2));
+    CUDA_OK(cudaMalloc(&dv, v.size() * 2));
+    CUDA_OK(cudaMalloc(&dq, q.size() * 2));
+    CUDA_OK(cudaMalloc(&dout, q.size() * 2));
+  }
+  ~tensors() {
+    cudaFree(dk);
+    cudaFree(dv);
+    cudaFree(dq);
+    cudaFree(dout);
+  }
+  void fill(kvc_test_rng_t *r, kvc_dtype_t t, int rows) {
+    for (int i = 0; i < rows * kKvRow; i++) {
+      k[i] = to_dtype(t, (float)(kvc_test_rng_normal(r) * (i % 7 == 0 ? 4.0 : 1.0) + 0.3 * (i % 5)));
+      v[i] = to_dtype(t, (float)kvc_test_rng_normal(r));
+    }
+    for (int i = 0; i < rows * kQRow; i++) q[i] = to_dtype(t, (float)kvc_test_rng_normal(r));
+  }
+  void upload(int rows, cudaStream_t s) {
+    CUDA_OK(cudaMemcpyAsync(dk, k.data(), (size_t)rows * kKvRow * 2, cudaMemcpyHostToDevice, s));
+    CUDA_OK(cudaMemcpyAsync(dv, v.data(), (size_t)rows * kKvRow * 2, cudaMemcpyHostToDevice, s));
+    CUDA_OK(cudaMemcpyAsync(dq, q.data(), (size_t)rows * kQRow * 2, cudaMemcpyHostToDevice, s));
+  }
+};
+
+/* Both caches' pages of (layer, block) must be the same bytes. */
+void same_page(kvc_cache_t *a, kvc_cache_t *b, int layer, int32_t block, std::vector<uint8_t> &pa,
+               std::vector<uint8_t> &pb) {
+  kvc_page_entry_t ea, eb;
+  assert_int_equal(kvc__cache_read_page(a, layer, block, &ea, pa.data(), pa.size()), KVC_OK);
+  assert_int_equal(kvc__cache_read_page(b, layer, block, &eb, pb.data(), pb.size()), KVC_OK);
+  if (ea.kind != eb.kind || ea.nbytes != eb.nbytes || ea.codec != eb.codec || ea.nchunks != eb.nchunks)
+    fail_msg("layer %d block %d: kind %u/%u, %u/%u bytes, codec %u/%u", layer, (int)block, ea.kind,
+             eb.kind, ea.nbytes, eb.nbytes, ea.codec, eb.codec);
+  if (ea.kind != KVC_PAGE_EMPTY && memcmp(pa.data(), pb.data(), ea.nbytes) != 0)
+    fail_msg("layer %d block %d: %s pages of %u bytes differ", layer, (int)block,
+             ea.kind == KVC_PAGE_STAGING ? "staging" : "compressed", ea.nbytes);
+}
+
+/* ---- the lockstep loop ---------------------------------------------------------------------- */
+
+enum { WAITING, RUNNING, SWAPPED, DONE };
+
+struct request {
+  kvc_seq_id_t id;
+  std::vector<int32_t> tok;
+  int prompt_len, final_len, len = 0, forks = 0, state = WAITING;
+  int64_t admitted = 0;
+};
+
+struct lockstep {
+  kvc_cache_t *cpu = nullptr, *gpu = nullptr;
+  cudaStream_t s = nullptr;
+  kvc_dtype_t dtype;
+  kvc_test_rng_t rng;
+  std::vector<request> reqs;
+  int64_t admissions = 0, drops = 0, swaps = 0, forks = 0, hits = 0, rows = 0, pages = 0;
+  double worst = 0;
+
+  /* Runs a call on both caches; the statuses must agree. */
+  template <typename F> kvc_status_t both(const char *what, F f) {
+    kvc_status_t a = f(cpu, (void *)nullptr), b = f(gpu, (void *)s);
+    if (a != b) fail_msg("%s: CPU %s, CUDA %s", what, kvc_status_string(a), kvc_status_string(b));
+    return a;
+  }
+};
+
+void drop(lockstep &L, request &r) {
+  kvc_seq_id_t id = r.id;
+  assert_int_equal(L.both("free", [&](kvc_cache_t *c, void *) { return kvc_seq_free(c, id); }), KVC_OK);
+  r.state = WAITING;
+  r.len = 0;
+  L.drops++;
+}
+
+bool preempt(lockstep &L, size_t keep, const std::vector<char> &in_batch) {
+  long victim = -1;
+  for (size_t i = 0; i < L.reqs.size(); i++)
+    if (L.reqs[i].state == RUNNING && i != keep && !in_batch[i] &&
+        (victim < 0 || L.reqs[i].admitted > L.reqs[(size_t)victim].admitted))
+      victim = (long)i;
+  if (victim < 0) return false;
+  request &r = L.reqs[(size_t)victim];
+  kvc_seq_id_t id = r.id;
+  if (r.admitted % 2 == 0) {
+    kvc_status_t st = L.both("swap_out", [&](kvc_cache_t *c, void *s) { return kvc_seq_swap_out(c, id, s); });
+    if (st == KVC_OK) {
+      r.state = SWAPPED;
+      L.swaps++;
+      return true;
+    }
+    assert_int_equal(st, KVC_ERR_OUT_OF_MEMORY);
+  }
+  drop(L, r);
+  return true;
+}
+
+bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vector<uint8_t> &pb) {
+  int running = 0, live = 0;
+  for (auto &r : L.reqs) {
+    running += r.state == RUNNING;
+    live += r.state != DONE;
+  }
+  if (live == 0) return false;
+  for (auto &r : L.reqs) {
+    if (running >= kMaxRunning) break;
+    if (r.state != SWAPPED) continue;
+    kvc_seq_id_t id = r.id;
+    kvc_status_t st = L.both("swap_in", [&](kvc_cache_t *c, void *s) { return kvc_seq_swap_in(c, id, s); });
+    if (st == KVC_ERR_OUT_OF_MEMORY) break;
+    assert_int_equal(st, KVC_OK);
+    r.state = RUNNING;
+    running++;
+  }
+  for (auto &r : L.reqs) {
+    if (running >= kMaxRunning) break;
+    if (r.state != WAITING) continue;
+    kvc_seq_id_t id = r.id;
+    int cached[2] = {-1, -1}, which = 0;
+    kvc_status_t st = L.both("add", [&](kvc_cache_t *c, void *) {
+      return kvc_seq_add(c, id, r.tok.data(), (int)r.tok.size(), 0, &cached[which++]);
+    });
+    if (st == KVC_ERR_OUT_OF_MEMORY) break;
+    assert_int_equal(st, KVC_OK);
+    assert_int_equal(cached[0], cached[1]);
+    int first = (int)r.tok.size() - cached[0] < kChunk ? (int)r.tok.size() - cached[0] : kChunk;
+    st = L.both("reserve", [&](kvc_cache_t *c, void *) { return kvc_seq_reserve(c, id, first, 0); });
+    if (st == KVC_ERR_OUT_OF_MEMORY) {
+      assert_int_equal(L.both("free", [&](kvc_cache_t *c, void *) { return kvc_seq_free(c, id); }), KVC_OK);
+      break;
+    }
+    assert_int_equal(st, KVC_OK);
+    r.len = cached[0];
+    r.state = RUNNING;
+    r.admitted = L.admissions++;
+    L.hits += cached[0];
+    running++;
+  }
+
+  std::vector<char> in_batch(L.reqs.size(), 0);
+  std::vector<kvc_seq_id_t> ids;
+  std::vector<int32_t> n_new, toks;
+  std::vector<size_t> members;
+  for (;;) {
+    long best = -1;
+    for (size_t i = 0; i < L.reqs.size(); i++)
+      if (L.reqs[i].state == RUNNING && !in_batch[i] &&
+          (best < 0 || L.reqs[i].admitted < L.reqs[(size_t)best].admitted))
+        best = (long)i;
+    if (best < 0) break;
+    request &r = L.reqs[(size_t)best];
+    in_batch[(size_t)best] = 1;
+    if (r.len == (int)r.tok.size()) r.tok.push_back((int32_t)kvc_test_rng_below(&L.rng, 5000));
+    int want = (int)r.tok.size() - r.len;
+    if (want > kChunk) want = kChunk;
+    if (want > kMaxBatch - (int)toks.size()) want = kMaxBatch - (int)toks.size();
+    if (want == 0) continue;
+    kvc_seq_id_t id = r.id;
+    kvc_status_t st;
+    while ((st = L.both("reserve", [&](kvc_cache_t *c, void *) { return kvc_seq_reserve(c, id, want, 0); })) ==
+           KVC_ERR_OUT_OF_MEMORY)
+      if (!preempt(L, (size_t)best, in_batch)) break;
+    if (st == KVC_ERR_OUT_OF_MEMORY && !ids.empty()) continue;
+    assert_int_equal(st, KVC_OK);
+    members.push_back((size_t)best);
+    ids.push_back(id);
+    n_new.push_back(want);
+    toks.insert(toks.end(), r.tok.begin() + r.len, r.tok.begin() + r.len + want);
+  }
+  if (ids.empty()) return true;
+
+  const int rows = (int)toks.size();
+  kvc_batch_t batch = {(int)ids.size(), ids.data(), n_new.data(), toks.data()};
+  assert_int_equal(L.both("plan", [&](kvc_cache_t *c, void *s) { return kvc_plan(c, &batch, s); }), KVC_OK);
+  const float scale = 1.0f / sqrtf((float)kHeadDim);
+  for (int l = 0; l < kLayers; l++) {
+    T.fill(&L.rng, L.dtype, rows);
+    T.upload(rows, L.s);
+    assert_int_equal(kvc_store(L.cpu, l, T.k.data(), T.v.data(), nullptr), KVC_OK);
+    assert_int_equal(kvc_store_cuda(L.gpu, l, T.dk, T.dv, L.s), KVC_OK);
+    assert_int_equal(kvc_attend(L.cpu, l, T.q.data(), T.out_cpu.data(), scale, nullptr), KVC_OK);
+    assert_int_equal(kvc_attend_cuda(L.gpu, l, T.dq, T.dout, scale, L.s), KVC_OK);
+    CUDA_OK(cudaMemcpyAsync(T.out_gpu.data(), T.dout, (size_t)rows * kQRow * 2, cudaMemcpyDeviceToHost, L.s));
+    CUDA_OK(cudaStreamSynchronize(L.s));
+    for (int row = 0; row < rows; row++) {
+      double mx = 0;
+      for (int e = 0; e < kQRow; e++) mx = fmax(mx, fabs(from_dtype(L.dtype, T.out_cpu[(size_t)row * kQRow + e])));
+      for (int e = 0; e < kQRow; e++) {
+        double a = from_dtype(L.dtype, T.out_cpu[(size_t)row * kQRow + e]);
+        double b = from_dtype(L.dtype, T.out_gpu[(size_t)row * kQRow + e]);
+        double tol = 1e-3 * (fabs(a) + mx) + (L.dtype == KVC_DTYPE_BF16 ? ldexp(fabs(a), -7) : 0.0);
+        if (!(fabs(a - b) <= tol))
+          fail_msg("layer %d row %d element %d: CPU %.6g CUDA %.6g", l, row, e, a, b);
+        if (tol > 0) L.worst = fmax(L.worst, fabs(a - b) / tol);
+      }
+    }
+    L.rows += rows;
+  }
+  assert_int_equal(kvc_cache_synchronize(L.cpu), KVC_OK);
+  assert_int_equal(kvc_cache_synchronize(L.gpu), KVC_OK);
+
+  /* Pages this step completed, and tails, byte for byte. */
+  for (size_t m = 0; m < members.size(); m++) {
+    request &r = L.reqs[members[m]];
+    int len0 = r.len;
+    r.len += n_new[m];
+    int32_t blocks[kMaxLen / kBt + 1];
+    int nb = 0, nb2 = 0;
+    int32_t blocks2[kMaxLen / kBt + 1];
+    assert_int_equal(kvc__cache_seq_blocks(L.cpu, r.id, blocks, kMaxLen / kBt + 1, &nb), KVC_OK);
+    assert_int_equal(kvc__cache_seq_blocks(L.gpu, r.id, blocks2, kMaxLen / kBt + 1, &nb2), KVC_OK);
+    assert_int_equal(nb, nb2);
+    assert_memory_equal(blocks, blocks2, (size_t)nb * sizeof(int32_t));
+    for (int j = len0 / kBt; j < nb; j++) {
+      for (int l = 0; l < kLayers; l++) same_page(L.cpu, L.gpu, l, blocks[j], pa, pb);
+      L.pages++;
+    }
+  }
+  for (size_t m = 0; m < members.size(); m++) {
+    request &r = L.reqs[members[m]];
+    kvc_seq_id_t id = r.id;
+    while (r.forks > 0 && r.len >= r.prompt_len) {
+      r.forks--;
+      request child;
+      child.id = 5000 + (kvc_seq_id_t)L.reqs.size();
+      child.tok = r.tok;
+      child.prompt_len = r.prompt_len;
+      child.final_len = r.len + 1 + (int)kvc_test_rng_below(&L.rng, 12);
+      child.len = r.len;
+      kvc_seq_id_t cid = child.id;
+      kvc_status_t st = L.both("fork", [&](kvc_cache_t *c, void *) { return kvc_seq_fork(c, id, cid); });
+      if (st == KVC_ERR_OUT_OF_MEMORY) continue;
+      assert_int_equal(st, KVC_OK);
+      child.state = RUNNING;
+      child.admitted = L.admissions++;
+      L.forks++;
+      L.reqs.push_back(child); /* may move `r`: no more forks of it this step */
+      break;
+    }
+    request &rr = L.reqs[members[m]];
+    if (rr.len >= rr.final_len) {
+      kvc_seq_id_t fid = rr.id;
+      assert_int_equal(L.both("free", [&](kvc_cache_t *c, void *) { return kvc_seq_free(c, fid); }), KVC_OK);
+      rr.state = DONE;
+    }
+  }
+  assert_int_equal(kvc_cache_validate(L.cpu), KVC_OK);
+  assert_int_equal(kvc_cache_validate(L.gpu), KVC_OK);
+  return true;
+}
+
+void run_lockstep(kvc_dtype_t dtype) {
+  lockstep L;
+  L.dtype = dtype;
+  kvc_config_t c_cpu = config(KVC_BACKEND_CPU, dtype), c_gpu = config(KVC_BACKEND_CUDA, dtype);
+  assert_int_equal(kvc_cache_create(&c_cpu, &L.cpu), KVC_OK);
+  assert_int_equal(kvc_cache_create(&c_gpu, &L.gpu), KVC_OK);
+  CUDA_OK(cudaStreamCreateWithFlags(&L.s, cudaStreamNonBlocking));
+  kvc_test_rng_seed(&L.rng, 77 + (uint64_t)dtype);
+  std::vector<int32_t> prompts[3];
+  for (auto &p : prompts)
+    for (int t = 0; t < 40; t++) p.push_back((int32_t)kvc_test_rng_below(&L.rng, 5000));
+  const int n = (int)(150 * kvc_test_scale());
+  for (int i = 0; i < n; i++) {
+    request r;
+    r.id = 1000 + (kvc_seq_id_t)i;
+    int sys = (int)kvc_test_rng_below(&L.rng, 4);
+    if (sys < 3) r.tok = prompts[sys];
+    int user = 1 + (int)kvc_test_rng_below(&L.rng, 60);
+    for (int t = 0; t < user; t++) r.tok.push_back((int32_t)kvc_test_rng_below(&L.rng, 5000));
+    r.prompt_len = (int)r.tok.size();
+    r.final_len = r.prompt_len + 1 + (int)kvc_test_rng_below(&L.rng, 20);
+    r.forks = kvc_test_rng_below(&L.rng, 8) == 0;
+    L.reqs.push_back(r);
+  }
+  tensors T;
+  uint32_t max_page = 0;
+  kvc__cache_geometry(L.cpu, nullptr, &max_page, nullptr);
+  std::vector<uint8_t> pa(max_page), pb(max_page);
+  int steps = 0;
+  while (lockstep_step(L, T, pa, pb)) assert_true(++steps < 100000);
+  kvc_stats_t sa = {}, sb = {};
+  sa.struct_size = sb.struct_size = sizeof(kvc_stats_t);
+  assert_int_equal(kvc_get_stats(L.cpu, &sa), KVC_OK);
+  assert_int_equal(kvc_get_stats(L.gpu, &sb), KVC_OK);
+  print_message("%d steps, %lld rows, %lld pages compared, worst %.2f of tolerance; %lld prefix-hit "
+                "tokens, %lld forks, %lld swaps, %lld drops\n", steps, (long long)L.rows,
+                (long long)L.pages, L.worst, (long long)L.hits, (long long)L.forks,
+                (long long)L.swaps, (long long)L.drops);
+  assert_true(L.hits > 0 && L.forks > 0 && L.swaps > 0 && L.drops > 0);
+  assert_int_equal(sa.swap_outs, sb.swap_outs);
+  assert_int_equal(sa.prefix_hits, sb.prefix_hits);
+  assert_int_equal(sa.live_seqs, 0);
+  assert_int_equal(sb.live_seqs, 0);
+  kvc_cache_destroy(L.cpu);
+  kvc_cache_destroy(L.gpu);
+  CUDA_OK(cudaStreamDestroy(L.s));
+}
+
+void cuda_matches_cpu_f16(void **) {
+  if (!have_gpu()) skip();
+  run_lockstep(KVC_DTYPE_F16);
+}
+
+void cuda_matches_cpu_bf16(void **) {
+  if (!have_gpu()) skip();
+  run_lockstep(KVC_DTYPE_BF16);
+}
+
+/* ---- graph capture -------------------------------------------------------------------------- */
+
+void graph_capture(void **) {
+  if (!have_gpu()) skip();
+  kvc_config_t cfg = config(KVC_BACKEND_CUDA, KVC_DTYPE_F16);
+  kvc_cache_t *a = nullptr, *b = nullptr;
+  assert_int_equal(kvc_cache_create(&cfg, &a), KVC_OK);
+  assert_int_equal(kvc_cache_create(&cfg, &b), KVC_OK);
+  cudaStream_t s;
+  CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  /* Every layer's inputs live in their own device buffers, uploaded before a capture begins:
+   * a capture records work, it does not run it. */
+  tensors in[kLayers];
+  uint16_t *out_a[kLayers], *out_b[kLayers];
+  for (int l = 0; l < kLayers; l++) {
+    CUDA_OK(cudaMalloc(&out_a[l], (size_t)kMaxBatch * kQRow * 2));
+    CUDA_OK(cudaMalloc(&out_b[l], (size_t)kMaxBatch * kQRow * 2));
+  }
+  std::vector<uint16_t> ha((size_t)kMaxBatch * kQRow), hb((size_t)kMaxBatch * kQRow);
+  uint32_t max_page = 0;
+  kvc__cache_geometry(a, nullptr, &max_page, nullptr);
+  std::vector<uint8_t> pa(max_page), pb(max_page);
+  kvc_test_rng_t rng;
+  kvc_test_rng_seed(&rng, 4242);
+  kvc_seq_id_t ids[4] = {1, 2, 3, 4};
+  int cached = 0;
+  for (kvc_cache_t *c : {a, b})
+    for (int i = 0; i < 4; i++) {
+      assert_int_equal(kvc_seq_add(c, ids[i], nullptr, 0, 0, &cached), KVC_OK);
+      assert_int_equal(kvc_seq_reserve(c, ids[i], 160, 0), KVC_OK);
+    }
+  /* Steps of prefill, decode and mixes that complete blocks, take and give back staging pages;
+   * step 2 is captured on cache A. */
+  const int32_t plan_tokens[5][4] = {{37, 16, 1, 70}, {1, 1, 1, 1}, {15, 1, 31, 2}, {1, 16, 1, 1}, {9, 1, 40, 3}};
+  const int captured = 2;
+  const float scale = 0.125f;
+  for (int st = 0; st < 5; st++) {
+    int rows = 0;
+    for (int i = 0; i < 4; i++) rows += plan_tokens[st][i];
+    for (int l = 0; l < kLayers; l++) {
+      in[l].fill(&rng, KVC_DTYPE_F16, rows);
+      in[l].upload(rows, s);
+    }
+    kvc_batch_t batch = {4, ids, plan_tokens[st], nullptr};
+    assert_int_equal(kvc_plan_cuda(a, &batch, s), KVC_OK);
+    assert_int_equal(kvc_plan_cuda(b, &batch, s), KVC_OK);
+    if (st == captured) {
+      cudaGraph_t graph = nullptr;
+      cudaGraphExec_t exec = nullptr;
+      CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+      for (int l = 0; l < kLayers; l++) {
+        assert_int_equal(kvc_store_cuda(a, l, in[l].dk, in[l].dv, s), KVC_OK);
+        assert_int_equal(kvc_attend_cuda(a, l, in[l].dq, out_a[l], scale, s), KVC_OK);
+      }
+      CUDA_OK(cudaStreamEndCapture(s, &graph));
+      size_t nodes = 0;
+      CUDA_OK(cudaGraphGetNodes(graph, nullptr, &nodes));
+      assert_true(nodes >= 2 * kLayers);
+      CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+      CUDA_OK(cudaGraphLaunch(exec, s));
+      CUDA_OK(cudaStreamSynchronize(s));
+      CUDA_OK(cudaGraphExecDestroy(exec));
+      CUDA_OK(cudaGraphDestroy(graph));
+    } else {
+      for (int l = 0; l < kLayers; l++) {
+        assert_int_equal(kvc_store_cuda(a, l, in[l].dk, in[l].dv, s), KVC_OK);
+        assert_int_equal(kvc_attend_cuda(a, l, in[l].dq, out_a[l], scale, s), KVC_OK);
+      }
+    }
+    for (int l = 0; l < kLayers; l++) {
+      assert_int_equal(kvc_store_cuda(b, l, in[l].dk, in[l].dv, s), KVC_OK);
+      assert_int_equal(kvc_attend_cuda(b, l, in[l].dq, out_b[l], scale, s), KVC_OK);
+    }
+    CUDA_OK(cudaStreamSynchronize(s));
+    for (int l = 0; l < kLayers; l++) {
+      CUDA_OK(cudaMemcpy(ha.data(), out_a[l], (size_t)rows * kQRow * 2, cudaMemcpyDeviceToHost));
+      CUDA_OK(cudaMemcpy(hb.data(), out_b[l], (size_t)rows * kQRow * 2, cudaMemcpyDeviceToHost));
+      if (memcmp(ha.data(), hb.data(), (size_t)rows * kQRow * 2) != 0)
+        fail_msg("step %d layer %d: outputs differ%s", st, l, st == captured ? " (captured)" : "");
+    }
+    assert_int_equal(kvc_cache_validate(a), KVC_OK);
+    assert_int_equal(kvc_cache_validate(b), KVC_OK);
+    for (int i = 0; i < 4; i++) {
+      int32_t ba[kMaxLen / kBt + 1], bb[kMaxLen / kBt + 1];
+      int na = 0, nb = 0;
+      assert_int_equal(kvc__cache_seq_blocks(a, ids[i], ba, kMaxLen / kBt + 1, &na), KVC_OK);
+      assert_int_equal(kvc__cache_seq_blocks(b, ids[i], bb, kMaxLen / kBt + 1, &nb), KVC_OK);
+      assert_int_equal(na, nb);
+      assert_memory_equal(ba, bb, (size_t)na * sizeof(int32_t));
+      for (int j = 0; j < na; j++)
+        for (int l = 0; l < kLayers; l++) same_page(a, b, l, ba[j], pa, pb);
+    }
+  }
+  kvc_stats_t sa = {}, sb = {};
+  sa.struct_size = sb.struct_size = sizeof(kvc_stats_t);
+  assert_int_equal(kvc_get_stats(a, &sa), KVC_OK);
+  assert_int_equal(kvc_get_stats(b, &sb), KVC_OK);
+  assert_int_equal(sa.page_bytes, sb.page_bytes);
+  assert_int_equal(sa.tokens_stored, sb.tokens_stored);
+  kvc_cache_destroy(a);
+  kvc_cache_destroy(b);
+  for (int l = 0; l < kLayers; l++) {
+    CUDA_OK(cudaFree(out_a[l]));
+    CUDA_OK(cudaFree(out_b[l]));
+  }
+  CUDA_OK(cudaStreamDestroy(s));
+}
+
+}  // namespace
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(cuda_matches_cpu_f16),
+      cmocka_unit_test(cuda_matches_cpu_bf16),
+      cmocka_unit_test(graph_capture),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}

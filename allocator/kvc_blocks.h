@@ -43,6 +43,10 @@
 #include "allocator/kvc_host_alloc.h"
 #include "kvcomp.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct kvc_bm kvc_bm_t;
 
 typedef struct kvc_bm_config {
@@ -208,5 +212,9 @@ uint64_t kvc_bm_block_hash(uint64_t parent, const int32_t *tokens, int n, uint64
 typedef uint64_t (*kvc_bm_hash_fn)(uint64_t parent, const int32_t *tokens, int n,
                                    uint64_t codec_identity, uint64_t salt);
 void kvc_bm_set_hash_fn(kvc_bm_t *bm, kvc_bm_hash_fn fn);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* KVC_BLOCKS_H */

@@ -152,7 +152,7 @@ static int je_resolve(kvc__je_t *je, void *where, char *why, size_t n) {
 
 /* Sets ha up on jemalloc if it can be found (see the top of the file), else on libc with the
  * reason in ha->backend. KVC_ERR_OUT_OF_HOST_MEMORY: jemalloc was found but would not create an
- * arena; ha is then left on libc with nothing to release. */
+ * arena; nothing is held then, and the caller frees ha. */
 static kvc_status_t je_open(kvc_host_alloc_t *ha, int search_process, const char *soname) {
   char in_process[96] = "", opened[160] = "";
   const char *how = NULL;
@@ -162,7 +162,8 @@ static kvc_status_t je_open(kvc_host_alloc_t *ha, int search_process, const char
   }
   if (!how && soname) {
     /* NODELETE: jemalloc's thread-exit destructors must stay mapped after our last allocator
-     * releases it. LOCAL: its malloc must not take over symbols resolved after this. */
+     * releases it. LOCAL: its malloc/free stay out of the global scope, so libraries loaded
+     * later keep binding to the process's allocator. */
     void *handle = dlopen(soname, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
     if (!handle) {
       const char *err = dlerror(); /* names soname and says why, e.g. "static TLS block" */

@@ -21,6 +21,10 @@
 
 #include "kvcomp.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct kvc_host_alloc kvc_host_alloc_t;
 
 /* KVC_OK, KVC_ERR_INVALID_ARGUMENT (out NULL) or KVC_ERR_OUT_OF_HOST_MEMORY (no memory, or
@@ -54,5 +58,9 @@ const char *kvc_host_alloc_backend(const kvc_host_alloc_t *ha);
  * kvc_host_alloc_count: the number of successful allocations made so far. */
 void kvc_host_alloc_fail_after(kvc_host_alloc_t *ha, int64_t n);
 int64_t kvc_host_alloc_count(const kvc_host_alloc_t *ha);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* KVC_HOST_ALLOC_H */

@@ -38,12 +38,13 @@
 
 typedef enum row_kind { ROW_KVCOMP, ROW_ACCOUNTED } row_kind_t;
 
-/* One format of the comparison. Accounted formats give their bytes per full block and per tail
- * (partial) block of one layer. */
+/* One format of the comparison. */
 typedef struct format {
   const char *name;
   row_kind_t kind;
-  kvc_codec_t codec;  /* ROW_KVCOMP */
+  kvc_codec_t codec; /* ROW_KVCOMP: the cache's codec */
+  int code_bits;     /* ROW_ACCOUNTED: bits per value code */
+  int kivi;          /* ROW_ACCOUNTED: KIVI groups (fp16 scale and zero point each), fp16 tail */
   const char *how;
 } format_t;
 
@@ -65,7 +66,7 @@ typedef struct options {
 typedef struct job {
   const format_t *format;
   int context;
-  /* results */
+  /* What the job found. */
   int sequences;
   int64_t tokens;
   double bits_per_value;      /* page (or block) bytes per value, bits */
@@ -87,15 +88,17 @@ typedef struct shared {
 } shared_t;
 
 static const format_t formats[] = {
-    {"fp16", ROW_KVCOMP, KVC_CODEC_RAW, "kvcomp raw pages (fp16 paged), measured"},
-    {"fp8-e4m3", ROW_ACCOUNTED, KVC_CODEC_RAW,
+    {"fp16", ROW_KVCOMP, KVC_CODEC_RAW, 0, 0, "kvcomp raw pages (fp16 paged), measured"},
+    {"fp8-e4m3", ROW_ACCOUNTED, KVC_CODEC_RAW, 8, 0,
      "accounted: 1 B/value, one scale per tensor per layer, vLLM-style fixed blocks"},
-    {"kivi-4", ROW_ACCOUNTED, KVC_CODEC_RAW,
+    {"kivi-4", ROW_ACCOUNTED, KVC_CODEC_RAW, 4, 1,
      "accounted: 4 bits + fp16 scale/zero per key channel per block and per value token per head, "
      "fp16 tail"},
-    {"kivi-2", ROW_ACCOUNTED, KVC_CODEC_RAW, "accounted: as kivi-4 with 2 bits"},
-    {"kvcomp-bitpack", ROW_KVCOMP, KVC_CODEC_BITPACK, "kvcomp bit-pack pages, default bounds, measured"},
-    {"kvcomp-huffman", ROW_KVCOMP, KVC_CODEC_HUFFMAN, "kvcomp Huffman pages, default bounds, measured"},
+    {"kivi-2", ROW_ACCOUNTED, KVC_CODEC_RAW, 2, 1, "accounted: as kivi-4 with 2 bits"},
+    {"kvcomp-bitpack", ROW_KVCOMP, KVC_CODEC_BITPACK, 0, 0,
+     "kvcomp bit-pack pages, default bounds, measured"},
+    {"kvcomp-huffman", ROW_KVCOMP, KVC_CODEC_HUFFMAN, 0, 0,
+     "kvcomp Huffman pages, default bounds, measured"},
 };
 enum { NUM_FORMATS = sizeof formats / sizeof formats[0] };
 
@@ -103,14 +106,13 @@ enum { NUM_FORMATS = sizeof formats / sizeof formats[0] };
 static void accounted_block_bytes(const format_t *f, const kvcb_shape_t *s, int block_tokens,
                                   double *full, double *tail) {
   double heads = s->num_kv_heads, hd = s->head_dim, bt = block_tokens;
-  double fp16 = 2.0 * heads * bt * hd * 2.0;
-  if (strcmp(f->name, "fp8-e4m3") == 0) {
-    /* Stored as fp8 from the first token; the per-tensor scales are two floats per layer for the
-     * whole cache, negligible and left out. */
-    *full = *tail = fp16 / 2.0;
+  double fp16 = 2.0 * heads * bt * hd * 2.0, bits = f->code_bits;
+  if (!f->kivi) {
+    /* Stored in the format from the first token (fp8: the per-tensor scales are two floats per
+     * layer for the whole cache, negligible and left out). */
+    *full = *tail = fp16 * bits / 16.0;
     return;
   }
-  double bits = strcmp(f->name, "kivi-4") == 0 ? 4.0 : 2.0;
   /* Keys: per (head, channel) over the block's tokens; values: per (head, token) over head_dim.
    * Each group: codes + fp16 scale + fp16 zero point. The tail (KIVI's residual) stays fp16. */
   double keys = heads * hd * (bt * bits / 8.0 + 4.0);
@@ -469,13 +471,13 @@ int main(int argc, char **argv) {
     const job_t *j = &jobs[i], *fp16 = &jobs[(i / NUM_FORMATS) * NUM_FORMATS];
     printf("%s{\"codec\":\"%s\",\"method\":\"%s\",\"context\":%d,\"sequences\":%d,\"tokens\":%lld,"
            "\"bits_per_value\":%.4f,\"pool_bits_per_value\":%.4f,\"ratio_vs_fp16\":%.4f,"
-           "\"ratio_vs_fp16_accounted\":%.4f,\"seconds\":%.2f}",
+           "\"ratio_vs_fp16_accounted\":%.4f,\"sync_retries\":%d,\"seconds\":%.2f}",
            i ? "," : "", j->format->name, j->format->kind == ROW_KVCOMP ? "measured" : "accounted",
            j->context, j->sequences, (long long)j->tokens, j->bits_per_value,
            j->pool_bits_per_value,
            fp16->sequences ? (double)j->sequences / fp16->sequences : 0.0,
            fp16_acc[i / NUM_FORMATS] ? (double)j->sequences / fp16_acc[i / NUM_FORMATS] : 0.0,
-           j->seconds);
+           j->sync_retries, j->seconds);
   }
   printf("]}\n");
   rc = failed ? 1 : 0;

@@ -14,10 +14,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,no
 t0=$(date +%s)
 if cmake -S . -B build-gpu -G Ninja -DKVC_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
      -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$out/configure.log" 2>&1 &&
-   cmake --build build-gpu -j "$(nproc)" >"$out/build.log" 2>&1; then
+   cmake --build build-gpu -j "$(nproc)" -- -k 0 >"$out/build.log" 2>&1; then
   note "build: ok ($(( $(date +%s) - t0 )) s)"
 else
-  note "build: FAILED (see build.log)"; tail -n 40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1
+  note "build: FAILED (see build.log)"; grep -E "FAILED|error" "$out/build.log" | head -n 20
 fi
 
 if [ "$what" = tests ] || [ "$what" = all ]; then

@@ -26,7 +26,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+extern "C" {
 #include <cmocka.h>
+}
 
 #include <vector>
 

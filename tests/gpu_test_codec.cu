@@ -15,7 +15,9 @@
 #include <stdarg.h>
 #include <stddef.h>
 
+extern "C" {
 #include <cmocka.h>
+}
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>

@@ -6,6 +6,10 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* splitmix64-seeded xorshift; reproducible across machines. */
 typedef struct kvc_test_rng { uint64_t s; } kvc_test_rng_t;
 void kvc_test_rng_seed(kvc_test_rng_t *r, uint64_t seed);
@@ -26,5 +30,9 @@ const char *kvc_test_shared_path(const char *rel, char *buf, size_t cap);
 int kvc_test_require_models(void);
 /* Scale iteration counts: KVC_TEST_SCALE (default 1) multiplies randomized-test lengths. */
 double kvc_test_scale(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

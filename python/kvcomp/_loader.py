@@ -79,7 +79,7 @@ def load(path=None):
             try:
                 _lib = _load_from(candidate)
             except (OSError, AttributeError) as err:
-                tried.append(f"{candidate} ({err}{_hint(err)})")
+                tried.append(f"{candidate} ({err})")
                 if explicit:
                     break
                 continue
@@ -89,16 +89,6 @@ def load(path=None):
         raise LibraryNotFound(
             f"cannot load libkvcomp.so: {where}. Build it (./kvc build) or set KVC_LIBRARY to "
             f"its path.")
-
-
-def _hint(err):
-    # A dependency built with initial-exec TLS (Debian's libjemalloc.so.2) needs more static TLS
-    # than glibc keeps spare for libraries loaded after startup; it only fits if the process is
-    # started with a larger surplus.
-    if "static TLS" in str(err):
-        return ("; start Python with GLIBC_TUNABLES=glibc.rtld.optional_static_tls=16384 in the "
-                "environment, or use a libkvcomp built with -DKVC_JEMALLOC=OFF")
-    return ""
 
 
 def loaded_path():

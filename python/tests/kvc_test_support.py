@@ -10,12 +10,12 @@ import sys
 def reexec_if_library_needs_it():
     """Re-executes this test in an environment the library can be loaded into, if needed.
 
-    Two cases: a library built with -fsanitize=address (the CI sanitizer build runs these tests
-    too) can only be loaded into a process whose first library is the ASan runtime, so it comes
-    through LD_PRELOAD, with leak detection off for the interpreter (which keeps its allocations
-    at exit; the C tests check kvcomp for leaks). And a library linking Debian's libjemalloc.so.2,
-    whose initial-exec TLS does not fit glibc's spare static TLS once the process has started,
-    needs a larger surplus (glibc.rtld.optional_static_tls) set before startup.
+    A library built with -fsanitize=address (the CI sanitizer build runs these tests too) can only
+    be loaded into a process whose first library is the ASan runtime, so it comes through
+    LD_PRELOAD, with leak detection off for the interpreter (which keeps its allocations at exit;
+    the C tests check kvcomp for leaks). Any other build loads as it is: libkvcomp does not link
+    jemalloc, whose initial-exec TLS would not fit a running process (it looks for jemalloc at
+    run time instead).
     """
     if os.environ.get("KVC_PY_REEXEC"):
         return
@@ -23,22 +23,12 @@ def reexec_if_library_needs_it():
     library = next((p for p in kvcomp._loader.candidate_paths() if os.path.exists(p)), None)
     if library is None:
         return
-    env = dict(os.environ, KVC_PY_REEXEC="1")
     asan_runtime = _asan_runtime(library)
-    if asan_runtime:
-        env["LD_PRELOAD"] = ":".join(p for p in (asan_runtime, env.get("LD_PRELOAD")) if p)
-        env["ASAN_OPTIONS"] = ":".join(p for p in (env.get("ASAN_OPTIONS"), "detect_leaks=0")
-                                       if p)
-    else:
-        import ctypes
-        try:
-            ctypes.CDLL(library)
-            return
-        except OSError as err:
-            if "static TLS" not in str(err):
-                return  # the test reports the loader's error
-    env["GLIBC_TUNABLES"] = ":".join(p for p in (env.get("GLIBC_TUNABLES"),
-                                                 "glibc.rtld.optional_static_tls=16384") if p)
+    if not asan_runtime:
+        return
+    env = dict(os.environ, KVC_PY_REEXEC="1")
+    env["LD_PRELOAD"] = ":".join(p for p in (asan_runtime, env.get("LD_PRELOAD")) if p)
+    env["ASAN_OPTIONS"] = ":".join(p for p in (env.get("ASAN_OPTIONS"), "detect_leaks=0") if p)
     sys.stdout.flush()
     sys.stderr.flush()
     args = sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv  # orig_argv: 3.10+

@@ -78,7 +78,7 @@ struct unit_page {
 
 struct unit_desc {
   uint32_t ring_off;
-  int32_t flags;             /* UNIT_*; consumers OR in UNIT_BAD */
+  int32_t flags;             /* UNIT_* */
   int16_t n_valid;           /* rows of the unit below kv_len */
   int16_t npages;
   int32_t pad;

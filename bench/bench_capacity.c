@@ -30,11 +30,14 @@
 #include "capacity_fill.h"
 #include "kvcomp.h"
 
-/* Default bits per value for the synthetic data: kvcomp Huffman at the default bound, all bytes
- * counted, as `./kvc eval` measured it (bench/capacity.sh passes the latest recorded figure
- * instead when bench/results/ holds one). */
-#define KVCB_DEFAULT_TARGET_BITS 3.8
-#define KVCB_DEFAULT_TARGET_SOURCE "built-in default (the eval issue's estimate for stories260K)"
+/* A real model `./kvc eval` measured: the synthetic data are measured at its page shape too, to
+ * show whether they compress better or worse than its real K/V at the same bound. */
+typedef struct eval_check {
+  char name[64];
+  int num_kv_heads, head_dim;
+  double eval_bits;      /* what ./kvc eval measured on the real model */
+  double synthetic_bits; /* what the calibrated data measure at its shape */
+} eval_check_t;
 
 typedef enum row_kind { ROW_KVCOMP, ROW_ACCOUNTED } row_kind_t;
 
@@ -61,6 +64,8 @@ typedef struct options {
   double target_bits;
   const char *target_source;
   uint64_t seed;
+  eval_check_t checks[4];
+  int num_checks;
 } options_t;
 
 typedef struct job {
@@ -173,15 +178,16 @@ static void run_job(const shared_t *sh, job_t *j) {
                                   run_context, run_chunk, defaults.block_tokens, full, tail,
                                   max_seqs_for(o, sh->pool_bytes, run_context));
     j->tokens = (int64_t)j->sequences * j->context;
-    j->bits_per_value = 8.0 * full / ((double)defaults.block_tokens *
-                                      (double)kvcb_values_per_token_layer(o->shape));
+    j->bits_per_value =
+        8.0 * full /
+        ((double)defaults.block_tokens * (double)kvcb_values_per_token_layer(o->shape));
     j->pool_bits_per_value = j->bits_per_value;
     j->seconds = kvcb_now() - t0;
     return;
   }
-  kvc_config_t cfg = kvcb_config(o->shape, o->layers, o->backend, sh->pool_bytes, j->format->codec,
-                                 max_seqs_for(o, sh->pool_bytes, run_context), run_context,
-                                 run_chunk);
+  kvc_config_t cfg =
+      kvcb_config(o->shape, o->layers, o->backend, sh->pool_bytes, j->format->codec,
+                  max_seqs_for(o, sh->pool_bytes, run_context), run_context, run_chunk);
   kvc_cache_t *cache = NULL;
   kvcb_fill_t fill;
   j->status = kvc_cache_create(&cfg, &cache);
@@ -218,26 +224,29 @@ static void *worker(void *arg) {
     job_t *j = &sh->jobs[i];
     run_job(sh, j);
     if (j->format->kind == ROW_KVCOMP)
-      fprintf(stderr, "  %-15s %6dk: %d sequences, %.3f bits/value, %.1f s%s\n", j->format->name,
-              j->context / 1024, j->sequences, j->bits_per_value, j->seconds,
+      fprintf(stderr, "  %-15s %6s: %d sequences, %.3f bits/value, %.1f s%s\n", j->format->name,
+              kvcb_context_label(j->context).s, j->sequences, j->bits_per_value, j->seconds,
               j->status == KVC_OK ? "" : " FAILED");
   }
 }
 
 static void usage(FILE *f) {
-  fprintf(f,
-          "usage: bench_capacity [--shape llama3-8b|llama3-70b-tp8] [--pool-gib G] [--layers L]\n"
-          "                      [--backend auto|cpu|cuda] [--contexts 4096,32768,131072]\n"
-          "                      [--chunk TOKENS] [--token-scale K] [--threads N] [--target-bits B]\n"
-          "                      [--target-source TEXT] [--seed S]\n"
-          "  --pool-gib   KV pool of the full model on one GPU/rank (default 40)\n"
-          "  --layers     layers actually run (default: all on CUDA, 1 on CPU); the pool allocated\n"
-          "               is pool-gib * layers / model layers, so the sequences admitted are the\n"
-          "               full model's\n"
-          "  --chunk      chunked-prefill size (default 2048)\n"
-          "  --token-scale  store sequences of context/K tokens (chunks of chunk/K) in pool/K: the\n"
-          "               same sequences are admitted (default: 8 on CPU, 1 on CUDA)\n"
-          "  --target-bits  bits per value the synthetic data's Huffman pages must measure\n");
+  fprintf(
+      f,
+      "usage: bench_capacity [--shape llama3-8b|llama3-70b-tp8] [--pool-gib G] [--layers L]\n"
+      "                      [--backend auto|cpu|cuda] [--contexts 4096,32768,131072]\n"
+      "                      [--chunk TOKENS] [--token-scale K] [--threads N] [--target-bits B]\n"
+      "                      [--target-source TEXT] [--seed S]\n"
+      "  --pool-gib   KV pool of the full model on one GPU/rank (default 40)\n"
+      "  --layers     layers actually run (default: all on CUDA, 1 on CPU); the pool allocated\n"
+      "               is pool-gib * layers / model layers, so the sequences admitted are the\n"
+      "               full model's\n"
+      "  --chunk      chunked-prefill size (default 2048)\n"
+      "  --token-scale  store sequences of context/K tokens (chunks of chunk/K) in pool/K: the\n"
+      "               same sequences are admitted (default: 8 on CPU, 1 on CUDA)\n"
+      "  --target-bits  bits per value the synthetic data's Huffman pages must measure\n"
+      "  --check NAME:KV_HEADS:HEAD_DIM:BITS  also measure the data at a real model's page shape\n"
+      "               and compare with what ./kvc eval measured on it (repeatable)\n");
 }
 
 static int parse_contexts(const char *s, options_t *o) {
@@ -276,7 +285,8 @@ static int parse_args(int argc, char **argv, options_t *o) {
     if (!v) return fprintf(stderr, "capacity: %s needs a value\n", a), -1;
     i++;
     if (strcmp(a, "--shape") == 0) {
-      if (!(o->shape = kvcb_find_shape(v))) return fprintf(stderr, "capacity: unknown shape %s\n", v), -1;
+      if (!(o->shape = kvcb_find_shape(v)))
+        return fprintf(stderr, "capacity: unknown shape %s\n", v), -1;
     } else if (strcmp(a, "--pool-gib") == 0) {
       o->pool_gib = atof(v);
     } else if (strcmp(a, "--layers") == 0) {
@@ -297,6 +307,14 @@ static int parse_args(int argc, char **argv, options_t *o) {
       o->target_source = v;
     } else if (strcmp(a, "--seed") == 0) {
       o->seed = strtoull(v, NULL, 10);
+    } else if (strcmp(a, "--check") == 0) {
+      eval_check_t *c = &o->checks[o->num_checks];
+      if (o->num_checks == 4 ||
+          sscanf(v, "%63[^:]:%d:%d:%lf", c->name, &c->num_kv_heads, &c->head_dim, &c->eval_bits) !=
+              4 ||
+          c->num_kv_heads < 1 || c->head_dim < 8 || c->head_dim % 8 != 0 || c->eval_bits <= 0)
+        return fprintf(stderr, "capacity: bad --check %s (NAME:KV_HEADS:HEAD_DIM:BITS)\n", v), -1;
+      o->num_checks++;
     } else {
       return fprintf(stderr, "capacity: unknown option %s\n", a), -1;
     }
@@ -316,21 +334,27 @@ static int parse_args(int argc, char **argv, options_t *o) {
   }
 #if !KVC_HAVE_CUDA
   if (o->backend == KVC_BACKEND_CUDA)
-    return fprintf(stderr, "capacity: this build has no CUDA backend (configure with KVC_CUDA=ON)\n"), -1;
+    return fprintf(stderr,
+                   "capacity: this build has no CUDA backend (configure with KVC_CUDA=ON)\n"),
+           -1;
 #endif
   o->layers = layers > 0 ? layers : o->backend == KVC_BACKEND_CUDA ? o->shape->num_layers : 1;
   o->token_scale = token_scale > 0 ? token_scale : o->backend == KVC_BACKEND_CUDA ? 1 : 8;
   kvc_config_t defaults = KVC_CONFIG_INIT;
   for (int c = 0; c < o->num_contexts; c++)
     if (o->contexts[c] % (o->token_scale * defaults.block_tokens) != 0)
-      return fprintf(stderr, "capacity: context %d is not a multiple of %d blocks of %d tokens "
-                     "(--token-scale %d)\n", o->contexts[c], o->token_scale, defaults.block_tokens,
-                     o->token_scale), -1;
+      return fprintf(stderr,
+                     "capacity: context %d is not a multiple of %d blocks of %d tokens "
+                     "(--token-scale %d)\n",
+                     o->contexts[c], o->token_scale, defaults.block_tokens, o->token_scale),
+             -1;
   if (o->chunk % o->token_scale != 0)
     return fprintf(stderr, "capacity: --chunk must be a multiple of --token-scale\n"), -1;
   if (o->layers > o->shape->num_layers || o->pool_gib <= 0 || o->chunk < 1 || o->chunk > 8192 ||
       o->target_bits <= 0)
-    return fprintf(stderr, "capacity: --layers, --pool-gib, --chunk or --target-bits out of range\n"), -1;
+    return fprintf(stderr,
+                   "capacity: --layers, --pool-gib, --chunk or --target-bits out of range\n"),
+           -1;
   if (o->threads <= 0) o->threads = o->backend == KVC_BACKEND_CUDA ? 1 : 2;
   if (o->backend == KVC_BACKEND_CUDA) o->threads = 1; /* one device, one cache at a time */
   return 0;
@@ -367,14 +391,16 @@ int main(int argc, char **argv) {
   printf("pool: %.2f GiB per GPU for the full model. This run: %d of %d layers, sequences of "
          "context/%d\n  tokens, in a %.1f MiB %s pool (the full pool x %d/%d / %d). Pages keep "
          "their real shape and\n  capacity is accounted per layer and per block, so the sequences "
-         "admitted are the full model's.\n", o.pool_gib, o.layers, s->num_layers, o.token_scale,
-         (double)pool_bytes / (1 << 20), o.backend == KVC_BACKEND_CUDA ? "device" : "host",
-         o.layers, s->num_layers, o.token_scale);
-  printf("admission: sequences added one by one, prefill in chunks of %d run tokens (reserve, plan,\n"
-         "  store), until kvc_seq_reserve refuses (watermark %.0f%% kept free at admission; blocks not\n"
-         "  yet compressed are charged as raw pages until measured; on a refusal pending page sizes\n"
-         "  are collected and the reserve retried once; the refused partial sequence is dropped).\n",
-         o.chunk / o.token_scale, 100.0 * defaults.watermark);
+         "admitted are the full model's.\n",
+         o.pool_gib, o.layers, s->num_layers, o.token_scale, (double)pool_bytes / (1 << 20),
+         o.backend == KVC_BACKEND_CUDA ? "device" : "host", o.layers, s->num_layers, o.token_scale);
+  printf(
+      "admission: sequences added one by one, prefill in chunks of %d run tokens (reserve, plan,\n"
+      "  store), until kvc_seq_reserve refuses (watermark %.0f%% kept free at admission; blocks "
+      "not\n"
+      "  yet compressed are charged as raw pages until measured; on a refusal pending page sizes\n"
+      "  are collected and the reserve retried once; the refused partial sequence is dropped).\n",
+      o.chunk / o.token_scale, 100.0 * defaults.watermark);
 
   /* Calibrate the data, then build the bank every kvcomp row stores from. */
   kvcb_data_t data;
@@ -402,10 +428,22 @@ int main(int argc, char **argv) {
          defaults.k_bound, defaults.v_bound, o.target_bits, o.target_source, calibrated_bits,
          kvcb_now() - t0);
   if (fabs(calibrated_bits - o.target_bits) > 0.02 * o.target_bits)
-    printf("  The target is out of reach at this bound: %s data give %.3f bits/value, the nearest.\n",
-           calibrated_bits < o.target_bits ? "the least compressible (near-uniform in every group)"
-                                           : "the most compressible",
-           calibrated_bits);
+    printf(
+        "  The target is out of reach at this bound: %s data give %.3f bits/value, the nearest.\n",
+        calibrated_bits < o.target_bits ? "the least compressible (near-uniform in every group)"
+                                        : "the most compressible",
+        calibrated_bits);
+
+  for (int i = 0; i < o.num_checks; i++) {
+    eval_check_t *c = &o.checks[i];
+    kvcb_shape_t real = {c->name, c->name, 1, c->num_kv_heads, c->num_kv_heads, c->head_dim};
+    c->synthetic_bits = kvcb_measure_bits(&real, KVC_CODEC_HUFFMAN, data, 64, o.seed);
+    printf("  check: at %s's page shape (%d kv heads, head_dim %d) these data measure %.3f "
+           "bits/value;\n    ./kvc eval measured %.3f on its real K/V: the synthetic data compress "
+           "%s.\n",
+           c->name, c->num_kv_heads, c->head_dim, c->synthetic_bits, c->eval_bits,
+           c->synthetic_bits >= c->eval_bits ? "no better (conservative)" : "better (optimistic)");
+  }
 
   num_jobs = o.num_contexts * NUM_FORMATS;
   jobs = calloc((size_t)num_jobs, sizeof *jobs);
@@ -414,8 +452,12 @@ int main(int argc, char **argv) {
   for (int c = 0; c < o.num_contexts; c++)
     for (int f = 0; f < NUM_FORMATS; f++)
       jobs[c * NUM_FORMATS + f] = (job_t){.format = &formats[f], .context = o.contexts[c]};
-  shared_t sh = {.opt = &o, .bank = &bank, .pool_bytes = pool_bytes, .jobs = jobs,
-                 .num_jobs = num_jobs, .next = 0};
+  shared_t sh = {.opt = &o,
+                 .bank = &bank,
+                 .pool_bytes = pool_bytes,
+                 .jobs = jobs,
+                 .num_jobs = num_jobs,
+                 .next = 0};
   if (pthread_mutex_init(&sh.lock, NULL) != 0) goto out;
   int started = 0;
   t0 = kvcb_now();
@@ -431,7 +473,8 @@ int main(int argc, char **argv) {
   /* An ideal fp16 paged allocator (no page headers, no chunk rounding), to show what the
    * ratios would be against it too. */
   int fp16_acc[8];
-  for (int c = 0; c < o.num_contexts; c++) fp16_acc[c] = fp16_accounted(&o, pool_bytes, o.contexts[c]);
+  for (int c = 0; c < o.num_contexts; c++)
+    fp16_acc[c] = fp16_accounted(&o, pool_bytes, o.contexts[c]);
 
   printf("\n%-15s %8s %10s %12s %10s %10s %9s  %s\n", "codec", "context", "sequences", "tokens",
          "bits/val", "pool b/v", "vs fp16", "how");
@@ -440,33 +483,44 @@ int main(int argc, char **argv) {
     for (int f = 0; f < NUM_FORMATS; f++) {
       const job_t *j = &jobs[c * NUM_FORMATS + f];
       double ratio = fp16->sequences ? (double)j->sequences / fp16->sequences : 0.0;
-      printf("%-15s %7dk %10d %12lld %10.3f %10.3f %8.2fx  %s%s\n", j->format->name,
-             j->context / 1024, j->sequences, (long long)j->tokens, j->bits_per_value,
-             j->pool_bits_per_value, ratio, j->format->how,
+      printf("%-15s %7s %10d %12lld %10.3f %10.3f %8.2fx  %s%s\n", j->format->name,
+             kvcb_context_label(j->context).s, j->sequences, (long long)j->tokens,
+             j->bits_per_value, j->pool_bits_per_value, ratio, j->format->how,
              j->stopped_by_max_seqs ? " (stopped by max_seqs!)" : "");
     }
   }
-  printf("\ncheck: the byte accounting used for fp8/KIVI, applied to fp16 blocks, admits");
+  printf(
+      "\naccounting check: the byte accounting used for fp8/KIVI, applied to fp16 blocks, admits");
   for (int c = 0; c < o.num_contexts; c++) printf(" %d", fp16_acc[c]);
   printf(" sequences (kvcomp raw pages:");
   for (int c = 0; c < o.num_contexts; c++) printf(" %d", jobs[c * NUM_FORMATS].sequences);
   printf(").\n");
-  printf("\nbits/val: page bytes per value stored (headers, scales, codebooks included); pool b/v:\n"
-         "pool bytes occupied (chunk rounding included) per value held. %d jobs in %.1f s on %d "
-         "thread(s).\n", num_jobs, wall, o.threads);
+  printf(
+      "\nbits/val: page bytes per value stored (headers, scales, codebooks included); pool b/v:\n"
+      "pool bytes occupied (chunk rounding included) per value held. %d jobs in %.1f s on %d "
+      "thread(s).\n",
+      num_jobs, wall, o.threads);
 
-  printf("{\"bench\":\"capacity\",\"backend\":\"%s\",\"shape\":\"%s\",\"model_layers\":%d,"
-         "\"layers_run\":%d,\"pool_gib\":%g,\"pool_bytes_run\":%zu,\"block_tokens\":%d,"
-         "\"prefill_chunk\":%d,\"token_scale\":%d,\"k_bound\":%g,\"v_bound\":%g,\"bound_mode\":\"%s\","
-         "\"target_bits\":%.4f,\"target_source\":",
-         o.backend == KVC_BACKEND_CUDA ? "cuda" : "cpu", s->name, s->num_layers, o.layers,
-         o.pool_gib, pool_bytes, defaults.block_tokens, o.chunk, o.token_scale, defaults.k_bound,
-         defaults.v_bound, defaults.bound_mode == KVC_BOUND_RELATIVE ? "relative" : "absolute",
-         o.target_bits);
+  printf(
+      "{\"bench\":\"capacity\",\"backend\":\"%s\",\"shape\":\"%s\",\"model_layers\":%d,"
+      "\"layers_run\":%d,\"pool_gib\":%g,\"pool_bytes_run\":%zu,\"block_tokens\":%d,"
+      "\"prefill_chunk\":%d,\"token_scale\":%d,\"k_bound\":%g,\"v_bound\":%g,\"bound_mode\":\"%s\","
+      "\"target_bits\":%.4f,\"target_source\":",
+      o.backend == KVC_BACKEND_CUDA ? "cuda" : "cpu", s->name, s->num_layers, o.layers, o.pool_gib,
+      pool_bytes, defaults.block_tokens, o.chunk, o.token_scale, defaults.k_bound, defaults.v_bound,
+      defaults.bound_mode == KVC_BOUND_RELATIVE ? "relative" : "absolute", o.target_bits);
   json_string(stdout, o.target_source);
   printf(",\"calibrated_bits\":%.4f,\"data_beta\":%.4f,\"data_scale\":%.6g,\"seconds\":%.1f,"
-         "\"ok\":%s,\"rows\":[",
+         "\"ok\":%s,\"eval_checks\":[",
          calibrated_bits, data.beta, data.scale, wall, failed ? "false" : "true");
+  for (int i = 0; i < o.num_checks; i++) {
+    printf("%s{\"model\":", i ? "," : "");
+    json_string(stdout, o.checks[i].name);
+    printf(",\"num_kv_heads\":%d,\"head_dim\":%d,\"eval_bits\":%.4f,\"synthetic_bits\":%.4f}",
+           o.checks[i].num_kv_heads, o.checks[i].head_dim, o.checks[i].eval_bits,
+           o.checks[i].synthetic_bits);
+  }
+  printf("],\"rows\":[");
   for (int i = 0; i < num_jobs; i++) {
     const job_t *j = &jobs[i], *fp16 = &jobs[(i / NUM_FORMATS) * NUM_FORMATS];
     printf("%s{\"codec\":\"%s\",\"method\":\"%s\",\"context\":%d,\"sequences\":%d,\"tokens\":%lld,"
@@ -474,8 +528,7 @@ int main(int argc, char **argv) {
            "\"ratio_vs_fp16_accounted\":%.4f,\"sync_retries\":%d,\"seconds\":%.2f}",
            i ? "," : "", j->format->name, j->format->kind == ROW_KVCOMP ? "measured" : "accounted",
            j->context, j->sequences, (long long)j->tokens, j->bits_per_value,
-           j->pool_bits_per_value,
-           fp16->sequences ? (double)j->sequences / fp16->sequences : 0.0,
+           j->pool_bits_per_value, fp16->sequences ? (double)j->sequences / fp16->sequences : 0.0,
            fp16_acc[i / NUM_FORMATS] ? (double)j->sequences / fp16_acc[i / NUM_FORMATS] : 0.0,
            j->sync_retries, j->seconds);
   }

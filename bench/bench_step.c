@@ -21,9 +21,6 @@
 #include "capacity_fill.h"
 #include "kvcomp.h"
 
-#define KVCB_DEFAULT_TARGET_BITS 3.8
-#define KVCB_DEFAULT_TARGET_SOURCE "built-in default (the eval issue's estimate for stories260K)"
-
 typedef struct options {
   const kvcb_shape_t *shape;
   double pool_gib;
@@ -44,8 +41,8 @@ typedef struct options {
 typedef struct row {
   kvc_codec_t codec;
   int context;
-  int admitted;      /* sequences the fill admitted */
-  int sequences;     /* of those, decoding (all could reserve warmup + steps more tokens) */
+  int admitted;  /* sequences the fill admitted */
+  int sequences; /* of those, decoding (all could reserve warmup + steps more tokens) */
   double bits_per_value;
   double step_ms_median, step_ms_mean, step_ms_min, plan_ms_median;
   double tokens_per_s, tokens_per_s_amortized;
@@ -83,8 +80,8 @@ static void step_buffers_free(step_buffers_t *b, kvc_backend_t backend) {
   memset(b, 0, sizeof *b);
 }
 
-static int step_buffers_make(step_buffers_t *b, kvc_backend_t backend, int n,
-                             const kvcb_shape_t *s, uint64_t seed) {
+static int step_buffers_make(step_buffers_t *b, kvc_backend_t backend, int n, const kvcb_shape_t *s,
+                             uint64_t seed) {
   memset(b, 0, sizeof *b);
   size_t values = (size_t)n * (size_t)s->num_q_heads * (size_t)s->head_dim;
   b->q_bytes = values * sizeof(uint16_t);
@@ -261,8 +258,8 @@ static void run_row(const options_t *o, const kvcb_bank_t *bank, size_t pool_byt
 out:
   r->status = st;
   if (st != KVC_OK)
-    fprintf(stderr, "step: %s %dk: %s: %s\n", kvcb_codec_name(r->codec), r->context / 1024, call,
-            kvc_status_string(st));
+    fprintf(stderr, "step: %s %s: %s: %s\n", kvcb_codec_name(r->codec),
+            kvcb_context_label(r->context).s, call, kvc_status_string(st));
   kvc_cache_destroy(cache);
   step_buffers_free(&buf, o->backend);
 #if KVC_HAVE_CUDA
@@ -277,14 +274,15 @@ out:
 }
 
 static void usage(FILE *f) {
-  fprintf(f,
-          "usage: bench_step [--shape llama3-8b|llama3-70b-tp8] [--pool-gib G] [--layers L]\n"
-          "                  [--backend auto|cpu|cuda] [--contexts 32768,...]\n"
-          "                  [--codecs raw,bitpack,huffman] [--warmup N] [--steps N]\n"
-          "                  [--chunk TOKENS] [--target-bits B] [--target-source TEXT] [--seed S]\n"
-          "  CUDA defaults: 40 GiB pool, all layers, 32k context, 8 warm-up + 56 timed steps (the\n"
-          "                 last completes and compresses every sequence's new block).\n"
-          "  CPU defaults:  1 GiB (full-model) pool, 1 layer, 1k context, 1 + 3 steps: a smoke run.\n");
+  fprintf(
+      f,
+      "usage: bench_step [--shape llama3-8b|llama3-70b-tp8] [--pool-gib G] [--layers L]\n"
+      "                  [--backend auto|cpu|cuda] [--contexts 32768,...]\n"
+      "                  [--codecs raw,bitpack,huffman] [--warmup N] [--steps N]\n"
+      "                  [--chunk TOKENS] [--target-bits B] [--target-source TEXT] [--seed S]\n"
+      "  CUDA defaults: 40 GiB pool, all layers, 32k context, 8 warm-up + 56 timed steps (the\n"
+      "                 last completes and compresses every sequence's new block).\n"
+      "  CPU defaults:  1 GiB (full-model) pool, 1 layer, 1k context, 1 + 3 steps: a smoke run.\n");
 }
 
 static int parse_list(const char *s, int *out, int cap, int *n, int is_codec) {
@@ -294,10 +292,14 @@ static int parse_list(const char *s, int *out, int cap, int *n, int is_codec) {
     size_t len = end ? (size_t)(end - s) : strlen(s);
     if (*n == cap) return -1;
     if (is_codec) {
-      if (len == 3 && strncmp(s, "raw", 3) == 0) out[(*n)++] = KVC_CODEC_RAW;
-      else if (len == 7 && strncmp(s, "bitpack", 7) == 0) out[(*n)++] = KVC_CODEC_BITPACK;
-      else if (len == 7 && strncmp(s, "huffman", 7) == 0) out[(*n)++] = KVC_CODEC_HUFFMAN;
-      else return -1;
+      if (len == 3 && strncmp(s, "raw", 3) == 0)
+        out[(*n)++] = KVC_CODEC_RAW;
+      else if (len == 7 && strncmp(s, "bitpack", 7) == 0)
+        out[(*n)++] = KVC_CODEC_BITPACK;
+      else if (len == 7 && strncmp(s, "huffman", 7) == 0)
+        out[(*n)++] = KVC_CODEC_HUFFMAN;
+      else
+        return -1;
     } else {
       char *e;
       long v = strtol(s, &e, 10);
@@ -331,7 +333,8 @@ static int parse_args(int argc, char **argv, options_t *o) {
     if (!v) return fprintf(stderr, "step: %s needs a value\n", a), -1;
     i++;
     if (strcmp(a, "--shape") == 0) {
-      if (!(o->shape = kvcb_find_shape(v))) return fprintf(stderr, "step: unknown shape %s\n", v), -1;
+      if (!(o->shape = kvcb_find_shape(v)))
+        return fprintf(stderr, "step: unknown shape %s\n", v), -1;
     } else if (strcmp(a, "--pool-gib") == 0) {
       pool_gib = atof(v);
     } else if (strcmp(a, "--layers") == 0) {
@@ -376,15 +379,18 @@ static int parse_args(int argc, char **argv, options_t *o) {
   }
 #if !KVC_HAVE_CUDA
   if (o->backend == KVC_BACKEND_CUDA)
-    return fprintf(stderr, "step: this build has no CUDA backend (configure with KVC_CUDA=ON)\n"), -1;
+    return fprintf(stderr, "step: this build has no CUDA backend (configure with KVC_CUDA=ON)\n"),
+           -1;
 #endif
   int cuda = o->backend == KVC_BACKEND_CUDA;
   o->pool_gib = pool_gib > 0 ? pool_gib : cuda ? 40.0 : 1.0;
   o->layers = layers > 0 ? layers : cuda ? o->shape->num_layers : 1;
   o->warmup = warmup >= 0 ? warmup : cuda ? 8 : 1;
   o->steps = steps > 0 ? steps : cuda ? 56 : 3;
-  if (parse_list(contexts ? contexts : cuda ? "32768" : "1024", o->contexts, 8, &o->num_contexts,
-                 0) != 0)
+  if (parse_list(contexts ? contexts
+                 : cuda   ? "32768"
+                          : "1024",
+                 o->contexts, 8, &o->num_contexts, 0) != 0)
     return fprintf(stderr, "step: bad --contexts\n"), -1;
   if (o->layers > o->shape->num_layers || o->chunk < 1 || o->chunk > 8192 || o->target_bits <= 0)
     return fprintf(stderr, "step: --layers, --chunk or --target-bits out of range\n"), -1;
@@ -407,15 +413,18 @@ int main(int argc, char **argv) {
   if (!rows) return 1;
 
   printf("kvcomp decode step at capacity: %s (%d layers, %d query heads, %d kv heads, head_dim %d),"
-         " fp16\n", s->description, s->num_layers, s->num_q_heads, s->num_kv_heads, s->head_dim);
-  printf("pool: %.2f GiB per GPU for the full model; this run: %d of %d layers, %.3f GiB %s pool.\n",
-         o.pool_gib, o.layers, s->num_layers, (double)pool_bytes / (1 << 30),
-         cuda ? "device" : "host");
-  printf("step: kvc_plan + for each layer kvc_store (1 token/sequence) + kvc_attend; %d warm-up and "
-         "%d timed steps,\n  timed with %s. Sequences: admitted as in bench capacity (chunks of %d), "
-         "then those that can\n  grow by %d tokens.\n", o.warmup, o.steps,
-         cuda ? "CUDA events (host plan time included)" : "the host clock", o.chunk,
-         o.warmup + o.steps);
+         " fp16\n",
+         s->description, s->num_layers, s->num_q_heads, s->num_kv_heads, s->head_dim);
+  printf(
+      "pool: %.2f GiB per GPU for the full model; this run: %d of %d layers, %.3f GiB %s pool.\n",
+      o.pool_gib, o.layers, s->num_layers, (double)pool_bytes / (1 << 30),
+      cuda ? "device" : "host");
+  printf(
+      "step: kvc_plan + for each layer kvc_store (1 token/sequence) + kvc_attend; %d warm-up and "
+      "%d timed steps,\n  timed with %s. Sequences: admitted as in bench capacity (chunks of %d), "
+      "then those that can\n  grow by %d tokens.\n",
+      o.warmup, o.steps, cuda ? "CUDA events (host plan time included)" : "the host clock", o.chunk,
+      o.warmup + o.steps);
   if (!cuda)
     printf("CPU backend: a functional run at reduced scale; the throughput that matters is the "
            "CUDA backend's.\n");
@@ -447,9 +456,9 @@ int main(int argc, char **argv) {
       r->context = o.contexts[c];
       run_row(&o, &bank, pool_bytes, r);
       failed |= r->status != KVC_OK || !r->outputs_finite;
-      fprintf(stderr, "  %-8s %6dk: %d sequences, median step %.3f ms (fill %.1f s)\n",
-              kvcb_codec_name(r->codec), r->context / 1024, r->sequences, r->step_ms_median,
-              r->fill_seconds);
+      fprintf(stderr, "  %-8s %6s: %d sequences, median step %.3f ms (fill %.1f s)\n",
+              kvcb_codec_name(r->codec), kvcb_context_label(r->context).s, r->sequences,
+              r->step_ms_median, r->fill_seconds);
     }
   }
 
@@ -460,12 +469,14 @@ int main(int argc, char **argv) {
     const row_t *r = &rows[i], *raw = NULL;
     for (int j = (i / o.num_codecs) * o.num_codecs; j < (i / o.num_codecs + 1) * o.num_codecs; j++)
       if (rows[j].codec == KVC_CODEC_RAW) raw = &rows[j];
-    printf("%-8s %7dk %9d %9d %9.3f %10.3f %10.3f %9.3f %11.0f %11.0f %7.2fx%s\n",
-           kvcb_codec_name(r->codec), r->context / 1024, r->admitted, r->sequences,
+    printf("%-8s %7s %9d %9d %9.3f %10.3f %10.3f %9.3f %11.0f %11.0f %7.2fx%s\n",
+           kvcb_codec_name(r->codec), kvcb_context_label(r->context).s, r->admitted, r->sequences,
            r->bits_per_value, r->step_ms_median, r->step_ms_mean, r->plan_ms_median,
            r->tokens_per_s, r->tokens_per_s_amortized,
            raw && raw->tokens_per_s > 0 ? r->tokens_per_s / raw->tokens_per_s : 0.0,
-           r->status != KVC_OK ? "  FAILED" : !r->outputs_finite ? "  NON-FINITE OUTPUT" : "");
+           r->status != KVC_OK  ? "  FAILED"
+           : !r->outputs_finite ? "  NON-FINITE OUTPUT"
+                                : "");
   }
   /* Sequences start at a whole number of blocks, so decode step i (from 0) completes their new
    * block, and compresses it, when i == block_tokens - 1. */
@@ -477,7 +488,8 @@ int main(int argc, char **argv) {
          compress_timed ? "include the one that completes and compresses every sequence's new block"
                         : "include no block completion",
          o.layers < s->num_layers ? " Only some layers were run: a full-model step takes about "
-                                    "model layers / layers run times longer." : "");
+                                    "model layers / layers run times longer."
+                                  : "");
 
   printf("{\"bench\":\"step\",\"backend\":\"%s\",\"shape\":\"%s\",\"model_layers\":%d,"
          "\"layers_run\":%d,\"pool_gib\":%g,\"pool_bytes_run\":%zu,\"warmup\":%d,\"steps\":%d,"

@@ -9,7 +9,12 @@
  *
  * Error bound contract: every decoded value differs from the input by at most the bound (relative
  * mode: bound * (max - min) of its quantization group; keys are grouped per channel over the block's
- * tokens, values per token; absolute mode: bound). Blocks holding NaN or Inf are stored raw.
+ * tokens, values per token; absolute mode: bound), evaluated in double precision on the exact
+ * input values. Blocks holding NaN or Inf are stored raw (exactly, NaN payloads included); -0.0 may
+ * decode as +0.0. No page is larger than the raw page and no quantized section larger than its raw
+ * form: a codec that would enlarge a block refuses it and the policy stores it raw. Also stored raw:
+ * blocks whose codes would need 2^21 or more levels per group, and near-constant groups of values
+ * below 2^-126 (fp32/bf16 subnormals). Encoding allocates nothing and is thread-safe (no state).
  */
 #ifndef KVC_CODEC_H
 #define KVC_CODEC_H
@@ -54,7 +59,8 @@ kvc_status_t kvc_codec_encode(const kvc_codec_params_t *p, const void *block, in
                               uint8_t *out, size_t cap, size_t *size);
 
 /* Encodes with one given codec (no policy); KVC_ERR_UNSUPPORTED if that codec cannot code this
- * block (non-finite values, quantized range too wide) — the caller falls back to raw. */
+ * block (non-finite values, quantized range too wide, a section that would be larger than raw) —
+ * the caller falls back to raw. The contents of out are unspecified after an error. */
 kvc_status_t kvc_codec_encode_with(const kvc_codec_params_t *p, kvc_codec_t codec,
                                    const void *block, int n_tokens, uint8_t *out, size_t cap,
                                    size_t *size);

@@ -8,6 +8,9 @@
  * old = atomicAdd(free_top, n) and writes free_stack[old .. old + n). Taking and returning never
  * happen in the same launch. The host's accounting guarantees the stack never runs dry; if it does,
  * the kernel sets *error (never corrupts a page) and the host reports KVC_ERR_INTERNAL.
+ *
+ * Built shapes: head_dim 64, 128, 256; dtype fp16 or bf16; block_tokens * head_dim <= 16384;
+ * num_kv_heads <= 64. Anything else returns KVC_ERR_UNSUPPORTED (use the CPU codec).
  */
 #ifndef KVC_CODEC_CUDA_H
 #define KVC_CODEC_CUDA_H
@@ -38,7 +41,15 @@ typedef struct kvc_dev_pool {
  *   dir         device, this layer's page directory; entries of block_ids are overwritten
  *               (kind COMPRESSED, codec, nbytes, chunks taken from the pool's free stack)
  *   page_bytes  device, [num_jobs] out: each page's size (for the host's accounting)
- * KVC_OK or KVC_ERR_CUDA (launch failed), KVC_ERR_UNSUPPORTED (head_dim/dtype not built).
+ * One CTA per job, so the same launch serves a prefill's many full blocks and the tails that filled
+ * in a decode step (n_tokens may be partial). Pages equal kvc_codec_encode's bytes, policy included.
+ * A page's chunks are taken as it grows (each pop takes only the chunks the page newly needs; in
+ * total exactly kvc_chunks_for(page_bytes, chunk_bytes)), in stack order free_stack[old - n ..
+ * old). A job whose pop fails (stack dry, or more than KVC_PAGE_MAX_CHUNKS chunks) sets *error,
+ * writes page_bytes 0 and no directory entry; chunks it popped earlier stay taken (the host treats
+ * the error as KVC_ERR_INTERNAL). A job with n_tokens out of range sets *error likewise.
+ * KVC_OK, KVC_ERR_INVALID_ARGUMENT (NULL pointers, chunk_bytes not a power of two >= 256),
+ * KVC_ERR_CUDA (launch failed), KVC_ERR_UNSUPPORTED (shape not built).
  */
 kvc_status_t kvc_codec_cuda_compress(const kvc_codec_params_t *p, const void *blocks,
                                      const int32_t *n_tokens, const int32_t *block_ids,
@@ -48,6 +59,9 @@ kvc_status_t kvc_codec_cuda_compress(const kvc_codec_params_t *p, const void *bl
 /*
  * Standalone decompression (swap, migration, debugging): decodes the pages dir[block_ids[i]]
  * (compressed or staging) into out + i * kvc_codec_staging_bytes(p), staging layout, in p->dtype.
+ * Rows past a compressed page's n_tokens are written as 0; a section that fails its format checks
+ * (damaged bytes, or a page of another shape) is written as 0 too; EMPTY entries are skipped.
+ * KVC_OK, KVC_ERR_INVALID_ARGUMENT, KVC_ERR_CUDA, KVC_ERR_UNSUPPORTED.
  */
 kvc_status_t kvc_codec_cuda_decompress(const kvc_codec_params_t *p, const kvc_page_entry_t *dir,
                                        const int32_t *block_ids, int num_jobs,

@@ -51,9 +51,10 @@ struct kvc__backend_ops {
    * each layer) into size slot `slot` (CUDA: async D2H into pinned memory, plus an event). */
   kvc_status_t (*sizes_fetch)(kvc_cache_t *c, int slot, int num_jobs, void *stream);
   /* Whether slot `slot` has arrived (waiting for it when `wait`); then *bytes, *codecs point at
-   * its [num_layers][max_jobs] arrays. KVC_ERR_INTERNAL when the device found the free stack dry. */
-  kvc_status_t (*sizes_poll)(kvc_cache_t *c, int slot, int wait, int *ready,
-                             const uint32_t **bytes, const uint8_t **codecs);
+   * its [num_layers][max_jobs] arrays. KVC_ERR_INTERNAL when the device reported a pool error
+   * (free stack dry, entry in the wrong state). */
+  kvc_status_t (*sizes_poll)(kvc_cache_t *c, int slot, int wait, int *ready, const uint32_t **bytes,
+                             const uint8_t **codecs);
 
   /* The block manager's work. free_pages releases every layer's page of each block (EMPTY
    * entries are skipped). copy_tail gives `dst` a staging page in every layer holding a copy of

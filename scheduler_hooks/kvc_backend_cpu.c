@@ -10,18 +10,18 @@
 #include "scheduler_hooks/kvc_backend.h"
 
 typedef struct cpu_be {
-  uint8_t *pool;            /* [total_chunks * chunk_bytes] */
-  uint32_t *free_stack;     /* [total_chunks]; free_stack[0 .. free_top) are free chunk ids */
+  uint8_t *pool;        /* [total_chunks * chunk_bytes] */
+  uint32_t *free_stack; /* [total_chunks]; free_stack[0 .. free_top) are free chunk ids */
   int32_t free_top;
-  kvc_page_entry_t *dir;    /* [num_layers][max_blocks] */
-  uint8_t *scratch;         // [max_jobs][2][num_kv_heads][block_tokens][head_dim] staging layout
-  uint8_t *page_buf;        /* [max_page_bytes]: one encoded page before it is scattered */
-  uint32_t *page_bytes;     /* [num_layers][max_jobs] sizes of this step's pages */
-  uint8_t *page_codec;      /* [num_layers][max_jobs] */
-  uint32_t *slot_bytes;     /* [KVC__SIZE_SLOTS][num_layers][max_jobs] */
-  uint8_t *slot_codec;      /* [KVC__SIZE_SLOTS][num_layers][max_jobs] */
-  uint8_t *swap;            /* [swap_bytes] */
-  kvc_attn_args_t attn;     /* the step's attention arguments, less layer and tensors */
+  kvc_page_entry_t *dir; /* [num_layers][max_blocks] */
+  uint8_t *scratch;      // [max_jobs][2][num_kv_heads][block_tokens][head_dim] staging layout
+  uint8_t *page_buf;     /* [max_page_bytes]: one encoded page before it is scattered */
+  uint32_t *page_bytes;  /* [num_layers][max_jobs] sizes of this step's pages */
+  uint8_t *page_codec;   /* [num_layers][max_jobs] */
+  uint32_t *slot_bytes;  /* [KVC__SIZE_SLOTS][num_layers][max_jobs] */
+  uint8_t *slot_codec;   /* [KVC__SIZE_SLOTS][num_layers][max_jobs] */
+  uint8_t *swap;         /* [swap_bytes] */
+  kvc_attn_args_t attn;  /* the step's attention arguments, less layer and tensors */
 } cpu_be_t;
 
 static cpu_be_t *be_of(const kvc_cache_t *c) { return (cpu_be_t *)c->be; }
@@ -190,8 +190,10 @@ static kvc_status_t cpu_store(kvc_cache_t *c, int layer, const void *k, const vo
       const uint8_t *src = (const uint8_t *)(t ? v : k) + (size_t)r * H * rb;
       for (int h = 0; h < H; h++, src += rb) {
         uint32_t off = kvc_staging_row_offset(t, h, slot, H, bt, rb);
-        if (job >= 0) memcpy(be->scratch + (size_t)job * sb + off, src, (size_t)rb);
-        else page_write(c, be->pool, e, off, src, (size_t)rb);
+        if (job >= 0)
+          memcpy(be->scratch + (size_t)job * sb + off, src, (size_t)rb);
+        else
+          page_write(c, be->pool, e, off, src, (size_t)rb);
       }
     }
   }
@@ -279,7 +281,8 @@ static kvc_status_t cpu_copy_tail(kvc_cache_t *c, int32_t src, int32_t dst, void
     for (uint32_t i = 0; i < g->staging_chunks; i++) {
       uint32_t n = g->staging_bytes - i * g->chunk_bytes;
       memcpy(be->pool + (size_t)d->chunk[i] * g->chunk_bytes,
-             be->pool + (size_t)s->chunk[i] * g->chunk_bytes, n < g->chunk_bytes ? n : g->chunk_bytes);
+             be->pool + (size_t)s->chunk[i] * g->chunk_bytes,
+             n < g->chunk_bytes ? n : g->chunk_bytes);
     }
     d->kind = KVC_PAGE_STAGING;
     d->nbytes = g->staging_bytes;
@@ -320,7 +323,7 @@ static kvc_status_t cpu_swap_in(kvc_cache_t *c, const int32_t *blocks, const uin
       memcpy(&saved, base + (size_t)l * KVC__SWAP_HDR_BYTES, KVC__SWAP_HDR_BYTES);
       if (saved.kind == KVC_PAGE_EMPTY) continue;
       uint32_t nch = saved.kind == KVC_PAGE_STAGING ? g->staging_chunks
-                                                     : kvc_chunks_for(saved.nbytes, g->chunk_bytes);
+                                                    : kvc_chunks_for(saved.nbytes, g->chunk_bytes);
       if (e->kind != KVC_PAGE_EMPTY || pop_chunks(be, e, nch)) return KVC_ERR_INTERNAL;
       e->kind = saved.kind;
       e->codec = saved.codec;

@@ -49,26 +49,26 @@ struct swap_list {
 
 struct cuda_be {
   int device;
-  kvc_dev_pool_t pool;        /* base [total_chunks * chunk_bytes], free stack, top, error */
-  kvc_page_entry_t *dir;      /* device [num_layers][max_blocks] */
-  uint8_t *scratch;           // device [max_jobs][2][num_kv_heads][block_tokens][head_dim]
-  int32_t *full_tokens;       /* device [max_jobs], every element block_tokens */
-  uint32_t *page_bytes;       /* device [num_layers][max_jobs] */
-  uint8_t *page_codec;        /* device [num_layers][max_jobs] */
-  uint8_t *meta_dev;          /* device [meta_cap]: the plan's arrays */
-  uint8_t *meta_host;         /* pinned [kUploadSlots][meta_cap] */
+  kvc_dev_pool_t pool;   /* base [total_chunks * chunk_bytes], free stack, top, error */
+  kvc_page_entry_t *dir; /* device [num_layers][max_blocks] */
+  uint8_t *scratch;      // device [max_jobs][2][num_kv_heads][block_tokens][head_dim]
+  int32_t *full_tokens;  /* device [max_jobs], every element block_tokens */
+  uint32_t *page_bytes;  /* device [num_layers][max_jobs] */
+  uint8_t *page_codec;   /* device [num_layers][max_jobs] */
+  uint8_t *meta_dev;     /* device [meta_cap]: the plan's arrays */
+  uint8_t *meta_host;    /* pinned [kUploadSlots][meta_cap] */
   size_t meta_cap;
   cudaEvent_t meta_event[kUploadSlots];
   int meta_pending[kUploadSlots];
   int meta_next;
-  uint8_t *sizes_host;        /* pinned [KVC__SIZE_SLOTS] x slot_stride */
-  size_t slot_stride;         /* bytes [L][J] uint32, codecs [L][J] uint8, error int32 */
+  uint8_t *sizes_host; /* pinned [KVC__SIZE_SLOTS] x slot_stride */
+  size_t slot_stride;  /* bytes [L][J] uint32, codecs [L][J] uint8, error int32 */
   cudaEvent_t size_event[KVC__SIZE_SLOTS];
-  void *workspace;            /* device, split-K attention */
+  void *workspace; /* device, split-K attention */
   size_t workspace_bytes;
-  uint8_t *swap_host;         /* pinned, mapped [swap_bytes] */
-  uint8_t *swap_dev;          /* its device address */
-  cudaEvent_t order_event;    /* orders the cache's work across streams */
+  uint8_t *swap_host;      /* pinned, mapped [swap_bytes] */
+  uint8_t *swap_dev;       /* its device address */
+  cudaEvent_t order_event; /* orders the cache's work across streams */
 
   /* The step's device arrays (inside meta_dev) and attention arguments. */
   const int32_t *d_row_block, *d_row_slot, *d_row_job, *d_job_block, *d_job_staged;
@@ -104,8 +104,10 @@ struct device_scope {
   cudaError_t err = cudaSuccess;
   explicit device_scope(int device) {
     err = cudaGetDevice(&prev);
-    if (err != cudaSuccess || prev == device) prev = -1;
-    else err = cudaSetDevice(device);
+    if (err != cudaSuccess || prev == device)
+      prev = -1;
+    else
+      err = cudaSetDevice(device);
   }
   ~device_scope() {
     if (prev >= 0) cudaSetDevice(prev);
@@ -192,7 +194,8 @@ __global__ void append_kernel(const uint8_t *k, const uint8_t *v, const int32_t 
   const int wpr = row_bytes / (int)sizeof(W), total = 2 * heads * wpr;
   for (int w = threadIdx.x; w < total; w += blockDim.x) {
     const int t = w / (heads * wpr), h = (w / wpr) % heads, i = w % wpr;
-    const W *src = reinterpret_cast<const W *>((t ? v : k) + ((size_t)r * heads + h) * row_bytes) + i;
+    const W *src =
+        reinterpret_cast<const W *>((t ? v : k) + ((size_t)r * heads + h) * row_bytes) + i;
     uint32_t off = kvc_staging_row_offset(t, h, slot, heads, block_tokens, row_bytes) +
                    (uint32_t)(i * sizeof(W));
     W *dst = job >= 0 ? reinterpret_cast<W *>(scratch + (size_t)job * staging_bytes + off)
@@ -264,8 +267,10 @@ __global__ void copy_tail_kernel(int32_t src, int32_t dst, int max_blocks, kvc_p
   kvc_page_entry_t *d = &dir[(size_t)blockIdx.x * max_blocks + dst];
   if (threadIdx.x == 0) {
     ok = s->kind == KVC_PAGE_STAGING && d->kind == KVC_PAGE_EMPTY;
-    if (!ok) atomicExch(pool.error, kErrEntryState);
-    else ok = pop_chunks(pool, staging_chunks, d->chunk);
+    if (!ok)
+      atomicExch(pool.error, kErrEntryState);
+    else
+      ok = pop_chunks(pool, staging_chunks, d->chunk);
     if (ok) {
       d->nchunks = (uint8_t)staging_chunks;
       d->nbytes = staging_bytes;
@@ -324,8 +329,10 @@ __global__ void swap_in_kernel(swap_list list, int layers, int max_blocks, kvc_p
     uint32_t n = saved.kind == KVC_PAGE_STAGING ? staging_chunks
                                                 : kvc_chunks_for(saved.nbytes, pool.chunk_bytes);
     ok = e->kind == KVC_PAGE_EMPTY;
-    if (!ok) atomicExch(pool.error, kErrEntryState);
-    else ok = pop_chunks(pool, n, e->chunk);
+    if (!ok)
+      atomicExch(pool.error, kErrEntryState);
+    else
+      ok = pop_chunks(pool, n, e->chunk);
     if (ok) {
       e->nchunks = (uint8_t)n;
       e->nbytes = saved.nbytes;
@@ -550,9 +557,8 @@ kvc_status_t cuda_store(kvc_cache_t *c, int layer, const void *k, const void *v,
     KVC_LAUNCHED(append_kernel);
   }
   if (be->any_staged) {
-    copy_staged_kernel<<<p->num_jobs, kThreads, 0, s>>>(be->d_job_block, be->d_job_staged, dir,
-                                                         be->pool, be->scratch, g->staging_bytes,
-                                                         H, bt, rb);
+    copy_staged_kernel<<<p->num_jobs, kThreads, 0, s>>>(
+        be->d_job_block, be->d_job_staged, dir, be->pool, be->scratch, g->staging_bytes, H, bt, rb);
     KVC_LAUNCHED(copy_staged_kernel);
   }
   if (p->num_done_staging > 0) {
@@ -565,8 +571,8 @@ kvc_status_t cuda_store(kvc_cache_t *c, int layer, const void *k, const void *v,
     st = kvc_codec_cuda_compress(&c->codec, be->scratch, be->full_tokens, be->d_job_block,
                                  p->num_jobs, dir, be->pool, be->page_bytes + at, stream);
     if (st != KVC_OK) return st;
-    page_codec_kernel<<<blocks_for(p->num_jobs), kThreads, 0, s>>>(dir, be->d_job_block,
-                                                                   p->num_jobs, be->page_codec + at);
+    page_codec_kernel<<<blocks_for(p->num_jobs), kThreads, 0, s>>>(
+        dir, be->d_job_block, p->num_jobs, be->page_codec + at);
     KVC_LAUNCHED(page_codec_kernel);
   }
   return KVC_OK;
@@ -609,18 +615,19 @@ kvc_status_t cuda_sizes_fetch(kvc_cache_t *c, int slot, int num_jobs, void *stre
   return KVC_OK;
 }
 
-kvc_status_t cuda_sizes_poll(kvc_cache_t *c, int slot, int wait, int *ready,
-                             const uint32_t **bytes, const uint8_t **codecs) {
+kvc_status_t cuda_sizes_poll(kvc_cache_t *c, int slot, int wait, int *ready, const uint32_t **bytes,
+                             const uint8_t **codecs) {
   cuda_be *be = be_of(c);
   const size_t L = (size_t)c->cfg.num_layers, J = (size_t)c->geo.max_jobs;
   KVC_ON_DEVICE(be);
-  cudaError_t e = wait ? cudaEventSynchronize(be->size_event[slot])
-                       : cudaEventQuery(be->size_event[slot]);
+  cudaError_t e =
+      wait ? cudaEventSynchronize(be->size_event[slot]) : cudaEventQuery(be->size_event[slot]);
   *ready = 0;
   if (e == cudaErrorNotReady) return KVC_OK;
   KVC_CU(e);
   uint8_t *base = be->sizes_host + (size_t)slot * be->slot_stride;
-  const int32_t *error = reinterpret_cast<const int32_t *>(base + align16(L * J * 4) + align16(L * J));
+  const int32_t *error =
+      reinterpret_cast<const int32_t *>(base + align16(L * J * 4) + align16(L * J));
   if (*error) {
     kvc__log(c, KVC_LOG_ERROR, "device reported pool error %d (%s)", *error,
              *error == kErrStackDry ? "free stack ran dry" : "directory entry in the wrong state");
@@ -745,8 +752,8 @@ kvc_status_t cuda_read_page(kvc_cache_t *c, const kvc_page_entry_t *e, uint8_t *
   KVC_CU(cudaStreamSynchronize(static_cast<cudaStream_t>(c->last_stream)));
   for (uint32_t i = 0, off = 0; off < e->nbytes; i++, off += cb) {
     uint32_t n = e->nbytes - off < cb ? e->nbytes - off : cb;
-    KVC_CU(cudaMemcpy(out + off, be->pool.base + (size_t)e->chunk[i] * cb, n,
-                      cudaMemcpyDeviceToHost));
+    KVC_CU(
+        cudaMemcpy(out + off, be->pool.base + (size_t)e->chunk[i] * cb, n, cudaMemcpyDeviceToHost));
   }
   return KVC_OK;
 }
@@ -762,12 +769,11 @@ size_t cuda_overhead_bytes(const kvc_cache_t *c) {
 
 size_t cuda_host_data_bytes(const kvc_cache_t *) { return 0; }
 
-}  // namespace
+} // namespace
 
 extern "C" const kvc__backend_ops_t kvc__backend_cuda = {
-    "cuda",           cuda_create,        cuda_destroy,      cuda_plan,
-    cuda_store,       cuda_attend,        cuda_sizes_fetch,  cuda_sizes_poll,
-    cuda_free_pages,  cuda_copy_tail,     cuda_swap_out,     cuda_swap_in,
-    cuda_synchronize, cuda_read_state,    cuda_read_entry,   cuda_read_page,
-    cuda_overhead_bytes, cuda_host_data_bytes,
+    "cuda",         cuda_create,         cuda_destroy,         cuda_plan,       cuda_store,
+    cuda_attend,    cuda_sizes_fetch,    cuda_sizes_poll,      cuda_free_pages, cuda_copy_tail,
+    cuda_swap_out,  cuda_swap_in,        cuda_synchronize,     cuda_read_state, cuda_read_entry,
+    cuda_read_page, cuda_overhead_bytes, cuda_host_data_bytes,
 };

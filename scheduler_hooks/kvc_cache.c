@@ -24,7 +24,7 @@
 #include "scheduler_hooks/kvc_backend.h"
 #include "scheduler_hooks/kvc_cache_test.h"
 
-/* The first published kvc_config_t ended with log_level; a caller's struct_size is at least that. */
+/* The first published kvc_config_t ends with log_level: a caller's struct_size is at least that. */
 #define KVC__CONFIG_MIN_SIZE (offsetof(kvc_config_t, log_level) + sizeof(kvc_log_level_t))
 
 /* ---- logging and statuses ------------------------------------------------------------------ */
@@ -33,8 +33,10 @@ static void log_with(const kvc_config_t *cfg, kvc_log_level_t level, const char 
   if (level > cfg->log_level) return;
   char line[512];
   vsnprintf(line, sizeof(line), fmt, ap);
-  if (cfg->log_fn) cfg->log_fn(cfg->log_user, level, line);
-  else fprintf(stderr, "kvcomp: %s\n", line);
+  if (cfg->log_fn)
+    cfg->log_fn(cfg->log_user, level, line);
+  else
+    fprintf(stderr, "kvcomp: %s\n", line);
 }
 
 static void log_cfg(const kvc_config_t *cfg, kvc_log_level_t level, const char *fmt, ...)
@@ -59,8 +61,10 @@ void kvc__log(const kvc_cache_t *c, kvc_log_level_t level, const char *fmt, ...)
 kvc_status_t kvc__fail_device(kvc_cache_t *c, kvc_status_t st, const char *what) {
   if (c->sticky == KVC_OK) {
     c->sticky = st;
-    kvc__log(c, KVC_LOG_ERROR, "%s failed after the block manager committed (%s); the cache is "
-             "unusable from now on", what, kvc_status_string(st));
+    kvc__log(c, KVC_LOG_ERROR,
+             "%s failed after the block manager committed (%s); the cache is "
+             "unusable from now on",
+             what, kvc_status_string(st));
   }
   return c->sticky;
 }
@@ -73,38 +77,51 @@ static kvc_status_t check_config(const kvc_config_t *cfg) {
   const char *why = NULL;
   kvc_status_t st = KVC_ERR_INVALID_ARGUMENT;
   int hd = cfg->head_dim, bt = cfg->block_tokens;
-  if (cfg->backend != KVC_BACKEND_CPU && cfg->backend != KVC_BACKEND_CUDA) why = "backend";
-  else if (cfg->num_layers < 1) why = "num_layers must be >= 1";
-  else if (cfg->num_kv_heads < 1) why = "num_kv_heads must be >= 1";
+  if (cfg->backend != KVC_BACKEND_CPU && cfg->backend != KVC_BACKEND_CUDA)
+    why = "backend";
+  else if (cfg->num_layers < 1)
+    why = "num_layers must be >= 1";
+  else if (cfg->num_kv_heads < 1)
+    why = "num_kv_heads must be >= 1";
   else if (cfg->num_q_heads < 1 || cfg->num_q_heads % cfg->num_kv_heads)
     why = "num_q_heads must be a positive multiple of num_kv_heads";
-  else if (hd < 8 || hd > 256 || hd % 8) why = "head_dim must be a multiple of 8 in 8..256";
+  else if (hd < 8 || hd > 256 || hd % 8)
+    why = "head_dim must be a multiple of 8 in 8..256";
   else if (cfg->dtype != KVC_DTYPE_F16 && cfg->dtype != KVC_DTYPE_BF16 &&
            cfg->dtype != KVC_DTYPE_F32)
     why = "dtype";
-  else if (bt < 16 || bt > 256 || (bt & (bt - 1))) why = "block_tokens must be a power of two in 16..256";
-  else if (cfg->pool_bytes == 0) why = "pool_bytes must be > 0";
+  else if (bt < 16 || bt > 256 || (bt & (bt - 1)))
+    why = "block_tokens must be a power of two in 16..256";
+  else if (cfg->pool_bytes == 0)
+    why = "pool_bytes must be > 0";
   else if (cfg->max_seqs < 1 || cfg->max_seq_len < 1 || cfg->max_batch_tokens < 1)
     why = "max_seqs, max_seq_len and max_batch_tokens must be >= 1";
-  else if (!(cfg->watermark >= 0.0f && cfg->watermark < 1.0f)) why = "watermark must be in [0, 1)";
-  else if (cfg->prefix_caching != 0 && cfg->prefix_caching != 1) why = "prefix_caching must be 0 or 1";
+  else if (!(cfg->watermark >= 0.0f && cfg->watermark < 1.0f))
+    why = "watermark must be in [0, 1)";
+  else if (cfg->prefix_caching != 0 && cfg->prefix_caching != 1)
+    why = "prefix_caching must be 0 or 1";
   else if (cfg->policy != KVC_POLICY_FIXED && cfg->policy != KVC_POLICY_SMALLEST &&
            cfg->policy != KVC_POLICY_FASTEST_WITHIN)
     why = "policy";
   else if (cfg->codec != KVC_CODEC_RAW && cfg->codec != KVC_CODEC_BITPACK &&
            cfg->codec != KVC_CODEC_HUFFMAN)
     why = "codec";
-  else if (!(cfg->size_budget > 0.0f && cfg->size_budget <= 1.0f)) why = "size_budget must be in (0, 1]";
+  else if (!(cfg->size_budget > 0.0f && cfg->size_budget <= 1.0f))
+    why = "size_budget must be in (0, 1]";
   else if (cfg->bound_mode != KVC_BOUND_RELATIVE && cfg->bound_mode != KVC_BOUND_ABSOLUTE)
     why = "bound_mode";
   else if (!finite_positive(cfg->k_bound) || !finite_positive(cfg->v_bound))
     why = "k_bound and v_bound must be finite and > 0";
-  else if (cfg->log_level < KVC_LOG_ERROR || cfg->log_level > KVC_LOG_DEBUG) why = "log_level";
+  else if (cfg->log_level < KVC_LOG_ERROR || cfg->log_level > KVC_LOG_DEBUG)
+    why = "log_level";
   else if (cfg->backend == KVC_BACKEND_CUDA) {
     st = KVC_ERR_UNSUPPORTED;
-    if (!KVC_HAVE_CUDA) why = "the CUDA backend is not built";
-    else if (hd != 64 && hd != 128 && hd != 256) why = "CUDA head_dim must be 64, 128 or 256";
-    else if (cfg->dtype == KVC_DTYPE_F32) why = "CUDA dtype must be f16 or bf16";
+    if (!KVC_HAVE_CUDA)
+      why = "the CUDA backend is not built";
+    else if (hd != 64 && hd != 128 && hd != 256)
+      why = "CUDA head_dim must be 64, 128 or 256";
+    else if (cfg->dtype == KVC_DTYPE_F32)
+      why = "CUDA dtype must be f16 or bf16";
   }
   if (!why) return KVC_OK;
   log_cfg(cfg, KVC_LOG_ERROR, "kvc_cache_create: %s", why);
@@ -177,9 +194,9 @@ static kvc_status_t compute_geometry(const kvc_config_t *cfg, const kvc_codec_pa
   if (g->max_blocks < 1 || (uint64_t)g->total_chunks < L * g->worst_page_chunks + wm) {
     log_cfg(cfg, KVC_LOG_ERROR,
             "kvc_cache_create: pool_bytes %zu holds %u chunks of %u bytes; one block of every "
-            "layer needs %llu plus %llu for the watermark", cfg->pool_bytes, g->total_chunks,
-            g->chunk_bytes, (unsigned long long)(L * g->worst_page_chunks),
-            (unsigned long long)wm);
+            "layer needs %llu plus %llu for the watermark",
+            cfg->pool_bytes, g->total_chunks, g->chunk_bytes,
+            (unsigned long long)(L * g->worst_page_chunks), (unsigned long long)wm);
     return KVC_ERR_INVALID_ARGUMENT;
   }
   int64_t seq_blocks = ((int64_t)cfg->max_seq_len + cfg->block_tokens - 1) / cfg->block_tokens;
@@ -469,8 +486,10 @@ kvc_status_t kvc__cache_create_faulty(const kvc_config_t *config, int64_t fail_a
   if (!config || !out) return KVC_ERR_INVALID_ARGUMENT;
   if (config->struct_size < KVC__CONFIG_MIN_SIZE) {
     kvc_config_t def = KVC_CONFIG_INIT;
-    log_cfg(&def, KVC_LOG_ERROR, "kvc_cache_create: struct_size %zu is not a kvc_config_t size "
-            "(start from KVC_CONFIG_INIT)", config->struct_size);
+    log_cfg(&def, KVC_LOG_ERROR,
+            "kvc_cache_create: struct_size %zu is not a kvc_config_t size "
+            "(start from KVC_CONFIG_INIT)",
+            config->struct_size);
     return KVC_ERR_INVALID_ARGUMENT;
   }
   kvc_config_t cfg = KVC_CONFIG_INIT;
@@ -479,9 +498,9 @@ kvc_status_t kvc__cache_create_faulty(const kvc_config_t *config, int64_t fail_a
   kvc_status_t st = check_config(&cfg);
   if (st != KVC_OK) return st;
 
-  kvc_codec_params_t cp = {cfg.dtype,  cfg.num_kv_heads, cfg.head_dim, cfg.block_tokens,
-                           cfg.bound_mode, cfg.k_bound,  cfg.v_bound,  cfg.policy,
-                           cfg.codec,    cfg.size_budget};
+  kvc_codec_params_t cp = {cfg.dtype,      cfg.num_kv_heads, cfg.head_dim, cfg.block_tokens,
+                           cfg.bound_mode, cfg.k_bound,      cfg.v_bound,  cfg.policy,
+                           cfg.codec,      cfg.size_budget};
   st = kvc_codec_check_params(&cp);
   if (st != KVC_OK) {
     log_cfg(&cfg, KVC_LOG_ERROR, "kvc_cache_create: the codec refuses these parameters (%s)",
@@ -525,8 +544,8 @@ kvc_status_t kvc__cache_create_faulty(const kvc_config_t *config, int64_t fail_a
   c->block_mark = kvc_host_calloc(ha, MB, 1);
   c->events = kvc_host_malloc(ha, KVC__EVENT_CAP * sizeof(kvc_event_t));
   int ok = c->meta && c->layer_stored && c->step_job_block && c->pending_step && c->swap_off &&
-           c->swap_len && c->swap_table && c->swap_work_off &&
-           c->block_mark && c->live.ids && c->live.index && c->events;
+           c->swap_len && c->swap_table && c->swap_work_off && c->block_mark && c->live.ids &&
+           c->live.index && c->events;
   for (int i = 0; ok && i < KVC__SIZE_SLOTS; i++) {
     c->slots[i].job_block = kvc_host_malloc(ha, (size_t)geo.max_jobs * sizeof(int32_t));
     ok = c->slots[i].job_block != NULL;
@@ -578,9 +597,11 @@ kvc_status_t kvc__cache_create_faulty(const kvc_config_t *config, int64_t fail_a
     return st;
   }
   kvc_host_alloc_fail_after(ha, -1);
-  kvc__log(c, KVC_LOG_INFO, "cache on %s: %u chunks of %u bytes, %d block ids, staging page %u "
-           "bytes, largest page %u bytes", c->ops->name, geo.total_chunks, geo.chunk_bytes,
-           (int)geo.max_blocks, geo.staging_bytes, geo.max_page_bytes);
+  kvc__log(c, KVC_LOG_INFO,
+           "cache on %s: %u chunks of %u bytes, %d block ids, staging page %u "
+           "bytes, largest page %u bytes",
+           c->ops->name, geo.total_chunks, geo.chunk_bytes, (int)geo.max_blocks, geo.staging_bytes,
+           geo.max_page_bytes);
   *out = c;
   return KVC_OK;
 }
@@ -625,8 +646,10 @@ kvc_status_t kvc_seq_add(kvc_cache_t *c, kvc_seq_id_t id, const int32_t *tokens,
   kvc_status_t st = c->sticky;
   if (st == KVC_OK) st = kvc_bm_seq_add(c->bm, id, tokens, n_tokens, salt, &cached, &w);
   if (st == KVC_OK) {
-    if (seq_set_add(&c->live, c->cfg.max_seqs, id)) st = kvc__fail_device(c, KVC_ERR_INTERNAL, "adding a sequence");
-    else st = run_work(c, &w, 0, c->last_stream);
+    if (seq_set_add(&c->live, c->cfg.max_seqs, id))
+      st = kvc__fail_device(c, KVC_ERR_INTERNAL, "adding a sequence");
+    else
+      st = run_work(c, &w, 0, c->last_stream);
     if (st == KVC_OK && n_cached) *n_cached = cached;
   }
   unlock(c);
@@ -651,8 +674,10 @@ kvc_status_t kvc_seq_fork(kvc_cache_t *c, kvc_seq_id_t parent, kvc_seq_id_t chil
   kvc_status_t st = c->sticky;
   if (st == KVC_OK) st = kvc_bm_seq_fork(c->bm, parent, child, &w);
   if (st == KVC_OK) {
-    if (seq_set_add(&c->live, c->cfg.max_seqs, child)) st = kvc__fail_device(c, KVC_ERR_INTERNAL, "forking");
-    else st = run_work(c, &w, 0, c->last_stream);
+    if (seq_set_add(&c->live, c->cfg.max_seqs, child))
+      st = kvc__fail_device(c, KVC_ERR_INTERNAL, "forking");
+    else
+      st = run_work(c, &w, 0, c->last_stream);
   }
   unlock(c);
   return st;
@@ -665,8 +690,10 @@ kvc_status_t kvc_seq_free(kvc_cache_t *c, kvc_seq_id_t id) {
   kvc_status_t st = c->sticky;
   if (st == KVC_OK) st = kvc_bm_seq_free(c->bm, id, &w);
   if (st == KVC_OK) {
-    if (seq_set_remove(&c->live, id)) st = kvc__fail_device(c, KVC_ERR_INTERNAL, "freeing a sequence");
-    else st = run_work(c, &w, 0, c->last_stream);
+    if (seq_set_remove(&c->live, id))
+      st = kvc__fail_device(c, KVC_ERR_INTERNAL, "freeing a sequence");
+    else
+      st = run_work(c, &w, 0, c->last_stream);
     close_finished_plan(c);
   }
   unlock(c);
@@ -839,8 +866,8 @@ kvc_status_t kvc_attend(kvc_cache_t *c, int layer, const void *q, void *out, flo
   if (!c) return KVC_ERR_INVALID_ARGUMENT;
   lock(c);
   kvc_status_t st = c->sticky;
-  if (st == KVC_OK && (layer < 0 || layer >= c->cfg.num_layers || !q || !out || !isfinite(scale) ||
-                       scale <= 0.0f))
+  if (st == KVC_OK &&
+      (layer < 0 || layer >= c->cfg.num_layers || !q || !out || !isfinite(scale) || scale <= 0.0f))
     st = KVC_ERR_INVALID_ARGUMENT;
   if (st == KVC_OK && (!c->plan_valid || !c->layer_stored[layer])) st = KVC_ERR_INVALID_STATE;
   /* Attention only reads: a failure leaves the cache as it was. */
@@ -862,16 +889,18 @@ kvc_status_t kvc_cache_synchronize(kvc_cache_t *c) {
 
 kvc_host_alloc_t *kvc__cache_host_alloc(kvc_cache_t *c) { return c->ha; }
 
-kvc_status_t kvc__cache_read_page(kvc_cache_t *c, int layer, int32_t block,
-                                  kvc_page_entry_t *entry, uint8_t *out, size_t cap) {
+kvc_status_t kvc__cache_read_page(kvc_cache_t *c, int layer, int32_t block, kvc_page_entry_t *entry,
+                                  uint8_t *out, size_t cap) {
   if (!c || !entry || layer < 0 || layer >= c->cfg.num_layers || block < 0 ||
       block >= c->geo.max_blocks)
     return KVC_ERR_INVALID_ARGUMENT;
   lock(c);
   kvc_status_t st = c->ops->read_entry(c, layer, block, entry);
   if (st == KVC_OK && entry->kind != KVC_PAGE_EMPTY) {
-    if (!out || cap < entry->nbytes) st = KVC_ERR_INVALID_ARGUMENT;
-    else st = c->ops->read_page(c, entry, out);
+    if (!out || cap < entry->nbytes)
+      st = KVC_ERR_INVALID_ARGUMENT;
+    else
+      st = c->ops->read_page(c, entry, out);
   }
   unlock(c);
   return st;
@@ -883,8 +912,10 @@ kvc_status_t kvc__cache_seq_blocks(kvc_cache_t *c, kvc_seq_id_t id, int32_t *blo
   lock(c);
   const int32_t *table = NULL;
   kvc_status_t st = kvc_bm_seq_blocks(c->bm, id, &table, n);
-  if (st == KVC_OK && *n <= cap && blocks) memcpy(blocks, table, (size_t)*n * sizeof(int32_t));
-  else if (st == KVC_OK) st = KVC_ERR_INVALID_ARGUMENT;
+  if (st == KVC_OK && *n <= cap && blocks)
+    memcpy(blocks, table, (size_t)*n * sizeof(int32_t));
+  else if (st == KVC_OK)
+    st = KVC_ERR_INVALID_ARGUMENT;
   unlock(c);
   return st;
 }

@@ -50,11 +50,11 @@ static inline uint64_t kvc__round16(uint64_t x) { return (x + 15u) & ~(uint64_t)
 
 /* Host mirror of one page directory entry. */
 typedef struct kvc__page_meta {
-  uint32_t nbytes;   /* staging: the staging size; compressed: its size once measured, else 0 */
-  uint8_t kind;      /* kvc_page_kind_t of the page (also while it is swapped out) */
-  uint8_t codec;     /* kvc_codec_t of a measured compressed page */
-  uint8_t measured;  /* a compressed page whose size (and codec) the host knows */
-  uint8_t swapped;   /* the page is in host swap memory; the directory entry is EMPTY */
+  uint32_t nbytes;  /* staging: the staging size; compressed: its size once measured, else 0 */
+  uint8_t kind;     /* kvc_page_kind_t of the page (also while it is swapped out) */
+  uint8_t codec;    /* kvc_codec_t of a measured compressed page */
+  uint8_t measured; /* a compressed page whose size (and codec) the host knows */
+  uint8_t swapped;  /* the page is in host swap memory; the directory entry is EMPTY */
 } kvc__page_meta_t;
 
 /* Derived sizes, fixed at creation. */
@@ -62,31 +62,31 @@ typedef struct kvc__geometry {
   uint32_t chunk_bytes;
   uint32_t total_chunks;
   int32_t max_blocks;
-  uint32_t staging_bytes;     /* one staging page (one layer) */
+  uint32_t staging_bytes; /* one staging page (one layer) */
   uint32_t staging_chunks;
-  uint32_t max_page_bytes;    /* the largest page any codec writes */
+  uint32_t max_page_bytes; /* the largest page any codec writes */
   uint32_t worst_page_chunks;
-  uint32_t row_bytes;         /* head_dim * element size */
+  uint32_t row_bytes; /* head_dim * element size */
   uint32_t elem_bytes;
-  int max_plan_seqs;          /* min(max_seqs, max_batch_tokens) */
-  int max_rows;               /* max_batch_tokens */
-  int max_jobs;               /* blocks one step can complete */
-  int64_t max_table_entries;  /* block ids in one plan's CSR tables */
-  int32_t max_seq_blocks;     /* blocks one sequence can hold */
+  int max_plan_seqs;         /* min(max_seqs, max_batch_tokens) */
+  int max_rows;              /* max_batch_tokens */
+  int max_jobs;              /* blocks one step can complete */
+  int64_t max_table_entries; /* block ids in one plan's CSR tables */
+  int32_t max_seq_blocks;    /* blocks one sequence can hold */
 } kvc__geometry_t;
 
 /* One step's page sizes on their way to the host. */
 typedef struct kvc__size_slot {
   uint64_t step;
   int num_jobs;
-  int32_t *job_block;         /* [max_jobs] host copy: block of each job */
+  int32_t *job_block; /* [max_jobs] host copy: block of each job */
 } kvc__size_slot_t;
 
 /* Live sequence ids (running and swapped), for validation: a dense array plus an open-addressing
  * index. Sized for max_seqs at creation; the block manager admits no more. */
 typedef struct kvc__seq_set {
-  kvc_seq_id_t *ids;          /* [max_seqs] */
-  int32_t *index;             /* [mask + 1] position in ids, -1 empty */
+  kvc_seq_id_t *ids; /* [max_seqs] */
+  int32_t *index;    /* [mask + 1] position in ids, -1 empty */
   uint32_t mask;
   int n;
 } kvc__seq_set_t;
@@ -105,43 +105,43 @@ struct kvc_cache {
   kvc_status_t sticky;
 
   const kvc__backend_ops_t *ops;
-  void *be;                   /* backend state */
-  void *last_stream;          /* stream of the cache's most recent device work */
+  void *be;          /* backend state */
+  void *last_stream; /* stream of the cache's most recent device work */
 
   /* Host mirror of the directories. */
-  kvc__page_meta_t *meta;     /* [num_layers][max_blocks] */
-  int64_t staging_pages;      /* in the pool */
-  int64_t measured_pages;     /* compressed, measured, in the pool */
+  kvc__page_meta_t *meta; /* [num_layers][max_blocks] */
+  int64_t staging_pages;  /* in the pool */
+  int64_t measured_pages; /* compressed, measured, in the pool */
   uint64_t measured_bytes;
   uint64_t measured_chunks;
   int64_t pages_by_codec[3];
 
   /* The step. */
-  uint64_t step;              /* the block manager's number of the last planned step (0: none) */
-  int plan_valid;             /* attend may run for the layers stored in step `step` */
-  int step_fetched;           /* step `step`'s page sizes were handed to a size slot */
-  kvc_bm_plan_t plan;         /* arrays owned by the block manager (valid until its next plan) */
-  uint8_t *layer_stored;      /* [num_layers] */
+  uint64_t step;         /* the block manager's number of the last planned step (0: none) */
+  int plan_valid;        /* attend may run for the layers stored in step `step` */
+  int step_fetched;      /* step `step`'s page sizes were handed to a size slot */
+  kvc_bm_plan_t plan;    /* arrays owned by the block manager (valid until its next plan) */
+  uint8_t *layer_stored; /* [num_layers] */
   int layers_stored;
-  int32_t *step_job_block;    /* [max_jobs] this step's job blocks (the plan's copy) */
+  int32_t *step_job_block; /* [max_jobs] this step's job blocks (the plan's copy) */
   int step_num_jobs;
-  uint64_t *pending_step;     /* [max_blocks] step whose pages of the block are unmeasured, 0 */
+  uint64_t *pending_step; /* [max_blocks] step whose pages of the block are unmeasured, 0 */
 
   kvc__size_slot_t slots[KVC__SIZE_SLOTS];
   int slot_first, slot_count; /* ring of slots in flight, oldest first */
 
   /* Swap. */
   kvc__swap_space_t swap;
-  uint64_t *swap_off;         /* [max_blocks] extent of a swapped-out block, UINT64_MAX: none */
-  uint64_t *swap_len;         /* [max_blocks] */
-  int32_t *swap_table;        /* [max_seq_blocks] the table of the sequence being swapped out */
-  uint64_t *swap_work_off;    /* [max_seq_blocks] extent offsets in the swap work's block order */
-  uint8_t *block_mark;        /* [max_blocks] scratch flags, all 0 between calls */
+  uint64_t *swap_off;      /* [max_blocks] extent of a swapped-out block, UINT64_MAX: none */
+  uint64_t *swap_len;      /* [max_blocks] */
+  int32_t *swap_table;     /* [max_seq_blocks] the table of the sequence being swapped out */
+  uint64_t *swap_work_off; /* [max_seq_blocks] extent offsets in the swap work's block order */
+  uint8_t *block_mark;     /* [max_blocks] scratch flags, all 0 between calls */
 
   kvc__seq_set_t live;
 
   /* Events. */
-  kvc_event_t *events;        /* [KVC__EVENT_CAP] ring */
+  kvc_event_t *events; /* [KVC__EVENT_CAP] ring */
   int ev_first, ev_count;
   int64_t ev_dropped;
 };

@@ -43,13 +43,13 @@ static void fill_stats(const kvc_cache_t *c, kvc_stats_t *s) {
   s->free_bytes = (size_t)((uint64_t)b.free_chunks * cb);
   size_t host = kvc_host_alloc_bytes(c->ha), data = c->ops->host_data_bytes(c);
   s->metadata_bytes = (host > data ? host - data : 0) + c->ops->overhead_bytes(c);
-  s->fragmentation = s->page_alloc_bytes
-                         ? (double)(s->page_alloc_bytes - s->page_bytes) / (double)s->page_alloc_bytes
-                         : 0.0;
+  s->fragmentation = s->page_alloc_bytes ? (double)(s->page_alloc_bytes - s->page_bytes) /
+                                               (double)s->page_alloc_bytes
+                                         : 0.0;
   /* Every compressed page holds one full block of one layer: staging_bytes of raw K/V. */
-  s->compression_ratio = s->page_bytes ? (double)c->measured_pages * c->geo.staging_bytes /
-                                             (double)s->page_bytes
-                                       : 0.0;
+  s->compression_ratio =
+      s->page_bytes ? (double)c->measured_pages * c->geo.staging_bytes / (double)s->page_bytes
+                    : 0.0;
   s->tokens_stored = b.tokens_stored;
   s->live_seqs = b.live_seqs;
   s->swapped_seqs = b.swapped_seqs;
@@ -83,7 +83,8 @@ typedef struct text {
 #if defined(__GNUC__)
 __attribute__((format(printf, 2, 3)))
 #endif
-static void put(text_t *t, const char *fmt, ...) {
+static void
+put(text_t *t, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   size_t room = t->len < t->cap ? t->cap - t->len : 0;
@@ -173,16 +174,17 @@ kvc_status_t kvc_poll_events(kvc_cache_t *c, kvc_event_t *events, int cap, int *
 /* ---- validation ---------------------------------------------------------------------------- */
 
 typedef struct vstate {
-  kvc_page_entry_t *dir;   /* [L][max_blocks] the backend's directories */
-  uint32_t *stack;         /* [total_chunks] */
-  uint8_t *chunk_seen;     /* [total_chunks] */
-  uint8_t *referenced;     /* [max_blocks] in the table of a live sequence */
+  kvc_page_entry_t *dir; /* [L][max_blocks] the backend's directories */
+  uint32_t *stack;       /* [total_chunks] */
+  uint8_t *chunk_seen;   /* [total_chunks] */
+  uint8_t *referenced;   /* [max_blocks] in the table of a live sequence */
 } vstate_t;
 
 #if defined(__GNUC__)
 __attribute__((format(printf, 2, 3)))
 #endif
-static kvc_status_t invalid(const kvc_cache_t *c, const char *fmt, ...) {
+static kvc_status_t
+invalid(const kvc_cache_t *c, const char *fmt, ...) {
   char line[400];
   va_list ap;
   va_start(ap, fmt);
@@ -208,13 +210,15 @@ static kvc_status_t check_chunks(const kvc_cache_t *c, vstate_t *v, int32_t top)
       for (int i = 0; i < e->nchunks && i < KVC_PAGE_MAX_CHUNKS; i++) {
         uint32_t id = e->chunk[i];
         if (id >= total || v->chunk_seen[id])
-          return invalid(c, "layer %d block %d chunk %u is out of range or owned twice", l, (int)b, id);
+          return invalid(c, "layer %d block %d chunk %u is out of range or owned twice", l, (int)b,
+                         id);
         v->chunk_seen[id] = 1;
         seen++;
       }
     }
   }
-  if (seen != total) return invalid(c, "%llu of %u chunks accounted for", (unsigned long long)seen, total);
+  if (seen != total)
+    return invalid(c, "%llu of %u chunks accounted for", (unsigned long long)seen, total);
   return KVC_OK;
 }
 
@@ -236,7 +240,8 @@ static kvc_status_t check_entries(const kvc_cache_t *c, vstate_t *v) {
         return invalid(c, "block %d swapped out without a swap extent", (int)b);
       switch (e->kind) {
       case KVC_PAGE_EMPTY:
-        if (e->nchunks != 0) return invalid(c, "layer %d block %d: empty entry holds chunks", l, (int)b);
+        if (e->nchunks != 0)
+          return invalid(c, "layer %d block %d: empty entry holds chunks", l, (int)b);
         break;
       case KVC_PAGE_STAGING:
         if (e->nbytes != g->staging_bytes || e->nchunks != g->staging_chunks)
@@ -261,18 +266,19 @@ static kvc_status_t check_entries(const kvc_cache_t *c, vstate_t *v) {
           return invalid(c, "layer %d block %d: compressed page never measured", l, (int)b);
         }
         break;
-      default:
-        return invalid(c, "layer %d block %d: kind %u", l, (int)b, e->kind);
+      default: return invalid(c, "layer %d block %d: kind %u", l, (int)b, e->kind);
       }
     }
   }
   if (staging != c->staging_pages || measured != c->measured_pages || mbytes != c->measured_bytes ||
       mchunks != c->measured_chunks || by_codec[0] != c->pages_by_codec[0] ||
       by_codec[1] != c->pages_by_codec[1] || by_codec[2] != c->pages_by_codec[2])
-    return invalid(c, "mirror counters drifted: staging %lld/%lld measured %lld/%lld bytes "
-                   "%llu/%llu", (long long)staging, (long long)c->staging_pages,
-                   (long long)measured, (long long)c->measured_pages,
-                   (unsigned long long)mbytes, (unsigned long long)c->measured_bytes);
+    return invalid(c,
+                   "mirror counters drifted: staging %lld/%lld measured %lld/%lld bytes "
+                   "%llu/%llu",
+                   (long long)staging, (long long)c->staging_pages, (long long)measured,
+                   (long long)c->measured_pages, (unsigned long long)mbytes,
+                   (unsigned long long)c->measured_bytes);
   return KVC_OK;
 }
 
@@ -288,7 +294,8 @@ static kvc_status_t check_tables(const kvc_cache_t *c, vstate_t *v, const kvc_bm
     kvc_seq_info_t info;
     const int32_t *table;
     int n;
-    if (kvc_bm_seq_info(c->bm, id, &info) != KVC_OK || kvc_bm_seq_blocks(c->bm, id, &table, &n) != KVC_OK)
+    if (kvc_bm_seq_info(c->bm, id, &info) != KVC_OK ||
+        kvc_bm_seq_blocks(c->bm, id, &table, &n) != KVC_OK)
       return invalid(c, "live sequence %llu unknown to the block manager", (unsigned long long)id);
     for (int j = 0; j < n; j++) {
       int32_t b = table[j];
@@ -298,8 +305,10 @@ static kvc_status_t check_tables(const kvc_cache_t *c, vstate_t *v, const kvc_bm
       for (int l = 0; l < L; l++) {
         const kvc__page_meta_t *m = &c->meta[(size_t)l * MB + (size_t)b];
         if (m->kind != want || (m->swapped && info.state != KVC_SEQ_SWAPPED))
-          return invalid(c, "sequence %llu (length %d%s) block %d (#%d) layer %d holds kind %u%s, "
-                         "expected %d", (unsigned long long)id, info.length,
+          return invalid(c,
+                         "sequence %llu (length %d%s) block %d (#%d) layer %d holds kind %u%s, "
+                         "expected %d",
+                         (unsigned long long)id, info.length,
                          info.state == KVC_SEQ_SWAPPED ? ", swapped" : "", (int)b, j, l, m->kind,
                          m->swapped ? " (swapped)" : "", want);
       }
@@ -320,8 +329,9 @@ static kvc_status_t check_tables(const kvc_cache_t *c, vstate_t *v, const kvc_bm
     return invalid(c, "%lld unreferenced blocks hold pages, the block manager caches %lld",
                    (long long)cached, (long long)bs->cached_blocks);
   if (swapped_blocks != bs->swapped_blocks || swapped_blocks != c->swap.extents)
-    return invalid(c, "%lld blocks have swap extents, %lld swapped in the block manager, %lld extents",
-                   (long long)swapped_blocks, (long long)bs->swapped_blocks, (long long)c->swap.extents);
+    return invalid(
+        c, "%lld blocks have swap extents, %lld swapped in the block manager, %lld extents",
+        (long long)swapped_blocks, (long long)bs->swapped_blocks, (long long)c->swap.extents);
   return KVC_OK;
 }
 
@@ -329,7 +339,8 @@ kvc_status_t kvc__validate_locked(kvc_cache_t *c) {
   char why[256] = "";
   kvc_status_t st = kvc__collect_all(c);
   if (st != KVC_OK) return st;
-  if (kvc_bm_validate(c->bm, why, sizeof(why)) != KVC_OK) return invalid(c, "block manager: %s", why);
+  if (kvc_bm_validate(c->bm, why, sizeof(why)) != KVC_OK)
+    return invalid(c, "block manager: %s", why);
   if (kvc__swap_space_check(&c->swap, why, sizeof(why)) != KVC_OK) return invalid(c, "%s", why);
 
   const size_t L = (size_t)c->cfg.num_layers, MB = (size_t)c->geo.max_blocks;
@@ -350,14 +361,17 @@ kvc_status_t kvc__validate_locked(kvc_cache_t *c) {
     kvc_bm_get_stats(c->bm, &bs);
     uint64_t in_use = c->geo.total_chunks - (uint32_t)top;
     if (in_use > bs.charged_chunks)
-      st = invalid(c, "%llu chunks in use, %u charged", (unsigned long long)in_use, bs.charged_chunks);
+      st = invalid(c, "%llu chunks in use, %u charged", (unsigned long long)in_use,
+                   bs.charged_chunks);
     else if (bs.measured_page_bytes != c->measured_bytes ||
-             bs.measured_page_chunks != c->measured_chunks || bs.measured_pages != c->measured_pages)
-      st = invalid(c, "measured pages: block manager %lld pages %llu bytes %u chunks, mirror %lld "
-                   "pages %llu bytes %llu chunks", (long long)bs.measured_pages,
-                   (unsigned long long)bs.measured_page_bytes, bs.measured_page_chunks,
-                   (long long)c->measured_pages, (unsigned long long)c->measured_bytes,
-                   (unsigned long long)c->measured_chunks);
+             bs.measured_page_chunks != c->measured_chunks ||
+             bs.measured_pages != c->measured_pages)
+      st = invalid(c,
+                   "measured pages: block manager %lld pages %llu bytes %u chunks, mirror %lld "
+                   "pages %llu bytes %llu chunks",
+                   (long long)bs.measured_pages, (unsigned long long)bs.measured_page_bytes,
+                   bs.measured_page_chunks, (long long)c->measured_pages,
+                   (unsigned long long)c->measured_bytes, (unsigned long long)c->measured_chunks);
     /* Mid-step, layers not stored yet legitimately lag the tables. */
     else if (!kvc_bm_step_open(c->bm))
       st = check_tables(c, &v, &bs);

@@ -27,8 +27,8 @@ kvc_status_t kvc__cache_create_faulty(const kvc_config_t *config, int64_t fail_a
 /* Synchronously copies the directory entry of (layer, block) to *entry and, unless it is EMPTY,
  * its page bytes (entry->nbytes of them) to out[cap]. KVC_ERR_INVALID_ARGUMENT for a bad
  * layer/block or cap too small. */
-kvc_status_t kvc__cache_read_page(kvc_cache_t *c, int layer, int32_t block,
-                                  kvc_page_entry_t *entry, uint8_t *out, size_t cap);
+kvc_status_t kvc__cache_read_page(kvc_cache_t *c, int layer, int32_t block, kvc_page_entry_t *entry,
+                                  uint8_t *out, size_t cap);
 
 /* The block table of `id` copied to blocks[cap]; *n its length. */
 kvc_status_t kvc__cache_seq_blocks(kvc_cache_t *c, kvc_seq_id_t id, int32_t *blocks, int cap,

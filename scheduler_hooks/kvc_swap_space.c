@@ -54,8 +54,10 @@ void kvc__swap_space_free(kvc__swap_space_t *s, uint64_t off, uint64_t bytes) {
   int64_t lo = 0, hi = s->nfree;
   while (lo < hi) {
     int64_t mid = (lo + hi) / 2;
-    if (s->free_off[mid] < off) lo = mid + 1;
-    else hi = mid;
+    if (s->free_off[mid] < off)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   int merge_prev = lo > 0 && s->free_off[lo - 1] + s->free_len[lo - 1] == off;
   int merge_next = lo < s->nfree && off + len == s->free_off[lo];
@@ -84,8 +86,8 @@ void kvc__swap_space_free(kvc__swap_space_t *s, uint64_t off, uint64_t bytes) {
 kvc_status_t kvc__swap_space_check(const kvc__swap_space_t *s, char *why, size_t cap) {
   uint64_t free_total = 0;
   for (int64_t i = 0; i < s->nfree; i++) {
-    if (s->free_len[i] == 0 || s->free_off[i] % KVC__SWAP_ALIGN || s->free_len[i] % KVC__SWAP_ALIGN ||
-        s->free_off[i] + s->free_len[i] > s->capacity) {
+    if (s->free_len[i] == 0 || s->free_off[i] % KVC__SWAP_ALIGN ||
+        s->free_len[i] % KVC__SWAP_ALIGN || s->free_off[i] + s->free_len[i] > s->capacity) {
       snprintf(why, cap, "swap free extent %lld [%llu, +%llu) malformed", (long long)i,
                (unsigned long long)s->free_off[i], (unsigned long long)s->free_len[i]);
       return KVC_ERR_INTERNAL;
@@ -99,8 +101,10 @@ kvc_status_t kvc__swap_space_check(const kvc__swap_space_t *s, char *why, size_t
   }
   if (free_total + s->used != s->capacity || s->nfree > s->extents + 1 ||
       s->extents > s->max_extents) {
-    snprintf(why, cap, "swap space: free %llu + used %llu != %llu, or %lld free entries for %lld "
-             "extents", (unsigned long long)free_total, (unsigned long long)s->used,
+    snprintf(why, cap,
+             "swap space: free %llu + used %llu != %llu, or %lld free entries for %lld "
+             "extents",
+             (unsigned long long)free_total, (unsigned long long)s->used,
              (unsigned long long)s->capacity, (long long)s->nfree, (long long)s->extents);
     return KVC_ERR_INTERNAL;
   }

@@ -29,11 +29,11 @@ extern "C" {
 #define KVC__SWAP_ALIGN 64u
 
 typedef struct kvc__swap_space {
-  uint64_t capacity;     /* rounded down to KVC__SWAP_ALIGN */
+  uint64_t capacity; /* rounded down to KVC__SWAP_ALIGN */
   uint64_t used;
-  int64_t extents;       /* allocated extents */
+  int64_t extents; /* allocated extents */
   int64_t max_extents;
-  uint64_t *free_off;    /* [max_extents + 1] sorted by offset, never adjacent */
+  uint64_t *free_off; /* [max_extents + 1] sorted by offset, never adjacent */
   uint64_t *free_len;
   int64_t nfree;
 } kvc__swap_space_t;

@@ -51,7 +51,7 @@ bool have_gpu() {
 #define CUDA_OK(call)                                                                              \
   do {                                                                                             \
     cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess) fail_msg("%s: %s", #call, cudaGetErrorString(e_));                     \
+    if (e_ != cudaSuccess) fail_msg("%s: %s", #call, cudaGetErrorString(e_));                      \
   } while (0)
 
 kvc_config_t config(kvc_backend_t backend, kvc_dtype_t dtype) {
@@ -99,7 +99,8 @@ struct tensors {
   }
   void fill(kvc_test_rng_t *r, kvc_dtype_t t, int rows) {
     for (int i = 0; i < rows * kKvRow; i++) {
-      k[i] = to_dtype(t, (float)(kvc_test_rng_normal(r) * (i % 7 == 0 ? 4.0 : 1.0) + 0.3 * (i % 5)));
+      k[i] =
+          to_dtype(t, (float)(kvc_test_rng_normal(r) * (i % 7 == 0 ? 4.0 : 1.0) + 0.3 * (i % 5)));
       v[i] = to_dtype(t, (float)kvc_test_rng_normal(r));
     }
     for (int i = 0; i < rows * kQRow; i++) q[i] = to_dtype(t, (float)kvc_test_rng_normal(r));
@@ -117,7 +118,8 @@ void same_page(kvc_cache_t *a, kvc_cache_t *b, int layer, int32_t block, std::ve
   kvc_page_entry_t ea, eb;
   assert_int_equal(kvc__cache_read_page(a, layer, block, &ea, pa.data(), pa.size()), KVC_OK);
   assert_int_equal(kvc__cache_read_page(b, layer, block, &eb, pb.data(), pb.size()), KVC_OK);
-  if (ea.kind != eb.kind || ea.nbytes != eb.nbytes || ea.codec != eb.codec || ea.nchunks != eb.nchunks)
+  if (ea.kind != eb.kind || ea.nbytes != eb.nbytes || ea.codec != eb.codec ||
+      ea.nchunks != eb.nchunks)
     fail_msg("layer %d block %d: kind %u/%u, %u/%u bytes, codec %u/%u", layer, (int)block, ea.kind,
              eb.kind, ea.nbytes, eb.nbytes, ea.codec, eb.codec);
   if (ea.kind != KVC_PAGE_EMPTY && memcmp(pa.data(), pb.data(), ea.nbytes) != 0)
@@ -155,7 +157,8 @@ struct lockstep {
 
 void drop(lockstep &L, request &r) {
   kvc_seq_id_t id = r.id;
-  assert_int_equal(L.both("free", [&](kvc_cache_t *c, void *) { return kvc_seq_free(c, id); }), KVC_OK);
+  assert_int_equal(L.both("free", [&](kvc_cache_t *c, void *) { return kvc_seq_free(c, id); }),
+                   KVC_OK);
   r.state = WAITING;
   r.len = 0;
   L.drops++;
@@ -171,7 +174,8 @@ bool preempt(lockstep &L, size_t keep, const std::vector<char> &in_batch) {
   request &r = L.reqs[(size_t)victim];
   kvc_seq_id_t id = r.id;
   if (r.admitted % 2 == 0) {
-    kvc_status_t st = L.both("swap_out", [&](kvc_cache_t *c, void *s) { return kvc_seq_swap_out(c, id, s); });
+    kvc_status_t st =
+        L.both("swap_out", [&](kvc_cache_t *c, void *s) { return kvc_seq_swap_out(c, id, s); });
     if (st == KVC_OK) {
       r.state = SWAPPED;
       L.swaps++;
@@ -194,7 +198,8 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
     if (running >= kMaxRunning) break;
     if (r.state != SWAPPED) continue;
     kvc_seq_id_t id = r.id;
-    kvc_status_t st = L.both("swap_in", [&](kvc_cache_t *c, void *s) { return kvc_seq_swap_in(c, id, s); });
+    kvc_status_t st =
+        L.both("swap_in", [&](kvc_cache_t *c, void *s) { return kvc_seq_swap_in(c, id, s); });
     if (st == KVC_ERR_OUT_OF_MEMORY) break;
     assert_int_equal(st, KVC_OK);
     r.state = RUNNING;
@@ -212,9 +217,11 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
     assert_int_equal(st, KVC_OK);
     assert_int_equal(cached[0], cached[1]);
     int first = (int)r.tok.size() - cached[0] < kChunk ? (int)r.tok.size() - cached[0] : kChunk;
-    st = L.both("reserve", [&](kvc_cache_t *c, void *) { return kvc_seq_reserve(c, id, first, 0); });
+    st =
+        L.both("reserve", [&](kvc_cache_t *c, void *) { return kvc_seq_reserve(c, id, first, 0); });
     if (st == KVC_ERR_OUT_OF_MEMORY) {
-      assert_int_equal(L.both("free", [&](kvc_cache_t *c, void *) { return kvc_seq_free(c, id); }), KVC_OK);
+      assert_int_equal(L.both("free", [&](kvc_cache_t *c, void *) { return kvc_seq_free(c, id); }),
+                       KVC_OK);
       break;
     }
     assert_int_equal(st, KVC_OK);
@@ -245,8 +252,9 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
     if (want == 0) continue;
     kvc_seq_id_t id = r.id;
     kvc_status_t st;
-    while ((st = L.both("reserve", [&](kvc_cache_t *c, void *) { return kvc_seq_reserve(c, id, want, 0); })) ==
-           KVC_ERR_OUT_OF_MEMORY)
+    while ((st = L.both("reserve", [&](kvc_cache_t *c, void *) {
+             return kvc_seq_reserve(c, id, want, 0);
+           })) == KVC_ERR_OUT_OF_MEMORY)
       if (!preempt(L, (size_t)best, in_batch)) break;
     if (st == KVC_ERR_OUT_OF_MEMORY && !ids.empty()) continue;
     assert_int_equal(st, KVC_OK);
@@ -259,7 +267,8 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
 
   const int rows = (int)toks.size();
   kvc_batch_t batch = {(int)ids.size(), ids.data(), n_new.data(), toks.data()};
-  assert_int_equal(L.both("plan", [&](kvc_cache_t *c, void *s) { return kvc_plan(c, &batch, s); }), KVC_OK);
+  assert_int_equal(L.both("plan", [&](kvc_cache_t *c, void *s) { return kvc_plan(c, &batch, s); }),
+                   KVC_OK);
   const float scale = 1.0f / sqrtf((float)kHeadDim);
   for (int l = 0; l < kLayers; l++) {
     T.fill(&L.rng, L.dtype, rows);
@@ -268,11 +277,13 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
     assert_int_equal(kvc_store_cuda(L.gpu, l, T.dk, T.dv, L.s), KVC_OK);
     assert_int_equal(kvc_attend(L.cpu, l, T.q.data(), T.out_cpu.data(), scale, nullptr), KVC_OK);
     assert_int_equal(kvc_attend_cuda(L.gpu, l, T.dq, T.dout, scale, L.s), KVC_OK);
-    CUDA_OK(cudaMemcpyAsync(T.out_gpu.data(), T.dout, (size_t)rows * kQRow * 2, cudaMemcpyDeviceToHost, L.s));
+    CUDA_OK(cudaMemcpyAsync(T.out_gpu.data(), T.dout, (size_t)rows * kQRow * 2,
+                            cudaMemcpyDeviceToHost, L.s));
     CUDA_OK(cudaStreamSynchronize(L.s));
     for (int row = 0; row < rows; row++) {
       double mx = 0;
-      for (int e = 0; e < kQRow; e++) mx = fmax(mx, fabs(from_dtype(L.dtype, T.out_cpu[(size_t)row * kQRow + e])));
+      for (int e = 0; e < kQRow; e++)
+        mx = fmax(mx, fabs(from_dtype(L.dtype, T.out_cpu[(size_t)row * kQRow + e])));
       for (int e = 0; e < kQRow; e++) {
         double a = from_dtype(L.dtype, T.out_cpu[(size_t)row * kQRow + e]);
         double b = from_dtype(L.dtype, T.out_gpu[(size_t)row * kQRow + e]);
@@ -316,7 +327,8 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
       child.final_len = r.len + 1 + (int)kvc_test_rng_below(&L.rng, 12);
       child.len = r.len;
       kvc_seq_id_t cid = child.id;
-      kvc_status_t st = L.both("fork", [&](kvc_cache_t *c, void *) { return kvc_seq_fork(c, id, cid); });
+      kvc_status_t st =
+          L.both("fork", [&](kvc_cache_t *c, void *) { return kvc_seq_fork(c, id, cid); });
       if (st == KVC_ERR_OUT_OF_MEMORY) continue;
       assert_int_equal(st, KVC_OK);
       child.state = RUNNING;
@@ -328,7 +340,8 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
     request &rr = L.reqs[members[m]];
     if (rr.len >= rr.final_len) {
       kvc_seq_id_t fid = rr.id;
-      assert_int_equal(L.both("free", [&](kvc_cache_t *c, void *) { return kvc_seq_free(c, fid); }), KVC_OK);
+      assert_int_equal(L.both("free", [&](kvc_cache_t *c, void *) { return kvc_seq_free(c, fid); }),
+                       KVC_OK);
       rr.state = DONE;
     }
   }
@@ -371,10 +384,11 @@ void run_lockstep(kvc_dtype_t dtype) {
   sa.struct_size = sb.struct_size = sizeof(kvc_stats_t);
   assert_int_equal(kvc_get_stats(L.cpu, &sa), KVC_OK);
   assert_int_equal(kvc_get_stats(L.gpu, &sb), KVC_OK);
-  print_message("%d steps, %lld rows, %lld pages compared, worst %.2f of tolerance; %lld prefix-hit "
-                "tokens, %lld forks, %lld swaps, %lld drops\n", steps, (long long)L.rows,
-                (long long)L.pages, L.worst, (long long)L.hits, (long long)L.forks,
-                (long long)L.swaps, (long long)L.drops);
+  print_message(
+      "%d steps, %lld rows, %lld pages compared, worst %.2f of tolerance; %lld prefix-hit "
+      "tokens, %lld forks, %lld swaps, %lld drops\n",
+      steps, (long long)L.rows, (long long)L.pages, L.worst, (long long)L.hits, (long long)L.forks,
+      (long long)L.swaps, (long long)L.drops);
   assert_true(L.hits > 0 && L.forks > 0 && L.swaps > 0 && L.drops > 0);
   assert_int_equal(sa.swap_outs, sb.swap_outs);
   assert_int_equal(sa.prefix_hits, sb.prefix_hits);
@@ -428,7 +442,8 @@ void graph_capture(void **) {
     }
   /* Steps of prefill, decode and mixes that complete blocks, take and give back staging pages;
    * step 2 is captured on cache A. */
-  const int32_t plan_tokens[5][4] = {{37, 16, 1, 70}, {1, 1, 1, 1}, {15, 1, 31, 2}, {1, 16, 1, 1}, {9, 1, 40, 3}};
+  const int32_t plan_tokens[5][4] = {
+      {37, 16, 1, 70}, {1, 1, 1, 1}, {15, 1, 31, 2}, {1, 16, 1, 1}, {9, 1, 40, 3}};
   const int captured = 2;
   const float scale = 0.125f;
   for (int st = 0; st < 5; st++) {
@@ -503,7 +518,7 @@ void graph_capture(void **) {
   CUDA_OK(cudaStreamDestroy(s));
 }
 
-}  // namespace
+} // namespace
 
 int main(void) {
   const struct CMUnitTest tests[] = {

@@ -66,7 +66,8 @@ static void take(kvc_cache_t *c, snap_t *s) {
   assert_int_equal(kvc_cache_validate(c), KVC_OK);
   s->stats.struct_size = sizeof(s->stats);
   assert_int_equal(kvc_get_stats(c, &s->stats), KVC_OK);
-  for (int i = 0; i < SNAP_IDS; i++) s->info_status[i] = kvc_seq_info(c, (kvc_seq_id_t)i + 1, &s->info[i]);
+  for (int i = 0; i < SNAP_IDS; i++)
+    s->info_status[i] = kvc_seq_info(c, (kvc_seq_id_t)i + 1, &s->info[i]);
   kvc_event_t ev[64];
   int n = 0;
   do {
@@ -112,7 +113,8 @@ static void fill(tensors_t *t, uint64_t seed) {
     t->k[i] = kvc_test_f32_to_f16((float)kvc_test_rng_normal(&r));
     t->v[i] = kvc_test_f32_to_f16((float)kvc_test_rng_normal(&r));
   }
-  for (int i = 0; i < MAX_ROWS * QROW; i++) t->q[i] = kvc_test_f32_to_f16((float)kvc_test_rng_normal(&r));
+  for (int i = 0; i < MAX_ROWS * QROW; i++)
+    t->q[i] = kvc_test_f32_to_f16((float)kvc_test_rng_normal(&r));
 }
 
 /* A complete step (plan, store and attend every layer). */
@@ -286,8 +288,8 @@ static void hooks_reject_bad_input(void **state) {
   EXPECT_FAILS(c, kvc_seq_reserve(c, 1, 0, -1), KVC_ERR_INVALID_ARGUMENT);
   EXPECT_FAILS(c, kvc_seq_reserve(c, 1, 8192 - 40 + 1, 0), KVC_ERR_INVALID_ARGUMENT);
   EXPECT_FAILS(c, kvc_seq_reserve(c, 1, 8100, 60), KVC_ERR_INVALID_ARGUMENT); /* with look-ahead */
-  EXPECT_FAILS(c, kvc_seq_reserve(c, 1, 8000, 0), KVC_ERR_OUT_OF_MEMORY); /* pool holds ~6k */
-  EXPECT_FAILS(c, kvc_seq_reserve(c, 3, 1, 0), KVC_ERR_INVALID_STATE);    /* swapped out */
+  EXPECT_FAILS(c, kvc_seq_reserve(c, 1, 8000, 0), KVC_ERR_OUT_OF_MEMORY);     /* pool holds ~6k */
+  EXPECT_FAILS(c, kvc_seq_reserve(c, 3, 1, 0), KVC_ERR_INVALID_STATE);        /* swapped out */
 
   /* kvc_seq_fork */
   assert_int_equal(kvc_seq_fork(NULL, 1, 9), KVC_ERR_INVALID_ARGUMENT);
@@ -360,7 +362,8 @@ static void max_seqs_and_swap_in_without_room(void **state) {
     assert_int_equal(kvc_seq_add(c, id, NULL, 0, 0, &cached), KVC_OK);
   EXPECT_FAILS(c, kvc_seq_add(c, 99, NULL, 0, 0, &cached), KVC_ERR_OUT_OF_MEMORY);
   EXPECT_FAILS(c, kvc_seq_fork(c, 1, 99), KVC_ERR_OUT_OF_MEMORY);
-  for (kvc_seq_id_t id = 10; id < 10 + MAX_SEQS - 3; id++) assert_int_equal(kvc_seq_free(c, id), KVC_OK);
+  for (kvc_seq_id_t id = 10; id < 10 + MAX_SEQS - 3; id++)
+    assert_int_equal(kvc_seq_free(c, id), KVC_OK);
 
   /* Fill the pool with reservations so that sequence 3 cannot come back. */
   assert_int_equal(kvc_seq_add(c, 5, NULL, 0, 0, &cached), KVC_OK);
@@ -368,7 +371,8 @@ static void max_seqs_and_swap_in_without_room(void **state) {
   while (lo < hi) {
     int64_t mid = (lo + hi + 1) / 2;
     kvc_status_t st = kvc_seq_reserve(c, 5, (int)mid, 0);
-    if (st == KVC_OK) lo = mid;
+    if (st == KVC_OK)
+      lo = mid;
     else {
       assert_int_equal(st, KVC_ERR_OUT_OF_MEMORY);
       hi = mid - 1;
@@ -401,22 +405,29 @@ static void steps_reject_bad_input_and_order(void **state) {
   assert_int_equal(kvc_plan(NULL, &b, NULL), KVC_ERR_INVALID_ARGUMENT);
   EXPECT_FAILS(c, kvc_plan(c, NULL, NULL), KVC_ERR_INVALID_ARGUMENT);
   EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){0, ids, n_new, NULL}, NULL), KVC_ERR_INVALID_ARGUMENT);
-  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, NULL, n_new, NULL}, NULL), KVC_ERR_INVALID_ARGUMENT);
+  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, NULL, n_new, NULL}, NULL),
+               KVC_ERR_INVALID_ARGUMENT);
   EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, ids, NULL, NULL}, NULL), KVC_ERR_INVALID_ARGUMENT);
   EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){3, ids, n_new, NULL}, NULL), KVC_ERR_INVALID_ARGUMENT);
   EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, ids, &zero, NULL}, NULL), KVC_ERR_INVALID_ARGUMENT);
   /* Sequence 2 (the fork) has no reservation beyond its length; 1 has 8 tokens left. */
-  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, ids + 1, n_new, NULL}, NULL), KVC_ERR_INVALID_ARGUMENT);
-  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, ids, &(int32_t){9}, NULL}, NULL), KVC_ERR_INVALID_ARGUMENT);
+  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, ids + 1, n_new, NULL}, NULL),
+               KVC_ERR_INVALID_ARGUMENT);
+  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, ids, &(int32_t){9}, NULL}, NULL),
+               KVC_ERR_INVALID_ARGUMENT);
   assert_int_equal(kvc_seq_reserve(c, 2, MAX_ROWS + 1, 0), KVC_OK);
-  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, ids + 1, &many, NULL}, NULL), KVC_ERR_INVALID_ARGUMENT);
-  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, &(kvc_seq_id_t){99}, n_new, NULL}, NULL), KVC_ERR_NOT_FOUND);
-  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, &(kvc_seq_id_t){3}, n_new, NULL}, NULL), KVC_ERR_INVALID_STATE);
+  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, ids + 1, &many, NULL}, NULL),
+               KVC_ERR_INVALID_ARGUMENT);
+  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, &(kvc_seq_id_t){99}, n_new, NULL}, NULL),
+               KVC_ERR_NOT_FOUND);
+  EXPECT_FAILS(c, kvc_plan(c, &(kvc_batch_t){1, &(kvc_seq_id_t){3}, n_new, NULL}, NULL),
+               KVC_ERR_INVALID_STATE);
 
   /* A step: sequences 1 and 2 with one token each. */
   assert_int_equal(kvc_plan(c, &b, NULL), KVC_OK);
   EXPECT_FAILS(c, kvc_plan(c, &b, NULL), KVC_ERR_INVALID_STATE); /* a step is open */
-  EXPECT_FAILS(c, kvc_attend(c, 0, t.q, t.out, 0.25f, NULL), KVC_ERR_INVALID_STATE); /* not stored */
+  EXPECT_FAILS(c, kvc_attend(c, 0, t.q, t.out, 0.25f, NULL),
+               KVC_ERR_INVALID_STATE); /* not stored */
   EXPECT_FAILS(c, kvc_store(c, 0, NULL, t.v, NULL), KVC_ERR_INVALID_ARGUMENT);
   EXPECT_FAILS(c, kvc_store(c, 0, t.k, NULL, NULL), KVC_ERR_INVALID_ARGUMENT);
   EXPECT_FAILS(c, kvc_store(c, -1, t.k, t.v, NULL), KVC_ERR_INVALID_ARGUMENT);
@@ -452,7 +463,8 @@ static void steps_reject_bad_input_and_order(void **state) {
 }
 
 static int prom_line_ok(const char *line, size_t n) {
-  if (n >= 2 && line[0] == '#') return strncmp(line, "# HELP kvc_", 11) == 0 || strncmp(line, "# TYPE kvc_", 11) == 0;
+  if (n >= 2 && line[0] == '#')
+    return strncmp(line, "# HELP kvc_", 11) == 0 || strncmp(line, "# TYPE kvc_", 11) == 0;
   if (strncmp(line, "kvc_", 4) != 0) return 0;
   const char *sp = memchr(line, ' ', n);
   if (!sp || sp + 1 >= line + n) return 0;
@@ -505,7 +517,8 @@ static void stats_prometheus_and_events(void **state) {
   for (const char *line = buf; *line;) {
     const char *nl = strchr(line, '\n');
     assert_non_null(nl);
-    if (!prom_line_ok(line, (size_t)(nl - line))) fail_msg("bad exposition line: %.*s", (int)(nl - line), line);
+    if (!prom_line_ok(line, (size_t)(nl - line)))
+      fail_msg("bad exposition line: %.*s", (int)(nl - line), line);
     line = nl + 1;
   }
   free(buf);
@@ -623,7 +636,7 @@ static void hooks_survive_every_allocation_failure(void **state) {
     const char *name;
     op_fn op;
     int allocates;
-  } ops[] = {{"add", op_add_prompt, 1}, {"reserve", op_reserve, 1}, {"fork", op_fork, 1},
+  } ops[] = {{"add", op_add_prompt, 1},    {"reserve", op_reserve, 1}, {"fork", op_fork, 1},
              {"swap_out", op_swap_out, 0}, {"swap_in", op_swap_in, 0}, {"free", op_free, 0},
              {"plan", op_plan, 0}};
   for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); i++) {
@@ -638,11 +651,13 @@ static void hooks_survive_every_allocation_failure(void **state) {
       kvc_host_alloc_fail_after(ha, -1);
       if (st == KVC_OK) break;
       if (st != KVC_ERR_OUT_OF_HOST_MEMORY)
-        fail_msg("%s with allocation %lld failing: %s", ops[i].name, (long long)n, kvc_status_string(st));
+        fail_msg("%s with allocation %lld failing: %s", ops[i].name, (long long)n,
+                 kvc_status_string(st));
       assert_unchanged(c, &before, ops[i].name);
       assert_true(n < 100);
     }
-    if ((n > 0) != ops[i].allocates) fail_msg("%s: %lld allocations failed in turn", ops[i].name, (long long)n);
+    if ((n > 0) != ops[i].allocates)
+      fail_msg("%s: %lld allocations failed in turn", ops[i].name, (long long)n);
     assert_int_equal(kvc_cache_validate(c), KVC_OK);
     kvc_cache_destroy(c);
   }
@@ -664,9 +679,11 @@ static void *read_stats(void *arg) {
     kvc_stats_t st = {.struct_size = sizeof(st)};
     size_t needed = 0;
     if (kvc_get_stats(r->c, &st) != KVC_OK || st.page_bytes > st.page_alloc_bytes ||
-        st.free_bytes + st.reserved_bytes > st.pool_bytes || st.live_seqs < 0 || st.live_seqs > MAX_SEQS)
+        st.free_bytes + st.reserved_bytes > st.pool_bytes || st.live_seqs < 0 ||
+        st.live_seqs > MAX_SEQS)
       r->bad++;
-    if (kvc_stats_prometheus(r->c, buf, 1 << 16, &needed) != KVC_OK || strlen(buf) != needed) r->bad++;
+    if (kvc_stats_prometheus(r->c, buf, 1 << 16, &needed) != KVC_OK || strlen(buf) != needed)
+      r->bad++;
     r->reads++;
   }
   free(buf);

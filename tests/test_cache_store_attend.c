@@ -70,8 +70,8 @@ static double out_eps(kvc_dtype_t t) {
 
 typedef struct seq {
   int len;
-  float *k, *v;       /* [NUM_LAYERS][cap][KV_HEADS][HEAD_DIM] originals (dtype-rounded) */
-  float *dk, *dv;     /* same shape: what the cache's pages decode to */
+  float *k, *v;   /* [NUM_LAYERS][cap][KV_HEADS][HEAD_DIM] originals (dtype-rounded) */
+  float *dk, *dv; /* same shape: what the cache's pages decode to */
 } seq_t;
 
 enum { SEQ_CAP = 256 };
@@ -145,7 +145,8 @@ static void decode_sequence(kvc_cache_t *c, const kvc_config_t *cfg, kvc_seq_id_
               }
               if (fabs(y - x) > lim * (1 + 1e-6))
                 fail_msg("layer %d block %d codec %d t%d h%d tok %d d %d: decoded %.9g, original "
-                         "%.9g, bound %.9g", l, j, (int)info.codec, t, h, tok, d, y, x, lim);
+                         "%.9g, bound %.9g",
+                         l, j, (int)info.codec, t, h, tok, d, y, x, lim);
               dec[i] = (float)y;
             }
           }
@@ -167,7 +168,8 @@ static void reference(const float *k, const float *v, int layer, int pos, const 
     double mx = -INFINITY, sum = 0;
     for (int p = 0; p <= pos; p++) {
       double dot = 0;
-      for (int d = 0; d < HEAD_DIM; d++) dot += (double)q[hq * HEAD_DIM + d] * k[at(layer, p, h, d)];
+      for (int d = 0; d < HEAD_DIM; d++)
+        dot += (double)q[hq * HEAD_DIM + d] * k[at(layer, p, h, d)];
       w[p] = dot * scale;
       mx = w[p] > mx ? w[p] : mx;
     }
@@ -196,7 +198,8 @@ static void compare(const scenario_t *sc, const void *out, size_t row, const dou
 
 /* One step: `add[i]` new tokens for each sequence; stores, attends and checks every layer. */
 static void run_step(kvc_cache_t *c, const kvc_config_t *cfg, const scenario_t *sc, seq_t *seqs,
-                     const int *add, int step, kvc_test_rng_t *rng, uint8_t *page, size_t page_cap) {
+                     const int *add, int step, kvc_test_rng_t *rng, uint8_t *page,
+                     size_t page_cap) {
   kvc_seq_id_t ids[NUM_SEQS];
   int32_t n_new[NUM_SEQS];
   int n = 0, rows = 0;
@@ -361,8 +364,10 @@ static void every_codec(kvc_dtype_t dtype, int block_tokens, kvc_bound_mode_t mo
     kvc_codec_policy_t policy;
     kvc_codec_t codec;
   } cases[] = {
-      {KVC_POLICY_FIXED, KVC_CODEC_RAW},     {KVC_POLICY_FIXED, KVC_CODEC_BITPACK},
-      {KVC_POLICY_FIXED, KVC_CODEC_HUFFMAN}, {KVC_POLICY_SMALLEST, KVC_CODEC_HUFFMAN},
+      {KVC_POLICY_FIXED, KVC_CODEC_RAW},
+      {KVC_POLICY_FIXED, KVC_CODEC_BITPACK},
+      {KVC_POLICY_FIXED, KVC_CODEC_HUFFMAN},
+      {KVC_POLICY_SMALLEST, KVC_CODEC_HUFFMAN},
       {KVC_POLICY_FASTEST_WITHIN, KVC_CODEC_HUFFMAN},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -371,15 +376,25 @@ static void every_codec(kvc_dtype_t dtype, int block_tokens, kvc_bound_mode_t mo
   }
 }
 
-static void f16_block16_relative(void **state) { every_codec(KVC_DTYPE_F16, 16, KVC_BOUND_RELATIVE); }
-static void f16_block64_absolute(void **state) { every_codec(KVC_DTYPE_F16, 64, KVC_BOUND_ABSOLUTE); }
-static void bf16_block16_relative(void **state) { every_codec(KVC_DTYPE_BF16, 16, KVC_BOUND_RELATIVE); }
-static void f32_block64_relative(void **state) { every_codec(KVC_DTYPE_F32, 64, KVC_BOUND_RELATIVE); }
-static void f32_block16_absolute(void **state) { every_codec(KVC_DTYPE_F32, 16, KVC_BOUND_ABSOLUTE); }
+static void f16_block16_relative(void **state) {
+  every_codec(KVC_DTYPE_F16, 16, KVC_BOUND_RELATIVE);
+}
+static void f16_block64_absolute(void **state) {
+  every_codec(KVC_DTYPE_F16, 64, KVC_BOUND_ABSOLUTE);
+}
+static void bf16_block16_relative(void **state) {
+  every_codec(KVC_DTYPE_BF16, 16, KVC_BOUND_RELATIVE);
+}
+static void f32_block64_relative(void **state) {
+  every_codec(KVC_DTYPE_F32, 64, KVC_BOUND_RELATIVE);
+}
+static void f32_block16_absolute(void **state) {
+  every_codec(KVC_DTYPE_F32, 16, KVC_BOUND_ABSOLUTE);
+}
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(f16_block16_relative), cmocka_unit_test(f16_block64_absolute),
+      cmocka_unit_test(f16_block16_relative),  cmocka_unit_test(f16_block64_absolute),
       cmocka_unit_test(bf16_block16_relative), cmocka_unit_test(f32_block64_relative),
       cmocka_unit_test(f32_block16_absolute),
   };

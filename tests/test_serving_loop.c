@@ -42,13 +42,19 @@
 #include "kvcomp.h"
 
 enum {
-  LAYERS = 2, KV_HEADS = 2, Q_HEADS = 4, HEAD_DIM = 32, BT = 16,
-  MAX_LEN = 256,        /* max_seq_len */
-  MAX_BATCH = 256,      /* max_batch_tokens */
-  MAX_RUNNING = 12,     /* the scheduler's own limit on running sequences (forks go beyond) */
-  MAX_SEQS = 64,        /* max_seqs */
-  PREFILL_CHUNK = 48,   /* prompt tokens per sequence per step (chunked prefill) */
-  NUM_PROMPTS = 4, PROMPT_TOKENS = 40, VOCAB = 5000,
+  LAYERS = 2,
+  KV_HEADS = 2,
+  Q_HEADS = 4,
+  HEAD_DIM = 32,
+  BT = 16,
+  MAX_LEN = 256,      /* max_seq_len */
+  MAX_BATCH = 256,    /* max_batch_tokens */
+  MAX_RUNNING = 12,   /* the scheduler's own limit on running sequences (forks go beyond) */
+  MAX_SEQS = 64,      /* max_seqs */
+  PREFILL_CHUNK = 48, /* prompt tokens per sequence per step (chunked prefill) */
+  NUM_PROMPTS = 4,
+  PROMPT_TOKENS = 40,
+  VOCAB = 5000,
 };
 static const float EPS_K = 2e-3f, EPS_V = 2e-3f;
 
@@ -56,16 +62,16 @@ enum { WAITING, RUNNING, SWAPPED, DONE };
 
 typedef struct req {
   kvc_seq_id_t id;
-  int32_t tok[MAX_LEN];   /* every token id known so far: prompt, then sampled */
-  uint64_t ph[MAX_LEN];   /* chained hash of tok[0..p] */
-  int ntok;               /* tokens known */
+  int32_t tok[MAX_LEN]; /* every token id known so far: prompt, then sampled */
+  uint64_t ph[MAX_LEN]; /* chained hash of tok[0..p] */
+  int ntok;             /* tokens known */
   int prompt_len;
-  int final_len;          /* prompt_len + output tokens */
-  int len;                /* tokens the cache holds for it */
-  int fork_children;      /* parallel samples still to fork once the prompt is in */
+  int final_len;     /* prompt_len + output tokens */
+  int len;           /* tokens the cache holds for it */
+  int fork_children; /* parallel samples still to fork once the prompt is in */
   int state;
-  int64_t admitted;       /* admission order, for choosing victims */
-  float *kv;              /* [LAYERS][2][MAX_LEN][KV_HEADS][HEAD_DIM] originals, while admitted */
+  int64_t admitted; /* admission order, for choosing victims */
+  float *kv;        /* [LAYERS][2][MAX_LEN][KV_HEADS][HEAD_DIM] originals, while admitted */
 } req_t;
 
 typedef struct loop {
@@ -74,12 +80,14 @@ typedef struct loop {
   req_t **reqs;
   int nreq, cap;
   int64_t admissions, drops, swap_outs, swap_ins, forks, prefix_hit_tokens, rows_checked;
-  double worst_ratio;     /* max observed error / tolerance */
+  double worst_ratio; /* max observed error / tolerance */
 } loop_t;
 
 static size_t kv_at(int layer, int tensor, int pos, int head, int d) {
-  return ((((size_t)layer * 2 + (size_t)tensor) * MAX_LEN + (size_t)pos) * KV_HEADS + (size_t)head) *
-             HEAD_DIM + (size_t)d;
+  return ((((size_t)layer * 2 + (size_t)tensor) * MAX_LEN + (size_t)pos) * KV_HEADS +
+          (size_t)head) *
+             HEAD_DIM +
+         (size_t)d;
 }
 
 static uint64_t mix64(uint64_t x) {
@@ -175,7 +183,8 @@ static int admit(loop_t *L, req_t *r) {
   if (st == KVC_ERR_OUT_OF_MEMORY) return 0;
   assert_int_equal(st, KVC_OK);
   assert_true(cached >= 0 && cached % BT == 0 && cached < r->ntok);
-  st = kvc_seq_reserve(L->c, r->id, r->ntok - cached < PREFILL_CHUNK ? r->ntok - cached : PREFILL_CHUNK, 0);
+  st = kvc_seq_reserve(L->c, r->id,
+                       r->ntok - cached < PREFILL_CHUNK ? r->ntok - cached : PREFILL_CHUNK, 0);
   if (st == KVC_ERR_OUT_OF_MEMORY) {
     assert_int_equal(kvc_seq_free(L->c, r->id), KVC_OK);
     return 0;
@@ -201,7 +210,8 @@ static void check_row(loop_t *L, const req_t *r, int layer, int pos, const float
     for (int d = 0; d < HEAD_DIM; d++) qnorm1 += fabs(q[hq * HEAD_DIM + d]);
     for (int p = 0; p <= pos; p++) {
       double dot = 0;
-      for (int d = 0; d < HEAD_DIM; d++) dot += (double)q[hq * HEAD_DIM + d] * r->kv[kv_at(layer, 0, p, h, d)];
+      for (int d = 0; d < HEAD_DIM; d++)
+        dot += (double)q[hq * HEAD_DIM + d] * r->kv[kv_at(layer, 0, p, h, d)];
       w[p] = dot * scale;
       mx = w[p] > mx ? w[p] : mx;
     }
@@ -216,11 +226,13 @@ static void check_row(loop_t *L, const req_t *r, int layer, int pos, const float
         hi = v > hi ? v : hi;
       }
       const double ref = acc / sum, bound = EPS_V + grow * (hi - lo) / 2;
-      const double tol = bound + ldexp(fabs(ref) + bound, -11) + ldexp(1.0, -25) + 1e-6 * (fabs(ref) + 1);
+      const double tol =
+          bound + ldexp(fabs(ref) + bound, -11) + ldexp(1.0, -25) + 1e-6 * (fabs(ref) + 1);
       const double got = kvc_test_f16_to_f32(out[hq * HEAD_DIM + d]), err = fabs(got - ref);
       if (!(err <= tol))
         fail_msg("seq %llu layer %d pos %d head %d dim %d: got %.6g, reference %.6g, error %.3g > "
-                 "tolerance %.3g", (unsigned long long)r->id, layer, pos, hq, d, got, ref, err, tol);
+                 "tolerance %.3g",
+                 (unsigned long long)r->id, layer, pos, hq, d, got, ref, err, tol);
       if (err / tol > L->worst_ratio) L->worst_ratio = err / tol;
     }
   }
@@ -266,7 +278,9 @@ static int step(loop_t *L) {
     int best = -1;
     for (int i = 0; i < L->nreq; i++) {
       req_t *r = L->reqs[i];
-      if (r->state == RUNNING && !in_batch[i] && (best < 0 || r->admitted < L->reqs[best]->admitted)) best = i;
+      if (r->state == RUNNING && !in_batch[i] &&
+          (best < 0 || r->admitted < L->reqs[best]->admitted))
+        best = i;
     }
     if (best < 0) break;
     req_t *r = L->reqs[best];
@@ -342,7 +356,8 @@ static int step(loop_t *L) {
     assert_int_equal(info.state, KVC_SEQ_RUNNING);
     while (r->fork_children > 0 && r->len >= r->prompt_len) {
       r->fork_children--;
-      req_t *child = new_req(L, r->prompt_len, r->prompt_len + 1 + (int)kvc_test_rng_below(&L->rng, 30));
+      req_t *child =
+          new_req(L, r->prompt_len, r->prompt_len + 1 + (int)kvc_test_rng_below(&L->rng, 30));
       kvc_status_t st = kvc_seq_fork(c, r->id, child->id);
       if (st == KVC_ERR_OUT_OF_MEMORY) {
         child->state = DONE; /* the sample is abandoned */
@@ -393,7 +408,8 @@ static void serving_loop(void **state) {
 
   int32_t prompts[NUM_PROMPTS][PROMPT_TOKENS];
   for (int i = 0; i < NUM_PROMPTS; i++)
-    for (int t = 0; t < PROMPT_TOKENS; t++) prompts[i][t] = (int32_t)kvc_test_rng_below(&L.rng, VOCAB);
+    for (int t = 0; t < PROMPT_TOKENS; t++)
+      prompts[i][t] = (int32_t)kvc_test_rng_below(&L.rng, VOCAB);
   const int nreq = (int)(200 * kvc_test_scale());
   for (int i = 0; i < nreq; i++) {
     int sys = (int)kvc_test_rng_below(&L.rng, NUM_PROMPTS + 1); /* NUM_PROMPTS: none */
@@ -404,7 +420,8 @@ static void serving_loop(void **state) {
     for (int t = sys < NUM_PROMPTS ? PROMPT_TOKENS : 0; t < prompt; t++)
       r->tok[t] = (int32_t)kvc_test_rng_below(&L.rng, VOCAB);
     r->ntok = prompt;
-    r->fork_children = kvc_test_rng_below(&L.rng, 8) == 0 ? 1 + (int)kvc_test_rng_below(&L.rng, 2) : 0;
+    r->fork_children =
+        kvc_test_rng_below(&L.rng, 8) == 0 ? 1 + (int)kvc_test_rng_below(&L.rng, 2) : 0;
   }
   int steps = 0;
   while (step(&L)) assert_true(++steps < 100000);
@@ -413,10 +430,11 @@ static void serving_loop(void **state) {
   assert_int_equal(kvc_get_stats(L.c, &st), KVC_OK);
   print_message("%d steps, %lld rows checked (worst error %.2f of tolerance), %lld admissions, "
                 "%lld prefix-hit tokens, %lld forks, %lld swap-outs, %lld swap-ins, %lld drops, "
-                "%lld evictions, compression %.2fx\n", steps, (long long)L.rows_checked,
-                L.worst_ratio, (long long)L.admissions, (long long)L.prefix_hit_tokens,
-                (long long)L.forks, (long long)L.swap_outs, (long long)L.swap_ins,
-                (long long)L.drops, (long long)st.evictions, st.compression_ratio);
+                "%lld evictions, compression %.2fx\n",
+                steps, (long long)L.rows_checked, L.worst_ratio, (long long)L.admissions,
+                (long long)L.prefix_hit_tokens, (long long)L.forks, (long long)L.swap_outs,
+                (long long)L.swap_ins, (long long)L.drops, (long long)st.evictions,
+                st.compression_ratio);
   /* The loop went through every path it claims to test. */
   assert_true(L.prefix_hit_tokens > 0 && st.prefix_hits > 0);
   assert_true(L.forks > 0 && L.swap_outs > 0 && L.swap_ins > 0 && L.drops > 0);

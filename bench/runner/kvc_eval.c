@@ -81,7 +81,7 @@ static void usage(FILE *f) {
           "               prefill: each window as one prompt\n"
           "  --path       kvcomp: kvcomp rows through the cache (default); dense: through the codec\n"
           "               API applied to full blocks of the runner's dense cache\n"
-          "  --out        directory for EVAL.md, eval.json, eval.png (default eval-results)\n"
+          "  --out        directory for EVAL.md, eval.json, eval.png (default bench/runner/results)\n"
           "  --sweep      e.g. 'rel:0.02,0.05;abs:0.01;relkv:0.02/0.08' (relkv: k_bound/v_bound)\n"
           "  --quick      fewer rows (tests, smoke runs)\n"
           "  --dump-kv    write real post-RoPE K and V (see bench/runner/README.md) and exit\n");
@@ -90,7 +90,7 @@ static void usage(FILE *f) {
 static int parse_args(int argc, char **argv, opts_t *o) {
   memset(o, 0, sizeof *o);
   o->windows = 40;
-  o->out_dir = "eval-results";
+  o->out_dir = KVC_RUNNER_SOURCE_DIR "/results";
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     const char *val = i + 1 < argc ? argv[i + 1] : NULL;
@@ -309,7 +309,8 @@ static const char *codec_name(kvc_codec_t c) {
   return c == KVC_CODEC_RAW ? "raw" : c == KVC_CODEC_BITPACK ? "bitpack" : "huffman";
 }
 
-static void add_kvc_rows(model_run_t *mr, kvc_bound_mode_t mode, float kb, float vb) {
+/* Adds the bit-pack and Huffman rows of one bound setting; -1 when the table is full. */
+static int add_kvc_rows(model_run_t *mr, kvc_bound_mode_t mode, float kb, float vb) {
   for (int c = KVC_CODEC_BITPACK; c <= KVC_CODEC_HUFFMAN; c++) {
     const char *m = mode == KVC_BOUND_RELATIVE ? "rel" : "abs";
     char fam[24];
@@ -317,10 +318,11 @@ static void add_kvc_rows(model_run_t *mr, kvc_bound_mode_t mode, float kb, float
     row_t *r = kb == vb ? new_row(mr, fam, "kvcomp %s %s %g", codec_name((kvc_codec_t)c), m, (double)kb)
                         : new_row(mr, fam, "kvcomp %s %s k%g v%g", codec_name((kvc_codec_t)c), m,
                                   (double)kb, (double)vb);
-    if (!r) return;
+    if (!r) return -1;
     r->is_kvc = 1;
     r->cfg = kvc_row_config((kvc_codec_t)c, mode, kb, vb);
   }
+  return 0;
 }
 
 /* Parses "rel:0.02,0.05;abs:0.01;relkv:0.02/0.08;abskv:0.01/0.05" into kvcomp rows. */
@@ -342,8 +344,7 @@ static int add_sweep(model_run_t *mr, const char *spec) {
         if (*end != '/') return -1;
         vb = strtof(end + 1, &end);
       }
-      if (*end || !(kb > 0) || !(vb > 0)) return -1;
-      add_kvc_rows(mr, mode, kb, vb);
+      if (*end || !(kb > 0) || !(vb > 0) || add_kvc_rows(mr, mode, kb, vb) != 0) return -1;
     }
   }
   return 0;
@@ -399,6 +400,7 @@ static kvc_status_t study_model(model_run_t *mr, const opts_t *o, const char *pa
   if ((st = run_dense(mr, o, kvc_runner_quant_block, &amax, &dense, err)) != KVC_OK) return st;
 
   row_t *ref = new_row(mr, "exact", "%s", o->dense_codec ? "exact fp32 (dense)" : "kvcomp raw fp32 (exact)");
+  if (!ref) return kvc_runner_fail(err, KVC_ERR_INTERNAL, "row table full");
   if (o->dense_codec) {
     mr->ref = dense;
     ref->bits = 32.0;
@@ -446,9 +448,9 @@ static kvc_status_t study_model(model_run_t *mr, const opts_t *o, const char *pa
   }
   for (int i = 0; i < nb; i++) {
     kvc_runner_ppl_t p;
-    if ((st = run_dense(mr, o, kvc_runner_quant_block, &base[i].q, &p, err)) != KVC_OK) return st;
     row_t *r = new_row(mr, base[i].family, "%s", base[i].name);
     if (!r) break;
+    if ((st = run_dense(mr, o, kvc_runner_quant_block, &base[i].q, &p, err)) != KVC_OK) return st;
     finish_row(mr, r, &p);
     r->bits = 8.0 * base[i].q.bytes / (double)base[i].q.values;
     kvc_runner_ppl_free(&p);
@@ -458,6 +460,7 @@ static kvc_status_t study_model(model_run_t *mr, const opts_t *o, const char *pa
   /* kvcomp: the library default, then the sweep. */
   int first_kvc = mr->n_rows;
   row_t *def = new_row(mr, "default", "kvcomp default");
+  if (!def) return kvc_runner_fail(err, KVC_ERR_INTERNAL, "row table full");
   def->is_kvc = 1;
   def->cfg = kvc_row_config(KVC_CODEC_HUFFMAN, KVC_BOUND_RELATIVE, 0, 0);
   {
@@ -476,10 +479,11 @@ static kvc_status_t study_model(model_run_t *mr, const opts_t *o, const char *pa
   mr->default_row = first_kvc;
   const char *spec = o->sweep ? o->sweep
                      : o->quick ? "rel:0.05"
-                                : "rel:0.005,0.01,0.02,0.03,0.05,0.08;relkv:0.01/0.05,0.02/0.08;"
-                                  "abs:0.005,0.01,0.02,0.04,0.08";
+                                : "rel:0.01,0.03,0.05,0.08;relkv:0.02/0.08,0.03/0.1,0.04/0.12,0.05/0.15;"
+                                  "abs:0.02,0.08;abskv:0.2/0.05,0.3/0.08";
   if (add_sweep(mr, spec) != 0)
-    return kvc_runner_fail(err, KVC_ERR_INVALID_ARGUMENT, "bad --sweep '%s'", spec);
+    return kvc_runner_fail(err, KVC_ERR_INVALID_ARGUMENT, "bad --sweep '%s' (or more than %d rows)",
+                           spec, MAX_ROWS);
   for (int i = first_kvc; i < mr->n_rows; i++) {
     if ((st = run_kvc_row(mr, o, &mr->rows[i], NULL, err)) != KVC_OK) return st;
     print_row(&mr->rows[i]);
@@ -562,7 +566,7 @@ static void write_markdown(FILE *f, model_run_t *runs, int n, const opts_t *o) {
             "Exact perplexity %.4f, top-1 accuracy against the text %.4f.\n\n", mr->label,
             mr->m.format, s->dim, s->n_layers, s->n_heads, s->n_kv_heads, s->head_dim, s->vocab_size,
             mr->ref.ppl, mr->rows[0].top1_text);
-    fprintf(f, "| setting | perplexity | Δ perplexity | top-1 agreement | bits/value | vs KIVI at same Δ |\n"
+    fprintf(f, "| setting | perplexity | Δ perplexity | top-1 agreement | bits/value | bits vs KIVI at same Δ |\n"
                "|---|---:|---:|---:|---:|---:|\n");
     for (int i = 0; i < mr->n_rows; i++) {
       const row_t *r = &mr->rows[i];
@@ -579,14 +583,16 @@ static void write_markdown(FILE *f, model_run_t *runs, int n, const opts_t *o) {
     fprintf(f, "\nDefault: Δ perplexity %+.3f%% at %.3f bits/value", 100.0 * d->change, d->bits);
     if (isfinite(kivi))
       fprintf(f, "; KIVI-style interpolated to the same Δ needs %.3f bits/value, so the default stores "
-              "%.1f%% fewer bits", kivi, 100.0 * (1.0 - d->bits / kivi));
+              "%.1f%% %s bits", kivi, 100.0 * fabs(1.0 - d->bits / kivi), d->bits <= kivi ? "fewer" : "more");
     fprintf(f, ".\n");
     const row_t *best = best_within(mr, 0.005);
     if (best) {
       double kb = kivi_bits_at(mr, best->change);
       fprintf(f, "Smallest kvcomp setting within Δ ≤ 0.5%%: %s, %.3f bits/value, Δ %+.3f%%", best->name,
               best->bits, 100.0 * best->change);
-      if (isfinite(kb)) fprintf(f, " (%.1f%% fewer bits than KIVI at that Δ)", 100.0 * (1.0 - best->bits / kb));
+      if (isfinite(kb))
+        fprintf(f, " (%.1f%% %s bits than KIVI at that Δ)", 100.0 * fabs(1.0 - best->bits / kb),
+                best->bits <= kb ? "fewer" : "more");
       fprintf(f, ".\n");
     }
     fprintf(f, "\n");

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# `./kvc bench attention [--quick]`: kvcomp's attention kernels, cuBLAS attention and the copy
+# ceiling (gpu_bench_attention), then torch SDPA on the same shapes (attention_torch.py), merged
+# into one table with the speed-up over SDPA. Last line: JSON
+#   {"bench":"attention","copy_tbps":..,"rows":[{"impl","batch","context","ms","speedup_vs_sdpa",..}]}
+set -uo pipefail
+dir=${1:?usage: bench/attention.sh BUILD_DIR [--quick]}
+shift
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+exe="$dir/bench/gpu_bench_attention"
+if [ ! -x "$exe" ]; then
+  echo "attention: $exe not built (needs a CUDA build)" >&2
+  exit 2
+fi
+"$exe" "$@" | tee "$tmp/kvcomp.log"
+rc=${PIPESTATUS[0]}
+if [ "$rc" -ne 0 ]; then
+  echo "attention: gpu_bench_attention failed (rc=$rc)" >&2
+  exit "$rc"
+fi
+if command -v python3 >/dev/null; then
+  python3 "$here/attention_torch.py" "$@" | tee "$tmp/torch.log"
+else
+  echo '{"bench":"attention_torch","error":"no python3","rows":[]}' >"$tmp/torch.log"
+fi
+
+python3 - "$tmp/kvcomp.log" "$tmp/torch.log" <<'PY'
+import json, sys
+
+def last_json(path):
+    for line in reversed(open(path).read().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"rows": []}
+
+k, t = last_json(sys.argv[1]), last_json(sys.argv[2])
+sdpa = {(r["batch"], r["context"]): r["ms"] for r in t.get("rows", [])}
+rows = [dict(r, variant=r.get("variant")) for r in t.get("rows", [])] + k["rows"]
+print()
+print(f"copy ceiling (read + write): {k.get('copy_tbps', 0):.2f} TB/s; torch SDPA: "
+      f"{'measured' if sdpa else 'not available (' + t.get('error', '?') + ')'}")
+print(f"{'impl':<20} {'batch':>6} {'context':>8} {'ms':>9} {'logical TB/s':>13} "
+      f"{'read TB/s':>10} {'vs SDPA':>8}")
+out = []
+for r in sorted(rows, key=lambda r: (r["context"] * r["batch"], r["batch"], r["impl"])):
+    key = (r["batch"], r["context"])
+    logical = r["batch"] * r["context"] * 8 * 128 * 2 * 2 / (r["ms"] * 1e-3) / 1e12
+    sp = sdpa[key] / r["ms"] if key in sdpa else None
+    print(f"{r['impl']:<20} {r['batch']:>6} {r['context']:>8} {r['ms']:>9.4f} {logical:>13.2f} "
+          f"{r.get('read_tbps', logical):>10.2f} {('%.2fx' % sp) if sp else '-':>8}")
+    o = {"impl": r["impl"], "batch": r["batch"], "context": r["context"], "ms": r["ms"],
+         "speedup_vs_sdpa": round(sp, 3) if sp else None, "logical_tbps": round(logical, 3)}
+    if "read_tbps" in r:
+        o["read_tbps"] = r["read_tbps"]
+    if "rel_err_vs_fp16" in r:
+        o["rel_err_vs_fp16"] = r["rel_err_vs_fp16"]
+    out.append(o)
+print(json.dumps({"bench": "attention", "copy_tbps": k.get("copy_tbps"), "rows": out}))
+PY

@@ -1,0 +1,539 @@
+/*
+ * Decode attention on the GPU: kvcomp over Huffman pages, over bit-pack pages and over fp16 staging
+ * pages, against cuBLAS attention (batched GEMM, softmax, batched GEMM) on dense fp16, and the
+ * measured device-to-device copy ceiling. bench/attention.sh adds torch SDPA (attention_torch.py)
+ * and the speed-ups. Shape: 32 query heads, 8 kv heads, head_dim 128, block_tokens 64, fp16,
+ * one query token per sequence; (batch, context) = (1, 32k), (8, 32k), (32, 8k), (64, 4k),
+ * (16, 128k).
+ *
+ * One logical KV of 2^21 tokens (16 x 128k, one layer: 8.6 GB in fp16) is generated on the GPU
+ * from a hash of (token, channel) with model-like statistics (keys: per-channel offset and scale,
+ * one channel in 16 an outlier; values: per-channel scale), compressed once by the CUDA codec
+ * (kvc_codec_cuda_compress) into a Huffman pool and a bit-pack pool, and written as staging pages
+ * into an fp16 pool; pages sit in shuffled chunks. cuBLAS reads the same values in dense layout.
+ * A configuration uses disjoint slices of that KV in turn ("sets", up to 64) so that repeated runs
+ * never find their inputs in the 50 MB L2. Times: CUDA events around each call after warm-up,
+ * median. Output: a table, then one JSON line:
+ *   {"bench":"attention_kvcomp","copy_tbps":..,"rows":[{"impl","batch","context","ms",
+ *    "logical_tbps","read_tbps","rel_err_vs_fp16"}]}
+ * Usage: gpu_bench_attention [--quick]   (--quick: 2^18 tokens, contexts / 8, for a smoke run)
+ */
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "attention/kvc_attn.h"
+#include "compress/kvc_codec.h"
+#include "compress/kvc_codec_cuda.h"
+
+#define CK(x)                                                                                      \
+  do {                                                                                             \
+    cudaError_t e_ = (x);                                                                          \
+    if (e_ != cudaSuccess) {                                                                       \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));         \
+      exit(1);                                                                                     \
+    }                                                                                              \
+  } while (0)
+#define KV(x)                                                                                      \
+  do {                                                                                             \
+    kvc_status_t s_ = (x);                                                                         \
+    if (s_ != KVC_OK) {                                                                            \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, kvc_status_string(s_));          \
+      exit(1);                                                                                     \
+    }                                                                                              \
+  } while (0)
+#define CB(x)                                                                                      \
+  do {                                                                                             \
+    cublasStatus_t s_ = (x);                                                                       \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                             \
+      fprintf(stderr, "%s:%d: %s: cuBLAS status %d\n", __FILE__, __LINE__, #x, (int)s_);          \
+      exit(1);                                                                                     \
+    }                                                                                              \
+  } while (0)
+
+namespace {
+
+constexpr int HQ = 32, HKV = 8, HD = 128, BT = 64, GROUP = HQ / HKV;
+constexpr size_t kStaging = 2ull * HKV * BT * HD * 2; /* bytes of one staging page: 256 KiB */
+constexpr uint32_t kFp16Chunk = 64 * 1024;            /* staging pages: 4 chunks each */
+constexpr uint32_t kPageChunk = 16 * 1024;            /* compressed pages */
+constexpr int kChunksPerCompressedPage = 10;          /* pool budget: 160 KiB a page on average */
+constexpr int kMaxSets = 64;
+
+/* ---- synthetic model-like KV ------------------------------------------------------------------ */
+
+__host__ __device__ inline uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+__device__ inline float uniform01(uint64_t h) { return (float)((h >> 40) + 1) * (1.0f / 16777217.0f); }
+__device__ inline float normal(uint64_t h) {
+  float u1 = uniform01(h), u2 = uniform01(mix64(h));
+  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+}
+/* tensor 0 = K, 1 = V; channel c = head * HD + d; token is global. */
+__device__ inline float kv_value(int tensor, uint64_t token, int c) {
+  const uint64_t hc = mix64(0xc0ffee00ull + (uint64_t)c);
+  const bool outlier = ((hc >> 8) & 15) == 0;
+  const uint64_t hv = mix64((token << 12) ^ ((uint64_t)c << 1) ^ (uint64_t)tensor);
+  if (tensor == 0) {
+    const float off = normal(mix64(hc + 1)) * (outlier ? 4.0f : 0.5f);
+    const float sc = (0.5f + uniform01(mix64(hc + 2))) * (outlier ? 8.0f : 1.0f);
+    return off + sc * normal(hv);
+  }
+  return (0.25f + uniform01(mix64(hc + 3))) * normal(hv);
+}
+
+/* Blocks [block0, block0 + nblk) in the staging layout, back to back:
+ *   // [nblk][2][HKV][BT][HD] fp16 */
+__global__ void gen_staging(__half *out, int64_t block0, int nblk) {
+  const int64_t n = (int64_t)nblk * 2 * HKV * BT * HD / 8;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t e = i * 8;
+    const int d = (int)(e % HD);
+    e /= HD;
+    const int t = (int)(e % BT);
+    e /= BT;
+    const int h = (int)(e % HKV);
+    e /= HKV;
+    const int tensor = (int)(e % 2);
+    const int64_t b = e / 2;
+    const uint64_t token = (uint64_t)(block0 + b) * BT + t;
+    __align__(16) __half v[8];
+    for (int j = 0; j < 8; j++) v[j] = __float2half_rn(kv_value(tensor, token, h * HD + d + j));
+    *(uint4 *)(out + i * 8) = *(const uint4 *)v;
+  }
+}
+
+/* Dense K and V of `nseq` sequences of `ctx` tokens, sequence s starting at global token
+ * (seq0 + s) * ctx:   // k, v [nseq][HKV][ctx][HD] fp16 */
+__global__ void gen_dense(__half *k, __half *v, int64_t seq0, int nseq, int ctx) {
+  const int64_t n = (int64_t)nseq * HKV * ctx * HD / 8;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t e = i * 8;
+    const int d = (int)(e % HD);
+    e /= HD;
+    const int t = (int)(e % ctx);
+    e /= ctx;
+    const int h = (int)(e % HKV);
+    const int64_t s = e / HKV;
+    const uint64_t token = (uint64_t)(seq0 + s) * ctx + t;
+    __align__(16) __half kv[8], vv[8];
+    for (int j = 0; j < 8; j++) {
+      kv[j] = __float2half_rn(kv_value(0, token, h * HD + d + j));
+      vv[j] = __float2half_rn(kv_value(1, token, h * HD + d + j));
+    }
+    *(uint4 *)(k + i * 8) = *(const uint4 *)kv;
+    *(uint4 *)(v + i * 8) = *(const uint4 *)vv;
+  }
+}
+
+/* Copies staging blocks into the fp16 pool: block b's 16-byte piece o goes to chunk
+ * chunk_of[(block0 + b) * 4 + o / kFp16Chunk]. */
+__global__ void scatter_staging(uint8_t *pool, const uint8_t *blocks, const uint32_t *chunk_of,
+                                int64_t block0, int nblk) {
+  const int64_t n = (int64_t)nblk * kStaging / 16;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = i / (kStaging / 16), o = (i % (kStaging / 16)) * 16;
+    const uint32_t c = chunk_of[(block0 + b) * (kStaging / kFp16Chunk) + o / kFp16Chunk];
+    *(uint4 *)(pool + (uint64_t)c * kFp16Chunk + o % kFp16Chunk) = *(const uint4 *)(blocks + i * 16);
+  }
+}
+
+__global__ void fill_random_half(__half *x, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x)
+    x[i] = __float2half_rn(normal(mix64(seed ^ (uint64_t)i)));
+}
+
+/* Row softmax for cuBLAS attention: s [rows][n] fp32 (already scaled) -> p [rows][n] fp16. */
+__global__ void softmax_rows(const float *s, __half *p, int n) {
+  const float *row = s + (size_t)blockIdx.x * n;
+  __half *prow = p + (size_t)blockIdx.x * n;
+  __shared__ float red[32];
+  float mx = -INFINITY;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, row[i]);
+  for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
+  __syncthreads();
+  mx = -INFINITY;
+  for (int w = 0; w < (int)blockDim.x / 32; w++) mx = fmaxf(mx, red[w]);
+  __syncthreads();
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sum += __expf(row[i] - mx);
+  for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = sum;
+  __syncthreads();
+  sum = 0.f;
+  for (int w = 0; w < (int)blockDim.x / 32; w++) sum += red[w];
+  const float inv = 1.f / sum;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) prow[i] = __float2half_rn(__expf(row[i] - mx) * inv);
+}
+
+/* ---- timing ---------------------------------------------------------------------------------- */
+
+/* Median of CUDA-event times of fn(set) after warm-up; sets rotate. */
+template <class F> double median_ms(F fn, int sets, cudaStream_t st) {
+  for (int i = 0; i < 3; i++) fn(i % sets);
+  CK(cudaStreamSynchronize(st));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  CK(cudaEventRecord(a, st));
+  fn(0);
+  CK(cudaEventRecord(b, st));
+  CK(cudaEventSynchronize(b));
+  float once = 0;
+  CK(cudaEventElapsedTime(&once, a, b));
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
+  const int iters = std::max(20, std::min(400, (int)(300.0 / std::max(once, 0.001f))));
+  std::vector<cudaEvent_t> ev(2 * iters);
+  for (auto &e : ev) CK(cudaEventCreate(&e));
+  for (int i = 0; i < iters; i++) {
+    CK(cudaEventRecord(ev[2 * i], st));
+    fn(i % sets);
+    CK(cudaEventRecord(ev[2 * i + 1], st));
+  }
+  CK(cudaStreamSynchronize(st));
+  std::vector<float> t(iters);
+  for (int i = 0; i < iters; i++) CK(cudaEventElapsedTime(&t[i], ev[2 * i], ev[2 * i + 1]));
+  for (auto &e : ev) CK(cudaEventDestroy(e));
+  std::sort(t.begin(), t.end());
+  return t[iters / 2];
+}
+
+double rel_l2(const std::vector<__half> &got, const std::vector<__half> &ref) {
+  double e2 = 0, r2 = 0;
+  for (size_t i = 0; i < got.size(); i++) {
+    double g = __half2float(got[i]), r = __half2float(ref[i]);
+    if (std::isnan(g)) return INFINITY;
+    e2 += (g - r) * (g - r);
+    r2 += r * r;
+  }
+  return std::sqrt(e2 / r2);
+}
+
+/* One pool of pages for every block of the logical KV. */
+struct pages {
+  const char *name;
+  uint8_t *pool = nullptr;
+  uint32_t chunk_bytes = 0;
+  kvc_page_entry_t *dir = nullptr;
+  std::vector<uint32_t> page_bytes; /* per block */
+};
+
+struct row {
+  const char *impl;
+  int batch, context;
+  double ms, logical_tbps, read_tbps, rel_err;
+};
+
+}  // namespace
+
+int main(int argc, char **argv) {
+  const bool quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+  int dev = 0;
+  cudaDeviceProp prop;
+  if (cudaGetDeviceCount(&dev) != cudaSuccess || dev == 0) {
+    fprintf(stderr, "gpu_bench_attention: no CUDA device\n");
+    return 2;
+  }
+  CK(cudaGetDevice(&dev));
+  CK(cudaGetDeviceProperties(&prop, dev));
+  cudaStream_t st;
+  CK(cudaStreamCreate(&st));
+  printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
+         prop.l2CacheSize >> 20);
+
+  /* Copy ceiling: bytes read plus bytes written over time. */
+  double copy_tbps;
+  {
+    const size_t bytes = (size_t)2 << 30;
+    void *x, *y;
+    CK(cudaMalloc(&x, bytes));
+    CK(cudaMalloc(&y, bytes));
+    CK(cudaMemset(x, 1, bytes));
+    double ms = median_ms([&](int) { CK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice, st)); },
+                          1, st);
+    copy_tbps = 2.0 * bytes / (ms * 1e-3) / 1e12;
+    CK(cudaFree(x));
+    CK(cudaFree(y));
+  }
+  printf("copy ceiling (read + write): %.2f TB/s\n", copy_tbps);
+
+  const int64_t total_tokens = quick ? (int64_t)1 << 18 : (int64_t)1 << 21;
+  const int nblocks = (int)(total_tokens / BT);
+  const int ctx_div = quick ? 8 : 1;
+  const int configs[][2] = {{1, 32768}, {8, 32768}, {32, 8192}, {64, 4096}, {16, 131072}};
+
+  /* ---- pages -------------------------------------------------------------------------------- */
+  pages fp16{"kvcomp_fp16_paged"}, bitpack{"kvcomp_bitpack"}, huffman{"kvcomp_huffman"};
+  std::vector<uint32_t> perm((size_t)nblocks * (kStaging / kFp16Chunk));
+  for (size_t i = 0; i < perm.size(); i++) perm[i] = (uint32_t)i;
+  uint64_t rs = 12345;
+  for (size_t i = perm.size() - 1; i > 0; i--) std::swap(perm[i], perm[(rs = mix64(rs)) % (i + 1)]);
+  uint32_t *chunk_of;
+  CK(cudaMalloc(&chunk_of, perm.size() * 4));
+  CK(cudaMemcpy(chunk_of, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
+  fp16.chunk_bytes = kFp16Chunk;
+  CK(cudaMalloc(&fp16.pool, (size_t)nblocks * kStaging));
+  {
+    std::vector<kvc_page_entry_t> dir(nblocks);
+    for (int b = 0; b < nblocks; b++) {
+      memset(&dir[b], 0, sizeof(dir[b]));
+      dir[b].nbytes = (uint32_t)kStaging;
+      dir[b].kind = KVC_PAGE_STAGING;
+      dir[b].nchunks = kStaging / kFp16Chunk;
+      for (int c = 0; c < (int)(kStaging / kFp16Chunk); c++)
+        dir[b].chunk[c] = perm[(size_t)b * (kStaging / kFp16Chunk) + c];
+    }
+    CK(cudaMalloc(&fp16.dir, sizeof(kvc_page_entry_t) * nblocks));
+    CK(cudaMemcpy(fp16.dir, dir.data(), sizeof(kvc_page_entry_t) * nblocks, cudaMemcpyHostToDevice));
+    fp16.page_bytes.assign(nblocks, (uint32_t)kStaging);
+  }
+  kvc_codec_params_t cp;
+  memset(&cp, 0, sizeof(cp));
+  cp.dtype = KVC_DTYPE_F16;
+  cp.num_kv_heads = HKV;
+  cp.head_dim = HD;
+  cp.block_tokens = BT;
+  cp.bound_mode = KVC_BOUND_RELATIVE;
+  cp.k_bound = KVC_DEFAULT_K_BOUND;
+  cp.v_bound = KVC_DEFAULT_V_BOUND;
+  cp.policy = KVC_POLICY_FIXED;
+  cp.size_budget = 0.35f;
+  const uint32_t comp_chunks = (uint32_t)nblocks * kChunksPerCompressedPage;
+  kvc_dev_pool_t pools[2];
+  pages *comp[2] = {&bitpack, &huffman};
+  const kvc_codec_t codecs[2] = {KVC_CODEC_BITPACK, KVC_CODEC_HUFFMAN};
+  for (int i = 0; i < 2; i++) {
+    comp[i]->chunk_bytes = kPageChunk;
+    CK(cudaMalloc(&comp[i]->pool, (size_t)comp_chunks * kPageChunk));
+    CK(cudaMalloc(&comp[i]->dir, sizeof(kvc_page_entry_t) * nblocks));
+    CK(cudaMemset(comp[i]->dir, 0, sizeof(kvc_page_entry_t) * nblocks));
+    kvc_dev_pool_t &p = pools[i];
+    p.base = comp[i]->pool;
+    p.chunk_bytes = kPageChunk;
+    p.num_chunks = comp_chunks;
+    std::vector<uint32_t> stack(comp_chunks);
+    for (uint32_t c = 0; c < comp_chunks; c++) stack[c] = c;
+    for (uint32_t c = comp_chunks - 1; c > 0; c--) std::swap(stack[c], stack[(rs = mix64(rs)) % (c + 1)]);
+    CK(cudaMalloc(&p.free_stack, 4ull * comp_chunks));
+    CK(cudaMemcpy(p.free_stack, stack.data(), 4ull * comp_chunks, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&p.free_top, 4));
+    const int32_t top = (int32_t)comp_chunks;
+    CK(cudaMemcpy(p.free_top, &top, 4, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&p.error, 4));
+    CK(cudaMemset(p.error, 0, 4));
+    comp[i]->page_bytes.assign(nblocks, 0);
+  }
+  {
+    const int batch = 2048;
+    uint8_t *blocks;
+    int32_t *ntok, *ids;
+    uint32_t *pbytes;
+    CK(cudaMalloc(&blocks, (size_t)batch * kStaging));
+    CK(cudaMalloc(&ntok, 4 * batch));
+    CK(cudaMalloc(&ids, 4 * batch));
+    CK(cudaMalloc(&pbytes, 4 * batch));
+    std::vector<int32_t> h(batch, BT);
+    CK(cudaMemcpy(ntok, h.data(), 4 * batch, cudaMemcpyHostToDevice));
+    std::vector<int32_t> hid(batch);
+    cudaEvent_t t0, t1;
+    CK(cudaEventCreate(&t0));
+    CK(cudaEventCreate(&t1));
+    float comp_ms[2] = {0, 0};
+    for (int b0 = 0; b0 < nblocks; b0 += batch) {
+      const int n = std::min(batch, nblocks - b0);
+      for (int i = 0; i < n; i++) hid[i] = b0 + i;
+      CK(cudaMemcpyAsync(ids, hid.data(), 4 * n, cudaMemcpyHostToDevice, st));
+      gen_staging<<<1024, 256, 0, st>>>((__half *)blocks, b0, n);
+      CK(cudaGetLastError());
+      scatter_staging<<<1024, 256, 0, st>>>(fp16.pool, blocks, chunk_of, b0, n);
+      CK(cudaGetLastError());
+      for (int i = 0; i < 2; i++) {
+        cp.codec = codecs[i];
+        CK(cudaEventRecord(t0, st));
+        KV(kvc_codec_cuda_compress(&cp, blocks, ntok, ids, n, comp[i]->dir, pools[i], pbytes, st));
+        CK(cudaEventRecord(t1, st));
+        CK(cudaMemcpyAsync(comp[i]->page_bytes.data() + b0, pbytes, 4 * n, cudaMemcpyDeviceToHost,
+                           st));
+        CK(cudaStreamSynchronize(st));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, t0, t1));
+        comp_ms[i] += ms;
+      }
+    }
+    CK(cudaStreamSynchronize(st));
+    for (int i = 0; i < 2; i++) {
+      int32_t err = 0;
+      CK(cudaMemcpy(&err, pools[i].error, 4, cudaMemcpyDeviceToHost));
+      if (err) {
+        fprintf(stderr, "gpu_bench_attention: the %s pool ran out of chunks\n", comp[i]->name);
+        return 1;
+      }
+      double bytes = 0;
+      for (uint32_t b : comp[i]->page_bytes) bytes += b;
+      printf("%s: %.2f GB of pages for %.2f GB fp16 (ratio %.2f), compressed at %.1f GB/s\n",
+             comp[i]->name, bytes / 1e9, (double)nblocks * kStaging / 1e9,
+             (double)nblocks * kStaging / bytes, (double)nblocks * kStaging / (comp_ms[i] * 1e6));
+    }
+    CK(cudaFree(blocks));
+    CK(cudaFree(ntok));
+    CK(cudaFree(ids));
+    CK(cudaFree(pbytes));
+  }
+
+  /* ---- the configurations --------------------------------------------------------------------- */
+  cublasHandle_t cublas;
+  CB(cublasCreate(&cublas));
+  CB(cublasSetStream(cublas, st));
+  std::vector<row> rows;
+  const float scale = 1.0f / sqrtf((float)HD);
+  for (const auto &cfg : configs) {
+    const int B = cfg[0], ctx = cfg[1] / ctx_div, bps = ctx / BT;
+    const int sets = (int)std::min<int64_t>(kMaxSets, total_tokens / ((int64_t)B * ctx));
+    const double logical = (double)B * ctx * HKV * HD * 2 * 2;
+    /* CSR block tables, one per set: sequence i of set r holds blocks (r * B + i) * bps .. */
+    std::vector<int32_t> indptr(B + 1), qo(B + 1), lens(B, ctx), ids((size_t)sets * B * bps);
+    for (int i = 0; i <= B; i++) {
+      indptr[i] = i * bps;
+      qo[i] = i;
+    }
+    for (size_t i = 0; i < ids.size(); i++) ids[i] = (int32_t)i;
+    int32_t *d_indptr, *d_qo, *d_len, *d_ids;
+    CK(cudaMalloc(&d_indptr, 4 * (B + 1)));
+    CK(cudaMalloc(&d_qo, 4 * (B + 1)));
+    CK(cudaMalloc(&d_len, 4 * B));
+    CK(cudaMalloc(&d_ids, 4 * ids.size()));
+    CK(cudaMemcpy(d_indptr, indptr.data(), 4 * (B + 1), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_qo, qo.data(), 4 * (B + 1), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_len, lens.data(), 4 * B, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_ids, ids.data(), 4 * ids.size(), cudaMemcpyHostToDevice));
+    const size_t qn = (size_t)B * HQ * HD;
+    __half *q, *out;
+    CK(cudaMalloc(&q, sizeof(__half) * qn * sets));
+    CK(cudaMalloc(&out, sizeof(__half) * qn));
+    fill_random_half<<<256, 256, 0, st>>>(q, (int64_t)qn * sets, 777);
+    CK(cudaGetLastError());
+    const size_t ws_bytes = kvc_attn_cuda_workspace_bytes(B, HQ, HD, B, ctx, BT);
+    void *ws;
+    CK(cudaMalloc(&ws, ws_bytes));
+
+    /* cuBLAS attention over dense K/V of the same tokens. */
+    __half *dk, *dv, *pm, *ref_out;
+    float *sm;
+    const size_t dense = (size_t)B * HKV * ctx * HD;
+    CK(cudaMalloc(&dk, sizeof(__half) * dense * sets));
+    CK(cudaMalloc(&dv, sizeof(__half) * dense * sets));
+    CK(cudaMalloc(&sm, sizeof(float) * (size_t)B * HQ * ctx));
+    CK(cudaMalloc(&pm, sizeof(__half) * (size_t)B * HQ * ctx));
+    CK(cudaMalloc(&ref_out, sizeof(__half) * qn));
+    gen_dense<<<2048, 256, 0, st>>>(dk, dv, 0, B * sets, ctx);
+    CK(cudaGetLastError());
+    auto cublas_attn = [&](int r, __half *o) {
+      const float one = 1.f, zero = 0.f;
+      const __half *k = dk + dense * r, *v = dv + dense * r, *qq = q + qn * r;
+      CB(cublasGemmStridedBatchedEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, ctx, GROUP, HD, &scale, k,
+                                    CUDA_R_16F, HD, (long long)ctx * HD, qq, CUDA_R_16F, HD,
+                                    (long long)GROUP * HD, &zero, sm, CUDA_R_32F, ctx,
+                                    (long long)GROUP * ctx, B * HKV, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
+      softmax_rows<<<B * HQ, 256, 0, st>>>(sm, pm, ctx);
+      CK(cudaGetLastError());
+      CB(cublasGemmStridedBatchedEx(cublas, CUBLAS_OP_N, CUBLAS_OP_N, HD, GROUP, ctx, &one, v,
+                                    CUDA_R_16F, HD, (long long)ctx * HD, pm, CUDA_R_16F, ctx,
+                                    (long long)GROUP * ctx, &zero, o, CUDA_R_16F, HD,
+                                    (long long)GROUP * HD, B * HKV, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
+    };
+    cublas_attn(0, ref_out);
+    CK(cudaStreamSynchronize(st));
+    std::vector<__half> ref(qn), got(qn);
+    CK(cudaMemcpy(ref.data(), ref_out, sizeof(__half) * qn, cudaMemcpyDeviceToHost));
+    const double cublas_ms = median_ms([&](int r) { cublas_attn(r, out); }, sets, st);
+    rows.push_back({"cublas", B, ctx, cublas_ms, logical / (cublas_ms * 1e-3) / 1e12,
+                    logical / (cublas_ms * 1e-3) / 1e12, 0.0});
+    CK(cudaFree(dk));
+    CK(cudaFree(dv));
+    CK(cudaFree(sm));
+    CK(cudaFree(pm));
+
+    for (pages *pg : {&fp16, &bitpack, &huffman}) {
+      kvc_attn_args_t a;
+      memset(&a, 0, sizeof(a));
+      a.num_q_heads = HQ;
+      a.num_kv_heads = HKV;
+      a.head_dim = HD;
+      a.block_tokens = BT;
+      a.dtype = KVC_DTYPE_F16;
+      a.scale = scale;
+      a.num_seqs = B;
+      a.total_q_rows = B;
+      a.qo_indptr = d_qo;
+      a.kv_len = d_len;
+      a.block_indptr = d_indptr;
+      a.max_kv_len = ctx;
+      a.max_qo_len = 1;
+      a.dir = pg->dir;
+      a.pool = pg->pool;
+      a.chunk_bytes = pg->chunk_bytes;
+      a.out = out;
+      a.workspace = ws;
+      a.workspace_bytes = ws_bytes;
+      auto run = [&](int r) {
+        a.q = q + qn * r;
+        a.block_ids = d_ids + (size_t)r * B * bps;
+        KV(kvc_attn_cuda(&a, st));
+      };
+      CK(cudaMemsetAsync(out, 0xFF, sizeof(__half) * qn, st));
+      run(0);
+      CK(cudaStreamSynchronize(st));
+      CK(cudaMemcpy(got.data(), out, sizeof(__half) * qn, cudaMemcpyDeviceToHost));
+      const double err = rel_l2(got, ref);
+      const double ms = median_ms(run, sets, st);
+      double read = 0;
+      for (int b = 0; b < B * bps; b++) read += pg->page_bytes[b];
+      rows.push_back({pg->name, B, ctx, ms, logical / (ms * 1e-3) / 1e12, read / (ms * 1e-3) / 1e12,
+                      err});
+    }
+    CK(cudaFree(d_indptr));
+    CK(cudaFree(d_qo));
+    CK(cudaFree(d_len));
+    CK(cudaFree(d_ids));
+    CK(cudaFree(q));
+    CK(cudaFree(out));
+    CK(cudaFree(ws));
+    CK(cudaFree(ref_out));
+  }
+
+  printf("\n%-20s %6s %8s %9s %13s %11s %9s %12s\n", "impl", "batch", "context", "ms",
+         "logical TB/s", "read TB/s", "of copy", "err vs fp16");
+  for (const row &r : rows)
+    printf("%-20s %6d %8d %9.4f %13.2f %11.2f %8.0f%% %12.2e\n", r.impl, r.batch, r.context, r.ms,
+           r.logical_tbps, r.read_tbps, 100.0 * r.read_tbps / copy_tbps, r.rel_err);
+  printf("{\"bench\":\"attention_kvcomp\",\"device\":\"%s\",\"copy_tbps\":%.3f,\"rows\":[", prop.name,
+         copy_tbps);
+  for (size_t i = 0; i < rows.size(); i++)
+    printf("%s{\"impl\":\"%s\",\"batch\":%d,\"context\":%d,\"ms\":%.5f,\"logical_tbps\":%.3f,"
+           "\"read_tbps\":%.3f,\"rel_err_vs_fp16\":%.3e}",
+           i ? "," : "", rows[i].impl, rows[i].batch, rows[i].context, rows[i].ms,
+           rows[i].logical_tbps, rows[i].read_tbps, rows[i].rel_err);
+  printf("]}\n");
+  CB(cublasDestroy(cublas));
+  return 0;
+}

@@ -48,7 +48,8 @@ constexpr int kConsumers = 32 * kConsumerWarps;
 constexpr int kThreads = kConsumers + 32;
 constexpr int kSlots = 8;                        /* units in flight at most */
 constexpr int kMaxUnitPages = kUnitTokens / 16;  /* pages in a unit (block_tokens >= 16) */
-constexpr int kBatch = 32;                       /* pages whose metadata the producer loads at once */
+constexpr int kBatch = 16;                       /* pages whose metadata the producer loads at once */
+static_assert(KVC_PAGE_MAX_CHUNKS <= 64, "the producer loads two chunk ids per lane and page");
 constexpr int kMaxCtasForSplit = 1024;           /* splitting stops at this many CTAs */
 constexpr int kMaxSplits = 64;
 constexpr int kWsEntries = 16 * kMaxCtasForSplit; /* (row, head) partials the workspace is sized for */
@@ -213,30 +214,36 @@ __device__ __forceinline__ const uint8_t *page_addr(const params &p, const uint3
 }
 
 /*
- * Loads the metadata of pages [first, first + 32) of the sequence into meta[] / chunks[] (lane i:
- * page first + i): block id, then the directory entry and its chunk ids, then (compressed pages)
- * the header and this head's two section-table entries. Validates everything the consumers and
- * the copies rely on; a page that fails is PG_BAD.
+ * Loads the metadata of pages [first, first + kBatch) of the sequence into meta[] / chunks[]
+ * (lane i < kBatch: page first + i): block id, then the directory entry and all its chunk ids,
+ * then (compressed pages) the header and this head's two section-table entries. Validates
+ * everything the consumers and the copies rely on; a page that fails is PG_BAD.
  */
 template <int HD>
 __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int kh, int len,
                            page_meta *meta, uint32_t *chunks) {
   const int lane = threadIdx.x & 31, j = first + lane, H = p.num_kv_heads, bt = p.block_tokens;
-  const bool valid = j < nblocks;
+  const bool valid = lane < kBatch && j < nblocks;
   const int bid = valid ? p.block_ids[bi0 + j] : 0;
   uint2 head = make_uint2(0, 0);
   if (valid) head = *(const uint2 *)(p.dir + bid); /* nbytes; kind | nchunks << 8 | codec << 16 */
-  uint32_t cv[kBatch];
+  /* Chunk ids, transposed: lanes read page i's ids 32 at a time (coalesced). */
+  uint32_t cv[2 * kBatch];
 #pragma unroll
   for (int i = 0; i < kBatch; i++) {
     const int bi = __shfl_sync(0xffffffffu, bid, i);
-    cv[i] = first + i < nblocks ? p.dir[bi].chunk[lane] : 0u;
+    const bool ok = first + i < nblocks;
+    cv[2 * i] = ok ? p.dir[bi].chunk[lane] : 0u;
+    cv[2 * i + 1] = ok && 32 + lane < KVC_PAGE_MAX_CHUNKS ? p.dir[bi].chunk[32 + lane] : 0u;
   }
   __syncwarp();
 #pragma unroll
-  for (int i = 0; i < kBatch; i++) chunks[i * KVC_PAGE_MAX_CHUNKS + lane] = cv[i];
+  for (int i = 0; i < kBatch; i++) {
+    chunks[i * KVC_PAGE_MAX_CHUNKS + lane] = cv[2 * i];
+    if (32 + lane < KVC_PAGE_MAX_CHUNKS) chunks[i * KVC_PAGE_MAX_CHUNKS + 32 + lane] = cv[2 * i + 1];
+  }
   __syncwarp();
-  const uint32_t *my = chunks + lane * KVC_PAGE_MAX_CHUNKS;
+  const uint32_t *my = chunks + (valid ? lane : 0) * KVC_PAGE_MAX_CHUNKS;
   const uint32_t nbytes = head.x, kind = head.y & 0xffu, nchunks = (head.y >> 8) & 0xffu;
   const uint32_t codec = (head.y >> 16) & 0xffu;
   const uint32_t RB = 2 * HD;
@@ -300,7 +307,7 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
       pm.v_bytes = vb;
     }
   }
-  meta[lane] = pm;
+  if (lane < kBatch) meta[lane] = pm;
   __syncwarp();
 }
 

@@ -255,8 +255,9 @@ static int parse_contexts(const char *s, options_t *o) {
     char *end;
     errno = 0;
     long v = strtol(s, &end, 10);
-    if (end == s || errno || v < 64 || v > (1 << 24) || o->num_contexts == 8) return -1;
+    if (end == s || errno || v > (1 << 24) || o->num_contexts == 8) return -1;
     if (*end == 'k' || *end == 'K') v *= 1024, end++;
+    if (v < 64 || v > (1 << 24)) return -1;
     o->contexts[o->num_contexts++] = (int)v;
     s = *end == ',' ? end + 1 : end;
     if (*end && *end != ',') return -1;

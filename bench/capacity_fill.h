@@ -289,7 +289,7 @@ static inline kvc_status_t kvcb_store_all_layers(kvc_cache_t *cache, const kvc_c
 
 /* ---- calibration ----------------------------------------------------------------------------- */
 
-/* Bits per value of Huffman pages (every page byte) at the library's default bounds for data `d`,
+/* Bits per value of `codec` pages (every page byte) at the library's default bounds for data `d`,
  * measured on a small CPU-backend cache of one layer: `blocks` full blocks, then the stats. The CPU
  * codec is the reference; CUDA pages are bit-identical. Returns a negative value on failure. */
 static inline double kvcb_measure_bits(const kvcb_shape_t *shape, kvc_codec_t codec, kvcb_data_t d,

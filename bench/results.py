@@ -298,9 +298,11 @@ def capacity_section(recs, plt, plots, eval_rec):
            "for the data calibration and scale.", ""]
     for rec in recs:
         res = rec["result"]
-        out += [f"### {res.get('shape', '?')}, {res.get('pool_gib', '?')} GiB pool, "
-                f"{res.get('backend', '?')} backend", "", provenance(rec), ""]
         k = res.get("token_scale", 1)
+        out += [f"### {res.get('shape', '?')}, {res.get('pool_gib', '?')} GiB pool, "
+                f"{res.get('backend', '?')} backend, {res.get('layers_run', '?')} of "
+                f"{res.get('model_layers', '?')} layers" + (f", context/{k}" if k != 1 else ""),
+                "", provenance(rec), ""]
         out.append(f"Scale: {res.get('layers_run', '?')} of {res.get('model_layers', '?')} layers"
                    + (f", sequences of context/{k} tokens" if k != 1 else "")
                    + f", pool {res.get('pool_bytes_run', 0) / 2**20:.1f} MiB (the full pool scaled "

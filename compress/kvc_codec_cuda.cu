@@ -169,6 +169,10 @@ __device__ __noinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, int 
                           float bound) {
   const int tid = threadIdx.x, S = n * HD;
   const int esz = 2;
+  /* A failed quantize returns right after its threads read misc[M_FAIL]; when the caller moves on
+   * to the next section at once (policy sizing), no thread may reset misc or overwrite the rows
+   * before every thread has read it. */
+  __syncthreads();
   /* Rows -> shared (16-byte vectors; S * 2 is a multiple of 16). */
   for (int i = tid; i < S * esz / 16; i += kThreads)
     ((uint4 *)sm.xs)[i] = __ldg((const uint4 *)rows + i);

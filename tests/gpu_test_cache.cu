@@ -6,13 +6,20 @@
  * CPU cache and a CUDA cache with identical configurations and inputs in lockstep. Every call must
  * return the same status on both (both caches are synchronized after each step, so the block
  * managers see the same page sizes and make the same decisions); every attention output must
- * agree within 1e-3 relative; every page completed in a step, and every tail, must be
- * bit-identical (same codec, same size, same bytes); both caches validate after every step.
+ * agree within the attention's precision (relative to the row's largest output: 1e-3 for fp16,
+ * 1e-2 for bf16, whose probabilities the tensor cores take with 8 significant bits); every page
+ * completed in a step, every tail, and every page of a sequence swapped back in must be identical
+ * (same kind, codec, size and chunk count; compressed pages byte for byte, staging pages in the
+ * rows the tail holds: slots past a tail's length are unspecified on both backends, whatever the
+ * chunks held before, and no reader looks at them); both caches validate after every step. The
+ * pool is small enough that sequences are preempted (swapped and dropped) often. Variants: fp16
+ * and bf16 with the smallest-page policy, and the raw codec (pages of staging size plus a header,
+ * so one chunk more than a staging page).
  *
  * graph_capture: two CUDA caches run the same steps; for one step, cache A's stores and attends of
  * every layer are captured on a non-default stream (cudaStreamBeginCapture), instantiated and
- * launched, while cache B runs them directly. Outputs and pages must be equal, and both caches
- * must go on working (another step, validation).
+ * launched, while cache B runs them directly. Outputs and pages (tails in their rows) must be
+ * equal, and both caches must go on working (another step, validation).
  *
  * Without a GPU every test skips.
  */
@@ -30,6 +37,7 @@ extern "C" {
 #include <cmocka.h>
 }
 
+#include <string>
 #include <vector>
 
 #include "kvc_test_util.h"
@@ -54,7 +62,7 @@ bool have_gpu() {
     if (e_ != cudaSuccess) fail_msg("%s: %s", #call, cudaGetErrorString(e_));                      \
   } while (0)
 
-kvc_config_t config(kvc_backend_t backend, kvc_dtype_t dtype) {
+kvc_config_t config(kvc_backend_t backend, kvc_dtype_t dtype, size_t pool_bytes) {
   kvc_config_t cfg = KVC_CONFIG_INIT;
   cfg.backend = backend;
   cfg.num_layers = kLayers;
@@ -63,7 +71,7 @@ kvc_config_t config(kvc_backend_t backend, kvc_dtype_t dtype) {
   cfg.head_dim = kHeadDim;
   cfg.dtype = dtype;
   cfg.block_tokens = kBt;
-  cfg.pool_bytes = (size_t)1 << 20;
+  cfg.pool_bytes = pool_bytes;
   cfg.swap_bytes = (size_t)512 << 10;
   cfg.max_seqs = kMaxSeqs;
   cfg.max_seq_len = kMaxLen;
@@ -112,19 +120,58 @@ struct tensors {
   }
 };
 
-/* Both caches' pages of (layer, block) must be the same bytes. */
-void same_page(kvc_cache_t *a, kvc_cache_t *b, int layer, int32_t block, std::vector<uint8_t> &pa,
-               std::vector<uint8_t> &pb) {
+/* Both caches' pages of (layer, block) must be the same: kind, codec, size, chunk count, and the
+ * bytes (of a staging page, the rows of its first `tokens` slots, which is all the tail holds). */
+void same_page(kvc_cache_t *a, kvc_cache_t *b, int layer, int32_t block, int tokens,
+               std::vector<uint8_t> &pa, std::vector<uint8_t> &pb) {
   kvc_page_entry_t ea, eb;
   assert_int_equal(kvc__cache_read_page(a, layer, block, &ea, pa.data(), pa.size()), KVC_OK);
   assert_int_equal(kvc__cache_read_page(b, layer, block, &eb, pb.data(), pb.size()), KVC_OK);
   if (ea.kind != eb.kind || ea.nbytes != eb.nbytes || ea.codec != eb.codec ||
       ea.nchunks != eb.nchunks)
-    fail_msg("layer %d block %d: kind %u/%u, %u/%u bytes, codec %u/%u", layer, (int)block, ea.kind,
-             eb.kind, ea.nbytes, eb.nbytes, ea.codec, eb.codec);
-  if (ea.kind != KVC_PAGE_EMPTY && memcmp(pa.data(), pb.data(), ea.nbytes) != 0)
-    fail_msg("layer %d block %d: %s pages of %u bytes differ", layer, (int)block,
-             ea.kind == KVC_PAGE_STAGING ? "staging" : "compressed", ea.nbytes);
+    fail_msg("layer %d block %d: kind %u/%u, %u/%u bytes, codec %u/%u, %u/%u chunks", layer,
+             (int)block, ea.kind, eb.kind, ea.nbytes, eb.nbytes, ea.codec, eb.codec, ea.nchunks,
+             eb.nchunks);
+  if (ea.kind == KVC_PAGE_COMPRESSED && memcmp(pa.data(), pb.data(), ea.nbytes) != 0)
+    fail_msg("layer %d block %d: compressed pages of %u bytes differ", layer, (int)block,
+             ea.nbytes);
+  if (ea.kind != KVC_PAGE_STAGING) return;
+  const int row_bytes = kHeadDim * 2;
+  for (int t = 0; t < 2; t++)
+    for (int h = 0; h < kKvHeads; h++) {
+      uint32_t off = kvc_staging_row_offset(t, h, 0, kKvHeads, kBt, row_bytes);
+      for (int i = 0; i < tokens * row_bytes; i++)
+        if (pa[off + i] != pb[off + i])
+          fail_msg("layer %d block %d: staging pages differ in %s head %d token %d (of %d)", layer,
+                   (int)block, t ? "V" : "K", h, i / row_bytes, tokens);
+    }
+}
+
+/* Every page of a sequence of `len` tokens whose table is blocks[0..n), in both caches. */
+void same_pages(kvc_cache_t *a, kvc_cache_t *b, const int32_t *blocks, int first, int n, int len,
+                std::vector<uint8_t> &pa, std::vector<uint8_t> &pb) {
+  for (int j = first; j < n; j++) {
+    int tokens = len - j * kBt < kBt ? len - j * kBt : kBt;
+    for (int l = 0; l < kLayers; l++) same_page(a, b, l, blocks[j], tokens, pa, pb);
+  }
+}
+
+/* "block:kind/codec/chunks ..." of a sequence's pages in one layer, for failure messages. */
+std::string describe_pages(kvc_cache_t *c, kvc_seq_id_t id, int layer, std::vector<uint8_t> &buf) {
+  int32_t blocks[kMaxLen / kBt + 1];
+  int n = 0;
+  std::string s;
+  if (kvc__cache_seq_blocks(c, id, blocks, kMaxLen / kBt + 1, &n) != KVC_OK) return "?";
+  for (int j = 0; j < n; j++) {
+    kvc_page_entry_t e;
+    char one[64];
+    if (kvc__cache_read_page(c, layer, blocks[j], &e, buf.data(), buf.size()) != KVC_OK) return "?";
+    snprintf(one, sizeof(one), " %d:%s/%u/%u", (int)blocks[j],
+             e.kind == KVC_PAGE_STAGING ? "staging" : e.kind == KVC_PAGE_COMPRESSED ? "page" : "empty",
+             e.codec, e.nchunks);
+    s += one;
+  }
+  return s;
 }
 
 /* ---- the lockstep loop ---------------------------------------------------------------------- */
@@ -144,8 +191,10 @@ struct lockstep {
   kvc_dtype_t dtype;
   kvc_test_rng_t rng;
   std::vector<request> reqs;
-  int64_t admissions = 0, drops = 0, swaps = 0, forks = 0, hits = 0, rows = 0, pages = 0;
-  double worst = 0;
+  std::vector<uint8_t> pa, pb; /* page buffers of max_page_bytes */
+  int64_t admissions = 0, drops = 0, swaps = 0, swap_ins = 0, forks = 0, hits = 0, rows = 0,
+          pages = 0;
+  double worst = 0; /* largest |CPU - CUDA| / tolerance */
 
   /* Runs a call on both caches; the statuses must agree. */
   template <typename F> kvc_status_t both(const char *what, F f) {
@@ -187,7 +236,12 @@ bool preempt(lockstep &L, size_t keep, const std::vector<char> &in_batch) {
   return true;
 }
 
-bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vector<uint8_t> &pb) {
+/* Tolerance of one attention output element: CPU a against CUDA, mx the row's largest |output|. */
+double tolerance(kvc_dtype_t t, double a, double mx) {
+  return (t == KVC_DTYPE_F16 ? 1e-3 : 1e-2) * (fabs(a) + mx);
+}
+
+bool lockstep_step(lockstep &L, tensors &T) {
   int running = 0, live = 0;
   for (auto &r : L.reqs) {
     running += r.state == RUNNING;
@@ -204,6 +258,12 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
     assert_int_equal(st, KVC_OK);
     r.state = RUNNING;
     running++;
+    /* The swap-in copied the pages back (into other chunks): all of them must be as before. */
+    int32_t blocks[kMaxLen / kBt + 1];
+    int nb = 0;
+    assert_int_equal(kvc__cache_seq_blocks(L.gpu, id, blocks, kMaxLen / kBt + 1, &nb), KVC_OK);
+    same_pages(L.cpu, L.gpu, blocks, 0, nb, r.len, L.pa, L.pb);
+    L.swap_ins++;
   }
   for (auto &r : L.reqs) {
     if (running >= kMaxRunning) break;
@@ -287,9 +347,16 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
       for (int e = 0; e < kQRow; e++) {
         double a = from_dtype(L.dtype, T.out_cpu[(size_t)row * kQRow + e]);
         double b = from_dtype(L.dtype, T.out_gpu[(size_t)row * kQRow + e]);
-        double tol = 1e-3 * (fabs(a) + mx) + (L.dtype == KVC_DTYPE_BF16 ? ldexp(fabs(a), -7) : 0.0);
-        if (!(fabs(a - b) <= tol))
-          fail_msg("layer %d row %d element %d: CPU %.6g CUDA %.6g", l, row, e, a, b);
+        double tol = tolerance(L.dtype, a, mx);
+        if (!(fabs(a - b) <= tol)) {
+          size_t m = 0;
+          for (int first = 0; row >= first + n_new[m]; m++) first += n_new[m];
+          fail_msg("layer %d row %d element %d: CPU %.6g CUDA %.6g (row max %.4g); sequence %llu "
+                   "of %d tokens, pages (block:kind/codec/chunks):%s",
+                   l, row, e, a, b, mx, (unsigned long long)ids[m],
+                   L.reqs[members[m]].len + n_new[m],
+                   describe_pages(L.gpu, ids[m], l, L.pa).c_str());
+        }
         if (tol > 0) L.worst = fmax(L.worst, fabs(a - b) / tol);
       }
     }
@@ -310,10 +377,8 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
     assert_int_equal(kvc__cache_seq_blocks(L.gpu, r.id, blocks2, kMaxLen / kBt + 1, &nb2), KVC_OK);
     assert_int_equal(nb, nb2);
     assert_memory_equal(blocks, blocks2, (size_t)nb * sizeof(int32_t));
-    for (int j = len0 / kBt; j < nb; j++) {
-      for (int l = 0; l < kLayers; l++) same_page(L.cpu, L.gpu, l, blocks[j], pa, pb);
-      L.pages++;
-    }
+    same_pages(L.cpu, L.gpu, blocks, len0 / kBt, nb, r.len, L.pa, L.pb);
+    L.pages += nb - len0 / kBt;
   }
   for (size_t m = 0; m < members.size(); m++) {
     request &r = L.reqs[members[m]];
@@ -350,18 +415,27 @@ bool lockstep_step(lockstep &L, tensors &T, std::vector<uint8_t> &pa, std::vecto
   return true;
 }
 
-void run_lockstep(kvc_dtype_t dtype) {
+/* raw: the raw codec (else the smallest page of all codecs). The pool holds a few full-length
+ * sequences' pages, so that running sequences outgrow it and get preempted. */
+void run_lockstep(kvc_dtype_t dtype, bool raw) {
   lockstep L;
   L.dtype = dtype;
-  kvc_config_t c_cpu = config(KVC_BACKEND_CPU, dtype), c_gpu = config(KVC_BACKEND_CUDA, dtype);
+  const size_t pool = raw ? (size_t)512 << 10 : (size_t)256 << 10;
+  kvc_config_t c_cpu = config(KVC_BACKEND_CPU, dtype, pool);
+  kvc_config_t c_gpu = config(KVC_BACKEND_CUDA, dtype, pool);
+  if (raw) {
+    c_cpu.policy = c_gpu.policy = KVC_POLICY_FIXED;
+    c_cpu.codec = c_gpu.codec = KVC_CODEC_RAW;
+  }
   assert_int_equal(kvc_cache_create(&c_cpu, &L.cpu), KVC_OK);
   assert_int_equal(kvc_cache_create(&c_gpu, &L.gpu), KVC_OK);
   CUDA_OK(cudaStreamCreateWithFlags(&L.s, cudaStreamNonBlocking));
-  kvc_test_rng_seed(&L.rng, 77 + (uint64_t)dtype);
+  kvc_test_rng_seed(&L.rng, 77 + (uint64_t)dtype + (raw ? 100 : 0));
   std::vector<int32_t> prompts[3];
   for (auto &p : prompts)
     for (int t = 0; t < 40; t++) p.push_back((int32_t)kvc_test_rng_below(&L.rng, 5000));
-  const int n = (int)(150 * kvc_test_scale());
+  /* Fewer than about 30 requests may not fill the pool. */
+  const int n = 30 + (int)(120 * kvc_test_scale());
   for (int i = 0; i < n; i++) {
     request r;
     r.id = 1000 + (kvc_seq_id_t)i;
@@ -370,26 +444,30 @@ void run_lockstep(kvc_dtype_t dtype) {
     int user = 1 + (int)kvc_test_rng_below(&L.rng, 60);
     for (int t = 0; t < user; t++) r.tok.push_back((int32_t)kvc_test_rng_below(&L.rng, 5000));
     r.prompt_len = (int)r.tok.size();
-    r.final_len = r.prompt_len + 1 + (int)kvc_test_rng_below(&L.rng, 20);
+    r.final_len = r.prompt_len + 1 + (int)kvc_test_rng_below(&L.rng, 100);
     r.forks = kvc_test_rng_below(&L.rng, 8) == 0;
     L.reqs.push_back(r);
   }
   tensors T;
   uint32_t max_page = 0;
   kvc__cache_geometry(L.cpu, nullptr, &max_page, nullptr);
-  std::vector<uint8_t> pa(max_page), pb(max_page);
+  L.pa.resize(max_page);
+  L.pb.resize(max_page);
   int steps = 0;
-  while (lockstep_step(L, T, pa, pb)) assert_true(++steps < 100000);
+  while (lockstep_step(L, T)) assert_true(++steps < 100000);
   kvc_stats_t sa = {}, sb = {};
   sa.struct_size = sb.struct_size = sizeof(kvc_stats_t);
   assert_int_equal(kvc_get_stats(L.cpu, &sa), KVC_OK);
   assert_int_equal(kvc_get_stats(L.gpu, &sb), KVC_OK);
   print_message(
-      "%d steps, %lld rows, %lld pages compared, worst %.2f of tolerance; %lld prefix-hit "
-      "tokens, %lld forks, %lld swaps, %lld drops\n",
-      steps, (long long)L.rows, (long long)L.pages, L.worst, (long long)L.hits, (long long)L.forks,
-      (long long)L.swaps, (long long)L.drops);
-  assert_true(L.hits > 0 && L.forks > 0 && L.swaps > 0 && L.drops > 0);
+      "%d steps, %lld rows, %lld block pages compared (and those of %lld swap-ins), worst %.2f "
+      "of tolerance; %lld prefix-hit tokens, %lld forks, %lld swaps, %lld drops; pages by codec "
+      "raw/bitpack/huffman %lld/%lld/%lld\n",
+      steps, (long long)L.rows, (long long)L.pages, (long long)L.swap_ins, L.worst,
+      (long long)L.hits, (long long)L.forks, (long long)L.swaps, (long long)L.drops,
+      (long long)sb.pages_by_codec[0], (long long)sb.pages_by_codec[1],
+      (long long)sb.pages_by_codec[2]);
+  assert_true(L.hits > 0 && L.forks > 0 && L.swaps > 0 && L.swap_ins > 0 && L.drops > 0);
   assert_int_equal(sa.swap_outs, sb.swap_outs);
   assert_int_equal(sa.prefix_hits, sb.prefix_hits);
   assert_int_equal(sa.live_seqs, 0);
@@ -401,19 +479,24 @@ void run_lockstep(kvc_dtype_t dtype) {
 
 void cuda_matches_cpu_f16(void **) {
   if (!have_gpu()) skip();
-  run_lockstep(KVC_DTYPE_F16);
+  run_lockstep(KVC_DTYPE_F16, false);
 }
 
 void cuda_matches_cpu_bf16(void **) {
   if (!have_gpu()) skip();
-  run_lockstep(KVC_DTYPE_BF16);
+  run_lockstep(KVC_DTYPE_BF16, false);
+}
+
+void cuda_matches_cpu_raw(void **) {
+  if (!have_gpu()) skip();
+  run_lockstep(KVC_DTYPE_F16, true);
 }
 
 /* ---- graph capture -------------------------------------------------------------------------- */
 
 void graph_capture(void **) {
   if (!have_gpu()) skip();
-  kvc_config_t cfg = config(KVC_BACKEND_CUDA, KVC_DTYPE_F16);
+  kvc_config_t cfg = config(KVC_BACKEND_CUDA, KVC_DTYPE_F16, (size_t)1 << 20);
   kvc_cache_t *a = nullptr, *b = nullptr;
   assert_int_equal(kvc_cache_create(&cfg, &a), KVC_OK);
   assert_int_equal(kvc_cache_create(&cfg, &b), KVC_OK);
@@ -446,9 +529,13 @@ void graph_capture(void **) {
       {37, 16, 1, 70}, {1, 1, 1, 1}, {15, 1, 31, 2}, {1, 16, 1, 1}, {9, 1, 40, 3}};
   const int captured = 2;
   const float scale = 0.125f;
+  int lens[4] = {0, 0, 0, 0};
   for (int st = 0; st < 5; st++) {
     int rows = 0;
-    for (int i = 0; i < 4; i++) rows += plan_tokens[st][i];
+    for (int i = 0; i < 4; i++) {
+      rows += plan_tokens[st][i];
+      lens[i] += plan_tokens[st][i];
+    }
     for (int l = 0; l < kLayers; l++) {
       in[l].fill(&rng, KVC_DTYPE_F16, rows);
       in[l].upload(rows, s);
@@ -499,8 +586,7 @@ void graph_capture(void **) {
       assert_int_equal(kvc__cache_seq_blocks(b, ids[i], bb, kMaxLen / kBt + 1, &nb), KVC_OK);
       assert_int_equal(na, nb);
       assert_memory_equal(ba, bb, (size_t)na * sizeof(int32_t));
-      for (int j = 0; j < na; j++)
-        for (int l = 0; l < kLayers; l++) same_page(a, b, l, ba[j], pa, pb);
+      same_pages(a, b, ba, 0, na, lens[i], pa, pb);
     }
   }
   kvc_stats_t sa = {}, sb = {};
@@ -524,6 +610,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(cuda_matches_cpu_f16),
       cmocka_unit_test(cuda_matches_cpu_bf16),
+      cmocka_unit_test(cuda_matches_cpu_raw),
       cmocka_unit_test(graph_capture),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -244,7 +244,8 @@ static request_t *latest_running(demo_t *d) {
   return v;
 }
 
-/* Chooses this step's batch; returns its size (0 when nothing can run). */
+/* Chooses this step's batch: *n_batch sequences in d->batch / ids / n_new / pos0 / toks (0 when
+ * nothing can run). */
 static kvc_status_t schedule(demo_t *d, int *n_batch, kvc_runner_err_t *err) {
   kvc_runner_kv_t *kv = d->kv;
   kvc_status_t st;
@@ -335,10 +336,10 @@ static void progress(demo_t *d, double t0, int final) {
   }
   char line[512];
   double used = (double)(d->last.page_bytes + d->last.staging_bytes);
-  snprintf(line, sizeof line, "step %4lld | running %2d waiting %2d swapped %2d done %2d/%d | %6lld tokens "
-           "%6.0f tok/s | KV %6.0f KiB of %.0f KiB | preempted %lld", (long long)d->steps, running,
-           waiting, swapped, d->n_done, d->n_reqs, (long long)d->gen_tokens, dt > 0 ? d->gen_tokens / dt : 0,
-           used / 1024, (double)d->last.pool_bytes / 1024, (long long)(d->swaps + d->recomputes));
+  snprintf(line, sizeof line, "step %4lld | run %2d wait %2d swap %2d done %2d/%d | %5lld tok %5.0f tok/s | "
+           "KV %4.0f/%.0f KiB | preempt %lld", (long long)d->steps, running, waiting, swapped, d->n_done,
+           d->n_reqs, (long long)d->gen_tokens, dt > 0 ? d->gen_tokens / dt : 0, used / 1024,
+           (double)d->last.pool_bytes / 1024, (long long)(d->swaps + d->recomputes));
   if (!d->tty) {
     int due = d->steps % 50 == 0; /* every 50 steps, and at the end unless just printed */
     if (final ? !due : due) fprintf(stderr, "%s\n", line);
@@ -566,6 +567,9 @@ int main(int argc, char **argv) {
          fp16 and a full staging tail per running sequence, that runs about half of them at
          once, so admission waits and preemption happen. */
       d.o.pool_bytes = fp16_bytes(s, total) / 7;
+      /* ... but room for a few of the longest requests at their worst case (raw blocks). */
+      size_t floor_bytes = 3 * fp16_bytes(s, (longest + 63) / 64 * 64);
+      if (d.o.pool_bytes < floor_bytes) d.o.pool_bytes = floor_bytes;
     }
     d.ids = malloc((size_t)d.n_reqs * sizeof *d.ids);
     d.n_new = malloc((size_t)d.n_reqs * sizeof *d.n_new);

@@ -690,10 +690,10 @@ static kvc_status_t dump_kv(const opts_t *o, const char *model, const char *tok,
   }
   const char *base = strrchr(model, '/');
   base = base ? base + 1 : model;
-  fprintf(f, "KVCDUMP1 model=%.*s layers=%d tokens=%lld kv_heads=%d head_dim=%d dtype=f32 "
-          "order=K,V layout=[layer][token][kv_head][head_dim] rope=applied windows=%d "
-          "window_tokens=255 positions=0..254 ppl=%.6f\n", (int)strcspn(base, "."), base, s->n_layers,
-          (long long)c.cap_tokens, s->n_kv_heads, s->head_dim, o->windows, p.ppl);
+  /* The codec benchmark's format (bench/NOTES-codec.md); line 1 may carry more after "v1". */
+  fprintf(f, "kvcomp-kv-dump v1 model=%.*s windows=%d window_tokens=255 positions=0..254 rope=applied "
+          "ppl=%.6f\nlayers %d tokens %lld kv_heads %d head_dim %d\n", (int)strcspn(base, "."), base,
+          o->windows, p.ppl, s->n_layers, (long long)c.cap_tokens, s->n_kv_heads, s->head_dim);
   size_t n = (size_t)s->n_layers * (size_t)c.cap_tokens * c.row;
   if (fwrite(c.k, sizeof(float), n, f) != n || fwrite(c.v, sizeof(float), n, f) != n || fclose(f) != 0) {
     f = NULL;

@@ -11,8 +11,8 @@ import dataclasses
 from ._abi import Backend, BoundMode, Codec, CodecPolicy, DType, LogLevel, kvc_config_t
 
 # KVC_DEFAULT_K_BOUND / KVC_DEFAULT_V_BOUND
-DEFAULT_K_BOUND = 0.05
-DEFAULT_V_BOUND = 0.05
+DEFAULT_K_BOUND = 0.04
+DEFAULT_V_BOUND = 0.12
 
 _DTYPE_ALIASES = {
     "f16": DType.F16, "float16": DType.F16, "half": DType.F16, "fp16": DType.F16,

@@ -58,7 +58,9 @@ typedef struct kvc_attn_args {
 } kvc_attn_args_t;
 
 /*
- * Reference: float64 accumulation, pages decoded with the CPU codec, each page once per call.
+ * Reference: float64 accumulation, pages decoded with the CPU codec, each page once per call; a
+ * decoded value is the codec's float rounded to `dtype` (what the cache holds, and what the GPU
+ * kernels' tiles hold).
  * Also the CPU backend's attention. Takes one scratch allocation per call. Returns KVC_OK,
  * KVC_ERR_INVALID_ARGUMENT (shapes: head_dim a multiple of 8 in 8..256, num_q_heads a multiple of
  * num_kv_heads, CSR arrays inconsistent, a sequence with more query rows than tokens or fewer

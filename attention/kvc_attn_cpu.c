@@ -167,12 +167,19 @@ static kvc_status_t kvc__decode_page(const kvc_attn_args_t *a, const kvc_page_en
   if ((int)info.codec != e->codec || info.num_kv_heads != kvh || info.head_dim != hd ||
       info.n_tokens < n || info.n_tokens > bt)
     return KVC_ERR_CORRUPT;
-  /* decode_head writes n_tokens rows; the tile has block_tokens rows per head. */
+  /* decode_head writes n_tokens rows; the tile has block_tokens rows per head. A decoded value is
+   * what the cache's dtype holds: the codec's float rounded once to f16/bf16, as the GPU's tiles. */
   for (int tensor = 0; tensor < 2; tensor++) {
     float *dst = tensor == 0 ? k_out : v_out;
     for (int h = 0; h < kvh; h++) {
-      kvc_status_t st = kvc_codec_decode_head(gather, nbytes, tensor, h, dst + (size_t)h * bt * hd);
+      float *rows = dst + (size_t)h * bt * hd;
+      kvc_status_t st = kvc_codec_decode_head(gather, nbytes, tensor, h, rows);
       if (st != KVC_OK) return KVC_ERR_CORRUPT;
+      if (a->dtype == KVC_DTYPE_F16)
+        for (size_t i = 0; i < (size_t)n * hd; i++) rows[i] = kvc__f16_to_f32(kvc__f32_to_f16(rows[i]));
+      else if (a->dtype == KVC_DTYPE_BF16)
+        for (size_t i = 0; i < (size_t)n * hd; i++)
+          rows[i] = kvc__bf16_to_f32(kvc__f32_to_bf16(rows[i]));
     }
   }
   return KVC_OK;

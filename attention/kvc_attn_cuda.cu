@@ -102,15 +102,23 @@ struct params {
 
 constexpr int align_up(int x, int a) { return (x + a - 1) / a * a; }
 
-/* Ring size: at least two uncompressed units where it fits, as many as the budget allows. */
-template <int HD> constexpr int ring_bytes() {
-  return HD == 64 ? 48 * 1024 : HD == 128 ? 144 * 1024 : 112 * 1024;
+/*
+ * Ring size per instance. Decode (WM = 1) and speculative (WM = 2) instances are sized for two CTAs
+ * per SM, so that one CTA decodes while the other computes or waits for memory; that leaves room
+ * for two uncompressed 64-token units (head_dim 64) or one and a half (head_dim 128), and for the
+ * sections of blocks up to 64 tokens. The WM = 4 instances (many query rows) take a whole SM and a
+ * ring for blocks of 128 tokens; head_dim 256 has one instance, one CTA per SM.
+ */
+template <int HD, int WM> constexpr int ring_bytes() {
+  return HD == 64 ? (WM == 1 ? 64 : WM == 2 ? 56 : 48) * 1024
+         : HD == 128 ? (WM == 1 ? 48 : WM == 2 ? 40 : 144) * 1024
+                     : 112 * 1024;
 }
 
 template <int HD, int WM> struct smem_layout {
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB; /* one of K, V */
-  static constexpr int ring = ring_bytes<HD>();
+  static constexpr int ring = ring_bytes<HD, WM>();
   static constexpr int dtile_off = ring;
   static constexpr int scratch_bytes = align_up(scratch_layout<HD>::bytes, 128);
   static constexpr int scratch_off = dtile_off + 2 * tile;
@@ -124,6 +132,7 @@ template <int HD, int WM> struct smem_layout {
   static_assert(kConsumerWarps * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert(2 * tile <= ring, "one uncompressed unit must fit the ring");
   static_assert(bytes <= 232448, "more than the 227 KiB of shared memory a CTA may have");
+  static_assert(WM == 4 || HD == 256 || bytes + 1024 <= 233472 / 2, "two CTAs per SM do not fit");
 };
 
 /* ---- PTX wrappers ---------------------------------------------------------------------------- */
@@ -559,8 +568,11 @@ template <class T> __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
                     pack2<T>(x[6], x[7]));
 }
 
+/* CTAs per SM the instance is sized for (shared memory, see ring_bytes). */
+template <int HD, int WM> constexpr int min_ctas_per_sm() { return HD <= 128 && WM <= 2 ? 2 : 1; }
+
 template <int HD, class T, int WM>
-__global__ void __launch_bounds__(kThreads, 1) attn_kernel(const params p) {
+__global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>())) attn_kernel(const params p) {
   typedef smem_layout<HD, WM> SL;
   constexpr int WN = kConsumerWarps / WM, NT = kUnitTokens / WN;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -753,47 +765,6 @@ __global__ void __launch_bounds__(256) combine_kernel(const params p) {
 
 /* ---- host ------------------------------------------------------------------------------------ */
 
-typedef kvc_status_t (*launch_fn)(const params &, dim3, cudaStream_t);
-
-template <int HD, class T, int WM>
-kvc_status_t launch(const params &p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = smem_layout<HD, WM>::bytes;
-  if (cudaFuncSetAttribute(attn_kernel<HD, T, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           smem) != cudaSuccess)
-    return KVC_ERR_CUDA;
-  attn_kernel<HD, T, WM><<<grid, kThreads, smem, stream>>>(p);
-  if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
-  if (p.nsplits > 1) {
-    const long pairs = (long)p.total_q_rows * p.num_q_heads;
-    combine_kernel<HD, T><<<(unsigned)((pairs + 7) / 8), 256, 0, stream>>>(p);
-    if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
-  }
-  return KVC_OK;
-}
-
-/* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4]; NULL: not built (the
- * shared-memory budget of head_dim 256 leaves room for one query tile of 16 entries). */
-const launch_fn kLaunch[3][2][3] = {
-    {{launch<64, __half, 1>, launch<64, __half, 2>, launch<64, __half, 4>},
-     {launch<64, __nv_bfloat16, 1>, launch<64, __nv_bfloat16, 2>, launch<64, __nv_bfloat16, 4>}},
-    {{launch<128, __half, 1>, launch<128, __half, 2>, launch<128, __half, 4>},
-     {launch<128, __nv_bfloat16, 1>, launch<128, __nv_bfloat16, 2>,
-      launch<128, __nv_bfloat16, 4>}},
-    {{launch<256, __half, 1>, NULL, NULL}, {launch<256, __nv_bfloat16, 1>, NULL, NULL}},
-};
-
-int hd_index(int hd) { return hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1; }
-
-/* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring:
- * 128 for head_dim 64 and 128, 64 for head_dim 256. */
-int max_block_tokens(int hdi) {
-  const int ring = hdi == 0 ? ring_bytes<64>() : hdi == 1 ? ring_bytes<128>() : ring_bytes<256>();
-  const int row = hdi == 0 ? 128 : hdi == 1 ? 256 : 512;
-  int bt = kMaxBlockTokens;
-  while (2 * bt * row > ring) bt /= 2;
-  return bt;
-}
-
 /* Splits of each sequence's units: minimises (waves of CTAs) x (units per CTA + a fixed cost). */
 int choose_splits(long base_ctas, int units_max, int slots) {
   const long fixed = 2; /* per-CTA cost (Q tile, metadata, epilogue), in units */
@@ -813,6 +784,72 @@ int choose_splits(long base_ctas, int units_max, int slots) {
   }
   return best;
 }
+
+/* What the launcher knows before it picks an instance. */
+struct launch_shape {
+  long base_ctas; /* sequences x kv heads x query tiles */
+  int units_max;  /* 64-token units of the longest sequence */
+  size_t ws_per_split;
+  size_t ws_bytes;
+  int qtiles, num_kv_heads, num_seqs;
+};
+
+typedef kvc_status_t (*launch_fn)(params &, const launch_shape &, cudaStream_t);
+
+/* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring. */
+template <int HD, int WM> constexpr int max_block_tokens() {
+  return 2 * kMaxBlockTokens * 2 * HD <= ring_bytes<HD, WM>() ? kMaxBlockTokens
+         : 2 * 64 * 2 * HD <= ring_bytes<HD, WM>()              ? 64
+                                                                : 32;
+}
+
+template <int HD, class T, int WM>
+kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
+  constexpr int smem = smem_layout<HD, WM>::bytes;
+  if (p.block_tokens > max_block_tokens<HD, WM>()) return KVC_ERR_UNSUPPORTED;
+  int dev = 0, sms = 0, per_sm = 0;
+  if (cudaFuncSetAttribute(attn_kernel<HD, T, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           smem) != cudaSuccess ||
+      cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attn_kernel<HD, T, WM>, kThreads,
+                                                    smem) != cudaSuccess)
+    return KVC_ERR_CUDA;
+  if (per_sm < 1) return KVC_ERR_UNSUPPORTED;
+  int ns = choose_splits(sh.base_ctas, sh.units_max, sms * per_sm);
+  const size_t fit = p.ws_o ? sh.ws_bytes / sh.ws_per_split : 0;
+  if (ns > 1 && (size_t)ns > fit) ns = fit >= 2 ? (int)fit : 1;
+  const int ups = (sh.units_max + ns - 1) / ns;
+  ns = (sh.units_max + ups - 1) / ups;
+  if ((long)sh.qtiles * ns > 0x7fffffffL) return KVC_ERR_UNSUPPORTED;
+  p.nsplits = ns;
+  p.units_per_split = ups;
+  if (ns > 1) p.ws_lse = p.ws_o + (size_t)ns * p.total_q_rows * p.num_q_heads * HD;
+  const dim3 grid((unsigned)(sh.qtiles * ns), (unsigned)sh.num_kv_heads, (unsigned)sh.num_seqs);
+  attn_kernel<HD, T, WM><<<grid, kThreads, smem, stream>>>(p);
+  if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
+  if (p.nsplits > 1) {
+    const long pairs = (long)p.total_q_rows * p.num_q_heads;
+    combine_kernel<HD, T><<<(unsigned)((pairs + 7) / 8), 256, 0, stream>>>(p);
+    if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
+  }
+  return KVC_OK;
+}
+
+/* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4]; NULL: not built (the
+ * shared-memory budget of head_dim 256 leaves room for one query tile of 16 entries). An instance
+ * returns KVC_ERR_UNSUPPORTED for a block_tokens its ring cannot hold; the caller then tries the
+ * next larger WM. */
+const launch_fn kLaunch[3][2][3] = {
+    {{launch<64, __half, 1>, launch<64, __half, 2>, launch<64, __half, 4>},
+     {launch<64, __nv_bfloat16, 1>, launch<64, __nv_bfloat16, 2>, launch<64, __nv_bfloat16, 4>}},
+    {{launch<128, __half, 1>, launch<128, __half, 2>, launch<128, __half, 4>},
+     {launch<128, __nv_bfloat16, 1>, launch<128, __nv_bfloat16, 2>,
+      launch<128, __nv_bfloat16, 4>}},
+    {{launch<256, __half, 1>, NULL, NULL}, {launch<256, __nv_bfloat16, 1>, NULL, NULL}},
+};
+
+int hd_index(int hd) { return hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1; }
 
 }  // namespace kvc_attn
 
@@ -837,7 +874,7 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   const int hdi = hd_index(a->head_dim);
   const int bt = a->block_tokens;
   if (hdi < 0 || (a->dtype != KVC_DTYPE_F16 && a->dtype != KVC_DTYPE_BF16) || bt < 16 ||
-      bt > max_block_tokens(hdi) || (bt & (bt - 1)) != 0)
+      bt > kMaxBlockTokens || (bt & (bt - 1)) != 0)
     return KVC_ERR_UNSUPPORTED;
   if (a->num_seqs == 0) return a->total_q_rows == 0 ? KVC_OK : KVC_ERR_INVALID_ARGUMENT;
   if (a->num_seqs > 65535) return KVC_ERR_UNSUPPORTED; /* grid.z */
@@ -851,26 +888,8 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   const int group = a->num_q_heads / a->num_kv_heads;
   const int max_qo = a->max_qo_len > 0 ? a->max_qo_len : a->total_q_rows - a->num_seqs + 1;
   if (max_qo < 1) return KVC_ERR_INVALID_ARGUMENT;
+  if ((uintptr_t)a->workspace % 16 != 0) return KVC_ERR_INVALID_ARGUMENT;
   const long entries_max = (long)max_qo * group;
-  int wmi = entries_max <= 16 ? 0 : entries_max <= 32 ? 1 : 2;
-  if (hdi == 2) wmi = 0;
-  const int wm = 1 << wmi;
-  const long qtiles = (entries_max + 16 * wm - 1) / (16 * wm);
-  const int units_max = (a->max_kv_len + kUnitTokens - 1) / kUnitTokens;
-
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    return KVC_ERR_CUDA;
-  const long base = (long)a->num_seqs * a->num_kv_heads * qtiles;
-  int ns = choose_splits(base, units_max, sms);
-  const size_t per_split = (size_t)a->total_q_rows * a->num_q_heads * (a->head_dim + 1) * 4;
-  const size_t fit = a->workspace ? a->workspace_bytes / per_split : 0;
-  if (ns > 1 && (size_t)ns > fit) ns = fit >= 2 ? (int)fit : 1;
-  int ups = (units_max + ns - 1) / ns;
-  ns = (units_max + ups - 1) / ups;
-  if (qtiles * ns > 0x7fffffffL) return KVC_ERR_UNSUPPORTED;
-  if (ns > 1 && (uintptr_t)a->workspace % 16 != 0) return KVC_ERR_INVALID_ARGUMENT;
 
   kvc_attn::params p;
   p.qo_indptr = a->qo_indptr;
@@ -881,8 +900,8 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   p.pool = a->pool;
   p.q = a->q;
   p.out = a->out;
-  p.ws_o = ns > 1 ? (float *)a->workspace : NULL;
-  p.ws_lse = ns > 1 ? p.ws_o + (size_t)ns * a->total_q_rows * a->num_q_heads * a->head_dim : NULL;
+  p.ws_o = (float *)a->workspace;
+  p.ws_lse = NULL;
   p.chunk_bytes = a->chunk_bytes;
   p.chunk_shift = (uint32_t)__builtin_ctz(a->chunk_bytes);
   p.num_q_heads = a->num_q_heads;
@@ -891,10 +910,25 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   p.block_tokens = bt;
   p.dtype = (int)a->dtype;
   p.total_q_rows = a->total_q_rows;
-  p.qtiles = (int)qtiles;
-  p.nsplits = ns;
-  p.units_per_split = ups;
   p.scale_log2 = a->scale * 1.4426950408889634f;
-  const dim3 grid((unsigned)(qtiles * ns), (unsigned)a->num_kv_heads, (unsigned)a->num_seqs);
-  return kLaunch[hdi][a->dtype == KVC_DTYPE_BF16][wmi](p, grid, (cudaStream_t)stream);
+
+  /* The smallest query tile that holds a sequence's rows; a larger one when the block size needs
+   * a larger ring. */
+  for (int wmi = entries_max <= 16 ? 0 : entries_max <= 32 ? 1 : 2; wmi < 3; wmi++) {
+    const launch_fn fn = kLaunch[hdi][a->dtype == KVC_DTYPE_BF16][wmi];
+    if (!fn) break;
+    const int wm = 1 << wmi;
+    launch_shape sh;
+    sh.qtiles = (int)((entries_max + 16 * wm - 1) / (16 * wm));
+    sh.base_ctas = (long)a->num_seqs * a->num_kv_heads * sh.qtiles;
+    sh.units_max = (a->max_kv_len + kUnitTokens - 1) / kUnitTokens;
+    sh.ws_per_split = (size_t)a->total_q_rows * a->num_q_heads * (a->head_dim + 1) * 4;
+    sh.ws_bytes = a->workspace ? a->workspace_bytes : 0;
+    sh.num_kv_heads = a->num_kv_heads;
+    sh.num_seqs = a->num_seqs;
+    p.qtiles = sh.qtiles;
+    const kvc_status_t st = fn(p, sh, (cudaStream_t)stream);
+    if (st != KVC_ERR_UNSUPPORTED) return st;
+  }
+  return KVC_ERR_UNSUPPORTED;
 }

@@ -2,7 +2,8 @@
  * The CPU backend: the pool, directories and free stack in host memory (from the cache's host
  * allocator), the same protocol as the CUDA backend (chunks popped from and pushed to a stack,
  * staging pages, one compress scratch block per job), executed at once. It is the reference the
- * CUDA backend is compared with, and what CI runs end to end.
+ * CUDA backend is compared with, and what CI runs end to end. As there, a new staging page is not
+ * cleared: its slots past the tail's length are unspecified and never read.
  */
 #include <string.h>
 

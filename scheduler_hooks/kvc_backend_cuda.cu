@@ -17,6 +17,12 @@
  * Errors found by kernels (the free stack running dry, an entry in an unexpected state — both
  * impossible unless the host accounting has a bug) set pool.error; the host sees it with the next
  * page sizes and reports KVC_ERR_INTERNAL.
+ *
+ * Chunks are popped and pushed by many threads at once, so which chunk ids a page gets (and the
+ * order of the free stack) depends on scheduling and differs from the CPU backend; only page
+ * contents are the same. A new staging page is not cleared: its slots past the tail's length hold
+ * whatever the chunks held before (on both backends), and no reader looks at them (the attention
+ * kernels read kv_len rows, compression reads its scratch block, which every job fills whole).
  */
 #include <cuda_runtime.h>
 

@@ -61,6 +61,9 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
   kvc_test_rng_t rng;
   kvc_test_rng_seed(&rng, c->seed);
   int max_len = (int)(c->max_len * kvc_test_scale());
+  /* Small scales keep the pinned lengths below (one block, one block plus one, 65 tokens). */
+  const int pinned = c->block_tokens > 64 ? c->block_tokens + 1 : 66;
+  if (max_len < pinned) max_len = c->max_len < pinned ? c->max_len : pinned;
   if (max_len < 1) max_len = 1;
   int32_t *len = (int32_t *)malloc(sizeof(int32_t) * c->num_seqs);
   assert_non_null(len);

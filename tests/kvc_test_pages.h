@@ -9,9 +9,10 @@
  * gaps, and unused pool bytes are 0xFF (a NaN in f16, bf16 and f32) so that any read outside a
  * page shows up as NaN in the output.
  *
- * Alongside, the helper records what each token's K and V decode to (`k`, `v`, float): a compressed
- * page's values as kvc_codec_decode returns them, a staging page's values rounded to the dtype. A
- * test computes its naive reference over these, independently of the attention code.
+ * Alongside, the helper records what each token's K and V decode to (`k`, `v`, float): the values
+ * the cache's dtype holds — kvc_codec_decode's floats (compressed pages) or the inputs (staging
+ * pages), rounded to the dtype. A test computes its naive reference over these, independently of
+ * the attention code.
  */
 #ifndef KVC_TEST_PAGES_H
 #define KVC_TEST_PAGES_H
@@ -62,7 +63,8 @@ typedef struct kvc_test_pages {
   int32_t *block_ids;        /* [block_indptr[num_seqs]] */
   int max_kv_len;
   int64_t *token_offset;     /* [num_seqs + 1]: sequence s's tokens are rows token_offset[s].. */
-  float *k, *v;              /* [token_offset[num_seqs]][num_kv_heads][head_dim], as decoded */
+  float *k, *v;              /* [token_offset[num_seqs]][num_kv_heads][head_dim], as decoded and
+                                rounded to the dtype */
   size_t page_bytes;         /* bytes of all distinct pages (shared ones once) */
   int pages_by_kind[4];      /* staging, raw, bit-pack, Huffman */
 } kvc_test_pages_t;

@@ -79,7 +79,8 @@ template <int HD> struct scratch_layout {
   static constexpr int table_off = 0;
   static constexpr int base_off = table_off + 4 * KVC_HUF_TABLE_SIZE;
   static constexpr int step_off = base_off + 4 * groups;
-  static constexpr int lane_off = step_off + 4 * groups;
+  static constexpr int bs_off = step_off + 4 * groups;
+  static constexpr int lane_off = bs_off + 4 * groups;
   static constexpr int sym_start_off = lane_off + 4 * (lanes + 4);
   static constexpr int sym_entry_off = sym_start_off + 4 * KVC_SYM_COUNT;
   static constexpr int cnt_off = sym_entry_off + 4 * KVC_SYM_COUNT;
@@ -90,6 +91,7 @@ struct scratch {
   uint32_t *table;
   int32_t *base;
   float *step;
+  float *bs;            /* base * step, where exact (the fast paths' FFMA addend) */
   uint32_t *lane_start; /* [n_lanes + 1] */
   uint32_t *sym_start;  /* [64] canonical order: table index where each code's range starts */
   uint32_t *sym_entry;  /* [64] its table entry */
@@ -102,6 +104,7 @@ template <int HD> __device__ __forceinline__ scratch make_scratch(uint8_t *p) {
   s.table = (uint32_t *)(p + L::table_off);
   s.base = (int32_t *)(p + L::base_off);
   s.step = (float *)(p + L::step_off);
+  s.bs = (float *)(p + L::bs_off);
   s.lane_start = (uint32_t *)(p + L::lane_off);
   s.sym_start = (uint32_t *)(p + L::sym_start_off);
   s.sym_entry = (uint32_t *)(p + L::sym_entry_off);
@@ -196,6 +199,163 @@ __device__ __forceinline__ bool huffman_rows(const scratch &sc, float abs_step, 
 }
 
 /*
+ * Fast paths. Both reconstruct relative-mode values as fmaf(u, step, base * step): with |base| <
+ * 2^18 and a 6-bit step mantissa, base * step is exact, so the one rounding of the FMA gives the
+ * CPU decoder's (float)(base + u) * step bit for bit, in two operations instead of an int->float
+ * conversion (a quarter-rate instruction) and a multiply.
+ */
+
+/* Code j (0..7) of eight W-bit codes held most significant first in hi:lo. */
+template <int W>
+__device__ __forceinline__ uint32_t code_at(uint32_t hi, uint32_t lo, int j) {
+  if constexpr (W == 0) {
+    return 0u;
+  } else {
+    const int b = j * W;
+    if (b + W <= 32) return (hi << b) >> (32 - W);
+    if (b >= 32) return (lo << (b - 32)) >> (32 - W);
+    return __funnelshift_l(lo, hi, b) >> (32 - W);
+  }
+}
+
+/* Exact float of a small non-negative integer (< 2^23) without the conversion unit. */
+__device__ __forceinline__ float small_uint_to_float(uint32_t u) {
+  return __uint_as_float(0x4B000000u | u) - 8388608.0f;
+}
+
+/*
+ * Bit-pack, relative mode, width W <= 8: each thread owns one 16-byte column (8 channels) of the
+ * tile, so key steps and addends sit in registers; a row's eight codes come from one 64-bit
+ * window (three word loads) and leave as one 16-byte store.
+ */
+template <int HD, class T, int MODE, int W>
+__device__ __forceinline__ void bitpack_rows_fast(const scratch &sc, const uint32_t *w,
+                                                  uint32_t last, uint32_t meta, int ptok0,
+                                                  int nrows, int row0, uint8_t *tile, int pt) {
+  constexpr int P = HD / 8, RSTEP = 64 / P;
+  const int c = pt % P;
+  float kst[8], kbs[8];
+  if (MODE == 0) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      kst[j] = sc.step[8 * c + j];
+      kbs[j] = sc.bs[8 * c + j];
+    }
+  }
+  for (int r = pt / P; r < nrows; r += RSTEP) {
+    const int t = ptok0 + r;
+    const uint32_t pos = meta + (uint32_t)(t * HD + 8 * c) * W, k = pos >> 5, sh = pos & 31;
+    const uint32_t w0 = w[min(k, last)], w1 = w[min(k + 1, last)], w2 = w[min(k + 2, last)];
+    const uint32_t hi = __funnelshift_l(w1, w0, sh), lo = __funnelshift_l(w2, w1, sh);
+    const float vst = MODE == 1 ? sc.step[t] : 0.f, vbs = MODE == 1 ? sc.bs[t] : 0.f;
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const float uf = small_uint_to_float(code_at<W>(hi, lo, j));
+      v[j] = MODE == 0 ? __fmaf_rn(uf, kst[j], kbs[j]) : __fmaf_rn(uf, vst, vbs);
+    }
+    *(uint4 *)(tile + tile_off<HD>(row0 + r, c)) =
+        make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
+                   pack2<T>(v[6], v[7]));
+  }
+}
+
+template <int HD, class T, int MODE>
+__device__ __forceinline__ void bitpack_rows_fast_w(const scratch &sc, const uint32_t *w,
+                                                    uint32_t last, uint32_t meta, uint32_t width,
+                                                    int ptok0, int nrows, int row0, uint8_t *tile,
+                                                    int pt) {
+  switch (width) {
+#define KVC__W(W)                                                                                  \
+  case W:                                                                                          \
+    bitpack_rows_fast<HD, T, MODE, W>(sc, w, last, meta, ptok0, nrows, row0, tile, pt);            \
+    break;
+    KVC__W(0) KVC__W(1) KVC__W(2) KVC__W(3) KVC__W(4) KVC__W(5) KVC__W(6) KVC__W(7) KVC__W(8)
+#undef KVC__W
+  }
+}
+
+/* Table entry of the direct-symbol Huffman path: the symbol's value as a float (< 32: its low 18
+ * bits are zero) with the code length in the low four bits. */
+__device__ __forceinline__ uint32_t fast_huf_entry(uint32_t sym, uint32_t len) {
+  return __float_as_uint((float)sym) | len;
+}
+
+/*
+ * Huffman, relative mode, every symbol direct (no extra bits, codes <= 11 bits), lanes a multiple
+ * of both 64 and head_dim (so lane i always codes channel i % head_dim). Each thread decodes LPT
+ * lanes interleaved (independent chains: the loads of one hide the latency of the others), two
+ * symbols per 32-bit window (11 + 11 bits always fit), from a two-word bit buffer refilled as it
+ * drains. Returns false when a lane decoded to its end does not end where the next one starts.
+ */
+template <int HD, class T, int MODE, int LPT>
+__device__ __forceinline__ bool huffman_rows_fast(const scratch &sc, const uint32_t *w,
+                                                  uint32_t last, int n_lanes, int lmax, int S,
+                                                  int ptok0, int nrows, int row0, uint8_t *tile,
+                                                  int pt) {
+  constexpr int RB = 2 * HD;
+  const int m = n_lanes / HD; /* tokens a lane advances per symbol */
+  const int per_lane = S / n_lanes;
+  const int t_end = ptok0 + nrows;
+  uint32_t cur[LPT], nxt[LPT], used[LPT], widx[LPT];
+  float kst[LPT], kbs[LPT];
+  int d[LPT], t0[LPT];
+#pragma unroll
+  for (int l = 0; l < LPT; l++) {
+    const int lane = pt + 64 * l;
+    const uint32_t pos = sc.lane_start[lane];
+    widx[l] = pos >> 5;
+    used[l] = pos & 31;
+    cur[l] = w[min(widx[l], last)];
+    nxt[l] = w[min(widx[l] + 1, last)];
+    d[l] = lane % HD;
+    t0[l] = lane / HD;
+    kst[l] = MODE == 0 ? sc.step[d[l]] : 0.f;
+    kbs[l] = MODE == 0 ? sc.bs[d[l]] : 0.f;
+  }
+  /* Symbols each lane decodes: up to the last needed token, rounded up to a pair. */
+  int steps = (t_end + m - 1) / m;
+  steps = min(per_lane, steps + (steps & 1));
+  for (int k = 0; k < steps; k += 2) {
+#pragma unroll
+    for (int l = 0; l < LPT; l++) {
+      const uint32_t win = __funnelshift_l(nxt[l], cur[l], used[l]);
+      const uint32_t e1 = sc.table[kvc_dev_top(win, (uint32_t)lmax)];
+      const uint32_t len1 = e1 & 15u;
+      const uint32_t e2 = sc.table[kvc_dev_top(win << len1, (uint32_t)lmax)];
+      const uint32_t len2 = e2 & 15u;
+      used[l] += len1 + len2;
+      if (used[l] >= 32) {
+        cur[l] = nxt[l];
+        widx[l]++;
+        nxt[l] = w[min(widx[l] + 1, last)];
+        used[l] -= 32;
+      }
+      const float u1 = __uint_as_float(e1 & ~15u), u2 = __uint_as_float(e2 & ~15u);
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int t = t0[l] + (k + h) * m;
+        if (t >= ptok0 && t < t_end && k + h < per_lane) {
+          const float uf = h ? u2 : u1;
+          const float v = MODE == 0 ? __fmaf_rn(uf, kst[l], kbs[l])
+                                    : __fmaf_rn(uf, sc.step[t], sc.bs[t]);
+          const int row = row0 + t - ptok0;
+          *(uint16_t *)(tile + row * RB + (((d[l] >> 3) ^ (row & 7)) << 4) + (d[l] & 7) * 2) =
+              to_bits<T>(v);
+        }
+      }
+    }
+  }
+  bool ok = true;
+  if (steps == per_lane) {
+#pragma unroll
+    for (int l = 0; l < LPT; l++)
+      ok &= widx[l] * 32 + used[l] == sc.lane_start[pt + 64 * l + 1];
+  }
+  return ok;
+}
+
+/*
  * Decodes tokens [ptok0, ptok0 + nrows) of a quantized section (bit-pack or Huffman) of a page
  * with n_tokens tokens into tile rows row0.. . `sec` (16-byte aligned, shared) holds sec_bytes.
  * Returns false, in every thread of the pair, for a section inconsistent with the format. The
@@ -234,16 +394,27 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
       int e = qh.e_min + (int)kvc_dev_top(kvc_dev_window(w, last, (uint32_t)g * qh.w_e), qh.w_e);
       bad |= e > KVC_STEP_CODE_MAX;
       sc.step[g] = kvc_step_from_code(min(e, KVC_STEP_CODE_MAX));
+      sc.bs[g] = __fmul_rn((float)sc.base[g], sc.step[g]);
     }
   }
   const float abs_step = kvc_step_from_code(qh.e_min);
   const int mode = rel ? tensor : 2;
+  /* The fast paths' FMA is exact when every base has at most 18 significant bits. */
+  const bool exact = rel && qh.b_min > -(1 << 18) &&
+                     (int64_t)qh.b_min + ((int64_t)1 << qh.w_b) <= (int64_t)1 << 18;
 
   if (codec == KVC_CODEC_BITPACK) {
     if (qh.width > KVC_Q_MAX_BITS || qh.n_lanes != 0 || meta + (uint64_t)S * qh.width > cap)
       return false;
     if (pair_any(bad, bar)) return false;
-    if (mode == 0)
+    if (exact && qh.width <= 8) {
+      if (mode == 0)
+        bitpack_rows_fast_w<HD, T, 0>(sc, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
+                                      tile, pt);
+      else
+        bitpack_rows_fast_w<HD, T, 1>(sc, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
+                                      tile, pt);
+    } else if (mode == 0)
       bitpack_rows<HD, T, 0>(sc, abs_step, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
                              tile, pt);
     else if (mode == 1)
@@ -264,6 +435,10 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
   if (n_sym < 1 || n_sym > KVC_SYM_COUNT || n_lanes < 1 || n_lanes > SL::lanes || n_lanes > S ||
       stream_pos > cap)
     return false;
+  /* Every symbol direct (below 32, no extra bits), lanes on fixed channels, 64 symbols each. */
+  const int lpt = n_lanes / 64;
+  const bool fast = exact && n_sym <= KVC_SYM_DIRECT && n_lanes % 64 == 0 && n_lanes % HD == 0 &&
+                    n_lanes * KVC_LANE_SYMBOLS == S && (lpt == 1 || lpt == 2 || lpt == 4);
   const int wp = pt >> 5, ln = pt & 31;
   const uint32_t len =
       pt < n_sym ? kvc_dev_top(kvc_dev_window(w, last, (uint32_t)lens_pos + 4 * pt), 4) : 0u;
@@ -293,11 +468,13 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
     const uint32_t rank = (uint32_t)__popc(below) + (wp ? (uint32_t)sc.cnt[len] : 0u);
     const uint32_t start = first + (rank << (KVC_HUF_MAX_LEN - len));
     sc.sym_start[sorted + rank] = start >> (KVC_HUF_MAX_LEN - lmax);
-    sc.sym_entry[sorted + rank] = kvc_huf_entry((uint32_t)pt, len);
+    sc.sym_entry[sorted + rank] =
+        fast ? fast_huf_entry((uint32_t)pt, len) : kvc_huf_entry((uint32_t)pt, len);
   }
   if (single && pt == 0) {
     sc.sym_start[0] = 0;
-    sc.sym_entry[0] = kvc_huf_entry((uint32_t)n_sym - 1, 0);
+    sc.sym_entry[0] = fast ? fast_huf_entry((uint32_t)n_sym - 1, 0)
+                           : kvc_huf_entry((uint32_t)n_sym - 1, 0);
   }
   /* Lane starts: exclusive scan of the lane lengths (each thread a contiguous run of lanes). */
   const int per = (n_lanes + 63) / 64, lo = min(n_lanes, pt * per), hi = min(n_lanes, lo + per);
@@ -332,7 +509,15 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
   }
   if (pair_any(bad, bar)) return false;
   bool lanes_ok;
-  if (mode == 0)
+  if (fast) {
+#define KVC__FAST(MODE, LPT)                                                                       \
+  huffman_rows_fast<HD, T, MODE, LPT>(sc, w, last, n_lanes, lmax, S, ptok0, nrows, row0, tile, pt)
+    if (mode == 0)
+      lanes_ok = lpt == 1 ? KVC__FAST(0, 1) : lpt == 2 ? KVC__FAST(0, 2) : KVC__FAST(0, 4);
+    else
+      lanes_ok = lpt == 1 ? KVC__FAST(1, 1) : lpt == 2 ? KVC__FAST(1, 2) : KVC__FAST(1, 4);
+#undef KVC__FAST
+  } else if (mode == 0)
     lanes_ok = huffman_rows<HD, T, 0>(sc, abs_step, w, last, n_lanes, lmax, S, ptok0, nrows, row0,
                                       tile, pt);
   else if (mode == 1)

@@ -5,7 +5,8 @@
  *   - the pages the cache holds are read back through the directory (kvc__cache_read_page) and
  *     decoded with the CPU codec (kvc_codec_decode_head); staging pages must hold the stored values
  *     exactly, compressed pages must be within the configured error bound of them;
- *   - kvc_attend's output must equal a dense float64 reference computed over those decoded values,
+ *   - kvc_attend's output must equal a dense float64 reference computed over those decoded values
+ *     (rounded to the cache dtype, as attention reads them),
  *     up to the rounding of the output dtype (1e-6 relative for f32);
  *   - with the raw codec and f32, the decoded values equal the originals, so the output equals
  *     dense attention over the original K/V;
@@ -147,7 +148,7 @@ static void decode_sequence(kvc_cache_t *c, const kvc_config_t *cfg, kvc_seq_id_
                 fail_msg("layer %d block %d codec %d t%d h%d tok %d d %d: decoded %.9g, original "
                          "%.9g, bound %.9g",
                          l, j, (int)info.codec, t, h, tok, d, y, x, lim);
-              dec[i] = (float)y;
+              dec[i] = round_to(cfg->dtype, (float)y); /* attention reads the dtype */
             }
           }
         }

@@ -229,12 +229,11 @@ static void head_dims_and_dtypes(void **state) {
 /* Several query rows per sequence: chunked prefill and speculative tokens, causal. */
 static void multi_query_causal(void **state) {
   (void)state;
-  uint64_t seed = 300;
   attn_case_t cases[] = {
-      {7, 8, 2, 64, 16, KVC_DTYPE_F16, 120, 20, KVC_TEST_PAGE_ALL, 0, seed++},
-      {3, 8, 8, 128, 64, KVC_DTYPE_BF16, 200, 70, KVC_TEST_PAGE_ALL, 0, seed++},
-      {1, 16, 2, 64, 16, KVC_DTYPE_F32, 90, 90, KVC_TEST_PAGE_ALL, 0, seed++},
-      {37, 4, 1, 64, 16, KVC_DTYPE_F16, 40, 5, KVC_TEST_PAGE_ALL, 0, seed++},
+      {7, 8, 2, 64, 16, KVC_DTYPE_F16, 120, 20, KVC_TEST_PAGE_ALL, 0, 300},
+      {3, 8, 8, 128, 64, KVC_DTYPE_BF16, 200, 70, KVC_TEST_PAGE_ALL, 0, 301},
+      {1, 16, 2, 64, 16, KVC_DTYPE_F32, 90, 90, KVC_TEST_PAGE_ALL, 0, 302},
+      {37, 4, 1, 64, 16, KVC_DTYPE_F16, 40, 5, KVC_TEST_PAGE_ALL, 0, 303},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) check_case(&cases[i]);
 }

@@ -6,10 +6,11 @@
  * the sequence's 64-token *units*. Five warps:
  *
  *   producer (warp 4)  walks the split's units: reads block ids, page entries, page headers and
- *                      section tables 32 pages at a time, takes space in a shared-memory byte ring
+ *                      section tables 16 pages at a time, takes space in a shared-memory byte ring
  *                      and issues 16-byte cp.async loads; a unit's completion is tracked by an
- *                      mbarrier ("full"), its release by the consumers by another ("empty"). A unit
- *                      whose pages are all uncompressed rows (staging pages, RAW pages) lands
+ *                      mbarrier ("full"), its release by the consumers by another ("empty"); every
+ *                      thread arrives itself, so each arrive releases that thread's own accesses.
+ *                      A unit whose pages are all uncompressed rows (staging pages, RAW pages) lands
  *                      directly in the swizzled tile layout the tensor cores read; otherwise its
  *                      compressed sections land as bytes. The producer runs ahead as far as the
  *                      ring allows, so its dependent metadata loads stay off the consumers' path.
@@ -19,6 +20,8 @@
  *                      shares every K/V value it loads), online softmax in fp32 (exp2, scale folded
  *                      in), O += P V with mma.sync. With one query tile (decode) the four warps
  *                      split the unit's 64 tokens; with more entries each warp owns 16 of them.
+ *
+ * Decode instances (16 query entries) are sized for two CTAs per SM; see ring_bytes.
  *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
  * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.
@@ -466,9 +469,10 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       for (int q = 0; q < kMaxUnitPages; q++)
         if (q < npg) d.pages[q] = up[q];
     }
+    /* Every lane: its copies complete the phase asynchronously, its arrive releases its own
+     * shared-memory stores (zero rows; lane 0: the descriptor). */
     mbar_arrive_cp_async(bars + 8 * slot);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(bars + 8 * slot);
+    mbar_arrive(bars + 8 * slot);
   }
 }
 
@@ -592,8 +596,8 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>())) attn_ke
 
   if (tid == 0) {
     for (int i = 0; i < kSlots; i++) {
-      mbar_init(bars + 8 * i, 1);                           /* full: the producer's lane 0 */
-      mbar_init(bars + 8 * (kSlots + i), kConsumerWarps);   /* empty: one arrive per consumer warp */
+      mbar_init(bars + 8 * i, 32);                          /* full: every producer lane */
+      mbar_init(bars + 8 * (kSlots + i), kConsumers);       /* empty: every consumer thread */
     }
   }
   /* Q tile: entry e -> (row e / group, head kh * group + e % group); zeros past the rows. */
@@ -636,16 +640,14 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>())) attn_ke
       const uint32_t uo = d->ring_off;
       if (flags & UNIT_BAD) {
         bad = true;
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bars + 8 * (kSlots + slot));
+        mbar_arrive(bars + 8 * (kSlots + slot));
         continue;
       }
       if (flags & UNIT_TILE_IN_RING) {
         const uint32_t kt = smem_u32(smem) + uo;
         attend<HD, T, NT>(kt, kt + SL::tile, qw, tb, n_valid, token0, pos0, pos1, pos_warp,
                           p.scale_log2, o, m, l);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bars + 8 * (kSlots + slot));
+        mbar_arrive(bars + 8 * (kSlots + slot));
         continue;
       }
       consumers_sync(); /* every warp is done with the previous unit's decoded tile */
@@ -663,8 +665,7 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>())) attn_ke
                                     2 + pr);
       }
       zero_rows<HD>(n_valid, tile, pt);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bars + 8 * (kSlots + slot)); /* the ring bytes are free */
+      mbar_arrive(bars + 8 * (kSlots + slot)); /* this thread is done with the ring bytes */
       if (consumers_any(!ok)) {
         bad = true;
         continue;
@@ -912,9 +913,10 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   p.total_q_rows = a->total_q_rows;
   p.scale_log2 = a->scale * 1.4426950408889634f;
 
-  /* The smallest query tile that holds a sequence's rows; a larger one when the block size needs
-   * a larger ring. */
-  for (int wmi = entries_max <= 16 ? 0 : entries_max <= 32 ? 1 : 2; wmi < 3; wmi++) {
+  /* The smallest query tile that holds a sequence's rows (head_dim 256: always 16 entries, more
+   * tiles); a larger one when the block size needs a larger ring. */
+  const int wmi0 = hdi == 2 ? 0 : entries_max <= 16 ? 0 : entries_max <= 32 ? 1 : 2;
+  for (int wmi = wmi0; wmi < 3; wmi++) {
     const launch_fn fn = kLaunch[hdi][a->dtype == KVC_DTYPE_BF16][wmi];
     if (!fn) break;
     const int wm = 1 << wmi;

@@ -260,6 +260,94 @@ __device__ __forceinline__ void bitpack_rows_fast(const scratch &sc, const uint3
   }
 }
 
+/*
+ * Half-precision arithmetic for bit-pack codes (the tile type's own pairs): 0x6400 | u is the fp16
+ * 1024 + u exactly for u < 1024 (bf16: 0x4300 | u is 128 + u for u < 128), so one OR builds two
+ * codes, one HSUB2 makes them exact halves and one HFMA2 reconstructs u * step + base * step with
+ * step and base * step rounded to the tile type. The result may differ from the CPU decoder's
+ * value by about one unit in the last place of the tile type (no longer bit for bit); the caller
+ * takes this path only when every step and addend is a normal number of the tile type.
+ */
+template <class T> struct half2_of;
+template <> struct half2_of<__half> {
+  typedef __half2 type;
+  static constexpr uint32_t magic = 0x64006400u;
+  static __device__ __forceinline__ type from_floats(float a, float b) {
+    return __floats2half2_rn(a, b);
+  }
+};
+template <> struct half2_of<__nv_bfloat16> {
+  typedef __nv_bfloat162 type;
+  static constexpr uint32_t magic = 0x43004300u;
+  static __device__ __forceinline__ type from_floats(float a, float b) {
+    return __floats2bfloat162_rn(a, b);
+  }
+};
+
+template <class H2> __device__ __forceinline__ H2 as_h2(uint32_t x) {
+  return *reinterpret_cast<const H2 *>(&x);
+}
+template <class H2> __device__ __forceinline__ uint32_t h2_bits(H2 x) {
+  return *reinterpret_cast<const uint32_t *>(&x);
+}
+
+template <int HD, class T, int MODE, int W>
+__device__ __forceinline__ void bitpack_rows_h2(const scratch &sc, const uint32_t *w,
+                                                uint32_t last, uint32_t meta, int ptok0,
+                                                int nrows, int row0, uint8_t *tile, int pt) {
+  typedef half2_of<T> HT;
+  typedef typename HT::type H2;
+  constexpr int P = HD / 8, RSTEP = 64 / P;
+  const int c = pt % P;
+  const H2 magic = as_h2<H2>(HT::magic);
+  H2 kst[4], kbs[4];
+  if (MODE == 0) {
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      kst[q] = HT::from_floats(sc.step[8 * c + 2 * q], sc.step[8 * c + 2 * q + 1]);
+      kbs[q] = HT::from_floats(sc.bs[8 * c + 2 * q], sc.bs[8 * c + 2 * q + 1]);
+    }
+  }
+  for (int r = pt / P; r < nrows; r += RSTEP) {
+    const int t = ptok0 + r;
+    const uint32_t pos = meta + (uint32_t)(t * HD + 8 * c) * W, k = pos >> 5, sh = pos & 31;
+    const uint32_t w0 = w[min(k, last)], w1 = w[min(k + 1, last)], w2 = w[min(k + 2, last)];
+    const uint32_t hi = __funnelshift_l(w1, w0, sh), lo = __funnelshift_l(w2, w1, sh);
+    H2 vst, vbs;
+    if (MODE == 1) {
+      vst = HT::from_floats(sc.step[t], sc.step[t]);
+      vbs = HT::from_floats(sc.bs[t], sc.bs[t]);
+    }
+    uint32_t out[4];
+    if (W == 4) {
+      /* Codes j and j + 4 sit 16 bits apart: one shift and one LOP3 make both halves. */
+      uint32_t pr[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        /* low half: code j + 4, high half: code j */
+        const H2 u = __hsub2(as_h2<H2>(((hi >> (12 - 4 * j)) & 0x000F000Fu) | HT::magic), magic);
+        pr[j] = h2_bits<H2>(u);
+      }
+      /* Reorder to (0,1) (2,3) (4,5) (6,7), then reconstruct pairwise. */
+      uint32_t q01 = __byte_perm(pr[0], pr[1], 0x7632), q23 = __byte_perm(pr[2], pr[3], 0x7632);
+      uint32_t q45 = __byte_perm(pr[0], pr[1], 0x5410), q67 = __byte_perm(pr[2], pr[3], 0x5410);
+      const uint32_t q[4] = {q01, q23, q45, q67};
+#pragma unroll
+      for (int p2 = 0; p2 < 4; p2++)
+        out[p2] = h2_bits<H2>(__hfma2(as_h2<H2>(q[p2]), MODE == 0 ? kst[p2] : vst,
+                                      MODE == 0 ? kbs[p2] : vbs));
+    } else {
+#pragma unroll
+      for (int p2 = 0; p2 < 4; p2++) {
+        const uint32_t u0 = code_at<W>(hi, lo, 2 * p2), u1 = code_at<W>(hi, lo, 2 * p2 + 1);
+        const H2 u = __hsub2(as_h2<H2>(u0 | (u1 << 16) | HT::magic), magic);
+        out[p2] = h2_bits<H2>(__hfma2(u, MODE == 0 ? kst[p2] : vst, MODE == 0 ? kbs[p2] : vbs));
+      }
+    }
+    *(uint4 *)(tile + tile_off<HD>(row0 + r, c)) = make_uint4(out[0], out[1], out[2], out[3]);
+  }
+}
+
 template <int HD, class T, int MODE>
 __device__ __forceinline__ void bitpack_rows_fast_w(const scratch &sc, const uint32_t *w,
                                                     uint32_t last, uint32_t meta, uint32_t width,
@@ -368,7 +456,7 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
   typedef scratch_layout<HD> SL;
   const int S = n_tokens * HD;
   pair_sync(bar); /* the previous section's readers are done with the scratch */
-  bool bad = false;
+  bool bad = false, h2_bad = false;
   bool ok = sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 && n_tokens >= 1 &&
             n_tokens <= kMaxBlockTokens && ptok0 >= 0 && ptok0 + nrows <= n_tokens;
   kvc_qsec_header_t qh;
@@ -395,6 +483,9 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
       bad |= e > KVC_STEP_CODE_MAX;
       sc.step[g] = kvc_step_from_code(min(e, KVC_STEP_CODE_MAX));
       sc.bs[g] = __fmul_rn((float)sc.base[g], sc.step[g]);
+      /* fp16 holds the step exactly and the addend closely only in its normal range */
+      h2_bad |= sizeof(T) == 2 && half2_of<T>::magic == 0x64006400u &&
+                !(sc.step[g] >= 0x1p-14f && sc.step[g] <= 32768.f && fabsf(sc.bs[g]) <= 60000.f);
     }
   }
   const float abs_step = kvc_step_from_code(qh.e_min);
@@ -407,7 +498,20 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
     if (qh.width > KVC_Q_MAX_BITS || qh.n_lanes != 0 || meta + (uint64_t)S * qh.width > cap)
       return false;
     if (pair_any(bad, bar)) return false;
-    if (exact && qh.width <= 8) {
+    const uint32_t h2_max_width = half2_of<T>::magic == 0x64006400u ? 8 : 7;
+    if (rel && qh.width <= h2_max_width && !pair_any(h2_bad, bar)) {
+      switch (qh.width) {
+#define KVC__W(W)                                                                                  \
+  case W:                                                                                          \
+    if (mode == 0)                                                                                 \
+      bitpack_rows_h2<HD, T, 0, W>(sc, w, last, (uint32_t)meta, ptok0, nrows, row0, tile, pt);     \
+    else                                                                                           \
+      bitpack_rows_h2<HD, T, 1, W>(sc, w, last, (uint32_t)meta, ptok0, nrows, row0, tile, pt);     \
+    break;
+        KVC__W(0) KVC__W(1) KVC__W(2) KVC__W(3) KVC__W(4) KVC__W(5) KVC__W(6) KVC__W(7) KVC__W(8)
+#undef KVC__W
+      }
+    } else if (exact && qh.width <= 8) {
       if (mode == 0)
         bitpack_rows_fast_w<HD, T, 0>(sc, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
                                       tile, pt);

@@ -264,9 +264,10 @@ __device__ __forceinline__ void bitpack_rows_fast(const scratch &sc, const uint3
  * Half-precision arithmetic for bit-pack codes (the tile type's own pairs): 0x6400 | u is the fp16
  * 1024 + u exactly for u < 1024 (bf16: 0x4300 | u is 128 + u for u < 128), so one OR builds two
  * codes, one HSUB2 makes them exact halves and one HFMA2 reconstructs u * step + base * step with
- * step and base * step rounded to the tile type. The result may differ from the CPU decoder's
- * value by about one unit in the last place of the tile type (no longer bit for bit); the caller
- * takes this path only when every step and addend is a normal number of the tile type.
+ * step and base * step rounded to the tile type. Steps (6-bit significands) are exact in fp16's
+ * normal range, and so is base * step when base is small, so the result is usually the CPU
+ * decoder's value rounded to fp16, else within an ulp of it. The caller takes this path for fp16
+ * tiles when every step and addend is a normal fp16 number.
  */
 template <class T> struct half2_of;
 template <> struct half2_of<__half> {
@@ -376,6 +377,70 @@ __device__ __forceinline__ uint32_t fast_huf_entry(uint32_t sym, uint32_t len) {
  * symbols per 32-bit window (11 + 11 bits always fit), from a two-word bit buffer refilled as it
  * drains. Returns false when a lane decoded to its end does not end where the next one starts.
  */
+/*
+ * The same for the common shape, a whole 64-token page into a whole unit (lane i is channel i,
+ * symbol k is token k): each lane's eight swizzled column offsets are compile-time indexed
+ * registers, so a symbol costs one store, and a value row's step and addend are loaded once for
+ * all of the thread's lanes.
+ */
+template <int HD, class T, int MODE, int LPT>
+__device__ __forceinline__ bool huffman_rows_fast64(const scratch &sc, const uint32_t *w,
+                                                    uint32_t last, int lmax, uint8_t *tile,
+                                                    int pt) {
+  constexpr int RB = 2 * HD;
+  uint32_t cur[LPT], nxt[LPT], used[LPT], widx[LPT], off[LPT][8];
+  float kst[LPT], kbs[LPT];
+#pragma unroll
+  for (int l = 0; l < LPT; l++) {
+    const int d = pt + 64 * l;
+    const uint32_t pos = sc.lane_start[d];
+    widx[l] = pos >> 5;
+    used[l] = pos & 31;
+    cur[l] = w[min(widx[l], last)];
+    nxt[l] = w[min(widx[l] + 1, last)];
+    kst[l] = MODE == 0 ? sc.step[d] : 0.f;
+    kbs[l] = MODE == 0 ? sc.bs[d] : 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) off[l][j] = (uint32_t)((((d >> 3) ^ j) << 4) + (d & 7) * 2);
+  }
+  for (int k0 = 0; k0 < kUnitTokens; k0 += 8) {
+    uint8_t *rows = tile + k0 * RB;
+#pragma unroll
+    for (int kk = 0; kk < 8; kk += 2) {
+      float vst0 = 0.f, vbs0 = 0.f, vst1 = 0.f, vbs1 = 0.f;
+      if (MODE == 1) {
+        vst0 = sc.step[k0 + kk];
+        vbs0 = sc.bs[k0 + kk];
+        vst1 = sc.step[k0 + kk + 1];
+        vbs1 = sc.bs[k0 + kk + 1];
+      }
+#pragma unroll
+      for (int l = 0; l < LPT; l++) {
+        const uint32_t win = __funnelshift_l(nxt[l], cur[l], used[l]);
+        const uint32_t e1 = sc.table[kvc_dev_top(win, (uint32_t)lmax)];
+        const uint32_t len1 = e1 & 15u;
+        const uint32_t e2 = sc.table[kvc_dev_top(win << len1, (uint32_t)lmax)];
+        used[l] += len1 + (e2 & 15u);
+        if (used[l] >= 32) {
+          cur[l] = nxt[l];
+          widx[l]++;
+          nxt[l] = w[min(widx[l] + 1, last)];
+          used[l] -= 32;
+        }
+        const float u1 = __uint_as_float(e1 & ~15u), u2 = __uint_as_float(e2 & ~15u);
+        const float v1 = MODE == 0 ? __fmaf_rn(u1, kst[l], kbs[l]) : __fmaf_rn(u1, vst0, vbs0);
+        const float v2 = MODE == 0 ? __fmaf_rn(u2, kst[l], kbs[l]) : __fmaf_rn(u2, vst1, vbs1);
+        *(uint16_t *)(rows + kk * RB + off[l][kk]) = to_bits<T>(v1);
+        *(uint16_t *)(rows + (kk + 1) * RB + off[l][kk + 1]) = to_bits<T>(v2);
+      }
+    }
+  }
+  bool ok = true;
+#pragma unroll
+  for (int l = 0; l < LPT; l++) ok &= widx[l] * 32 + used[l] == sc.lane_start[pt + 64 * l + 1];
+  return ok;
+}
+
 template <int HD, class T, int MODE, int LPT>
 __device__ __forceinline__ bool huffman_rows_fast(const scratch &sc, const uint32_t *w,
                                                   uint32_t last, int n_lanes, int lmax, int S,
@@ -498,8 +563,10 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
     if (qh.width > KVC_Q_MAX_BITS || qh.n_lanes != 0 || meta + (uint64_t)S * qh.width > cap)
       return false;
     if (pair_any(bad, bar)) return false;
-    const uint32_t h2_max_width = half2_of<T>::magic == 0x64006400u ? 8 : 7;
-    if (rel && qh.width <= h2_max_width && !pair_any(h2_bad, bar)) {
+    /* fp16 tiles only: bf16's 8-bit significand would add up to an ulp of noise to values the
+     * float path rounds exactly. */
+    const bool f16 = half2_of<T>::magic == 0x64006400u;
+    if (f16 && rel && qh.width <= 8 && !pair_any(h2_bad, bar)) {
       switch (qh.width) {
 #define KVC__W(W)                                                                                  \
   case W:                                                                                          \
@@ -613,7 +680,12 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
   }
   if (pair_any(bad, bar)) return false;
   bool lanes_ok;
-  if (fast) {
+  if (fast && n_lanes == HD && n_tokens == kUnitTokens && ptok0 == 0 && nrows == kUnitTokens &&
+      row0 == 0) {
+    constexpr int L64 = HD / 64;
+    lanes_ok = mode == 0 ? huffman_rows_fast64<HD, T, 0, L64>(sc, w, last, lmax, tile, pt)
+                         : huffman_rows_fast64<HD, T, 1, L64>(sc, w, last, lmax, tile, pt);
+  } else if (fast) {
 #define KVC__FAST(MODE, LPT)                                                                       \
   huffman_rows_fast<HD, T, MODE, LPT>(sc, w, last, n_lanes, lmax, S, ptok0, nrows, row0, tile, pt)
     if (mode == 0)

@@ -14,19 +14,7 @@
 #include "attention/kvc_attn.h"
 #include "compress/kvc_codec.h"
 
-static float kvc__f16_to_f32(uint16_t h) {
-  uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, x;
-  if (exp == 0) {
-    float f = ldexpf((float)mant, -24);
-    return sign ? -f : f;
-  }
-  if (exp == 31) x = sign | 0x7f800000u | (mant << 13);
-  else x = sign | ((exp - 15 + 127) << 23) | (mant << 13);
-  float f;
-  memcpy(&f, &x, 4);
-  return f;
-}
-
+/* Widening conversions are the codec's (kvc_codec_f16_to_f32 / kvc_codec_bf16_to_f32). */
 /* Round to nearest even, overflow to infinity, NaN stays NaN. */
 static uint16_t kvc__f32_to_f16(float f) {
   uint32_t x;
@@ -48,13 +36,6 @@ static uint16_t kvc__f32_to_f16(float f) {
   return (uint16_t)half;
 }
 
-static float kvc__bf16_to_f32(uint16_t h) {
-  uint32_t x = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &x, 4);
-  return f;
-}
-
 static uint16_t kvc__f32_to_bf16(float f) {
   uint32_t x;
   memcpy(&x, &f, 4);
@@ -74,7 +55,7 @@ static void kvc__load_row(kvc_dtype_t t, const uint8_t *src, int n, float *dst) 
   for (int i = 0; i < n; i++) {
     uint16_t h;
     memcpy(&h, src + 2 * (size_t)i, 2);
-    dst[i] = t == KVC_DTYPE_F16 ? kvc__f16_to_f32(h) : kvc__bf16_to_f32(h);
+    dst[i] = t == KVC_DTYPE_F16 ? kvc_codec_f16_to_f32(h) : kvc_codec_bf16_to_f32(h);
   }
 }
 
@@ -176,10 +157,10 @@ static kvc_status_t kvc__decode_page(const kvc_attn_args_t *a, const kvc_page_en
       kvc_status_t st = kvc_codec_decode_head(gather, nbytes, tensor, h, rows);
       if (st != KVC_OK) return KVC_ERR_CORRUPT;
       if (a->dtype == KVC_DTYPE_F16)
-        for (size_t i = 0; i < (size_t)n * hd; i++) rows[i] = kvc__f16_to_f32(kvc__f32_to_f16(rows[i]));
+        for (size_t i = 0; i < (size_t)n * hd; i++) rows[i] = kvc_codec_f16_to_f32(kvc__f32_to_f16(rows[i]));
       else if (a->dtype == KVC_DTYPE_BF16)
         for (size_t i = 0; i < (size_t)n * hd; i++)
-          rows[i] = kvc__bf16_to_f32(kvc__f32_to_bf16(rows[i]));
+          rows[i] = kvc_codec_bf16_to_f32(kvc__f32_to_bf16(rows[i]));
     }
   }
   return KVC_OK;

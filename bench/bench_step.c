@@ -36,6 +36,8 @@ typedef struct options {
   double target_bits;
   const char *target_source;
   uint64_t seed;
+  kvcb_model_bits_t models[4]; /* --check: calibrate at real models' page shapes */
+  int num_models;
 } options_t;
 
 typedef struct row {
@@ -280,6 +282,7 @@ static void usage(FILE *f) {
       "                  [--backend auto|cpu|cuda] [--contexts 32768,...]\n"
       "                  [--codecs raw,bitpack,huffman] [--warmup N] [--steps N]\n"
       "                  [--chunk TOKENS] [--target-bits B] [--target-source TEXT] [--seed S]\n"
+      "                  [--check NAME:KV_HEADS:HEAD_DIM:BITS]...  (data as bench_capacity's)\n"
       "  CUDA defaults: 40 GiB pool, all layers, 32k context, 8 warm-up + 56 timed steps (the\n"
       "                 last completes and compresses every sequence's new block).\n"
       "  CPU defaults:  1 GiB (full-model) pool, 1 layer, 1k context, 1 + 3 steps: a smoke run.\n");
@@ -358,6 +361,10 @@ static int parse_args(int argc, char **argv, options_t *o) {
       o->target_bits = atof(v);
     } else if (strcmp(a, "--target-source") == 0) {
       o->target_source = v;
+    } else if (strcmp(a, "--check") == 0) {
+      if (o->num_models == 4 || kvcb_parse_model_bits(v, &o->models[o->num_models]) != 0)
+        return fprintf(stderr, "step: bad --check %s (NAME:KV_HEADS:HEAD_DIM:BITS)\n", v), -1;
+      o->num_models++;
     } else if (strcmp(a, "--seed") == 0) {
       o->seed = strtoull(v, NULL, 10);
     } else {
@@ -431,7 +438,11 @@ int main(int argc, char **argv) {
 
   kvcb_data_t data;
   double calibrated = 0.0;
-  if (kvcb_calibrate(s, o.target_bits, o.seed, &data, &calibrated) != 0) {
+  int chosen = -1;
+  if (o.num_models > 0
+          ? (chosen = kvcb_calibrate_models(s, o.models, o.num_models, o.seed, &data,
+                                            &calibrated)) < 0
+          : kvcb_calibrate(s, o.target_bits, o.seed, &data, &calibrated) != 0) {
     fprintf(stderr, "step: calibration failed\n");
     goto out;
   }
@@ -445,8 +456,13 @@ int main(int argc, char **argv) {
     goto out;
   }
 #endif
-  printf("data: calibrated to %.3f bits/value for Huffman pages (target %.3f, %s).\n", calibrated,
-         o.target_bits, o.target_source);
+  if (chosen >= 0)
+    printf("data: calibrated at %s's page shape to the %.3f bits/value ./kvc eval measured on it;\n"
+           "  Huffman pages of these data measure %.3f bits/value at this shape.\n",
+           o.models[chosen].name, o.models[chosen].eval_bits, calibrated);
+  else
+    printf("data: calibrated to %.3f bits/value for Huffman pages (target %.3f, %s).\n",
+           calibrated, o.target_bits, o.target_source);
 
   int failed = 0;
   for (int c = 0; c < o.num_contexts; c++) {

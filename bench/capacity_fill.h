@@ -9,7 +9,8 @@
  * its range, so the code entropy depends on the shape only: heavier tails (small beta) put most
  * values in a few central bins. With absolute bounds it depends on the spread instead. Either knob
  * is calibrated (kvcb_calibrate) so that Huffman pages at the configured bound measure the target
- * bits per value, every page byte counted.
+ * bits per value, every page byte counted; kvcb_calibrate_models does it at real models' own page
+ * shapes, against what ./kvc eval measured on their K/V.
  *
  * Data lives in a bank of rows [rows][num_kv_heads][head_dim] fp16 for K and for V; a store takes
  * a window of consecutive rows at a random offset, so every page sees fresh values without
@@ -361,6 +362,51 @@ static inline int kvcb_calibrate(const kvcb_shape_t *shape, double target, uint6
   *out = d;
   *measured = bits;
   return 0;
+}
+
+/* A real model `./kvc eval` measured: its page shape and the bits per value of kvcomp Huffman at
+ * the default bound on its K/V ("NAME:KV_HEADS:HEAD_DIM:BITS" on the command line); then what the
+ * calibration found for it. */
+typedef struct kvcb_model_bits {
+  char name[64];
+  int num_kv_heads, head_dim;
+  double eval_bits;  /* measured by ./kvc eval on the real K/V */
+  kvcb_data_t data;  /* synthetic data calibrated to eval_bits at the model's page shape */
+  double model_bits; /* what those data measure at the model's page shape */
+  double run_bits;   /* and at the benchmark's shape */
+} kvcb_model_bits_t;
+
+static inline int kvcb_parse_model_bits(const char *v, kvcb_model_bits_t *m) {
+  memset(m, 0, sizeof *m);
+  if (sscanf(v, "%63[^:]:%d:%d:%lf", m->name, &m->num_kv_heads, &m->head_dim, &m->eval_bits) != 4 ||
+      m->num_kv_heads < 1 || m->head_dim < 8 || m->head_dim % 8 != 0 || m->eval_bits <= 0)
+    return -1;
+  return 0;
+}
+
+/*
+ * Data whose Huffman pages measure what ./kvc eval measured on each real model *at that model's own
+ * page shape* (its head_dim decides how much of a page is per-group metadata, so the bits of one
+ * shape do not carry to another); the same data are then measured at `run`'s shape. Of the models'
+ * data, returns (in *out, *run_bits) the one that compresses least at `run`'s shape: the
+ * conservative choice. Returns the index of that model, or -1 on failure.
+ */
+static inline int kvcb_calibrate_models(const kvcb_shape_t *run, kvcb_model_bits_t *m, int n,
+                                        uint64_t seed, kvcb_data_t *out, double *run_bits) {
+  int best = -1;
+  for (int i = 0; i < n; i++) {
+    kvcb_shape_t shape = {m[i].name, m[i].name, 1, m[i].num_kv_heads, m[i].num_kv_heads,
+                          m[i].head_dim};
+    if (kvcb_calibrate(&shape, m[i].eval_bits, seed, &m[i].data, &m[i].model_bits) != 0) return -1;
+    m[i].run_bits = kvcb_measure_bits(run, KVC_CODEC_HUFFMAN, m[i].data, 8, seed);
+    if (m[i].run_bits < 0) return -1;
+    if (best < 0 || m[i].run_bits > m[best].run_bits) best = i;
+  }
+  if (best >= 0) {
+    *out = m[best].data;
+    *run_bits = m[best].run_bits;
+  }
+  return best;
 }
 
 /* ---- fill to capacity ------------------------------------------------------------------------ */

@@ -4,13 +4,19 @@
  *
  * Compression mirrors kvc_codec.c step by step with the shared primitives of kvc_quant.h, so pages
  * are bit-identical to the CPU encoder's. Per section (tensor, kv head) the CTA loads the rows into
- * shared memory, quantizes (group ranges, verification, power-of-two fallback, centres), computes
- * every code u and the symbol histogram, builds the Huffman lengths (thread 0), sums the lane
- * lengths, and writes the section into a shared staging buffer with shared atomicOr on 32-bit words;
- * then it copies the section into the page's chunks. Chunks are taken from the device free stack as
- * the page grows (policy FIXED: one pop per section that crosses into new chunks; other policies
- * first size every section under both codecs, then pop once). The page header and section table
- * are written last.
+ * shared memory and quantizes them with each thread owning 8 neighbouring channels of some rows
+ * (16-byte vectors): group ranges, verification (which keeps every q for the code pass, so each
+ * value is divided once), power-of-two fallback, centres, then codes u and the symbol histogram.
+ * Warp 0 builds the Huffman code (kvc_codec_huf_warp.cuh); one thread per lane sums its lane's
+ * length, a block scan places the lanes, and each lane writes its bits from a 64-bit register
+ * accumulator, whole words with plain stores and only the two words it may share with its
+ * neighbours with atomicOr. Fixed-width fields (group parameters, code lengths, lane lengths,
+ * bit-pack codes) are written one output word per thread, gathered from the fields it overlaps.
+ * The section is staged in shared memory, then copied into the page's chunks. Chunks are taken
+ * from the device free stack as the page grows (policy FIXED: one pop per section that crosses into
+ * new chunks; other policies first size every section under both codecs, then pop once). The page
+ * header and section table are written last. Shared memory is sized to the launch's shape (56 KB
+ * at 64 tokens x head_dim 128: four CTAs per SM). Throughput and its accounting: bench/NOTES-codec.md.
  *
  * Limits of this build: head_dim 64, 128, 256; dtype fp16 or bf16; block_tokens * head_dim <= 16384
  * (shared memory for the rows and the codes); num_kv_heads <= 64. Other shapes: KVC_ERR_UNSUPPORTED.
@@ -22,17 +28,24 @@
 #include "compress/kvc_codec.h"
 #include "compress/kvc_codec_cuda.h"
 #include "compress/kvc_codec_device.cuh"
+#include "compress/kvc_codec_huf_warp.cuh"
 #include "compress/kvc_page_format.h"
 #include "compress/kvc_quant.h"
 
 namespace {
 
 constexpr int kThreads = 256;
+#ifndef KVC_CODEC_MIN_BLOCKS
+#define KVC_CODEC_MIN_BLOCKS 4
+#endif
+/* CTAs per SM the register budget is set for: shared memory allows 4 at 64 x 128 (64 registers,
+ * some spills); 3 gives 80 registers (measured slower: bench/NOTES-codec.md). */
+constexpr int kMinBlocks = KVC_CODEC_MIN_BLOCKS;
 constexpr int kMaxSymbols = 16384; /* block_tokens * head_dim */
 constexpr int kMaxHeads = 64;
 constexpr int kMaxLanes = kMaxSymbols / KVC_LANE_SYMBOLS; /* 256 = kThreads: one lane per thread */
-constexpr int kMaxGroups = 256;
 constexpr int kEUnset = KVC_STEP_CODE_MIN - 2;
+constexpr unsigned kFull = 0xffffffffu;
 static_assert(kMaxLanes <= kThreads, "one thread per lane");
 
 struct Args {
@@ -53,21 +66,24 @@ struct Args {
   float size_budget;
 };
 
-/* Shared memory of the compression kernel, carved from the dynamic buffer. */
+/* Shared memory of the compression kernel, carved from the dynamic buffer. Groups: at most
+ * max(head_dim, block_tokens) (channels of K, tokens of V); lanes: ceil(S_max / 64). */
 struct Smem {
   uint8_t *xs;        /* [S_max] input rows in the page dtype; reused as the section staging buffer */
-  uint32_t *us;       /* [S_max] codes */
-  int32_t *gmn, *gmx; /* [groups] order-preserving int keys of the group min / max */
+  uint32_t *us;       /* [S_max] q after verification, then the codes u */
+  int32_t *gmn, *gmx; /* [groups] order-preserving int keys of the group min / max (REL) */
+  unsigned long long *csum; /* [head_dim] channel sums of q (ABS); the same bytes as gmn, gmx */
   double *glim;       /* [groups] */
   int32_t *ge, *gbase, *gflag, *gqmin;
   float *gstep;
-  unsigned long long *csum; /* [head_dim] */
-  uint32_t *lane_bits, *lane_off; /* [kMaxLanes] */
-  uint32_t *counts, *code;        /* [64] */
+  uint32_t *lane_bits, *lane_off; /* [lanes] */
+  uint8_t *huf;                   /* KVC_HUF_WARP_SCRATCH bytes; the same bytes as lane_bits.. */
+  uint32_t *counts, *code, *enc;  /* [64]; enc: code << 10 | extra << 5 | (length + extra) */
   uint8_t *len;                   /* [64] */
   uint8_t *hdr;                   /* [sections_start] page header and section table */
   uint32_t *chunks;               /* [KVC_PAGE_MAX_CHUNKS] */
-  int *misc;                      /* [16] */
+  int *misc;                      /* [M_NMISC] */
+  size_t bytes;                   /* total */
 };
 
 /* misc[]: per-section values first (reset by quantize), then per-page ones. */
@@ -75,46 +91,42 @@ enum { M_FAIL, M_ELO, M_EHI, M_BLO, M_BHI, M_MAXU, M_LLO, M_LHI, M_NSYM, M_HAVE,
 
 __host__ __device__ inline size_t align16z(size_t x) { return (x + 15) & ~(size_t)15; }
 
-__host__ __device__ inline size_t smem_bytes(int smax, int hd, int heads) {
-  size_t b = 0;
-  b += align16z((size_t)smax * 2);            /* xs */
-  b += align16z((size_t)smax * 4);            /* us */
-  b += align16z((size_t)kMaxGroups * 8);      /* glim */
-  b += align16z((size_t)kMaxGroups * 4) * 7;  /* gmn gmx ge gbase gflag gqmin gstep */
-  b += align16z((size_t)hd * 8);              /* csum */
-  b += align16z((size_t)kMaxLanes * 4) * 2;   /* lane_bits lane_off */
-  b += 64 * 4 * 2 + 64;                       /* counts code len */
-  b += align16z(kvc_page_sections_start((uint32_t)heads));
-  b += KVC_PAGE_MAX_CHUNKS * 4 + M_NMISC * 4;
-  return b + 64;
-}
-
-__device__ inline Smem carve(uint8_t *p, int smax, int hd, int heads) {
+/* The carve of the shared buffer at p; with p = nullptr only .bytes is set (the host's size). */
+__host__ __device__ inline Smem carve(uint8_t *p, int smax, int hd, int bt, int heads) {
   Smem s;
+  size_t off = 0;
   auto take = [&](size_t bytes) {
-    uint8_t *r = p;
-    p += align16z(bytes);
+    uint8_t *r = p ? p + off : nullptr;
+    off += align16z(bytes);
     return r;
   };
+  const size_t groups = (size_t)(hd > bt ? hd : bt);
+  const size_t lanes = ((size_t)smax + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS;
+  /* The Huffman build's scratch is dead before the lane lengths are computed. */
+  const size_t lane_bytes = lanes * 8 > KVC_HUF_WARP_SCRATCH ? lanes * 8 : KVC_HUF_WARP_SCRATCH;
   s.xs = take((size_t)smax * 2);
   s.us = (uint32_t *)take((size_t)smax * 4);
-  s.glim = (double *)take(kMaxGroups * 8);
-  s.gmn = (int32_t *)take(kMaxGroups * 4);
-  s.gmx = (int32_t *)take(kMaxGroups * 4);
-  s.ge = (int32_t *)take(kMaxGroups * 4);
-  s.gbase = (int32_t *)take(kMaxGroups * 4);
-  s.gflag = (int32_t *)take(kMaxGroups * 4);
-  s.gqmin = (int32_t *)take(kMaxGroups * 4);
-  s.gstep = (float *)take(kMaxGroups * 4);
-  s.csum = (unsigned long long *)take((size_t)hd * 8);
-  s.lane_bits = (uint32_t *)take(kMaxLanes * 4);
-  s.lane_off = (uint32_t *)take(kMaxLanes * 4);
+  /* gmn and gmx (REL) and csum (ABS) are never live in one launch: groups >= head_dim. */
+  s.gmn = (int32_t *)take(groups * 8);
+  s.gmx = p ? s.gmn + groups : nullptr;
+  s.csum = (unsigned long long *)s.gmn;
+  s.glim = (double *)take(groups * 8);
+  s.ge = (int32_t *)take(groups * 4);
+  s.gbase = (int32_t *)take(groups * 4);
+  s.gflag = (int32_t *)take(groups * 4);
+  s.gqmin = (int32_t *)take(groups * 4);
+  s.gstep = (float *)take(groups * 4);
+  s.huf = take(lane_bytes);
+  s.lane_bits = (uint32_t *)s.huf;
+  s.lane_off = p ? s.lane_bits + lanes : nullptr;
   s.counts = (uint32_t *)take(64 * 4);
   s.code = (uint32_t *)take(64 * 4);
+  s.enc = (uint32_t *)take(64 * 4);
   s.len = take(64);
   s.hdr = take(kvc_page_sections_start((uint32_t)heads));
   s.chunks = (uint32_t *)take(KVC_PAGE_MAX_CHUNKS * 4);
   s.misc = (int *)take(M_NMISC * 4);
+  s.bytes = off;
   return s;
 }
 
@@ -130,27 +142,54 @@ template <int DT> __device__ __forceinline__ float load_x(const uint8_t *xs, int
   return __bfloat162float(((const __nv_bfloat16 *)xs)[s]);
 }
 
-__device__ __forceinline__ int warp_min(int v) {
-  for (int o = 16; o; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
+/* The 8 values of 16-byte vector vi of the rows (exact widening, as load_x). */
+template <int DT> __device__ __forceinline__ void load8(const uint8_t *xs, int vi, float (&x)[8]) {
+  const uint4 v = ((const uint4 *)xs)[vi];
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    if (DT == KVC_DTYPE_F16) {
+      x[2 * j] = __half2float(__ushort_as_half((unsigned short)(w[j] & 0xffffu)));
+      x[2 * j + 1] = __half2float(__ushort_as_half((unsigned short)(w[j] >> 16)));
+    } else {
+      x[2 * j] = __uint_as_float(w[j] << 16);
+      x[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+  }
 }
+
+__device__ __forceinline__ void store8(uint32_t *dst, const uint32_t (&v)[8]) {
+  ((uint4 *)dst)[0] = make_uint4(v[0], v[1], v[2], v[3]);
+  ((uint4 *)dst)[1] = make_uint4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void load8u(const uint32_t *src, uint32_t (&v)[8]) {
+  const uint4 a = ((const uint4 *)src)[0], b = ((const uint4 *)src)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
 __device__ __forceinline__ int warp_max(int v) {
-  for (int o = 16; o; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ int warp_or(int v) {
-  for (int o = 16; o; o >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o; o >>= 1) v = max(v, __shfl_xor_sync(kFull, v, o));
   return v;
 }
 
-/* ORs the w-bit (0..32) field v at bit p of the MSB-first word stream. */
-__device__ __forceinline__ void put_bits(uint32_t *words, uint32_t p, uint32_t v, uint32_t w) {
-  if (w == 0) return;
-  uint32_t k = p >> 5, off = p & 31;
-  uint64_t t = (uint64_t)v << (64 - off - w);
-  atomicOr(&words[k], (uint32_t)(t >> 32));
-  if ((uint32_t)t) atomicOr(&words[k + 1], (uint32_t)t);
+/* Reductions over the TPR lanes of one row (xor offsets below TPR) and over the rows a warp holds
+ * of one channel group (offsets TPR..16). TPR divides 32, so both stay inside aligned lane sets. */
+template <typename T, typename Op> __device__ __forceinline__ T xor_reduce(T v, int lo, int hi, Op op) {
+  for (int o = lo; o < hi; o <<= 1) v = op(v, __shfl_xor_sync(kFull, v, o));
+  return v;
 }
+struct OpMin {
+  __device__ int operator()(int a, int b) const { return min(a, b); }
+};
+struct OpMax {
+  __device__ int operator()(int a, int b) const { return max(a, b); }
+};
+struct OpOr {
+  __device__ unsigned operator()(unsigned a, unsigned b) const { return a | b; }
+};
+struct OpAdd64 {
+  __device__ long long operator()(long long a, long long b) const { return a + b; }
+};
 
 /* The quantized form of one section; what kvc_codec.c's kvc__qsec_t holds, in shared memory. */
 struct QInfo {
@@ -163,28 +202,40 @@ struct QInfo {
   float abs_step;
 };
 
-/* Loads section rows and quantizes: fills us[], counts[], group state. All threads. */
+/*
+ * Loads section rows and quantizes: fills us[] (codes), counts[], group state. All threads.
+ * Thread mapping: TPR = HD / 8 threads per row, each owning channels [8 cg, 8 cg + 8) of rows
+ * r0, r0 + RPP, ...; a row's partial results combine with xor shuffles over its TPR lanes, a
+ * channel's over the warp's rows, then shared atomics across warps.
+ */
 template <int HD, int DT>
-__device__ __noinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, int n, int tensor, int mode_abs,
+__device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, int n, int tensor, int mode_abs,
                           float bound) {
-  const int tid = threadIdx.x, S = n * HD;
-  const int esz = 2;
+  constexpr int TPR = HD / 8, RPP = kThreads / TPR;
+  static_assert(32 % TPR == 0 && TPR <= 32, "a row's lanes sit in one warp");
+  const int tid = threadIdx.x, S = n * HD, lane = tid & 31;
+  const int cg = tid % TPR, r0 = tid / TPR, c0 = 8 * cg;
+  const int iters = (n + RPP - 1) / RPP;
+  const bool is_k = tensor == 0;
   /* A failed quantize returns right after its threads read misc[M_FAIL]; when the caller moves on
    * to the next section at once (policy sizing), no thread may reset misc or overwrite the rows
    * before every thread has read it. */
   __syncthreads();
   /* Rows -> shared (16-byte vectors; S * 2 is a multiple of 16). */
-  for (int i = tid; i < S * esz / 16; i += kThreads)
-    ((uint4 *)sm.xs)[i] = __ldg((const uint4 *)rows + i);
+  for (int i = tid; i < S / 8; i += kThreads) ((uint4 *)sm.xs)[i] = __ldg((const uint4 *)rows + i);
   if (tid < M_HAVE) sm.misc[tid] = 0;
   if (tid < 64) sm.counts[tid] = 0;
-  for (int g = tid; g < kMaxGroups; g += kThreads) {
-    sm.gmn[g] = INT32_MAX;
-    sm.gmx[g] = INT32_MIN;
+  const int G = mode_abs ? HD : (is_k ? HD : n);
+  for (int g = tid; g < G; g += kThreads) {
+    if (mode_abs) {
+      sm.csum[g] = 0;
+    } else {
+      sm.gmn[g] = INT32_MAX;
+      sm.gmx[g] = INT32_MIN;
+    }
     sm.gqmin[g] = INT32_MAX;
     sm.gflag[g] = 0;
   }
-  for (int d = tid; d < HD; d += kThreads) sm.csum[d] = 0;
   __syncthreads();
   if (tid == 0) {
     sm.misc[M_ELO] = INT32_MAX;
@@ -195,31 +246,49 @@ __device__ __noinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, int 
   QInfo q;
   q.ok = 1;
   q.abs_step = 0.0f;
-  const int d0 = tid % HD; /* kThreads % HD == 0: a thread always sees the same channel */
   if (!mode_abs) {
     q.mode = KVC_QMODE_REL;
-    const int G = tensor == 0 ? HD : n;
     q.groups = G;
-    /* Group ranges. Keys: group = channel (per thread); values: group = token (per warp). */
-    int lmn = INT32_MAX, lmx = INT32_MIN, bad = 0;
-    for (int s = tid; s < S; s += kThreads) {
-      float x = load_x<DT>(sm.xs, s);
-      bad |= !isfinite(x);
-      int k = fkey(x);
-      if (tensor == 0) {
-        lmn = min(lmn, k);
-        lmx = max(lmx, k);
-      } else {
-        int a = warp_min(k), b = warp_max(k);
-        if ((tid & 31) == 0) {
-          atomicMin(&sm.gmn[s / HD], a);
-          atomicMax(&sm.gmx[s / HD], b);
+    /* Group ranges. */
+    int kmn[8], kmx[8], bad = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) kmn[j] = INT32_MAX, kmx[j] = INT32_MIN;
+    for (int it = 0; it < iters; it++) {
+      const int r = r0 + it * RPP;
+      const bool valid = r < n;
+      int rmn = INT32_MAX, rmx = INT32_MIN;
+      if (valid) {
+        float x[8];
+        load8<DT>(sm.xs, r * TPR + cg, x);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+          bad |= !isfinite(x[j]);
+          const int k = fkey(x[j]);
+          kmn[j] = min(kmn[j], k);
+          kmx[j] = max(kmx[j], k);
+          rmn = min(rmn, k);
+          rmx = max(rmx, k);
+        }
+      }
+      if (!is_k) {
+        rmn = xor_reduce(rmn, 1, TPR, OpMin());
+        rmx = xor_reduce(rmx, 1, TPR, OpMax());
+        if (valid && cg == 0) {
+          sm.gmn[r] = rmn;
+          sm.gmx[r] = rmx;
         }
       }
     }
-    if (tensor == 0 && lmn <= lmx) {
-      atomicMin(&sm.gmn[d0], lmn);
-      atomicMax(&sm.gmx[d0], lmx);
+    if (is_k) {
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        kmn[j] = xor_reduce(kmn[j], TPR, 32, OpMin());
+        kmx[j] = xor_reduce(kmx[j], TPR, 32, OpMax());
+        if (lane < TPR) {
+          atomicMin(&sm.gmn[c0 + j], kmn[j]);
+          atomicMax(&sm.gmx[c0 + j], kmx[j]);
+        }
+      }
     }
     if (bad) sm.misc[M_FAIL] = 1;
     __syncthreads();
@@ -233,38 +302,66 @@ __device__ __noinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, int 
       sm.gstep[g] = e < KVC_STEP_CODE_MIN ? 1.0f : kvc_step_from_code(e);
     }
     __syncthreads();
-    /* Verify every value with its group's step; the smallest q is the group base. */
-    int lq = INT32_MAX, lfail = 0;
-    for (int s = tid; s < S; s += kThreads) {
-      int g = tensor == 0 ? d0 : s / HD;
-      float x = load_x<DT>(sm.xs, s), st = sm.gstep[g];
-      int32_t v = 0;
-      int fail = !kvc_q_of(x, st, &v) || !kvc_q_within(kvc_q_recon(v, st), x, sm.glim[g]);
-      if (tensor == 0) {
-        lq = min(lq, v);
-        lfail |= fail;
-      } else {
-        int a = warp_min(v), f = warp_or(fail);
-        if ((tid & 31) == 0) {
-          atomicMin(&sm.gqmin[g], a);
-          if (f) sm.gflag[g] = 1;
+    /* Verify every value with its group's step; the smallest q is the group base. q is kept in
+     * us[] for the code pass (a group that fails is redone there with its fallback step). */
+    int kq[8];
+    unsigned kf = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) kq[j] = INT32_MAX;
+    for (int it = 0; it < iters; it++) {
+      const int r = r0 + it * RPP;
+      const bool valid = r < n;
+      int rq = INT32_MAX;
+      unsigned rf = 0;
+      if (valid) {
+        float x[8];
+        uint32_t qv[8];
+        load8<DT>(sm.xs, r * TPR + cg, x);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+          const int g = is_k ? c0 + j : r;
+          const float st = sm.gstep[g];
+          int32_t v = 0;
+          const unsigned fail = !kvc_q_of(x[j], st, &v) ||
+                                !kvc_q_within(kvc_q_recon(v, st), x[j], sm.glim[g]);
+          qv[j] = (uint32_t)v;
+          kq[j] = min(kq[j], v);
+          kf |= fail << j;
+          rq = min(rq, v);
+          rf |= fail;
+        }
+        store8(sm.us + r * HD + c0, qv);
+      }
+      if (!is_k) {
+        rq = xor_reduce(rq, 1, TPR, OpMin());
+        rf = xor_reduce(rf, 1, TPR, OpOr());
+        if (valid && cg == 0) {
+          sm.gqmin[r] = rq;
+          if (rf) sm.gflag[r] = 1;
         }
       }
     }
-    if (tensor == 0 && tid < S) {
-      atomicMin(&sm.gqmin[d0], lq);
-      if (lfail) sm.gflag[d0] = 1;
+    if (is_k) {
+      kf = xor_reduce(kf, TPR, 32, OpOr());
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        kq[j] = xor_reduce(kq[j], TPR, 32, OpMin());
+        if (lane < TPR) {
+          atomicMin(&sm.gqmin[c0 + j], kq[j]);
+          if ((kf >> j) & 1u) sm.gflag[c0 + j] = 1;
+        }
+      }
     }
     __syncthreads();
     /* Failed groups take the exact power-of-two step (rare; one thread per group). */
-    const int len = tensor == 0 ? n : HD;
+    const int len = is_k ? n : HD;
     for (int g = tid; g < G; g += kThreads) {
       int e = sm.ge[g];
       int32_t base = sm.gqmin[g];
       if (sm.gflag[g]) {
         int k = 1000;
         for (int i = 0; i < len; i++) {
-          float x = load_x<DT>(sm.xs, tensor == 0 ? i * HD + g : g * HD + i);
+          float x = load_x<DT>(sm.xs, is_k ? i * HD + g : g * HD + i);
           if (x != 0.0f) k = min(k, kvc_q_lowbit_exp(x));
         }
         if (k == 1000) {
@@ -277,7 +374,7 @@ __device__ __noinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, int 
           float st = kvc_step_from_code(e);
           base = INT32_MAX;
           for (int i = 0; i < len; i++) {
-            float x = load_x<DT>(sm.xs, tensor == 0 ? i * HD + g : g * HD + i);
+            float x = load_x<DT>(sm.xs, is_k ? i * HD + g : g * HD + i);
             int32_t v;
             if (!kvc_q_of(x, st, &v) || !kvc_q_within(kvc_q_recon(v, st), x, sm.glim[g])) {
               sm.misc[M_FAIL] = 1;
@@ -317,15 +414,31 @@ __device__ __noinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, int 
     if (e < KVC_STEP_CODE_MIN) return QInfo{0};
     const float st = kvc_step_from_code(e);
     const double lim = (double)bound;
-    long long lsum = 0;
+    long long ks[8];
     int lfail = 0;
-    for (int s = tid; s < S; s += kThreads) {
-      float x = load_x<DT>(sm.xs, s);
-      int32_t v = 0;
-      lfail |= !isfinite(x) || !kvc_q_of(x, st, &v) || !kvc_q_within(kvc_q_recon(v, st), x, lim);
-      lsum += v;
+#pragma unroll
+    for (int j = 0; j < 8; j++) ks[j] = 0;
+    for (int it = 0; it < iters; it++) {
+      const int r = r0 + it * RPP;
+      if (r >= n) continue;
+      float x[8];
+      uint32_t qv[8];
+      load8<DT>(sm.xs, r * TPR + cg, x);
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        int32_t v = 0;
+        lfail |= !isfinite(x[j]) || !kvc_q_of(x[j], st, &v) ||
+                 !kvc_q_within(kvc_q_recon(v, st), x[j], lim);
+        ks[j] += v;
+        qv[j] = (uint32_t)v;
+      }
+      store8(sm.us + r * HD + c0, qv);
     }
-    if (tid < S) atomicAdd(&sm.csum[d0], (unsigned long long)lsum);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      ks[j] = xor_reduce(ks[j], TPR, 32, OpAdd64());
+      if (lane < TPR) atomicAdd(&sm.csum[c0 + j], (unsigned long long)ks[j]);
+    }
     if (lfail) sm.misc[M_FAIL] = 1;
     __syncthreads();
     if (sm.misc[M_FAIL]) return QInfo{0};
@@ -342,29 +455,56 @@ __device__ __noinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, int 
     q.w_e = 0;
     q.w_b = kvc_bits_for((uint32_t)sm.misc[M_BHI] - (uint32_t)sm.misc[M_BLO]);
   }
-  /* Codes, histogram (warp-aggregated), largest code. */
+  /* Codes from the kept q (groups that fell back: from their new step), histogram
+   * (warp-aggregated), largest code. */
+  unsigned redo = 0;
+  if (q.mode == KVC_QMODE_REL && is_k) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) redo |= (sm.gflag[c0 + j] != 0) << j;
+  }
   int lmaxu = 0, lfail = 0;
-  for (int s = tid; s < S; s += kThreads) {
-    float x = load_x<DT>(sm.xs, s);
-    int32_t v = 0;
-    uint32_t u;
-    if (q.mode == KVC_QMODE_REL) {
-      int g = tensor == 0 ? d0 : s / HD;
-      kvc_q_of(x, sm.gstep[g], &v);
-      u = (uint32_t)v - (uint32_t)sm.gbase[g];
-    } else {
-      kvc_q_of(x, q.abs_step, &v);
-      u = kvc_zigzag((int32_t)((uint32_t)v - (uint32_t)sm.gbase[d0]));
+  for (int it = 0; it < iters; it++) {
+    const int r = r0 + it * RPP;
+    const bool valid = r < n;
+    uint32_t uv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (valid) {
+      load8u(sm.us + r * HD + c0, uv);
+      if (q.mode == KVC_QMODE_REL) {
+        const unsigned need = is_k ? redo : (sm.gflag[r] ? 0xffu : 0u);
+        if (need) {
+          float x[8];
+          load8<DT>(sm.xs, r * TPR + cg, x);
+#pragma unroll
+          for (int j = 0; j < 8; j++) {
+            if (!((need >> j) & 1u)) continue;
+            int32_t v = 0;
+            kvc_q_of(x[j], sm.gstep[is_k ? c0 + j : r], &v);
+            uv[j] = (uint32_t)v;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) uv[j] -= (uint32_t)sm.gbase[is_k ? c0 + j : r];
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++) uv[j] = kvc_zigzag((int32_t)(uv[j] - (uint32_t)sm.gbase[c0 + j]));
+      }
+      store8(sm.us + r * HD + c0, uv);
     }
-    lfail |= u >= (1u << KVC_Q_MAX_BITS);
-    sm.us[s] = u;
-    uint32_t sym = kvc_sym_of(min(u, (1u << KVC_Q_MAX_BITS) - 1));
-    uint32_t peers = __match_any_sync(0xffffffffu, sym);
-    if ((tid & 31) == __ffs(peers) - 1) atomicAdd(&sm.counts[sym], __popc(peers));
-    lmaxu = max(lmaxu, (int)min(u, (1u << KVC_Q_MAX_BITS)));
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const uint32_t u = uv[j];
+      /* Rows past n (only in the last pass of a partial block) take symbol 64: never counted. */
+      const uint32_t sym = valid ? kvc_sym_of(min(u, (1u << KVC_Q_MAX_BITS) - 1)) : 64u;
+      const uint32_t peers = __match_any_sync(kFull, sym);
+      if (valid) {
+        lfail |= u >= (1u << KVC_Q_MAX_BITS);
+        lmaxu = max(lmaxu, (int)min(u, (1u << KVC_Q_MAX_BITS)));
+        if (lane == __ffs(peers) - 1) atomicAdd(&sm.counts[sym], __popc(peers));
+      }
+    }
   }
   lmaxu = warp_max(lmaxu);
-  if ((tid & 31) == 0) atomicMax(&sm.misc[M_MAXU], lmaxu);
+  if (lane == 0) atomicMax(&sm.misc[M_MAXU], lmaxu);
   if (lfail) sm.misc[M_FAIL] = 1;
   __syncthreads();
   if (sm.misc[M_FAIL]) return QInfo{0};
@@ -379,23 +519,27 @@ __device__ __forceinline__ uint32_t qsec_bytes(uint64_t bits) {
 }
 
 /* Huffman lengths, codes and lane lengths of a quantized section (all threads); returns its bytes. */
-__device__ __noinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q, int S, int *n_lanes_out,
+__device__ __forceinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q, int S, int *n_lanes_out,
                                  uint32_t *w_lane_out) {
   const int tid = threadIdx.x;
-  if (tid == 0) {
-    sm.misc[M_NSYM] = kvc_huf_build_lengths(sm.counts, sm.len);
-    kvc_huf_codes(sm.len, sm.code);
-    sm.misc[M_LLO] = INT32_MAX;
-    sm.misc[M_LHI] = 0;
+  if (tid < 32) {
+    const int n_sym = kvc_huf_warp_build(sm.counts, sm.len, sm.code, sm.huf);
+    for (int s = tid; s < KVC_SYM_COUNT; s += 32) {
+      const uint32_t ne = kvc_sym_extra((uint32_t)s);
+      sm.enc[s] = (sm.code[s] << 10) | (ne << 5) | (sm.len[s] + ne);
+    }
+    if (tid == 0) {
+      sm.misc[M_NSYM] = n_sym;
+      sm.misc[M_LLO] = INT32_MAX;
+      sm.misc[M_LHI] = 0;
+    }
   }
   __syncthreads();
   int nl = (S + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS;
   uint32_t bits = 0;
   if (tid < nl) {
-    for (int s = tid; s < S; s += nl) {
-      uint32_t sym = kvc_sym_of(sm.us[s]);
-      bits += sm.len[sym] + kvc_sym_extra(sym);
-    }
+#pragma unroll 4
+    for (int s = tid; s < S; s += nl) bits += sm.enc[kvc_sym_of(sm.us[s])] & 31u;
     sm.lane_bits[tid] = bits;
     atomicMin(&sm.misc[M_LLO], (int)bits);
     atomicMax(&sm.misc[M_LHI], (int)bits);
@@ -403,7 +547,7 @@ __device__ __noinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q, in
   /* Exclusive scan of lane lengths over the block (lanes <= threads). */
   uint32_t incl = tid < nl ? bits : 0;
   for (int o = 1; o < 32; o <<= 1) {
-    uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+    uint32_t v = __shfl_up_sync(kFull, incl, o);
     if ((tid & 31) >= o) incl += v;
   }
   __shared__ uint32_t warp_tot[kThreads / 32];
@@ -424,15 +568,42 @@ __device__ __noinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q, in
   return b;
 }
 
+/*
+ * Writes n fields of w (0..31) bits, field i = val(i), at bit p0 of the zeroed MSB-first word
+ * stream wd (all threads): one output word per thread, ORed from the fields it overlaps. A word
+ * that lies wholly inside the fields is this thread's alone (plain store); the two end words may
+ * hold bits of the neighbouring arrays (atomicOr).
+ */
+template <class F>
+__device__ __forceinline__ void put_fields(uint32_t *wd, uint32_t p0, uint32_t n, uint32_t w, F val) {
+  if (w == 0 || n == 0) return;
+  const uint32_t end = p0 + n * w;
+  for (uint32_t k = (p0 >> 5) + threadIdx.x; k <= (end - 1) >> 5; k += kThreads) {
+    const uint32_t wb = k << 5;
+    uint32_t word = 0;
+    for (uint32_t i = wb > p0 ? (wb - p0) / w : 0; i < n; i++) {
+      const uint32_t b = p0 + i * w;
+      if (b >= wb + 32) break;
+      const uint64_t v = val(i);
+      const int sh = (int)b - (int)wb; /* field start in the word; > -w */
+      word |= sh >= 0 ? (uint32_t)((v << (64 - w)) >> (32 + sh)) : (uint32_t)(v << (32 - (int)w - sh));
+    }
+    if (wb >= p0 && wb + 32 <= end) wd[k] = word;
+    else atomicOr(&wd[k], word);
+  }
+}
+
 /* Writes the quantized section into the staging buffer sm.xs (all threads). */
-__device__ __noinline__ void emit(const Smem &sm, const QInfo &q, int codec, int S, int n_lanes,
+__device__ __forceinline__ void emit(const Smem &sm, const QInfo &q, int codec, int S, int n_lanes,
                      uint32_t w_lane, uint32_t bytes) {
   const int tid = threadIdx.x;
   uint32_t *wd = (uint32_t *)(sm.xs + KVC_QSEC_HEADER_BYTES);
-  for (uint32_t i = tid; i < (uint32_t)align16z(bytes) / 4; i += kThreads) ((uint32_t *)sm.xs)[i] = 0;
+  for (uint32_t i = tid; i < (uint32_t)align16z(bytes) / 16; i += kThreads)
+    ((uint4 *)sm.xs)[i] = make_uint4(0, 0, 0, 0);
   __syncthreads();
   const uint32_t width = kvc_bits_for(q.max_u);
   const int n_sym = sm.misc[M_NSYM];
+  const uint32_t lane_min = (uint32_t)sm.misc[M_LLO];
   if (tid == 0) {
     kvc_qsec_header_t h;
     h.mode = (uint8_t)q.mode;
@@ -447,34 +618,48 @@ __device__ __noinline__ void emit(const Smem &sm, const QInfo &q, int codec, int
     } else {
       h.width = (uint8_t)n_sym;
       h.n_lanes = (uint16_t)n_lanes;
-      h.lane_info = (uint32_t)sm.misc[M_LLO] | (w_lane << 27);
+      h.lane_info = lane_min | (w_lane << 27);
     }
     uint8_t raw[16];
     kvc_qsec_header_write(raw, &h);
     for (int i = 0; i < 4; i++) ((uint32_t *)sm.xs)[i] = kvc_rd_u32(raw + 4 * i);
   }
-  const int G = q.groups;
-  const uint32_t pos_b = q.mode == KVC_QMODE_REL ? (uint32_t)G * q.w_e : 0;
-  for (int g = tid; g < G; g += kThreads) {
-    if (q.mode == KVC_QMODE_REL) put_bits(wd, (uint32_t)g * q.w_e, (uint32_t)(sm.ge[g] - q.e_min), q.w_e);
-    put_bits(wd, pos_b + (uint32_t)g * q.w_b, (uint32_t)sm.gbase[g] - (uint32_t)q.b_min, q.w_b);
-  }
-  const uint32_t meta = pos_b + (uint32_t)G * q.w_b;
+  const uint32_t G = (uint32_t)q.groups;
+  const uint32_t pos_b = q.mode == KVC_QMODE_REL ? G * q.w_e : 0;
+  if (q.mode == KVC_QMODE_REL)
+    put_fields(wd, 0, G, q.w_e, [&](uint32_t g) { return (uint32_t)(sm.ge[g] - q.e_min); });
+  put_fields(wd, pos_b, G, q.w_b, [&](uint32_t g) { return (uint32_t)sm.gbase[g] - (uint32_t)q.b_min; });
+  const uint32_t meta = pos_b + G * q.w_b;
   if (codec == KVC_CODEC_BITPACK) {
-    for (int s = tid; s < S; s += kThreads) put_bits(wd, meta + (uint32_t)s * width, sm.us[s], width);
+    put_fields(wd, meta, (uint32_t)S, width, [&](uint32_t s) { return sm.us[s]; });
   } else {
-    if (tid < n_sym) put_bits(wd, meta + 4u * tid, sm.len[tid], 4);
+    put_fields(wd, meta, (uint32_t)n_sym, 4, [&](uint32_t s) { return (uint32_t)sm.len[s]; });
     const uint32_t lanes_pos = meta + 4u * (uint32_t)n_sym;
-    const uint32_t stream = lanes_pos + (uint32_t)n_lanes * w_lane;
+    put_fields(wd, lanes_pos, (uint32_t)n_lanes, w_lane,
+               [&](uint32_t l) { return sm.lane_bits[l] - lane_min; });
     if (tid < n_lanes) {
-      put_bits(wd, lanes_pos + (uint32_t)tid * w_lane, sm.lane_bits[tid] - (uint32_t)sm.misc[M_LLO],
-               w_lane);
-      uint32_t p = stream + sm.lane_off[tid];
+      /* acc holds nacc pending bits of word k (right-aligned); the first p % 32 of them belong to
+       * what precedes this lane and are 0 here. */
+      const uint32_t p = lanes_pos + (uint32_t)n_lanes * w_lane + sm.lane_off[tid];
+      uint32_t k = p >> 5, nacc = p & 31;
+      bool shared_word = nacc != 0;
+      uint64_t acc = 0;
+#pragma unroll 4
       for (int s = tid; s < S; s += n_lanes) {
-        uint32_t u = sm.us[s], sym = kvc_sym_of(u), ne = kvc_sym_extra(sym), l = sm.len[sym];
-        put_bits(wd, p, (sm.code[sym] << ne) | (u - kvc_sym_base(sym)), l + ne);
-        p += l + ne;
+        const uint32_t u = sm.us[s], e = sm.enc[kvc_sym_of(u)];
+        const uint32_t ne = (e >> 5) & 31u, nb = e & 31u;
+        acc = (acc << nb) | (((e >> 10) << ne) | (u & ((1u << ne) - 1u)));
+        nacc += nb;
+        if (nacc >= 32) {
+          nacc -= 32;
+          const uint32_t word = (uint32_t)(acc >> nacc);
+          if (shared_word) atomicOr(&wd[k], word);
+          else wd[k] = word;
+          shared_word = false;
+          k++;
+        }
       }
+      if (nacc) atomicOr(&wd[k], (uint32_t)(acc << (32 - nacc)));
     }
   }
   __syncthreads();
@@ -521,12 +706,15 @@ __device__ inline void fail_job(const Args &a, int job) {
   if (threadIdx.x == 0) a.page_bytes[job] = 0;
 }
 
+/* The compression kernel's dynamic shared memory, at namespace scope so that every access through
+ * the carved pointers (all inlined) compiles to a shared-memory instruction. */
+extern __shared__ __align__(16) uint8_t compress_smem[];
+
 template <int HD, int DT>
-__global__ void __launch_bounds__(kThreads) compress_kernel(Args a) {
-  extern __shared__ __align__(16) uint8_t smem_raw[];
+__global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) {
   const int job = blockIdx.x, tid = threadIdx.x, H = a.num_kv_heads;
   const int n = a.n_tokens[job], smax = a.block_tokens * HD;
-  Smem sm = carve(smem_raw, smax, HD, H);
+  Smem sm = carve(compress_smem, smax, HD, a.block_tokens, H);
   const int32_t bid = a.block_ids[job];
   if (n < 1 || n > a.block_tokens) {
     if (tid == 0) {
@@ -723,12 +911,27 @@ kvc_status_t check_cuda_params(const kvc_codec_params_t *p) {
 }
 
 template <int HD, int DT> kvc_status_t launch_compress(const Args &a, int jobs, cudaStream_t s) {
-  size_t smem = smem_bytes(a.block_tokens * HD, HD, a.num_kv_heads);
+  size_t smem = carve(nullptr, a.block_tokens * HD, HD, a.block_tokens, a.num_kv_heads).bytes;
+  /* The whole unified L1 as shared memory: four 56 KB CTAs per SM at 64 x 128. */
   if (cudaFuncSetAttribute(compress_kernel<HD, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           (int)smem) != cudaSuccess)
+                           (int)smem) != cudaSuccess ||
+      cudaFuncSetAttribute(compress_kernel<HD, DT>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxShared) != cudaSuccess)
     return KVC_ERR_CUDA;
   compress_kernel<HD, DT><<<jobs, kThreads, smem, s>>>(a);
   return cudaGetLastError() == cudaSuccess ? KVC_OK : KVC_ERR_CUDA;
+}
+
+template <int HD, int DT> kvc_status_t compress_occupancy(const kvc_codec_params_t *p, int *ctas) {
+  size_t smem = carve(nullptr, p->block_tokens * HD, HD, p->block_tokens, p->num_kv_heads).bytes;
+  if (cudaFuncSetAttribute(compress_kernel<HD, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           (int)smem) != cudaSuccess ||
+      cudaFuncSetAttribute(compress_kernel<HD, DT>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxShared) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, compress_kernel<HD, DT>, kThreads, smem) !=
+          cudaSuccess)
+    return KVC_ERR_CUDA;
+  return KVC_OK;
 }
 
 template <int HD> kvc_status_t launch_decompress(const DArgs &a, int jobs, cudaStream_t s) {
@@ -780,6 +983,19 @@ extern "C" kvc_status_t kvc_codec_cuda_compress(const kvc_codec_params_t *p, con
   case 64: return f16 ? launch_compress<64, KVC_DTYPE_F16>(a, num_jobs, s) : launch_compress<64, KVC_DTYPE_BF16>(a, num_jobs, s);
   case 128: return f16 ? launch_compress<128, KVC_DTYPE_F16>(a, num_jobs, s) : launch_compress<128, KVC_DTYPE_BF16>(a, num_jobs, s);
   default: return f16 ? launch_compress<256, KVC_DTYPE_F16>(a, num_jobs, s) : launch_compress<256, KVC_DTYPE_BF16>(a, num_jobs, s);
+  }
+}
+
+extern "C" kvc_status_t kvc_codec_cuda_compress_occupancy(const kvc_codec_params_t *p,
+                                                          int *ctas_per_sm) {
+  kvc_status_t st = check_cuda_params(p);
+  if (st != KVC_OK) return st;
+  if (!ctas_per_sm) return KVC_ERR_INVALID_ARGUMENT;
+  const bool f16 = p->dtype == KVC_DTYPE_F16;
+  switch (p->head_dim) {
+  case 64: return f16 ? compress_occupancy<64, KVC_DTYPE_F16>(p, ctas_per_sm) : compress_occupancy<64, KVC_DTYPE_BF16>(p, ctas_per_sm);
+  case 128: return f16 ? compress_occupancy<128, KVC_DTYPE_F16>(p, ctas_per_sm) : compress_occupancy<128, KVC_DTYPE_BF16>(p, ctas_per_sm);
+  default: return f16 ? compress_occupancy<256, KVC_DTYPE_F16>(p, ctas_per_sm) : compress_occupancy<256, KVC_DTYPE_BF16>(p, ctas_per_sm);
   }
 }
 

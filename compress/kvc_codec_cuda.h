@@ -68,6 +68,13 @@ kvc_status_t kvc_codec_cuda_decompress(const kvc_codec_params_t *p, const kvc_pa
                                        const uint8_t *pool_base, uint32_t chunk_bytes, void *out,
                                        void *stream);
 
+/*
+ * Compression CTAs resident per multiprocessor for p's shape on the current device (a benchmark's
+ * occupancy figure; one CTA compresses one page). KVC_OK, KVC_ERR_INVALID_ARGUMENT (NULL
+ * ctas_per_sm), KVC_ERR_UNSUPPORTED (shape not built), KVC_ERR_CUDA.
+ */
+kvc_status_t kvc_codec_cuda_compress_occupancy(const kvc_codec_params_t *p, int *ctas_per_sm);
+
 #ifdef __cplusplus
 }
 #endif

@@ -9,7 +9,10 @@
  *   - kvc_codec_cuda_decompress equals the CPU decode rounded to the dtype;
  *   - a free stack that runs dry, or a page over KVC_PAGE_MAX_CHUNKS chunks, sets the error flag
  *     and writes no directory entry;
- *   - shapes not built return KVC_ERR_UNSUPPORTED.
+ *   - shapes not built return KVC_ERR_UNSUPPORTED;
+ *   - the encoder's warp-parallel Huffman build (kvc_codec_huf_warp.cuh) gives the lengths and codes
+ *     of kvc_huf_build_lengths / kvc_huf_codes on histograms of every shape, deep trees (length
+ *     folding) included.
  * A mismatch names the case (head_dim, dtype, bound mode, policy/codec, heads, job and its data
  * kind) and where the bytes first diverge (header field, section table entry, or section: raw
  * element, quantized-section header field, group parameter, code length, lane length or lane
@@ -35,7 +38,9 @@ extern "C" {
 #include "compress/kvc_codec.h"
 #include "compress/kvc_codec_cuda.h"
 #include "compress/kvc_codec_device.cuh"
+#include "compress/kvc_codec_huf_warp.cuh"
 #include "compress/kvc_page_format.h"
+#include "compress/kvc_quant.h"
 extern "C" {
 #include "kvc_test_util.h"
 }
@@ -648,8 +653,130 @@ static void unbuilt_shapes_are_unsupported(void **state) {
                    KVC_ERR_UNSUPPORTED);
 }
 
+/* One warp per histogram: kvc_huf_warp_build on counts[h], results to len/code/n_sym. */
+__global__ void huf_warp_kernel(const uint32_t *counts, uint8_t *len, uint32_t *code, int *n_sym) {
+  __shared__ uint32_t c[KVC_SYM_COUNT], cd[KVC_SYM_COUNT];
+  __shared__ uint8_t l[KVC_SYM_COUNT];
+  __shared__ __align__(16) uint8_t scratch[KVC_HUF_WARP_SCRATCH];
+  const int h = blockIdx.x, lane = threadIdx.x;
+  c[lane] = counts[h * KVC_SYM_COUNT + lane];
+  c[lane + 32] = counts[h * KVC_SYM_COUNT + lane + 32];
+  __syncwarp();
+  const int ns = kvc_huf_warp_build(c, l, cd, scratch);
+  for (int s = lane; s < KVC_SYM_COUNT; s += 32) {
+    len[h * KVC_SYM_COUNT + s] = l[s];
+    code[h * KVC_SYM_COUNT + s] = cd[s];
+  }
+  if (lane == 0) n_sym[h] = ns;
+}
+
+/* Histograms of the shapes a section produces (few symbols, a geometric tail, counts summing to up
+ * to 16384) and adversarial ones: Fibonacci-like counts (trees deeper than KVC_HUF_MAX_LEN, so the
+ * fold runs), powers of two, ties everywhere, one or two symbols, none. */
+static void huf_histogram(kvc_test_rng_t *r, int kind, uint32_t *c) {
+  memset(c, 0, KVC_SYM_COUNT * sizeof *c);
+  const int nz = 1 + (int)kvc_test_rng_below(r, KVC_SYM_COUNT);
+  switch (kind) {
+  case 0:
+    for (int i = 0; i < nz; i++) c[kvc_test_rng_below(r, 64)] = 1 + kvc_test_rng_below(r, 20);
+    break;
+  case 1: {
+    uint32_t a = 1, b = 1;
+    for (int i = 0; i < nz; i++) {
+      c[kvc_test_rng_below(r, 64)] = a;
+      const uint32_t t = a + b;
+      a = b;
+      b = t;
+      if (b > 16384) a = b = 1;
+    }
+    break;
+  }
+  case 2:
+    for (int i = 0; i < 64; i++)
+      if (kvc_test_rng_below(r, 3) == 0) c[i] = 8192u >> kvc_test_rng_below(r, 14);
+    break;
+  case 3: {
+    uint32_t total = 16384;
+    for (int i = 0; i < 64 && total > 0; i++) {
+      uint32_t v = kvc_test_rng_below(r, 2) ? total / 2 : 1 + kvc_test_rng_below(r, 3);
+      if (kvc_test_rng_below(r, 4) == 0) v = 0;
+      c[kvc_test_rng_below(r, 64)] += v;
+      total -= v;
+    }
+    break;
+  }
+  case 4:
+    for (int i = 0; i < 64; i++) c[i] = kvc_test_rng_below(r, 5) == 0 ? 7 : 0;
+    break;
+  case 5:
+  {
+    const int k = (int)kvc_test_rng_below(r, 3);
+    for (int i = 0; i < k; i++) c[kvc_test_rng_below(r, 64)] = 1 + kvc_test_rng_below(r, 9);
+    break;
+  }
+  default: /* section-like: a two-sided geometric distribution around a few symbols */
+    for (int i = 0; i < 8192; i++) {
+      uint32_t s = 0;
+      while (s < 63 && kvc_test_rng_below(r, 8) < 5) s++;
+      c[s]++;
+    }
+  }
+}
+
+static void warp_huffman_build_equals_cpu(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  const int n = 7 * 3000;
+  std::vector<uint32_t> counts((size_t)n * KVC_SYM_COUNT), code((size_t)n * KVC_SYM_COUNT);
+  std::vector<uint8_t> len((size_t)n * KVC_SYM_COUNT);
+  std::vector<int> nsym(n);
+  kvc_test_rng_t r;
+  kvc_test_rng_seed(&r, 4242);
+  for (int h = 0; h < n; h++) huf_histogram(&r, h % 7, &counts[(size_t)h * KVC_SYM_COUNT]);
+  uint32_t *d_counts, *d_code;
+  uint8_t *d_len;
+  int *d_nsym;
+  CK(cudaMalloc((void **)&d_counts, 4 * counts.size()));
+  CK(cudaMalloc((void **)&d_code, 4 * code.size()));
+  CK(cudaMalloc((void **)&d_len, len.size()));
+  CK(cudaMalloc((void **)&d_nsym, 4 * (size_t)n));
+  CK(cudaMemcpy(d_counts, counts.data(), 4 * counts.size(), cudaMemcpyHostToDevice));
+  huf_warp_kernel<<<n, 32>>>(d_counts, d_len, d_code, d_nsym);
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  CK(cudaMemcpy(code.data(), d_code, 4 * code.size(), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(len.data(), d_len, len.size(), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(nsym.data(), d_nsym, 4 * (size_t)n, cudaMemcpyDeviceToHost));
+  int bad = 0, folded = 0;
+  for (int h = 0; h < n; h++) {
+    uint8_t l[KVC_SYM_COUNT];
+    uint32_t cd[KVC_SYM_COUNT];
+    const int ns = kvc_huf_build_lengths(&counts[(size_t)h * KVC_SYM_COUNT], l);
+    kvc_huf_codes(l, cd);
+    for (int s = 0; s < KVC_SYM_COUNT; s++) folded += l[s] == KVC_HUF_MAX_LEN;
+    if (ns == nsym[h] && memcmp(l, &len[(size_t)h * KVC_SYM_COUNT], sizeof l) == 0 &&
+        memcmp(cd, &code[(size_t)h * KVC_SYM_COUNT], sizeof cd) == 0)
+      continue;
+    if (bad++ < 3) {
+      fprintf(stderr, "histogram %d (kind %d): n_sym CPU %d GPU %d; symbol: count len(CPU,GPU) code(CPU,GPU)\n",
+              h, h % 7, ns, nsym[h]);
+      for (int s = 0; s < KVC_SYM_COUNT; s++)
+        if (counts[(size_t)h * KVC_SYM_COUNT + s])
+          fprintf(stderr, "  %d: %u %u,%u %u,%u\n", s, counts[(size_t)h * KVC_SYM_COUNT + s], l[s],
+                  len[(size_t)h * KVC_SYM_COUNT + s], cd[s], code[(size_t)h * KVC_SYM_COUNT + s]);
+    }
+  }
+  CK(cudaFree(d_counts));
+  CK(cudaFree(d_code));
+  CK(cudaFree(d_len));
+  CK(cudaFree(d_nsym));
+  assert_true(folded > 0); /* the sweep reached the length limit */
+  if (bad) fail_msg("%d of %d histograms differ from the CPU build", bad, n);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(warp_huffman_build_equals_cpu),
       cmocka_unit_test(gpu_pages_equal_cpu_pages),
       cmocka_unit_test(dry_free_stack_sets_the_error_and_leaves_the_directory),
       cmocka_unit_test(page_over_the_chunk_limit_sets_the_error),

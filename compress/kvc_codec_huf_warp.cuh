@@ -27,6 +27,7 @@
 #include <stdint.h>
 
 #include "compress/kvc_page_format.h"
+#include "compress/kvc_quant.h"
 
 /* w[128] uint32 node weights, bl[64] int depth histogram, parent[128] uint8. */
 #define KVC_HUF_WARP_SCRATCH (2 * KVC_SYM_COUNT * 4 + KVC_SYM_COUNT * 4 + 2 * KVC_SYM_COUNT)
@@ -104,19 +105,8 @@ __device__ __forceinline__ int kvc_huf_warp_build(const uint32_t *counts, uint8_
     int maxd = max(d0, d1);
     for (int o = 16; o; o >>= 1) maxd = max(maxd, __shfl_xor_sync(full, maxd, o));
     __syncwarp();
-    /* 4. Fold depths above the limit (the same loop as kvc_huf_build_lengths). */
-    if (lane == 0) {
-      for (int i = maxd; i > KVC_HUF_MAX_LEN; i--) {
-        while (bl[i] > 0) {
-          int j = i - 2;
-          while (bl[j] == 0) j--;
-          bl[i] -= 2;
-          bl[i - 1] += 1;
-          bl[j + 1] += 2;
-          bl[j] -= 1;
-        }
-      }
-    }
+    /* 4. Fold depths above the limit (as kvc_huf_build_lengths does). */
+    if (lane == 0) kvc_huf_fold_depths(bl, maxd);
     __syncwarp();
     /* 5. Position p in hand-out order gets the p-th shortest length; canonical codes start at
      * first(l) = (first(l - 1) + count(l - 1)) << 1, in symbol order within a length. */

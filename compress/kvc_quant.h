@@ -79,6 +79,21 @@ KVC_HD int32_t kvc_q_center(int64_t sum, int n) {
   return (int32_t)f;
 }
 
+/* Folds a histogram of leaf depths bl[0..maxd] so that no depth exceeds KVC_HUF_MAX_LEN (JPEG
+ * Annex K.3: a pair of deepest leaves moves up, a shallower leaf moves down). */
+KVC_HD void kvc_huf_fold_depths(int *bl, int maxd) {
+  for (int i = maxd; i > KVC_HUF_MAX_LEN; i--) {
+    while (bl[i] > 0) {
+      int j = i - 2;
+      while (bl[j] == 0) j--;
+      bl[i] -= 2;
+      bl[i - 1] += 1;
+      bl[j + 1] += 2;
+      bl[j] -= 1;
+    }
+  }
+}
+
 /*
  * Canonical length-limited Huffman code lengths (<= KVC_HUF_MAX_LEN) for symbol counts[64].
  * Deterministic: leaves ordered by (count, symbol); when two smallest weights tie, a leaf is taken
@@ -127,16 +142,7 @@ KVC_HD int kvc_huf_build_lengths(const uint32_t *counts, uint8_t *len) {
       if (depth[i] > maxd) maxd = depth[i];
     }
   }
-  for (int i = maxd; i > KVC_HUF_MAX_LEN; i--) {
-    while (bl[i] > 0) {
-      int j = i - 2;
-      while (bl[j] == 0) j--;
-      bl[i] -= 2;
-      bl[i - 1] += 1;
-      bl[j + 1] += 2;
-      bl[j] -= 1;
-    }
-  }
+  kvc_huf_fold_depths(bl, maxd);
   /* order is (count ascending, symbol ascending); hand out lengths over (count descending, symbol
    * ascending): walk runs of equal counts from the end, each run in symbol order. */
   int l = 1, pos = m;

@@ -93,7 +93,7 @@ static int parse_args(int argc, char **argv, demo_opts_t *o) {
   o->swap_bytes = (size_t)4 << 20;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-    double x;
+    double x = 0;
     if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
       usage(stdout);
       exit(0);

@@ -86,11 +86,9 @@ kvc_status_t kvc_bm_create(const kvc_bm_config_t *cfg, kvc_host_alloc_t *ha, kvc
            (bm->p_bindptr = kvc_host_malloc(ha, (ns + 1) * sizeof(int32_t))) &&
            (bm->p_row_block = kvc_host_malloc(ha, mbt * sizeof(int32_t))) &&
            (bm->p_row_slot = kvc_host_malloc(ha, mbt * sizeof(int32_t))) &&
-           (bm->p_row_job = kvc_host_malloc(ha, mbt * sizeof(int32_t))) &&
            (bm->p_job_block = kvc_host_malloc(ha, (size_t)bm->max_jobs * sizeof(int32_t))) &&
            (bm->p_job_staged = kvc_host_malloc(ha, (size_t)bm->max_jobs * sizeof(int32_t))) &&
            (bm->p_new_staging = kvc_host_malloc(ha, ns * sizeof(int32_t))) &&
-           (bm->p_done_staging = kvc_host_malloc(ha, ns * sizeof(int32_t))) &&
            (bm->v_ref = kvc_host_malloc(ha, nb * sizeof(int32_t))) &&
            (bm->v_mark = kvc_host_malloc(ha, nb * sizeof(int32_t)));
   if (ok && bm->cfg.prefix_caching) {
@@ -135,8 +133,8 @@ void kvc_bm_destroy(kvc_bm_t *bm) {
                     bm->idmap,       bm->w_free,       bm->w_swap,        bm->match,
                     bm->p_slot,      bm->p_qo,         bm->p_kvlen,       bm->p_bindptr,
                     bm->p_bids,      bm->p_bids_retired, bm->p_row_block, bm->p_row_slot,
-                    bm->p_row_job,   bm->p_job_block,  bm->p_job_staged,  bm->p_new_staging,
-                    bm->p_done_staging, bm->v_ref,     bm->v_mark};
+                    bm->p_job_block, bm->p_job_staged, bm->p_new_staging, bm->v_ref,
+                    bm->v_mark};
   for (size_t i = 0; i < sizeof(arrays) / sizeof(arrays[0]); i++) kvc_host_free(ha, arrays[i]);
   kvc_host_free(ha, bm);
 }

@@ -96,17 +96,14 @@ typedef struct kvc_bm_plan {
   /* Where each new token row goes. */
   const int32_t *row_block;     /* [total_rows] block id */
   const int32_t *row_slot;      /* [total_rows] token slot in the block, 0..block_tokens-1 */
-  const int32_t *row_job;       /* [total_rows] compress job of the block, or -1: its staging page */
   /* Blocks that become full this step: each is one compress job. */
   int num_jobs;
   const int32_t *job_block;     /* [num_jobs] */
-  const int32_t *job_staged;    /* [num_jobs] tokens already in the block's staging page */
-  /* Staging pages: to take (blocks left partial that had none), to give back (blocks now full that
-   * had one; give back after their rows are copied into the compress job). */
+  const int32_t *job_staged;    /* [num_jobs] tokens the block held before this step (0: the
+                                   block is new and has no staging page yet) */
+  /* Blocks left partial by this step that had no staging page yet. */
   int num_new_staging;
   const int32_t *new_staging;
-  int num_done_staging;
-  const int32_t *done_staging;
 } kvc_bm_plan_t;
 
 /* A batch as the block manager sees it (validated by the caller for NULLs). */

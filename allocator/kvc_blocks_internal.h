@@ -132,10 +132,10 @@ struct kvc_bm {
   int64_t p_bids_cap;
   int32_t *p_bids_retired;/* replaced while the last plan still points to it; freed by the next */
   int p_bids_handed;      /* p_bids is what the last plan returned */
-  int32_t *p_row_block, *p_row_slot, *p_row_job; /* [max_batch_tokens] */
+  int32_t *p_row_block, *p_row_slot;             /* [max_batch_tokens] */
   int32_t *p_job_block, *p_job_staged;           /* [max_jobs] */
   int32_t max_jobs;
-  int32_t *p_new_staging, *p_done_staging;       /* [max_seqs] */
+  int32_t *p_new_staging;                        /* [max_seqs] */
 
   /* Validation scratch (written by kvc_bm_validate through the const handle's pointers). */
   int32_t *v_ref;         /* [max_blocks] */

@@ -70,7 +70,7 @@ kvc_status_t kvc_bm_plan(kvc_bm_t *bm, const kvc_bm_batch_t *batch, kvc_bm_plan_
   const uint64_t step = ++bm->step;
   bm->step_open = 1;
   bm->p_bids_handed = 1;
-  int32_t row = 0, nbids = 0, njobs = 0, nnew = 0, ndone = 0, max_kv = 0;
+  int32_t row = 0, nbids = 0, njobs = 0, nnew = 0, max_kv = 0;
   bm->p_qo[0] = 0;
   bm->p_bindptr[0] = 0;
   for (int i = 0; i < n; i++) {
@@ -94,20 +94,16 @@ kvc_status_t kvc_bm_plan(kvc_bm_t *bm, const kvc_bm_batch_t *batch, kvc_bm_plan_
         bm->tokens_stored += cnt;
         if (full) bm->partial_tails--;
       }
-      int32_t job = -1;
       if (full) {
-        job = njobs++;
-        bm->p_job_block[job] = b;
-        bm->p_job_staged[job] = fresh ? 0 : staged;
+        bm->p_job_block[njobs] = b;
+        bm->p_job_staged[njobs++] = fresh ? 0 : staged;
         bm->blk[b].done_step = step;
-        if (!fresh) bm->p_done_staging[ndone++] = b;
       } else if (fresh) {
         bm->p_new_staging[nnew++] = b;
       }
       for (int32_t r = 0; r < cnt; r++) {
         bm->p_row_block[row + r] = b;
         bm->p_row_slot[row + r] = slot0 + r;
-        bm->p_row_job[row + r] = job;
       }
       if (bm->block_tok && s->chain_ok) {
         int32_t *dst = bm->block_tok + (size_t)b * B + slot0;
@@ -147,14 +143,11 @@ kvc_status_t kvc_bm_plan(kvc_bm_t *bm, const kvc_bm_batch_t *batch, kvc_bm_plan_
   plan->block_ids = bm->p_bids;
   plan->row_block = bm->p_row_block;
   plan->row_slot = bm->p_row_slot;
-  plan->row_job = bm->p_row_job;
   plan->num_jobs = njobs;
   plan->job_block = bm->p_job_block;
   plan->job_staged = bm->p_job_staged;
   plan->num_new_staging = nnew;
   plan->new_staging = bm->p_new_staging;
-  plan->num_done_staging = ndone;
-  plan->done_staging = bm->p_done_staging;
   return KVC_OK;
 }
 

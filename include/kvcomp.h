@@ -271,9 +271,11 @@ kvc_status_t kvc_seq_free(kvc_cache_t *cache, kvc_seq_id_t id);
  * swap memory and frees their pool space; kvc_seq_swap_in brings them back (new chunks, same block
  * ids). Blocks shared with other sequences stay in the pool. Enqueued on `stream`; a swapped-out
  * sequence cannot be planned, forked or reserved, and comes back with its reservation released.
- * Swap-out first waits for the sizes of pages still in flight from earlier steps (a host wait:
- * swap is not on the hot path); each moved block takes its pages' bytes plus a small header of
- * swap memory, and the space is checked conservatively, as if every block of the sequence moved.
+ * Swap-out first compresses the blocks the last step completed if the sequence holds any (see
+ * kvc_store; even when the swap-out then fails for lack of swap space), then waits for the sizes
+ * of pages still in flight (a host wait: swap is not on the hot path); each moved block takes its
+ * pages' bytes plus a small header of swap memory, and the space is checked conservatively, as if
+ * every block of the sequence moved.
  * Returns KVC_ERR_NOT_FOUND, KVC_ERR_INVALID_STATE (already swapped out / not swapped out,
  * mid-step), KVC_ERR_OUT_OF_MEMORY (swap space, or pool on swap-in), KVC_ERR_UNSUPPORTED
  * (swap_bytes is 0).
@@ -323,8 +325,10 @@ typedef struct kvc_batch {
  * metadata (CSR block tables, tail lengths, split-K partitions, store destinations) once for all
  * layers, uploading it asynchronously on `stream`. The sequences' lengths advance by their new
  * tokens now; the step is complete once kvc_store has run for every layer. Arrays in `batch` are
- * read before return. Also collects, without waiting, the page sizes of earlier steps' compressed
- * blocks and releases their reservations. Does not synchronize and allocates nothing from CUDA.
+ * read before return. Also compresses the blocks the previous step completed (enqueued on
+ * `stream`, see kvc_store) and collects, without waiting, the page sizes of earlier steps'
+ * compressed blocks and releases their reservations. Does not synchronize and allocates nothing
+ * from CUDA.
  * Returns KVC_ERR_INVALID_ARGUMENT (shape, duplicates, more than max_batch_tokens, more tokens than
  * reserved), KVC_ERR_NOT_FOUND, KVC_ERR_INVALID_STATE (previous step incomplete, sequence swapped
  * out), KVC_ERR_CUDA.
@@ -334,8 +338,14 @@ kvc_status_t kvc_plan(kvc_cache_t *cache, const kvc_batch_t *batch, void *stream
 /*
  * Appends the planned step's new keys and values of `layer`: k, v [total_new_tokens, num_kv_heads,
  * head_dim] row-major in config.dtype (borrowed until the enqueued work completes). Blocks that
- * become full are compressed in one batched launch; the space for their pages is taken on the
- * device. Enqueued on `stream`, returns before the work is done; no synchronization, no CUDA
+ * become full keep their exact rows in their staging pages until the next kvc_plan, so this
+ * step's kvc_attend reads every token the step stored exactly, as it was stored, and only blocks
+ * completed by earlier steps through the lossy codec (as an engine attends over a prefill's own
+ * K/V). The next kvc_plan compresses them, one batched launch per layer, taking the space for
+ * their pages on the device; kvc_seq_free, kvc_seq_swap_out and eviction of such a block, and
+ * kvc_cache_synchronize, compress them earlier. Until then they hold staging pages, which their
+ * worst-case charge covers (kvc_stats_t counts them in staging_bytes). Enqueued on `stream`,
+ * returns before the work is done; no synchronization, no CUDA
  * allocation (capturable in a CUDA graph). Returns KVC_ERR_INVALID_STATE (no plan, layer already
  * stored this step), KVC_ERR_INVALID_ARGUMENT (NULL tensor, layer out of range), KVC_ERR_CUDA.
  */
@@ -358,8 +368,10 @@ kvc_status_t kvc_store(kvc_cache_t *cache, int layer, const void *k, const void 
 kvc_status_t kvc_attend(kvc_cache_t *cache, int layer, const void *q, void *out, float scale,
                         void *stream);
 
-/* Waits for all work the cache enqueued (on the stream of its most recent device work, which is
- * ordered after all earlier work), then collects page sizes. Not on the hot path. */
+/* Compresses the blocks the last step completed (see kvc_store: that step's attends after this
+ * read them compressed), waits for all work the cache enqueued (on the stream of its most recent
+ * device work, which is ordered after all earlier work), then collects page sizes, so that the
+ * stats count every full block as a page. Not on the hot path. */
 kvc_status_t kvc_cache_synchronize(kvc_cache_t *cache);
 
 /* ---------------------------------------------------------------------------------------------
@@ -401,7 +413,8 @@ kvc_status_t kvc_get_stats(const kvc_cache_t *cache, kvc_stats_t *out);
 kvc_status_t kvc_stats_prometheus(const kvc_cache_t *cache, char *buf, size_t cap, size_t *needed);
 
 typedef enum kvc_event_kind {
-  KVC_EVENT_BLOCK_STORED = 0,  /* a full block was compressed and (if hashed) entered the cache */
+  KVC_EVENT_BLOCK_STORED = 0,  /* a block became full (compressed by the next plan, kvc_store)
+                                  and, if hashed, entered the cache */
   KVC_EVENT_BLOCK_REMOVED = 1, /* a block's pages were freed */
   KVC_EVENT_BLOCK_EVICTED = 2, /* an unreferenced cached block was evicted to make room */
 } kvc_event_kind_t;

@@ -40,9 +40,15 @@ struct kvc__backend_ops {
   /* The step in c->plan: makes its arrays available to store/attend (CUDA: one async upload) and
    * builds the attention arguments. Nothing is committed before it returns KVC_OK. */
   kvc_status_t (*plan)(kvc_cache_t *c, void *stream);
-  /* kvc_store's device part for `layer` (kvc_cache.c lists the steps); page sizes of the step's
-   * jobs go to the backend's page_bytes[layer][job] (and codecs to page_codec). */
+  /* kvc_store's device part for `layer` (kvc_cache.c lists the steps): every new row goes to
+   * its block's staging page, a block completed by the step included. */
   kvc_status_t (*store)(kvc_cache_t *c, int layer, const void *k, const void *v, void *stream);
+  /* The deferred compression of `layer` (kvc_cache.c): compresses the step's jobs
+   * (c->step_job_block[0 .. c->step_num_jobs), every one a full staging page in this layer) and
+   * gives their staging pages back; page sizes go to page_bytes[layer][job] (codecs to
+   * page_codec). Runs after the step's store of `layer` and before the next plan (the CUDA
+   * backend reads the job list from the step's upload). */
+  kvc_status_t (*compress)(kvc_cache_t *c, int layer, void *stream);
   /* Attention of the planned step over `layer`. */
   kvc_status_t (*attend)(kvc_cache_t *c, int layer, const void *q, void *out, float scale,
                          void *stream);

@@ -149,64 +149,69 @@ static kvc_status_t cpu_plan(kvc_cache_t *c, void *stream) {
   return KVC_OK;
 }
 
+/* Takes a staging page for `block` in `layer`; KVC_ERR_INTERNAL if it has a page already. */
+static kvc_status_t take_staging(cpu_be_t *be, const kvc_cache_t *c, int layer, int32_t block) {
+  kvc_page_entry_t *e = entry(be, c, layer, block);
+  if (e->kind != KVC_PAGE_EMPTY || pop_chunks(be, e, c->geo.staging_chunks))
+    return KVC_ERR_INTERNAL;
+  e->kind = KVC_PAGE_STAGING;
+  e->nbytes = c->geo.staging_bytes;
+  e->codec = 0;
+  return KVC_OK;
+}
+
 /* kvc_store on the CPU, the steps numbered as in kvc_cache.c. */
 static kvc_status_t cpu_store(kvc_cache_t *c, int layer, const void *k, const void *v,
                               void *stream) {
   cpu_be_t *be = be_of(c);
   const kvc_bm_plan_t *p = &c->plan;
+  const int H = c->cfg.num_kv_heads, bt = c->cfg.block_tokens, rb = (int)c->geo.row_bytes;
+  kvc_status_t st = KVC_OK;
+
+  /* (1) Staging pages for blocks left partial that had none, and for blocks the step fills. */
+  for (int i = 0; st == KVC_OK && i < p->num_new_staging; i++)
+    st = take_staging(be, c, layer, p->new_staging[i]);
+  for (int j = 0; st == KVC_OK && j < p->num_jobs; j++)
+    if (p->job_staged[j] == 0) st = take_staging(be, c, layer, p->job_block[j]);
+  if (st != KVC_OK) return st;
+  /* (2) Every new row goes to its block's staging page. */
+  for (int r = 0; r < p->total_rows; r++) {
+    const kvc_page_entry_t *e = entry(be, c, layer, p->row_block[r]);
+    if (e->kind != KVC_PAGE_STAGING) return KVC_ERR_INTERNAL;
+    for (int t = 0; t < 2; t++) {
+      const uint8_t *src = (const uint8_t *)(t ? v : k) + (size_t)r * H * rb;
+      for (int h = 0; h < H; h++, src += rb)
+        page_write(c, be->pool, e, kvc_staging_row_offset(t, h, p->row_slot[r], H, bt, rb), src,
+                   (size_t)rb);
+    }
+  }
+  return KVC_OK;
+}
+
+/* The deferred compression of `layer`, the steps numbered as in kvc_cache.c. */
+static kvc_status_t cpu_compress(kvc_cache_t *c, int layer, void *stream) {
+  cpu_be_t *be = be_of(c);
   const kvc__geometry_t *g = &c->geo;
   const int H = c->cfg.num_kv_heads, bt = c->cfg.block_tokens, rb = (int)g->row_bytes;
+  const int n = c->step_num_jobs;
+  const int32_t *blocks = c->step_job_block;
   const size_t sb = g->staging_bytes;
 
-  /* (1) Staging pages for blocks left partial that had none. */
-  for (int i = 0; i < p->num_new_staging; i++) {
-    kvc_page_entry_t *e = entry(be, c, layer, p->new_staging[i]);
-    if (e->kind != KVC_PAGE_EMPTY || pop_chunks(be, e, g->staging_chunks)) return KVC_ERR_INTERNAL;
-    e->kind = KVC_PAGE_STAGING;
-    e->nbytes = g->staging_bytes;
-    e->codec = 0;
-  }
-  /* (2) Rows a completed block already held move from its staging page to the job's block... */
-  for (int j = 0; j < p->num_jobs; j++) {
-    int staged = p->job_staged[j];
-    if (staged == 0) continue;
-    const kvc_page_entry_t *e = entry(be, c, layer, p->job_block[j]);
+  /* (3) Every job's rows into its scratch block; then the staging pages go back. */
+  for (int j = 0; j < n; j++) {
+    const kvc_page_entry_t *e = entry(be, c, layer, blocks[j]);
     if (e->kind != KVC_PAGE_STAGING) return KVC_ERR_INTERNAL;
     for (int t = 0; t < 2; t++) {
       for (int h = 0; h < H; h++) {
         uint32_t off = kvc_staging_row_offset(t, h, 0, H, bt, rb);
-        page_read(c, be->pool, e, off, be->scratch + (size_t)j * sb + off, (size_t)staged * rb);
+        page_read(c, be->pool, e, off, be->scratch + (size_t)j * sb + off, (size_t)bt * rb);
       }
     }
   }
-  /* ... and every new row goes to its staging page or its job's block. */
-  for (int r = 0; r < p->total_rows; r++) {
-    int job = p->row_job[r], slot = p->row_slot[r];
-    const kvc_page_entry_t *e = NULL;
-    if (job < 0) {
-      e = entry(be, c, layer, p->row_block[r]);
-      if (e->kind != KVC_PAGE_STAGING) return KVC_ERR_INTERNAL;
-    }
-    for (int t = 0; t < 2; t++) {
-      const uint8_t *src = (const uint8_t *)(t ? v : k) + (size_t)r * H * rb;
-      for (int h = 0; h < H; h++, src += rb) {
-        uint32_t off = kvc_staging_row_offset(t, h, slot, H, bt, rb);
-        if (job >= 0)
-          memcpy(be->scratch + (size_t)job * sb + off, src, (size_t)rb);
-        else
-          page_write(c, be->pool, e, off, src, (size_t)rb);
-      }
-    }
-  }
-  /* (3) Staging pages of blocks now full go back. */
-  for (int i = 0; i < p->num_done_staging; i++) {
-    kvc_page_entry_t *e = entry(be, c, layer, p->done_staging[i]);
-    if (e->kind != KVC_PAGE_STAGING) return KVC_ERR_INTERNAL;
-    release_entry(be, e);
-  }
+  for (int j = 0; j < n; j++) release_entry(be, entry(be, c, layer, blocks[j]));
   /* (4) Compress each job into chunks of its own. */
-  for (int j = 0; j < p->num_jobs; j++) {
-    kvc_page_entry_t *e = entry(be, c, layer, p->job_block[j]);
+  for (int j = 0; j < n; j++) {
+    kvc_page_entry_t *e = entry(be, c, layer, blocks[j]);
     size_t size = 0;
     kvc_page_info_t info;
     kvc_status_t st = kvc_codec_encode(&c->codec, be->scratch + (size_t)j * sb, bt, be->page_buf,
@@ -369,6 +374,7 @@ const kvc__backend_ops_t kvc__backend_cpu = {
     .destroy = cpu_destroy,
     .plan = cpu_plan,
     .store = cpu_store,
+    .compress = cpu_compress,
     .attend = cpu_attend,
     .sizes_fetch = cpu_sizes_fetch,
     .sizes_poll = cpu_sizes_poll,

@@ -3,6 +3,11 @@
  * swap memory pinned and mapped on the host. The same protocol as the CPU backend
  * (kvc_backend_cpu.c), as small kernels.
  *
+ * A store writes every new row into a staging page; the compression of the blocks a step
+ * completes runs at the next plan (or earlier, kvc_cache.c says when), from the job list of the
+ * step's upload, which is still in meta_dev then: every such launch is enqueued before the next
+ * upload.
+ *
  * Nothing on the store/attend path synchronizes, allocates or copies between host and device:
  * store and attend only launch kernels on the caller's stream, so a step can be captured in a
  * CUDA graph. The host talks to the device at two points, both asynchronous:
@@ -76,10 +81,9 @@ struct cuda_be {
   uint8_t *swap_dev;       /* its device address */
   cudaEvent_t order_event; /* orders the cache's work across streams */
 
-  /* The step's device arrays (inside meta_dev) and attention arguments. */
-  const int32_t *d_row_block, *d_row_slot, *d_row_job, *d_job_block, *d_job_staged;
-  const int32_t *d_new_staging, *d_done_staging;
-  int any_staged;
+  /* The step's device arrays (inside meta_dev) and attention arguments. The deferred
+   * compression reads d_job_block, so it runs before the next plan's upload replaces it. */
+  const int32_t *d_row_block, *d_row_slot, *d_job_block, *d_job_staged, *d_new_staging;
   kvc_attn_args_t attn;
 };
 
@@ -168,11 +172,13 @@ __global__ void fill_i32_kernel(int32_t *a, int n, int32_t value) {
   if (i < n) a[i] = value;
 }
 
-/* (1) Staging pages for new partial blocks: one thread per block. */
-__global__ void take_staging_kernel(kvc_page_entry_t *dir, const int32_t *blocks, int n,
-                                    uint32_t chunks, uint32_t bytes, kvc_dev_pool_t pool) {
+/* (1) Staging pages for new partial blocks, and for compress jobs whose block had none
+ * (`staged` non-null: only where staged[i] == 0): one thread per block. */
+__global__ void take_staging_kernel(kvc_page_entry_t *dir, const int32_t *blocks,
+                                    const int32_t *staged, int n, uint32_t chunks, uint32_t bytes,
+                                    kvc_dev_pool_t pool) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
+  if (i >= n || (staged && staged[i] > 0)) return;
   kvc_page_entry_t *e = &dir[blocks[i]];
   if (e->kind != KVC_PAGE_EMPTY) {
     atomicExch(pool.error, kErrEntryState);
@@ -185,15 +191,15 @@ __global__ void take_staging_kernel(kvc_page_entry_t *dir, const int32_t *blocks
   e->kind = KVC_PAGE_STAGING;
 }
 
-/* (2) One thread block per new row: its K and V rows of every head, in words of W. */
+/* (2) One thread block per new row: its K and V rows of every head into its block's staging
+ * page, in words of W. */
 template <typename W>
 __global__ void append_kernel(const uint8_t *k, const uint8_t *v, const int32_t *row_block,
-                              const int32_t *row_slot, const int32_t *row_job,
-                              const kvc_page_entry_t *dir, kvc_dev_pool_t pool, uint8_t *scratch,
-                              uint32_t staging_bytes, int heads, int block_tokens, int row_bytes) {
-  const int r = blockIdx.x, job = row_job[r], slot = row_slot[r];
-  const kvc_page_entry_t *e = job < 0 ? &dir[row_block[r]] : nullptr;
-  if (e && e->kind != KVC_PAGE_STAGING) {
+                              const int32_t *row_slot, const kvc_page_entry_t *dir,
+                              kvc_dev_pool_t pool, int heads, int block_tokens, int row_bytes) {
+  const int r = blockIdx.x, slot = row_slot[r];
+  const kvc_page_entry_t *e = &dir[row_block[r]];
+  if (e->kind != KVC_PAGE_STAGING) {
     if (threadIdx.x == 0) atomicExch(pool.error, kErrEntryState);
     return;
   }
@@ -204,13 +210,11 @@ __global__ void append_kernel(const uint8_t *k, const uint8_t *v, const int32_t 
         reinterpret_cast<const W *>((t ? v : k) + ((size_t)r * heads + h) * row_bytes) + i;
     uint32_t off = kvc_staging_row_offset(t, h, slot, heads, block_tokens, row_bytes) +
                    (uint32_t)(i * sizeof(W));
-    W *dst = job >= 0 ? reinterpret_cast<W *>(scratch + (size_t)job * staging_bytes + off)
-                      : reinterpret_cast<W *>(kvc_page_byte(pool.base, pool.chunk_bytes, e, off));
-    *dst = *src;
+    *reinterpret_cast<W *>(kvc_page_byte(pool.base, pool.chunk_bytes, e, off)) = *src;
   }
 }
 
-/* (2) Rows a completed block already held: its staging page -> its job's scratch block. */
+/* (3) A completed block's rows: its staging page -> its job's scratch block. */
 __global__ void copy_staged_kernel(const int32_t *job_block, const int32_t *job_staged,
                                    const kvc_page_entry_t *dir, kvc_dev_pool_t pool,
                                    uint8_t *scratch, uint32_t staging_bytes, int heads,
@@ -232,7 +236,7 @@ __global__ void copy_staged_kernel(const int32_t *job_block, const int32_t *job_
   }
 }
 
-/* (3) Staging pages of blocks now full go back: one thread per block. */
+/* (3) Then the staging pages of the completed blocks go back: one thread per block. */
 __global__ void give_staging_kernel(kvc_page_entry_t *dir, const int32_t *blocks, int n,
                                     kvc_dev_pool_t pool) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -393,8 +397,10 @@ void cuda_destroy(kvc_cache_t *c) {
 
 size_t meta_bytes(const kvc__geometry_t *g) {
   size_t s = (size_t)g->max_plan_seqs, r = (size_t)g->max_rows, j = (size_t)g->max_jobs;
-  return align16((s + 1) * 4) * 2 + align16(s * 4) * 3 + align16((size_t)g->max_table_entries * 4) +
-         align16(r * 4) * 3 + align16(j * 4) * 2;
+  /* qo_indptr, block_indptr; kv_len, new_staging; block_ids; row_block, row_slot; job_block,
+   * job_staged: what cuda_plan packs. */
+  return align16((s + 1) * 4) * 2 + align16(s * 4) * 2 + align16((size_t)g->max_table_entries * 4) +
+         align16(r * 4) * 2 + align16(j * 4) * 2;
 }
 
 kvc_status_t make_events(kvc_cache_t *c, cuda_be *be) {
@@ -495,23 +501,19 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
   const int32_t *d_bids = pack(be, host, &off, p->block_ids, p->block_indptr[ns]);
   be->d_row_block = pack(be, host, &off, p->row_block, p->total_rows);
   be->d_row_slot = pack(be, host, &off, p->row_slot, p->total_rows);
-  be->d_row_job = pack(be, host, &off, p->row_job, p->total_rows);
   be->d_job_block = pack(be, host, &off, p->job_block, p->num_jobs);
   be->d_job_staged = pack(be, host, &off, p->job_staged, p->num_jobs);
   be->d_new_staging = pack(be, host, &off, p->new_staging, p->num_new_staging);
-  be->d_done_staging = pack(be, host, &off, p->done_staging, p->num_done_staging);
   KVC_CU(cudaMemcpyAsync(be->meta_dev, host, off, cudaMemcpyHostToDevice,
                          static_cast<cudaStream_t>(stream)));
   KVC_CU(cudaEventRecord(be->meta_event[k], static_cast<cudaStream_t>(stream)));
   be->meta_pending[k] = 1;
 
   int max_qo = 0;
-  be->any_staged = 0;
   for (int s = 0; s < ns; s++) {
     int n = p->qo_indptr[s + 1] - p->qo_indptr[s];
     if (n > max_qo) max_qo = n;
   }
-  for (int j = 0; j < p->num_jobs; j++) be->any_staged |= p->job_staged[j] > 0;
   kvc_attn_args_t a;
   memset(&a, 0, sizeof(a));
   a.num_q_heads = c->cfg.num_q_heads;
@@ -535,6 +537,7 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
   return KVC_OK;
 }
 
+/* kvc_store on the device, the steps numbered as in kvc_cache.c. */
 kvc_status_t cuda_store(kvc_cache_t *c, int layer, const void *k, const void *v, void *stream) {
   cuda_be *be = be_of(c);
   const kvc_bm_plan_t *p = &c->plan;
@@ -547,40 +550,52 @@ kvc_status_t cuda_store(kvc_cache_t *c, int layer, const void *k, const void *v,
   kvc_page_entry_t *dir = be->dir + (size_t)layer * (size_t)g->max_blocks;
   if (p->num_new_staging > 0) {
     take_staging_kernel<<<blocks_for(p->num_new_staging), kThreads, 0, s>>>(
-        dir, be->d_new_staging, p->num_new_staging, g->staging_chunks, g->staging_bytes, be->pool);
+        dir, be->d_new_staging, nullptr, p->num_new_staging, g->staging_chunks, g->staging_bytes,
+        be->pool);
+    KVC_LAUNCHED(take_staging_kernel);
+  }
+  if (p->num_jobs > 0) {
+    take_staging_kernel<<<blocks_for(p->num_jobs), kThreads, 0, s>>>(
+        dir, be->d_job_block, be->d_job_staged, p->num_jobs, g->staging_chunks, g->staging_bytes,
+        be->pool);
     KVC_LAUNCHED(take_staging_kernel);
   }
   if (p->total_rows > 0) {
     const uint8_t *kb = static_cast<const uint8_t *>(k), *vb = static_cast<const uint8_t *>(v);
     if ((reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16 == 0)
       append_kernel<uint4><<<p->total_rows, kThreads, 0, s>>>(
-          kb, vb, be->d_row_block, be->d_row_slot, be->d_row_job, dir, be->pool, be->scratch,
-          g->staging_bytes, H, bt, rb);
+          kb, vb, be->d_row_block, be->d_row_slot, dir, be->pool, H, bt, rb);
     else
       append_kernel<uint16_t><<<p->total_rows, kThreads, 0, s>>>(
-          kb, vb, be->d_row_block, be->d_row_slot, be->d_row_job, dir, be->pool, be->scratch,
-          g->staging_bytes, H, bt, rb);
+          kb, vb, be->d_row_block, be->d_row_slot, dir, be->pool, H, bt, rb);
     KVC_LAUNCHED(append_kernel);
   }
-  if (be->any_staged) {
-    copy_staged_kernel<<<p->num_jobs, kThreads, 0, s>>>(
-        be->d_job_block, be->d_job_staged, dir, be->pool, be->scratch, g->staging_bytes, H, bt, rb);
-    KVC_LAUNCHED(copy_staged_kernel);
-  }
-  if (p->num_done_staging > 0) {
-    give_staging_kernel<<<blocks_for(p->num_done_staging), kThreads, 0, s>>>(
-        dir, be->d_done_staging, p->num_done_staging, be->pool);
-    KVC_LAUNCHED(give_staging_kernel);
-  }
-  if (p->num_jobs > 0) {
-    size_t at = (size_t)layer * (size_t)g->max_jobs;
-    st = kvc_codec_cuda_compress(&c->codec, be->scratch, be->full_tokens, be->d_job_block,
-                                 p->num_jobs, dir, be->pool, be->page_bytes + at, stream);
-    if (st != KVC_OK) return st;
-    page_codec_kernel<<<blocks_for(p->num_jobs), kThreads, 0, s>>>(
-        dir, be->d_job_block, p->num_jobs, be->page_codec + at);
-    KVC_LAUNCHED(page_codec_kernel);
-  }
+  return KVC_OK;
+}
+
+/* The deferred compression of `layer`: the last plan's jobs, read from its upload. */
+kvc_status_t cuda_compress(kvc_cache_t *c, int layer, void *stream) {
+  cuda_be *be = be_of(c);
+  const kvc__geometry_t *g = &c->geo;
+  const int H = c->cfg.num_kv_heads, bt = c->cfg.block_tokens, rb = (int)g->row_bytes;
+  const int n = c->step_num_jobs;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  KVC_ON_DEVICE(be);
+  kvc_status_t st = enter(c, be, stream);
+  if (st != KVC_OK || n == 0) return st;
+  kvc_page_entry_t *dir = be->dir + (size_t)layer * (size_t)g->max_blocks;
+  copy_staged_kernel<<<n, kThreads, 0, s>>>(be->d_job_block, be->full_tokens, dir, be->pool,
+                                            be->scratch, g->staging_bytes, H, bt, rb);
+  KVC_LAUNCHED(copy_staged_kernel);
+  give_staging_kernel<<<blocks_for(n), kThreads, 0, s>>>(dir, be->d_job_block, n, be->pool);
+  KVC_LAUNCHED(give_staging_kernel);
+  size_t at = (size_t)layer * (size_t)g->max_jobs;
+  st = kvc_codec_cuda_compress(&c->codec, be->scratch, be->full_tokens, be->d_job_block, n, dir,
+                               be->pool, be->page_bytes + at, stream);
+  if (st != KVC_OK) return st;
+  page_codec_kernel<<<blocks_for(n), kThreads, 0, s>>>(dir, be->d_job_block, n,
+                                                       be->page_codec + at);
+  KVC_LAUNCHED(page_codec_kernel);
   return KVC_OK;
 }
 
@@ -778,8 +793,9 @@ size_t cuda_host_data_bytes(const kvc_cache_t *) { return 0; }
 } // namespace
 
 extern "C" const kvc__backend_ops_t kvc__backend_cuda = {
-    "cuda",         cuda_create,         cuda_destroy,         cuda_plan,       cuda_store,
-    cuda_attend,    cuda_sizes_fetch,    cuda_sizes_poll,      cuda_free_pages, cuda_copy_tail,
-    cuda_swap_out,  cuda_swap_in,        cuda_synchronize,     cuda_read_state, cuda_read_entry,
-    cuda_read_page, cuda_overhead_bytes, cuda_host_data_bytes,
+    "cuda",          cuda_create,     cuda_destroy,        cuda_plan,
+    cuda_store,      cuda_compress,   cuda_attend,         cuda_sizes_fetch,
+    cuda_sizes_poll, cuda_free_pages, cuda_copy_tail,      cuda_swap_out,
+    cuda_swap_in,    cuda_synchronize, cuda_read_state,    cuda_read_entry,
+    cuda_read_page,  cuda_overhead_bytes, cuda_host_data_bytes,
 };

@@ -3,17 +3,36 @@
  * brings measured page sizes back to the block manager. kvc_cache_internal.h gives the overview.
  *
  * A step, as the backends execute it (kvc_store, per layer):
- *   (1) take a staging page for every block in plan.new_staging;
- *   (2) write every new token row to its block's staging page slot (row_job == -1) or into the
- *       step's compress scratch block of its job (row_job >= 0); a job whose block already held
- *       rows (job_staged > 0) first gets those rows copied from the staging page;
- *   (3) give back the staging pages of plan.done_staging (the blocks now full);
- *   (4) compress every job: the codec takes the page's chunks itself (on the device on CUDA) and
- *       reports the page's size into page_bytes[layer][job].
+ *   (1) take a staging page for every block in plan.new_staging and for every compress job whose
+ *       block had none (job_staged == 0: the step fills it from its first slot);
+ *   (2) write every new token row to its block's staging page slot.
+ * Blocks the step completes (its compress jobs) are compressed later, by compress_deferred:
+ *   (3) a job's rows move from its staging page into the step's compress scratch block, and the
+ *       staging pages go back;
+ *   (4) every job is compressed: the codec takes the page's chunks itself (on the device on CUDA)
+ *       and reports the page's size into page_bytes[layer][job].
  * When every layer is stored the step is done for the block manager. The sizes reach the host
- * later without waiting: the next plan copies them into a size slot (CUDA: D2H with an event) and
- * a plan after that, seeing the event complete, reports them (kvc_bm_page_measured) so that the
- * block's worst-case charge drops to its real size.
+ * later without waiting: once compressed, the next plan copies them into a size slot (CUDA: D2H
+ * with an event) and a plan after that, seeing the event complete, reports them
+ * (kvc_bm_page_measured) so that the block's worst-case charge drops to its real size.
+ *
+ * Why compression is deferred. A step's queries must see the step's own new tokens exactly, as
+ * stored, like any paged-KV engine's prefill does: only tokens stored by earlier steps may be
+ * read through the lossy codec. Attention reads a block through its directory entry, and reads a
+ * staging page exactly; so a block completed in step s keeps its staging page, full, until its
+ * compression runs at the start of the next kvc_plan, which is after the last attend step s can
+ * have (a step's attends end with the next plan). The attention kernels need no change.
+ *   Memory: a completed block is charged its worst-case page in every layer until its size is
+ *   measured, and worst_page_chunks >= staging_chunks, so holding its staging page one step longer
+ *   stays within what the block manager has charged (a large single-shot prefill included); (3)
+ *   gives a job's staging page back before (4) takes its page's chunks.
+ *   Earlier compression: anything that needs the page itself compresses first, all deferred layers
+ *   at once (compress_deferred): freeing or evicting a pending block (run_work; the step's attends
+ *   have ended by then, see close_finished_plan), swapping out a sequence that holds one (its size
+ *   must be known for swap space), and kvc_cache_synchronize (so stats and page sizes are complete
+ *   after it; attends of the step after it read those blocks compressed). Forks and prefix hits
+ *   share a pending block as it is: its content does not change, only its encoding.
+ *   Validation accepts a pending block's staging page where a full block's page is expected.
  */
 #include <errno.h>
 #include <math.h>
@@ -373,7 +392,9 @@ static kvc_status_t poll_slots(kvc_cache_t *c, int wait) {
 
 /* Hands the finished step's page sizes to a size slot (once per step with jobs). */
 static kvc_status_t fetch_step_sizes(kvc_cache_t *c, void *stream) {
-  if (c->step_fetched || c->step == 0 || c->layers_stored != c->cfg.num_layers) return KVC_OK;
+  if (c->step_fetched || c->step == 0 || c->layers_stored != c->cfg.num_layers ||
+      c->layers_deferred > 0)
+    return KVC_OK;
   c->step_fetched = 1;
   if (c->step_num_jobs == 0) return KVC_OK;
   int retired;
@@ -390,6 +411,28 @@ static kvc_status_t fetch_step_sizes(kvc_cache_t *c, void *stream) {
   memcpy(s->job_block, c->step_job_block, (size_t)c->step_num_jobs * sizeof(int32_t));
   c->slot_count++;
   return KVC_OK;
+}
+
+/* Steps (3) and (4) for every layer whose compression is deferred, on `stream`. */
+static kvc_status_t compress_deferred(kvc_cache_t *c, void *stream) {
+  for (int l = 0; l < c->cfg.num_layers && c->layers_deferred > 0; l++) {
+    if (!c->layer_deferred[l]) continue;
+    kvc_status_t st = c->ops->compress(c, l, stream);
+    if (st != KVC_OK) return kvc__fail_device(c, st, "compressing");
+    for (int j = 0; j < c->step_num_jobs; j++)
+      meta_set(c, l, c->step_job_block[j], KVC_PAGE_COMPRESSED, 0, 0, 0);
+    c->layer_deferred[l] = 0;
+    c->layers_deferred--;
+  }
+  return KVC_OK;
+}
+
+/* Whether one of blocks[0..n) is a block of the last step whose compression is pending. */
+static int any_compress_pending(const kvc_cache_t *c, const int32_t *blocks, int n) {
+  if (c->layers_deferred == 0) return 0;
+  for (int i = 0; i < n; i++)
+    if (c->pending_step[blocks[i]] == c->step) return 1;
+  return 0;
 }
 
 kvc_status_t kvc__collect_all(kvc_cache_t *c) {
@@ -413,6 +456,12 @@ static void release_swap_extent(kvc_cache_t *c, int32_t b) {
 static kvc_status_t run_work(kvc_cache_t *c, const kvc_bm_work_t *w, int swap_dir, void *stream) {
   const int L = c->cfg.num_layers;
   kvc_status_t st;
+  /* Compression reads a pending block's staging page, which freeing it releases: compress the
+   * deferred layers first. (A swap-out has compressed them before it asked the block manager.) */
+  if (any_compress_pending(c, w->free_blocks, w->num_free)) {
+    st = compress_deferred(c, stream);
+    if (st != KVC_OK) return st;
+  }
   if (w->num_free > 0) {
     st = c->ops->free_pages(c, w->free_blocks, w->num_free, stream);
     if (st != KVC_OK) return kvc__fail_device(c, st, "freeing pages");
@@ -467,6 +516,7 @@ static void destroy_cache(kvc_cache_t *c) {
   kvc__swap_space_release(&c->swap, ha);
   kvc_host_free(ha, c->meta);
   kvc_host_free(ha, c->layer_stored);
+  kvc_host_free(ha, c->layer_deferred);
   kvc_host_free(ha, c->step_job_block);
   kvc_host_free(ha, c->pending_step);
   for (int i = 0; i < KVC__SIZE_SLOTS; i++) kvc_host_free(ha, c->slots[i].job_block);
@@ -533,6 +583,7 @@ kvc_status_t kvc__cache_create_faulty(const kvc_config_t *config, int64_t fail_a
   c->live.mask = mask - 1;
   c->meta = kvc_host_calloc(ha, L * MB, sizeof(kvc__page_meta_t));
   c->layer_stored = kvc_host_calloc(ha, L, 1);
+  c->layer_deferred = kvc_host_calloc(ha, L, 1);
   c->step_job_block = kvc_host_malloc(ha, (size_t)geo.max_jobs * sizeof(int32_t));
   c->pending_step = kvc_host_calloc(ha, MB, sizeof(uint64_t));
   c->swap_off = kvc_host_malloc(ha, MB * sizeof(uint64_t));
@@ -543,9 +594,9 @@ kvc_status_t kvc__cache_create_faulty(const kvc_config_t *config, int64_t fail_a
   c->live.index = kvc_host_malloc(ha, (size_t)mask * sizeof(int32_t));
   c->block_mark = kvc_host_calloc(ha, MB, 1);
   c->events = kvc_host_malloc(ha, KVC__EVENT_CAP * sizeof(kvc_event_t));
-  int ok = c->meta && c->layer_stored && c->step_job_block && c->pending_step && c->swap_off &&
-           c->swap_len && c->swap_table && c->swap_work_off && c->block_mark && c->live.ids &&
-           c->live.index && c->events;
+  int ok = c->meta && c->layer_stored && c->layer_deferred && c->step_job_block &&
+           c->pending_step && c->swap_off && c->swap_len && c->swap_table && c->swap_work_off &&
+           c->block_mark && c->live.ids && c->live.index && c->events;
   for (int i = 0; ok && i < KVC__SIZE_SLOTS; i++) {
     c->slots[i].job_block = kvc_host_malloc(ha, (size_t)geo.max_jobs * sizeof(int32_t));
     ok = c->slots[i].job_block != NULL;
@@ -731,8 +782,14 @@ kvc_status_t kvc_seq_swap_out(kvc_cache_t *c, kvc_seq_id_t id, void *stream) {
   if (st == KVC_OK && c->cfg.swap_bytes == 0) st = KVC_ERR_UNSUPPORTED;
   if (st == KVC_OK) st = kvc_bm_seq_info(c->bm, id, &info);
   if (st == KVC_OK && info.state == KVC_SEQ_SWAPPED) st = KVC_ERR_INVALID_STATE;
-  /* Swap space is accounted from measured page sizes: wait for every size in flight (swap-out is
-   * not on the hot path). This only brings the host's knowledge of sizes up to date. */
+  /* Swap space is accounted from measured page sizes: compress the sequence's pending blocks
+   * (only once the step is done: a sequence in the open step cannot be swapped out, and its
+   * attends still read them) and wait for every size in flight (swap-out is not on the hot path).
+   * Neither changes what the cache holds, only how its full blocks are encoded and what the host
+   * knows of their sizes. */
+  if (st == KVC_OK && !kvc_bm_step_open(c->bm)) st = kvc_bm_seq_blocks(c->bm, id, &table, &n);
+  if (st == KVC_OK && !kvc_bm_step_open(c->bm) && any_compress_pending(c, table, n))
+    st = compress_deferred(c, stream);
   if (st == KVC_OK) st = kvc__collect_all(c);
   if (st == KVC_OK) st = kvc_bm_seq_blocks(c->bm, id, &table, &n);
   if (st == KVC_OK && n > c->geo.max_seq_blocks)
@@ -799,11 +856,13 @@ kvc_status_t kvc_tokens_fit(const kvc_cache_t *cc, int64_t *n_tokens) {
 static kvc_status_t begin_step(kvc_cache_t *c, const kvc_bm_plan_t *p, void *stream) {
   const kvc__geometry_t *g = &c->geo;
   if (p->num_seqs > g->max_plan_seqs || p->total_rows > g->max_rows || p->num_jobs > g->max_jobs ||
-      p->block_indptr[p->num_seqs] > g->max_table_entries ||
-      p->num_new_staging > g->max_plan_seqs || p->num_done_staging > g->max_plan_seqs)
+      p->block_indptr[p->num_seqs] > g->max_table_entries || p->num_new_staging > g->max_plan_seqs)
     return kvc__fail_device(c, KVC_ERR_INTERNAL, "planning (plan larger than its bounds)");
-  /* The previous step's sizes leave before this step's stores overwrite them. */
-  kvc_status_t st = fetch_step_sizes(c, stream);
+  /* The previous step's attends are over: its completed blocks are compressed now, before the
+   * upload below replaces the job list the device reads. Their sizes leave before this step's
+   * compression overwrites them. */
+  kvc_status_t st = compress_deferred(c, stream);
+  if (st == KVC_OK) st = fetch_step_sizes(c, stream);
   if (st != KVC_OK) return st;
   c->plan = *p;
   c->step = p->step;
@@ -850,10 +909,13 @@ kvc_status_t kvc_store(kvc_cache_t *c, int layer, const void *k, const void *v, 
     const kvc_bm_plan_t *p = &c->plan;
     for (int i = 0; i < p->num_new_staging; i++)
       meta_set(c, layer, p->new_staging[i], KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0);
-    for (int i = 0; i < p->num_done_staging; i++)
-      meta_set(c, layer, p->done_staging[i], KVC_PAGE_EMPTY, 0, 0, 0);
+    /* Completed blocks hold their rows in staging pages until compress_deferred. */
     for (int j = 0; j < p->num_jobs; j++)
-      meta_set(c, layer, p->job_block[j], KVC_PAGE_COMPRESSED, 0, 0, 0);
+      meta_set(c, layer, p->job_block[j], KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0);
+    if (p->num_jobs > 0) {
+      c->layer_deferred[layer] = 1;
+      c->layers_deferred++;
+    }
     c->layer_stored[layer] = 1;
     if (++c->layers_stored == c->cfg.num_layers) kvc_bm_step_done(c->bm);
   }
@@ -880,6 +942,7 @@ kvc_status_t kvc_cache_synchronize(kvc_cache_t *c) {
   if (!c) return KVC_ERR_INVALID_ARGUMENT;
   lock(c);
   kvc_status_t st = c->sticky;
+  if (st == KVC_OK) st = compress_deferred(c, c->last_stream);
   if (st == KVC_OK) st = kvc__collect_all(c);
   unlock(c);
   return st;

@@ -1,7 +1,8 @@
 /*
  * The cache object behind kvcomp.h, shared by the files of scheduler_hooks/:
  *   kvc_cache.c         create/destroy, configuration, the per-request hooks, plan/store/attend,
- *                       page-size collection, the device work the block manager asks for
+ *                       the deferred compression of the blocks a step completes, page-size
+ *                       collection, the device work the block manager asks for
  *   kvc_cache_stats.c   stats, Prometheus text, events, validation, test accessors
  *   kvc_swap_space.c    the allocator of the host swap region
  *   kvc_backend_cpu.c   the CPU backend (pool in host memory)
@@ -126,6 +127,10 @@ struct kvc_cache {
   int32_t *step_job_block; /* [max_jobs] this step's job blocks (the plan's copy) */
   int step_num_jobs;
   uint64_t *pending_step; /* [max_blocks] step whose pages of the block are unmeasured, 0 */
+  /* Deferred compression (kvc_cache.c): layer_deferred[l] says that layer l's pages of this
+   * step's jobs are still full staging pages, to be compressed by compress_deferred. */
+  uint8_t *layer_deferred; /* [num_layers] */
+  int layers_deferred;
 
   kvc__size_slot_t slots[KVC__SIZE_SLOTS];
   int slot_first, slot_count; /* ring of slots in flight, oldest first */
@@ -152,6 +157,12 @@ void kvc__log(const kvc_cache_t *c, kvc_log_level_t level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)))
 #endif
     ;
+
+/* Whether layer `layer` of block `b` is a full block of the last step whose compression is
+ * deferred: its page is a staging page holding all block_tokens rows. */
+static inline int kvc__compress_pending(const kvc_cache_t *c, int layer, int32_t b) {
+  return c->layer_deferred[layer] && c->pending_step[b] == c->step;
+}
 
 /* Staging (and swap) extent size of block `b`, from the mirror. */
 uint64_t kvc__swap_extent_bytes(const kvc_cache_t *c, int32_t b);

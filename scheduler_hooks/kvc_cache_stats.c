@@ -7,9 +7,10 @@
  * backend's actual directories and free stack (copied to the host on CUDA). Every chunk must be
  * on the free stack or in exactly one directory entry; every entry must agree with the mirror;
  * every block of a running sequence must hold the page its length implies (compressed when full,
- * staging when partial, nothing beyond); blocks holding pages that no sequence references are
- * exactly the block manager's cached blocks; the mirror's counters and the block manager's
- * measured-page accounting must add up.
+ * or a full staging page while its compression is deferred; staging when partial; nothing
+ * beyond); blocks holding pages that no sequence references are exactly the block manager's
+ * cached blocks; the mirror's counters and the block manager's measured-page accounting must
+ * add up.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -304,7 +305,10 @@ static kvc_status_t check_tables(const kvc_cache_t *c, vstate_t *v, const kvc_bm
       v->referenced[b] = 1;
       for (int l = 0; l < L; l++) {
         const kvc__page_meta_t *m = &c->meta[(size_t)l * MB + (size_t)b];
-        if (m->kind != want || (m->swapped && info.state != KVC_SEQ_SWAPPED))
+        int ok_kind = m->kind == want || (want == KVC_PAGE_COMPRESSED &&
+                                          m->kind == KVC_PAGE_STAGING &&
+                                          kvc__compress_pending(c, l, b));
+        if (!ok_kind || (m->swapped && info.state != KVC_SEQ_SWAPPED))
           return invalid(c,
                          "sequence %llu (length %d%s) block %d (#%d) layer %d holds kind %u%s, "
                          "expected %d",
@@ -320,9 +324,12 @@ static kvc_status_t check_tables(const kvc_cache_t *c, vstate_t *v, const kvc_bm
     for (int l = 0; l < L; l++) has_pages |= v->dir[(size_t)l * MB + b].kind != KVC_PAGE_EMPTY;
     if (c->swap_off[b] != UINT64_MAX) swapped_blocks++;
     if (v->referenced[b] || !has_pages) continue;
-    for (int l = 0; l < L; l++)
-      if (v->dir[(size_t)l * MB + b].kind != KVC_PAGE_COMPRESSED)
+    for (int l = 0; l < L; l++) {
+      uint8_t kind = v->dir[(size_t)l * MB + b].kind;
+      if (kind != KVC_PAGE_COMPRESSED &&
+          !(kind == KVC_PAGE_STAGING && kvc__compress_pending(c, l, (int32_t)b)))
         return invalid(c, "unreferenced block %d layer %d is not a compressed page", (int)b, l);
+    }
     cached++;
   }
   if (cached != bs->cached_blocks)

@@ -12,14 +12,19 @@
  * (same kind, codec, size and chunk count; compressed pages byte for byte, staging pages in the
  * rows the tail holds: slots past a tail's length are unspecified on both backends, whatever the
  * chunks held before, and no reader looks at them); both caches validate after every step. The
- * pool is small enough that sequences are preempted (swapped and dropped) often. Variants: fp16
+ * pool is small enough that sequences are preempted (swapped and dropped) often. Blocks a step
+ * completes are compared twice: as the full staging pages they stay until compressed, and (after
+ * kvc_cache_synchronize compresses them) as compressed pages. Variants: fp16
  * and bf16 with the smallest-page policy, and the raw codec (pages of staging size plus a header,
  * so one chunk more than a staging page).
  *
  * graph_capture: two CUDA caches run the same steps; for one step, cache A's stores and attends of
  * every layer are captured on a non-default stream (cudaStreamBeginCapture), instantiated and
  * launched, while cache B runs them directly. Outputs and pages (tails in their rows) must be
- * equal, and both caches must go on working (another step, validation).
+ * equal, and both caches must go on working (another step, validation). A CPU cache stores the
+ * same steps; B's pages must equal its pages. Nothing synchronizes these caches between steps, so
+ * the blocks a step completes are compressed by the next kvc_plan (from the job list of the
+ * step's upload, before the plan's own upload replaces it).
  *
  * Without a GPU every test skips.
  */
@@ -362,6 +367,24 @@ bool lockstep_step(lockstep &L, tensors &T) {
     }
     L.rows += rows;
   }
+  /* Blocks this step completed wait for the next plan as full staging pages (their rows equal on
+   * both), and validation leaves them so; synchronizing compresses them. */
+  for (size_t m = 0; m < members.size(); m++) {
+    const request &r = L.reqs[members[m]];
+    int32_t blocks[kMaxLen / kBt + 1];
+    int nb = 0;
+    assert_int_equal(kvc__cache_seq_blocks(L.gpu, r.id, blocks, kMaxLen / kBt + 1, &nb), KVC_OK);
+    for (int j = r.len / kBt; j < (r.len + n_new[m]) / kBt; j++)
+      for (int l = 0; l < kLayers; l++) {
+        kvc_page_entry_t e;
+        assert_int_equal(kvc__cache_read_page(L.gpu, l, blocks[j], &e, L.pa.data(), L.pa.size()),
+                         KVC_OK);
+        assert_int_equal(e.kind, KVC_PAGE_STAGING);
+      }
+    same_pages(L.cpu, L.gpu, blocks, r.len / kBt, nb, r.len + n_new[m], L.pa, L.pb);
+  }
+  assert_int_equal(kvc_cache_validate(L.cpu), KVC_OK);
+  assert_int_equal(kvc_cache_validate(L.gpu), KVC_OK);
   assert_int_equal(kvc_cache_synchronize(L.cpu), KVC_OK);
   assert_int_equal(kvc_cache_synchronize(L.gpu), KVC_OK);
 
@@ -497,9 +520,11 @@ void cuda_matches_cpu_raw(void **) {
 void graph_capture(void **) {
   if (!have_gpu()) skip();
   kvc_config_t cfg = config(KVC_BACKEND_CUDA, KVC_DTYPE_F16, (size_t)1 << 20);
-  kvc_cache_t *a = nullptr, *b = nullptr;
+  kvc_config_t cfg_cpu = config(KVC_BACKEND_CPU, KVC_DTYPE_F16, (size_t)1 << 20);
+  kvc_cache_t *a = nullptr, *b = nullptr, *h = nullptr;
   assert_int_equal(kvc_cache_create(&cfg, &a), KVC_OK);
   assert_int_equal(kvc_cache_create(&cfg, &b), KVC_OK);
+  assert_int_equal(kvc_cache_create(&cfg_cpu, &h), KVC_OK);
   cudaStream_t s;
   CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   /* Every layer's inputs live in their own device buffers, uploaded before a capture begins:
@@ -518,7 +543,7 @@ void graph_capture(void **) {
   kvc_test_rng_seed(&rng, 4242);
   kvc_seq_id_t ids[4] = {1, 2, 3, 4};
   int cached = 0;
-  for (kvc_cache_t *c : {a, b})
+  for (kvc_cache_t *c : {a, b, h})
     for (int i = 0; i < 4; i++) {
       assert_int_equal(kvc_seq_add(c, ids[i], nullptr, 0, 0, &cached), KVC_OK);
       assert_int_equal(kvc_seq_reserve(c, ids[i], 160, 0), KVC_OK);
@@ -543,6 +568,9 @@ void graph_capture(void **) {
     kvc_batch_t batch = {4, ids, plan_tokens[st], nullptr};
     assert_int_equal(kvc_plan_cuda(a, &batch, s), KVC_OK);
     assert_int_equal(kvc_plan_cuda(b, &batch, s), KVC_OK);
+    assert_int_equal(kvc_plan(h, &batch, nullptr), KVC_OK);
+    for (int l = 0; l < kLayers; l++)
+      assert_int_equal(kvc_store(h, l, in[l].k.data(), in[l].v.data(), nullptr), KVC_OK);
     if (st == captured) {
       cudaGraph_t graph = nullptr;
       cudaGraphExec_t exec = nullptr;
@@ -587,8 +615,15 @@ void graph_capture(void **) {
       assert_int_equal(na, nb);
       assert_memory_equal(ba, bb, (size_t)na * sizeof(int32_t));
       same_pages(a, b, ba, 0, na, lens[i], pa, pb);
+      int32_t bh[kMaxLen / kBt + 1];
+      int nh = 0;
+      assert_int_equal(kvc__cache_seq_blocks(h, ids[i], bh, kMaxLen / kBt + 1, &nh), KVC_OK);
+      assert_int_equal(na, nh);
+      assert_memory_equal(ba, bh, (size_t)na * sizeof(int32_t));
+      same_pages(h, b, bh, 0, nh, lens[i], pa, pb);
     }
   }
+  assert_int_equal(kvc_cache_validate(h), KVC_OK);
   kvc_stats_t sa = {}, sb = {};
   sa.struct_size = sb.struct_size = sizeof(kvc_stats_t);
   assert_int_equal(kvc_get_stats(a, &sa), KVC_OK);
@@ -597,6 +632,7 @@ void graph_capture(void **) {
   assert_int_equal(sa.tokens_stored, sb.tokens_stored);
   kvc_cache_destroy(a);
   kvc_cache_destroy(b);
+  kvc_cache_destroy(h);
   for (int l = 0; l < kLayers; l++) {
     CUDA_OK(cudaFree(out_a[l]));
     CUDA_OK(cudaFree(out_b[l]));

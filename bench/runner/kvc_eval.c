@@ -47,6 +47,8 @@ typedef struct opts {
   const char *text;
   int windows;
   kvc_runner_feed_t feed;
+  int chunk;       /* prefill feed: tokens per step, 0: whole windows */
+  char feed_name[48];
   int dense_codec; /* kvcomp rows through the codec API in the dense cache instead of the library */
   const char *out_dir;
   const char *dump_kv;
@@ -70,15 +72,16 @@ typedef struct model_run {
 static void usage(FILE *f) {
   fprintf(f,
           "usage: kvc_eval [--model FILE [--tokenizer FILE]]... [--text FILE] [--windows N]\n"
-          "                [--feed decode|prefill] [--path kvcomp|dense] [--out DIR]\n"
+          "                [--feed decode|prefill [--chunk N]] [--path kvcomp|dense] [--out DIR]\n"
           "                [--sweep SPEC] [--quick] [--dump-kv FILE]\n"
           "  --model      GGUF or llama2.c checkpoint (repeatable; default: stories260K and\n"
           "               babyllama-tok105 from $KVC_SHARED_DIR or ../shared)\n"
           "  --tokenizer  llama2.c tokenizer.bin for the preceding llama2.c --model\n"
           "  --text       evaluation text (default ../shared/data/tinystories_val.txt)\n"
           "  --windows    windows of 256 tokens (default 40)\n"
-          "  --feed       decode: one token per step, blocks compressed as they fill (default);\n"
+          "  --feed       decode: one token per step (default);\n"
           "               prefill: each window as one prompt\n"
+          "  --chunk      with --feed prefill: N tokens of each window per step (chunked prefill)\n"
           "  --path       kvcomp: kvcomp rows through the cache (default); dense: through the codec\n"
           "               API applied to full blocks of the runner's dense cache\n"
           "  --out        directory for EVAL.md, eval.json, eval.png (default bench/runner/results)\n"
@@ -129,6 +132,14 @@ static int parse_args(int argc, char **argv, opts_t *o) {
         fprintf(stderr, "kvc_eval: --feed is decode or prefill\n");
         return -1;
       }
+    } else if (!strcmp(a, "--chunk")) {
+      char *end;
+      long n = strtol(val, &end, 10);
+      if (*end || n < 1 || n > 255) {
+        fprintf(stderr, "kvc_eval: --chunk wants an integer in 1..255, got '%s'\n", val);
+        return -1;
+      }
+      o->chunk = (int)n;
     } else if (!strcmp(a, "--path")) {
       if (!strcmp(val, "kvcomp")) o->dense_codec = 0;
       else if (!strcmp(val, "dense")) o->dense_codec = 1;
@@ -153,12 +164,25 @@ static int parse_args(int argc, char **argv, opts_t *o) {
     fprintf(stderr, "kvc_eval: --tokenizer goes with exactly one --model\n");
     return -1;
   }
+  if (o->chunk && o->feed != KVC_RUNNER_FEED_PREFILL) {
+    fprintf(stderr, "kvc_eval: --chunk goes with --feed prefill\n");
+    return -1;
+  }
+  if (o->chunk >= 255) o->chunk = 0; /* the whole window */
+  if (o->feed == KVC_RUNNER_FEED_DECODE)
+    snprintf(o->feed_name, sizeof o->feed_name, "decode");
+  else if (o->chunk)
+    snprintf(o->feed_name, sizeof o->feed_name, "prefill (chunks of %d)", o->chunk);
+  else
+    snprintf(o->feed_name, sizeof o->feed_name, "prefill");
   return 0;
 }
 
 /* ---- running one configuration ----------------------------------------------------------- */
 
-static int step_capacity(const opts_t *o) { return o->feed == KVC_RUNNER_FEED_PREFILL ? 16 * 255 : o->windows; }
+static int step_capacity(const opts_t *o) {
+  return o->feed == KVC_RUNNER_FEED_PREFILL ? 16 * (o->chunk ? o->chunk : 255) : o->windows;
+}
 
 static kvc_runner_ppl_opts_t ppl_opts(const opts_t *o) {
   kvc_runner_ppl_opts_t p = {o->windows, 256, o->feed, o->feed == KVC_RUNNER_FEED_PREFILL ? 16 : 0};
@@ -235,7 +259,8 @@ static kvc_status_t run_dense(model_run_t *mr, const opts_t *o, kvc_runner_block
   kvc_status_t st = kvc_runner_kv_dense(&mr->m.shape, &d, &kv, err);
   if (st != KVC_OK) return st;
   kvc_runner_ppl_opts_t po = ppl_opts(o);
-  st = kvc_runner_perplexity(&mr->ctx, kv, mr->stream, mr->n_stream, &po, p, err);
+  st = kvc_runner_perplexity_chunked(&mr->ctx, kv, mr->stream, mr->n_stream, &po, o->chunk, p,
+                                     err);
   kvc_runner_kv_destroy(kv);
   return st;
 }
@@ -270,7 +295,8 @@ static kvc_status_t run_kvc_row(model_run_t *mr, const opts_t *o, row_t *r, kvc_
     kvc_runner_kv_t *kv = NULL;
     if ((st = kvc_runner_kv_kvcomp(s, &r->cfg, &kv, err)) != KVC_OK) return st;
     kvc_runner_ppl_opts_t po = ppl_opts(o);
-    st = kvc_runner_perplexity(&mr->ctx, kv, mr->stream, mr->n_stream, &po, &p, err);
+    st = kvc_runner_perplexity_chunked(&mr->ctx, kv, mr->stream, mr->n_stream, &po, o->chunk, &p,
+                                       err);
     kvc_runner_kv_destroy(kv);
     if (st == KVC_OK) {
       double values = (double)p.full_blocks * 64.0 * 2.0 * s->n_kv_heads * s->head_dim;
@@ -389,7 +415,7 @@ static kvc_status_t study_model(model_run_t *mr, const opts_t *o, const char *pa
   const kvc_runner_shape_t *s = &mr->m.shape;
   fprintf(stderr, "%s: %s, dim %d, %d layers, %d/%d heads, head_dim %d, vocab %d; %d windows, %s feed\n",
           mr->label, mr->m.format, s->dim, s->n_layers, s->n_heads, s->n_kv_heads, s->head_dim,
-          s->vocab_size, o->windows, o->feed == KVC_RUNNER_FEED_DECODE ? "decode" : "prefill");
+          s->vocab_size, o->windows, o->feed_name);
 
   /* The exact dense run: the cross-check of the kvcomp reference and the fp8 calibration. */
   mr->k_amax = calloc((size_t)s->n_layers, sizeof(float));
@@ -528,7 +554,7 @@ static void json_row(FILE *f, const row_t *r, const model_run_t *mr) {
 
 static void write_json(FILE *f, model_run_t *runs, int n, const opts_t *o) {
   fprintf(f, "{\"bench\":\"eval\",\"windows\":%d,\"feed\":\"%s\",\"path\":\"%s\",\"models\":{", o->windows,
-          o->feed == KVC_RUNNER_FEED_DECODE ? "decode" : "prefill", o->dense_codec ? "dense" : "kvcomp");
+          o->feed_name, o->dense_codec ? "dense" : "kvcomp");
   for (int m = 0; m < n; m++) {
     model_run_t *mr = &runs[m];
     fprintf(f, "%s\"%s\":{\"reference_ppl\":%.6f,\"top1_text\":%.6f,\"rows\":[", m ? "," : "", mr->label,
@@ -552,11 +578,13 @@ static void write_json(FILE *f, model_run_t *runs, int n, const opts_t *o) {
 static void write_markdown(FILE *f, model_run_t *runs, int n, const opts_t *o) {
   fprintf(f, "# kvcomp accuracy/size study (`./kvc eval`)\n\n"
           "Protocol: ../shared/models/README.md — windows of [BOS] + 255 text tokens of "
-          "tinystories_val.txt, %d windows, %s feed; every full 64-token block compressed, the "
-          "current tail exact. Δ perplexity and top-1 agreement are against the exact fp32 cache. "
+          "tinystories_val.txt, %d windows, %s feed; a step reads the 64-token blocks completed "
+          "by earlier steps compressed and every token it stores itself exact (kvcomp compresses "
+          "a block at the plan after the step that fills it). Δ perplexity and top-1 agreement "
+          "are against the exact fp32 cache. "
           "Bits/value count every stored byte of the full blocks (page headers, section tables, "
           "scales, codebooks, padding; KIVI: fp16 scale and zero per group). kvcomp rows: %s.\n\n",
-          o->windows, o->feed == KVC_RUNNER_FEED_DECODE ? "decode (one token per step)" : "prefill",
+          o->windows, o->feed == KVC_RUNNER_FEED_DECODE ? "decode (one token per step)" : o->feed_name,
           o->dense_codec ? "the codec API applied to full blocks of the runner's dense cache"
                          : "the library's CPU backend, fp32, bits from kvc_get_stats page_bytes");
   for (int m = 0; m < n; m++) {

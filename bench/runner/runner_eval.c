@@ -92,10 +92,19 @@ static int score_row(const float *logits, int vocab, int target, double *nll) {
 kvc_status_t kvc_runner_perplexity(kvc_runner_ctx_t *ctx, kvc_runner_kv_t *kv, const int32_t *stream,
                                    int n_stream, const kvc_runner_ppl_opts_t *opts,
                                    kvc_runner_ppl_t *out, kvc_runner_err_t *err) {
+  return kvc_runner_perplexity_chunked(ctx, kv, stream, n_stream, opts, 0, out, err);
+}
+
+kvc_status_t kvc_runner_perplexity_chunked(kvc_runner_ctx_t *ctx, kvc_runner_kv_t *kv,
+                                           const int32_t *stream, int n_stream,
+                                           const kvc_runner_ppl_opts_t *opts, int chunk,
+                                           kvc_runner_ppl_t *out, kvc_runner_err_t *err) {
   const kvc_runner_shape_t *s = &ctx->model->shape;
   int W = opts->windows, L = (opts->window_len > 0 ? opts->window_len : 256) - 1;
   int G = opts->group > 0 && opts->group < W ? opts->group : W;
   int prefill = opts->feed == KVC_RUNNER_FEED_PREFILL;
+  /* Tokens of each window per step: 1 (decode), a chunk, or the whole window. */
+  int C = !prefill ? 1 : chunk > 0 && chunk < L ? chunk : L;
   memset(out, 0, sizeof *out);
   if (W < 1 || L < 1 || (int64_t)W * L > n_stream)
     return kvc_runner_fail(err, KVC_ERR_INVALID_ARGUMENT, "perplexity: %d windows of %d tokens need "
@@ -103,11 +112,11 @@ kvc_status_t kvc_runner_perplexity(kvc_runner_ctx_t *ctx, kvc_runner_kv_t *kv, c
   if (L + 1 > s->max_seq_len)
     return kvc_runner_fail(err, KVC_ERR_INVALID_ARGUMENT, "perplexity: window of %d tokens is longer "
                            "than the model's context (%d)", L + 1, s->max_seq_len);
-  if ((prefill ? G * L : G) > ctx->cap_tokens)
+  if (G * C > ctx->cap_tokens)
     return kvc_runner_fail(err, KVC_ERR_INVALID_ARGUMENT, "perplexity: step capacity %d too small",
                            ctx->cap_tokens);
   kvc_status_t st = KVC_OK;
-  int rows = prefill ? G * L : G;
+  int rows = G * C;
   kvc_seq_id_t *ids = malloc((size_t)G * sizeof *ids);
   int32_t *n_new = malloc((size_t)G * sizeof *n_new);
   int32_t *pos0 = malloc((size_t)G * sizeof *pos0);
@@ -139,12 +148,12 @@ kvc_status_t kvc_runner_perplexity(kvc_runner_ctx_t *ctx, kvc_runner_kv_t *kv, c
         goto out;
       }
     }
-    int steps = prefill ? 1 : L;
+    int steps = (L + C - 1) / C;
     for (int j = 0; j < steps; j++) {
       for (int i = 0; i < g; i++) {
         const int32_t *win = stream + (size_t)(w0 + i) * L;
-        n_new[i] = prefill ? L : 1;
-        pos0[i] = prefill ? 0 : j;
+        n_new[i] = L - j * C < C ? L - j * C : C;
+        pos0[i] = j * C;
         int32_t *dst = toks + (size_t)i * n_new[i];
         for (int t = 0; t < n_new[i]; t++) {
           int p = pos0[i] + t;

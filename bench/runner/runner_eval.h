@@ -7,8 +7,10 @@
  *
  * Feeding: DECODE feeds every window one token per step (all windows of a group batched, one
  * sequence each), so when a query is scored the blocks completed before it are compressed and its
- * own block is the exact tail — what decoding in serving sees. PREFILL feeds each window as one
- * prompt in one step (what a prefill sees: the library compresses full blocks at store).
+ * own block is exact — what decoding in serving sees. PREFILL feeds each window as one prompt in
+ * one step, or in chunks of a given number of tokens per step (chunked prefill). The library
+ * compresses a block at the plan after the step that completes it, so a step reads the tokens it
+ * stores exactly and earlier steps' completed blocks compressed: a one-step prefill is exact.
  */
 #ifndef KVC_RUNNER_EVAL_H
 #define KVC_RUNNER_EVAL_H
@@ -50,6 +52,13 @@ typedef struct kvc_runner_ppl {
 kvc_status_t kvc_runner_perplexity(kvc_runner_ctx_t *ctx, kvc_runner_kv_t *kv, const int32_t *stream,
                                    int n_stream, const kvc_runner_ppl_opts_t *opts,
                                    kvc_runner_ppl_t *out, kvc_runner_err_t *err);
+
+/* The same with the prefill feed in chunks of `chunk` tokens of each window per step (chunked
+ * prefill); 0, or a chunk as long as the window, feeds it in one step. */
+kvc_status_t kvc_runner_perplexity_chunked(kvc_runner_ctx_t *ctx, kvc_runner_kv_t *kv,
+                                           const int32_t *stream, int n_stream,
+                                           const kvc_runner_ppl_opts_t *opts, int chunk,
+                                           kvc_runner_ppl_t *out, kvc_runner_err_t *err);
 
 void kvc_runner_ppl_free(kvc_runner_ppl_t *r);
 

@@ -45,7 +45,8 @@ struct kvc_runner_kv {
 
 /*
  * Rewrites one full block of one layer in place (the dense backend calls it once per layer per
- * block, when the block's last token is stored): k, v [n_tokens][n_kv_heads][head_dim].
+ * block, as kvcomp compresses: at the plan after the step that stored the block's last token, or
+ * when a sequence is freed before that plan): k, v [n_tokens][n_kv_heads][head_dim].
  * Baselines count the bytes the block would occupy through `user`.
  */
 typedef void (*kvc_runner_block_fn)(void *user, int layer, float *k, float *v, int n_tokens,

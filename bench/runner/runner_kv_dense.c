@@ -1,6 +1,8 @@
 /*
  * The dense in-runner KV cache: every sequence's K and V in fp32 arrays, attention in fp64.
  * Exact (the reference the kvcomp path is tested against) unless a block hook rewrites full blocks.
+ * As kvcomp compresses them, the hook rewrites the blocks a step completes at the next plan (or at
+ * a seq_free before it), so a step's attention reads its own new tokens exactly.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -31,6 +33,7 @@ typedef struct dense {
   int *step_count;     /* [max_seqs] new tokens */
   unsigned char *stored; /* [n_layers] store done for this step */
   int planned;         /* 0 none, 1 step in progress, 2 every layer stored (attend still allowed) */
+  int pending;         /* the step's completed blocks have not been given to on_full_block */
   double *scores;      /* [max_seq_len] attention scratch */
 } dense_t;
 
@@ -47,6 +50,25 @@ static void free_seq(dense_t *d, dense_seq_t *s) {
   }
   free(s->k);
   free(s->v);
+}
+
+/* Gives the blocks the planned step completed, in every layer it stored, to on_full_block. */
+static void flush_pending(dense_t *d) {
+  if (!d->pending) return;
+  size_t row = (size_t)d->shape.n_kv_heads * (size_t)d->shape.head_dim;
+  int B = d->opts.block_tokens;
+  for (int i = 0; i < d->step_seqs; i++) {
+    dense_seq_t *s = &d->seqs[d->step_idx[i]];
+    int start = d->step_start[i], n = d->step_count[i];
+    for (int layer = 0; layer < d->shape.n_layers; layer++) {
+      if (!d->stored[layer]) continue;
+      for (int blk = start / B; (blk + 1) * B <= start + n; blk++)
+        d->opts.on_full_block(d->opts.user, layer, s->k[layer] + (size_t)blk * B * row,
+                              s->v[layer] + (size_t)blk * B * row, B, d->shape.n_kv_heads,
+                              d->shape.head_dim);
+    }
+  }
+  d->pending = 0;
 }
 
 static kvc_status_t d_seq_add(kvc_runner_kv_t *kv, kvc_seq_id_t id, const int32_t *tokens, int n,
@@ -107,6 +129,7 @@ static kvc_status_t d_seq_free(kvc_runner_kv_t *kv, kvc_seq_id_t id) {
   int i = find_seq(d, id);
   if (i < 0) return KVC_ERR_NOT_FOUND;
   if (d->planned == 1) return KVC_ERR_INVALID_STATE;
+  flush_pending(d);
   d->planned = 0; /* step indices below would go stale */
   d->reserved_total -= d->seqs[i].reserved;
   free_seq(d, &d->seqs[i]);
@@ -133,6 +156,7 @@ static kvc_status_t d_plan(kvc_runner_kv_t *kv, const kvc_batch_t *b) {
     if (b->num_new_tokens[i] < 1 || d->seqs[si].len + b->num_new_tokens[i] > d->seqs[si].reserved)
       return KVC_ERR_INVALID_ARGUMENT;
   }
+  flush_pending(d);
   for (int i = 0; i < b->num_seqs; i++) {
     int si = find_seq(d, b->seq_ids[i]);
     d->step_idx[i] = si;
@@ -151,7 +175,6 @@ static kvc_status_t d_store(kvc_runner_kv_t *kv, int layer, const float *k, cons
   if (layer < 0 || layer >= d->shape.n_layers || !k || !v) return KVC_ERR_INVALID_ARGUMENT;
   if (!d->planned || d->stored[layer]) return KVC_ERR_INVALID_STATE;
   size_t row = (size_t)d->shape.n_kv_heads * (size_t)d->shape.head_dim;
-  int B = d->opts.block_tokens;
   for (int i = 0; i < d->step_seqs; i++) {
     dense_seq_t *s = &d->seqs[d->step_idx[i]];
     int start = d->step_start[i], n = d->step_count[i];
@@ -159,13 +182,9 @@ static kvc_status_t d_store(kvc_runner_kv_t *kv, int layer, const float *k, cons
     memcpy(s->v[layer] + (size_t)start * row, v, (size_t)n * row * sizeof(float));
     k += (size_t)n * row;
     v += (size_t)n * row;
-    if (!d->opts.on_full_block) continue;
-    for (int blk = start / B; (blk + 1) * B <= start + n; blk++)
-      d->opts.on_full_block(d->opts.user, layer, s->k[layer] + (size_t)blk * B * row,
-                            s->v[layer] + (size_t)blk * B * row, B, d->shape.n_kv_heads,
-                            d->shape.head_dim);
   }
   d->stored[layer] = 1;
+  if (d->opts.on_full_block) d->pending = 1;
   int all = 1;
   for (int l = 0; l < d->shape.n_layers; l++) all &= d->stored[l];
   if (all) d->planned = 2; /* complete: the next plan may come, attend still allowed */

@@ -249,7 +249,8 @@ class TestCudaBackend(unittest.TestCase):
             cache.seq_add(seq)
             driver.track(seq)
         driver.step([(1, 47), (2, 16), (3, 5)])
-        for _ in range(20):  # crosses block boundaries: compression inside the graph
+        for _ in range(20):  # crosses block boundaries: a block a captured step completes is
+            # compressed by the next plan, outside the graph
             driver.step([(1, 1), (2, 1), (3, 1)], graph=True)
         cache.validate()
 

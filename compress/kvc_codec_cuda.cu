@@ -7,16 +7,19 @@
  * shared memory and quantizes them with each thread owning 8 neighbouring channels of some rows
  * (16-byte vectors): group ranges, verification (which keeps every q for the code pass, so each
  * value is divided once), power-of-two fallback, centres, then codes u and the symbol histogram.
- * Warp 0 builds the Huffman code (kvc_codec_huf_warp.cuh); one thread per lane sums its lane's
- * length, a block scan places the lanes, and each lane writes its bits from a 64-bit register
- * accumulator, whole words with plain stores and only the two words it may share with its
- * neighbours with atomicOr. Fixed-width fields (group parameters, code lengths, lane lengths,
- * bit-pack codes) are written one output word per thread, gathered from the fields it overlaps.
+ * Warp 0 builds the Huffman code (kvc_codec_huf_warp.cuh) while warps 1-7 zero the staging buffer
+ * and write the group fields; the code pass kept each value's symbol above its u in us[]. Each lane
+ * (in two halves, one per thread, when there are <= 128 lanes) sums its length, a block scan places
+ * the halves, and each writes its bits from a 64-bit register accumulator, whole words with plain
+ * stores and only the two words it may share with its neighbours with atomicOr. Fixed-width fields
+ * (group parameters, code lengths, lane lengths, bit-pack codes) are written one output word per
+ * thread, gathered from the fields it overlaps.
  * The section is staged in shared memory, then copied into the page's chunks. Chunks are taken
  * from the device free stack as the page grows (policy FIXED: one pop per section that crosses into
- * new chunks; other policies first size every section under both codecs, then pop once). The page
- * header and section table are written last. Shared memory is sized to the launch's shape (56 KB
- * at 64 tokens x head_dim 128: four CTAs per SM). Throughput and its accounting: bench/NOTES-codec.md.
+ * new chunks, issued before the emit and published by its barrier; other policies first size every
+ * section under both codecs, then pop once). The page header and section table are written last.
+ * Shared memory is sized to the launch's shape (56 KB at 64 tokens x head_dim 128: four CTAs per
+ * SM). Throughput and its accounting: bench/NOTES-codec.md.
  *
  * Limits of this build: head_dim 64, 128, 256; dtype fp16 or bf16; block_tokens * head_dim <= 16384
  * (shared memory for the rows and the codes); num_kv_heads <= 64. Other shapes: KVC_ERR_UNSUPPORTED.
@@ -46,6 +49,11 @@ constexpr int kMaxHeads = 64;
 constexpr int kMaxLanes = kMaxSymbols / KVC_LANE_SYMBOLS; /* 256 = kThreads: one lane per thread */
 constexpr int kEUnset = KVC_STEP_CODE_MIN - 2;
 constexpr unsigned kFull = 0xffffffffu;
+/* us[] keeps each Huffman symbol above its code u (u < 2^KVC_Q_MAX_BITS): the lane-length pass and
+ * the lane streams read it instead of recomputing kvc_sym_of; bit-pack masks it off. */
+constexpr int kSymShift = 26;
+constexpr uint32_t kUMask = (1u << KVC_Q_MAX_BITS) - 1u;
+static_assert(KVC_Q_MAX_BITS <= kSymShift && KVC_SYM_COUNT <= (1 << (32 - kSymShift)), "symbol fits");
 static_assert(kMaxLanes <= kThreads, "one thread per lane");
 
 struct Args {
@@ -76,8 +84,8 @@ struct Smem {
   double *glim;       /* [groups] */
   int32_t *ge, *gbase, *gflag, *gqmin;
   float *gstep;
-  uint32_t *lane_bits, *lane_off; /* [lanes] */
-  uint8_t *huf;                   /* KVC_HUF_WARP_SCRATCH bytes; the same bytes as lane_bits.. */
+  uint32_t *lane_bits;            /* [lanes] lane lengths in bits */
+  uint8_t *huf;                   /* KVC_HUF_WARP_SCRATCH bytes; the same bytes as lane_bits */
   uint32_t *counts, *code, *enc;  /* [64]; enc: code << 10 | extra << 5 | (length + extra) */
   uint8_t *len;                   /* [64] */
   uint8_t *hdr;                   /* [sections_start] page header and section table */
@@ -103,7 +111,7 @@ __host__ __device__ inline Smem carve(uint8_t *p, int smax, int hd, int bt, int 
   const size_t groups = (size_t)(hd > bt ? hd : bt);
   const size_t lanes = ((size_t)smax + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS;
   /* The Huffman build's scratch is dead before the lane lengths are computed. */
-  const size_t lane_bytes = lanes * 8 > KVC_HUF_WARP_SCRATCH ? lanes * 8 : KVC_HUF_WARP_SCRATCH;
+  const size_t lane_bytes = lanes * 4 > KVC_HUF_WARP_SCRATCH ? lanes * 4 : KVC_HUF_WARP_SCRATCH;
   s.xs = take((size_t)smax * 2);
   s.us = (uint32_t *)take((size_t)smax * 4);
   /* gmn and gmx (REL) and csum (ABS) are never live in one launch: groups >= head_dim. */
@@ -118,7 +126,6 @@ __host__ __device__ inline Smem carve(uint8_t *p, int smax, int hd, int bt, int 
   s.gstep = (float *)take(groups * 4);
   s.huf = take(lane_bytes);
   s.lane_bits = (uint32_t *)s.huf;
-  s.lane_off = p ? s.lane_bits + lanes : nullptr;
   s.counts = (uint32_t *)take(64 * 4);
   s.code = (uint32_t *)take(64 * 4);
   s.enc = (uint32_t *)take(64 * 4);
@@ -170,6 +177,21 @@ __device__ __forceinline__ void load8u(const uint32_t *src, uint32_t (&v)[8]) {
 __device__ __forceinline__ int warp_max(int v) {
   for (int o = 16; o; o >>= 1) v = max(v, __shfl_xor_sync(kFull, v, o));
   return v;
+}
+__device__ __forceinline__ int warp_min(int v) {
+  for (int o = 16; o; o >>= 1) v = min(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+/* Folds a warp's range [lo, hi] into misc[i_lo], misc[i_hi] (all lanes call): one shared atomic
+ * per warp instead of one per thread on the same word (those serialize). */
+__device__ __forceinline__ void warp_range_to(int *misc, int i_lo, int i_hi, int lo, int hi) {
+  lo = warp_min(lo);
+  hi = warp_max(hi);
+  if ((threadIdx.x & 31) == 0) {
+    atomicMin(&misc[i_lo], lo);
+    atomicMax(&misc[i_hi], hi);
+  }
 }
 
 /* Reductions over the TPR lanes of one row (xor offsets below TPR) and over the rows a warp holds
@@ -355,6 +377,7 @@ __device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, i
     __syncthreads();
     /* Failed groups take the exact power-of-two step (rare; one thread per group). */
     const int len = is_k ? n : HD;
+    int elo = INT32_MAX, ehi = INT32_MIN, blo = INT32_MAX, bhi = INT32_MIN;
     for (int g = tid; g < G; g += kThreads) {
       int e = sm.ge[g];
       int32_t base = sm.gqmin[g];
@@ -387,12 +410,14 @@ __device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, i
       sm.ge[g] = e;
       sm.gbase[g] = base;
       if (e != kEUnset) {
-        atomicMin(&sm.misc[M_ELO], e);
-        atomicMax(&sm.misc[M_EHI], e);
+        elo = min(elo, e);
+        ehi = max(ehi, e);
       }
-      atomicMin(&sm.misc[M_BLO], base);
-      atomicMax(&sm.misc[M_BHI], base);
+      blo = min(blo, base);
+      bhi = max(bhi, base);
     }
+    warp_range_to(sm.misc, M_ELO, M_EHI, elo, ehi);
+    warp_range_to(sm.misc, M_BLO, M_BHI, blo, bhi);
     __syncthreads();
     if (sm.misc[M_FAIL]) return QInfo{0};
     int e_lo = sm.misc[M_ELO], e_hi = sm.misc[M_EHI];
@@ -442,12 +467,14 @@ __device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, i
     if (lfail) sm.misc[M_FAIL] = 1;
     __syncthreads();
     if (sm.misc[M_FAIL]) return QInfo{0};
+    int blo = INT32_MAX, bhi = INT32_MIN;
     for (int d = tid; d < HD; d += kThreads) {
       int32_t c = kvc_q_center((long long)sm.csum[d], n);
       sm.gbase[d] = c;
-      atomicMin(&sm.misc[M_BLO], c);
-      atomicMax(&sm.misc[M_BHI], c);
+      blo = min(blo, c);
+      bhi = max(bhi, c);
     }
+    warp_range_to(sm.misc, M_BLO, M_BHI, blo, bhi);
     __syncthreads();
     q.e_min = e;
     q.abs_step = st;
@@ -488,20 +515,21 @@ __device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, i
 #pragma unroll
         for (int j = 0; j < 8; j++) uv[j] = kvc_zigzag((int32_t)(uv[j] - (uint32_t)sm.gbase[c0 + j]));
       }
-      store8(sm.us + r * HD + c0, uv);
     }
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       const uint32_t u = uv[j];
       /* Rows past n (only in the last pass of a partial block) take symbol 64: never counted. */
-      const uint32_t sym = valid ? kvc_sym_of(min(u, (1u << KVC_Q_MAX_BITS) - 1)) : 64u;
+      const uint32_t sym = valid ? kvc_sym_of(min(u, kUMask)) : 64u;
       const uint32_t peers = __match_any_sync(kFull, sym);
       if (valid) {
-        lfail |= u >= (1u << KVC_Q_MAX_BITS);
-        lmaxu = max(lmaxu, (int)min(u, (1u << KVC_Q_MAX_BITS)));
+        lfail |= u > kUMask;
+        lmaxu = max(lmaxu, (int)min(u, kUMask + 1u));
         if (lane == __ffs(peers) - 1) atomicAdd(&sm.counts[sym], __popc(peers));
       }
+      uv[j] = (u & kUMask) | (sym << kSymShift); /* u > kUMask fails the section */
     }
+    if (valid) store8(sm.us + r * HD + c0, uv);
   }
   lmaxu = warp_max(lmaxu);
   if (lane == 0) atomicMax(&sm.misc[M_MAXU], lmaxu);
@@ -518,67 +546,18 @@ __device__ __forceinline__ uint32_t qsec_bytes(uint64_t bits) {
   return (uint32_t)(KVC_QSEC_HEADER_BYTES + 4 * words);
 }
 
-/* Huffman lengths, codes and lane lengths of a quantized section (all threads); returns its bytes. */
-__device__ __forceinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q, int S, int *n_lanes_out,
-                                 uint32_t *w_lane_out) {
-  const int tid = threadIdx.x;
-  if (tid < 32) {
-    const int n_sym = kvc_huf_warp_build(sm.counts, sm.len, sm.code, sm.huf);
-    for (int s = tid; s < KVC_SYM_COUNT; s += 32) {
-      const uint32_t ne = kvc_sym_extra((uint32_t)s);
-      sm.enc[s] = (sm.code[s] << 10) | (ne << 5) | (sm.len[s] + ne);
-    }
-    if (tid == 0) {
-      sm.misc[M_NSYM] = n_sym;
-      sm.misc[M_LLO] = INT32_MAX;
-      sm.misc[M_LHI] = 0;
-    }
-  }
-  __syncthreads();
-  int nl = (S + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS;
-  uint32_t bits = 0;
-  if (tid < nl) {
-#pragma unroll 4
-    for (int s = tid; s < S; s += nl) bits += sm.enc[kvc_sym_of(sm.us[s])] & 31u;
-    sm.lane_bits[tid] = bits;
-    atomicMin(&sm.misc[M_LLO], (int)bits);
-    atomicMax(&sm.misc[M_LHI], (int)bits);
-  }
-  /* Exclusive scan of lane lengths over the block (lanes <= threads). */
-  uint32_t incl = tid < nl ? bits : 0;
-  for (int o = 1; o < 32; o <<= 1) {
-    uint32_t v = __shfl_up_sync(kFull, incl, o);
-    if ((tid & 31) >= o) incl += v;
-  }
-  __shared__ uint32_t warp_tot[kThreads / 32];
-  if ((tid & 31) == 31) warp_tot[tid / 32] = incl;
-  __syncthreads();
-  uint32_t before = 0;
-  for (int w = 0; w < tid / 32; w++) before += warp_tot[w];
-  if (tid < nl) sm.lane_off[tid] = before + incl - bits;
-  uint64_t total = 0;
-  for (int w = 0; w < kThreads / 32; w++) total += warp_tot[w];
-  uint32_t lo = (uint32_t)sm.misc[M_LLO], hi = (uint32_t)sm.misc[M_LHI];
-  uint32_t w_lane = kvc_bits_for(hi - lo);
-  *n_lanes_out = nl;
-  *w_lane_out = w_lane;
-  uint64_t meta = (uint64_t)q.groups * (q.w_e + q.w_b);
-  uint32_t b = qsec_bytes(meta + 4u * (uint32_t)sm.misc[M_NSYM] + (uint64_t)nl * w_lane + total);
-  __syncthreads();
-  return b;
-}
-
 /*
  * Writes n fields of w (0..31) bits, field i = val(i), at bit p0 of the zeroed MSB-first word
- * stream wd (all threads): one output word per thread, ORed from the fields it overlaps. A word
- * that lies wholly inside the fields is this thread's alone (plain store); the two end words may
- * hold bits of the neighbouring arrays (atomicOr).
+ * stream wd (threads t = 0..nt-1 of the caller's set): one output word per thread, ORed from the
+ * fields it overlaps. A word that lies wholly inside the fields is this thread's alone (plain
+ * store); the two end words may hold bits of the neighbouring arrays (atomicOr).
  */
 template <class F>
-__device__ __forceinline__ void put_fields(uint32_t *wd, uint32_t p0, uint32_t n, uint32_t w, F val) {
+__device__ __forceinline__ void put_fields(uint32_t *wd, uint32_t p0, uint32_t n, uint32_t w, int t, int nt,
+                                           F val) {
   if (w == 0 || n == 0) return;
   const uint32_t end = p0 + n * w;
-  for (uint32_t k = (p0 >> 5) + threadIdx.x; k <= (end - 1) >> 5; k += kThreads) {
+  for (uint32_t k = (p0 >> 5) + (uint32_t)t; k <= (end - 1) >> 5; k += (uint32_t)nt) {
     const uint32_t wb = k << 5;
     uint32_t word = 0;
     for (uint32_t i = wb > p0 ? (wb - p0) / w : 0; i < n; i++) {
@@ -593,14 +572,108 @@ __device__ __forceinline__ void put_fields(uint32_t *wd, uint32_t p0, uint32_t n
   }
 }
 
-/* Writes the quantized section into the staging buffer sm.xs (all threads). */
+/* Synchronizes the nt threads that stage a section: the whole CTA, or warps 1-7 (named barrier 1)
+ * while warp 0 builds the Huffman code. */
+__device__ __forceinline__ void stage_sync(int nt) {
+  if (nt == kThreads) __syncthreads();
+  else asm volatile("bar.sync 1, %0;" ::"r"(nt) : "memory");
+}
+
+/* Zeroes the first align16(zero_bytes) bytes of the staging buffer sm.xs and writes the group fields
+ * (step codes, bases), which do not depend on the code (threads t = 0..nt-1; the caller syncs). */
+__device__ __forceinline__ void stage_groups(const Smem &sm, const QInfo &q, uint32_t zero_bytes, int t, int nt) {
+  for (uint32_t i = (uint32_t)t; i < (uint32_t)align16z(zero_bytes) / 16; i += (uint32_t)nt)
+    ((uint4 *)sm.xs)[i] = make_uint4(0, 0, 0, 0);
+  stage_sync(nt);
+  uint32_t *wd = (uint32_t *)(sm.xs + KVC_QSEC_HEADER_BYTES);
+  const uint32_t G = (uint32_t)q.groups;
+  const uint32_t pos_b = q.mode == KVC_QMODE_REL ? G * q.w_e : 0;
+  if (q.mode == KVC_QMODE_REL)
+    put_fields(wd, 0, G, q.w_e, t, nt, [&](uint32_t g) { return (uint32_t)(sm.ge[g] - q.e_min); });
+  put_fields(wd, pos_b, G, q.w_b, t, nt, [&](uint32_t g) { return (uint32_t)sm.gbase[g] - (uint32_t)q.b_min; });
+}
+
+/* The part of the lane streams this thread codes: lane l holds values l, l + nl, l + 2 nl, ... (at
+ * most KVC_LANE_SYMBOLS). With nl <= kThreads / 2, threads 2l and 2l + 1 take the first and the
+ * second half of lane l, so the streams' bit order is the threads' order; else thread l takes lane
+ * l. Sets [*s, *s_end) (stride nl), empty for a thread without a lane. */
+__device__ __forceinline__ void lane_part(int S, int nl, int *s, int *s_end) {
+  const int two = nl <= kThreads / 2, l = threadIdx.x >> two, part = threadIdx.x & two;
+  const int per = KVC_LANE_SYMBOLS >> two;
+  *s = l + part * per * nl;
+  *s_end = l < nl ? min(S, l + (part + 1) * per * nl) : 0;
+}
+
+/*
+ * Huffman lengths, codes and lane lengths of a quantized section (all threads); returns its bytes.
+ * With `stage`, warps 1-7 zero the staging buffer and write the group fields while warp 0 builds
+ * the code (emit then writes only the code-dependent parts). *off_out: the bit offset, from the
+ * start of the lane streams, of this thread's part (lane_part). No trailing barrier: the caller's
+ * next step either writes only code-dependent words (emit) or starts with one (quantize).
+ */
+__device__ __forceinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q, int S, bool stage,
+                                                 int *n_lanes_out, uint32_t *w_lane_out, uint32_t *off_out) {
+  const int tid = threadIdx.x;
+  if (tid < 32) {
+    const int n_sym = kvc_huf_warp_build(sm.counts, sm.len, sm.code, sm.huf);
+    for (int s = tid; s < KVC_SYM_COUNT; s += 32) {
+      const uint32_t ne = kvc_sym_extra((uint32_t)s);
+      sm.enc[s] = (sm.code[s] << 10) | (ne << 5) | (sm.len[s] + ne);
+    }
+    if (tid == 0) {
+      sm.misc[M_NSYM] = n_sym;
+      sm.misc[M_LLO] = INT32_MAX;
+      sm.misc[M_LHI] = 0;
+    }
+  } else if (stage) {
+    stage_groups(sm, q, (uint32_t)S * 2, tid - 32, kThreads - 32);
+  }
+  __syncthreads();
+  const int nl = (S + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS;
+  int s, s_end;
+  lane_part(S, nl, &s, &s_end);
+  uint32_t bits = 0;
+#pragma unroll 4
+  for (; s < s_end; s += nl) bits += sm.enc[sm.us[s] >> kSymShift] & 31u;
+  /* Lane totals (two parts: the odd thread's bits join the even one's). */
+  uint32_t lane_tot = bits;
+  const int two = nl <= kThreads / 2;
+  if (two) lane_tot += __shfl_down_sync(kFull, bits, 1);
+  int llo = INT32_MAX, lhi = 0;
+  if ((tid >> two) < nl && !(tid & two)) {
+    sm.lane_bits[tid >> two] = lane_tot;
+    llo = lhi = (int)lane_tot;
+  }
+  warp_range_to(sm.misc, M_LLO, M_LHI, llo, lhi);
+  /* Exclusive scan of the parts' lengths over the block, in thread order = stream order. */
+  uint32_t incl = bits;
+  for (int o = 1; o < 32; o <<= 1) {
+    uint32_t v = __shfl_up_sync(kFull, incl, o);
+    if ((tid & 31) >= o) incl += v;
+  }
+  __shared__ uint32_t warp_tot[kThreads / 32];
+  if ((tid & 31) == 31) warp_tot[tid / 32] = incl;
+  __syncthreads();
+  uint32_t before = 0;
+  for (int w = 0; w < tid / 32; w++) before += warp_tot[w];
+  *off_out = before + incl - bits;
+  uint64_t total = 0;
+  for (int w = 0; w < kThreads / 32; w++) total += warp_tot[w];
+  uint32_t lo = (uint32_t)sm.misc[M_LLO], hi = (uint32_t)sm.misc[M_LHI];
+  uint32_t w_lane = kvc_bits_for(hi - lo);
+  *n_lanes_out = nl;
+  *w_lane_out = w_lane;
+  uint64_t meta = (uint64_t)q.groups * (q.w_e + q.w_b);
+  return qsec_bytes(meta + 4u * (uint32_t)sm.misc[M_NSYM] + (uint64_t)nl * w_lane + total);
+}
+
+/* Writes the quantized section into the staging buffer sm.xs (all threads; no trailing barrier).
+ * Huffman: huffman_plan(stage = true) has zeroed it and written the group fields. */
 __device__ __forceinline__ void emit(const Smem &sm, const QInfo &q, int codec, int S, int n_lanes,
-                     uint32_t w_lane, uint32_t bytes) {
+                                     uint32_t w_lane, uint32_t lane_part_off, uint32_t bytes) {
   const int tid = threadIdx.x;
   uint32_t *wd = (uint32_t *)(sm.xs + KVC_QSEC_HEADER_BYTES);
-  for (uint32_t i = tid; i < (uint32_t)align16z(bytes) / 16; i += kThreads)
-    ((uint4 *)sm.xs)[i] = make_uint4(0, 0, 0, 0);
-  __syncthreads();
+  if (codec == KVC_CODEC_BITPACK) stage_groups(sm, q, bytes, tid, kThreads);
   const uint32_t width = kvc_bits_for(q.max_u);
   const int n_sym = sm.misc[M_NSYM];
   const uint32_t lane_min = (uint32_t)sm.misc[M_LLO];
@@ -625,30 +698,28 @@ __device__ __forceinline__ void emit(const Smem &sm, const QInfo &q, int codec, 
     for (int i = 0; i < 4; i++) ((uint32_t *)sm.xs)[i] = kvc_rd_u32(raw + 4 * i);
   }
   const uint32_t G = (uint32_t)q.groups;
-  const uint32_t pos_b = q.mode == KVC_QMODE_REL ? G * q.w_e : 0;
-  if (q.mode == KVC_QMODE_REL)
-    put_fields(wd, 0, G, q.w_e, [&](uint32_t g) { return (uint32_t)(sm.ge[g] - q.e_min); });
-  put_fields(wd, pos_b, G, q.w_b, [&](uint32_t g) { return (uint32_t)sm.gbase[g] - (uint32_t)q.b_min; });
-  const uint32_t meta = pos_b + G * q.w_b;
+  const uint32_t meta = (q.mode == KVC_QMODE_REL ? G * q.w_e : 0) + G * q.w_b;
   if (codec == KVC_CODEC_BITPACK) {
-    put_fields(wd, meta, (uint32_t)S, width, [&](uint32_t s) { return sm.us[s]; });
+    put_fields(wd, meta, (uint32_t)S, width, tid, kThreads, [&](uint32_t s) { return sm.us[s] & kUMask; });
   } else {
-    put_fields(wd, meta, (uint32_t)n_sym, 4, [&](uint32_t s) { return (uint32_t)sm.len[s]; });
+    put_fields(wd, meta, (uint32_t)n_sym, 4, tid, kThreads, [&](uint32_t s) { return (uint32_t)sm.len[s]; });
     const uint32_t lanes_pos = meta + 4u * (uint32_t)n_sym;
-    put_fields(wd, lanes_pos, (uint32_t)n_lanes, w_lane,
+    put_fields(wd, lanes_pos, (uint32_t)n_lanes, w_lane, tid, kThreads,
                [&](uint32_t l) { return sm.lane_bits[l] - lane_min; });
-    if (tid < n_lanes) {
+    int s, s_end;
+    lane_part(S, n_lanes, &s, &s_end);
+    if (s < s_end) {
       /* acc holds nacc pending bits of word k (right-aligned); the first p % 32 of them belong to
-       * what precedes this lane and are 0 here. */
-      const uint32_t p = lanes_pos + (uint32_t)n_lanes * w_lane + sm.lane_off[tid];
+       * what precedes this part and are 0 here. */
+      const uint32_t p = lanes_pos + (uint32_t)n_lanes * w_lane + lane_part_off;
       uint32_t k = p >> 5, nacc = p & 31;
       bool shared_word = nacc != 0;
       uint64_t acc = 0;
 #pragma unroll 4
-      for (int s = tid; s < S; s += n_lanes) {
-        const uint32_t u = sm.us[s], e = sm.enc[kvc_sym_of(u)];
+      for (; s < s_end; s += n_lanes) {
+        const uint32_t v = sm.us[s], e = sm.enc[v >> kSymShift];
         const uint32_t ne = (e >> 5) & 31u, nb = e & 31u;
-        acc = (acc << nb) | (((e >> 10) << ne) | (u & ((1u << ne) - 1u)));
+        acc = (acc << nb) | (((e >> 10) << ne) | (v & ((1u << ne) - 1u)));
         nacc += nb;
         if (nacc >= 32) {
           nacc -= 32;
@@ -662,30 +733,47 @@ __device__ __forceinline__ void emit(const Smem &sm, const QInfo &q, int codec, 
       if (nacc) atomicOr(&wd[k], (uint32_t)(acc << (32 - nacc)));
     }
   }
-  __syncthreads();
 }
 
-/* Makes sure the page's chunks cover `bytes` (thread 0 pops; all threads call). Returns false when
- * the free stack ran dry or the page would need more than KVC_PAGE_MAX_CHUNKS chunks. */
-__device__ bool ensure_chunks(const Smem &sm, const Args &a, uint32_t bytes) {
+/* Taking chunks from the device free stack so that the page's chunks cover `bytes`, in two steps
+ * so that thread 0's global atomic overlaps the emit: pop_begin issues it, pop_end stores the
+ * popped chunk ids (or marks the page dry); the caller's next barrier publishes them. Dry: the free
+ * stack ran out or the page would need more than KVC_PAGE_MAX_CHUNKS chunks. */
+struct Pop {
+  int k, old;
+};
+__device__ __forceinline__ Pop pop_begin(const Smem &sm, const Args &a, uint32_t bytes) {
+  Pop p = {0, 0};
   if (threadIdx.x == 0 && !sm.misc[M_DRY]) {
     uint32_t need = kvc_chunks_for(bytes, a.pool.chunk_bytes);
     int have = sm.misc[M_HAVE];
     if (need > KVC_PAGE_MAX_CHUNKS) {
       sm.misc[M_DRY] = 1;
+      atomicExch(a.pool.error, 1);
     } else if ((int)need > have) {
-      int k = (int)need - have;
-      int old = atomicSub(a.pool.free_top, k);
-      if (old < k) {
-        atomicAdd(a.pool.free_top, k); /* nothing is pushed in this launch: undo is exact */
-        sm.misc[M_DRY] = 1;
-      } else {
-        for (int i = 0; i < k; i++) sm.chunks[have + i] = a.pool.free_stack[old - k + i];
-        sm.misc[M_HAVE] = (int)need;
-      }
+      p.k = (int)need - have;
+      p.old = atomicSub(a.pool.free_top, p.k);
     }
-    if (sm.misc[M_DRY]) atomicExch(a.pool.error, 1);
   }
+  return p;
+}
+__device__ __forceinline__ void pop_end(const Smem &sm, const Args &a, Pop p) {
+  if (threadIdx.x == 0 && p.k) {
+    const int have = sm.misc[M_HAVE];
+    if (p.old < p.k) {
+      atomicAdd(a.pool.free_top, p.k); /* nothing is pushed in this launch: undo is exact */
+      sm.misc[M_DRY] = 1;
+      atomicExch(a.pool.error, 1);
+    } else {
+      for (int i = 0; i < p.k; i++) sm.chunks[have + i] = a.pool.free_stack[p.old - p.k + i];
+      sm.misc[M_HAVE] = have + p.k;
+    }
+  }
+}
+
+/* Makes sure the page's chunks cover `bytes` (all threads call). Returns false when dry. */
+__device__ bool ensure_chunks(const Smem &sm, const Args &a, uint32_t bytes) {
+  pop_end(sm, a, pop_begin(sm, a, bytes));
   __syncthreads();
   return !sm.misc[M_DRY];
 }
@@ -699,6 +787,13 @@ __device__ void copy_out(const Smem &sm, const Args &a, const uint8_t *src, uint
     uint4 v = global_src ? __ldg((const uint4 *)src + i) : ((const uint4 *)src)[i];
     *(uint4 *)(a.pool.base + (uint64_t)sm.chunks[o / cb] * cb + o % cb) = v;
   }
+}
+
+/* Asks L2 for a section's rows (bytes from `rows`, one 128-byte line per thread) one section ahead,
+ * so that quantize's load of them does not wait a DRAM round trip with every warp of the CTA idle. */
+__device__ __forceinline__ void prefetch_rows(const uint8_t *rows, uint32_t bytes) {
+  for (uint32_t i = threadIdx.x * 128u; i < bytes; i += kThreads * 128u)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(rows + i));
 }
 
 /* A job whose chunks could not be taken: no directory entry, size 0 (error already set). */
@@ -748,8 +843,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
       }
       uint32_t bp = qsec_bytes((uint64_t)q.groups * (q.w_e + q.w_b) + (uint64_t)S * kvc_bits_for(q.max_u));
       int nl;
-      uint32_t wl;
-      uint32_t hf = huffman_plan(sm, q, S, &nl, &wl);
+      uint32_t wl, off;
+      uint32_t hf = huffman_plan(sm, q, S, false, &nl, &wl, &off);
       if (bp > raw) ok_bp = false;
       if (hf > raw) ok_hf = false;
       sz_bp += align16z(bp);
@@ -782,30 +877,36 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
       const uint8_t *rows = block + i * row_stride;
       uint32_t bytes = raw;
       if (codec != KVC_CODEC_RAW) {
+        if (i + 1 < 2 * H) prefetch_rows(rows + row_stride, raw);
         QInfo q = quantize<HD, DT>(sm, rows, n, tensor, a.bound_mode,
                                    tensor == 0 ? a.k_bound : a.v_bound);
         int nl = 0;
-        uint32_t wl = 0;
+        uint32_t wl = 0, off = 0;
         if (q.ok) {
           if (codec == KVC_CODEC_BITPACK)
             bytes = qsec_bytes((uint64_t)q.groups * (q.w_e + q.w_b) + (uint64_t)S * kvc_bits_for(q.max_u));
           else
-            bytes = huffman_plan(sm, q, S, &nl, &wl);
+            bytes = huffman_plan(sm, q, S, true, &nl, &wl, &off);
         }
         if (!q.ok || bytes > raw) {
           restart = true;
           break;
         }
-        emit(sm, q, codec, S, nl, wl, bytes);
-        if (!ensure_chunks(sm, a, (uint32_t)align16z(pos + bytes))) return fail_job(a, job);
+        /* One barrier publishes the staged section and the chunks popped meanwhile. */
+        const Pop pp = pop_begin(sm, a, (uint32_t)align16z(pos + bytes));
+        emit(sm, q, codec, S, nl, wl, off, bytes);
+        pop_end(sm, a, pp);
+        __syncthreads();
+        if (sm.misc[M_DRY]) return fail_job(a, job);
         copy_out(sm, a, sm.xs, pos, bytes, false);
+        /* No barrier here: the next quantize starts with one before it overwrites sm.xs. */
       } else {
         if (!ensure_chunks(sm, a, (uint32_t)align16z(pos + bytes))) return fail_job(a, job);
         copy_out(sm, a, rows, pos, bytes, true);
+        __syncthreads(); /* every thread has read misc[M_DRY] before the next pop may set it */
       }
       if (tid == 0) kvc_wr_u32(sm.hdr + KVC_PAGE_HEADER_BYTES + 4 * i, pos + bytes);
       pos = (uint32_t)align16z(pos + bytes);
-      __syncthreads(); /* staging buffer reused by the next section */
     }
     if (!restart) break;
     codec = KVC_CODEC_RAW;

@@ -11,7 +11,7 @@
  *   3. each leaf's depth by walking up its parents (in parallel), histogram of depths;
  *   4. the JPEG Annex K.3 fold of depths above KVC_HUF_MAX_LEN, on lane 0 (only when needed);
  *   5. lengths from the hand-out positions and the folded histogram, canonical codes from the
- *      per-length counts and, per symbol, the number of lower symbols of the same length.
+ *      per-length counts and, per symbol, the number of lower symbols of the same length (ballots).
  * Only step 2 (and the rare fold) is serial; the single-thread build it replaces (thread 0 running
  * kvc_huf_build_lengths with its arrays in local memory, the CTA waiting) cost an estimated
  * 50-95k cycles per section (bench/NOTES-codec.md).
@@ -47,15 +47,19 @@ __device__ __forceinline__ int kvc_huf_warp_build(const uint32_t *counts, uint8_
   int l0 = 0, l1 = 0;
   uint32_t k0 = 0, k1 = 0;
   if (m >= 2) {
-    /* 1. Leaf index (ra) and hand-out position (rd) of each used symbol. */
+    /* 1. Leaf index (ra) and hand-out position (rd) of each used symbol: a pass over the m used
+     * symbols only (the ballot masks), each count taken from its owner lane. */
     int ra0 = 0, ra1 = 0, rd0 = 0, rd1 = 0;
-    for (int t = 0; t < KVC_SYM_COUNT; t++) {
-      const uint32_t ct = counts[t];
-      if (ct == 0) continue;
-      ra0 += ct < c0 || (ct == c0 && t < s0);
-      rd0 += ct > c0 || (ct == c0 && t < s0);
-      ra1 += ct < c1 || (ct == c1 && t < s1);
-      rd1 += ct > c1 || (ct == c1 && t < s1);
+    for (int half = 0; half < 2; half++) {
+      const uint32_t cv = half ? c1 : c0;
+      for (uint32_t mask = half ? b1 : b0; mask; mask &= mask - 1) {
+        const int i = __ffs(mask) - 1, t = i + 32 * half;
+        const uint32_t ct = __shfl_sync(full, cv, i);
+        ra0 += ct < c0 || (ct == c0 && t < s0);
+        rd0 += ct > c0 || (ct == c0 && t < s0);
+        ra1 += ct < c1 || (ct == c1 && t < s1);
+        rd1 += ct > c1 || (ct == c1 && t < s1);
+      }
     }
     if (c0) w[ra0] = c0;
     if (c1) w[ra1] = c1;
@@ -109,28 +113,24 @@ __device__ __forceinline__ int kvc_huf_warp_build(const uint32_t *counts, uint8_
     if (lane == 0) kvc_huf_fold_depths(bl, maxd);
     __syncwarp();
     /* 5. Position p in hand-out order gets the p-th shortest length; canonical codes start at
-     * first(l) = (first(l - 1) + count(l - 1)) << 1, in symbol order within a length. */
+     * first(l) = (first(l - 1) + count(l - 1)) << 1, in symbol order within a length: symbol s
+     * of length l gets first(l) + the number of lower symbols of length l (ballots over the lanes:
+     * symbols below lane + 32 are all of the first half and the second half's lanes below). */
+    const uint32_t below = (1u << lane) - 1u;
     int cum = 0;
-    uint32_t f = 0, f0 = 0, f1 = 0;
+    uint32_t f = 0;
     for (int l = 1; l <= KVC_HUF_MAX_LEN; l++) {
       const int nl = bl[l];
       if (c0 && l0 == 0 && rd0 < cum + nl) l0 = l;
       if (c1 && l1 == 0 && rd1 < cum + nl) l1 = l;
-      if (l == l0) f0 = f;
-      if (l == l1) f1 = f;
+      const uint32_t m0 = __ballot_sync(full, l0 == l), m1 = __ballot_sync(full, l1 == l);
+      if (l == l0) k0 = f + (uint32_t)__popc(m0 & below);
+      if (l == l1) k1 = f + (uint32_t)__popc(m0) + (uint32_t)__popc(m1 & below);
       cum += nl;
       f = (f + (uint32_t)nl) << 1;
     }
     len[s0] = (uint8_t)l0;
     len[s1] = (uint8_t)l1;
-    __syncwarp();
-    for (int t = 0; t < KVC_SYM_COUNT; t++) {
-      const int lt = len[t];
-      k0 += lt == l0 && t < s0;
-      k1 += lt == l1 && t < s1;
-    }
-    k0 += f0;
-    k1 += f1;
   } else {
     len[s0] = 0;
     len[s1] = 0;

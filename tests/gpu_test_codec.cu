@@ -558,6 +558,15 @@ static void gpu_pages_equal_cpu_pages(void **state) {
       }
     }
   }
+  /* The largest section built (64 tokens x head_dim 256 = 256 lanes: one encoder thread per lane;
+   * partial blocks of <= 32 tokens: two threads per lane), both codecs. */
+  for (int pc = 0; pc < 2; pc++) {
+    int n = check_batch(mk(KVC_DTYPE_BF16, 2, 256, 64, KVC_BOUND_RELATIVE, 0.01f, KVC_POLICY_FIXED,
+                           pc ? KVC_CODEC_BITPACK : KVC_CODEC_HUFFMAN), NKINDS + 4, 97 + (uint64_t)pc);
+    problems += n;
+    bad_cases += n != 0;
+    cases++;
+  }
   /* A larger batch, several kv heads, 16-token blocks. */
   int n = check_batch(mk(KVC_DTYPE_F16, 8, 128, 16, KVC_BOUND_RELATIVE, 0.05f, KVC_POLICY_FIXED,
                          KVC_CODEC_HUFFMAN), 200, 99);

@@ -23,6 +23,10 @@
  *
  * Decode instances (16 query entries) are sized for two CTAs per SM; see ring_bytes.
  *
+ * Decode launches at head_dim 64/128 whose caller rules out Huffman pages (codec_mask) run v3
+ * instead (attention/kvc_attn_v3.cuh): the same producer with bulk copies, and consumer warps that
+ * each take whole units and build the mma operands in registers from the ring bytes.
+ *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
  * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.
  * A page that fails its checks makes the rows of every CTA that reads it NaN: the kernels cannot
@@ -122,6 +126,8 @@ template <int HD, int WM> struct smem_layout {
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB; /* one of K, V */
   static constexpr int ring = ring_bytes<HD, WM>();
+  static constexpr int slots = kSlots;
+  static constexpr bool bulk = false; /* per-lane cp.async, uncompressed units as swizzled tiles */
   static constexpr int dtile_off = ring;
   static constexpr int scratch_bytes = align_up(scratch_layout<HD>::bytes, 128);
   static constexpr int scratch_off = dtile_off + 2 * tile;
@@ -156,6 +162,21 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 /* Arrives on `bar` once all of this thread's earlier cp.async have landed. */
 __device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+/* Adds `bytes` to the transaction count the current phase of `bar` waits for. */
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+/* Bulk copy (the TMA engine) of `bytes` (a multiple of 16, both addresses 16-byte aligned) from
+ * global src to shared dst, counted against mbarrier `bar` on completion. */
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void *src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   asm volatile(
@@ -327,11 +348,29 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
 __device__ __forceinline__ void copy_linear(const params &p, const uint32_t *chunks, uint32_t nchunks_dbg,
                                             uint32_t src_off, uint32_t bytes, uint32_t dst) {
   const uint32_t n = (bytes + 15) >> 4;
+#pragma unroll 4
   for (uint32_t i = threadIdx.x & 31; i < n; i += 32) {
     const uint32_t o = src_off + 16 * i;
     if (kDebug && (o >> p.chunk_shift) >= nchunks_dbg) __trap();
     cp_async16(dst + 16 * i, page_addr(p, chunks, o));
   }
+}
+
+/* One thread: copies page bytes [src_off, src_off + align16(bytes)) to shared address dst with
+ * bulk copies (one per chunk the range touches) that complete on mbarrier `bar`; returns the
+ * bytes, for the barrier's expected transaction count. */
+__device__ __forceinline__ uint32_t copy_bulk(const params &p, const uint32_t *chunks,
+                                              uint32_t nchunks_dbg, uint32_t src_off,
+                                              uint32_t bytes, uint32_t dst, uint32_t bar) {
+  const uint32_t total = (bytes + 15) & ~15u;
+  for (uint32_t done = 0; done < total;) {
+    const uint32_t o = src_off + done;
+    if (kDebug && (o >> p.chunk_shift) >= nchunks_dbg) __trap();
+    const uint32_t n = min(total - done, p.chunk_bytes - (o & (p.chunk_bytes - 1)));
+    bulk_copy(dst + done, page_addr(p, chunks, o), n, bar);
+    done += n;
+  }
+  return total;
 }
 
 /* Copies nrows contiguous rows starting at page byte src_off into swizzled tile rows row0.. . */
@@ -340,6 +379,7 @@ __device__ __forceinline__ void copy_rows_tile(const params &p, const uint32_t *
                                                uint32_t nchunks_dbg, uint32_t src_off, int nrows,
                                                int row0, uint32_t tile) {
   constexpr int P = HD / 8;
+#pragma unroll 4
   for (int i = threadIdx.x & 31; i < nrows * P; i += 32) {
     const uint32_t o = src_off + 16u * i;
     if (kDebug && (o >> p.chunk_shift) >= nchunks_dbg) __trap();
@@ -347,10 +387,13 @@ __device__ __forceinline__ void copy_rows_tile(const params &p, const uint32_t *
   }
 }
 
-template <int HD, int WM>
+/* SL: the kernel's shared-memory layout (ring, desc_off, meta_off, chunks_off, bar_off, tile and
+ * slots, the units in flight at most, <= 32). */
+template <int HD, class SL>
 __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
                          int u_end) {
-  typedef smem_layout<HD, WM> SL;
+  constexpr int kSlots = SL::slots;
+  static_assert(kSlots <= 32, "one lane per slot tracks its ring range");
   const int lane = threadIdx.x & 31, bt = p.block_tokens;
   const int nblocks = (len + bt - 1) / bt, bi0 = p.block_indptr[seq];
   const uint32_t ring = smem_u32(smem), bars = smem_u32(smem + SL::bar_off);
@@ -399,7 +442,7 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       x.v_ring = need;
       need += kvc_align16(x.v_bytes);
     }
-    int32_t flags = any_bad ? UNIT_BAD : all_rows ? UNIT_TILE_IN_RING : 0;
+    int32_t flags = any_bad ? UNIT_BAD : all_rows && !SL::bulk ? UNIT_TILE_IN_RING : 0;
     if (flags == UNIT_TILE_IN_RING) need = 2 * SL::tile;
     if (any_bad || need > (uint32_t)SL::ring) {
       flags = UNIT_BAD;
@@ -429,7 +472,24 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       live_end = off + need;
     }
     /* Issue the copies. */
-    if (flags == UNIT_TILE_IN_RING) {
+    if (SL::bulk) {
+      if (lane == 0 && flags == 0) {
+        uint32_t bytes = 0;
+#pragma unroll
+        for (int q = 0; q < kMaxUnitPages; q++) {
+          if (q >= npg) break;
+          const page_meta pm = meta[jf + q - batch];
+          const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
+          const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
+          const uint32_t rofs = rows ? (uint32_t)up[q].ptok0 * RB : 0;
+          bytes += copy_bulk(p, pc, pm.nchunks, pm.k_off + rofs, up[q].k_bytes,
+                             ring + off + up[q].k_ring, bars + 8 * slot);
+          bytes += copy_bulk(p, pc, pm.nchunks, pm.v_off + rofs, up[q].v_bytes,
+                             ring + off + up[q].v_ring, bars + 8 * slot);
+        }
+        mbar_expect_tx(bars + 8 * slot, bytes);
+      }
+    } else if (flags == UNIT_TILE_IN_RING) {
       const uint32_t kt = ring + off, vt = kt + SL::tile;
 #pragma unroll
       for (int q = 0; q < kMaxUnitPages; q++) {
@@ -469,9 +529,10 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       for (int q = 0; q < kMaxUnitPages; q++)
         if (q < npg) d.pages[q] = up[q];
     }
-    /* Every lane: its copies complete the phase asynchronously, its arrive releases its own
-     * shared-memory stores (zero rows; lane 0: the descriptor). */
-    mbar_arrive_cp_async(bars + 8 * slot);
+    /* Every lane: its copies complete the phase asynchronously (bulk copies: by their byte
+     * count), its arrive releases its own shared-memory stores (zero rows; lane 0: the
+     * descriptor). */
+    if (!SL::bulk) mbar_arrive_cp_async(bars + 8 * slot);
     mbar_arrive(bars + 8 * slot);
   }
 }
@@ -572,6 +633,92 @@ template <class T> __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
                     pack2<T>(x[6], x[7]));
 }
 
+/* The CTA's Q tile (rows entries e0 .. e0 + rows - 1, swizzled like K/V tiles) at `tile`: entry e
+ * is query row q0 + e / group, head kh * group + e % group; zeros past the sequence's entries.
+ * Threads tid of nthreads share the copy; the caller syncs. */
+template <int HD, class T>
+__device__ __forceinline__ void load_q_tile(const params &p, uint8_t *tile, int rows, int q0, int kh,
+                                            int e0, int entries, int tid, int nthreads) {
+  const int group = p.group;
+  for (int i = tid; i < rows * (HD / 8); i += nthreads) {
+    const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (e < entries) {
+      const T *src =
+          (const T *)p.q + ((size_t)(q0 + e / group) * p.num_q_heads + kh * group + e % group) * HD;
+      v = __ldg((const uint4 *)(src + 8 * c8));
+    }
+    *(uint4 *)(tile + tile_off<HD>(r, c8)) = v;
+  }
+}
+
+/* Epilogue, per consumer warp: l summed over the four lanes that share a row, then the (m, l) of
+ * the warp's rows g and g + 8 stored at mbuf / lbuf[warp * 16 + row]. */
+__device__ __forceinline__ void stash_row_stats(const float (&m)[2], float (&l)[2], float *mbuf,
+                                                float *lbuf, int warp, int lane) {
+#pragma unroll
+  for (int o2 = 1; o2 <= 2; o2 <<= 1) {
+    l[0] += __shfl_xor_sync(0xffffffffu, l[0], o2);
+    l[1] += __shfl_xor_sync(0xffffffffu, l[1], o2);
+  }
+  const int g = lane >> 2;
+  if ((lane & 3) == 0) {
+    mbuf[warp * 16 + g] = m[0];
+    mbuf[warp * 16 + g + 8] = m[1];
+    lbuf[warp * 16 + g] = l[0];
+    lbuf[warp * 16 + g + 8] = l[1];
+  }
+}
+
+/* Epilogue: merges NW warps' partials of one query entry, stashed at obuf / mbuf / lbuf index
+ * base + 16 w (w < NW), for output values 8 * c8 .. 8 * c8 + 7: acc relative to the joint max
+ * *mu (0 when every row was -inf), *lsum the joint sum. */
+template <int HD, int NW>
+__device__ __forceinline__ void merge_entry(const float *obuf, const float *mbuf, const float *lbuf,
+                                            int base, int c8, float (&acc)[8], float *lsum,
+                                            float *mu) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < NW; w++) mx = fmaxf(mx, mbuf[base + 16 * w]);
+  *mu = mx == -INFINITY ? 0.f : mx;
+  *lsum = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; j++) acc[j] = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; w++) {
+    const int wi = base + 16 * w;
+    const float f = exp2f(mbuf[wi] - *mu);
+    *lsum += lbuf[wi] * f;
+    const float4 *src = (const float4 *)(obuf + (size_t)wi * HD + 8 * c8);
+    const float4 x0 = src[0], x1 = src[1];
+    acc[0] += x0.x * f, acc[1] += x0.y * f, acc[2] += x0.z * f, acc[3] += x0.w * f;
+    acc[4] += x1.x * f, acc[5] += x1.y * f, acc[6] += x1.z * f, acc[7] += x1.w * f;
+  }
+}
+
+/*
+ * Writes output values 8 * c8 .. 8 * c8 + 7 of query entry (row, head qh) once a CTA has merged its
+ * warps: acc (unnormalised, relative to the running max mu) over lsum, to `out` with one split,
+ * else to the workspace with the entry's log2-sum-exp; NaN when the CTA met a bad page.
+ */
+template <int HD, class T>
+__device__ __forceinline__ void write_entry(const params &p, float (&acc)[8], float lsum, float mu,
+                                            bool cta_bad, int row, int qh, int split, int c8) {
+  const int hq = p.num_q_heads;
+  const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; j++) acc[j] = cta_bad ? __int_as_float(0x7fc00000) : acc[j] * inv;
+  if (p.nsplits == 1) {
+    *(uint4 *)((T *)p.out + ((size_t)row * hq + qh) * HD + 8 * c8) = pack8<T>(acc);
+  } else {
+    const size_t pe = ((size_t)split * p.total_q_rows + row) * hq + qh;
+    float4 *dst = (float4 *)(p.ws_o + pe * HD + 8 * c8);
+    dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    if (c8 == 0) p.ws_lse[pe] = cta_bad ? 0.f : lsum > 0.f ? mu + log2f(lsum) : -INFINITY;
+  }
+}
+
 /* CTAs per SM the instance is sized for (shared memory, see ring_bytes). */
 template <int HD, int WM> constexpr int min_ctas_per_sm() { return HD <= 128 && WM <= 2 ? 2 : 1; }
 
@@ -586,7 +733,6 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>())) attn_ke
   const int q0 = p.qo_indptr[seq], nq = p.qo_indptr[seq + 1] - q0, len = p.kv_len[seq];
   const int group = p.group, entries = nq * group, e0 = qt * 16 * WM;
   if (e0 >= entries) return; /* the whole CTA: a query tile past this sequence's rows */
-  const int hq = p.num_q_heads;
   const int pos_max = len - nq + (min(entries, e0 + 16 * WM) - 1) / group;
   const int units = (min(len, pos_max + 1) + kUnitTokens - 1) / kUnitTokens;
   const int u_begin = split * p.units_per_split;
@@ -600,23 +746,14 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>())) attn_ke
       mbar_init(bars + 8 * (kSlots + i), kConsumers);       /* empty: every consumer thread */
     }
   }
-  /* Q tile: entry e -> (row e / group, head kh * group + e % group); zeros past the rows. */
-  for (int i = tid; i < 16 * WM * (HD / 8); i += kThreads) {
-    const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (e < entries) {
-      const T *src = (const T *)p.q + ((size_t)(q0 + e / group) * hq + kh * group + e % group) * HD;
-      v = __ldg((const uint4 *)(src + 8 * c8));
-    }
-    *(uint4 *)(smem + SL::qtile_off + tile_off<HD>(r, c8)) = v;
-  }
+  load_q_tile<HD, T>(p, smem + SL::qtile_off, 16 * WM, q0, kh, e0, entries, tid, kThreads);
   __syncthreads();
 
   float o[HD / 8][4];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   bool bad = false;
   if (warp == kConsumerWarps) {
-    producer<HD, WM>(p, smem, seq, kh, len, u_begin, u_end);
+    producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
   } else {
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -682,58 +819,32 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>())) attn_ke
   float *mbuf = obuf + kConsumerWarps * 16 * HD, *lbuf = mbuf + kConsumerWarps * 16;
   if (warp < kConsumerWarps) {
     const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-    for (int o2 = 1; o2 <= 2; o2 <<= 1) {
-      l[0] += __shfl_xor_sync(0xffffffffu, l[0], o2);
-      l[1] += __shfl_xor_sync(0xffffffffu, l[1], o2);
-    }
+    stash_row_stats(m, l, mbuf, lbuf, warp, lane);
     float *ow = obuf + warp * 16 * HD;
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) {
       *(float2 *)(ow + g * HD + n * 8 + 2 * c) = make_float2(o[n][0], o[n][1]);
       *(float2 *)(ow + (g + 8) * HD + n * 8 + 2 * c) = make_float2(o[n][2], o[n][3]);
     }
-    if (c == 0) {
-      mbuf[warp * 16 + g] = m[0];
-      mbuf[warp * 16 + g + 8] = m[1];
-      lbuf[warp * 16 + g] = l[0];
-      lbuf[warp * 16 + g + 8] = l[1];
-    }
   }
   __syncthreads();
-  for (int i = tid; i < 16 * WM * (HD / 8); i += kThreads) {
+  /* The merge runs on the consumer warps only: compute-sanitizer's racecheck does not follow the
+   * named barriers the producer warp stays out of, and would flag its reads here as races. */
+  if (warp == kConsumerWarps) return;
+  for (int i = tid; i < 16 * WM * (HD / 8); i += kConsumers) {
     const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
     if (e >= entries) continue;
-    const int mt = r / 16, rr = r % 16;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < WN; w++) mx = fmaxf(mx, mbuf[(mt * WN + w) * 16 + rr]);
-    const float mu = mx == -INFINITY ? 0.f : mx;
-    float lsum = 0.f, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-    for (int w = 0; w < WN; w++) {
-      const int wi = (mt * WN + w) * 16 + rr;
-      const float f = exp2f(mbuf[wi] - mu);
-      lsum += lbuf[wi] * f;
-      const float *src = obuf + (size_t)wi * HD + 8 * c8;
-#pragma unroll
-      for (int j = 0; j < 8; j++) acc[j] += src[j] * f;
-    }
-    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; j++) acc[j] = cta_bad ? __int_as_float(0x7fc00000) : acc[j] * inv;
-    const int row = q0 + e / group, qh = kh * group + e % group;
-    if (p.nsplits == 1) {
-      *(uint4 *)((T *)p.out + ((size_t)row * hq + qh) * HD + 8 * c8) = pack8<T>(acc);
-    } else {
-      const size_t pe = ((size_t)split * p.total_q_rows + row) * hq + qh;
-      float4 *dst = (float4 *)(p.ws_o + pe * HD + 8 * c8);
-      dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
-      if (c8 == 0) p.ws_lse[pe] = cta_bad ? 0.f : lsum > 0.f ? mu + log2f(lsum) : -INFINITY;
-    }
+    float acc[8], lsum, mu;
+    merge_entry<HD, WN>(obuf, mbuf, lbuf, (r / 16) * WN * 16 + r % 16, c8, acc, &lsum, &mu);
+    write_entry<HD, T>(p, acc, lsum, mu, cta_bad, q0 + e / group, kh * group + e % group, split, c8);
   }
 }
+
+}  // namespace kvc_attn
+
+#include "attention/kvc_attn_v3.cuh"
+
+namespace kvc_attn {
 
 /* Log-sum-exp combination of the splits: one warp per (query row, query head). */
 template <int HD, class T>
@@ -804,17 +915,17 @@ template <int HD, int WM> constexpr int max_block_tokens() {
                                                                 : 32;
 }
 
-template <int HD, class T, int WM>
-kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
-  constexpr int smem = smem_layout<HD, WM>::bytes;
-  if (p.block_tokens > max_block_tokens<HD, WM>()) return KVC_ERR_UNSUPPORTED;
+/* Enqueues `kernel` (threads and dynamic shared memory per CTA) over the split-K partition that
+ * fits the device's CTA slots and the workspace, then the combine kernel when there are splits. */
+template <int HD, class T>
+kvc_status_t launch_with(void (*kernel)(const params), int threads, int smem, params &p,
+                         const launch_shape &sh, cudaStream_t stream) {
   int dev = 0, sms = 0, per_sm = 0;
-  if (cudaFuncSetAttribute(attn_kernel<HD, T, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           smem) != cudaSuccess ||
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+          cudaSuccess ||
       cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attn_kernel<HD, T, WM>, kThreads,
-                                                    smem) != cudaSuccess)
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess)
     return KVC_ERR_CUDA;
   if (per_sm < 1) return KVC_ERR_UNSUPPORTED;
   int ns = choose_splits(sh.base_ctas, sh.units_max, sms * per_sm);
@@ -827,7 +938,7 @@ kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
   p.units_per_split = ups;
   if (ns > 1) p.ws_lse = p.ws_o + (size_t)ns * p.total_q_rows * p.num_q_heads * HD;
   const dim3 grid((unsigned)(sh.qtiles * ns), (unsigned)sh.num_kv_heads, (unsigned)sh.num_seqs);
-  attn_kernel<HD, T, WM><<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, threads, smem, stream>>>(p);
   if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
   if (p.nsplits > 1) {
     const long pairs = (long)p.total_q_rows * p.num_q_heads;
@@ -836,6 +947,25 @@ kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
   }
   return KVC_OK;
 }
+
+template <int HD, class T, int WM>
+kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
+  if (p.block_tokens > max_block_tokens<HD, WM>()) return KVC_ERR_UNSUPPORTED;
+  return launch_with<HD, T>(attn_kernel<HD, T, WM>, kThreads, smem_layout<HD, WM>::bytes, p, sh,
+                            stream);
+}
+
+/* v3 (attention/kvc_attn_v3.cuh): decode tiles, pages without Huffman coding. */
+template <int HD, class T>
+kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
+  return launch_with<HD, T>(attn_kernel_v3<HD, T>, kThreads3, v3_layout<HD>::bytes, p, sh, stream);
+}
+
+/* [head_dim 64/128][dtype f16/bf16] */
+const launch_fn kLaunch3[2][2] = {
+    {launch_v3<64, __half>, launch_v3<64, __nv_bfloat16>},
+    {launch_v3<128, __half>, launch_v3<128, __nv_bfloat16>},
+};
 
 /* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4]; NULL: not built (the
  * shared-memory budget of head_dim 256 leaves room for one query tile of 16 entries). An instance
@@ -916,6 +1046,22 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   /* The smallest query tile that holds a sequence's rows (head_dim 256: always 16 entries, more
    * tiles); a larger one when the block size needs a larger ring. */
   const int wmi0 = hdi == 2 ? 0 : entries_max <= 16 ? 0 : entries_max <= 32 ? 1 : 2;
+  /* v3 where it applies: one query tile, head_dim 64/128, a codec mask without Huffman. */
+  const bool v3 = wmi0 == 0 && hdi < 2 && a->codec_mask != 0 &&
+                  (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) == 0;
+  if (v3) {
+    launch_shape sh;
+    sh.qtiles = (int)((entries_max + 15) / 16);
+    sh.base_ctas = (long)a->num_seqs * a->num_kv_heads * sh.qtiles;
+    sh.units_max = (a->max_kv_len + kUnitTokens - 1) / kUnitTokens;
+    sh.ws_per_split = (size_t)a->total_q_rows * a->num_q_heads * (a->head_dim + 1) * 4;
+    sh.ws_bytes = a->workspace ? a->workspace_bytes : 0;
+    sh.num_kv_heads = a->num_kv_heads;
+    sh.num_seqs = a->num_seqs;
+    p.qtiles = sh.qtiles;
+    const kvc_status_t st = kLaunch3[hdi][a->dtype == KVC_DTYPE_BF16](p, sh, (cudaStream_t)stream);
+    if (st != KVC_ERR_UNSUPPORTED) return st;
+  }
   for (int wmi = wmi0; wmi < 3; wmi++) {
     const launch_fn fn = kLaunch[hdi][a->dtype == KVC_DTYPE_BF16][wmi];
     if (!fn) break;

@@ -84,7 +84,7 @@ template <int HD> struct scratch_layout {
   static constexpr int sym_start_off = lane_off + 4 * (lanes + 4);
   static constexpr int sym_entry_off = sym_start_off + 4 * KVC_SYM_COUNT;
   static constexpr int cnt_off = sym_entry_off + 4 * KVC_SYM_COUNT;
-  static constexpr int bytes = cnt_off + 4 * 2 * 16;
+  static constexpr int bytes = cnt_off + 4 * (2 * 16 + 4);
 };
 
 struct scratch {
@@ -95,7 +95,7 @@ struct scratch {
   uint32_t *lane_start; /* [n_lanes + 1] */
   uint32_t *sym_start;  /* [64] canonical order: table index where each code's range starts */
   uint32_t *sym_entry;  /* [64] its table entry */
-  int32_t *cnt;         /* [2 warps][16 lengths] */
+  int32_t *cnt;         /* [2 warps][16 lengths], then the lane scan's carry at [32] */
 };
 
 template <int HD> __device__ __forceinline__ scratch make_scratch(uint8_t *p) {
@@ -658,9 +658,11 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
     uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
     if (ln >= o) incl += v;
   }
-  if (wp == 0 && ln == 31) sc.cnt[0] = (int32_t)incl; /* cnt[0] (length 0) is not read again */
+  /* The carry has a slot of its own: the length counts above may still be being read (with
+   * vector loads that cover cnt[0]) by the other warp. */
+  if (wp == 0 && ln == 31) sc.cnt[32] = (int32_t)incl;
   pair_sync(bar);
-  const uint32_t carry = wp ? (uint32_t)sc.cnt[0] : 0u;
+  const uint32_t carry = wp ? (uint32_t)sc.cnt[32] : 0u;
   uint32_t run = (uint32_t)stream_pos + carry + incl - sum;
   for (int i = lo; i < hi; i++) {
     sc.lane_start[i] = run;

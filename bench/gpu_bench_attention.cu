@@ -12,11 +12,14 @@
  * (kvc_codec_cuda_compress) into a Huffman pool and a bit-pack pool, and written as staging pages
  * into an fp16 pool; pages sit in shuffled chunks. cuBLAS reads the same values in dense layout.
  * A configuration uses disjoint slices of that KV in turn ("sets", up to 64) so that repeated runs
- * never find their inputs in the 50 MB L2. Times: CUDA events around each call after warm-up,
+ * never find their inputs in the 50 MB L2. The fp16 and bit-pack pools run with the codec mask
+ * the cache passes for them (no Huffman: the v3 decode kernel) and again with mask 0 (v2, rows
+ * *_v2), the Huffman pool with its mask (v2). Times: CUDA events around each call after warm-up,
  * median. Output: a table, then one JSON line:
  *   {"bench":"attention_kvcomp","copy_tbps":..,"rows":[{"impl","batch","context","ms",
  *    "logical_tbps","read_tbps","rel_err_vs_fp16"}]}
- * Usage: gpu_bench_attention [--quick]   (--quick: 2^18 tokens, contexts / 8, for a smoke run)
+ * Usage: gpu_bench_attention [--quick | --only B CTX]   (--quick: 2^18 tokens, contexts / 8, for a
+ * smoke run; --only: configuration (B, CTX) alone, e.g. under a profiler)
  */
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
@@ -246,6 +249,9 @@ struct row {
 
 int main(int argc, char **argv) {
   const bool quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+  /* --only B CTX: that configuration alone (e.g. under a profiler). */
+  const bool only = argc > 3 && strcmp(argv[1], "--only") == 0;
+  const int only_b = only ? atoi(argv[2]) : 0, only_ctx = only ? atoi(argv[3]) : 0;
   int dev = 0;
   cudaDeviceProp prop;
   if (cudaGetDeviceCount(&dev) != cudaSuccess || dev == 0) {
@@ -405,6 +411,7 @@ int main(int argc, char **argv) {
   std::vector<row> rows;
   const float scale = 1.0f / sqrtf((float)HD);
   for (const auto &cfg : configs) {
+    if (only && (cfg[0] != only_b || cfg[1] != only_ctx)) continue;
     const int B = cfg[0], ctx = cfg[1] / ctx_div, bps = ctx / BT;
     const int sets = (int)std::min<int64_t>(kMaxSets, total_tokens / ((int64_t)B * ctx));
     const double logical = (double)B * ctx * HKV * HD * 2 * 2;
@@ -473,7 +480,21 @@ int main(int argc, char **argv) {
     CK(cudaFree(sm));
     CK(cudaFree(pm));
 
-    for (pages *pg : {&fp16, &bitpack, &huffman}) {
+    /* Each pool with the codec mask the cache would pass (v3 for staging and bit-pack pages, v2
+     * for Huffman), then staging and bit-pack again with mask 0 (v2), for comparison. */
+    struct variant {
+      pages *pg;
+      uint32_t codec_mask;
+      const char *impl;
+    };
+    const uint32_t no_huffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
+    const variant variants[] = {{&fp16, no_huffman, fp16.name},
+                                {&bitpack, no_huffman, bitpack.name},
+                                {&huffman, 1u << KVC_CODEC_HUFFMAN, huffman.name},
+                                {&fp16, 0, "kvcomp_fp16_paged_v2"},
+                                {&bitpack, 0, "kvcomp_bitpack_v2"}};
+    for (const variant &var : variants) {
+      pages *pg = var.pg;
       kvc_attn_args_t a;
       memset(&a, 0, sizeof(a));
       a.num_q_heads = HQ;
@@ -495,6 +516,7 @@ int main(int argc, char **argv) {
       a.out = out;
       a.workspace = ws;
       a.workspace_bytes = ws_bytes;
+      a.codec_mask = var.codec_mask;
       auto run = [&](int r) {
         a.q = q + qn * r;
         a.block_ids = d_ids + (size_t)r * B * bps;
@@ -508,7 +530,7 @@ int main(int argc, char **argv) {
       const double ms = median_ms(run, sets, st);
       double read = 0;
       for (int b = 0; b < B * bps; b++) read += pg->page_bytes[b];
-      rows.push_back({pg->name, B, ctx, ms, logical / (ms * 1e-3) / 1e12, read / (ms * 1e-3) / 1e12,
+      rows.push_back({var.impl, B, ctx, ms, logical / (ms * 1e-3) / 1e12, read / (ms * 1e-3) / 1e12,
                       err});
     }
     CK(cudaFree(d_indptr));

@@ -529,6 +529,11 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
   a.block_ids = d_bids;
   a.max_kv_len = p->max_kv_len;
   a.max_qo_len = max_qo;
+  /* The codecs this cache's pages can use: FIXED codes every block with its codec, or raw when
+   * that cannot code it; the other policies choose per page among all three. */
+  a.codec_mask = c->cfg.policy == KVC_POLICY_FIXED
+                     ? (1u << KVC_CODEC_RAW) | (1u << c->cfg.codec)
+                     : (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK) | (1u << KVC_CODEC_HUFFMAN);
   a.pool = be->pool.base;
   a.chunk_bytes = be->pool.chunk_bytes;
   a.workspace = be->workspace;

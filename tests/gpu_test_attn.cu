@@ -7,7 +7,14 @@
  * 37, 61 sequences; lengths shorter than a block and not multiples of it; GQA 1, 3, 4, 8;
  * head_dim 64, 128, 256; fp16 and bf16; block_tokens 16..128; decode, speculative and chunked
  * prefill rows (causal); every page kind mixed in one batch; prefix-shared blocks; a long context.
- * Skips cleanly where there is no GPU. KVC_TEST_SCALE scales the lengths.
+ * Every case runs on the v2 kernels (codec_mask 0) and, with a codec_mask without Huffman, on the
+ * v3 decode kernel where it applies (single query tile, head_dim 64/128; cases with Huffman pages
+ * run v3 on the same sizes with their other page kinds). v3 decodes bit-pack codes with v2's fp16
+ * arithmetic (or exactly, on its generic path), so the same tolerance holds: measured 1-2e-4
+ * (fp16) and ~1e-3 (bf16) on the emulated sweep. Extra v3 cases: every bit-pack width (bounds
+ * sweep, generic path for width 0 and > 8), Huffman pages reaching v3 -> NaN rows, a damaged
+ * section header -> NaN rows. Skips cleanly where there is no GPU. KVC_TEST_SCALE scales the
+ * lengths; KVC_TEST_FILTER selects tests by name (cmocka pattern).
  */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -24,6 +31,7 @@ extern "C" {
 #include "kvc_test_util.h"
 }
 #include "attention/kvc_attn.h"
+#include "compress/kvc_page_format.h"
 #include "kvc_test_pages.h"
 
 static int have_gpu(void) {
@@ -41,7 +49,11 @@ typedef struct gpu_case {
   unsigned kinds; /* page kinds of full blocks */
   int shared_prefix_blocks;
   uint64_t seed;
+  float k_bound, v_bound; /* of the lossy codecs; 0: 0.05 */
 } gpu_case_t;
+
+/* codec_mask values: pages without Huffman coding (the v3 decode kernel where it applies). */
+static const uint32_t kNoHuffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
 
 static float to_float(kvc_dtype_t t, uint16_t h) {
   return t == KVC_DTYPE_F16 ? kvc_test_f16_to_f32(h) : kvc_test_bf16_to_f32(h);
@@ -86,8 +98,17 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
   uint32_t chunk = KVC_CHUNK_MIN_BYTES;
   while ((size_t)chunk * KVC_PAGE_MAX_CHUNKS < staging + 1024) chunk *= 2;
   chunk <<= kvc_test_rng_below(&rng, 3);
-  kvc_test_pages_spec_t spec = {c->num_seqs, len, c->num_kv_heads, c->head_dim, c->block_tokens,
-                                c->dtype, chunk, c->kinds, 0.05f, 0.05f, c->shared_prefix_blocks,
+  kvc_test_pages_spec_t spec = {c->num_seqs,
+                                len,
+                                c->num_kv_heads,
+                                c->head_dim,
+                                c->block_tokens,
+                                c->dtype,
+                                chunk,
+                                c->kinds,
+                                c->k_bound > 0 ? c->k_bound : 0.05f,
+                                c->v_bound > 0 ? c->v_bound : 0.05f,
+                                c->shared_prefix_blocks,
                                 c->seed ^ 0xabcull};
   assert_int_equal(kvc_test_pages_build(&spec, k, v, &h->tp), KVC_OK);
   free(k);
@@ -236,33 +257,58 @@ static double rel_l2(kvc_dtype_t t, const uint16_t *got, const uint16_t *ref, si
 
 static double tolerance(kvc_dtype_t t) { return t == KVC_DTYPE_F16 ? 1e-3 : 1e-2; }
 
-static void check_case(const gpu_case_t *c) {
-  if (!have_gpu()) skip();
-  host_case_t h;
-  dev_case_t d;
-  host_setup(c, &h);
-  dev_setup(&h, &d);
-  const size_t n = d.out_bytes / 2;
+/* Runs the three launch variants of a case with `codec_mask` and compares with the reference. */
+static void run_variants(const gpu_case_t *c, const host_case_t *h, const dev_case_t *d,
+                         uint32_t codec_mask) {
+  const size_t n = d->out_bytes / 2;
   /* With the workspace (splits where the batch is small), then without (no splits). */
   for (int variant = 0; variant < 3; variant++) {
-    kvc_attn_args_t a = d.args;
+    kvc_attn_args_t a = d->args;
+    a.codec_mask = codec_mask;
     if (variant == 1) {
       a.workspace = NULL;
       a.workspace_bytes = 0;
     }
     if (variant == 2) a.max_qo_len = 0; /* launch shape derived from total_q_rows */
-    uint16_t *out = run_gpu(&d, &a);
-    double err = rel_l2(c->dtype, out, h.ref, 0, n);
+    uint16_t *out = run_gpu(d, &a);
+    double err = rel_l2(c->dtype, out, h->ref, 0, n);
     if (!(err <= tolerance(c->dtype))) {
-      print_error("case seed %llu variant %d: relative L2 error %g > %g\n",
-                  (unsigned long long)c->seed, variant, err, tolerance(c->dtype));
+      print_error("case seed %llu variant %d codec_mask %u: relative L2 error %g > %g\n",
+                  (unsigned long long)c->seed, variant, codec_mask, err, tolerance(c->dtype));
       free(out);
       fail();
     }
     free(out);
   }
+}
+
+static void check_one(const gpu_case_t *c, bool v2, bool v3) {
+  host_case_t h;
+  dev_case_t d;
+  host_setup(c, &h);
+  dev_setup(&h, &d);
+  if (v2) run_variants(c, &h, &d, 0);
+  if (v3) run_variants(c, &h, &d, kNoHuffman);
   dev_teardown(&d);
   host_teardown(&h);
+}
+
+/*
+ * The case on both decode kernels: v2 (codec_mask 0, every page kind) and v3 (a mask without
+ * Huffman; taken for single-tile launches at head_dim 64/128, else v2 again). A case with Huffman
+ * and other page kinds runs v3 on the same sizes with the other kinds only.
+ */
+static void check_case(const gpu_case_t *c) {
+  if (!have_gpu()) skip();
+  const unsigned kinds = c->kinds ? c->kinds : (unsigned)KVC_TEST_PAGE_ALL;
+  const unsigned other = kinds & ~(unsigned)KVC_TEST_PAGE_HUFFMAN;
+  const bool huffman = (kinds & KVC_TEST_PAGE_HUFFMAN) != 0;
+  check_one(c, true, !huffman);
+  if (huffman && other) {
+    gpu_case_t c3 = *c;
+    c3.kinds = other;
+    check_one(&c3, false, true);
+  }
 }
 
 static void sweep_sizes_and_gqa(void **state) {
@@ -333,6 +379,133 @@ static void long_context_splits(void **state) {
   check_case(&few);
 }
 
+/* Bit-pack section headers of every compressed page of a case: bit w of *widths for each width
+ * w (0..31) seen in relative mode; the number of sections seen. */
+static int bitpack_widths(const host_case_t *h, uint32_t *widths) {
+  int n = 0;
+  const uint32_t cb = h->tp.chunk_bytes;
+  for (int i = 0; i < h->tp.dir_len; i++) {
+    const kvc_page_entry_t *e = &h->tp.dir[i];
+    if (e->kind != KVC_PAGE_COMPRESSED || e->codec != KVC_CODEC_BITPACK) continue;
+    const uint32_t H = kvc_rd_u16(kvc_page_byte(h->tp.pool, cb, e, 10));
+    for (uint32_t sidx = 0; sidx < 2 * H; sidx++) {
+      const uint32_t start =
+          sidx == 0 ? kvc_page_sections_start(H)
+                    : kvc_align16(kvc_rd_u32(kvc_page_byte(h->tp.pool, cb, e, 32 + 4 * (sidx - 1))));
+      kvc_qsec_header_t qh;
+      kvc_qsec_header_read(kvc_page_byte(h->tp.pool, cb, e, start), &qh);
+      if (qh.mode == KVC_QMODE_REL) *widths |= 1u << qh.width;
+      n++;
+    }
+  }
+  return n;
+}
+
+/*
+ * v3's bit-pack operand builders, one per code width, and the generic decoder for the rest: the
+ * error bounds sweep the section widths from 1 to beyond 8 (wider sections take the generic path,
+ * as do bf16 and absolute mode), at head_dim 64 and 128, blocks of 16, 64 and 128 tokens, mixed
+ * with staging tails and RAW pages. Checks that every width 1..8 and one above 8 occurred.
+ */
+static void v3_bitpack_widths(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  static const float bounds[] = {4.0f,   0.9f,   0.25f,  0.12f,  0.05f,
+                                 0.025f, 0.012f, 0.006f, 0.003f, 0.0004f};
+  const size_t nb = sizeof(bounds) / sizeof(bounds[0]);
+  static const int hds[] = {64, 128};
+  static const int bts[] = {16, 64, 128};
+  uint32_t widths = 0;
+  int sections = 0;
+  uint64_t seed = 8000;
+  for (size_t b = 0; b < nb; b++)
+    for (size_t i = 0; i < 2; i++) {
+      const int bt = bts[(b + i) % 3];
+      const kvc_dtype_t dt = b % 4 == 3 ? KVC_DTYPE_BF16 : KVC_DTYPE_F16;
+      gpu_case_t c = {5, 8, 2, hds[i], bt, dt, 400, 1,
+                      KVC_TEST_PAGE_BITPACK | (b % 3 == 0 ? KVC_TEST_PAGE_RAW : 0u), 0, seed++,
+                      bounds[b], bounds[(b + 1) % nb]};
+      host_case_t h;
+      dev_case_t d;
+      host_setup(&c, &h);
+      sections += bitpack_widths(&h, &widths); /* the widest may all fall back to RAW pages */
+      dev_setup(&h, &d);
+      run_variants(&c, &h, &d, kNoHuffman);
+      dev_teardown(&d);
+      host_teardown(&h);
+    }
+  print_message("bit-pack sections: %d, widths seen: 0x%x\n", sections, widths);
+  assert_true((widths & 0x1feu) == 0x1feu); /* 1..8 */
+  assert_true((widths & ~0x1ffu) != 0);     /* and wider */
+}
+
+/* A Huffman page that reaches v3 (a codec_mask that says there is none) makes the rows that read
+ * it NaN; a sequence held by a staging page alone is still right. */
+static void v3_huffman_page_gives_nan(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  gpu_case_t c = {5, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 1, KVC_TEST_PAGE_HUFFMAN, 0, 7100};
+  host_case_t h;
+  dev_case_t d;
+  host_setup(&c, &h);
+  dev_setup(&h, &d);
+  kvc_attn_args_t a = d.args;
+  a.codec_mask = kNoHuffman;
+  uint16_t *out = run_gpu(&d, &a);
+  const size_t per_row = (size_t)c.num_q_heads * c.head_dim;
+  int nan_seqs = 0, ok_seqs = 0;
+  for (int s = 0; s < c.num_seqs; s++) {
+    const size_t lo = (size_t)h.qo_indptr[s] * per_row, hi = (size_t)h.qo_indptr[s + 1] * per_row;
+    if (h.tp.kv_len[s] >= c.block_tokens) { /* a full block: a Huffman page */
+      for (size_t i = lo; i < hi; i++) assert_true(isnan(to_float(c.dtype, out[i])));
+      nan_seqs++;
+    } else {
+      assert_true(rel_l2(c.dtype, out, h.ref, lo, hi) <= tolerance(c.dtype));
+      ok_seqs++;
+    }
+  }
+  assert_true(nan_seqs > 0 && ok_seqs > 0);
+  free(out);
+  dev_teardown(&d);
+  host_teardown(&h);
+}
+
+/* A bit-pack section whose header is inconsistent (the page header and table are intact, so only
+ * the consumer's section check can catch it) makes the rows that read it NaN, on v2 and v3. */
+static void corrupt_section_gives_nan(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  gpu_case_t c = {3, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 1, KVC_TEST_PAGE_BITPACK, 0, 7200};
+  host_case_t h;
+  dev_case_t d;
+  host_setup(&c, &h);
+  /* Sequence 2 has exactly one full block (host_setup pins it): head 1's V section gets mode 7. */
+  const int32_t bid = h.tp.block_ids[h.tp.block_indptr[2]];
+  kvc_page_entry_t *e = &h.tp.dir[bid];
+  assert_int_equal(e->kind, KVC_PAGE_COMPRESSED);
+  assert_int_equal(e->codec, KVC_CODEC_BITPACK);
+  const uint32_t idx = 2 + 1; /* tensor 1 * H + head 1 */
+  const uint32_t start =
+      kvc_align16(kvc_rd_u32(kvc_page_byte(h.tp.pool, h.tp.chunk_bytes, e, 32 + 4 * (idx - 1))));
+  *kvc_page_byte(h.tp.pool, h.tp.chunk_bytes, e, start) = 7;
+  dev_setup(&h, &d);
+  const size_t per_row = (size_t)c.num_q_heads * c.head_dim;
+  const size_t r2 = (size_t)h.qo_indptr[2], r3 = (size_t)h.qo_indptr[3];
+  for (int v = 0; v < 2; v++) {
+    kvc_attn_args_t a = d.args;
+    a.codec_mask = v ? kNoHuffman : 0;
+    uint16_t *out = run_gpu(&d, &a);
+    /* Query heads 4..7 read kv head 1. */
+    for (size_t r = r2; r < r3; r++)
+      for (size_t i = 4 * (size_t)c.head_dim; i < per_row; i++)
+        assert_true(isnan(to_float(c.dtype, out[r * per_row + i])));
+    assert_true(rel_l2(c.dtype, out, h.ref, 0, r2 * per_row) <= tolerance(c.dtype));
+    free(out);
+  }
+  dev_teardown(&d);
+  host_teardown(&h);
+}
+
 static void unsupported_shapes(void **state) {
   (void)state;
   if (!have_gpu()) skip();
@@ -392,7 +565,10 @@ int main(void) {
       cmocka_unit_test(sweep_sizes_and_gqa),   cmocka_unit_test(head_dims_dtypes_block_sizes),
       cmocka_unit_test(multi_query_causal),    cmocka_unit_test(page_kinds_and_sharing),
       cmocka_unit_test(long_context_splits),   cmocka_unit_test(unsupported_shapes),
-      cmocka_unit_test(corrupt_page_gives_nan),
+      cmocka_unit_test(corrupt_page_gives_nan),   cmocka_unit_test(v3_bitpack_widths),
+      cmocka_unit_test(v3_huffman_page_gives_nan), cmocka_unit_test(corrupt_section_gives_nan),
   };
+  /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
+  if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,11 +6,13 @@
  * are bit-identical to the CPU encoder's. Per section (tensor, kv head) the CTA loads the rows into
  * shared memory and quantizes them with each thread owning 8 neighbouring channels of some rows
  * (16-byte vectors): group ranges, verification (which keeps every q for the code pass, so each
- * value is divided once), power-of-two fallback, centres, then codes u and the symbol histogram.
+ * value is divided once; q_verify decides like kvc_q_of + kvc_q_within without their conversions),
+ * power-of-two fallback, centres, then codes u and, for Huffman only, the symbol histogram.
  * Warp 0 builds the Huffman code (kvc_codec_huf_warp.cuh) while warps 1-7 zero the staging buffer
  * and write the group fields; the code pass kept each value's symbol above its u in us[]. Each lane
- * (in two halves, one per thread, when there are <= 128 lanes) sums its length, a block scan places
- * the halves, and each writes its bits from a 64-bit register accumulator, whole words with plain
+ * (in two halves, one per thread, when there are <= 128 lanes) is coded from a 64-bit register
+ * accumulator into the us[] slots of its own values, a block scan of the halves' bit lengths
+ * places them, and each half's words are then shifted into the stream, whole words with plain
  * stores and only the two words it may share with its neighbours with atomicOr. Fixed-width fields
  * (group parameters, code lengths, lane lengths, bit-pack codes) are written one output word per
  * thread, gathered from the fields it overlaps.
@@ -19,7 +21,8 @@
  * new chunks, issued before the emit and published by its barrier; other policies first size every
  * section under both codecs, then pop once). The page header and section table are written last.
  * Shared memory is sized to the launch's shape (56 KB at 64 tokens x head_dim 128: four CTAs per
- * SM). Throughput and its accounting: bench/NOTES-codec.md.
+ * SM). Policy FIXED runs a kernel instantiation without the sizing pass. Throughput and its
+ * accounting: bench/NOTES-codec.md.
  *
  * Limits of this build: head_dim 64, 128, 256; dtype fp16 or bf16; block_tokens * head_dim <= 16384
  * (shared memory for the rows and the codes); num_kv_heads <= 64. Other shapes: KVC_ERR_UNSUPPORTED.
@@ -82,6 +85,7 @@ struct Smem {
   int32_t *gmn, *gmx; /* [groups] order-preserving int keys of the group min / max (REL) */
   unsigned long long *csum; /* [head_dim] channel sums of q (ABS); the same bytes as gmn, gmx */
   double *glim;       /* [groups] */
+  float *glo;         /* [groups] q_verify's float pre-test limit (lim_lo) */
   int32_t *ge, *gbase, *gflag, *gqmin;
   float *gstep;
   uint32_t *lane_bits;            /* [lanes] lane lengths in bits */
@@ -119,6 +123,7 @@ __host__ __device__ inline Smem carve(uint8_t *p, int smax, int hd, int bt, int 
   s.gmx = p ? s.gmn + groups : nullptr;
   s.csum = (unsigned long long *)s.gmn;
   s.glim = (double *)take(groups * 8);
+  s.glo = (float *)take(groups * 4);
   s.ge = (int32_t *)take(groups * 4);
   s.gbase = (int32_t *)take(groups * 4);
   s.gflag = (int32_t *)take(groups * 4);
@@ -213,6 +218,53 @@ struct OpAdd64 {
   __device__ long long operator()(long long a, long long b) const { return a + b; }
 };
 
+/*
+ * The verification of one value, with the result of kvc_q_of(x, st, v) &&
+ * kvc_q_within(kvc_q_recon(*v, st), x, *lim) and the same *v (set exactly when kvc_q_of sets it),
+ * without conversions in the common case (|x / st| < 2^21, error clearly inside the bound):
+ *   - rint: r + 1.5 * 2^23 lies in [2^23, 2^24), where floats are the integers, so the add rounds
+ *     r to the nearest integer, ties to even (1.5 * 2^23 is even), as rintf; the integer is the
+ *     sum's low mantissa bits, and subtracting 1.5 * 2^23 back is exact (so rf == (float)*v);
+ *   - bound: e = |recon - x| in float is the exact difference D rounded once; when e <= lo, with lo
+ *     = lim_lo(lim) <= lim * (1 - 2^-21) and >= 2^-125, D <= e * (1 + 2^-24) (e normal) or
+ *     D < 2^-125 (e subnormal) is below lim, so the double check (lim is a double: rounding D to
+ *     double keeps it <= lim) passes too. Otherwise (rare) the double check decides.
+ * The conversions it avoids (rint, float <-> int, two float -> double) run at a quarter of the
+ * FP32 rate; the verification pass did five per value.
+ */
+__device__ __forceinline__ float lim_lo(double lim) {
+  const float lo = __double2float_rd(KVC_DMUL(lim, 1.0 - 0x1p-20));
+  return lo >= 0x1p-125f ? lo : -1.0f; /* -1: every value takes the double check */
+}
+__device__ __forceinline__ bool q_verify(float x, float st, float lo, const double *lim, int32_t *v) {
+  const float r = KVC_FDIV(x, st);
+  if (fabsf(r) < 0x1p21f) {
+    const float t = __fadd_rn(r, 0x1.8p23f);
+    *v = __float_as_int(t) - __float_as_int(0x1.8p23f);
+    const float rec = __fmul_rn(__fsub_rn(t, 0x1.8p23f), st);
+    return fabsf(__fsub_rn(rec, x)) <= lo || kvc_q_within(rec, x, *lim);
+  }
+  return kvc_q_of(x, st, v) && kvc_q_within(kvc_q_recon(*v, st), x, *lim);
+}
+
+/* The 8 group parameters of this thread's values (float steps or int32 bases): channels c0..c0+7
+ * (K: two 16-byte shared loads; the arrays are 16-byte aligned and c0 is a multiple of 8) or row
+ * r's group, 8 times (V). */
+template <class E>
+__device__ __forceinline__ void group8(const E *p, bool is_k, int c0, int r, E (&v)[8]) {
+  static_assert(sizeof(E) == 4, "group parameters are 32-bit");
+  if (is_k) {
+    const uint4 a = ((const uint4 *)(p + c0))[0], b = ((const uint4 *)(p + c0))[1];
+    const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int j = 0; j < 8; j++) memcpy(&v[j], &w[j], 4);
+  } else {
+    const E x = p[r];
+#pragma unroll
+    for (int j = 0; j < 8; j++) v[j] = x;
+  }
+}
+
 /* The quantized form of one section; what kvc_codec.c's kvc__qsec_t holds, in shared memory. */
 struct QInfo {
   int ok;      /* 0: the section cannot be quantized (KVC_ERR_UNSUPPORTED) */
@@ -225,14 +277,15 @@ struct QInfo {
 };
 
 /*
- * Loads section rows and quantizes: fills us[] (codes), counts[], group state. All threads.
+ * Loads section rows and quantizes: fills us[] (codes; with `hist`, each value's symbol above its
+ * code), counts[] (with `hist`: bit-pack needs no histogram), group state. All threads.
  * Thread mapping: TPR = HD / 8 threads per row, each owning channels [8 cg, 8 cg + 8) of rows
  * r0, r0 + RPP, ...; a row's partial results combine with xor shuffles over its TPR lanes, a
  * channel's over the warp's rows, then shared atomics across warps.
  */
 template <int HD, int DT>
 __device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, int n, int tensor, int mode_abs,
-                          float bound) {
+                          float bound, bool hist) {
   constexpr int TPR = HD / 8, RPP = kThreads / TPR;
   static_assert(32 % TPR == 0 && TPR <= 32, "a row's lanes sit in one warp");
   const int tid = threadIdx.x, S = n * HD, lane = tid & 31;
@@ -319,6 +372,7 @@ __device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, i
       double lim = kvc_q_rel_lim(bound, funkey(sm.gmn[g]), funkey(sm.gmx[g]));
       int e = kvc_step_code_floor(KVC_DMUL(2.0, lim));
       sm.glim[g] = lim;
+      sm.glo[g] = lim_lo(lim);
       sm.ge[g] = e;
       sm.gflag[g] = e < KVC_STEP_CODE_MIN;
       sm.gstep[g] = e < KVC_STEP_CODE_MIN ? 1.0f : kvc_step_from_code(e);
@@ -339,13 +393,15 @@ __device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, i
         float x[8];
         uint32_t qv[8];
         load8<DT>(sm.xs, r * TPR + cg, x);
+        float st8[8], lo8[8];
+        group8(sm.gstep, is_k, c0, r, st8);
+        group8(sm.glo, is_k, c0, r, lo8);
 #pragma unroll
         for (int j = 0; j < 8; j++) {
           const int g = is_k ? c0 + j : r;
-          const float st = sm.gstep[g];
+          const float st = st8[j];
           int32_t v = 0;
-          const unsigned fail = !kvc_q_of(x[j], st, &v) ||
-                                !kvc_q_within(kvc_q_recon(v, st), x[j], sm.glim[g]);
+          const unsigned fail = !q_verify(x[j], st, lo8[j], &sm.glim[g], &v);
           qv[j] = (uint32_t)v;
           kq[j] = min(kq[j], v);
           kf |= fail << j;
@@ -439,6 +495,7 @@ __device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, i
     if (e < KVC_STEP_CODE_MIN) return QInfo{0};
     const float st = kvc_step_from_code(e);
     const double lim = (double)bound;
+    const float lo = lim_lo(lim);
     long long ks[8];
     int lfail = 0;
 #pragma unroll
@@ -452,8 +509,7 @@ __device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, i
 #pragma unroll
       for (int j = 0; j < 8; j++) {
         int32_t v = 0;
-        lfail |= !isfinite(x[j]) || !kvc_q_of(x[j], st, &v) ||
-                 !kvc_q_within(kvc_q_recon(v, st), x[j], lim);
+        lfail |= !isfinite(x[j]) || !q_verify(x[j], st, lo, &lim, &v);
         ks[j] += v;
         qv[j] = (uint32_t)v;
       }
@@ -509,25 +565,32 @@ __device__ __forceinline__ QInfo quantize(const Smem &sm, const uint8_t *rows, i
             uv[j] = (uint32_t)v;
           }
         }
+        int32_t b8[8];
+        group8(sm.gbase, is_k, c0, r, b8);
 #pragma unroll
-        for (int j = 0; j < 8; j++) uv[j] -= (uint32_t)sm.gbase[is_k ? c0 + j : r];
+        for (int j = 0; j < 8; j++) uv[j] -= (uint32_t)b8[j];
       } else {
+        int32_t b8[8];
+        group8(sm.gbase, true, c0, r, b8);
 #pragma unroll
-        for (int j = 0; j < 8; j++) uv[j] = kvc_zigzag((int32_t)(uv[j] - (uint32_t)sm.gbase[c0 + j]));
+        for (int j = 0; j < 8; j++) uv[j] = kvc_zigzag((int32_t)(uv[j] - (uint32_t)b8[j]));
       }
     }
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       const uint32_t u = uv[j];
-      /* Rows past n (only in the last pass of a partial block) take symbol 64: never counted. */
-      const uint32_t sym = valid ? kvc_sym_of(min(u, kUMask)) : 64u;
-      const uint32_t peers = __match_any_sync(kFull, sym);
       if (valid) {
         lfail |= u > kUMask;
         lmaxu = max(lmaxu, (int)min(u, kUMask + 1u));
-        if (lane == __ffs(peers) - 1) atomicAdd(&sm.counts[sym], __popc(peers));
       }
-      uv[j] = (u & kUMask) | (sym << kSymShift); /* u > kUMask fails the section */
+      uv[j] = u & kUMask; /* u > kUMask fails the section */
+      if (hist) {
+        /* Rows past n (only in the last pass of a partial block) take symbol 64: never counted. */
+        const uint32_t sym = valid ? kvc_sym_of(uv[j]) : 64u;
+        const uint32_t peers = __match_any_sync(kFull, sym);
+        if (valid && lane == __ffs(peers) - 1) atomicAdd(&sm.counts[sym], __popc(peers));
+        uv[j] |= sym << kSymShift;
+      }
     }
     if (valid) store8(sm.us + r * HD + c0, uv);
   }
@@ -606,13 +669,16 @@ __device__ __forceinline__ void lane_part(int S, int nl, int *s, int *s_end) {
 
 /*
  * Huffman lengths, codes and lane lengths of a quantized section (all threads); returns its bytes.
- * With `stage`, warps 1-7 zero the staging buffer and write the group fields while warp 0 builds
- * the code (emit then writes only the code-dependent parts). *off_out: the bit offset, from the
- * start of the lane streams, of this thread's part (lane_part). No trailing barrier: the caller's
- * next step either writes only code-dependent words (emit) or starts with one (quantize).
+ * With `stage` (the emit pass), warps 1-7 zero the staging buffer and write the group fields while
+ * warp 0 builds the code, and each thread codes its part (lane_part) into the us[] slots of the
+ * part's values (emit then writes only the code-dependent parts); without it (sizing) only the
+ * lengths are summed. *off_out: the bit offset, from the start of the lane streams, of this
+ * thread's part; *part_bits_out: its length. No trailing barrier: the caller's next step either
+ * writes only code-dependent words (emit) or starts with one (quantize).
  */
 __device__ __forceinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q, int S, bool stage,
-                                                 int *n_lanes_out, uint32_t *w_lane_out, uint32_t *off_out) {
+                                                 int *n_lanes_out, uint32_t *w_lane_out, uint32_t *off_out,
+                                                 uint32_t *part_bits_out) {
   const int tid = threadIdx.x;
   if (tid < 32) {
     const int n_sym = kvc_huf_warp_build(sm.counts, sm.len, sm.code, sm.huf);
@@ -633,8 +699,32 @@ __device__ __forceinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q,
   int s, s_end;
   lane_part(S, nl, &s, &s_end);
   uint32_t bits = 0;
+  if (stage) {
+    /* Code the part into its own slots of us[] (word w into the slot of its value w): after value
+     * i the part has at most 31 (i + 1) bits, so every completed word's slot was read already.
+     * emit then moves ~bits / 32 words instead of re-coding the values. */
+    uint64_t acc = 0;
+    uint32_t nacc = 0;
+    int slot = s;
 #pragma unroll 4
-  for (; s < s_end; s += nl) bits += sm.enc[sm.us[s] >> kSymShift] & 31u;
+    for (; s < s_end; s += nl) {
+      const uint32_t v = sm.us[s], e = sm.enc[v >> kSymShift];
+      const uint32_t ne = (e >> 5) & 31u, nb = e & 31u;
+      acc = (acc << nb) | (((e >> 10) << ne) | (v & ((1u << ne) - 1u)));
+      nacc += nb;
+      bits += nb;
+      if (nacc >= 32) {
+        nacc -= 32;
+        sm.us[slot] = (uint32_t)(acc >> nacc);
+        slot += nl;
+      }
+    }
+    if (nacc) sm.us[slot] = (uint32_t)(acc << (32 - nacc));
+  } else {
+#pragma unroll 4
+    for (; s < s_end; s += nl) bits += sm.enc[sm.us[s] >> kSymShift] & 31u;
+  }
+  *part_bits_out = bits;
   /* Lane totals (two parts: the odd thread's bits join the even one's). */
   uint32_t lane_tot = bits;
   const int two = nl <= kThreads / 2;
@@ -668,9 +758,11 @@ __device__ __forceinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q,
 }
 
 /* Writes the quantized section into the staging buffer sm.xs (all threads; no trailing barrier).
- * Huffman: huffman_plan(stage = true) has zeroed it and written the group fields. */
+ * Huffman: huffman_plan(stage = true) has zeroed it, written the group fields and coded this
+ * thread's part (part_bits bits, in the us[] slots of its values). */
 __device__ __forceinline__ void emit(const Smem &sm, const QInfo &q, int codec, int S, int n_lanes,
-                                     uint32_t w_lane, uint32_t lane_part_off, uint32_t bytes) {
+                                     uint32_t w_lane, uint32_t lane_part_off, uint32_t part_bits,
+                                     uint32_t bytes) {
   const int tid = threadIdx.x;
   uint32_t *wd = (uint32_t *)(sm.xs + KVC_QSEC_HEADER_BYTES);
   if (codec == KVC_CODEC_BITPACK) stage_groups(sm, q, bytes, tid, kThreads);
@@ -715,11 +807,10 @@ __device__ __forceinline__ void emit(const Smem &sm, const QInfo &q, int codec, 
       uint32_t k = p >> 5, nacc = p & 31;
       bool shared_word = nacc != 0;
       uint64_t acc = 0;
-#pragma unroll 4
-      for (; s < s_end; s += n_lanes) {
-        const uint32_t v = sm.us[s], e = sm.enc[v >> kSymShift];
-        const uint32_t ne = (e >> 5) & 31u, nb = e & 31u;
-        acc = (acc << nb) | (((e >> 10) << ne) | (v & ((1u << ne) - 1u)));
+      /* huffman_plan coded the part into its slots: move its words, the last one left-aligned. */
+      for (uint32_t w = 0; 32 * w < part_bits; w++, s += n_lanes) {
+        const uint32_t v = sm.us[s], nb = min(32u, part_bits - 32 * w);
+        acc = (acc << nb) | (v >> (32 - nb));
         nacc += nb;
         if (nacc >= 32) {
           nacc -= 32;
@@ -789,13 +880,6 @@ __device__ void copy_out(const Smem &sm, const Args &a, const uint8_t *src, uint
   }
 }
 
-/* Asks L2 for a section's rows (bytes from `rows`, one 128-byte line per thread) one section ahead,
- * so that quantize's load of them does not wait a DRAM round trip with every warp of the CTA idle. */
-__device__ __forceinline__ void prefetch_rows(const uint8_t *rows, uint32_t bytes) {
-  for (uint32_t i = threadIdx.x * 128u; i < bytes; i += kThreads * 128u)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(rows + i));
-}
-
 /* A job whose chunks could not be taken: no directory entry, size 0 (error already set). */
 __device__ inline void fail_job(const Args &a, int job) {
   if (threadIdx.x == 0) a.page_bytes[job] = 0;
@@ -805,7 +889,10 @@ __device__ inline void fail_job(const Args &a, int job) {
  * the carved pointers (all inlined) compiles to a shared-memory instruction. */
 extern __shared__ __align__(16) uint8_t compress_smem[];
 
-template <int HD, int DT>
+/* SIZING = false: policy FIXED only, without the sizing pass in the kernel, which frees registers
+ * for the rest (ptxas at 128 x fp16: 9.7k instructions and 64 bytes of spills, against 15.5k and
+ * 296 with it; bench/NOTES-codec.md, v5). */
+template <int HD, int DT, bool SIZING>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) {
   const int job = blockIdx.x, tid = threadIdx.x, H = a.num_kv_heads;
   const int n = a.n_tokens[job], smax = a.block_tokens * HD;
@@ -829,22 +916,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
   __syncthreads();
 
   int codec = a.codec;
-  if (a.policy != KVC_POLICY_FIXED) {
+  if (SIZING && a.policy != KVC_POLICY_FIXED) {
     /* Size every section under both codecs, then pick like kvc_codec_encode. */
     size_t sz_bp = start, sz_hf = start;
     bool ok_bp = true, ok_hf = true;
     for (int i = 0; i < 2 * H; i++) {
       const int tensor = i / H;
       QInfo q = quantize<HD, DT>(sm, block + i * row_stride, n, tensor, a.bound_mode,
-                                 tensor == 0 ? a.k_bound : a.v_bound);
+                                 tensor == 0 ? a.k_bound : a.v_bound, true);
       if (!q.ok) {
         ok_bp = ok_hf = false;
         continue;
       }
       uint32_t bp = qsec_bytes((uint64_t)q.groups * (q.w_e + q.w_b) + (uint64_t)S * kvc_bits_for(q.max_u));
       int nl;
-      uint32_t wl, off;
-      uint32_t hf = huffman_plan(sm, q, S, false, &nl, &wl, &off);
+      uint32_t wl, off, pb;
+      uint32_t hf = huffman_plan(sm, q, S, false, &nl, &wl, &off, &pb);
       if (bp > raw) ok_bp = false;
       if (hf > raw) ok_hf = false;
       sz_bp += align16z(bp);
@@ -877,16 +964,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
       const uint8_t *rows = block + i * row_stride;
       uint32_t bytes = raw;
       if (codec != KVC_CODEC_RAW) {
-        if (i + 1 < 2 * H) prefetch_rows(rows + row_stride, raw);
-        QInfo q = quantize<HD, DT>(sm, rows, n, tensor, a.bound_mode,
-                                   tensor == 0 ? a.k_bound : a.v_bound);
+        QInfo q = quantize<HD, DT>(sm, rows, n, tensor, a.bound_mode, tensor == 0 ? a.k_bound : a.v_bound,
+                                   codec == KVC_CODEC_HUFFMAN);
         int nl = 0;
-        uint32_t wl = 0, off = 0;
+        uint32_t wl = 0, off = 0, pb = 0;
         if (q.ok) {
           if (codec == KVC_CODEC_BITPACK)
             bytes = qsec_bytes((uint64_t)q.groups * (q.w_e + q.w_b) + (uint64_t)S * kvc_bits_for(q.max_u));
           else
-            bytes = huffman_plan(sm, q, S, true, &nl, &wl, &off);
+            bytes = huffman_plan(sm, q, S, true, &nl, &wl, &off, &pb);
         }
         if (!q.ok || bytes > raw) {
           restart = true;
@@ -894,7 +980,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
         }
         /* One barrier publishes the staged section and the chunks popped meanwhile. */
         const Pop pp = pop_begin(sm, a, (uint32_t)align16z(pos + bytes));
-        emit(sm, q, codec, S, nl, wl, off, bytes);
+        emit(sm, q, codec, S, nl, wl, off, pb, bytes);
         pop_end(sm, a, pp);
         __syncthreads();
         if (sm.misc[M_DRY]) return fail_job(a, job);
@@ -1011,28 +1097,35 @@ kvc_status_t check_cuda_params(const kvc_codec_params_t *p) {
   return KVC_OK;
 }
 
-template <int HD, int DT> kvc_status_t launch_compress(const Args &a, int jobs, cudaStream_t s) {
+template <int HD, int DT, bool SIZING> kvc_status_t launch_compress_as(const Args &a, int jobs, cudaStream_t s) {
   size_t smem = carve(nullptr, a.block_tokens * HD, HD, a.block_tokens, a.num_kv_heads).bytes;
   /* The whole unified L1 as shared memory: four 56 KB CTAs per SM at 64 x 128. */
-  if (cudaFuncSetAttribute(compress_kernel<HD, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  if (cudaFuncSetAttribute(compress_kernel<HD, DT, SIZING>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            (int)smem) != cudaSuccess ||
-      cudaFuncSetAttribute(compress_kernel<HD, DT>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      cudaFuncSetAttribute(compress_kernel<HD, DT, SIZING>, cudaFuncAttributePreferredSharedMemoryCarveout,
                            cudaSharedmemCarveoutMaxShared) != cudaSuccess)
     return KVC_ERR_CUDA;
-  compress_kernel<HD, DT><<<jobs, kThreads, smem, s>>>(a);
+  compress_kernel<HD, DT, SIZING><<<jobs, kThreads, smem, s>>>(a);
   return cudaGetLastError() == cudaSuccess ? KVC_OK : KVC_ERR_CUDA;
 }
+/* Policy FIXED runs the instantiation without the sizing pass (bench/NOTES-codec.md, v5). */
+template <int HD, int DT> kvc_status_t launch_compress(const Args &a, int jobs, cudaStream_t s) {
+  return a.policy != KVC_POLICY_FIXED ? launch_compress_as<HD, DT, true>(a, jobs, s) : launch_compress_as<HD, DT, false>(a, jobs, s);
+}
 
-template <int HD, int DT> kvc_status_t compress_occupancy(const kvc_codec_params_t *p, int *ctas) {
+template <int HD, int DT, bool SIZING> kvc_status_t compress_occupancy_as(const kvc_codec_params_t *p, int *ctas) {
   size_t smem = carve(nullptr, p->block_tokens * HD, HD, p->block_tokens, p->num_kv_heads).bytes;
-  if (cudaFuncSetAttribute(compress_kernel<HD, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  if (cudaFuncSetAttribute(compress_kernel<HD, DT, SIZING>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            (int)smem) != cudaSuccess ||
-      cudaFuncSetAttribute(compress_kernel<HD, DT>, cudaFuncAttributePreferredSharedMemoryCarveout,
+      cudaFuncSetAttribute(compress_kernel<HD, DT, SIZING>, cudaFuncAttributePreferredSharedMemoryCarveout,
                            cudaSharedmemCarveoutMaxShared) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, compress_kernel<HD, DT>, kThreads, smem) !=
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, compress_kernel<HD, DT, SIZING>, kThreads, smem) !=
           cudaSuccess)
     return KVC_ERR_CUDA;
   return KVC_OK;
+}
+template <int HD, int DT> kvc_status_t compress_occupancy(const kvc_codec_params_t *p, int *ctas) {
+  return p->policy != KVC_POLICY_FIXED ? compress_occupancy_as<HD, DT, true>(p, ctas) : compress_occupancy_as<HD, DT, false>(p, ctas);
 }
 
 template <int HD> kvc_status_t launch_decompress(const DArgs &a, int jobs, cudaStream_t s) {

@@ -25,7 +25,8 @@
  *
  * Decode launches at head_dim 64/128 whose caller rules out Huffman pages (codec_mask) run v3
  * instead (attention/kvc_attn_v3.cuh): the same producer with bulk copies, and consumer warps that
- * each take whole units and build the mma operands in registers from the ring bytes.
+ * each take whole units and build the mma operands (K and V as the A operand, the query entries
+ * as N) in registers from the ring bytes.
  *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
  * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.
@@ -128,6 +129,7 @@ template <int HD, int WM> struct smem_layout {
   static constexpr int ring = ring_bytes<HD, WM>();
   static constexpr int slots = kSlots;
   static constexpr bool bulk = false; /* per-lane cp.async, uncompressed units as swizzled tiles */
+  static constexpr int slack = 0;     /* bytes left after each compressed section */
   static constexpr int dtile_off = ring;
   static constexpr int scratch_bytes = align_up(scratch_layout<HD>::bytes, 128);
   static constexpr int scratch_off = dtile_off + 2 * tile;
@@ -387,8 +389,9 @@ __device__ __forceinline__ void copy_rows_tile(const params &p, const uint32_t *
   }
 }
 
-/* SL: the kernel's shared-memory layout (ring, desc_off, meta_off, chunks_off, bar_off, tile and
- * slots, the units in flight at most, <= 32). */
+/* SL: the kernel's shared-memory layout (ring, desc_off, meta_off, chunks_off, bar_off, tile,
+ * slots (the units in flight at most, <= 32), bulk (copy kind) and slack (bytes the ring keeps
+ * unwritten after each compressed section)). */
 template <int HD, class SL>
 __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
                          int u_end) {
@@ -438,9 +441,9 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       x.k_bytes = rows ? (uint32_t)x.nrows * RB : pm.k_bytes;
       x.v_bytes = rows ? (uint32_t)x.nrows * RB : pm.v_bytes;
       x.k_ring = need;
-      need += kvc_align16(x.k_bytes);
+      need += kvc_align16(x.k_bytes) + (rows ? 0u : (uint32_t)SL::slack);
       x.v_ring = need;
-      need += kvc_align16(x.v_bytes);
+      need += kvc_align16(x.v_bytes) + (rows ? 0u : (uint32_t)SL::slack);
     }
     int32_t flags = any_bad ? UNIT_BAD : all_rows && !SL::bulk ? UNIT_TILE_IN_RING : 0;
     if (flags == UNIT_TILE_IN_RING) need = 2 * SL::tile;
@@ -955,16 +958,17 @@ kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
                             stream);
 }
 
-/* v3 (attention/kvc_attn_v3.cuh): decode tiles, pages without Huffman coding. */
-template <int HD, class T>
+/* v3 (attention/kvc_attn_v3.cuh): query tiles of 8 NB entries, pages without Huffman coding. */
+template <int HD, class T, int NB>
 kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
-  return launch_with<HD, T>(attn_kernel_v3<HD, T>, kThreads3, v3_layout<HD>::bytes, p, sh, stream);
+  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB>, kThreads3, v3_layout<HD>::bytes, p, sh,
+                            stream);
 }
 
-/* [head_dim 64/128][dtype f16/bf16] */
+/* [head_dim 64/128][dtype f16/bf16], tiles of 8 entries (NB = 1; see attention/kvc_attn_v3.cuh). */
 const launch_fn kLaunch3[2][2] = {
-    {launch_v3<64, __half>, launch_v3<64, __nv_bfloat16>},
-    {launch_v3<128, __half>, launch_v3<128, __nv_bfloat16>},
+    {launch_v3<64, __half, 1>, launch_v3<64, __nv_bfloat16, 1>},
+    {launch_v3<128, __half, 1>, launch_v3<128, __nv_bfloat16, 1>},
 };
 
 /* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4]; NULL: not built (the
@@ -1046,12 +1050,13 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   /* The smallest query tile that holds a sequence's rows (head_dim 256: always 16 entries, more
    * tiles); a larger one when the block size needs a larger ring. */
   const int wmi0 = hdi == 2 ? 0 : entries_max <= 16 ? 0 : entries_max <= 32 ? 1 : 2;
-  /* v3 where it applies: one query tile, head_dim 64/128, a codec mask without Huffman. */
-  const bool v3 = wmi0 == 0 && hdi < 2 && a->codec_mask != 0 &&
+  /* v3 where it applies: one query tile of 8 entries, head_dim 64/128, a codec mask without
+   * Huffman. */
+  const bool v3 = entries_max <= 8 && hdi < 2 && a->codec_mask != 0 &&
                   (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) == 0;
   if (v3) {
     launch_shape sh;
-    sh.qtiles = (int)((entries_max + 15) / 16);
+    sh.qtiles = 1;
     sh.base_ctas = (long)a->num_seqs * a->num_kv_heads * sh.qtiles;
     sh.units_max = (a->max_kv_len + kUnitTokens - 1) / kUnitTokens;
     sh.ws_per_split = (size_t)a->total_q_rows * a->num_q_heads * (a->head_dim + 1) * 4;

@@ -2,35 +2,49 @@
  * Decode kernel v3 (CUDA C++; part of kvc_attn_cuda.cu, included after the producer and the v2
  * consumers, whose params, unit descriptors, PTX wrappers and producer it shares).
  *
- * For launches whose query tile is one 16-entry tile (decode) over pages without Huffman coding
- * (kvc_attn_args_t.codec_mask), head_dim 64 and 128. Two CTAs per SM, each the producer warp of v2
- * (issuing one bulk copy per section and chunk instead of 16-byte cp.async per lane, so every unit
- * lands as linear sections and rows) and kW3 consumer warps over a ring of ~85 KiB with kSlots3
- * units in flight. Consumer warp w takes units w, w + kW3, ... on its own: no CTA barrier in the
- * loop, a unit's "empty" barrier counts the 32 lanes of one warp, and the warps' (m, l, O) meet in
- * the epilogue as in v2.
+ * For launches whose query entries fit one tile of 8 * NB entries over pages without Huffman
+ * coding (kvc_attn_args_t.codec_mask), head_dim 64 and 128. The launcher instantiates NB = 1
+ * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
+ * two CTAs per SM (~450 bytes of spills), so 9..16 entries stay on v2. Two CTAs per SM,
+ * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
+ * sections and rows) and kW3 consumer warps over a 96 KiB ring (three uncompressed 64-token units
+ * at head_dim 128, six at 64). Consumer warp w takes units w, w + kW3, ... on its own: no CTA
+ * barrier in the loop, a unit's "empty" barrier counts the 32 lanes of one warp, and the warps'
+ * (m, l, O) meet in the epilogue.
  *
- * A warp attends to its unit 16 tokens at a time, with the K and V operands of mma.sync built in
- * registers straight from the ring bytes, never through a shared tile:
- *   - S = Q K^T (m16n8k16; M = the 16 query entries, K = channels, N = 8 tokens): lane (g, j)
- *     (g = lane / 4, j = lane % 4) supplies token g's channels [j HD/4, (j + 1) HD/4). Its k-slots
- *     pair channel i with i + 8 inside each run of 16 (see k_channel); the Q A-fragments, built
- *     once per CTA in qfrag, use the same permutation, so the sum over channels is unchanged.
- *   - O += P V (K = tokens, N = 8 channels): lane (g, c) supplies tokens 2c, 2c+1, 2c+8, 2c+9 of
- *     the 16 (the order of the S accumulators, as in v2) at channels g HD/8 + nb, nb = 0..HD/8-1
- *     (one n-block each); O's accumulators are therefore in permuted channel order, undone when
- *     the epilogue writes them (v_channel).
- * Operand sources (per page and tensor, warp-uniform):
+ * A warp attends to its unit 16 tokens at a time with mma.sync m16n8k16 in the "swapped" form
+ * (the query entries are the N dimension, so a GQA group of 4 to 8 wastes no M rows):
+ *   - S^T = K Q^T: A = K (M = 16 tokens, K = channels), B = Q^T (N = 8 entries per n-block).
+ *     Lane (g, c) (g = lane / 4, c = lane % 4) supplies tokens g and g + 8 at channels
+ *     [c HD/4, (c + 1) HD/4); its k-slots pair channel i with i + 8 inside each run of 16
+ *     (k_channel), and Q's B fragments (registers, loaded once per CTA) use the same order.
+ *     Accumulators: s[nb][0..3] = (token g, entry 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1).
+ *   - O^T += V^T P^T: A = V^T (M = 16 channels per m-tile, K = the 16 tokens), B = P^T, made from
+ *     the S^T accumulators by movmatrix.trans (no shuffles). Lane (g, c) supplies tokens 2c, 2c+1,
+ *     2c+8, 2c+9 at channels v_channel(mt, g) and v_channel(mt, g + 8), mt = 0..HD/16-1: a run of
+ *     HD/8 channels starting at g HD/8. O^T needs HD/16 x NB x 4 registers (32 for NB = 1 at head
+ *     dim 128, half of the unswapped form's).
+ *
+ * Operand sources, chosen per page and tensor (warp-uniform), each a setup step that fills the
+ * warp's scratch and a pair of builders (s_<src> for S^T's A operand, pv_<src> for O^T's A
+ * operand) that read only the ring bytes, the scratch and the v3_src they are given; a new source
+ * adds an SRC_ value, its setup in v3_page_setup and a case in v3_s / v3_pv:
  *   SRC_ROWS  staging / RAW rows of a page, linear in the ring: LDS.128 + one PRMT per pair.
- *   SRC_FAST  bit-pack, relative mode, width 1..8, fp16, every step and base*step a normal fp16:
- *             a lane loads its codes of a token as one run of 32-bit words (realigned by a funnel
- *             shift), a PRMT puts the two codes of a pair (equal bit offset mod 8) into the two
- *             halves, one shift + LOP3 adds the fp16 exponent of 1024 (0x6400 | u == 1024 + u),
- *             HSUB2 makes the codes exact halves and HFMA2 applies step and base*step (K: per
- *             channel pair, V: per token pair): the v2 fast decoder's arithmetic, so the values
- *             are those of v2's fp16 tiles.
- *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16, steps outside
- *             fp16): each value decoded on its own exactly as the CPU decoder does, rounded to T.
+ *   SRC_FAST  bit-pack, relative mode, width 1..8, fp16, group bases in [-1024, 2049 - 2^W] and
+ *             the largest step of the section within 2^+-60: the operand is the exact integer
+ *             u + base of each code (PRMT, shift, LOP3 with fp16's exponent of 1024 held in a
+ *             register, HADD2 of base - 1024), and the steps are folded out of the operand:
+ *             keys' per-channel steps into Q's B fragments (Q' = Q * step * 2^-e, one HMUL2 per
+ *             Q pair and k-block, shared by both tokens; S scaled by 2^e after the mma), values'
+ *             per-token steps into P (P' = P * step * 2^-e; O^T accumulates in units of 2^e,
+ *             rescaled when a page needs another e). Rounding differs from the CPU reference,
+ *             which rounds each decoded value (u + base) * step to fp16: here the values are
+ *             exact and Q' and P' carry one fp16 rounding each, so the GPU-vs-reference error
+ *             now includes the reference's own rounding of K and V (tests: fp16 <= 6.4e-4, was
+ *             2.3e-4; the tolerance is 1e-3).
+ *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16, steps or bases
+ *             out of those ranges): each value decoded on its own exactly as the CPU decoder does,
+ *             rounded to T.
  * A Huffman page makes the unit's rows NaN (the launcher keeps such batches on v2).
  */
 #ifndef KVC_ATTN_V3_CUH
@@ -40,10 +54,12 @@ namespace kvc_attn {
 
 /* Consumer warps per CTA. Two CTAs per SM (two producers: one producer warp's serial per-unit
  * work was the limit at one CTA per SM), 12 warps: three per SM sub-partition, which caps
- * registers at 168 per thread (16384 / (3 * 32)). */
+ * registers at 168 per thread (16384 / (3 * 32)). Measured: 7 consumer warps (128 registers,
+ * ~200 bytes of spills, Q's fragments reloaded from local memory) ran (8, 32k) 1.25x (bit-pack)
+ * and 1.9x (fp16 pages) slower. */
 constexpr int kW3 = 5;
 constexpr int kThreads3 = 32 * (kW3 + 1); /* + the producer warp */
-constexpr int kSlots3 = 10;               /* units in flight at most (a multiple of kW3) */
+constexpr int kSlots3 = 2 * kW3;          /* units in flight at most (a multiple of kW3) */
 static_assert(kSlots3 % kW3 == 0, "a slot must always come back to the same warp");
 
 enum : int { SRC_ROWS = 0, SRC_FAST, SRC_GEN, SRC_BAD };
@@ -51,12 +67,16 @@ enum : int { SRC_ROWS = 0, SRC_FAST, SRC_GEN, SRC_BAD };
 /* SRC_FAST is built for fp16 only. */
 template <class T> constexpr bool kFast16 = half2_of<T>::magic == 0x64006400u;
 
-/* Per-warp scratch (bytes): group bases and steps of the current page's K and V sections, and the
- * fast path's fp16 pairs (K: [4 lanes j][HD/8 pairs], V: per token). */
+/* Per-warp scratch (bytes), rewritten at each page: K's region, then V's, each holding either
+ * SRC_GEN's group bases and steps or SRC_FAST's tables (same bytes). K fast: per (lane c, k-block)
+ * a uint4 (kq) of two fp16 pairs of step * 2^-e and two of base - 1024, in k_channel order. V
+ * fast: per page token the float step * 2^-e (vmul) and the fp16 base - 1024 (vb). Per-token
+ * entries are indexed by page token & 63 (a unit reads at most 64 tokens of a page, aligned to
+ * 64); absolute mode keeps bases only (per channel; its one step is v3_sec.step). */
 struct v3_scratch {
-  static constexpr int kbase = 0, kstep = 512, vbase = 1024, vstep = 1536;
-  static constexpr int kst2 = 2048, kbs2 = 2304, vst = 2560, vbs = 2816;
-  static constexpr int bytes = 3072;
+  static constexpr int kbase = 0, kstep = 512, kq = 0;
+  static constexpr int vbase = 1024, vstep = 1280, vmul = 1024, vb = 1280;
+  static constexpr int bytes = 1536;
 };
 
 template <int HD> struct v3_layout {
@@ -65,29 +85,47 @@ template <int HD> struct v3_layout {
   static constexpr int tile = kUnitTokens * RB;
   static constexpr int slots = kSlots3;
   static constexpr bool bulk = true; /* bulk copies; every unit lands as linear sections / rows */
-  static constexpr int ring = (HD == 64 ? 88 : 82) * 1024;
-  static constexpr int qtile_off = ring;
-  static constexpr int qfrag_off = qtile_off + 16 * RB;         /* [HD/16 k-blocks][32 lanes] uint4 */
-  static constexpr int desc_off = qfrag_off + (HD / 16) * 32 * 16;
+  /* Bytes after each compressed section that no copy writes: load_run reads up to one word past
+   * a section's last code word (masked off), so it needs no clamp per load. */
+  static constexpr int slack = 16;
+  static constexpr int ring = 96 * 1024;
+  static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
+  static constexpr int desc_off = ring;
   static constexpr int meta_off = desc_off + slots * (int)sizeof(unit_desc);
   static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
   static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
   static constexpr int bar_off = scr_off + kW3 * v3_scratch::bytes;
   static constexpr int bytes = bar_off + 2 * slots * 8;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
-  static_assert(2 * tile <= ring && 2 * kMaxBlockTokens * RB <= ring, "a unit must fit the ring");
+  static_assert(3 * tile <= ring && 2 * (kMaxBlockTokens * RB + slack) <= ring,
+                "a unit must fit the ring");
   static_assert(2 * (bytes + 1024) <= 233472, "two CTAs per SM do not fit");
-  static_assert(HD / 2 * 4 <= v3_scratch::kbs2 - v3_scratch::kst2, "scratch pairs");
+  static_assert(HD * 4 <= 512 && kUnitTokens * 4 <= 256, "scratch groups");
 };
 
-/* Channel of k-slot `hi` (0: low half, 1: high half) of pair pi (b register pi % 2 of k-block
- * pi / 2) supplied by lane j in S = Q K^T. */
-template <int HD> __device__ __forceinline__ int k_channel(int j, int pi, int hi) {
-  return j * (HD / 4) + 16 * (pi / 8) + pi % 8 + 8 * hi;
+/* Channel of k-slot `hi` (0: low half, 1: high half) of pair pi (k-block pi / 2, A registers 0-1
+ * for even pi, 2-3 for odd) supplied by lane c in S^T = K Q^T. */
+template <int HD> __device__ __forceinline__ int k_channel(int c, int pi, int hi) {
+  return c * (HD / 4) + 16 * (pi / 8) + pi % 8 + 8 * hi;
 }
-/* Channel of n-slot n of n-block nb in O += P V. */
-template <int HD> __device__ __forceinline__ int v_channel(int nb, int n) {
-  return n * (HD / 8) + nb;
+/* Channel of row r (0..15) of m-tile mt in O^T: lane g's run of HD/8 channels holds rows g and
+ * g + 8 of every m-tile. */
+template <int HD> __device__ __forceinline__ int v_channel(int mt, int r) {
+  return (r % 8) * (HD / 8) + 2 * mt + r / 8;
+}
+
+/* 2^x (approximate, like exp2f's fast path; results below 2^-126 flush to 0, which the softmax
+ * weights of tokens so far below the maximum do not miss). */
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t r;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+  return r;
 }
 
 /*
@@ -115,15 +153,16 @@ __device__ __forceinline__ uint32_t code_pair(const uint32_t (&x)[NA], const uin
   return (__byte_perm(X, Y, sel) >> r) & (((1u << W) - 1u) * 0x10001u);
 }
 
-/* Words [k0, k0 + NA] of a section's stream shifted left by sh: the NA words of a bit run. */
+/* Words [k0, k0 + NA] of a section's stream shifted left by sh: the NA words of a bit run. No
+ * clamps: v3_setup_section checked that every run of the section's tokens ends inside the section,
+ * so the one word past the run at most is the layout's slack. */
 template <int NA>
-__device__ __forceinline__ void load_run(const uint32_t *w, uint32_t last, uint32_t start,
-                                         uint32_t (&a)[NA]) {
+__device__ __forceinline__ void load_run(const uint32_t *w, uint32_t start, uint32_t (&a)[NA]) {
   const uint32_t k0 = start >> 5, sh = start & 31;
-  uint32_t prev = w[min(k0, last)];
+  uint32_t prev = w[k0];
 #pragma unroll
   for (int m = 0; m < NA; m++) {
-    const uint32_t nx = w[min(k0 + m + 1, last)];
+    const uint32_t nx = w[k0 + m + 1];
     a[m] = __funnelshift_l(nx, prev, sh);
     prev = nx;
   }
@@ -134,24 +173,57 @@ struct v3_sec {
   const uint32_t *w;
   uint32_t last, meta;
   int width, mode; /* mode: 0 REL keys (groups = channels), 1 REL values (tokens), 2 ABS */
+  int e;           /* SRC_FAST: the power of two folded out of the steps (step * 2^-e <= 1) */
+  float step;      /* absolute mode: the section's step */
 };
+
+/* Where the current page's K or V operands come from. */
+struct v3_src {
+  int kind;            /* SRC_* */
+  v3_sec sec;          /* SRC_FAST, SRC_GEN */
+  const uint8_t *rows; /* SRC_ROWS: the page's first row in the ring */
+  int ptok0;           /* SRC_FAST, SRC_GEN: page token of the page's first row in the unit */
+};
+
+/* The power of two 2^e as a float, |e| <= 126. */
+__device__ __forceinline__ float pow2i(int e) { return __int_as_float((127 + e) << 23); }
+
+/* Bits [pos, pos + n) of a section's stream, n <= 31, without clamps: the caller keeps pos + n
+ * inside the section, so the second word read is at most the layout's slack. */
+__device__ __forceinline__ uint32_t v3_field(const uint32_t *w, uint32_t pos, uint32_t n) {
+  const uint32_t k = pos >> 5;
+  return kvc_dev_top(__funnelshift_l(w[k + 1], w[k], pos & 31), n);
+}
 
 /*
  * Reads the header of a quantized section (sec, sec_bytes in the ring) of a page of n_tokens, and
  * fills the warp's scratch with what the builders need for page tokens [t_lo, t_hi): group bases
- * and steps (every source), and for SRC_FAST the fp16 pairs. Warp-cooperative; returns the source
- * kind (SRC_FAST, SRC_GEN or SRC_BAD for a section inconsistent with the format), the same in
- * every lane. The scratch of `tensor` is rewritten: the caller's earlier reads of it must be done.
+ * and steps (SRC_GEN), or SRC_FAST's tables. e_keep (values only): the exponent the warp's O^T
+ * accumulates in, kept when it suits the section's steps (no rescale). Warp-cooperative; returns
+ * the source kind (SRC_FAST, SRC_GEN or SRC_BAD for a section inconsistent with the format), the
+ * same in every lane. The scratch of `tensor` is rewritten: the caller's earlier reads of it must
+ * be done, and its reads of what this writes wait for a __syncwarp.
+ * Each lane computes its groups' bases and steps in registers and writes only the tables of the
+ * path chosen: channels in k_channel pair order (pairs lane + 32 i, both channels of a pair in one
+ * lane, so SRC_FAST's key pairs need no exchange), or tokens t_lo + lane + 32 i.
  */
 template <int HD, class T>
-__device__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes, int tensor, int n_tokens,
-                                int t_lo, int t_hi, uint8_t *scr, v3_sec &s) {
+__device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes, int tensor,
+                                                int n_tokens, int t_lo, int t_hi, int e_keep,
+                                                uint8_t *scr, v3_sec &s) {
   const int lane = threadIdx.x & 31;
   if (!(sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 && n_tokens >= 1 &&
         n_tokens <= kMaxBlockTokens && 0 <= t_lo && t_lo < t_hi && t_hi <= n_tokens))
     return SRC_BAD;
   kvc_qsec_header_t qh;
-  kvc_qsec_header_read(sec, &qh);
+  {
+    union {
+      uint4 v;
+      uint8_t b[KVC_QSEC_HEADER_BYTES];
+    } hb;
+    hb.v = *(const uint4 *)sec; /* one load instead of 16 byte loads (sections are 16-aligned) */
+    kvc_qsec_header_read(hb.b, &qh);
+  }
   if (!(qh.mode <= KVC_QMODE_ABS && qh.w_e <= 16 && qh.w_b <= 31 &&
         qh.e_min >= KVC_STEP_CODE_MIN && qh.e_min <= KVC_STEP_CODE_MAX &&
         (qh.mode == KVC_QMODE_REL || qh.w_e == 0) && qh.width <= KVC_Q_MAX_BITS && qh.n_lanes == 0))
@@ -163,59 +235,94 @@ __device__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes, int tens
   const int G = rel ? (tensor == 0 ? HD : n_tokens) : HD;
   const uint32_t pos_b = rel ? (uint32_t)G * qh.w_e : 0u;
   const uint64_t meta = (uint64_t)pos_b + (uint64_t)G * qh.w_b;
+  /* Every code lies inside the section: load_run's runs and v3_field's fields end inside it. */
   if (meta + (uint64_t)n_tokens * HD * qh.width > (uint64_t)nwords * 32) return SRC_BAD;
   s.meta = (uint32_t)meta;
   s.width = qh.width;
   s.mode = rel ? tensor : 2;
-  int32_t *gb = (int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
-  float *gs = (float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
+  s.e = 0;
+  s.step = kvc_step_from_code(qh.e_min);
   const bool per_token = rel && tensor == 1;
-  const int g_lo = per_token ? t_lo : 0, g_hi = per_token ? t_hi : HD;
-  const float abs_step = kvc_step_from_code(qh.e_min);
+  /* This lane's groups: NG at most (HD / 32 channels, or kUnitTokens / 32 tokens: a unit reads at
+   * most 64 rows of a page). */
+  constexpr int NG = (HD > kUnitTokens ? HD : kUnitTokens) / 32;
+  int gi[NG], gb[NG];
+  float gs[NG];
+  const float abs_step = s.step;
   bool bad = false;
-  for (int g = g_lo + lane; g < g_hi; g += 32) {
-    gb[g] = (int32_t)((uint32_t)qh.b_min +
-                      kvc_dev_top(kvc_dev_window(s.w, s.last, pos_b + (uint32_t)g * qh.w_b), qh.w_b));
+  uint32_t smax = 0;                         /* bits of the largest step (positive floats) */
+  int bmin = 0x7fffffff, bmax = -0x7fffffff; /* range of the group bases */
+#pragma unroll
+  for (int i = 0; i < NG; i++) {
+    const int pr = lane + 32 * (i / 2); /* channels: pair pr, half i % 2 */
+    gi[i] = per_token ? t_lo + lane + 32 * i
+            : i < HD / 32 ? k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2)
+                          : -1;
+    if (per_token && gi[i] >= t_hi) gi[i] = -1;
+    gb[i] = 0;
+    gs[i] = abs_step;
+    if (gi[i] < 0) continue;
+    const uint32_t g = (uint32_t)gi[i];
+    gb[i] = (int32_t)((uint32_t)qh.b_min + v3_field(s.w, pos_b + g * qh.w_b, qh.w_b));
     if (rel) {
-      const int e =
-          qh.e_min + (int)kvc_dev_top(kvc_dev_window(s.w, s.last, (uint32_t)g * qh.w_e), qh.w_e);
+      const int e = qh.e_min + (int)v3_field(s.w, g * qh.w_e, qh.w_e);
       bad |= e > KVC_STEP_CODE_MAX;
-      gs[g] = kvc_step_from_code(min(e, KVC_STEP_CODE_MAX));
-    } else {
-      gs[g] = abs_step;
+      gs[i] = kvc_step_from_code(min(e, KVC_STEP_CODE_MAX));
     }
+    bmin = min(bmin, gb[i]);
+    bmax = max(bmax, gb[i]);
+    smax = max(smax, (uint32_t)__float_as_int(gs[i]));
   }
   if (__any_sync(0xffffffffu, bad)) return SRC_BAD;
-  /* fp16 only (bf16's 8-bit significand would add an ulp of noise that v2's float path avoids);
-   * width 0 is a constant section, cheap on the generic path. */
-  if (!(rel && qh.width >= 1 && qh.width <= 8 && kFast16<T>)) return SRC_GEN;
-  __syncwarp();
-  bool h2_bad = false;
-  /* fp16 holds a step exactly and base * step closely only in its normal range (as in v2). */
-  auto h2_ok = [](float st, float bs) {
-    return st >= 0x1p-14f && st <= 32768.f && fabsf(bs) <= 60000.f;
-  };
+  /* fp16 only (bf16's 8-bit significand cannot hold the integers u + base exactly); width 0 is
+   * a constant section, cheap on the generic path. */
+  bool fast = rel && qh.width >= 1 && qh.width <= 8 && kFast16<T>;
+  int e = 0;
+  if (fast) {
+    smax = __reduce_max_sync(0xffffffffu, smax);
+    bmin = __reduce_min_sync(0xffffffffu, bmin);
+    bmax = __reduce_max_sync(0xffffffffu, bmax);
+    /* u + base exact in fp16 ((1024 + u) + (base - 1024), every term within +-2048), and the
+     * folded steps step * 2^-e in (0, 1] with e small enough that O^T's rescaling factors stay
+     * normal floats. */
+    const int e_need = (int)((smax >> 23) & 255u) - 126; /* largest step * 2^-e_need in [1/2, 1) */
+    e = tensor == 1 && e_keep >= e_need && e_keep <= e_need + 3 ? e_keep : e_need;
+    fast = bmin >= -1024 && bmax <= 2049 - (1 << qh.width) && e >= -60 && e <= 60;
+  }
+  if (!fast) {
+    int32_t *wb = (int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
+    float *ws = (float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
+#pragma unroll
+    for (int i = 0; i < NG; i++)
+      if (gi[i] >= 0) {
+        const int x = per_token ? gi[i] & (kUnitTokens - 1) : gi[i];
+        wb[x] = gb[i];
+        if (rel) ws[x] = gs[i];
+      }
+    return SRC_GEN;
+  }
+  const float inv = pow2i(-e);
   if (tensor == 0) {
-    uint32_t *st2 = (uint32_t *)(scr + v3_scratch::kst2), *bs2 = (uint32_t *)(scr + v3_scratch::kbs2);
-    for (int p = lane; p < HD / 2; p += 32) {
-      const int j = p / (HD / 8), pi = p % (HD / 8);
-      const int c0 = k_channel<HD>(j, pi, 0), c1 = k_channel<HD>(j, pi, 1);
-      const float s0 = gs[c0], s1 = gs[c1];
-      const float b0 = __fmul_rn((float)gb[c0], s0), b1 = __fmul_rn((float)gb[c1], s1);
-      h2_bad |= !h2_ok(s0, b0) || !h2_ok(s1, b1);
-      st2[p] = pack2<__half>(s0, s1);
-      bs2[p] = pack2<__half>(b0, b1);
+#pragma unroll
+    for (int i = 0; i < HD / 32; i += 2) {
+      /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. uint4
+       * j * (HD / 16) + pi / 2, its pi % 2-th step and base pairs. */
+      const int pr = lane + 32 * (i / 2);
+      uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + 4 * (pr / 2) + pr % 2;
+      kq[0] = pack2<__half>(gs[i] * inv, gs[i + 1] * inv);
+      kq[2] = pack2<__half>((float)(gb[i] - 1024), (float)(gb[i + 1] - 1024));
     }
   } else {
-    uint16_t *vst = (uint16_t *)(scr + v3_scratch::vst), *vbs = (uint16_t *)(scr + v3_scratch::vbs);
-    for (int t = t_lo + lane; t < t_hi; t += 32) {
-      const float st = gs[t], bs = __fmul_rn((float)gb[t], st);
-      h2_bad |= !h2_ok(st, bs);
-      vst[t] = to_bits<__half>(st);
-      vbs[t] = to_bits<__half>(bs);
-    }
+#pragma unroll
+    for (int i = 0; i < NG; i++)
+      if (gi[i] >= 0) {
+        const int x = gi[i] & (kUnitTokens - 1);
+        ((float *)(scr + v3_scratch::vmul))[x] = gs[i] * inv;
+        ((uint16_t *)(scr + v3_scratch::vb))[x] = to_bits<__half>((float)(gb[i] - 1024));
+      }
   }
-  return __any_sync(0xffffffffu, h2_bad) ? SRC_GEN : SRC_FAST;
+  s.e = e;
+  return SRC_FAST;
 }
 
 /* The exact value of code (t, d) of a section, as the CPU decoder computes it. */
@@ -224,30 +331,24 @@ __device__ __forceinline__ float v3_gen_value(const v3_sec &s, const int32_t *gb
   const uint32_t u =
       kvc_dev_top(kvc_dev_window(s.w, s.last, s.meta + (uint32_t)(t * HD + d) * s.width),
                   (uint32_t)s.width);
-  const int g = s.mode == 1 ? t : d;
+  const int g = s.mode == 1 ? t & (kUnitTokens - 1) : d;
   const uint32_t b = (uint32_t)gb[g] + (s.mode == 2 ? (uint32_t)kvc_unzigzag(u) : u);
-  return __fmul_rn(__int2float_rn((int)b), gs[g]);
+  return __fmul_rn(__int2float_rn((int)b), s.mode == 2 ? s.step : gs[g]);
 }
 
-/* ---- S = Q K^T: s[h] for tokens (page rows) pt[h], h = 0, 1 ------------------------------- */
+/*
+ * ---- S^T = K Q^T for tokens (unit rows) tb + g, tb + g + 8 --------------------------------------
+ * Builders: s[p][nb] += the A operand of each k-block kb (p = kb % 2 where unrolled: two short
+ * mma chains instead of one long one) times Q's B fragments qb[nb][kb]. A operand of k-block kb:
+ * {token g pair 2kb, token g+8 pair 2kb, token g pair 2kb+1, token g+8 pair 2kb+1}, pair pi of a
+ * token = channels k_channel(c, pi, 0) (low half) and k_channel(c, pi, 1) (high half).
+ */
+template <int HD, int NB> using qfrag_t = uint32_t[NB][HD / 16][2];
 
-/* s += Q K^T for one n-block, K operands kf in k_channel order; qfrag: this lane's A fragments. */
-template <int HD, class T>
-__device__ __forceinline__ void s_mma(const uint4 *qfrag, const uint32_t (&kf)[HD / 8],
-                                      float (&s)[4]) {
-#pragma unroll
-  for (int kb = 0; kb < HD / 16; kb++) {
-    const uint4 qa = qfrag[32 * kb];
-    const uint32_t a[4] = {qa.x, qa.y, qa.z, qa.w};
-    mma16816<T>(s, a, kf[2 * kb], kf[2 * kb + 1]);
-  }
-}
-
-/* Rows of T starting at row[h]; both tokens at once, half a lane's channels (two 16-byte pieces
- * per token, k-blocks [8 gh, 8 gh + 8) / 2) at a time. */
-template <int HD, class T>
-__device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int j, const uint4 *qfrag,
-                                       float (&s)[2][4]) {
+/* Rows of T: both tokens, one run of 16 channels (two 16-byte pieces per token) at a time. */
+template <int HD, class T, int NB>
+__device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
+                                       const qfrag_t<HD, NB> &qb, float (&s)[2][NB][4]) {
   constexpr int NP = HD / 32; /* 16-byte pieces of a lane's HD/4 channels: 2 per run of 16 */
 #pragma unroll
   for (int gh = 0; gh < NP / 2; gh++) {
@@ -256,7 +357,7 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int j, co
     for (int h = 0; h < 2; h++)
 #pragma unroll
       for (int pc = 0; pc < 2; pc++) {
-        const uint4 v = *(const uint4 *)(row[h] + ((j * NP + 2 * gh + pc) << 4));
+        const uint4 v = *(const uint4 *)(row[h] + ((c * NP + 2 * gh + pc) << 4));
         wd[h][4 * pc] = v.x;
         wd[h][4 * pc + 1] = v.y;
         wd[h][4 * pc + 2] = v.z;
@@ -264,83 +365,115 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int j, co
       }
 #pragma unroll
     for (int kb = 4 * gh; kb < 4 * gh + 4; kb++) {
-      const uint4 qa = qfrag[32 * kb];
-      const uint32_t qf[4] = {qa.x, qa.y, qa.z, qa.w};
+      uint32_t b[2][2];
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        uint32_t b[2];
+      for (int h = 0; h < 2; h++)
 #pragma unroll
         for (int x = 0; x < 2; x++) {
-          const int c = (2 * kb + x) % 8; /* channel of the low half in the run of 16 */
-          b[x] = __byte_perm(wd[h][c / 2], wd[h][c / 2 + 4], c % 2 ? 0x7632 : 0x5410);
+          const int ch = (2 * kb + x) % 8; /* channel of the low half in the run of 16 */
+          b[h][x] = __byte_perm(wd[h][ch / 2], wd[h][ch / 2 + 4], ch % 2 ? 0x7632 : 0x5410);
         }
-        mma16816<T>(s[h], qf, b[0], b[1]);
-      }
+      const uint32_t a[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++) mma16816<T>(s[kb % 2][nb], a, qb[nb][kb][0], qb[nb][kb][1]);
     }
   }
 }
 
-/* Both tokens at once, k-block by k-block: one A fragment and two step / addend pairs live at a
- * time, and the two accumulators' mma chains interleave. */
-template <int HD, int W>
-__device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, int j,
-                                       const int (&pt)[2], const uint4 *qfrag, float (&s)[2][4]) {
+/* Bit-pack fast path: the exact integers u + base times Q' = Q * step * 2^-e. */
+template <int HD, int W, int NB>
+__device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, int c,
+                                       const int (&pt)[2], const qfrag_t<HD, NB> &qb,
+                                       uint32_t magic, float (&s)[2][NB][4]) {
   constexpr int NC = HD / 4, NA = (NC * W + 31) / 32;
-  const uint2 *st2 = (const uint2 *)(scr + v3_scratch::kst2) + j * (HD / 16);
-  const uint2 *bs2 = (const uint2 *)(scr + v3_scratch::kbs2) + j * (HD / 16);
-  const __half2 magic = as_h2<__half2>(0x64006400u);
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
   uint32_t a[2][NA];
-  load_run<NA>(sec.w, sec.last, sec.meta + (uint32_t)(pt[0] * HD + j * NC) * W, a[0]);
-  load_run<NA>(sec.w, sec.last, sec.meta + (uint32_t)(pt[1] * HD + j * NC) * W, a[1]);
+  load_run<NA>(sec.w, sec.meta + (uint32_t)(pt[0] * HD + c * NC) * W, a[0]);
+  load_run<NA>(sec.w, sec.meta + (uint32_t)(pt[1] * HD + c * NC) * W, a[1]);
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
-    const uint4 qa = qfrag[32 * kb];
-    const uint32_t qf[4] = {qa.x, qa.y, qa.z, qa.w};
-    const uint2 st = st2[kb], bs = bs2[kb];
+    const uint4 sb = kq[kb]; /* step pairs (x, y), base - 1024 pairs (z, w) */
+    uint32_t b[2][2];
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-      uint32_t b[2];
+    for (int h = 0; h < 2; h++)
 #pragma unroll
       for (int x = 0; x < 2; x++) {
-        const int pi = 2 * kb + x, c = 16 * (pi / 8) + pi % 8;
-        const uint32_t u2 = code_pair<W, NA>(a[h], a[h], c, c + 8) | 0x64006400u;
-        b[x] = h2_bits<__half2>(__hfma2(__hsub2(as_h2<__half2>(u2), magic),
-                                        as_h2<__half2>(x ? st.y : st.x),
-                                        as_h2<__half2>(x ? bs.y : bs.x)));
+        const int pi = 2 * kb + x, ch = 16 * (pi / 8) + pi % 8;
+        const uint32_t u2 = code_pair<W, NA>(a[h], a[h], ch, ch + 8) | magic;
+        b[h][x] = h2_bits<__half2>(__hadd2(as_h2<__half2>(u2), as_h2<__half2>(x ? sb.w : sb.z)));
       }
-      mma16816<__half>(s[h], qf, b[0], b[1]);
+    const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+      /* Q' = Q * step * 2^-e: one rounding, shared by the two tokens. */
+      const uint32_t q0 =
+          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sb.x)));
+      const uint32_t q1 =
+          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sb.y)));
+      mma16816<__half>(s[kb % 2][nb], av, q0, q1);
     }
   }
 }
 
 /* The generic path is rare (non-default sections): k-block by k-block, not unrolled, so that it
  * adds no register pressure to the kernel's fast paths. */
-template <int HD, class T>
-__device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int j,
-                                      const int (&pt)[2], const uint4 *qfrag, float (&s)[2][4]) {
+template <int HD, class T, int NB>
+__device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int c,
+                                      const int (&pt)[2], const qfrag_t<HD, NB> &qb,
+                                      float (&s)[2][NB][4]) {
   const int32_t *gb = (const int32_t *)(scr + v3_scratch::kbase);
   const float *gs = (const float *)(scr + v3_scratch::kstep);
 #pragma unroll 1
   for (int kb = 0; kb < HD / 16; kb++) {
-    const uint4 qa = qfrag[32 * kb];
-    const uint32_t qf[4] = {qa.x, qa.y, qa.z, qa.w};
+    uint32_t b[2][2];
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-      uint32_t b[2];
+    for (int h = 0; h < 2; h++)
 #pragma unroll
       for (int x = 0; x < 2; x++)
-        b[x] = pack2<T>(v3_gen_value(sec, gb, gs, HD, pt[h], k_channel<HD>(j, 2 * kb + x, 0)),
-                        v3_gen_value(sec, gb, gs, HD, pt[h], k_channel<HD>(j, 2 * kb + x, 1)));
-      mma16816<T>(s[h], qf, b[0], b[1]);
+        b[h][x] = pack2<T>(v3_gen_value(sec, gb, gs, HD, pt[h], k_channel<HD>(c, 2 * kb + x, 0)),
+                           v3_gen_value(sec, gb, gs, HD, pt[h], k_channel<HD>(c, 2 * kb + x, 1)));
+    const uint32_t a[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) mma16816<T>(s[0][nb], a, qb[nb][kb][0], qb[nb][kb][1]);
+  }
+}
+
+/* S^T from source ks for rows tr of the current page's rows in the unit. */
+template <int HD, class T, int NB>
+__device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
+                                     const int (&tr)[2], const qfrag_t<HD, NB> &qb,
+                                     uint32_t magic, float (&s)[2][NB][4]) {
+  if (ks.kind == SRC_ROWS) {
+    const uint8_t *row[2] = {ks.rows + tr[0] * (2 * HD), ks.rows + tr[1] * (2 * HD)};
+    s_rows<HD, T, NB>(row, c, qb, s);
+    return;
+  }
+  const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
+  if (ks.kind == SRC_GEN || !kFast16<T>) {
+    s_gen<HD, T, NB>(ks.sec, scr, c, pt, qb, s);
+  } else if constexpr (kFast16<T>) {
+    switch (ks.sec.width) {
+#define KVC__KF(W)                                                                                 \
+  case W:                                                                                          \
+    s_fast<HD, W, NB>(ks.sec, scr, c, pt, qb, magic, s);                                           \
+    break;
+      KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
+#undef KVC__KF
     }
   }
 }
 
-/* ---- PV: O += P V for the 16 tokens, tokens pt[0..3] = (2c, 2c+1, 2c+8, 2c+9) -------------- */
+/*
+ * ---- O^T += V^T P^T for the 16 tokens; lane supplies tokens pt = (2c, 2c+1, 2c+8, 2c+9) ------
+ * A operand of m-tile mt: {channel v_channel(mt, g) tokens (2c, 2c+1), v_channel(mt, g + 8) the
+ * same tokens, then both channels at tokens (2c+8, 2c+9)}; channels v_channel(mt, g + 8 r) =
+ * g HD/8 + 2 mt + r: position 2 mt + r of the lane's run.
+ */
+template <int HD, int NB> using oacc_t = float[HD / 16][NB][4];
 
-template <int HD, class T>
-__device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g, const uint32_t (&pa)[4],
-                                        float (&o)[HD / 8][4]) {
+template <int HD, class T, int NB>
+__device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g,
+                                        const uint32_t (&pb)[NB][2], oacc_t<HD, NB> &o) {
   constexpr int NP = HD / 64; /* 16-byte pieces of a lane's HD/8 channels */
 #pragma unroll
   for (int pc = 0; pc < NP; pc++) {
@@ -354,75 +487,143 @@ __device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g, c
       wd[t][3] = v.w;
     }
 #pragma unroll
-    for (int nb = 8 * pc; nb < 8 * pc + 8; nb++) {
-      const uint32_t sel = nb % 2 ? 0x7632 : 0x5410;
-      const int wi = (nb % 8) / 2;
-      mma16816<T>(o[nb], pa, __byte_perm(wd[0][wi], wd[1][wi], sel),
-                  __byte_perm(wd[2][wi], wd[3][wi], sel));
+    for (int mt = 4 * pc; mt < 4 * pc + 4; mt++) {
+      uint32_t lo[2], hi[2];
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int n = (2 * mt + r) % 8; /* position in the piece */
+        const uint32_t sel = n % 2 ? 0x7632 : 0x5410;
+        lo[r] = __byte_perm(wd[0][n / 2], wd[1][n / 2], sel);
+        hi[r] = __byte_perm(wd[2][n / 2], wd[3][n / 2], sel);
+      }
+      const uint32_t a[4] = {lo[0], lo[1], hi[0], hi[1]};
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++) mma16816<T>(o[mt][nb], a, pb[nb][0], pb[nb][1]);
     }
   }
 }
 
-template <int HD, int W>
+/* Bit-pack fast path: the exact integers u + base (P' = P * step * 2^-e, built by the caller). */
+template <int HD, int W, int NB>
 __device__ __forceinline__ void pv_fast(const v3_sec &s, const uint8_t *scr, int g,
-                                        const int (&pt)[4], const uint32_t (&pa)[4],
-                                        float (&o)[HD / 8][4]) {
+                                        const int (&pt)[4], const uint32_t (&pb)[NB][2],
+                                        uint32_t magic, oacc_t<HD, NB> &o) {
   constexpr int NC = HD / 8, NA = (NC * W + 31) / 32;
-  const uint16_t *vst = (const uint16_t *)(scr + v3_scratch::vst);
-  const uint16_t *vbs = (const uint16_t *)(scr + v3_scratch::vbs);
-  const __half2 st01 = as_h2<__half2>((uint32_t)vst[pt[0]] | ((uint32_t)vst[pt[1]] << 16));
-  const __half2 st23 = as_h2<__half2>((uint32_t)vst[pt[2]] | ((uint32_t)vst[pt[3]] << 16));
-  const __half2 bs01 = as_h2<__half2>((uint32_t)vbs[pt[0]] | ((uint32_t)vbs[pt[1]] << 16));
-  const __half2 bs23 = as_h2<__half2>((uint32_t)vbs[pt[2]] | ((uint32_t)vbs[pt[3]] << 16));
-  const __half2 magic = as_h2<__half2>(0x64006400u);
+  const uint16_t *vb = (const uint16_t *)(scr + v3_scratch::vb);
+  constexpr int TM = kUnitTokens - 1;
+  const __half2 b01 = as_h2<__half2>((uint32_t)vb[pt[0] & TM] | ((uint32_t)vb[pt[1] & TM] << 16));
+  const __half2 b23 = as_h2<__half2>((uint32_t)vb[pt[2] & TM] | ((uint32_t)vb[pt[3] & TM] << 16));
   uint32_t a[4][NA];
 #pragma unroll
-  for (int t = 0; t < 4; t++) load_run<NA>(s.w, s.last, s.meta + (uint32_t)(pt[t] * HD + g * NC) * W, a[t]);
+  for (int t = 0; t < 4; t++) load_run<NA>(s.w, s.meta + (uint32_t)(pt[t] * HD + g * NC) * W, a[t]);
 #pragma unroll
-  for (int nb = 0; nb < HD / 8; nb++) {
-    const uint32_t u01 = code_pair<W, NA>(a[0], a[1], nb, nb) | 0x64006400u;
-    const uint32_t u23 = code_pair<W, NA>(a[2], a[3], nb, nb) | 0x64006400u;
-    const uint32_t b0 = h2_bits<__half2>(__hfma2(__hsub2(as_h2<__half2>(u01), magic), st01, bs01));
-    const uint32_t b1 = h2_bits<__half2>(__hfma2(__hsub2(as_h2<__half2>(u23), magic), st23, bs23));
-    mma16816<__half>(o[nb], pa, b0, b1);
+  for (int mt = 0; mt < HD / 16; mt++) {
+    uint32_t lo[2], hi[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int n = 2 * mt + r;
+      lo[r] = h2_bits<__half2>(
+          __hadd2(as_h2<__half2>(code_pair<W, NA>(a[0], a[1], n, n) | magic), b01));
+      hi[r] = h2_bits<__half2>(
+          __hadd2(as_h2<__half2>(code_pair<W, NA>(a[2], a[3], n, n) | magic), b23));
+    }
+    const uint32_t av[4] = {lo[0], lo[1], hi[0], hi[1]};
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) mma16816<__half>(o[mt][nb], av, pb[nb][0], pb[nb][1]);
   }
 }
 
-template <int HD, class T>
+template <int HD, class T, int NB>
 __device__ __forceinline__ void pv_gen(const v3_sec &s, const uint8_t *scr, int g,
-                                       const int (&pt)[4], const uint32_t (&pa)[4],
-                                       float (&o)[HD / 8][4]) {
+                                       const int (&pt)[4], const uint32_t (&pb)[NB][2],
+                                       oacc_t<HD, NB> &o) {
   const int32_t *gb = (const int32_t *)(scr + v3_scratch::vbase);
   const float *gs = (const float *)(scr + v3_scratch::vstep);
 #pragma unroll
-  for (int nb = 0; nb < HD / 8; nb++) {
-    const int d = v_channel<HD>(nb, g);
-    mma16816<T>(o[nb], pa,
-                pack2<T>(v3_gen_value(s, gb, gs, HD, pt[0], d), v3_gen_value(s, gb, gs, HD, pt[1], d)),
-                pack2<T>(v3_gen_value(s, gb, gs, HD, pt[2], d), v3_gen_value(s, gb, gs, HD, pt[3], d)));
+  for (int mt = 0; mt < HD / 16; mt++) {
+    uint32_t lo[2], hi[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int d = g * (HD / 8) + 2 * mt + r;
+      lo[r] = pack2<T>(v3_gen_value(s, gb, gs, HD, pt[0], d),
+                       v3_gen_value(s, gb, gs, HD, pt[1], d));
+      hi[r] = pack2<T>(v3_gen_value(s, gb, gs, HD, pt[2], d),
+                       v3_gen_value(s, gb, gs, HD, pt[3], d));
+    }
+    const uint32_t a[4] = {lo[0], lo[1], hi[0], hi[1]};
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) mma16816<T>(o[mt][nb], a, pb[nb][0], pb[nb][1]);
   }
+}
+
+/* O^T += V^T P^T from source vs for rows tv of the current page's rows in the unit. */
+template <int HD, class T, int NB>
+__device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int g,
+                                      const int (&tv)[4], const uint32_t (&pb)[NB][2],
+                                      uint32_t magic, oacc_t<HD, NB> &o) {
+  if (vs.kind == SRC_ROWS) {
+    const uint8_t *row[4] = {vs.rows + tv[0] * (2 * HD), vs.rows + tv[1] * (2 * HD),
+                             vs.rows + tv[2] * (2 * HD), vs.rows + tv[3] * (2 * HD)};
+    pv_rows<HD, T, NB>(row, g, pb, o);
+    return;
+  }
+  const int pt[4] = {vs.ptok0 + tv[0], vs.ptok0 + tv[1], vs.ptok0 + tv[2], vs.ptok0 + tv[3]};
+  if (vs.kind == SRC_GEN || !kFast16<T>) {
+    pv_gen<HD, T, NB>(vs.sec, scr, g, pt, pb, o);
+  } else if constexpr (kFast16<T>) {
+    switch (vs.sec.width) {
+#define KVC__PV(W)                                                                                 \
+  case W:                                                                                          \
+    pv_fast<HD, W, NB>(vs.sec, scr, g, pt, pb, magic, o);                                          \
+    break;
+      KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
+#undef KVC__PV
+    }
+  }
+}
+
+/*
+ * The K and V sources of page pg of the unit at ub (the warp's scratch is rewritten; e_keep: the
+ * exponent O^T accumulates in). Warp-uniform; false for a page v3 cannot read (damaged section,
+ * Huffman or unknown class). A new source plugs in here and in v3_s / v3_pv.
+ */
+template <int HD, class T>
+__device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t *ub, uint8_t *scr,
+                                              int e_keep, v3_src &ks, v3_src &vs) {
+  ks.ptok0 = vs.ptok0 = pg.ptok0;
+  if (pg.cls == PG_STAGING || pg.cls == PG_RAW) {
+    ks.kind = vs.kind = SRC_ROWS;
+    ks.rows = ub + pg.k_ring;
+    vs.rows = ub + pg.v_ring;
+    return true;
+  }
+  /* Huffman (or unknown): the launcher should not have chosen v3. */
+  if (pg.cls != PG_BITPACK) return false;
+  __syncwarp(); /* the previous page's readers are done with the scratch */
+  const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
+  ks.kind = v3_setup_section<HD, T>(ub + pg.k_ring, pg.k_bytes, 0, pg.n_tokens, t_lo, t_hi, 0, scr,
+                                    ks.sec);
+  vs.kind = v3_setup_section<HD, T>(ub + pg.v_ring, pg.v_bytes, 1, pg.n_tokens, t_lo, t_hi, e_keep,
+                                    scr, vs.sec);
+  __syncwarp();
+  return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
 }
 
 /* ---- the kernel ------------------------------------------------------------------------------ */
 
-/* Where the current page's K or V operands come from. */
-struct v3_src {
-  int kind;
-  v3_sec sec;
-  const uint8_t *rows; /* SRC_ROWS: the page's first row in the unit */
-};
-
-template <int HD, class T>
+/* NB n-blocks of 8 query entries per CTA (one query tile). */
+template <int HD, class T, int NB>
 __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   typedef v3_layout<HD> SL;
+  constexpr int NE = 8 * NB;
   extern __shared__ __align__(128) uint8_t smem[];
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int seq = blockIdx.z, kh = blockIdx.y;
   const int qt = blockIdx.x % p.qtiles, split = blockIdx.x / p.qtiles;
   const int q0 = p.qo_indptr[seq], nq = p.qo_indptr[seq + 1] - q0, len = p.kv_len[seq];
-  const int group = p.group, entries = nq * group, e0 = qt * 16;
+  const int group = p.group, entries = nq * group, e0 = qt * NE;
   if (e0 >= entries) return; /* the whole CTA: a query tile past this sequence's rows */
-  const int pos_max = len - nq + (min(entries, e0 + 16) - 1) / group;
+  const int pos_max = len - nq + (min(entries, e0 + NE) - 1) / group;
   const int units = (min(len, pos_max + 1) + kUnitTokens - 1) / kUnitTokens;
   const int u_begin = split * p.units_per_split;
   const int u_end = min(units, u_begin + p.units_per_split);
@@ -435,43 +636,65 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       mbar_init(bars + 8 * (NS + i), 32); /* empty: every lane of the unit's consumer warp */
     }
   }
-  load_q_tile<HD, T>(p, smem + SL::qtile_off, 16, q0, kh, e0, entries, tid, kThreads3);
+  load_q_tile<HD, T>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, kThreads3);
+  /* fp16's exponent of 1024 for the fast paths, passed through shared memory so that it is a
+   * register the compiler cannot fold: LOP3 takes one immediate (the code mask), and with the
+   * exponent in a register (code & mask) | magic is one instruction instead of two. The word is
+   * warp 0's scratch, unused until the unit loop. */
+  if (tid == 0) *(uint32_t *)(smem + SL::scr_off) = 0x64006400u;
   __syncthreads();
-  /* Q's A fragments in the permuted channel order of k_channel, one uint4 per (k-block, lane). */
-  for (int i = tid; i < (HD / 16) * 32; i += kThreads3) {
-    const int kb = i / 32, ln = i % 32, g = ln >> 2, j = ln & 3;
+  const uint32_t magic = *(const uint32_t *)(smem + SL::scr_off);
+  /* Q's B fragments, in the channel order of k_channel: entry 8 nb + g of the tile. */
+  qfrag_t<HD, NB> qb;
+  if (warp < kW3) {
     const uint8_t *qs = smem + SL::qtile_off;
     auto q16 = [&](int r, int d) -> uint32_t {
       return *(const uint16_t *)(qs + tile_off<HD>(r, d >> 3) + (d & 7) * 2);
     };
-    uint32_t a[4];
 #pragma unroll
-    for (int x = 0; x < 4; x++) {
-      const int r = g + 8 * (x & 1), pi = 2 * kb + (x >> 1);
-      a[x] = q16(r, k_channel<HD>(j, pi, 0)) | (q16(r, k_channel<HD>(j, pi, 1)) << 16);
-    }
-    *(uint4 *)(smem + SL::qfrag_off + 16 * i) = make_uint4(a[0], a[1], a[2], a[3]);
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int kb = 0; kb < HD / 16; kb++)
+#pragma unroll
+        for (int x = 0; x < 2; x++) {
+          const int r = 8 * nb + g, pi = 2 * kb + x;
+          qb[nb][kb][x] = q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
+        }
   }
-  __syncthreads();
+  __syncthreads(); /* the Q tile's bytes belong to the ring from here on */
 
-  float o[HD / 8][4];
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  oacc_t<HD, NB> o;
+  float m[NB][2], l[NB][2];
+  int e_o = 0; /* O^T holds O * 2^-e_o */
   bool bad = false;
   if (warp == kW3) {
     producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
   } else {
 #pragma unroll
-    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    const int g = lane >> 2, c = lane & 3;
-    /* Entries past the rows attend like the last row; their output is never written. */
-    const int er0 = e0 + g, er1 = er0 + 8;
-    const int pos0 = len - nq + (er0 < entries ? er0 / group : nq - 1);
-    const int pos1 = len - nq + (er1 < entries ? er1 / group : nq - 1);
-    const int pos_warp = __reduce_max_sync(0xffffffffu, max(pos0, pos1));
+    for (int mt = 0; mt < HD / 16; mt++)
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[mt][nb][e] = 0.f;
+    /* Positions of the lane's entries 8 nb + 2c + x; entries past the rows attend like the last
+     * row (their output is never written). */
+    int pos[NB][2], pos_lane = 0;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int x = 0; x < 2; x++) {
+        const int en = e0 + 8 * nb + 2 * c + x;
+        pos[nb][x] = len - nq + (en < entries ? en / group : nq - 1);
+        pos_lane = max(pos_lane, pos[nb][x]);
+        m[nb][x] = -INFINITY;
+        l[nb][x] = 0.f;
+      }
+    const int pos_warp = __reduce_max_sync(0xffffffffu, pos_lane);
     const unit_desc *descs = (const unit_desc *)(smem + SL::desc_off);
     uint8_t *scr = smem + SL::scr_off + warp * v3_scratch::bytes;
-    const uint4 *qfrag = (const uint4 *)(smem + SL::qfrag_off) + lane;
-    const int ubt = min(p.block_tokens, kUnitTokens); /* rows of a unit per page */
+    /* Rows of a unit per page (a power of two): unit row r is on page r >> ubt_lg. */
+    const int ubt_lg = 31 - __clz(min(p.block_tokens, kUnitTokens));
+
     for (int k = warp; u_begin + k < u_end; k += kW3) {
       const int slot = k % NS, token0 = (u_begin + k) * kUnitTokens;
       mbar_wait(bars + 8 * slot, (uint32_t)(k / NS) & 1u);
@@ -480,133 +703,120 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       const int n_valid = d->n_valid;
       const uint8_t *ub = smem + d->ring_off;
       bool ok = !(flags & UNIT_BAD);
-      v3_src ks = {SRC_BAD, {NULL, 0, 0, 0, 0}, NULL}, vs = ks;
+      /* Unit row t is visible to the lane's entry (nb, x) iff t < lim[nb][x]. */
+      int lim[NB][2];
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+        for (int x = 0; x < 2; x++) lim[nb][x] = min(n_valid, pos[nb][x] - token0 + 1);
+      v3_src ks, vs;
+      float kmul = 0.f; /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
       int cur = -1;
       for (int b = 0; ok && b < kUnitTokens / 16; b++) {
         const int tb = 16 * b;
         if (tb >= n_valid || token0 + tb > pos_warp) break; /* nothing visible from here on */
-        const int q = tb / ubt;
+        const int q = tb >> ubt_lg;
         const unit_page pg = d->pages[q];
         if (q != cur) {
           cur = q;
-          if (pg.cls == PG_STAGING || pg.cls == PG_RAW) {
-            ks.kind = vs.kind = SRC_ROWS;
-            ks.rows = ub + pg.k_ring;
-            vs.rows = ub + pg.v_ring;
-          } else if (pg.cls == PG_BITPACK) {
-            __syncwarp(); /* the previous page's readers are done with the scratch */
-            const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
-            ks.kind = v3_setup_section<HD, T>(ub + pg.k_ring, pg.k_bytes, 0, pg.n_tokens, t_lo,
-                                              t_hi, scr, ks.sec);
-            vs.kind = v3_setup_section<HD, T>(ub + pg.v_ring, pg.v_bytes, 1, pg.n_tokens, t_lo,
-                                              t_hi, scr, vs.sec);
-            __syncwarp();
-            ok = ks.kind != SRC_BAD && vs.kind != SRC_BAD;
-            if (!ok) break;
-          } else {
-            ok = false; /* Huffman (or unknown): the launcher should not have chosen v3 */
-            break;
+          ok = v3_page_setup<HD, T>(pg, ub, scr, e_o, ks, vs);
+          if (!ok) break;
+          kmul = p.scale_log2;
+          if (ks.kind == SRC_FAST) kmul *= pow2i(ks.sec.e);
+          /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
+          const int ev = vs.kind == SRC_FAST ? vs.sec.e : 0;
+          if (ev != e_o) {
+            const float f = pow2i(e_o - ev);
+#pragma unroll
+            for (int mt = 0; mt < HD / 16; mt++)
+#pragma unroll
+              for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) o[mt][nb][e] *= f;
+            e_o = ev;
           }
         }
         /* Unit row r of this page is page row min(r - row0, nrows - 1): rows past the page's
          * (masked below) read its last row, so that they stay finite and inside the section. */
         auto prow = [&](int r) { return min(r - pg.row0, pg.nrows - 1); };
-        /* S for tokens tb + 8h + g, h = 0, 1. */
-        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        {
-          const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
-          if (ks.kind == SRC_ROWS) {
-            const uint8_t *row[2] = {ks.rows + tr[0] * SL::RB, ks.rows + tr[1] * SL::RB};
-            s_rows<HD, T>(row, c, qfrag, s);
-          } else {
-            const int pt[2] = {pg.ptok0 + tr[0], pg.ptok0 + tr[1]};
-            if (ks.kind == SRC_GEN || !kFast16<T>) {
-              s_gen<HD, T>(ks.sec, scr, c, pt, qfrag, s);
-            } else if constexpr (kFast16<T>) {
-              switch (ks.sec.width) {
-#define KVC__KF(W)                                                                                 \
-  case W:                                                                                          \
-    s_fast<HD, W>(ks.sec, scr, c, pt, qfrag, s);                                                   \
-    break;
-                KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7)
-                KVC__KF(8)
-#undef KVC__KF
-              }
-            }
-          }
-        }
-        /* Online softmax over the 16 tokens (exp2, scale folded in). */
-        float mx0 = -INFINITY, mx1 = -INFINITY;
+        /* S^T for tokens tb + g, tb + g + 8. */
+        float s[2][NB][4];
 #pragma unroll
         for (int h = 0; h < 2; h++)
 #pragma unroll
+          for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
+        const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
+        v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
+        /* Online softmax over the 16 tokens (exp2, scale folded in); per entry the maximum over
+         * the tokens, i.e. over g. */
+        float sx[NB][4], mx[NB][2];
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+          mx[nb][0] = mx[nb][1] = -INFINITY;
+#pragma unroll
           for (int e = 0; e < 4; e++) {
-            const int tr = tb + 8 * h + 2 * c + (e & 1);
-            const bool visible = tr < n_valid && token0 + tr <= (e < 2 ? pos0 : pos1);
-            s[h][e] = visible ? s[h][e] * p.scale_log2 : -INFINITY;
-            if (e < 2) mx0 = fmaxf(mx0, s[h][e]);
-            else mx1 = fmaxf(mx1, s[h][e]);
-          }
-#pragma unroll
-        for (int o2 = 1; o2 <= 2; o2 <<= 1) {
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
-        }
-        const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
-        /* Rescale only when some row's maximum grew (rare once the first tokens are in). */
-        if (__any_sync(0xffffffffu, mn0 > m[0] || mn1 > m[1])) {
-          const float c0 = mn0 == -INFINITY ? 1.f : exp2f(m[0] - mn0);
-          const float c1 = mn1 == -INFINITY ? 1.f : exp2f(m[1] - mn1);
-          m[0] = mn0;
-          m[1] = mn1;
-          l[0] *= c0;
-          l[1] *= c1;
-#pragma unroll
-          for (int n = 0; n < HD / 8; n++) {
-            o[n][0] *= c0;
-            o[n][1] *= c0;
-            o[n][2] *= c1;
-            o[n][3] *= c1;
+            const bool visible = tb + g + 8 * (e >> 1) < lim[nb][e & 1];
+            sx[nb][e] = visible ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
+            mx[nb][e & 1] = fmaxf(mx[nb][e & 1], sx[nb][e]);
           }
         }
-        /* A row with nothing visible yet keeps max -inf; subtract 0 instead so exp2 gives 0. */
-        const float mu0 = m[0] == -INFINITY ? 0.f : m[0], mu1 = m[1] == -INFINITY ? 0.f : m[1];
-        float pv[2][4];
+        bool grow = false;
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-          pv[h][0] = exp2f(s[h][0] - mu0);
-          pv[h][1] = exp2f(s[h][1] - mu0);
-          pv[h][2] = exp2f(s[h][2] - mu1);
-          pv[h][3] = exp2f(s[h][3] - mu1);
-          l[0] += pv[h][0] + pv[h][1];
-          l[1] += pv[h][2] + pv[h][3];
+        for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+          for (int x = 0; x < 2; x++) {
+#pragma unroll
+            for (int o2 = 4; o2 <= 16; o2 <<= 1)
+              mx[nb][x] = fmaxf(mx[nb][x], __shfl_xor_sync(0xffffffffu, mx[nb][x], o2));
+            grow |= mx[nb][x] > m[nb][x];
+          }
+        /* Rescale only when some entry's maximum grew (rare once the first tokens are in). */
+        if (__any_sync(0xffffffffu, grow)) {
+          float cf[NB][2];
+#pragma unroll
+          for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+            for (int x = 0; x < 2; x++) {
+              const float mn = fmaxf(m[nb][x], mx[nb][x]);
+              cf[nb][x] = mn == -INFINITY ? 1.f : ex2_ftz(m[nb][x] - mn);
+              m[nb][x] = mn;
+              l[nb][x] *= cf[nb][x];
+            }
+#pragma unroll
+          for (int mt = 0; mt < HD / 16; mt++)
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
         }
-        const uint32_t pa[4] = {pack2<T>(pv[0][0], pv[0][1]), pack2<T>(pv[0][2], pv[0][3]),
-                                pack2<T>(pv[1][0], pv[1][1]), pack2<T>(pv[1][2], pv[1][3])};
-        /* O += P V, tokens 2c, 2c+1, 2c+8, 2c+9 of the 16. */
+        /* P^T as the B operand: S^T's accumulator pairs (token g or g+8, entries 2c, 2c+1)
+         * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). SRC_FAST values
+         * take their token's step * 2^-e here. */
+        float vm0 = 1.f, vm1 = 1.f;
+        if (vs.kind == SRC_FAST) {
+          const float *vmul = (const float *)(scr + v3_scratch::vmul);
+          vm0 = vmul[(vs.ptok0 + tr[0]) & (kUnitTokens - 1)];
+          vm1 = vmul[(vs.ptok0 + tr[1]) & (kUnitTokens - 1)];
+        }
+        uint32_t pb[NB][2];
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+          float pv[4];
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            /* A row with nothing visible yet keeps max -inf; subtract 0 so that exp2 gives 0. */
+            const float mu = m[nb][e & 1] == -INFINITY ? 0.f : m[nb][e & 1];
+            pv[e] = ex2_ftz(sx[nb][e] - mu);
+            l[nb][e & 1] += pv[e];
+          }
+          pb[nb][0] = movmatrix_trans(pack2<T>(pv[0] * vm0, pv[1] * vm0));
+          pb[nb][1] = movmatrix_trans(pack2<T>(pv[2] * vm1, pv[3] * vm1));
+        }
         const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
                            prow(tb + 2 * c + 9)};
-        if (vs.kind == SRC_ROWS) {
-          const uint8_t *row[4] = {vs.rows + tv[0] * SL::RB, vs.rows + tv[1] * SL::RB,
-                                   vs.rows + tv[2] * SL::RB, vs.rows + tv[3] * SL::RB};
-          pv_rows<HD, T>(row, g, pa, o);
-        } else {
-          const int pt[4] = {pg.ptok0 + tv[0], pg.ptok0 + tv[1], pg.ptok0 + tv[2],
-                             pg.ptok0 + tv[3]};
-          if (vs.kind == SRC_GEN || !kFast16<T>) {
-            pv_gen<HD, T>(vs.sec, scr, g, pt, pa, o);
-          } else if constexpr (kFast16<T>) {
-            switch (vs.sec.width) {
-#define KVC__PV(W)                                                                                 \
-  case W:                                                                                          \
-    pv_fast<HD, W>(vs.sec, scr, g, pt, pa, o);                                                     \
-    break;
-              KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7)
-              KVC__PV(8)
-#undef KVC__PV
-            }
-          }
-        }
+        v3_pv<HD, T, NB>(vs, scr, g, tv, pb, magic, o);
       }
       bad |= !ok;
       mbar_arrive(bars + 8 * (NS + slot)); /* this lane is done with the unit's ring bytes */
@@ -618,20 +828,34 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   float *obuf = (float *)smem; /* [kW3 warps][16][HD] */
   float *mbuf = obuf + kW3 * 16 * HD, *lbuf = mbuf + kW3 * 16;
   if (warp < kW3) {
-    const int g = lane >> 2, c = lane & 3;
-    stash_row_stats(m, l, mbuf, lbuf, warp, lane);
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int x = 0; x < 2; x++) {
+#pragma unroll
+        for (int o2 = 4; o2 <= 16; o2 <<= 1)
+          l[nb][x] += __shfl_xor_sync(0xffffffffu, l[nb][x], o2);
+        if (g == 0) {
+          mbuf[warp * 16 + 8 * nb + 2 * c + x] = m[nb][x];
+          lbuf[warp * 16 + 8 * nb + 2 * c + x] = l[nb][x];
+        }
+      }
+    const float f = pow2i(e_o);
     float *ow = obuf + warp * 16 * HD;
 #pragma unroll
-    for (int n = 0; n < HD / 8; n++) {
-      const int d0 = v_channel<HD>(n, 2 * c), d1 = v_channel<HD>(n, 2 * c + 1);
-      ow[g * HD + d0] = o[n][0];
-      ow[g * HD + d1] = o[n][1];
-      ow[(g + 8) * HD + d0] = o[n][2];
-      ow[(g + 8) * HD + d1] = o[n][3];
-    }
+    for (int mt = 0; mt < HD / 16; mt++)
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          ow[(8 * nb + 2 * c + (e & 1)) * HD + v_channel<HD>(mt, g + 8 * (e >> 1))] =
+              o[mt][nb][e] * f;
   }
   __syncthreads();
-  for (int i = tid; i < 16 * (HD / 8); i += kThreads3) {
+  /* The merge runs on the consumer warps only (as in v2: racecheck does not follow the producer
+   * warp's barriers). */
+  if (warp == kW3) return;
+  for (int i = tid; i < NE * (HD / 8); i += 32 * kW3) {
     const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
     if (e >= entries) continue;
     float acc[8], lsum, mu;

@@ -18,8 +18,9 @@
  * median. Output: a table, then one JSON line:
  *   {"bench":"attention_kvcomp","copy_tbps":..,"rows":[{"impl","batch","context","ms",
  *    "logical_tbps","read_tbps","rel_err_vs_fp16"}]}
- * Usage: gpu_bench_attention [--quick | --only B CTX]   (--quick: 2^18 tokens, contexts / 8, for a
- * smoke run; --only: configuration (B, CTX) alone, e.g. under a profiler)
+ * Usage: gpu_bench_attention [--quick | --only B CTX [IMPL]]   (--quick: 2^18 tokens, contexts / 8,
+ * for a smoke run; --only: configuration (B, CTX) alone, and of the kvcomp rows only IMPL when
+ * given, e.g. under a profiler)
  */
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
@@ -252,6 +253,7 @@ int main(int argc, char **argv) {
   /* --only B CTX: that configuration alone (e.g. under a profiler). */
   const bool only = argc > 3 && strcmp(argv[1], "--only") == 0;
   const int only_b = only ? atoi(argv[2]) : 0, only_ctx = only ? atoi(argv[3]) : 0;
+  const char *only_impl = only && argc > 4 ? argv[4] : NULL;
   int dev = 0;
   cudaDeviceProp prop;
   if (cudaGetDeviceCount(&dev) != cudaSuccess || dev == 0) {
@@ -494,6 +496,7 @@ int main(int argc, char **argv) {
                                 {&fp16, 0, "kvcomp_fp16_paged_v2"},
                                 {&bitpack, 0, "kvcomp_bitpack_v2"}};
     for (const variant &var : variants) {
+      if (only_impl && strcmp(var.impl, only_impl) != 0) continue;
       pages *pg = var.pg;
       kvc_attn_args_t a;
       memset(&a, 0, sizeof(a));

@@ -461,6 +461,42 @@ def eval_section(recs, plt, plots):
     return out
 
 
+def codec_section(recs, plt, plots):
+    out = ["## Codec (`./kvc bench codec`)", "",
+           "CPU rows: bits per value with every page byte counted and the largest error over the "
+           "bound (<= 1 is the contract). GPU rows: compression and standalone decompression "
+           "throughput of a 1 GiB fp16 prefill batch (GB/s of fp16 input, median of the timed "
+           "launches), and whether the GPU pages equal the CPU encoder's byte for byte.", ""]
+    for rec in recs:
+        out += [provenance(rec), ""]
+        rows = rec["result"].get("rows", [])
+        gpu = [r for r in rows if r.get("backend") == "cuda"]
+        cpu = [r for r in rows if r.get("backend") != "cuda"]
+        if gpu:
+            out += table(["codec", "mode", "bound", "bits/value", "compress GB/s",
+                          "decompress GB/s", "max err / bound", "pages = CPU's"],
+                         [[r.get("codec"), r.get("mode"), r.get("bound"), r.get("bits_per_value"),
+                           r.get("compress_gbps"), r.get("decompress_gbps"),
+                           r.get("max_err_over_bound"),
+                           {True: "yes", False: "NO"}.get(r.get("pages_match_cpu"), "?")]
+                          for r in gpu])
+            out.append("")
+            best = max((r.get("compress_gbps", 0) for r in gpu if r.get("codec") == "huffman"
+                        and r.get("mode") == "rel" and r.get("bound") == 0.05), default=None)
+            if best is not None:
+                out += [check(best >= 200, f"Huffman relative 0.05 compresses at {best:.0f} GB/s "
+                              "(target >= 200 GB/s on an H200)"), ""]
+        if cpu:
+            out += table(["data", "codec", "mode", "bound", "bits/value", "ratio vs fp16",
+                          "max err / bound", "KIVI-4 bits/value"],
+                         [[r.get("data"), r.get("codec"), r.get("mode"), r.get("bound"),
+                           r.get("bits_per_value"), r.get("ratio_vs_fp16"),
+                           r.get("max_err_over_bound"), r.get("kivi4_bits_per_value")]
+                          for r in cpu])
+            out.append("")
+    return out
+
+
 def other_section(kind, recs):
     out = [f"## {kind}", ""]
     for rec in recs:
@@ -493,9 +529,9 @@ def write_page(records):
                   "matplotlib`).", ""]
     if not records:
         lines += ["No records yet.", ""]
-    sections = {"step": step_section, "eval": eval_section}
+    sections = {"step": step_section, "eval": eval_section, "codec": codec_section}
     eval_rec = by_kind["eval"][-1] if "eval" in by_kind else None
-    for kind in ("capacity", "step", "eval"):
+    for kind in ("capacity", "step", "eval", "codec"):
         if kind not in by_kind:
             continue
         recs = latest_per_setup(by_kind[kind])
@@ -503,7 +539,7 @@ def write_page(records):
             lines += capacity_section(recs, plt, plots, eval_rec)
         else:
             lines += sections[kind](recs, plt, plots)
-    for kind in sorted(k for k in by_kind if k not in sections):
+    for kind in sorted(k for k in by_kind if k not in sections and k != "capacity"):
         lines += other_section(kind, latest_per_setup(by_kind[kind]))
     with open(PAGE, "w", encoding="utf-8") as f:
         f.write("\n".join(lines).rstrip() + "\n")

@@ -57,9 +57,10 @@ typedef struct kvc_attn_args {
   int max_qo_len;
 
   /* Optional (appended; 0 when unknown): bit 1 << KVC_CODEC_x set for each codec this layer's
-   * compressed pages may use (staging pages are always possible). The CUDA decode kernel for
-   * pages without Huffman coding (v3) runs only when the mask is non-zero and has no Huffman bit;
-   * a Huffman page it meets anyway makes the rows that read it NaN. The CPU reference ignores it. */
+   * compressed pages may use (staging pages are always possible). The CUDA decode kernel v3 runs
+   * only when the mask is non-zero: its instance for pages without Huffman coding when the mask has
+   * no Huffman bit (a Huffman page it meets anyway makes the rows that read it NaN), else its
+   * Huffman instance. The CPU reference ignores it. */
   uint32_t codec_mask;
 } kvc_attn_args_t;
 

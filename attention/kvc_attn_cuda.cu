@@ -23,10 +23,12 @@
  *
  * Decode instances (16 query entries) are sized for two CTAs per SM; see ring_bytes.
  *
- * Decode launches at head_dim 64/128 whose caller rules out Huffman pages (codec_mask) run v3
- * instead (attention/kvc_attn_v3.cuh): the same producer with bulk copies, and consumer warps that
- * each take whole units and build the mma operands (K and V as the A operand, the query entries
- * as N) in registers from the ring bytes.
+ * Decode launches at head_dim 64/128 whose caller passes a codec mask run v3 instead
+ * (attention/kvc_attn_v3.cuh): the same producer with bulk copies, and consumer warps that each
+ * take whole units and build the mma operands (K and V as the A operand, the query entries as N)
+ * in registers from the ring bytes; a mask that allows Huffman pages selects v3's Huffman
+ * instance (attention/kvc_attn_v3_huf.cuh), which leaves blocks of 128 tokens at head_dim 128 to
+ * v2.
  *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
  * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.
@@ -961,14 +963,27 @@ kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
 /* v3 (attention/kvc_attn_v3.cuh): query tiles of 8 NB entries, pages without Huffman coding. */
 template <int HD, class T, int NB>
 kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
-  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB>, kThreads3, v3_layout<HD>::bytes, p, sh,
-                            stream);
+  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, false>, kThreads3, v3_layout<HD>::bytes, p,
+                            sh, stream);
+}
+
+/* v3 with Huffman pages (attention/kvc_attn_v3_huf.cuh): every codec. Blocks whose sections may
+ * not fit its smaller ring are left to v2. */
+template <int HD, class T, int NB>
+kvc_status_t launch_v3h(params &p, const launch_shape &sh, cudaStream_t stream) {
+  if (p.block_tokens > v3h_layout<HD>::max_block_tokens) return KVC_ERR_UNSUPPORTED;
+  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, true>, kThreads3, v3h_layout<HD>::bytes, p,
+                            sh, stream);
 }
 
 /* [head_dim 64/128][dtype f16/bf16], tiles of 8 entries (NB = 1; see attention/kvc_attn_v3.cuh). */
 const launch_fn kLaunch3[2][2] = {
     {launch_v3<64, __half, 1>, launch_v3<64, __nv_bfloat16, 1>},
     {launch_v3<128, __half, 1>, launch_v3<128, __nv_bfloat16, 1>},
+};
+const launch_fn kLaunch3h[2][2] = {
+    {launch_v3h<64, __half, 1>, launch_v3h<64, __nv_bfloat16, 1>},
+    {launch_v3h<128, __half, 1>, launch_v3h<128, __nv_bfloat16, 1>},
 };
 
 /* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4]; NULL: not built (the
@@ -1050,10 +1065,10 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   /* The smallest query tile that holds a sequence's rows (head_dim 256: always 16 entries, more
    * tiles); a larger one when the block size needs a larger ring. */
   const int wmi0 = hdi == 2 ? 0 : entries_max <= 16 ? 0 : entries_max <= 32 ? 1 : 2;
-  /* v3 where it applies: one query tile of 8 entries, head_dim 64/128, a codec mask without
-   * Huffman. */
-  const bool v3 = entries_max <= 8 && hdi < 2 && a->codec_mask != 0 &&
-                  (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) == 0;
+  /* v3 where it applies: one query tile of 8 entries, head_dim 64/128, a known codec mask; its
+   * Huffman instance when the mask allows Huffman pages. */
+  const bool v3 = entries_max <= 8 && hdi < 2 && a->codec_mask != 0;
+  const bool v3h = (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) != 0;
   if (v3) {
     launch_shape sh;
     sh.qtiles = 1;
@@ -1064,7 +1079,8 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
     sh.num_kv_heads = a->num_kv_heads;
     sh.num_seqs = a->num_seqs;
     p.qtiles = sh.qtiles;
-    const kvc_status_t st = kLaunch3[hdi][a->dtype == KVC_DTYPE_BF16](p, sh, (cudaStream_t)stream);
+    const kvc_status_t st = (v3h ? kLaunch3h : kLaunch3)[hdi][a->dtype == KVC_DTYPE_BF16](
+        p, sh, (cudaStream_t)stream);
     if (st != KVC_ERR_UNSUPPORTED) return st;
   }
   for (int wmi = wmi0; wmi < 3; wmi++) {

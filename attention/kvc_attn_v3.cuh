@@ -2,8 +2,11 @@
  * Decode kernel v3 (CUDA C++; part of kvc_attn_cuda.cu, included after the producer and the v2
  * consumers, whose params, unit descriptors, PTX wrappers and producer it shares).
  *
- * For launches whose query entries fit one tile of 8 * NB entries over pages without Huffman
- * coding (kvc_attn_args_t.codec_mask), head_dim 64 and 128. The launcher instantiates NB = 1
+ * For launches whose query entries fit one tile of 8 * NB entries with a known codec mask
+ * (kvc_attn_args_t.codec_mask), head_dim 64 and 128: attn_kernel_v3<HD, T, NB, false> for pages
+ * without Huffman coding, attn_kernel_v3<HD, T, NB, true> (attention/kvc_attn_v3_huf.cuh: one more
+ * operand source and a layout with per-warp Huffman areas and a smaller ring, 56 / 68 KiB at
+ * head_dim 128 / 64) when Huffman is allowed. The launcher instantiates NB = 1
  * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
  * two CTAs per SM (~450 bytes of spills), so 9..16 entries stay on v2. Two CTAs per SM,
  * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
@@ -45,7 +48,10 @@
  *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16, steps or bases
  *             out of those ranges): each value decoded on its own exactly as the CPU decoder does,
  *             rounded to T.
- * A Huffman page makes the unit's rows NaN (the launcher keeps such batches on v2).
+ *   SRC_HUF, SRC_HUFG (HUF instance only) Huffman sections, decoded slab by slab into a per-warp
+ *             tile of the values (e = 0) that v3h_s / v3h_pv read in the builders' operand order
+ *             (attention/kvc_attn_v3_huf.cuh).
+ * Without HUF a Huffman page makes the unit's rows NaN (the launcher should have chosen HUF).
  */
 #ifndef KVC_ATTN_V3_CUH
 #define KVC_ATTN_V3_CUH
@@ -582,14 +588,22 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
   }
 }
 
+}  // namespace kvc_attn
+
+#include "attention/kvc_attn_v3_huf.cuh"
+
+namespace kvc_attn {
+
 /*
- * The K and V sources of page pg of the unit at ub (the warp's scratch is rewritten; e_keep: the
- * exponent O^T accumulates in). Warp-uniform; false for a page v3 cannot read (damaged section,
- * Huffman or unknown class). A new source plugs in here and in v3_s / v3_pv.
+ * The K and V sources of page pg of the unit at ub (the warp's scratch, and with HUF its Huffman
+ * area, are rewritten; e_keep: the exponent O^T accumulates in). Warp-uniform; false for a page v3
+ * cannot read (damaged section, Huffman without HUF, or unknown class). A new source plugs in here
+ * and in v3_s / v3_pv (Huffman's builders read its tile: the kernel calls them).
  */
-template <int HD, class T>
+template <int HD, class T, bool HUF>
 __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t *ub, uint8_t *scr,
-                                              int e_keep, v3_src &ks, v3_src &vs) {
+                                              uint8_t *harea, int e_keep, v3_src &ks,
+                                              v3_src &vs) {
   ks.ptok0 = vs.ptok0 = pg.ptok0;
   if (pg.cls == PG_STAGING || pg.cls == PG_RAW) {
     ks.kind = vs.kind = SRC_ROWS;
@@ -597,7 +611,10 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
     vs.rows = ub + pg.v_ring;
     return true;
   }
-  /* Huffman (or unknown): the launcher should not have chosen v3. */
+  if constexpr (HUF) {
+    if (pg.cls == PG_HUFFMAN) return v3h_page_setup<HD, T>(pg, ub, scr, harea, ks, vs);
+  }
+  /* Huffman without HUF (or unknown): the launcher should have chosen another instance. */
   if (pg.cls != PG_BITPACK) return false;
   __syncwarp(); /* the previous page's readers are done with the scratch */
   const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
@@ -611,10 +628,12 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
 
 /* ---- the kernel ------------------------------------------------------------------------------ */
 
-/* NB n-blocks of 8 query entries per CTA (one query tile). */
-template <int HD, class T, int NB>
+/* NB n-blocks of 8 query entries per CTA (one query tile). HUF: the instance for launches that may
+ * meet Huffman pages (attention/kvc_attn_v3_huf.cuh). */
+template <int HD, class T, int NB, bool HUF>
 __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
-  typedef v3_layout<HD> SL;
+  typedef v3_layout_of<HD, HUF> LO;
+  typedef typename LO::type SL;
   constexpr int NE = 8 * NB;
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
@@ -692,6 +711,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
     const int pos_warp = __reduce_max_sync(0xffffffffu, pos_lane);
     const unit_desc *descs = (const unit_desc *)(smem + SL::desc_off);
     uint8_t *scr = smem + SL::scr_off + warp * v3_scratch::bytes;
+    uint8_t *harea = smem + LO::huf_off + warp * LO::huf_bytes; /* HUF: this warp's Huffman area */
     /* Rows of a unit per page (a power of two): unit row r is on page r >> ubt_lg. */
     const int ubt_lg = 31 - __clz(min(p.block_tokens, kUnitTokens));
 
@@ -719,7 +739,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         const unit_page pg = d->pages[q];
         if (q != cur) {
           cur = q;
-          ok = v3_page_setup<HD, T>(pg, ub, scr, e_o, ks, vs);
+          ok = v3_page_setup<HD, T, HUF>(pg, ub, scr, harea, e_o, ks, vs);
           if (!ok) break;
           kmul = p.scale_log2;
           if (ks.kind == SRC_FAST) kmul *= pow2i(ks.sec.e);
@@ -748,7 +768,26 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
             for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
         const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
-        v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
+        bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
+        if constexpr (HUF) huf = ks.kind >= SRC_HUF;
+        if (huf) {
+          if constexpr (HUF) {
+            /* The slab's page tokens [a, a + nr) through the tile (tile row = page row - r0). */
+            const int r0 = tb - pg.row0, a = pg.ptok0 + r0, nr = min(16, pg.nrows - r0);
+            uint8_t *tile = harea + v3h_area<HD>::tile;
+            __syncwarp(); /* the previous slab's O^T update is done with the tile */
+            ok &= v3h_slab<HD, T>(ks, 0, scr, harea, a, nr);
+            __syncwarp();
+            v3h_s<HD, T, NB>(tile, g, c, nr, qb, s);
+            /* V's slab next, into the same tile (S's loads have returned): its independent
+             * decode chains overlap S's mma chains and the softmax. */
+            __syncwarp();
+            ok &= v3h_slab<HD, T>(vs, 1, scr, harea, a, nr);
+            __syncwarp();
+          }
+        } else {
+          v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
+        }
         /* Online softmax over the 16 tokens (exp2, scale folded in); per entry the maximum over
          * the tokens, i.e. over g. */
         float sx[NB][4], mx[NB][2];
@@ -816,7 +855,11 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         }
         const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
                            prow(tb + 2 * c + 9)};
-        v3_pv<HD, T, NB>(vs, scr, g, tv, pb, magic, o);
+        if (huf) {
+          if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
+        } else {
+          v3_pv<HD, T, NB>(vs, scr, g, tv, pb, magic, o);
+        }
       }
       bad |= !ok;
       mbar_arrive(bars + 8 * (NS + slot)); /* this lane is done with the unit's ring bytes */

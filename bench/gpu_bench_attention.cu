@@ -13,8 +13,8 @@
  * into an fp16 pool; pages sit in shuffled chunks. cuBLAS reads the same values in dense layout.
  * A configuration uses disjoint slices of that KV in turn ("sets", up to 64) so that repeated runs
  * never find their inputs in the 50 MB L2. The fp16 and bit-pack pools run with the codec mask
- * the cache passes for them (no Huffman: the v3 decode kernel) and again with mask 0 (v2, rows
- * *_v2), the Huffman pool with its mask (v2). Times: CUDA events around each call after warm-up,
+ * the cache passes for them (no Huffman: the v3 decode kernel; the Huffman pool: v3's Huffman
+ * instance) and again with mask 0 (v2, rows *_v2). Times: CUDA events around each call after warm-up,
  * median. Output: a table, then one JSON line:
  *   {"bench":"attention_kvcomp","copy_tbps":..,"rows":[{"impl","batch","context","ms",
  *    "logical_tbps","read_tbps","rel_err_vs_fp16"}]}
@@ -482,8 +482,8 @@ int main(int argc, char **argv) {
     CK(cudaFree(sm));
     CK(cudaFree(pm));
 
-    /* Each pool with the codec mask the cache would pass (v3 for staging and bit-pack pages, v2
-     * for Huffman), then staging and bit-pack again with mask 0 (v2), for comparison. */
+    /* Each pool with the codec mask the cache would pass (v3 for staging and bit-pack pages, v3's
+     * Huffman instance for Huffman pages), then each again with mask 0 (v2), for comparison. */
     struct variant {
       pages *pg;
       uint32_t codec_mask;
@@ -494,7 +494,8 @@ int main(int argc, char **argv) {
                                 {&bitpack, no_huffman, bitpack.name},
                                 {&huffman, 1u << KVC_CODEC_HUFFMAN, huffman.name},
                                 {&fp16, 0, "kvcomp_fp16_paged_v2"},
-                                {&bitpack, 0, "kvcomp_bitpack_v2"}};
+                                {&bitpack, 0, "kvcomp_bitpack_v2"},
+                                {&huffman, 0, "kvcomp_huffman_v2"}};
     for (const variant &var : variants) {
       if (only_impl && strcmp(var.impl, only_impl) != 0) continue;
       pages *pg = var.pg;

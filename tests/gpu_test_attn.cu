@@ -9,13 +9,18 @@
  * prefill rows (causal); every page kind mixed in one batch; prefix-shared blocks; a long context.
  * Every case runs on the v2 kernels (codec_mask 0) and, with a codec_mask without Huffman, on the
  * v3 decode kernel where it applies (at most 8 query entries per sequence and kv head, head_dim
- * 64/128; cases with Huffman pages run v3 on the same sizes with their other page kinds). v3's
- * bit-pack fast path rounds differently from the reference (exact code values; the steps folded
- * into fp16 Q' = Q * step and P' = P * step instead of each decoded value rounded to fp16), within
- * the same tolerance; the largest error per kernel and dtype is printed at the end. Extra v3
- * cases: every bit-pack width (bounds sweep, generic path for width 0 and > 8), Huffman pages
- * reaching v3 -> NaN rows, a damaged section header -> NaN rows. Skips cleanly where there is no
- * GPU. KVC_TEST_SCALE scales the lengths; KVC_TEST_FILTER selects tests by name (cmocka pattern).
+ * 64/128; cases with Huffman pages run v3 on the same sizes with their other page kinds, and
+ * themselves with every codec in the mask on v3's Huffman instance). v3's bit-pack fast path
+ * rounds differently from the reference (exact code values; the steps folded into fp16
+ * Q' = Q * step and P' = P * step instead of each decoded value rounded to fp16), its Huffman fast
+ * path computes each value as one fp16 fma (u * step + base * step), both within the same
+ * tolerance; the largest error per kernel and dtype is printed at the end. Extra v3 cases: every
+ * bit-pack width (bounds sweep, generic path for width 0 and > 8), Huffman pages reaching v3's
+ * instance without Huffman -> NaN rows, a damaged section header -> NaN rows; v3's Huffman
+ * instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols with extra bits and codes longer
+ * than its table (checked to occur), short tails, and damaged Huffman sections (a code length,
+ * stream bits) -> NaN rows on v2 and v3. Skips cleanly where there is no GPU. KVC_TEST_SCALE
+ * scales the lengths; KVC_TEST_FILTER selects tests by name (cmocka pattern).
  */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -54,8 +59,10 @@ typedef struct gpu_case {
   float k_bound, v_bound; /* of the lossy codecs; 0: 0.05 */
 } gpu_case_t;
 
-/* codec_mask values: pages without Huffman coding (the v3 decode kernel where it applies). */
+/* codec_mask values: pages without Huffman coding (the v3 decode kernel where it applies), and
+ * every codec (v3's Huffman instance where it applies). */
 static const uint32_t kNoHuffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
+static const uint32_t kAllCodecs = kNoHuffman | (1u << KVC_CODEC_HUFFMAN);
 
 static float to_float(kvc_dtype_t t, uint16_t h) {
   return t == KVC_DTYPE_F16 ? kvc_test_f16_to_f32(h) : kvc_test_bf16_to_f32(h);
@@ -259,14 +266,20 @@ static double rel_l2(kvc_dtype_t t, const uint16_t *got, const uint16_t *ref, si
 
 static double tolerance(kvc_dtype_t t) { return t == KVC_DTYPE_F16 ? 1e-3 : 1e-2; }
 
-/* Largest error seen per [kernel v2 / v3][dtype f16 / bf16], for the summary line. */
-static double g_max_err[2][2];
+/* Largest error seen per [kernel v2 / v3 / v3's Huffman instance][dtype f16 / bf16], for the
+ * summary line. */
+static double g_max_err[3][2];
 
-/* Whether kvc_attn_cuda runs v3 for these arguments (its launcher's rule). */
-static bool takes_v3(const kvc_attn_args_t *a) {
+/* The kernel kvc_attn_cuda runs for these arguments (its launcher's rule): 0 v2, 1 v3, 2 v3's
+ * Huffman instance (which leaves blocks of 128 tokens at head_dim 128 to v2). */
+static int kernel_of(const kvc_attn_args_t *a) {
   const int max_qo = a->max_qo_len > 0 ? a->max_qo_len : a->total_q_rows - a->num_seqs + 1;
-  return a->codec_mask != 0 && (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) == 0 &&
-         a->head_dim <= 128 && (long)max_qo * (a->num_q_heads / a->num_kv_heads) <= 8;
+  const bool huf = (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) != 0;
+  if (!(a->codec_mask != 0 && a->head_dim <= 128 &&
+        (long)max_qo * (a->num_q_heads / a->num_kv_heads) <= 8))
+    return 0;
+  if (!huf) return 1;
+  return a->head_dim == 128 && a->block_tokens > 64 ? 0 : 2;
 }
 
 /* Runs the three launch variants of a case with `codec_mask` and compares with the reference. */
@@ -284,7 +297,7 @@ static void run_variants(const gpu_case_t *c, const host_case_t *h, const dev_ca
     if (variant == 2) a.max_qo_len = 0; /* launch shape derived from total_q_rows */
     uint16_t *out = run_gpu(d, &a);
     double err = rel_l2(c->dtype, out, h->ref, 0, n);
-    double *mx = &g_max_err[takes_v3(&a)][c->dtype == KVC_DTYPE_BF16];
+    double *mx = &g_max_err[kernel_of(&a)][c->dtype == KVC_DTYPE_BF16];
     if (err > *mx) *mx = err;
     if (!(err <= tolerance(c->dtype))) {
       print_error("case seed %llu variant %d codec_mask %u: relative L2 error %g > %g\n",
@@ -296,32 +309,41 @@ static void run_variants(const gpu_case_t *c, const host_case_t *h, const dev_ca
   }
 }
 
-static void check_one(const gpu_case_t *c, bool v2, bool v3) {
+/* The case with codec_mask 0 (v2) and then with `mask` (v3 or its Huffman instance where they
+ * apply; 0: none). */
+static void check_one(const gpu_case_t *c, uint32_t mask) {
   host_case_t h;
   dev_case_t d;
   host_setup(c, &h);
   dev_setup(&h, &d);
-  if (v2) run_variants(c, &h, &d, 0);
-  if (v3) run_variants(c, &h, &d, kNoHuffman);
+  run_variants(c, &h, &d, 0);
+  if (mask) run_variants(c, &h, &d, mask);
   dev_teardown(&d);
   host_teardown(&h);
 }
 
 /*
- * The case on both decode kernels: v2 (codec_mask 0, every page kind) and v3 (a mask without
- * Huffman; taken for single-tile launches at head_dim 64/128, else v2 again). A case with Huffman
- * and other page kinds runs v3 on the same sizes with the other kinds only.
+ * The case on every decode kernel: v2 (codec_mask 0, every page kind), v3's Huffman instance for
+ * a case with Huffman pages (every codec in the mask; taken for single-tile launches at head_dim
+ * 64/128 and blocks its ring holds, else v2 again), and v3 (a mask without Huffman) for the case,
+ * or for a case with Huffman and other page kinds, on the same sizes with the other kinds only.
  */
 static void check_case(const gpu_case_t *c) {
   if (!have_gpu()) skip();
   const unsigned kinds = c->kinds ? c->kinds : (unsigned)KVC_TEST_PAGE_ALL;
   const unsigned other = kinds & ~(unsigned)KVC_TEST_PAGE_HUFFMAN;
   const bool huffman = (kinds & KVC_TEST_PAGE_HUFFMAN) != 0;
-  check_one(c, true, !huffman);
+  check_one(c, huffman ? kAllCodecs : kNoHuffman);
   if (huffman && other) {
     gpu_case_t c3 = *c;
     c3.kinds = other;
-    check_one(&c3, false, true);
+    host_case_t h;
+    dev_case_t d;
+    host_setup(&c3, &h);
+    dev_setup(&h, &d);
+    run_variants(&c3, &h, &d, kNoHuffman);
+    dev_teardown(&d);
+    host_teardown(&h);
   }
 }
 
@@ -484,6 +506,25 @@ static void v3_huffman_page_gives_nan(void **state) {
   host_teardown(&h);
 }
 
+/* The damage tests' check, on v2 (mask 0) and on v3 (`mask`): sequence 2's only full block has a
+ * damaged section of kv head 1, so its query heads 4..7 come out NaN; sequences 0 and 1 (the rows
+ * before sequence 2) stay within the tolerance of the reference. */
+static void expect_head1_nan(const gpu_case_t *c, const host_case_t *h, const dev_case_t *d,
+                             uint32_t mask) {
+  const size_t per_row = (size_t)c->num_q_heads * c->head_dim;
+  const size_t r2 = (size_t)h->qo_indptr[2], r3 = (size_t)h->qo_indptr[3];
+  for (int v = 0; v < 2; v++) {
+    kvc_attn_args_t a = d->args;
+    a.codec_mask = v ? mask : 0;
+    uint16_t *out = run_gpu(d, &a);
+    for (size_t r = r2; r < r3; r++)
+      for (size_t i = 4 * (size_t)c->head_dim; i < per_row; i++)
+        assert_true(isnan(to_float(c->dtype, out[r * per_row + i])));
+    assert_true(rel_l2(c->dtype, out, h->ref, 0, r2 * per_row) <= tolerance(c->dtype));
+    free(out);
+  }
+}
+
 /* A bit-pack section whose header is inconsistent (the page header and table are intact, so only
  * the consumer's section check can catch it) makes the rows that read it NaN, on v2 and v3. */
 static void corrupt_section_gives_nan(void **state) {
@@ -503,21 +544,172 @@ static void corrupt_section_gives_nan(void **state) {
       kvc_align16(kvc_rd_u32(kvc_page_byte(h.tp.pool, h.tp.chunk_bytes, e, 32 + 4 * (idx - 1))));
   *kvc_page_byte(h.tp.pool, h.tp.chunk_bytes, e, start) = 7;
   dev_setup(&h, &d);
-  const size_t per_row = (size_t)c.num_q_heads * c.head_dim;
-  const size_t r2 = (size_t)h.qo_indptr[2], r3 = (size_t)h.qo_indptr[3];
-  for (int v = 0; v < 2; v++) {
-    kvc_attn_args_t a = d.args;
-    a.codec_mask = v ? kNoHuffman : 0;
-    uint16_t *out = run_gpu(&d, &a);
-    /* Query heads 4..7 read kv head 1. */
-    for (size_t r = r2; r < r3; r++)
-      for (size_t i = 4 * (size_t)c.head_dim; i < per_row; i++)
-        assert_true(isnan(to_float(c.dtype, out[r * per_row + i])));
-    assert_true(rel_l2(c.dtype, out, h.ref, 0, r2 * per_row) <= tolerance(c.dtype));
-    free(out);
-  }
+  expect_head1_nan(&c, &h, &d, kNoHuffman);
   dev_teardown(&d);
   host_teardown(&h);
+}
+
+/* ---- Huffman sections, read on the host ---- */
+
+/* Bit `b` of a section's stream (little-endian uint32 words, most significant bit first) whose
+ * words start at page byte `words`. */
+static uint8_t *stream_byte(host_case_t *h, const kvc_page_entry_t *e, uint32_t words, uint64_t b,
+                            int *bit) {
+  const uint32_t in_word = 31u - (uint32_t)(b % 32);
+  *bit = (int)(in_word % 8);
+  return kvc_page_byte(h->tp.pool, h->tp.chunk_bytes, e, words + 4u * (uint32_t)(b / 32) + in_word / 8);
+}
+static uint32_t get_bits(host_case_t *h, const kvc_page_entry_t *e, uint32_t words, uint64_t pos,
+                         uint32_t w) {
+  uint32_t v = 0;
+  for (uint32_t i = 0; i < w; i++) {
+    int bit;
+    const uint8_t *p = stream_byte(h, e, words, pos + i, &bit);
+    v = (v << 1) | ((*p >> bit) & 1u);
+  }
+  return v;
+}
+static void set_bits(host_case_t *h, const kvc_page_entry_t *e, uint32_t words, uint64_t pos,
+                     uint32_t w, uint32_t v) {
+  for (uint32_t i = 0; i < w; i++) {
+    int bit;
+    uint8_t *p = stream_byte(h, e, words, pos + i, &bit);
+    const uint32_t x = (v >> (w - 1 - i)) & 1u;
+    *p = (uint8_t)((*p & ~(1u << bit)) | (x << bit));
+  }
+}
+
+/* A Huffman section's layout, parsed from its page. */
+typedef struct huf_sec {
+  kvc_qsec_header_t qh;
+  uint32_t words, nwords; /* page byte of its stream words, and their count */
+  uint64_t meta, stream_pos;
+  int n_tokens, head_dim, lmax;
+} huf_sec_t;
+
+static void huf_section(host_case_t *h, const kvc_page_entry_t *e, uint32_t sidx, huf_sec_t *s) {
+  const uint32_t cb = h->tp.chunk_bytes;
+  uint8_t hdr[KVC_PAGE_HEADER_BYTES], qb[KVC_QSEC_HEADER_BYTES];
+  for (uint32_t i = 0; i < KVC_PAGE_HEADER_BYTES; i++) hdr[i] = *kvc_page_byte(h->tp.pool, cb, e, i);
+  kvc_page_header_t ph;
+  kvc_page_header_read(hdr, &ph);
+  const uint32_t H = ph.num_kv_heads;
+  const uint32_t start =
+      sidx == 0 ? kvc_page_sections_start(H)
+                : kvc_align16(kvc_rd_u32(kvc_page_byte(h->tp.pool, cb, e, 32 + 4 * (sidx - 1))));
+  const uint32_t end = kvc_rd_u32(kvc_page_byte(h->tp.pool, cb, e, 32 + 4 * sidx));
+  for (uint32_t i = 0; i < KVC_QSEC_HEADER_BYTES; i++) qb[i] = *kvc_page_byte(h->tp.pool, cb, e, start + i);
+  kvc_qsec_header_read(qb, &s->qh);
+  s->words = start + KVC_QSEC_HEADER_BYTES;
+  s->nwords = (end - s->words) / 4;
+  s->n_tokens = ph.n_tokens;
+  s->head_dim = ph.head_dim;
+  const int rel = s->qh.mode == KVC_QMODE_REL;
+  const uint64_t G = rel ? (sidx < H ? (uint64_t)ph.head_dim : (uint64_t)ph.n_tokens) : ph.head_dim;
+  s->meta = (rel ? G * s->qh.w_e : 0) + G * s->qh.w_b;
+  s->stream_pos = s->meta + 4u * s->qh.width + (uint64_t)s->qh.n_lanes * (s->qh.lane_info >> 27);
+  s->lmax = 0;
+  for (int sy = 0; sy < s->qh.width; sy++) {
+    const int l = (int)get_bits(h, e, s->words, s->meta + 4u * sy, 4);
+    if (l > s->lmax) s->lmax = l;
+  }
+}
+
+/* Bits of what v3's Huffman instance meets in a case's sections: its fast decoder's layout
+ * (relative mode, direct symbols, codes <= 9 bits, one stream per channel of a 64-token page),
+ * symbols with extra bits, codes longer than its table, other stream counts. */
+enum { HUF_FAST_LAYOUT = 1, HUF_EXTRA_BITS = 2, HUF_LONG_CODES = 4, HUF_OTHER_LANES = 8 };
+
+static unsigned huffman_features(host_case_t *h, int *sections) {
+  unsigned f = 0;
+  for (int i = 0; i < h->tp.dir_len; i++) {
+    const kvc_page_entry_t *e = &h->tp.dir[i];
+    if (e->kind != KVC_PAGE_COMPRESSED || e->codec != KVC_CODEC_HUFFMAN) continue;
+    const uint32_t H = kvc_rd_u16(kvc_page_byte(h->tp.pool, h->tp.chunk_bytes, e, 10));
+    for (uint32_t sidx = 0; sidx < 2 * H; sidx++) {
+      huf_sec_t s;
+      huf_section(h, e, sidx, &s);
+      if (s.qh.mode == KVC_QMODE_REL && s.qh.width <= KVC_SYM_DIRECT && s.lmax <= 9 &&
+          s.qh.n_lanes == s.head_dim && s.n_tokens == 64)
+        f |= HUF_FAST_LAYOUT;
+      if (s.qh.width > KVC_SYM_DIRECT) f |= HUF_EXTRA_BITS;
+      if (s.lmax > 9) f |= HUF_LONG_CODES;
+      if (s.qh.n_lanes != s.head_dim) f |= HUF_OTHER_LANES;
+      (*sections)++;
+    }
+  }
+  return f;
+}
+
+/*
+ * v3's Huffman instance on the layouts its fast decoder does not take, against the reference:
+ * blocks of 16, 32 and 128 tokens (128 at head_dim 64: units that start inside a page; at head_dim
+ * 128 the launcher leaves them to v2), bf16, tight bounds (symbols with extra bits, codes longer
+ * than the decode table), short tails and sequences of one token, mixed with the other page kinds.
+ * Checks that every feature occurred.
+ */
+static void v3_huffman_layouts(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  static const float bounds[] = {0.3f, 0.05f, 0.012f, 0.003f, 0.0008f, 0.0002f};
+  const size_t nb = sizeof(bounds) / sizeof(bounds[0]);
+  static const int hds[] = {64, 128};
+  static const int bts[] = {16, 32, 64, 128};
+  unsigned features = 0;
+  int sections = 0;
+  uint64_t seed = 8500;
+  for (size_t b = 0; b < nb; b++)
+    for (size_t i = 0; i < 2; i++) {
+      const int bt = bts[(b + 2 * i) % 4];
+      const kvc_dtype_t dt = b % 3 == 2 ? KVC_DTYPE_BF16 : KVC_DTYPE_F16;
+      const unsigned kinds = KVC_TEST_PAGE_HUFFMAN | (b % 2 ? KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW : 0u);
+      gpu_case_t c = {5, 8, 2, hds[i], bt, dt, 400, 1, kinds, 0, seed++, bounds[b],
+                      bounds[(b + 1) % nb]};
+      host_case_t h;
+      dev_case_t d;
+      host_setup(&c, &h);
+      features |= huffman_features(&h, &sections);
+      dev_setup(&h, &d);
+      run_variants(&c, &h, &d, kAllCodecs);
+      dev_teardown(&d);
+      host_teardown(&h);
+    }
+  print_message("Huffman sections: %d, features seen: 0x%x\n", sections, features);
+  assert_int_equal(features, HUF_FAST_LAYOUT | HUF_EXTRA_BITS | HUF_LONG_CODES | HUF_OTHER_LANES);
+}
+
+/*
+ * A damaged Huffman section (the page header and table intact, so only the decoder can tell):
+ * (0) a code length above the format's longest, (1) a stream whose bits are all ones (every
+ * stream then decodes the longest code and ends elsewhere than the next one starts). The rows
+ * that read it are NaN on v2 and on v3's Huffman instance; the other sequences are right.
+ */
+static void huffman_damage_gives_nan(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  for (int damage = 0; damage < 2; damage++) {
+    gpu_case_t c = {3, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 1, KVC_TEST_PAGE_HUFFMAN, 0,
+                    7300 + (uint64_t)damage};
+    host_case_t h;
+    dev_case_t d;
+    host_setup(&c, &h);
+    /* Sequence 2 has exactly one full block (host_setup pins it): head 1's V section. */
+    const int32_t bid = h.tp.block_ids[h.tp.block_indptr[2]];
+    const kvc_page_entry_t *e = &h.tp.dir[bid];
+    assert_int_equal(e->kind, KVC_PAGE_COMPRESSED);
+    assert_int_equal(e->codec, KVC_CODEC_HUFFMAN);
+    huf_sec_t s;
+    huf_section(&h, e, 2 + 1, &s);
+    if (damage == 0) {
+      set_bits(&h, e, s.words, s.meta, 4, 15);
+    } else {
+      for (uint64_t b = s.stream_pos; b < (uint64_t)s.nwords * 32; b++) set_bits(&h, e, s.words, b, 1, 1);
+    }
+    dev_setup(&h, &d);
+    expect_head1_nan(&c, &h, &d, kAllCodecs);
+    dev_teardown(&d);
+    host_teardown(&h);
+  }
 }
 
 static void unsupported_shapes(void **state) {
@@ -563,13 +755,17 @@ static void corrupt_page_gives_nan(void **state) {
   assert_int_equal(e->kind, KVC_PAGE_COMPRESSED);
   *kvc_page_byte(h.tp.pool, h.tp.chunk_bytes, e, 0) ^= 0x01;
   dev_setup(&h, &d);
-  uint16_t *out = run_gpu(&d, &d.args);
   const size_t per_row = (size_t)c.num_q_heads * c.head_dim;
   const size_t r2 = (size_t)h.qo_indptr[2], r3 = (size_t)h.qo_indptr[3];
-  for (size_t i = r2 * per_row; i < r3 * per_row; i++)
-    assert_true(isnan(to_float(c.dtype, out[i])));
-  assert_true(rel_l2(c.dtype, out, h.ref, 0, r2 * per_row) <= tolerance(c.dtype));
-  free(out);
+  for (int v = 0; v < 2; v++) { /* v2, then v3's Huffman instance */
+    kvc_attn_args_t a = d.args;
+    a.codec_mask = v ? kAllCodecs : 0;
+    uint16_t *out = run_gpu(&d, &a);
+    for (size_t i = r2 * per_row; i < r3 * per_row; i++)
+      assert_true(isnan(to_float(c.dtype, out[i])));
+    assert_true(rel_l2(c.dtype, out, h.ref, 0, r2 * per_row) <= tolerance(c.dtype));
+    free(out);
+  }
   dev_teardown(&d);
   host_teardown(&h);
 }
@@ -581,12 +777,14 @@ int main(void) {
       cmocka_unit_test(long_context_splits),   cmocka_unit_test(unsupported_shapes),
       cmocka_unit_test(corrupt_page_gives_nan),   cmocka_unit_test(v3_bitpack_widths),
       cmocka_unit_test(v3_huffman_page_gives_nan), cmocka_unit_test(corrupt_section_gives_nan),
+      cmocka_unit_test(v3_huffman_layouts),    cmocka_unit_test(huffman_damage_gives_nan),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));
   const int rc = cmocka_run_group_tests(tests, NULL, NULL);
-  printf("largest relative L2 error (run_variants cases): fp16 v2 %.3g, v3 %.3g; bf16 v2 %.3g, "
-         "v3 %.3g\n",
-         g_max_err[0][0], g_max_err[1][0], g_max_err[0][1], g_max_err[1][1]);
+  printf("largest relative L2 error (run_variants cases): fp16 v2 %.3g, v3 %.3g, v3 Huffman "
+         "%.3g; bf16 v2 %.3g, v3 %.3g, v3 Huffman %.3g\n",
+         g_max_err[0][0], g_max_err[1][0], g_max_err[2][0], g_max_err[0][1], g_max_err[1][1],
+         g_max_err[2][1]);
   return rc;
 }

@@ -1,0 +1,611 @@
+/*
+ * Huffman pages in the v3 decode kernel (CUDA C++; included by attention/kvc_attn_v3.cuh before
+ * the kernel, which it extends with one operand source, SRC_HUF / SRC_HUFG, and one layout, for the
+ * instance attn_kernel_v3<HD, T, NB, true> that launches whose codec_mask allows Huffman pages run).
+ *
+ * A Huffman section (compress/kvc_page_format.h) codes the page's n_tokens x HD symbols in n_lanes
+ * strided streams: stream i holds symbols i, i + n_lanes, ... (symbol s = token s / HD, channel
+ * s % HD). A stream can only be decoded from its start, so a consumer warp keeps every stream's
+ * bit position in its shared-memory area across the four 16-token slabs of its unit, and decodes,
+ * per slab and tensor, the slab's symbols of every stream into a per-warp tile laid out as v3's
+ * A operands want it (v3h_area): K as channel pairs (c, c + 8) of each token in k_channel order, V
+ * as token pairs (2p, 2p + 1) of each channel, so that S^T = K Q^T and O^T += V^T P^T read their
+ * A registers with LDS.128 and no byte permutes (v3h_s, v3h_pv). The tile holds the values
+ * themselves (the steps applied: O^T accumulates Huffman pages in units of 2^0, and keys take Q
+ * as it is). K's slab is decoded before S, V's (into the same tile) right after S, so that its
+ * decode chains overlap S's mma chains and the softmax. Nothing here touches the attention math.
+ *
+ * Per section and unit the warp first parses the header: group steps and bases (v3's scratch,
+ * laid out as for bit-pack's generic path; fp16 steps and addends in the Huffman area), code lengths (Kraft-checked), canonical codes by warp ballots, a decode table
+ * of 2^tb u16 entries, tb = min(longest code, kHufTableBits), and the stream starts (a warp scan of
+ * the lane lengths). The table is per warp and tensor (1 KiB each at most: a full 11-bit table
+ * for K and V of five warps would not fit beside the ring with two CTAs per SM).
+ *
+ * Two decoders, chosen per section (warp-uniform):
+ *   SRC_HUF   the common case: relative mode, fp16, every symbol direct (n_sym <= 32: the symbol
+ *             is the code u, no extra bits), longest code <= kHufTableBits, one stream per channel
+ *             (n_lanes == HD: a 64-token page), steps and addends normal fp16 numbers. Lane l
+ *             decodes HD / 32 streams interleaved (independent chains; K: channels c0, c0 + 8,
+ *             c0 + 64, c0 + 72, so that it holds both halves of its pairs), 4 symbols per 32-bit
+ *             window (2 when a code has 9 bits) from a two-word bit buffer refilled by a
+ *             predicated load (no branch: the chains interleave). A table entry is the fp16 bits
+ *             of u with the code length in the (zero) low six bits, so the entry itself is the
+ *             window's shift and the entries' sum gives the bits used; one PRMT and one AND pair
+ *             two tokens' codes as a half2 and one HFMA2 applies the step and base * step (keys:
+ *             the channel's; values: the two tokens') in fp16, as v3's bit-pack fast path does.
+ *   SRC_HUFG  everything else (absolute mode, extra bits, bf16, codes longer than the table, other
+ *             n_lanes up to kHufLanes, blocks of 16, 32 or 128 tokens, units starting inside a
+ *             page): symbol by symbol, the exact value of the CPU decoder rounded to T; a table
+ *             entry is the symbol and its length, or an escape to a search over the longer codes.
+ * A section inconsistent with the format (lengths, Kraft sum, stream sizes past the section, more
+ * than kHufLanes streams) makes the unit's rows NaN; a stream decoded to its end must stop where
+ * the next one starts (as in v2 and the CPU decoder). Reads are clamped to the section's words, the
+ * table index to the table, so damaged bytes never read or write out of bounds.
+ *
+ * Operation count of SRC_HUF per symbol (lane-ops): per lookup SHF (index), LEA, LDS, a funnel
+ * shift and an add (~5); per 4-symbol window the window SHF, the length sum, the refill (~7) and
+ * per token pair PRMT + AND + HFMA2 (~4.5 per symbol together); K: a PRMT and STS per token pair
+ * of a channel pair, V: one STS per token pair (~0.5-1): ~10 per symbol, plus the operand reads
+ * from the tile (~0.25) and the attention share of v3's uncompressed path (~1).
+ */
+#ifndef KVC_ATTN_V3_HUF_CUH
+#define KVC_ATTN_V3_HUF_CUH
+
+namespace kvc_attn {
+
+constexpr int kHufLanes = 128;    /* streams per section a warp can track (the encoder's n_lanes
+                                     for pages of up to 8192 symbols: 64 x 128, 128 x 64) */
+constexpr int kHufTableBits = 9;  /* decode-table index bits at most */
+constexpr uint32_t kHufEsc = 0x8000u; /* generic entry: the code is longer than the table */
+
+/* The Huffman operand sources (after v3's own kinds). */
+enum : int { SRC_HUF = SRC_BAD + 1, SRC_HUFG };
+
+/* Per-section decoder state (shared, warp-uniform). */
+struct v3h_state {
+  uint32_t stream_pos, lanes_pos, lane_min;
+  int n_lanes, n_sym, tbits, lmax, w_lane, n_tokens;
+  int tok_done; /* page tokens [0, tok_done) decoded by every stream */
+};
+
+/*
+ * One consumer warp's Huffman area (bytes). The tile holds one tensor's slab at a time, in the
+ * layout its mma operand wants (see v3h_kidx and the file comment):
+ *   K  [16 tokens][kst bytes]: row t holds u32 channel pairs (c, c + 8), pair q = (c / 16) * 8 +
+ *      c % 8 at word v3h_kidx(q), so that lane j of S reads its pairs with four LDS.128
+ *   V  [8 token pairs][vst bytes]: word d of row p holds tokens (2p, 2p + 1) of channel d, the
+ *      register P V's B operand takes
+ * Rows are padded by 16 bytes (conflict-free V reads, 2-way K reads).
+ */
+template <int HD> struct v3h_area {
+  static constexpr int kst = 2 * HD + 16, vst = 4 * HD + 16;
+  static constexpr int tile = 0;
+  static constexpr int tile_bytes = 16 * kst > 8 * vst ? 16 * kst : 8 * vst;
+  static constexpr int tab = tile + tile_bytes;                 /* [2 tensors][2^kHufTableBits] u16 */
+  static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][kHufLanes] u32 bit positions */
+  static constexpr int sym = pos + 2 * kHufLanes * 4;           /* [2][64] u32: code | len << 16 */
+  /* SRC_HUF's fp16 step and addend base * step: per channel (K), per page token (V: the fast
+   * decoder's pages have 64 tokens) */
+  static constexpr int kst2 = sym + 2 * KVC_SYM_COUNT * 4, kbs2 = kst2 + 2 * HD;
+  static constexpr int vst2 = kbs2 + 2 * HD, vbs2 = vst2 + 2 * kUnitTokens;
+  static constexpr int state = vbs2 + 2 * kUnitTokens;          /* [2] v3h_state */
+  static constexpr int bytes = align_up(state + 2 * (int)sizeof(v3h_state), 16);
+};
+
+/* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
+ * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (56 at head_dim 128, 68 at
+ * 64: one uncompressed 64-token unit and more; Huffman units are ~4x smaller, ~7 in flight).
+ * Blocks whose sections may not fit (head_dim 128, 128 tokens) are left to v2 by the launcher. */
+template <int HD> struct v3h_layout {
+  static constexpr int RB = 2 * HD;
+  static constexpr int tile = kUnitTokens * RB;
+  static constexpr int slots = kSlots3;
+  static constexpr bool bulk = true;
+  static constexpr int slack = v3_layout<HD>::slack;
+  /* Bytes after the ring (as below): the ring takes the rest of a CTA's share of the SM. */
+  static constexpr int fixed =
+      align_up(slots * (int)sizeof(unit_desc) + kBatch * (int)sizeof(page_meta) +
+                   kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128) +
+      kW3 * v3_scratch::bytes + kW3 * v3h_area<HD>::bytes + 2 * slots * 8;
+  static constexpr int ring = (233472 / 2 - 1024 - fixed) / 1024 * 1024;
+  static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
+  static constexpr int desc_off = ring;
+  static constexpr int meta_off = desc_off + slots * (int)sizeof(unit_desc);
+  static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
+  static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
+  static constexpr int huf_off = scr_off + kW3 * v3_scratch::bytes;
+  static constexpr int bar_off = huf_off + kW3 * v3h_area<HD>::bytes;
+  static constexpr int bytes = bar_off + 2 * slots * 8;
+  /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring. */
+  static constexpr int max_block_tokens =
+      2 * (kMaxBlockTokens * RB + slack) <= ring ? kMaxBlockTokens : 64;
+  static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
+  static_assert(2 * (64 * RB + slack) <= ring, "a unit must fit the ring");
+  static_assert(2 * (bytes + 1024) <= 233472, "two CTAs per SM do not fit");
+  static_assert(HD * kMaxBlockTokens / KVC_LANE_SYMBOLS <= kHufLanes || max_block_tokens == 64,
+                "the encoder's streams of the largest block must fit the position arrays");
+  static_assert(HD * 4 <= 512 && kUnitTokens * 4 <= 256, "v3's scratch holds the groups");
+};
+
+/* The layout of an instance, and where its warps' Huffman areas are (none without HUF). */
+template <int HD, bool HUF> struct v3_layout_of {
+  typedef v3_layout<HD> type;
+  static constexpr int huf_off = 0, huf_bytes = 0;
+};
+template <int HD> struct v3_layout_of<HD, true> {
+  typedef v3h_layout<HD> type;
+  static constexpr int huf_off = v3h_layout<HD>::huf_off, huf_bytes = v3h_area<HD>::bytes;
+};
+
+/* Word of K pair q (channels (c, c + 8), q = (c / 16) * 8 + c % 8) in a K tile row: lane j of S
+ * takes pairs pi = q - j * HD / 8 (k_channel's order), four at a time, so words are grouped by
+ * (pi / 4, j). */
+template <int HD> __device__ __forceinline__ int v3h_kidx(int q) {
+  constexpr int NPL = HD / 8;
+  const int j = q / NPL, pi = q % NPL;
+  return (pi / 4) * 16 + j * 4 + pi % 4;
+}
+/* Byte of element (slab token t, channel d) in the K and V tiles. */
+template <int HD> __device__ __forceinline__ int v3h_kbyte(int t, int d) {
+  return t * v3h_area<HD>::kst + 4 * v3h_kidx<HD>((d / 16) * 8 + d % 8) + 2 * ((d / 8) & 1);
+}
+template <int HD> __device__ __forceinline__ int v3h_vbyte(int t, int d) {
+  return (t / 2) * v3h_area<HD>::vst + 4 * d + 2 * (t & 1);
+}
+
+/* fp16 holds a step exactly and base * step closely only in its normal range (as in v3 bit-pack). */
+__device__ __forceinline__ bool v3h_h2_ok(float st, float bs) {
+  return st >= 0x1p-14f && st <= 32768.f && fabsf(bs) <= 60000.f;
+}
+
+/* Stream starts of streams 4 * lane .. 4 * lane + 3 (absolute bit positions; streams past n_lanes
+ * get the end of the last), and the end of the last stream. Warp-cooperative. */
+__device__ __forceinline__ uint64_t v3h_lane_starts(const uint32_t *w, uint32_t last,
+                                                    const v3h_state &h, uint64_t (&start)[4]) {
+  const int lane = threadIdx.x & 31;
+  uint64_t len[4], sum = 0;
+#pragma unroll
+  for (int q = 0; q < 4; q++) {
+    const int i = 4 * lane + q;
+    len[q] = i < h.n_lanes
+                 ? (uint64_t)h.lane_min +
+                       kvc_dev_top(kvc_dev_window(w, last, h.lanes_pos + (uint32_t)(i * h.w_lane)),
+                                   (uint32_t)h.w_lane)
+                 : 0u;
+    sum += len[q];
+  }
+  uint64_t incl = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint64_t v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  uint64_t run = h.stream_pos + incl - sum;
+#pragma unroll
+  for (int q = 0; q < 4; q++) {
+    start[q] = run;
+    run += len[q];
+  }
+  return __shfl_sync(0xffffffffu, run, 31);
+}
+
+/*
+ * Parses Huffman section `tensor` (sec, sec_bytes in the ring) of a page of n_tokens tokens, whose
+ * tokens [t_lo, t_hi) the unit reads, into the warp's scratch (group bases and steps as v3's
+ * generic path keeps them: per channel, or per page token & 63 for the 64-aligned run of tokens
+ * that holds [t_lo, t_hi); absolute mode bases only) and Huffman area (SRC_HUF's fp16 steps and
+ * addends, table, stream starts, state). Warp-cooperative; returns SRC_HUF, SRC_HUFG or SRC_BAD,
+ * the same in every lane. The caller has synchronised the warp with earlier readers of the scratch
+ * and area.
+ */
+template <int HD, class T>
+__device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int n_tokens,
+                         int t_lo, int t_hi, uint8_t *scr, uint8_t *area, v3_sec &s) {
+  typedef v3h_area<HD> A;
+  const int lane = threadIdx.x & 31;
+  if (!(sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 && n_tokens >= 1 &&
+        n_tokens <= kMaxBlockTokens && 0 <= t_lo && t_lo < t_hi && t_hi <= n_tokens))
+    return SRC_BAD;
+  kvc_qsec_header_t qh;
+  kvc_qsec_header_read(sec, &qh);
+  const int S = n_tokens * HD, n_sym = qh.width, n_lanes = qh.n_lanes;
+  if (!(qh.mode <= KVC_QMODE_ABS && qh.w_e <= 16 && qh.w_b <= 31 &&
+        qh.e_min >= KVC_STEP_CODE_MIN && qh.e_min <= KVC_STEP_CODE_MAX &&
+        (qh.mode == KVC_QMODE_REL || qh.w_e == 0) && n_sym >= 1 && n_sym <= KVC_SYM_COUNT &&
+        n_lanes >= 1 && n_lanes <= kHufLanes && n_lanes <= S))
+    return SRC_BAD;
+  s.w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
+  const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
+  const uint64_t cap = (uint64_t)nwords * 32;
+  s.last = nwords - 1;
+  const bool rel = qh.mode == KVC_QMODE_REL;
+  const int G = rel ? (tensor == 0 ? HD : n_tokens) : HD;
+  const uint32_t pos_b = rel ? (uint32_t)G * qh.w_e : 0u;
+  const uint64_t meta = (uint64_t)pos_b + (uint64_t)G * qh.w_b;
+  const uint32_t w_lane = qh.lane_info >> 27, lane_min = qh.lane_info & ((1u << 27) - 1);
+  const uint64_t lanes_pos = meta + 4u * (uint32_t)n_sym;
+  const uint64_t stream_pos = lanes_pos + (uint64_t)n_lanes * w_lane;
+  if (stream_pos > cap) return SRC_BAD;
+  s.meta = 0;
+  s.mode = rel ? tensor : 2;
+  s.e = 0;
+  s.step = kvc_step_from_code(qh.e_min);
+  /* Group bases and steps: every channel, or the page tokens of the unit's 64-aligned run (the
+   * fast decoder writes whole slabs of a 64-token page, so it needs all of them). */
+  int32_t *gb = (int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
+  float *gs = (float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
+  const bool per_token = rel && tensor == 1;
+  const int g_lo = per_token ? t_lo & ~(kUnitTokens - 1) : 0;
+  const int g_hi = per_token ? min(n_tokens, g_lo + kUnitTokens) : G;
+  uint16_t *st16 = (uint16_t *)(area + (tensor ? A::vst2 : A::kst2));
+  uint16_t *bs16 = (uint16_t *)(area + (tensor ? A::vbs2 : A::kbs2));
+  bool bad = false, h2_bad = false;
+#pragma unroll 4
+  for (int g = g_lo + lane; g < g_hi; g += 32) {
+    const int x = per_token ? g & (kUnitTokens - 1) : g;
+    const int32_t b = (int32_t)((uint32_t)qh.b_min +
+                      kvc_dev_top(kvc_dev_window(s.w, s.last, pos_b + (uint32_t)g * qh.w_b), qh.w_b));
+    gb[x] = b;
+    if (rel) {
+      const int e =
+          qh.e_min + (int)kvc_dev_top(kvc_dev_window(s.w, s.last, (uint32_t)g * qh.w_e), qh.w_e);
+      bad |= e > KVC_STEP_CODE_MAX;
+      const float st = kvc_step_from_code(min(e, KVC_STEP_CODE_MAX));
+      gs[x] = st;
+      const float bs = __fmul_rn((float)b, st);
+      h2_bad |= !v3h_h2_ok(st, bs);
+      /* fp16 step and addend per channel (K) or token (V) for SRC_HUF */
+      st16[x] = to_bits<__half>(st);
+      bs16[x] = to_bits<__half>(bs);
+    }
+  }
+  /* Code lengths: lane l holds symbols l (la) and 32 + l (lb); 0 = unused. */
+  const uint32_t la =
+      lane < n_sym ? kvc_dev_top(kvc_dev_window(s.w, s.last, (uint32_t)meta + 4u * lane), 4) : 0u;
+  const uint32_t lb = lane + 32 < n_sym
+                          ? kvc_dev_top(kvc_dev_window(s.w, s.last, (uint32_t)meta + 4u * (lane + 32)), 4)
+                          : 0u;
+  bad |= la > KVC_HUF_MAX_LEN || lb > KVC_HUF_MAX_LEN;
+  if (__any_sync(0xffffffffu, bad)) return SRC_BAD;
+  const uint32_t kraft = __reduce_add_sync(
+      0xffffffffu, (la ? 1u << (KVC_HUF_MAX_LEN - la) : 0u) + (lb ? 1u << (KVC_HUF_MAX_LEN - lb) : 0u));
+  if (kraft != 0 && kraft != KVC_HUF_TABLE_SIZE) return SRC_BAD;
+  const int lmax = (int)__reduce_max_sync(0xffffffffu, max(la, lb));
+  const int tbits = min(lmax, kHufTableBits);
+  /* Canonical codes, ordered by (length, symbol) as kvc_huf_codes assigns them. */
+  const uint32_t lt = (1u << lane) - 1u;
+  uint32_t first = 0, ca = 0, cb = 0;
+  for (int l = 1; l <= lmax; l++) {
+    const uint32_t ba = __ballot_sync(0xffffffffu, la == (uint32_t)l);
+    const uint32_t bb = __ballot_sync(0xffffffffu, lb == (uint32_t)l);
+    if (la == (uint32_t)l) ca = first + __popc(ba & lt);
+    if (lb == (uint32_t)l) cb = first + __popc(ba) + __popc(bb & lt);
+    first = (first + __popc(ba) + __popc(bb)) << 1;
+  }
+  /* SRC_HUF: see the file comment. */
+  const bool fast = kFast16<T> && rel && n_sym <= KVC_SYM_DIRECT && lmax <= kHufTableBits &&
+                    n_lanes == HD && n_tokens == kUnitTokens &&
+                    !__any_sync(0xffffffffu, h2_bad);
+  uint32_t *sym = (uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT;
+  sym[lane] = ca | (la << 16);
+  sym[lane + 32] = cb | (lb << 16);
+  __syncwarp();
+  uint16_t *tab = (uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
+  auto entry = [&](uint32_t sy, uint32_t len) -> uint32_t {
+    return fast ? (uint32_t)to_bits<__half>((float)sy) | len : sy | (len << 6);
+  };
+  if (kraft == 0) {
+    if (lane == 0) tab[0] = (uint16_t)entry((uint32_t)n_sym - 1, 0);
+  } else {
+    /* Codes that fit the table fill their ranges, all lanes on one code at a time; a longer code
+     * marks its tb-bit prefix as an escape. */
+    const bool sa = la != 0 && la <= (uint32_t)tbits, sb = lb != 0 && lb <= (uint32_t)tbits;
+    const uint32_t short_a = __ballot_sync(0xffffffffu, sa), short_b = __ballot_sync(0xffffffffu, sb);
+    /* Each symbol's range as one word (entry | start << 16 | log2 size << 25), one shuffle each. */
+    const uint32_t ra = sa ? entry((uint32_t)lane, la) | (ca << (tbits - la) << 16) |
+                                 ((uint32_t)(tbits - (int)la) << 25)
+                           : 0u;
+    const uint32_t rb = sb ? entry((uint32_t)lane + 32, lb) | (cb << (tbits - lb) << 16) |
+                                 ((uint32_t)(tbits - (int)lb) << 25)
+                           : 0u;
+    for (int half = 0; half < 2; half++) {
+      for (uint32_t m = half ? short_b : short_a; m; m &= m - 1) {
+        const uint32_t r = __shfl_sync(0xffffffffu, half ? rb : ra, __ffs(m) - 1);
+        const uint32_t a = (r >> 16) & 511u, n = 1u << (r >> 25);
+        for (uint32_t i = lane; i < n; i += 32) tab[a + i] = (uint16_t)r;
+      }
+    }
+    if (lane == 0 && lmax > tbits)
+      for (int sy = 0; sy < n_sym; sy++) {
+        const uint32_t x = sym[sy], len = x >> 16;
+        if ((int)len > tbits) tab[(x & 0xffffu) >> (len - tbits)] = (uint16_t)kHufEsc;
+      }
+  }
+  /* Stream starts. */
+  v3h_state h;
+  h.stream_pos = (uint32_t)stream_pos;
+  h.lanes_pos = (uint32_t)lanes_pos;
+  h.lane_min = lane_min;
+  h.n_lanes = n_lanes;
+  h.n_sym = n_sym;
+  h.tbits = tbits;
+  h.lmax = lmax;
+  h.w_lane = (int)w_lane;
+  h.n_tokens = n_tokens;
+  h.tok_done = 0;
+  uint64_t start[4];
+  const uint64_t end = v3h_lane_starts(s.w, s.last, h, start);
+  if (end > cap) return SRC_BAD;
+  uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * kHufLanes;
+#pragma unroll
+  for (int q = 0; q < 4; q++)
+    if (4 * lane + q < n_lanes) pos[4 * lane + q] = (uint32_t)start[q];
+  if (lane == 0) ((v3h_state *)(area + A::state))[tensor] = h;
+  s.width = tbits;
+  return fast ? SRC_HUF : SRC_HUFG;
+}
+
+/* old if !p, else the shared word at addr: a predicated load, so that a refill is no branch and
+ * the streams' chains interleave. */
+__device__ __forceinline__ uint32_t v3h_lds_if(uint32_t p, uint32_t addr, uint32_t old) {
+  uint32_t v = old;
+  asm("{\n .reg .pred q;\n setp.ne.u32 q, %2, 0;\n @q ld.shared.u32 %0, [%1];\n}\n"
+      : "+r"(v)
+      : "r"(addr), "r"(p));
+  return v;
+}
+
+/*
+ * SRC_HUF: page tokens [a, a + 16) of every stream (channel) into the tile. SPW symbols per 32-bit
+ * window (SPW * longest code <= 32: 4 up to 8-bit codes, else 2), then one refill of the two-word
+ * bit buffer. Lane l decodes streams of channels: K c0, c0 + 8 (and c0 + 64, c0 + 72 at head_dim
+ * 128), c0 = 16 (l / 8) + l % 8, so that it holds both channels of its K pairs; V l + 32 i.
+ */
+template <int HD, int TENSOR, int SPW>
+__device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab, uint32_t *pos,
+                                         const uint8_t *area, uint8_t *tile, int a) {
+  typedef v3h_area<HD> A;
+  constexpr int NS = HD / 32;
+  const int lane = threadIdx.x & 31;
+  const int c0 = 16 * (lane / 8) + lane % 8;
+  const uint32_t tb = (uint32_t)sec.width, last = sec.last;
+  const uint32_t *w = sec.w;
+  const uint32_t wsh = smem_u32(w);
+  int ch[NS];
+#pragma unroll
+  for (int i = 0; i < NS; i++) ch[i] = TENSOR == 0 ? c0 + 8 * (i & 1) + 64 * (i >> 1) : lane + 32 * i;
+  uint32_t cur[NS], nxt[NS], used[NS], k[NS];
+  __half2 kst[NS], kbs[NS];
+#pragma unroll
+  for (int i = 0; i < NS; i++) {
+    const uint32_t p0 = pos[ch[i]];
+    k[i] = p0 >> 5;
+    used[i] = p0 & 31;
+    cur[i] = w[min(k[i], last)];
+    nxt[i] = w[min(k[i] + 1, last)];
+    if (TENSOR == 0) {
+      const uint32_t st = ((const uint16_t *)(area + A::kst2))[ch[i]];
+      const uint32_t bs = ((const uint16_t *)(area + A::kbs2))[ch[i]];
+      kst[i] = as_h2<__half2>(st | (st << 16));
+      kbs[i] = as_h2<__half2>(bs | (bs << 16));
+    }
+  }
+  const uint32_t *vst = (const uint32_t *)(area + A::vst2);
+  const uint32_t *vbs = (const uint32_t *)(area + A::vbs2);
+  constexpr int KST = v3h_area<HD>::kst, VST = v3h_area<HD>::vst;
+#pragma unroll
+  for (int t0 = 0; t0 < 16; t0 += SPW) {
+    uint32_t val[NS][SPW / 2]; /* half2 of tokens (t0 + 2m, t0 + 2m + 1) per stream */
+#pragma unroll
+    for (int i = 0; i < NS; i++) {
+      /* An entry's low six bits are its code length (fp16 bits of u < 32 end in six zeros):
+       * the funnel shift uses the low five as the shift, and the sum of the entries' low six
+       * bits is the window's bits. */
+      uint32_t x = __funnelshift_l(nxt[i], cur[i], used[i]), e[SPW], n = 0;
+#pragma unroll
+      for (int y = 0; y < SPW; y++) {
+        e[y] = tab[kvc_dev_top(x, tb)];
+        if (y + 1 < SPW) x = __funnelshift_l(0u, x, e[y]);
+        n += e[y];
+      }
+      used[i] += n & 63u;
+      const uint32_t r = used[i] >> 5; /* the window crossed into nxt: shift the buffer */
+      used[i] &= 31u;
+      cur[i] = r ? nxt[i] : cur[i];
+      k[i] += r;
+      nxt[i] = v3h_lds_if(r, wsh + 4u * min(k[i] + 1, last), nxt[i]);
+#pragma unroll
+      for (int m = 0; m < SPW / 2; m++) {
+        const __half2 u2 = as_h2<__half2>(__byte_perm(e[2 * m], e[2 * m + 1], 0x5410) & 0xfff0fff0u);
+        if (TENSOR == 0) {
+          val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i], kbs[i]));
+        } else {
+          const int tp = (a + t0) / 2 + m; /* page token pair */
+          val[i][m] = h2_bits<__half2>(__hfma2(u2, as_h2<__half2>(vst[tp]), as_h2<__half2>(vbs[tp])));
+          *(uint32_t *)(tile + (t0 / 2 + m) * VST + 4 * ch[i]) = val[i][m];
+        }
+      }
+    }
+    if (TENSOR == 0) {
+      /* Channels (c0, c0 + 8) of each token as one word: pair q = lane (+ 32 for c0 + 64). */
+#pragma unroll
+      for (int i = 0; i < NS; i += 2)
+#pragma unroll
+        for (int m = 0; m < SPW / 2; m++) {
+          uint8_t *dst = tile + 4 * v3h_kidx<HD>(lane + 16 * i) + (t0 + 2 * m) * KST;
+          *(uint32_t *)dst = __byte_perm(val[i][m], val[i + 1][m], 0x5410);
+          *(uint32_t *)(dst + KST) = __byte_perm(val[i][m], val[i + 1][m], 0x7632);
+        }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < NS; i++) pos[ch[i]] = k[i] * 32 + used[i];
+}
+
+/* SRC_HUFG: page tokens [a, a + nr) of every stream into tile rows 0..nr-1, symbol by symbol. */
+template <int HD, class T>
+__device__ void v3h_generic(const v3_sec &sec, const v3h_state &h, const uint16_t *tab,
+                            const uint32_t *sym, uint32_t *pos, const uint8_t *scr, int tensor,
+                            uint8_t *tile, int a, int nr) {
+  const int lane = threadIdx.x & 31, n_lanes = h.n_lanes;
+  const int32_t *gb = (const int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
+  const float *gs = (const float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
+  const uint32_t tb = (uint32_t)h.tbits;
+  const int s_from = h.tok_done * HD, s_lo = a * HD, s_end = (a + nr) * HD;
+  for (int i = lane; i < n_lanes; i += 32) {
+    uint32_t p = pos[i];
+    int s = i < s_from ? i + (s_from - i + n_lanes - 1) / n_lanes * n_lanes : i;
+    for (; s < s_end; s += n_lanes) {
+      const uint32_t win = kvc_dev_window(sec.w, sec.last, p);
+      const uint32_t e = tab[kvc_dev_top(win, tb)];
+      uint32_t sy = e & 63u, len = (e >> 6) & 15u;
+      if (e & kHufEsc) { /* a code longer than the table: search the longer codes */
+        for (int c = 0; c < h.n_sym; c++) {
+          const uint32_t x = sym[c], l = x >> 16;
+          if ((int)l > h.tbits && kvc_dev_top(win, l) == (x & 0xffffu)) {
+            sy = (uint32_t)c;
+            len = l;
+            break;
+          }
+        }
+      }
+      const uint32_t ne = kvc_sym_extra(sy);
+      const uint32_t u = kvc_sym_base(sy) + kvc_dev_top(win << len, ne);
+      p += len + ne;
+      if (s >= s_lo) {
+        /* Groups as v3h_setup keeps them: per channel, or per page token & 63. */
+        const int t = s / HD, d = s % HD, g = sec.mode == 1 ? t & (kUnitTokens - 1) : d;
+        const uint32_t b = (uint32_t)gb[g] + (sec.mode == 2 ? (uint32_t)kvc_unzigzag(u) : u);
+        *(uint16_t *)(tile + (tensor ? v3h_vbyte<HD>(t - a, d) : v3h_kbyte<HD>(t - a, d))) =
+            to_bits<T>(__fmul_rn(__int2float_rn((int)b), sec.mode == 2 ? sec.step : gs[g]));
+      }
+    }
+    pos[i] = p;
+  }
+}
+
+/* S^T += K Q^T from the K pair tile, tile rows min(g, nr - 1) and min(g + 8, nr - 1) (rows past
+ * the slab's read its last, finite and masked): lane (g, c) reads its HD / 8 channel pairs of each
+ * token, four per LDS.128, in k_channel order, so that k-block kb's A operand is {row g pair 2kb,
+ * row g + 8 pair 2kb, row g pair 2kb + 1, row g + 8 pair 2kb + 1} as v3's builders give it. */
+template <int HD, class T, int NB>
+__device__ __forceinline__ void v3h_s(const uint8_t *tile, int g, int c, int nr,
+                                      const qfrag_t<HD, NB> &qb, float (&s)[2][NB][4]) {
+  constexpr int KST = v3h_area<HD>::kst;
+  const uint8_t *row[2] = {tile + min(g, nr - 1) * KST + 16 * c,
+                           tile + min(g + 8, nr - 1) * KST + 16 * c};
+#pragma unroll
+  for (int p4 = 0; p4 < HD / 32; p4++) {
+    uint4 b[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) b[h] = *(const uint4 *)(row[h] + 64 * p4);
+#pragma unroll
+    for (int x = 0; x < 2; x++) {
+      const int kb = 2 * p4 + x; /* pairs 2kb, 2kb + 1: words (x, y) or (z, w) */
+      const uint32_t a[4] = {x ? b[0].z : b[0].x, x ? b[1].z : b[1].x, x ? b[0].w : b[0].y,
+                             x ? b[1].w : b[1].y};
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++) mma16816<T>(s[x][nb], a, qb[nb][kb][0], qb[nb][kb][1]);
+    }
+  }
+}
+
+/* O^T += V^T P^T from the V pair tile: lane (g, c) takes tokens (2c, 2c + 1) (tile row c) and
+ * (2c + 8, 2c + 9) (row c + 4) of its run of channels g HD/8 .. g HD/8 + HD/8 - 1, two m-tiles per
+ * LDS.128 pair: m-tile mt's A operand is {channel g HD/8 + 2 mt at tokens (2c, 2c + 1), the next
+ * channel there, the first at tokens (2c + 8, 2c + 9), the next there}. */
+template <int HD, class T, int NB>
+__device__ __forceinline__ void v3h_pv(const uint8_t *tile, int g, int c,
+                                       const uint32_t (&pb)[NB][2], oacc_t<HD, NB> &o) {
+  constexpr int VST = v3h_area<HD>::vst;
+  const uint8_t *r0 = tile + c * VST + 4 * g * (HD / 8), *r1 = r0 + 4 * VST;
+#pragma unroll
+  for (int n4 = 0; n4 < HD / 32; n4++) {
+    const uint4 b0 = *(const uint4 *)(r0 + 16 * n4), b1 = *(const uint4 *)(r1 + 16 * n4);
+    const uint32_t a0[4] = {b0.x, b0.y, b1.x, b1.y}, a1[4] = {b0.z, b0.w, b1.z, b1.w};
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+      mma16816<T>(o[2 * n4][nb], a0, pb[nb][0], pb[nb][1]);
+      mma16816<T>(o[2 * n4 + 1][nb], a1, pb[nb][0], pb[nb][1]);
+    }
+  }
+}
+
+/*
+ * Decodes page tokens [a, a + nr) of Huffman section `tensor` (set up by v3h_setup, decoded up to
+ * token a so far: slabs come in order) into the warp's tile (slab tokens 0..nr-1; SRC_HUF: all 16,
+ * a a multiple of 16; V: tokens nr..15 zeros). Returns false, in every lane, when the section has been decoded to its end and
+ * a stream does not end where the next one starts. The caller synchronises the warp before (the
+ * tile's earlier readers) and after (its readers).
+ */
+template <int HD, class T>
+__device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint8_t *area, int a,
+                         int nr) {
+  typedef v3h_area<HD> A;
+  const int lane = threadIdx.x & 31;
+  const v3h_state h = ((const v3h_state *)(area + A::state))[tensor];
+  const uint16_t *tab = (const uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
+  uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * kHufLanes;
+  int done = a + nr;
+  if constexpr (kFast16<T>) {
+    if (src.kind == SRC_HUF) {
+      uint8_t *tile = area + A::tile;
+      if (tensor == 0) {
+        if (src.sec.width <= 8) v3h_fast<HD, 0, 4>(src.sec, tab, pos, area, tile, a);
+        else v3h_fast<HD, 0, 2>(src.sec, tab, pos, area, tile, a);
+      } else {
+        if (src.sec.width <= 8) v3h_fast<HD, 1, 4>(src.sec, tab, pos, area, tile, a);
+        else v3h_fast<HD, 1, 2>(src.sec, tab, pos, area, tile, a);
+      }
+      done = a + 16;
+    }
+  }
+  if (src.kind != SRC_HUF) {
+    if (tensor == 1 && nr < 16) {
+      /* P V reads whole token pairs: rows past the page's become zeros (finite, masked). */
+      for (int i = lane; i < A::tile_bytes / 16; i += 32)
+        *(uint4 *)(area + A::tile + 16 * i) = make_uint4(0, 0, 0, 0);
+      __syncwarp();
+    }
+    v3h_generic<HD, T>(src.sec, h, tab, (const uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT,
+                       pos, scr, tensor, area + A::tile, a, nr);
+  }
+  __syncwarp();
+  if (lane == 0) ((v3h_state *)(area + A::state))[tensor].tok_done = done;
+  if (done < h.n_tokens) return true;
+  /* Every stream decoded to its end: each must stop where the next one starts. */
+  uint64_t start[4];
+  const uint64_t end = v3h_lane_starts(src.sec.w, src.sec.last, h, start);
+  const uint64_t next_lane = __shfl_down_sync(0xffffffffu, start[0], 1);
+  bool ok = true;
+#pragma unroll
+  for (int q = 0; q < 4; q++) {
+    const int i = 4 * lane + q;
+    if (i < h.n_lanes) {
+      const uint64_t next = q < 3 ? start[q + 1] : next_lane;
+      ok &= pos[i] == (i + 1 < h.n_lanes ? next : end);
+    }
+  }
+  return __all_sync(0xffffffffu, ok);
+}
+
+/* The K and V sources of Huffman page pg of the unit at ub (v3_page_setup's branch for
+ * PG_HUFFMAN): the warp's scratch and Huffman area are rewritten. Warp-uniform; false for a
+ * section inconsistent with the format. */
+template <int HD, class T>
+__device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_t *ub,
+                                               uint8_t *scr, uint8_t *area, v3_src &ks,
+                                               v3_src &vs) {
+  __syncwarp(); /* the previous page's readers are done with the scratch and tables */
+  const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
+  ks.kind = v3h_setup<HD, T>(ub + pg.k_ring, pg.k_bytes, 0, pg.n_tokens, t_lo, t_hi, scr, area,
+                             ks.sec);
+  vs.kind = v3h_setup<HD, T>(ub + pg.v_ring, pg.v_bytes, 1, pg.n_tokens, t_lo, t_hi, scr, area,
+                             vs.sec);
+  __syncwarp();
+  return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
+}
+
+}  // namespace kvc_attn
+
+#endif /* KVC_ATTN_V3_HUF_CUH */

@@ -59,8 +59,10 @@ typedef struct gpu_case {
   float k_bound, v_bound; /* of the lossy codecs; 0: 0.05 */
 } gpu_case_t;
 
-/* codec_mask values: pages without Huffman coding (the v3 decode kernel where it applies), and
- * every codec (v3's Huffman instance where it applies). */
+/* codec_mask values: rows only (raw and staging pages: v3 with units split between two warps),
+ * pages without Huffman coding (the v3 decode kernel where it applies), and every codec (v3's
+ * Huffman instance where it applies). */
+static const uint32_t kRowsOnly = 1u << KVC_CODEC_RAW;
 static const uint32_t kNoHuffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
 static const uint32_t kAllCodecs = kNoHuffman | (1u << KVC_CODEC_HUFFMAN);
 
@@ -322,29 +324,36 @@ static void check_one(const gpu_case_t *c, uint32_t mask) {
   host_teardown(&h);
 }
 
+/* The case's sizes with page kinds `kinds` only, under `mask`. */
+static void check_kinds(const gpu_case_t *c, unsigned kinds, uint32_t mask) {
+  gpu_case_t c3 = *c;
+  c3.kinds = kinds;
+  host_case_t h;
+  dev_case_t d;
+  host_setup(&c3, &h);
+  dev_setup(&h, &d);
+  run_variants(&c3, &h, &d, mask);
+  dev_teardown(&d);
+  host_teardown(&h);
+}
+
 /*
  * The case on every decode kernel: v2 (codec_mask 0, every page kind), v3's Huffman instance for
  * a case with Huffman pages (every codec in the mask; taken for single-tile launches at head_dim
- * 64/128 and blocks its ring holds, else v2 again), and v3 (a mask without Huffman) for the case,
- * or for a case with Huffman and other page kinds, on the same sizes with the other kinds only.
+ * 64/128 and blocks its ring holds, else v2 again), v3 (a mask without Huffman) for the case, or
+ * for a case with Huffman and other page kinds, on the same sizes with the other kinds only, and
+ * v3 with split units (the mask of a raw cache) on its rows-only kinds.
  */
 static void check_case(const gpu_case_t *c) {
   if (!have_gpu()) skip();
   const unsigned kinds = c->kinds ? c->kinds : (unsigned)KVC_TEST_PAGE_ALL;
+  const unsigned rows = kinds & (unsigned)(KVC_TEST_PAGE_STAGING | KVC_TEST_PAGE_RAW);
   const unsigned other = kinds & ~(unsigned)KVC_TEST_PAGE_HUFFMAN;
   const bool huffman = (kinds & KVC_TEST_PAGE_HUFFMAN) != 0;
-  check_one(c, huffman ? kAllCodecs : kNoHuffman);
-  if (huffman && other) {
-    gpu_case_t c3 = *c;
-    c3.kinds = other;
-    host_case_t h;
-    dev_case_t d;
-    host_setup(&c3, &h);
-    dev_setup(&h, &d);
-    run_variants(&c3, &h, &d, kNoHuffman);
-    dev_teardown(&d);
-    host_teardown(&h);
-  }
+  const uint32_t other_mask = other == rows ? kRowsOnly : kNoHuffman;
+  check_one(c, huffman ? kAllCodecs : other_mask);
+  if (huffman && other) check_kinds(c, other, other_mask);
+  if (rows && rows != other) check_kinds(c, rows, kRowsOnly);
 }
 
 static void sweep_sizes_and_gqa(void **state) {

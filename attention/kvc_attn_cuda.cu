@@ -60,9 +60,11 @@ constexpr int kSlots = 8;                        /* units in flight at most */
 constexpr int kMaxUnitPages = kUnitTokens / 16;  /* pages in a unit (block_tokens >= 16) */
 constexpr int kBatch = 16;                       /* pages whose metadata the producer loads at once */
 static_assert(KVC_PAGE_MAX_CHUNKS <= 64, "the producer loads two chunk ids per lane and page");
-constexpr int kMaxCtasForSplit = 1024;           /* splitting stops at this many CTAs */
+/* Splitting stops at this many CTAs: large batches (a decode step at capacity: 39 sequences x 8
+ * kv heads) still split when that fills the last wave of CTAs better. */
+constexpr int kMaxCtasForSplit = 4096;
 constexpr int kMaxSplits = 64;
-constexpr int kWsEntries = 16 * kMaxCtasForSplit; /* (row, head) partials the workspace is sized for */
+constexpr int kWsEntries = 16384; /* (row, head) partials the workspace is sized for */
 
 enum : uint8_t { PG_NONE = 0, PG_STAGING, PG_RAW, PG_BITPACK, PG_HUFFMAN, PG_BAD };
 enum : int32_t { UNIT_TILE_IN_RING = 1, UNIT_BAD = 2 };

@@ -7,19 +7,21 @@
  * strided streams: stream i holds symbols i, i + n_lanes, ... (symbol s = token s / HD, channel
  * s % HD). A stream can only be decoded from its start, so a consumer warp keeps every stream's
  * bit position in its shared-memory area across the four 16-token slabs of its unit, and decodes,
- * per slab and tensor, the slab's symbols of every stream into a per-warp tile laid out as v3's
- * A operands want it (v3h_area): K as channel pairs (c, c + 8) of each token in k_channel order, V
+ * per slab, the slab's symbols of every stream into two per-warp tiles laid out as v3's A
+ * operands want them (v3h_area): K as channel pairs (c, c + 8) of each token in k_channel order, V
  * as token pairs (2p, 2p + 1) of each channel, so that S^T = K Q^T and O^T += V^T P^T read their
- * A registers with LDS.128 and no byte permutes (v3h_s, v3h_pv). The tile holds the values
+ * A registers with LDS.128 and no byte permutes (v3h_s, v3h_pv). The tiles hold the values
  * themselves (the steps applied: O^T accumulates Huffman pages in units of 2^0, and keys take Q
- * as it is). K's slab is decoded before S, V's (into the same tile) right after S, so that its
- * decode chains overlap S's mma chains and the softmax. Nothing here touches the attention math.
+ * as it is). When both sections take the fast decoder, K's and V's slabs are decoded together
+ * before S (eight independent chains per lane at head_dim 128: the decode is latency-bound, a
+ * chain being table lookup -> shift -> next lookup); otherwise K's before S and V's after S.
+ * Nothing here touches the attention math.
  *
  * Per section and unit the warp first parses the header: group steps and bases (v3's scratch,
  * laid out as for bit-pack's generic path; fp16 steps and addends in the Huffman area), code lengths (Kraft-checked), canonical codes by warp ballots, a decode table
  * of 2^tb u16 entries, tb = min(longest code, kHufTableBits), and the stream starts (a warp scan of
- * the lane lengths). The table is per warp and tensor (1 KiB each at most: a full 11-bit table
- * for K and V of five warps would not fit beside the ring with two CTAs per SM).
+ * the lane lengths). The table is per warp and tensor (512 bytes each at most: a full 11-bit
+ * table for K and V of five warps would not fit beside the ring with two CTAs per SM).
  *
  * Two decoders, chosen per section (warp-uniform):
  *   SRC_HUF   the common case: relative mode, fp16, every symbol direct (n_sym <= 32: the symbol
@@ -27,8 +29,8 @@
  *             (n_lanes == HD: a 64-token page), steps and addends normal fp16 numbers. Lane l
  *             decodes HD / 32 streams interleaved (independent chains; K: channels c0, c0 + 8,
  *             c0 + 64, c0 + 72, so that it holds both halves of its pairs), 4 symbols per 32-bit
- *             window (2 when a code has 9 bits) from a two-word bit buffer refilled by a
- *             predicated load (no branch: the chains interleave). A table entry is the fp16 bits
+ *             window read at the stream's bit position (two word loads, a funnel shift; no
+ *             branch, so the chains interleave). A table entry is the fp16 bits
  *             of u with the code length in the (zero) low six bits, so the entry itself is the
  *             window's shift and the entries' sum gives the bits used; one PRMT and one AND pair
  *             two tokens' codes as a half2 and one HFMA2 applies the step and base * step (keys:
@@ -42,11 +44,12 @@
  * the next one starts (as in v2 and the CPU decoder). Reads are clamped to the section's words, the
  * table index to the table, so damaged bytes never read or write out of bounds.
  *
- * Operation count of SRC_HUF per symbol (lane-ops): per lookup SHF (index), LEA, LDS, a funnel
- * shift and an add (~5); per 4-symbol window the window SHF, the length sum, the refill (~7) and
- * per token pair PRMT + AND + HFMA2 (~4.5 per symbol together); K: a PRMT and STS per token pair
- * of a channel pair, V: one STS per token pair (~0.5-1): ~10 per symbol, plus the operand reads
- * from the tile (~0.25) and the attention share of v3's uncompressed path (~1).
+ * Operation count of SRC_HUF per symbol (SASS of the joint decode, head_dim 128: 1,179
+ * instructions for 128 symbols per lane, was 1,370 for K and V apart): per lookup the index
+ * (SHF), its address (IMAD), LDS.U16 and the advance (SHF): 4; per 4-symbol window the word index
+ * and its clamp, the address, two LDS, the funnel shift and the position update (SHF, VIMNMX,
+ * IMAD, 2 LDS, SHF, 2 IADD3, LOP3, IADD: ~10); per token pair PRMT + AND + HFMA2; K: a PRMT and
+ * STS per token pair of a channel pair, V: one STS per token pair: ~9 per symbol.
  */
 #ifndef KVC_ATTN_V3_HUF_CUH
 #define KVC_ATTN_V3_HUF_CUH
@@ -55,7 +58,8 @@ namespace kvc_attn {
 
 constexpr int kHufLanes = 128;    /* streams per section a warp can track (the encoder's n_lanes
                                      for pages of up to 8192 symbols: 64 x 128, 128 x 64) */
-constexpr int kHufTableBits = 9;  /* decode-table index bits at most */
+constexpr int kHufTableBits = 8;  /* decode-table index bits at most (SRC_HUF's longest code: four
+                                     symbols per 32-bit window) */
 constexpr uint32_t kHufEsc = 0x8000u; /* generic entry: the code is longer than the table */
 
 /* The Huffman operand sources (after v3's own kinds). */
@@ -66,11 +70,18 @@ struct v3h_state {
   uint32_t stream_pos, lanes_pos, lane_min;
   int n_lanes, n_sym, tbits, lmax, w_lane, n_tokens;
   int tok_done; /* page tokens [0, tok_done) decoded by every stream */
+  /* The section's words at area + w_off (an offset from the warp's area, so that the fast decoder
+   * of the other tensor's slab still addresses them as shared memory), last word index. */
+  int w_off;
+  uint32_t last;
+  /* state[0] only: both sections are SRC_HUF, so K's slab call decodes the
+   * V slab too (v3h_fast<HD, 3>: eight independent chains per lane instead of four). */
+  int joint;
 };
 
 /*
- * One consumer warp's Huffman area (bytes). The tile holds one tensor's slab at a time, in the
- * layout its mma operand wants (see v3h_kidx and the file comment):
+ * One consumer warp's Huffman area (bytes). Two tiles, one per tensor (so that both slabs can be
+ * decoded at once), each in the layout its mma operand wants (see v3h_kidx and the file comment):
  *   K  [16 tokens][kst bytes]: row t holds u32 channel pairs (c, c + 8), pair q = (c / 16) * 8 +
  *      c % 8 at word v3h_kidx(q), so that lane j of S reads its pairs with four LDS.128
  *   V  [8 token pairs][vst bytes]: word d of row p holds tokens (2p, 2p + 1) of channel d, the
@@ -79,9 +90,10 @@ struct v3h_state {
  */
 template <int HD> struct v3h_area {
   static constexpr int kst = 2 * HD + 16, vst = 4 * HD + 16;
-  static constexpr int tile = 0;
-  static constexpr int tile_bytes = 16 * kst > 8 * vst ? 16 * kst : 8 * vst;
-  static constexpr int tab = tile + tile_bytes;                 /* [2 tensors][2^kHufTableBits] u16 */
+  static constexpr int tile = 0;                                /* K tile */
+  static constexpr int vtile = tile + 16 * kst;                 /* V tile */
+  static constexpr int vtile_bytes = 8 * vst;
+  static constexpr int tab = vtile + vtile_bytes;               /* [2 tensors][2^kHufTableBits] u16 */
   static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][kHufLanes] u32 bit positions */
   static constexpr int sym = pos + 2 * kHufLanes * 4;           /* [2][64] u32: code | len << 16 */
   /* SRC_HUF's fp16 step and addend base * step: per channel (K), per page token (V: the fast
@@ -119,7 +131,9 @@ template <int HD> struct v3h_layout {
   /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring. */
   static constexpr int max_block_tokens =
       2 * (kMaxBlockTokens * RB + slack) <= ring ? kMaxBlockTokens : 64;
-  static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
+  /* The epilogue's buffers may run past the ring: after its __syncthreads_or nothing but the
+   * barriers (at bar_off) is live. */
+  static_assert(kW3 * 16 * (HD + 2) * 4 + 2 * kW3 * 16 * 4 <= bar_off, "epilogue does not fit");
   static_assert(2 * (64 * RB + slack) <= ring, "a unit must fit the ring");
   static_assert(2 * (bytes + 1024) <= 233472, "two CTAs per SM do not fit");
   static_assert(HD * kMaxBlockTokens / KVC_LANE_SYMBOLS <= kHufLanes || max_block_tokens == 64,
@@ -297,24 +311,39 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   if (kraft == 0) {
     if (lane == 0) tab[0] = (uint16_t)entry((uint32_t)n_sym - 1, 0);
   } else {
-    /* Codes that fit the table fill their ranges, all lanes on one code at a time; a longer code
-     * marks its tb-bit prefix as an escape. */
-    const bool sa = la != 0 && la <= (uint32_t)tbits, sb = lb != 0 && lb <= (uint32_t)tbits;
-    const uint32_t short_a = __ballot_sync(0xffffffffu, sa), short_b = __ballot_sync(0xffffffffu, sb);
-    /* Each symbol's range as one word (entry | start << 16 | log2 size << 25), one shuffle each. */
-    const uint32_t ra = sa ? entry((uint32_t)lane, la) | (ca << (tbits - la) << 16) |
-                                 ((uint32_t)(tbits - (int)la) << 25)
-                           : 0u;
-    const uint32_t rb = sb ? entry((uint32_t)lane + 32, lb) | (cb << (tbits - lb) << 16) |
-                                 ((uint32_t)(tbits - (int)lb) << 25)
-                           : 0u;
-    for (int half = 0; half < 2; half++) {
-      for (uint32_t m = half ? short_b : short_a; m; m &= m - 1) {
-        const uint32_t r = __shfl_sync(0xffffffffu, half ? rb : ra, __ffs(m) - 1);
-        const uint32_t a = (r >> 16) & 511u, n = 1u << (r >> 25);
-        for (uint32_t i = lane; i < n; i += 32) tab[a + i] = (uint16_t)r;
+    /* Canonical ranges are consecutive in the table, so each code that fits writes its entry at
+     * the start of its range only (entries are never 0: every length is >= 1), and the gaps take
+     * the last entry before them: a forward fill over E consecutive entries per lane with the
+     * carry from the lanes before (a max-scan of (index, entry), indices growing with the lane).
+     * ~50 instructions per lane, where one code at a time cost ~45 per code. A longer code then
+     * marks its tb-bit prefix as an escape (its region lies past every short range). */
+    const int tsize = 1 << tbits, E = tsize > 32 ? tsize >> 5 : 1, i0 = lane * E;
+    for (int i = lane; i < tsize; i += 32) tab[i] = 0;
+    __syncwarp();
+    if (la != 0 && la <= (uint32_t)tbits) tab[ca << (tbits - la)] = (uint16_t)entry((uint32_t)lane, la);
+    if (lb != 0 && lb <= (uint32_t)tbits)
+      tab[cb << (tbits - lb)] = (uint16_t)entry((uint32_t)lane + 32, lb);
+    __syncwarp();
+    uint32_t key = 0; /* (index + 1) << 16 | entry of the lane's last start */
+    if (i0 < tsize)
+      for (int j = 0; j < E; j++) {
+        const uint32_t v = tab[i0 + j];
+        if (v) key = (uint32_t)(i0 + j + 1) << 16 | v;
       }
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t v = __shfl_up_sync(0xffffffffu, key, o);
+      if (lane >= o) key = max(key, v);
     }
+    uint32_t run = __shfl_up_sync(0xffffffffu, key, 1) & 0xffffu; /* lane 0: entry 0 is a start */
+    __syncwarp();
+    if (i0 < tsize)
+      for (int j = 0; j < E; j++) {
+        const uint32_t v = tab[i0 + j];
+        if (v) run = v;
+        else tab[i0 + j] = (uint16_t)run;
+      }
+    __syncwarp();
     if (lane == 0 && lmax > tbits)
       for (int sy = 0; sy < n_sym; sy++) {
         const uint32_t x = sym[sy], len = x >> 16;
@@ -333,6 +362,9 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   h.w_lane = (int)w_lane;
   h.n_tokens = n_tokens;
   h.tok_done = 0;
+  h.w_off = (int)((const uint8_t *)s.w - area);
+  h.last = s.last;
+  h.joint = 0;
   uint64_t start[4];
   const uint64_t end = v3h_lane_starts(s.w, s.last, h, start);
   if (end > cap) return SRC_BAD;
@@ -345,101 +377,115 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   return fast ? SRC_HUF : SRC_HUFG;
 }
 
-/* old if !p, else the shared word at addr: a predicated load, so that a refill is no branch and
- * the streams' chains interleave. */
-__device__ __forceinline__ uint32_t v3h_lds_if(uint32_t p, uint32_t addr, uint32_t old) {
-  uint32_t v = old;
-  asm("{\n .reg .pred q;\n setp.ne.u32 q, %2, 0;\n @q ld.shared.u32 %0, [%1];\n}\n"
-      : "+r"(v)
-      : "r"(addr), "r"(p));
-  return v;
-}
-
 /*
- * SRC_HUF: page tokens [a, a + 16) of every stream (channel) into the tile. SPW symbols per 32-bit
- * window (SPW * longest code <= 32: 4 up to 8-bit codes, else 2), then one refill of the two-word
- * bit buffer. Lane l decodes streams of channels: K c0, c0 + 8 (and c0 + 64, c0 + 72 at head_dim
- * 128), c0 = 16 (l / 8) + l % 8, so that it holds both channels of its K pairs; V l + 32 i.
+ * SRC_HUF: page tokens [a, a + 16) of every stream (channel) of K (MODE 1), V (MODE 2) or both
+ * (MODE 3, eight independent chains per lane at head_dim 128, where one tensor gives four: the
+ * decode is latency-bound, table lookup -> shift -> next lookup) into the tiles. Four symbols per
+ * 32-bit window (codes of at most kHufTableBits = 8 bits); a stream's window is
+ * read afresh from its bit position (two word loads and a funnel shift; the word index clamps to
+ * the section, and the one word past it is the ring's slack), so no bit buffer stays live.
+ * Lane l decodes streams of channels: K c0, c0 + 8 (and c0 + 64, c0 + 72 at head_dim 128),
+ * c0 = 16 (l / 8) + l % 8, so that it holds both channels of its K pairs; V l + 32 i.
  */
-template <int HD, int TENSOR, int SPW>
-__device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab, uint32_t *pos,
-                                         const uint8_t *area, uint8_t *tile, int a) {
+template <int HD, int MODE>
+__device__ __forceinline__ void v3h_fast(uint8_t *area, int a) {
   typedef v3h_area<HD> A;
-  constexpr int NS = HD / 32;
+  constexpr int SPW = 4;
+  static_assert(SPW * kHufTableBits <= 32, "a window holds SPW codes");
+  constexpr int NS = HD / 32, TE0 = MODE == 2 ? 1 : 0, NTE = MODE == 3 ? 2 : 1, NT = NTE * NS;
+  constexpr int KST = A::kst, VST = A::vst;
   const int lane = threadIdx.x & 31;
   const int c0 = 16 * (lane / 8) + lane % 8;
-  const uint32_t tb = (uint32_t)sec.width, last = sec.last;
-  const uint32_t *w = sec.w;
-  const uint32_t wsh = smem_u32(w);
-  int ch[NS];
+  const v3h_state *hs = (const v3h_state *)(area + A::state);
+  const uint32_t *w[NTE];
+  uint32_t last[NTE], tb[NTE];
+  const uint16_t *tab[NTE];
+  uint32_t *pos[NTE];
 #pragma unroll
-  for (int i = 0; i < NS; i++) ch[i] = TENSOR == 0 ? c0 + 8 * (i & 1) + 64 * (i >> 1) : lane + 32 * i;
-  uint32_t cur[NS], nxt[NS], used[NS], k[NS];
+  for (int x = 0; x < NTE; x++) {
+    const int te = TE0 + x;
+    w[x] = (const uint32_t *)(area + hs[te].w_off);
+    last[x] = hs[te].last;
+    tb[x] = (uint32_t)hs[te].tbits;
+    tab[x] = (const uint16_t *)(area + A::tab) + te * (1 << kHufTableBits);
+    pos[x] = (uint32_t *)(area + A::pos) + te * kHufLanes;
+  }
+  /* Stream i: tensor slot i / NS (tensor TE0 + i / NS), its j-th stream j = i % NS. */
+  auto chan = [&](int i) {
+    const int j = i % NS;
+    return TE0 + i / NS == 0 ? c0 + 8 * (j & 1) + 64 * (j >> 1) : lane + 32 * j;
+  };
+  uint32_t p[NT];
   __half2 kst[NS], kbs[NS];
 #pragma unroll
-  for (int i = 0; i < NS; i++) {
-    const uint32_t p0 = pos[ch[i]];
-    k[i] = p0 >> 5;
-    used[i] = p0 & 31;
-    cur[i] = w[min(k[i], last)];
-    nxt[i] = w[min(k[i] + 1, last)];
-    if (TENSOR == 0) {
-      const uint32_t st = ((const uint16_t *)(area + A::kst2))[ch[i]];
-      const uint32_t bs = ((const uint16_t *)(area + A::kbs2))[ch[i]];
+  for (int i = 0; i < NT; i++) {
+    p[i] = pos[i / NS][chan(i)];
+    if (TE0 + i / NS == 0) {
+      const uint32_t st = ((const uint16_t *)(area + A::kst2))[chan(i)];
+      const uint32_t bs = ((const uint16_t *)(area + A::kbs2))[chan(i)];
       kst[i] = as_h2<__half2>(st | (st << 16));
       kbs[i] = as_h2<__half2>(bs | (bs << 16));
     }
   }
   const uint32_t *vst = (const uint32_t *)(area + A::vst2);
   const uint32_t *vbs = (const uint32_t *)(area + A::vbs2);
-  constexpr int KST = v3h_area<HD>::kst, VST = v3h_area<HD>::vst;
+  uint8_t *ktile = area + A::tile, *vtile = area + A::vtile;
+#if KVC_HUF_ROLL
+#pragma unroll 1
+#else
 #pragma unroll
+#endif
   for (int t0 = 0; t0 < 16; t0 += SPW) {
-    uint32_t val[NS][SPW / 2]; /* half2 of tokens (t0 + 2m, t0 + 2m + 1) per stream */
+    uint32_t val[NT][SPW / 2]; /* half2 of tokens (t0 + 2m, t0 + 2m + 1) per stream */
+    /* V: the token pairs' steps and addends, shared by the lane's streams (loaded once: the tile
+     * stores in between could alias them for the compiler) */
+    __half2 vs2[SPW / 2], vb2[SPW / 2];
+    if (MODE != 1)
 #pragma unroll
-    for (int i = 0; i < NS; i++) {
+      for (int m = 0; m < SPW / 2; m++) {
+        vs2[m] = as_h2<__half2>(vst[(a + t0) / 2 + m]);
+        vb2[m] = as_h2<__half2>(vbs[(a + t0) / 2 + m]);
+      }
+#pragma unroll
+    for (int i = 0; i < NT; i++) {
+      const int x = i / NS, te = TE0 + x;
+      const uint32_t k = min(p[i] >> 5, last[x]);
       /* An entry's low six bits are its code length (fp16 bits of u < 32 end in six zeros):
        * the funnel shift uses the low five as the shift, and the sum of the entries' low six
        * bits is the window's bits. */
-      uint32_t x = __funnelshift_l(nxt[i], cur[i], used[i]), e[SPW], n = 0;
+      uint32_t y32 = __funnelshift_l(w[x][k + 1], w[x][k], p[i]), e[SPW], n = 0;
 #pragma unroll
       for (int y = 0; y < SPW; y++) {
-        e[y] = tab[kvc_dev_top(x, tb)];
-        if (y + 1 < SPW) x = __funnelshift_l(0u, x, e[y]);
+        e[y] = tab[x][kvc_dev_top(y32, tb[x])];
+        if (y + 1 < SPW) y32 = __funnelshift_l(0u, y32, e[y]);
         n += e[y];
       }
-      used[i] += n & 63u;
-      const uint32_t r = used[i] >> 5; /* the window crossed into nxt: shift the buffer */
-      used[i] &= 31u;
-      cur[i] = r ? nxt[i] : cur[i];
-      k[i] += r;
-      nxt[i] = v3h_lds_if(r, wsh + 4u * min(k[i] + 1, last), nxt[i]);
+      p[i] += n & 63u;
 #pragma unroll
       for (int m = 0; m < SPW / 2; m++) {
         const __half2 u2 = as_h2<__half2>(__byte_perm(e[2 * m], e[2 * m + 1], 0x5410) & 0xfff0fff0u);
-        if (TENSOR == 0) {
-          val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i], kbs[i]));
+        if (te == 0) {
+          val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i % NS], kbs[i % NS]));
         } else {
-          const int tp = (a + t0) / 2 + m; /* page token pair */
-          val[i][m] = h2_bits<__half2>(__hfma2(u2, as_h2<__half2>(vst[tp]), as_h2<__half2>(vbs[tp])));
-          *(uint32_t *)(tile + (t0 / 2 + m) * VST + 4 * ch[i]) = val[i][m];
+          val[i][m] = h2_bits<__half2>(__hfma2(u2, vs2[m], vb2[m]));
+          *(uint32_t *)(vtile + (t0 / 2 + m) * VST + 4 * chan(i)) = val[i][m];
         }
       }
     }
-    if (TENSOR == 0) {
+    if (TE0 == 0) {
       /* Channels (c0, c0 + 8) of each token as one word: pair q = lane (+ 32 for c0 + 64). */
 #pragma unroll
       for (int i = 0; i < NS; i += 2)
 #pragma unroll
         for (int m = 0; m < SPW / 2; m++) {
-          uint8_t *dst = tile + 4 * v3h_kidx<HD>(lane + 16 * i) + (t0 + 2 * m) * KST;
+          uint8_t *dst = ktile + 4 * v3h_kidx<HD>(lane + 16 * i) + (t0 + 2 * m) * KST;
           *(uint32_t *)dst = __byte_perm(val[i][m], val[i + 1][m], 0x5410);
           *(uint32_t *)(dst + KST) = __byte_perm(val[i][m], val[i + 1][m], 0x7632);
         }
     }
   }
 #pragma unroll
-  for (int i = 0; i < NS; i++) pos[ch[i]] = k[i] * 32 + used[i];
+  for (int i = 0; i < NT; i++) pos[i / NS][chan(i)] = p[i];
 }
 
 /* SRC_HUFG: page tokens [a, a + nr) of every stream into tile rows 0..nr-1, symbol by symbol. */
@@ -517,8 +563,10 @@ __device__ __forceinline__ void v3h_s(const uint8_t *tile, int g, int c, int nr,
 template <int HD, class T, int NB>
 __device__ __forceinline__ void v3h_pv(const uint8_t *tile, int g, int c,
                                        const uint32_t (&pb)[NB][2], oacc_t<HD, NB> &o) {
-  constexpr int VST = v3h_area<HD>::vst;
-  const uint8_t *r0 = tile + c * VST + 4 * g * (HD / 8), *r1 = r0 + 4 * VST;
+  typedef v3h_area<HD> A;
+  constexpr int VST = A::vst;
+  /* `tile` is the area's K tile (the kernel passes the same pointer to v3h_s); V's follows it. */
+  const uint8_t *r0 = tile + (A::vtile - A::tile) + c * VST + 4 * g * (HD / 8), *r1 = r0 + 4 * VST;
 #pragma unroll
   for (int n4 = 0; n4 < HD / 32; n4++) {
     const uint4 b0 = *(const uint4 *)(r0 + 16 * n4), b1 = *(const uint4 *)(r1 + 16 * n4);
@@ -533,8 +581,9 @@ __device__ __forceinline__ void v3h_pv(const uint8_t *tile, int g, int c,
 
 /*
  * Decodes page tokens [a, a + nr) of Huffman section `tensor` (set up by v3h_setup, decoded up to
- * token a so far: slabs come in order) into the warp's tile (slab tokens 0..nr-1; SRC_HUF: all 16,
- * a a multiple of 16; V: tokens nr..15 zeros). Returns false, in every lane, when the section has been decoded to its end and
+ * token a so far: slabs come in order) into the tensor's tile (slab tokens 0..nr-1; SRC_HUF: all
+ * 16, a a multiple of 16, and with state[0].joint K's call decodes V's slab too; V: tokens
+ * nr..15 zeros). Returns false, in every lane, when the section has been decoded to its end and
  * a stream does not end where the next one starts. The caller synchronises the warp before (the
  * tile's earlier readers) and after (its readers).
  */
@@ -549,13 +598,13 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
   int done = a + nr;
   if constexpr (kFast16<T>) {
     if (src.kind == SRC_HUF) {
-      uint8_t *tile = area + A::tile;
+      /* Joint: K's call decodes both slabs (V's call only checks V's streams). */
+      const bool joint = ((const v3h_state *)(area + A::state))[0].joint;
       if (tensor == 0) {
-        if (src.sec.width <= 8) v3h_fast<HD, 0, 4>(src.sec, tab, pos, area, tile, a);
-        else v3h_fast<HD, 0, 2>(src.sec, tab, pos, area, tile, a);
-      } else {
-        if (src.sec.width <= 8) v3h_fast<HD, 1, 4>(src.sec, tab, pos, area, tile, a);
-        else v3h_fast<HD, 1, 2>(src.sec, tab, pos, area, tile, a);
+        if (joint) v3h_fast<HD, 3>(area, a);
+        else v3h_fast<HD, 1>(area, a);
+      } else if (!joint) {
+        v3h_fast<HD, 2>(area, a);
       }
       done = a + 16;
     }
@@ -563,12 +612,12 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
   if (src.kind != SRC_HUF) {
     if (tensor == 1 && nr < 16) {
       /* P V reads whole token pairs: rows past the page's become zeros (finite, masked). */
-      for (int i = lane; i < A::tile_bytes / 16; i += 32)
-        *(uint4 *)(area + A::tile + 16 * i) = make_uint4(0, 0, 0, 0);
+      for (int i = lane; i < A::vtile_bytes / 16; i += 32)
+        *(uint4 *)(area + A::vtile + 16 * i) = make_uint4(0, 0, 0, 0);
       __syncwarp();
     }
     v3h_generic<HD, T>(src.sec, h, tab, (const uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT,
-                       pos, scr, tensor, area + A::tile, a, nr);
+                       pos, scr, tensor, area + (tensor ? A::vtile : A::tile), a, nr);
   }
   __syncwarp();
   if (lane == 0) ((v3h_state *)(area + A::state))[tensor].tok_done = done;
@@ -602,6 +651,9 @@ __device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_
                              ks.sec);
   vs.kind = v3h_setup<HD, T>(ub + pg.v_ring, pg.v_bytes, 1, pg.n_tokens, t_lo, t_hi, scr, area,
                              vs.sec);
+  /* Joint decode when both sections take the fast decoder (lane 0 also wrote the states). */
+  if ((threadIdx.x & 31) == 0 && ks.kind == SRC_HUF && vs.kind == SRC_HUF)
+    ((v3h_state *)(area + v3h_area<HD>::state))[0].joint = 1;
   __syncwarp();
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
 }

@@ -7,21 +7,23 @@
  * strided streams: stream i holds symbols i, i + n_lanes, ... (symbol s = token s / HD, channel
  * s % HD). A stream can only be decoded from its start, so a consumer warp keeps every stream's
  * bit position in its shared-memory area across the four 16-token slabs of its unit, and decodes,
- * per slab, the slab's symbols of every stream into two per-warp tiles laid out as v3's A
- * operands want them (v3h_area): K as channel pairs (c, c + 8) of each token in k_channel order, V
+ * per slab and tensor, the slab's symbols of every stream into a per-warp tile laid out as v3's
+ * A operands want it (v3h_area): K as channel pairs (c, c + 8) of each token in k_channel order, V
  * as token pairs (2p, 2p + 1) of each channel, so that S^T = K Q^T and O^T += V^T P^T read their
- * A registers with LDS.128 and no byte permutes (v3h_s, v3h_pv). The tiles hold the values
+ * A registers with LDS.128 and no byte permutes (v3h_s, v3h_pv). The tile holds the values
  * themselves (the steps applied: O^T accumulates Huffman pages in units of 2^0, and keys take Q
- * as it is). When both sections take the fast decoder, K's and V's slabs are decoded together
- * before S (eight independent chains per lane at head_dim 128: the decode is latency-bound, a
- * chain being table lookup -> shift -> next lookup); otherwise K's before S and V's after S.
- * Nothing here touches the attention math.
+ * as it is). K's slab is decoded before S, V's (into the same tile) right after S. Nothing here
+ * touches the attention math. (Decoding K's and V's slabs together, eight independent chains per
+ * lane instead of four, needs a second tile: measured slower, the ring it takes from keeps too few
+ * units in flight; bench/NOTES-huf4.md.)
  *
  * Per section and unit the warp first parses the header: group steps and bases (v3's scratch,
- * laid out as for bit-pack's generic path; fp16 steps and addends in the Huffman area), code lengths (Kraft-checked), canonical codes by warp ballots, a decode table
- * of 2^tb u16 entries, tb = min(longest code, kHufTableBits), and the stream starts (a warp scan of
- * the lane lengths). The table is per warp and tensor (512 bytes each at most: a full 11-bit
- * table for K and V of five warps would not fit beside the ring with two CTAs per SM).
+ * laid out as for bit-pack's generic path; fp16 steps and addends in the Huffman area), code
+ * lengths (Kraft-checked), canonical codes by warp ballots, a decode table of 2^tb u16 entries,
+ * tb = min(longest code, kHufTableBits), and the stream starts (a warp scan of the lane lengths).
+ * The table is per warp and tensor (512 bytes each at most: a full 11-bit table for K and V of
+ * five warps would not fit beside the ring with two CTAs per SM). One copy of the parser serves
+ * both sections (a loop in v3h_page_setup), for the instruction cache.
  *
  * Two decoders, chosen per section (warp-uniform):
  *   SRC_HUF   the common case: relative mode, fp16, every symbol direct (n_sym <= 32: the symbol
@@ -44,12 +46,13 @@
  * the next one starts (as in v2 and the CPU decoder). Reads are clamped to the section's words, the
  * table index to the table, so damaged bytes never read or write out of bounds.
  *
- * Operation count of SRC_HUF per symbol (SASS of the joint decode, head_dim 128: 1,179
- * instructions for 128 symbols per lane, was 1,370 for K and V apart): per lookup the index
- * (SHF), its address (IMAD), LDS.U16 and the advance (SHF): 4; per 4-symbol window the word index
- * and its clamp, the address, two LDS, the funnel shift and the position update (SHF, VIMNMX,
- * IMAD, 2 LDS, SHF, 2 IADD3, LOP3, IADD: ~10); per token pair PRMT + AND + HFMA2; K: a PRMT and
- * STS per token pair of a channel pair, V: one STS per token pair: ~9 per symbol.
+ * Operation count of SRC_HUF per symbol (SASS, head_dim 128: a window-loop trip of four streams
+ * x four symbols is ~150 instructions, K and V ~1,200 per slab for 128 symbols per lane, was
+ * 1,370 unrolled with a bit buffer): per lookup the index (SHF), its address (IMAD), LDS.U16 and
+ * the advance (SHF): 4; per 4-symbol window the word index and its clamp, the address, two LDS,
+ * the funnel shift and the position update (SHF, VIMNMX, IMAD, 2 LDS, SHF, 2 IADD3, LOP3, IADD:
+ * ~10); per token pair PRMT + AND + HFMA2; K: a PRMT and STS per token pair of a channel pair, V:
+ * one STS per token pair: ~9 per symbol.
  */
 #ifndef KVC_ATTN_V3_HUF_CUH
 #define KVC_ATTN_V3_HUF_CUH
@@ -70,18 +73,11 @@ struct v3h_state {
   uint32_t stream_pos, lanes_pos, lane_min;
   int n_lanes, n_sym, tbits, lmax, w_lane, n_tokens;
   int tok_done; /* page tokens [0, tok_done) decoded by every stream */
-  /* The section's words at area + w_off (an offset from the warp's area, so that the fast decoder
-   * of the other tensor's slab still addresses them as shared memory), last word index. */
-  int w_off;
-  uint32_t last;
-  /* state[0] only: both sections are SRC_HUF, so K's slab call decodes the
-   * V slab too (v3h_fast<HD, 3>: eight independent chains per lane instead of four). */
-  int joint;
 };
 
 /*
- * One consumer warp's Huffman area (bytes). Two tiles, one per tensor (so that both slabs can be
- * decoded at once), each in the layout its mma operand wants (see v3h_kidx and the file comment):
+ * One consumer warp's Huffman area (bytes). The tile holds one tensor's slab at a time, in the
+ * layout its mma operand wants (see v3h_kidx and the file comment):
  *   K  [16 tokens][kst bytes]: row t holds u32 channel pairs (c, c + 8), pair q = (c / 16) * 8 +
  *      c % 8 at word v3h_kidx(q), so that lane j of S reads its pairs with four LDS.128
  *   V  [8 token pairs][vst bytes]: word d of row p holds tokens (2p, 2p + 1) of channel d, the
@@ -90,10 +86,9 @@ struct v3h_state {
  */
 template <int HD> struct v3h_area {
   static constexpr int kst = 2 * HD + 16, vst = 4 * HD + 16;
-  static constexpr int tile = 0;                                /* K tile */
-  static constexpr int vtile = tile + 16 * kst;                 /* V tile */
-  static constexpr int vtile_bytes = 8 * vst;
-  static constexpr int tab = vtile + vtile_bytes;               /* [2 tensors][2^kHufTableBits] u16 */
+  static constexpr int tile = 0;
+  static constexpr int tile_bytes = 16 * kst > 8 * vst ? 16 * kst : 8 * vst;
+  static constexpr int tab = tile + tile_bytes;                 /* [2 tensors][2^kHufTableBits] u16 */
   static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][kHufLanes] u32 bit positions */
   static constexpr int sym = pos + 2 * kHufLanes * 4;           /* [2][64] u32: code | len << 16 */
   /* SRC_HUF's fp16 step and addend base * step: per channel (K), per page token (V: the fast
@@ -105,8 +100,10 @@ template <int HD> struct v3h_area {
 };
 
 /* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
- * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (56 at head_dim 128, 68 at
- * 64: one uncompressed 64-token unit and more; Huffman units are ~4x smaller, ~7 in flight).
+ * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (61 at head_dim 128, 73 at
+ * 64: one uncompressed 64-token unit and more; the bench's Huffman units, ~6 KiB at head_dim
+ * 128, fill all ten slots). The ring is what Huffman units are sensitive to: a second slab tile
+ * per warp (ring 40 KiB, ~6 units for five warps) measured 5% slower for that alone.
  * Blocks whose sections may not fit (head_dim 128, 128 tokens) are left to v2 by the launcher. */
 template <int HD> struct v3h_layout {
   static constexpr int RB = 2 * HD;
@@ -131,9 +128,7 @@ template <int HD> struct v3h_layout {
   /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring. */
   static constexpr int max_block_tokens =
       2 * (kMaxBlockTokens * RB + slack) <= ring ? kMaxBlockTokens : 64;
-  /* The epilogue's buffers may run past the ring: after its __syncthreads_or nothing but the
-   * barriers (at bar_off) is live. */
-  static_assert(kW3 * 16 * (HD + 2) * 4 + 2 * kW3 * 16 * 4 <= bar_off, "epilogue does not fit");
+  static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert(2 * (64 * RB + slack) <= ring, "a unit must fit the ring");
   static_assert(2 * (bytes + 1024) <= 233472, "two CTAs per SM do not fit");
   static_assert(HD * kMaxBlockTokens / KVC_LANE_SYMBOLS <= kHufLanes || max_block_tokens == 64,
@@ -362,9 +357,6 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   h.w_lane = (int)w_lane;
   h.n_tokens = n_tokens;
   h.tok_done = 0;
-  h.w_off = (int)((const uint8_t *)s.w - area);
-  h.last = s.last;
-  h.joint = 0;
   uint64_t start[4];
   const uint64_t end = v3h_lane_starts(s.w, s.last, h, start);
   if (end > cap) return SRC_BAD;
@@ -378,114 +370,94 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
 }
 
 /*
- * SRC_HUF: page tokens [a, a + 16) of every stream (channel) of K (MODE 1), V (MODE 2) or both
- * (MODE 3, eight independent chains per lane at head_dim 128, where one tensor gives four: the
- * decode is latency-bound, table lookup -> shift -> next lookup) into the tiles. Four symbols per
- * 32-bit window (codes of at most kHufTableBits = 8 bits); a stream's window is
- * read afresh from its bit position (two word loads and a funnel shift; the word index clamps to
- * the section, and the one word past it is the ring's slack), so no bit buffer stays live.
+ * SRC_HUF: page tokens [a, a + 16) of every stream (channel) into the tile. Four symbols per
+ * 32-bit window (codes of at most kHufTableBits = 8 bits), read afresh at the stream's bit
+ * position (two word loads and a funnel shift; the word index clamps to the section, and the one
+ * word past it is the ring's slack), so no bit buffer stays live. The window loop is not unrolled:
+ * unrolled, the K and V decoders were ~1,370 straight-line instructions per slab, and the
+ * kernel's instruction fetch ("no instruction" stalls) cost more than the loop does.
  * Lane l decodes streams of channels: K c0, c0 + 8 (and c0 + 64, c0 + 72 at head_dim 128),
  * c0 = 16 (l / 8) + l % 8, so that it holds both channels of its K pairs; V l + 32 i.
  */
-template <int HD, int MODE>
-__device__ __forceinline__ void v3h_fast(uint8_t *area, int a) {
+template <int HD, int TENSOR>
+__device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab, uint32_t *pos,
+                                         const uint8_t *area, uint8_t *tile, int a) {
   typedef v3h_area<HD> A;
-  constexpr int SPW = 4;
+  constexpr int NS = HD / 32, SPW = 4;
   static_assert(SPW * kHufTableBits <= 32, "a window holds SPW codes");
-  constexpr int NS = HD / 32, TE0 = MODE == 2 ? 1 : 0, NTE = MODE == 3 ? 2 : 1, NT = NTE * NS;
   constexpr int KST = A::kst, VST = A::vst;
   const int lane = threadIdx.x & 31;
   const int c0 = 16 * (lane / 8) + lane % 8;
-  const v3h_state *hs = (const v3h_state *)(area + A::state);
-  const uint32_t *w[NTE];
-  uint32_t last[NTE], tb[NTE];
-  const uint16_t *tab[NTE];
-  uint32_t *pos[NTE];
+  const uint32_t tb = (uint32_t)sec.width, last = sec.last;
+  const uint32_t *w = sec.w;
+  int ch[NS];
 #pragma unroll
-  for (int x = 0; x < NTE; x++) {
-    const int te = TE0 + x;
-    w[x] = (const uint32_t *)(area + hs[te].w_off);
-    last[x] = hs[te].last;
-    tb[x] = (uint32_t)hs[te].tbits;
-    tab[x] = (const uint16_t *)(area + A::tab) + te * (1 << kHufTableBits);
-    pos[x] = (uint32_t *)(area + A::pos) + te * kHufLanes;
-  }
-  /* Stream i: tensor slot i / NS (tensor TE0 + i / NS), its j-th stream j = i % NS. */
-  auto chan = [&](int i) {
-    const int j = i % NS;
-    return TE0 + i / NS == 0 ? c0 + 8 * (j & 1) + 64 * (j >> 1) : lane + 32 * j;
-  };
-  uint32_t p[NT];
+  for (int i = 0; i < NS; i++) ch[i] = TENSOR == 0 ? c0 + 8 * (i & 1) + 64 * (i >> 1) : lane + 32 * i;
+  uint32_t p[NS]; /* bit positions */
   __half2 kst[NS], kbs[NS];
 #pragma unroll
-  for (int i = 0; i < NT; i++) {
-    p[i] = pos[i / NS][chan(i)];
-    if (TE0 + i / NS == 0) {
-      const uint32_t st = ((const uint16_t *)(area + A::kst2))[chan(i)];
-      const uint32_t bs = ((const uint16_t *)(area + A::kbs2))[chan(i)];
+  for (int i = 0; i < NS; i++) {
+    p[i] = pos[ch[i]];
+    if (TENSOR == 0) {
+      const uint32_t st = ((const uint16_t *)(area + A::kst2))[ch[i]];
+      const uint32_t bs = ((const uint16_t *)(area + A::kbs2))[ch[i]];
       kst[i] = as_h2<__half2>(st | (st << 16));
       kbs[i] = as_h2<__half2>(bs | (bs << 16));
     }
   }
   const uint32_t *vst = (const uint32_t *)(area + A::vst2);
   const uint32_t *vbs = (const uint32_t *)(area + A::vbs2);
-  uint8_t *ktile = area + A::tile, *vtile = area + A::vtile;
-#if KVC_HUF_ROLL
 #pragma unroll 1
-#else
-#pragma unroll
-#endif
   for (int t0 = 0; t0 < 16; t0 += SPW) {
-    uint32_t val[NT][SPW / 2]; /* half2 of tokens (t0 + 2m, t0 + 2m + 1) per stream */
+    uint32_t val[NS][SPW / 2]; /* half2 of tokens (t0 + 2m, t0 + 2m + 1) per stream */
     /* V: the token pairs' steps and addends, shared by the lane's streams (loaded once: the tile
      * stores in between could alias them for the compiler) */
     __half2 vs2[SPW / 2], vb2[SPW / 2];
-    if (MODE != 1)
+    if (TENSOR == 1)
 #pragma unroll
       for (int m = 0; m < SPW / 2; m++) {
         vs2[m] = as_h2<__half2>(vst[(a + t0) / 2 + m]);
         vb2[m] = as_h2<__half2>(vbs[(a + t0) / 2 + m]);
       }
 #pragma unroll
-    for (int i = 0; i < NT; i++) {
-      const int x = i / NS, te = TE0 + x;
-      const uint32_t k = min(p[i] >> 5, last[x]);
+    for (int i = 0; i < NS; i++) {
+      const uint32_t k = min(p[i] >> 5, last);
       /* An entry's low six bits are its code length (fp16 bits of u < 32 end in six zeros):
        * the funnel shift uses the low five as the shift, and the sum of the entries' low six
        * bits is the window's bits. */
-      uint32_t y32 = __funnelshift_l(w[x][k + 1], w[x][k], p[i]), e[SPW], n = 0;
+      uint32_t x = __funnelshift_l(w[k + 1], w[k], p[i]), e[SPW], n = 0;
 #pragma unroll
       for (int y = 0; y < SPW; y++) {
-        e[y] = tab[x][kvc_dev_top(y32, tb[x])];
-        if (y + 1 < SPW) y32 = __funnelshift_l(0u, y32, e[y]);
+        e[y] = tab[kvc_dev_top(x, tb)];
+        if (y + 1 < SPW) x = __funnelshift_l(0u, x, e[y]);
         n += e[y];
       }
       p[i] += n & 63u;
 #pragma unroll
       for (int m = 0; m < SPW / 2; m++) {
         const __half2 u2 = as_h2<__half2>(__byte_perm(e[2 * m], e[2 * m + 1], 0x5410) & 0xfff0fff0u);
-        if (te == 0) {
-          val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i % NS], kbs[i % NS]));
+        if (TENSOR == 0) {
+          val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i], kbs[i]));
         } else {
           val[i][m] = h2_bits<__half2>(__hfma2(u2, vs2[m], vb2[m]));
-          *(uint32_t *)(vtile + (t0 / 2 + m) * VST + 4 * chan(i)) = val[i][m];
+          *(uint32_t *)(tile + (t0 / 2 + m) * VST + 4 * ch[i]) = val[i][m];
         }
       }
     }
-    if (TE0 == 0) {
+    if (TENSOR == 0) {
       /* Channels (c0, c0 + 8) of each token as one word: pair q = lane (+ 32 for c0 + 64). */
 #pragma unroll
       for (int i = 0; i < NS; i += 2)
 #pragma unroll
         for (int m = 0; m < SPW / 2; m++) {
-          uint8_t *dst = ktile + 4 * v3h_kidx<HD>(lane + 16 * i) + (t0 + 2 * m) * KST;
+          uint8_t *dst = tile + 4 * v3h_kidx<HD>(lane + 16 * i) + (t0 + 2 * m) * KST;
           *(uint32_t *)dst = __byte_perm(val[i][m], val[i + 1][m], 0x5410);
           *(uint32_t *)(dst + KST) = __byte_perm(val[i][m], val[i + 1][m], 0x7632);
         }
     }
   }
 #pragma unroll
-  for (int i = 0; i < NT; i++) pos[i / NS][chan(i)] = p[i];
+  for (int i = 0; i < NS; i++) pos[ch[i]] = p[i];
 }
 
 /* SRC_HUFG: page tokens [a, a + nr) of every stream into tile rows 0..nr-1, symbol by symbol. */
@@ -563,10 +535,8 @@ __device__ __forceinline__ void v3h_s(const uint8_t *tile, int g, int c, int nr,
 template <int HD, class T, int NB>
 __device__ __forceinline__ void v3h_pv(const uint8_t *tile, int g, int c,
                                        const uint32_t (&pb)[NB][2], oacc_t<HD, NB> &o) {
-  typedef v3h_area<HD> A;
-  constexpr int VST = A::vst;
-  /* `tile` is the area's K tile (the kernel passes the same pointer to v3h_s); V's follows it. */
-  const uint8_t *r0 = tile + (A::vtile - A::tile) + c * VST + 4 * g * (HD / 8), *r1 = r0 + 4 * VST;
+  constexpr int VST = v3h_area<HD>::vst;
+  const uint8_t *r0 = tile + c * VST + 4 * g * (HD / 8), *r1 = r0 + 4 * VST;
 #pragma unroll
   for (int n4 = 0; n4 < HD / 32; n4++) {
     const uint4 b0 = *(const uint4 *)(r0 + 16 * n4), b1 = *(const uint4 *)(r1 + 16 * n4);
@@ -581,9 +551,8 @@ __device__ __forceinline__ void v3h_pv(const uint8_t *tile, int g, int c,
 
 /*
  * Decodes page tokens [a, a + nr) of Huffman section `tensor` (set up by v3h_setup, decoded up to
- * token a so far: slabs come in order) into the tensor's tile (slab tokens 0..nr-1; SRC_HUF: all
- * 16, a a multiple of 16, and with state[0].joint K's call decodes V's slab too; V: tokens
- * nr..15 zeros). Returns false, in every lane, when the section has been decoded to its end and
+ * token a so far: slabs come in order) into the warp's tile (slab tokens 0..nr-1; SRC_HUF: all
+ * 16, a a multiple of 16; V: tokens nr..15 zeros). Returns false, in every lane, when the section has been decoded to its end and
  * a stream does not end where the next one starts. The caller synchronises the warp before (the
  * tile's earlier readers) and after (its readers).
  */
@@ -598,26 +567,21 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
   int done = a + nr;
   if constexpr (kFast16<T>) {
     if (src.kind == SRC_HUF) {
-      /* Joint: K's call decodes both slabs (V's call only checks V's streams). */
-      const bool joint = ((const v3h_state *)(area + A::state))[0].joint;
-      if (tensor == 0) {
-        if (joint) v3h_fast<HD, 3>(area, a);
-        else v3h_fast<HD, 1>(area, a);
-      } else if (!joint) {
-        v3h_fast<HD, 2>(area, a);
-      }
+      uint8_t *tile = area + A::tile;
+      if (tensor == 0) v3h_fast<HD, 0>(src.sec, tab, pos, area, tile, a);
+      else v3h_fast<HD, 1>(src.sec, tab, pos, area, tile, a);
       done = a + 16;
     }
   }
   if (src.kind != SRC_HUF) {
     if (tensor == 1 && nr < 16) {
       /* P V reads whole token pairs: rows past the page's become zeros (finite, masked). */
-      for (int i = lane; i < A::vtile_bytes / 16; i += 32)
-        *(uint4 *)(area + A::vtile + 16 * i) = make_uint4(0, 0, 0, 0);
+      for (int i = lane; i < A::tile_bytes / 16; i += 32)
+        *(uint4 *)(area + A::tile + 16 * i) = make_uint4(0, 0, 0, 0);
       __syncwarp();
     }
     v3h_generic<HD, T>(src.sec, h, tab, (const uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT,
-                       pos, scr, tensor, area + (tensor ? A::vtile : A::tile), a, nr);
+                       pos, scr, tensor, area + A::tile, a, nr);
   }
   __syncwarp();
   if (lane == 0) ((v3h_state *)(area + A::state))[tensor].tok_done = done;
@@ -647,13 +611,22 @@ __device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_
                                                v3_src &vs) {
   __syncwarp(); /* the previous page's readers are done with the scratch and tables */
   const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
-  ks.kind = v3h_setup<HD, T>(ub + pg.k_ring, pg.k_bytes, 0, pg.n_tokens, t_lo, t_hi, scr, area,
-                             ks.sec);
-  vs.kind = v3h_setup<HD, T>(ub + pg.v_ring, pg.v_bytes, 1, pg.n_tokens, t_lo, t_hi, scr, area,
-                             vs.sec);
-  /* Joint decode when both sections take the fast decoder (lane 0 also wrote the states). */
-  if ((threadIdx.x & 31) == 0 && ks.kind == SRC_HUF && vs.kind == SRC_HUF)
-    ((v3h_state *)(area + v3h_area<HD>::state))[0].joint = 1;
+  /* One copy of the parser for both sections (a loop, not two inlined calls): it runs once per
+   * page, and its straight-line code competes with the slab loop's for the instruction cache. */
+#pragma unroll 1
+  for (int tensor = 0; tensor < 2; tensor++) {
+    v3_sec sec = ks.sec;
+    const int kind = v3h_setup<HD, T>(ub + (tensor ? pg.v_ring : pg.k_ring),
+                                      tensor ? pg.v_bytes : pg.k_bytes, tensor, pg.n_tokens, t_lo,
+                                      t_hi, scr, area, sec);
+    if (tensor == 0) {
+      ks.kind = kind;
+      ks.sec = sec;
+    } else {
+      vs.kind = kind;
+      vs.sec = sec;
+    }
+  }
   __syncwarp();
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
 }

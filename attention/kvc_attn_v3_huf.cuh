@@ -102,8 +102,9 @@ template <int HD> struct v3h_area {
 /* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
  * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (61 at head_dim 128, 73 at
  * 64: one uncompressed 64-token unit and more; the bench's Huffman units, ~6 KiB at head_dim
- * 128, fill all ten slots). The ring is what Huffman units are sensitive to: a second slab tile
- * per warp (ring 40 KiB, ~6 units for five warps) measured 5% slower for that alone.
+ * 128, fill all ten slots). Huffman units are sensitive to it: with a second slab tile per warp
+ * (ring 40 KiB, ~6 units for five warps) the consumers' waits for a unit rose from 0.9% to 3.8% of
+ * the stall samples (bench/NOTES-huf4.md).
  * Blocks whose sections may not fit (head_dim 128, 128 tokens) are left to v2 by the launcher. */
 template <int HD> struct v3h_layout {
   static constexpr int RB = 2 * HD;

@@ -14,8 +14,8 @@
  * themselves (the steps applied: O^T accumulates Huffman pages in units of 2^0, and keys take Q
  * as it is). K's slab is decoded before S, V's (into the same tile) right after S. Nothing here
  * touches the attention math. (Decoding K's and V's slabs together, eight independent chains per
- * lane instead of four, needs a second tile: measured slower, the ring it takes from keeps too few
- * units in flight; bench/NOTES-huf4.md.)
+ * lane instead of four, needs a second tile, 21 KiB of the ring at head_dim 128: measured slower,
+ * bench/NOTES-huf4.md.)
  *
  * Per section and unit the warp first parses the header: group steps and bases (v3's scratch,
  * laid out as for bit-pack's generic path; fp16 steps and addends in the Huffman area), code
@@ -616,7 +616,7 @@ __device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_
    * page, and its straight-line code competes with the slab loop's for the instruction cache. */
 #pragma unroll 1
   for (int tensor = 0; tensor < 2; tensor++) {
-    v3_sec sec = ks.sec;
+    v3_sec sec = ks.sec; /* v3h_setup's early returns (SRC_BAD) leave it partly unset */
     const int kind = v3h_setup<HD, T>(ub + (tensor ? pg.v_ring : pg.k_ring),
                                       tensor ? pg.v_bytes : pg.k_bytes, tensor, pg.n_tokens, t_lo,
                                       t_hi, scr, area, sec);

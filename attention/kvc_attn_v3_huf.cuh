@@ -316,7 +316,8 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
     const int tsize = 1 << tbits, E = tsize > 32 ? tsize >> 5 : 1, i0 = lane * E;
     for (int i = lane; i < tsize; i += 32) tab[i] = 0;
     __syncwarp();
-    if (la != 0 && la <= (uint32_t)tbits) tab[ca << (tbits - la)] = (uint16_t)entry((uint32_t)lane, la);
+    if (la != 0 && la <= (uint32_t)tbits)
+      tab[ca << (tbits - la)] = (uint16_t)entry((uint32_t)lane, la);
     if (lb != 0 && lb <= (uint32_t)tbits)
       tab[cb << (tbits - lb)] = (uint16_t)entry((uint32_t)lane + 32, lb);
     __syncwarp();
@@ -553,9 +554,9 @@ __device__ __forceinline__ void v3h_pv(const uint8_t *tile, int g, int c,
 /*
  * Decodes page tokens [a, a + nr) of Huffman section `tensor` (set up by v3h_setup, decoded up to
  * token a so far: slabs come in order) into the warp's tile (slab tokens 0..nr-1; SRC_HUF: all
- * 16, a a multiple of 16; V: tokens nr..15 zeros). Returns false, in every lane, when the section has been decoded to its end and
- * a stream does not end where the next one starts. The caller synchronises the warp before (the
- * tile's earlier readers) and after (its readers).
+ * 16, a a multiple of 16; V: tokens nr..15 zeros). Returns false, in every lane, when the
+ * section has been decoded to its end and a stream does not end where the next one starts. The
+ * caller synchronises the warp before (the tile's earlier readers) and after (its readers).
  */
 template <int HD, class T>
 __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint8_t *area, int a,

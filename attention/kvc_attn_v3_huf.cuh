@@ -12,14 +12,18 @@
  * as token pairs (2p, 2p + 1) of each channel, so that S^T = K Q^T and O^T += V^T P^T read their
  * A registers with LDS.128 and no byte permutes (v3h_s, v3h_pv). The tile holds the values
  * themselves (the steps applied: O^T accumulates Huffman pages in units of 2^0, and keys take Q
- * as it is). K's slab is decoded before S, V's (into the same tile) right after S, so that its
- * decode chains overlap S's mma chains and the softmax. Nothing here touches the attention math.
+ * as it is). K's slab is decoded before S, V's (into the same tile) right after S. Nothing here
+ * touches the attention math. (Decoding K's and V's slabs together, eight independent chains per
+ * lane instead of four, needs a second tile, 21 KiB of the ring at head_dim 128: measured slower,
+ * bench/NOTES-huf4.md.)
  *
  * Per section and unit the warp first parses the header: group steps and bases (v3's scratch,
- * laid out as for bit-pack's generic path; fp16 steps and addends in the Huffman area), code lengths (Kraft-checked), canonical codes by warp ballots, a decode table
- * of 2^tb u16 entries, tb = min(longest code, kHufTableBits), and the stream starts (a warp scan of
- * the lane lengths). The table is per warp and tensor (1 KiB each at most: a full 11-bit table
- * for K and V of five warps would not fit beside the ring with two CTAs per SM).
+ * laid out as for bit-pack's generic path; fp16 steps and addends in the Huffman area), code
+ * lengths (Kraft-checked), canonical codes by warp ballots, a decode table of 2^tb u16 entries,
+ * tb = min(longest code, kHufTableBits), and the stream starts (a warp scan of the lane lengths).
+ * The table is per warp and tensor (512 bytes each at most: a full 11-bit table for K and V of
+ * five warps would not fit beside the ring with two CTAs per SM). One copy of the parser serves
+ * both sections (a loop in v3h_page_setup), for the instruction cache.
  *
  * Two decoders, chosen per section (warp-uniform):
  *   SRC_HUF   the common case: relative mode, fp16, every symbol direct (n_sym <= 32: the symbol
@@ -27,8 +31,8 @@
  *             (n_lanes == HD: a 64-token page), steps and addends normal fp16 numbers. Lane l
  *             decodes HD / 32 streams interleaved (independent chains; K: channels c0, c0 + 8,
  *             c0 + 64, c0 + 72, so that it holds both halves of its pairs), 4 symbols per 32-bit
- *             window (2 when a code has 9 bits) from a two-word bit buffer refilled by a
- *             predicated load (no branch: the chains interleave). A table entry is the fp16 bits
+ *             window read at the stream's bit position (two word loads, a funnel shift; no
+ *             branch, so the chains interleave). A table entry is the fp16 bits
  *             of u with the code length in the (zero) low six bits, so the entry itself is the
  *             window's shift and the entries' sum gives the bits used; one PRMT and one AND pair
  *             two tokens' codes as a half2 and one HFMA2 applies the step and base * step (keys:
@@ -42,11 +46,13 @@
  * the next one starts (as in v2 and the CPU decoder). Reads are clamped to the section's words, the
  * table index to the table, so damaged bytes never read or write out of bounds.
  *
- * Operation count of SRC_HUF per symbol (lane-ops): per lookup SHF (index), LEA, LDS, a funnel
- * shift and an add (~5); per 4-symbol window the window SHF, the length sum, the refill (~7) and
- * per token pair PRMT + AND + HFMA2 (~4.5 per symbol together); K: a PRMT and STS per token pair
- * of a channel pair, V: one STS per token pair (~0.5-1): ~10 per symbol, plus the operand reads
- * from the tile (~0.25) and the attention share of v3's uncompressed path (~1).
+ * Operation count of SRC_HUF per symbol (SASS, head_dim 128: a window-loop trip of four streams
+ * x four symbols is ~150 instructions, K and V ~1,200 per slab for 128 symbols per lane, was
+ * 1,370 unrolled with a bit buffer): per lookup the index (SHF), its address (IMAD), LDS.U16 and
+ * the advance (SHF): 4; per 4-symbol window the word index and its clamp, the address, two LDS,
+ * the funnel shift and the position update (SHF, VIMNMX, IMAD, 2 LDS, SHF, 2 IADD3, LOP3, IADD:
+ * ~10); per token pair PRMT + AND + HFMA2; K: a PRMT and STS per token pair of a channel pair, V:
+ * one STS per token pair: ~9 per symbol.
  */
 #ifndef KVC_ATTN_V3_HUF_CUH
 #define KVC_ATTN_V3_HUF_CUH
@@ -55,7 +61,8 @@ namespace kvc_attn {
 
 constexpr int kHufLanes = 128;    /* streams per section a warp can track (the encoder's n_lanes
                                      for pages of up to 8192 symbols: 64 x 128, 128 x 64) */
-constexpr int kHufTableBits = 9;  /* decode-table index bits at most */
+constexpr int kHufTableBits = 8;  /* decode-table index bits at most (SRC_HUF's longest code: four
+                                     symbols per 32-bit window) */
 constexpr uint32_t kHufEsc = 0x8000u; /* generic entry: the code is longer than the table */
 
 /* The Huffman operand sources (after v3's own kinds). */
@@ -93,8 +100,11 @@ template <int HD> struct v3h_area {
 };
 
 /* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
- * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (56 at head_dim 128, 68 at
- * 64: one uncompressed 64-token unit and more; Huffman units are ~4x smaller, ~7 in flight).
+ * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (61 at head_dim 128, 73 at
+ * 64: one uncompressed 64-token unit and more; the bench's Huffman units, ~6 KiB at head_dim
+ * 128, fill all ten slots). Huffman units are sensitive to it: with a second slab tile per warp
+ * (ring 40 KiB, ~6 units for five warps) the consumers' waits for a unit rose from 0.9% to 3.8% of
+ * the stall samples (bench/NOTES-huf4.md).
  * Blocks whose sections may not fit (head_dim 128, 128 tokens) are left to v2 by the launcher. */
 template <int HD> struct v3h_layout {
   static constexpr int RB = 2 * HD;
@@ -297,24 +307,40 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   if (kraft == 0) {
     if (lane == 0) tab[0] = (uint16_t)entry((uint32_t)n_sym - 1, 0);
   } else {
-    /* Codes that fit the table fill their ranges, all lanes on one code at a time; a longer code
-     * marks its tb-bit prefix as an escape. */
-    const bool sa = la != 0 && la <= (uint32_t)tbits, sb = lb != 0 && lb <= (uint32_t)tbits;
-    const uint32_t short_a = __ballot_sync(0xffffffffu, sa), short_b = __ballot_sync(0xffffffffu, sb);
-    /* Each symbol's range as one word (entry | start << 16 | log2 size << 25), one shuffle each. */
-    const uint32_t ra = sa ? entry((uint32_t)lane, la) | (ca << (tbits - la) << 16) |
-                                 ((uint32_t)(tbits - (int)la) << 25)
-                           : 0u;
-    const uint32_t rb = sb ? entry((uint32_t)lane + 32, lb) | (cb << (tbits - lb) << 16) |
-                                 ((uint32_t)(tbits - (int)lb) << 25)
-                           : 0u;
-    for (int half = 0; half < 2; half++) {
-      for (uint32_t m = half ? short_b : short_a; m; m &= m - 1) {
-        const uint32_t r = __shfl_sync(0xffffffffu, half ? rb : ra, __ffs(m) - 1);
-        const uint32_t a = (r >> 16) & 511u, n = 1u << (r >> 25);
-        for (uint32_t i = lane; i < n; i += 32) tab[a + i] = (uint16_t)r;
+    /* Canonical ranges are consecutive in the table, so each code that fits writes its entry at
+     * the start of its range only (entries are never 0: every length is >= 1), and the gaps take
+     * the last entry before them: a forward fill over E consecutive entries per lane with the
+     * carry from the lanes before (a max-scan of (index, entry), indices growing with the lane).
+     * ~50 instructions per lane, where one code at a time cost ~45 per code. A longer code then
+     * marks its tb-bit prefix as an escape (its region lies past every short range). */
+    const int tsize = 1 << tbits, E = tsize > 32 ? tsize >> 5 : 1, i0 = lane * E;
+    for (int i = lane; i < tsize; i += 32) tab[i] = 0;
+    __syncwarp();
+    if (la != 0 && la <= (uint32_t)tbits)
+      tab[ca << (tbits - la)] = (uint16_t)entry((uint32_t)lane, la);
+    if (lb != 0 && lb <= (uint32_t)tbits)
+      tab[cb << (tbits - lb)] = (uint16_t)entry((uint32_t)lane + 32, lb);
+    __syncwarp();
+    uint32_t key = 0; /* (index + 1) << 16 | entry of the lane's last start */
+    if (i0 < tsize)
+      for (int j = 0; j < E; j++) {
+        const uint32_t v = tab[i0 + j];
+        if (v) key = (uint32_t)(i0 + j + 1) << 16 | v;
       }
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t v = __shfl_up_sync(0xffffffffu, key, o);
+      if (lane >= o) key = max(key, v);
     }
+    uint32_t run = __shfl_up_sync(0xffffffffu, key, 1) & 0xffffu; /* lane 0: entry 0 is a start */
+    __syncwarp();
+    if (i0 < tsize)
+      for (int j = 0; j < E; j++) {
+        const uint32_t v = tab[i0 + j];
+        if (v) run = v;
+        else tab[i0 + j] = (uint16_t)run;
+      }
+    __syncwarp();
     if (lane == 0 && lmax > tbits)
       for (int sy = 0; sy < n_sym; sy++) {
         const uint32_t x = sym[sy], len = x >> 16;
@@ -345,44 +371,35 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   return fast ? SRC_HUF : SRC_HUFG;
 }
 
-/* old if !p, else the shared word at addr: a predicated load, so that a refill is no branch and
- * the streams' chains interleave. */
-__device__ __forceinline__ uint32_t v3h_lds_if(uint32_t p, uint32_t addr, uint32_t old) {
-  uint32_t v = old;
-  asm("{\n .reg .pred q;\n setp.ne.u32 q, %2, 0;\n @q ld.shared.u32 %0, [%1];\n}\n"
-      : "+r"(v)
-      : "r"(addr), "r"(p));
-  return v;
-}
-
 /*
- * SRC_HUF: page tokens [a, a + 16) of every stream (channel) into the tile. SPW symbols per 32-bit
- * window (SPW * longest code <= 32: 4 up to 8-bit codes, else 2), then one refill of the two-word
- * bit buffer. Lane l decodes streams of channels: K c0, c0 + 8 (and c0 + 64, c0 + 72 at head_dim
- * 128), c0 = 16 (l / 8) + l % 8, so that it holds both channels of its K pairs; V l + 32 i.
+ * SRC_HUF: page tokens [a, a + 16) of every stream (channel) into the tile. Four symbols per
+ * 32-bit window (codes of at most kHufTableBits = 8 bits), read afresh at the stream's bit
+ * position (two word loads and a funnel shift; the word index clamps to the section, and the one
+ * word past it is the ring's slack), so no bit buffer stays live. The window loop is not unrolled:
+ * unrolled, the K and V decoders were ~1,370 straight-line instructions per slab, and the
+ * kernel's instruction fetch ("no instruction" stalls) cost more than the loop does.
+ * Lane l decodes streams of channels: K c0, c0 + 8 (and c0 + 64, c0 + 72 at head_dim 128),
+ * c0 = 16 (l / 8) + l % 8, so that it holds both channels of its K pairs; V l + 32 i.
  */
-template <int HD, int TENSOR, int SPW>
+template <int HD, int TENSOR>
 __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab, uint32_t *pos,
                                          const uint8_t *area, uint8_t *tile, int a) {
   typedef v3h_area<HD> A;
-  constexpr int NS = HD / 32;
+  constexpr int NS = HD / 32, SPW = 4;
+  static_assert(SPW * kHufTableBits <= 32, "a window holds SPW codes");
+  constexpr int KST = A::kst, VST = A::vst;
   const int lane = threadIdx.x & 31;
   const int c0 = 16 * (lane / 8) + lane % 8;
   const uint32_t tb = (uint32_t)sec.width, last = sec.last;
   const uint32_t *w = sec.w;
-  const uint32_t wsh = smem_u32(w);
   int ch[NS];
 #pragma unroll
   for (int i = 0; i < NS; i++) ch[i] = TENSOR == 0 ? c0 + 8 * (i & 1) + 64 * (i >> 1) : lane + 32 * i;
-  uint32_t cur[NS], nxt[NS], used[NS], k[NS];
+  uint32_t p[NS]; /* bit positions */
   __half2 kst[NS], kbs[NS];
 #pragma unroll
   for (int i = 0; i < NS; i++) {
-    const uint32_t p0 = pos[ch[i]];
-    k[i] = p0 >> 5;
-    used[i] = p0 & 31;
-    cur[i] = w[min(k[i], last)];
-    nxt[i] = w[min(k[i] + 1, last)];
+    p[i] = pos[ch[i]];
     if (TENSOR == 0) {
       const uint32_t st = ((const uint16_t *)(area + A::kst2))[ch[i]];
       const uint32_t bs = ((const uint16_t *)(area + A::kbs2))[ch[i]];
@@ -392,36 +409,39 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   }
   const uint32_t *vst = (const uint32_t *)(area + A::vst2);
   const uint32_t *vbs = (const uint32_t *)(area + A::vbs2);
-  constexpr int KST = v3h_area<HD>::kst, VST = v3h_area<HD>::vst;
-#pragma unroll
+#pragma unroll 1
   for (int t0 = 0; t0 < 16; t0 += SPW) {
     uint32_t val[NS][SPW / 2]; /* half2 of tokens (t0 + 2m, t0 + 2m + 1) per stream */
+    /* V: the token pairs' steps and addends, shared by the lane's streams (loaded once: the tile
+     * stores in between could alias them for the compiler) */
+    __half2 vs2[SPW / 2], vb2[SPW / 2];
+    if (TENSOR == 1)
+#pragma unroll
+      for (int m = 0; m < SPW / 2; m++) {
+        vs2[m] = as_h2<__half2>(vst[(a + t0) / 2 + m]);
+        vb2[m] = as_h2<__half2>(vbs[(a + t0) / 2 + m]);
+      }
 #pragma unroll
     for (int i = 0; i < NS; i++) {
+      const uint32_t k = min(p[i] >> 5, last);
       /* An entry's low six bits are its code length (fp16 bits of u < 32 end in six zeros):
        * the funnel shift uses the low five as the shift, and the sum of the entries' low six
        * bits is the window's bits. */
-      uint32_t x = __funnelshift_l(nxt[i], cur[i], used[i]), e[SPW], n = 0;
+      uint32_t x = __funnelshift_l(w[k + 1], w[k], p[i]), e[SPW], n = 0;
 #pragma unroll
       for (int y = 0; y < SPW; y++) {
         e[y] = tab[kvc_dev_top(x, tb)];
         if (y + 1 < SPW) x = __funnelshift_l(0u, x, e[y]);
         n += e[y];
       }
-      used[i] += n & 63u;
-      const uint32_t r = used[i] >> 5; /* the window crossed into nxt: shift the buffer */
-      used[i] &= 31u;
-      cur[i] = r ? nxt[i] : cur[i];
-      k[i] += r;
-      nxt[i] = v3h_lds_if(r, wsh + 4u * min(k[i] + 1, last), nxt[i]);
+      p[i] += n & 63u;
 #pragma unroll
       for (int m = 0; m < SPW / 2; m++) {
         const __half2 u2 = as_h2<__half2>(__byte_perm(e[2 * m], e[2 * m + 1], 0x5410) & 0xfff0fff0u);
         if (TENSOR == 0) {
           val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i], kbs[i]));
         } else {
-          const int tp = (a + t0) / 2 + m; /* page token pair */
-          val[i][m] = h2_bits<__half2>(__hfma2(u2, as_h2<__half2>(vst[tp]), as_h2<__half2>(vbs[tp])));
+          val[i][m] = h2_bits<__half2>(__hfma2(u2, vs2[m], vb2[m]));
           *(uint32_t *)(tile + (t0 / 2 + m) * VST + 4 * ch[i]) = val[i][m];
         }
       }
@@ -439,7 +459,7 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
     }
   }
 #pragma unroll
-  for (int i = 0; i < NS; i++) pos[ch[i]] = k[i] * 32 + used[i];
+  for (int i = 0; i < NS; i++) pos[ch[i]] = p[i];
 }
 
 /* SRC_HUFG: page tokens [a, a + nr) of every stream into tile rows 0..nr-1, symbol by symbol. */
@@ -533,10 +553,10 @@ __device__ __forceinline__ void v3h_pv(const uint8_t *tile, int g, int c,
 
 /*
  * Decodes page tokens [a, a + nr) of Huffman section `tensor` (set up by v3h_setup, decoded up to
- * token a so far: slabs come in order) into the warp's tile (slab tokens 0..nr-1; SRC_HUF: all 16,
- * a a multiple of 16; V: tokens nr..15 zeros). Returns false, in every lane, when the section has been decoded to its end and
- * a stream does not end where the next one starts. The caller synchronises the warp before (the
- * tile's earlier readers) and after (its readers).
+ * token a so far: slabs come in order) into the warp's tile (slab tokens 0..nr-1; SRC_HUF: all
+ * 16, a a multiple of 16; V: tokens nr..15 zeros). Returns false, in every lane, when the
+ * section has been decoded to its end and a stream does not end where the next one starts. The
+ * caller synchronises the warp before (the tile's earlier readers) and after (its readers).
  */
 template <int HD, class T>
 __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint8_t *area, int a,
@@ -550,13 +570,8 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
   if constexpr (kFast16<T>) {
     if (src.kind == SRC_HUF) {
       uint8_t *tile = area + A::tile;
-      if (tensor == 0) {
-        if (src.sec.width <= 8) v3h_fast<HD, 0, 4>(src.sec, tab, pos, area, tile, a);
-        else v3h_fast<HD, 0, 2>(src.sec, tab, pos, area, tile, a);
-      } else {
-        if (src.sec.width <= 8) v3h_fast<HD, 1, 4>(src.sec, tab, pos, area, tile, a);
-        else v3h_fast<HD, 1, 2>(src.sec, tab, pos, area, tile, a);
-      }
+      if (tensor == 0) v3h_fast<HD, 0>(src.sec, tab, pos, area, tile, a);
+      else v3h_fast<HD, 1>(src.sec, tab, pos, area, tile, a);
       done = a + 16;
     }
   }
@@ -598,10 +613,22 @@ __device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_
                                                v3_src &vs) {
   __syncwarp(); /* the previous page's readers are done with the scratch and tables */
   const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
-  ks.kind = v3h_setup<HD, T>(ub + pg.k_ring, pg.k_bytes, 0, pg.n_tokens, t_lo, t_hi, scr, area,
-                             ks.sec);
-  vs.kind = v3h_setup<HD, T>(ub + pg.v_ring, pg.v_bytes, 1, pg.n_tokens, t_lo, t_hi, scr, area,
-                             vs.sec);
+  /* One copy of the parser for both sections (a loop, not two inlined calls): it runs once per
+   * page, and its straight-line code competes with the slab loop's for the instruction cache. */
+#pragma unroll 1
+  for (int tensor = 0; tensor < 2; tensor++) {
+    v3_sec sec = ks.sec; /* v3h_setup's early returns (SRC_BAD) leave it partly unset */
+    const int kind = v3h_setup<HD, T>(ub + (tensor ? pg.v_ring : pg.k_ring),
+                                      tensor ? pg.v_bytes : pg.k_bytes, tensor, pg.n_tokens, t_lo,
+                                      t_hi, scr, area, sec);
+    if (tensor == 0) {
+      ks.kind = kind;
+      ks.sec = sec;
+    } else {
+      vs.kind = kind;
+      vs.sec = sec;
+    }
+  }
   __syncwarp();
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
 }

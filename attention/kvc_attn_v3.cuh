@@ -100,7 +100,12 @@ template <int HD> struct v3_layout {
   static constexpr int meta_off = desc_off + slots * (int)sizeof(unit_desc);
   static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
   static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
-  static constexpr int bar_off = scr_off + kW3 * v3_scratch::bytes;
+  /* Q's B fragments of one query tile (NB = 1), as raw Q: each lane's HD / 8 words, in uint4 j of
+   * lane at (32 j + lane) * 16 (conflict-free); SRC_FAST keys reload them at each page to make
+   * Q' = Q * step * 2^-e, which then stays in the registers for the page's slabs. */
+  static constexpr int qcopy_off = scr_off + kW3 * v3_scratch::bytes;
+  static constexpr int qcopy_words = HD / 8;
+  static constexpr int bar_off = qcopy_off + 32 * qcopy_words * 4;
   static constexpr int bytes = bar_off + 2 * slots * 8;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert(3 * tile <= ring && 2 * (kMaxBlockTokens * RB + slack) <= ring,
@@ -201,20 +206,31 @@ __device__ __forceinline__ uint32_t v3_field(const uint32_t *w, uint32_t pos, ui
   return kvc_dev_top(__funnelshift_l(w[k + 1], w[k], pos & 31), n);
 }
 
+/* step(e) of kvc_step_from_code, bit-identical, with the mantissa table M[e & 7] - 32 taken by
+ * one PRMT from its two 32-bit halves instead of a 64-bit shift. */
+__device__ __forceinline__ float v3_step(int e) {
+  const uint32_t m = __byte_perm((uint32_t)KVC_STEP_MANT_PACKED,
+                                 (uint32_t)(KVC_STEP_MANT_PACKED >> 32), (uint32_t)e & 7u);
+  return __int_as_float((int)(((uint32_t)((e >> 3) + 127) << 23) | (m << 18)));
+}
+
 /*
- * Reads the header of a quantized section (sec, sec_bytes in the ring) of a page of n_tokens, and
- * fills the warp's scratch with what the builders need for page tokens [t_lo, t_hi): group bases
- * and steps (SRC_GEN), or SRC_FAST's tables. e_keep (values only): the exponent the warp's O^T
- * accumulates in, kept when it suits the section's steps (no rescale). Warp-cooperative; returns
- * the source kind (SRC_FAST, SRC_GEN or SRC_BAD for a section inconsistent with the format), the
- * same in every lane. The scratch of `tensor` is rewritten: the caller's earlier reads of it must
- * be done, and its reads of what this writes wait for a __syncwarp.
- * Each lane computes its groups' bases and steps in registers and writes only the tables of the
- * path chosen: channels in k_channel pair order (pairs lane + 32 i, both channels of a pair in one
- * lane, so SRC_FAST's key pairs need no exchange), or tokens t_lo + lane + 32 i.
+ * Reads the header of a quantized section (sec, sec_bytes in the ring) of tensor TS (0 K, 1 V) of
+ * a page of n_tokens, and fills the warp's scratch with what the builders need for page tokens
+ * [t_lo, t_hi): group bases and steps (SRC_GEN), or SRC_FAST's tables. e_keep (values only): the
+ * exponent the warp's O^T accumulates in, kept when it suits the section's steps (no rescale).
+ * Warp-cooperative; returns the source kind (SRC_FAST, SRC_GEN or SRC_BAD for a section
+ * inconsistent with the format), the same in every lane. The scratch of the tensor is rewritten:
+ * the caller's earlier reads of it must be done, and its reads of what this writes wait for a
+ * __syncwarp.
+ * Each lane computes its groups' bases and step codes in registers (channels in k_channel pair
+ * order: pairs lane + 32 i, both channels of a pair in one lane, so SRC_FAST's key pairs need no
+ * exchange; or tokens t_lo + lane + 32 i) and writes only the tables of the path chosen. One warp
+ * reduction (the largest step code: damaged codes and the folded exponent) and one vote (every
+ * base in SRC_FAST's range) decide the path.
  */
-template <int HD, class T>
-__device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes, int tensor,
+template <int HD, class T, int TS>
+__device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes,
                                                 int n_tokens, int t_lo, int t_hi, int e_keep,
                                                 uint8_t *scr, v3_sec &s) {
   const int lane = threadIdx.x & 31;
@@ -238,94 +254,91 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
   s.last = nwords - 1;
   const bool rel = qh.mode == KVC_QMODE_REL;
-  const int G = rel ? (tensor == 0 ? HD : n_tokens) : HD;
+  const int G = rel ? (TS == 0 ? HD : n_tokens) : HD;
   const uint32_t pos_b = rel ? (uint32_t)G * qh.w_e : 0u;
   const uint64_t meta = (uint64_t)pos_b + (uint64_t)G * qh.w_b;
   /* Every code lies inside the section: load_run's runs and v3_field's fields end inside it. */
   if (meta + (uint64_t)n_tokens * HD * qh.width > (uint64_t)nwords * 32) return SRC_BAD;
   s.meta = (uint32_t)meta;
   s.width = qh.width;
-  s.mode = rel ? tensor : 2;
+  s.mode = rel ? TS : 2;
   s.e = 0;
-  s.step = kvc_step_from_code(qh.e_min);
-  const bool per_token = rel && tensor == 1;
-  /* This lane's groups: NG at most (HD / 32 channels, or kUnitTokens / 32 tokens: a unit reads at
-   * most 64 rows of a page). */
-  constexpr int NG = (HD > kUnitTokens ? HD : kUnitTokens) / 32;
-  int gi[NG], gb[NG];
-  float gs[NG];
-  const float abs_step = s.step;
-  bool bad = false;
-  uint32_t smax = 0;                         /* bits of the largest step (positive floats) */
-  int bmin = 0x7fffffff, bmax = -0x7fffffff; /* range of the group bases */
+  s.step = v3_step(qh.e_min);
+  const bool per_token = rel && TS == 1;
+  /* This lane's groups: NGC channels (HD / 32) or NGT tokens (a unit reads at most 64 rows of a
+   * page, aligned to 64 page tokens). */
+  constexpr int NGC = HD / 32, NGT = kUnitTokens / 32, NG = NGC > NGT ? NGC : NGT;
+  int gi[NG], gb[NG], ge[NG];
+  int emax = qh.e_min; /* largest step code (every group's is >= e_min) */
+  /* SRC_FAST's condition on a base b: u + b exact in fp16 for every W-bit u, i.e. b in
+   * [-1024, 2049 - 2^W]: one unsigned compare. */
+  const uint32_t span = 3073u - (1u << min((int)qh.width, 8));
+  bool inb = true;
 #pragma unroll
   for (int i = 0; i < NG; i++) {
     const int pr = lane + 32 * (i / 2); /* channels: pair pr, half i % 2 */
-    gi[i] = per_token ? t_lo + lane + 32 * i
-            : i < HD / 32 ? k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2)
-                          : -1;
-    if (per_token && gi[i] >= t_hi) gi[i] = -1;
+    const int tk = t_lo + lane + 32 * i;
+    gi[i] = per_token ? (i < NGT && tk < t_hi ? tk : -1)
+            : i < NGC ? k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2)
+                      : -1;
     gb[i] = 0;
-    gs[i] = abs_step;
+    ge[i] = qh.e_min;
     if (gi[i] < 0) continue;
     const uint32_t g = (uint32_t)gi[i];
     gb[i] = (int32_t)((uint32_t)qh.b_min + v3_field(s.w, pos_b + g * qh.w_b, qh.w_b));
-    if (rel) {
-      const int e = qh.e_min + (int)v3_field(s.w, g * qh.w_e, qh.w_e);
-      bad |= e > KVC_STEP_CODE_MAX;
-      gs[i] = kvc_step_from_code(min(e, KVC_STEP_CODE_MAX));
-    }
-    bmin = min(bmin, gb[i]);
-    bmax = max(bmax, gb[i]);
-    smax = max(smax, (uint32_t)__float_as_int(gs[i]));
+    if (rel) ge[i] = qh.e_min + (int)v3_field(s.w, g * qh.w_e, qh.w_e);
+    emax = max(emax, ge[i]);
+    inb &= (uint32_t)(gb[i] + 1024) <= span;
   }
-  if (__any_sync(0xffffffffu, bad)) return SRC_BAD;
+  if (rel) {
+    emax = __reduce_max_sync(0xffffffffu, emax);
+    if (emax > KVC_STEP_CODE_MAX) return SRC_BAD;
+  }
   /* fp16 only (bf16's 8-bit significand cannot hold the integers u + base exactly); width 0 is
    * a constant section, cheap on the generic path. */
   bool fast = rel && qh.width >= 1 && qh.width <= 8 && kFast16<T>;
   int e = 0;
   if (fast) {
-    smax = __reduce_max_sync(0xffffffffu, smax);
-    bmin = __reduce_min_sync(0xffffffffu, bmin);
-    bmax = __reduce_max_sync(0xffffffffu, bmax);
-    /* u + base exact in fp16 ((1024 + u) + (base - 1024), every term within +-2048), and the
-     * folded steps step * 2^-e in (0, 1] with e small enough that O^T's rescaling factors stay
-     * normal floats. */
-    const int e_need = (int)((smax >> 23) & 255u) - 126; /* largest step * 2^-e_need in [1/2, 1) */
-    e = tensor == 1 && e_keep >= e_need && e_keep <= e_need + 3 ? e_keep : e_need;
-    fast = bmin >= -1024 && bmax <= 2049 - (1 << qh.width) && e >= -60 && e <= 60;
+    /* The folded steps step * 2^-e in (0, 1] (step(emax) in [2^(emax >> 3), 2^((emax >> 3) + 1)):
+     * the largest lands in [1/2, 1) at e_need), with e small enough that O^T's rescaling factors
+     * stay normal floats. */
+    const int e_need = (emax >> 3) + 1;
+    e = TS == 1 && e_keep >= e_need && e_keep <= e_need + 3 ? e_keep : e_need;
+    fast = __all_sync(0xffffffffu, inb) && e >= -60 && e <= 60;
   }
   if (!fast) {
-    int32_t *wb = (int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
-    float *ws = (float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
+    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
+    float *ws = (float *)(scr + (TS ? v3_scratch::vstep : v3_scratch::kstep));
 #pragma unroll
     for (int i = 0; i < NG; i++)
       if (gi[i] >= 0) {
         const int x = per_token ? gi[i] & (kUnitTokens - 1) : gi[i];
         wb[x] = gb[i];
-        if (rel) ws[x] = gs[i];
+        if (rel) ws[x] = v3_step(ge[i]);
       }
     return SRC_GEN;
   }
   const float inv = pow2i(-e);
-  if (tensor == 0) {
+  if constexpr (TS == 0) {
 #pragma unroll
-    for (int i = 0; i < HD / 32; i += 2) {
+    for (int i = 0; i < NGC; i += 2) {
       /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. uint4
        * j * (HD / 16) + pi / 2, its pi % 2-th step and base pairs. */
       const int pr = lane + 32 * (i / 2);
       uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + 4 * (pr / 2) + pr % 2;
-      kq[0] = pack2<__half>(gs[i] * inv, gs[i + 1] * inv);
+      kq[0] = pack2<__half>(v3_step(ge[i]) * inv, v3_step(ge[i + 1]) * inv);
       kq[2] = pack2<__half>((float)(gb[i] - 1024), (float)(gb[i + 1] - 1024));
     }
   } else {
+    /* Every one of the 64 entries (tokens past t_hi: 0), so that the builders may read the
+     * bases of two neighbouring tokens as one word. */
 #pragma unroll
-    for (int i = 0; i < NG; i++)
-      if (gi[i] >= 0) {
-        const int x = gi[i] & (kUnitTokens - 1);
-        ((float *)(scr + v3_scratch::vmul))[x] = gs[i] * inv;
-        ((uint16_t *)(scr + v3_scratch::vb))[x] = to_bits<__half>((float)(gb[i] - 1024));
-      }
+    for (int i = 0; i < NGT; i++) {
+      const int x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
+      const bool in = gi[i] >= 0;
+      ((float *)(scr + v3_scratch::vmul))[x] = in ? v3_step(ge[i]) * inv : 0.f;
+      ((uint16_t *)(scr + v3_scratch::vb))[x] = in ? to_bits<__half>((float)(gb[i] - 1024)) : 0;
+    }
   }
   s.e = e;
   return SRC_FAST;
@@ -386,8 +399,12 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
   }
 }
 
-/* Bit-pack fast path: the exact integers u + base times Q' = Q * step * 2^-e. */
-template <int HD, int W, int NB>
+/* Bit-pack fast path. FOLD: the integers 1024 + u times the page's Q' = Q * step * 2^-e, which qb
+ * holds (the kernel made it once per page), the bases folded out (S^T starts at kappa =
+ * sum_d Q'_d (base_d - 1024), v3_kappa). Else (the Huffman instance, whose registers are
+ * spoken for): the exact integers u + base (HADD2 of base - 1024) times Q' made here per k-block
+ * (one HMUL2 per pair). */
+template <int HD, int W, int NB, bool FOLD>
 __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, int c,
                                        const int (&pt)[2], const qfrag_t<HD, NB> &qb,
                                        uint32_t magic, float (&s)[2][NB][4]) {
@@ -398,27 +415,72 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
   load_run<NA>(sec.w, sec.meta + (uint32_t)(pt[1] * HD + c * NC) * W, a[1]);
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
-    const uint4 sb = kq[kb]; /* step pairs (x, y), base - 1024 pairs (z, w) */
+    uint4 sb = make_uint4(0u, 0u, 0u, 0u); /* step pairs (x, y), base - 1024 pairs (z, w) */
+    if constexpr (!FOLD) sb = kq[kb];
     uint32_t b[2][2];
 #pragma unroll
     for (int h = 0; h < 2; h++)
 #pragma unroll
       for (int x = 0; x < 2; x++) {
         const int pi = 2 * kb + x, ch = 16 * (pi / 8) + pi % 8;
-        const uint32_t u2 = code_pair<W, NA>(a[h], a[h], ch, ch + 8) | magic;
-        b[h][x] = h2_bits<__half2>(__hadd2(as_h2<__half2>(u2), as_h2<__half2>(x ? sb.w : sb.z)));
+        b[h][x] = code_pair<W, NA>(a[h], a[h], ch, ch + 8) | magic;
+        if constexpr (!FOLD)
+          b[h][x] = h2_bits<__half2>(__hadd2(as_h2<__half2>(b[h][x]), as_h2<__half2>(x ? sb.w : sb.z)));
       }
     const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      /* Q' = Q * step * 2^-e: one rounding, shared by the two tokens. */
+      if constexpr (FOLD) {
+        mma16816<__half>(s[kb % 2][nb], av, qb[nb][kb][0], qb[nb][kb][1]);
+      } else {
+        /* Q' = Q * step * 2^-e: one rounding, shared by the two tokens. */
+        const uint32_t q0 =
+            h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sb.x)));
+        const uint32_t q1 =
+            h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sb.y)));
+        mma16816<__half>(s[kb % 2][nb], av, q0, q1);
+      }
+    }
+  }
+}
+
+/*
+ * kappa = sum_d Q'_d (base_d - 1024) of SRC_FAST keys (the same for every token of the page), as
+ * ka[nb][x] for the lane's entries 8 nb + 2c + x: per k-block one mma whose A operand is the base
+ * pairs broadcast to all 16 token rows, so the result is already in S^T's accumulator layout.
+ * qb holds raw Q on entry and Q' = Q * step * 2^-e (one fp16 rounding, as before the fold) on
+ * return. Reads the scratch the setup wrote (after its __syncwarp).
+ */
+template <int HD, int NB>
+__device__ __forceinline__ void v3_kappa(const uint8_t *scr, int c, qfrag_t<HD, NB> &qb,
+                                         float (&ka)[NB][2]) {
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
+  float acc[2][NB][4];
+#pragma unroll
+  for (int h = 0; h < 2; h++)
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[h][nb][e] = 0.f;
+#pragma unroll
+  for (int kb = 0; kb < HD / 16; kb++) {
+    const uint4 sb = kq[kb]; /* step pairs (x, y), base - 1024 pairs (z, w) */
+    const uint32_t av[4] = {sb.z, sb.z, sb.w, sb.w};
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
       const uint32_t q0 =
           h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sb.x)));
       const uint32_t q1 =
           h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sb.y)));
-      mma16816<__half>(s[kb % 2][nb], av, q0, q1);
+      mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
+      qb[nb][kb][0] = q0;
+      qb[nb][kb][1] = q1;
     }
   }
+#pragma unroll
+  for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+    for (int x = 0; x < 2; x++) ka[nb][x] = acc[0][nb][x] + acc[1][nb][x];
 }
 
 /* The generic path is rare (non-default sections): k-block by k-block, not unrolled, so that it
@@ -444,8 +506,9 @@ __device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int
   }
 }
 
-/* S^T from source ks for rows tr of the current page's rows in the unit. */
-template <int HD, class T, int NB>
+/* S^T from source ks for rows tr of the current page's rows in the unit (FOLD: SRC_FAST on top of
+ * kappa, which the caller put in s, and qb holds the page's Q' for SRC_FAST keys, else Q). */
+template <int HD, class T, int NB, bool FOLD>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,
                                      uint32_t magic, float (&s)[2][NB][4]) {
@@ -461,7 +524,7 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
     switch (ks.sec.width) {
 #define KVC__KF(W)                                                                                 \
   case W:                                                                                          \
-    s_fast<HD, W, NB>(ks.sec, scr, c, pt, qb, magic, s);                                           \
+    s_fast<HD, W, NB, FOLD>(ks.sec, scr, c, pt, qb, magic, s);                                     \
     break;
       KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
 #undef KVC__KF
@@ -509,16 +572,28 @@ __device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g,
   }
 }
 
-/* Bit-pack fast path: the exact integers u + base (P' = P * step * 2^-e, built by the caller). */
-template <int HD, int W, int NB>
+/* Bit-pack fast path (P' = P * step * 2^-e, built by the caller). FOLD: the integers 1024 + u,
+ * the bases folded out: bt[nb] += sum_t P'_t (base_t - 1024) per entry, one more mma whose A
+ * operand is the token base pairs broadcast to all 16 channel rows (so every row of bt holds the
+ * entry's sum, in O^T's accumulator layout), added to every channel of O^T once per page by the
+ * kernel. Both mma take the same P', so the offset 1024 sum_t P'_t cancels up to O^T's fp32
+ * rounding. Else the exact integers u + base (HADD2 of base - 1024). */
+template <int HD, int W, int NB, bool FOLD>
 __device__ __forceinline__ void pv_fast(const v3_sec &s, const uint8_t *scr, int g,
                                         const int (&pt)[4], const uint32_t (&pb)[NB][2],
-                                        uint32_t magic, oacc_t<HD, NB> &o) {
+                                        uint32_t magic, oacc_t<HD, NB> &o, float (&bt)[NB][4]) {
   constexpr int NC = HD / 8, NA = (NC * W + 31) / 32;
-  const uint16_t *vb = (const uint16_t *)(scr + v3_scratch::vb);
-  constexpr int TM = kUnitTokens - 1;
-  const __half2 b01 = as_h2<__half2>((uint32_t)vb[pt[0] & TM] | ((uint32_t)vb[pt[1] & TM] << 16));
-  const __half2 b23 = as_h2<__half2>((uint32_t)vb[pt[2] & TM] | ((uint32_t)vb[pt[3] & TM] << 16));
+  /* Bases of tokens (pt[0], pt[0] + 1) and (pt[2], pt[2] + 1) as one word each: pt[0] and pt[2]
+   * are even unless clamped to the page's last row, and clamped rows have P' = 0 (the setup
+   * wrote all 64 entries, so every word read is finite). */
+  const uint32_t *vb = (const uint32_t *)(scr + v3_scratch::vb);
+  constexpr int TM = kUnitTokens / 2 - 1;
+  const uint32_t b01 = vb[(pt[0] >> 1) & TM], b23 = vb[(pt[2] >> 1) & TM];
+  if constexpr (FOLD) {
+    const uint32_t ab[4] = {b01, b01, b23, b23};
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) mma16816<__half>(bt[nb], ab, pb[nb][0], pb[nb][1]);
+  }
   uint32_t a[4][NA];
 #pragma unroll
   for (int t = 0; t < 4; t++) load_run<NA>(s.w, s.meta + (uint32_t)(pt[t] * HD + g * NC) * W, a[t]);
@@ -528,10 +603,12 @@ __device__ __forceinline__ void pv_fast(const v3_sec &s, const uint8_t *scr, int
 #pragma unroll
     for (int r = 0; r < 2; r++) {
       const int n = 2 * mt + r;
-      lo[r] = h2_bits<__half2>(
-          __hadd2(as_h2<__half2>(code_pair<W, NA>(a[0], a[1], n, n) | magic), b01));
-      hi[r] = h2_bits<__half2>(
-          __hadd2(as_h2<__half2>(code_pair<W, NA>(a[2], a[3], n, n) | magic), b23));
+      lo[r] = code_pair<W, NA>(a[0], a[1], n, n) | magic;
+      hi[r] = code_pair<W, NA>(a[2], a[3], n, n) | magic;
+      if constexpr (!FOLD) {
+        lo[r] = h2_bits<__half2>(__hadd2(as_h2<__half2>(lo[r]), as_h2<__half2>(b01)));
+        hi[r] = h2_bits<__half2>(__hadd2(as_h2<__half2>(hi[r]), as_h2<__half2>(b23)));
+      }
     }
     const uint32_t av[4] = {lo[0], lo[1], hi[0], hi[1]};
 #pragma unroll
@@ -562,11 +639,12 @@ __device__ __forceinline__ void pv_gen(const v3_sec &s, const uint8_t *scr, int 
   }
 }
 
-/* O^T += V^T P^T from source vs for rows tv of the current page's rows in the unit. */
-template <int HD, class T, int NB>
+/* O^T += V^T P^T from source vs for rows tv of the current page's rows in the unit (FOLD:
+ * SRC_FAST's bases' part into bt). */
+template <int HD, class T, int NB, bool FOLD>
 __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int g,
                                       const int (&tv)[4], const uint32_t (&pb)[NB][2],
-                                      uint32_t magic, oacc_t<HD, NB> &o) {
+                                      uint32_t magic, oacc_t<HD, NB> &o, float (&bt)[NB][4]) {
   if (vs.kind == SRC_ROWS) {
     const uint8_t *row[4] = {vs.rows + tv[0] * (2 * HD), vs.rows + tv[1] * (2 * HD),
                              vs.rows + tv[2] * (2 * HD), vs.rows + tv[3] * (2 * HD)};
@@ -580,7 +658,7 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
     switch (vs.sec.width) {
 #define KVC__PV(W)                                                                                 \
   case W:                                                                                          \
-    pv_fast<HD, W, NB>(vs.sec, scr, g, pt, pb, magic, o);                                          \
+    pv_fast<HD, W, NB, FOLD>(vs.sec, scr, g, pt, pb, magic, o, bt);                                \
     break;
       KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
 #undef KVC__PV
@@ -618,12 +696,32 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
   if (pg.cls != PG_BITPACK) return false;
   __syncwarp(); /* the previous page's readers are done with the scratch */
   const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
-  ks.kind = v3_setup_section<HD, T>(ub + pg.k_ring, pg.k_bytes, 0, pg.n_tokens, t_lo, t_hi, 0, scr,
-                                    ks.sec);
-  vs.kind = v3_setup_section<HD, T>(ub + pg.v_ring, pg.v_bytes, 1, pg.n_tokens, t_lo, t_hi, e_keep,
-                                    scr, vs.sec);
+  ks.kind = v3_setup_section<HD, T, 0>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, t_lo, t_hi, 0, scr,
+                                       ks.sec);
+  vs.kind = v3_setup_section<HD, T, 1>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, t_lo, t_hi, e_keep,
+                                       scr, vs.sec);
   __syncwarp();
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
+}
+
+/* Q's B fragments to (store) or from (!store) the CTA's raw copy at q (v3_layout::qcopy_off). */
+template <int HD, int NB>
+__device__ __forceinline__ void v3_q_copy(uint8_t *q, int lane, qfrag_t<HD, NB> &qb, bool store) {
+  uint4 *q4 = (uint4 *)q + lane;
+#pragma unroll
+  for (int j = 0; j < NB * HD / 32; j++) {
+    /* words 4j .. 4j + 3 of the lane's fragments (k-blocks 2j' and 2j' + 1 of n-block nb) */
+    const int nb = j / (HD / 32), kb = 2 * (j % (HD / 32));
+    if (store) {
+      q4[32 * j] = make_uint4(qb[nb][kb][0], qb[nb][kb][1], qb[nb][kb + 1][0], qb[nb][kb + 1][1]);
+    } else {
+      const uint4 v = q4[32 * j];
+      qb[nb][kb][0] = v.x;
+      qb[nb][kb][1] = v.y;
+      qb[nb][kb + 1][0] = v.z;
+      qb[nb][kb + 1][1] = v.w;
+    }
+  }
 }
 
 /* ---- the kernel ------------------------------------------------------------------------------ */
@@ -635,6 +733,9 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   typedef v3_layout_of<HD, HUF> LO;
   typedef typename LO::type SL;
   constexpr int NE = 8 * NB;
+  /* Bases folded out of SRC_FAST operands (s_fast, pv_fast), Q' once per page: fp16 without
+   * Huffman (the Huffman instance keeps the unfolded form: its registers are at the cap). */
+  constexpr bool FOLD = !HUF && kFast16<T>;
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int seq = blockIdx.z, kh = blockIdx.y;
@@ -679,12 +780,20 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           const int r = 8 * nb + g, pi = 2 * kb + x;
           qb[nb][kb][x] = q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
         }
+    if constexpr (FOLD) {
+      static_assert(NB * HD / 8 == SL::qcopy_words && SL::qcopy_words % 4 == 0, "Q copy");
+      if (warp == 0) v3_q_copy<HD, NB>(smem + SL::qcopy_off, lane, qb, true);
+    }
   }
   __syncthreads(); /* the Q tile's bytes belong to the ring from here on */
 
   oacc_t<HD, NB> o;
   float m[NB][2], l[NB][2];
   int e_o = 0; /* O^T holds O * 2^-e_o */
+  /* SRC_FAST values: the bases' part of O^T (v3_fold_bt), in O^T's units, and whether it may be
+   * non-zero; SRC_FAST keys: kappa of the page (S^T's start); whether qb holds raw Q. */
+  float bt[NB][4], kap[NB][2];
+  bool bt_live = false, q_raw = true; /* FOLD only */
   bool bad = false;
   if (warp == kW3) {
     producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
@@ -695,6 +804,30 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       for (int nb = 0; nb < NB; nb++)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[mt][nb][e] = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) bt[nb][e] = 0.f;
+    /* O^T += the bases' part (the same for every channel), once per page: the offset 1024 P' of
+     * SRC_FAST values then cancels against one page's sums only (fp32 error ~2^-14 of a page's
+     * sum of P' rather than the warp's). */
+    auto fold_bt = [&]() {
+      if constexpr (FOLD) {
+        if (bt_live) {
+#pragma unroll
+          for (int mt = 0; mt < HD / 16; mt++)
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++) o[mt][nb][e] += bt[nb][e];
+#pragma unroll
+          for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) bt[nb][e] = 0.f;
+          bt_live = false;
+        }
+      }
+    };
     /* Positions of the lane's entries 8 nb + 2c + x; entries past the rows attend like the last
      * row (their output is never written). */
     int pos[NB][2], pos_lane = 0;
@@ -739,10 +872,21 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         const unit_page pg = d->pages[q];
         if (q != cur) {
           cur = q;
+          fold_bt();
           ok = v3_page_setup<HD, T, HUF>(pg, ub, scr, harea, e_o, ks, vs);
           if (!ok) break;
           kmul = p.scale_log2;
           if (ks.kind == SRC_FAST) kmul *= pow2i(ks.sec.e);
+          if constexpr (FOLD) {
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) kap[nb][0] = kap[nb][1] = 0.f;
+            /* qb: Q' for SRC_FAST keys (from the raw copy), else raw Q. */
+            if (ks.kind == SRC_FAST || !q_raw)
+              v3_q_copy<HD, NB>(smem + SL::qcopy_off, lane, qb, false);
+            q_raw = ks.kind != SRC_FAST;
+            if (!q_raw) v3_kappa<HD, NB>(scr, c, qb, kap);
+            bt_live = vs.kind == SRC_FAST;
+          }
           /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
           const int ev = vs.kind == SRC_FAST ? vs.sec.e : 0;
           if (ev != e_o) {
@@ -766,7 +910,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
           for (int nb = 0; nb < NB; nb++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
+            for (int e = 0; e < 4; e++) s[h][nb][e] = FOLD && h == 0 ? kap[nb][e & 1] : 0.f;
         const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
         bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
         if constexpr (HUF) huf = ks.kind >= SRC_HUF;
@@ -786,7 +930,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
             __syncwarp();
           }
         } else {
-          v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
+          v3_s<HD, T, NB, FOLD>(ks, scr, c, tr, qb, magic, s);
         }
         /* Online softmax over the 16 tokens (exp2, scale folded in); per entry the maximum over
          * the tokens, i.e. over g. */
@@ -829,6 +973,11 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
             for (int nb = 0; nb < NB; nb++)
 #pragma unroll
               for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
+          if constexpr (FOLD)
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++) bt[nb][e] *= cf[nb][e & 1];
         }
         /* P^T as the B operand: S^T's accumulator pairs (token g or g+8, entries 2c, 2c+1)
          * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). SRC_FAST values
@@ -858,12 +1007,13 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         if (huf) {
           if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
         } else {
-          v3_pv<HD, T, NB>(vs, scr, g, tv, pb, magic, o);
+          v3_pv<HD, T, NB, FOLD>(vs, scr, g, tv, pb, magic, o, bt);
         }
       }
       bad |= !ok;
       mbar_arrive(bars + 8 * (NS + slot)); /* this lane is done with the unit's ring bytes */
     }
+    fold_bt();
   }
 
   /* Epilogue: the consumer warps' (m, l, O) through the ring, combined per query entry. */

@@ -58,6 +58,10 @@
 
 namespace kvc_attn {
 
+#ifndef KVC_BP4_FOLD
+#define KVC_BP4_FOLD 3
+#endif
+
 /* Consumer warps per CTA. Two CTAs per SM (two producers: one producer warp's serial per-unit
  * work was the limit at one CTA per SM), 12 warps: three per SM sub-partition, which caps
  * registers at 168 per thread (16384 / (3 * 32)). Measured: 7 consumer warps (128 registers,
@@ -100,12 +104,7 @@ template <int HD> struct v3_layout {
   static constexpr int meta_off = desc_off + slots * (int)sizeof(unit_desc);
   static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
   static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
-  /* Q's B fragments of one query tile (NB = 1), as raw Q: each lane's HD / 8 words, in uint4 j of
-   * lane at (32 j + lane) * 16 (conflict-free); SRC_FAST keys reload them at each page to make
-   * Q' = Q * step * 2^-e, which then stays in the registers for the page's slabs. */
-  static constexpr int qcopy_off = scr_off + kW3 * v3_scratch::bytes;
-  static constexpr int qcopy_words = HD / 8;
-  static constexpr int bar_off = qcopy_off + 32 * qcopy_words * 4;
+  static constexpr int bar_off = scr_off + kW3 * v3_scratch::bytes;
   static constexpr int bytes = bar_off + 2 * slots * 8;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert(3 * tile <= ring && 2 * (kMaxBlockTokens * RB + slack) <= ring,
@@ -416,7 +415,13 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
     uint4 sb = make_uint4(0u, 0u, 0u, 0u); /* step pairs (x, y), base - 1024 pairs (z, w) */
-    if constexpr (!FOLD) sb = kq[kb];
+    if constexpr (!FOLD) {
+      sb = kq[kb];
+    } else {
+      const uint2 st = *(const uint2 *)&kq[kb]; /* the steps only */
+      sb.x = st.x;
+      sb.y = st.y;
+    }
     uint32_t b[2][2];
 #pragma unroll
     for (int h = 0; h < 2; h++)
@@ -430,16 +435,12 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
     const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      if constexpr (FOLD) {
-        mma16816<__half>(s[kb % 2][nb], av, qb[nb][kb][0], qb[nb][kb][1]);
-      } else {
-        /* Q' = Q * step * 2^-e: one rounding, shared by the two tokens. */
-        const uint32_t q0 =
-            h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sb.x)));
-        const uint32_t q1 =
-            h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sb.y)));
-        mma16816<__half>(s[kb % 2][nb], av, q0, q1);
-      }
+      /* Q' = Q * step * 2^-e: one rounding, shared by the two tokens. */
+      const uint32_t q0 =
+          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sb.x)));
+      const uint32_t q1 =
+          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sb.y)));
+      mma16816<__half>(s[kb % 2][nb], av, q0, q1);
     }
   }
 }
@@ -452,7 +453,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
  * return. Reads the scratch the setup wrote (after its __syncwarp).
  */
 template <int HD, int NB>
-__device__ __forceinline__ void v3_kappa(const uint8_t *scr, int c, qfrag_t<HD, NB> &qb,
+__device__ __forceinline__ void v3_kappa(const uint8_t *scr, int c, const qfrag_t<HD, NB> &qb,
                                          float (&ka)[NB][2]) {
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
   float acc[2][NB][4];
@@ -473,8 +474,6 @@ __device__ __forceinline__ void v3_kappa(const uint8_t *scr, int c, qfrag_t<HD, 
       const uint32_t q1 =
           h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sb.y)));
       mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
-      qb[nb][kb][0] = q0;
-      qb[nb][kb][1] = q1;
     }
   }
 #pragma unroll
@@ -704,26 +703,6 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
 }
 
-/* Q's B fragments to (store) or from (!store) the CTA's raw copy at q (v3_layout::qcopy_off). */
-template <int HD, int NB>
-__device__ __forceinline__ void v3_q_copy(uint8_t *q, int lane, qfrag_t<HD, NB> &qb, bool store) {
-  uint4 *q4 = (uint4 *)q + lane;
-#pragma unroll
-  for (int j = 0; j < NB * HD / 32; j++) {
-    /* words 4j .. 4j + 3 of the lane's fragments (k-blocks 2j' and 2j' + 1 of n-block nb) */
-    const int nb = j / (HD / 32), kb = 2 * (j % (HD / 32));
-    if (store) {
-      q4[32 * j] = make_uint4(qb[nb][kb][0], qb[nb][kb][1], qb[nb][kb + 1][0], qb[nb][kb + 1][1]);
-    } else {
-      const uint4 v = q4[32 * j];
-      qb[nb][kb][0] = v.x;
-      qb[nb][kb][1] = v.y;
-      qb[nb][kb + 1][0] = v.z;
-      qb[nb][kb + 1][1] = v.w;
-    }
-  }
-}
-
 /* ---- the kernel ------------------------------------------------------------------------------ */
 
 /* NB n-blocks of 8 query entries per CTA (one query tile). HUF: the instance for launches that may
@@ -735,7 +714,8 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   constexpr int NE = 8 * NB;
   /* Bases folded out of SRC_FAST operands (s_fast, pv_fast), Q' once per page: fp16 without
    * Huffman (the Huffman instance keeps the unfolded form: its registers are at the cap). */
-  constexpr bool FOLD = !HUF && kFast16<T>;
+  constexpr bool FOLDK = (KVC_BP4_FOLD & 1) && !HUF && kFast16<T>;
+  constexpr bool FOLDV = (KVC_BP4_FOLD & 2) && !HUF && kFast16<T>;
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int seq = blockIdx.z, kh = blockIdx.y;
@@ -780,10 +760,6 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           const int r = 8 * nb + g, pi = 2 * kb + x;
           qb[nb][kb][x] = q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
         }
-    if constexpr (FOLD) {
-      static_assert(NB * HD / 8 == SL::qcopy_words && SL::qcopy_words % 4 == 0, "Q copy");
-      if (warp == 0) v3_q_copy<HD, NB>(smem + SL::qcopy_off, lane, qb, true);
-    }
   }
   __syncthreads(); /* the Q tile's bytes belong to the ring from here on */
 
@@ -793,7 +769,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   /* SRC_FAST values: the bases' part of O^T (v3_fold_bt), in O^T's units, and whether it may be
    * non-zero; SRC_FAST keys: kappa of the page (S^T's start); whether qb holds raw Q. */
   float bt[NB][4], kap[NB][2];
-  bool bt_live = false, q_raw = true; /* FOLD only */
+  bool bt_live = false; /* FOLDV only */
   bool bad = false;
   if (warp == kW3) {
     producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
@@ -812,7 +788,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
      * SRC_FAST values then cancels against one page's sums only (fp32 error ~2^-14 of a page's
      * sum of P' rather than the warp's). */
     auto fold_bt = [&]() {
-      if constexpr (FOLD) {
+      if constexpr (FOLDV) {
         if (bt_live) {
 #pragma unroll
           for (int mt = 0; mt < HD / 16; mt++)
@@ -877,16 +853,16 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           if (!ok) break;
           kmul = p.scale_log2;
           if (ks.kind == SRC_FAST) kmul *= pow2i(ks.sec.e);
-          if constexpr (FOLD) {
+          if constexpr (FOLDK) {
 #pragma unroll
             for (int nb = 0; nb < NB; nb++) kap[nb][0] = kap[nb][1] = 0.f;
-            /* qb: Q' for SRC_FAST keys (from the raw copy), else raw Q. */
-            if (ks.kind == SRC_FAST || !q_raw)
-              v3_q_copy<HD, NB>(smem + SL::qcopy_off, lane, qb, false);
-            q_raw = ks.kind != SRC_FAST;
-            if (!q_raw) v3_kappa<HD, NB>(scr, c, qb, kap);
-            bt_live = vs.kind == SRC_FAST;
+            if (ks.kind == SRC_FAST) {
+              v3_kappa<HD, NB>(scr, c, qb, kap);
+#pragma unroll
+              for (int nb = 0; nb < NB; nb++) kap[nb][0] *= kmul, kap[nb][1] *= kmul;
+            }
           }
+          if constexpr (FOLDV) bt_live = vs.kind == SRC_FAST;
           /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
           const int ev = vs.kind == SRC_FAST ? vs.sec.e : 0;
           if (ev != e_o) {
@@ -910,7 +886,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
           for (int nb = 0; nb < NB; nb++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) s[h][nb][e] = FOLD && h == 0 ? kap[nb][e & 1] : 0.f;
+            for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
         const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
         bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
         if constexpr (HUF) huf = ks.kind >= SRC_HUF;
@@ -930,7 +906,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
             __syncwarp();
           }
         } else {
-          v3_s<HD, T, NB, FOLD>(ks, scr, c, tr, qb, magic, s);
+          v3_s<HD, T, NB, FOLDK>(ks, scr, c, tr, qb, magic, s);
         }
         /* Online softmax over the 16 tokens (exp2, scale folded in); per entry the maximum over
          * the tokens, i.e. over g. */
@@ -941,7 +917,9 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
           for (int e = 0; e < 4; e++) {
             const bool visible = tb + g + 8 * (e >> 1) < lim[nb][e & 1];
-            sx[nb][e] = visible ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
+            float sv = (s[0][nb][e] + s[1][nb][e]) * kmul;
+            if constexpr (FOLDK) sv = fmaf(s[0][nb][e] + s[1][nb][e], kmul, kap[nb][e & 1]);
+            sx[nb][e] = visible ? sv : -INFINITY;
             mx[nb][e & 1] = fmaxf(mx[nb][e & 1], sx[nb][e]);
           }
         }
@@ -973,7 +951,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
             for (int nb = 0; nb < NB; nb++)
 #pragma unroll
               for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
-          if constexpr (FOLD)
+          if constexpr (FOLDV)
 #pragma unroll
             for (int nb = 0; nb < NB; nb++)
 #pragma unroll
@@ -1007,7 +985,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         if (huf) {
           if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
         } else {
-          v3_pv<HD, T, NB, FOLD>(vs, scr, g, tv, pb, magic, o, bt);
+          v3_pv<HD, T, NB, FOLDV>(vs, scr, g, tv, pb, magic, o, bt);
         }
       }
       bad |= !ok;

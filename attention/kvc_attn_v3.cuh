@@ -58,10 +58,6 @@
 
 namespace kvc_attn {
 
-#ifndef KVC_BP4_FOLD
-#define KVC_BP4_FOLD 3
-#endif
-
 /* Consumer warps per CTA. Two CTAs per SM (two producers: one producer warp's serial per-unit
  * work was the limit at one CTA per SM), 12 warps: three per SM sub-partition, which caps
  * registers at 168 per thread (16384 / (3 * 32)). Measured: 7 consumer warps (128 registers,
@@ -398,12 +394,8 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
   }
 }
 
-/* Bit-pack fast path. FOLD: the integers 1024 + u times the page's Q' = Q * step * 2^-e, which qb
- * holds (the kernel made it once per page), the bases folded out (S^T starts at kappa =
- * sum_d Q'_d (base_d - 1024), v3_kappa). Else (the Huffman instance, whose registers are
- * spoken for): the exact integers u + base (HADD2 of base - 1024) times Q' made here per k-block
- * (one HMUL2 per pair). */
-template <int HD, int W, int NB, bool FOLD>
+/* Bit-pack fast path: the exact integers u + base times Q' = Q * step * 2^-e. */
+template <int HD, int W, int NB>
 __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, int c,
                                        const int (&pt)[2], const qfrag_t<HD, NB> &qb,
                                        uint32_t magic, float (&s)[2][NB][4]) {
@@ -414,23 +406,15 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
   load_run<NA>(sec.w, sec.meta + (uint32_t)(pt[1] * HD + c * NC) * W, a[1]);
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
-    uint4 sb = make_uint4(0u, 0u, 0u, 0u); /* step pairs (x, y), base - 1024 pairs (z, w) */
-    if constexpr (!FOLD) {
-      sb = kq[kb];
-    } else {
-      const uint2 st = *(const uint2 *)&kq[kb]; /* the steps only */
-      sb.x = st.x;
-      sb.y = st.y;
-    }
+    const uint4 sb = kq[kb]; /* step pairs (x, y), base - 1024 pairs (z, w) */
     uint32_t b[2][2];
 #pragma unroll
     for (int h = 0; h < 2; h++)
 #pragma unroll
       for (int x = 0; x < 2; x++) {
         const int pi = 2 * kb + x, ch = 16 * (pi / 8) + pi % 8;
-        b[h][x] = code_pair<W, NA>(a[h], a[h], ch, ch + 8) | magic;
-        if constexpr (!FOLD)
-          b[h][x] = h2_bits<__half2>(__hadd2(as_h2<__half2>(b[h][x]), as_h2<__half2>(x ? sb.w : sb.z)));
+        const uint32_t u2 = code_pair<W, NA>(a[h], a[h], ch, ch + 8) | magic;
+        b[h][x] = h2_bits<__half2>(__hadd2(as_h2<__half2>(u2), as_h2<__half2>(x ? sb.w : sb.z)));
       }
     const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
@@ -443,43 +427,6 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
       mma16816<__half>(s[kb % 2][nb], av, q0, q1);
     }
   }
-}
-
-/*
- * kappa = sum_d Q'_d (base_d - 1024) of SRC_FAST keys (the same for every token of the page), as
- * ka[nb][x] for the lane's entries 8 nb + 2c + x: per k-block one mma whose A operand is the base
- * pairs broadcast to all 16 token rows, so the result is already in S^T's accumulator layout.
- * qb holds raw Q on entry and Q' = Q * step * 2^-e (one fp16 rounding, as before the fold) on
- * return. Reads the scratch the setup wrote (after its __syncwarp).
- */
-template <int HD, int NB>
-__device__ __forceinline__ void v3_kappa(const uint8_t *scr, int c, const qfrag_t<HD, NB> &qb,
-                                         float (&ka)[NB][2]) {
-  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
-  float acc[2][NB][4];
-#pragma unroll
-  for (int h = 0; h < 2; h++)
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) acc[h][nb][e] = 0.f;
-#pragma unroll
-  for (int kb = 0; kb < HD / 16; kb++) {
-    const uint4 sb = kq[kb]; /* step pairs (x, y), base - 1024 pairs (z, w) */
-    const uint32_t av[4] = {sb.z, sb.z, sb.w, sb.w};
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) {
-      const uint32_t q0 =
-          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sb.x)));
-      const uint32_t q1 =
-          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sb.y)));
-      mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
-    }
-  }
-#pragma unroll
-  for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-    for (int x = 0; x < 2; x++) ka[nb][x] = acc[0][nb][x] + acc[1][nb][x];
 }
 
 /* The generic path is rare (non-default sections): k-block by k-block, not unrolled, so that it
@@ -505,9 +452,8 @@ __device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int
   }
 }
 
-/* S^T from source ks for rows tr of the current page's rows in the unit (FOLD: SRC_FAST on top of
- * kappa, which the caller put in s, and qb holds the page's Q' for SRC_FAST keys, else Q). */
-template <int HD, class T, int NB, bool FOLD>
+/* S^T from source ks for rows tr of the current page's rows in the unit. */
+template <int HD, class T, int NB>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,
                                      uint32_t magic, float (&s)[2][NB][4]) {
@@ -523,7 +469,7 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
     switch (ks.sec.width) {
 #define KVC__KF(W)                                                                                 \
   case W:                                                                                          \
-    s_fast<HD, W, NB, FOLD>(ks.sec, scr, c, pt, qb, magic, s);                                     \
+    s_fast<HD, W, NB>(ks.sec, scr, c, pt, qb, magic, s);                                           \
     break;
       KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
 #undef KVC__KF
@@ -571,28 +517,19 @@ __device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g,
   }
 }
 
-/* Bit-pack fast path (P' = P * step * 2^-e, built by the caller). FOLD: the integers 1024 + u,
- * the bases folded out: bt[nb] += sum_t P'_t (base_t - 1024) per entry, one more mma whose A
- * operand is the token base pairs broadcast to all 16 channel rows (so every row of bt holds the
- * entry's sum, in O^T's accumulator layout), added to every channel of O^T once per page by the
- * kernel. Both mma take the same P', so the offset 1024 sum_t P'_t cancels up to O^T's fp32
- * rounding. Else the exact integers u + base (HADD2 of base - 1024). */
-template <int HD, int W, int NB, bool FOLD>
+/* Bit-pack fast path: the exact integers u + base (P' = P * step * 2^-e, built by the caller). */
+template <int HD, int W, int NB>
 __device__ __forceinline__ void pv_fast(const v3_sec &s, const uint8_t *scr, int g,
                                         const int (&pt)[4], const uint32_t (&pb)[NB][2],
-                                        uint32_t magic, oacc_t<HD, NB> &o, float (&bt)[NB][4]) {
+                                        uint32_t magic, oacc_t<HD, NB> &o) {
   constexpr int NC = HD / 8, NA = (NC * W + 31) / 32;
   /* Bases of tokens (pt[0], pt[0] + 1) and (pt[2], pt[2] + 1) as one word each: pt[0] and pt[2]
-   * are even unless clamped to the page's last row, and clamped rows have P' = 0 (the setup
-   * wrote all 64 entries, so every word read is finite). */
+   * are even unless clamped to the page's last row, and clamped rows are masked (P = 0; the
+   * setup wrote all 64 entries, so the values they meet are finite). */
   const uint32_t *vb = (const uint32_t *)(scr + v3_scratch::vb);
   constexpr int TM = kUnitTokens / 2 - 1;
-  const uint32_t b01 = vb[(pt[0] >> 1) & TM], b23 = vb[(pt[2] >> 1) & TM];
-  if constexpr (FOLD) {
-    const uint32_t ab[4] = {b01, b01, b23, b23};
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) mma16816<__half>(bt[nb], ab, pb[nb][0], pb[nb][1]);
-  }
+  const __half2 b01 = as_h2<__half2>(vb[(pt[0] >> 1) & TM]);
+  const __half2 b23 = as_h2<__half2>(vb[(pt[2] >> 1) & TM]);
   uint32_t a[4][NA];
 #pragma unroll
   for (int t = 0; t < 4; t++) load_run<NA>(s.w, s.meta + (uint32_t)(pt[t] * HD + g * NC) * W, a[t]);
@@ -602,12 +539,10 @@ __device__ __forceinline__ void pv_fast(const v3_sec &s, const uint8_t *scr, int
 #pragma unroll
     for (int r = 0; r < 2; r++) {
       const int n = 2 * mt + r;
-      lo[r] = code_pair<W, NA>(a[0], a[1], n, n) | magic;
-      hi[r] = code_pair<W, NA>(a[2], a[3], n, n) | magic;
-      if constexpr (!FOLD) {
-        lo[r] = h2_bits<__half2>(__hadd2(as_h2<__half2>(lo[r]), as_h2<__half2>(b01)));
-        hi[r] = h2_bits<__half2>(__hadd2(as_h2<__half2>(hi[r]), as_h2<__half2>(b23)));
-      }
+      lo[r] = h2_bits<__half2>(
+          __hadd2(as_h2<__half2>(code_pair<W, NA>(a[0], a[1], n, n) | magic), b01));
+      hi[r] = h2_bits<__half2>(
+          __hadd2(as_h2<__half2>(code_pair<W, NA>(a[2], a[3], n, n) | magic), b23));
     }
     const uint32_t av[4] = {lo[0], lo[1], hi[0], hi[1]};
 #pragma unroll
@@ -638,12 +573,11 @@ __device__ __forceinline__ void pv_gen(const v3_sec &s, const uint8_t *scr, int 
   }
 }
 
-/* O^T += V^T P^T from source vs for rows tv of the current page's rows in the unit (FOLD:
- * SRC_FAST's bases' part into bt). */
-template <int HD, class T, int NB, bool FOLD>
+/* O^T += V^T P^T from source vs for rows tv of the current page's rows in the unit. */
+template <int HD, class T, int NB>
 __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int g,
                                       const int (&tv)[4], const uint32_t (&pb)[NB][2],
-                                      uint32_t magic, oacc_t<HD, NB> &o, float (&bt)[NB][4]) {
+                                      uint32_t magic, oacc_t<HD, NB> &o) {
   if (vs.kind == SRC_ROWS) {
     const uint8_t *row[4] = {vs.rows + tv[0] * (2 * HD), vs.rows + tv[1] * (2 * HD),
                              vs.rows + tv[2] * (2 * HD), vs.rows + tv[3] * (2 * HD)};
@@ -657,7 +591,7 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
     switch (vs.sec.width) {
 #define KVC__PV(W)                                                                                 \
   case W:                                                                                          \
-    pv_fast<HD, W, NB, FOLD>(vs.sec, scr, g, pt, pb, magic, o, bt);                                \
+    pv_fast<HD, W, NB>(vs.sec, scr, g, pt, pb, magic, o);                                          \
     break;
       KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
 #undef KVC__PV
@@ -712,10 +646,6 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   typedef v3_layout_of<HD, HUF> LO;
   typedef typename LO::type SL;
   constexpr int NE = 8 * NB;
-  /* Bases folded out of SRC_FAST operands (s_fast, pv_fast), Q' once per page: fp16 without
-   * Huffman (the Huffman instance keeps the unfolded form: its registers are at the cap). */
-  constexpr bool FOLDK = (KVC_BP4_FOLD & 1) && !HUF && kFast16<T>;
-  constexpr bool FOLDV = (KVC_BP4_FOLD & 2) && !HUF && kFast16<T>;
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int seq = blockIdx.z, kh = blockIdx.y;
@@ -766,10 +696,6 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   oacc_t<HD, NB> o;
   float m[NB][2], l[NB][2];
   int e_o = 0; /* O^T holds O * 2^-e_o */
-  /* SRC_FAST values: the bases' part of O^T (v3_fold_bt), in O^T's units, and whether it may be
-   * non-zero; SRC_FAST keys: kappa of the page (S^T's start); whether qb holds raw Q. */
-  float bt[NB][4], kap[NB][2];
-  bool bt_live = false; /* FOLDV only */
   bool bad = false;
   if (warp == kW3) {
     producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
@@ -780,30 +706,6 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       for (int nb = 0; nb < NB; nb++)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[mt][nb][e] = 0.f;
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) bt[nb][e] = 0.f;
-    /* O^T += the bases' part (the same for every channel), once per page: the offset 1024 P' of
-     * SRC_FAST values then cancels against one page's sums only (fp32 error ~2^-14 of a page's
-     * sum of P' rather than the warp's). */
-    auto fold_bt = [&]() {
-      if constexpr (FOLDV) {
-        if (bt_live) {
-#pragma unroll
-          for (int mt = 0; mt < HD / 16; mt++)
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-              for (int e = 0; e < 4; e++) o[mt][nb][e] += bt[nb][e];
-#pragma unroll
-          for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) bt[nb][e] = 0.f;
-          bt_live = false;
-        }
-      }
-    };
     /* Positions of the lane's entries 8 nb + 2c + x; entries past the rows attend like the last
      * row (their output is never written). */
     int pos[NB][2], pos_lane = 0;
@@ -848,21 +750,10 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         const unit_page pg = d->pages[q];
         if (q != cur) {
           cur = q;
-          fold_bt();
           ok = v3_page_setup<HD, T, HUF>(pg, ub, scr, harea, e_o, ks, vs);
           if (!ok) break;
           kmul = p.scale_log2;
           if (ks.kind == SRC_FAST) kmul *= pow2i(ks.sec.e);
-          if constexpr (FOLDK) {
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++) kap[nb][0] = kap[nb][1] = 0.f;
-            if (ks.kind == SRC_FAST) {
-              v3_kappa<HD, NB>(scr, c, qb, kap);
-#pragma unroll
-              for (int nb = 0; nb < NB; nb++) kap[nb][0] *= kmul, kap[nb][1] *= kmul;
-            }
-          }
-          if constexpr (FOLDV) bt_live = vs.kind == SRC_FAST;
           /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
           const int ev = vs.kind == SRC_FAST ? vs.sec.e : 0;
           if (ev != e_o) {
@@ -906,7 +797,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
             __syncwarp();
           }
         } else {
-          v3_s<HD, T, NB, FOLDK>(ks, scr, c, tr, qb, magic, s);
+          v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
         }
         /* Online softmax over the 16 tokens (exp2, scale folded in); per entry the maximum over
          * the tokens, i.e. over g. */
@@ -917,9 +808,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
           for (int e = 0; e < 4; e++) {
             const bool visible = tb + g + 8 * (e >> 1) < lim[nb][e & 1];
-            float sv = (s[0][nb][e] + s[1][nb][e]) * kmul;
-            if constexpr (FOLDK) sv = fmaf(s[0][nb][e] + s[1][nb][e], kmul, kap[nb][e & 1]);
-            sx[nb][e] = visible ? sv : -INFINITY;
+            sx[nb][e] = visible ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
             mx[nb][e & 1] = fmaxf(mx[nb][e & 1], sx[nb][e]);
           }
         }
@@ -951,11 +840,6 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
             for (int nb = 0; nb < NB; nb++)
 #pragma unroll
               for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
-          if constexpr (FOLDV)
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-              for (int e = 0; e < 4; e++) bt[nb][e] *= cf[nb][e & 1];
         }
         /* P^T as the B operand: S^T's accumulator pairs (token g or g+8, entries 2c, 2c+1)
          * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). SRC_FAST values
@@ -985,13 +869,12 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         if (huf) {
           if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
         } else {
-          v3_pv<HD, T, NB, FOLDV>(vs, scr, g, tv, pb, magic, o, bt);
+          v3_pv<HD, T, NB>(vs, scr, g, tv, pb, magic, o);
         }
       }
       bad |= !ok;
       mbar_arrive(bars + 8 * (NS + slot)); /* this lane is done with the unit's ring bytes */
     }
-    fold_bt();
   }
 
   /* Epilogue: the consumer warps' (m, l, O) through the ring, combined per query entry. */

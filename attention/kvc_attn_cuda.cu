@@ -25,7 +25,7 @@
  *
  * Decode launches at head_dim 64/128 whose caller passes a codec mask run v3 instead
  * (attention/kvc_attn_v3.cuh): the same producer with bulk copies, and consumer warps that each
- * take whole units and build the mma operands (K and V as the A operand, the query entries as N)
+ * take whole units (half units when all pages are rows) and build the mma operands (K and V as the A operand, the query entries as N)
  * in registers from the ring bytes; a mask that allows Huffman pages selects v3's Huffman
  * instance (attention/kvc_attn_v3_huf.cuh), which leaves blocks of 128 tokens at head_dim 128 to
  * v2.
@@ -107,6 +107,7 @@ struct params {
   uint32_t chunk_bytes, chunk_shift;
   int num_q_heads, num_kv_heads, group, block_tokens, dtype;
   int total_q_rows, qtiles, nsplits, units_per_split;
+  int unit_split; /* v3: consumer warps that share each unit (a divisor of 4), see attn_kernel_v3 */
   float scale_log2;
 };
 
@@ -1061,6 +1062,10 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   p.dtype = (int)a->dtype;
   p.total_q_rows = a->total_q_rows;
   p.scale_log2 = a->scale * 1.4426950408889634f;
+  /* v3 splits a unit between two warps when every page is rows (RAW pages, staging pages): their
+   * per-page setup is free, and the ring holds only three 64-token units of fp16 rows at head_dim
+   * 128, so whole units would keep two of the five consumer warps idle. */
+  p.unit_split = a->codec_mask == 1u << KVC_CODEC_RAW ? 2 : 1;
 
   /* The smallest query tile that holds a sequence's rows (head_dim 256: always 16 entries, more
    * tiles); a larger one when the block size needs a larger ring. */

@@ -10,7 +10,8 @@
  * Every case runs on the v2 kernels (codec_mask 0) and, with a codec_mask without Huffman, on the
  * v3 decode kernel where it applies (at most 8 query entries per sequence and kv head, head_dim
  * 64/128; cases with Huffman pages run v3 on the same sizes with their other page kinds, and
- * themselves with every codec in the mask on v3's Huffman instance). v3's bit-pack fast path
+ * themselves with every codec in the mask on v3's Huffman instance; their rows-only kinds run
+ * with a raw cache's mask, whose units v3 splits between two warps). v3's bit-pack fast path
  * rounds differently from the reference (exact code values; the steps folded into fp16
  * Q' = Q * step and P' = P * step instead of each decoded value rounded to fp16), its Huffman fast
  * path computes each value as one fp16 fma (u * step + base * step), both within the same
@@ -19,7 +20,8 @@
  * instance without Huffman -> NaN rows, a damaged section header -> NaN rows; v3's Huffman
  * instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols with extra bits and codes longer
  * than its table (checked to occur), short tails, and damaged Huffman sections (a code length,
- * stream bits) -> NaN rows on v2 and v3. Skips cleanly where there is no GPU. KVC_TEST_SCALE
+ * stream bits) -> NaN rows on v2 and v3; pages coded with absolute bounds (both codecs, checked
+ * to occur) on v2, v3 and v3's Huffman instance. Skips cleanly where there is no GPU. KVC_TEST_SCALE
  * scales the lengths; KVC_TEST_FILTER selects tests by name (cmocka pattern).
  */
 #include <cuda_runtime.h>
@@ -57,10 +59,13 @@ typedef struct gpu_case {
   int shared_prefix_blocks;
   uint64_t seed;
   float k_bound, v_bound; /* of the lossy codecs; 0: 0.05 */
+  kvc_bound_mode_t bound_mode; /* of k_bound, v_bound (0: relative) */
 } gpu_case_t;
 
-/* codec_mask values: pages without Huffman coding (the v3 decode kernel where it applies), and
- * every codec (v3's Huffman instance where it applies). */
+/* codec_mask values: rows only (raw and staging pages: v3 with units split between two warps),
+ * pages without Huffman coding (the v3 decode kernel where it applies), and every codec (v3's
+ * Huffman instance where it applies). */
+static const uint32_t kRowsOnly = 1u << KVC_CODEC_RAW;
 static const uint32_t kNoHuffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
 static const uint32_t kAllCodecs = kNoHuffman | (1u << KVC_CODEC_HUFFMAN);
 
@@ -118,7 +123,8 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
                                 c->k_bound > 0 ? c->k_bound : 0.05f,
                                 c->v_bound > 0 ? c->v_bound : 0.05f,
                                 c->shared_prefix_blocks,
-                                c->seed ^ 0xabcull};
+                                c->seed ^ 0xabcull,
+                                c->bound_mode};
   assert_int_equal(kvc_test_pages_build(&spec, k, v, &h->tp), KVC_OK);
   free(k);
   free(v);
@@ -322,29 +328,36 @@ static void check_one(const gpu_case_t *c, uint32_t mask) {
   host_teardown(&h);
 }
 
+/* The case's sizes with page kinds `kinds` only, under `mask`. */
+static void check_kinds(const gpu_case_t *c, unsigned kinds, uint32_t mask) {
+  gpu_case_t c3 = *c;
+  c3.kinds = kinds;
+  host_case_t h;
+  dev_case_t d;
+  host_setup(&c3, &h);
+  dev_setup(&h, &d);
+  run_variants(&c3, &h, &d, mask);
+  dev_teardown(&d);
+  host_teardown(&h);
+}
+
 /*
  * The case on every decode kernel: v2 (codec_mask 0, every page kind), v3's Huffman instance for
  * a case with Huffman pages (every codec in the mask; taken for single-tile launches at head_dim
- * 64/128 and blocks its ring holds, else v2 again), and v3 (a mask without Huffman) for the case,
- * or for a case with Huffman and other page kinds, on the same sizes with the other kinds only.
+ * 64/128 and blocks its ring holds, else v2 again), v3 (a mask without Huffman) for the case, or
+ * for a case with Huffman and other page kinds, on the same sizes with the other kinds only, and
+ * v3 with split units (the mask of a raw cache) on its rows-only kinds.
  */
 static void check_case(const gpu_case_t *c) {
   if (!have_gpu()) skip();
   const unsigned kinds = c->kinds ? c->kinds : (unsigned)KVC_TEST_PAGE_ALL;
+  const unsigned rows = kinds & (unsigned)(KVC_TEST_PAGE_STAGING | KVC_TEST_PAGE_RAW);
   const unsigned other = kinds & ~(unsigned)KVC_TEST_PAGE_HUFFMAN;
   const bool huffman = (kinds & KVC_TEST_PAGE_HUFFMAN) != 0;
-  check_one(c, huffman ? kAllCodecs : kNoHuffman);
-  if (huffman && other) {
-    gpu_case_t c3 = *c;
-    c3.kinds = other;
-    host_case_t h;
-    dev_case_t d;
-    host_setup(&c3, &h);
-    dev_setup(&h, &d);
-    run_variants(&c3, &h, &d, kNoHuffman);
-    dev_teardown(&d);
-    host_teardown(&h);
-  }
+  const uint32_t other_mask = other == rows ? kRowsOnly : kNoHuffman;
+  check_one(c, huffman ? kAllCodecs : other_mask);
+  if (huffman && other) check_kinds(c, other, other_mask);
+  if (rows && rows != other) check_kinds(c, rows, kRowsOnly);
 }
 
 static void sweep_sizes_and_gqa(void **state) {
@@ -415,14 +428,15 @@ static void long_context_splits(void **state) {
   check_case(&few);
 }
 
-/* Bit-pack section headers of every compressed page of a case: bit w of *widths for each width
- * w (0..31) seen in relative mode; the number of sections seen. */
-static int bitpack_widths(const host_case_t *h, uint32_t *widths) {
+/* The sections of every compressed page of a case coded with `codec` for which pred(header)
+ * holds. */
+template <class F>
+static int count_sections(const host_case_t *h, kvc_codec_t codec, F pred) {
   int n = 0;
   const uint32_t cb = h->tp.chunk_bytes;
   for (int i = 0; i < h->tp.dir_len; i++) {
     const kvc_page_entry_t *e = &h->tp.dir[i];
-    if (e->kind != KVC_PAGE_COMPRESSED || e->codec != KVC_CODEC_BITPACK) continue;
+    if (e->kind != KVC_PAGE_COMPRESSED || e->codec != codec) continue;
     const uint32_t H = kvc_rd_u16(kvc_page_byte(h->tp.pool, cb, e, 10));
     for (uint32_t sidx = 0; sidx < 2 * H; sidx++) {
       const uint32_t start =
@@ -430,11 +444,19 @@ static int bitpack_widths(const host_case_t *h, uint32_t *widths) {
                     : kvc_align16(kvc_rd_u32(kvc_page_byte(h->tp.pool, cb, e, 32 + 4 * (sidx - 1))));
       kvc_qsec_header_t qh;
       kvc_qsec_header_read(kvc_page_byte(h->tp.pool, cb, e, start), &qh);
-      if (qh.mode == KVC_QMODE_REL) *widths |= 1u << qh.width;
-      n++;
+      n += pred(qh) ? 1 : 0;
     }
   }
   return n;
+}
+
+/* Bit-pack section headers of every compressed page of a case: bit w of *widths for each width
+ * w (0..31) seen in relative mode; the number of sections seen. */
+static int bitpack_widths(const host_case_t *h, uint32_t *widths) {
+  return count_sections(h, KVC_CODEC_BITPACK, [&](const kvc_qsec_header_t &qh) {
+    if (qh.mode == KVC_QMODE_REL) *widths |= 1u << qh.width;
+    return true;
+  });
 }
 
 /*
@@ -473,6 +495,42 @@ static void v3_bitpack_widths(void **state) {
   print_message("bit-pack sections: %d, widths seen: 0x%x\n", sections, widths);
   assert_true((widths & 0x1feu) == 0x1feu); /* 1..8 */
   assert_true((widths & ~0x1ffu) != 0);     /* and wider */
+}
+
+/*
+ * Pages coded with absolute error bounds (one step per section, per-channel centres, zigzag codes)
+ * on v2, on v3's generic bit-pack decoder and on its Huffman instance's generic decoder: head_dim
+ * 64 and 128, fp16 and bf16, blocks of 16 and 64 tokens, mixed with RAW pages and staging tails.
+ * Checks that absolute-mode sections of both codecs occurred.
+ */
+static void absolute_bound_pages(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  static const float bounds[] = {0.3f, 0.05f, 0.01f};
+  auto abs_mode = [](const kvc_qsec_header_t &qh) { return qh.mode == KVC_QMODE_ABS; };
+  int bitpack = 0, huffman = 0;
+  uint64_t seed = 9000;
+  for (int b = 0; b < 3; b++)
+    for (int i = 0; i < 2; i++) {
+      const kvc_dtype_t dt = b == 1 ? KVC_DTYPE_BF16 : KVC_DTYPE_F16;
+      const unsigned kinds = KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_HUFFMAN | KVC_TEST_PAGE_RAW;
+      gpu_case_t c = {5,     8, 2, i ? 128 : 64, (b + i) % 2 ? 16 : 64, dt, 400, 1, kinds, 0,
+                      seed++, bounds[b], bounds[(b + 1) % 3], KVC_BOUND_ABSOLUTE};
+      host_case_t h;
+      dev_case_t d;
+      host_setup(&c, &h);
+      bitpack += count_sections(&h, KVC_CODEC_BITPACK, abs_mode);
+      huffman += count_sections(&h, KVC_CODEC_HUFFMAN, abs_mode);
+      dev_setup(&h, &d);
+      run_variants(&c, &h, &d, 0);
+      run_variants(&c, &h, &d, kAllCodecs);
+      dev_teardown(&d);
+      host_teardown(&h);
+      check_kinds(&c, KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW, kNoHuffman);
+    }
+  print_message("absolute-mode sections: bit-pack %d, Huffman %d\n", bitpack, huffman);
+  assert_true(bitpack > 0);
+  assert_true(huffman > 0);
 }
 
 /* A Huffman page that reaches v3 (a codec_mask that says there is none) makes the rows that read
@@ -778,6 +836,7 @@ int main(void) {
       cmocka_unit_test(corrupt_page_gives_nan),   cmocka_unit_test(v3_bitpack_widths),
       cmocka_unit_test(v3_huffman_page_gives_nan), cmocka_unit_test(corrupt_section_gives_nan),
       cmocka_unit_test(v3_huffman_layouts),    cmocka_unit_test(huffman_damage_gives_nan),
+      cmocka_unit_test(absolute_bound_pages),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

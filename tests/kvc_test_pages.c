@@ -82,7 +82,7 @@ kvc_status_t kvc_test_pages_build(const kvc_test_pages_spec_t *spec, const float
   const int bt = spec->block_tokens;
   const size_t esz = dtype_bytes(spec->dtype), row_bytes = (size_t)hd * esz;
   const unsigned kinds = spec->kinds ? spec->kinds & KVC_TEST_PAGE_ALL : KVC_TEST_PAGE_ALL;
-  kvc_codec_params_t cp = {spec->dtype, kvh, hd, bt, KVC_BOUND_RELATIVE, spec->k_bound,
+  kvc_codec_params_t cp = {spec->dtype, kvh, hd, bt, spec->bound_mode, spec->k_bound,
                            spec->v_bound, KVC_POLICY_FIXED, KVC_CODEC_RAW, 0.35f};
   kvc_status_t st = KVC_OK;
   kvc_test_rng_t rng;

@@ -45,10 +45,11 @@ typedef struct kvc_test_pages_spec {
   kvc_dtype_t dtype;
   uint32_t chunk_bytes;      /* power of two >= KVC_CHUNK_MIN_BYTES */
   unsigned kinds;            /* KVC_TEST_PAGE_* bits allowed for full blocks (0: all) */
-  float k_bound, v_bound;    /* relative error bounds for the lossy codecs */
+  float k_bound, v_bound;    /* error bounds for the lossy codecs (see bound_mode) */
   int shared_prefix_blocks;  /* sequences s > 0 reuse up to this many of sequence 0's first full
                                 blocks (same block ids), as prefix sharing does */
   uint64_t seed;
+  kvc_bound_mode_t bound_mode; /* of k_bound, v_bound (0: relative) */
 } kvc_test_pages_spec_t;
 
 typedef struct kvc_test_pages {

@@ -120,7 +120,7 @@ static void setup_case(const attn_case_t *c, attn_setup_t *su) {
   chunk <<= kvc_test_rng_below(&rng, 3);
   kvc_test_pages_spec_t spec = {c->num_seqs, len, c->num_kv_heads, c->head_dim, c->block_tokens,
                                 c->dtype, chunk, c->kinds, 0.05f, 0.05f, c->shared_prefix_blocks,
-                                c->seed ^ 0xabcull};
+                                c->seed ^ 0xabcull, KVC_BOUND_RELATIVE};
   assert_int_equal(kvc_test_pages_build(&spec, k, v, &su->tp), KVC_OK);
   free(k);
   free(v);

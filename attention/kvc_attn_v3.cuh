@@ -203,20 +203,31 @@ __device__ __forceinline__ uint32_t v3_field(const uint32_t *w, uint32_t pos, ui
   return kvc_dev_top(__funnelshift_l(w[k + 1], w[k], pos & 31), n);
 }
 
+/* step(e) of kvc_step_from_code, bit-identical, with the mantissa table M[e & 7] - 32 taken by
+ * one PRMT from its two 32-bit halves instead of a 64-bit shift. */
+__device__ __forceinline__ float v3_step(int e) {
+  const uint32_t m = __byte_perm((uint32_t)KVC_STEP_MANT_PACKED,
+                                 (uint32_t)(KVC_STEP_MANT_PACKED >> 32), (uint32_t)e & 7u);
+  return __int_as_float((int)(((uint32_t)((e >> 3) + 127) << 23) | (m << 18)));
+}
+
 /*
- * Reads the header of a quantized section (sec, sec_bytes in the ring) of a page of n_tokens, and
- * fills the warp's scratch with what the builders need for page tokens [t_lo, t_hi): group bases
- * and steps (SRC_GEN), or SRC_FAST's tables. e_keep (values only): the exponent the warp's O^T
- * accumulates in, kept when it suits the section's steps (no rescale). Warp-cooperative; returns
- * the source kind (SRC_FAST, SRC_GEN or SRC_BAD for a section inconsistent with the format), the
- * same in every lane. The scratch of `tensor` is rewritten: the caller's earlier reads of it must
- * be done, and its reads of what this writes wait for a __syncwarp.
- * Each lane computes its groups' bases and steps in registers and writes only the tables of the
- * path chosen: channels in k_channel pair order (pairs lane + 32 i, both channels of a pair in one
- * lane, so SRC_FAST's key pairs need no exchange), or tokens t_lo + lane + 32 i.
+ * Reads the header of a quantized section (sec, sec_bytes in the ring) of tensor TS (0 K, 1 V) of
+ * a page of n_tokens, and fills the warp's scratch with what the builders need for page tokens
+ * [t_lo, t_hi): group bases and steps (SRC_GEN), or SRC_FAST's tables. e_keep (values only): the
+ * exponent the warp's O^T accumulates in, kept when it suits the section's steps (no rescale).
+ * Warp-cooperative; returns the source kind (SRC_FAST, SRC_GEN or SRC_BAD for a section
+ * inconsistent with the format), the same in every lane. The scratch of the tensor is rewritten:
+ * the caller's earlier reads of it must be done, and its reads of what this writes wait for a
+ * __syncwarp.
+ * Each lane computes its groups' bases and step codes in registers (channels in k_channel pair
+ * order: pairs lane + 32 i, both channels of a pair in one lane, so SRC_FAST's key pairs need no
+ * exchange; or tokens t_lo + lane + 32 i) and writes only the tables of the path chosen. One warp
+ * reduction (the largest step code: damaged codes and the folded exponent) and one vote (every
+ * base in SRC_FAST's range) decide the path.
  */
-template <int HD, class T>
-__device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes, int tensor,
+template <int HD, class T, int TS>
+__device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes,
                                                 int n_tokens, int t_lo, int t_hi, int e_keep,
                                                 uint8_t *scr, v3_sec &s) {
   const int lane = threadIdx.x & 31;
@@ -240,94 +251,91 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
   s.last = nwords - 1;
   const bool rel = qh.mode == KVC_QMODE_REL;
-  const int G = rel ? (tensor == 0 ? HD : n_tokens) : HD;
+  const int G = rel ? (TS == 0 ? HD : n_tokens) : HD;
   const uint32_t pos_b = rel ? (uint32_t)G * qh.w_e : 0u;
   const uint64_t meta = (uint64_t)pos_b + (uint64_t)G * qh.w_b;
   /* Every code lies inside the section: load_run's runs and v3_field's fields end inside it. */
   if (meta + (uint64_t)n_tokens * HD * qh.width > (uint64_t)nwords * 32) return SRC_BAD;
   s.meta = (uint32_t)meta;
   s.width = qh.width;
-  s.mode = rel ? tensor : 2;
+  s.mode = rel ? TS : 2;
   s.e = 0;
-  s.step = kvc_step_from_code(qh.e_min);
-  const bool per_token = rel && tensor == 1;
-  /* This lane's groups: NG at most (HD / 32 channels, or kUnitTokens / 32 tokens: a unit reads at
-   * most 64 rows of a page). */
-  constexpr int NG = (HD > kUnitTokens ? HD : kUnitTokens) / 32;
-  int gi[NG], gb[NG];
-  float gs[NG];
-  const float abs_step = s.step;
-  bool bad = false;
-  uint32_t smax = 0;                         /* bits of the largest step (positive floats) */
-  int bmin = 0x7fffffff, bmax = -0x7fffffff; /* range of the group bases */
+  s.step = v3_step(qh.e_min);
+  const bool per_token = rel && TS == 1;
+  /* This lane's groups: NGC channels (HD / 32) or NGT tokens (a unit reads at most 64 rows of a
+   * page, aligned to 64 page tokens). */
+  constexpr int NGC = HD / 32, NGT = kUnitTokens / 32, NG = NGC > NGT ? NGC : NGT;
+  int gi[NG], gb[NG], ge[NG];
+  int emax = qh.e_min; /* largest step code (every group's is >= e_min) */
+  /* SRC_FAST's condition on a base b: u + b exact in fp16 for every W-bit u, i.e. b in
+   * [-1024, 2049 - 2^W]: one unsigned compare. */
+  const uint32_t span = 3073u - (1u << min((int)qh.width, 8));
+  bool inb = true;
 #pragma unroll
   for (int i = 0; i < NG; i++) {
     const int pr = lane + 32 * (i / 2); /* channels: pair pr, half i % 2 */
-    gi[i] = per_token ? t_lo + lane + 32 * i
-            : i < HD / 32 ? k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2)
-                          : -1;
-    if (per_token && gi[i] >= t_hi) gi[i] = -1;
+    const int tk = t_lo + lane + 32 * i;
+    gi[i] = per_token ? (i < NGT && tk < t_hi ? tk : -1)
+            : i < NGC ? k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2)
+                      : -1;
     gb[i] = 0;
-    gs[i] = abs_step;
+    ge[i] = qh.e_min;
     if (gi[i] < 0) continue;
     const uint32_t g = (uint32_t)gi[i];
     gb[i] = (int32_t)((uint32_t)qh.b_min + v3_field(s.w, pos_b + g * qh.w_b, qh.w_b));
-    if (rel) {
-      const int e = qh.e_min + (int)v3_field(s.w, g * qh.w_e, qh.w_e);
-      bad |= e > KVC_STEP_CODE_MAX;
-      gs[i] = kvc_step_from_code(min(e, KVC_STEP_CODE_MAX));
-    }
-    bmin = min(bmin, gb[i]);
-    bmax = max(bmax, gb[i]);
-    smax = max(smax, (uint32_t)__float_as_int(gs[i]));
+    if (rel) ge[i] = qh.e_min + (int)v3_field(s.w, g * qh.w_e, qh.w_e);
+    emax = max(emax, ge[i]);
+    inb &= (uint32_t)(gb[i] + 1024) <= span;
   }
-  if (__any_sync(0xffffffffu, bad)) return SRC_BAD;
+  if (rel) {
+    emax = __reduce_max_sync(0xffffffffu, emax);
+    if (emax > KVC_STEP_CODE_MAX) return SRC_BAD;
+  }
   /* fp16 only (bf16's 8-bit significand cannot hold the integers u + base exactly); width 0 is
    * a constant section, cheap on the generic path. */
   bool fast = rel && qh.width >= 1 && qh.width <= 8 && kFast16<T>;
   int e = 0;
   if (fast) {
-    smax = __reduce_max_sync(0xffffffffu, smax);
-    bmin = __reduce_min_sync(0xffffffffu, bmin);
-    bmax = __reduce_max_sync(0xffffffffu, bmax);
-    /* u + base exact in fp16 ((1024 + u) + (base - 1024), every term within +-2048), and the
-     * folded steps step * 2^-e in (0, 1] with e small enough that O^T's rescaling factors stay
-     * normal floats. */
-    const int e_need = (int)((smax >> 23) & 255u) - 126; /* largest step * 2^-e_need in [1/2, 1) */
-    e = tensor == 1 && e_keep >= e_need && e_keep <= e_need + 3 ? e_keep : e_need;
-    fast = bmin >= -1024 && bmax <= 2049 - (1 << qh.width) && e >= -60 && e <= 60;
+    /* The folded steps step * 2^-e in (0, 1] (step(emax) in [2^(emax >> 3), 2^((emax >> 3) + 1)):
+     * the largest lands in [1/2, 1) at e_need), with e small enough that O^T's rescaling factors
+     * stay normal floats. */
+    const int e_need = (emax >> 3) + 1;
+    e = TS == 1 && e_keep >= e_need && e_keep <= e_need + 3 ? e_keep : e_need;
+    fast = __all_sync(0xffffffffu, inb) && e >= -60 && e <= 60;
   }
   if (!fast) {
-    int32_t *wb = (int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
-    float *ws = (float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
+    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
+    float *ws = (float *)(scr + (TS ? v3_scratch::vstep : v3_scratch::kstep));
 #pragma unroll
     for (int i = 0; i < NG; i++)
       if (gi[i] >= 0) {
         const int x = per_token ? gi[i] & (kUnitTokens - 1) : gi[i];
         wb[x] = gb[i];
-        if (rel) ws[x] = gs[i];
+        if (rel) ws[x] = v3_step(ge[i]);
       }
     return SRC_GEN;
   }
   const float inv = pow2i(-e);
-  if (tensor == 0) {
+  if constexpr (TS == 0) {
 #pragma unroll
-    for (int i = 0; i < HD / 32; i += 2) {
+    for (int i = 0; i < NGC; i += 2) {
       /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. uint4
        * j * (HD / 16) + pi / 2, its pi % 2-th step and base pairs. */
       const int pr = lane + 32 * (i / 2);
       uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + 4 * (pr / 2) + pr % 2;
-      kq[0] = pack2<__half>(gs[i] * inv, gs[i + 1] * inv);
+      kq[0] = pack2<__half>(v3_step(ge[i]) * inv, v3_step(ge[i + 1]) * inv);
       kq[2] = pack2<__half>((float)(gb[i] - 1024), (float)(gb[i + 1] - 1024));
     }
   } else {
+    /* Every one of the 64 entries (tokens past t_hi: 0), so that the builders may read the
+     * bases of two neighbouring tokens as one word. */
 #pragma unroll
-    for (int i = 0; i < NG; i++)
-      if (gi[i] >= 0) {
-        const int x = gi[i] & (kUnitTokens - 1);
-        ((float *)(scr + v3_scratch::vmul))[x] = gs[i] * inv;
-        ((uint16_t *)(scr + v3_scratch::vb))[x] = to_bits<__half>((float)(gb[i] - 1024));
-      }
+    for (int i = 0; i < NGT; i++) {
+      const int x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
+      const bool in = gi[i] >= 0;
+      ((float *)(scr + v3_scratch::vmul))[x] = in ? v3_step(ge[i]) * inv : 0.f;
+      ((uint16_t *)(scr + v3_scratch::vb))[x] = in ? to_bits<__half>((float)(gb[i] - 1024)) : 0;
+    }
   }
   s.e = e;
   return SRC_FAST;
@@ -517,10 +525,13 @@ __device__ __forceinline__ void pv_fast(const v3_sec &s, const uint8_t *scr, int
                                         const int (&pt)[4], const uint32_t (&pb)[NB][2],
                                         uint32_t magic, oacc_t<HD, NB> &o) {
   constexpr int NC = HD / 8, NA = (NC * W + 31) / 32;
-  const uint16_t *vb = (const uint16_t *)(scr + v3_scratch::vb);
-  constexpr int TM = kUnitTokens - 1;
-  const __half2 b01 = as_h2<__half2>((uint32_t)vb[pt[0] & TM] | ((uint32_t)vb[pt[1] & TM] << 16));
-  const __half2 b23 = as_h2<__half2>((uint32_t)vb[pt[2] & TM] | ((uint32_t)vb[pt[3] & TM] << 16));
+  /* Bases of tokens (pt[0], pt[0] + 1) and (pt[2], pt[2] + 1) as one word each: pt[0] and pt[2]
+   * are even unless clamped to the page's last row, and clamped rows are masked (P = 0; the
+   * setup wrote all 64 entries, so the values they meet are finite). */
+  const uint32_t *vb = (const uint32_t *)(scr + v3_scratch::vb);
+  constexpr int TM = kUnitTokens / 2 - 1;
+  const __half2 b01 = as_h2<__half2>(vb[(pt[0] >> 1) & TM]);
+  const __half2 b23 = as_h2<__half2>(vb[(pt[2] >> 1) & TM]);
   uint32_t a[4][NA];
 #pragma unroll
   for (int t = 0; t < 4; t++) load_run<NA>(s.w, s.meta + (uint32_t)(pt[t] * HD + g * NC) * W, a[t]);
@@ -620,10 +631,10 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
   if (pg.cls != PG_BITPACK) return false;
   __syncwarp(); /* the previous page's readers are done with the scratch */
   const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
-  ks.kind = v3_setup_section<HD, T>(ub + pg.k_ring, pg.k_bytes, 0, pg.n_tokens, t_lo, t_hi, 0, scr,
-                                    ks.sec);
-  vs.kind = v3_setup_section<HD, T>(ub + pg.v_ring, pg.v_bytes, 1, pg.n_tokens, t_lo, t_hi, e_keep,
-                                    scr, vs.sec);
+  ks.kind = v3_setup_section<HD, T, 0>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, t_lo, t_hi, 0, scr,
+                                       ks.sec);
+  vs.kind = v3_setup_section<HD, T, 1>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, t_lo, t_hi, e_keep,
+                                       scr, vs.sec);
   __syncwarp();
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
 }

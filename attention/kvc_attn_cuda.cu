@@ -109,7 +109,7 @@ struct params {
   uint32_t chunk_bytes, chunk_shift;
   int num_q_heads, num_kv_heads, group, block_tokens, dtype;
   int total_q_rows, qtiles, nsplits, units_per_split;
-  int unit_split; /* v3: consumer warps that share each unit (a divisor of 4), see attn_kernel_v3 */
+  int unit_split_lg; /* v3: log2 of the consumer warps sharing each unit (see attn_kernel_v3) */
   float scale_log2;
 };
 
@@ -1067,7 +1067,7 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   /* v3 splits a unit between two warps when every page is rows (RAW pages, staging pages): their
    * per-page setup is free, and the ring holds only three 64-token units of fp16 rows at head_dim
    * 128, so whole units would keep two of the five consumer warps idle. */
-  p.unit_split = a->codec_mask == 1u << KVC_CODEC_RAW ? 2 : 1;
+  p.unit_split_lg = a->codec_mask == 1u << KVC_CODEC_RAW ? 1 : 0;
 
   /* The smallest query tile that holds a sequence's rows (head_dim 256: always 16 entries, more
    * tiles); a larger one when the block size needs a larger ring. */

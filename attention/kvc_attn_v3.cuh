@@ -12,7 +12,7 @@
  * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
  * sections and rows) and kW3 consumer warps over a 96 KiB ring (three uncompressed 64-token units
  * at head_dim 128, six at 64). Consumer warp w takes work items w, w + kW3, ... on its own: an item
- * is a whole unit, or, in launches whose pages are all rows (p.unit_split = 2), half a unit, so
+ * is a whole unit, or, in launches whose pages are all rows (p.unit_split_lg = 1), half a unit, so
  * that all five warps work while the ring holds three fp16 units. No CTA barrier in the loop: a
  * unit's "empty" barrier counts the lanes of its warps, and the warps' (m, l, O) meet in the
  * epilogue.
@@ -665,7 +665,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   if (tid == 0) {
     for (int i = 0; i < NS; i++) {
       mbar_init(bars + 8 * i, 32);        /* full: every producer lane */
-      mbar_init(bars + 8 * (NS + i), 32 * p.unit_split); /* empty: every lane of its warps */
+      mbar_init(bars + 8 * (NS + i), 32 << p.unit_split_lg); /* empty: every lane of its warps */
     }
   }
   load_q_tile<HD, T>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, kThreads3);
@@ -728,12 +728,18 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
     /* Rows of a unit per page (a power of two): unit row r is on page r >> ubt_lg. */
     const int ubt_lg = 31 - __clz(min(p.block_tokens, kUnitTokens));
 
-    /* Work items: item i is the i % split-th part of unit i / split (split = p.unit_split), and
-     * warp w takes items w, w + kW3, ...; a unit's parts go to different warps, and since NS * split
-     * is a multiple of kW3 a slot always comes back to the same warps, in unit order. */
-    const int split = HUF ? 1 : p.unit_split, slabs = kUnitTokens / 16 / split;
-    for (int it = warp; u_begin + it / split < u_end; it += kW3) {
-      const int k = it / split, b_lo = it % split * slabs;
+    /* Work items: item i is part i % split of unit i / split (split = 2^p.unit_split_lg), and
+     * warp w takes items w, w + kW3, ...; a unit's parts go to different warps, and since
+     * NS * split is a multiple of kW3 a slot always comes back to the same warps, in unit order.
+     * The split is re-read from the parameters where it is used (no registers held across the
+     * loop: with them the fp16 head_dim-128 instance spilled). */
+    auto split_lg = [&] { return HUF ? 0 : p.unit_split_lg; };
+    /* The slabs of item it: [part * n, (part + 1) * n), n = kUnitTokens / 16 / split. */
+    auto slab = [&](int it, int end) {
+      return ((it & ((1 << split_lg()) - 1)) + end) * (kUnitTokens / 16 >> split_lg());
+    };
+    for (int it = warp; u_begin + (it >> split_lg()) < u_end; it += kW3) {
+      const int k = it >> split_lg();
       const int slot = k % NS, token0 = (u_begin + k) * kUnitTokens;
       mbar_wait(bars + 8 * slot, (uint32_t)(k / NS) & 1u);
       const unit_desc *d = &descs[slot];
@@ -750,7 +756,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       v3_src ks, vs;
       float kmul = 0.f; /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
       int cur = -1;
-      for (int b = b_lo; ok && b < b_lo + slabs; b++) {
+      for (int b = slab(it, 0); ok && b < slab(it, 1); b++) {
         const int tb = 16 * b;
         if (tb >= n_valid || token0 + tb > pos_warp) break; /* nothing visible from here on */
         const int q = tb >> ubt_lg;

@@ -497,6 +497,65 @@ def codec_section(recs, plt, plots):
     return out
 
 
+ATTN_IMPLS = [("torch_sdpa", "torch SDPA"), ("kvcomp_fp16_paged", "fp16 paged"),
+              ("kvcomp_bitpack", "bit-pack"), ("kvcomp_huffman", "Huffman"), ("cublas", "cuBLAS"),
+              ("kvcomp_fp16_paged_v2", "fp16 paged v2"), ("kvcomp_bitpack_v2", "bit-pack v2"),
+              ("kvcomp_huffman_v2", "Huffman v2")]
+# The targets, speed-up over SDPA at context >= 32k and batch >= 8.
+ATTN_TARGETS = [("kvcomp_fp16_paged", "fp16 paged", 0.9), ("kvcomp_bitpack", "bit-pack", 2.5),
+                ("kvcomp_huffman", "Huffman", 1.0)]
+
+
+def attention_section(recs, plt, plots):
+    out = ["## Attention (`./kvc bench attention`)", "",
+           "Decode attention over the same logical KV (32 query heads, 8 kv heads, head_dim 128) "
+           "in each layout: kvcomp's decode kernel over fp16, bit-pack and Huffman pages (and its "
+           "older kernel v2), cuBLAS (matmul, softmax, matmul) and torch SDPA over dense fp16. "
+           "Cells: median ms of CUDA-event timings after warm-up (speed-up over SDPA). Error vs "
+           "fp16: relative L2 distance of the output from cuBLAS attention over the dense fp16 KV: "
+           "rounding only for fp16 pages, and for the codecs their loss at the default bounds on "
+           "this random data, not a kernel error (each kernel's agreement with the CPU reference "
+           "on the same pages is what `gpu_test_attn` checks).", ""]
+    for rec in recs:
+        res = rec["result"]
+        rows = res.get("rows", [])
+        by = {(r["impl"], r["batch"], r["context"]): r for r in rows}
+        shapes = sorted({(r["batch"], r["context"]) for r in rows},
+                        key=lambda s: (s[0] * s[1], s[0]))
+        impls = [(i, n) for i, n in ATTN_IMPLS if any(k[0] == i for k in by)]
+        out += [provenance(rec), "", f"Copy ceiling (read + write): {fmt(res.get('copy_tbps'), 2)} "
+                "TB/s.", ""]
+
+        def cell(impl, b, c):
+            r = by.get((impl, b, c))
+            if not r:
+                return ""
+            sp = r.get("speedup_vs_sdpa")
+            return f"{r['ms']:.3f}" + (f" ({sp:.2f}×)" if sp else "")
+
+        errs = {}
+        for r in rows:
+            if r.get("rel_err_vs_fp16") and not r["impl"].endswith("_v2"):
+                errs.setdefault(r["impl"], []).append(r["rel_err_vs_fp16"])
+        out += table(["batch, context"] + [n for _, n in impls],
+                     [[f"{b}, {c // 1024}k"] + [cell(i, b, c) for i, _ in impls]
+                      for b, c in shapes])
+        out.append("")
+        if errs:
+            out += ["Error vs fp16: " + "; ".join(
+                f"{n} {min(errs[i]):.2g}-{max(errs[i]):.2g}" for i, n in ATTN_IMPLS if i in errs)
+                + ".", ""]
+        for impl, name, target in ATTN_TARGETS:
+            for b, c in shapes:
+                r = by.get((impl, b, c))
+                if r and r.get("speedup_vs_sdpa") and c >= 32768 and b >= 8:
+                    out.append(check(r["speedup_vs_sdpa"] >= target,
+                                     f"({b}, {c // 1024}k): {name} {r['speedup_vs_sdpa']:.2f}× "
+                                     f"SDPA (target ≥ {target}×)"))
+        out.append("")
+    return out
+
+
 def other_section(kind, recs):
     out = [f"## {kind}", ""]
     for rec in recs:
@@ -529,9 +588,10 @@ def write_page(records):
                   "matplotlib`).", ""]
     if not records:
         lines += ["No records yet.", ""]
-    sections = {"step": step_section, "eval": eval_section, "codec": codec_section}
+    sections = {"step": step_section, "eval": eval_section, "codec": codec_section,
+                "attention": attention_section}
     eval_rec = by_kind["eval"][-1] if "eval" in by_kind else None
-    for kind in ("capacity", "step", "eval", "codec"):
+    for kind in ("capacity", "step", "attention", "eval", "codec"):
         if kind not in by_kind:
             continue
         recs = latest_per_setup(by_kind[kind])

@@ -14,36 +14,6 @@
 #include "attention/kvc_attn.h"
 #include "compress/kvc_codec.h"
 
-/* Widening conversions are the codec's (kvc_codec_f16_to_f32 / kvc_codec_bf16_to_f32). */
-/* Round to nearest even, overflow to infinity, NaN stays NaN. */
-static uint16_t kvc__f32_to_f16(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xffu, mant = x & 0x7fffffu;
-  if (exp == 0xff) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u : 0));
-  int e = (int)exp - 127 + 15;
-  if (e >= 31) return (uint16_t)(sign | 0x7c00u);
-  if (e <= 0) {
-    if (e < -10) return (uint16_t)sign;
-    mant |= 0x800000u;
-    int shift = 14 - e;
-    uint32_t half = mant >> shift, rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
-    if (rem > mid || (rem == mid && (half & 1))) half++;
-    return (uint16_t)(sign | half);
-  }
-  uint32_t half = sign | ((uint32_t)e << 10) | (mant >> 13), rem = mant & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) half++;
-  return (uint16_t)half;
-}
-
-static uint16_t kvc__f32_to_bf16(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return (uint16_t)(x >> 16);
-}
-
 static size_t kvc__dtype_bytes(kvc_dtype_t t) { return t == KVC_DTYPE_F32 ? 4 : 2; }
 
 /* n elements of dtype `t` at src -> float. */
@@ -65,7 +35,7 @@ static void kvc__store_row(kvc_dtype_t t, const double *src, double inv, int n, 
     if (t == KVC_DTYPE_F32) {
       memcpy(dst + 4 * (size_t)i, &f, 4);
     } else {
-      uint16_t h = t == KVC_DTYPE_F16 ? kvc__f32_to_f16(f) : kvc__f32_to_bf16(f);
+      uint16_t h = t == KVC_DTYPE_F16 ? kvc_codec_f32_to_f16(f) : kvc_codec_f32_to_bf16(f);
       memcpy(dst + 2 * (size_t)i, &h, 2);
     }
   }
@@ -157,10 +127,11 @@ static kvc_status_t kvc__decode_page(const kvc_attn_args_t *a, const kvc_page_en
       kvc_status_t st = kvc_codec_decode_head(gather, nbytes, tensor, h, rows);
       if (st != KVC_OK) return KVC_ERR_CORRUPT;
       if (a->dtype == KVC_DTYPE_F16)
-        for (size_t i = 0; i < (size_t)n * hd; i++) rows[i] = kvc_codec_f16_to_f32(kvc__f32_to_f16(rows[i]));
+        for (size_t i = 0; i < (size_t)n * hd; i++)
+          rows[i] = kvc_codec_f16_to_f32(kvc_codec_f32_to_f16(rows[i]));
       else if (a->dtype == KVC_DTYPE_BF16)
         for (size_t i = 0; i < (size_t)n * hd; i++)
-          rows[i] = kvc_codec_bf16_to_f32(kvc__f32_to_bf16(rows[i]));
+          rows[i] = kvc_codec_bf16_to_f32(kvc_codec_f32_to_bf16(rows[i]));
     }
   }
   return KVC_OK;

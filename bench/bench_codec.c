@@ -93,26 +93,6 @@ static int load_dump(kv_set_t *s, const char *path) {
   return ok ? 0 : -1;
 }
 
-static uint16_t f32_to_f16(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xff, mant = x & 0x7fffffu;
-  if (exp == 0xff) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u : 0));
-  int e = (int)exp - 127 + 15;
-  if (e >= 31) return (uint16_t)(sign | 0x7c00u);
-  if (e <= 0) {
-    if (e < -10) return (uint16_t)sign;
-    mant |= 0x800000u;
-    int shift = 14 - e;
-    uint32_t half = mant >> shift, rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
-    if (rem > mid || (rem == mid && (half & 1))) half++;
-    return (uint16_t)(sign | half);
-  }
-  uint32_t half = sign | ((uint32_t)e << 10) | (mant >> 13), rem = mant & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) half++;
-  return (uint16_t)half;
-}
-
 typedef struct row {
   const char *codec;
   const char *mode;
@@ -141,7 +121,7 @@ static void kivi4_rmse(const kv_set_t *s, int bt, double *rk, double *rv) {
             for (int i = 0; i < len; i++) {
               int t = tz ? g : i, d = tz ? i : g;
               double x = kvc_codec_f16_to_f32(
-                  f32_to_f16(src[(((size_t)l * s->tokens + b0 + t) * H + h) * hd + d]));
+                  kvc_codec_f32_to_f16(src[(((size_t)l * s->tokens + b0 + t) * H + h) * hd + d]));
               mn = fmin(mn, x);
               mx = fmax(mx, x);
             }
@@ -149,7 +129,7 @@ static void kivi4_rmse(const kv_set_t *s, int bt, double *rk, double *rv) {
             for (int i = 0; i < len; i++) {
               int t = tz ? g : i, d = tz ? i : g;
               double x = kvc_codec_f16_to_f32(
-                  f32_to_f16(src[(((size_t)l * s->tokens + b0 + t) * H + h) * hd + d]));
+                  kvc_codec_f32_to_f16(src[(((size_t)l * s->tokens + b0 + t) * H + h) * hd + d]));
               double y = sc > 0 ? mn + sc * nearbyint((x - mn) / sc) : x;
               sq[tz] += (y - x) * (y - x);
               if (tz == 0) cnt++;
@@ -200,7 +180,7 @@ static int run(const kv_set_t *s, int bt, kvc_codec_t codec, kvc_bound_mode_t mo
             for (int d = 0; d < hd; d++) {
               size_t src = (((size_t)l * s->tokens + b0 + t) * H + h) * hd + d;
               size_t dst = (((size_t)tz * H + h) * bt + t) * hd + d;
-              uint16_t v = f32_to_f16((tz ? s->v : s->k)[src]);
+              uint16_t v = kvc_codec_f32_to_f16((tz ? s->v : s->k)[src]);
               blk[dst] = v;
               x[dst] = kvc_codec_f16_to_f32(v);
             }

@@ -92,7 +92,8 @@ static int step_buffers_make(step_buffers_t *b, kvc_backend_t backend, int n, co
   if (!b->host_q || !b->host_out) return -1;
   kvcb_rng_t rng;
   kvcb_rng_seed(&rng, seed);
-  for (size_t i = 0; i < values; i++) b->host_q[i] = kvcb_f32_to_f16((float)kvcb_rng_normal(&rng));
+  for (size_t i = 0; i < values; i++)
+    b->host_q[i] = kvc_codec_f32_to_f16((float)kvcb_rng_normal(&rng));
   if (backend == KVC_BACKEND_CPU) {
     b->q = b->host_q;
     b->out = b->host_out;

@@ -28,6 +28,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "compress/kvc_codec.h"
 #include "kvcomp.h"
 
 #if KVC_HAVE_CUDA
@@ -115,27 +116,6 @@ static inline double kvcb_gengauss_unit(double beta) {
   return 1.0 / sqrt(tgamma(3.0 / beta) / tgamma(1.0 / beta));
 }
 
-/* fp32 -> fp16, round to nearest even; values here are far from the fp16 limits. */
-static inline uint16_t kvcb_f32_to_f16(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xffu, mant = x & 0x7fffffu;
-  if (exp == 0xffu) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u : 0));
-  int e = (int)exp - 127 + 15;
-  if (e >= 31) return (uint16_t)(sign | 0x7c00u);
-  if (e <= 0) {
-    if (e < -10) return (uint16_t)sign;
-    mant |= 0x800000u;
-    int shift = 14 - e;
-    uint32_t half = mant >> shift, rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
-    if (rem > mid || (rem == mid && (half & 1))) half++;
-    return (uint16_t)(sign | half);
-  }
-  uint32_t half = sign | ((uint32_t)e << 10) | (mant >> 13), rem = mant & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) half++;
-  return (uint16_t)half;
-}
-
 /* "32k" for whole multiples of 1024 tokens, else the count; in a caller-provided buffer. */
 typedef struct kvcb_label {
   char s[16];
@@ -217,8 +197,9 @@ static inline int kvcb_bank_make(kvcb_bank_t *b, const kvcb_shape_t *shape, int 
   }
   for (size_t i = 0; i < n; i++) {
     size_t c = i % (size_t)b->row_values;
-    b->k[i] = kvcb_f32_to_f16((float)(mu[c] + sigma[c] * kvcb_rng_gengauss(&rng, d.beta, unit)));
-    b->v[i] = kvcb_f32_to_f16((float)(d.scale * kvcb_rng_gengauss(&rng, d.beta, unit)));
+    const double k = mu[c] + sigma[c] * kvcb_rng_gengauss(&rng, d.beta, unit);
+    b->k[i] = kvc_codec_f32_to_f16((float)k);
+    b->v[i] = kvc_codec_f32_to_f16((float)(d.scale * kvcb_rng_gengauss(&rng, d.beta, unit)));
   }
   free(mu);
   free(sigma);

@@ -43,6 +43,33 @@ float kvc_codec_f16_to_f32(uint16_t h) {
 
 float kvc_codec_bf16_to_f32(uint16_t h) { return kvc_bits_to_f32((uint32_t)h << 16); }
 
+uint16_t kvc_codec_f32_to_f16(float f) {
+  const uint32_t x = kvc_f32_to_bits(f);
+  uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xffu, mant = x & 0x7fffffu;
+  if (exp == 0xff) return (uint16_t)(sign | 0x7c00u | (mant ? 0x200u : 0));
+  int e = (int)exp - 127 + 15;
+  if (e >= 31) return (uint16_t)(sign | 0x7c00u);
+  if (e <= 0) {
+    if (e < -10) return (uint16_t)sign;
+    mant |= 0x800000u;
+    int shift = 14 - e;
+    uint32_t half = mant >> shift, rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (half & 1))) half++;
+    return (uint16_t)(sign | half);
+  }
+  /* A carry out of the mantissa rounds into the exponent, which is the right result. */
+  uint32_t half = sign | ((uint32_t)e << 10) | (mant >> 13), rem = mant & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) half++;
+  return (uint16_t)half;
+}
+
+uint16_t kvc_codec_f32_to_bf16(float f) {
+  uint32_t x = kvc_f32_to_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return (uint16_t)(x >> 16);
+}
+
 /* One (tensor, head) of a staging block: rows [n][hd] of `dtype` at `rows`. */
 typedef struct kvc__src {
   const uint8_t *rows;

@@ -94,6 +94,10 @@ kvc_status_t kvc_codec_decode(const uint8_t *page, size_t size, float *out);
 /* Exact conversions of one fp16 / bf16 value (bits) to float, as the codec reads its input. */
 float kvc_codec_f16_to_f32(uint16_t h);
 float kvc_codec_bf16_to_f32(uint16_t h);
+/* A float rounded to fp16 / bf16 bits (to nearest even; overflow to infinity, NaN stays NaN): how
+ * a cache of that dtype holds a value. */
+uint16_t kvc_codec_f32_to_f16(float f);
+uint16_t kvc_codec_f32_to_bf16(float f);
 
 #ifdef __cplusplus
 }

@@ -3,10 +3,10 @@
  * dtype F32 (CPU backend) the runner's tensors are passed through untouched; F16/BF16 are
  * converted on the host; on the CUDA backend the tensors are staged through device buffers.
  */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "compress/kvc_codec.h"
 #include "runner_kv.h"
 
 #if KVC_HAVE_CUDA
@@ -23,63 +23,16 @@ typedef struct kvcomp_kv {
   void *dk, *dv, *dq, *dout; /* device buffers (CUDA backend) */
 } kvcomp_kv_t;
 
-static uint16_t f32_to_f16(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xFF, mant = x & 0x7FFFFFu;
-  if (exp == 0xFF) return (uint16_t)(sign | 0x7C00u | (mant ? 0x200u : 0));
-  int e = (int)exp - 127 + 15;
-  if (e >= 0x1F) return (uint16_t)(sign | 0x7C00u);
-  if (e <= 0) {
-    if (e < -10) return (uint16_t)sign;
-    mant |= 0x800000u;
-    int shift = 14 - e;
-    uint32_t h = mant >> shift, rem = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
-    if (rem > halfway || (rem == halfway && (h & 1))) h++;
-    return (uint16_t)(sign | h);
-  }
-  uint32_t h = ((uint32_t)e << 10) | (mant >> 13), rem = mant & 0x1FFFu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++; /* may carry into the exponent: correct */
-  return (uint16_t)(sign | h);
-}
-
-static float f16_to_f32(uint16_t h) {
-  uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (mant << 13);
-  } else if (exp == 0) {
-    float f = ldexpf((float)mant, -24);
-    return sign ? -f : f;
-  } else {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  }
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
-static uint16_t f32_to_bf16(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((x >> 16) | 0x40);
-  return (uint16_t)((x + 0x7FFFu + ((x >> 16) & 1)) >> 16);
-}
-
-static float bf16_to_f32(uint16_t h) {
-  uint32_t bits = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
 static void to_dtype(kvc_dtype_t dt, void *dst, const float *src, size_t n) {
   uint16_t *d = dst;
-  for (size_t i = 0; i < n; i++) d[i] = dt == KVC_DTYPE_F16 ? f32_to_f16(src[i]) : f32_to_bf16(src[i]);
+  for (size_t i = 0; i < n; i++)
+    d[i] = dt == KVC_DTYPE_F16 ? kvc_codec_f32_to_f16(src[i]) : kvc_codec_f32_to_bf16(src[i]);
 }
 
 static void from_dtype(kvc_dtype_t dt, float *dst, const void *src, size_t n) {
   const uint16_t *s = src;
-  for (size_t i = 0; i < n; i++) dst[i] = dt == KVC_DTYPE_F16 ? f16_to_f32(s[i]) : bf16_to_f32(s[i]);
+  for (size_t i = 0; i < n; i++)
+    dst[i] = dt == KVC_DTYPE_F16 ? kvc_codec_f16_to_f32(s[i]) : kvc_codec_bf16_to_f32(s[i]);
 }
 
 static kvc_status_t k_seq_add(kvc_runner_kv_t *kv, kvc_seq_id_t id, const int32_t *tokens, int n,

@@ -323,25 +323,7 @@ static int parse_args(int argc, char **argv, options_t *o) {
       return fprintf(stderr, "capacity: unknown option %s\n", a), -1;
     }
   }
-  if (strcmp(backend, "cpu") == 0) {
-    o->backend = KVC_BACKEND_CPU;
-  } else if (strcmp(backend, "cuda") == 0) {
-    o->backend = KVC_BACKEND_CUDA;
-  } else if (strcmp(backend, "auto") == 0) {
-    o->backend = KVC_BACKEND_CPU;
-#if KVC_HAVE_CUDA
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) o->backend = KVC_BACKEND_CUDA;
-#endif
-  } else {
-    return fprintf(stderr, "capacity: unknown backend %s\n", backend), -1;
-  }
-#if !KVC_HAVE_CUDA
-  if (o->backend == KVC_BACKEND_CUDA)
-    return fprintf(stderr,
-                   "capacity: this build has no CUDA backend (configure with KVC_CUDA=ON)\n"),
-           -1;
-#endif
+  if (kvcb_parse_backend("capacity", backend, &o->backend) != 0) return -1;
   o->layers = layers > 0 ? layers : o->backend == KVC_BACKEND_CUDA ? o->shape->num_layers : 1;
   o->token_scale = token_scale > 0 ? token_scale : o->backend == KVC_BACKEND_CUDA ? 1 : 8;
   kvc_config_t defaults = KVC_CONFIG_INIT;

@@ -372,24 +372,7 @@ static int parse_args(int argc, char **argv, options_t *o) {
       return fprintf(stderr, "step: unknown option %s\n", a), -1;
     }
   }
-  if (strcmp(backend, "cpu") == 0) {
-    o->backend = KVC_BACKEND_CPU;
-  } else if (strcmp(backend, "cuda") == 0) {
-    o->backend = KVC_BACKEND_CUDA;
-  } else if (strcmp(backend, "auto") == 0) {
-    o->backend = KVC_BACKEND_CPU;
-#if KVC_HAVE_CUDA
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) o->backend = KVC_BACKEND_CUDA;
-#endif
-  } else {
-    return fprintf(stderr, "step: unknown backend %s\n", backend), -1;
-  }
-#if !KVC_HAVE_CUDA
-  if (o->backend == KVC_BACKEND_CUDA)
-    return fprintf(stderr, "step: this build has no CUDA backend (configure with KVC_CUDA=ON)\n"),
-           -1;
-#endif
+  if (kvcb_parse_backend("step", backend, &o->backend) != 0) return -1;
   int cuda = o->backend == KVC_BACKEND_CUDA;
   o->pool_gib = pool_gib > 0 ? pool_gib : cuda ? 40.0 : 1.0;
   o->layers = layers > 0 ? layers : cuda ? o->shape->num_layers : 1;

@@ -357,6 +357,31 @@ typedef struct kvcb_model_bits {
   double run_bits;   /* and at the benchmark's shape */
 } kvcb_model_bits_t;
 
+/* --backend NAME: cpu, cuda, or auto (cuda when this build has it and a GPU is present). Prints
+ * why on stderr (prefixed with prog) and returns -1 for an unknown name or cuda without CUDA. */
+static inline int kvcb_parse_backend(const char *prog, const char *name, kvc_backend_t *out) {
+  if (strcmp(name, "cpu") == 0) {
+    *out = KVC_BACKEND_CPU;
+  } else if (strcmp(name, "cuda") == 0) {
+    *out = KVC_BACKEND_CUDA;
+  } else if (strcmp(name, "auto") == 0) {
+    *out = KVC_BACKEND_CPU;
+#if KVC_HAVE_CUDA
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) *out = KVC_BACKEND_CUDA;
+#endif
+  } else {
+    return fprintf(stderr, "%s: unknown backend %s\n", prog, name), -1;
+  }
+#if !KVC_HAVE_CUDA
+  if (*out == KVC_BACKEND_CUDA)
+    return fprintf(stderr, "%s: this build has no CUDA backend (configure with KVC_CUDA=ON)\n",
+                   prog),
+           -1;
+#endif
+  return 0;
+}
+
 static inline int kvcb_parse_model_bits(const char *v, kvcb_model_bits_t *m) {
   memset(m, 0, sizeof *m);
   if (sscanf(v, "%63[^:]:%d:%d:%lf", m->name, &m->num_kv_heads, &m->head_dim, &m->eval_bits) != 4 ||

@@ -181,11 +181,10 @@ def plotting():
         return None
 
 
-def plot_capacity(plt, rec, path):
-    rows = rec["result"]["rows"]
+def grouped_bars(ax, rows, order, value, label_fmt):
+    """One group of bars per context and one bar per codec in it (codecs in `order`), of r[value]."""
     contexts = sorted({r["context"] for r in rows})
-    codecs = [c for c in CAPACITY_ORDER if any(r["codec"] == c for r in rows)]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    codecs = [c for c in order if any(r["codec"] == c for r in rows)]
     width = 0.8 / max(1, len(codecs))
     for i, codec in enumerate(codecs):
         xs, ys = [], []
@@ -193,11 +192,16 @@ def plot_capacity(plt, rec, path):
             for r in rows:
                 if r["codec"] == codec and r["context"] == ctx:
                     xs.append(j + (i - (len(codecs) - 1) / 2) * width)
-                    ys.append(r["sequences"])
+                    ys.append(r[value])
         bars = ax.bar(xs, ys, width, label=codec)
-        ax.bar_label(bars, fontsize=7, padding=1)
+        ax.bar_label(bars, fmt=label_fmt, fontsize=7, padding=1)
     ax.set_xticks(range(len(contexts)), [f"{c // 1024}k" for c in contexts])
     ax.set_xlabel("context (tokens)")
+
+
+def plot_capacity(plt, rec, path):
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    grouped_bars(ax, rec["result"]["rows"], CAPACITY_ORDER, "sequences", "%g")
     ax.set_ylabel("sequences admitted")
     ax.set_yscale("log")
     res = rec["result"]
@@ -210,22 +214,8 @@ def plot_capacity(plt, rec, path):
 
 
 def plot_step(plt, rec, path):
-    rows = rec["result"]["rows"]
-    contexts = sorted({r["context"] for r in rows})
-    codecs = [c for c in STEP_ORDER if any(r["codec"] == c for r in rows)]
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(1, len(codecs))
-    for i, codec in enumerate(codecs):
-        xs, ys = [], []
-        for j, ctx in enumerate(contexts):
-            for r in rows:
-                if r["codec"] == codec and r["context"] == ctx:
-                    xs.append(j + (i - (len(codecs) - 1) / 2) * width)
-                    ys.append(r["tokens_per_s"])
-        bars = ax.bar(xs, ys, width, label=codec)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
-    ax.set_xticks(range(len(contexts)), [f"{c // 1024}k" for c in contexts])
-    ax.set_xlabel("context (tokens)")
+    grouped_bars(ax, rec["result"]["rows"], STEP_ORDER, "tokens_per_s", "%.0f")
     ax.set_ylabel("decode tokens/s per GPU, at capacity")
     res = rec["result"]
     ax.set_title(f"Decode step at capacity, {res.get('shape', '?')}, {res.get('layers_run', '?')} "

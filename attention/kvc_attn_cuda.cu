@@ -43,6 +43,7 @@
 
 #include "attention/kvc_attn.h"
 #include "attention/kvc_attn_decode.cuh"
+#include "attention/kvc_attn_ring.h"
 #include "compress/kvc_page_format.h"
 
 namespace kvc_attn {
@@ -401,27 +402,37 @@ template <int HD, class SL>
 __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
                          int u_end) {
   constexpr int kSlots = SL::slots;
-  static_assert(kSlots <= 32, "one lane per slot tracks its ring range");
+  static_assert(kSlots <= 32, "one lane per slot holds its ring offset");
   const int lane = threadIdx.x & 31, bt = p.block_tokens;
-  const int nblocks = (len + bt - 1) / bt, bi0 = p.block_indptr[seq];
+  const int bt_lg = 31 - __clz(bt); /* block_tokens is a power of two (kvc_attn_cuda checks) */
+  const int nblocks = (len + bt - 1) >> bt_lg, bi0 = p.block_indptr[seq];
   const uint32_t ring = smem_u32(smem), bars = smem_u32(smem + SL::bar_off);
   unit_desc *descs = (unit_desc *)(smem + SL::desc_off);
   page_meta *meta = (page_meta *)(smem + SL::meta_off);
   uint32_t *chunks = (uint32_t *)(smem + SL::chunks_off);
   const uint32_t RB = 2 * HD;
   int batch = -1 - kBatch; /* first page of the loaded batch */
-  int rel = 0;             /* units [0, rel) are known to be released */
-  uint32_t head = 0, live_off = 0, live_end = 0; /* lane s: ring range of slot s */
-
-  for (int k = 0; u_begin + k < u_end; k++) {
-    const int u = u_begin + k, slot = k % kSlots;
-    const int t0 = u * kUnitTokens, n_valid = min(kUnitTokens, len - t0);
-    while (rel <= k - kSlots) {
-      mbar_wait(bars + 8 * (kSlots + rel % kSlots), (uint32_t)(rel / kSlots) & 1u);
-      rel++;
+  /* Units [rel, k) are live (attention/kvc_attn_ring.h); lane s holds the ring offset of slot
+   * s's unit. Slots and barrier phases are counted, not divided out. */
+  kvc_attn_ring_t rg = {0, 0, 0};
+  int rel = 0, rel_slot = 0; /* units [0, rel) are known to be released */
+  uint32_t rel_phase = 0, live_off = 0;
+  auto release_oldest = [&](int k) {
+    mbar_wait(bars + 8 * (kSlots + rel_slot), rel_phase);
+    rel++;
+    if (++rel_slot == kSlots) {
+      rel_slot = 0;
+      rel_phase ^= 1u;
     }
-    const int jf = t0 / bt;
-    const int npg = bt >= kUnitTokens ? 1 : min(kUnitTokens / bt, nblocks - jf);
+    if (rel < k) kvc_attn_ring_advance(&rg, __shfl_sync(0xffffffffu, live_off, rel_slot));
+  };
+
+  for (int k = 0, slot = 0; u_begin + k < u_end; k++, slot = slot + 1 == kSlots ? 0 : slot + 1) {
+    const int u = u_begin + k;
+    const int t0 = u * kUnitTokens, n_valid = min(kUnitTokens, len - t0);
+    while (rel <= k - kSlots) release_oldest(k);
+    const int jf = t0 >> bt_lg;
+    const int npg = bt >= kUnitTokens ? 1 : min(kUnitTokens >> bt_lg, nblocks - jf);
     if (jf + npg > batch + kBatch) {
       batch = jf;
       load_batch<HD>(p, batch, nblocks, bi0, kh, len, meta, chunks);
@@ -456,29 +467,10 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       flags = UNIT_BAD;
       need = 0;
     }
-    /* Ring space: after the newest unit, else from the start; wait for the oldest until free. */
-    uint32_t off = 0;
-    for (;;) {
-      if (rel == k || need == 0) {
-        off = rel == k ? 0 : head;
-        break;
-      }
-      off = head + need <= (uint32_t)SL::ring ? head : 0;
-      bool clash = false;
-      for (int i = rel; i < k; i++) {
-        const uint32_t o = __shfl_sync(0xffffffffu, live_off, i % kSlots);
-        const uint32_t e = __shfl_sync(0xffffffffu, live_end, i % kSlots);
-        clash |= off < e && o < off + need;
-      }
-      if (!clash) break;
-      mbar_wait(bars + 8 * (kSlots + rel % kSlots), (uint32_t)(rel / kSlots) & 1u);
-      rel++;
-    }
-    head = off + need;
-    if (lane == slot) {
-      live_off = off;
-      live_end = off + need;
-    }
+    /* Ring space: wait for the oldest units until the unit fits. */
+    uint32_t off;
+    while (!kvc_attn_ring_place(&rg, (uint32_t)SL::ring, need, rel < k, &off)) release_oldest(k);
+    if (lane == slot) live_off = off;
     /* Issue the copies. */
     if (SL::bulk) {
       if (lane == 0 && flags == 0) {

@@ -846,9 +846,14 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>())) attn_ke
 
 namespace kvc_attn {
 
-/* Log-sum-exp combination of the splits: one warp per (query row, query head). */
+/* Log-sum-exp combination of the splits: one warp per (query row, query head). Launched as a
+ * programmatic dependent of the attention kernel: its CTAs start as the attention CTAs retire and
+ * wait here until that grid has completed and its partial results are visible. */
 template <int HD, class T>
 __global__ void __launch_bounds__(256) combine_kernel(const params p) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   const int hq = p.num_q_heads, lane = threadIdx.x & 31;
   const long pe = (long)blockIdx.x * 8 + (threadIdx.x >> 5);
   if (pe >= (long)p.total_q_rows * hq) return;
@@ -942,8 +947,16 @@ kvc_status_t launch_with(void (*kernel)(const params), int threads, int smem, pa
   if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
   if (p.nsplits > 1) {
     const long pairs = (long)p.total_q_rows * p.num_q_heads;
-    combine_kernel<HD, T><<<(unsigned)((pairs + 7) / 8), 256, 0, stream>>>(p);
-    if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
+    cudaLaunchAttribute pdl;
+    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)((pairs + 7) / 8));
+    cfg.blockDim = dim3(256);
+    cfg.stream = stream;
+    cfg.attrs = &pdl;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, combine_kernel<HD, T>, p) != cudaSuccess) return KVC_ERR_CUDA;
   }
   return KVC_OK;
 }

@@ -803,14 +803,6 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
             ok &= v3h_slab<HD, T>(ks, 0, scr, harea, a, nr);
             __syncwarp();
             v3h_s<HD, T, NB>(tile, g, c, nr, qb, s);
-            /* One set of S^T accumulators through V's decode (registers for its chains). */
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-              for (int e = 0; e < 4; e++) {
-                s[0][nb][e] += s[1][nb][e];
-                s[1][nb][e] = 0.f;
-              }
             /* V's slab next, into the same tile (S's loads have returned): its independent
              * decode chains overlap S's mma chains and the softmax. */
             __syncwarp();

@@ -1,7 +1,6 @@
 /*
  * Huffman pages in the v3 decode kernel (CUDA C++; included by attention/kvc_attn_v3.cuh before
- * the kernel, which it extends with one operand source, SRC_HUF / SRC_HUFP / SRC_HUFG, and one
- * layout, for the
+ * the kernel, which it extends with one operand source, SRC_HUF / SRC_HUFG, and one layout, for the
  * instance attn_kernel_v3<HD, T, NB, true> that launches whose codec_mask allows Huffman pages run).
  *
  * A Huffman section (compress/kvc_page_format.h) codes the page's n_tokens x HD symbols in n_lanes
@@ -23,12 +22,10 @@
  * lengths (Kraft-checked), canonical codes by warp ballots, a decode table of 2^tb u16 entries,
  * tb = min(longest code, kHufTableBits), and the stream starts (a warp scan of the lane lengths).
  * The table is per warp and tensor (512 bytes each at most: a full 11-bit table for K and V of
- * five warps would not fit beside the ring with two CTAs per SM); a V section of the fast kind
- * whose codes have at most kHufPairBits / 2 bits also gets a pair table (v3h_pair_fill: 4 KiB
- * per warp). One copy of the parser serves both sections (a loop in v3h_page_setup), for the
- * instruction cache.
+ * five warps would not fit beside the ring with two CTAs per SM). One copy of the parser serves
+ * both sections (a loop in v3h_page_setup), for the instruction cache.
  *
- * Decoders, chosen per section (warp-uniform):
+ * Two decoders, chosen per section (warp-uniform):
  *   SRC_HUF   the common case: relative mode, fp16, every symbol direct (n_sym <= 32: the symbol
  *             is the code u, no extra bits), longest code <= kHufTableBits, one stream per channel
  *             (n_lanes == HD: a 64-token page), steps and addends normal fp16 numbers. Lane l
@@ -40,11 +37,6 @@
  *             window's shift and the entries' sum gives the bits used; one PRMT and one AND pair
  *             two tokens' codes as a half2 and one HFMA2 applies the step and base * step (keys:
  *             the channel's; values: the two tokens') in fp16, as v3's bit-pack fast path does.
- *             A lane's streams step together, symbol by symbol (their chains side by side).
- *   SRC_HUFP  SRC_HUF for V with codes of at most 5 bits (the common V section: 6 symbols, 5
- *             bits): one lookup in the pair table gives two consecutive tokens of a stream, as
- *             the half2 of their u with the two lengths' sum in the low bits, so a window takes
- *             two lookups instead of four and a token pair needs no PRMT.
  *   SRC_HUFG  everything else (absolute mode, extra bits, bf16, codes longer than the table, other
  *             n_lanes up to kHufLanes, blocks of 16, 32 or 128 tokens, units starting inside a
  *             page): symbol by symbol, the exact value of the CPU decoder rounded to T; a table
@@ -60,8 +52,7 @@
  * the advance (SHF): 4; per 4-symbol window the word index and its clamp, the address, two LDS,
  * the funnel shift and the position update (SHF, VIMNMX, IMAD, 2 LDS, SHF, 2 IADD3, LOP3, IADD:
  * ~10); per token pair PRMT + AND + HFMA2; K: a PRMT and STS per token pair of a channel pair, V:
- * one STS per token pair: ~9 per symbol. SRC_HUFP: a trip is 103 instructions (SRC_HUF's V 147),
- * ~6.4 per symbol; filling the pair table costs ~200 per lane and section (32 entries per lane).
+ * one STS per token pair: ~9 per symbol.
  */
 #ifndef KVC_ATTN_V3_HUF_CUH
 #define KVC_ATTN_V3_HUF_CUH
@@ -72,13 +63,10 @@ constexpr int kHufLanes = 128;    /* streams per section a warp can track (the e
                                      for pages of up to 8192 symbols: 64 x 128, 128 x 64) */
 constexpr int kHufTableBits = 8;  /* decode-table index bits at most (SRC_HUF's longest code: four
                                      symbols per 32-bit window) */
-constexpr int kHufPairBits = 10;  /* pair-table index bits at most (SRC_HUFP: two codes of at most
-                                     5 bits per lookup) */
 constexpr uint32_t kHufEsc = 0x8000u; /* generic entry: the code is longer than the table */
 
-/* The Huffman operand sources (after v3's own kinds): SRC_HUFP is SRC_HUF for a V section whose
- * two longest codes fit the pair table. */
-enum : int { SRC_HUF = SRC_BAD + 1, SRC_HUFG, SRC_HUFP };
+/* The Huffman operand sources (after v3's own kinds). */
+enum : int { SRC_HUF = SRC_BAD + 1, SRC_HUFG };
 
 /* Per-section decoder state (shared, warp-uniform). */
 struct v3h_state {
@@ -101,8 +89,7 @@ template <int HD> struct v3h_area {
   static constexpr int tile = 0;
   static constexpr int tile_bytes = 16 * kst > 8 * vst ? 16 * kst : 8 * vst;
   static constexpr int tab = tile + tile_bytes;                 /* [2 tensors][2^kHufTableBits] u16 */
-  static constexpr int pair = tab + 2 * (1 << kHufTableBits) * 2; /* [2^kHufPairBits] u32 (V) */
-  static constexpr int pos = pair + (1 << kHufPairBits) * 4;     /* [2][kHufLanes] u32 bit positions */
+  static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][kHufLanes] u32 bit positions */
   static constexpr int sym = pos + 2 * kHufLanes * 4;           /* [2][64] u32: code | len << 16 */
   /* SRC_HUF's fp16 step and addend base * step: per channel (K), per page token (V: the fast
    * decoder's pages have 64 tokens) */
@@ -113,10 +100,9 @@ template <int HD> struct v3h_area {
 };
 
 /* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
- * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (41 at head_dim 128, 53 at
+ * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (61 at head_dim 128, 73 at
  * 64: one uncompressed 64-token unit and more; the bench's Huffman units, ~6 KiB at head_dim
- * 128, fill seven of the ten slots; 61 and 73 before the pair tables). Huffman units are
- * sensitive to it: with a second slab tile per warp
+ * 128, fill all ten slots). Huffman units are sensitive to it: with a second slab tile per warp
  * (ring 40 KiB, ~6 units for five warps) the consumers' waits for a unit rose from 0.9% to 3.8% of
  * the stall samples (bench/NOTES-huf4.md).
  * Blocks whose sections may not fit (head_dim 128, 128 tokens) are left to v2 by the launcher. */
@@ -211,40 +197,6 @@ __device__ __forceinline__ uint64_t v3h_lane_starts(const uint32_t *w, uint32_t 
     run += len[q];
   }
   return __shfl_sync(0xffffffffu, run, 31);
-}
-
-/*
- * The pair table of a SRC_HUF section whose codes have at most tb <= kHufPairBits / 2 bits: entry
- * i of 2^(2 tb) is the two symbols that the 2 tb bits i start with, as the half2 of their fp16 u
- * with the sum of the two code lengths in the low bits (fp16 bits of u < 32 end in six zeros),
- * i.e. the single-symbol entries e0 = tab[i >> tb] and e1 = tab[(i << len0) >> tb] (2 tb bits)
- * combined as e0 + (e1 & 63) + ((e1 & ~63) << 16). Lane l fills the E = 2^(2 tb) / 32
- * consecutive entries from l E, which share e0 (E <= 2^tb), and takes e1's part from the lane
- * that holds it (a shuffle instead of a table read). Warp-cooperative.
- */
-__device__ __forceinline__ void v3h_pair_fill(const uint16_t *tab, int tb, uint32_t *pair) {
-  const int lane = threadIdx.x & 31, n = 1 << (2 * tb);
-  const uint32_t es = lane < (1 << tb) ? tab[lane] : 0u;
-  const uint32_t second = (es & 63u) + ((es & ~63u) << 16);
-  const int E = n > 32 ? n >> 5 : 1, i0 = lane * E;
-  const uint32_t e0 = i0 < n ? tab[i0 >> tb] : 0u;
-  const int sh = tb - (int)(e0 & 63u); /* e1's index: bits [sh, sh + tb) of i */
-  const uint32_t m = (1u << tb) - 1u;
-  if (E >= 4) {
-    for (int k = 0; k < E; k += 4) {
-      uint4 v;
-      v.x = e0 + __shfl_sync(0xffffffffu, second, ((i0 + k) >> sh) & m);
-      v.y = e0 + __shfl_sync(0xffffffffu, second, ((i0 + k + 1) >> sh) & m);
-      v.z = e0 + __shfl_sync(0xffffffffu, second, ((i0 + k + 2) >> sh) & m);
-      v.w = e0 + __shfl_sync(0xffffffffu, second, ((i0 + k + 3) >> sh) & m);
-      *(uint4 *)(pair + i0 + k) = v;
-    }
-  } else {
-    for (int k = 0; k < E; k++) {
-      const uint32_t v = e0 + __shfl_sync(0xffffffffu, second, ((i0 + k) >> sh) & m);
-      if (i0 + k < n) pair[i0 + k] = v;
-    }
-  }
 }
 
 /*
@@ -395,12 +347,6 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
         if ((int)len > tbits) tab[(x & 0xffffu) >> (len - tbits)] = (uint16_t)kHufEsc;
       }
   }
-  const bool pair = fast && tensor == 1 && 2 * tbits <= kHufPairBits;
-  if (pair) {
-    __syncwarp(); /* the single-symbol table is complete */
-    v3h_pair_fill(tab, tbits, (uint32_t *)(area + A::pair));
-    __syncwarp();
-  }
   /* Stream starts. */
   v3h_state h;
   h.stream_pos = (uint32_t)stream_pos;
@@ -421,13 +367,12 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   for (int q = 0; q < 4; q++)
     if (4 * lane + q < n_lanes) pos[4 * lane + q] = (uint32_t)start[q];
   if (lane == 0) ((v3h_state *)(area + A::state))[tensor] = h;
-  s.width = pair ? 2 * tbits : tbits; /* the fast decoder's lookup bits */
-  return fast ? (pair ? SRC_HUFP : SRC_HUF) : SRC_HUFG;
+  s.width = tbits;
+  return fast ? SRC_HUF : SRC_HUFG;
 }
 
 /*
- * SRC_HUF (SPL 1) and SRC_HUFP (SPL 2: table is the pair table, V only): page tokens [a, a + 16)
- * of every stream (channel) into the tile, SPL symbols per lookup. Four symbols per
+ * SRC_HUF: page tokens [a, a + 16) of every stream (channel) into the tile. Four symbols per
  * 32-bit window (codes of at most kHufTableBits = 8 bits), read afresh at the stream's bit
  * position (two word loads and a funnel shift; the word index clamps to the section, and the one
  * word past it is the ring's slack), so no bit buffer stays live. The window loop is not unrolled:
@@ -436,14 +381,12 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
  * Lane l decodes streams of channels: K c0, c0 + 8 (and c0 + 64, c0 + 72 at head_dim 128),
  * c0 = 16 (l / 8) + l % 8, so that it holds both channels of its K pairs; V l + 32 i.
  */
-template <int HD, int TENSOR, int SPL>
-__device__ __forceinline__ void v3h_fast(const v3_sec &sec, const void *table, uint32_t *pos,
+template <int HD, int TENSOR>
+__device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab, uint32_t *pos,
                                          const uint8_t *area, uint8_t *tile, int a) {
   typedef v3h_area<HD> A;
-  constexpr int NS = HD / 32, SPW = 4, LPW = SPW / SPL; /* streams, symbols and lookups per window */
-  static_assert(SPW * kHufTableBits <= 32 && SPW * kHufPairBits / 2 <= 32,
-                "a window holds SPW codes");
-  static_assert(SPL == 1 || TENSOR == 1, "pairs of symbols are consecutive tokens (V)");
+  constexpr int NS = HD / 32, SPW = 4;
+  static_assert(SPW * kHufTableBits <= 32, "a window holds SPW codes");
   constexpr int KST = A::kst, VST = A::vst;
   const int lane = threadIdx.x & 31;
   const int c0 = 16 * (lane / 8) + lane % 8;
@@ -482,19 +425,18 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const void *table, u
      * the tile is written after the last lookup: each symbol is a dependent chain (shift, index,
      * LDS, shift), and only independent chains side by side in program order overlap (a store
      * between them would order the next stream's loads after it). */
-    uint32_t x[NS], e[NS][LPW];
+    uint32_t x[NS], e[NS][SPW];
 #pragma unroll
     for (int i = 0; i < NS; i++) {
       const uint32_t k = min(p[i] >> 5, last);
       x[i] = __funnelshift_l(w[k + 1], w[k], p[i]);
     }
 #pragma unroll
-    for (int y = 0; y < LPW; y++)
+    for (int y = 0; y < SPW; y++)
 #pragma unroll
       for (int i = 0; i < NS; i++) {
-        const uint32_t ix = kvc_dev_top(x[i], tb);
-        e[i][y] = SPL == 1 ? ((const uint16_t *)table)[ix] : ((const uint32_t *)table)[ix];
-        if (y + 1 < LPW) x[i] = __funnelshift_l(0u, x[i], e[i][y]);
+        e[i][y] = tab[kvc_dev_top(x[i], tb)];
+        if (y + 1 < SPW) x[i] = __funnelshift_l(0u, x[i], e[i][y]);
       }
 #pragma unroll
     for (int i = 0; i < NS; i++) {
@@ -503,13 +445,12 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const void *table, u
        * bits is the window's bits. */
       uint32_t n = 0;
 #pragma unroll
-      for (int y = 0; y < LPW; y++) n += e[i][y];
+      for (int y = 0; y < SPW; y++) n += e[i][y];
       p[i] += n & 63u;
 #pragma unroll
       for (int m = 0; m < SPW / 2; m++) {
-        /* a pair entry is already the token pair's half2 (lengths in the low half's low bits) */
-        const uint32_t pr = SPL == 1 ? __byte_perm(e[i][2 * m], e[i][2 * m + 1], 0x5410) : e[i][m];
-        const __half2 u2 = as_h2<__half2>(pr & 0xfff0fff0u);
+        const __half2 u2 =
+            as_h2<__half2>(__byte_perm(e[i][2 * m], e[i][2 * m + 1], 0x5410) & 0xfff0fff0u);
         if (TENSOR == 0) val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i], kbs[i]));
         else val[i][m] = h2_bits<__half2>(__hfma2(u2, vs2[m], vb2[m]));
       }
@@ -640,19 +581,16 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
   const v3h_state h = ((const v3h_state *)(area + A::state))[tensor];
   const uint16_t *tab = (const uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
   uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * kHufLanes;
-  int done = a + 16;
+  int done = a + nr;
   if constexpr (kFast16<T>) {
-    uint8_t *tile = area + A::tile;
-    if (tensor == 0) {
-      if (src.kind == SRC_HUF) v3h_fast<HD, 0, 1>(src.sec, tab, pos, area, tile, a);
-    } else if (src.kind == SRC_HUFP) {
-      v3h_fast<HD, 1, 2>(src.sec, area + A::pair, pos, area, tile, a);
-    } else if (src.kind == SRC_HUF) {
-      v3h_fast<HD, 1, 1>(src.sec, tab, pos, area, tile, a);
+    if (src.kind == SRC_HUF) {
+      uint8_t *tile = area + A::tile;
+      if (tensor == 0) v3h_fast<HD, 0>(src.sec, tab, pos, area, tile, a);
+      else v3h_fast<HD, 1>(src.sec, tab, pos, area, tile, a);
+      done = a + 16;
     }
   }
-  if (src.kind == SRC_HUFG) {
-    done = a + nr;
+  if (src.kind != SRC_HUF) {
     if (tensor == 1 && nr < 16) {
       /* P V reads whole token pairs: rows past the page's become zeros (finite, masked). */
       for (int i = lane; i < A::tile_bytes / 16; i += 32)

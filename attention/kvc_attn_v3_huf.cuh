@@ -423,8 +423,9 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
       }
     /* The lane's NS streams step together, symbol y of every stream before symbol y + 1, and
      * the tile is written after the last lookup: each symbol is a dependent chain (shift, index,
-     * LDS, shift), and only independent chains side by side in program order overlap (a store
-     * between them would order the next stream's loads after it). */
+     * LDS, shift), and a tile store between two streams' chains orders the second's loads after
+     * it (V's streams ran one after another). ptxas runs two streams side by side at head_dim
+     * 128 (four where the registers live across the loop leave room). */
     uint32_t x[NS], e[NS][SPW];
 #pragma unroll
     for (int i = 0; i < NS; i++) {

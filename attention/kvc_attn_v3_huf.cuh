@@ -421,31 +421,47 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
         vs2[m] = as_h2<__half2>(vst[(a + t0) / 2 + m]);
         vb2[m] = as_h2<__half2>(vbs[(a + t0) / 2 + m]);
       }
+    /* The lane's NS streams step together, symbol y of every stream before symbol y + 1, and
+     * the tile is written after the last lookup: each symbol is a dependent chain (shift, index,
+     * LDS, shift), and a tile store between two streams' chains orders the second's loads after
+     * it (V's streams ran one after another). ptxas runs two streams side by side at head_dim
+     * 128 (four where the registers live across the loop leave room). */
+    uint32_t x[NS], e[NS][SPW];
 #pragma unroll
     for (int i = 0; i < NS; i++) {
       const uint32_t k = min(p[i] >> 5, last);
+      x[i] = __funnelshift_l(w[k + 1], w[k], p[i]);
+    }
+#pragma unroll
+    for (int y = 0; y < SPW; y++)
+#pragma unroll
+      for (int i = 0; i < NS; i++) {
+        e[i][y] = tab[kvc_dev_top(x[i], tb)];
+        if (y + 1 < SPW) x[i] = __funnelshift_l(0u, x[i], e[i][y]);
+      }
+#pragma unroll
+    for (int i = 0; i < NS; i++) {
       /* An entry's low six bits are its code length (fp16 bits of u < 32 end in six zeros):
        * the funnel shift uses the low five as the shift, and the sum of the entries' low six
        * bits is the window's bits. */
-      uint32_t x = __funnelshift_l(w[k + 1], w[k], p[i]), e[SPW], n = 0;
+      uint32_t n = 0;
 #pragma unroll
-      for (int y = 0; y < SPW; y++) {
-        e[y] = tab[kvc_dev_top(x, tb)];
-        if (y + 1 < SPW) x = __funnelshift_l(0u, x, e[y]);
-        n += e[y];
-      }
+      for (int y = 0; y < SPW; y++) n += e[i][y];
       p[i] += n & 63u;
 #pragma unroll
       for (int m = 0; m < SPW / 2; m++) {
-        const __half2 u2 = as_h2<__half2>(__byte_perm(e[2 * m], e[2 * m + 1], 0x5410) & 0xfff0fff0u);
-        if (TENSOR == 0) {
-          val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i], kbs[i]));
-        } else {
-          val[i][m] = h2_bits<__half2>(__hfma2(u2, vs2[m], vb2[m]));
-          *(uint32_t *)(tile + (t0 / 2 + m) * VST + 4 * ch[i]) = val[i][m];
-        }
+        const __half2 u2 =
+            as_h2<__half2>(__byte_perm(e[i][2 * m], e[i][2 * m + 1], 0x5410) & 0xfff0fff0u);
+        if (TENSOR == 0) val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i], kbs[i]));
+        else val[i][m] = h2_bits<__half2>(__hfma2(u2, vs2[m], vb2[m]));
       }
     }
+    if (TENSOR == 1)
+#pragma unroll
+      for (int i = 0; i < NS; i++)
+#pragma unroll
+        for (int m = 0; m < SPW / 2; m++)
+          *(uint32_t *)(tile + (t0 / 2 + m) * VST + 4 * ch[i]) = val[i][m];
     if (TENSOR == 0) {
       /* Channels (c0, c0 + 8) of each token as one word: pair q = lane (+ 32 for c0 + 64). */
 #pragma unroll

@@ -2,7 +2,7 @@
 # `./kvc bench attention [--quick]`: kvcomp's attention kernels, cuBLAS attention and the copy
 # ceiling (gpu_bench_attention), then torch SDPA on the same shapes (attention_torch.py), merged
 # into one table with the speed-up over SDPA. Last line: JSON
-#   {"bench":"attention","copy_tbps":..,"rows":[{"impl","batch","context","ms","speedup_vs_sdpa",..}]}
+#   {"bench":"attention","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context","ms","speedup_vs_sdpa",..}]}
 set -uo pipefail
 dir=${1:?usage: bench/attention.sh BUILD_DIR [--quick]}
 shift
@@ -40,7 +40,8 @@ k, t = last_json(sys.argv[1]), last_json(sys.argv[2])
 sdpa = {(r["batch"], r["context"]): r["ms"] for r in t.get("rows", [])}
 rows = [dict(r, variant=r.get("variant")) for r in t.get("rows", [])] + k["rows"]
 print()
-print(f"copy ceiling (read + write): {k.get('copy_tbps', 0):.2f} TB/s; torch SDPA: "
+print(f"copy ceiling (read + write): {k.get('copy_tbps', 0):.2f} TB/s; read ceiling (loads "
+      f"only): {k.get('read_ceiling_tbps', 0):.2f} TB/s; torch SDPA: "
       f"{'measured' if sdpa else 'not available (' + t.get('error', '?') + ')'}")
 print(f"{'impl':<20} {'batch':>6} {'context':>8} {'ms':>9} {'logical TB/s':>13} "
       f"{'read TB/s':>10} {'vs SDPA':>8}")
@@ -58,5 +59,6 @@ for r in sorted(rows, key=lambda r: (r["context"] * r["batch"], r["batch"], r["i
     if "rel_err_vs_fp16" in r:
         o["rel_err_vs_fp16"] = r["rel_err_vs_fp16"]
     out.append(o)
-print(json.dumps({"bench": "attention", "copy_tbps": k.get("copy_tbps"), "rows": out}))
+print(json.dumps({"bench": "attention", "copy_tbps": k.get("copy_tbps"),
+                  "read_ceiling_tbps": k.get("read_ceiling_tbps"), "rows": out}))
 PY

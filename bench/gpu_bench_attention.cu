@@ -1,7 +1,7 @@
 /*
  * Decode attention on the GPU: kvcomp over Huffman pages, over bit-pack pages and over fp16 staging
  * pages, against cuBLAS attention (batched GEMM, softmax, batched GEMM) on dense fp16, and the
- * measured device-to-device copy ceiling. bench/attention.sh adds torch SDPA (attention_torch.py)
+ * measured ceilings: device-to-device copy (read + write) and loads only (what attention does). bench/attention.sh adds torch SDPA (attention_torch.py)
  * and the speed-ups. Shape: 32 query heads, 8 kv heads, head_dim 128, block_tokens 64, fp16,
  * one query token per sequence; (batch, context) = (1, 32k), (8, 32k), (32, 8k), (64, 4k),
  * (16, 128k).
@@ -16,7 +16,7 @@
  * it (fp16: raw only, v3 with units split between two warps; bit-pack: no Huffman, the v3 decode
  * kernel; Huffman: v3's Huffman instance) and again with mask 0 (v2, rows *_v2). Times: CUDA events around each call after warm-up,
  * median. Output: a table, then one JSON line:
- *   {"bench":"attention_kvcomp","copy_tbps":..,"rows":[{"impl","batch","context","ms",
+ *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context","ms",
  *    "logical_tbps","read_tbps","rel_err_vs_fp16"}]}
  * Usage: gpu_bench_attention [--quick | --only B CTX [IMPL]]   (--quick: 2^18 tokens, contexts / 8,
  * for a smoke run; --only: configuration (B, CTX) alone, and of the kvcomp rows only IMPL when
@@ -164,6 +164,23 @@ __global__ void fill_random_half(__half *x, int64_t n, uint64_t seed) {
 }
 
 /* Row softmax for cuBLAS attention: s [rows][n] fp32 (already scaled) -> p [rows][n] fp16. */
+/* Streams n 16-byte words with eight loads in flight per thread (evict-first: nothing is reused);
+ * `sink` is written only so that the loads cannot be removed. */
+__global__ void read_stream(const uint4 *x, size_t n, uint32_t *sink) {
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  uint32_t acc = 0;
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  for (; i + 7 * stride < n; i += 8 * stride) {
+    uint4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++) v[u] = __ldcs(x + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < 8; u++) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n; i += stride) acc ^= x[i].x;
+  if (acc == 0x9e3779b9u) *sink = acc;
+}
+
 __global__ void softmax_rows(const float *s, __half *p, int n) {
   const float *row = s + (size_t)blockIdx.x * n;
   __half *prow = p + (size_t)blockIdx.x * n;
@@ -268,7 +285,7 @@ int main(int argc, char **argv) {
          prop.l2CacheSize >> 20);
 
   /* Copy ceiling: bytes read plus bytes written over time. */
-  double copy_tbps;
+  double copy_tbps, read_ceil_tbps;
   {
     const size_t bytes = (size_t)2 << 30;
     void *x, *y;
@@ -278,10 +295,17 @@ int main(int argc, char **argv) {
     double ms = median_ms([&](int) { CK(cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice, st)); },
                           1, st);
     copy_tbps = 2.0 * bytes / (ms * 1e-3) / 1e12;
+    /* Read ceiling: the same bytes loaded and discarded, the traffic pattern of attention. */
+    uint32_t *sink = (uint32_t *)y;
+    ms = median_ms([&](int) {
+      read_stream<<<prop.multiProcessorCount * 8, 256, 0, st>>>((const uint4 *)x, bytes / 16, sink);
+    }, 1, st);
+    read_ceil_tbps = bytes / (ms * 1e-3) / 1e12;
     CK(cudaFree(x));
     CK(cudaFree(y));
   }
-  printf("copy ceiling (read + write): %.2f TB/s\n", copy_tbps);
+  printf("copy ceiling (read + write): %.2f TB/s; read ceiling (loads only): %.2f TB/s\n",
+         copy_tbps, read_ceil_tbps);
 
   const int64_t total_tokens = quick ? (int64_t)1 << 18 : (int64_t)1 << 21;
   const int nblocks = (int)(total_tokens / BT);
@@ -553,8 +577,9 @@ int main(int argc, char **argv) {
   for (const row &r : rows)
     printf("%-20s %6d %8d %9.4f %13.2f %11.2f %8.0f%% %12.2e\n", r.impl, r.batch, r.context, r.ms,
            r.logical_tbps, r.read_tbps, 100.0 * r.read_tbps / copy_tbps, r.rel_err);
-  printf("{\"bench\":\"attention_kvcomp\",\"device\":\"%s\",\"copy_tbps\":%.3f,\"rows\":[", prop.name,
-         copy_tbps);
+  printf("{\"bench\":\"attention_kvcomp\",\"device\":\"%s\",\"copy_tbps\":%.3f,"
+         "\"read_ceiling_tbps\":%.3f,\"rows\":[",
+         prop.name, copy_tbps, read_ceil_tbps);
   for (size_t i = 0; i < rows.size(); i++)
     printf("%s{\"impl\":\"%s\",\"batch\":%d,\"context\":%d,\"ms\":%.5f,\"logical_tbps\":%.3f,"
            "\"read_tbps\":%.3f,\"rel_err_vs_fp16\":%.3e}",

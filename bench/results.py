@@ -513,8 +513,10 @@ def attention_section(recs, plt, plots):
         shapes = sorted({(r["batch"], r["context"]) for r in rows},
                         key=lambda s: (s[0] * s[1], s[0]))
         impls = [(i, n) for i, n in ATTN_IMPLS if any(k[0] == i for k in by)]
-        out += [provenance(rec), "", f"Copy ceiling (read + write): {fmt(res.get('copy_tbps'), 2)} "
-                "TB/s.", ""]
+        ceil = f"Copy ceiling (read + write): {fmt(res.get('copy_tbps'), 2)} TB/s"
+        if res.get("read_ceiling_tbps"):
+            ceil += f"; read ceiling (loads only): {fmt(res['read_ceiling_tbps'], 2)} TB/s"
+        out += [provenance(rec), "", ceil + ".", ""]
 
         def speedup(impl, b, c):
             """Over SDPA, from the two times (the record's speedup_vs_sdpa is rounded)."""

@@ -677,7 +677,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   __syncthreads();
   const uint32_t magic = *(const uint32_t *)(smem + SL::scr_off);
   /* Q's B fragments, in the channel order of k_channel: entry 8 nb + g of the tile. */
-  qfrag_t<HD, NB> qb;
+  qfrag_t<HD, NB> qreg;
   if (warp < kW3) {
     const uint8_t *qs = smem + SL::qtile_off;
     auto q16 = [&](int r, int d) -> uint32_t {
@@ -690,10 +690,24 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
         for (int x = 0; x < 2; x++) {
           const int r = 8 * nb + g, pi = 2 * kb + x;
-          qb[nb][kb][x] = q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
+          qreg[nb][kb][x] = q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
         }
   }
+  const qfrag_t<HD, NB> *qp = &qreg;
+  if constexpr (HUF) { /* one copy per CTA, read where used (v3h_layout::qf_off says why) */
+    static_assert(sizeof(qfrag_t<HD, NB>) + 16 <= LO::qf_stride, "Q's fragments fit their slot");
+    qfrag_t<HD, NB> *qs = (qfrag_t<HD, NB> *)(smem + LO::qf_off + lane * LO::qf_stride);
+    if (warp == 0)
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+        for (int kb = 0; kb < HD / 16; kb++)
+#pragma unroll
+          for (int x = 0; x < 2; x++) (*qs)[nb][kb][x] = qreg[nb][kb][x];
+    qp = qs;
+  }
   __syncthreads(); /* the Q tile's bytes belong to the ring from here on */
+  const qfrag_t<HD, NB> &qb = *qp;
 
   oacc_t<HD, NB> o;
   float m[NB][2], l[NB][2];

@@ -116,7 +116,7 @@ template <int HD> struct v3h_layout {
   static constexpr int fixed =
       align_up(slots * (int)sizeof(unit_desc) + kBatch * (int)sizeof(page_meta) +
                    kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128) +
-      kW3 * v3_scratch::bytes + kW3 * v3h_area<HD>::bytes + 2 * slots * 8;
+      kW3 * v3_scratch::bytes + kW3 * v3h_area<HD>::bytes + 2 * slots * 8 + 32 * (HD / 2 + 16);
   static constexpr int ring = (233472 / 2 - 1024 - fixed) / 1024 * 1024;
   static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
   static constexpr int desc_off = ring;
@@ -125,7 +125,12 @@ template <int HD> struct v3h_layout {
   static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
   static constexpr int huf_off = scr_off + kW3 * v3_scratch::bytes;
   static constexpr int bar_off = huf_off + kW3 * v3h_area<HD>::bytes;
-  static constexpr int bytes = bar_off + 2 * slots * 8;
+  /* Q's B fragments (one query tile: HD / 2 bytes per lane), one copy per CTA: every consumer
+   * warp's are the same, and in registers they leave the decode loops too few (ptxas then runs
+   * two of a lane's four streams side by side instead of four, and the instance spills). Lane
+   * stride HD / 2 + 16 bytes (an odd number of 16-byte units: LDS.128 without bank conflicts). */
+  static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = HD / 2 + 16;
+  static constexpr int bytes = qf_off + 32 * qf_stride;
   /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring. */
   static constexpr int max_block_tokens =
       2 * (kMaxBlockTokens * RB + slack) <= ring ? kMaxBlockTokens : 64;
@@ -140,11 +145,12 @@ template <int HD> struct v3h_layout {
 /* The layout of an instance, and where its warps' Huffman areas are (none without HUF). */
 template <int HD, bool HUF> struct v3_layout_of {
   typedef v3_layout<HD> type;
-  static constexpr int huf_off = 0, huf_bytes = 0;
+  static constexpr int huf_off = 0, huf_bytes = 0, qf_off = 0, qf_stride = 0;
 };
 template <int HD> struct v3_layout_of<HD, true> {
   typedef v3h_layout<HD> type;
   static constexpr int huf_off = v3h_layout<HD>::huf_off, huf_bytes = v3h_area<HD>::bytes;
+  static constexpr int qf_off = v3h_layout<HD>::qf_off, qf_stride = v3h_layout<HD>::qf_stride;
 };
 
 /* Word of K pair q (channels (c, c + 8), q = (c / 16) * 8 + c % 8) in a K tile row: lane j of S

@@ -487,6 +487,22 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
  */
 template <int HD, int NB> using oacc_t = float[HD / 16][NB][4];
 
+/* The m-tiles [m0, m1) of O^T += V^T P^T; pair(mt, r, lo, hi) builds row r's (0, 1) token pairs:
+ * lo = tokens (2c, 2c+1), hi = tokens (2c+8, 2c+9). Every source shares this skeleton. */
+template <class T, int MT, int NB, class F>
+__device__ __forceinline__ void pv_tiles(const uint32_t (&pb)[NB][2], float (&o)[MT][NB][4], int m0,
+                                         int m1, F &&pair) {
+#pragma unroll
+  for (int mt = m0; mt < m1; mt++) {
+    uint32_t lo[2], hi[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) pair(mt, r, lo[r], hi[r]);
+    const uint32_t a[4] = {lo[0], lo[1], hi[0], hi[1]};
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) mma16816<T>(o[mt][nb], a, pb[nb][0], pb[nb][1]);
+  }
+}
+
 template <int HD, class T, int NB>
 __device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g,
                                         const uint32_t (&pb)[NB][2], oacc_t<HD, NB> &o) {
@@ -502,20 +518,13 @@ __device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g,
       wd[t][2] = v.z;
       wd[t][3] = v.w;
     }
-#pragma unroll
-    for (int mt = 4 * pc; mt < 4 * pc + 4; mt++) {
-      uint32_t lo[2], hi[2];
-#pragma unroll
-      for (int r = 0; r < 2; r++) {
-        const int n = (2 * mt + r) % 8; /* position in the piece */
-        const uint32_t sel = n % 2 ? 0x7632 : 0x5410;
-        lo[r] = __byte_perm(wd[0][n / 2], wd[1][n / 2], sel);
-        hi[r] = __byte_perm(wd[2][n / 2], wd[3][n / 2], sel);
-      }
-      const uint32_t a[4] = {lo[0], lo[1], hi[0], hi[1]};
-#pragma unroll
-      for (int nb = 0; nb < NB; nb++) mma16816<T>(o[mt][nb], a, pb[nb][0], pb[nb][1]);
-    }
+    auto pair = [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
+      const int n = (2 * mt + r) % 8; /* position in the piece */
+      const uint32_t sel = n % 2 ? 0x7632 : 0x5410;
+      lo = __byte_perm(wd[0][n / 2], wd[1][n / 2], sel);
+      hi = __byte_perm(wd[2][n / 2], wd[3][n / 2], sel);
+    };
+    pv_tiles<T>(pb, o, 4 * pc, 4 * pc + 4, pair);
   }
 }
 
@@ -535,21 +544,11 @@ __device__ __forceinline__ void pv_fast(const v3_sec &s, const uint8_t *scr, int
   uint32_t a[4][NA];
 #pragma unroll
   for (int t = 0; t < 4; t++) load_run<NA>(s.w, s.meta + (uint32_t)(pt[t] * HD + g * NC) * W, a[t]);
-#pragma unroll
-  for (int mt = 0; mt < HD / 16; mt++) {
-    uint32_t lo[2], hi[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-      const int n = 2 * mt + r;
-      lo[r] = h2_bits<__half2>(
-          __hadd2(as_h2<__half2>(code_pair<W, NA>(a[0], a[1], n, n) | magic), b01));
-      hi[r] = h2_bits<__half2>(
-          __hadd2(as_h2<__half2>(code_pair<W, NA>(a[2], a[3], n, n) | magic), b23));
-    }
-    const uint32_t av[4] = {lo[0], lo[1], hi[0], hi[1]};
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) mma16816<__half>(o[mt][nb], av, pb[nb][0], pb[nb][1]);
-  }
+  pv_tiles<__half>(pb, o, 0, HD / 16, [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
+    const int n = 2 * mt + r;
+    lo = h2_bits<__half2>(__hadd2(as_h2<__half2>(code_pair<W, NA>(a[0], a[1], n, n) | magic), b01));
+    hi = h2_bits<__half2>(__hadd2(as_h2<__half2>(code_pair<W, NA>(a[2], a[3], n, n) | magic), b23));
+  });
 }
 
 template <int HD, class T, int NB>
@@ -558,21 +557,11 @@ __device__ __forceinline__ void pv_gen(const v3_sec &s, const uint8_t *scr, int 
                                        oacc_t<HD, NB> &o) {
   const int32_t *gb = (const int32_t *)(scr + v3_scratch::vbase);
   const float *gs = (const float *)(scr + v3_scratch::vstep);
-#pragma unroll
-  for (int mt = 0; mt < HD / 16; mt++) {
-    uint32_t lo[2], hi[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-      const int d = g * (HD / 8) + 2 * mt + r;
-      lo[r] = pack2<T>(v3_gen_value(s, gb, gs, HD, pt[0], d),
-                       v3_gen_value(s, gb, gs, HD, pt[1], d));
-      hi[r] = pack2<T>(v3_gen_value(s, gb, gs, HD, pt[2], d),
-                       v3_gen_value(s, gb, gs, HD, pt[3], d));
-    }
-    const uint32_t a[4] = {lo[0], lo[1], hi[0], hi[1]};
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) mma16816<T>(o[mt][nb], a, pb[nb][0], pb[nb][1]);
-  }
+  pv_tiles<T>(pb, o, 0, HD / 16, [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
+    const int d = g * (HD / 8) + 2 * mt + r;
+    lo = pack2<T>(v3_gen_value(s, gb, gs, HD, pt[0], d), v3_gen_value(s, gb, gs, HD, pt[1], d));
+    hi = pack2<T>(v3_gen_value(s, gb, gs, HD, pt[2], d), v3_gen_value(s, gb, gs, HD, pt[3], d));
+  });
 }
 
 /* O^T += V^T P^T from source vs for rows tv of the current page's rows in the unit. */

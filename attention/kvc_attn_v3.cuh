@@ -87,7 +87,18 @@ struct v3_scratch {
   static constexpr int bytes = 1536;
 };
 
-template <int HD> struct v3_layout {
+/* What both v3 layouts place after a ring of RING bytes, alike: the unit descriptors, the
+ * producer's metadata batch and the consumer warps' scratch, up to `end`. */
+template <int RING> struct v3_after_ring {
+  static constexpr int ring = RING;
+  static constexpr int desc_off = RING;
+  static constexpr int meta_off = desc_off + kSlots3 * (int)sizeof(unit_desc);
+  static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
+  static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
+  static constexpr int end = scr_off + kW3 * v3_scratch::bytes;
+};
+
+template <int HD> struct v3_layout : v3_after_ring<96 * 1024> {
   static_assert(HD == 64 || HD == 128, "v3 is built for head_dim 64 and 128");
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
@@ -96,13 +107,8 @@ template <int HD> struct v3_layout {
   /* Bytes after each compressed section that no copy writes: load_run reads up to one word past
    * a section's last code word (masked off), so it needs no clamp per load. */
   static constexpr int slack = 16;
-  static constexpr int ring = 96 * 1024;
   static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
-  static constexpr int desc_off = ring;
-  static constexpr int meta_off = desc_off + slots * (int)sizeof(unit_desc);
-  static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
-  static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
-  static constexpr int bar_off = scr_off + kW3 * v3_scratch::bytes;
+  static constexpr int bar_off = end;
   static constexpr int bytes = bar_off + 2 * slots * 8;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert(3 * tile <= ring && 2 * (kMaxBlockTokens * RB + slack) <= ring,

@@ -106,30 +106,30 @@ template <int HD> struct v3h_area {
  * (ring 40 KiB, ~6 units for five warps) the consumers' waits for a unit rose from 0.9% to 3.8% of
  * the stall samples (bench/NOTES-huf4.md).
  * Blocks whose sections may not fit (head_dim 128, 128 tokens) are left to v2 by the launcher. */
-template <int HD> struct v3h_layout {
+/* Q's B fragments (one query tile: HD / 2 bytes per lane), one copy per CTA: every consumer
+ * warp's are the same, and in registers they leave the decode loops too few (ptxas then runs
+ * two of a lane's four streams side by side instead of four, and the instance spills). Lane
+ * stride HD / 2 + 16 bytes (an odd number of 16-byte units: LDS.128 without bank conflicts). */
+template <int HD> constexpr int v3h_qf_stride() { return HD / 2 + 16; }
+/* The ring takes the rest of a CTA's share of the SM, in whole KiB. */
+template <int HD> constexpr int v3h_ring_bytes() {
+  return (233472 / 2 - 1024 - v3_after_ring<0>::end - kW3 * v3h_area<HD>::bytes - 2 * kSlots3 * 8 -
+          32 * v3h_qf_stride<HD>()) /
+         1024 * 1024;
+}
+
+template <int HD> struct v3h_layout : v3_after_ring<v3h_ring_bytes<HD>()> {
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
   static constexpr int slots = kSlots3;
   static constexpr bool bulk = true;
   static constexpr int slack = v3_layout<HD>::slack;
-  /* Bytes after the ring (as below): the ring takes the rest of a CTA's share of the SM. */
-  static constexpr int fixed =
-      align_up(slots * (int)sizeof(unit_desc) + kBatch * (int)sizeof(page_meta) +
-                   kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128) +
-      kW3 * v3_scratch::bytes + kW3 * v3h_area<HD>::bytes + 2 * slots * 8 + 32 * (HD / 2 + 16);
-  static constexpr int ring = (233472 / 2 - 1024 - fixed) / 1024 * 1024;
+  typedef v3_after_ring<v3h_ring_bytes<HD>()> A;
+  using A::ring;
   static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
-  static constexpr int desc_off = ring;
-  static constexpr int meta_off = desc_off + slots * (int)sizeof(unit_desc);
-  static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
-  static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
-  static constexpr int huf_off = scr_off + kW3 * v3_scratch::bytes;
+  static constexpr int huf_off = A::end;
   static constexpr int bar_off = huf_off + kW3 * v3h_area<HD>::bytes;
-  /* Q's B fragments (one query tile: HD / 2 bytes per lane), one copy per CTA: every consumer
-   * warp's are the same, and in registers they leave the decode loops too few (ptxas then runs
-   * two of a lane's four streams side by side instead of four, and the instance spills). Lane
-   * stride HD / 2 + 16 bytes (an odd number of 16-byte units: LDS.128 without bank conflicts). */
-  static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = HD / 2 + 16;
+  static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = v3h_qf_stride<HD>();
   static constexpr int bytes = qf_off + 32 * qf_stride;
   /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring. */
   static constexpr int max_block_tokens =

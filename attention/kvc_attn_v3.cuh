@@ -72,6 +72,11 @@ static_assert(kSlots3 % kW3 == 0, "a slot must always come back to the same warp
 
 enum : int { SRC_ROWS = 0, SRC_FAST, SRC_GEN, SRC_BAD };
 
+/* How far (log2 units) a score may exceed its entry's running maximum before the maximum moves:
+ * softmax weights stay below 2^kMaxSlack, so P' = P * step * 2^-e (< 2^kMaxSlack) and Huffman's
+ * and rows' P stay well inside fp16. */
+constexpr float kMaxSlack = 6.f;
+
 /* SRC_FAST is built for fp16 only. */
 template <class T> constexpr bool kFast16 = half2_of<T>::magic == 0x64006400u;
 
@@ -821,37 +826,32 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         } else {
           v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
         }
-        /* Online softmax over the 16 tokens (exp2, scale folded in); per entry the maximum over
-         * the tokens, i.e. over g. */
-        float sx[NB][4], mx[NB][2];
-#pragma unroll
-        for (int nb = 0; nb < NB; nb++) {
-          mx[nb][0] = mx[nb][1] = -INFINITY;
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const bool visible = tb + g + 8 * (e >> 1) < lim[nb][e & 1];
-            sx[nb][e] = visible ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
-            mx[nb][e & 1] = fmaxf(mx[nb][e & 1], sx[nb][e]);
-          }
-        }
+        /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running maximum
+         * moves only when one of its scores exceeds it by more than kMaxSlack: until then P =
+         * 2^(s - m) < 2^kMaxSlack, and the slab needs no shuffles for the maximum (most slabs once
+         * the first tokens are in). When it moves, it moves to the exact maximum. */
+        float sx[NB][4];
         bool grow = false;
 #pragma unroll
         for (int nb = 0; nb < NB; nb++)
 #pragma unroll
-          for (int x = 0; x < 2; x++) {
-#pragma unroll
-            for (int o2 = 4; o2 <= 16; o2 <<= 1)
-              mx[nb][x] = fmaxf(mx[nb][x], __shfl_xor_sync(0xffffffffu, mx[nb][x], o2));
-            grow |= mx[nb][x] > m[nb][x];
+          for (int e = 0; e < 4; e++) {
+            const bool visible = tb + g + 8 * (e >> 1) < lim[nb][e & 1];
+            sx[nb][e] = visible ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
+            grow |= sx[nb][e] > m[nb][e & 1] + kMaxSlack;
           }
-        /* Rescale only when some entry's maximum grew (rare once the first tokens are in). */
         if (__any_sync(0xffffffffu, grow)) {
           float cf[NB][2];
 #pragma unroll
           for (int nb = 0; nb < NB; nb++)
 #pragma unroll
             for (int x = 0; x < 2; x++) {
-              const float mn = fmaxf(m[nb][x], mx[nb][x]);
+              /* The maximum over the tokens, i.e. over g. */
+              float mx = fmaxf(sx[nb][x], sx[nb][x + 2]);
+#pragma unroll
+              for (int o2 = 4; o2 <= 16; o2 <<= 1)
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+              const float mn = fmaxf(m[nb][x], mx);
               cf[nb][x] = mn == -INFINITY ? 1.f : ex2_ftz(m[nb][x] - mn);
               m[nb][x] = mn;
               l[nb][x] *= cf[nb][x];

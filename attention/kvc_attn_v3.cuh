@@ -116,6 +116,7 @@ template <int HD> struct v3_layout : v3_after_ring<96 * 1024> {
   static constexpr int bar_off = end;
   static constexpr int bytes = bar_off + 2 * slots * 8;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
+  static_assert(16 * HD * 2 + kW3 * 32 * HD <= ring, "Q's round trip (NB <= 2) fits the ring");
   static_assert(3 * tile <= ring && 2 * (kMaxBlockTokens * RB + slack) <= ring,
                 "a unit must fit the ring");
   static_assert(2 * (bytes + 1024) <= 233472, "two CTAs per SM do not fit");
@@ -692,6 +693,32 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           const int r = 8 * nb + g, pi = 2 * kb + x;
           qreg[nb][kb][x] = q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
         }
+    if constexpr (!HUF) {
+      /* A round trip through the ring's bytes past the Q tile (idle until the producer starts),
+       * each lane reading its fragments back with opaque loads: without it ptxas keeps the
+       * tile's loaded halves as well and rebuilds fragments from them at their uses (two PRMTs
+       * per k-block in every slab of the bit-pack builders). */
+      constexpr int NQ = (int)sizeof(qfrag_t<HD, NB>) / 16; /* uint4s: two k-blocks each */
+      const uint32_t rt = smem_u32(smem + SL::qtile_off + NE * HD * 2) + (warp * 32 + lane) * NQ * 16;
+#pragma unroll
+      for (int i = 0; i < NQ; i++) {
+        const int nb = i / (HD / 32), kb = 2 * (i % (HD / 32));
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(rt + 16 * i),
+                     "r"(qreg[nb][kb][0]), "r"(qreg[nb][kb][1]), "r"(qreg[nb][kb + 1][0]),
+                     "r"(qreg[nb][kb + 1][1])
+                     : "memory");
+      }
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < NQ; i++) {
+        const int nb = i / (HD / 32), kb = 2 * (i % (HD / 32));
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(qreg[nb][kb][0]), "=r"(qreg[nb][kb][1]), "=r"(qreg[nb][kb + 1][0]),
+                       "=r"(qreg[nb][kb + 1][1])
+                     : "r"(rt + 16 * i)
+                     : "memory");
+      }
+    }
   }
   const qfrag_t<HD, NB> *qp = &qreg;
   if constexpr (HUF) { /* one copy per CTA, read where used (v3h_layout::qf_off says why) */

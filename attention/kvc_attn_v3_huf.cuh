@@ -19,9 +19,10 @@
  *
  * Per section and unit the warp first parses the header: group steps and bases (v3's scratch,
  * laid out as for bit-pack's generic path; fp16 steps and addends in the Huffman area), code
- * lengths (Kraft-checked), canonical codes by warp ballots, a decode table of 2^tb u16 entries,
- * tb = min(longest code, kHufTableBits), and the stream starts (a warp scan of the lane lengths).
- * The table is per warp and tensor (512 bytes each at most: a full 11-bit table for K and V of
+ * lengths (Kraft-checked), canonical codes by warp ballots, a decode table of 2^kHufTableBits
+ * u16 entries indexed by the window's top kHufTableBits bits (shorter codes fill several), and
+ * the stream starts (a warp scan of the lane lengths).
+ * The table is per warp and tensor (512 bytes each: a full 11-bit table for K and V of
  * five warps would not fit beside the ring with two CTAs per SM). One copy of the parser serves
  * both sections (a loop in v3h_page_setup), for the instruction cache.
  *
@@ -71,7 +72,7 @@ enum : int { SRC_HUF = SRC_BAD + 1, SRC_HUFG };
 /* Per-section decoder state (shared, warp-uniform). */
 struct v3h_state {
   uint32_t stream_pos, lanes_pos, lane_min;
-  int n_lanes, n_sym, tbits, lmax, w_lane, n_tokens;
+  int n_lanes, n_sym, w_lane, n_tokens;
   int tok_done; /* page tokens [0, tok_done) decoded by every stream */
 };
 
@@ -287,7 +288,6 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
       0xffffffffu, (la ? 1u << (KVC_HUF_MAX_LEN - la) : 0u) + (lb ? 1u << (KVC_HUF_MAX_LEN - lb) : 0u));
   if (kraft != 0 && kraft != KVC_HUF_TABLE_SIZE) return SRC_BAD;
   const int lmax = (int)__reduce_max_sync(0xffffffffu, max(la, lb));
-  const int tbits = min(lmax, kHufTableBits);
   /* Canonical codes, ordered by (length, symbol) as kvc_huf_codes assigns them. */
   const uint32_t lt = (1u << lane) - 1u;
   uint32_t first = 0, ca = 0, cb = 0;
@@ -305,53 +305,56 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   uint32_t *sym = (uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT;
   sym[lane] = ca | (la << 16);
   sym[lane + 32] = cb | (lb << 16);
-  __syncwarp();
-  uint16_t *tab = (uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
   auto entry = [&](uint32_t sy, uint32_t len) -> uint32_t {
     return fast ? (uint32_t)to_bits<__half>((float)sy) | len : sy | (len << 6);
   };
-  if (kraft == 0) {
-    if (lane == 0) tab[0] = (uint16_t)entry((uint32_t)n_sym - 1, 0);
+  /* The table always has 2^kHufTableBits entries (a code of l bits fills 2^(kHufTableBits - l)):
+   * lane l owns entries 8 l .. 8 l + 7, one 16-byte row, read and written with one LDS.128 /
+   * STS.128 each, and the decoders index it by a constant number of bits. */
+  static_assert(1 << kHufTableBits == 32 * 8, "one 16-byte row of entries per lane");
+  uint4 *row = (uint4 *)(area + A::tab) + tensor * (1 << kHufTableBits) / 8 + lane;
+  uint16_t *tab = (uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
+  if (kraft == 0) { /* one symbol, no bits: every entry */
+    const uint32_t v = entry((uint32_t)n_sym - 1, 0) * 0x10001u;
+    *row = make_uint4(v, v, v, v);
   } else {
     /* Canonical ranges are consecutive in the table, so each code that fits writes its entry at
      * the start of its range only (entries are never 0: every length is >= 1), and the gaps take
-     * the last entry before them: a forward fill over E consecutive entries per lane with the
-     * carry from the lanes before (a max-scan of (index, entry), indices growing with the lane).
-     * ~50 instructions per lane, where one code at a time cost ~45 per code. A longer code then
-     * marks its tb-bit prefix as an escape (its region lies past every short range). */
-    const int tsize = 1 << tbits, E = tsize > 32 ? tsize >> 5 : 1, i0 = lane * E;
-    for (int i = lane; i < tsize; i += 32) tab[i] = 0;
+     * the last entry before them: a forward fill over the lane's row with the carry from the
+     * lanes before (a max-scan of (index, entry), indices growing with the lane). A longer code
+     * then marks its kHufTableBits-bit prefix as an escape (its region lies past every short
+     * range; codes sharing a prefix write the same value). */
+    constexpr int TB = kHufTableBits;
+    *row = make_uint4(0, 0, 0, 0);
     __syncwarp();
-    if (la != 0 && la <= (uint32_t)tbits)
-      tab[ca << (tbits - la)] = (uint16_t)entry((uint32_t)lane, la);
-    if (lb != 0 && lb <= (uint32_t)tbits)
-      tab[cb << (tbits - lb)] = (uint16_t)entry((uint32_t)lane + 32, lb);
+    if (la != 0 && la <= (uint32_t)TB) tab[ca << (TB - la)] = (uint16_t)entry((uint32_t)lane, la);
+    if (lb != 0 && lb <= (uint32_t)TB)
+      tab[cb << (TB - lb)] = (uint16_t)entry((uint32_t)lane + 32, lb);
     __syncwarp();
+    const uint4 r = *row;
+    uint32_t v[8] = {r.x & 0xffffu, r.x >> 16, r.y & 0xffffu, r.y >> 16,
+                     r.z & 0xffffu, r.z >> 16, r.w & 0xffffu, r.w >> 16};
     uint32_t key = 0; /* (index + 1) << 16 | entry of the lane's last start */
-    if (i0 < tsize)
-      for (int j = 0; j < E; j++) {
-        const uint32_t v = tab[i0 + j];
-        if (v) key = (uint32_t)(i0 + j + 1) << 16 | v;
-      }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+      if (v[j]) key = (uint32_t)(8 * lane + j + 1) << 16 | v[j];
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t v = __shfl_up_sync(0xffffffffu, key, o);
-      if (lane >= o) key = max(key, v);
+      const uint32_t k = __shfl_up_sync(0xffffffffu, key, o);
+      if (lane >= o) key = max(key, k);
     }
     uint32_t run = __shfl_up_sync(0xffffffffu, key, 1) & 0xffffu; /* lane 0: entry 0 is a start */
-    __syncwarp();
-    if (i0 < tsize)
-      for (int j = 0; j < E; j++) {
-        const uint32_t v = tab[i0 + j];
-        if (v) run = v;
-        else tab[i0 + j] = (uint16_t)run;
-      }
-    __syncwarp();
-    if (lane == 0 && lmax > tbits)
-      for (int sy = 0; sy < n_sym; sy++) {
-        const uint32_t x = sym[sy], len = x >> 16;
-        if ((int)len > tbits) tab[(x & 0xffffu) >> (len - tbits)] = (uint16_t)kHufEsc;
-      }
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      if (v[j]) run = v[j];
+      v[j] = run;
+    }
+    *row = make_uint4(v[0] | v[1] << 16, v[2] | v[3] << 16, v[4] | v[5] << 16, v[6] | v[7] << 16);
+    if (lmax > TB) {
+      __syncwarp();
+      if (la > (uint32_t)TB) tab[ca >> (la - TB)] = (uint16_t)kHufEsc;
+      if (lb > (uint32_t)TB) tab[cb >> (lb - TB)] = (uint16_t)kHufEsc;
+    }
   }
   /* Stream starts. */
   v3h_state h;
@@ -360,8 +363,6 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   h.lane_min = lane_min;
   h.n_lanes = n_lanes;
   h.n_sym = n_sym;
-  h.tbits = tbits;
-  h.lmax = lmax;
   h.w_lane = (int)w_lane;
   h.n_tokens = n_tokens;
   h.tok_done = 0;
@@ -373,7 +374,6 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   for (int q = 0; q < 4; q++)
     if (4 * lane + q < n_lanes) pos[4 * lane + q] = (uint32_t)start[q];
   if (lane == 0) ((v3h_state *)(area + A::state))[tensor] = h;
-  s.width = tbits;
   return fast ? SRC_HUF : SRC_HUFG;
 }
 
@@ -396,7 +396,7 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   constexpr int KST = A::kst, VST = A::vst;
   const int lane = threadIdx.x & 31;
   const int c0 = 16 * (lane / 8) + lane % 8;
-  const uint32_t tb = (uint32_t)sec.width, last = sec.last;
+  const uint32_t last = sec.last;
   const uint32_t *w = sec.w;
   int ch[NS];
 #pragma unroll
@@ -442,7 +442,7 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
     for (int y = 0; y < SPW; y++)
 #pragma unroll
       for (int i = 0; i < NS; i++) {
-        e[i][y] = tab[kvc_dev_top(x[i], tb)];
+        e[i][y] = tab[kvc_dev_top(x[i], kHufTableBits)];
         if (y + 1 < SPW) x[i] = __funnelshift_l(0u, x[i], e[i][y]);
       }
 #pragma unroll
@@ -492,19 +492,18 @@ __device__ void v3h_generic(const v3_sec &sec, const v3h_state &h, const uint16_
   const int lane = threadIdx.x & 31, n_lanes = h.n_lanes;
   const int32_t *gb = (const int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
   const float *gs = (const float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
-  const uint32_t tb = (uint32_t)h.tbits;
   const int s_from = h.tok_done * HD, s_lo = a * HD, s_end = (a + nr) * HD;
   for (int i = lane; i < n_lanes; i += 32) {
     uint32_t p = pos[i];
     int s = i < s_from ? i + (s_from - i + n_lanes - 1) / n_lanes * n_lanes : i;
     for (; s < s_end; s += n_lanes) {
       const uint32_t win = kvc_dev_window(sec.w, sec.last, p);
-      const uint32_t e = tab[kvc_dev_top(win, tb)];
+      const uint32_t e = tab[kvc_dev_top(win, kHufTableBits)];
       uint32_t sy = e & 63u, len = (e >> 6) & 15u;
       if (e & kHufEsc) { /* a code longer than the table: search the longer codes */
         for (int c = 0; c < h.n_sym; c++) {
           const uint32_t x = sym[c], l = x >> 16;
-          if ((int)l > h.tbits && kvc_dev_top(win, l) == (x & 0xffffu)) {
+          if ((int)l > kHufTableBits && kvc_dev_top(win, l) == (x & 0xffffu)) {
             sy = (uint32_t)c;
             len = l;
             break;

@@ -170,9 +170,10 @@ template <int HD> __device__ __forceinline__ int v3h_vbyte(int t, int d) {
   return (t / 2) * v3h_area<HD>::vst + 4 * d + 2 * (t & 1);
 }
 
-/* fp16 holds a step exactly and base * step closely only in its normal range (as in v3 bit-pack). */
-__device__ __forceinline__ bool v3h_h2_ok(float st, float bs) {
-  return st >= 0x1p-14f && st <= 32768.f && fabsf(bs) <= 60000.f;
+/* fp16 holds a step exactly and base * step closely only in its normal range (as in v3 bit-pack):
+ * steps 2^-14 .. 2^15, i.e. step codes -112 .. 120, and |base * step| <= 60000 (checked apart). */
+__device__ __forceinline__ bool v3h_h2_ok(int e_min, int e_max) {
+  return e_min >= -14 * 8 && e_max <= 15 * 8;
 }
 
 /* Stream starts of streams 4 * lane .. 4 * lane + 3 (absolute bit positions; streams past n_lanes
@@ -224,7 +225,14 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
         n_tokens <= kMaxBlockTokens && 0 <= t_lo && t_lo < t_hi && t_hi <= n_tokens))
     return SRC_BAD;
   kvc_qsec_header_t qh;
-  kvc_qsec_header_read(sec, &qh);
+  {
+    union {
+      uint4 v;
+      uint8_t b[KVC_QSEC_HEADER_BYTES];
+    } hb;
+    hb.v = *(const uint4 *)sec; /* one load instead of 16 byte loads (sections are 16-aligned) */
+    kvc_qsec_header_read(hb.b, &qh);
+  }
   const int S = n_tokens * HD, n_sym = qh.width, n_lanes = qh.n_lanes;
   if (!(qh.mode <= KVC_QMODE_ABS && qh.w_e <= 16 && qh.w_b <= 31 &&
         qh.e_min >= KVC_STEP_CODE_MIN && qh.e_min <= KVC_STEP_CODE_MAX &&
@@ -246,9 +254,11 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   s.meta = 0;
   s.mode = rel ? tensor : 2;
   s.e = 0;
-  s.step = kvc_step_from_code(qh.e_min);
+  s.step = v3_step(qh.e_min);
   /* Group bases and steps: every channel, or the page tokens of the unit's 64-aligned run (the
-   * fast decoder writes whole slabs of a 64-token page, so it needs all of them). */
+   * fast decoder writes whole slabs of a 64-token page, so it needs all of them): at most NG per
+   * lane, unrolled. Every field lies before stream_pos <= cap, so the reads need no clamp (the
+   * word after the last is the ring's slack). */
   int32_t *gb = (int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
   float *gs = (float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
   const bool per_token = rel && tensor == 1;
@@ -256,34 +266,38 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   const int g_hi = per_token ? min(n_tokens, g_lo + kUnitTokens) : G;
   uint16_t *st16 = (uint16_t *)(area + (tensor ? A::vst2 : A::kst2));
   uint16_t *bs16 = (uint16_t *)(area + (tensor ? A::vbs2 : A::kbs2));
-  bool bad = false, h2_bad = false;
-#pragma unroll 4
-  for (int g = g_lo + lane; g < g_hi; g += 32) {
-    const int x = per_token ? g & (kUnitTokens - 1) : g;
-    const int32_t b = (int32_t)((uint32_t)qh.b_min +
-                      kvc_dev_top(kvc_dev_window(s.w, s.last, pos_b + (uint32_t)g * qh.w_b), qh.w_b));
-    gb[x] = b;
-    if (rel) {
-      const int e =
-          qh.e_min + (int)kvc_dev_top(kvc_dev_window(s.w, s.last, (uint32_t)g * qh.w_e), qh.w_e);
-      bad |= e > KVC_STEP_CODE_MAX;
-      const float st = kvc_step_from_code(min(e, KVC_STEP_CODE_MAX));
-      gs[x] = st;
-      const float bs = __fmul_rn((float)b, st);
-      h2_bad |= !v3h_h2_ok(st, bs);
-      /* fp16 step and addend per channel (K) or token (V) for SRC_HUF */
-      st16[x] = to_bits<__half>(st);
-      bs16[x] = to_bits<__half>(bs);
+  constexpr int NG = HD / 32;
+  static_assert(NG * 32 >= kUnitTokens, "a lane holds at most NG groups");
+  int e_hi = qh.e_min;  /* the lane's largest step code (every one is >= e_min) */
+  float bs_max = 0.f;   /* and largest |base * step| */
+#pragma unroll
+  for (int i = 0; i < NG; i++) {
+    const int g = g_lo + lane + 32 * i;
+    if (g < g_hi) {
+      const int x = lane + 32 * i; /* g, or g & (kUnitTokens - 1) for per_token (g_lo % 64 == 0) */
+      const int32_t b =
+          (int32_t)((uint32_t)qh.b_min + v3_field(s.w, pos_b + (uint32_t)g * qh.w_b, qh.w_b));
+      gb[x] = b;
+      if (rel) {
+        const int e = qh.e_min + (int)v3_field(s.w, (uint32_t)g * qh.w_e, qh.w_e);
+        e_hi = max(e_hi, e);
+        const float st = v3_step(e); /* meaningless past KVC_STEP_CODE_MAX: refused below */
+        gs[x] = st;
+        const float bs = __fmul_rn((float)b, st);
+        bs_max = fmaxf(bs_max, fabsf(bs));
+        /* fp16 step and addend per channel (K) or token (V) for SRC_HUF */
+        st16[x] = to_bits<__half>(st);
+        bs16[x] = to_bits<__half>(bs);
+      }
     }
   }
+  const int emax = __reduce_max_sync(0xffffffffu, e_hi);
   /* Code lengths: lane l holds symbols l (la) and 32 + l (lb); 0 = unused. */
-  const uint32_t la =
-      lane < n_sym ? kvc_dev_top(kvc_dev_window(s.w, s.last, (uint32_t)meta + 4u * lane), 4) : 0u;
-  const uint32_t lb = lane + 32 < n_sym
-                          ? kvc_dev_top(kvc_dev_window(s.w, s.last, (uint32_t)meta + 4u * (lane + 32)), 4)
-                          : 0u;
-  bad |= la > KVC_HUF_MAX_LEN || lb > KVC_HUF_MAX_LEN;
-  if (__any_sync(0xffffffffu, bad)) return SRC_BAD;
+  const uint32_t la = lane < n_sym ? v3_field(s.w, (uint32_t)meta + 4u * lane, 4) : 0u;
+  const uint32_t lb = lane + 32 < n_sym ? v3_field(s.w, (uint32_t)meta + 4u * (lane + 32), 4) : 0u;
+  if (emax > KVC_STEP_CODE_MAX ||
+      __any_sync(0xffffffffu, la > KVC_HUF_MAX_LEN || lb > KVC_HUF_MAX_LEN))
+    return SRC_BAD;
   const uint32_t kraft = __reduce_add_sync(
       0xffffffffu, (la ? 1u << (KVC_HUF_MAX_LEN - la) : 0u) + (lb ? 1u << (KVC_HUF_MAX_LEN - lb) : 0u));
   if (kraft != 0 && kraft != KVC_HUF_TABLE_SIZE) return SRC_BAD;
@@ -301,7 +315,7 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   /* SRC_HUF: see the file comment. */
   const bool fast = kFast16<T> && rel && n_sym <= KVC_SYM_DIRECT && lmax <= kHufTableBits &&
                     n_lanes == HD && n_tokens == kUnitTokens &&
-                    !__any_sync(0xffffffffu, h2_bad);
+                    v3h_h2_ok(qh.e_min, emax) && !__any_sync(0xffffffffu, bs_max > 60000.f);
   uint32_t *sym = (uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT;
   sym[lane] = ca | (la << 16);
   sym[lane + 32] = cb | (lb << 16);

@@ -176,29 +176,31 @@ __device__ __forceinline__ bool v3h_h2_ok(int e_min, int e_max) {
   return e_min >= -14 * 8 && e_max <= 15 * 8;
 }
 
-/* Stream starts of streams 4 * lane .. 4 * lane + 3 (absolute bit positions; streams past n_lanes
- * get the end of the last), and the end of the last stream. Warp-cooperative. */
-__device__ __forceinline__ uint64_t v3h_lane_starts(const uint32_t *w, uint32_t last,
-                                                    const v3h_state &h, uint64_t (&start)[4]) {
+/* Stream starts of streams 4 * lane .. 4 * lane + 3 (bit positions; streams past n_lanes get the
+ * end of the last), and the end of the last stream. Warp-cooperative. In 32 bits: a stream's
+ * length is clamped to kHufMaxBits, so the sums cannot wrap, and a clamped stream still ends past
+ * its section (v3h_setup refuses sections of kHufMaxBits bits or more). */
+constexpr uint32_t kHufMaxBits = 1u << 24;
+__device__ __forceinline__ uint32_t v3h_lane_starts(const uint32_t *w, const v3h_state &h,
+                                                    uint32_t (&start)[4]) {
   const int lane = threadIdx.x & 31;
-  uint64_t len[4], sum = 0;
+  uint32_t len[4], sum = 0;
 #pragma unroll
   for (int q = 0; q < 4; q++) {
+    /* The field of stream min(i, n_lanes - 1) lies in the section (before stream_pos). */
     const int i = 4 * lane + q;
-    len[q] = i < h.n_lanes
-                 ? (uint64_t)h.lane_min +
-                       kvc_dev_top(kvc_dev_window(w, last, h.lanes_pos + (uint32_t)(i * h.w_lane)),
-                                   (uint32_t)h.w_lane)
-                 : 0u;
+    const uint32_t f = v3_field(w, h.lanes_pos + (uint32_t)(min(i, h.n_lanes - 1) * h.w_lane),
+                                (uint32_t)h.w_lane);
+    len[q] = i < h.n_lanes ? min(h.lane_min + f, kHufMaxBits) : 0u;
     sum += len[q];
   }
-  uint64_t incl = sum;
+  uint32_t incl = sum;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const uint64_t v = __shfl_up_sync(0xffffffffu, incl, o);
+    const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
     if (lane >= o) incl += v;
   }
-  uint64_t run = h.stream_pos + incl - sum;
+  uint32_t run = h.stream_pos + incl - sum;
 #pragma unroll
   for (int q = 0; q < 4; q++) {
     start[q] = run;
@@ -221,7 +223,8 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
                          int t_lo, int t_hi, uint8_t *scr, uint8_t *area, v3_sec &s) {
   typedef v3h_area<HD> A;
   const int lane = threadIdx.x & 31;
-  if (!(sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 && n_tokens >= 1 &&
+  if (!(sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 &&
+        sec_bytes < kHufMaxBits / 8 && n_tokens >= 1 &&
         n_tokens <= kMaxBlockTokens && 0 <= t_lo && t_lo < t_hi && t_hi <= n_tokens))
     return SRC_BAD;
   kvc_qsec_header_t qh;
@@ -241,15 +244,15 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
     return SRC_BAD;
   s.w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
   const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
-  const uint64_t cap = (uint64_t)nwords * 32;
+  const uint32_t cap = nwords * 32;
   s.last = nwords - 1;
   const bool rel = qh.mode == KVC_QMODE_REL;
   const int G = rel ? (tensor == 0 ? HD : n_tokens) : HD;
   const uint32_t pos_b = rel ? (uint32_t)G * qh.w_e : 0u;
-  const uint64_t meta = (uint64_t)pos_b + (uint64_t)G * qh.w_b;
+  const uint32_t meta = pos_b + (uint32_t)G * qh.w_b;
   const uint32_t w_lane = qh.lane_info >> 27, lane_min = qh.lane_info & ((1u << 27) - 1);
-  const uint64_t lanes_pos = meta + 4u * (uint32_t)n_sym;
-  const uint64_t stream_pos = lanes_pos + (uint64_t)n_lanes * w_lane;
+  const uint32_t lanes_pos = meta + 4u * (uint32_t)n_sym;
+  const uint32_t stream_pos = lanes_pos + (uint32_t)n_lanes * w_lane;
   if (stream_pos > cap) return SRC_BAD;
   s.meta = 0;
   s.mode = rel ? tensor : 2;
@@ -293,8 +296,8 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   }
   const int emax = __reduce_max_sync(0xffffffffu, e_hi);
   /* Code lengths: lane l holds symbols l (la) and 32 + l (lb); 0 = unused. */
-  const uint32_t la = lane < n_sym ? v3_field(s.w, (uint32_t)meta + 4u * lane, 4) : 0u;
-  const uint32_t lb = lane + 32 < n_sym ? v3_field(s.w, (uint32_t)meta + 4u * (lane + 32), 4) : 0u;
+  const uint32_t la = lane < n_sym ? v3_field(s.w, meta + 4u * lane, 4) : 0u;
+  const uint32_t lb = lane + 32 < n_sym ? v3_field(s.w, meta + 4u * (lane + 32), 4) : 0u;
   if (emax > KVC_STEP_CODE_MAX ||
       __any_sync(0xffffffffu, la > KVC_HUF_MAX_LEN || lb > KVC_HUF_MAX_LEN))
     return SRC_BAD;
@@ -372,21 +375,21 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   }
   /* Stream starts. */
   v3h_state h;
-  h.stream_pos = (uint32_t)stream_pos;
-  h.lanes_pos = (uint32_t)lanes_pos;
+  h.stream_pos = stream_pos;
+  h.lanes_pos = lanes_pos;
   h.lane_min = lane_min;
   h.n_lanes = n_lanes;
   h.n_sym = n_sym;
   h.w_lane = (int)w_lane;
   h.n_tokens = n_tokens;
   h.tok_done = 0;
-  uint64_t start[4];
-  const uint64_t end = v3h_lane_starts(s.w, s.last, h, start);
+  uint32_t start[4];
+  const uint32_t end = v3h_lane_starts(s.w, h, start);
   if (end > cap) return SRC_BAD;
+  /* One 16-byte store per lane: positions past n_lanes (the end of the last stream) are never
+   * read. */
   uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * kHufLanes;
-#pragma unroll
-  for (int q = 0; q < 4; q++)
-    if (4 * lane + q < n_lanes) pos[4 * lane + q] = (uint32_t)start[q];
+  *(uint4 *)(pos + 4 * lane) = make_uint4(start[0], start[1], start[2], start[3]);
   if (lane == 0) ((v3h_state *)(area + A::state))[tensor] = h;
   return fast ? SRC_HUF : SRC_HUFG;
 }
@@ -624,17 +627,17 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
   if (lane == 0) ((v3h_state *)(area + A::state))[tensor].tok_done = done;
   if (done < h.n_tokens) return true;
   /* Every stream decoded to its end: each must stop where the next one starts. */
-  uint64_t start[4];
-  const uint64_t end = v3h_lane_starts(src.sec.w, src.sec.last, h, start);
-  const uint64_t next_lane = __shfl_down_sync(0xffffffffu, start[0], 1);
+  uint32_t start[4];
+  const uint32_t end = v3h_lane_starts(src.sec.w, h, start);
+  const uint32_t next_lane = __shfl_down_sync(0xffffffffu, start[0], 1);
+  const uint4 p4 = *(const uint4 *)(pos + 4 * lane);
+  const uint32_t p[4] = {p4.x, p4.y, p4.z, p4.w};
   bool ok = true;
 #pragma unroll
   for (int q = 0; q < 4; q++) {
     const int i = 4 * lane + q;
-    if (i < h.n_lanes) {
-      const uint64_t next = q < 3 ? start[q + 1] : next_lane;
-      ok &= pos[i] == (i + 1 < h.n_lanes ? next : end);
-    }
+    const uint32_t next = q < 3 ? start[q + 1] : next_lane;
+    ok &= i >= h.n_lanes || p[q] == (i + 1 < h.n_lanes ? next : end);
   }
   return __all_sync(0xffffffffu, ok);
 }

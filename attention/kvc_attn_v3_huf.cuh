@@ -430,20 +430,29 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
       kbs[i] = as_h2<__half2>(bs | (bs << 16));
     }
   }
-  const uint32_t *vst = (const uint32_t *)(area + A::vst2);
-  const uint32_t *vbs = (const uint32_t *)(area + A::vbs2);
+  /* Pointers that step with the window loop (each trip's addresses are then immediate offsets):
+   * V's token-pair steps (addends kUnitTokens / 2 words after them), V's tile column of channel
+   * lane (+ 32 i: 128 i bytes), K's tile words of pairs lane + 16 i. */
+  static_assert(A::vbs2 == A::vst2 + 2 * kUnitTokens, "V's addends follow its steps");
+  const uint32_t *vsb = (const uint32_t *)(area + A::vst2) + a / 2;
+  uint8_t *vdst = tile + 4 * lane;
+  uint8_t *kdst[NS / 2];
+#pragma unroll
+  for (int i = 0; i < NS; i += 2) kdst[i / 2] = tile + 4 * v3h_kidx<HD>(lane + 16 * i);
 #pragma unroll 1
   for (int t0 = 0; t0 < 16; t0 += SPW) {
     uint32_t val[NS][SPW / 2]; /* half2 of tokens (t0 + 2m, t0 + 2m + 1) per stream */
     /* V: the token pairs' steps and addends, shared by the lane's streams (loaded once: the tile
      * stores in between could alias them for the compiler) */
     __half2 vs2[SPW / 2], vb2[SPW / 2];
-    if (TENSOR == 1)
+    if (TENSOR == 1) {
 #pragma unroll
       for (int m = 0; m < SPW / 2; m++) {
-        vs2[m] = as_h2<__half2>(vst[(a + t0) / 2 + m]);
-        vb2[m] = as_h2<__half2>(vbs[(a + t0) / 2 + m]);
+        vs2[m] = as_h2<__half2>(vsb[m]);
+        vb2[m] = as_h2<__half2>(vsb[kUnitTokens / 2 + m]);
       }
+      vsb += SPW / 2;
+    }
     /* The lane's NS streams step together, symbol y of every stream before symbol y + 1, and
      * the tile is written after the last lookup: each symbol is a dependent chain (shift, index,
      * LDS, shift), and a tile store between two streams' chains orders the second's loads after
@@ -479,22 +488,25 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
         else val[i][m] = h2_bits<__half2>(__hfma2(u2, vs2[m], vb2[m]));
       }
     }
-    if (TENSOR == 1)
+    if (TENSOR == 1) {
 #pragma unroll
       for (int i = 0; i < NS; i++)
 #pragma unroll
-        for (int m = 0; m < SPW / 2; m++)
-          *(uint32_t *)(tile + (t0 / 2 + m) * VST + 4 * ch[i]) = val[i][m];
+        for (int m = 0; m < SPW / 2; m++) *(uint32_t *)(vdst + m * VST + 128 * i) = val[i][m];
+      vdst += SPW / 2 * VST;
+    }
     if (TENSOR == 0) {
       /* Channels (c0, c0 + 8) of each token as one word: pair q = lane (+ 32 for c0 + 64). */
 #pragma unroll
-      for (int i = 0; i < NS; i += 2)
+      for (int i = 0; i < NS; i += 2) {
 #pragma unroll
         for (int m = 0; m < SPW / 2; m++) {
-          uint8_t *dst = tile + 4 * v3h_kidx<HD>(lane + 16 * i) + (t0 + 2 * m) * KST;
+          uint8_t *dst = kdst[i / 2] + 2 * m * KST;
           *(uint32_t *)dst = __byte_perm(val[i][m], val[i + 1][m], 0x5410);
           *(uint32_t *)(dst + KST) = __byte_perm(val[i][m], val[i + 1][m], 0x7632);
         }
+        kdst[i / 2] += SPW * KST;
+      }
     }
   }
 #pragma unroll

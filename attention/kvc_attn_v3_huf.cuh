@@ -19,7 +19,8 @@
  *
  * Per section and unit the warp first parses the header: group steps and bases (v3's scratch,
  * laid out as for bit-pack's generic path; fp16 steps and addends in the Huffman area), code
- * lengths (Kraft-checked), canonical codes by warp ballots, a decode table of 2^kHufTableBits
+ * lengths (Kraft-checked), canonical codes (warp sums of the counts per length, a scan of their
+ * Kraft weights, match_any for the order within a length), a decode table of 2^kHufTableBits
  * u16 entries indexed by the window's top kHufTableBits bits (shorter codes fill several), and
  * the stream starts (a warp scan of the lane lengths).
  * The table is per warp and tensor (512 bytes each: a full 11-bit table for K and V of
@@ -301,20 +302,43 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   if (emax > KVC_STEP_CODE_MAX ||
       __any_sync(0xffffffffu, la > KVC_HUF_MAX_LEN || lb > KVC_HUF_MAX_LEN))
     return SRC_BAD;
-  const uint32_t kraft = __reduce_add_sync(
-      0xffffffffu, (la ? 1u << (KVC_HUF_MAX_LEN - la) : 0u) + (lb ? 1u << (KVC_HUF_MAX_LEN - lb) : 0u));
+  /* Canonical codes, ordered by (length, symbol) as kvc_huf_codes assigns them: a symbol of
+   * length l gets first_l plus the number of length-l symbols before it, first_l = sum over j < l
+   * of n_j 2^(l - j) = K_l >> (11 - l), where K_l = sum over j < l of n_j 2^(11 - j) is the Kraft
+   * sum of the shorter codes (units of 2^-11). The counts n_l come from three warp sums (a byte
+   * per length: lengths 4w .. 4w + 3 in word w, n_l <= 64), the K_l from a scan of lanes 0..15
+   * (lane l: n_l 2^(11 - l) for l = 1..11), which leaves K_(l + 1) in lane l: K_12, the Kraft sum
+   * of every code, in lane 11. */
+  uint32_t n[3];
+  {
+    const uint32_t ta = 1u << 8 * (la & 3), tb = 1u << 8 * (lb & 3);
+#pragma unroll
+    for (int w = 0; w < 3; w++)
+      n[w] = __reduce_add_sync(0xffffffffu, ((la >> 2) == (uint32_t)w ? ta : 0u) +
+                                                ((lb >> 2) == (uint32_t)w ? tb : 0u));
+  }
+  auto count = [&](uint32_t l) { /* n_l */
+    return ((l < 4 ? n[0] : l < 8 ? n[1] : n[2]) >> 8 * (l & 3)) & 0xffu;
+  };
+  uint32_t kr = lane >= 1 && lane <= KVC_HUF_MAX_LEN ? count(lane) << (KVC_HUF_MAX_LEN - lane) : 0u;
+#pragma unroll
+  for (int o = 1; o < 16; o <<= 1) {
+    const uint32_t v = __shfl_up_sync(0xffffffffu, kr, o);
+    if (lane >= o) kr += v;
+  }
+  const uint32_t kraft = __shfl_sync(0xffffffffu, kr, KVC_HUF_MAX_LEN);
   if (kraft != 0 && kraft != KVC_HUF_TABLE_SIZE) return SRC_BAD;
   const int lmax = (int)__reduce_max_sync(0xffffffffu, max(la, lb));
-  /* Canonical codes, ordered by (length, symbol) as kvc_huf_codes assigns them. */
-  const uint32_t lt = (1u << lane) - 1u;
-  uint32_t first = 0, ca = 0, cb = 0;
-  for (int l = 1; l <= lmax; l++) {
-    const uint32_t ba = __ballot_sync(0xffffffffu, la == (uint32_t)l);
-    const uint32_t bb = __ballot_sync(0xffffffffu, lb == (uint32_t)l);
-    if (la == (uint32_t)l) ca = first + __popc(ba & lt);
-    if (lb == (uint32_t)l) cb = first + __popc(ba) + __popc(bb & lt);
-    first = (first + __popc(ba) + __popc(bb)) << 1;
-  }
+  /* Symbols of la's length before symbol lane: the lanes below with that la. Of lb's (symbol
+   * 32 + lane): every la of it and the lanes below with that lb, i.e. n_lb - 1 less the lanes
+   * above with that lb. (Lengths 0 get codes that nothing reads.) */
+  const uint32_t lt = (1u << lane) - 1u, gt = ~lt << 1;
+  const uint32_t ka = __shfl_sync(0xffffffffu, kr, (la - 1) & 31);
+  const uint32_t kb = __shfl_sync(0xffffffffu, kr, (lb - 1) & 31);
+  const uint32_t ca =
+      (ka >> (KVC_HUF_MAX_LEN - la)) + __popc(__match_any_sync(0xffffffffu, la) & lt);
+  const uint32_t cb = (kb >> (KVC_HUF_MAX_LEN - lb)) + count(lb) - 1u -
+                      __popc(__match_any_sync(0xffffffffu, lb) & gt);
   /* SRC_HUF: see the file comment. */
   const bool fast = kFast16<T> && rel && n_sym <= KVC_SYM_DIRECT && lmax <= kHufTableBits &&
                     n_lanes == HD && n_tokens == kUnitTokens &&

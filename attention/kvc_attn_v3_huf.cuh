@@ -256,6 +256,7 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   const uint32_t stream_pos = lanes_pos + (uint32_t)n_lanes * w_lane;
   if (stream_pos > cap) return SRC_BAD;
   s.meta = 0;
+  s.width = 0;
   s.mode = rel ? tensor : 2;
   s.e = 0;
   s.step = v3_step(qh.e_min);
@@ -680,7 +681,7 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
 
 /* The K and V sources of Huffman page pg of the unit at ub (v3_page_setup's branch for
  * PG_HUFFMAN): the warp's scratch and Huffman area are rewritten. Warp-uniform; false for a
- * section inconsistent with the format. */
+ * section inconsistent with the format (ks and vs are then not to be read). */
 template <int HD, class T>
 __device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_t *ub,
                                                uint8_t *scr, uint8_t *area, v3_src &ks,
@@ -689,12 +690,19 @@ __device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_
   const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
   /* One copy of the parser for both sections (a loop, not two inlined calls): it runs once per
    * page, and its straight-line code competes with the slab loop's for the instruction cache. */
+  bool ok = true;
 #pragma unroll 1
   for (int tensor = 0; tensor < 2; tensor++) {
-    v3_sec sec = ks.sec; /* v3h_setup's early returns (SRC_BAD) leave it partly unset */
+    /* Set in full unless the section is refused; then nothing reads it (nor ks, vs: the unit's
+     * rows become NaN), so the refusal paths carry no copy of it. */
+    v3_sec sec;
     const int kind = v3h_setup<HD, T>(ub + (tensor ? pg.v_ring : pg.k_ring),
                                       tensor ? pg.v_bytes : pg.k_bytes, tensor, pg.n_tokens, t_lo,
                                       t_hi, scr, area, sec);
+    if (kind == SRC_BAD) { /* warp-uniform */
+      ok = false;
+      break;
+    }
     if (tensor == 0) {
       ks.kind = kind;
       ks.sec = sec;
@@ -704,7 +712,7 @@ __device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_
     }
   }
   __syncwarp();
-  return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
+  return ok;
 }
 
 }  // namespace kvc_attn

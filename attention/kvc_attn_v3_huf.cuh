@@ -362,8 +362,8 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   } else {
     /* Canonical ranges are consecutive in the table, so each code that fits writes its entry at
      * the start of its range only (entries are never 0: every length is >= 1), and the gaps take
-     * the last entry before them: a forward fill over the lane's row with the carry from the
-     * lanes before (a max-scan of (index, entry), indices growing with the lane). A longer code
+     * the last entry before them: a forward fill over the lane's row, then its leading gap takes
+     * the carry from the lanes before (a max-scan of (lane, last entry)). A longer code
      * then marks its kHufTableBits-bit prefix as an escape (its region lies past every short
      * range; codes sharing a prefix write the same value). */
     constexpr int TB = kHufTableBits;
@@ -376,21 +376,25 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
     const uint4 r = *row;
     uint32_t v[8] = {r.x & 0xffffu, r.x >> 16, r.y & 0xffffu, r.y >> 16,
                      r.z & 0xffffu, r.z >> 16, r.w & 0xffffu, r.w >> 16};
-    uint32_t key = 0; /* (index + 1) << 16 | entry of the lane's last start */
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-      if (v[j]) key = (uint32_t)(8 * lane + j + 1) << 16 | v[j];
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t k = __shfl_up_sync(0xffffffffu, key, o);
-      if (lane >= o) key = max(key, k);
-    }
-    uint32_t run = __shfl_up_sync(0xffffffffu, key, 1) & 0xffffu; /* lane 0: entry 0 is a start */
+    /* The row filled from its own starts: entries before the first stay 0, and run ends as its
+     * last entry (0: no start in the row). */
+    uint32_t run = 0;
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       if (v[j]) run = v[j];
       v[j] = run;
     }
+    uint32_t key = run ? (uint32_t)(lane + 1) << 16 | run : 0u; /* the last start's lane, entry */
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t k = __shfl_up_sync(0xffffffffu, key, o);
+      if (lane >= o) key = max(key, k);
+    }
+    /* Lane 0's is unused: entry 0 is a start. */
+    const uint32_t carry = __shfl_up_sync(0xffffffffu, key, 1) & 0xffffu;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+      if (!v[j]) v[j] = carry;
     *row = make_uint4(v[0] | v[1] << 16, v[2] | v[3] << 16, v[4] | v[5] << 16, v[6] | v[7] << 16);
     if (lmax > TB) {
       __syncwarp();

@@ -93,8 +93,8 @@ template <int HD> struct v3h_area {
   static constexpr int tab = tile + tile_bytes;                 /* [2 tensors][2^kHufTableBits] u16 */
   static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][kHufLanes] u32 bit positions */
   static constexpr int sym = pos + 2 * kHufLanes * 4;           /* [2][64] u32: code | len << 16 */
-  /* SRC_HUF's fp16 step and addend base * step: per channel (K), per page token (V: the fast
-   * decoder's pages have 64 tokens) */
+  /* SRC_HUF's fp16 step and addend base * step: per channel (K, by channel pair: v3h_kslot), per
+   * page token (V: the fast decoder's pages have 64 tokens) */
   static constexpr int kst2 = sym + 2 * KVC_SYM_COUNT * 4, kbs2 = kst2 + 2 * HD;
   static constexpr int vst2 = kbs2 + 2 * HD, vbs2 = vst2 + 2 * kUnitTokens;
   static constexpr int state = vbs2 + 2 * kUnitTokens;          /* [2] v3h_state */
@@ -170,6 +170,11 @@ template <int HD> __device__ __forceinline__ int v3h_kbyte(int t, int d) {
 template <int HD> __device__ __forceinline__ int v3h_vbyte(int t, int d) {
   return (t / 2) * v3h_area<HD>::vst + 4 * d + 2 * (t & 1);
 }
+
+/* Slot of channel c's fp16 step (and addend) in SRC_HUF's K arrays: by channel pair (c, c + 8),
+ * pair q = (c / 16) * 8 + c % 8 as in v3h_kidx, so that the decoder loads a pair's two with one
+ * word (slot 2 q + (c / 8) % 2). */
+__device__ __forceinline__ int v3h_kslot(int c) { return (c / 16) * 16 + (c % 8) * 2 + (c / 8) % 2; }
 
 /* fp16 holds a step exactly and base * step closely only in its normal range (as in v3 bit-pack):
  * steps 2^-14 .. 2^15, i.e. step codes -112 .. 120, and |base * step| <= 60000 (checked apart). */
@@ -275,6 +280,8 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   static_assert(NG * 32 >= kUnitTokens, "a lane holds at most NG groups");
   int e_hi = qh.e_min;  /* the lane's largest step code (every one is >= e_min) */
   float bs_max = 0.f;   /* and largest |base * step| */
+  /* slot of group x = lane + 32 i in st16 / bs16: v3h_kslot(lane + 32 i) = v3h_kslot(lane) + 32 i */
+  const int xs0 = tensor == 0 ? v3h_kslot(lane) : lane;
 #pragma unroll
   for (int i = 0; i < NG; i++) {
     const int g = g_lo + lane + 32 * i;
@@ -290,9 +297,9 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
         gs[x] = st;
         const float bs = __fmul_rn((float)b, st);
         bs_max = fmaxf(bs_max, fabsf(bs));
-        /* fp16 step and addend per channel (K) or token (V) for SRC_HUF */
-        st16[x] = to_bits<__half>(st);
-        bs16[x] = to_bits<__half>(bs);
+        /* fp16 step and addend per channel (K, by pair) or token (V) for SRC_HUF */
+        st16[xs0 + 32 * i] = to_bits<__half>(st);
+        bs16[xs0 + 32 * i] = to_bits<__half>(bs);
       }
     }
   }
@@ -448,17 +455,17 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
 #pragma unroll
   for (int i = 0; i < NS; i++) ch[i] = TENSOR == 0 ? c0 + 8 * (i & 1) + 64 * (i >> 1) : lane + 32 * i;
   uint32_t p[NS]; /* bit positions */
-  __half2 kst[NS], kbs[NS];
 #pragma unroll
-  for (int i = 0; i < NS; i++) {
-    p[i] = pos[ch[i]];
-    if (TENSOR == 0) {
-      const uint32_t st = ((const uint16_t *)(area + A::kst2))[ch[i]];
-      const uint32_t bs = ((const uint16_t *)(area + A::kbs2))[ch[i]];
-      kst[i] = as_h2<__half2>(st | (st << 16));
-      kbs[i] = as_h2<__half2>(bs | (bs << 16));
+  for (int i = 0; i < NS; i++) p[i] = pos[ch[i]];
+  /* K: steps and addends of the channel pairs (ch[i], ch[i + 1]) = (c, c + 8), i even: pair
+   * lane + 16 i, one word each (v3h_kslot) */
+  __half2 kst[NS / 2], kbs[NS / 2];
+  if (TENSOR == 0)
+#pragma unroll
+    for (int i = 0; i < NS; i += 2) {
+      kst[i / 2] = as_h2<__half2>(((const uint32_t *)(area + A::kst2))[lane + 16 * i]);
+      kbs[i / 2] = as_h2<__half2>(((const uint32_t *)(area + A::kbs2))[lane + 16 * i]);
     }
-  }
   /* Pointers that step with the window loop (each trip's addresses are then immediate offsets):
    * V's token-pair steps (addends kUnitTokens / 2 words after them), V's tile column of channel
    * lane (+ 32 i: 128 i bytes), K's tile words of pairs lane + 16 i. */
@@ -470,7 +477,6 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   for (int i = 0; i < NS; i += 2) kdst[i / 2] = tile + 4 * v3h_kidx<HD>(lane + 16 * i);
 #pragma unroll 1
   for (int t0 = 0; t0 < 16; t0 += SPW) {
-    uint32_t val[NS][SPW / 2]; /* half2 of tokens (t0 + 2m, t0 + 2m + 1) per stream */
     /* V: the token pairs' steps and addends, shared by the lane's streams (loaded once: the tile
      * stores in between could alias them for the compiler) */
     __half2 vs2[SPW / 2], vb2[SPW / 2];
@@ -485,8 +491,7 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
     /* The lane's NS streams step together, symbol y of every stream before symbol y + 1, and
      * the tile is written after the last lookup: each symbol is a dependent chain (shift, index,
      * LDS, shift), and a tile store between two streams' chains orders the second's loads after
-     * it (V's streams ran one after another). ptxas runs two streams side by side at head_dim
-     * 128 (four where the registers live across the loop leave room). */
+     * it (V's streams ran one after another). ptxas runs the four streams side by side. */
     uint32_t x[NS], e[NS][SPW];
 #pragma unroll
     for (int i = 0; i < NS; i++) {
@@ -500,40 +505,37 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
         e[i][y] = tab[kvc_dev_top(x[i], kHufTableBits)];
         if (y + 1 < SPW) x[i] = __funnelshift_l(0u, x[i], e[i][y]);
       }
+    /* An entry's low six bits are its code length (fp16 bits of u < 32 end in six zeros): the
+     * funnel shift uses the low five as the shift, the sum of the entries' low six bits is the
+     * window's bits, and one PRMT and one AND pair two entries' u as a half2. */
+    auto u2 = [&](uint32_t lo, uint32_t hi) {
+      return as_h2<__half2>(__byte_perm(lo, hi, 0x5410) & 0xfff0fff0u);
+    };
 #pragma unroll
     for (int i = 0; i < NS; i++) {
-      /* An entry's low six bits are its code length (fp16 bits of u < 32 end in six zeros):
-       * the funnel shift uses the low five as the shift, and the sum of the entries' low six
-       * bits is the window's bits. */
       uint32_t n = 0;
 #pragma unroll
       for (int y = 0; y < SPW; y++) n += e[i][y];
       p[i] += n & 63u;
-#pragma unroll
-      for (int m = 0; m < SPW / 2; m++) {
-        const __half2 u2 =
-            as_h2<__half2>(__byte_perm(e[i][2 * m], e[i][2 * m + 1], 0x5410) & 0xfff0fff0u);
-        if (TENSOR == 0) val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i], kbs[i]));
-        else val[i][m] = h2_bits<__half2>(__hfma2(u2, vs2[m], vb2[m]));
-      }
     }
     if (TENSOR == 1) {
+      /* Tokens (t0 + 2m, t0 + 2m + 1) of channel ch[i]: one word of tile row t0 / 2 + m. */
 #pragma unroll
       for (int i = 0; i < NS; i++)
 #pragma unroll
-        for (int m = 0; m < SPW / 2; m++) *(uint32_t *)(vdst + m * VST + 128 * i) = val[i][m];
+        for (int m = 0; m < SPW / 2; m++)
+          *(uint32_t *)(vdst + m * VST + 128 * i) =
+              h2_bits<__half2>(__hfma2(u2(e[i][2 * m], e[i][2 * m + 1]), vs2[m], vb2[m]));
       vdst += SPW / 2 * VST;
-    }
-    if (TENSOR == 0) {
-      /* Channels (c0, c0 + 8) of each token as one word: pair q = lane (+ 32 for c0 + 64). */
+    } else {
+      /* Channels (c0, c0 + 8) (+ 64) of token t0 + y: one word of tile row t0 + y (pair q =
+       * lane, + 32), paired from the two streams' entries before the step. */
 #pragma unroll
       for (int i = 0; i < NS; i += 2) {
 #pragma unroll
-        for (int m = 0; m < SPW / 2; m++) {
-          uint8_t *dst = kdst[i / 2] + 2 * m * KST;
-          *(uint32_t *)dst = __byte_perm(val[i][m], val[i + 1][m], 0x5410);
-          *(uint32_t *)(dst + KST) = __byte_perm(val[i][m], val[i + 1][m], 0x7632);
-        }
+        for (int y = 0; y < SPW; y++)
+          *(uint32_t *)(kdst[i / 2] + y * KST) =
+              h2_bits<__half2>(__hfma2(u2(e[i][y], e[i + 1][y]), kst[i / 2], kbs[i / 2]));
         kdst[i / 2] += SPW * KST;
       }
     }

@@ -72,7 +72,7 @@ enum : int { SRC_HUF = SRC_BAD + 1, SRC_HUFG };
 
 /* Per-section decoder state (shared, warp-uniform). */
 struct v3h_state {
-  uint32_t stream_pos, lanes_pos, lane_min;
+  uint32_t stream_pos, lanes_pos, lane_min, end; /* end: of the last stream */
   int n_lanes, n_sym, w_lane, n_tokens;
   int tok_done; /* page tokens [0, tok_done) decoded by every stream */
 };
@@ -92,7 +92,9 @@ template <int HD> struct v3h_area {
   static constexpr int tile_bytes = 16 * kst > 8 * vst ? 16 * kst : 8 * vst;
   static constexpr int tab = tile + tile_bytes;                 /* [2 tensors][2^kHufTableBits] u16 */
   static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][kHufLanes] u32 bit positions */
-  static constexpr int sym = pos + 2 * kHufLanes * 4;           /* [2][64] u32: code | len << 16 */
+  /* [2][64] u32: code | len << 16 (SRC_HUFG); SRC_HUF reads no codes and keeps its stream
+   * starts here instead, as [kHufLanes] u16 offsets from stream_pos, for its end check */
+  static constexpr int sym = pos + 2 * kHufLanes * 4;
   /* SRC_HUF's fp16 step and addend base * step: per channel (K, by channel pair: v3h_kslot), per
    * page token (V: the fast decoder's pages have 64 tokens) */
   static constexpr int kst2 = sym + 2 * KVC_SYM_COUNT * 4, kbs2 = kst2 + 2 * HD;
@@ -347,13 +349,32 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
       (ka >> (KVC_HUF_MAX_LEN - la)) + __popc(__match_any_sync(0xffffffffu, la) & lt);
   const uint32_t cb = (kb >> (KVC_HUF_MAX_LEN - lb)) + count(lb) - 1u -
                       __popc(__match_any_sync(0xffffffffu, lb) & gt);
+  /* Stream starts (before the table: SRC_HUF needs its streams within 2^16 bits). */
+  v3h_state h;
+  h.stream_pos = stream_pos;
+  h.lanes_pos = lanes_pos;
+  h.lane_min = lane_min;
+  h.n_lanes = n_lanes;
+  h.n_sym = n_sym;
+  h.w_lane = (int)w_lane;
+  h.n_tokens = n_tokens;
+  h.tok_done = 0;
+  uint32_t start[4];
+  h.end = v3h_lane_starts(s.w, h, start);
+  if (h.end > cap) return SRC_BAD;
   /* SRC_HUF: see the file comment. */
   const bool fast = kFast16<T> && rel && n_sym <= KVC_SYM_DIRECT && lmax <= kHufTableBits &&
-                    n_lanes == HD && n_tokens == kUnitTokens &&
+                    n_lanes == HD && n_tokens == kUnitTokens && h.end - stream_pos <= 0xffffu &&
                     v3h_h2_ok(qh.e_min, emax) && !__any_sync(0xffffffffu, bs_max > 60000.f);
   uint32_t *sym = (uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT;
-  sym[lane] = ca | (la << 16);
-  sym[lane + 32] = cb | (lb << 16);
+  static_assert(kHufLanes * 2 <= KVC_SYM_COUNT * 4, "SRC_HUF's start offsets fit the code area");
+  if (fast) {
+    auto off = [&](int q) { return start[q] - stream_pos; }; /* <= h.end - stream_pos */
+    *(uint2 *)((uint16_t *)sym + 4 * lane) = make_uint2(off(0) | off(1) << 16, off(2) | off(3) << 16);
+  } else {
+    sym[lane] = ca | (la << 16);
+    sym[lane + 32] = cb | (lb << 16);
+  }
   auto entry = [&](uint32_t sy, uint32_t len) -> uint32_t {
     return fast ? (uint32_t)to_bits<__half>((float)sy) | len : sy | (len << 6);
   };
@@ -409,19 +430,6 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
       if (lb > (uint32_t)TB) tab[cb >> (lb - TB)] = (uint16_t)kHufEsc;
     }
   }
-  /* Stream starts. */
-  v3h_state h;
-  h.stream_pos = stream_pos;
-  h.lanes_pos = lanes_pos;
-  h.lane_min = lane_min;
-  h.n_lanes = n_lanes;
-  h.n_sym = n_sym;
-  h.w_lane = (int)w_lane;
-  h.n_tokens = n_tokens;
-  h.tok_done = 0;
-  uint32_t start[4];
-  const uint32_t end = v3h_lane_starts(s.w, h, start);
-  if (end > cap) return SRC_BAD;
   /* One 16-byte store per lane: positions past n_lanes (the end of the last stream) are never
    * read. */
   uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * kHufLanes;
@@ -669,18 +677,32 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
   __syncwarp();
   if (lane == 0) ((v3h_state *)(area + A::state))[tensor].tok_done = done;
   if (done < h.n_tokens) return true;
-  /* Every stream decoded to its end: each must stop where the next one starts. */
-  uint32_t start[4];
-  const uint32_t end = v3h_lane_starts(src.sec.w, h, start);
-  const uint32_t next_lane = __shfl_down_sync(0xffffffffu, start[0], 1);
+  /* Every stream decoded to its end: each must stop where the next one starts (nx: the starts
+   * of the lane's streams' successors; SRC_HUF's kept by v3h_setup, SRC_HUFG's recomputed). */
+  uint32_t first, nx[4];
+  if (src.kind == SRC_HUF) {
+    const uint2 o = *(const uint2 *)((const uint16_t *)(area + A::sym) +
+                                     tensor * 2 * KVC_SYM_COUNT + 4 * lane);
+    first = h.stream_pos + (o.x & 0xffffu);
+    nx[0] = h.stream_pos + (o.x >> 16);
+    nx[1] = h.stream_pos + (o.y & 0xffffu);
+    nx[2] = h.stream_pos + (o.y >> 16);
+  } else {
+    uint32_t start[4];
+    v3h_lane_starts(src.sec.w, h, start);
+    first = start[0];
+    nx[0] = start[1];
+    nx[1] = start[2];
+    nx[2] = start[3];
+  }
+  nx[3] = __shfl_down_sync(0xffffffffu, first, 1);
   const uint4 p4 = *(const uint4 *)(pos + 4 * lane);
   const uint32_t p[4] = {p4.x, p4.y, p4.z, p4.w};
   bool ok = true;
 #pragma unroll
   for (int q = 0; q < 4; q++) {
     const int i = 4 * lane + q;
-    const uint32_t next = q < 3 ? start[q + 1] : next_lane;
-    ok &= i >= h.n_lanes || p[q] == (i + 1 < h.n_lanes ? next : end);
+    ok &= i >= h.n_lanes || p[q] == (i + 1 < h.n_lanes ? nx[q] : h.end);
   }
   return __all_sync(0xffffffffu, ok);
 }

@@ -489,11 +489,13 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
      * stores in between could alias them for the compiler) */
     __half2 vs2[SPW / 2], vb2[SPW / 2];
     if (TENSOR == 1) {
-#pragma unroll
-      for (int m = 0; m < SPW / 2; m++) {
-        vs2[m] = as_h2<__half2>(vsb[m]);
-        vb2[m] = as_h2<__half2>(vsb[kUnitTokens / 2 + m]);
-      }
+      /* 8-byte loads: vsb advances by 8 bytes from a 32-byte multiple (a % 16 == 0) */
+      static_assert(SPW == 4, "two token pairs per trip");
+      const uint2 st = *(const uint2 *)vsb, bs = *(const uint2 *)(vsb + kUnitTokens / 2);
+      vs2[0] = as_h2<__half2>(st.x);
+      vs2[1] = as_h2<__half2>(st.y);
+      vb2[0] = as_h2<__half2>(bs.x);
+      vb2[1] = as_h2<__half2>(bs.y);
       vsb += SPW / 2;
     }
     /* The lane's NS streams step together, symbol y of every stream before symbol y + 1, and

@@ -37,24 +37,27 @@
  *             branch, so the chains interleave). A table entry is the fp16 bits
  *             of u with the code length in the (zero) low six bits, so the entry itself is the
  *             window's shift and the entries' sum gives the bits used; one PRMT and one AND pair
- *             two tokens' codes as a half2 and one HFMA2 applies the step and base * step (keys:
- *             the channel's; values: the two tokens') in fp16, as v3's bit-pack fast path does.
+ *             two codes as a half2 (values: two tokens of a channel; keys: channels c, c + 8 of a
+ *             token, the tile's word) and one HFMA2 applies their steps and base * step in fp16,
+ *             as v3's bit-pack fast path does.
  *   SRC_HUFG  everything else (absolute mode, extra bits, bf16, codes longer than the table, other
  *             n_lanes up to kHufLanes, blocks of 16, 32 or 128 tokens, units starting inside a
  *             page): symbol by symbol, the exact value of the CPU decoder rounded to T; a table
  *             entry is the symbol and its length, or an escape to a search over the longer codes.
  * A section inconsistent with the format (lengths, Kraft sum, stream sizes past the section, more
  * than kHufLanes streams) makes the unit's rows NaN; a stream decoded to its end must stop where
- * the next one starts (as in v2 and the CPU decoder). Reads are clamped to the section's words, the
- * table index to the table, so damaged bytes never read or write out of bounds.
+ * the next one starts (as in v2 and the CPU decoder). Reads stay inside the section and the
+ * ring's slack after it (the window loads clamp their word index; setup reads only fields that lie
+ * before a stream start it has checked against the section), the table index inside the table,
+ * so damaged bytes never read or write out of bounds.
  *
  * Operation count of SRC_HUF per symbol (SASS, head_dim 128: a window-loop trip of four streams
- * x four symbols is ~150 instructions, K and V ~1,200 per slab for 128 symbols per lane, was
- * 1,370 unrolled with a bit buffer): per lookup the index (SHF), its address (IMAD), LDS.U16 and
- * the advance (SHF): 4; per 4-symbol window the word index and its clamp, the address, two LDS,
- * the funnel shift and the position update (SHF, VIMNMX, IMAD, 2 LDS, SHF, 2 IADD3, LOP3, IADD:
- * ~10); per token pair PRMT + AND + HFMA2; K: a PRMT and STS per token pair of a channel pair, V:
- * one STS per token pair: ~9 per symbol.
+ * x four symbols is 137 instructions for K and 139 for V, ~1,100 per slab for 128 symbols per
+ * lane, was 1,370 unrolled with a bit buffer): per lookup the index (SHF), its address (IMAD),
+ * LDS.U16 and the advance (SHF): 4; per 4-symbol window the word index and its clamp, the
+ * address, two LDS, the funnel shift and the position update (SHF, VIMNMX, IMAD, 2 LDS, SHF,
+ * IADD3, IADD, LOP3, IADD: 10); per pair of codes PRMT + AND + HFMA2 + STS; the rest (pointers,
+ * V's steps, the loop) ~5 per trip: ~8.6 per symbol.
  */
 #ifndef KVC_ATTN_V3_HUF_CUH
 #define KVC_ATTN_V3_HUF_CUH

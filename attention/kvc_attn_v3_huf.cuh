@@ -66,8 +66,8 @@ namespace kvc_attn {
 
 constexpr int kHufLanes = 128;    /* streams per section a warp can track (the encoder's n_lanes
                                      for pages of up to 8192 symbols: 64 x 128, 128 x 64) */
-constexpr int kHufTableBits = 8;  /* decode-table index bits at most (SRC_HUF's longest code: four
-                                     symbols per 32-bit window) */
+constexpr int kHufTableBits = 8;  /* decode-table index bits (SRC_HUF's longest code: four symbols
+                                     per 32-bit window) */
 constexpr uint32_t kHufEsc = 0x8000u; /* generic entry: the code is longer than the table */
 
 /* The Huffman operand sources (after v3's own kinds). */
@@ -226,8 +226,8 @@ __device__ __forceinline__ uint32_t v3h_lane_starts(const uint32_t *w, const v3h
  * generic path keeps them: per channel, or per page token & 63 for the 64-aligned run of tokens
  * that holds [t_lo, t_hi); absolute mode bases only) and Huffman area (SRC_HUF's fp16 steps and
  * addends, table, stream starts, state). Warp-cooperative; returns SRC_HUF, SRC_HUFG or SRC_BAD,
- * the same in every lane. The caller has synchronised the warp with earlier readers of the scratch
- * and area.
+ * the same in every lane (s is set in full unless SRC_BAD). The caller has synchronised the warp
+ * with earlier readers of the scratch and area.
  */
 template <int HD, class T>
 __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int n_tokens,

@@ -19,9 +19,11 @@
  *
  * Per section and unit the warp first parses the header: group steps and bases (v3's scratch,
  * laid out as for bit-pack's generic path; fp16 steps and addends in the Huffman area), code
- * lengths (Kraft-checked), canonical codes by warp ballots, a decode table of 2^tb u16 entries,
- * tb = min(longest code, kHufTableBits), and the stream starts (a warp scan of the lane lengths).
- * The table is per warp and tensor (512 bytes each at most: a full 11-bit table for K and V of
+ * lengths (Kraft-checked), canonical codes (warp sums of the counts per length, a scan of their
+ * Kraft weights, match_any for the order within a length), a decode table of 2^kHufTableBits
+ * u16 entries indexed by the window's top kHufTableBits bits (shorter codes fill several), and
+ * the stream starts (a warp scan of the lane lengths).
+ * The table is per warp and tensor (512 bytes each: a full 11-bit table for K and V of
  * five warps would not fit beside the ring with two CTAs per SM). One copy of the parser serves
  * both sections (a loop in v3h_page_setup), for the instruction cache.
  *
@@ -35,24 +37,27 @@
  *             branch, so the chains interleave). A table entry is the fp16 bits
  *             of u with the code length in the (zero) low six bits, so the entry itself is the
  *             window's shift and the entries' sum gives the bits used; one PRMT and one AND pair
- *             two tokens' codes as a half2 and one HFMA2 applies the step and base * step (keys:
- *             the channel's; values: the two tokens') in fp16, as v3's bit-pack fast path does.
+ *             two codes as a half2 (values: two tokens of a channel; keys: channels c, c + 8 of a
+ *             token, the tile's word) and one HFMA2 applies their steps and base * step in fp16,
+ *             as v3's bit-pack fast path does.
  *   SRC_HUFG  everything else (absolute mode, extra bits, bf16, codes longer than the table, other
  *             n_lanes up to kHufLanes, blocks of 16, 32 or 128 tokens, units starting inside a
  *             page): symbol by symbol, the exact value of the CPU decoder rounded to T; a table
  *             entry is the symbol and its length, or an escape to a search over the longer codes.
  * A section inconsistent with the format (lengths, Kraft sum, stream sizes past the section, more
  * than kHufLanes streams) makes the unit's rows NaN; a stream decoded to its end must stop where
- * the next one starts (as in v2 and the CPU decoder). Reads are clamped to the section's words, the
- * table index to the table, so damaged bytes never read or write out of bounds.
+ * the next one starts (as in v2 and the CPU decoder). Reads stay inside the section and the
+ * ring's slack after it (the window loads clamp their word index; setup reads only fields that lie
+ * before a stream start it has checked against the section), the table index inside the table,
+ * so damaged bytes never read or write out of bounds.
  *
  * Operation count of SRC_HUF per symbol (SASS, head_dim 128: a window-loop trip of four streams
- * x four symbols is ~150 instructions, K and V ~1,200 per slab for 128 symbols per lane, was
- * 1,370 unrolled with a bit buffer): per lookup the index (SHF), its address (IMAD), LDS.U16 and
- * the advance (SHF): 4; per 4-symbol window the word index and its clamp, the address, two LDS,
- * the funnel shift and the position update (SHF, VIMNMX, IMAD, 2 LDS, SHF, 2 IADD3, LOP3, IADD:
- * ~10); per token pair PRMT + AND + HFMA2; K: a PRMT and STS per token pair of a channel pair, V:
- * one STS per token pair: ~9 per symbol.
+ * x four symbols is 137 instructions for K and 139 for V, ~1,100 per slab for 128 symbols per
+ * lane, was 1,370 unrolled with a bit buffer): per lookup the index (SHF), its address (IMAD),
+ * LDS.U16 and the advance (SHF): 4; per 4-symbol window the word index and its clamp, the
+ * address, two LDS, the funnel shift and the position update (SHF, VIMNMX, IMAD, 2 LDS, SHF,
+ * IADD3, IADD, LOP3, IADD: 10); per pair of codes PRMT + AND + HFMA2 + STS; the rest (pointers,
+ * V's steps, the loop) ~5 per trip: ~8.6 per symbol.
  */
 #ifndef KVC_ATTN_V3_HUF_CUH
 #define KVC_ATTN_V3_HUF_CUH
@@ -61,8 +66,8 @@ namespace kvc_attn {
 
 constexpr int kHufLanes = 128;    /* streams per section a warp can track (the encoder's n_lanes
                                      for pages of up to 8192 symbols: 64 x 128, 128 x 64) */
-constexpr int kHufTableBits = 8;  /* decode-table index bits at most (SRC_HUF's longest code: four
-                                     symbols per 32-bit window) */
+constexpr int kHufTableBits = 8;  /* decode-table index bits (SRC_HUF's longest code: four symbols
+                                     per 32-bit window) */
 constexpr uint32_t kHufEsc = 0x8000u; /* generic entry: the code is longer than the table */
 
 /* The Huffman operand sources (after v3's own kinds). */
@@ -70,8 +75,8 @@ enum : int { SRC_HUF = SRC_BAD + 1, SRC_HUFG };
 
 /* Per-section decoder state (shared, warp-uniform). */
 struct v3h_state {
-  uint32_t stream_pos, lanes_pos, lane_min;
-  int n_lanes, n_sym, tbits, lmax, w_lane, n_tokens;
+  uint32_t stream_pos, lanes_pos, lane_min, end; /* end: of the last stream */
+  int n_lanes, n_sym, w_lane, n_tokens;
   int tok_done; /* page tokens [0, tok_done) decoded by every stream */
 };
 
@@ -90,9 +95,11 @@ template <int HD> struct v3h_area {
   static constexpr int tile_bytes = 16 * kst > 8 * vst ? 16 * kst : 8 * vst;
   static constexpr int tab = tile + tile_bytes;                 /* [2 tensors][2^kHufTableBits] u16 */
   static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][kHufLanes] u32 bit positions */
-  static constexpr int sym = pos + 2 * kHufLanes * 4;           /* [2][64] u32: code | len << 16 */
-  /* SRC_HUF's fp16 step and addend base * step: per channel (K), per page token (V: the fast
-   * decoder's pages have 64 tokens) */
+  /* [2][64] u32: code | len << 16 (SRC_HUFG); SRC_HUF reads no codes and keeps its stream
+   * starts here instead, as [kHufLanes] u16 offsets from stream_pos, for its end check */
+  static constexpr int sym = pos + 2 * kHufLanes * 4;
+  /* SRC_HUF's fp16 step and addend base * step: per channel (K, by channel pair: v3h_kslot), per
+   * page token (V: the fast decoder's pages have 64 tokens) */
   static constexpr int kst2 = sym + 2 * KVC_SYM_COUNT * 4, kbs2 = kst2 + 2 * HD;
   static constexpr int vst2 = kbs2 + 2 * HD, vbs2 = vst2 + 2 * kUnitTokens;
   static constexpr int state = vbs2 + 2 * kUnitTokens;          /* [2] v3h_state */
@@ -169,34 +176,42 @@ template <int HD> __device__ __forceinline__ int v3h_vbyte(int t, int d) {
   return (t / 2) * v3h_area<HD>::vst + 4 * d + 2 * (t & 1);
 }
 
-/* fp16 holds a step exactly and base * step closely only in its normal range (as in v3 bit-pack). */
-__device__ __forceinline__ bool v3h_h2_ok(float st, float bs) {
-  return st >= 0x1p-14f && st <= 32768.f && fabsf(bs) <= 60000.f;
+/* Slot of channel c's fp16 step (and addend) in SRC_HUF's K arrays: by channel pair (c, c + 8),
+ * pair q = (c / 16) * 8 + c % 8 as in v3h_kidx, so that the decoder loads a pair's two with one
+ * word (slot 2 q + (c / 8) % 2). */
+__device__ __forceinline__ int v3h_kslot(int c) { return (c / 16) * 16 + (c % 8) * 2 + (c / 8) % 2; }
+
+/* fp16 holds a step exactly and base * step closely only in its normal range (as in v3 bit-pack):
+ * steps 2^-14 .. 2^15, i.e. step codes -112 .. 120, and |base * step| <= 60000 (checked apart). */
+__device__ __forceinline__ bool v3h_h2_ok(int e_min, int e_max) {
+  return e_min >= -14 * 8 && e_max <= 15 * 8;
 }
 
-/* Stream starts of streams 4 * lane .. 4 * lane + 3 (absolute bit positions; streams past n_lanes
- * get the end of the last), and the end of the last stream. Warp-cooperative. */
-__device__ __forceinline__ uint64_t v3h_lane_starts(const uint32_t *w, uint32_t last,
-                                                    const v3h_state &h, uint64_t (&start)[4]) {
+/* Stream starts of streams 4 * lane .. 4 * lane + 3 (bit positions; streams past n_lanes get the
+ * end of the last), and the end of the last stream. Warp-cooperative. In 32 bits: a stream's
+ * length is clamped to kHufMaxBits, so the sums cannot wrap, and a clamped stream still ends past
+ * its section (v3h_setup refuses sections of kHufMaxBits bits or more). */
+constexpr uint32_t kHufMaxBits = 1u << 24;
+__device__ __forceinline__ uint32_t v3h_lane_starts(const uint32_t *w, const v3h_state &h,
+                                                    uint32_t (&start)[4]) {
   const int lane = threadIdx.x & 31;
-  uint64_t len[4], sum = 0;
+  uint32_t len[4], sum = 0;
 #pragma unroll
   for (int q = 0; q < 4; q++) {
+    /* The field of stream min(i, n_lanes - 1) lies in the section (before stream_pos). */
     const int i = 4 * lane + q;
-    len[q] = i < h.n_lanes
-                 ? (uint64_t)h.lane_min +
-                       kvc_dev_top(kvc_dev_window(w, last, h.lanes_pos + (uint32_t)(i * h.w_lane)),
-                                   (uint32_t)h.w_lane)
-                 : 0u;
+    const uint32_t f = v3_field(w, h.lanes_pos + (uint32_t)(min(i, h.n_lanes - 1) * h.w_lane),
+                                (uint32_t)h.w_lane);
+    len[q] = i < h.n_lanes ? min(h.lane_min + f, kHufMaxBits) : 0u;
     sum += len[q];
   }
-  uint64_t incl = sum;
+  uint32_t incl = sum;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const uint64_t v = __shfl_up_sync(0xffffffffu, incl, o);
+    const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
     if (lane >= o) incl += v;
   }
-  uint64_t run = h.stream_pos + incl - sum;
+  uint32_t run = h.stream_pos + incl - sum;
 #pragma unroll
   for (int q = 0; q < 4; q++) {
     start[q] = run;
@@ -211,19 +226,27 @@ __device__ __forceinline__ uint64_t v3h_lane_starts(const uint32_t *w, uint32_t 
  * generic path keeps them: per channel, or per page token & 63 for the 64-aligned run of tokens
  * that holds [t_lo, t_hi); absolute mode bases only) and Huffman area (SRC_HUF's fp16 steps and
  * addends, table, stream starts, state). Warp-cooperative; returns SRC_HUF, SRC_HUFG or SRC_BAD,
- * the same in every lane. The caller has synchronised the warp with earlier readers of the scratch
- * and area.
+ * the same in every lane (s is set in full unless SRC_BAD). The caller has synchronised the warp
+ * with earlier readers of the scratch and area.
  */
 template <int HD, class T>
 __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int n_tokens,
                          int t_lo, int t_hi, uint8_t *scr, uint8_t *area, v3_sec &s) {
   typedef v3h_area<HD> A;
   const int lane = threadIdx.x & 31;
-  if (!(sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 && n_tokens >= 1 &&
+  if (!(sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 &&
+        sec_bytes < kHufMaxBits / 8 && n_tokens >= 1 &&
         n_tokens <= kMaxBlockTokens && 0 <= t_lo && t_lo < t_hi && t_hi <= n_tokens))
     return SRC_BAD;
   kvc_qsec_header_t qh;
-  kvc_qsec_header_read(sec, &qh);
+  {
+    union {
+      uint4 v;
+      uint8_t b[KVC_QSEC_HEADER_BYTES];
+    } hb;
+    hb.v = *(const uint4 *)sec; /* one load instead of 16 byte loads (sections are 16-aligned) */
+    kvc_qsec_header_read(hb.b, &qh);
+  }
   const int S = n_tokens * HD, n_sym = qh.width, n_lanes = qh.n_lanes;
   if (!(qh.mode <= KVC_QMODE_ABS && qh.w_e <= 16 && qh.w_b <= 31 &&
         qh.e_min >= KVC_STEP_CODE_MIN && qh.e_min <= KVC_STEP_CODE_MAX &&
@@ -232,22 +255,25 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
     return SRC_BAD;
   s.w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
   const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
-  const uint64_t cap = (uint64_t)nwords * 32;
+  const uint32_t cap = nwords * 32;
   s.last = nwords - 1;
   const bool rel = qh.mode == KVC_QMODE_REL;
   const int G = rel ? (tensor == 0 ? HD : n_tokens) : HD;
   const uint32_t pos_b = rel ? (uint32_t)G * qh.w_e : 0u;
-  const uint64_t meta = (uint64_t)pos_b + (uint64_t)G * qh.w_b;
+  const uint32_t meta = pos_b + (uint32_t)G * qh.w_b;
   const uint32_t w_lane = qh.lane_info >> 27, lane_min = qh.lane_info & ((1u << 27) - 1);
-  const uint64_t lanes_pos = meta + 4u * (uint32_t)n_sym;
-  const uint64_t stream_pos = lanes_pos + (uint64_t)n_lanes * w_lane;
+  const uint32_t lanes_pos = meta + 4u * (uint32_t)n_sym;
+  const uint32_t stream_pos = lanes_pos + (uint32_t)n_lanes * w_lane;
   if (stream_pos > cap) return SRC_BAD;
   s.meta = 0;
+  s.width = 0;
   s.mode = rel ? tensor : 2;
   s.e = 0;
-  s.step = kvc_step_from_code(qh.e_min);
+  s.step = v3_step(qh.e_min);
   /* Group bases and steps: every channel, or the page tokens of the unit's 64-aligned run (the
-   * fast decoder writes whole slabs of a 64-token page, so it needs all of them). */
+   * fast decoder writes whole slabs of a 64-token page, so it needs all of them): at most NG per
+   * lane, unrolled. Every field lies before stream_pos <= cap, so the reads need no clamp (the
+   * word after the last is the ring's slack). */
   int32_t *gb = (int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
   float *gs = (float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
   const bool per_token = rel && tensor == 1;
@@ -255,125 +281,163 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   const int g_hi = per_token ? min(n_tokens, g_lo + kUnitTokens) : G;
   uint16_t *st16 = (uint16_t *)(area + (tensor ? A::vst2 : A::kst2));
   uint16_t *bs16 = (uint16_t *)(area + (tensor ? A::vbs2 : A::kbs2));
-  bool bad = false, h2_bad = false;
-#pragma unroll 4
-  for (int g = g_lo + lane; g < g_hi; g += 32) {
-    const int x = per_token ? g & (kUnitTokens - 1) : g;
-    const int32_t b = (int32_t)((uint32_t)qh.b_min +
-                      kvc_dev_top(kvc_dev_window(s.w, s.last, pos_b + (uint32_t)g * qh.w_b), qh.w_b));
-    gb[x] = b;
-    if (rel) {
-      const int e =
-          qh.e_min + (int)kvc_dev_top(kvc_dev_window(s.w, s.last, (uint32_t)g * qh.w_e), qh.w_e);
-      bad |= e > KVC_STEP_CODE_MAX;
-      const float st = kvc_step_from_code(min(e, KVC_STEP_CODE_MAX));
-      gs[x] = st;
-      const float bs = __fmul_rn((float)b, st);
-      h2_bad |= !v3h_h2_ok(st, bs);
-      /* fp16 step and addend per channel (K) or token (V) for SRC_HUF */
-      st16[x] = to_bits<__half>(st);
-      bs16[x] = to_bits<__half>(bs);
+  constexpr int NG = HD / 32;
+  static_assert(NG * 32 >= kUnitTokens, "a lane holds at most NG groups");
+  int e_hi = qh.e_min;  /* the lane's largest step code (every one is >= e_min) */
+  float bs_max = 0.f;   /* and largest |base * step| */
+  /* slot of group x = lane + 32 i in st16 / bs16: v3h_kslot(lane + 32 i) = v3h_kslot(lane) + 32 i */
+  const int xs0 = tensor == 0 ? v3h_kslot(lane) : lane;
+#pragma unroll
+  for (int i = 0; i < NG; i++) {
+    const int g = g_lo + lane + 32 * i;
+    if (g < g_hi) {
+      const int x = lane + 32 * i; /* g, or g & (kUnitTokens - 1) for per_token (g_lo % 64 == 0) */
+      const int32_t b =
+          (int32_t)((uint32_t)qh.b_min + v3_field(s.w, pos_b + (uint32_t)g * qh.w_b, qh.w_b));
+      gb[x] = b;
+      if (rel) {
+        const int e = qh.e_min + (int)v3_field(s.w, (uint32_t)g * qh.w_e, qh.w_e);
+        e_hi = max(e_hi, e);
+        const float st = v3_step(e); /* meaningless past KVC_STEP_CODE_MAX: refused below */
+        gs[x] = st;
+        const float bs = __fmul_rn((float)b, st);
+        bs_max = fmaxf(bs_max, fabsf(bs));
+        /* fp16 step and addend per channel (K, by pair) or token (V) for SRC_HUF */
+        st16[xs0 + 32 * i] = to_bits<__half>(st);
+        bs16[xs0 + 32 * i] = to_bits<__half>(bs);
+      }
     }
   }
+  const int emax = __reduce_max_sync(0xffffffffu, e_hi);
   /* Code lengths: lane l holds symbols l (la) and 32 + l (lb); 0 = unused. */
-  const uint32_t la =
-      lane < n_sym ? kvc_dev_top(kvc_dev_window(s.w, s.last, (uint32_t)meta + 4u * lane), 4) : 0u;
-  const uint32_t lb = lane + 32 < n_sym
-                          ? kvc_dev_top(kvc_dev_window(s.w, s.last, (uint32_t)meta + 4u * (lane + 32)), 4)
-                          : 0u;
-  bad |= la > KVC_HUF_MAX_LEN || lb > KVC_HUF_MAX_LEN;
-  if (__any_sync(0xffffffffu, bad)) return SRC_BAD;
-  const uint32_t kraft = __reduce_add_sync(
-      0xffffffffu, (la ? 1u << (KVC_HUF_MAX_LEN - la) : 0u) + (lb ? 1u << (KVC_HUF_MAX_LEN - lb) : 0u));
+  const uint32_t la = lane < n_sym ? v3_field(s.w, meta + 4u * lane, 4) : 0u;
+  const uint32_t lb = lane + 32 < n_sym ? v3_field(s.w, meta + 4u * (lane + 32), 4) : 0u;
+  if (emax > KVC_STEP_CODE_MAX ||
+      __any_sync(0xffffffffu, la > KVC_HUF_MAX_LEN || lb > KVC_HUF_MAX_LEN))
+    return SRC_BAD;
+  /* Canonical codes, ordered by (length, symbol) as kvc_huf_codes assigns them: a symbol of
+   * length l gets first_l plus the number of length-l symbols before it, first_l = sum over j < l
+   * of n_j 2^(l - j) = K_l >> (11 - l), where K_l = sum over j < l of n_j 2^(11 - j) is the Kraft
+   * sum of the shorter codes (units of 2^-11). The counts n_l come from three warp sums (a byte
+   * per length: lengths 4w .. 4w + 3 in word w, n_l <= 64), the K_l from a scan of lanes 0..15
+   * (lane l: n_l 2^(11 - l) for l = 1..11), which leaves K_(l + 1) in lane l: K_12, the Kraft sum
+   * of every code, in lane 11. */
+  uint32_t n[3];
+  {
+    const uint32_t ta = 1u << 8 * (la & 3), tb = 1u << 8 * (lb & 3);
+#pragma unroll
+    for (int w = 0; w < 3; w++)
+      n[w] = __reduce_add_sync(0xffffffffu, ((la >> 2) == (uint32_t)w ? ta : 0u) +
+                                                ((lb >> 2) == (uint32_t)w ? tb : 0u));
+  }
+  auto count = [&](uint32_t l) { /* n_l */
+    return ((l < 4 ? n[0] : l < 8 ? n[1] : n[2]) >> 8 * (l & 3)) & 0xffu;
+  };
+  uint32_t kr = lane >= 1 && lane <= KVC_HUF_MAX_LEN ? count(lane) << (KVC_HUF_MAX_LEN - lane) : 0u;
+#pragma unroll
+  for (int o = 1; o < 16; o <<= 1) {
+    const uint32_t v = __shfl_up_sync(0xffffffffu, kr, o);
+    if (lane >= o) kr += v;
+  }
+  const uint32_t kraft = __shfl_sync(0xffffffffu, kr, KVC_HUF_MAX_LEN);
   if (kraft != 0 && kraft != KVC_HUF_TABLE_SIZE) return SRC_BAD;
   const int lmax = (int)__reduce_max_sync(0xffffffffu, max(la, lb));
-  const int tbits = min(lmax, kHufTableBits);
-  /* Canonical codes, ordered by (length, symbol) as kvc_huf_codes assigns them. */
-  const uint32_t lt = (1u << lane) - 1u;
-  uint32_t first = 0, ca = 0, cb = 0;
-  for (int l = 1; l <= lmax; l++) {
-    const uint32_t ba = __ballot_sync(0xffffffffu, la == (uint32_t)l);
-    const uint32_t bb = __ballot_sync(0xffffffffu, lb == (uint32_t)l);
-    if (la == (uint32_t)l) ca = first + __popc(ba & lt);
-    if (lb == (uint32_t)l) cb = first + __popc(ba) + __popc(bb & lt);
-    first = (first + __popc(ba) + __popc(bb)) << 1;
-  }
-  /* SRC_HUF: see the file comment. */
-  const bool fast = kFast16<T> && rel && n_sym <= KVC_SYM_DIRECT && lmax <= kHufTableBits &&
-                    n_lanes == HD && n_tokens == kUnitTokens &&
-                    !__any_sync(0xffffffffu, h2_bad);
-  uint32_t *sym = (uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT;
-  sym[lane] = ca | (la << 16);
-  sym[lane + 32] = cb | (lb << 16);
-  __syncwarp();
-  uint16_t *tab = (uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
-  auto entry = [&](uint32_t sy, uint32_t len) -> uint32_t {
-    return fast ? (uint32_t)to_bits<__half>((float)sy) | len : sy | (len << 6);
-  };
-  if (kraft == 0) {
-    if (lane == 0) tab[0] = (uint16_t)entry((uint32_t)n_sym - 1, 0);
-  } else {
-    /* Canonical ranges are consecutive in the table, so each code that fits writes its entry at
-     * the start of its range only (entries are never 0: every length is >= 1), and the gaps take
-     * the last entry before them: a forward fill over E consecutive entries per lane with the
-     * carry from the lanes before (a max-scan of (index, entry), indices growing with the lane).
-     * ~50 instructions per lane, where one code at a time cost ~45 per code. A longer code then
-     * marks its tb-bit prefix as an escape (its region lies past every short range). */
-    const int tsize = 1 << tbits, E = tsize > 32 ? tsize >> 5 : 1, i0 = lane * E;
-    for (int i = lane; i < tsize; i += 32) tab[i] = 0;
-    __syncwarp();
-    if (la != 0 && la <= (uint32_t)tbits)
-      tab[ca << (tbits - la)] = (uint16_t)entry((uint32_t)lane, la);
-    if (lb != 0 && lb <= (uint32_t)tbits)
-      tab[cb << (tbits - lb)] = (uint16_t)entry((uint32_t)lane + 32, lb);
-    __syncwarp();
-    uint32_t key = 0; /* (index + 1) << 16 | entry of the lane's last start */
-    if (i0 < tsize)
-      for (int j = 0; j < E; j++) {
-        const uint32_t v = tab[i0 + j];
-        if (v) key = (uint32_t)(i0 + j + 1) << 16 | v;
-      }
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t v = __shfl_up_sync(0xffffffffu, key, o);
-      if (lane >= o) key = max(key, v);
-    }
-    uint32_t run = __shfl_up_sync(0xffffffffu, key, 1) & 0xffffu; /* lane 0: entry 0 is a start */
-    __syncwarp();
-    if (i0 < tsize)
-      for (int j = 0; j < E; j++) {
-        const uint32_t v = tab[i0 + j];
-        if (v) run = v;
-        else tab[i0 + j] = (uint16_t)run;
-      }
-    __syncwarp();
-    if (lane == 0 && lmax > tbits)
-      for (int sy = 0; sy < n_sym; sy++) {
-        const uint32_t x = sym[sy], len = x >> 16;
-        if ((int)len > tbits) tab[(x & 0xffffu) >> (len - tbits)] = (uint16_t)kHufEsc;
-      }
-  }
-  /* Stream starts. */
+  /* Symbols of la's length before symbol lane: the lanes below with that la. Of lb's (symbol
+   * 32 + lane): every la of it and the lanes below with that lb, i.e. n_lb - 1 less the lanes
+   * above with that lb. (Lengths 0 get codes that nothing reads.) */
+  const uint32_t lt = (1u << lane) - 1u, gt = ~lt << 1;
+  const uint32_t ka = __shfl_sync(0xffffffffu, kr, (la - 1) & 31);
+  const uint32_t kb = __shfl_sync(0xffffffffu, kr, (lb - 1) & 31);
+  const uint32_t ca =
+      (ka >> (KVC_HUF_MAX_LEN - la)) + __popc(__match_any_sync(0xffffffffu, la) & lt);
+  const uint32_t cb = (kb >> (KVC_HUF_MAX_LEN - lb)) + count(lb) - 1u -
+                      __popc(__match_any_sync(0xffffffffu, lb) & gt);
+  /* Stream starts (before the table: SRC_HUF needs its streams within 2^16 bits). */
   v3h_state h;
-  h.stream_pos = (uint32_t)stream_pos;
-  h.lanes_pos = (uint32_t)lanes_pos;
+  h.stream_pos = stream_pos;
+  h.lanes_pos = lanes_pos;
   h.lane_min = lane_min;
   h.n_lanes = n_lanes;
   h.n_sym = n_sym;
-  h.tbits = tbits;
-  h.lmax = lmax;
   h.w_lane = (int)w_lane;
   h.n_tokens = n_tokens;
   h.tok_done = 0;
-  uint64_t start[4];
-  const uint64_t end = v3h_lane_starts(s.w, s.last, h, start);
-  if (end > cap) return SRC_BAD;
-  uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * kHufLanes;
+  uint32_t start[4];
+  h.end = v3h_lane_starts(s.w, h, start);
+  if (h.end > cap) return SRC_BAD;
+  /* SRC_HUF: see the file comment. */
+  const bool fast = kFast16<T> && rel && n_sym <= KVC_SYM_DIRECT && lmax <= kHufTableBits &&
+                    n_lanes == HD && n_tokens == kUnitTokens && h.end - stream_pos <= 0xffffu &&
+                    v3h_h2_ok(qh.e_min, emax) && !__any_sync(0xffffffffu, bs_max > 60000.f);
+  uint32_t *sym = (uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT;
+  static_assert(kHufLanes * 2 <= KVC_SYM_COUNT * 4, "SRC_HUF's start offsets fit the code area");
+  if (fast) {
+    auto off = [&](int q) { return start[q] - stream_pos; }; /* <= h.end - stream_pos */
+    *(uint2 *)((uint16_t *)sym + 4 * lane) = make_uint2(off(0) | off(1) << 16, off(2) | off(3) << 16);
+  } else {
+    sym[lane] = ca | (la << 16);
+    sym[lane + 32] = cb | (lb << 16);
+  }
+  auto entry = [&](uint32_t sy, uint32_t len) -> uint32_t {
+    return fast ? (uint32_t)to_bits<__half>((float)sy) | len : sy | (len << 6);
+  };
+  /* The table always has 2^kHufTableBits entries (a code of l bits fills 2^(kHufTableBits - l)):
+   * lane l owns entries 8 l .. 8 l + 7, one 16-byte row, read and written with one LDS.128 /
+   * STS.128 each, and the decoders index it by a constant number of bits. */
+  static_assert(1 << kHufTableBits == 32 * 8, "one 16-byte row of entries per lane");
+  uint4 *row = (uint4 *)(area + A::tab) + tensor * (1 << kHufTableBits) / 8 + lane;
+  uint16_t *tab = (uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
+  if (kraft == 0) { /* one symbol, no bits: every entry */
+    const uint32_t v = entry((uint32_t)n_sym - 1, 0) * 0x10001u;
+    *row = make_uint4(v, v, v, v);
+  } else {
+    /* Canonical ranges are consecutive in the table, so each code that fits writes its entry at
+     * the start of its range only (entries are never 0: every length is >= 1), and the gaps take
+     * the last entry before them: a forward fill over the lane's row, then its leading gap takes
+     * the carry from the lanes before (a max-scan of (lane, last entry)). A longer code
+     * then marks its kHufTableBits-bit prefix as an escape (its region lies past every short
+     * range; codes sharing a prefix write the same value). */
+    constexpr int TB = kHufTableBits;
+    *row = make_uint4(0, 0, 0, 0);
+    __syncwarp();
+    if (la != 0 && la <= (uint32_t)TB) tab[ca << (TB - la)] = (uint16_t)entry((uint32_t)lane, la);
+    if (lb != 0 && lb <= (uint32_t)TB)
+      tab[cb << (TB - lb)] = (uint16_t)entry((uint32_t)lane + 32, lb);
+    __syncwarp();
+    const uint4 r = *row;
+    uint32_t v[8] = {r.x & 0xffffu, r.x >> 16, r.y & 0xffffu, r.y >> 16,
+                     r.z & 0xffffu, r.z >> 16, r.w & 0xffffu, r.w >> 16};
+    /* The row filled from its own starts: entries before the first stay 0, and run ends as its
+     * last entry (0: no start in the row). */
+    uint32_t run = 0;
 #pragma unroll
-  for (int q = 0; q < 4; q++)
-    if (4 * lane + q < n_lanes) pos[4 * lane + q] = (uint32_t)start[q];
+    for (int j = 0; j < 8; j++) {
+      if (v[j]) run = v[j];
+      v[j] = run;
+    }
+    uint32_t key = run ? (uint32_t)(lane + 1) << 16 | run : 0u; /* the last start's lane, entry */
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t k = __shfl_up_sync(0xffffffffu, key, o);
+      if (lane >= o) key = max(key, k);
+    }
+    /* Lane 0's is unused: entry 0 is a start. */
+    const uint32_t carry = __shfl_up_sync(0xffffffffu, key, 1) & 0xffffu;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+      if (!v[j]) v[j] = carry;
+    *row = make_uint4(v[0] | v[1] << 16, v[2] | v[3] << 16, v[4] | v[5] << 16, v[6] | v[7] << 16);
+    if (lmax > TB) {
+      __syncwarp();
+      if (la > (uint32_t)TB) tab[ca >> (la - TB)] = (uint16_t)kHufEsc;
+      if (lb > (uint32_t)TB) tab[cb >> (lb - TB)] = (uint16_t)kHufEsc;
+    }
+  }
+  /* One 16-byte store per lane: positions past n_lanes (the end of the last stream) are never
+   * read. */
+  uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * kHufLanes;
+  *(uint4 *)(pos + 4 * lane) = make_uint4(start[0], start[1], start[2], start[3]);
   if (lane == 0) ((v3h_state *)(area + A::state))[tensor] = h;
-  s.width = tbits;
   return fast ? SRC_HUF : SRC_HUFG;
 }
 
@@ -396,42 +460,51 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   constexpr int KST = A::kst, VST = A::vst;
   const int lane = threadIdx.x & 31;
   const int c0 = 16 * (lane / 8) + lane % 8;
-  const uint32_t tb = (uint32_t)sec.width, last = sec.last;
+  const uint32_t last = sec.last;
   const uint32_t *w = sec.w;
   int ch[NS];
 #pragma unroll
   for (int i = 0; i < NS; i++) ch[i] = TENSOR == 0 ? c0 + 8 * (i & 1) + 64 * (i >> 1) : lane + 32 * i;
   uint32_t p[NS]; /* bit positions */
-  __half2 kst[NS], kbs[NS];
 #pragma unroll
-  for (int i = 0; i < NS; i++) {
-    p[i] = pos[ch[i]];
-    if (TENSOR == 0) {
-      const uint32_t st = ((const uint16_t *)(area + A::kst2))[ch[i]];
-      const uint32_t bs = ((const uint16_t *)(area + A::kbs2))[ch[i]];
-      kst[i] = as_h2<__half2>(st | (st << 16));
-      kbs[i] = as_h2<__half2>(bs | (bs << 16));
+  for (int i = 0; i < NS; i++) p[i] = pos[ch[i]];
+  /* K: steps and addends of the channel pairs (ch[i], ch[i + 1]) = (c, c + 8), i even: pair
+   * lane + 16 i, one word each (v3h_kslot) */
+  __half2 kst[NS / 2], kbs[NS / 2];
+  if (TENSOR == 0)
+#pragma unroll
+    for (int i = 0; i < NS; i += 2) {
+      kst[i / 2] = as_h2<__half2>(((const uint32_t *)(area + A::kst2))[lane + 16 * i]);
+      kbs[i / 2] = as_h2<__half2>(((const uint32_t *)(area + A::kbs2))[lane + 16 * i]);
     }
-  }
-  const uint32_t *vst = (const uint32_t *)(area + A::vst2);
-  const uint32_t *vbs = (const uint32_t *)(area + A::vbs2);
+  /* Pointers that step with the window loop (each trip's addresses are then immediate offsets):
+   * V's token-pair steps (addends kUnitTokens / 2 words after them), V's tile column of channel
+   * lane (+ 32 i: 128 i bytes), K's tile words of pairs lane + 16 i. */
+  static_assert(A::vbs2 == A::vst2 + 2 * kUnitTokens, "V's addends follow its steps");
+  const uint32_t *vsb = (const uint32_t *)(area + A::vst2) + a / 2;
+  uint8_t *vdst = tile + 4 * lane;
+  uint8_t *kdst[NS / 2];
+#pragma unroll
+  for (int i = 0; i < NS; i += 2) kdst[i / 2] = tile + 4 * v3h_kidx<HD>(lane + 16 * i);
 #pragma unroll 1
   for (int t0 = 0; t0 < 16; t0 += SPW) {
-    uint32_t val[NS][SPW / 2]; /* half2 of tokens (t0 + 2m, t0 + 2m + 1) per stream */
     /* V: the token pairs' steps and addends, shared by the lane's streams (loaded once: the tile
      * stores in between could alias them for the compiler) */
     __half2 vs2[SPW / 2], vb2[SPW / 2];
-    if (TENSOR == 1)
-#pragma unroll
-      for (int m = 0; m < SPW / 2; m++) {
-        vs2[m] = as_h2<__half2>(vst[(a + t0) / 2 + m]);
-        vb2[m] = as_h2<__half2>(vbs[(a + t0) / 2 + m]);
-      }
+    if (TENSOR == 1) {
+      /* 8-byte loads: vsb advances by 8 bytes from a 32-byte multiple (a % 16 == 0) */
+      static_assert(SPW == 4, "two token pairs per trip");
+      const uint2 st = *(const uint2 *)vsb, bs = *(const uint2 *)(vsb + kUnitTokens / 2);
+      vs2[0] = as_h2<__half2>(st.x);
+      vs2[1] = as_h2<__half2>(st.y);
+      vb2[0] = as_h2<__half2>(bs.x);
+      vb2[1] = as_h2<__half2>(bs.y);
+      vsb += SPW / 2;
+    }
     /* The lane's NS streams step together, symbol y of every stream before symbol y + 1, and
      * the tile is written after the last lookup: each symbol is a dependent chain (shift, index,
      * LDS, shift), and a tile store between two streams' chains orders the second's loads after
-     * it (V's streams ran one after another). ptxas runs two streams side by side at head_dim
-     * 128 (four where the registers live across the loop leave room). */
+     * it (V's streams ran one after another). ptxas runs the four streams side by side. */
     uint32_t x[NS], e[NS][SPW];
 #pragma unroll
     for (int i = 0; i < NS; i++) {
@@ -442,42 +515,42 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
     for (int y = 0; y < SPW; y++)
 #pragma unroll
       for (int i = 0; i < NS; i++) {
-        e[i][y] = tab[kvc_dev_top(x[i], tb)];
+        e[i][y] = tab[kvc_dev_top(x[i], kHufTableBits)];
         if (y + 1 < SPW) x[i] = __funnelshift_l(0u, x[i], e[i][y]);
       }
+    /* An entry's low six bits are its code length (fp16 bits of u < 32 end in six zeros): the
+     * funnel shift uses the low five as the shift, the sum of the entries' low six bits is the
+     * window's bits, and one PRMT and one AND pair two entries' u as a half2. */
+    auto u2 = [&](uint32_t lo, uint32_t hi) {
+      return as_h2<__half2>(__byte_perm(lo, hi, 0x5410) & 0xfff0fff0u);
+    };
 #pragma unroll
     for (int i = 0; i < NS; i++) {
-      /* An entry's low six bits are its code length (fp16 bits of u < 32 end in six zeros):
-       * the funnel shift uses the low five as the shift, and the sum of the entries' low six
-       * bits is the window's bits. */
       uint32_t n = 0;
 #pragma unroll
       for (int y = 0; y < SPW; y++) n += e[i][y];
       p[i] += n & 63u;
-#pragma unroll
-      for (int m = 0; m < SPW / 2; m++) {
-        const __half2 u2 =
-            as_h2<__half2>(__byte_perm(e[i][2 * m], e[i][2 * m + 1], 0x5410) & 0xfff0fff0u);
-        if (TENSOR == 0) val[i][m] = h2_bits<__half2>(__hfma2(u2, kst[i], kbs[i]));
-        else val[i][m] = h2_bits<__half2>(__hfma2(u2, vs2[m], vb2[m]));
-      }
     }
-    if (TENSOR == 1)
+    if (TENSOR == 1) {
+      /* Tokens (t0 + 2m, t0 + 2m + 1) of channel ch[i]: one word of tile row t0 / 2 + m. */
 #pragma unroll
       for (int i = 0; i < NS; i++)
 #pragma unroll
         for (int m = 0; m < SPW / 2; m++)
-          *(uint32_t *)(tile + (t0 / 2 + m) * VST + 4 * ch[i]) = val[i][m];
-    if (TENSOR == 0) {
-      /* Channels (c0, c0 + 8) of each token as one word: pair q = lane (+ 32 for c0 + 64). */
+          *(uint32_t *)(vdst + m * VST + 128 * i) =
+              h2_bits<__half2>(__hfma2(u2(e[i][2 * m], e[i][2 * m + 1]), vs2[m], vb2[m]));
+      vdst += SPW / 2 * VST;
+    } else {
+      /* Channels (c0, c0 + 8) (+ 64) of token t0 + y: one word of tile row t0 + y (pair q =
+       * lane, + 32), paired from the two streams' entries before the step. */
 #pragma unroll
-      for (int i = 0; i < NS; i += 2)
+      for (int i = 0; i < NS; i += 2) {
 #pragma unroll
-        for (int m = 0; m < SPW / 2; m++) {
-          uint8_t *dst = tile + 4 * v3h_kidx<HD>(lane + 16 * i) + (t0 + 2 * m) * KST;
-          *(uint32_t *)dst = __byte_perm(val[i][m], val[i + 1][m], 0x5410);
-          *(uint32_t *)(dst + KST) = __byte_perm(val[i][m], val[i + 1][m], 0x7632);
-        }
+        for (int y = 0; y < SPW; y++)
+          *(uint32_t *)(kdst[i / 2] + y * KST) =
+              h2_bits<__half2>(__hfma2(u2(e[i][y], e[i + 1][y]), kst[i / 2], kbs[i / 2]));
+        kdst[i / 2] += SPW * KST;
+      }
     }
   }
 #pragma unroll
@@ -492,19 +565,18 @@ __device__ void v3h_generic(const v3_sec &sec, const v3h_state &h, const uint16_
   const int lane = threadIdx.x & 31, n_lanes = h.n_lanes;
   const int32_t *gb = (const int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
   const float *gs = (const float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
-  const uint32_t tb = (uint32_t)h.tbits;
   const int s_from = h.tok_done * HD, s_lo = a * HD, s_end = (a + nr) * HD;
   for (int i = lane; i < n_lanes; i += 32) {
     uint32_t p = pos[i];
     int s = i < s_from ? i + (s_from - i + n_lanes - 1) / n_lanes * n_lanes : i;
     for (; s < s_end; s += n_lanes) {
       const uint32_t win = kvc_dev_window(sec.w, sec.last, p);
-      const uint32_t e = tab[kvc_dev_top(win, tb)];
+      const uint32_t e = tab[kvc_dev_top(win, kHufTableBits)];
       uint32_t sy = e & 63u, len = (e >> 6) & 15u;
       if (e & kHufEsc) { /* a code longer than the table: search the longer codes */
         for (int c = 0; c < h.n_sym; c++) {
           const uint32_t x = sym[c], l = x >> 16;
-          if ((int)l > h.tbits && kvc_dev_top(win, l) == (x & 0xffffu)) {
+          if ((int)l > kHufTableBits && kvc_dev_top(win, l) == (x & 0xffffu)) {
             sy = (uint32_t)c;
             len = l;
             break;
@@ -606,29 +678,44 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
     }
     v3h_generic<HD, T>(src.sec, h, tab, (const uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT,
                        pos, scr, tensor, area + A::tile, a, nr);
+    /* only the generic decoder reads it (SRC_HUF decodes whole slabs in order) */
+    if (lane == 0) ((v3h_state *)(area + A::state))[tensor].tok_done = done;
   }
   __syncwarp();
-  if (lane == 0) ((v3h_state *)(area + A::state))[tensor].tok_done = done;
   if (done < h.n_tokens) return true;
-  /* Every stream decoded to its end: each must stop where the next one starts. */
-  uint64_t start[4];
-  const uint64_t end = v3h_lane_starts(src.sec.w, src.sec.last, h, start);
-  const uint64_t next_lane = __shfl_down_sync(0xffffffffu, start[0], 1);
+  /* Every stream decoded to its end: each must stop where the next one starts (nx: the starts
+   * of the lane's streams' successors; SRC_HUF's kept by v3h_setup, SRC_HUFG's recomputed). */
+  uint32_t first, nx[4];
+  if (src.kind == SRC_HUF) {
+    const uint2 o = *(const uint2 *)((const uint16_t *)(area + A::sym) +
+                                     tensor * 2 * KVC_SYM_COUNT + 4 * lane);
+    first = h.stream_pos + (o.x & 0xffffu);
+    nx[0] = h.stream_pos + (o.x >> 16);
+    nx[1] = h.stream_pos + (o.y & 0xffffu);
+    nx[2] = h.stream_pos + (o.y >> 16);
+  } else {
+    uint32_t start[4];
+    v3h_lane_starts(src.sec.w, h, start);
+    first = start[0];
+    nx[0] = start[1];
+    nx[1] = start[2];
+    nx[2] = start[3];
+  }
+  nx[3] = __shfl_down_sync(0xffffffffu, first, 1);
+  const uint4 p4 = *(const uint4 *)(pos + 4 * lane);
+  const uint32_t p[4] = {p4.x, p4.y, p4.z, p4.w};
   bool ok = true;
 #pragma unroll
   for (int q = 0; q < 4; q++) {
     const int i = 4 * lane + q;
-    if (i < h.n_lanes) {
-      const uint64_t next = q < 3 ? start[q + 1] : next_lane;
-      ok &= pos[i] == (i + 1 < h.n_lanes ? next : end);
-    }
+    ok &= i >= h.n_lanes || p[q] == (i + 1 < h.n_lanes ? nx[q] : h.end);
   }
   return __all_sync(0xffffffffu, ok);
 }
 
 /* The K and V sources of Huffman page pg of the unit at ub (v3_page_setup's branch for
  * PG_HUFFMAN): the warp's scratch and Huffman area are rewritten. Warp-uniform; false for a
- * section inconsistent with the format. */
+ * section inconsistent with the format (ks and vs are then not to be read). */
 template <int HD, class T>
 __device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_t *ub,
                                                uint8_t *scr, uint8_t *area, v3_src &ks,
@@ -637,12 +724,19 @@ __device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_
   const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
   /* One copy of the parser for both sections (a loop, not two inlined calls): it runs once per
    * page, and its straight-line code competes with the slab loop's for the instruction cache. */
+  bool ok = true;
 #pragma unroll 1
   for (int tensor = 0; tensor < 2; tensor++) {
-    v3_sec sec = ks.sec; /* v3h_setup's early returns (SRC_BAD) leave it partly unset */
+    /* Set in full unless the section is refused; then nothing reads it (nor ks, vs: the unit's
+     * rows become NaN), so the refusal paths carry no copy of it. */
+    v3_sec sec;
     const int kind = v3h_setup<HD, T>(ub + (tensor ? pg.v_ring : pg.k_ring),
                                       tensor ? pg.v_bytes : pg.k_bytes, tensor, pg.n_tokens, t_lo,
                                       t_hi, scr, area, sec);
+    if (kind == SRC_BAD) { /* warp-uniform */
+      ok = false;
+      break;
+    }
     if (tensor == 0) {
       ks.kind = kind;
       ks.sec = sec;
@@ -652,7 +746,7 @@ __device__ __forceinline__ bool v3h_page_setup(const unit_page &pg, const uint8_
     }
   }
   __syncwarp();
-  return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
+  return ok;
 }
 
 }  // namespace kvc_attn

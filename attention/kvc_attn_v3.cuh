@@ -35,18 +35,23 @@
  * operand) that read only the ring bytes, the scratch and the v3_src they are given; a new source
  * adds an SRC_ value, its setup in v3_page_setup and a case in v3_s / v3_pv:
  *   SRC_ROWS  staging / RAW rows of a page, linear in the ring: LDS.128 + one PRMT per pair.
- *   SRC_FAST  bit-pack, relative mode, width 1..8, fp16, group bases in [-1024, 2049 - 2^W] and
- *             the largest step of the section within 2^+-60: the operand is the exact integer
- *             u + base of each code (PRMT, shift, LOP3 with fp16's exponent of 1024 held in a
- *             register, HADD2 of base - 1024), and the steps are folded out of the operand:
+ *   SRC_FAST  bit-pack, relative mode, width 1..8, fp16, group bases b with |b - 2^W| <= 2048 and
+ *             the largest step of the section within 2^+-60: the operand is the exact fp16
+ *             1 + u / 2^W of each code (PRMT, shift, one LOP3 with fp16's 1.0 held in a
+ *             register), and the rest of (u + b) * step is folded out of it, since
+ *             u + b = 2^W (operand + b / 2^W - 1):
  *             keys' per-channel steps into Q's B fragments (Q' = Q * step * 2^-e, one HMUL2 per
- *             Q pair and k-block, shared by both tokens; S scaled by 2^e after the mma), values'
- *             per-token steps into P (P' = P * step * 2^-e; O^T accumulates in units of 2^e,
- *             rescaled when a page needs another e). Rounding differs from the CPU reference,
- *             which rounds each decoded value (u + base) * step to fp16: here the values are
- *             exact and Q' and P' carry one fp16 rounding each, so the GPU-vs-reference error
- *             now includes the reference's own rounding of K and V (tests: fp16 <= 6.4e-4, was
- *             2.3e-4; the tolerance is 1e-3).
+ *             Q pair and k-block, shared by both tokens; S scaled by 2^(e + W) after the mma) and
+ *             their bases into a per-page, per-entry start of S (s_fast_const: one mma per
+ *             k-block with the b / 2^W - 1 of every channel as both tokens' rows, once per page);
+ *             values' per-token steps into P (P' = P * step * 2^(W - e); O^T accumulates in units
+ *             of 2^e, rescaled when a page needs another e) and their bases into a per-entry sum
+ *             of P' (b / 2^W - 1) that the epilogue adds to every channel (vcorr). Rounding
+ *             differs from the CPU reference, which rounds each decoded value (u + b) * step to
+ *             fp16: here the values are exact and Q' and P' carry one fp16 rounding each (the
+ *             base terms use the same rounded Q' and P'), so the GPU-vs-reference error includes
+ *             the reference's own rounding of K and V (tests: fp16 <= 6.4e-4, the tolerance is
+ *             1e-3).
  *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16, steps or bases
  *             out of those ranges): each value decoded on its own exactly as the CPU decoder does,
  *             rounded to T.
@@ -73,8 +78,8 @@ static_assert(kSlots3 % kW3 == 0, "a slot must always come back to the same warp
 enum : int { SRC_ROWS = 0, SRC_FAST, SRC_GEN, SRC_BAD };
 
 /* How far (log2 units) a score may exceed its entry's running maximum before the maximum moves:
- * softmax weights stay below 2^kMaxSlack, so P' = P * step * 2^-e (< 2^kMaxSlack) and Huffman's
- * and rows' P stay well inside fp16. */
+ * softmax weights stay below 2^kMaxSlack, so bit-pack's P' = P * step * 2^(W - e) (< 2^(6 + 8))
+ * and Huffman's and rows' P stay inside fp16. */
 constexpr float kMaxSlack = 6.f;
 
 /* SRC_FAST is built for fp16 only. */
@@ -82,13 +87,14 @@ template <class T> constexpr bool kFast16 = half2_of<T>::magic == 0x64006400u;
 
 /* Per-warp scratch (bytes), rewritten at each page: K's region, then V's, each holding either
  * SRC_GEN's group bases and steps or SRC_FAST's tables (same bytes). K fast: per (lane c, k-block)
- * a uint4 (kq) of two fp16 pairs of step * 2^-e and two of base - 1024, in k_channel order. V
- * fast: per page token the float step * 2^-e (vmul) and the fp16 base - 1024 (vb). Per-token
- * entries are indexed by page token & 63 (a unit reads at most 64 tokens of a page, aligned to
- * 64); absolute mode keeps bases only (per channel; its one step is v3_sec.step). */
+ * a uint4 (kq) of two fp16 pairs of step * 2^-e and two of b / 2^W - 1, in k_channel order, and
+ * per lane s_fast_const's float2 per n-block (kc). V fast: per page token the floats step *
+ * 2^(W - e) (vmul) and b / 2^W - 1 (vbt). Per-token entries are indexed by page token & 63 (a unit
+ * reads at most 64 tokens of a page, aligned to 64); absolute mode keeps bases only (per channel;
+ * its one step is v3_sec.step). */
 struct v3_scratch {
-  static constexpr int kbase = 0, kstep = 512, kq = 0;
-  static constexpr int vbase = 1024, vstep = 1280, vmul = 1024, vb = 1280;
+  static constexpr int kbase = 0, kstep = 512, kq = 0, kc = 512;
+  static constexpr int vbase = 1024, vstep = 1280, vmul = 1024, vbt = 1280;
   static constexpr int bytes = 1536;
 };
 
@@ -150,12 +156,14 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
 
 /*
  * Codes i1 (from words x) and i2 (from words y) of two runs of W-bit codes, each run held most
- * significant bit first in realigned words, as the low and high halves of the result (other bits
- * 0). The two codes' bit offsets must be equal modulo 8. Indices are compile-time constants after
- * unrolling, so this is one PRMT, a shift and an AND (and a funnel shift for a code that crosses a
- * word, shared by neighbouring codes). The PRMT takes the 16-bit half of each word that holds the
- * code where it can (else the two bytes from the code's lowest), so that the codes of one half
- * share it.
+ * significant bit first in realigned words, as the low and high halves of the result, each code
+ * at bits [10 - W, 10) of its half (other bits 0): OR-ed with fp16's 1.0 (0x3C00) a half is
+ * exactly 1 + u / 2^W. The two codes' bit offsets must be equal modulo 8. Indices are
+ * compile-time constants after unrolling, so this is one PRMT, a shift and an AND (and a funnel
+ * shift for a code that crosses a word, shared by neighbouring codes). The PRMT takes the 16-bit
+ * half of each word that holds the code where it can (else the two bytes from the code's lowest),
+ * so that the codes of one half share it. The shift brings the other half's bits at most 6 places
+ * across the halves' border (a code starts at bit r <= 16 - W of its half), never into the mask.
  */
 template <int W, int NA>
 __device__ __forceinline__ uint32_t code_pair(const uint32_t (&x)[NA], const uint32_t (&y)[NA],
@@ -167,10 +175,11 @@ __device__ __forceinline__ uint32_t code_pair(const uint32_t (&x)[NA], const uin
   const int L1 = (c1 ? 48 : 32) - f1 - W, L2 = (c2 ? 48 : 32) - f2 - W; /* lsb positions */
   const bool half = (L1 & 15) + W <= 16 && (L2 & 15) + W <= 16 && ((L1 - L2) & 15) == 0;
   const int k1 = half ? (L1 >> 4) * 2 : L1 >> 3, k2 = half ? (L2 >> 4) * 2 : L2 >> 3;
-  const int r = L1 - 8 * k1;
+  const int r = L1 - 8 * k1, top = 10 - W; /* the code's lsb in its half, and where it goes */
   const uint32_t sel = (uint32_t)(k1 | (min(k1 + 1, 3) << 4) | ((k2 + 4) << 8) |
                                   ((min(k2 + 1, 3) + 4) << 12));
-  return (__byte_perm(X, Y, sel) >> r) & (((1u << W) - 1u) * 0x10001u);
+  const uint32_t v = __byte_perm(X, Y, sel);
+  return (r >= top ? v >> (r - top) : v << (top - r)) & ((((1u << W) - 1u) << top) * 0x10001u);
 }
 
 /* Words [k0, k0 + NA] of a section's stream shifted left by sh: the NA words of a bit run. No
@@ -193,7 +202,7 @@ struct v3_sec {
   const uint32_t *w;
   uint32_t last, meta;
   int width, mode; /* mode: 0 REL keys (groups = channels), 1 REL values (tokens), 2 ABS */
-  int e;           /* SRC_FAST: the power of two folded out of the steps (step * 2^-e <= 1) */
+  int e; /* SRC_FAST: the power of two folded out (steps * 2^-e <= 1); keys: e + W, S's unit */
   float step;      /* absolute mode: the section's step */
 };
 
@@ -279,9 +288,9 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   constexpr int NGC = HD / 32, NGT = kUnitTokens / 32, NG = NGC > NGT ? NGC : NGT;
   int gi[NG], gb[NG], ge[NG];
   int emax = qh.e_min; /* largest step code (every group's is >= e_min) */
-  /* SRC_FAST's condition on a base b: u + b exact in fp16 for every W-bit u, i.e. b in
-   * [-1024, 2049 - 2^W]: one unsigned compare. */
-  const uint32_t span = 3073u - (1u << min((int)qh.width, 8));
+  /* SRC_FAST's condition on a base b: (b - 2^W) / 2^W exact in fp16, i.e. |b - 2^W| <= 2048: one
+   * unsigned compare. */
+  const int32_t wpow = 1 << min((int)qh.width, 8);
   bool inb = true;
 #pragma unroll
   for (int i = 0; i < NG; i++) {
@@ -297,14 +306,14 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
     gb[i] = (int32_t)((uint32_t)qh.b_min + v3_field(s.w, pos_b + g * qh.w_b, qh.w_b));
     if (rel) ge[i] = qh.e_min + (int)v3_field(s.w, g * qh.w_e, qh.w_e);
     emax = max(emax, ge[i]);
-    inb &= (uint32_t)(gb[i] + 1024) <= span;
+    inb &= (uint32_t)(gb[i] - wpow + 2048) <= 4096u;
   }
   if (rel) {
     emax = __reduce_max_sync(0xffffffffu, emax);
     if (emax > KVC_STEP_CODE_MAX) return SRC_BAD;
   }
-  /* fp16 only (bf16's 8-bit significand cannot hold the integers u + base exactly); width 0 is
-   * a constant section, cheap on the generic path. */
+  /* fp16 only (bf16's 8-bit significand cannot hold the bases exactly); width 0 is a constant
+   * section, cheap on the generic path. */
   bool fast = rel && qh.width >= 1 && qh.width <= 8 && kFast16<T>;
   int e = 0;
   if (fast) {
@@ -327,7 +336,7 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
       }
     return SRC_GEN;
   }
-  const float inv = pow2i(-e);
+  const float inv = pow2i(-e), winv = pow2i(-(int)qh.width);
   if constexpr (TS == 0) {
 #pragma unroll
     for (int i = 0; i < NGC; i += 2) {
@@ -336,20 +345,20 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
       const int pr = lane + 32 * (i / 2);
       uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + 4 * (pr / 2) + pr % 2;
       kq[0] = pack2<__half>(v3_step(ge[i]) * inv, v3_step(ge[i + 1]) * inv);
-      kq[2] = pack2<__half>((float)(gb[i] - 1024), (float)(gb[i + 1] - 1024));
+      kq[2] = pack2<__half>((float)(gb[i] - wpow) * winv, (float)(gb[i + 1] - wpow) * winv);
     }
+    s.e = e + (int)qh.width; /* S^T's unit: the operands are (u + b) / 2^W times Q * step * 2^-e */
   } else {
-    /* Every one of the 64 entries (tokens past t_hi: 0), so that the builders may read the
-     * bases of two neighbouring tokens as one word. */
+    /* Every one of the 64 entries (tokens past t_hi: 0). */
 #pragma unroll
     for (int i = 0; i < NGT; i++) {
       const int x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
       const bool in = gi[i] >= 0;
-      ((float *)(scr + v3_scratch::vmul))[x] = in ? v3_step(ge[i]) * inv : 0.f;
-      ((uint16_t *)(scr + v3_scratch::vb))[x] = in ? to_bits<__half>((float)(gb[i] - 1024)) : 0;
+      ((float *)(scr + v3_scratch::vmul))[x] = in ? v3_step(ge[i]) * inv * (float)wpow : 0.f;
+      ((float *)(scr + v3_scratch::vbt))[x] = in ? (float)(gb[i] - wpow) * winv : 0.f;
     }
+    s.e = e;
   }
-  s.e = e;
   return SRC_FAST;
 }
 
@@ -408,27 +417,34 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
   }
 }
 
-/* Bit-pack fast path: the exact integers u + base times Q' = Q * step * 2^-e. */
+/* Bit-pack fast path: the exact 1 + u / 2^W of each code times Q' = Q * step * 2^-e, added to
+ * s_fast_const's sums (the bases and the 1). */
 template <int HD, int W, int NB>
 __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, int c,
                                        const int (&pt)[2], const qfrag_t<HD, NB> &qb,
                                        uint32_t magic, float (&s)[2][NB][4]) {
   constexpr int NC = HD / 4, NA = (NC * W + 31) / 32;
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
+  const float2 *kc = (const float2 *)(scr + v3_scratch::kc) + (threadIdx.x & 31) * NB;
+#pragma unroll
+  for (int nb = 0; nb < NB; nb++) {
+    const float2 k0 = kc[nb];
+#pragma unroll
+    for (int e = 0; e < 4; e++) s[0][nb][e] = e & 1 ? k0.y : k0.x;
+  }
   uint32_t a[2][NA];
   load_run<NA>(sec.w, sec.meta + (uint32_t)(pt[0] * HD + c * NC) * W, a[0]);
   load_run<NA>(sec.w, sec.meta + (uint32_t)(pt[1] * HD + c * NC) * W, a[1]);
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
-    const uint4 sb = kq[kb]; /* step pairs (x, y), base - 1024 pairs (z, w) */
+    const uint2 sb = *(const uint2 *)&kq[kb]; /* the step pairs */
     uint32_t b[2][2];
 #pragma unroll
     for (int h = 0; h < 2; h++)
 #pragma unroll
       for (int x = 0; x < 2; x++) {
         const int pi = 2 * kb + x, ch = 16 * (pi / 8) + pi % 8;
-        const uint32_t u2 = code_pair<W, NA>(a[h], a[h], ch, ch + 8) | magic;
-        b[h][x] = h2_bits<__half2>(__hadd2(as_h2<__half2>(u2), as_h2<__half2>(x ? sb.w : sb.z)));
+        b[h][x] = code_pair<W, NA>(a[h], a[h], ch, ch + 8) | magic;
       }
     const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
@@ -441,6 +457,34 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
       mma16816<__half>(s[kb % 2][nb], av, q0, q1);
     }
   }
+}
+
+/* What SRC_FAST keys add to every token's S^T, per entry: sum over channels of Q' (b / 2^W - 1),
+ * with the Q' that s_fast rounds alike. Once per page, into the scratch (v3_scratch::kc). */
+template <int HD, int NB>
+__device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb) {
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
+  float acc[NB][4];
+#pragma unroll
+  for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[nb][e] = 0.f;
+#pragma unroll
+  for (int kb = 0; kb < HD / 16; kb++) {
+    const uint4 sb = kq[kb];
+    const uint32_t av[4] = {sb.z, sb.z, sb.w, sb.w}; /* both tokens: the base terms */
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+      const uint32_t q0 =
+          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sb.x)));
+      const uint32_t q1 =
+          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sb.y)));
+      mma16816<__half>(acc[nb], av, q0, q1);
+    }
+  }
+  float2 *kc = (float2 *)(scr + v3_scratch::kc) + (threadIdx.x & 31) * NB;
+#pragma unroll
+  for (int nb = 0; nb < NB; nb++) kc[nb] = make_float2(acc[nb][0], acc[nb][1]);
 }
 
 /* The generic path is rare (non-default sections): k-block by k-block, not unrolled, so that it
@@ -540,26 +584,20 @@ __device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g,
   }
 }
 
-/* Bit-pack fast path: the exact integers u + base (P' = P * step * 2^-e, built by the caller). */
+/* Bit-pack fast path: the exact 1 + u / 2^W of each code (P' = P * step * 2^(W - e), built by
+ * the caller, which also adds what the bases and the 1 give every channel to its vcorr). */
 template <int HD, int W, int NB>
-__device__ __forceinline__ void pv_fast(const v3_sec &s, const uint8_t *scr, int g,
-                                        const int (&pt)[4], const uint32_t (&pb)[NB][2],
-                                        uint32_t magic, oacc_t<HD, NB> &o) {
+__device__ __forceinline__ void pv_fast(const v3_sec &s, int g, const int (&pt)[4],
+                                        const uint32_t (&pb)[NB][2], uint32_t magic,
+                                        oacc_t<HD, NB> &o) {
   constexpr int NC = HD / 8, NA = (NC * W + 31) / 32;
-  /* Bases of tokens (pt[0], pt[0] + 1) and (pt[2], pt[2] + 1) as one word each: pt[0] and pt[2]
-   * are even unless clamped to the page's last row, and clamped rows are masked (P = 0; the
-   * setup wrote all 64 entries, so the values they meet are finite). */
-  const uint32_t *vb = (const uint32_t *)(scr + v3_scratch::vb);
-  constexpr int TM = kUnitTokens / 2 - 1;
-  const __half2 b01 = as_h2<__half2>(vb[(pt[0] >> 1) & TM]);
-  const __half2 b23 = as_h2<__half2>(vb[(pt[2] >> 1) & TM]);
   uint32_t a[4][NA];
 #pragma unroll
   for (int t = 0; t < 4; t++) load_run<NA>(s.w, s.meta + (uint32_t)(pt[t] * HD + g * NC) * W, a[t]);
   pv_tiles<__half>(pb, o, 0, HD / 16, [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
     const int n = 2 * mt + r;
-    lo = h2_bits<__half2>(__hadd2(as_h2<__half2>(code_pair<W, NA>(a[0], a[1], n, n) | magic), b01));
-    hi = h2_bits<__half2>(__hadd2(as_h2<__half2>(code_pair<W, NA>(a[2], a[3], n, n) | magic), b23));
+    lo = code_pair<W, NA>(a[0], a[1], n, n) | magic;
+    hi = code_pair<W, NA>(a[2], a[3], n, n) | magic;
   });
 }
 
@@ -594,7 +632,7 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
     switch (vs.sec.width) {
 #define KVC__PV(W)                                                                                 \
   case W:                                                                                          \
-    pv_fast<HD, W, NB>(vs.sec, scr, g, pt, pb, magic, o);                                          \
+    pv_fast<HD, W, NB>(vs.sec, g, pt, pb, magic, o);                                               \
     break;
       KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
 #undef KVC__PV
@@ -670,11 +708,11 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
     }
   }
   load_q_tile<HD, T>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, kThreads3);
-  /* fp16's exponent of 1024 for the fast paths, passed through shared memory so that it is a
-   * register the compiler cannot fold: LOP3 takes one immediate (the code mask), and with the
-   * exponent in a register (code & mask) | magic is one instruction instead of two. The word is
-   * warp 0's scratch, unused until the unit loop. */
-  if (tid == 0) *(uint32_t *)(smem + SL::scr_off) = 0x64006400u;
+  /* fp16's 1.0 for the fast paths, passed through shared memory so that it is a register the
+   * compiler cannot fold: LOP3 takes one immediate (the code mask), and with the exponent in a
+   * register (code & mask) | magic is one instruction instead of two. The word is warp 0's
+   * scratch, unused until the unit loop. */
+  if (tid == 0) *(uint32_t *)(smem + SL::scr_off) = 0x3C003C00u;
   __syncthreads();
   const uint32_t magic = *(const uint32_t *)(smem + SL::scr_off);
   /* Q's B fragments, in the channel order of k_channel: entry 8 nb + g of the tile. */
@@ -738,7 +776,10 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 
   oacc_t<HD, NB> o;
   float m[NB][2], l[NB][2];
-  int e_o = 0; /* O^T holds O * 2^-e_o */
+  /* What SRC_FAST values add to every channel of entry 8 nb + 2c + x's O^T (the bases and the 1
+   * of their operands), kept apart and added in the epilogue: this lane's tokens' part. */
+  float vcorr[NB][2];
+  int e_o = 0; /* O^T and vcorr hold O * 2^-e_o */
   bool bad = false;
   if (warp == kW3) {
     producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
@@ -760,6 +801,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         pos[nb][x] = len - nq + (en < entries ? en / group : nq - 1);
         pos_lane = max(pos_lane, pos[nb][x]);
         m[nb][x] = -INFINITY;
+        vcorr[nb][0] = vcorr[nb][1] = 0.f;
         l[nb][x] = 0.f;
       }
     const int pos_warp = __reduce_max_sync(0xffffffffu, pos_lane);
@@ -807,7 +849,11 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           ok = v3_page_setup<HD, T, HUF>(pg, ub, scr, harea, e_o, ks, vs);
           if (!ok) break;
           kmul = p.scale_log2;
-          if (ks.kind == SRC_FAST) kmul *= pow2i(ks.sec.e);
+          if (ks.kind == SRC_FAST) {
+            kmul *= pow2i(ks.sec.e);
+            s_fast_const<HD, NB>(scr, c, qb);
+            __syncwarp();
+          }
           /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
           const int ev = vs.kind == SRC_FAST ? vs.sec.e : 0;
           if (ev != e_o) {
@@ -818,6 +864,11 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
               for (int nb = 0; nb < NB; nb++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) o[mt][nb][e] *= f;
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+              vcorr[nb][0] *= f;
+              vcorr[nb][1] *= f;
+            }
             e_o = ev;
           }
         }
@@ -882,6 +933,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
               cf[nb][x] = mn == -INFINITY ? 1.f : ex2_ftz(m[nb][x] - mn);
               m[nb][x] = mn;
               l[nb][x] *= cf[nb][x];
+              vcorr[nb][x] *= cf[nb][x];
             }
 #pragma unroll
           for (int mt = 0; mt < HD / 16; mt++)
@@ -891,27 +943,43 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
               for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
         }
         /* P^T as the B operand: S^T's accumulator pairs (token g or g+8, entries 2c, 2c+1)
-         * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). SRC_FAST values
-         * take their token's step * 2^-e here. */
-        float vm0 = 1.f, vm1 = 1.f;
-        if (vs.kind == SRC_FAST) {
-          const float *vmul = (const float *)(scr + v3_scratch::vmul);
-          vm0 = vmul[(vs.ptok0 + tr[0]) & (kUnitTokens - 1)];
-          vm1 = vmul[(vs.ptok0 + tr[1]) & (kUnitTokens - 1)];
-        }
-        uint32_t pb[NB][2];
+         * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). */
+        float pv[NB][4];
 #pragma unroll
-        for (int nb = 0; nb < NB; nb++) {
-          float pv[4];
+        for (int nb = 0; nb < NB; nb++)
 #pragma unroll
           for (int e = 0; e < 4; e++) {
             /* A row with nothing visible yet keeps max -inf; subtract 0 so that exp2 gives 0. */
             const float mu = m[nb][e & 1] == -INFINITY ? 0.f : m[nb][e & 1];
-            pv[e] = ex2_ftz(sx[nb][e] - mu);
-            l[nb][e & 1] += pv[e];
+            pv[nb][e] = ex2_ftz(sx[nb][e] - mu);
+            l[nb][e & 1] += pv[nb][e];
           }
-          pb[nb][0] = movmatrix_trans(pack2<T>(pv[0] * vm0, pv[1] * vm0));
-          pb[nb][1] = movmatrix_trans(pack2<T>(pv[2] * vm1, pv[3] * vm1));
+        uint32_t pb[NB][2];
+        if (kFast16<T> && vs.kind == SRC_FAST) {
+          /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases and 1 go to
+           * vcorr, from P' rounded as the mma takes it. */
+          const float *vmul = (const float *)(scr + v3_scratch::vmul);
+          const float *vbt = (const float *)(scr + v3_scratch::vbt);
+          const int t0 = (vs.ptok0 + tr[0]) & (kUnitTokens - 1);
+          const int t1 = (vs.ptok0 + tr[1]) & (kUnitTokens - 1);
+          const float vm0 = vmul[t0], vm1 = vmul[t1], vb0 = vbt[t0], vb1 = vbt[t1];
+#pragma unroll
+          for (int nb = 0; nb < NB; nb++) {
+            const uint32_t p0 = pack2<T>(pv[nb][0] * vm0, pv[nb][1] * vm0);
+            const uint32_t p1 = pack2<T>(pv[nb][2] * vm1, pv[nb][3] * vm1);
+            const float2 f0 = __half22float2(as_h2<__half2>(p0));
+            const float2 f1 = __half22float2(as_h2<__half2>(p1));
+            vcorr[nb][0] += f0.x * vb0 + f1.x * vb1;
+            vcorr[nb][1] += f0.y * vb0 + f1.y * vb1;
+            pb[nb][0] = movmatrix_trans(p0);
+            pb[nb][1] = movmatrix_trans(p1);
+          }
+        } else {
+#pragma unroll
+          for (int nb = 0; nb < NB; nb++) {
+            pb[nb][0] = movmatrix_trans(pack2<T>(pv[nb][0], pv[nb][1]));
+            pb[nb][1] = movmatrix_trans(pack2<T>(pv[nb][2], pv[nb][3]));
+          }
         }
         const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
                            prow(tb + 2 * c + 9)};
@@ -936,13 +1004,20 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
       for (int x = 0; x < 2; x++) {
 #pragma unroll
-        for (int o2 = 4; o2 <= 16; o2 <<= 1)
-          l[nb][x] += __shfl_xor_sync(0xffffffffu, l[nb][x], o2);
+        for (int o2 = 4; o2 <= 16; o2 <<= 1) l[nb][x] += __shfl_xor_sync(0xffffffffu, l[nb][x], o2);
         if (g == 0) {
           mbuf[warp * 16 + 8 * nb + 2 * c + x] = m[nb][x];
           lbuf[warp * 16 + 8 * nb + 2 * c + x] = l[nb][x];
         }
       }
+    /* vcorr of the lane's entries 2c + x, summed over the tokens of every g. */
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int x = 0; x < 2; x++)
+#pragma unroll
+        for (int o2 = 4; o2 <= 16; o2 <<= 1)
+          vcorr[nb][x] += __shfl_xor_sync(0xffffffffu, vcorr[nb][x], o2);
     const float f = pow2i(e_o);
     float *ow = obuf + warp * 16 * HD;
 #pragma unroll
@@ -952,7 +1027,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
         for (int e = 0; e < 4; e++)
           ow[(8 * nb + 2 * c + (e & 1)) * HD + v_channel<HD>(mt, g + 8 * (e >> 1))] =
-              o[mt][nb][e] * f;
+              (o[mt][nb][e] + vcorr[nb][e & 1]) * f;
   }
   __syncthreads();
   /* The merge runs on the consumer warps only (as in v2: racecheck does not follow the producer

@@ -737,7 +737,8 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
        * tile's loaded halves as well and rebuilds fragments from them at their uses (two PRMTs
        * per k-block in every slab of the bit-pack builders). */
       constexpr int NQ = (int)sizeof(qfrag_t<HD, NB>) / 16; /* uint4s: two k-blocks each */
-      const uint32_t rt = smem_u32(smem + SL::qtile_off + NE * HD * 2) + (warp * 32 + lane) * NQ * 16;
+      const uint32_t rt =
+          smem_u32(smem + SL::qtile_off + NE * HD * 2) + (warp * 32 + lane) * NQ * 16;
 #pragma unroll
       for (int i = 0; i < NQ; i++) {
         const int nb = i / (HD / 32), kb = 2 * (i % (HD / 32));

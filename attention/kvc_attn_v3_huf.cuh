@@ -1,7 +1,8 @@
 /*
  * Huffman pages in the v3 decode kernel (CUDA C++; included by attention/kvc_attn_v3.cuh before
  * the kernel, which it extends with one operand source, SRC_HUF / SRC_HUFG, and one layout, for the
- * instance attn_kernel_v3<HD, T, NB, true> that launches whose codec_mask allows Huffman pages run).
+ * instance attn_kernel_v3<HD, T, NB, true> that launches whose codec_mask allows Huffman pages
+ * run).
  *
  * A Huffman section (compress/kvc_page_format.h) codes the page's n_tokens x HD symbols in n_lanes
  * strided streams: stream i holds symbols i, i + n_lanes, ... (symbol s = token s / HD, channel
@@ -93,8 +94,8 @@ template <int HD> struct v3h_area {
   static constexpr int kst = 2 * HD + 16, vst = 4 * HD + 16;
   static constexpr int tile = 0;
   static constexpr int tile_bytes = 16 * kst > 8 * vst ? 16 * kst : 8 * vst;
-  static constexpr int tab = tile + tile_bytes;                 /* [2 tensors][2^kHufTableBits] u16 */
-  static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][kHufLanes] u32 bit positions */
+  static constexpr int tab = tile + tile_bytes;                  /* [2][2^kHufTableBits] u16 */
+  static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][kHufLanes] u32 positions */
   /* [2][64] u32: code | len << 16 (SRC_HUFG); SRC_HUF reads no codes and keeps its stream
    * starts here instead, as [kHufLanes] u16 offsets from stream_pos, for its end check */
   static constexpr int sym = pos + 2 * kHufLanes * 4;
@@ -179,7 +180,9 @@ template <int HD> __device__ __forceinline__ int v3h_vbyte(int t, int d) {
 /* Slot of channel c's fp16 step (and addend) in SRC_HUF's K arrays: by channel pair (c, c + 8),
  * pair q = (c / 16) * 8 + c % 8 as in v3h_kidx, so that the decoder loads a pair's two with one
  * word (slot 2 q + (c / 8) % 2). */
-__device__ __forceinline__ int v3h_kslot(int c) { return (c / 16) * 16 + (c % 8) * 2 + (c / 8) % 2; }
+__device__ __forceinline__ int v3h_kslot(int c) {
+  return (c / 16) * 16 + (c % 8) * 2 + (c / 8) % 2;
+}
 
 /* fp16 holds a step exactly and base * step closely only in its normal range (as in v3 bit-pack):
  * steps 2^-14 .. 2^15, i.e. step codes -112 .. 120, and |base * step| <= 60000 (checked apart). */
@@ -285,7 +288,7 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   static_assert(NG * 32 >= kUnitTokens, "a lane holds at most NG groups");
   int e_hi = qh.e_min;  /* the lane's largest step code (every one is >= e_min) */
   float bs_max = 0.f;   /* and largest |base * step| */
-  /* slot of group x = lane + 32 i in st16 / bs16: v3h_kslot(lane + 32 i) = v3h_kslot(lane) + 32 i */
+  /* slot of group x = lane + 32 i in st16 / bs16: v3h_kslot(lane + 32 i) = v3h_kslot(lane) + 32i */
   const int xs0 = tensor == 0 ? v3h_kslot(lane) : lane;
 #pragma unroll
   for (int i = 0; i < NG; i++) {
@@ -373,7 +376,8 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   static_assert(kHufLanes * 2 <= KVC_SYM_COUNT * 4, "SRC_HUF's start offsets fit the code area");
   if (fast) {
     auto off = [&](int q) { return start[q] - stream_pos; }; /* <= h.end - stream_pos */
-    *(uint2 *)((uint16_t *)sym + 4 * lane) = make_uint2(off(0) | off(1) << 16, off(2) | off(3) << 16);
+    *(uint2 *)((uint16_t *)sym + 4 * lane) =
+        make_uint2(off(0) | off(1) << 16, off(2) | off(3) << 16);
   } else {
     sym[lane] = ca | (la << 16);
     sym[lane + 32] = cb | (lb << 16);
@@ -464,7 +468,8 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   const uint32_t *w = sec.w;
   int ch[NS];
 #pragma unroll
-  for (int i = 0; i < NS; i++) ch[i] = TENSOR == 0 ? c0 + 8 * (i & 1) + 64 * (i >> 1) : lane + 32 * i;
+  for (int i = 0; i < NS; i++)
+    ch[i] = TENSOR == 0 ? c0 + 8 * (i & 1) + 64 * (i >> 1) : lane + 32 * i;
   uint32_t p[NS]; /* bit positions */
 #pragma unroll
   for (int i = 0; i < NS; i++) p[i] = pos[ch[i]];

@@ -683,10 +683,10 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
     }
     v3h_generic<HD, T>(src.sec, h, tab, (const uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT,
                        pos, scr, tensor, area + A::tile, a, nr);
-    /* only the generic decoder reads it (SRC_HUF decodes whole slabs in order) */
-    if (lane == 0) ((v3h_state *)(area + A::state))[tensor].tok_done = done;
   }
-  __syncwarp();
+  __syncwarp(); /* also: every lane has read h before lane 0 moves tok_done */
+  /* only the generic decoder reads it (SRC_HUF decodes whole slabs in order) */
+  if (src.kind != SRC_HUF && lane == 0) ((v3h_state *)(area + A::state))[tensor].tok_done = done;
   if (done < h.n_tokens) return true;
   /* Every stream decoded to its end: each must stop where the next one starts (nx: the starts
    * of the lane's streams' successors; SRC_HUF's kept by v3h_setup, SRC_HUFG's recomputed). */

@@ -22,7 +22,8 @@
  *   - S^T = K Q^T: A = K (M = 16 tokens, K = channels), B = Q^T (N = 8 entries per n-block).
  *     Lane (g, c) (g = lane / 4, c = lane % 4) supplies tokens g and g + 8 at channels
  *     [c HD/4, (c + 1) HD/4); its k-slots pair channel i with i + 8 inside each run of 16
- *     (k_channel), and Q's B fragments (registers, loaded once per CTA) use the same order.
+ *     (k_channel), and Q's B fragments (built once per CTA; registers, or shared memory in the
+ *     Huffman instance) use the same order.
  *     Accumulators: s[nb][0..3] = (token g, entry 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1).
  *   - O^T += V^T P^T: A = V^T (M = 16 channels per m-tile, K = the 16 tokens), B = P^T, made from
  *     the S^T accumulators by movmatrix.trans (no shuffles). Lane (g, c) supplies tokens 2c, 2c+1,
@@ -118,7 +119,9 @@ template <int HD> struct v3_layout : v3_after_ring<96 * 1024> {
   /* Bytes after each compressed section that no copy writes: load_run reads up to one word past
    * a section's last code word (masked off), so it needs no clamp per load. */
   static constexpr int slack = 16;
-  static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
+  /* The Q tile, read before the producer starts; the consumers' Q fragments make their round
+   * trip through the ring's bytes after it (the kernel's prologue). */
+  static constexpr int qtile_off = 0;
   static constexpr int bar_off = end;
   static constexpr int bytes = bar_off + 2 * slots * 8;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");

@@ -221,10 +221,11 @@ struct v3_src {
 __device__ __forceinline__ float pow2i(int e) { return __int_as_float((127 + e) << 23); }
 
 /* Bits [pos, pos + n) of a section's stream, n <= 31, without clamps: the caller keeps pos + n
- * inside the section, so the second word read is at most the layout's slack. */
+ * inside the section, so the second word read is at most the layout's slack. (No pos & 31: the
+ * funnel shift takes its amount modulo 32.) */
 __device__ __forceinline__ uint32_t v3_field(const uint32_t *w, uint32_t pos, uint32_t n) {
   const uint32_t k = pos >> 5;
-  return kvc_dev_top(__funnelshift_l(w[k + 1], w[k], pos & 31), n);
+  return kvc_dev_top(__funnelshift_l(w[k + 1], w[k], pos), n);
 }
 
 /* step(e) of kvc_step_from_code, bit-identical, with the mantissa table M[e & 7] - 32 taken by

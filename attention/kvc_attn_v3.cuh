@@ -236,6 +236,16 @@ __device__ __forceinline__ float v3_step(int e) {
   return __int_as_float((int)(((uint32_t)((e >> 3) + 127) << 23) | (m << 18)));
 }
 
+/* v3_step(e), bit-identical, from E = e + 823 (e in [KVC_STEP_CODE_MIN, KVC_STEP_CODE_MAX]; E may
+ * be negative): E << 20 carries (e >> 3) + 127 - 24 into bit 23 and e & 7 into bits 20-22, and
+ * c << 18 adds the rest, c = M[e & 7] - 32 - 4 (e & 7) + 4 (1..4) taken by one PRMT (table
+ * indexed by E & 7 = (e + 1015) & 7) whose bytes 1-3 repeat the table's byte 0 (3): 3 * 2^26 =
+ * 24 << 23 more, the 24 that E's bias leaves out. Four instructions, no 127 to add. */
+__device__ __forceinline__ float v3_step_x(int E) {
+  const uint32_t c = __byte_perm(0x01010203u, 0x04030201u, (uint32_t)E & 7u);
+  return __uint_as_float(((uint32_t)E << 20) + (c << 18));
+}
+
 /*
  * Reads the header of a quantized section (sec, sec_bytes in the ring) of tensor TS (0 K, 1 V) of
  * a page of n_tokens, and fills the warp's scratch with what the builders need for page tokens
@@ -256,75 +266,98 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
                                                 int n_tokens, int t_lo, int t_hi, int e_keep,
                                                 uint8_t *scr, v3_sec &s) {
   const int lane = threadIdx.x & 31;
-  if (!(sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 && n_tokens >= 1 &&
-        n_tokens <= kMaxBlockTokens && 0 <= t_lo && t_lo < t_hi && t_hi <= n_tokens))
+  /* t_lo < t_hi <= n_tokens as unsigned: also 0 <= t_lo. */
+  if (!(sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 &&
+        (uint32_t)(n_tokens - 1) < (uint32_t)kMaxBlockTokens && (uint32_t)t_lo < (uint32_t)t_hi &&
+        (uint32_t)t_hi <= (uint32_t)n_tokens))
     return SRC_BAD;
-  kvc_qsec_header_t qh;
-  {
-    union {
-      uint4 v;
-      uint8_t b[KVC_QSEC_HEADER_BYTES];
-    } hb;
-    hb.v = *(const uint4 *)sec; /* one load instead of 16 byte loads (sections are 16-aligned) */
-    kvc_qsec_header_read(hb.b, &qh);
-  }
-  if (!(qh.mode <= KVC_QMODE_ABS && qh.w_e <= 16 && qh.w_b <= 31 &&
-        qh.e_min >= KVC_STEP_CODE_MIN && qh.e_min <= KVC_STEP_CODE_MAX &&
-        (qh.mode == KVC_QMODE_REL || qh.w_e == 0) && qh.width <= KVC_Q_MAX_BITS && qh.n_lanes == 0))
+  /* The header (kvc_qsec_header_t) in one load (sections are 16-aligned), checked on its words:
+   * h.x = mode | w_e << 8 | w_b << 16 | width << 24, h.y = (uint16_t)e_min | n_lanes << 16. */
+  const uint4 h = *(const uint4 *)sec;
+  const uint32_t w_e = __byte_perm(h.x, 0u, 0x4441), w_b = __byte_perm(h.x, 0u, 0x4442),
+                 width = h.x >> 24;
+  const bool rel = (h.x & 0xffu) == KVC_QMODE_REL;
+  /* mode <= 1 and w_b <= 31: bits 1-7 and 21-23 clear; width <= KVC_Q_MAX_BITS; w_e <= 16 (REL)
+   * or 0 (ABS); e_min in [KVC_STEP_CODE_MIN, KVC_STEP_CODE_MAX] and n_lanes == 0 at once: with
+   * e_min's sign bit flipped, h.y is e_min + 32768 + n_lanes * 65536. */
+  if (!((h.x & 0x00e000feu) == 0 && h.x < ((KVC_Q_MAX_BITS + 1u) << 24) &&
+        w_e <= (rel ? 16u : 0u) &&
+        (h.y ^ 0x8000u) - (uint32_t)(32768 + KVC_STEP_CODE_MIN) <=
+            (uint32_t)(KVC_STEP_CODE_MAX - KVC_STEP_CODE_MIN)))
     return SRC_BAD;
+  const int e_min = (int)(int16_t)(h.y & 0xffffu);
+  const int32_t b_min = (int32_t)h.z;
   s.w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
   const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
   s.last = nwords - 1;
-  const bool rel = qh.mode == KVC_QMODE_REL;
-  const int G = rel ? (TS == 0 ? HD : n_tokens) : HD;
-  const uint32_t pos_b = rel ? (uint32_t)G * qh.w_e : 0u;
-  const uint64_t meta = (uint64_t)pos_b + (uint64_t)G * qh.w_b;
-  /* Every code lies inside the section: load_run's runs and v3_field's fields end inside it. */
-  if (meta + (uint64_t)n_tokens * HD * qh.width > (uint64_t)nwords * 32) return SRC_BAD;
-  s.meta = (uint32_t)meta;
-  s.width = qh.width;
+  const uint32_t G = rel ? (TS == 0 ? (uint32_t)HD : (uint32_t)n_tokens) : (uint32_t)HD;
+  const uint32_t pos_b = G * w_e; /* 0 in absolute mode (w_e = 0) */
+  const uint32_t meta = pos_b + G * w_b;
+  /* Every code lies inside the section (load_run's runs and v3_field's fields end inside it):
+   * meta + n_tokens HD width (< 2^20) <= 32 nwords, i.e. its count of words rounded up <= nwords. */
+  if ((meta + (uint32_t)n_tokens * (HD * width) + 31u) >> 5 > nwords) return SRC_BAD;
+  s.meta = meta;
+  s.width = (int)width;
   s.mode = rel ? TS : 2;
   s.e = 0;
-  s.step = v3_step(qh.e_min);
-  const bool per_token = rel && TS == 1;
-  /* This lane's groups: NGC channels (HD / 32) or NGT tokens (a unit reads at most 64 rows of a
-   * page, aligned to 64 page tokens). */
-  constexpr int NGC = HD / 32, NGT = kUnitTokens / 32, NG = NGC > NGT ? NGC : NGT;
-  int gi[NG], gb[NG], ge[NG];
-  int emax = qh.e_min; /* largest step code (every group's is >= e_min) */
-  /* SRC_FAST's condition on a base b: (b - 2^W) / 2^W exact in fp16, i.e. |b - 2^W| <= 2048: one
-   * unsigned compare. */
-  const int32_t wpow = 1 << min((int)qh.width, 8);
+  if (!rel) {
+    /* Absolute mode: per-channel centres and the one step e_min, always SRC_GEN. */
+    s.step = v3_step(e_min);
+    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
+    constexpr int NGC = HD / 32;
+#pragma unroll
+    for (int i = 0; i < NGC; i++) {
+      const int pr = lane + 32 * (i / 2);
+      const int g = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
+      wb[g] = (int32_t)((uint32_t)b_min + v3_field(s.w, (uint32_t)g * w_b, w_b));
+    }
+    return SRC_GEN;
+  }
+  s.step = 1.f; /* unused in relative mode */
+  /* This lane's groups: NG channels (HD / 32, k_channel pair order: pairs lane + 32 (i / 2), half
+   * i % 2) or tokens t_lo + lane + 32 i (a unit reads at most 64 rows of a page, aligned to 64
+   * page tokens); a token past t_hi reads token t_hi - 1's fields (inside the section, and its
+   * step code and base leave the reduction and the vote as they are) and writes no table entry
+   * (SRC_GEN) or zeros (SRC_FAST). */
+  constexpr int NG = TS == 0 ? HD / 32 : kUnitTokens / 32;
+  /* Per group: u = b - 2^W + 2048 (mod 2^32; SRC_FAST's condition on a base b is |b - 2^W| <=
+   * 2048, i.e. u <= 4096, so that (b - 2^W) / 2^W is exact in fp16) and E = e + 823, the step
+   * code as v3_step_x takes it. wpow: any power of two for widths past 8 (never SRC_FAST). */
+  const uint32_t wpow = 1u << width, cb = (uint32_t)b_min - wpow + 2048u;
+  const int ce = e_min + 823;
+  uint32_t u[NG];
+  int E[NG];
+  bool in[NG];
+  int emax = ce;
   bool inb = true;
 #pragma unroll
   for (int i = 0; i < NG; i++) {
-    const int pr = lane + 32 * (i / 2); /* channels: pair pr, half i % 2 */
-    const int tk = t_lo + lane + 32 * i;
-    gi[i] = per_token ? (i < NGT && tk < t_hi ? tk : -1)
-            : i < NGC ? k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2)
-                      : -1;
-    gb[i] = 0;
-    ge[i] = qh.e_min;
-    if (gi[i] < 0) continue;
-    const uint32_t g = (uint32_t)gi[i];
-    gb[i] = (int32_t)((uint32_t)qh.b_min + v3_field(s.w, pos_b + g * qh.w_b, qh.w_b));
-    if (rel) ge[i] = qh.e_min + (int)v3_field(s.w, g * qh.w_e, qh.w_e);
-    emax = max(emax, ge[i]);
-    inb &= (uint32_t)(gb[i] - wpow + 2048) <= 4096u;
+    uint32_t g;
+    if constexpr (TS == 0) {
+      const int pr = lane + 32 * (i / 2);
+      g = (uint32_t)k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
+      in[i] = true;
+    } else {
+      const int tk = t_lo + lane + 32 * i;
+      in[i] = tk < t_hi;
+      g = (uint32_t)min(tk, t_hi - 1);
+    }
+    u[i] = v3_field(s.w, pos_b + g * w_b, w_b) + cb;
+    E[i] = (int)v3_field(s.w, g * w_e, w_e) + ce;
+    emax = max(emax, E[i]);
+    inb &= u[i] <= 4096u;
   }
-  if (rel) {
-    emax = __reduce_max_sync(0xffffffffu, emax);
-    if (emax > KVC_STEP_CODE_MAX) return SRC_BAD;
-  }
+  emax = __reduce_max_sync(0xffffffffu, emax);
+  if (emax > KVC_STEP_CODE_MAX + 823) return SRC_BAD;
   /* fp16 only (bf16's 8-bit significand cannot hold the bases exactly); width 0 is a constant
    * section, cheap on the generic path. */
-  bool fast = rel && qh.width >= 1 && qh.width <= 8 && kFast16<T>;
+  bool fast = width - 1u < 8u && kFast16<T>;
   int e = 0;
   if (fast) {
     /* The folded steps step * 2^-e in (0, 1] (step(emax) in [2^(emax >> 3), 2^((emax >> 3) + 1)):
      * the largest lands in [1/2, 1) at e_need), with e small enough that O^T's rescaling factors
-     * stay normal floats. */
-    const int e_need = (emax >> 3) + 1;
+     * stay normal floats. (emax >> 3) + 1 of the unbiased code: 823 + 1 = 103 * 8. */
+    const int e_need = ((emax + 1) >> 3) - 102;
     e = TS == 1 && e_keep >= e_need && e_keep <= e_need + 3 ? e_keep : e_need;
     fast = __all_sync(0xffffffffu, inb) && e >= -60 && e <= 60;
   }
@@ -333,33 +366,42 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
     float *ws = (float *)(scr + (TS ? v3_scratch::vstep : v3_scratch::kstep));
 #pragma unroll
     for (int i = 0; i < NG; i++)
-      if (gi[i] >= 0) {
-        const int x = per_token ? gi[i] & (kUnitTokens - 1) : gi[i];
-        wb[x] = gb[i];
-        if (rel) ws[x] = v3_step(ge[i]);
+      if (in[i]) {
+        int x;
+        if constexpr (TS == 0) {
+          const int pr = lane + 32 * (i / 2);
+          x = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
+        } else {
+          x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
+        }
+        wb[x] = (int32_t)(u[i] + wpow - 2048u);
+        ws[x] = v3_step_x(E[i]);
       }
     return SRC_GEN;
   }
-  const float inv = pow2i(-e), winv = pow2i(-(int)qh.width);
+  /* (b - 2^W) / 2^W = u / 2^W - 2048 / 2^W in one FFMA, exact (u <= 4096; +0 for b = 2^W). */
+  const float inv = pow2i(-e), winv = pow2i(-(int)width), wofs = -2048.f * winv;
   if constexpr (TS == 0) {
 #pragma unroll
-    for (int i = 0; i < NGC; i += 2) {
+    for (int i = 0; i < NG; i += 2) {
       /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. uint4
        * j * (HD / 16) + pi / 2, its pi % 2-th step and base pairs. */
       const int pr = lane + 32 * (i / 2);
       uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + 4 * (pr / 2) + pr % 2;
-      kq[0] = pack2<__half>(v3_step(ge[i]) * inv, v3_step(ge[i + 1]) * inv);
-      kq[2] = pack2<__half>((float)(gb[i] - wpow) * winv, (float)(gb[i + 1] - wpow) * winv);
+      kq[0] = pack2<__half>(v3_step_x(E[i]) * inv, v3_step_x(E[i + 1]) * inv);
+      kq[2] = pack2<__half>(fmaf(__uint2float_rn(u[i]), winv, wofs),
+                            fmaf(__uint2float_rn(u[i + 1]), winv, wofs));
     }
-    s.e = e + (int)qh.width; /* S^T's unit: the operands are (u + b) / 2^W times Q * step * 2^-e */
+    s.e = e + (int)width; /* S^T's unit: the operands are (u + b) / 2^W times Q * step * 2^-e */
   } else {
     /* Every one of the 64 entries (tokens past t_hi: 0). */
+    const float fw = pow2i((int)width);
 #pragma unroll
-    for (int i = 0; i < NGT; i++) {
+    for (int i = 0; i < NG; i++) {
       const int x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
-      const bool in = gi[i] >= 0;
-      ((float *)(scr + v3_scratch::vmul))[x] = in ? v3_step(ge[i]) * inv * (float)wpow : 0.f;
-      ((float *)(scr + v3_scratch::vbt))[x] = in ? (float)(gb[i] - wpow) * winv : 0.f;
+      ((float *)(scr + v3_scratch::vmul))[x] = in[i] ? v3_step_x(E[i]) * inv * fw : 0.f;
+      ((float *)(scr + v3_scratch::vbt))[x] =
+          in[i] ? fmaf(__uint2float_rn(u[i]), winv, wofs) : 0.f;
     }
     s.e = e;
   }

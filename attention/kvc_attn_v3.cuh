@@ -287,33 +287,38 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
     return SRC_BAD;
   const int e_min = (int)(int16_t)(h.y & 0xffffu);
   const int32_t b_min = (int32_t)h.z;
-  s.w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
+  const uint32_t *const w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
   const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
-  s.last = nwords - 1;
   const uint32_t G = rel ? (TS == 0 ? (uint32_t)HD : (uint32_t)n_tokens) : (uint32_t)HD;
   const uint32_t pos_b = G * w_e; /* 0 in absolute mode (w_e = 0) */
   const uint32_t meta = pos_b + G * w_b;
   /* Every code lies inside the section (load_run's runs and v3_field's fields end inside it):
    * meta + n_tokens HD width (< 2^20) <= 32 nwords, i.e. its count of words rounded up <= nwords. */
   if ((meta + (uint32_t)n_tokens * (HD * width) + 31u) >> 5 > nwords) return SRC_BAD;
-  s.meta = meta;
-  s.width = (int)width;
-  s.mode = rel ? TS : 2;
-  s.e = 0;
+  /* s is written on the way out of SRC_GEN and SRC_FAST only (SRC_BAD's is never read), so that
+   * the early returns carry no register copies. */
+  const auto set_sec = [&](int mode, int e, float step) {
+    s.w = w;
+    s.last = nwords - 1;
+    s.meta = meta;
+    s.width = (int)width;
+    s.mode = mode;
+    s.e = e;
+    s.step = step;
+  };
   if (!rel) {
     /* Absolute mode: per-channel centres and the one step e_min, always SRC_GEN. */
-    s.step = v3_step(e_min);
     int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
     constexpr int NGC = HD / 32;
 #pragma unroll
     for (int i = 0; i < NGC; i++) {
       const int pr = lane + 32 * (i / 2);
       const int g = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
-      wb[g] = (int32_t)((uint32_t)b_min + v3_field(s.w, (uint32_t)g * w_b, w_b));
+      wb[g] = (int32_t)((uint32_t)b_min + v3_field(w, (uint32_t)g * w_b, w_b));
     }
+    set_sec(2, 0, v3_step(e_min));
     return SRC_GEN;
   }
-  s.step = 1.f; /* unused in relative mode */
   /* This lane's groups: NG channels (HD / 32, k_channel pair order: pairs lane + 32 (i / 2), half
    * i % 2) or tokens t_lo + lane + 32 i (a unit reads at most 64 rows of a page, aligned to 64
    * page tokens); a token past t_hi reads token t_hi - 1's fields (inside the section, and its
@@ -328,22 +333,46 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   uint32_t u[NG];
   int E[NG];
   bool in[NG];
+  uint32_t pb[NG], pe[NG], sb[NG], se[NG]; /* fields' first words and bit offsets (mod 32) */
   int emax = ce;
   bool inb = true;
 #pragma unroll
   for (int i = 0; i < NG; i++) {
-    uint32_t g;
-    if constexpr (TS == 0) {
-      const int pr = lane + 32 * (i / 2);
-      g = (uint32_t)k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
-      in[i] = true;
+    if (TS == 0 ? i >= 2 : i >= 1) {
+      /* Channel g + 64 (keys, i >= 2) or token g + 32 (values): its fields start 2 w or w words
+       * after group i - 2's or i - 1's, at the same bit offset modulo 32 (a value token past t_hi
+       * re-reads its partner's fields). */
+      const int ip = TS == 0 ? i - 2 : i - 1;
+      uint32_t dw_b = TS == 0 ? 2 * w_b : w_b, dw_e = TS == 0 ? 2 * w_e : w_e;
+      if constexpr (TS == 1) {
+        in[i] = t_lo + lane + 32 * i < t_hi;
+        dw_b = in[i] ? dw_b : 0u;
+        dw_e = in[i] ? dw_e : 0u;
+      } else {
+        in[i] = true;
+      }
+      pb[i] = pb[ip] + dw_b;
+      pe[i] = pe[ip] + dw_e;
+      sb[i] = sb[ip];
+      se[i] = se[ip];
     } else {
-      const int tk = t_lo + lane + 32 * i;
-      in[i] = tk < t_hi;
-      g = (uint32_t)min(tk, t_hi - 1);
+      uint32_t g;
+      if constexpr (TS == 0) {
+        const int pr = lane + 32 * (i / 2);
+        g = (uint32_t)k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
+        in[i] = true;
+      } else {
+        const int tk = t_lo + lane + 32 * i;
+        in[i] = tk < t_hi;
+        g = (uint32_t)min(tk, t_hi - 1);
+      }
+      sb[i] = pos_b + g * w_b;
+      se[i] = g * w_e;
+      pb[i] = sb[i] >> 5;
+      pe[i] = se[i] >> 5;
     }
-    u[i] = v3_field(s.w, pos_b + g * w_b, w_b) + cb;
-    E[i] = (int)v3_field(s.w, g * w_e, w_e) + ce;
+    u[i] = kvc_dev_top(__funnelshift_l(w[pb[i] + 1], w[pb[i]], sb[i]), w_b) + cb;
+    E[i] = (int)kvc_dev_top(__funnelshift_l(w[pe[i] + 1], w[pe[i]], se[i]), w_e) + ce;
     emax = max(emax, E[i]);
     inb &= u[i] <= 4096u;
   }
@@ -377,6 +406,7 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
         wb[x] = (int32_t)(u[i] + wpow - 2048u);
         ws[x] = v3_step_x(E[i]);
       }
+    set_sec(TS, 0, 1.f);
     return SRC_GEN;
   }
   /* (b - 2^W) / 2^W = u / 2^W - 2048 / 2^W in one FFMA, exact (u <= 4096; +0 for b = 2^W). */
@@ -392,7 +422,7 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
       kq[2] = pack2<__half>(fmaf(__uint2float_rn(u[i]), winv, wofs),
                             fmaf(__uint2float_rn(u[i + 1]), winv, wofs));
     }
-    s.e = e + (int)width; /* S^T's unit: the operands are (u + b) / 2^W times Q * step * 2^-e */
+    set_sec(TS, e + (int)width, 1.f); /* S^T's unit: (u + b) / 2^W times Q * step * 2^-e */
   } else {
     /* Every one of the 64 entries (tokens past t_hi: 0). */
     const float fw = pow2i((int)width);
@@ -403,7 +433,7 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
       ((float *)(scr + v3_scratch::vbt))[x] =
           in[i] ? fmaf(__uint2float_rn(u[i]), winv, wofs) : 0.f;
     }
-    s.e = e;
+    set_sec(TS, e, 1.f);
   }
   return SRC_FAST;
 }

@@ -297,14 +297,13 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   if ((meta + (uint32_t)n_tokens * (HD * width) + 31u) >> 5 > nwords) return SRC_BAD;
   /* s is written on the way out of SRC_GEN and SRC_FAST only (SRC_BAD's is never read), so that
    * the early returns carry no register copies. */
-  const auto set_sec = [&](int mode, int e, float step) {
+  const auto set_sec = [&](int mode, int e) { /* s.step: absolute mode's alone, set there */
     s.w = w;
     s.last = nwords - 1;
     s.meta = meta;
     s.width = (int)width;
     s.mode = mode;
     s.e = e;
-    s.step = step;
   };
   if (!rel) {
     /* Absolute mode: per-channel centres and the one step e_min, always SRC_GEN. */
@@ -316,7 +315,8 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
       const int g = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
       wb[g] = (int32_t)((uint32_t)b_min + v3_field(w, (uint32_t)g * w_b, w_b));
     }
-    set_sec(2, 0, v3_step(e_min));
+    set_sec(2, 0);
+    s.step = v3_step(e_min);
     return SRC_GEN;
   }
   /* This lane's groups: NG channels (HD / 32, k_channel pair order: pairs lane + 32 (i / 2), half
@@ -358,8 +358,9 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
     } else {
       uint32_t g;
       if constexpr (TS == 0) {
-        const int pr = lane + 32 * (i / 2);
-        g = (uint32_t)k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
+        /* k_channel(lane / (HD / 8), lane % (HD / 8), i) = lane % 8 + 16 (lane / 8) + 8 i, i.e.
+         * lane + (lane & 24) + 8 i (head_dim 64 and 128). */
+        g = (uint32_t)(lane + (lane & 24) + 8 * i);
         in[i] = true;
       } else {
         const int tk = t_lo + lane + 32 * i;
@@ -406,7 +407,7 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
         wb[x] = (int32_t)(u[i] + wpow - 2048u);
         ws[x] = v3_step_x(E[i]);
       }
-    set_sec(TS, 0, 1.f);
+    set_sec(TS, 0);
     return SRC_GEN;
   }
   /* (b - 2^W) / 2^W = u / 2^W - 2048 / 2^W in one FFMA, exact (u <= 4096; +0 for b = 2^W). */
@@ -417,23 +418,24 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
       /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. uint4
        * j * (HD / 16) + pi / 2, its pi % 2-th step and base pairs. */
       const int pr = lane + 32 * (i / 2);
-      uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + 4 * (pr / 2) + pr % 2;
+      uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + (pr + (pr & ~1)); /* 4 (pr / 2) + pr % 2 */
       kq[0] = pack2<__half>(v3_step_x(E[i]) * inv, v3_step_x(E[i + 1]) * inv);
       kq[2] = pack2<__half>(fmaf(__uint2float_rn(u[i]), winv, wofs),
                             fmaf(__uint2float_rn(u[i + 1]), winv, wofs));
     }
-    set_sec(TS, e + (int)width, 1.f); /* S^T's unit: (u + b) / 2^W times Q * step * 2^-e */
+    set_sec(TS, e + (int)width); /* S^T's unit: (u + b) / 2^W times Q * step * 2^-e */
   } else {
     /* Every one of the 64 entries (tokens past t_hi: 0). */
     const float fw = pow2i((int)width);
 #pragma unroll
     for (int i = 0; i < NG; i++) {
+      /* A token past t_hi: +0 from the operands (2048 / 2^W - 2048 / 2^W, step * 2^-e * +0). */
       const int x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
-      ((float *)(scr + v3_scratch::vmul))[x] = in[i] ? v3_step_x(E[i]) * inv * fw : 0.f;
+      ((float *)(scr + v3_scratch::vmul))[x] = v3_step_x(E[i]) * inv * (in[i] ? fw : 0.f);
       ((float *)(scr + v3_scratch::vbt))[x] =
-          in[i] ? fmaf(__uint2float_rn(u[i]), winv, wofs) : 0.f;
+          fmaf(__uint2float_rn(in[i] ? u[i] : 2048u), winv, wofs);
     }
-    set_sec(TS, e, 1.f);
+    set_sec(TS, e);
   }
   return SRC_FAST;
 }

@@ -388,7 +388,7 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
      * the largest lands in [1/2, 1) at e_need), with e small enough that O^T's rescaling factors
      * stay normal floats. (emax >> 3) + 1 of the unbiased code: 823 + 1 = 103 * 8. */
     const int e_need = ((emax + 1) >> 3) - 102;
-    e = TS == 1 && e_keep >= e_need && e_keep <= e_need + 3 ? e_keep : e_need;
+    e = TS == 1 && (uint32_t)(e_keep - e_need) <= 3u ? e_keep : e_need; /* e_need..e_need + 3 */
     fast = __all_sync(0xffffffffu, inb) && e >= -60 && e <= 60;
   }
   if (!fast) {

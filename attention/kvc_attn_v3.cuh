@@ -293,7 +293,8 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   const uint32_t pos_b = G * w_e; /* 0 in absolute mode (w_e = 0) */
   const uint32_t meta = pos_b + G * w_b;
   /* Every code lies inside the section (load_run's runs and v3_field's fields end inside it):
-   * meta + n_tokens HD width (< 2^20) <= 32 nwords, i.e. its count of words rounded up <= nwords. */
+   * meta + n_tokens HD width (< 2^20) <= 32 nwords, i.e. its count of words rounded up
+   * <= nwords. */
   if ((meta + (uint32_t)n_tokens * (HD * width) + 31u) >> 5 > nwords) return SRC_BAD;
   /* s is written on the way out of SRC_GEN and SRC_FAST only (SRC_BAD's is never read), so that
    * the early returns carry no register copies. */
@@ -418,7 +419,8 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
       /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. uint4
        * j * (HD / 16) + pi / 2, its pi % 2-th step and base pairs. */
       const int pr = lane + 32 * (i / 2);
-      uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + (pr + (pr & ~1)); /* 4 (pr / 2) + pr % 2 */
+      /* word 4 (pr / 2) + pr % 2 */
+      uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + (pr + (pr & ~1));
       kq[0] = pack2<__half>(v3_step_x(E[i]) * inv, v3_step_x(E[i + 1]) * inv);
       kq[2] = pack2<__half>(fmaf(__uint2float_rn(u[i]), winv, wofs),
                             fmaf(__uint2float_rn(u[i + 1]), winv, wofs));
@@ -495,6 +497,16 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
   }
 }
 
+/* Q's B fragments of k-block kb times a lane's step pairs (x, y): Q' = Q * step * 2^-e, one
+ * rounding, shared by both tokens. s_fast and s_fast_const must round Q' alike (the base terms
+ * cancel against the codes' 1), so both take it from here. */
+template <int HD, int NB>
+__device__ __forceinline__ void q_scaled(const qfrag_t<HD, NB> &qb, int nb, int kb, uint32_t sx,
+                                         uint32_t sy, uint32_t &q0, uint32_t &q1) {
+  q0 = h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sx)));
+  q1 = h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sy)));
+}
+
 /* Bit-pack fast path: the exact 1 + u / 2^W of each code times Q' = Q * step * 2^-e, added to
  * s_fast_const's sums (the bases and the 1). */
 template <int HD, int W, int NB>
@@ -527,18 +539,16 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
     const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      /* Q' = Q * step * 2^-e: one rounding, shared by the two tokens. */
-      const uint32_t q0 =
-          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sb.x)));
-      const uint32_t q1 =
-          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sb.y)));
+      uint32_t q0, q1;
+      q_scaled<HD, NB>(qb, nb, kb, sb.x, sb.y, q0, q1);
       mma16816<__half>(s[kb % 2][nb], av, q0, q1);
     }
   }
 }
 
 /* What SRC_FAST keys add to every token's S^T, per entry: sum over channels of Q' (b / 2^W - 1),
- * with the Q' that s_fast rounds alike. Once per page, into the scratch (v3_scratch::kc). */
+ * with the Q' that s_fast rounds alike (q_scaled). Once per page, into the scratch
+ * (v3_scratch::kc). */
 template <int HD, int NB>
 __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb) {
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
@@ -553,10 +563,8 @@ __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<
     const uint32_t av[4] = {sb.z, sb.z, sb.w, sb.w}; /* both tokens: the base terms */
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      const uint32_t q0 =
-          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sb.x)));
-      const uint32_t q1 =
-          h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sb.y)));
+      uint32_t q0, q1;
+      q_scaled<HD, NB>(qb, nb, kb, sb.x, sb.y, q0, q1);
       mma16816<__half>(acc[nb], av, q0, q1);
     }
   }

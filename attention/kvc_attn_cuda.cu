@@ -848,36 +848,58 @@ namespace kvc_attn {
 
 /* Log-sum-exp combination of the splits: one warp per (query row, query head). Launched as a
  * programmatic dependent of the attention kernel: its CTAs start as the attention CTAs retire and
- * wait here until that grid has completed and its partial results are visible. */
+ * wait here until that grid has completed and its partial results are visible. The kernel reads a
+ * few hundred KB and is bound by load latency, so lanes hold the splits' weights (split s in lane
+ * s % 32) and each lane has eight splits' partials in flight at once. */
 template <int HD, class T>
 __global__ void __launch_bounds__(256) combine_kernel(const params p) {
+  static_assert(kMaxSplits <= 64, "two splits' weights per lane");
+  constexpr int CH = HD / 32; /* channels per lane: VW * lane + 32 * VW * i + j */
+  constexpr int NV = (CH + 3) / 4, VW = CH < 4 ? CH : 4;
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-  const int hq = p.num_q_heads, lane = threadIdx.x & 31;
+  const int hq = p.num_q_heads, lane = threadIdx.x & 31, ns = p.nsplits;
   const long pe = (long)blockIdx.x * 8 + (threadIdx.x >> 5);
   if (pe >= (long)p.total_q_rows * hq) return;
   const size_t stride = (size_t)p.total_q_rows * hq;
-  float mx = -INFINITY;
-  for (int s = lane; s < p.nsplits; s += 32) mx = fmaxf(mx, p.ws_lse[s * stride + pe]);
+  const float l0 = lane < ns ? p.ws_lse[lane * stride + pe] : -INFINITY;
+  const float l1 = lane + 32 < ns ? p.ws_lse[(lane + 32) * stride + pe] : -INFINITY;
+  float mx = fmaxf(l0, l1);
 #pragma unroll
   for (int o2 = 16; o2 >= 1; o2 >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
-  float wsum = 0.f;
-  for (int s = lane; s < p.nsplits; s += 32) wsum += exp2f(p.ws_lse[s * stride + pe] - mx);
+  const float w0 = exp2f(l0 - mx), w1 = exp2f(l1 - mx);
+  float wsum = w0 + w1;
 #pragma unroll
   for (int o2 = 16; o2 >= 1; o2 >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o2);
-  const float inv = 1.f / wsum;
-  T *out = (T *)p.out + (size_t)pe * HD;
-  for (int d = 2 * lane; d < HD; d += 64) {
-    float a0 = 0.f, a1 = 0.f;
-    for (int s = 0; s < p.nsplits; s++) {
-      const float w = exp2f(p.ws_lse[s * stride + pe] - mx);
-      const float2 v = *(const float2 *)(p.ws_o + (s * stride + pe) * HD + d);
-      a0 += w * v.x;
-      a1 += w * v.y;
+  float acc[NV][VW] = {};
+  const float *src = p.ws_o + pe * HD + VW * lane;
+  for (int s0 = 0; s0 < ns; s0 += 8) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const int s = s0 + j;
+      const float w = __shfl_sync(0xffffffffu, s < 32 ? w0 : w1, s & 31);
+      if (s < ns)
+#pragma unroll
+        for (int i = 0; i < NV; i++) {
+          const float *v = src + s * stride * HD + 32 * VW * i;
+          if constexpr (VW == 4) {
+            const float4 x = *(const float4 *)v;
+            acc[i][0] += w * x.x, acc[i][1] += w * x.y, acc[i][2] += w * x.z, acc[i][3] += w * x.w;
+          } else {
+            const float2 x = *(const float2 *)v;
+            acc[i][0] += w * x.x, acc[i][1] += w * x.y;
+          }
+        }
     }
-    *(uint32_t *)(out + d) = pack2<T>(a0 * inv, a1 * inv);
   }
+  const float inv = 1.f / wsum;
+  T *out = (T *)p.out + (size_t)pe * HD + VW * lane;
+#pragma unroll
+  for (int i = 0; i < NV; i++)
+#pragma unroll
+    for (int j = 0; j < VW; j += 2)
+      *(uint32_t *)(out + 32 * VW * i + j) = pack2<T>(acc[i][j] * inv, acc[i][j + 1] * inv);
 }
 
 /* ---- host ------------------------------------------------------------------------------------ */

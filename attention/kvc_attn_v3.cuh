@@ -246,97 +246,84 @@ __device__ __forceinline__ float v3_step_x(int E) {
   return __uint_as_float(((uint32_t)E << 20) + (c << 18));
 }
 
-/*
- * Reads the header of a quantized section (sec, sec_bytes in the ring) of tensor TS (0 K, 1 V) of
- * a page of n_tokens, and fills the warp's scratch with what the builders need for page tokens
- * [t_lo, t_hi): group bases and steps (SRC_GEN), or SRC_FAST's tables. e_keep (values only): the
- * exponent the warp's O^T accumulates in, kept when it suits the section's steps (no rescale).
- * Warp-cooperative; returns the source kind (SRC_FAST, SRC_GEN or SRC_BAD for a section
- * inconsistent with the format), the same in every lane. The scratch of the tensor is rewritten:
- * the caller's earlier reads of it must be done, and its reads of what this writes wait for a
- * __syncwarp.
- * Each lane computes its groups' bases and step codes in registers (channels in k_channel pair
- * order: pairs lane + 32 i, both channels of a pair in one lane, so SRC_FAST's key pairs need no
- * exchange; or tokens t_lo + lane + 32 i) and writes only the tables of the path chosen. One warp
- * reduction (the largest step code: damaged codes and the folded exponent) and one vote (every
- * base in SRC_FAST's range) decide the path.
- */
-template <int HD, class T, int TS>
-__device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes,
-                                                int n_tokens, int t_lo, int t_hi, int e_keep,
-                                                uint8_t *scr, v3_sec &s) {
-  const int lane = threadIdx.x & 31;
-  /* t_lo < t_hi <= n_tokens as unsigned: also 0 <= t_lo. */
-  if (!(sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 &&
-        (uint32_t)(n_tokens - 1) < (uint32_t)kMaxBlockTokens && (uint32_t)t_lo < (uint32_t)t_hi &&
-        (uint32_t)t_hi <= (uint32_t)n_tokens))
-    return SRC_BAD;
-  /* The header (kvc_qsec_header_t) in one load (sections are 16-aligned), checked on its words:
-   * h.x = mode | w_e << 8 | w_b << 16 | width << 24, h.y = (uint16_t)e_min | n_lanes << 16. */
+/* A quantized section's header (kvc_qsec_header_t), as v3_header reads it. */
+struct v3_hdr {
+  const uint32_t *w; /* the code words, after the header */
+  uint32_t nwords, w_e, w_b, width, b_min, pos_b, meta; /* pos_b, meta: bit offsets in w */
+  int e_min;
+  bool rel;
+};
+
+/* What a section must satisfy before its header is read: a header and a word, whole words, and
+ * t_lo < t_hi <= n_tokens <= kMaxBlockTokens (as unsigned: also 0 <= t_lo and 1 <= n_tokens). */
+__device__ __forceinline__ bool v3_shape_ok(uint32_t sec_bytes, int n_tokens, int t_lo, int t_hi) {
+  return sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 &&
+         (uint32_t)(n_tokens - 1) < (uint32_t)kMaxBlockTokens && (uint32_t)t_lo < (uint32_t)t_hi &&
+         (uint32_t)t_hi <= (uint32_t)n_tokens;
+}
+
+/* Reads the header of a section of tensor TS (0 K, 1 V) that passed v3_shape_ok; false for one
+ * inconsistent with the format. No branches, so that two sections' reads can overlap. */
+template <int HD, int TS>
+__device__ __forceinline__ bool v3_header(const uint8_t *sec, uint32_t sec_bytes, int n_tokens,
+                                          v3_hdr &hd) {
+  /* In one load (sections are 16-aligned), checked on its words: h.x = mode | w_e << 8 | w_b << 16
+   * | width << 24, h.y = (uint16_t)e_min | n_lanes << 16. */
   const uint4 h = *(const uint4 *)sec;
-  const uint32_t w_e = __byte_perm(h.x, 0u, 0x4441), w_b = __byte_perm(h.x, 0u, 0x4442),
-                 width = h.x >> 24;
-  const bool rel = (h.x & 0xffu) == KVC_QMODE_REL;
+  hd.w_e = __byte_perm(h.x, 0u, 0x4441);
+  hd.w_b = __byte_perm(h.x, 0u, 0x4442);
+  hd.width = h.x >> 24;
+  hd.rel = (h.x & 0xffu) == KVC_QMODE_REL;
+  hd.e_min = (int)(int16_t)(h.y & 0xffffu);
+  hd.b_min = h.z;
+  hd.w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
+  hd.nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
+  const uint32_t G = hd.rel ? (TS == 0 ? (uint32_t)HD : (uint32_t)n_tokens) : (uint32_t)HD;
+  hd.pos_b = G * hd.w_e; /* 0 in absolute mode (w_e = 0) */
+  hd.meta = hd.pos_b + G * hd.w_b;
   /* mode <= 1 and w_b <= 31: bits 1-7 and 21-23 clear; width <= KVC_Q_MAX_BITS; w_e <= 16 (REL)
    * or 0 (ABS); e_min in [KVC_STEP_CODE_MIN, KVC_STEP_CODE_MAX] and n_lanes == 0 at once: with
-   * e_min's sign bit flipped, h.y is e_min + 32768 + n_lanes * 65536. */
-  if (!((h.x & 0x00e000feu) == 0 && h.x < ((KVC_Q_MAX_BITS + 1u) << 24) &&
-        w_e <= (rel ? 16u : 0u) &&
-        (h.y ^ 0x8000u) - (uint32_t)(32768 + KVC_STEP_CODE_MIN) <=
-            (uint32_t)(KVC_STEP_CODE_MAX - KVC_STEP_CODE_MIN)))
-    return SRC_BAD;
-  const int e_min = (int)(int16_t)(h.y & 0xffffu);
-  const int32_t b_min = (int32_t)h.z;
-  const uint32_t *const w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
-  const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
-  const uint32_t G = rel ? (TS == 0 ? (uint32_t)HD : (uint32_t)n_tokens) : (uint32_t)HD;
-  const uint32_t pos_b = G * w_e; /* 0 in absolute mode (w_e = 0) */
-  const uint32_t meta = pos_b + G * w_b;
-  /* Every code lies inside the section (load_run's runs and v3_field's fields end inside it):
-   * meta + n_tokens HD width (< 2^20) <= 32 nwords, i.e. its count of words rounded up
-   * <= nwords. */
-  if ((meta + (uint32_t)n_tokens * (HD * width) + 31u) >> 5 > nwords) return SRC_BAD;
-  /* s is written on the way out of SRC_GEN and SRC_FAST only (SRC_BAD's is never read), so that
-   * the early returns carry no register copies. */
-  const auto set_sec = [&](int mode, int e) { /* s.step: absolute mode's alone, set there */
-    s.w = w;
-    s.last = nwords - 1;
-    s.meta = meta;
-    s.width = (int)width;
-    s.mode = mode;
-    s.e = e;
-  };
-  if (!rel) {
-    /* Absolute mode: per-channel centres and the one step e_min, always SRC_GEN. */
-    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
-    constexpr int NGC = HD / 32;
-#pragma unroll
-    for (int i = 0; i < NGC; i++) {
-      const int pr = lane + 32 * (i / 2);
-      const int g = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
-      wb[g] = (int32_t)((uint32_t)b_min + v3_field(w, (uint32_t)g * w_b, w_b));
-    }
-    set_sec(2, 0);
-    s.step = v3_step(e_min);
-    return SRC_GEN;
-  }
-  /* This lane's groups: NG channels (HD / 32, k_channel pair order: pairs lane + 32 (i / 2), half
-   * i % 2) or tokens t_lo + lane + 32 i (a unit reads at most 64 rows of a page, aligned to 64
-   * page tokens); a token past t_hi reads token t_hi - 1's fields (inside the section, and its
-   * step code and base leave the reduction and the vote as they are) and writes no table entry
-   * (SRC_GEN) or zeros (SRC_FAST). */
-  constexpr int NG = TS == 0 ? HD / 32 : kUnitTokens / 32;
-  /* Per group: u = b - 2^W + 2048 (mod 2^32; SRC_FAST's condition on a base b is |b - 2^W| <=
-   * 2048, i.e. u <= 4096, so that (b - 2^W) / 2^W is exact in fp16) and E = e + 823, the step
-   * code as v3_step_x takes it. wpow: any power of two for widths past 8 (never SRC_FAST). */
-  const uint32_t wpow = 1u << width, cb = (uint32_t)b_min - wpow + 2048u;
-  const int ce = e_min + 823;
+   * e_min's sign bit flipped, h.y is e_min + 32768 + n_lanes * 65536. Then every code lies inside
+   * the section (load_run's runs and v3_field's fields end inside it): meta + n_tokens HD width
+   * (< 2^20 with the fields in range) <= 32 nwords, i.e. its count of words rounded up <=
+   * nwords. & rather than &&: one predicate, no branches. */
+  return ((h.x & 0x00e000feu) == 0) & (h.x < ((KVC_Q_MAX_BITS + 1u) << 24)) &
+         (hd.w_e <= (hd.rel ? 16u : 0u)) &
+         ((h.y ^ 0x8000u) - (uint32_t)(32768 + KVC_STEP_CODE_MIN) <=
+          (uint32_t)(KVC_STEP_CODE_MAX - KVC_STEP_CODE_MIN)) &
+         ((hd.meta + (uint32_t)n_tokens * (HD * hd.width) + 31u) >> 5 <= hd.nwords);
+}
+
+/* A lane's groups of a relative-mode section: NG channels (keys: HD / 32, k_channel pair order:
+ * pairs lane + 32 (i / 2), half i % 2, both channels of a pair in one lane, so SRC_FAST's key
+ * pairs need no exchange) or tokens t_lo + lane + 32 i (values: a unit reads at most 64 rows of a
+ * page, aligned to 64 page tokens). Per group u = b - 2^W + 2048 (mod 2^32; SRC_FAST's condition
+ * on a base b is |b - 2^W| <= 2048, i.e. u <= 4096, so that (b - 2^W) / 2^W is exact in fp16) and
+ * E = e + 823, the step code as v3_step_x takes it; in: the token is below t_hi (a token past it
+ * reads token t_hi - 1's fields, inside the section, whose step code and base leave emax and inb
+ * as they are). */
+template <int HD, int TS> struct v3_groups {
+  static constexpr int NG = TS == 0 ? HD / 32 : kUnitTokens / 32;
   uint32_t u[NG];
   int E[NG];
   bool in[NG];
+  int emax; /* the lane's largest E */
+  bool inb; /* every u of the lane <= 4096 */
+};
+
+/* The lane's groups of a relative-mode section whose header passed v3_header. No branches. */
+template <int HD, int TS>
+__device__ __forceinline__ void v3_groups_read(const v3_hdr &h, int t_lo, int t_hi,
+                                               v3_groups<HD, TS> &gr) {
+  constexpr int NG = v3_groups<HD, TS>::NG;
+  const int lane = threadIdx.x & 31;
+  const uint32_t *const w = h.w;
+  /* 1 << width: any power of two for widths past 8 (never SRC_FAST). */
+  const uint32_t cb = h.b_min - (1u << h.width) + 2048u;
+  const int ce = h.e_min + 823;
   uint32_t pb[NG], pe[NG], sb[NG], se[NG]; /* fields' first words and bit offsets (mod 32) */
-  int emax = ce;
-  bool inb = true;
+  gr.emax = ce;
+  gr.inb = true;
 #pragma unroll
   for (int i = 0; i < NG; i++) {
     if (TS == 0 ? i >= 2 : i >= 1) {
@@ -344,13 +331,13 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
        * after group i - 2's or i - 1's, at the same bit offset modulo 32 (a value token past t_hi
        * re-reads its partner's fields). */
       const int ip = TS == 0 ? i - 2 : i - 1;
-      uint32_t dw_b = TS == 0 ? 2 * w_b : w_b, dw_e = TS == 0 ? 2 * w_e : w_e;
+      uint32_t dw_b = TS == 0 ? 2 * h.w_b : h.w_b, dw_e = TS == 0 ? 2 * h.w_e : h.w_e;
       if constexpr (TS == 1) {
-        in[i] = t_lo + lane + 32 * i < t_hi;
-        dw_b = in[i] ? dw_b : 0u;
-        dw_e = in[i] ? dw_e : 0u;
+        gr.in[i] = t_lo + lane + 32 * i < t_hi;
+        dw_b = gr.in[i] ? dw_b : 0u;
+        dw_e = gr.in[i] ? dw_e : 0u;
       } else {
-        in[i] = true;
+        gr.in[i] = true;
       }
       pb[i] = pb[ip] + dw_b;
       pe[i] = pe[ip] + dw_e;
@@ -362,84 +349,193 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
         /* k_channel(lane / (HD / 8), lane % (HD / 8), i) = lane % 8 + 16 (lane / 8) + 8 i, i.e.
          * lane + (lane & 24) + 8 i (head_dim 64 and 128). */
         g = (uint32_t)(lane + (lane & 24) + 8 * i);
-        in[i] = true;
+        gr.in[i] = true;
       } else {
         const int tk = t_lo + lane + 32 * i;
-        in[i] = tk < t_hi;
+        gr.in[i] = tk < t_hi;
         g = (uint32_t)min(tk, t_hi - 1);
       }
-      sb[i] = pos_b + g * w_b;
-      se[i] = g * w_e;
+      sb[i] = h.pos_b + g * h.w_b;
+      se[i] = g * h.w_e;
       pb[i] = sb[i] >> 5;
       pe[i] = se[i] >> 5;
     }
-    u[i] = kvc_dev_top(__funnelshift_l(w[pb[i] + 1], w[pb[i]], sb[i]), w_b) + cb;
-    E[i] = (int)kvc_dev_top(__funnelshift_l(w[pe[i] + 1], w[pe[i]], se[i]), w_e) + ce;
-    emax = max(emax, E[i]);
-    inb &= u[i] <= 4096u;
+    gr.u[i] = kvc_dev_top(__funnelshift_l(w[pb[i] + 1], w[pb[i]], sb[i]), h.w_b) + cb;
+    gr.E[i] = (int)kvc_dev_top(__funnelshift_l(w[pe[i] + 1], w[pe[i]], se[i]), h.w_e) + ce;
+    gr.emax = max(gr.emax, gr.E[i]);
+    gr.inb &= gr.u[i] <= 4096u;
   }
-  emax = __reduce_max_sync(0xffffffffu, emax);
-  if (emax > KVC_STEP_CODE_MAX + 823) return SRC_BAD;
-  /* fp16 only (bf16's 8-bit significand cannot hold the bases exactly); width 0 is a constant
-   * section, cheap on the generic path. */
-  bool fast = width - 1u < 8u && kFast16<T>;
-  int e = 0;
-  if (fast) {
-    /* The folded steps step * 2^-e in (0, 1] (step(emax) in [2^(emax >> 3), 2^((emax >> 3) + 1)):
-     * the largest lands in [1/2, 1) at e_need), with e small enough that O^T's rescaling factors
-     * stay normal floats. (emax >> 3) + 1 of the unbiased code: 823 + 1 = 103 * 8. */
-    const int e_need = ((emax + 1) >> 3) - 102;
-    e = TS == 1 && (uint32_t)(e_keep - e_need) <= 3u ? e_keep : e_need; /* e_need..e_need + 3 */
-    fast = __all_sync(0xffffffffu, inb) && e >= -60 && e <= 60;
-  }
-  if (!fast) {
-    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
-    float *ws = (float *)(scr + (TS ? v3_scratch::vstep : v3_scratch::kstep));
+}
+
+/* The power of two SRC_FAST folds out of a section's steps, from the warp's largest step code
+ * emax: the folded steps step * 2^-e in (0, 1] (step(emax) in [2^(emax >> 3), 2^((emax >> 3) +
+ * 1)): the largest lands in [1/2, 1) at e_need), with e small enough that O^T's rescaling factors
+ * stay normal floats (the caller checks |e| <= 60). (emax >> 3) + 1 of the unbiased code: 823 + 1
+ * = 103 * 8. Values keep e_keep, O^T's, when it suits (no rescale). */
+template <int TS> __device__ __forceinline__ int v3_fast_e(int emax, int e_keep) {
+  const int e_need = ((emax + 1) >> 3) - 102;
+  return TS == 1 && (uint32_t)(e_keep - e_need) <= 3u ? e_keep : e_need; /* e_need..e_need + 3 */
+}
+
+/* v3_sec of a section read by v3_header (s.step: absolute mode's alone, set there). Written only
+ * on the way out of SRC_GEN and SRC_FAST (SRC_BAD's is never read), so that the early returns
+ * carry no register copies. */
+__device__ __forceinline__ void v3_set_sec(const v3_hdr &h, int mode, int e, v3_sec &s) {
+  s.w = h.w;
+  s.last = h.nwords - 1;
+  s.meta = h.meta;
+  s.width = (int)h.width;
+  s.mode = mode;
+  s.e = e;
+}
+
+/* SRC_GEN's tables of a relative-mode section: its groups' bases and steps. */
+template <int HD, int TS>
+__device__ __forceinline__ void v3_gen_tables(const v3_hdr &h, const v3_groups<HD, TS> &gr,
+                                              int t_lo, uint8_t *scr, v3_sec &s) {
+  const int lane = threadIdx.x & 31;
+  int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
+  float *ws = (float *)(scr + (TS ? v3_scratch::vstep : v3_scratch::kstep));
 #pragma unroll
-    for (int i = 0; i < NG; i++)
-      if (in[i]) {
-        int x;
-        if constexpr (TS == 0) {
-          const int pr = lane + 32 * (i / 2);
-          x = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
-        } else {
-          x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
-        }
-        wb[x] = (int32_t)(u[i] + wpow - 2048u);
-        ws[x] = v3_step_x(E[i]);
+  for (int i = 0; i < v3_groups<HD, TS>::NG; i++)
+    if (gr.in[i]) {
+      int x;
+      if constexpr (TS == 0) {
+        const int pr = lane + 32 * (i / 2);
+        x = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
+      } else {
+        x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
       }
-    set_sec(TS, 0);
-    return SRC_GEN;
-  }
+      wb[x] = (int32_t)(gr.u[i] + (1u << h.width) - 2048u);
+      ws[x] = v3_step_x(gr.E[i]);
+    }
+  v3_set_sec(h, TS, 0, s);
+}
+
+/* SRC_FAST's tables of a relative-mode section of width 1..8 with the folded power of two e. */
+template <int HD, int TS>
+__device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<HD, TS> &gr,
+                                               int t_lo, int e, uint8_t *scr, v3_sec &s) {
+  const int lane = threadIdx.x & 31;
   /* (b - 2^W) / 2^W = u / 2^W - 2048 / 2^W in one FFMA, exact (u <= 4096; +0 for b = 2^W). */
-  const float inv = pow2i(-e), winv = pow2i(-(int)width), wofs = -2048.f * winv;
+  const float inv = pow2i(-e), winv = pow2i(-(int)h.width), wofs = -2048.f * winv;
   if constexpr (TS == 0) {
 #pragma unroll
-    for (int i = 0; i < NG; i += 2) {
+    for (int i = 0; i < v3_groups<HD, TS>::NG; i += 2) {
       /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. uint4
        * j * (HD / 16) + pi / 2, its pi % 2-th step and base pairs. */
       const int pr = lane + 32 * (i / 2);
       /* word 4 (pr / 2) + pr % 2 */
       uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + (pr + (pr & ~1));
-      kq[0] = pack2<__half>(v3_step_x(E[i]) * inv, v3_step_x(E[i + 1]) * inv);
-      kq[2] = pack2<__half>(fmaf(__uint2float_rn(u[i]), winv, wofs),
-                            fmaf(__uint2float_rn(u[i + 1]), winv, wofs));
+      kq[0] = pack2<__half>(v3_step_x(gr.E[i]) * inv, v3_step_x(gr.E[i + 1]) * inv);
+      kq[2] = pack2<__half>(fmaf(__uint2float_rn(gr.u[i]), winv, wofs),
+                            fmaf(__uint2float_rn(gr.u[i + 1]), winv, wofs));
     }
-    set_sec(TS, e + (int)width); /* S^T's unit: (u + b) / 2^W times Q * step * 2^-e */
+    v3_set_sec(h, TS, e + (int)h.width, s); /* S^T's unit: (u + b) / 2^W times Q * step * 2^-e */
   } else {
     /* Every one of the 64 entries (tokens past t_hi: 0). */
-    const float fw = pow2i((int)width);
+    const float fw = pow2i((int)h.width);
 #pragma unroll
-    for (int i = 0; i < NG; i++) {
+    for (int i = 0; i < v3_groups<HD, TS>::NG; i++) {
       /* A token past t_hi: +0 from the operands (2048 / 2^W - 2048 / 2^W, step * 2^-e * +0). */
       const int x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
-      ((float *)(scr + v3_scratch::vmul))[x] = v3_step_x(E[i]) * inv * (in[i] ? fw : 0.f);
+      ((float *)(scr + v3_scratch::vmul))[x] = v3_step_x(gr.E[i]) * inv * (gr.in[i] ? fw : 0.f);
       ((float *)(scr + v3_scratch::vbt))[x] =
-          fmaf(__uint2float_rn(in[i] ? u[i] : 2048u), winv, wofs);
+          fmaf(__uint2float_rn(gr.in[i] ? gr.u[i] : 2048u), winv, wofs);
     }
-    set_sec(TS, e);
+    v3_set_sec(h, TS, e, s);
   }
+}
+
+/*
+ * Reads the header of a quantized section (sec, sec_bytes in the ring) of tensor TS (0 K, 1 V) of
+ * a page of n_tokens, and fills the warp's scratch with what the builders need for page tokens
+ * [t_lo, t_hi): group bases and steps (SRC_GEN), or SRC_FAST's tables. e_keep (values only): the
+ * exponent the warp's O^T accumulates in, kept when it suits the section's steps (no rescale).
+ * Warp-cooperative; returns the source kind (SRC_FAST, SRC_GEN or SRC_BAD for a section
+ * inconsistent with the format), the same in every lane. The scratch of the tensor is rewritten:
+ * the caller's earlier reads of it must be done, and its reads of what this writes wait for a
+ * __syncwarp.
+ * Each lane computes its groups' bases and step codes in registers (v3_groups) and writes only the
+ * tables of the path chosen. One warp reduction (the largest step code: damaged codes and the
+ * folded exponent) and one vote (every base in SRC_FAST's range) decide the path.
+ */
+template <int HD, class T, int TS>
+__device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes,
+                                                int n_tokens, int t_lo, int t_hi, int e_keep,
+                                                uint8_t *scr, v3_sec &s) {
+  if (!v3_shape_ok(sec_bytes, n_tokens, t_lo, t_hi)) return SRC_BAD;
+  v3_hdr h;
+  if (!v3_header<HD, TS>(sec, sec_bytes, n_tokens, h)) return SRC_BAD;
+  if (!h.rel) {
+    /* Absolute mode: per-channel centres and the one step e_min, always SRC_GEN. */
+    const int lane = threadIdx.x & 31;
+    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
+    constexpr int NGC = HD / 32;
+#pragma unroll
+    for (int i = 0; i < NGC; i++) {
+      const int pr = lane + 32 * (i / 2);
+      const int g = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
+      wb[g] = (int32_t)(h.b_min + v3_field(h.w, (uint32_t)g * h.w_b, h.w_b));
+    }
+    v3_set_sec(h, 2, 0, s);
+    s.step = v3_step(h.e_min);
+    return SRC_GEN;
+  }
+  v3_groups<HD, TS> gr;
+  v3_groups_read<HD, TS>(h, t_lo, t_hi, gr);
+  const int emax = __reduce_max_sync(0xffffffffu, gr.emax);
+  if (emax > KVC_STEP_CODE_MAX + 823) return SRC_BAD;
+  /* fp16 only (bf16's 8-bit significand cannot hold the bases exactly); width 0 is a constant
+   * section, cheap on the generic path. */
+  bool fast = h.width - 1u < 8u && kFast16<T>;
+  int e = 0;
+  if (fast) {
+    e = v3_fast_e<TS>(emax, e_keep);
+    fast = __all_sync(0xffffffffu, gr.inb) && e >= -60 && e <= 60;
+  }
+  if (!fast) {
+    v3_gen_tables<HD, TS>(h, gr, t_lo, scr, s);
+    return SRC_GEN;
+  }
+  v3_fast_tables<HD, TS>(h, gr, t_lo, e, scr, s);
   return SRC_FAST;
+}
+
+/*
+ * Both sections of a bit-pack page (e_keep, scr: as v3_setup_section) when both are SRC_FAST, the
+ * common case, read side by side: each section's setup is a chain of dependent steps (header,
+ * fields, reduction, vote, tables), and with the two chains in the same basic blocks each fills
+ * the other's latencies. One branch per step for both. Returns true iff v3_setup_section would
+ * return SRC_FAST for both, having written the same scratch and v3_secs; false (nothing written)
+ * otherwise, and the caller runs v3_setup_section on each. (e <= 60 implies the step code check
+ * that v3_setup_section makes first: e >= e_need, and e_need <= 60 needs emax <= 163 * 8 - 2,
+ * below KVC_STEP_CODE_MAX + 823.)
+ */
+template <int HD>
+__device__ __forceinline__ bool v3_setup_fast_pair(const unit_page &pg, const uint8_t *ub,
+                                                   int e_keep, uint8_t *scr, v3_sec &ks,
+                                                   v3_sec &vs) {
+  const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
+  if (!(v3_shape_ok(pg.k_bytes, pg.n_tokens, t_lo, t_hi) &&
+        v3_shape_ok(pg.v_bytes, pg.n_tokens, t_lo, t_hi)))
+    return false;
+  v3_hdr hk, hv;
+  const bool kok = v3_header<HD, 0>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, hk);
+  const bool vok = v3_header<HD, 1>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, hv);
+  if (!(kok & vok & hk.rel & hv.rel & (hk.width - 1u < 8u) & (hv.width - 1u < 8u))) return false;
+  v3_groups<HD, 0> gk;
+  v3_groups<HD, 1> gv;
+  v3_groups_read<HD, 0>(hk, t_lo, t_hi, gk);
+  v3_groups_read<HD, 1>(hv, t_lo, t_hi, gv);
+  const int ek = v3_fast_e<0>(__reduce_max_sync(0xffffffffu, gk.emax), 0);
+  const int ev = v3_fast_e<1>(__reduce_max_sync(0xffffffffu, gv.emax), e_keep);
+  if (!(__all_sync(0xffffffffu, gk.inb & gv.inb) & ((uint32_t)(ek + 60) <= 120u) &
+        ((uint32_t)(ev + 60) <= 120u)))
+    return false;
+  v3_fast_tables<HD, 0>(hk, gk, t_lo, ek, scr, ks);
+  v3_fast_tables<HD, 1>(hv, gv, t_lo, ev, scr, vs);
+  return true;
 }
 
 /* The exact value of code (t, d) of a section, as the CPU decoder computes it. */
@@ -755,11 +851,17 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
   /* Huffman without HUF (or unknown): the launcher should have chosen another instance. */
   if (pg.cls != PG_BITPACK) return false;
   __syncwarp(); /* the previous page's readers are done with the scratch */
-  const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
-  ks.kind = v3_setup_section<HD, T, 0>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, t_lo, t_hi, 0, scr,
-                                       ks.sec);
-  vs.kind = v3_setup_section<HD, T, 1>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, t_lo, t_hi, e_keep,
-                                       scr, vs.sec);
+  bool both_fast = false;
+  if constexpr (kFast16<T>) both_fast = v3_setup_fast_pair<HD>(pg, ub, e_keep, scr, ks.sec, vs.sec);
+  if (both_fast) {
+    ks.kind = vs.kind = SRC_FAST;
+  } else {
+    const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
+    ks.kind = v3_setup_section<HD, T, 0>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, t_lo, t_hi, 0,
+                                         scr, ks.sec);
+    vs.kind = v3_setup_section<HD, T, 1>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, t_lo, t_hi,
+                                         e_keep, scr, vs.sec);
+  }
   __syncwarp();
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
 }

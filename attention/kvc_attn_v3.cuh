@@ -648,11 +648,15 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
 template <int HD, int NB>
 __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb) {
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
-  float acc[NB][4];
+  /* Two mma chains (even and odd k-blocks), as in s_fast: this runs between the page setup and
+   * the page's first softmax, on the unit's serial path. */
+  float acc[2][NB][4];
 #pragma unroll
-  for (int nb = 0; nb < NB; nb++)
+  for (int p = 0; p < 2; p++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) acc[nb][e] = 0.f;
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[p][nb][e] = 0.f;
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
     const uint4 sb = kq[kb];
@@ -661,12 +665,13 @@ __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<
     for (int nb = 0; nb < NB; nb++) {
       uint32_t q0, q1;
       q_scaled<HD, NB>(qb, nb, kb, sb.x, sb.y, q0, q1);
-      mma16816<__half>(acc[nb], av, q0, q1);
+      mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
     }
   }
   float2 *kc = (float2 *)(scr + v3_scratch::kc) + (threadIdx.x & 31) * NB;
 #pragma unroll
-  for (int nb = 0; nb < NB; nb++) kc[nb] = make_float2(acc[nb][0], acc[nb][1]);
+  for (int nb = 0; nb < NB; nb++)
+    kc[nb] = make_float2(acc[0][nb][0] + acc[1][nb][0], acc[0][nb][1] + acc[1][nb][1]);
 }
 
 /* The generic path is rare (non-default sections): k-block by k-block, not unrolled, so that it

@@ -1030,157 +1030,160 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       for (int nb = 0; nb < NB; nb++)
 #pragma unroll
         for (int x = 0; x < 2; x++) lim[nb][x] = min(n_valid, pos[nb][x] - token0 + 1);
-      v3_src ks, vs;
-      float kmul = 0.f; /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
-      int cur = -1;
-      for (int b = slab(it, 0); ok && b < slab(it, 1); b++) {
-        const int tb = 16 * b;
-        if (tb >= n_valid || token0 + tb > pos_warp) break; /* nothing visible from here on */
-        const int q = tb >> ubt_lg;
+      /* The item's slabs up to the last one a row of the warp can see (tb < n_valid and token0
+       * + tb <= pos_warp; none when either bound is negative). */
+      const int b_end = min(slab(it, 1), (min(n_valid - 1, pos_warp - token0) >> 4) + 1);
+      /* Page by page: its setup once, then its slabs (a page holds 1..4 whole slabs: 2^ubt_lg
+       * rows, 16..64), so that the slabs' bookkeeping is per page. */
+      for (int b = slab(it, 0); ok && b < b_end;) {
+        const int q = (16 * b) >> ubt_lg;
+        const int b_pg = min(b_end, ((q + 1) << ubt_lg) >> 4); /* past the page's last slab */
         const unit_page pg = d->pages[q];
-        if (q != cur) {
-          cur = q;
-          ok = v3_page_setup<HD, T, HUF>(pg, ub, scr, harea, e_o, ks, vs);
-          if (!ok) break;
-          kmul = p.scale_log2;
-          if (ks.kind == SRC_FAST) {
-            kmul *= pow2i(ks.sec.e);
-            s_fast_const<HD, NB>(scr, c, qb);
-            __syncwarp();
-          }
-          /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
-          const int ev = vs.kind == SRC_FAST ? vs.sec.e : 0;
-          if (ev != e_o) {
-            const float f = pow2i(e_o - ev);
-#pragma unroll
-            for (int mt = 0; mt < HD / 16; mt++)
-#pragma unroll
-              for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) o[mt][nb][e] *= f;
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++) {
-              vcorr[nb][0] *= f;
-              vcorr[nb][1] *= f;
-            }
-            e_o = ev;
-          }
+        v3_src ks, vs;
+        ok = v3_page_setup<HD, T, HUF>(pg, ub, scr, harea, e_o, ks, vs);
+        if (!ok) break;
+        /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
+        float kmul = p.scale_log2;
+        if (ks.kind == SRC_FAST) {
+          kmul *= pow2i(ks.sec.e);
+          s_fast_const<HD, NB>(scr, c, qb);
+          __syncwarp();
         }
-        /* Unit row r of this page is page row min(r - row0, nrows - 1): rows past the page's
-         * (masked below) read its last row, so that they stay finite and inside the section. */
-        auto prow = [&](int r) { return min(r - pg.row0, pg.nrows - 1); };
-        /* S^T for tokens tb + g, tb + g + 8. */
-        float s[2][NB][4];
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-#pragma unroll
-          for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
-        const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
-        bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
-        if constexpr (HUF) huf = ks.kind >= SRC_HUF;
-        if (huf) {
-          if constexpr (HUF) {
-            /* The slab's page tokens [a, a + nr) through the tile (tile row = page row - r0). */
-            const int r0 = tb - pg.row0, a = pg.ptok0 + r0, nr = min(16, pg.nrows - r0);
-            uint8_t *tile = harea + v3h_area<HD>::tile;
-            __syncwarp(); /* the previous slab's O^T update is done with the tile */
-            ok &= v3h_slab<HD, T>(ks, 0, scr, harea, a, nr);
-            __syncwarp();
-            v3h_s<HD, T, NB>(tile, g, c, nr, qb, s);
-            /* V's slab next, into the same tile (S's loads have returned): its independent
-             * decode chains overlap S's mma chains and the softmax. */
-            __syncwarp();
-            ok &= v3h_slab<HD, T>(vs, 1, scr, harea, a, nr);
-            __syncwarp();
-          }
-        } else {
-          v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
-        }
-        /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running maximum
-         * moves only when one of its scores exceeds it by more than kMaxSlack: until then P =
-         * 2^(s - m) < 2^kMaxSlack, and the slab needs no shuffles for the maximum (most slabs once
-         * the first tokens are in). When it moves, it moves to the exact maximum. */
-        float sx[NB][4];
-        bool grow = false;
-#pragma unroll
-        for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const bool visible = tb + g + 8 * (e >> 1) < lim[nb][e & 1];
-            sx[nb][e] = visible ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
-            grow |= sx[nb][e] > m[nb][e & 1] + kMaxSlack;
-          }
-        if (__any_sync(0xffffffffu, grow)) {
-          float cf[NB][2];
-#pragma unroll
-          for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-            for (int x = 0; x < 2; x++) {
-              /* The maximum over the tokens, i.e. over g. */
-              float mx = fmaxf(sx[nb][x], sx[nb][x + 2]);
-#pragma unroll
-              for (int o2 = 4; o2 <= 16; o2 <<= 1)
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
-              const float mn = fmaxf(m[nb][x], mx);
-              cf[nb][x] = mn == -INFINITY ? 1.f : ex2_ftz(m[nb][x] - mn);
-              m[nb][x] = mn;
-              l[nb][x] *= cf[nb][x];
-              vcorr[nb][x] *= cf[nb][x];
-            }
+        /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
+        const int ev = vs.kind == SRC_FAST ? vs.sec.e : 0;
+        if (ev != e_o) {
+          const float f = pow2i(e_o - ev);
 #pragma unroll
           for (int mt = 0; mt < HD / 16; mt++)
 #pragma unroll
             for (int nb = 0; nb < NB; nb++)
 #pragma unroll
-              for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
-        }
-        /* P^T as the B operand: S^T's accumulator pairs (token g or g+8, entries 2c, 2c+1)
-         * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). */
-        float pv[NB][4];
-#pragma unroll
-        for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            /* A row with nothing visible yet keeps max -inf; subtract 0 so that exp2 gives 0. */
-            const float mu = m[nb][e & 1] == -INFINITY ? 0.f : m[nb][e & 1];
-            pv[nb][e] = ex2_ftz(sx[nb][e] - mu);
-            l[nb][e & 1] += pv[nb][e];
-          }
-        uint32_t pb[NB][2];
-        if (kFast16<T> && vs.kind == SRC_FAST) {
-          /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases and 1 go to
-           * vcorr, from P' rounded as the mma takes it. */
-          const float *vmul = (const float *)(scr + v3_scratch::vmul);
-          const float *vbt = (const float *)(scr + v3_scratch::vbt);
-          const int t0 = (vs.ptok0 + tr[0]) & (kUnitTokens - 1);
-          const int t1 = (vs.ptok0 + tr[1]) & (kUnitTokens - 1);
-          const float vm0 = vmul[t0], vm1 = vmul[t1], vb0 = vbt[t0], vb1 = vbt[t1];
+              for (int e = 0; e < 4; e++) o[mt][nb][e] *= f;
 #pragma unroll
           for (int nb = 0; nb < NB; nb++) {
-            const uint32_t p0 = pack2<T>(pv[nb][0] * vm0, pv[nb][1] * vm0);
-            const uint32_t p1 = pack2<T>(pv[nb][2] * vm1, pv[nb][3] * vm1);
-            const float2 f0 = __half22float2(as_h2<__half2>(p0));
-            const float2 f1 = __half22float2(as_h2<__half2>(p1));
-            vcorr[nb][0] += f0.x * vb0 + f1.x * vb1;
-            vcorr[nb][1] += f0.y * vb0 + f1.y * vb1;
-            pb[nb][0] = movmatrix_trans(p0);
-            pb[nb][1] = movmatrix_trans(p1);
+            vcorr[nb][0] *= f;
+            vcorr[nb][1] *= f;
           }
-        } else {
-#pragma unroll
-          for (int nb = 0; nb < NB; nb++) {
-            pb[nb][0] = movmatrix_trans(pack2<T>(pv[nb][0], pv[nb][1]));
-            pb[nb][1] = movmatrix_trans(pack2<T>(pv[nb][2], pv[nb][3]));
-          }
+          e_o = ev;
         }
-        const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
-                           prow(tb + 2 * c + 9)};
-        if (huf) {
-          if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
-        } else {
-          v3_pv<HD, T, NB>(vs, scr, g, tv, pb, magic, o);
+        /* Unit row r of this page is page row min(r - row0, nrows - 1): rows past the page's
+         * (masked below) read its last row, so that they stay finite and inside the section. */
+        auto prow = [&](int r) { return min(r - pg.row0, pg.nrows - 1); };
+        for (; ok && b < b_pg; b++) {
+          const int tb = 16 * b;
+          /* S^T for tokens tb + g, tb + g + 8. */
+          float s[2][NB][4];
+#pragma unroll
+          for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
+          const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
+          bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
+          if constexpr (HUF) huf = ks.kind >= SRC_HUF;
+          if (huf) {
+            if constexpr (HUF) {
+              /* The slab's page tokens [a, a + nr) through the tile (tile row = page row - r0). */
+              const int r0 = tb - pg.row0, a = pg.ptok0 + r0, nr = min(16, pg.nrows - r0);
+              uint8_t *tile = harea + v3h_area<HD>::tile;
+              __syncwarp(); /* the previous slab's O^T update is done with the tile */
+              ok &= v3h_slab<HD, T>(ks, 0, scr, harea, a, nr);
+              __syncwarp();
+              v3h_s<HD, T, NB>(tile, g, c, nr, qb, s);
+              /* V's slab next, into the same tile (S's loads have returned): its independent
+               * decode chains overlap S's mma chains and the softmax. */
+              __syncwarp();
+              ok &= v3h_slab<HD, T>(vs, 1, scr, harea, a, nr);
+              __syncwarp();
+            }
+          } else {
+            v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
+          }
+          /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
+           * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until
+           * then P = 2^(s - m) < 2^kMaxSlack, and the slab needs no shuffles for the maximum (most
+           * slabs once the first tokens are in). When it moves, it moves to the exact maximum. */
+          float sx[NB][4];
+          bool grow = false;
+#pragma unroll
+          for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+              const bool visible = tb + g + 8 * (e >> 1) < lim[nb][e & 1];
+              sx[nb][e] = visible ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
+              grow |= sx[nb][e] > m[nb][e & 1] + kMaxSlack;
+            }
+          if (__any_sync(0xffffffffu, grow)) {
+            float cf[NB][2];
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int x = 0; x < 2; x++) {
+                /* The maximum over the tokens, i.e. over g. */
+                float mx = fmaxf(sx[nb][x], sx[nb][x + 2]);
+#pragma unroll
+                for (int o2 = 4; o2 <= 16; o2 <<= 1)
+                  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+                const float mn = fmaxf(m[nb][x], mx);
+                cf[nb][x] = mn == -INFINITY ? 1.f : ex2_ftz(m[nb][x] - mn);
+                m[nb][x] = mn;
+                l[nb][x] *= cf[nb][x];
+                vcorr[nb][x] *= cf[nb][x];
+              }
+#pragma unroll
+            for (int mt = 0; mt < HD / 16; mt++)
+#pragma unroll
+              for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
+          }
+          /* P^T as the B operand: S^T's accumulator pairs (token g or g+8, entries 2c, 2c+1)
+           * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). */
+          float pv[NB][4];
+#pragma unroll
+          for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+              /* A row with nothing visible yet keeps max -inf; subtract 0 so that exp2 gives 0. */
+              const float mu = m[nb][e & 1] == -INFINITY ? 0.f : m[nb][e & 1];
+              pv[nb][e] = ex2_ftz(sx[nb][e] - mu);
+              l[nb][e & 1] += pv[nb][e];
+            }
+          uint32_t pb[NB][2];
+          if (kFast16<T> && vs.kind == SRC_FAST) {
+            /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases and 1 go to
+             * vcorr, from P' rounded as the mma takes it. */
+            const float *vmul = (const float *)(scr + v3_scratch::vmul);
+            const float *vbt = (const float *)(scr + v3_scratch::vbt);
+            const int t0 = (vs.ptok0 + tr[0]) & (kUnitTokens - 1);
+            const int t1 = (vs.ptok0 + tr[1]) & (kUnitTokens - 1);
+            const float vm0 = vmul[t0], vm1 = vmul[t1], vb0 = vbt[t0], vb1 = vbt[t1];
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+              const uint32_t p0 = pack2<T>(pv[nb][0] * vm0, pv[nb][1] * vm0);
+              const uint32_t p1 = pack2<T>(pv[nb][2] * vm1, pv[nb][3] * vm1);
+              const float2 f0 = __half22float2(as_h2<__half2>(p0));
+              const float2 f1 = __half22float2(as_h2<__half2>(p1));
+              vcorr[nb][0] += f0.x * vb0 + f1.x * vb1;
+              vcorr[nb][1] += f0.y * vb0 + f1.y * vb1;
+              pb[nb][0] = movmatrix_trans(p0);
+              pb[nb][1] = movmatrix_trans(p1);
+            }
+          } else {
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+              pb[nb][0] = movmatrix_trans(pack2<T>(pv[nb][0], pv[nb][1]));
+              pb[nb][1] = movmatrix_trans(pack2<T>(pv[nb][2], pv[nb][3]));
+            }
+          }
+          const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
+                             prow(tb + 2 * c + 9)};
+          if (huf) {
+            if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
+          } else {
+            v3_pv<HD, T, NB>(vs, scr, g, tv, pb, magic, o);
+          }
         }
       }
       bad |= !ok;

@@ -143,6 +143,16 @@ template <int HD> __device__ __forceinline__ int v_channel(int mt, int r) {
   return (r % 8) * (HD / 8) + 2 * mt + r / 8;
 }
 
+/* The lane's index, from %laneid rather than threadIdx.x & 31: ptxas rematerialises threadIdx.x
+ * (an S2R, tens of cycles before its result) wherever registers run short, which put one at the
+ * head of every slab and of the page setup's field reads; the %laneid value (one S2R, shared by
+ * every use) it keeps in a register. */
+__device__ __forceinline__ int lane_id() {
+  int l;
+  asm("mov.u32 %0, %%laneid;" : "=r"(l));
+  return l;
+}
+
 /* 2^x (approximate, like exp2f's fast path; results below 2^-126 flush to 0, which the softmax
  * weights of tokens so far below the maximum do not miss). */
 __device__ __forceinline__ float ex2_ftz(float x) {
@@ -316,7 +326,7 @@ template <int HD, int TS>
 __device__ __forceinline__ void v3_groups_read(const v3_hdr &h, int t_lo, int t_hi,
                                                v3_groups<HD, TS> &gr) {
   constexpr int NG = v3_groups<HD, TS>::NG;
-  const int lane = threadIdx.x & 31;
+  const int lane = lane_id();
   const uint32_t *const w = h.w;
   /* 1 << width: any power of two for widths past 8 (never SRC_FAST). */
   const uint32_t cb = h.b_min - (1u << h.width) + 2048u;
@@ -393,7 +403,7 @@ __device__ __forceinline__ void v3_set_sec(const v3_hdr &h, int mode, int e, v3_
 template <int HD, int TS>
 __device__ __forceinline__ void v3_gen_tables(const v3_hdr &h, const v3_groups<HD, TS> &gr,
                                               int t_lo, uint8_t *scr, v3_sec &s) {
-  const int lane = threadIdx.x & 31;
+  const int lane = lane_id();
   int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
   float *ws = (float *)(scr + (TS ? v3_scratch::vstep : v3_scratch::kstep));
 #pragma unroll
@@ -416,7 +426,7 @@ __device__ __forceinline__ void v3_gen_tables(const v3_hdr &h, const v3_groups<H
 template <int HD, int TS>
 __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<HD, TS> &gr,
                                                int t_lo, int e, uint8_t *scr, v3_sec &s) {
-  const int lane = threadIdx.x & 31;
+  const int lane = lane_id();
   /* (b - 2^W) / 2^W = u / 2^W - 2048 / 2^W in one FFMA, exact (u <= 4096; +0 for b = 2^W). */
   const float inv = pow2i(-e), winv = pow2i(-(int)h.width), wofs = -2048.f * winv;
   if constexpr (TS == 0) {
@@ -469,7 +479,7 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   if (!v3_header<HD, TS>(sec, sec_bytes, n_tokens, h)) return SRC_BAD;
   if (!h.rel) {
     /* Absolute mode: per-channel centres and the one step e_min, always SRC_GEN. */
-    const int lane = threadIdx.x & 31;
+    const int lane = lane_id();
     int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
     constexpr int NGC = HD / 32;
 #pragma unroll
@@ -611,7 +621,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
                                        uint32_t magic, float (&s)[2][NB][4]) {
   constexpr int NC = HD / 4, NA = (NC * W + 31) / 32;
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
-  const float2 *kc = (const float2 *)(scr + v3_scratch::kc) + (threadIdx.x & 31) * NB;
+  const float2 *kc = (const float2 *)(scr + v3_scratch::kc) + lane_id() * NB;
 #pragma unroll
   for (int nb = 0; nb < NB; nb++) {
     const float2 k0 = kc[nb];
@@ -668,7 +678,7 @@ __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<
       mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
     }
   }
-  float2 *kc = (float2 *)(scr + v3_scratch::kc) + (threadIdx.x & 31) * NB;
+  float2 *kc = (float2 *)(scr + v3_scratch::kc) + lane_id() * NB;
 #pragma unroll
   for (int nb = 0; nb < NB; nb++)
     kc[nb] = make_float2(acc[0][nb][0] + acc[1][nb][0], acc[0][nb][1] + acc[1][nb][1]);
@@ -881,7 +891,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   typedef typename LO::type SL;
   constexpr int NE = 8 * NB;
   extern __shared__ __align__(128) uint8_t smem[];
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = lane_id(), g = lane >> 2, c = lane & 3;
   const int seq = blockIdx.z, kh = blockIdx.y;
   const int qt = blockIdx.x % p.qtiles, split = blockIdx.x / p.qtiles;
   const int q0 = p.qo_indptr[seq], nq = p.qo_indptr[seq + 1] - q0, len = p.kv_len[seq];

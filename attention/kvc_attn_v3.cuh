@@ -707,28 +707,34 @@ __device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int
   }
 }
 
+/* The builder of a page's operands, as one switch value: 0 rows, W in 1..8 SRC_FAST of width W,
+ * 9 SRC_GEN (HUF's sources have their own builders). v3_s and v3_pv switch on it once per slab:
+ * the kind and width tests before them were a tree of up to six dependent branches per tensor
+ * and slab. (bf16 instances never see SRC_FAST.) */
+__device__ __forceinline__ int v3_sel(const v3_src &s) {
+  return s.kind == SRC_FAST ? s.sec.width : s.kind == SRC_ROWS ? 0 : 9;
+}
+
 /* S^T from source ks for rows tr of the current page's rows in the unit. */
 template <int HD, class T, int NB>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,
                                      uint32_t magic, float (&s)[2][NB][4]) {
-  if (ks.kind == SRC_ROWS) {
+  const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
+  switch (v3_sel(ks)) {
+  case 0: {
     const uint8_t *row[2] = {ks.rows + tr[0] * (2 * HD), ks.rows + tr[1] * (2 * HD)};
     s_rows<HD, T, NB>(row, c, qb, s);
-    return;
+    break;
   }
-  const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
-  if (ks.kind == SRC_GEN || !kFast16<T>) {
-    s_gen<HD, T, NB>(ks.sec, scr, c, pt, qb, s);
-  } else if constexpr (kFast16<T>) {
-    switch (ks.sec.width) {
 #define KVC__KF(W)                                                                                 \
   case W:                                                                                          \
-    s_fast<HD, W, NB>(ks.sec, scr, c, pt, qb, magic, s);                                           \
+    if constexpr (kFast16<T>) s_fast<HD, W, NB>(ks.sec, scr, c, pt, qb, magic, s);                 \
     break;
-      KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
+    KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
 #undef KVC__KF
-    }
+  default:
+    s_gen<HD, T, NB>(ks.sec, scr, c, pt, qb, s);
   }
 }
 
@@ -816,24 +822,22 @@ template <int HD, class T, int NB>
 __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int g,
                                       const int (&tv)[4], const uint32_t (&pb)[NB][2],
                                       uint32_t magic, oacc_t<HD, NB> &o) {
-  if (vs.kind == SRC_ROWS) {
+  const int pt[4] = {vs.ptok0 + tv[0], vs.ptok0 + tv[1], vs.ptok0 + tv[2], vs.ptok0 + tv[3]};
+  switch (v3_sel(vs)) {
+  case 0: {
     const uint8_t *row[4] = {vs.rows + tv[0] * (2 * HD), vs.rows + tv[1] * (2 * HD),
                              vs.rows + tv[2] * (2 * HD), vs.rows + tv[3] * (2 * HD)};
     pv_rows<HD, T, NB>(row, g, pb, o);
-    return;
+    break;
   }
-  const int pt[4] = {vs.ptok0 + tv[0], vs.ptok0 + tv[1], vs.ptok0 + tv[2], vs.ptok0 + tv[3]};
-  if (vs.kind == SRC_GEN || !kFast16<T>) {
-    pv_gen<HD, T, NB>(vs.sec, scr, g, pt, pb, o);
-  } else if constexpr (kFast16<T>) {
-    switch (vs.sec.width) {
 #define KVC__PV(W)                                                                                 \
   case W:                                                                                          \
-    pv_fast<HD, W, NB>(vs.sec, g, pt, pb, magic, o);                                               \
+    if constexpr (kFast16<T>) pv_fast<HD, W, NB>(vs.sec, g, pt, pb, magic, o);                     \
     break;
-      KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
+    KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
 #undef KVC__PV
-    }
+  default:
+    pv_gen<HD, T, NB>(vs.sec, scr, g, pt, pb, o);
   }
 }
 

@@ -1094,6 +1094,19 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
               for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
           const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
+          /* SRC_FAST values' factors of tokens tr (P' and vcorr below), loaded at the slab's start
+           * so that S and the softmax hide their latency: loaded after the softmax (ptxas sinks
+           * them there from anywhere after S), they held P' up by a round trip. Loaded for every
+           * page (no branch; only SRC_FAST's are used): the scratch is written only by the page
+           * setups, between warp syncs. */
+          const bool vfast = kFast16<T> && vs.kind == SRC_FAST;
+          float vm[2], vb[2];
+#pragma unroll
+          for (int h = 0; h < 2; h++) {
+            const int t = (vs.ptok0 + tr[h]) & (kUnitTokens - 1);
+            vm[h] = ((const float *)(scr + v3_scratch::vmul))[t];
+            vb[h] = ((const float *)(scr + v3_scratch::vbt))[t];
+          }
           bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
           if constexpr (HUF) huf = ks.kind >= SRC_HUF;
           if (huf) {
@@ -1165,22 +1178,17 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
               l[nb][e & 1] += pv[nb][e];
             }
           uint32_t pb[NB][2];
-          if (kFast16<T> && vs.kind == SRC_FAST) {
+          if (vfast) {
             /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases and 1 go to
              * vcorr, from P' rounded as the mma takes it. */
-            const float *vmul = (const float *)(scr + v3_scratch::vmul);
-            const float *vbt = (const float *)(scr + v3_scratch::vbt);
-            const int t0 = (vs.ptok0 + tr[0]) & (kUnitTokens - 1);
-            const int t1 = (vs.ptok0 + tr[1]) & (kUnitTokens - 1);
-            const float vm0 = vmul[t0], vm1 = vmul[t1], vb0 = vbt[t0], vb1 = vbt[t1];
 #pragma unroll
             for (int nb = 0; nb < NB; nb++) {
-              const uint32_t p0 = pack2<T>(pv[nb][0] * vm0, pv[nb][1] * vm0);
-              const uint32_t p1 = pack2<T>(pv[nb][2] * vm1, pv[nb][3] * vm1);
+              const uint32_t p0 = pack2<T>(pv[nb][0] * vm[0], pv[nb][1] * vm[0]);
+              const uint32_t p1 = pack2<T>(pv[nb][2] * vm[1], pv[nb][3] * vm[1]);
               const float2 f0 = __half22float2(as_h2<__half2>(p0));
               const float2 f1 = __half22float2(as_h2<__half2>(p1));
-              vcorr[nb][0] += f0.x * vb0 + f1.x * vb1;
-              vcorr[nb][1] += f0.y * vb0 + f1.y * vb1;
+              vcorr[nb][0] += f0.x * vb[0] + f1.x * vb[1];
+              vcorr[nb][1] += f0.y * vb[0] + f1.y * vb[1];
               pb[nb][0] = movmatrix_trans(p0);
               pb[nb][1] = movmatrix_trans(p1);
             }

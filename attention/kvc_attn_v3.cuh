@@ -265,11 +265,12 @@ struct v3_hdr {
 };
 
 /* What a section must satisfy before its header is read: a header and a word, whole words, and
- * t_lo < t_hi <= n_tokens <= kMaxBlockTokens (as unsigned: also 0 <= t_lo and 1 <= n_tokens). */
+ * t_lo < t_hi <= n_tokens <= kMaxBlockTokens (as unsigned: also 0 <= t_lo and 1 <= n_tokens).
+ * & rather than &&: one predicate. */
 __device__ __forceinline__ bool v3_shape_ok(uint32_t sec_bytes, int n_tokens, int t_lo, int t_hi) {
-  return sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 &&
-         (uint32_t)(n_tokens - 1) < (uint32_t)kMaxBlockTokens && (uint32_t)t_lo < (uint32_t)t_hi &&
-         (uint32_t)t_hi <= (uint32_t)n_tokens;
+  return (sec_bytes >= KVC_QSEC_HEADER_BYTES + 4) & (sec_bytes % 4 == 0) &
+         ((uint32_t)(n_tokens - 1) < (uint32_t)kMaxBlockTokens) &
+         ((uint32_t)t_lo < (uint32_t)t_hi) & ((uint32_t)t_hi <= (uint32_t)n_tokens);
 }
 
 /* Reads the header of a section of tensor TS (0 K, 1 V) that passed v3_shape_ok; false for one
@@ -527,7 +528,7 @@ __device__ __forceinline__ bool v3_setup_fast_pair(const unit_page &pg, const ui
                                                    int e_keep, uint8_t *scr, v3_sec &ks,
                                                    v3_sec &vs) {
   const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
-  if (!(v3_shape_ok(pg.k_bytes, pg.n_tokens, t_lo, t_hi) &&
+  if (!(v3_shape_ok(pg.k_bytes, pg.n_tokens, t_lo, t_hi) &
         v3_shape_ok(pg.v_bytes, pg.n_tokens, t_lo, t_hi)))
     return false;
   v3_hdr hk, hv;

@@ -1131,25 +1131,34 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
            * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until
            * then P = 2^(s - m) < 2^kMaxSlack, and the slab needs no shuffles for the maximum (most
-           * slabs once the first tokens are in). When it moves, it moves to the exact maximum. */
+           * slabs once the first tokens are in). When it moves, it moves to the exact maximum.
+           * sx: the scores relative to the maximum, s kmul - m in one FFMA (+inf while m is -inf,
+           * so that any visible score moves it), -inf for rows not visible. */
+          auto visible = [&](int nb, int e) { return tb + g + 8 * (e >> 1) < lim[nb][e & 1]; };
           float sx[NB][4];
           bool grow = false;
 #pragma unroll
           for (int nb = 0; nb < NB; nb++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-              const bool visible = tb + g + 8 * (e >> 1) < lim[nb][e & 1];
-              sx[nb][e] = visible ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
-              grow |= sx[nb][e] > m[nb][e & 1] + kMaxSlack;
+              sx[nb][e] = visible(nb, e)
+                              ? fmaf(s[0][nb][e] + s[1][nb][e], kmul, -m[nb][e & 1])
+                              : -INFINITY;
+              grow |= sx[nb][e] > kMaxSlack;
             }
           if (__any_sync(0xffffffffu, grow)) {
-            float cf[NB][2];
+            /* The scores themselves, their maximum over the tokens (over g), and sx again. */
+            float sa[NB][4], cf[NB][2];
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++)
+                sa[nb][e] = visible(nb, e) ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
 #pragma unroll
             for (int nb = 0; nb < NB; nb++)
 #pragma unroll
               for (int x = 0; x < 2; x++) {
-                /* The maximum over the tokens, i.e. over g. */
-                float mx = fmaxf(sx[nb][x], sx[nb][x + 2]);
+                float mx = fmaxf(sa[nb][x], sa[nb][x + 2]);
 #pragma unroll
                 for (int o2 = 4; o2 <= 16; o2 <<= 1)
                   mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
@@ -1159,6 +1168,13 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
                 l[nb][x] *= cf[nb][x];
                 vcorr[nb][x] *= cf[nb][x];
               }
+            /* A visible score has a finite maximum; the others stay -inf (an entry with nothing
+             * visible yet keeps m = -inf, and -inf - m would be NaN). */
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++)
+                sx[nb][e] = visible(nb, e) ? sa[nb][e] - m[nb][e & 1] : -INFINITY;
 #pragma unroll
             for (int mt = 0; mt < HD / 16; mt++)
 #pragma unroll
@@ -1173,9 +1189,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           for (int nb = 0; nb < NB; nb++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-              /* A row with nothing visible yet keeps max -inf; subtract 0 so that exp2 gives 0. */
-              const float mu = m[nb][e & 1] == -INFINITY ? 0.f : m[nb][e & 1];
-              pv[nb][e] = ex2_ftz(sx[nb][e] - mu);
+              pv[nb][e] = ex2_ftz(sx[nb][e]);
               l[nb][e & 1] += pv[nb][e];
             }
           uint32_t pb[NB][2];

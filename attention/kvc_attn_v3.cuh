@@ -143,6 +143,16 @@ template <int HD> __device__ __forceinline__ int v_channel(int mt, int r) {
   return (r % 8) * (HD / 8) + 2 * mt + r / 8;
 }
 
+/* The lane's index, from %laneid rather than threadIdx.x & 31: ptxas rematerialises threadIdx.x
+ * (an S2R, tens of cycles before its result) wherever registers run short, which put one at the
+ * head of every slab and of the page setup's field reads; the %laneid value (one S2R, shared by
+ * every use) it keeps in a register. */
+__device__ __forceinline__ int lane_id() {
+  int l;
+  asm("mov.u32 %0, %%laneid;" : "=r"(l));
+  return l;
+}
+
 /* 2^x (approximate, like exp2f's fast path; results below 2^-126 flush to 0, which the softmax
  * weights of tokens so far below the maximum do not miss). */
 __device__ __forceinline__ float ex2_ftz(float x) {
@@ -246,97 +256,85 @@ __device__ __forceinline__ float v3_step_x(int E) {
   return __uint_as_float(((uint32_t)E << 20) + (c << 18));
 }
 
-/*
- * Reads the header of a quantized section (sec, sec_bytes in the ring) of tensor TS (0 K, 1 V) of
- * a page of n_tokens, and fills the warp's scratch with what the builders need for page tokens
- * [t_lo, t_hi): group bases and steps (SRC_GEN), or SRC_FAST's tables. e_keep (values only): the
- * exponent the warp's O^T accumulates in, kept when it suits the section's steps (no rescale).
- * Warp-cooperative; returns the source kind (SRC_FAST, SRC_GEN or SRC_BAD for a section
- * inconsistent with the format), the same in every lane. The scratch of the tensor is rewritten:
- * the caller's earlier reads of it must be done, and its reads of what this writes wait for a
- * __syncwarp.
- * Each lane computes its groups' bases and step codes in registers (channels in k_channel pair
- * order: pairs lane + 32 i, both channels of a pair in one lane, so SRC_FAST's key pairs need no
- * exchange; or tokens t_lo + lane + 32 i) and writes only the tables of the path chosen. One warp
- * reduction (the largest step code: damaged codes and the folded exponent) and one vote (every
- * base in SRC_FAST's range) decide the path.
- */
-template <int HD, class T, int TS>
-__device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes,
-                                                int n_tokens, int t_lo, int t_hi, int e_keep,
-                                                uint8_t *scr, v3_sec &s) {
-  const int lane = threadIdx.x & 31;
-  /* t_lo < t_hi <= n_tokens as unsigned: also 0 <= t_lo. */
-  if (!(sec_bytes >= KVC_QSEC_HEADER_BYTES + 4 && sec_bytes % 4 == 0 &&
-        (uint32_t)(n_tokens - 1) < (uint32_t)kMaxBlockTokens && (uint32_t)t_lo < (uint32_t)t_hi &&
-        (uint32_t)t_hi <= (uint32_t)n_tokens))
-    return SRC_BAD;
-  /* The header (kvc_qsec_header_t) in one load (sections are 16-aligned), checked on its words:
-   * h.x = mode | w_e << 8 | w_b << 16 | width << 24, h.y = (uint16_t)e_min | n_lanes << 16. */
+/* A quantized section's header (kvc_qsec_header_t), as v3_header reads it. */
+struct v3_hdr {
+  const uint32_t *w; /* the code words, after the header */
+  uint32_t nwords, w_e, w_b, width, b_min, pos_b, meta; /* pos_b, meta: bit offsets in w */
+  int e_min;
+  bool rel;
+};
+
+/* What a section must satisfy before its header is read: a header and a word, whole words, and
+ * t_lo < t_hi <= n_tokens <= kMaxBlockTokens (as unsigned: also 0 <= t_lo and 1 <= n_tokens).
+ * & rather than &&: one predicate. */
+__device__ __forceinline__ bool v3_shape_ok(uint32_t sec_bytes, int n_tokens, int t_lo, int t_hi) {
+  return (sec_bytes >= KVC_QSEC_HEADER_BYTES + 4) & (sec_bytes % 4 == 0) &
+         ((uint32_t)(n_tokens - 1) < (uint32_t)kMaxBlockTokens) &
+         ((uint32_t)t_lo < (uint32_t)t_hi) & ((uint32_t)t_hi <= (uint32_t)n_tokens);
+}
+
+/* Reads the header of a section of tensor TS (0 K, 1 V) that passed v3_shape_ok; false for one
+ * inconsistent with the format. No branches, so that two sections' reads can overlap. */
+template <int HD, int TS>
+__device__ __forceinline__ bool v3_header(const uint8_t *sec, uint32_t sec_bytes, int n_tokens,
+                                          v3_hdr &hd) {
+  /* In one load (sections are 16-aligned), checked on its words: h.x = mode | w_e << 8 | w_b << 16
+   * | width << 24, h.y = (uint16_t)e_min | n_lanes << 16. */
   const uint4 h = *(const uint4 *)sec;
-  const uint32_t w_e = __byte_perm(h.x, 0u, 0x4441), w_b = __byte_perm(h.x, 0u, 0x4442),
-                 width = h.x >> 24;
-  const bool rel = (h.x & 0xffu) == KVC_QMODE_REL;
+  hd.w_e = __byte_perm(h.x, 0u, 0x4441);
+  hd.w_b = __byte_perm(h.x, 0u, 0x4442);
+  hd.width = h.x >> 24;
+  hd.rel = (h.x & 0xffu) == KVC_QMODE_REL;
+  hd.e_min = (int)(int16_t)(h.y & 0xffffu);
+  hd.b_min = h.z;
+  hd.w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
+  hd.nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
+  const uint32_t G = hd.rel ? (TS == 0 ? (uint32_t)HD : (uint32_t)n_tokens) : (uint32_t)HD;
+  hd.pos_b = G * hd.w_e; /* 0 in absolute mode (w_e = 0) */
+  hd.meta = hd.pos_b + G * hd.w_b;
   /* mode <= 1 and w_b <= 31: bits 1-7 and 21-23 clear; width <= KVC_Q_MAX_BITS; w_e <= 16 (REL)
    * or 0 (ABS); e_min in [KVC_STEP_CODE_MIN, KVC_STEP_CODE_MAX] and n_lanes == 0 at once: with
-   * e_min's sign bit flipped, h.y is e_min + 32768 + n_lanes * 65536. */
-  if (!((h.x & 0x00e000feu) == 0 && h.x < ((KVC_Q_MAX_BITS + 1u) << 24) &&
-        w_e <= (rel ? 16u : 0u) &&
-        (h.y ^ 0x8000u) - (uint32_t)(32768 + KVC_STEP_CODE_MIN) <=
-            (uint32_t)(KVC_STEP_CODE_MAX - KVC_STEP_CODE_MIN)))
-    return SRC_BAD;
-  const int e_min = (int)(int16_t)(h.y & 0xffffu);
-  const int32_t b_min = (int32_t)h.z;
-  const uint32_t *const w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
-  const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
-  const uint32_t G = rel ? (TS == 0 ? (uint32_t)HD : (uint32_t)n_tokens) : (uint32_t)HD;
-  const uint32_t pos_b = G * w_e; /* 0 in absolute mode (w_e = 0) */
-  const uint32_t meta = pos_b + G * w_b;
-  /* Every code lies inside the section (load_run's runs and v3_field's fields end inside it):
-   * meta + n_tokens HD width (< 2^20) <= 32 nwords, i.e. its count of words rounded up
-   * <= nwords. */
-  if ((meta + (uint32_t)n_tokens * (HD * width) + 31u) >> 5 > nwords) return SRC_BAD;
-  /* s is written on the way out of SRC_GEN and SRC_FAST only (SRC_BAD's is never read), so that
-   * the early returns carry no register copies. */
-  const auto set_sec = [&](int mode, int e) { /* s.step: absolute mode's alone, set there */
-    s.w = w;
-    s.last = nwords - 1;
-    s.meta = meta;
-    s.width = (int)width;
-    s.mode = mode;
-    s.e = e;
-  };
-  if (!rel) {
-    /* Absolute mode: per-channel centres and the one step e_min, always SRC_GEN. */
-    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
-    constexpr int NGC = HD / 32;
-#pragma unroll
-    for (int i = 0; i < NGC; i++) {
-      const int pr = lane + 32 * (i / 2);
-      const int g = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
-      wb[g] = (int32_t)((uint32_t)b_min + v3_field(w, (uint32_t)g * w_b, w_b));
-    }
-    set_sec(2, 0);
-    s.step = v3_step(e_min);
-    return SRC_GEN;
-  }
-  /* This lane's groups: NG channels (HD / 32, k_channel pair order: pairs lane + 32 (i / 2), half
-   * i % 2) or tokens t_lo + lane + 32 i (a unit reads at most 64 rows of a page, aligned to 64
-   * page tokens); a token past t_hi reads token t_hi - 1's fields (inside the section, and its
-   * step code and base leave the reduction and the vote as they are) and writes no table entry
-   * (SRC_GEN) or zeros (SRC_FAST). */
-  constexpr int NG = TS == 0 ? HD / 32 : kUnitTokens / 32;
-  /* Per group: u = b - 2^W + 2048 (mod 2^32; SRC_FAST's condition on a base b is |b - 2^W| <=
-   * 2048, i.e. u <= 4096, so that (b - 2^W) / 2^W is exact in fp16) and E = e + 823, the step
-   * code as v3_step_x takes it. wpow: any power of two for widths past 8 (never SRC_FAST). */
-  const uint32_t wpow = 1u << width, cb = (uint32_t)b_min - wpow + 2048u;
-  const int ce = e_min + 823;
+   * e_min's sign bit flipped, h.y is e_min + 32768 + n_lanes * 65536. Then every code lies inside
+   * the section (load_run's runs and v3_field's fields end inside it): meta + n_tokens HD width
+   * (< 2^20 with the fields in range) <= 32 nwords, i.e. its count of words rounded up <=
+   * nwords. & rather than &&: one predicate, no branches. */
+  return ((h.x & 0x00e000feu) == 0) & (h.x < ((KVC_Q_MAX_BITS + 1u) << 24)) &
+         (hd.w_e <= (hd.rel ? 16u : 0u)) &
+         ((h.y ^ 0x8000u) - (uint32_t)(32768 + KVC_STEP_CODE_MIN) <=
+          (uint32_t)(KVC_STEP_CODE_MAX - KVC_STEP_CODE_MIN)) &
+         ((hd.meta + (uint32_t)n_tokens * (HD * hd.width) + 31u) >> 5 <= hd.nwords);
+}
+
+/* A lane's groups of a relative-mode section: NG channels (keys: HD / 32, k_channel pair order:
+ * pairs lane + 32 (i / 2), half i % 2, both channels of a pair in one lane, so SRC_FAST's key
+ * pairs need no exchange) or tokens t_lo + lane + 32 i (values: a unit reads at most 64 rows of a
+ * page, aligned to 64 page tokens). Per group u = b - 2^W + 2048 (mod 2^32; SRC_FAST's condition
+ * on a base b is |b - 2^W| <= 2048, i.e. u <= 4096, so that (b - 2^W) / 2^W is exact in fp16) and
+ * E = e + 823, the step code as v3_step_x takes it; in: the token is below t_hi (a token past it
+ * reads token t_hi - 1's fields, inside the section, whose step code and base leave emax and inb
+ * as they are). */
+template <int HD, int TS> struct v3_groups {
+  static constexpr int NG = TS == 0 ? HD / 32 : kUnitTokens / 32;
   uint32_t u[NG];
   int E[NG];
   bool in[NG];
+  int emax; /* the lane's largest E */
+  bool inb; /* every u of the lane <= 4096 */
+};
+
+/* The lane's groups of a relative-mode section whose header passed v3_header. No branches. */
+template <int HD, int TS>
+__device__ __forceinline__ void v3_groups_read(const v3_hdr &h, int t_lo, int t_hi,
+                                               v3_groups<HD, TS> &gr) {
+  constexpr int NG = v3_groups<HD, TS>::NG;
+  const int lane = lane_id();
+  const uint32_t *const w = h.w;
+  /* 1 << width: any power of two for widths past 8 (never SRC_FAST). */
+  const uint32_t cb = h.b_min - (1u << h.width) + 2048u;
+  const int ce = h.e_min + 823;
   uint32_t pb[NG], pe[NG], sb[NG], se[NG]; /* fields' first words and bit offsets (mod 32) */
-  int emax = ce;
-  bool inb = true;
+  gr.emax = ce;
+  gr.inb = true;
 #pragma unroll
   for (int i = 0; i < NG; i++) {
     if (TS == 0 ? i >= 2 : i >= 1) {
@@ -344,13 +342,13 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
        * after group i - 2's or i - 1's, at the same bit offset modulo 32 (a value token past t_hi
        * re-reads its partner's fields). */
       const int ip = TS == 0 ? i - 2 : i - 1;
-      uint32_t dw_b = TS == 0 ? 2 * w_b : w_b, dw_e = TS == 0 ? 2 * w_e : w_e;
+      uint32_t dw_b = TS == 0 ? 2 * h.w_b : h.w_b, dw_e = TS == 0 ? 2 * h.w_e : h.w_e;
       if constexpr (TS == 1) {
-        in[i] = t_lo + lane + 32 * i < t_hi;
-        dw_b = in[i] ? dw_b : 0u;
-        dw_e = in[i] ? dw_e : 0u;
+        gr.in[i] = t_lo + lane + 32 * i < t_hi;
+        dw_b = gr.in[i] ? dw_b : 0u;
+        dw_e = gr.in[i] ? dw_e : 0u;
       } else {
-        in[i] = true;
+        gr.in[i] = true;
       }
       pb[i] = pb[ip] + dw_b;
       pe[i] = pe[ip] + dw_e;
@@ -362,84 +360,193 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
         /* k_channel(lane / (HD / 8), lane % (HD / 8), i) = lane % 8 + 16 (lane / 8) + 8 i, i.e.
          * lane + (lane & 24) + 8 i (head_dim 64 and 128). */
         g = (uint32_t)(lane + (lane & 24) + 8 * i);
-        in[i] = true;
+        gr.in[i] = true;
       } else {
         const int tk = t_lo + lane + 32 * i;
-        in[i] = tk < t_hi;
+        gr.in[i] = tk < t_hi;
         g = (uint32_t)min(tk, t_hi - 1);
       }
-      sb[i] = pos_b + g * w_b;
-      se[i] = g * w_e;
+      sb[i] = h.pos_b + g * h.w_b;
+      se[i] = g * h.w_e;
       pb[i] = sb[i] >> 5;
       pe[i] = se[i] >> 5;
     }
-    u[i] = kvc_dev_top(__funnelshift_l(w[pb[i] + 1], w[pb[i]], sb[i]), w_b) + cb;
-    E[i] = (int)kvc_dev_top(__funnelshift_l(w[pe[i] + 1], w[pe[i]], se[i]), w_e) + ce;
-    emax = max(emax, E[i]);
-    inb &= u[i] <= 4096u;
+    gr.u[i] = kvc_dev_top(__funnelshift_l(w[pb[i] + 1], w[pb[i]], sb[i]), h.w_b) + cb;
+    gr.E[i] = (int)kvc_dev_top(__funnelshift_l(w[pe[i] + 1], w[pe[i]], se[i]), h.w_e) + ce;
+    gr.emax = max(gr.emax, gr.E[i]);
+    gr.inb &= gr.u[i] <= 4096u;
   }
-  emax = __reduce_max_sync(0xffffffffu, emax);
-  if (emax > KVC_STEP_CODE_MAX + 823) return SRC_BAD;
-  /* fp16 only (bf16's 8-bit significand cannot hold the bases exactly); width 0 is a constant
-   * section, cheap on the generic path. */
-  bool fast = width - 1u < 8u && kFast16<T>;
-  int e = 0;
-  if (fast) {
-    /* The folded steps step * 2^-e in (0, 1] (step(emax) in [2^(emax >> 3), 2^((emax >> 3) + 1)):
-     * the largest lands in [1/2, 1) at e_need), with e small enough that O^T's rescaling factors
-     * stay normal floats. (emax >> 3) + 1 of the unbiased code: 823 + 1 = 103 * 8. */
-    const int e_need = ((emax + 1) >> 3) - 102;
-    e = TS == 1 && (uint32_t)(e_keep - e_need) <= 3u ? e_keep : e_need; /* e_need..e_need + 3 */
-    fast = __all_sync(0xffffffffu, inb) && e >= -60 && e <= 60;
-  }
-  if (!fast) {
-    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
-    float *ws = (float *)(scr + (TS ? v3_scratch::vstep : v3_scratch::kstep));
+}
+
+/* The power of two SRC_FAST folds out of a section's steps, from the warp's largest step code
+ * emax: the folded steps step * 2^-e in (0, 1] (step(emax) in [2^(emax >> 3), 2^((emax >> 3) +
+ * 1)): the largest lands in [1/2, 1) at e_need), with e small enough that O^T's rescaling factors
+ * stay normal floats (the caller checks |e| <= 60). (emax >> 3) + 1 of the unbiased code: 823 + 1
+ * = 103 * 8. Values keep e_keep, O^T's, when it suits (no rescale). */
+template <int TS> __device__ __forceinline__ int v3_fast_e(int emax, int e_keep) {
+  const int e_need = ((emax + 1) >> 3) - 102;
+  return TS == 1 && (uint32_t)(e_keep - e_need) <= 3u ? e_keep : e_need; /* e_need..e_need + 3 */
+}
+
+/* v3_sec of a section read by v3_header (s.step: absolute mode's alone, set there). Written only
+ * on the way out of SRC_GEN and SRC_FAST (SRC_BAD's is never read), so that the early returns
+ * carry no register copies. */
+__device__ __forceinline__ void v3_set_sec(const v3_hdr &h, int mode, int e, v3_sec &s) {
+  s.w = h.w;
+  s.last = h.nwords - 1;
+  s.meta = h.meta;
+  s.width = (int)h.width;
+  s.mode = mode;
+  s.e = e;
+}
+
+/* SRC_GEN's tables of a relative-mode section: its groups' bases and steps. */
+template <int HD, int TS>
+__device__ __forceinline__ void v3_gen_tables(const v3_hdr &h, const v3_groups<HD, TS> &gr,
+                                              int t_lo, uint8_t *scr, v3_sec &s) {
+  const int lane = lane_id();
+  int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
+  float *ws = (float *)(scr + (TS ? v3_scratch::vstep : v3_scratch::kstep));
 #pragma unroll
-    for (int i = 0; i < NG; i++)
-      if (in[i]) {
-        int x;
-        if constexpr (TS == 0) {
-          const int pr = lane + 32 * (i / 2);
-          x = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
-        } else {
-          x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
-        }
-        wb[x] = (int32_t)(u[i] + wpow - 2048u);
-        ws[x] = v3_step_x(E[i]);
+  for (int i = 0; i < v3_groups<HD, TS>::NG; i++)
+    if (gr.in[i]) {
+      int x;
+      if constexpr (TS == 0) {
+        const int pr = lane + 32 * (i / 2);
+        x = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
+      } else {
+        x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
       }
-    set_sec(TS, 0);
-    return SRC_GEN;
-  }
+      wb[x] = (int32_t)(gr.u[i] + (1u << h.width) - 2048u);
+      ws[x] = v3_step_x(gr.E[i]);
+    }
+  v3_set_sec(h, TS, 0, s);
+}
+
+/* SRC_FAST's tables of a relative-mode section of width 1..8 with the folded power of two e. */
+template <int HD, int TS>
+__device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<HD, TS> &gr,
+                                               int t_lo, int e, uint8_t *scr, v3_sec &s) {
+  const int lane = lane_id();
   /* (b - 2^W) / 2^W = u / 2^W - 2048 / 2^W in one FFMA, exact (u <= 4096; +0 for b = 2^W). */
-  const float inv = pow2i(-e), winv = pow2i(-(int)width), wofs = -2048.f * winv;
+  const float inv = pow2i(-e), winv = pow2i(-(int)h.width), wofs = -2048.f * winv;
   if constexpr (TS == 0) {
 #pragma unroll
-    for (int i = 0; i < NG; i += 2) {
+    for (int i = 0; i < v3_groups<HD, TS>::NG; i += 2) {
       /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. uint4
        * j * (HD / 16) + pi / 2, its pi % 2-th step and base pairs. */
       const int pr = lane + 32 * (i / 2);
       /* word 4 (pr / 2) + pr % 2 */
       uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + (pr + (pr & ~1));
-      kq[0] = pack2<__half>(v3_step_x(E[i]) * inv, v3_step_x(E[i + 1]) * inv);
-      kq[2] = pack2<__half>(fmaf(__uint2float_rn(u[i]), winv, wofs),
-                            fmaf(__uint2float_rn(u[i + 1]), winv, wofs));
+      kq[0] = pack2<__half>(v3_step_x(gr.E[i]) * inv, v3_step_x(gr.E[i + 1]) * inv);
+      kq[2] = pack2<__half>(fmaf(__uint2float_rn(gr.u[i]), winv, wofs),
+                            fmaf(__uint2float_rn(gr.u[i + 1]), winv, wofs));
     }
-    set_sec(TS, e + (int)width); /* S^T's unit: (u + b) / 2^W times Q * step * 2^-e */
+    v3_set_sec(h, TS, e + (int)h.width, s); /* S^T's unit: (u + b) / 2^W times Q * step * 2^-e */
   } else {
     /* Every one of the 64 entries (tokens past t_hi: 0). */
-    const float fw = pow2i((int)width);
+    const float fw = pow2i((int)h.width);
 #pragma unroll
-    for (int i = 0; i < NG; i++) {
+    for (int i = 0; i < v3_groups<HD, TS>::NG; i++) {
       /* A token past t_hi: +0 from the operands (2048 / 2^W - 2048 / 2^W, step * 2^-e * +0). */
       const int x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
-      ((float *)(scr + v3_scratch::vmul))[x] = v3_step_x(E[i]) * inv * (in[i] ? fw : 0.f);
+      ((float *)(scr + v3_scratch::vmul))[x] = v3_step_x(gr.E[i]) * inv * (gr.in[i] ? fw : 0.f);
       ((float *)(scr + v3_scratch::vbt))[x] =
-          fmaf(__uint2float_rn(in[i] ? u[i] : 2048u), winv, wofs);
+          fmaf(__uint2float_rn(gr.in[i] ? gr.u[i] : 2048u), winv, wofs);
     }
-    set_sec(TS, e);
+    v3_set_sec(h, TS, e, s);
   }
+}
+
+/*
+ * Reads the header of a quantized section (sec, sec_bytes in the ring) of tensor TS (0 K, 1 V) of
+ * a page of n_tokens, and fills the warp's scratch with what the builders need for page tokens
+ * [t_lo, t_hi): group bases and steps (SRC_GEN), or SRC_FAST's tables. e_keep (values only): the
+ * exponent the warp's O^T accumulates in, kept when it suits the section's steps (no rescale).
+ * Warp-cooperative; returns the source kind (SRC_FAST, SRC_GEN or SRC_BAD for a section
+ * inconsistent with the format), the same in every lane. The scratch of the tensor is rewritten:
+ * the caller's earlier reads of it must be done, and its reads of what this writes wait for a
+ * __syncwarp.
+ * Each lane computes its groups' bases and step codes in registers (v3_groups) and writes only the
+ * tables of the path chosen. One warp reduction (the largest step code: damaged codes and the
+ * folded exponent) and one vote (every base in SRC_FAST's range) decide the path.
+ */
+template <int HD, class T, int TS>
+__device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes,
+                                                int n_tokens, int t_lo, int t_hi, int e_keep,
+                                                uint8_t *scr, v3_sec &s) {
+  if (!v3_shape_ok(sec_bytes, n_tokens, t_lo, t_hi)) return SRC_BAD;
+  v3_hdr h;
+  if (!v3_header<HD, TS>(sec, sec_bytes, n_tokens, h)) return SRC_BAD;
+  if (!h.rel) {
+    /* Absolute mode: per-channel centres and the one step e_min, always SRC_GEN. */
+    const int lane = lane_id();
+    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
+    constexpr int NGC = HD / 32;
+#pragma unroll
+    for (int i = 0; i < NGC; i++) {
+      const int pr = lane + 32 * (i / 2);
+      const int g = k_channel<HD>(pr / (HD / 8), pr % (HD / 8), i % 2);
+      wb[g] = (int32_t)(h.b_min + v3_field(h.w, (uint32_t)g * h.w_b, h.w_b));
+    }
+    v3_set_sec(h, 2, 0, s);
+    s.step = v3_step(h.e_min);
+    return SRC_GEN;
+  }
+  v3_groups<HD, TS> gr;
+  v3_groups_read<HD, TS>(h, t_lo, t_hi, gr);
+  const int emax = __reduce_max_sync(0xffffffffu, gr.emax);
+  if (emax > KVC_STEP_CODE_MAX + 823) return SRC_BAD;
+  /* fp16 only (bf16's 8-bit significand cannot hold the bases exactly); width 0 is a constant
+   * section, cheap on the generic path. */
+  bool fast = h.width - 1u < 8u && kFast16<T>;
+  int e = 0;
+  if (fast) {
+    e = v3_fast_e<TS>(emax, e_keep);
+    fast = __all_sync(0xffffffffu, gr.inb) && e >= -60 && e <= 60;
+  }
+  if (!fast) {
+    v3_gen_tables<HD, TS>(h, gr, t_lo, scr, s);
+    return SRC_GEN;
+  }
+  v3_fast_tables<HD, TS>(h, gr, t_lo, e, scr, s);
   return SRC_FAST;
+}
+
+/*
+ * Both sections of a bit-pack page (e_keep, scr: as v3_setup_section) when both are SRC_FAST, the
+ * common case, read side by side: each section's setup is a chain of dependent steps (header,
+ * fields, reduction, vote, tables), and with the two chains in the same basic blocks each fills
+ * the other's latencies. One branch per step for both. Returns true iff v3_setup_section would
+ * return SRC_FAST for both, having written the same scratch and v3_secs; false (nothing written)
+ * otherwise, and the caller runs v3_setup_section on each. (e <= 60 implies the step code check
+ * that v3_setup_section makes first: e >= e_need, and e_need <= 60 needs emax <= 163 * 8 - 2,
+ * below KVC_STEP_CODE_MAX + 823.)
+ */
+template <int HD>
+__device__ __forceinline__ bool v3_setup_fast_pair(const unit_page &pg, const uint8_t *ub,
+                                                   int e_keep, uint8_t *scr, v3_sec &ks,
+                                                   v3_sec &vs) {
+  const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
+  if (!(v3_shape_ok(pg.k_bytes, pg.n_tokens, t_lo, t_hi) &
+        v3_shape_ok(pg.v_bytes, pg.n_tokens, t_lo, t_hi)))
+    return false;
+  v3_hdr hk, hv;
+  const bool kok = v3_header<HD, 0>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, hk);
+  const bool vok = v3_header<HD, 1>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, hv);
+  if (!(kok & vok & hk.rel & hv.rel & (hk.width - 1u < 8u) & (hv.width - 1u < 8u))) return false;
+  v3_groups<HD, 0> gk;
+  v3_groups<HD, 1> gv;
+  v3_groups_read<HD, 0>(hk, t_lo, t_hi, gk);
+  v3_groups_read<HD, 1>(hv, t_lo, t_hi, gv);
+  const int ek = v3_fast_e<0>(__reduce_max_sync(0xffffffffu, gk.emax), 0);
+  const int ev = v3_fast_e<1>(__reduce_max_sync(0xffffffffu, gv.emax), e_keep);
+  if (!(__all_sync(0xffffffffu, gk.inb & gv.inb) & ((uint32_t)(ek + 60) <= 120u) &
+        ((uint32_t)(ev + 60) <= 120u)))
+    return false;
+  v3_fast_tables<HD, 0>(hk, gk, t_lo, ek, scr, ks);
+  v3_fast_tables<HD, 1>(hv, gv, t_lo, ev, scr, vs);
+  return true;
 }
 
 /* The exact value of code (t, d) of a section, as the CPU decoder computes it. */
@@ -515,7 +622,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
                                        uint32_t magic, float (&s)[2][NB][4]) {
   constexpr int NC = HD / 4, NA = (NC * W + 31) / 32;
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
-  const float2 *kc = (const float2 *)(scr + v3_scratch::kc) + (threadIdx.x & 31) * NB;
+  const float2 *kc = (const float2 *)(scr + v3_scratch::kc) + lane_id() * NB;
 #pragma unroll
   for (int nb = 0; nb < NB; nb++) {
     const float2 k0 = kc[nb];
@@ -552,11 +659,15 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
 template <int HD, int NB>
 __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb) {
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
-  float acc[NB][4];
+  /* Two mma chains (even and odd k-blocks), as in s_fast: this runs between the page setup and
+   * the page's first softmax, on the unit's serial path. */
+  float acc[2][NB][4];
 #pragma unroll
-  for (int nb = 0; nb < NB; nb++)
+  for (int p = 0; p < 2; p++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) acc[nb][e] = 0.f;
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[p][nb][e] = 0.f;
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
     const uint4 sb = kq[kb];
@@ -565,12 +676,13 @@ __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<
     for (int nb = 0; nb < NB; nb++) {
       uint32_t q0, q1;
       q_scaled<HD, NB>(qb, nb, kb, sb.x, sb.y, q0, q1);
-      mma16816<__half>(acc[nb], av, q0, q1);
+      mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
     }
   }
-  float2 *kc = (float2 *)(scr + v3_scratch::kc) + (threadIdx.x & 31) * NB;
+  float2 *kc = (float2 *)(scr + v3_scratch::kc) + lane_id() * NB;
 #pragma unroll
-  for (int nb = 0; nb < NB; nb++) kc[nb] = make_float2(acc[nb][0], acc[nb][1]);
+  for (int nb = 0; nb < NB; nb++)
+    kc[nb] = make_float2(acc[0][nb][0] + acc[1][nb][0], acc[0][nb][1] + acc[1][nb][1]);
 }
 
 /* The generic path is rare (non-default sections): k-block by k-block, not unrolled, so that it
@@ -596,28 +708,34 @@ __device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int
   }
 }
 
+/* The builder of a page's operands, as one switch value: 0 rows, W in 1..8 SRC_FAST of width W,
+ * 9 SRC_GEN (HUF's sources have their own builders). v3_s and v3_pv switch on it once per slab:
+ * the kind and width tests before them were a tree of up to six dependent branches per tensor
+ * and slab. (bf16 instances never see SRC_FAST.) */
+__device__ __forceinline__ int v3_sel(const v3_src &s) {
+  return s.kind == SRC_FAST ? s.sec.width : s.kind == SRC_ROWS ? 0 : 9;
+}
+
 /* S^T from source ks for rows tr of the current page's rows in the unit. */
 template <int HD, class T, int NB>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,
                                      uint32_t magic, float (&s)[2][NB][4]) {
-  if (ks.kind == SRC_ROWS) {
+  const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
+  switch (v3_sel(ks)) {
+  case 0: {
     const uint8_t *row[2] = {ks.rows + tr[0] * (2 * HD), ks.rows + tr[1] * (2 * HD)};
     s_rows<HD, T, NB>(row, c, qb, s);
-    return;
+    break;
   }
-  const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
-  if (ks.kind == SRC_GEN || !kFast16<T>) {
-    s_gen<HD, T, NB>(ks.sec, scr, c, pt, qb, s);
-  } else if constexpr (kFast16<T>) {
-    switch (ks.sec.width) {
 #define KVC__KF(W)                                                                                 \
   case W:                                                                                          \
-    s_fast<HD, W, NB>(ks.sec, scr, c, pt, qb, magic, s);                                           \
+    if constexpr (kFast16<T>) s_fast<HD, W, NB>(ks.sec, scr, c, pt, qb, magic, s);                 \
     break;
-      KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
+    KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
 #undef KVC__KF
-    }
+  default:
+    s_gen<HD, T, NB>(ks.sec, scr, c, pt, qb, s);
   }
 }
 
@@ -705,24 +823,22 @@ template <int HD, class T, int NB>
 __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int g,
                                       const int (&tv)[4], const uint32_t (&pb)[NB][2],
                                       uint32_t magic, oacc_t<HD, NB> &o) {
-  if (vs.kind == SRC_ROWS) {
+  const int pt[4] = {vs.ptok0 + tv[0], vs.ptok0 + tv[1], vs.ptok0 + tv[2], vs.ptok0 + tv[3]};
+  switch (v3_sel(vs)) {
+  case 0: {
     const uint8_t *row[4] = {vs.rows + tv[0] * (2 * HD), vs.rows + tv[1] * (2 * HD),
                              vs.rows + tv[2] * (2 * HD), vs.rows + tv[3] * (2 * HD)};
     pv_rows<HD, T, NB>(row, g, pb, o);
-    return;
+    break;
   }
-  const int pt[4] = {vs.ptok0 + tv[0], vs.ptok0 + tv[1], vs.ptok0 + tv[2], vs.ptok0 + tv[3]};
-  if (vs.kind == SRC_GEN || !kFast16<T>) {
-    pv_gen<HD, T, NB>(vs.sec, scr, g, pt, pb, o);
-  } else if constexpr (kFast16<T>) {
-    switch (vs.sec.width) {
 #define KVC__PV(W)                                                                                 \
   case W:                                                                                          \
-    pv_fast<HD, W, NB>(vs.sec, g, pt, pb, magic, o);                                               \
+    if constexpr (kFast16<T>) pv_fast<HD, W, NB>(vs.sec, g, pt, pb, magic, o);                     \
     break;
-      KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
+    KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
 #undef KVC__PV
-    }
+  default:
+    pv_gen<HD, T, NB>(vs.sec, scr, g, pt, pb, o);
   }
 }
 
@@ -755,11 +871,17 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
   /* Huffman without HUF (or unknown): the launcher should have chosen another instance. */
   if (pg.cls != PG_BITPACK) return false;
   __syncwarp(); /* the previous page's readers are done with the scratch */
-  const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
-  ks.kind = v3_setup_section<HD, T, 0>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, t_lo, t_hi, 0, scr,
-                                       ks.sec);
-  vs.kind = v3_setup_section<HD, T, 1>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, t_lo, t_hi, e_keep,
-                                       scr, vs.sec);
+  bool both_fast = false;
+  if constexpr (kFast16<T>) both_fast = v3_setup_fast_pair<HD>(pg, ub, e_keep, scr, ks.sec, vs.sec);
+  if (both_fast) {
+    ks.kind = vs.kind = SRC_FAST;
+  } else {
+    const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
+    ks.kind = v3_setup_section<HD, T, 0>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, t_lo, t_hi, 0,
+                                         scr, ks.sec);
+    vs.kind = v3_setup_section<HD, T, 1>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, t_lo, t_hi,
+                                         e_keep, scr, vs.sec);
+  }
   __syncwarp();
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
 }
@@ -774,7 +896,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   typedef typename LO::type SL;
   constexpr int NE = 8 * NB;
   extern __shared__ __align__(128) uint8_t smem[];
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = lane_id(), g = lane >> 2, c = lane & 3;
   const int seq = blockIdx.z, kh = blockIdx.y;
   const int qt = blockIdx.x % p.qtiles, split = blockIdx.x / p.qtiles;
   const int q0 = p.qo_indptr[seq], nq = p.qo_indptr[seq + 1] - q0, len = p.kv_len[seq];
@@ -923,157 +1045,182 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       for (int nb = 0; nb < NB; nb++)
 #pragma unroll
         for (int x = 0; x < 2; x++) lim[nb][x] = min(n_valid, pos[nb][x] - token0 + 1);
-      v3_src ks, vs;
-      float kmul = 0.f; /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
-      int cur = -1;
-      for (int b = slab(it, 0); ok && b < slab(it, 1); b++) {
-        const int tb = 16 * b;
-        if (tb >= n_valid || token0 + tb > pos_warp) break; /* nothing visible from here on */
-        const int q = tb >> ubt_lg;
+      /* The item's slabs up to the last one a row of the warp can see (tb < n_valid and token0
+       * + tb <= pos_warp; none when either bound is negative). */
+      const int b_end = min(slab(it, 1), (min(n_valid - 1, pos_warp - token0) >> 4) + 1);
+      /* Page by page: its setup once, then its slabs (a page holds 1..4 whole slabs: 2^ubt_lg
+       * rows, 16..64), so that the slabs' bookkeeping is per page. */
+      for (int b = slab(it, 0); ok && b < b_end;) {
+        const int q = (16 * b) >> ubt_lg;
+        const int b_pg = min(b_end, ((q + 1) << ubt_lg) >> 4); /* past the page's last slab */
         const unit_page pg = d->pages[q];
-        if (q != cur) {
-          cur = q;
-          ok = v3_page_setup<HD, T, HUF>(pg, ub, scr, harea, e_o, ks, vs);
-          if (!ok) break;
-          kmul = p.scale_log2;
-          if (ks.kind == SRC_FAST) {
-            kmul *= pow2i(ks.sec.e);
-            s_fast_const<HD, NB>(scr, c, qb);
-            __syncwarp();
-          }
-          /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
-          const int ev = vs.kind == SRC_FAST ? vs.sec.e : 0;
-          if (ev != e_o) {
-            const float f = pow2i(e_o - ev);
-#pragma unroll
-            for (int mt = 0; mt < HD / 16; mt++)
-#pragma unroll
-              for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) o[mt][nb][e] *= f;
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++) {
-              vcorr[nb][0] *= f;
-              vcorr[nb][1] *= f;
-            }
-            e_o = ev;
-          }
+        v3_src ks, vs;
+        ok = v3_page_setup<HD, T, HUF>(pg, ub, scr, harea, e_o, ks, vs);
+        if (!ok) break;
+        /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
+        float kmul = p.scale_log2;
+        if (ks.kind == SRC_FAST) {
+          kmul *= pow2i(ks.sec.e);
+          s_fast_const<HD, NB>(scr, c, qb);
+          __syncwarp();
         }
-        /* Unit row r of this page is page row min(r - row0, nrows - 1): rows past the page's
-         * (masked below) read its last row, so that they stay finite and inside the section. */
-        auto prow = [&](int r) { return min(r - pg.row0, pg.nrows - 1); };
-        /* S^T for tokens tb + g, tb + g + 8. */
-        float s[2][NB][4];
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-#pragma unroll
-          for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
-        const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
-        bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
-        if constexpr (HUF) huf = ks.kind >= SRC_HUF;
-        if (huf) {
-          if constexpr (HUF) {
-            /* The slab's page tokens [a, a + nr) through the tile (tile row = page row - r0). */
-            const int r0 = tb - pg.row0, a = pg.ptok0 + r0, nr = min(16, pg.nrows - r0);
-            uint8_t *tile = harea + v3h_area<HD>::tile;
-            __syncwarp(); /* the previous slab's O^T update is done with the tile */
-            ok &= v3h_slab<HD, T>(ks, 0, scr, harea, a, nr);
-            __syncwarp();
-            v3h_s<HD, T, NB>(tile, g, c, nr, qb, s);
-            /* V's slab next, into the same tile (S's loads have returned): its independent
-             * decode chains overlap S's mma chains and the softmax. */
-            __syncwarp();
-            ok &= v3h_slab<HD, T>(vs, 1, scr, harea, a, nr);
-            __syncwarp();
-          }
-        } else {
-          v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
-        }
-        /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running maximum
-         * moves only when one of its scores exceeds it by more than kMaxSlack: until then P =
-         * 2^(s - m) < 2^kMaxSlack, and the slab needs no shuffles for the maximum (most slabs once
-         * the first tokens are in). When it moves, it moves to the exact maximum. */
-        float sx[NB][4];
-        bool grow = false;
-#pragma unroll
-        for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const bool visible = tb + g + 8 * (e >> 1) < lim[nb][e & 1];
-            sx[nb][e] = visible ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
-            grow |= sx[nb][e] > m[nb][e & 1] + kMaxSlack;
-          }
-        if (__any_sync(0xffffffffu, grow)) {
-          float cf[NB][2];
-#pragma unroll
-          for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-            for (int x = 0; x < 2; x++) {
-              /* The maximum over the tokens, i.e. over g. */
-              float mx = fmaxf(sx[nb][x], sx[nb][x + 2]);
-#pragma unroll
-              for (int o2 = 4; o2 <= 16; o2 <<= 1)
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
-              const float mn = fmaxf(m[nb][x], mx);
-              cf[nb][x] = mn == -INFINITY ? 1.f : ex2_ftz(m[nb][x] - mn);
-              m[nb][x] = mn;
-              l[nb][x] *= cf[nb][x];
-              vcorr[nb][x] *= cf[nb][x];
-            }
+        /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
+        const int ev = vs.kind == SRC_FAST ? vs.sec.e : 0;
+        if (ev != e_o) {
+          const float f = pow2i(e_o - ev);
 #pragma unroll
           for (int mt = 0; mt < HD / 16; mt++)
 #pragma unroll
             for (int nb = 0; nb < NB; nb++)
 #pragma unroll
-              for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
-        }
-        /* P^T as the B operand: S^T's accumulator pairs (token g or g+8, entries 2c, 2c+1)
-         * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). */
-        float pv[NB][4];
-#pragma unroll
-        for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            /* A row with nothing visible yet keeps max -inf; subtract 0 so that exp2 gives 0. */
-            const float mu = m[nb][e & 1] == -INFINITY ? 0.f : m[nb][e & 1];
-            pv[nb][e] = ex2_ftz(sx[nb][e] - mu);
-            l[nb][e & 1] += pv[nb][e];
-          }
-        uint32_t pb[NB][2];
-        if (kFast16<T> && vs.kind == SRC_FAST) {
-          /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases and 1 go to
-           * vcorr, from P' rounded as the mma takes it. */
-          const float *vmul = (const float *)(scr + v3_scratch::vmul);
-          const float *vbt = (const float *)(scr + v3_scratch::vbt);
-          const int t0 = (vs.ptok0 + tr[0]) & (kUnitTokens - 1);
-          const int t1 = (vs.ptok0 + tr[1]) & (kUnitTokens - 1);
-          const float vm0 = vmul[t0], vm1 = vmul[t1], vb0 = vbt[t0], vb1 = vbt[t1];
+              for (int e = 0; e < 4; e++) o[mt][nb][e] *= f;
 #pragma unroll
           for (int nb = 0; nb < NB; nb++) {
-            const uint32_t p0 = pack2<T>(pv[nb][0] * vm0, pv[nb][1] * vm0);
-            const uint32_t p1 = pack2<T>(pv[nb][2] * vm1, pv[nb][3] * vm1);
-            const float2 f0 = __half22float2(as_h2<__half2>(p0));
-            const float2 f1 = __half22float2(as_h2<__half2>(p1));
-            vcorr[nb][0] += f0.x * vb0 + f1.x * vb1;
-            vcorr[nb][1] += f0.y * vb0 + f1.y * vb1;
-            pb[nb][0] = movmatrix_trans(p0);
-            pb[nb][1] = movmatrix_trans(p1);
+            vcorr[nb][0] *= f;
+            vcorr[nb][1] *= f;
           }
-        } else {
-#pragma unroll
-          for (int nb = 0; nb < NB; nb++) {
-            pb[nb][0] = movmatrix_trans(pack2<T>(pv[nb][0], pv[nb][1]));
-            pb[nb][1] = movmatrix_trans(pack2<T>(pv[nb][2], pv[nb][3]));
-          }
+          e_o = ev;
         }
-        const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
-                           prow(tb + 2 * c + 9)};
-        if (huf) {
-          if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
-        } else {
-          v3_pv<HD, T, NB>(vs, scr, g, tv, pb, magic, o);
+        /* Unit row r of this page is page row min(r - row0, nrows - 1): rows past the page's
+         * (masked below) read its last row, so that they stay finite and inside the section. */
+        auto prow = [&](int r) { return min(r - pg.row0, pg.nrows - 1); };
+        for (; ok && b < b_pg; b++) {
+          const int tb = 16 * b;
+          /* S^T for tokens tb + g, tb + g + 8. */
+          float s[2][NB][4];
+#pragma unroll
+          for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
+          const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
+          /* SRC_FAST values' factors of tokens tr (P' and vcorr below), loaded at the slab's start
+           * so that S and the softmax hide their latency: loaded after the softmax (ptxas sinks
+           * them there from anywhere after S), they held P' up by a round trip. Loaded for every
+           * page (no branch; only SRC_FAST's are used): the scratch is written only by the page
+           * setups, between warp syncs. */
+          const bool vfast = kFast16<T> && vs.kind == SRC_FAST;
+          float vm[2], vb[2];
+#pragma unroll
+          for (int h = 0; h < 2; h++) {
+            const int t = (vs.ptok0 + tr[h]) & (kUnitTokens - 1);
+            vm[h] = ((const float *)(scr + v3_scratch::vmul))[t];
+            vb[h] = ((const float *)(scr + v3_scratch::vbt))[t];
+          }
+          bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
+          if constexpr (HUF) huf = ks.kind >= SRC_HUF;
+          if (huf) {
+            if constexpr (HUF) {
+              /* The slab's page tokens [a, a + nr) through the tile (tile row = page row - r0). */
+              const int r0 = tb - pg.row0, a = pg.ptok0 + r0, nr = min(16, pg.nrows - r0);
+              uint8_t *tile = harea + v3h_area<HD>::tile;
+              __syncwarp(); /* the previous slab's O^T update is done with the tile */
+              ok &= v3h_slab<HD, T>(ks, 0, scr, harea, a, nr);
+              __syncwarp();
+              v3h_s<HD, T, NB>(tile, g, c, nr, qb, s);
+              /* V's slab next, into the same tile (S's loads have returned): its independent
+               * decode chains overlap S's mma chains and the softmax. */
+              __syncwarp();
+              ok &= v3h_slab<HD, T>(vs, 1, scr, harea, a, nr);
+              __syncwarp();
+            }
+          } else {
+            v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
+          }
+          /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
+           * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until
+           * then P = 2^(s - m) < 2^kMaxSlack, and the slab needs no shuffles for the maximum (most
+           * slabs once the first tokens are in). When it moves, it moves to the exact maximum.
+           * sx: the scores relative to the maximum, s kmul - m in one FFMA (+inf while m is -inf,
+           * so that any visible score moves it), -inf for rows not visible. */
+          auto visible = [&](int nb, int e) { return tb + g + 8 * (e >> 1) < lim[nb][e & 1]; };
+          float sx[NB][4];
+          bool grow = false;
+#pragma unroll
+          for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+              sx[nb][e] = visible(nb, e)
+                              ? fmaf(s[0][nb][e] + s[1][nb][e], kmul, -m[nb][e & 1])
+                              : -INFINITY;
+              grow |= sx[nb][e] > kMaxSlack;
+            }
+          if (__any_sync(0xffffffffu, grow)) {
+            /* The scores themselves, their maximum over the tokens (over g), and sx again. */
+            float sa[NB][4], cf[NB][2];
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++)
+                sa[nb][e] = visible(nb, e) ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int x = 0; x < 2; x++) {
+                float mx = fmaxf(sa[nb][x], sa[nb][x + 2]);
+#pragma unroll
+                for (int o2 = 4; o2 <= 16; o2 <<= 1)
+                  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+                const float mn = fmaxf(m[nb][x], mx);
+                cf[nb][x] = mn == -INFINITY ? 1.f : ex2_ftz(m[nb][x] - mn);
+                m[nb][x] = mn;
+                l[nb][x] *= cf[nb][x];
+                vcorr[nb][x] *= cf[nb][x];
+              }
+            /* A visible score has a finite maximum; the others stay -inf (an entry with nothing
+             * visible yet keeps m = -inf, and -inf - m would be NaN). */
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++)
+                sx[nb][e] = visible(nb, e) ? sa[nb][e] - m[nb][e & 1] : -INFINITY;
+#pragma unroll
+            for (int mt = 0; mt < HD / 16; mt++)
+#pragma unroll
+              for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
+          }
+          /* P^T as the B operand: S^T's accumulator pairs (token g or g+8, entries 2c, 2c+1)
+           * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). */
+          float pv[NB][4];
+#pragma unroll
+          for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+              pv[nb][e] = ex2_ftz(sx[nb][e]);
+              l[nb][e & 1] += pv[nb][e];
+            }
+          uint32_t pb[NB][2];
+          if (vfast) {
+            /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases and 1 go to
+             * vcorr, from P' rounded as the mma takes it. */
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+              const uint32_t p0 = pack2<T>(pv[nb][0] * vm[0], pv[nb][1] * vm[0]);
+              const uint32_t p1 = pack2<T>(pv[nb][2] * vm[1], pv[nb][3] * vm[1]);
+              const float2 f0 = __half22float2(as_h2<__half2>(p0));
+              const float2 f1 = __half22float2(as_h2<__half2>(p1));
+              vcorr[nb][0] += f0.x * vb[0] + f1.x * vb[1];
+              vcorr[nb][1] += f0.y * vb[0] + f1.y * vb[1];
+              pb[nb][0] = movmatrix_trans(p0);
+              pb[nb][1] = movmatrix_trans(p1);
+            }
+          } else {
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+              pb[nb][0] = movmatrix_trans(pack2<T>(pv[nb][0], pv[nb][1]));
+              pb[nb][1] = movmatrix_trans(pack2<T>(pv[nb][2], pv[nb][3]));
+            }
+          }
+          const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
+                             prow(tb + 2 * c + 9)};
+          if (huf) {
+            if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
+          } else {
+            v3_pv<HD, T, NB>(vs, scr, g, tv, pb, magic, o);
+          }
         }
       }
       bad |= !ok;

@@ -473,7 +473,11 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
     if (lane == slot) live_off = off;
     /* Issue the copies. */
     if (SL::bulk) {
-      if (lane == 0 && flags == 0) {
+      /* Lane 0 copies the K sections, lane 1 the V sections: the two chains of chunk lookups and
+       * copies side by side (each adds its bytes to the phase's transaction count before it
+       * arrives). */
+      if (lane < 2 && flags == 0) {
+        const bool v = lane == 1;
         uint32_t bytes = 0;
 #pragma unroll
         for (int q = 0; q < kMaxUnitPages; q++) {
@@ -482,10 +486,9 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
           const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
           const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
           const uint32_t rofs = rows ? (uint32_t)up[q].ptok0 * RB : 0;
-          bytes += copy_bulk(p, pc, pm.nchunks, pm.k_off + rofs, up[q].k_bytes,
-                             ring + off + up[q].k_ring, bars + 8 * slot);
-          bytes += copy_bulk(p, pc, pm.nchunks, pm.v_off + rofs, up[q].v_bytes,
-                             ring + off + up[q].v_ring, bars + 8 * slot);
+          bytes += copy_bulk(p, pc, pm.nchunks, (v ? pm.v_off : pm.k_off) + rofs,
+                             v ? up[q].v_bytes : up[q].k_bytes,
+                             ring + off + (v ? up[q].v_ring : up[q].k_ring), bars + 8 * slot);
         }
         mbar_expect_tx(bars + 8 * slot, bytes);
       }

@@ -119,7 +119,8 @@ static kvc_status_t kvc__decode_page(const kvc_attn_args_t *a, const kvc_page_en
       info.n_tokens < n || info.n_tokens > bt)
     return KVC_ERR_CORRUPT;
   /* decode_head writes n_tokens rows; the tile has block_tokens rows per head. A decoded value is
-   * what the cache's dtype holds: the codec's float rounded once to f16/bf16, as the GPU's tiles. */
+   * what the cache's dtype holds: the codec's float rounded once to f16/bf16, as the GPU's
+   * tiles. */
   for (int tensor = 0; tensor < 2; tensor++) {
     float *dst = tensor == 0 ? k_out : v_out;
     for (int h = 0; h < kvh; h++) {

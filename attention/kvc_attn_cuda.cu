@@ -10,9 +10,9 @@
  *                      and issues 16-byte cp.async loads; a unit's completion is tracked by an
  *                      mbarrier ("full"), its release by the consumers by another ("empty"); every
  *                      thread arrives itself, so each arrive releases that thread's own accesses.
- *                      A unit whose pages are all uncompressed rows (staging pages, RAW pages) lands
- *                      directly in the swizzled tile layout the tensor cores read; otherwise its
- *                      compressed sections land as bytes. The producer runs ahead as far as the
+ *                      A unit whose pages are all uncompressed rows (staging pages, RAW pages)
+ *                      lands directly in the swizzled tile layout the tensor cores read; otherwise
+ *                      its compressed sections land as bytes. The producer runs ahead as far as the
  *                      ring allows, so its dependent metadata loads stay off the consumers' path.
  *   consumers (0..3)   per unit: decode compressed sections into a shared K/V tile (warps 0-1 the
  *                      K sections, warps 2-3 the V sections, attention/kvc_attn_decode.cuh), then
@@ -25,10 +25,11 @@
  *
  * Decode launches at head_dim 64/128 whose caller passes a codec mask run v3 instead
  * (attention/kvc_attn_v3.cuh): the same producer with bulk copies, and consumer warps that each
- * take whole units (half units when all pages are rows) and build the mma operands (K and V as the A operand, the query entries as N)
- * in registers from the ring bytes; a mask that allows Huffman pages selects v3's Huffman
- * instance (attention/kvc_attn_v3_huf.cuh), which leaves blocks of 128 tokens at head_dim 128 to
- * v2.
+ * take whole units (half units when all pages are rows) and build the mma operands (K and V as
+ * the A operand, the query entries as N) in registers from the ring bytes; a mask that allows
+ * Huffman pages selects v3's Huffman instance (attention/kvc_attn_v3_huf.cuh), which leaves
+ * blocks of 128 tokens at head_dim 128 to v2. The producer there issues a unit's K and V bulk
+ * copies from lanes 0 and 1 side by side.
  *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
  * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.
@@ -59,7 +60,7 @@ constexpr int kConsumers = 32 * kConsumerWarps;
 constexpr int kThreads = kConsumers + 32;
 constexpr int kSlots = 8;                        /* units in flight at most */
 constexpr int kMaxUnitPages = kUnitTokens / 16;  /* pages in a unit (block_tokens >= 16) */
-constexpr int kBatch = 16;                       /* pages whose metadata the producer loads at once */
+constexpr int kBatch = 16; /* pages whose metadata the producer loads at once */
 static_assert(KVC_PAGE_MAX_CHUNKS <= 64, "the producer loads two chunk ids per lane and page");
 /* Splitting stops at this many CTAs: large batches (a decode step at capacity: 39 sequences x 8
  * kv heads) still split when that fills the last wave of CTAs better. */
@@ -181,9 +182,8 @@ __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
 __device__ __forceinline__ void bulk_copy(uint32_t dst, const void *src, uint32_t bytes,
                                           uint32_t bar) {
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-          dst),
-      "l"(src), "r"(bytes), "r"(bar)
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
       : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -281,7 +281,8 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
 #pragma unroll
   for (int i = 0; i < kBatch; i++) {
     chunks[i * KVC_PAGE_MAX_CHUNKS + lane] = cv[2 * i];
-    if (32 + lane < KVC_PAGE_MAX_CHUNKS) chunks[i * KVC_PAGE_MAX_CHUNKS + 32 + lane] = cv[2 * i + 1];
+    if (32 + lane < KVC_PAGE_MAX_CHUNKS)
+      chunks[i * KVC_PAGE_MAX_CHUNKS + 32 + lane] = cv[2 * i + 1];
   }
   __syncwarp();
   const uint32_t *my = chunks + (valid ? lane : 0) * KVC_PAGE_MAX_CHUNKS;
@@ -353,8 +354,9 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
 }
 
 /* Copies page bytes [src_off, src_off + align16(bytes)) to shared address dst. */
-__device__ __forceinline__ void copy_linear(const params &p, const uint32_t *chunks, uint32_t nchunks_dbg,
-                                            uint32_t src_off, uint32_t bytes, uint32_t dst) {
+__device__ __forceinline__ void copy_linear(const params &p, const uint32_t *chunks,
+                                            uint32_t nchunks_dbg, uint32_t src_off, uint32_t bytes,
+                                            uint32_t dst) {
   const uint32_t n = (bytes + 15) >> 4;
 #pragma unroll 4
   for (uint32_t i = threadIdx.x & 31; i < n; i += 32) {
@@ -640,8 +642,8 @@ template <class T> __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
  * is query row q0 + e / group, head kh * group + e % group; zeros past the sequence's entries.
  * Threads tid of nthreads share the copy; the caller syncs. */
 template <int HD, class T>
-__device__ __forceinline__ void load_q_tile(const params &p, uint8_t *tile, int rows, int q0, int kh,
-                                            int e0, int entries, int tid, int nthreads) {
+__device__ __forceinline__ void load_q_tile(const params &p, uint8_t *tile, int rows, int q0,
+                                            int kh, int e0, int entries, int tid, int nthreads) {
   const int group = p.group;
   for (int i = tid; i < rows * (HD / 8); i += nthreads) {
     const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
@@ -726,7 +728,8 @@ __device__ __forceinline__ void write_entry(const params &p, float (&acc)[8], fl
 template <int HD, int WM> constexpr int min_ctas_per_sm() { return HD <= 128 && WM <= 2 ? 2 : 1; }
 
 template <int HD, class T, int WM>
-__global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>())) attn_kernel(const params p) {
+__global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>()))
+    attn_kernel(const params p) {
   typedef smem_layout<HD, WM> SL;
   constexpr int WN = kConsumerWarps / WM, NT = kUnitTokens / WN;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -839,7 +842,8 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>())) attn_ke
     if (e >= entries) continue;
     float acc[8], lsum, mu;
     merge_entry<HD, WN>(obuf, mbuf, lbuf, (r / 16) * WN * 16 + r % 16, c8, acc, &lsum, &mu);
-    write_entry<HD, T>(p, acc, lsum, mu, cta_bad, q0 + e / group, kh * group + e % group, split, c8);
+    write_entry<HD, T>(p, acc, lsum, mu, cta_bad, q0 + e / group, kh * group + e % group, split,
+                       c8);
   }
 }
 

@@ -137,7 +137,8 @@ __device__ __forceinline__ void zero_rows(int r0, uint8_t *tile, int pt) {
 /* The value of code u at (t, d): (base + u) * step for relative mode (group d for keys, t for
  * values), (centre_d + unzigzag(u)) * step for absolute mode; exactly the CPU decoder's float. */
 template <int MODE>
-__device__ __forceinline__ float recon(const scratch &sc, float abs_step, uint32_t u, int t, int d) {
+__device__ __forceinline__ float recon(const scratch &sc, float abs_step, uint32_t u, int t,
+                                       int d) {
   if (MODE == 0) return __fmul_rn(__int2float_rn((int)((uint32_t)sc.base[d] + u)), sc.step[d]);
   if (MODE == 1) return __fmul_rn(__int2float_rn((int)((uint32_t)sc.base[t] + u)), sc.step[t]);
   return __fmul_rn(__int2float_rn((int)((uint32_t)sc.base[d] + (uint32_t)kvc_unzigzag(u))),
@@ -542,7 +543,8 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
   if (meta > cap || G > SL::groups) return false;
   for (int g = pt; g < G; g += 64) {
     sc.base[g] = (int32_t)((uint32_t)qh.b_min +
-                           kvc_dev_top(kvc_dev_window(w, last, pos_b + (uint32_t)g * qh.w_b), qh.w_b));
+                           kvc_dev_top(kvc_dev_window(w, last, pos_b + (uint32_t)g * qh.w_b),
+                                       qh.w_b));
     if (rel) {
       int e = qh.e_min + (int)kvc_dev_top(kvc_dev_window(w, last, (uint32_t)g * qh.w_e), qh.w_e);
       bad |= e > KVC_STEP_CODE_MAX;
@@ -651,7 +653,8 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
   const int per = (n_lanes + 63) / 64, lo = min(n_lanes, pt * per), hi = min(n_lanes, lo + per);
   uint32_t sum = 0;
   for (int i = lo; i < hi; i++)
-    sum += lane_min + kvc_dev_top(kvc_dev_window(w, last, (uint32_t)lanes_pos + i * w_lane), w_lane);
+    sum += lane_min +
+           kvc_dev_top(kvc_dev_window(w, last, (uint32_t)lanes_pos + i * w_lane), w_lane);
   uint32_t incl = sum;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -666,7 +669,8 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
   uint32_t run = (uint32_t)stream_pos + carry + incl - sum;
   for (int i = lo; i < hi; i++) {
     sc.lane_start[i] = run;
-    run += lane_min + kvc_dev_top(kvc_dev_window(w, last, (uint32_t)lanes_pos + i * w_lane), w_lane);
+    run += lane_min +
+           kvc_dev_top(kvc_dev_window(w, last, (uint32_t)lanes_pos + i * w_lane), w_lane);
   }
   if (hi == n_lanes && lo < hi) {
     sc.lane_start[n_lanes] = run;

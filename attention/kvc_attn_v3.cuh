@@ -937,7 +937,8 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
         for (int x = 0; x < 2; x++) {
           const int r = 8 * nb + g, pi = 2 * kb + x;
-          qreg[nb][kb][x] = q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
+          qreg[nb][kb][x] =
+              q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
         }
     if constexpr (!HUF) {
       /* A round trip through the ring's bytes past the Q tile (idle until the producer starts),
@@ -1272,7 +1273,8 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
     if (e >= entries) continue;
     float acc[8], lsum, mu;
     merge_entry<HD, kW3>(obuf, mbuf, lbuf, r, c8, acc, &lsum, &mu);
-    write_entry<HD, T>(p, acc, lsum, mu, cta_bad, q0 + e / group, kh * group + e % group, split, c8);
+    write_entry<HD, T>(p, acc, lsum, mu, cta_bad, q0 + e / group, kh * group + e % group, split,
+                       c8);
   }
 }
 

@@ -60,7 +60,7 @@ constexpr int kConsumers = 32 * kConsumerWarps;
 constexpr int kThreads = kConsumers + 32;
 constexpr int kSlots = 8;                        /* units in flight at most */
 constexpr int kMaxUnitPages = kUnitTokens / 16;  /* pages in a unit (block_tokens >= 16) */
-constexpr int kBatch = 16; /* pages whose metadata the producer loads at once */
+constexpr int kBatch = 16;                       /* pages of metadata the producer loads at once */
 static_assert(KVC_PAGE_MAX_CHUNKS <= 64, "the producer loads two chunk ids per lane and page");
 /* Splitting stops at this many CTAs: large batches (a decode step at capacity: 39 sequences x 8
  * kv heads) still split when that fills the last wave of CTAs better. */

@@ -29,6 +29,8 @@
 
 #include "capacity_fill.h"
 #include "kvcomp.h"
+#include "page_bits.h"
+#include "scheduler_hooks/kvc_cache_test.h"
 
 typedef enum row_kind { ROW_KVCOMP, ROW_ACCOUNTED } row_kind_t;
 
@@ -71,6 +73,8 @@ typedef struct job {
   double seconds;
   int sync_retries;
   int stopped_by_max_seqs;
+  uint32_t chunk_bytes;   /* ROW_KVCOMP: the pool's chunk size */
+  kvcb_page_bits_t parts; /* ROW_KVCOMP: where the bits of the pages held after the fill go */
   kvc_status_t status;
 } job_t;
 
@@ -171,6 +175,32 @@ static int fp16_accounted(const options_t *o, size_t pool_bytes, int context) {
                         max_seqs_for(o, pool_bytes, run_context));
 }
 
+/* Splits the bits of every compressed page of layer 0 the filled cache holds (sequences
+ * 1..sequences; the other layers hold pages of the same data) into their parts (page_bits.h). */
+static kvc_status_t page_parts(kvc_cache_t *cache, const kvc_config_t *cfg, int sequences,
+                               job_t *j) {
+  uint32_t max_page = 0;
+  kvc__cache_geometry(cache, &j->chunk_bytes, &max_page, NULL);
+  kvcb_page_bits_init(&j->parts);
+  int cap = cfg->max_seq_len / cfg->block_tokens + 1;
+  int32_t *blocks = malloc((size_t)cap * sizeof *blocks);
+  uint8_t *page = malloc(max_page);
+  kvc_status_t st = blocks && page ? KVC_OK : KVC_ERR_OUT_OF_HOST_MEMORY;
+  for (kvc_seq_id_t id = 1; st == KVC_OK && id <= (kvc_seq_id_t)sequences; id++) {
+    int n = 0;
+    st = kvc__cache_seq_blocks(cache, id, blocks, cap, &n);
+    for (int b = 0; st == KVC_OK && b < n; b++) {
+      kvc_page_entry_t e;
+      st = kvc__cache_read_page(cache, 0, blocks[b], &e, page, max_page);
+      if (st == KVC_OK && e.kind == KVC_PAGE_COMPRESSED)
+        kvcb_page_bits_add(&j->parts, page, e.nbytes, j->chunk_bytes);
+    }
+  }
+  free(blocks);
+  free(page);
+  return st;
+}
+
 static void run_job(const shared_t *sh, job_t *j) {
   const options_t *o = sh->opt;
   kvc_config_t defaults = KVC_CONFIG_INIT;
@@ -221,6 +251,7 @@ static void run_job(const shared_t *sh, job_t *j) {
     j->stopped_by_max_seqs = fill.stopped_by_max_seqs;
     j->status = kvc_cache_validate(cache);
   }
+  if (j->status == KVC_OK) j->status = page_parts(cache, &cfg, fill.sequences, j);
   kvc_cache_destroy(cache);
   j->seconds = kvcb_now() - t0;
 }
@@ -238,6 +269,60 @@ static void *worker(void *arg) {
       fprintf(stderr, "  %-23s %6s: %d sequences, %.3f bits/value, %.1f s%s\n", j->format->name,
               kvcb_context_label(j->context).s, j->sequences, j->bits_per_value, j->seconds,
               j->status == KVC_OK ? "" : " FAILED");
+  }
+}
+
+/* The table of where the page bits go: one column per kvcomp row, per context. */
+static void print_page_parts(const options_t *o, const job_t *jobs) {
+  for (int c = 0; c < o->num_contexts; c++) {
+    const job_t *row = &jobs[c * NUM_FORMATS];
+    printf("\nwhere the bits go at %s (bits per value; the pages of layer 0 after the fill):\n%-28s",
+           kvcb_context_label(o->contexts[c]).s, "part");
+    for (int f = 0; f < NUM_FORMATS; f++)
+      if (row[f].format->kind == ROW_KVCOMP)
+        printf(" %14.14s", strncmp(row[f].format->name, "kvcomp-", 7) == 0 ? row[f].format->name + 7
+                                                                          : row[f].format->name);
+    printf("\n");
+    for (int k = 0; k <= KVCB_BITS_PARTS + 1; k++) {
+      printf("%-28s", k < KVCB_BITS_PARTS    ? kvcb_bits_part_names[k]
+                      : k == KVCB_BITS_PARTS ? "= page bytes"
+                                             : "= pool chunks");
+      for (int f = 0; f < NUM_FORMATS; f++) {
+        const kvcb_page_bits_t *b = &row[f].parts;
+        if (row[f].format->kind != ROW_KVCOMP) continue;
+        double v = 0.0;
+        for (int i = 0; i < KVCB_BITS_PARTS; i++)
+          if (k == i || (k >= KVCB_BITS_PARTS && !kvcb_bits_part_is_share(i) &&
+                         (i < KVCB_BITS_CHUNK_PAD || k > KVCB_BITS_PARTS)))
+            v += b->bits[i];
+        printf(" %14.4f", b->values > 0 ? v / b->values : 0.0);
+      }
+      printf("\n");
+    }
+    printf("%-28s", "pages");
+    for (int f = 0; f < NUM_FORMATS; f++)
+      if (row[f].format->kind == ROW_KVCOMP) printf(" %14lld", (long long)row[f].parts.pages);
+    printf("\n%-28s", "page bytes, smallest");
+    for (int f = 0; f < NUM_FORMATS; f++)
+      if (row[f].format->kind == ROW_KVCOMP) printf(" %14u", row[f].parts.min_bytes);
+    printf("\n%-28s", "page bytes, largest");
+    for (int f = 0; f < NUM_FORMATS; f++)
+      if (row[f].format->kind == ROW_KVCOMP) printf(" %14u", row[f].parts.max_bytes);
+    printf("\n%-28s", "pool chunk bytes");
+    for (int f = 0; f < NUM_FORMATS; f++)
+      if (row[f].format->kind == ROW_KVCOMP) printf(" %14u", row[f].chunk_bytes);
+    printf("\n");
+    for (int i = 0; i < KVCB_WHATIF_CHUNKS; i++) {
+      char label[40];
+      snprintf(label, sizeof label, "pool b/v in %u KiB chunks", (KVCB_WHATIF_CHUNK << i) / 1024);
+      printf("%-28s", label);
+      for (int f = 0; f < NUM_FORMATS; f++)
+        if (row[f].format->kind == ROW_KVCOMP)
+          printf(" %14.4f", row[f].parts.values > 0
+                                ? 8.0 * row[f].parts.bytes_at_chunk[i] / row[f].parts.values
+                                : 0.0);
+      printf("\n");
+    }
   }
 }
 
@@ -490,6 +575,7 @@ int main(int argc, char **argv) {
              j->stopped_by_max_seqs ? " (stopped by max_seqs!)" : "");
     }
   }
+  print_page_parts(&o, jobs);
   printf(
       "\naccounting check: the byte accounting used for fp8/KIVI, applied to fp16 blocks, admits");
   for (int c = 0; c < o.num_contexts; c++) printf(" %d", fp16_acc[c]);
@@ -527,12 +613,20 @@ int main(int argc, char **argv) {
     const job_t *j = &jobs[i], *fp16 = &jobs[(i / NUM_FORMATS) * NUM_FORMATS];
     printf("%s{\"codec\":\"%s\",\"method\":\"%s\",\"context\":%d,\"sequences\":%d,\"tokens\":%lld,"
            "\"bits_per_value\":%.4f,\"pool_bits_per_value\":%.4f,\"ratio_vs_fp16\":%.4f,"
-           "\"ratio_vs_fp16_accounted\":%.4f,\"sync_retries\":%d,\"seconds\":%.2f}",
+           "\"ratio_vs_fp16_accounted\":%.4f,\"sync_retries\":%d,\"seconds\":%.2f",
            i ? "," : "", j->format->name, j->format->kind == ROW_KVCOMP ? "measured" : "accounted",
            j->context, j->sequences, (long long)j->tokens, j->bits_per_value,
            j->pool_bits_per_value, fp16->sequences ? (double)j->sequences / fp16->sequences : 0.0,
            fp16_acc[i / NUM_FORMATS] ? (double)j->sequences / fp16_acc[i / NUM_FORMATS] : 0.0,
            j->sync_retries, j->seconds);
+    if (j->format->kind == ROW_KVCOMP && j->parts.values > 0) {
+      printf(",\"chunk_bytes\":%u,\"bits_parts\":{", j->chunk_bytes);
+      for (int k = 0; k < KVCB_BITS_PARTS; k++)
+        printf("%s\"%s\":%.4f", k ? "," : "", kvcb_bits_part_keys[k],
+               j->parts.bits[k] / j->parts.values);
+      printf("}");
+    }
+    printf("}");
   }
   printf("]}\n");
   rc = failed ? 1 : 0;

@@ -276,7 +276,8 @@ static void *worker(void *arg) {
 static void print_page_parts(const options_t *o, const job_t *jobs) {
   for (int c = 0; c < o->num_contexts; c++) {
     const job_t *row = &jobs[c * NUM_FORMATS];
-    printf("\nwhere the bits go at %s (bits per value; the pages of layer 0 after the fill):\n%-28s",
+    printf("\nwhere the bits go at %s (bits per value; the pages of layer 0 after the fill):\n"
+           "%-28s",
            kvcb_context_label(o->contexts[c]).s, "part");
     for (int f = 0; f < NUM_FORMATS; f++)
       if (row[f].format->kind == ROW_KVCOMP)

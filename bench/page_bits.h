@@ -43,8 +43,9 @@ enum {
 
 /* The parts' keys in bench_capacity's JSON line. */
 static const char *const kvcb_bits_part_keys[KVCB_BITS_PARTS] = {
-    "page_header", "section_headers", "step_codes", "bases",       "code_lengths",  "lane_lengths",
-    "stream",      "stream_entropy",  "extra_bits", "word_padding", "section_align", "chunk_rounding"};
+    "page_header",  "section_headers", "step_codes",   "bases",
+    "code_lengths", "lane_lengths",    "stream",       "stream_entropy",
+    "extra_bits",   "word_padding",    "section_align", "chunk_rounding"};
 
 /* Parts that are shares of the code stream, not added to the page's bytes again. */
 static inline int kvcb_bits_part_is_share(int k) {
@@ -78,7 +79,8 @@ static inline void kvcb_page_bits_init(kvcb_page_bits_t *b) {
  * entropy of its symbols (their counts in this section), and *extra, the raw bits after them.
  * Returns -1 when a stream does not decode (a code not in the table). */
 static inline int kvcb_huf_stream_entropy(const uint8_t *words, uint32_t nwords, uint64_t pos,
-                                          const uint8_t *len, uint32_t n_sym, uint32_t symbols, double *entropy, double *extra) {
+                                          const uint8_t *len, uint32_t n_sym, uint32_t symbols,
+                                          double *entropy, double *extra) {
   static const int kBits = KVC_HUF_MAX_LEN;
   uint16_t table[1 << KVC_HUF_MAX_LEN]; /* symbol + 1 for every window prefix; 0: no code */
   uint32_t code[KVC_SYM_COUNT], counts[KVC_SYM_COUNT] = {0};

@@ -20,6 +20,7 @@
 #include "allocator/kvc_pool_layout.h"
 #include "compress/kvc_page_format.h"
 #include "compress/kvc_quant.h"
+#include "kvcomp.h"
 
 #define KVCB_WHATIF_CHUNK 1024u
 #define KVCB_WHATIF_CHUNKS 5 /* 1, 2, 4, 8, 16 KiB */

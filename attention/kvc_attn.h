@@ -60,7 +60,9 @@ typedef struct kvc_attn_args {
    * compressed pages may use (staging pages are always possible). The CUDA decode kernel v3 runs
    * only when the mask is non-zero: its instance for pages without Huffman coding when the mask has
    * no Huffman bit (a Huffman page it meets anyway makes the rows that read it NaN), else its
-   * Huffman instance. The CPU reference ignores it. */
+   * Huffman instance, built without the bit-pack fast path when the mask has no bit-pack bit (a
+   * bit-pack page it meets anyway is decoded, more slowly, by the generic path). The CPU reference
+   * ignores it. */
   uint32_t codec_mask;
 } kvc_attn_args_t;
 

@@ -1000,17 +1000,17 @@ kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
 /* v3 (attention/kvc_attn_v3.cuh): query tiles of 8 NB entries, pages without Huffman coding. */
 template <int HD, class T, int NB>
 kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
-  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, false>, kThreads3, v3_layout<HD>::bytes, p,
-                            sh, stream);
+  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, false, true>, kThreads3,
+                            v3_layout<HD>::bytes, p, sh, stream);
 }
 
-/* v3 with Huffman pages (attention/kvc_attn_v3_huf.cuh): every codec. Blocks whose sections may
- * not fit its smaller ring are left to v2. */
-template <int HD, class T, int NB>
+/* v3 with Huffman pages (attention/kvc_attn_v3_huf.cuh): every codec; FAST: with the bit-pack
+ * fast path. Blocks whose sections may not fit its smaller ring are left to v2. */
+template <int HD, class T, int NB, bool FAST>
 kvc_status_t launch_v3h(params &p, const launch_shape &sh, cudaStream_t stream) {
   if (p.block_tokens > v3h_layout<HD>::max_block_tokens) return KVC_ERR_UNSUPPORTED;
-  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, true>, kThreads3, v3h_layout<HD>::bytes, p,
-                            sh, stream);
+  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, true, FAST>, kThreads3,
+                            v3h_layout<HD>::bytes, p, sh, stream);
 }
 
 /* [head_dim 64/128][dtype f16/bf16], tiles of 8 entries (NB = 1; see attention/kvc_attn_v3.cuh). */
@@ -1018,9 +1018,12 @@ const launch_fn kLaunch3[2][2] = {
     {launch_v3<64, __half, 1>, launch_v3<64, __nv_bfloat16, 1>},
     {launch_v3<128, __half, 1>, launch_v3<128, __nv_bfloat16, 1>},
 };
-const launch_fn kLaunch3h[2][2] = {
-    {launch_v3h<64, __half, 1>, launch_v3h<64, __nv_bfloat16, 1>},
-    {launch_v3h<128, __half, 1>, launch_v3h<128, __nv_bfloat16, 1>},
+/* [head_dim][dtype][bit-pack pages allowed]; bf16 has no fast path. */
+const launch_fn kLaunch3h[2][2][2] = {
+    {{launch_v3h<64, __half, 1, false>, launch_v3h<64, __half, 1, true>},
+     {launch_v3h<64, __nv_bfloat16, 1, false>, launch_v3h<64, __nv_bfloat16, 1, false>}},
+    {{launch_v3h<128, __half, 1, false>, launch_v3h<128, __half, 1, true>},
+     {launch_v3h<128, __nv_bfloat16, 1, false>, launch_v3h<128, __nv_bfloat16, 1, false>}},
 };
 
 /* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4]; NULL: not built (the
@@ -1107,7 +1110,8 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
    * tiles); a larger one when the block size needs a larger ring. */
   const int wmi0 = hdi == 2 ? 0 : entries_max <= 16 ? 0 : entries_max <= 32 ? 1 : 2;
   /* v3 where it applies: one query tile of 8 entries, head_dim 64/128, a known codec mask; its
-   * Huffman instance when the mask allows Huffman pages. */
+   * Huffman instance when the mask allows Huffman pages (with the bit-pack fast path when it
+   * allows bit-pack pages too). */
   const bool v3 = entries_max <= 8 && hdi < 2 && a->codec_mask != 0;
   const bool v3h = (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) != 0;
   if (v3) {
@@ -1120,7 +1124,9 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
     sh.num_kv_heads = a->num_kv_heads;
     sh.num_seqs = a->num_seqs;
     p.qtiles = sh.qtiles;
-    const kvc_status_t st = (v3h ? kLaunch3h : kLaunch3)[hdi][a->dtype == KVC_DTYPE_BF16](
+    const int bf16 = a->dtype == KVC_DTYPE_BF16;
+    const bool bitpack = (a->codec_mask & (1u << KVC_CODEC_BITPACK)) != 0;
+    const kvc_status_t st = (v3h ? kLaunch3h[hdi][bf16][bitpack] : kLaunch3[hdi][bf16])(
         p, sh, (cudaStream_t)stream);
     if (st != KVC_ERR_UNSUPPORTED) return st;
   }

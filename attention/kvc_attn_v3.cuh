@@ -3,10 +3,11 @@
  * consumers, whose params, unit descriptors, PTX wrappers and producer it shares).
  *
  * For launches whose query entries fit one tile of 8 * NB entries with a known codec mask
- * (kvc_attn_args_t.codec_mask), head_dim 64 and 128: attn_kernel_v3<HD, T, NB, false> for pages
- * without Huffman coding, attn_kernel_v3<HD, T, NB, true> (attention/kvc_attn_v3_huf.cuh: one more
- * operand source and a layout with per-warp Huffman areas and a smaller ring, 56 / 68 KiB at
- * head_dim 128 / 64) when Huffman is allowed. The launcher instantiates NB = 1
+ * (kvc_attn_args_t.codec_mask), head_dim 64 and 128: attn_kernel_v3<HD, T, NB, false, true> for
+ * pages without Huffman coding, attn_kernel_v3<HD, T, NB, true, FAST>
+ * (attention/kvc_attn_v3_huf.cuh: one more operand source and a layout with per-warp Huffman areas
+ * and a smaller ring, 56 / 68 KiB at head_dim 128 / 64) when Huffman is allowed, with the bit-pack
+ * fast path (FAST) only when bit-pack pages are too. The launcher instantiates NB = 1
  * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
  * two CTAs per SM (~450 bytes of spills), so 9..16 entries stay on v2. Two CTAs per SM,
  * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
@@ -471,7 +472,7 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
  * tables of the path chosen. One warp reduction (the largest step code: damaged codes and the
  * folded exponent) and one vote (every base in SRC_FAST's range) decide the path.
  */
-template <int HD, class T, int TS>
+template <int HD, class T, int TS, bool FAST>
 __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes,
                                                 int n_tokens, int t_lo, int t_hi, int e_keep,
                                                 uint8_t *scr, v3_sec &s) {
@@ -499,7 +500,7 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   if (emax > KVC_STEP_CODE_MAX + 823) return SRC_BAD;
   /* fp16 only (bf16's 8-bit significand cannot hold the bases exactly); width 0 is a constant
    * section, cheap on the generic path. */
-  bool fast = h.width - 1u < 8u && kFast16<T>;
+  bool fast = h.width - 1u < 8u && kFast16<T> && FAST;
   int e = 0;
   if (fast) {
     e = v3_fast_e<TS>(emax, e_keep);
@@ -717,7 +718,7 @@ __device__ __forceinline__ int v3_sel(const v3_src &s) {
 }
 
 /* S^T from source ks for rows tr of the current page's rows in the unit. */
-template <int HD, class T, int NB>
+template <int HD, class T, int NB, bool FAST>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,
                                      uint32_t magic, float (&s)[2][NB][4]) {
@@ -730,7 +731,7 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
   }
 #define KVC__KF(W)                                                                                 \
   case W:                                                                                          \
-    if constexpr (kFast16<T>) s_fast<HD, W, NB>(ks.sec, scr, c, pt, qb, magic, s);                 \
+    if constexpr (kFast16<T> && FAST) s_fast<HD, W, NB>(ks.sec, scr, c, pt, qb, magic, s);         \
     break;
     KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
 #undef KVC__KF
@@ -819,7 +820,7 @@ __device__ __forceinline__ void pv_gen(const v3_sec &s, const uint8_t *scr, int 
 }
 
 /* O^T += V^T P^T from source vs for rows tv of the current page's rows in the unit. */
-template <int HD, class T, int NB>
+template <int HD, class T, int NB, bool FAST>
 __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int g,
                                       const int (&tv)[4], const uint32_t (&pb)[NB][2],
                                       uint32_t magic, oacc_t<HD, NB> &o) {
@@ -833,7 +834,7 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
   }
 #define KVC__PV(W)                                                                                 \
   case W:                                                                                          \
-    if constexpr (kFast16<T>) pv_fast<HD, W, NB>(vs.sec, g, pt, pb, magic, o);                     \
+    if constexpr (kFast16<T> && FAST) pv_fast<HD, W, NB>(vs.sec, g, pt, pb, magic, o);             \
     break;
     KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
 #undef KVC__PV
@@ -854,7 +855,7 @@ namespace kvc_attn {
  * cannot read (damaged section, Huffman without HUF, or unknown class). A new source plugs in here
  * and in v3_s / v3_pv (Huffman's builders read its tile: the kernel calls them).
  */
-template <int HD, class T, bool HUF>
+template <int HD, class T, bool HUF, bool FAST>
 __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t *ub, uint8_t *scr,
                                               uint8_t *harea, int e_keep, v3_src &ks,
                                               v3_src &vs) {
@@ -872,15 +873,16 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
   if (pg.cls != PG_BITPACK) return false;
   __syncwarp(); /* the previous page's readers are done with the scratch */
   bool both_fast = false;
-  if constexpr (kFast16<T>) both_fast = v3_setup_fast_pair<HD>(pg, ub, e_keep, scr, ks.sec, vs.sec);
+  if constexpr (kFast16<T> && FAST)
+    both_fast = v3_setup_fast_pair<HD>(pg, ub, e_keep, scr, ks.sec, vs.sec);
   if (both_fast) {
     ks.kind = vs.kind = SRC_FAST;
   } else {
     const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
-    ks.kind = v3_setup_section<HD, T, 0>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, t_lo, t_hi, 0,
-                                         scr, ks.sec);
-    vs.kind = v3_setup_section<HD, T, 1>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, t_lo, t_hi,
-                                         e_keep, scr, vs.sec);
+    ks.kind = v3_setup_section<HD, T, 0, FAST>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, t_lo,
+                                               t_hi, 0, scr, ks.sec);
+    vs.kind = v3_setup_section<HD, T, 1, FAST>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, t_lo,
+                                               t_hi, e_keep, scr, vs.sec);
   }
   __syncwarp();
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
@@ -889,9 +891,12 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
 /* ---- the kernel ------------------------------------------------------------------------------ */
 
 /* NB n-blocks of 8 query entries per CTA (one query tile). HUF: the instance for launches that may
- * meet Huffman pages (attention/kvc_attn_v3_huf.cuh). */
-template <int HD, class T, int NB, bool HUF>
+ * meet Huffman pages (attention/kvc_attn_v3_huf.cuh). FAST: SRC_FAST is built (else bit-pack
+ * sections take SRC_GEN); the Huffman instance for launches without bit-pack pages leaves it out,
+ * since its code alone made the Huffman slabs 2.8% slower (bench/NOTES-attention.md, session 8). */
+template <int HD, class T, int NB, bool HUF, bool FAST>
 __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
+  static_assert(HUF || FAST, "without Huffman pages the fast path is what v3 is for");
   typedef v3_layout_of<HD, HUF> LO;
   typedef typename LO::type SL;
   constexpr int NE = 8 * NB;
@@ -1056,17 +1061,17 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         const int b_pg = min(b_end, ((q + 1) << ubt_lg) >> 4); /* past the page's last slab */
         const unit_page pg = d->pages[q];
         v3_src ks, vs;
-        ok = v3_page_setup<HD, T, HUF>(pg, ub, scr, harea, e_o, ks, vs);
+        ok = v3_page_setup<HD, T, HUF, FAST>(pg, ub, scr, harea, e_o, ks, vs);
         if (!ok) break;
         /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
         float kmul = p.scale_log2;
-        if (ks.kind == SRC_FAST) {
+        if (FAST && ks.kind == SRC_FAST) {
           kmul *= pow2i(ks.sec.e);
           s_fast_const<HD, NB>(scr, c, qb);
           __syncwarp();
         }
         /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
-        const int ev = vs.kind == SRC_FAST ? vs.sec.e : 0;
+        const int ev = FAST && vs.kind == SRC_FAST ? vs.sec.e : 0;
         if (ev != e_o) {
           const float f = pow2i(e_o - ev);
 #pragma unroll
@@ -1101,7 +1106,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
            * them there from anywhere after S), they held P' up by a round trip. Loaded for every
            * page (no branch; only SRC_FAST's are used): the scratch is written only by the page
            * setups, between warp syncs. */
-          const bool vfast = kFast16<T> && vs.kind == SRC_FAST;
+          const bool vfast = kFast16<T> && FAST && vs.kind == SRC_FAST;
           float vm[2], vb[2];
 #pragma unroll
           for (int h = 0; h < 2; h++) {
@@ -1127,7 +1132,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
               __syncwarp();
             }
           } else {
-            v3_s<HD, T, NB>(ks, scr, c, tr, qb, magic, s);
+            v3_s<HD, T, NB, FAST>(ks, scr, c, tr, qb, magic, s);
           }
           /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
            * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until
@@ -1220,7 +1225,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           if (huf) {
             if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
           } else {
-            v3_pv<HD, T, NB>(vs, scr, g, tv, pb, magic, o);
+            v3_pv<HD, T, NB, FAST>(vs, scr, g, tv, pb, magic, o);
           }
         }
       }

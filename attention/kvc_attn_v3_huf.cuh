@@ -1,8 +1,8 @@
 /*
  * Huffman pages in the v3 decode kernel (CUDA C++; included by attention/kvc_attn_v3.cuh before
  * the kernel, which it extends with one operand source, SRC_HUF / SRC_HUFG, and one layout, for the
- * instance attn_kernel_v3<HD, T, NB, true> that launches whose codec_mask allows Huffman pages
- * run).
+ * instances attn_kernel_v3<HD, T, NB, true, FAST> that launches whose codec_mask allows Huffman
+ * pages run).
  *
  * A Huffman section (compress/kvc_page_format.h) codes the page's n_tokens x HD symbols in n_lanes
  * strided streams: stream i holds symbols i, i + n_lanes, ... (symbol s = token s / HD, channel

@@ -10,8 +10,9 @@
  * Every case runs on the v2 kernels (codec_mask 0) and, with a codec_mask without Huffman, on the
  * v3 decode kernel where it applies (at most 8 query entries per sequence and kv head, head_dim
  * 64/128; cases with Huffman pages run v3 on the same sizes with their other page kinds, and
- * themselves with every codec in the mask on v3's Huffman instance; their rows-only kinds run
- * with a raw cache's mask, whose units v3 splits between two warps). v3's bit-pack fast path
+ * themselves on v3's Huffman instances, with every codec in the mask and with a Huffman cache's
+ * mask (no bit-pack fast path there: bit-pack pages take the generic path); their rows-only kinds
+ * run with a raw cache's mask, whose units v3 splits between two warps). v3's bit-pack fast path
  * rounds differently from the reference (exact code values; the steps folded into fp16
  * Q' = Q * step and P' = P * step instead of each decoded value rounded to fp16), its Huffman fast
  * path computes each value as one fp16 fma (u * step + base * step), both within the same
@@ -63,11 +64,13 @@ typedef struct gpu_case {
 } gpu_case_t;
 
 /* codec_mask values: rows only (raw and staging pages: v3 with units split between two warps),
- * pages without Huffman coding (the v3 decode kernel where it applies), and every codec (v3's
- * Huffman instance where it applies). */
+ * pages without Huffman coding (the v3 decode kernel where it applies), every codec (v3's
+ * Huffman instance where it applies), and a Huffman cache's (its Huffman instance without the
+ * bit-pack fast path: the bit-pack pages a case has anyway take its generic path). */
 static const uint32_t kRowsOnly = 1u << KVC_CODEC_RAW;
 static const uint32_t kNoHuffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
 static const uint32_t kAllCodecs = kNoHuffman | (1u << KVC_CODEC_HUFFMAN);
+static const uint32_t kHuffmanCache = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_HUFFMAN);
 
 static float to_float(kvc_dtype_t t, uint16_t h) {
   return t == KVC_DTYPE_F16 ? kvc_test_f16_to_f32(h) : kvc_test_bf16_to_f32(h);
@@ -316,7 +319,7 @@ static void run_variants(const gpu_case_t *c, const host_case_t *h, const dev_ca
 }
 
 /* The case with codec_mask 0 (v2) and then with `mask` (v3 or its Huffman instance where they
- * apply; 0: none). */
+ * apply; 0: none); with every codec, also with a Huffman cache's mask. */
 static void check_one(const gpu_case_t *c, uint32_t mask) {
   host_case_t h;
   dev_case_t d;
@@ -324,6 +327,7 @@ static void check_one(const gpu_case_t *c, uint32_t mask) {
   dev_setup(&h, &d);
   run_variants(c, &h, &d, 0);
   if (mask) run_variants(c, &h, &d, mask);
+  if (mask == kAllCodecs) run_variants(c, &h, &d, kHuffmanCache);
   dev_teardown(&d);
   host_teardown(&h);
 }
@@ -342,11 +346,12 @@ static void check_kinds(const gpu_case_t *c, unsigned kinds, uint32_t mask) {
 }
 
 /*
- * The case on every decode kernel: v2 (codec_mask 0, every page kind), v3's Huffman instance for
- * a case with Huffman pages (every codec in the mask; taken for single-tile launches at head_dim
- * 64/128 and blocks its ring holds, else v2 again), v3 (a mask without Huffman) for the case, or
- * for a case with Huffman and other page kinds, on the same sizes with the other kinds only, and
- * v3 with split units (the mask of a raw cache) on its rows-only kinds.
+ * The case on every decode kernel: v2 (codec_mask 0, every page kind), v3's Huffman instances for
+ * a case with Huffman pages (every codec in the mask, then a Huffman cache's; taken for
+ * single-tile launches at head_dim 64/128 and blocks its ring holds, else v2 again), v3 (a mask
+ * without Huffman) for the case, or for a case with Huffman and other page kinds, on the same
+ * sizes with the other kinds only, and v3 with split units (the mask of a raw cache) on its
+ * rows-only kinds.
  */
 static void check_case(const gpu_case_t *c) {
   if (!have_gpu()) skip();
@@ -524,6 +529,7 @@ static void absolute_bound_pages(void **state) {
       dev_setup(&h, &d);
       run_variants(&c, &h, &d, 0);
       run_variants(&c, &h, &d, kAllCodecs);
+      run_variants(&c, &h, &d, kHuffmanCache);
       dev_teardown(&d);
       host_teardown(&h);
       check_kinds(&c, KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW, kNoHuffman);
@@ -729,6 +735,7 @@ static void v3_huffman_layouts(void **state) {
       features |= huffman_features(&h, &sections);
       dev_setup(&h, &d);
       run_variants(&c, &h, &d, kAllCodecs);
+      run_variants(&c, &h, &d, kHuffmanCache);
       dev_teardown(&d);
       host_teardown(&h);
     }
@@ -765,6 +772,7 @@ static void huffman_damage_gives_nan(void **state) {
     }
     dev_setup(&h, &d);
     expect_head1_nan(&c, &h, &d, kAllCodecs);
+    expect_head1_nan(&c, &h, &d, kHuffmanCache);
     dev_teardown(&d);
     host_teardown(&h);
   }

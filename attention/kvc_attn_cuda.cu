@@ -133,6 +133,7 @@ template <int HD, int WM> constexpr int ring_bytes() {
 template <int HD, int WM> struct smem_layout {
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB; /* one of K, V */
+  static constexpr int unit_tokens = kUnitTokens;
   static constexpr int ring = ring_bytes<HD, WM>();
   static constexpr int slots = kSlots;
   static constexpr bool bulk = false; /* per-lane cp.async, uncompressed units as swizzled tiles */
@@ -398,8 +399,10 @@ __device__ __forceinline__ void copy_rows_tile(const params &p, const uint32_t *
 }
 
 /* SL: the kernel's shared-memory layout (ring, desc_off, meta_off, chunks_off, bar_off, tile,
- * slots (the units in flight at most, <= 32), bulk (copy kind) and slack (bytes the ring keeps
- * unwritten after each compressed section)). */
+ * slots (the units in flight at most, <= 32), bulk (copy kind), slack (bytes the ring keeps
+ * unwritten after each compressed section) and unit_tokens (64, or 128 for v3's instance over
+ * two-page units: then block_tokens is 32 or 64, so a unit holds at most kMaxUnitPages pages
+ * and reads whole pages)). */
 template <int HD, class SL>
 __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
                          int u_end) {
@@ -431,10 +434,11 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
 
   for (int k = 0, slot = 0; u_begin + k < u_end; k++, slot = slot + 1 == kSlots ? 0 : slot + 1) {
     const int u = u_begin + k;
-    const int t0 = u * kUnitTokens, n_valid = min(kUnitTokens, len - t0);
+    constexpr int UT = SL::unit_tokens;
+    const int t0 = u * UT, n_valid = min(UT, len - t0);
     while (rel <= k - kSlots) release_oldest(k);
     const int jf = t0 >> bt_lg;
-    const int npg = bt >= kUnitTokens ? 1 : min(kUnitTokens >> bt_lg, nblocks - jf);
+    const int npg = bt >= UT ? 1 : min(UT >> bt_lg, nblocks - jf);
     if (jf + npg > batch + kBatch) {
       batch = jf;
       load_batch<HD>(p, batch, nblocks, bi0, kh, len, meta, chunks);
@@ -450,9 +454,9 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       unit_page &x = up[q];
       x.cls = pm.cls;
       x.n_tokens = pm.n_tokens;
-      x.ptok0 = (int16_t)(bt >= kUnitTokens ? t0 - jf * bt : 0);
-      x.row0 = (int16_t)(bt >= kUnitTokens ? 0 : q * bt);
-      x.nrows = (int16_t)(bt >= kUnitTokens ? n_valid : min(bt, len - (jf + q) * bt));
+      x.ptok0 = (int16_t)(bt >= UT ? t0 - jf * bt : 0);
+      x.row0 = (int16_t)(bt >= UT ? 0 : q * bt);
+      x.nrows = (int16_t)(bt >= UT ? n_valid : min(bt, len - (jf + q) * bt));
       any_bad |= pm.cls == PG_BAD || pm.cls == PG_NONE;
       const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
       all_rows &= rows;
@@ -998,10 +1002,10 @@ kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
 }
 
 /* v3 (attention/kvc_attn_v3.cuh): query tiles of 8 NB entries, pages without Huffman coding. */
-template <int HD, class T, int NB>
+template <int HD, class T, int NB, int UT>
 kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
-  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, false, true>, kThreads3,
-                            v3_layout<HD>::bytes, p, sh, stream);
+  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, false, true, UT>, kThreads3,
+                            v3_layout<HD, UT>::bytes, p, sh, stream);
 }
 
 /* v3 with Huffman pages (attention/kvc_attn_v3_huf.cuh): every codec; FAST: with the bit-pack
@@ -1009,14 +1013,19 @@ kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
 template <int HD, class T, int NB, bool FAST>
 kvc_status_t launch_v3h(params &p, const launch_shape &sh, cudaStream_t stream) {
   if (p.block_tokens > v3h_layout<HD>::max_block_tokens) return KVC_ERR_UNSUPPORTED;
-  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, true, FAST>, kThreads3,
+  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, true, FAST, kUnitTokens>, kThreads3,
                             v3h_layout<HD>::bytes, p, sh, stream);
 }
 
 /* [head_dim 64/128][dtype f16/bf16], tiles of 8 entries (NB = 1; see attention/kvc_attn_v3.cuh). */
 const launch_fn kLaunch3[2][2] = {
-    {launch_v3<64, __half, 1>, launch_v3<64, __nv_bfloat16, 1>},
-    {launch_v3<128, __half, 1>, launch_v3<128, __nv_bfloat16, 1>},
+    {launch_v3<64, __half, 1, kUnitTokens>, launch_v3<64, __nv_bfloat16, 1, kUnitTokens>},
+    {launch_v3<128, __half, 1, kUnitTokens>, launch_v3<128, __nv_bfloat16, 1, kUnitTokens>},
+};
+/* The same over units of two pages (v3_layout). */
+const launch_fn kLaunch3u2[2][2] = {
+    {launch_v3<64, __half, 1, 128>, launch_v3<64, __nv_bfloat16, 1, 128>},
+    {launch_v3<128, __half, 1, 128>, launch_v3<128, __nv_bfloat16, 1, 128>},
 };
 /* [head_dim][dtype][bit-pack pages allowed]; bf16 has no fast path. */
 const launch_fn kLaunch3h[2][2][2] = {
@@ -1114,11 +1123,25 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
    * allows bit-pack pages too). */
   const bool v3 = entries_max <= 8 && hdi < 2 && a->codec_mask != 0;
   const bool v3h = (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) != 0;
+  /* Units of two pages (v3_layout) where the pages need not be all rows (those split their units
+   * instead), without Huffman, for blocks of 32 or 64 tokens, and when the launch has at least 16
+   * such units per CTA slot: with fewer, halving the units starves the split CTAs (bit-pack
+   * (1, 32k): +6%, against -2.4% at (8, 32k) and -8.1% at (16, 128k)). */
+  bool u2 = !v3h && p.unit_split_lg == 0 && (bt == 32 || bt == 64);
+  if (v3 && u2) {
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return KVC_ERR_CUDA;
+    const long units2 = (long)a->num_seqs * a->num_kv_heads * ((a->max_kv_len + 127) / 128);
+    u2 = units2 >= 16L * 2 * sms; /* v3 runs two CTAs per SM */
+  }
   if (v3) {
+    const int ut = u2 ? 2 * kUnitTokens : kUnitTokens;
     launch_shape sh;
     sh.qtiles = 1;
     sh.base_ctas = (long)a->num_seqs * a->num_kv_heads * sh.qtiles;
-    sh.units_max = (a->max_kv_len + kUnitTokens - 1) / kUnitTokens;
+    sh.units_max = (a->max_kv_len + ut - 1) / ut;
     sh.ws_per_split = (size_t)a->total_q_rows * a->num_q_heads * (a->head_dim + 1) * 4;
     sh.ws_bytes = a->workspace ? a->workspace_bytes : 0;
     sh.num_kv_heads = a->num_kv_heads;
@@ -1126,8 +1149,10 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
     p.qtiles = sh.qtiles;
     const int bf16 = a->dtype == KVC_DTYPE_BF16;
     const bool bitpack = (a->codec_mask & (1u << KVC_CODEC_BITPACK)) != 0;
-    const kvc_status_t st = (v3h ? kLaunch3h[hdi][bf16][bitpack] : kLaunch3[hdi][bf16])(
-        p, sh, (cudaStream_t)stream);
+    const launch_fn fn = v3h ? kLaunch3h[hdi][bf16][bitpack]
+                         : u2  ? kLaunch3u2[hdi][bf16]
+                               : kLaunch3[hdi][bf16];
+    const kvc_status_t st = fn(p, sh, (cudaStream_t)stream);
     if (st != KVC_ERR_UNSUPPORTED) return st;
   }
   for (int wmi = wmi0; wmi < 3; wmi++) {

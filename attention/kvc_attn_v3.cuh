@@ -111,10 +111,14 @@ template <int RING> struct v3_after_ring {
   static constexpr int end = scr_off + kW3 * v3_scratch::bytes;
 };
 
-template <int HD> struct v3_layout : v3_after_ring<96 * 1024> {
+/* UT: tokens per unit, kUnitTokens or two pages' 128 (launches with block_tokens 32 or 64 whose
+ * pages are not all rows: the producer's steps per unit, not per page, bound bit-pack). */
+template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 1024> {
   static_assert(HD == 64 || HD == 128, "v3 is built for head_dim 64 and 128");
+  static_assert(UT == kUnitTokens || UT == 2 * kUnitTokens, "units of one or two 64-token pages");
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
+  static constexpr int unit_tokens = UT;
   static constexpr int slots = kSlots3;
   static constexpr bool bulk = true; /* bulk copies; every unit lands as linear sections / rows */
   /* Bytes after each compressed section that no copy writes: load_run reads up to one word past
@@ -893,11 +897,12 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
 /* NB n-blocks of 8 query entries per CTA (one query tile). HUF: the instance for launches that may
  * meet Huffman pages (attention/kvc_attn_v3_huf.cuh). FAST: SRC_FAST is built (else bit-pack
  * sections take SRC_GEN); the Huffman instance for launches without bit-pack pages leaves it out,
- * since its code alone made the Huffman slabs 2.8% slower (bench/NOTES-attention.md, session 8). */
-template <int HD, class T, int NB, bool HUF, bool FAST>
+ * since its code alone made the Huffman slabs 2.8% slower (bench/NOTES-attention.md, session 8).
+ * UT: tokens per unit (v3_layout). */
+template <int HD, class T, int NB, bool HUF, bool FAST, int UT>
 __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   static_assert(HUF || FAST, "without Huffman pages the fast path is what v3 is for");
-  typedef v3_layout_of<HD, HUF> LO;
+  typedef v3_layout_of<HD, HUF, UT> LO;
   typedef typename LO::type SL;
   constexpr int NE = 8 * NB;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -908,7 +913,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   const int group = p.group, entries = nq * group, e0 = qt * NE;
   if (e0 >= entries) return; /* the whole CTA: a query tile past this sequence's rows */
   const int pos_max = len - nq + (min(entries, e0 + NE) - 1) / group;
-  const int units = (min(len, pos_max + 1) + kUnitTokens - 1) / kUnitTokens;
+  const int units = (min(len, pos_max + 1) + UT - 1) / UT;
   const int u_begin = split * p.units_per_split;
   const int u_end = min(units, u_begin + p.units_per_split);
   const uint32_t bars = smem_u32(smem + SL::bar_off);
@@ -1024,7 +1029,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
     uint8_t *scr = smem + SL::scr_off + warp * v3_scratch::bytes;
     uint8_t *harea = smem + LO::huf_off + warp * LO::huf_bytes; /* HUF: this warp's Huffman area */
     /* Rows of a unit per page (a power of two): unit row r is on page r >> ubt_lg. */
-    const int ubt_lg = 31 - __clz(min(p.block_tokens, kUnitTokens));
+    const int ubt_lg = 31 - __clz(min(p.block_tokens, UT));
 
     /* Work items: item i is part i % split of unit i / split (split = 2^p.unit_split_lg), and
      * warp w takes items w, w + kW3, ...; a unit's parts go to different warps, and since
@@ -1032,13 +1037,13 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
      * The split is re-read from the parameters where it is used (no registers held across the
      * loop: with them the fp16 head_dim-128 instance spilled). */
     auto split_lg = [&] { return HUF ? 0 : p.unit_split_lg; };
-    /* The slabs of item it: [part * n, (part + 1) * n), n = kUnitTokens / 16 / split. */
+    /* The slabs of item it: [part * n, (part + 1) * n), n = UT / 16 / split. */
     auto slab = [&](int it, int end) {
-      return ((it & ((1 << split_lg()) - 1)) + end) * (kUnitTokens / 16 >> split_lg());
+      return ((it & ((1 << split_lg()) - 1)) + end) * (UT / 16 >> split_lg());
     };
     for (int it = warp; u_begin + (it >> split_lg()) < u_end; it += kW3) {
       const int k = it >> split_lg();
-      const int slot = k % NS, token0 = (u_begin + k) * kUnitTokens;
+      const int slot = k % NS, token0 = (u_begin + k) * UT;
       mbar_wait(bars + 8 * slot, (uint32_t)(k / NS) & 1u);
       const unit_desc *d = &descs[slot];
       const int32_t flags = d->flags;

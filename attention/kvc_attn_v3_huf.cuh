@@ -132,6 +132,7 @@ template <int HD> struct v3h_layout : v3_after_ring<v3h_ring_bytes<HD>()> {
   static constexpr int slots = kSlots3;
   static constexpr bool bulk = true;
   static constexpr int slack = v3_layout<HD>::slack;
+  static constexpr int unit_tokens = kUnitTokens;
   typedef v3_after_ring<v3h_ring_bytes<HD>()> A;
   using A::ring;
   static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
@@ -151,11 +152,12 @@ template <int HD> struct v3h_layout : v3_after_ring<v3h_ring_bytes<HD>()> {
 };
 
 /* The layout of an instance, and where its warps' Huffman areas are (none without HUF). */
-template <int HD, bool HUF> struct v3_layout_of {
-  typedef v3_layout<HD> type;
+template <int HD, bool HUF, int UT> struct v3_layout_of {
+  typedef v3_layout<HD, UT> type;
   static constexpr int huf_off = 0, huf_bytes = 0, qf_off = 0, qf_stride = 0;
 };
-template <int HD> struct v3_layout_of<HD, true> {
+template <int HD, int UT> struct v3_layout_of<HD, true, UT> {
+  static_assert(UT == kUnitTokens, "two raw pages would not fit the Huffman ring");
   typedef v3h_layout<HD> type;
   static constexpr int huf_off = v3h_layout<HD>::huf_off, huf_bytes = v3h_area<HD>::bytes;
   static constexpr int qf_off = v3h_layout<HD>::qf_off, qf_stride = v3h_layout<HD>::qf_stride;

@@ -22,8 +22,9 @@
  * instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols with extra bits and codes longer
  * than its table (checked to occur), short tails, and damaged Huffman sections (a code length,
  * stream bits) -> NaN rows on v2 and v3; pages coded with absolute bounds (both codecs, checked
- * to occur) on v2, v3 and v3's Huffman instance. Skips cleanly where there is no GPU. KVC_TEST_SCALE
- * scales the lengths; KVC_TEST_FILTER selects tests by name (cmocka pattern).
+ * to occur) on v2, v3 and v3's Huffman instance; launches large enough for v3's units of two pages.
+ * Skips cleanly where there is no GPU. KVC_TEST_SCALE scales the lengths; KVC_TEST_FILTER selects
+ * tests by name (cmocka pattern).
  */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -431,6 +432,42 @@ static void long_context_splits(void **state) {
   check_case(&one);
   gpu_case_t few = {4, 8, 2, 128, 64, KVC_DTYPE_BF16, 12000, 2, KVC_TEST_PAGE_HUFFMAN, 0, 5001};
   check_case(&few);
+}
+
+/* Launches large enough for v3's units of two pages (kvc_attn_cuda: block_tokens 32 or 64, no
+ * Huffman, at least 16 two-page units per CTA slot of the device), whatever KVC_TEST_SCALE: lengths
+ * up to 1920 tokens and as many sequences as the device's SM count needs (the test checks the
+ * drawn lengths reach the threshold). */
+static void two_page_units(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  int dev = 0, sms = 0;
+  CU(cudaGetDevice(&dev));
+  CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const unsigned kinds = KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW | KVC_TEST_PAGE_STAGING;
+  const int max_len = (int)(1920 / kvc_test_scale()) + 1;
+  struct {
+    int hq, hkv, hd, bt;
+    kvc_dtype_t dt;
+  } shapes[] = {{32, 8, 128, 64, KVC_DTYPE_F16}, {16, 4, 64, 32, KVC_DTYPE_BF16}};
+  for (size_t i = 0; i < 2; i++) {
+    /* 12 units of 128 tokens or more for the longest sequence (1920 tokens drawn at most). */
+    const int seqs = (32 * sms + 12 * shapes[i].hkv - 1) / (12 * shapes[i].hkv);
+    gpu_case_t c = {seqs, shapes[i].hq, shapes[i].hkv, shapes[i].hd, shapes[i].bt, shapes[i].dt,
+                    max_len, 1, kinds, 0, 7000 + i};
+    host_case_t h;
+    dev_case_t d;
+    host_setup(&c, &h);
+    const long units2 = (long)seqs * shapes[i].hkv * ((h.args.max_kv_len + 127) / 128);
+    print_message("two-page units: %d sequences, longest %d tokens, %ld units for %d SMs\n", seqs,
+                  h.args.max_kv_len, units2, sms);
+    assert_true(units2 >= 32L * sms);
+    dev_setup(&h, &d);
+    run_variants(&c, &h, &d, 0);
+    run_variants(&c, &h, &d, kNoHuffman);
+    dev_teardown(&d);
+    host_teardown(&h);
+  }
 }
 
 /* The sections of every compressed page of a case coded with `codec` for which pred(header)
@@ -844,7 +881,7 @@ int main(void) {
       cmocka_unit_test(corrupt_page_gives_nan),   cmocka_unit_test(v3_bitpack_widths),
       cmocka_unit_test(v3_huffman_page_gives_nan), cmocka_unit_test(corrupt_section_gives_nan),
       cmocka_unit_test(v3_huffman_layouts),    cmocka_unit_test(huffman_damage_gives_nan),
-      cmocka_unit_test(absolute_bound_pages),
+      cmocka_unit_test(absolute_bound_pages),  cmocka_unit_test(two_page_units),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

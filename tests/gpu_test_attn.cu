@@ -436,8 +436,9 @@ static void long_context_splits(void **state) {
 
 /* Launches large enough for v3's units of two pages (kvc_attn_cuda: block_tokens 32 or 64, no
  * Huffman, at least 16 two-page units per CTA slot of the device), whatever KVC_TEST_SCALE: lengths
- * up to 1920 tokens and as many sequences as the device's SM count needs (the test checks the
- * drawn lengths reach the threshold). */
+ * up to 1920 tokens and as many sequences as the device's SM count needs. Only every fifth length
+ * is drawn (host_setup), so the count is set again from the longest one drawn: with more
+ * sequences the first ones keep their lengths, and the longest can only grow. */
 static void two_page_units(void **state) {
   (void)state;
   if (!have_gpu()) skip();
@@ -450,18 +451,24 @@ static void two_page_units(void **state) {
     int hq, hkv, hd, bt;
     kvc_dtype_t dt;
   } shapes[] = {{32, 8, 128, 64, KVC_DTYPE_F16}, {16, 4, 64, 32, KVC_DTYPE_BF16}};
+  const long need = 32L * sms; /* 16 per CTA slot, two CTAs per SM */
   for (size_t i = 0; i < 2; i++) {
-    /* 12 units of 128 tokens or more for the longest sequence (1920 tokens drawn at most). */
-    const int seqs = (32 * sms + 12 * shapes[i].hkv - 1) / (12 * shapes[i].hkv);
-    gpu_case_t c = {seqs, shapes[i].hq, shapes[i].hkv, shapes[i].hd, shapes[i].bt, shapes[i].dt,
-                    max_len, 1, kinds, 0, 7000 + i};
+    const int hkv = shapes[i].hkv;
+    gpu_case_t c = {(int)((need + 15 * hkv - 1) / (15 * hkv)), shapes[i].hq, hkv, shapes[i].hd,
+                    shapes[i].bt, shapes[i].dt, max_len, 1, kinds, 0, 7000 + i};
     host_case_t h;
     dev_case_t d;
     host_setup(&c, &h);
-    const long units2 = (long)seqs * shapes[i].hkv * ((h.args.max_kv_len + 127) / 128);
-    print_message("two-page units: %d sequences, longest %d tokens, %ld units for %d SMs\n", seqs,
-                  h.args.max_kv_len, units2, sms);
-    assert_true(units2 >= 32L * sms);
+    long per_seq = (long)hkv * ((h.args.max_kv_len + 127) / 128);
+    if (c.num_seqs * per_seq < need) {
+      host_teardown(&h);
+      c.num_seqs = (int)((need + per_seq - 1) / per_seq);
+      host_setup(&c, &h);
+      per_seq = (long)hkv * ((h.args.max_kv_len + 127) / 128);
+    }
+    print_message("two-page units: %d sequences, longest %d tokens, %ld units for %d SMs\n",
+                  c.num_seqs, h.args.max_kv_len, c.num_seqs * per_seq, sms);
+    assert_true(c.num_seqs * per_seq >= need);
     dev_setup(&h, &d);
     run_variants(&c, &h, &d, 0);
     run_variants(&c, &h, &d, kNoHuffman);

@@ -14,9 +14,10 @@
  * sections and rows) and kW3 consumer warps over a 96 KiB ring (three uncompressed 64-token units
  * at head_dim 128, six at 64). Consumer warp w takes work items w, w + kW3, ... on its own: an item
  * is a whole unit, or, in launches whose pages are all rows (p.unit_split_lg = 1), half a unit, so
- * that all five warps work while the ring holds three fp16 units. No CTA barrier in the loop: a
- * unit's "empty" barrier counts the lanes of its warps, and the warps' (m, l, O) meet in the
- * epilogue.
+ * that all five warps work while the ring holds three fp16 units; large launches without Huffman
+ * over blocks of 32 or 64 tokens take units of 128 tokens (v3_layout's UT), which halves the
+ * producer's steps per token. No CTA barrier in the loop: a unit's "empty" barrier counts the
+ * lanes of its warps, and the warps' (m, l, O) meet in the epilogue.
  *
  * A warp attends to its unit 16 tokens at a time with mma.sync m16n8k16 in the "swapped" form
  * (the query entries are the N dimension, so a GQA group of 4 to 8 wastes no M rows):
@@ -115,7 +116,7 @@ template <int RING> struct v3_after_ring {
  * pages are not all rows: the producer's steps per unit, not per page, bound bit-pack). */
 template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 1024> {
   static_assert(HD == 64 || HD == 128, "v3 is built for head_dim 64 and 128");
-  static_assert(UT == kUnitTokens || UT == 2 * kUnitTokens, "units of one or two 64-token pages");
+  static_assert(UT == kUnitTokens || UT == 2 * kUnitTokens, "units of 64 or 128 tokens");
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
   static constexpr int unit_tokens = UT;

@@ -1112,7 +1112,8 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   p.scale_log2 = a->scale * 1.4426950408889634f;
   /* v3 splits a unit between two warps when every page is rows (RAW pages, staging pages): their
    * per-page setup is free, and the ring holds only three 64-token units of fp16 rows at head_dim
-   * 128, so whole units would keep two of the five consumer warps idle. */
+   * 128, so whole units would keep two of the five consumer warps idle. Units of two pages are
+   * split too (below). */
   p.unit_split_lg = a->codec_mask == 1u << KVC_CODEC_RAW ? 1 : 0;
 
   /* The smallest query tile that holds a sequence's rows (head_dim 256: always 16 entries, more
@@ -1124,18 +1125,13 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   const bool v3 = entries_max <= 8 && hdi < 2 && a->codec_mask != 0;
   const bool v3h = (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) != 0;
   /* Units of two pages (v3_layout) where the pages need not be all rows (those split their units
-   * instead), without Huffman, for blocks of 32 or 64 tokens, and when the launch has at least 16
-   * such units per CTA slot: with fewer, halving the units starves the split CTAs (bit-pack
-   * (1, 32k): +6%, against -2.4% at (8, 32k) and -8.1% at (16, 128k)). */
-  bool u2 = !v3h && p.unit_split_lg == 0 && (bt == 32 || bt == 64);
-  if (v3 && u2) {
-    int dev = 0, sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return KVC_ERR_CUDA;
-    const long units2 = (long)a->num_seqs * a->num_kv_heads * ((a->max_kv_len + 127) / 128);
-    u2 = units2 >= 16L * 2 * sms; /* v3 runs two CTAs per SM */
-  }
+   * of one page instead), without Huffman, for blocks of 32 or 64 tokens: the producer's steps
+   * per unit bound bit-pack. Each is split in halves between two warps, which claim them
+   * (v3_claims), so that the consumers still take 64 tokens at a time. Measured against whole
+   * 128-token units in the fixed order (session 9, ms): bit-pack (1, 32k) -1.6%, (8, 32k) -3.5%,
+   * (64, 4k) -3.9%, (16, 128k) -3.4%. */
+  const bool u2 = v3 && !v3h && p.unit_split_lg == 0 && (bt == 32 || bt == 64);
+  if (u2) p.unit_split_lg = 1;
   if (v3) {
     const int ut = u2 ? 2 * kUnitTokens : kUnitTokens;
     launch_shape sh;

@@ -12,12 +12,14 @@
  * two CTAs per SM (~450 bytes of spills), so 9..16 entries stay on v2. Two CTAs per SM,
  * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
  * sections and rows) and kW3 consumer warps over a 96 KiB ring (three uncompressed 64-token units
- * at head_dim 128, six at 64). Consumer warp w takes work items w, w + kW3, ... on its own: an item
- * is a whole unit, or, in launches whose pages are all rows (p.unit_split_lg = 1), half a unit, so
- * that all five warps work while the ring holds three fp16 units; large launches without Huffman
- * over blocks of 32 or 64 tokens take units of 128 tokens (v3_layout's UT), which halves the
- * producer's steps per token. No CTA barrier in the loop: a unit's "empty" barrier counts the
- * lanes of its warps, and the warps' (m, l, O) meet in the epilogue.
+ * at head_dim 128, six at 64). The consumer warps take work items: an item is a whole unit, or half
+ * a unit (p.unit_split_lg = 1) in launches whose pages are all rows, so that all five warps work
+ * while the ring holds three fp16 units, and in launches without Huffman over blocks of 32 or 64
+ * tokens, which take units of 128 tokens (v3_layout's UT: half the producer's steps per token)
+ * in halves of 64. The Huffman instance and the 128-token one hand items out from a shared counter
+ * (a warp that runs faster takes more); the others give warp w items w, w + kW3, ... (v3_claims).
+ * No CTA barrier in the loop: a unit's "empty" barrier counts the lanes of its warps, and the
+ * warps' (m, l, O) meet in the epilogue.
  *
  * A warp attends to its unit 16 tokens at a time with mma.sync m16n8k16 in the "swapped" form
  * (the query entries are the N dimension, so a GQA group of 4 to 8 wastes no M rows):
@@ -76,7 +78,15 @@ namespace kvc_attn {
 constexpr int kW3 = 5;
 constexpr int kThreads3 = 32 * (kW3 + 1); /* + the producer warp */
 constexpr int kSlots3 = 2 * kW3;          /* units in flight at most (a multiple of kW3) */
-static_assert(kSlots3 % kW3 == 0, "a slot must always come back to the same warps");
+static_assert(kSlots3 % kW3 == 0, "with items w, w + kW3, ... a slot comes back to the same warps");
+
+/* Whether an instance's warps claim their items from a shared counter rather than take every
+ * kW3-th. Two consumer warps of an SM share their sub-partition with a producer warp and the
+ * others with a third consumer, so warps run at different speeds. Measured (session 9, ms): the
+ * Huffman instance (8, 32k) -2.2%; bit-pack over units of 128 tokens in halves (8, 32k) -3.5%,
+ * (16, 128k) -3.4%, but +1.9% with whole 128-token items; fp16 paged (rows, 64-token units in
+ * halves) +0.4%, so the 64-token instance without Huffman keeps the fixed order. */
+template <bool HUF, int UT> constexpr bool v3_claims() { return HUF || UT > kUnitTokens; }
 
 enum : int { SRC_ROWS = 0, SRC_FAST, SRC_GEN, SRC_BAD };
 
@@ -129,7 +139,8 @@ template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 10
    * trip through the ring's bytes after it (the kernel's prologue). */
   static constexpr int qtile_off = 0;
   static constexpr int bar_off = end;
-  static constexpr int bytes = bar_off + 2 * slots * 8;
+  static constexpr int claim_off = bar_off + 2 * slots * 8; /* next unclaimed item (v3_claims) */
+  static constexpr int bytes = claim_off + 16;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert(16 * HD * 2 + kW3 * 32 * HD <= ring, "Q's round trip (NB <= 2) fits the ring");
   static_assert(3 * tile <= ring && 2 * (kMaxBlockTokens * RB + slack) <= ring,
@@ -925,6 +936,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       mbar_init(bars + 8 * i, 32);        /* full: every producer lane */
       mbar_init(bars + 8 * (NS + i), 32 << p.unit_split_lg); /* empty: every lane of its warps */
     }
+    *(int *)(smem + SL::claim_off) = kW3; /* items 0 .. kW3 - 1 go to warps 0 .. kW3 - 1 */
   }
   load_q_tile<HD, T>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, kThreads3);
   /* fp16's 1.0 for the fast paths, passed through shared memory so that it is a register the
@@ -1032,9 +1044,8 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
     /* Rows of a unit per page (a power of two): unit row r is on page r >> ubt_lg. */
     const int ubt_lg = 31 - __clz(min(p.block_tokens, UT));
 
-    /* Work items: item i is part i % split of unit i / split (split = 2^p.unit_split_lg), and
-     * warp w takes items w, w + kW3, ...; a unit's parts go to different warps, and since
-     * NS * split is a multiple of kW3 a slot always comes back to the same warps, in unit order.
+    /* Work items: item i is part i % split of unit i / split (split = 2^p.unit_split_lg). Warp w
+     * starts with item w, then claims the next unclaimed one (v3_claims) or takes item w + kW3.
      * The split is re-read from the parameters where it is used (no registers held across the
      * loop: with them the fp16 head_dim-128 instance spilled). */
     auto split_lg = [&] { return HUF ? 0 : p.unit_split_lg; };
@@ -1042,9 +1053,14 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
     auto slab = [&](int it, int end) {
       return ((it & ((1 << split_lg()) - 1)) + end) * (UT / 16 >> split_lg());
     };
-    for (int it = warp; u_begin + (it >> split_lg()) < u_end; it += kW3) {
+    constexpr bool claims = v3_claims<HUF, UT>();
+    for (int it = warp; u_begin + (it >> split_lg()) < u_end;) {
       const int k = it >> split_lg();
       const int slot = k % NS, token0 = (u_begin + k) * UT;
+      /* With claimed items, another warp may still hold unit k - NS: once it is released, the
+       * slot's "full" barrier is in unit k's phase (the parity alone cannot tell the two apart).
+       * In the fixed order this warp released it itself. */
+      if (claims && k >= NS) mbar_wait(bars + 8 * (NS + slot), (uint32_t)(k / NS - 1) & 1u);
       mbar_wait(bars + 8 * slot, (uint32_t)(k / NS) & 1u);
       const unit_desc *d = &descs[slot];
       const int32_t flags = d->flags;
@@ -1237,6 +1253,13 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       }
       bad |= !ok;
       mbar_arrive(bars + 8 * (NS + slot)); /* this lane is done with the unit's ring bytes */
+      if (claims) {
+        int next = 0;
+        if (lane == 0) next = atomicAdd((int *)(smem + SL::claim_off), 1);
+        it = __shfl_sync(0xffffffffu, next, 0);
+      } else {
+        it += kW3;
+      }
     }
   }
 

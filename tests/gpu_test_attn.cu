@@ -434,41 +434,33 @@ static void long_context_splits(void **state) {
   check_case(&few);
 }
 
-/* Launches large enough for v3's units of two pages (kvc_attn_cuda: block_tokens 32 or 64, no
- * Huffman, at least 16 two-page units per CTA slot of the device), whatever KVC_TEST_SCALE: lengths
- * up to 1920 tokens and as many sequences as the device's SM count needs. Only every fifth length
- * is drawn (host_setup), so the count is set again from the longest one drawn: with more
- * sequences the first ones keep their lengths, and the longest can only grow. */
-static void two_page_units(void **state) {
+/* CTAs that each walk more units than the ring has slots (kvc_attn_v3.cuh's kSlots3 = 10), so
+ * that slots come back while v3's warps claim their items from the shared counter: the Huffman
+ * instance (64-token units) and, without Huffman, units of two pages in halves. As many sequences
+ * x kv heads as fill the device's CTA slots (two per SM) once, which the launcher leaves unsplit
+ * (one wave of U units costs less than two waves of U / 2), and lengths up to 4,000 tokens
+ * whatever KVC_TEST_SCALE, of which the longest must exceed 2 x 10 units of 128 tokens. */
+static void claimed_items(void **state) {
   (void)state;
   if (!have_gpu()) skip();
   int dev = 0, sms = 0;
   CU(cudaGetDevice(&dev));
   CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const unsigned kinds = KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW | KVC_TEST_PAGE_STAGING;
-  const int max_len = (int)(1920 / kvc_test_scale()) + 1;
   struct {
     int hq, hkv, hd, bt;
     kvc_dtype_t dt;
   } shapes[] = {{32, 8, 128, 64, KVC_DTYPE_F16}, {16, 4, 64, 32, KVC_DTYPE_BF16}};
-  const long need = 32L * sms; /* 16 per CTA slot, two CTAs per SM */
   for (size_t i = 0; i < 2; i++) {
     const int hkv = shapes[i].hkv;
-    gpu_case_t c = {(int)((need + 15 * hkv - 1) / (15 * hkv)), shapes[i].hq, hkv, shapes[i].hd,
-                    shapes[i].bt, shapes[i].dt, max_len, 1, kinds, 0, 7000 + i};
+    gpu_case_t c = {2 * sms / hkv, shapes[i].hq, hkv, shapes[i].hd, shapes[i].bt, shapes[i].dt,
+                    (int)(4000 / kvc_test_scale()), 1, kinds, 0, 7100 + i};
     host_case_t h;
     dev_case_t d;
     host_setup(&c, &h);
-    long per_seq = (long)hkv * ((h.args.max_kv_len + 127) / 128);
-    if (c.num_seqs * per_seq < need) {
-      host_teardown(&h);
-      c.num_seqs = (int)((need + per_seq - 1) / per_seq);
-      host_setup(&c, &h);
-      per_seq = (long)hkv * ((h.args.max_kv_len + 127) / 128);
-    }
-    print_message("two-page units: %d sequences, longest %d tokens, %ld units for %d SMs\n",
-                  c.num_seqs, h.args.max_kv_len, c.num_seqs * per_seq, sms);
-    assert_true(c.num_seqs * per_seq >= need);
+    print_message("claimed items: %d sequences, longest %d tokens, %d SMs\n", c.num_seqs,
+                  h.args.max_kv_len, sms);
+    assert_true(h.args.max_kv_len > 2 * 10 * 128);
     dev_setup(&h, &d);
     run_variants(&c, &h, &d, 0);
     run_variants(&c, &h, &d, kNoHuffman);
@@ -888,7 +880,7 @@ int main(void) {
       cmocka_unit_test(corrupt_page_gives_nan),   cmocka_unit_test(v3_bitpack_widths),
       cmocka_unit_test(v3_huffman_page_gives_nan), cmocka_unit_test(corrupt_section_gives_nan),
       cmocka_unit_test(v3_huffman_layouts),    cmocka_unit_test(huffman_damage_gives_nan),
-      cmocka_unit_test(absolute_bound_pages),  cmocka_unit_test(two_page_units),
+      cmocka_unit_test(absolute_bound_pages),  cmocka_unit_test(claimed_items),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

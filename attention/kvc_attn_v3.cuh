@@ -112,14 +112,16 @@ struct v3_scratch {
 };
 
 /* What both v3 layouts place after a ring of RING bytes, alike: the unit descriptors, the
- * producer's metadata batch and the consumer warps' scratch, up to `end`. */
+ * producer's metadata batch, the consumer warps' scratch and the next unclaimed work item
+ * (v3_claims), up to `end`. */
 template <int RING> struct v3_after_ring {
   static constexpr int ring = RING;
   static constexpr int desc_off = RING;
   static constexpr int meta_off = desc_off + kSlots3 * (int)sizeof(unit_desc);
   static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
   static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
-  static constexpr int end = scr_off + kW3 * v3_scratch::bytes;
+  static constexpr int claim_off = scr_off + kW3 * v3_scratch::bytes;
+  static constexpr int end = claim_off + 16;
 };
 
 /* UT: tokens per unit, kUnitTokens or two pages' 128 (launches with block_tokens 32 or 64 whose
@@ -139,8 +141,7 @@ template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 10
    * trip through the ring's bytes after it (the kernel's prologue). */
   static constexpr int qtile_off = 0;
   static constexpr int bar_off = end;
-  static constexpr int claim_off = bar_off + 2 * slots * 8; /* next unclaimed item (v3_claims) */
-  static constexpr int bytes = claim_off + 16;
+  static constexpr int bytes = bar_off + 2 * slots * 8;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert(16 * HD * 2 + kW3 * 32 * HD <= ring, "Q's round trip (NB <= 2) fits the ring");
   static_assert(3 * tile <= ring && 2 * (kMaxBlockTokens * RB + slack) <= ring,

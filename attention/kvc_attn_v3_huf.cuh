@@ -122,7 +122,7 @@ template <int HD> constexpr int v3h_qf_stride() { return HD / 2 + 16; }
 /* The ring takes the rest of a CTA's share of the SM, in whole KiB. */
 template <int HD> constexpr int v3h_ring_bytes() {
   return (233472 / 2 - 1024 - v3_after_ring<0>::end - kW3 * v3h_area<HD>::bytes - 2 * kSlots3 * 8 -
-          16 - 32 * v3h_qf_stride<HD>()) /
+          32 * v3h_qf_stride<HD>()) /
          1024 * 1024;
 }
 
@@ -138,8 +138,7 @@ template <int HD> struct v3h_layout : v3_after_ring<v3h_ring_bytes<HD>()> {
   static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
   static constexpr int huf_off = A::end;
   static constexpr int bar_off = huf_off + kW3 * v3h_area<HD>::bytes;
-  static constexpr int claim_off = bar_off + 2 * slots * 8; /* the next unclaimed item */
-  static constexpr int qf_off = claim_off + 16, qf_stride = v3h_qf_stride<HD>();
+  static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = v3h_qf_stride<HD>();
   static constexpr int bytes = qf_off + 32 * qf_stride;
   /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring. */
   static constexpr int max_block_tokens =

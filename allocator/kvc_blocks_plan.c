@@ -5,6 +5,7 @@
  * Everything writes into arrays sized at creation (or grown by the reserving calls), so planning
  * never allocates and costs O(new rows + blocks of the batch's tables).
  */
+#include <stdint.h>
 #include <string.h>
 
 #include "allocator/kvc_blocks_internal.h"
@@ -149,6 +150,27 @@ kvc_status_t kvc_bm_plan(kvc_bm_t *bm, const kvc_bm_batch_t *batch, kvc_bm_plan_
   plan->num_new_staging = nnew;
   plan->new_staging = bm->p_new_staging;
   return KVC_OK;
+}
+
+int kvc_bm_plan_shared_prefix(const kvc_bm_plan_t *plan, int block_tokens) {
+  const int n = plan->num_seqs;
+  if (n < 2 || block_tokens < 1) return 0;
+  const int32_t *first = plan->block_ids + plan->block_indptr[0];
+  int shared = INT32_MAX;
+  for (int s = 0; s < n; s++) {
+    /* Only whole blocks before the sequence's first query row. */
+    const int before_rows = plan->kv_len[s] - (plan->qo_indptr[s + 1] - plan->qo_indptr[s]);
+    const int blocks = plan->block_indptr[s + 1] - plan->block_indptr[s];
+    const int lim = before_rows / block_tokens < blocks ? before_rows / block_tokens : blocks;
+    if (lim < shared) shared = lim;
+  }
+  for (int s = 1; s < n && shared > 0; s++) {
+    const int32_t *t = plan->block_ids + plan->block_indptr[s];
+    int j = 0;
+    while (j < shared && t[j] == first[j]) j++;
+    shared = j;
+  }
+  return shared > 0 ? shared : 0;
 }
 
 void kvc_bm_step_done(kvc_bm_t *bm) { bm->step_open = 0; }

@@ -64,6 +64,26 @@ typedef struct kvc_attn_args {
    * bit-pack page it meets anyway is decoded, more slowly, by the generic path). The CPU reference
    * ignores it. */
   uint32_t codec_mask;
+
+  /* Optional (appended; 0 when unknown): a shared prefix. The first prefix_blocks blocks of every
+   * sequence are the same block ids, and each sequence's query rows all sit after them
+   * (prefix_blocks * block_tokens <= kv_len[s] - its query rows). The CUDA backend may then read
+   * the prefix once for every query row of the call instead of once per sequence: a first launch
+   * over the prefix with all the call's rows as one sequence that sees all of it, a second over
+   * each sequence's blocks after it, and the split combine merging both ("cascade" attention, as
+   * FlashInfer and vLLM call it). cascade: 0 never, 1 when the launcher's cost model says it
+   * pays, 2 whenever prefix_blocks > 0 and the workspace holds two partials (tests, benches).
+   * The three arrays (device pointers; set when prefix_blocks > 0):
+   *   prefix_csr   {0, total_q_rows, prefix_blocks * block_tokens}: the first launch's qo_indptr
+   *                (&prefix_csr[0]) and kv_len (&prefix_csr[2])
+   *   suffix_kv_len [num_seqs]  kv_len[s] - prefix_blocks * block_tokens
+   *   suffix_block_start [num_seqs]  block_indptr[s] + prefix_blocks
+   * The CPU reference ignores all of these (the result is the same attention). */
+  int prefix_blocks;
+  int cascade;
+  const int32_t *prefix_csr;
+  const int32_t *suffix_kv_len;
+  const int32_t *suffix_block_start;
 } kvc_attn_args_t;
 
 /*

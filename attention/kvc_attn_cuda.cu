@@ -33,6 +33,10 @@
  *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
  * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.
+ * A call whose sequences all start with the same blocks may run as a cascade (kvc_attn_args_t::
+ * prefix_blocks): one launch over the prefix with every query row of the call as one sequence
+ * (params::pos_shift puts the rows past its last token), one over each sequence's blocks after
+ * it, both writing partials, and one combine over both launches' splits.
  * A page that fails its checks makes the rows of every CTA that reads it NaN: the kernels cannot
  * return a status, and NaN is never mistaken for attention output.
  */
@@ -106,12 +110,18 @@ struct params {
   const uint8_t *pool;
   const void *q;
   void *out;
-  float *ws_o;   /* [nsplits][total_q_rows][num_q_heads][head_dim] */
-  float *ws_lse; /* [nsplits][total_q_rows][num_q_heads], log2 domain */
+  /* Partial results: [split][total_q_rows][num_q_heads] x head_dim (ws_o) and the log2-sum-exp
+   * (ws_lse). A launch writes `out` when ws_lse is NULL, else its partials (splits from 0 at
+   * these pointers: a cascade's second launch gets pointers past the first's). */
+  float *ws_o;
+  float *ws_lse;
   uint32_t chunk_bytes, chunk_shift;
   int num_q_heads, num_kv_heads, group, block_tokens, dtype;
   int total_q_rows, qtiles, nsplits, units_per_split;
   int unit_split_lg; /* v3: log2 of the consumer warps sharing each unit (see attn_kernel_v3) */
+  /* Added to every query row's position: 0 (causal), or the rows - 1 of a cascade's prefix
+   * launch, whose one sequence's rows then all sit at or past its last token and see all of it. */
+  int pos_shift;
   float scale_log2;
 };
 
@@ -717,7 +727,7 @@ __device__ __forceinline__ void write_entry(const params &p, float (&acc)[8], fl
   const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
 #pragma unroll
   for (int j = 0; j < 8; j++) acc[j] = cta_bad ? __int_as_float(0x7fc00000) : acc[j] * inv;
-  if (p.nsplits == 1) {
+  if (!p.ws_lse) {
     *(uint4 *)((T *)p.out + ((size_t)row * hq + qh) * HD + 8 * c8) = pack8<T>(acc);
   } else {
     const size_t pe = ((size_t)split * p.total_q_rows + row) * hq + qh;
@@ -743,7 +753,7 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>()))
   const int q0 = p.qo_indptr[seq], nq = p.qo_indptr[seq + 1] - q0, len = p.kv_len[seq];
   const int group = p.group, entries = nq * group, e0 = qt * 16 * WM;
   if (e0 >= entries) return; /* the whole CTA: a query tile past this sequence's rows */
-  const int pos_max = len - nq + (min(entries, e0 + 16 * WM) - 1) / group;
+  const int pos_max = len - nq + p.pos_shift + (min(entries, e0 + 16 * WM) - 1) / group;
   const int units = (min(len, pos_max + 1) + kUnitTokens - 1) / kUnitTokens;
   const int u_begin = split * p.units_per_split;
   const int u_end = min(units, u_begin + p.units_per_split);
@@ -770,8 +780,8 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>()))
     const int mt = warp / WN, tb = (warp % WN) * NT, g = lane >> 2;
     const int er0 = e0 + mt * 16 + g, er1 = er0 + 8;
     /* Entries past the rows attend like the last row; their output is never written. */
-    const int pos0 = len - nq + (er0 < entries ? er0 / group : nq - 1);
-    const int pos1 = len - nq + (er1 < entries ? er1 / group : nq - 1);
+    const int pos0 = len - nq + p.pos_shift + (er0 < entries ? er0 / group : nq - 1);
+    const int pos1 = len - nq + p.pos_shift + (er1 < entries ? er1 / group : nq - 1);
     const int pos_warp = __reduce_max_sync(0xffffffffu, max(pos0, pos1));
     const uint32_t qw = qtile + mt * 16 * SL::RB;
     const unit_desc *descs = (const unit_desc *)(smem + SL::desc_off);
@@ -939,8 +949,8 @@ int choose_splits(long base_ctas, int units_max, int slots) {
 struct launch_shape {
   long base_ctas; /* sequences x kv heads x query tiles */
   int units_max;  /* 64-token units of the longest sequence */
-  size_t ws_per_split;
-  size_t ws_bytes;
+  int max_splits; /* >= 1: the splits whose partials the workspace holds for this launch */
+  bool partial;   /* partials even with one split, combined by the caller (a cascade's launches) */
   int qtiles, num_kv_heads, num_seqs;
 };
 
@@ -953,8 +963,25 @@ template <int HD, int WM> constexpr int max_block_tokens() {
                                                                 : 32;
 }
 
+/* Enqueues the combine of p.nsplits partials at p.ws_o / p.ws_lse into `out`, as a programmatic
+ * dependent of the launch before it. */
+template <int HD, class T> kvc_status_t launch_combine(const params &p, cudaStream_t stream) {
+  const long pairs = (long)p.total_q_rows * p.num_q_heads;
+  cudaLaunchAttribute pdl;
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)((pairs + 7) / 8));
+  cfg.blockDim = dim3(256);
+  cfg.stream = stream;
+  cfg.attrs = &pdl;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, combine_kernel<HD, T>, p) == cudaSuccess ? KVC_OK : KVC_ERR_CUDA;
+}
+
 /* Enqueues `kernel` (threads and dynamic shared memory per CTA) over the split-K partition that
- * fits the device's CTA slots and the workspace, then the combine kernel when there are splits. */
+ * fits the device's CTA slots and sh.max_splits, then the combine kernel when there are splits
+ * (unless sh.partial: then the caller combines). Sets p.nsplits. */
 template <int HD, class T>
 kvc_status_t launch_with(void (*kernel)(const params), int threads, int smem, params &p,
                          const launch_shape &sh, cudaStream_t stream) {
@@ -967,31 +994,17 @@ kvc_status_t launch_with(void (*kernel)(const params), int threads, int smem, pa
     return KVC_ERR_CUDA;
   if (per_sm < 1) return KVC_ERR_UNSUPPORTED;
   int ns = choose_splits(sh.base_ctas, sh.units_max, sms * per_sm);
-  const size_t fit = p.ws_o ? sh.ws_bytes / sh.ws_per_split : 0;
-  if (ns > 1 && (size_t)ns > fit) ns = fit >= 2 ? (int)fit : 1;
+  if (ns > sh.max_splits) ns = sh.max_splits;
   const int ups = (sh.units_max + ns - 1) / ns;
   ns = (sh.units_max + ups - 1) / ups;
   if ((long)sh.qtiles * ns > 0x7fffffffL) return KVC_ERR_UNSUPPORTED;
   p.nsplits = ns;
   p.units_per_split = ups;
-  if (ns > 1) p.ws_lse = p.ws_o + (size_t)ns * p.total_q_rows * p.num_q_heads * HD;
+  if (ns == 1 && !sh.partial) p.ws_lse = NULL; /* the CTAs write `out` */
   const dim3 grid((unsigned)(sh.qtiles * ns), (unsigned)sh.num_kv_heads, (unsigned)sh.num_seqs);
   kernel<<<grid, threads, smem, stream>>>(p);
   if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
-  if (p.nsplits > 1) {
-    const long pairs = (long)p.total_q_rows * p.num_q_heads;
-    cudaLaunchAttribute pdl;
-    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    pdl.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)((pairs + 7) / 8));
-    cfg.blockDim = dim3(256);
-    cfg.stream = stream;
-    cfg.attrs = &pdl;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, combine_kernel<HD, T>, p) != cudaSuccess) return KVC_ERR_CUDA;
-  }
-  return KVC_OK;
+  return ns > 1 && !sh.partial ? launch_combine<HD, T>(p, stream) : KVC_OK;
 }
 
 template <int HD, class T, int WM>
@@ -1050,6 +1063,120 @@ const launch_fn kLaunch[3][2][3] = {
 
 int hd_index(int hd) { return hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1; }
 
+/* [head_dim 64/128/256][dtype f16/bf16]: the combine of a cascade's partials. */
+kvc_status_t (*const kCombine[3][2])(const params &, cudaStream_t) = {
+    {launch_combine<64, __half>, launch_combine<64, __nv_bfloat16>},
+    {launch_combine<128, __half>, launch_combine<128, __nv_bfloat16>},
+    {launch_combine<256, __half>, launch_combine<256, __nv_bfloat16>},
+};
+
+/* One launch's batch (the caller's params point at its CSR arrays and workspace). */
+struct level {
+  int num_seqs, max_kv_len;
+  long entries_max; /* query entries (rows x GQA group) of its largest sequence */
+  int pos_shift;    /* params::pos_shift */
+  int max_splits;   /* launch_shape::max_splits */
+  bool partial;     /* launch_shape::partial */
+  bool v3_tiles;    /* v3 over query tiles of 8 entries, however many (tile_reads) */
+};
+
+/* Query entries per CTA of the instance dispatch picks for sequences of up to entries_max query
+ * entries: v3's 8 (head_dim 64/128, a known codec mask), else v2's smallest tile that holds them
+ * (head_dim 256: always 16, more tiles). */
+int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
+  if (entries_max <= 8 && hdi < 2 && codec_mask != 0) return 8;
+  return hdi == 2 || entries_max <= 16 ? 16 : entries_max <= 32 ? 32 : 64;
+}
+
+/* The cost, in v3 reads of its KV, of attending `entries` query entries of one sequence: its
+ * query tiles, a tile of v2 counted as 2.2 (16 entries), 3.6 (32) or 4.2 (64) tiles of v3. From
+ * the H200 (session 10, `./kvc bench attention`'s shared-prefix rows, one tile's time over the
+ * prefix): v2 over v3, fp16 / bit-pack / Huffman pages, 1.7 / 2.7 / 2.4 (16 entries, decode
+ * rows), 3.6 / 4.0 / 3.2 (32), 3.7 / 4.6 / 4.2 (64). *v3_tiles: whether v3 over several tiles of 8
+ * costs less (head_dim 64/128, a known codec mask). */
+double tile_reads(long entries, int hdi, uint32_t codec_mask, bool *v3_tiles) {
+  const int te = tile_entries(entries, hdi, codec_mask);
+  const double v2 = (double)((entries + te - 1) / te) *
+                    (te == 8 ? 1.0 : te == 16 ? 2.2 : te == 32 ? 3.6 : 4.2);
+  const double v3 = (double)((entries + 7) / 8);
+  *v3_tiles = hdi < 2 && codec_mask != 0 && v3 < v2;
+  return *v3_tiles ? v3 : v2;
+}
+
+/*
+ * Whether reading the shared prefix once pays (kvc_attn_args_t::cascade 1): without the cascade
+ * every sequence reads it (tile_reads of its own entries), with it the prefix launch does once
+ * (tile_reads of every entry of the call). The cascade must halve that, and save the reading of
+ * 16k prefix tokens at least: its second launch and the combine cost a few microseconds.
+ * *v3_tiles: the prefix launch's instance.
+ */
+bool cascade_pays(const kvc_attn_args_t *a, int group, int max_qo, bool *v3_tiles) {
+  const int hdi = hd_index(a->head_dim);
+  bool unused;
+  const double once = tile_reads((long)a->total_q_rows * group, hdi, a->codec_mask, v3_tiles);
+  const double each = a->num_seqs * tile_reads((long)max_qo * group, hdi, a->codec_mask, &unused);
+  return 2 * once <= each &&
+         (each - once) * a->prefix_blocks * a->block_tokens >= 16384;
+}
+
+/* Enqueues one launch (v3 where it applies, else v2's smallest query tile that holds lv's rows)
+ * over lv's batch; sets p.nsplits. */
+kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cudaStream_t stream) {
+  const int hdi = hd_index(a->head_dim), bt = a->block_tokens;
+  const long entries_max = lv.entries_max;
+  p.pos_shift = lv.pos_shift;
+  /* v3 splits a unit between two warps when every page is rows (RAW pages, staging pages): their
+   * per-page setup is free, and the ring holds only three 64-token units of fp16 rows at head_dim
+   * 128, so whole units would keep two of the five consumer warps idle. Units of two pages are
+   * split too (below). */
+  p.unit_split_lg = a->codec_mask == 1u << KVC_CODEC_RAW ? 1 : 0;
+
+  /* v3 where it applies (tile_entries); its Huffman instance when the mask allows Huffman pages
+   * (with the bit-pack fast path when it allows bit-pack pages too). Else v2's smallest query
+   * tile that holds a sequence's rows, or a larger one when the block size needs a larger ring. */
+  const int te = tile_entries(entries_max, hdi, a->codec_mask);
+  const bool v3 = te == 8 || (lv.v3_tiles && hdi < 2 && a->codec_mask != 0);
+  const int wmi0 = te <= 16 ? 0 : te == 32 ? 1 : 2;
+  const bool v3h = (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) != 0;
+  /* Units of two pages (v3_layout) where the pages need not be all rows (those split their units
+   * of one page instead), without Huffman, for blocks of 32 or 64 tokens: the producer's steps
+   * per unit bound bit-pack. Each is split in halves between two warps, which claim them
+   * (v3_claims), so that the consumers still take 64 tokens at a time. Measured against whole
+   * 128-token units in the fixed order (session 9, ms): bit-pack (1, 32k) -1.6%, (8, 32k) -3.5%,
+   * (64, 4k) -3.9%, (16, 128k) -3.4%. */
+  const bool u2 = v3 && !v3h && p.unit_split_lg == 0 && (bt == 32 || bt == 64);
+  if (u2) p.unit_split_lg = 1;
+  /* lv's batch in query tiles of te entries and units of ut tokens. */
+  auto shape = [&](int te, int ut) {
+    launch_shape sh;
+    sh.qtiles = (int)((entries_max + te - 1) / te);
+    sh.base_ctas = (long)lv.num_seqs * a->num_kv_heads * sh.qtiles;
+    sh.units_max = (lv.max_kv_len + ut - 1) / ut;
+    sh.max_splits = lv.max_splits;
+    sh.partial = lv.partial;
+    sh.num_kv_heads = a->num_kv_heads;
+    sh.num_seqs = lv.num_seqs;
+    p.qtiles = sh.qtiles;
+    return sh;
+  };
+  if (v3) {
+    const int bf16 = a->dtype == KVC_DTYPE_BF16;
+    const bool bitpack = (a->codec_mask & (1u << KVC_CODEC_BITPACK)) != 0;
+    const launch_fn fn = v3h ? kLaunch3h[hdi][bf16][bitpack]
+                         : u2  ? kLaunch3u2[hdi][bf16]
+                               : kLaunch3[hdi][bf16];
+    const kvc_status_t st = fn(p, shape(8, u2 ? 2 * kUnitTokens : kUnitTokens), stream);
+    if (st != KVC_ERR_UNSUPPORTED) return st;
+  }
+  for (int wmi = wmi0; wmi < 3; wmi++) {
+    const launch_fn fn = kLaunch[hdi][a->dtype == KVC_DTYPE_BF16][wmi];
+    if (!fn) break;
+    const kvc_status_t st = fn(p, shape(16 << wmi, kUnitTokens), stream);
+    if (st != KVC_ERR_UNSUPPORTED) return st;
+  }
+  return KVC_ERR_UNSUPPORTED;
+}
+
 }  // namespace kvc_attn
 
 using namespace kvc_attn;
@@ -1088,7 +1215,10 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   const int max_qo = a->max_qo_len > 0 ? a->max_qo_len : a->total_q_rows - a->num_seqs + 1;
   if (max_qo < 1) return KVC_ERR_INVALID_ARGUMENT;
   if ((uintptr_t)a->workspace % 16 != 0) return KVC_ERR_INVALID_ARGUMENT;
-  const long entries_max = (long)max_qo * group;
+  if (a->prefix_blocks < 0 ||
+      (a->prefix_blocks > 0 && (!a->prefix_csr || !a->suffix_kv_len || !a->suffix_block_start ||
+                                a->prefix_blocks >= (a->max_kv_len + bt - 1) / bt)))
+    return KVC_ERR_INVALID_ARGUMENT;
 
   kvc_attn::params p;
   p.qo_indptr = a->qo_indptr;
@@ -1099,8 +1229,6 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   p.pool = a->pool;
   p.q = a->q;
   p.out = a->out;
-  p.ws_o = (float *)a->workspace;
-  p.ws_lse = NULL;
   p.chunk_bytes = a->chunk_bytes;
   p.chunk_shift = (uint32_t)__builtin_ctz(a->chunk_bytes);
   p.num_q_heads = a->num_q_heads;
@@ -1109,63 +1237,53 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   p.block_tokens = bt;
   p.dtype = (int)a->dtype;
   p.total_q_rows = a->total_q_rows;
+  p.pos_shift = 0;
   p.scale_log2 = a->scale * 1.4426950408889634f;
-  /* v3 splits a unit between two warps when every page is rows (RAW pages, staging pages): their
-   * per-page setup is free, and the ring holds only three 64-token units of fp16 rows at head_dim
-   * 128, so whole units would keep two of the five consumer warps idle. Units of two pages are
-   * split too (below). */
-  p.unit_split_lg = a->codec_mask == 1u << KVC_CODEC_RAW ? 1 : 0;
+  /* The workspace: fit splits of partials, then their log2-sum-exps. */
+  const size_t pairs = (size_t)a->total_q_rows * a->num_q_heads;
+  const size_t fit =
+      a->workspace ? a->workspace_bytes / (pairs * (size_t)(a->head_dim + 1) * sizeof(float)) : 0;
+  float *const ws = (float *)a->workspace;
+  float *const ws_lse = ws ? ws + fit * pairs * a->head_dim : NULL;
+  const cudaStream_t s = (cudaStream_t)stream;
 
-  /* The smallest query tile that holds a sequence's rows (head_dim 256: always 16 entries, more
-   * tiles); a larger one when the block size needs a larger ring. */
-  const int wmi0 = hdi == 2 ? 0 : entries_max <= 16 ? 0 : entries_max <= 32 ? 1 : 2;
-  /* v3 where it applies: one query tile of 8 entries, head_dim 64/128, a known codec mask; its
-   * Huffman instance when the mask allows Huffman pages (with the bit-pack fast path when it
-   * allows bit-pack pages too). */
-  const bool v3 = entries_max <= 8 && hdi < 2 && a->codec_mask != 0;
-  const bool v3h = (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) != 0;
-  /* Units of two pages (v3_layout) where the pages need not be all rows (those split their units
-   * of one page instead), without Huffman, for blocks of 32 or 64 tokens: the producer's steps
-   * per unit bound bit-pack. Each is split in halves between two warps, which claim them
-   * (v3_claims), so that the consumers still take 64 tokens at a time. Measured against whole
-   * 128-token units in the fixed order (session 9, ms): bit-pack (1, 32k) -1.6%, (8, 32k) -3.5%,
-   * (64, 4k) -3.9%, (16, 128k) -3.4%. */
-  const bool u2 = v3 && !v3h && p.unit_split_lg == 0 && (bt == 32 || bt == 64);
-  if (u2) p.unit_split_lg = 1;
-  if (v3) {
-    const int ut = u2 ? 2 * kUnitTokens : kUnitTokens;
-    launch_shape sh;
-    sh.qtiles = 1;
-    sh.base_ctas = (long)a->num_seqs * a->num_kv_heads * sh.qtiles;
-    sh.units_max = (a->max_kv_len + ut - 1) / ut;
-    sh.ws_per_split = (size_t)a->total_q_rows * a->num_q_heads * (a->head_dim + 1) * 4;
-    sh.ws_bytes = a->workspace ? a->workspace_bytes : 0;
-    sh.num_kv_heads = a->num_kv_heads;
-    sh.num_seqs = a->num_seqs;
-    p.qtiles = sh.qtiles;
-    const int bf16 = a->dtype == KVC_DTYPE_BF16;
-    const bool bitpack = (a->codec_mask & (1u << KVC_CODEC_BITPACK)) != 0;
-    const launch_fn fn = v3h ? kLaunch3h[hdi][bf16][bitpack]
-                         : u2  ? kLaunch3u2[hdi][bf16]
-                               : kLaunch3[hdi][bf16];
-    const kvc_status_t st = fn(p, sh, (cudaStream_t)stream);
-    if (st != KVC_ERR_UNSUPPORTED) return st;
+  level whole = {a->num_seqs, a->max_kv_len, (long)max_qo * group, 0, fit >= 2 ? (int)fit : 1,
+                 false, false};
+  /* The combine takes at most kMaxSplits partials: the two launches share them. */
+  const int cap = fit < (size_t)kMaxSplits ? (int)fit : kMaxSplits;
+  bool v3_tiles = false, cascade = false;
+  if (a->prefix_blocks > 0 && a->cascade != 0 && a->num_seqs >= 2 && cap >= 2)
+    cascade = cascade_pays(a, group, max_qo, &v3_tiles) || a->cascade == 2;
+  if (!cascade) {
+    p.ws_o = ws;
+    p.ws_lse = ws_lse;
+    return dispatch(a, p, whole, s);
   }
-  for (int wmi = wmi0; wmi < 3; wmi++) {
-    const launch_fn fn = kLaunch[hdi][a->dtype == KVC_DTYPE_BF16][wmi];
-    if (!fn) break;
-    const int wm = 1 << wmi;
-    launch_shape sh;
-    sh.qtiles = (int)((entries_max + 16 * wm - 1) / (16 * wm));
-    sh.base_ctas = (long)a->num_seqs * a->num_kv_heads * sh.qtiles;
-    sh.units_max = (a->max_kv_len + kUnitTokens - 1) / kUnitTokens;
-    sh.ws_per_split = (size_t)a->total_q_rows * a->num_q_heads * (a->head_dim + 1) * 4;
-    sh.ws_bytes = a->workspace ? a->workspace_bytes : 0;
-    sh.num_kv_heads = a->num_kv_heads;
-    sh.num_seqs = a->num_seqs;
-    p.qtiles = sh.qtiles;
-    const kvc_status_t st = fn(p, sh, (cudaStream_t)stream);
-    if (st != KVC_ERR_UNSUPPORTED) return st;
-  }
-  return KVC_ERR_UNSUPPORTED;
+  /* The prefix, once: every row of the call as one sequence at or past its last token. */
+  const int ptok = a->prefix_blocks * bt;
+  level pre = {1,    ptok, (long)a->total_q_rows * group, a->total_q_rows - 1, cap - 1, true,
+               v3_tiles};
+  params p1 = p;
+  p1.qo_indptr = a->prefix_csr;
+  p1.kv_len = a->prefix_csr + 2;
+  p1.ws_o = ws;
+  p1.ws_lse = ws_lse;
+  kvc_status_t st = dispatch(a, p1, pre, s);
+  if (st != KVC_OK) return st;
+  /* Each sequence after the prefix: its causal positions shift with its tokens. */
+  level suf = whole;
+  suf.max_kv_len = a->max_kv_len - ptok;
+  suf.max_splits = cap - p1.nsplits;
+  suf.partial = true;
+  params p2 = p;
+  p2.kv_len = a->suffix_kv_len;
+  p2.block_indptr = a->suffix_block_start;
+  p2.ws_o = ws + (size_t)p1.nsplits * pairs * a->head_dim;
+  p2.ws_lse = ws_lse + (size_t)p1.nsplits * pairs;
+  if ((st = dispatch(a, p2, suf, s)) != KVC_OK) return st;
+  params pc = p;
+  pc.ws_o = ws;
+  pc.ws_lse = ws_lse;
+  pc.nsplits = p1.nsplits + p2.nsplits;
+  return kCombine[hdi][a->dtype == KVC_DTYPE_BF16](pc, s);
 }

@@ -925,7 +925,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   const int q0 = p.qo_indptr[seq], nq = p.qo_indptr[seq + 1] - q0, len = p.kv_len[seq];
   const int group = p.group, entries = nq * group, e0 = qt * NE;
   if (e0 >= entries) return; /* the whole CTA: a query tile past this sequence's rows */
-  const int pos_max = len - nq + (min(entries, e0 + NE) - 1) / group;
+  const int pos_max = len - nq + p.pos_shift + (min(entries, e0 + NE) - 1) / group;
   const int units = (min(len, pos_max + 1) + UT - 1) / UT;
   const int u_begin = split * p.units_per_split;
   const int u_end = min(units, u_begin + p.units_per_split);
@@ -1032,7 +1032,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
       for (int x = 0; x < 2; x++) {
         const int en = e0 + 8 * nb + 2 * c + x;
-        pos[nb][x] = len - nq + (en < entries ? en / group : nq - 1);
+        pos[nb][x] = len - nq + p.pos_shift + (en < entries ? en / group : nq - 1);
         pos_lane = max(pos_lane, pos[nb][x]);
         m[nb][x] = -INFINITY;
         vcorr[nb][0] = vcorr[nb][1] = 0.f;

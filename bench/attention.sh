@@ -46,7 +46,8 @@ print(f"copy ceiling (read + write): {k.get('copy_tbps', 0):.2f} TB/s; read ceil
 print(f"{'impl':<20} {'batch':>6} {'context':>8} {'ms':>9} {'logical TB/s':>13} "
       f"{'read TB/s':>10} {'vs SDPA':>8}")
 out = []
-for r in sorted(rows, key=lambda r: (r["context"] * r["batch"], r["batch"], r["impl"])):
+plain = [r for r in rows if not r.get("prefix")]
+for r in sorted(plain, key=lambda r: (r["context"] * r["batch"], r["batch"], r["impl"])):
     key = (r["batch"], r["context"])
     logical = r["batch"] * r["context"] * 8 * 128 * 2 * 2 / (r["ms"] * 1e-3) / 1e12
     sp = sdpa[key] / r["ms"] if key in sdpa else None
@@ -59,6 +60,24 @@ for r in sorted(rows, key=lambda r: (r["context"] * r["batch"], r["batch"], r["i
     if "rel_err_vs_fp16" in r:
         o["rel_err_vs_fp16"] = r["rel_err_vs_fp16"]
     out.append(o)
+# Batches sharing a prefix: each kvcomp row against the same pool without the cascade.
+shared = [r for r in rows if r.get("prefix")]
+if shared:
+    print()
+    print("sequences sharing a prefix (logical TB/s count it once per sequence):")
+    print(f"{'impl':<26} {'batch':>6} {'prefix':>7} {'context':>8} {'ms':>9} {'logical TB/s':>13} "
+          f"{'vs prefix':>10}")
+    base = {(r["impl"].rsplit("_", 1)[0], r["batch"], r["prefix"]): r["ms"] for r in shared
+            if r["impl"].endswith("_prefix")}
+    for r in shared:
+        b = base.get((r["impl"].rsplit("_", 1)[0], r["batch"], r["prefix"]))
+        sp = b / r["ms"] if b else None
+        print(f"{r['impl']:<26} {r['batch']:>6} {r['prefix']:>7} {r['context']:>8} {r['ms']:>9.4f} "
+              f"{r['logical_tbps']:>13.2f} {('%.2fx' % sp) if sp else '-':>10}")
+        out.append({"impl": r["impl"], "batch": r["batch"], "context": r["context"],
+                    "prefix": r["prefix"], "ms": r["ms"], "speedup_vs_sdpa": None,
+                    "speedup_vs_no_cascade": round(sp, 3) if sp else None,
+                    "logical_tbps": r["logical_tbps"], "rel_err_vs_prefix": r["rel_err_vs_fp16"]})
 print(json.dumps({"bench": "attention", "copy_tbps": k.get("copy_tbps"),
                   "read_ceiling_tbps": k.get("read_ceiling_tbps"), "rows": out}))
 PY

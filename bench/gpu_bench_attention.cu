@@ -14,10 +14,13 @@
  * A configuration uses disjoint slices of that KV in turn ("sets", up to 64) so that repeated runs
  * never find their inputs in the 50 MB L2. Each pool runs with the codec mask the cache passes for
  * it (fp16: raw only, v3 with units split between two warps; bit-pack: no Huffman, the v3 decode
- * kernel; Huffman: v3's Huffman instance) and again with mask 0 (v2, rows *_v2). Times: CUDA events around each call after warm-up,
- * median. Output: a table, then one JSON line:
- *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context","ms",
- *    "logical_tbps","read_tbps","rel_err_vs_fp16"}]}
+ * kernel; Huffman: v3's Huffman instance) and again with mask 0 (v2, rows *_v2). Then batches whose
+ * sequences share a prefix (rows *_prefix: read by every sequence; *_auto: the launcher decides;
+ * *_cascade: read once, kvc_attn_args_t::cascade 2; their rel_err is against *_prefix, and
+ * their read TB/s counts the prefix's pages once). Times: CUDA events around each call after
+ * warm-up, median. Output: a table, then one JSON line:
+ *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context",
+ *    "prefix","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
  * Usage: gpu_bench_attention [--quick | --only B CTX [IMPL]]   (--quick: 2^18 tokens, contexts / 8,
  * for a smoke run; --only: configuration (B, CTX) alone, and of the kvcomp rows only IMPL when
  * given, e.g. under a profiler)
@@ -261,7 +264,38 @@ struct row {
   const char *impl;
   int batch, context;
   double ms, logical_tbps, read_tbps, rel_err;
+  int prefix; /* tokens of a prefix every sequence shares (0: none) */
 };
+
+/* Decode arguments over pool pg with codec_mask: B sequences of ctx tokens, one query row each
+ * (the caller sets q and block_ids per call). */
+kvc_attn_args_t decode_args(const pages &pg, uint32_t codec_mask, int B, int ctx,
+                            const int32_t *qo, const int32_t *len, const int32_t *indptr,
+                            void *out, void *ws, size_t ws_bytes, float scale) {
+  kvc_attn_args_t a;
+  memset(&a, 0, sizeof(a));
+  a.num_q_heads = HQ;
+  a.num_kv_heads = HKV;
+  a.head_dim = HD;
+  a.block_tokens = BT;
+  a.dtype = KVC_DTYPE_F16;
+  a.scale = scale;
+  a.num_seqs = B;
+  a.total_q_rows = B;
+  a.qo_indptr = qo;
+  a.kv_len = len;
+  a.block_indptr = indptr;
+  a.max_kv_len = ctx;
+  a.max_qo_len = 1;
+  a.dir = pg.dir;
+  a.pool = pg.pool;
+  a.chunk_bytes = pg.chunk_bytes;
+  a.out = out;
+  a.workspace = ws;
+  a.workspace_bytes = ws_bytes;
+  a.codec_mask = codec_mask;
+  return a;
+}
 
 }  // namespace
 
@@ -524,28 +558,8 @@ int main(int argc, char **argv) {
     for (const variant &var : variants) {
       if (only_impl && strcmp(var.impl, only_impl) != 0) continue;
       pages *pg = var.pg;
-      kvc_attn_args_t a;
-      memset(&a, 0, sizeof(a));
-      a.num_q_heads = HQ;
-      a.num_kv_heads = HKV;
-      a.head_dim = HD;
-      a.block_tokens = BT;
-      a.dtype = KVC_DTYPE_F16;
-      a.scale = scale;
-      a.num_seqs = B;
-      a.total_q_rows = B;
-      a.qo_indptr = d_qo;
-      a.kv_len = d_len;
-      a.block_indptr = d_indptr;
-      a.max_kv_len = ctx;
-      a.max_qo_len = 1;
-      a.dir = pg->dir;
-      a.pool = pg->pool;
-      a.chunk_bytes = pg->chunk_bytes;
-      a.out = out;
-      a.workspace = ws;
-      a.workspace_bytes = ws_bytes;
-      a.codec_mask = var.codec_mask;
+      kvc_attn_args_t a = decode_args(*pg, var.codec_mask, B, ctx, d_qo, d_len, d_indptr, out, ws,
+                                      ws_bytes, scale);
       auto run = [&](int r) {
         a.q = q + qn * r;
         a.block_ids = d_ids + (size_t)r * B * bps;
@@ -572,6 +586,99 @@ int main(int argc, char **argv) {
     CK(cudaFree(ref_out));
   }
 
+  /* ---- a prefix every sequence shares ----------------------------------------------------------
+   * (batch, prefix, own tokens after it): each pool without the cascade (every sequence reads the
+   * prefix), with the launcher's choice (cascade 1) and with the cascade forced (2); errors
+   * against the first. Logical bytes count the prefix once per sequence, as dense KV would. */
+  const int shared_cfgs[][3] = {{2, 32768, 512},  {4, 16384, 1024}, {8, 16384, 1024},
+                                {32, 16384, 512}, {64, 4096, 256},  {128, 2048, 128},
+                                {16, 1024, 1024}};
+  for (const auto &cfg : shared_cfgs) {
+    if (only) break;
+    const int B = cfg[0], prefix = cfg[1] / ctx_div, own = cfg[2] / ctx_div;
+    const int pb = prefix / BT, ob = own / BT, ctx = prefix + own, per_set = pb + B * ob;
+    const int sets = (int)std::min<int64_t>(kMaxSets, nblocks / per_set);
+    const double logical = (double)B * ctx * HKV * HD * 2 * 2;
+    /* Set r: blocks r * per_set + [0, pb) are the prefix, then ob blocks per sequence. */
+    std::vector<int32_t> indptr(B + 1), qo(B + 1), lens(B, ctx), ids((size_t)sets * B * (pb + ob));
+    std::vector<int32_t> csr = {0, B, prefix}, suf_len(B, own), suf_start(B);
+    for (int i = 0; i <= B; i++) {
+      indptr[i] = i * (pb + ob);
+      qo[i] = i;
+    }
+    for (int i = 0; i < B; i++) suf_start[i] = indptr[i] + pb;
+    for (int r = 0; r < sets; r++)
+      for (int i = 0; i < B; i++)
+        for (int j = 0; j < pb + ob; j++)
+          ids[((size_t)r * B + i) * (pb + ob) + j] =
+              r * per_set + (j < pb ? j : pb + i * ob + (j - pb));
+    int32_t *d_indptr, *d_qo, *d_len, *d_ids, *d_csr, *d_suf_len, *d_suf_start;
+    auto up = [&](int32_t **d, const std::vector<int32_t> &h) {
+      CK(cudaMalloc(d, 4 * h.size()));
+      CK(cudaMemcpy(*d, h.data(), 4 * h.size(), cudaMemcpyHostToDevice));
+    };
+    up(&d_indptr, indptr);
+    up(&d_qo, qo);
+    up(&d_len, lens);
+    up(&d_ids, ids);
+    up(&d_csr, csr);
+    up(&d_suf_len, suf_len);
+    up(&d_suf_start, suf_start);
+    const size_t qn = (size_t)B * HQ * HD;
+    __half *q, *out;
+    CK(cudaMalloc(&q, sizeof(__half) * qn * sets));
+    CK(cudaMalloc(&out, sizeof(__half) * qn));
+    fill_random_half<<<256, 256, 0, st>>>(q, (int64_t)qn * sets, 778);
+    CK(cudaGetLastError());
+    const size_t ws_bytes = kvc_attn_cuda_workspace_bytes(B, HQ, HD, B, ctx, BT);
+    void *ws;
+    CK(cudaMalloc(&ws, ws_bytes));
+    struct variant {
+      pages *pg;
+      uint32_t codec_mask;
+      const char *impl[3]; /* cascade 0, 1, 2 */
+    };
+    const uint32_t no_huffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
+    const variant variants[] = {
+        {&fp16, 1u << KVC_CODEC_RAW,
+         {"kvcomp_fp16_paged_prefix", "kvcomp_fp16_paged_auto", "kvcomp_fp16_paged_cascade"}},
+        {&bitpack, no_huffman, {"kvcomp_bitpack_prefix", "kvcomp_bitpack_auto", "kvcomp_bitpack_cascade"}},
+        {&huffman, 1u << KVC_CODEC_HUFFMAN,
+         {"kvcomp_huffman_prefix", "kvcomp_huffman_auto", "kvcomp_huffman_cascade"}}};
+    for (const variant &var : variants) {
+      std::vector<__half> ref(qn), got(qn);
+      for (int mode = 0; mode < 3; mode++) {
+        kvc_attn_args_t a = decode_args(*var.pg, var.codec_mask, B, ctx, d_qo, d_len, d_indptr, out,
+                                        ws, ws_bytes, scale);
+        a.prefix_blocks = pb;
+        a.cascade = mode;
+        a.prefix_csr = d_csr;
+        a.suffix_kv_len = d_suf_len;
+        a.suffix_block_start = d_suf_start;
+        auto run = [&](int r) {
+          a.q = q + qn * r;
+          a.block_ids = d_ids + (size_t)r * B * (pb + ob);
+          KV(kvc_attn_cuda(&a, st));
+        };
+        CK(cudaMemsetAsync(out, 0xFF, sizeof(__half) * qn, st));
+        run(0);
+        CK(cudaStreamSynchronize(st));
+        CK(cudaMemcpy((mode ? got : ref).data(), out, sizeof(__half) * qn,
+                      cudaMemcpyDeviceToHost));
+        const double err = mode ? rel_l2(got, ref) : 0.0;
+        const double ms = median_ms(run, sets, st);
+        double read = 0; /* the pages once each */
+        for (int b = 0; b < per_set; b++) read += var.pg->page_bytes[b];
+        rows.push_back({var.impl[mode], B, ctx, ms, logical / (ms * 1e-3) / 1e12,
+                        read / (ms * 1e-3) / 1e12, err, prefix});
+      }
+    }
+    for (int32_t *d : {d_indptr, d_qo, d_len, d_ids, d_csr, d_suf_len, d_suf_start}) CK(cudaFree(d));
+    CK(cudaFree(q));
+    CK(cudaFree(out));
+    CK(cudaFree(ws));
+  }
+
   printf("\n%-20s %6s %8s %9s %13s %11s %9s %12s\n", "impl", "batch", "context", "ms",
          "logical TB/s", "read TB/s", "of copy", "err vs fp16");
   for (const row &r : rows)
@@ -581,9 +688,9 @@ int main(int argc, char **argv) {
          "\"read_ceiling_tbps\":%.3f,\"rows\":[",
          prop.name, copy_tbps, read_ceil_tbps);
   for (size_t i = 0; i < rows.size(); i++)
-    printf("%s{\"impl\":\"%s\",\"batch\":%d,\"context\":%d,\"ms\":%.5f,\"logical_tbps\":%.3f,"
-           "\"read_tbps\":%.3f,\"rel_err_vs_fp16\":%.3e}",
-           i ? "," : "", rows[i].impl, rows[i].batch, rows[i].context, rows[i].ms,
+    printf("%s{\"impl\":\"%s\",\"batch\":%d,\"context\":%d,\"prefix\":%d,\"ms\":%.5f,"
+           "\"logical_tbps\":%.3f,\"read_tbps\":%.3f,\"rel_err_vs_fp16\":%.3e}",
+           i ? "," : "", rows[i].impl, rows[i].batch, rows[i].context, rows[i].prefix, rows[i].ms,
            rows[i].logical_tbps, rows[i].read_tbps, rows[i].rel_err);
   printf("]}\n");
   CB(cublasDestroy(cublas));

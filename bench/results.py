@@ -508,7 +508,7 @@ def attention_section(recs, plt, plots):
            "on the same pages is what `gpu_test_attn` checks).", ""]
     for rec in recs:
         res = rec["result"]
-        rows = res.get("rows", [])
+        rows = [r for r in res.get("rows", []) if not r.get("prefix")]
         by = {(r["impl"], r["batch"], r["context"]): r for r in rows}
         shapes = sorted({(r["batch"], r["context"]) for r in rows},
                         key=lambda s: (s[0] * s[1], s[0]))
@@ -548,6 +548,38 @@ def attention_section(recs, plt, plots):
                     out.append(check(sp >= target, f"({b}, {c // 1024}k): {name} {sp:.2f}× SDPA "
                                      f"(target ≥ {target}×)"))
         out.append("")
+        out += shared_prefix_table([r for r in res.get("rows", []) if r.get("prefix")])
+    return out
+
+
+def shared_prefix_table(rows):
+    """Batches whose sequences share a prefix: each pool read per sequence (*_prefix), and with
+    the launcher's choice (*_auto: cascade attention where its cost model expects a gain)."""
+    if not rows:
+        return []
+    by = {(r["impl"], r["batch"], r["prefix"]): r for r in rows}
+    shapes = sorted({(r["batch"], r["prefix"], r["context"]) for r in rows})
+    pools = [("kvcomp_fp16_paged", "fp16 paged"), ("kvcomp_bitpack", "bit-pack"),
+             ("kvcomp_huffman", "Huffman")]
+
+    def cell(pool, b, pre):
+        base, auto = by.get((pool + "_prefix", b, pre)), by.get((pool + "_auto", b, pre))
+        forced = by.get((pool + "_cascade", b, pre))
+        if not base or not auto:
+            return ""
+        text = f"{base['ms']:.3f} → {auto['ms']:.3f} ({base['ms'] / auto['ms']:.2f}×)"
+        if forced and abs(forced["ms"] - auto["ms"]) > 0.02 * auto["ms"]:
+            text += f"; forced {forced['ms']:.3f}"
+        return text
+
+    out = ["Sequences sharing a prefix (every sequence's first blocks are the same blocks): ms "
+           "with every sequence reading the prefix → with the launcher's choice, which reads it "
+           "once for the whole batch (cascade attention) where its cost model expects a gain "
+           "(speed-up); \"forced\": the cascade where the launcher declines it.", ""]
+    out += table(["batch, prefix + own tokens"] + [n for _, n in pools],
+                 [[f"{b}, {pre // 1024}k + {c - pre}"] + [cell(p, b, pre) for p, _ in pools]
+                  for b, pre, c in shapes])
+    out.append("")
     return out
 
 

@@ -168,6 +168,13 @@ typedef struct kvc_config {
   kvc_log_fn log_fn;       /* NULL: log lines at or below log_level go to stderr */
   void *log_user;
   kvc_log_level_t log_level; /* default KVC_LOG_WARN */
+
+  /* Attention (appended after the first published layout). */
+  int cascade;             /* a prefix of whole blocks that every sequence of a step holds (the
+                              same blocks: fork, prefix-cache hits) is read once for the whole
+                              batch (CUDA backend; two launches and a merge, as FlashInfer's and
+                              vLLM's cascade attention): 1 when the launcher expects it to pay
+                              (default), 2 whenever there is one, 0 never. Same results */
 } kvc_config_t;
 
 /* Default error bounds (relative to each group's range), chosen by `./kvc eval` on stories260K:
@@ -180,7 +187,7 @@ typedef struct kvc_config {
   {                                                                                                \
     sizeof(kvc_config_t), KVC_BACKEND_CPU, 0, 0, 0, 0, 0, KVC_DTYPE_F16, 64, (size_t)256 << 20, 0,   \
         256, 131072, 8192, 0.01f, 1, KVC_POLICY_FIXED, KVC_CODEC_HUFFMAN, 0.35f,                    \
-        KVC_BOUND_RELATIVE, KVC_DEFAULT_K_BOUND, KVC_DEFAULT_V_BOUND, NULL, NULL, KVC_LOG_WARN      \
+        KVC_BOUND_RELATIVE, KVC_DEFAULT_K_BOUND, KVC_DEFAULT_V_BOUND, NULL, NULL, KVC_LOG_WARN, 1   \
   }
 
 typedef struct kvc_cache kvc_cache_t;

@@ -398,9 +398,10 @@ void cuda_destroy(kvc_cache_t *c) {
 size_t meta_bytes(const kvc__geometry_t *g) {
   size_t s = (size_t)g->max_plan_seqs, r = (size_t)g->max_rows, j = (size_t)g->max_jobs;
   /* qo_indptr, block_indptr; kv_len, new_staging; block_ids; row_block, row_slot; job_block,
-   * job_staged: what cuda_plan packs. */
+   * job_staged; a shared prefix's csr, suffix_kv_len and suffix_block_start: what cuda_plan
+   * packs. */
   return align16((s + 1) * 4) * 2 + align16(s * 4) * 2 + align16((size_t)g->max_table_entries * 4) +
-         align16(r * 4) * 2 + align16(j * 4) * 2;
+         align16(r * 4) * 2 + align16(j * 4) * 2 + align16(3 * 4) + align16(s * 4) * 2;
 }
 
 kvc_status_t make_events(kvc_cache_t *c, cuda_be *be) {
@@ -474,12 +475,38 @@ kvc_status_t cuda_create(kvc_cache_t *c) {
   return st;
 }
 
-/* Copies `n` int32 into the upload buffer at *off (16-byte aligned); returns the device address. */
-const int32_t *pack(cuda_be *be, uint8_t *host, size_t *off, const int32_t *src, int n) {
-  const int32_t *dev = reinterpret_cast<const int32_t *>(be->meta_dev + *off);
-  if (n > 0) memcpy(host + *off, src, (size_t)n * sizeof(int32_t));
+/* Takes `n` int32 of the upload buffer at *off (16-byte aligned): their host address, and their
+ * device address in *dev. */
+int32_t *take(cuda_be *be, uint8_t *host, size_t *off, int n, const int32_t **dev) {
+  int32_t *h = reinterpret_cast<int32_t *>(host + *off);
+  *dev = reinterpret_cast<const int32_t *>(be->meta_dev + *off);
   *off += align16((size_t)n * sizeof(int32_t));
+  return h;
+}
+
+/* Copies `n` int32 into the upload buffer at *off; returns the device address. */
+const int32_t *pack(cuda_be *be, uint8_t *host, size_t *off, const int32_t *src, int n) {
+  const int32_t *dev;
+  int32_t *h = take(be, host, off, n, &dev);
+  if (n > 0) memcpy(h, src, (size_t)n * sizeof(int32_t));
   return dev;
+}
+
+/* The arrays of a's shared prefix (kvc_attn_args_t::prefix_blocks) of `blocks` blocks. */
+void pack_prefix(cuda_be *be, uint8_t *host, size_t *off, const kvc_bm_plan_t *p, int blocks,
+                 int block_tokens, kvc_attn_args_t *a) {
+  const int ns = p->num_seqs, ptok = blocks * block_tokens;
+  int32_t *csr = take(be, host, off, 3, &a->prefix_csr);
+  csr[0] = 0;
+  csr[1] = p->total_rows;
+  csr[2] = ptok;
+  int32_t *kv = take(be, host, off, ns, &a->suffix_kv_len);
+  int32_t *start = take(be, host, off, ns, &a->suffix_block_start);
+  for (int s = 0; s < ns; s++) {
+    kv[s] = p->kv_len[s] - ptok;
+    start[s] = p->block_indptr[s] + blocks;
+  }
+  a->prefix_blocks = blocks;
 }
 
 kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
@@ -504,6 +531,10 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
   be->d_job_block = pack(be, host, &off, p->job_block, p->num_jobs);
   be->d_job_staged = pack(be, host, &off, p->job_staged, p->num_jobs);
   be->d_new_staging = pack(be, host, &off, p->new_staging, p->num_new_staging);
+  kvc_attn_args_t a;
+  memset(&a, 0, sizeof(a));
+  const int shared = c->cfg.cascade ? kvc_bm_plan_shared_prefix(p, c->cfg.block_tokens) : 0;
+  if (shared > 0) pack_prefix(be, host, &off, p, shared, c->cfg.block_tokens, &a);
   KVC_CU(cudaMemcpyAsync(be->meta_dev, host, off, cudaMemcpyHostToDevice,
                          static_cast<cudaStream_t>(stream)));
   KVC_CU(cudaEventRecord(be->meta_event[k], static_cast<cudaStream_t>(stream)));
@@ -514,8 +545,6 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
     int n = p->qo_indptr[s + 1] - p->qo_indptr[s];
     if (n > max_qo) max_qo = n;
   }
-  kvc_attn_args_t a;
-  memset(&a, 0, sizeof(a));
   a.num_q_heads = c->cfg.num_q_heads;
   a.num_kv_heads = c->cfg.num_kv_heads;
   a.head_dim = c->cfg.head_dim;
@@ -538,6 +567,7 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
   a.chunk_bytes = be->pool.chunk_bytes;
   a.workspace = be->workspace;
   a.workspace_bytes = be->workspace_bytes;
+  a.cascade = c->cfg.cascade;
   be->attn = a;
   return KVC_OK;
 }

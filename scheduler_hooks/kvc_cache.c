@@ -133,6 +133,8 @@ static kvc_status_t check_config(const kvc_config_t *cfg) {
     why = "k_bound and v_bound must be finite and > 0";
   else if (cfg->log_level < KVC_LOG_ERROR || cfg->log_level > KVC_LOG_DEBUG)
     why = "log_level";
+  else if (cfg->cascade < 0 || cfg->cascade > 2)
+    why = "cascade must be 0, 1 or 2";
   else if (cfg->backend == KVC_BACKEND_CUDA) {
     st = KVC_ERR_UNSUPPORTED;
     if (!KVC_HAVE_CUDA)

@@ -41,6 +41,7 @@ extern "C" {
 
 #include "kvc_test_util.h"
 }
+#include "allocator/kvc_blocks.h"
 #include "attention/kvc_attn.h"
 #include "compress/kvc_page_format.h"
 #include "kvc_test_pages.h"
@@ -62,6 +63,8 @@ typedef struct gpu_case {
   uint64_t seed;
   float k_bound, v_bound; /* of the lossy codecs; 0: 0.05 */
   kvc_bound_mode_t bound_mode; /* of k_bound, v_bound (0: relative) */
+  int min_len; /* every length at least this (unscaled; 0: none) */
+  int cascade; /* kvc_attn_args_t::cascade, with the prefix every sequence shares */
 } gpu_case_t;
 
 /* codec_mask values: rows only (raw and staging pages: v3 with units split between two warps),
@@ -83,6 +86,7 @@ typedef struct host_case {
   int32_t *qo_indptr;
   uint16_t *q, *ref;
   int rows;
+  int32_t *prefix; /* with a shared prefix: csr [3], suffix kv_len [ns], suffix block starts [ns] */
   kvc_attn_args_t args; /* host pointers */
 } host_case_t;
 
@@ -104,6 +108,7 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
     if (s % 5 == 2 && c->block_tokens <= max_len) len[s] = c->block_tokens;
     if (s % 5 == 3 && c->block_tokens < max_len) len[s] = c->block_tokens + 1;
     if (s % 5 == 4 && 64 < max_len) len[s] = 65; /* one token past a 64-token unit */
+    if (len[s] < c->min_len) len[s] = c->min_len;
     tokens += len[s];
   }
   const size_t width = (size_t)c->num_kv_heads * c->head_dim;
@@ -175,11 +180,38 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
   a->q = h->q;
   a->out = h->ref;
   a->max_qo_len = max_qo;
+  if (c->cascade) {
+    /* The prefix as the CUDA backend's plan finds it (kvc_bm_plan_shared_prefix). */
+    kvc_bm_plan_t view;
+    memset(&view, 0, sizeof(view));
+    view.num_seqs = c->num_seqs;
+    view.total_rows = h->rows;
+    view.qo_indptr = h->qo_indptr;
+    view.kv_len = h->tp.kv_len;
+    view.block_indptr = h->tp.block_indptr;
+    view.block_ids = h->tp.block_ids;
+    const int pb = kvc_bm_plan_shared_prefix(&view, c->block_tokens), ns = c->num_seqs;
+    h->prefix = (int32_t *)malloc(sizeof(int32_t) * (3 + 2 * ns));
+    assert_non_null(h->prefix);
+    h->prefix[0] = 0;
+    h->prefix[1] = h->rows;
+    h->prefix[2] = pb * c->block_tokens;
+    for (int s = 0; s < ns; s++) {
+      h->prefix[3 + s] = h->tp.kv_len[s] - pb * c->block_tokens;
+      h->prefix[3 + ns + s] = h->tp.block_indptr[s] + pb;
+    }
+    a->prefix_blocks = pb;
+    a->cascade = c->cascade;
+    a->prefix_csr = h->prefix;
+    a->suffix_kv_len = h->prefix + 3;
+    a->suffix_block_start = h->prefix + 3 + ns;
+  }
   assert_int_equal(kvc_attn_cpu(a), KVC_OK);
 }
 
 static void host_teardown(host_case_t *h) {
   kvc_test_pages_free(&h->tp);
+  free(h->prefix);
   free(h->qo_indptr);
   free(h->q);
   free(h->ref);
@@ -189,7 +221,7 @@ static void host_teardown(host_case_t *h) {
 typedef struct dev_case {
   uint8_t *pool;
   kvc_page_entry_t *dir;
-  int32_t *qo_indptr, *kv_len, *block_indptr, *block_ids;
+  int32_t *qo_indptr, *kv_len, *block_indptr, *block_ids, *prefix;
   uint16_t *q, *out;
   void *ws;
   size_t ws_bytes, out_bytes;
@@ -229,6 +261,12 @@ static void dev_setup(const host_case_t *h, dev_case_t *d) {
   d->args.out = d->out;
   d->args.workspace = d->ws;
   d->args.workspace_bytes = d->ws_bytes;
+  if (a->prefix_blocks > 0) {
+    upload(&d->prefix, h->prefix, sizeof(int32_t) * (3 + 2 * ns));
+    d->args.prefix_csr = d->prefix;
+    d->args.suffix_kv_len = d->prefix + 3;
+    d->args.suffix_block_start = d->prefix + 3 + ns;
+  }
 }
 
 static void dev_teardown(dev_case_t *d) {
@@ -238,6 +276,7 @@ static void dev_teardown(dev_case_t *d) {
   cudaFree(d->kv_len);
   cudaFree(d->block_indptr);
   cudaFree(d->block_ids);
+  cudaFree(d->prefix);
   cudaFree(d->q);
   cudaFree(d->out);
   cudaFree(d->ws);
@@ -464,6 +503,52 @@ static void claimed_items(void **state) {
     dev_setup(&h, &d);
     run_variants(&c, &h, &d, 0);
     run_variants(&c, &h, &d, kNoHuffman);
+    dev_teardown(&d);
+    host_teardown(&h);
+  }
+}
+
+/*
+ * A prefix of whole blocks that every sequence shares, read once for all of them (cascade 2: two
+ * launches and the combine whenever the workspace holds two partials): decode on v3 for both
+ * launches (two sequences of a GQA group of 4 fill one v3 tile; four of them, or 12 of a group of
+ * 2, take the prefix launch to v3 over several tiles: tile_reads in attention/kvc_attn_cuda.cu),
+ * decode with the prefix launch on v2, multi-query rows, head_dim 64/128/256, bf16, blocks of
+ * 16-128 tokens, a prefix long enough to split. Lengths start past the prefix; its size must come
+ * out as asked. The variants without workspace run without the cascade.
+ */
+static void cascade_shared_prefix(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  uint64_t seed = 7300;
+  gpu_case_t cases[] = {
+      {2, 8, 2, 128, 64, KVC_DTYPE_F16, 900, 1, KVC_TEST_PAGE_ALL, 5, seed++},
+      {13, 32, 8, 128, 64, KVC_DTYPE_F16, 1500, 1, KVC_TEST_PAGE_ALL, 5, seed++},
+      {3, 16, 2, 64, 32, KVC_DTYPE_BF16, 500, 3, KVC_TEST_PAGE_ALL, 7, seed++},
+      {5, 8, 4, 256, 64, KVC_DTYPE_F16, 400, 2, KVC_TEST_PAGE_ALL, 3, seed++},
+      {37, 4, 4, 128, 16, KVC_DTYPE_F16, 900, 1, KVC_TEST_PAGE_ALL, 40, seed++},
+      {7, 32, 8, 128, 128, KVC_DTYPE_BF16, 2000, 1, KVC_TEST_PAGE_HUFFMAN, 6, seed++},
+      {23, 32, 8, 64, 64, KVC_DTYPE_F16, 8000, 1, KVC_TEST_PAGE_ALL, 100, seed++},
+      {4, 32, 8, 128, 64, KVC_DTYPE_F16, 3000, 1, KVC_TEST_PAGE_ALL, 20, seed++},
+      {12, 16, 8, 64, 32, KVC_DTYPE_BF16, 1000, 1, KVC_TEST_PAGE_ALL, 9, seed++},
+  };
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    gpu_case_t c = cases[i];
+    c.cascade = 2;
+    /* Every sequence holds the prefix and a query row after it; some only that. */
+    c.min_len = c.shared_prefix_blocks * c.block_tokens + c.max_q;
+    if (c.max_len * kvc_test_scale() < c.min_len) c.max_len = (int)(c.min_len / kvc_test_scale());
+    host_case_t h;
+    host_setup(&c, &h);
+    assert_int_equal(h.args.prefix_blocks, c.shared_prefix_blocks);
+    const size_t pairs = (size_t)h.rows * c.num_q_heads;
+    dev_case_t d;
+    dev_setup(&h, &d);
+    assert_true(d.ws_bytes / (pairs * (c.head_dim + 1) * sizeof(float)) >= 2);
+    run_variants(&c, &h, &d, 0);
+    const unsigned kinds = c.kinds;
+    const uint32_t mask = kinds & KVC_TEST_PAGE_HUFFMAN ? kAllCodecs : kNoHuffman;
+    run_variants(&c, &h, &d, mask);
     dev_teardown(&d);
     host_teardown(&h);
   }
@@ -881,6 +966,7 @@ int main(void) {
       cmocka_unit_test(v3_huffman_page_gives_nan), cmocka_unit_test(corrupt_section_gives_nan),
       cmocka_unit_test(v3_huffman_layouts),    cmocka_unit_test(huffman_damage_gives_nan),
       cmocka_unit_test(absolute_bound_pages),  cmocka_unit_test(claimed_items),
+      cmocka_unit_test(cascade_shared_prefix),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

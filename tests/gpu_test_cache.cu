@@ -26,6 +26,10 @@
  * the blocks a step completes are compressed by the next kvc_plan (from the job list of the
  * step's upload, before the plan's own upload replaces it).
  *
+ * cascade_matches_cpu: sequences sharing a prompt's blocks (prefix-cache hits), prefilled and
+ * decoded together on a CUDA cache that reads the shared prefix once (kvc_config_t::cascade 2)
+ * and on a CPU cache; outputs within the same tolerance.
+ *
  * Without a GPU every test skips.
  */
 #include <cuda_runtime.h>
@@ -640,6 +644,134 @@ void graph_capture(void **) {
   CUDA_OK(cudaStreamDestroy(s));
 }
 
+/* One step of `ids` (n_new tokens each, token ids toks) on both caches, fresh K, V and Q per
+ * layer: every CUDA output within tolerance of the CPU's. Returns the worst |CPU - CUDA| /
+ * tolerance. */
+double step_both(kvc_cache_t *cpu, kvc_cache_t *gpu, cudaStream_t s, tensors &T,
+                 kvc_test_rng_t *rng, std::vector<kvc_seq_id_t> &ids, std::vector<int32_t> &n_new,
+                 std::vector<int32_t> &toks) {
+  const kvc_dtype_t dt = KVC_DTYPE_F16;
+  const int rows = (int)toks.size();
+  kvc_batch_t batch = {(int)ids.size(), ids.data(), n_new.data(), toks.data()};
+  assert_int_equal(kvc_plan(cpu, &batch, nullptr), KVC_OK);
+  assert_int_equal(kvc_plan(gpu, &batch, s), KVC_OK);
+  const float scale = 1.0f / sqrtf((float)kHeadDim);
+  double worst = 0;
+  for (int l = 0; l < kLayers; l++) {
+    T.fill(rng, dt, rows);
+    T.upload(rows, s);
+    assert_int_equal(kvc_store(cpu, l, T.k.data(), T.v.data(), nullptr), KVC_OK);
+    assert_int_equal(kvc_store_cuda(gpu, l, T.dk, T.dv, s), KVC_OK);
+    assert_int_equal(kvc_attend(cpu, l, T.q.data(), T.out_cpu.data(), scale, nullptr), KVC_OK);
+    CUDA_OK(cudaMemsetAsync(T.dout, 0xFF, (size_t)rows * kQRow * 2, s));
+    assert_int_equal(kvc_attend_cuda(gpu, l, T.dq, T.dout, scale, s), KVC_OK);
+    CUDA_OK(cudaMemcpyAsync(T.out_gpu.data(), T.dout, (size_t)rows * kQRow * 2,
+                            cudaMemcpyDeviceToHost, s));
+    CUDA_OK(cudaStreamSynchronize(s));
+    for (int row = 0; row < rows; row++) {
+      double mx = 0;
+      for (int e = 0; e < kQRow; e++)
+        mx = fmax(mx, fabs(from_dtype(dt, T.out_cpu[(size_t)row * kQRow + e])));
+      for (int e = 0; e < kQRow; e++) {
+        const double a = from_dtype(dt, T.out_cpu[(size_t)row * kQRow + e]);
+        const double b = from_dtype(dt, T.out_gpu[(size_t)row * kQRow + e]);
+        const double tol = tolerance(dt, a, mx);
+        if (!(fabs(a - b) <= tol))
+          fail_msg("layer %d row %d element %d: CPU %.6g CUDA %.6g (row max %.4g)", l, row, e, a,
+                   b, mx);
+        if (tol > 0) worst = fmax(worst, fabs(a - b) / tol);
+      }
+    }
+  }
+  assert_int_equal(kvc_cache_validate(cpu), KVC_OK);
+  assert_int_equal(kvc_cache_validate(gpu), KVC_OK);
+  return worst;
+}
+
+/*
+ * Sequences that share a prompt's blocks through prefix-cache hits, on a CUDA cache that reads a
+ * prefix every sequence of a step holds once for all of them (cascade 2) and on the CPU: the
+ * first sequence's prefill, then eight more in one step of several rows each (the prefix hits'
+ * six blocks shared by the whole batch, a multi-query launch after it), then decode steps of all
+ * nine (after kvc_cache_synchronize has compressed the prompt's blocks). Every output within
+ * tolerance of the CPU's.
+ */
+void cascade_matches_cpu(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  kvc_config_t cc = config(KVC_BACKEND_CPU, KVC_DTYPE_F16, (size_t)4 << 20);
+  kvc_config_t cg = config(KVC_BACKEND_CUDA, KVC_DTYPE_F16, (size_t)4 << 20);
+  cg.cascade = 2;
+  kvc_cache_t *cpu, *gpu;
+  assert_int_equal(kvc_cache_create(&cc, &cpu), KVC_OK);
+  assert_int_equal(kvc_cache_create(&cg, &gpu), KVC_OK);
+  cudaStream_t s;
+  CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  kvc_test_rng_t rng;
+  kvc_test_rng_seed(&rng, 4242);
+  tensors T;
+  const int kPrompt = 6 * kBt + 4, kOwn = 7, kSeqs = 9;
+  std::vector<int32_t> prompt;
+  for (int t = 0; t < kPrompt; t++) prompt.push_back((int32_t)kvc_test_rng_below(&rng, 5000));
+  double worst = 0;
+  auto add = [&](kvc_seq_id_t id, const std::vector<int32_t> &tok, int want_cached) {
+    int cached_c = -1, cached_g = -1;
+    assert_int_equal(kvc_seq_add(cpu, id, tok.data(), (int)tok.size(), 0, &cached_c), KVC_OK);
+    assert_int_equal(kvc_seq_add(gpu, id, tok.data(), (int)tok.size(), 0, &cached_g), KVC_OK);
+    assert_int_equal(cached_c, want_cached);
+    assert_int_equal(cached_g, want_cached);
+    assert_int_equal(kvc_seq_reserve(cpu, id, (int)tok.size() - want_cached, 0), KVC_OK);
+    assert_int_equal(kvc_seq_reserve(gpu, id, (int)tok.size() - want_cached, 0), KVC_OK);
+  };
+  std::vector<kvc_seq_id_t> ids = {1};
+  std::vector<int32_t> n_new = {kPrompt}, toks = prompt;
+  add(1, prompt, 0);
+  worst = fmax(worst, step_both(cpu, gpu, s, T, &rng, ids, n_new, toks));
+  assert_int_equal(kvc_cache_synchronize(cpu), KVC_OK);
+  assert_int_equal(kvc_cache_synchronize(gpu), KVC_OK);
+  /* Eight prompts with the first one's text and their own tokens: hits on its six full blocks. */
+  ids.clear();
+  n_new.clear();
+  toks.clear();
+  for (int i = 2; i <= kSeqs; i++) {
+    std::vector<int32_t> tok = prompt;
+    for (int t = 0; t < kOwn; t++) tok.push_back((int32_t)kvc_test_rng_below(&rng, 5000));
+    add((kvc_seq_id_t)i, tok, 6 * kBt);
+    ids.push_back((kvc_seq_id_t)i);
+    n_new.push_back(kPrompt + kOwn - 6 * kBt);
+    toks.insert(toks.end(), tok.begin() + 6 * kBt, tok.end());
+  }
+  worst = fmax(worst, step_both(cpu, gpu, s, T, &rng, ids, n_new, toks));
+  assert_int_equal(kvc_cache_synchronize(cpu), KVC_OK);
+  assert_int_equal(kvc_cache_synchronize(gpu), KVC_OK);
+  /* Every sequence's table starts with the same six blocks. */
+  int32_t first[kMaxLen / kBt + 1], blocks[kMaxLen / kBt + 1];
+  int n0 = 0, n = 0;
+  assert_int_equal(kvc__cache_seq_blocks(gpu, 1, first, kMaxLen / kBt + 1, &n0), KVC_OK);
+  for (int i = 2; i <= kSeqs; i++) {
+    assert_int_equal(kvc__cache_seq_blocks(gpu, (kvc_seq_id_t)i, blocks, kMaxLen / kBt + 1, &n),
+                     KVC_OK);
+    assert_memory_equal(blocks, first, 6 * sizeof(int32_t));
+  }
+  for (int step = 0; step < 5; step++) {
+    ids.clear();
+    n_new.clear();
+    toks.clear();
+    for (int i = 1; i <= kSeqs; i++) {
+      assert_int_equal(kvc_seq_reserve(cpu, (kvc_seq_id_t)i, 1, 0), KVC_OK);
+      assert_int_equal(kvc_seq_reserve(gpu, (kvc_seq_id_t)i, 1, 0), KVC_OK);
+      ids.push_back((kvc_seq_id_t)i);
+      n_new.push_back(1);
+      toks.push_back((int32_t)kvc_test_rng_below(&rng, 5000));
+    }
+    worst = fmax(worst, step_both(cpu, gpu, s, T, &rng, ids, n_new, toks));
+  }
+  print_message("cascade: worst %.2f of tolerance\n", worst);
+  kvc_cache_destroy(cpu);
+  kvc_cache_destroy(gpu);
+  CUDA_OK(cudaStreamDestroy(s));
+}
+
 } // namespace
 
 int main(void) {
@@ -648,6 +780,7 @@ int main(void) {
       cmocka_unit_test(cuda_matches_cpu_bf16),
       cmocka_unit_test(cuda_matches_cpu_raw),
       cmocka_unit_test(graph_capture),
+      cmocka_unit_test(cascade_matches_cpu),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

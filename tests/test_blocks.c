@@ -775,6 +775,66 @@ static void fork_shares_full_blocks_and_copies_the_tail(void **state) {
   fx_free(f);
 }
 
+/* The prefix every sequence of a plan shares (cascade attention): whole blocks, the same ids in
+ * every table, before every sequence's first query row. */
+static void shared_prefix_of_a_plan(void **state) {
+  (void)state;
+  /* Tables of three sequences, 4-token blocks: {1, 2, 3, 4}, {1, 2, 3, 9}, {1, 2, 3, 4, 5}. */
+  int32_t ids[] = {1, 2, 3, 4, 1, 2, 3, 9, 1, 2, 3, 4, 5};
+  int32_t bptr[] = {0, 4, 8, 13};
+  int32_t kv[] = {16, 14, 18};
+  int32_t qo[] = {0, 1, 2, 3};
+  kvc_bm_plan_t p;
+  memset(&p, 0, sizeof(p));
+  p.num_seqs = 3;
+  p.total_rows = 3;
+  p.qo_indptr = qo;
+  p.kv_len = kv;
+  p.block_indptr = bptr;
+  p.block_ids = ids;
+  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 3);
+  /* Query rows inside block 2 of the second sequence: 14 - 4 rows = 10 tokens, 2 whole blocks. */
+  int32_t qo4[] = {0, 1, 5, 6};
+  p.qo_indptr = qo4;
+  p.total_rows = 6;
+  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 2);
+  /* Rows right after block 3 (12 tokens before them): all three. */
+  int32_t qo2[] = {0, 1, 3, 4};
+  p.qo_indptr = qo2;
+  p.total_rows = 4;
+  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 3);
+  /* One sequence alone shares nothing; nor do tables that differ at once. */
+  p.qo_indptr = qo;
+  p.total_rows = 3;
+  p.num_seqs = 1;
+  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 0);
+  p.num_seqs = 3;
+  ids[8] = 7;
+  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 0);
+  ids[8] = 1;
+  ids[9] = 7;
+  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 1);
+
+  /* From the block manager: a forked pair shares its two full blocks. */
+  kvc_bm_config_t c = tb_config();
+  fx_t *f = fx_new(&c);
+  int32_t tok[10];
+  iota(tok, 10, 1);
+  add(f, 1, tok, 10, 0);
+  reserve(f, 1, 10);
+  step1(f, 1, 10, NULL);
+  assert_int_equal(kvc_bm_seq_fork(f->bm, 1, 2, &f->w), KVC_OK);
+  reserve(f, 1, 1);
+  reserve(f, 2, 1);
+  kvc_seq_id_t both[] = {1, 2};
+  int32_t one[] = {1, 1};
+  kvc_bm_batch_t b = {2, both, one, NULL};
+  assert_int_equal(kvc_bm_plan(f->bm, &b, &f->plan), KVC_OK);
+  assert_int_equal(kvc_bm_plan_shared_prefix(&f->plan, c.block_tokens), 2);
+  kvc_bm_step_done(f->bm);
+  fx_free(f);
+}
+
 static void fork_fails_cleanly_without_room(void **state) {
   (void)state;
   kvc_bm_config_t c = tb_config();
@@ -1033,6 +1093,7 @@ int main(void) {
       cmocka_unit_test(eviction_takes_least_recent_and_last_blocks_first),
       cmocka_unit_test(fork_shares_full_blocks_and_copies_the_tail),
       cmocka_unit_test(fork_fails_cleanly_without_room),
+      cmocka_unit_test(shared_prefix_of_a_plan),
       cmocka_unit_test(swap_moves_exclusive_blocks_and_back),
       cmocka_unit_test(swap_space_and_pool_limits),
       cmocka_unit_test(measurements_lower_charges_and_stale_ones_are_ignored),

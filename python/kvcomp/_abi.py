@@ -120,6 +120,7 @@ class kvc_config_t(ctypes.Structure):
         ("log_fn", LOG_FN),
         ("log_user", ctypes.c_void_p),
         ("log_level", _enum_t),
+        ("cascade", ctypes.c_int),
     ]
 
 

@@ -45,6 +45,7 @@ class Config:
     k_bound: float = DEFAULT_K_BOUND
     v_bound: float = DEFAULT_V_BOUND
     log_level: LogLevel = LogLevel.WARN
+    cascade: int = 1
 
     def __post_init__(self):
         self.backend = coerce_enum(Backend, self.backend, "backend")

@@ -168,10 +168,14 @@ kvc_status_t kvc_bm_seq_info(const kvc_bm_t *bm, kvc_seq_id_t id, kvc_seq_info_t
 kvc_status_t kvc_bm_plan(kvc_bm_t *bm, const kvc_bm_batch_t *batch, kvc_bm_plan_t *plan);
 void kvc_bm_step_done(kvc_bm_t *bm);
 int kvc_bm_step_open(const kvc_bm_t *bm);
-/* Blocks at the start of every sequence's table of `plan` that are the same block ids in all of
- * them and end before each sequence's first query row (kvc_attn_args_t::prefix_blocks): 0 for
- * fewer than two sequences or none shared. O(sequences x shared blocks). */
-int kvc_bm_plan_shared_prefix(const kvc_bm_plan_t *plan, int block_tokens);
+/* The groups of `plan`'s sequences that share a prefix (kvc_attn_args_t's cascade): sequences
+ * whose tables start with the same block, at least two, each with a whole block before its first
+ * query row; a group's prefix is the whole blocks that all its members hold at the same places
+ * before their first query rows (at least one). Writes seq_group [num_seqs] (each sequence's
+ * group, -1 for none) and group_blocks [groups] (each group's prefix blocks); scratch: num_seqs
+ * values. Returns the number of groups (<= num_seqs / 2). O(n log n + the blocks shared). */
+int kvc_bm_plan_prefix_groups(const kvc_bm_plan_t *plan, int block_tokens, int32_t *seq_group,
+                              int32_t *group_blocks, uint64_t *scratch);
 
 /* A page's size became known: its charge drops from the worst case to `nchunks`. Applies only to
  * a full ACTIVE or CACHED block whose page of `layer` is not measured yet, with

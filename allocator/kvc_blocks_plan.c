@@ -6,6 +6,7 @@
  * never allocates and costs O(new rows + blocks of the batch's tables).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "allocator/kvc_blocks_internal.h"
@@ -152,25 +153,45 @@ kvc_status_t kvc_bm_plan(kvc_bm_t *bm, const kvc_bm_batch_t *batch, kvc_bm_plan_
   return KVC_OK;
 }
 
-int kvc_bm_plan_shared_prefix(const kvc_bm_plan_t *plan, int block_tokens) {
+static int cmp_u64(const void *a, const void *b) {
+  const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+int kvc_bm_plan_prefix_groups(const kvc_bm_plan_t *plan, int block_tokens, int32_t *seq_group,
+                              int32_t *group_blocks, uint64_t *scratch) {
   const int n = plan->num_seqs;
-  if (n < 2 || block_tokens < 1) return 0;
-  const int32_t *first = plan->block_ids + plan->block_indptr[0];
-  int shared = INT32_MAX;
+  int m = 0;
   for (int s = 0; s < n; s++) {
+    seq_group[s] = -1;
     /* Only whole blocks before the sequence's first query row. */
     const int before_rows = plan->kv_len[s] - (plan->qo_indptr[s + 1] - plan->qo_indptr[s]);
-    const int blocks = plan->block_indptr[s + 1] - plan->block_indptr[s];
-    const int lim = before_rows / block_tokens < blocks ? before_rows / block_tokens : blocks;
-    if (lim < shared) shared = lim;
+    if (before_rows >= block_tokens && plan->block_indptr[s + 1] > plan->block_indptr[s])
+      scratch[m++] = (uint64_t)(uint32_t)plan->block_ids[plan->block_indptr[s]] << 32 | (uint32_t)s;
   }
-  for (int s = 1; s < n && shared > 0; s++) {
-    const int32_t *t = plan->block_ids + plan->block_indptr[s];
-    int j = 0;
-    while (j < shared && t[j] == first[j]) j++;
-    shared = j;
+  qsort(scratch, (size_t)m, sizeof(uint64_t), cmp_u64);
+  int groups = 0;
+  for (int i = 0, j; i < m; i = j) {
+    for (j = i + 1; j < m && scratch[j] >> 32 == scratch[i] >> 32;) j++;
+    if (j - i < 2) continue;
+    /* The run's sequences start with the same block: the blocks all of them share. */
+    const int lead = (int)(uint32_t)scratch[i];
+    const int32_t *first = plan->block_ids + plan->block_indptr[lead];
+    int shared = INT32_MAX;
+    for (int k = i; k < j; k++) {
+      const int s = (int)(uint32_t)scratch[k];
+      const int before_rows = plan->kv_len[s] - (plan->qo_indptr[s + 1] - plan->qo_indptr[s]);
+      const int blocks = plan->block_indptr[s + 1] - plan->block_indptr[s];
+      const int lim = before_rows / block_tokens < blocks ? before_rows / block_tokens : blocks;
+      const int32_t *t = plan->block_ids + plan->block_indptr[s];
+      int b = 0;
+      while (b < shared && b < lim && t[b] == first[b]) b++;
+      shared = b;
+    }
+    for (int k = i; k < j; k++) seq_group[(uint32_t)scratch[k]] = groups;
+    group_blocks[groups++] = shared;
   }
-  return shared > 0 ? shared : 0;
+  return groups;
 }
 
 void kvc_bm_step_done(kvc_bm_t *bm) { bm->step_open = 0; }

@@ -65,23 +65,34 @@ typedef struct kvc_attn_args {
    * ignores it. */
   uint32_t codec_mask;
 
-  /* Optional (appended; 0 when unknown): a shared prefix. The first prefix_blocks blocks of every
-   * sequence are the same block ids, and each sequence's query rows all sit after them
-   * (prefix_blocks * block_tokens <= kv_len[s] - its query rows). The CUDA backend may then read
-   * the prefix once for every query row of the call instead of once per sequence: a first launch
-   * over the prefix with all the call's rows as one sequence that sees all of it, a second over
-   * each sequence's blocks after it, and the split combine merging both ("cascade" attention, as
-   * FlashInfer and vLLM call it). cascade: 0 never, 1 when the launcher's cost model says it
-   * pays, 2 whenever prefix_blocks > 0 and the workspace holds two partials (tests, benches).
-   * The three arrays (device pointers; set when prefix_blocks > 0):
-   *   prefix_csr   {0, total_q_rows, prefix_blocks * block_tokens}: the first launch's qo_indptr
-   *                (&prefix_csr[0]) and kv_len (&prefix_csr[2])
-   *   suffix_kv_len [num_seqs]  kv_len[s] - prefix_blocks * block_tokens
-   *   suffix_block_start [num_seqs]  block_indptr[s] + prefix_blocks
+  /* Optional (appended; 0 when unknown): prefixes that groups of the call's sequences share
+   * ("cascade" attention, as FlashInfer and vLLM call it). The sequences of a group start with
+   * the same blocks (prefix cache hits, forks), and their query rows all sit after them. The CUDA
+   * backend then reads each group's prefix once for all the group's rows instead of once per
+   * sequence: a first launch over the prefixes, one sequence per group holding all its members'
+   * rows (and one of no tokens holding the rows of sequences in no group), a second over each
+   * sequence's blocks after its prefix, and the split combine merging both. prefix_seqs: those
+   * first-launch sequences (0: no cascade). cascade: 0 never, else whenever prefix_seqs > 0 and
+   * the workspace holds two partials (the caller decides whether it pays:
+   * kvc_attn_cuda_cascade_pays). Host values: prefix_max_rows (the most rows of one first-launch
+   * sequence), prefix_max_tokens (the longest prefix, a multiple of block_tokens),
+   * suffix_max_tokens (the most tokens of a sequence after its prefix). Device arrays:
+   *   prefix_qo_indptr   [prefix_seqs + 1]  over prefix_rows
+   *   prefix_rows        [total_q_rows]     the row of q and out of each first-launch row
+   *   prefix_kv_len      [prefix_seqs]      the group's prefix tokens (0: the rows of no group)
+   *   prefix_block_start [prefix_seqs]      where a member's table starts in block_ids
+   *   suffix_kv_len      [num_seqs]         kv_len[s] minus its group's prefix tokens
+   *   suffix_block_start [num_seqs]         block_indptr[s] plus its group's prefix blocks
    * The CPU reference ignores all of these (the result is the same attention). */
-  int prefix_blocks;
+  int prefix_seqs;
   int cascade;
-  const int32_t *prefix_csr;
+  int prefix_max_rows;
+  int prefix_max_tokens;
+  int suffix_max_tokens;
+  const int32_t *prefix_qo_indptr;
+  const int32_t *prefix_rows;
+  const int32_t *prefix_kv_len;
+  const int32_t *prefix_block_start;
   const int32_t *suffix_kv_len;
   const int32_t *suffix_block_start;
 } kvc_attn_args_t;
@@ -105,6 +116,15 @@ size_t kvc_attn_cuda_workspace_bytes(int max_q_rows, int num_q_heads, int head_d
 /* Fused CUDA attention; enqueued on `stream` (a cudaStream_t), no sync, no allocation.
  * KVC_OK, KVC_ERR_UNSUPPORTED (head_dim/dtype/group not built), KVC_ERR_CUDA. */
 kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream);
+
+/* Whether the CUDA launcher expects a cascade over a's prefix groups to be faster than every
+ * sequence reading its prefix (a: shapes, codec_mask, num_seqs, total_q_rows; host arrays:
+ * group_rows and group_tokens [groups] of the groups, seq_rows [num_seqs] query rows of each
+ * sequence and seq_group [num_seqs] its group, -1 for none). A cost model from the H200's
+ * measurements (attention/kvc_attn_cuda.cu, tile_reads). */
+int kvc_attn_cuda_cascade_pays(const kvc_attn_args_t *a, int groups, const int32_t *group_rows,
+                               const int32_t *group_tokens, const int32_t *seq_rows,
+                               const int32_t *seq_group);
 
 #ifdef __cplusplus
 }

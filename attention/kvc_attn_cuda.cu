@@ -33,10 +33,11 @@
  *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
  * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.
- * A call whose sequences all start with the same blocks may run as a cascade (kvc_attn_args_t::
- * prefix_blocks): one launch over the prefix with every query row of the call as one sequence
- * (params::pos_shift puts the rows past its last token), one over each sequence's blocks after
- * it, both writing partials, and one combine over both launches' splits.
+ * A call whose sequences form groups that start with the same blocks may run as a cascade
+ * (kvc_attn_args_t::prefix_seqs): one launch over the groups' prefixes, each group's query rows
+ * as one sequence (params::row_map gathers them, params::pos_shift puts them past the prefix's
+ * last token), one over each sequence's blocks after its prefix, both writing partials, and one
+ * combine over both launches' splits.
  * A page that fails its checks makes the rows of every CTA that reads it NaN: the kernels cannot
  * return a status, and NaN is never mistaken for attention output.
  */
@@ -106,6 +107,9 @@ struct unit_desc {
 
 struct params {
   const int32_t *qo_indptr, *kv_len, *block_indptr, *block_ids;
+  /* NULL, or the row of q and out of each of the launch's query rows (a cascade's prefix launch:
+   * its sequences are groups of the call's sequences, whose rows need not be adjacent). */
+  const int32_t *row_map;
   const kvc_page_entry_t *dir;
   const uint8_t *pool;
   const void *q;
@@ -652,6 +656,9 @@ template <class T> __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
                     pack2<T>(x[6], x[7]));
 }
 
+/* Row `r` of the launch as a row of q and out (params::row_map). */
+__device__ __forceinline__ int q_row(const params &p, int r) { return p.row_map ? p.row_map[r] : r; }
+
 /* The CTA's Q tile (rows entries e0 .. e0 + rows - 1, swizzled like K/V tiles) at `tile`: entry e
  * is query row q0 + e / group, head kh * group + e % group; zeros past the sequence's entries.
  * Threads tid of nthreads share the copy; the caller syncs. */
@@ -663,8 +670,8 @@ __device__ __forceinline__ void load_q_tile(const params &p, uint8_t *tile, int 
     const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (e < entries) {
-      const T *src =
-          (const T *)p.q + ((size_t)(q0 + e / group) * p.num_q_heads + kh * group + e % group) * HD;
+      const T *src = (const T *)p.q +
+                     ((size_t)q_row(p, q0 + e / group) * p.num_q_heads + kh * group + e % group) * HD;
       v = __ldg((const uint4 *)(src + 8 * c8));
     }
     *(uint4 *)(tile + tile_off<HD>(r, c8)) = v;
@@ -716,14 +723,14 @@ __device__ __forceinline__ void merge_entry(const float *obuf, const float *mbuf
 }
 
 /*
- * Writes output values 8 * c8 .. 8 * c8 + 7 of query entry (row, head qh) once a CTA has merged its
- * warps: acc (unnormalised, relative to the running max mu) over lsum, to `out` with one split,
- * else to the workspace with the entry's log2-sum-exp; NaN when the CTA met a bad page.
+ * Writes output values 8 * c8 .. 8 * c8 + 7 of query entry (launch row r, head qh) once a CTA has
+ * merged its warps: acc (unnormalised, relative to the running max mu) over lsum, to `out` with
+ * one split, else to the workspace with the entry's log2-sum-exp; NaN when the CTA met a bad page.
  */
 template <int HD, class T>
 __device__ __forceinline__ void write_entry(const params &p, float (&acc)[8], float lsum, float mu,
-                                            bool cta_bad, int row, int qh, int split, int c8) {
-  const int hq = p.num_q_heads;
+                                            bool cta_bad, int r, int qh, int split, int c8) {
+  const int hq = p.num_q_heads, row = q_row(p, r);
   const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
 #pragma unroll
   for (int j = 0; j < 8; j++) acc[j] = cta_bad ? __int_as_float(0x7fc00000) : acc[j] * inv;
@@ -1103,22 +1110,6 @@ double tile_reads(long entries, int hdi, uint32_t codec_mask, bool *v3_tiles) {
   return *v3_tiles ? v3 : v2;
 }
 
-/*
- * Whether reading the shared prefix once pays (kvc_attn_args_t::cascade 1): without the cascade
- * every sequence reads it (tile_reads of its own entries), with it the prefix launch does once
- * (tile_reads of every entry of the call). The cascade must halve that, and save the reading of
- * 16k prefix tokens at least: its second launch and the combine cost a few microseconds.
- * *v3_tiles: the prefix launch's instance.
- */
-bool cascade_pays(const kvc_attn_args_t *a, int group, int max_qo, bool *v3_tiles) {
-  const int hdi = hd_index(a->head_dim);
-  bool unused;
-  const double once = tile_reads((long)a->total_q_rows * group, hdi, a->codec_mask, v3_tiles);
-  const double each = a->num_seqs * tile_reads((long)max_qo * group, hdi, a->codec_mask, &unused);
-  return 2 * once <= each &&
-         (each - once) * a->prefix_blocks * a->block_tokens >= 16384;
-}
-
 /* Enqueues one launch (v3 where it applies, else v2's smallest query tile that holds lv's rows)
  * over lv's batch; sets p.nsplits. */
 kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cudaStream_t stream) {
@@ -1192,6 +1183,25 @@ extern "C" size_t kvc_attn_cuda_workspace_bytes(int max_q_rows, int num_q_heads,
   return (size_t)entries * (size_t)(head_dim + 1) * sizeof(float);
 }
 
+/* Without the cascade every member of a group reads the group's prefix (tile_reads of its own
+ * entries), with it the group's rows do once (tile_reads of all of them). The cascade must halve
+ * that, and save the reading of 16k prefix tokens at least: its second launch and the combine
+ * cost a few microseconds. */
+extern "C" int kvc_attn_cuda_cascade_pays(const kvc_attn_args_t *a, int groups,
+                                          const int32_t *group_rows, const int32_t *group_tokens,
+                                          const int32_t *seq_rows, const int32_t *seq_group) {
+  const int hdi = hd_index(a->head_dim), group = a->num_q_heads / a->num_kv_heads;
+  bool unused;
+  double once = 0, each = 0;
+  for (int g = 0; g < groups; g++)
+    once += tile_reads((long)group_rows[g] * group, hdi, a->codec_mask, &unused) * group_tokens[g];
+  for (int s = 0; s < a->num_seqs; s++)
+    if (seq_group[s] >= 0)
+      each += tile_reads((long)seq_rows[s] * group, hdi, a->codec_mask, &unused) *
+              group_tokens[seq_group[s]];
+  return 2 * once <= each && each - once >= 16384;
+}
+
 extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   if (!a || a->num_seqs < 0 || a->total_q_rows < 0) return KVC_ERR_INVALID_ARGUMENT;
   if (a->num_kv_heads < 1 || a->num_q_heads < a->num_kv_heads ||
@@ -1215,9 +1225,12 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   const int max_qo = a->max_qo_len > 0 ? a->max_qo_len : a->total_q_rows - a->num_seqs + 1;
   if (max_qo < 1) return KVC_ERR_INVALID_ARGUMENT;
   if ((uintptr_t)a->workspace % 16 != 0) return KVC_ERR_INVALID_ARGUMENT;
-  if (a->prefix_blocks < 0 ||
-      (a->prefix_blocks > 0 && (!a->prefix_csr || !a->suffix_kv_len || !a->suffix_block_start ||
-                                a->prefix_blocks >= (a->max_kv_len + bt - 1) / bt)))
+  if (a->prefix_seqs < 0 ||
+      (a->prefix_seqs > 0 &&
+       (!a->prefix_qo_indptr || !a->prefix_rows || !a->prefix_kv_len || !a->prefix_block_start ||
+        !a->suffix_kv_len || !a->suffix_block_start || a->prefix_max_rows < 1 ||
+        a->prefix_max_rows > a->total_q_rows || a->prefix_max_tokens < 1 ||
+        a->suffix_max_tokens < 1 || a->prefix_seqs > 65535)))
     return KVC_ERR_INVALID_ARGUMENT;
 
   kvc_attn::params p;
@@ -1237,6 +1250,7 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   p.block_tokens = bt;
   p.dtype = (int)a->dtype;
   p.total_q_rows = a->total_q_rows;
+  p.row_map = NULL;
   p.pos_shift = 0;
   p.scale_log2 = a->scale * 1.4426950408889634f;
   /* The workspace: fit splits of partials, then their log2-sum-exps. */
@@ -1251,28 +1265,30 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
                  false, false};
   /* The combine takes at most kMaxSplits partials: the two launches share them. */
   const int cap = fit < (size_t)kMaxSplits ? (int)fit : kMaxSplits;
-  bool v3_tiles = false, cascade = false;
-  if (a->prefix_blocks > 0 && a->cascade != 0 && a->num_seqs >= 2 && cap >= 2)
-    cascade = cascade_pays(a, group, max_qo, &v3_tiles) || a->cascade == 2;
-  if (!cascade) {
+  if (a->prefix_seqs == 0 || a->cascade == 0 || cap < 2) {
     p.ws_o = ws;
     p.ws_lse = ws_lse;
     return dispatch(a, p, whole, s);
   }
-  /* The prefix, once: every row of the call as one sequence at or past its last token. */
-  const int ptok = a->prefix_blocks * bt;
-  level pre = {1,    ptok, (long)a->total_q_rows * group, a->total_q_rows - 1, cap - 1, true,
+  /* The prefixes, once: each group's rows as one sequence, at or past its prefix's last token
+   * (pos_shift: the most rows of one, less one). */
+  bool v3_tiles;
+  tile_reads((long)a->prefix_max_rows * group, hdi, a->codec_mask, &v3_tiles);
+  level pre = {a->prefix_seqs,        a->prefix_max_tokens, (long)a->prefix_max_rows * group,
+               a->prefix_max_rows - 1, cap - 1,              true,
                v3_tiles};
   params p1 = p;
-  p1.qo_indptr = a->prefix_csr;
-  p1.kv_len = a->prefix_csr + 2;
+  p1.qo_indptr = a->prefix_qo_indptr;
+  p1.kv_len = a->prefix_kv_len;
+  p1.block_indptr = a->prefix_block_start;
+  p1.row_map = a->prefix_rows;
   p1.ws_o = ws;
   p1.ws_lse = ws_lse;
   kvc_status_t st = dispatch(a, p1, pre, s);
   if (st != KVC_OK) return st;
-  /* Each sequence after the prefix: its causal positions shift with its tokens. */
+  /* Each sequence after its prefix: its causal positions shift with its tokens. */
   level suf = whole;
-  suf.max_kv_len = a->max_kv_len - ptok;
+  suf.max_kv_len = a->suffix_max_tokens;
   suf.max_splits = cap - p1.nsplits;
   suf.partial = true;
   params p2 = p;

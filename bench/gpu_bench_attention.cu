@@ -15,12 +15,13 @@
  * never find their inputs in the 50 MB L2. Each pool runs with the codec mask the cache passes for
  * it (fp16: raw only, v3 with units split between two warps; bit-pack: no Huffman, the v3 decode
  * kernel; Huffman: v3's Huffman instance) and again with mask 0 (v2, rows *_v2). Then batches whose
- * sequences share a prefix (rows *_prefix: read by every sequence; *_auto: the launcher decides;
- * *_cascade: read once, kvc_attn_args_t::cascade 2; their rel_err is against *_prefix, and
- * their read TB/s counts the prefix's pages once). Times: CUDA events around each call after
+ * sequences share prefixes, one for the whole batch or one per group of sequences (rows
+ * *_prefix: read by every sequence; *_auto: the cascade where kvc_attn_cuda_cascade_pays, as the
+ * plan decides; *_cascade: read once per group; their rel_err is against *_prefix, and their read
+ * TB/s counts the prefixes' pages once). Times: CUDA events around each call after
  * warm-up, median. Output: a table, then one JSON line:
  *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context",
- *    "prefix","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
+ *    "prefix","groups","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
  * Usage: gpu_bench_attention [--quick | --only B CTX [IMPL]]   (--quick: 2^18 tokens, contexts / 8,
  * for a smoke run; --only: configuration (B, CTX) alone, and of the kvcomp rows only IMPL when
  * given, e.g. under a profiler)
@@ -264,7 +265,8 @@ struct row {
   const char *impl;
   int batch, context;
   double ms, logical_tbps, read_tbps, rel_err;
-  int prefix; /* tokens of a prefix every sequence shares (0: none) */
+  int prefix; /* tokens of the prefix each group of sequences shares (0: none) */
+  int groups; /* the groups of sequences that share one */
 };
 
 /* Decode arguments over pool pg with codec_mask: B sequences of ctx tokens, one query row each
@@ -586,44 +588,53 @@ int main(int argc, char **argv) {
     CK(cudaFree(ref_out));
   }
 
-  /* ---- a prefix every sequence shares ----------------------------------------------------------
-   * (batch, prefix, own tokens after it): each pool without the cascade (every sequence reads the
-   * prefix), with the launcher's choice (cascade 1) and with the cascade forced (2); errors
-   * against the first. Logical bytes count the prefix once per sequence, as dense KV would. */
-  const int shared_cfgs[][3] = {{2, 32768, 512},  {4, 16384, 1024}, {8, 16384, 1024},
-                                {32, 16384, 512}, {64, 4096, 256},  {128, 2048, 128},
-                                {16, 1024, 1024}};
+  /* ---- prefixes that groups of sequences share ------------------------------------------------
+   * (batch, groups, prefix, own tokens after it): the batch in `groups` runs of sequences, each
+   * run sharing a prefix of its own (one group: a system prompt; many: parallel sampling). Each
+   * pool without the cascade (every sequence reads its prefix), with the plan's choice
+   * (kvc_attn_cuda_cascade_pays) and with the cascade forced; errors against the first. Logical
+   * bytes count a prefix once per sequence, as dense KV would. */
+  const int shared_cfgs[][4] = {{2, 1, 32768, 512},  {4, 1, 16384, 1024}, {8, 1, 16384, 1024},
+                                {32, 1, 16384, 512}, {64, 1, 4096, 256},  {128, 1, 2048, 128},
+                                {16, 1, 1024, 1024}, {32, 8, 8192, 512},  {64, 16, 4096, 512}};
   for (const auto &cfg : shared_cfgs) {
     if (only) break;
-    const int B = cfg[0], prefix = cfg[1] / ctx_div, own = cfg[2] / ctx_div;
-    const int pb = prefix / BT, ob = own / BT, ctx = prefix + own, per_set = pb + B * ob;
+    const int B = cfg[0], G = cfg[1], gsz = B / G, prefix = cfg[2] / ctx_div, own = cfg[3] / ctx_div;
+    const int pb = prefix / BT, ob = own / BT, ctx = prefix + own, per_set = G * pb + B * ob;
     const int sets = (int)std::min<int64_t>(kMaxSets, nblocks / per_set);
     const double logical = (double)B * ctx * HKV * HD * 2 * 2;
-    /* Set r: blocks r * per_set + [0, pb) are the prefix, then ob blocks per sequence. */
+    /* Set r: blocks r * per_set + g * pb + [0, pb) are group g's prefix, then ob blocks per
+     * sequence; sequence i (group i / gsz) has query row i. */
     std::vector<int32_t> indptr(B + 1), qo(B + 1), lens(B, ctx), ids((size_t)sets * B * (pb + ob));
-    std::vector<int32_t> csr = {0, B, prefix}, suf_len(B, own), suf_start(B);
+    std::vector<int32_t> pqo(G + 1), prows(B), plen(G, prefix), pstart(G), suf_len(B, own),
+        suf_start(B), seq_rows(B, 1), seq_group(B), group_rows(G, gsz), group_tokens(G, prefix);
     for (int i = 0; i <= B; i++) {
       indptr[i] = i * (pb + ob);
       qo[i] = i;
     }
-    for (int i = 0; i < B; i++) suf_start[i] = indptr[i] + pb;
+    for (int g = 0; g <= G; g++) pqo[g] = g * gsz;
+    for (int i = 0; i < B; i++) {
+      prows[i] = i;
+      suf_start[i] = indptr[i] + pb;
+      seq_group[i] = i / gsz;
+      if (i % gsz == 0) pstart[i / gsz] = indptr[i];
+    }
     for (int r = 0; r < sets; r++)
       for (int i = 0; i < B; i++)
         for (int j = 0; j < pb + ob; j++)
           ids[((size_t)r * B + i) * (pb + ob) + j] =
-              r * per_set + (j < pb ? j : pb + i * ob + (j - pb));
-    int32_t *d_indptr, *d_qo, *d_len, *d_ids, *d_csr, *d_suf_len, *d_suf_start;
-    auto up = [&](int32_t **d, const std::vector<int32_t> &h) {
-      CK(cudaMalloc(d, 4 * h.size()));
-      CK(cudaMemcpy(*d, h.data(), 4 * h.size(), cudaMemcpyHostToDevice));
+              r * per_set + (j < pb ? i / gsz * pb + j : G * pb + i * ob + (j - pb));
+    std::vector<int32_t *> dev;
+    auto up = [&](const std::vector<int32_t> &h) {
+      int32_t *d;
+      CK(cudaMalloc(&d, 4 * h.size()));
+      CK(cudaMemcpy(d, h.data(), 4 * h.size(), cudaMemcpyHostToDevice));
+      dev.push_back(d);
+      return d;
     };
-    up(&d_indptr, indptr);
-    up(&d_qo, qo);
-    up(&d_len, lens);
-    up(&d_ids, ids);
-    up(&d_csr, csr);
-    up(&d_suf_len, suf_len);
-    up(&d_suf_start, suf_start);
+    int32_t *d_indptr = up(indptr), *d_qo = up(qo), *d_len = up(lens), *d_ids = up(ids);
+    int32_t *d_pqo = up(pqo), *d_prows = up(prows), *d_plen = up(plen), *d_pstart = up(pstart);
+    int32_t *d_suf_len = up(suf_len), *d_suf_start = up(suf_start);
     const size_t qn = (size_t)B * HQ * HD;
     __half *q, *out;
     CK(cudaMalloc(&q, sizeof(__half) * qn * sets));
@@ -650,11 +661,19 @@ int main(int argc, char **argv) {
       for (int mode = 0; mode < 3; mode++) {
         kvc_attn_args_t a = decode_args(*var.pg, var.codec_mask, B, ctx, d_qo, d_len, d_indptr, out,
                                         ws, ws_bytes, scale);
-        a.prefix_blocks = pb;
-        a.cascade = mode;
-        a.prefix_csr = d_csr;
+        a.prefix_seqs = G;
+        a.prefix_max_rows = gsz;
+        a.prefix_max_tokens = prefix;
+        a.suffix_max_tokens = own;
+        a.prefix_qo_indptr = d_pqo;
+        a.prefix_rows = d_prows;
+        a.prefix_kv_len = d_plen;
+        a.prefix_block_start = d_pstart;
         a.suffix_kv_len = d_suf_len;
         a.suffix_block_start = d_suf_start;
+        const bool pays = kvc_attn_cuda_cascade_pays(&a, G, group_rows.data(), group_tokens.data(),
+                                                     seq_rows.data(), seq_group.data());
+        a.cascade = mode == 2 || (mode == 1 && pays) ? 2 : 0;
         auto run = [&](int r) {
           a.q = q + qn * r;
           a.block_ids = d_ids + (size_t)r * B * (pb + ob);
@@ -670,10 +689,10 @@ int main(int argc, char **argv) {
         double read = 0; /* the pages once each */
         for (int b = 0; b < per_set; b++) read += var.pg->page_bytes[b];
         rows.push_back({var.impl[mode], B, ctx, ms, logical / (ms * 1e-3) / 1e12,
-                        read / (ms * 1e-3) / 1e12, err, prefix});
+                        read / (ms * 1e-3) / 1e12, err, prefix, G});
       }
     }
-    for (int32_t *d : {d_indptr, d_qo, d_len, d_ids, d_csr, d_suf_len, d_suf_start}) CK(cudaFree(d));
+    for (int32_t *d : dev) CK(cudaFree(d));
     CK(cudaFree(q));
     CK(cudaFree(out));
     CK(cudaFree(ws));
@@ -688,10 +707,10 @@ int main(int argc, char **argv) {
          "\"read_ceiling_tbps\":%.3f,\"rows\":[",
          prop.name, copy_tbps, read_ceil_tbps);
   for (size_t i = 0; i < rows.size(); i++)
-    printf("%s{\"impl\":\"%s\",\"batch\":%d,\"context\":%d,\"prefix\":%d,\"ms\":%.5f,"
-           "\"logical_tbps\":%.3f,\"read_tbps\":%.3f,\"rel_err_vs_fp16\":%.3e}",
-           i ? "," : "", rows[i].impl, rows[i].batch, rows[i].context, rows[i].prefix, rows[i].ms,
-           rows[i].logical_tbps, rows[i].read_tbps, rows[i].rel_err);
+    printf("%s{\"impl\":\"%s\",\"batch\":%d,\"context\":%d,\"prefix\":%d,\"groups\":%d,"
+           "\"ms\":%.5f,\"logical_tbps\":%.3f,\"read_tbps\":%.3f,\"rel_err_vs_fp16\":%.3e}",
+           i ? "," : "", rows[i].impl, rows[i].batch, rows[i].context, rows[i].prefix,
+           rows[i].groups, rows[i].ms, rows[i].logical_tbps, rows[i].read_tbps, rows[i].rel_err);
   printf("]}\n");
   CB(cublasDestroy(cublas));
   return 0;

@@ -557,14 +557,14 @@ def shared_prefix_table(rows):
     the launcher's choice (*_auto: cascade attention where its cost model expects a gain)."""
     if not rows:
         return []
-    by = {(r["impl"], r["batch"], r["prefix"]): r for r in rows}
-    shapes = sorted({(r["batch"], r["prefix"], r["context"]) for r in rows})
+    by = {(r["impl"], r["batch"], r.get("groups", 1), r["prefix"]): r for r in rows}
+    shapes = sorted({(r.get("groups", 1), r["batch"], r["prefix"], r["context"]) for r in rows})
     pools = [("kvcomp_fp16_paged", "fp16 paged"), ("kvcomp_bitpack", "bit-pack"),
              ("kvcomp_huffman", "Huffman")]
 
-    def cell(pool, b, pre):
-        base, auto = by.get((pool + "_prefix", b, pre)), by.get((pool + "_auto", b, pre))
-        forced = by.get((pool + "_cascade", b, pre))
+    def cell(pool, g, b, pre):
+        base, auto = by.get((pool + "_prefix", b, g, pre)), by.get((pool + "_auto", b, g, pre))
+        forced = by.get((pool + "_cascade", b, g, pre))
         if not base or not auto:
             return ""
         text = f"{base['ms']:.3f} → {auto['ms']:.3f} ({base['ms'] / auto['ms']:.2f}×)"
@@ -572,13 +572,14 @@ def shared_prefix_table(rows):
             text += f"; forced {forced['ms']:.3f}"
         return text
 
-    out = ["Sequences sharing a prefix (every sequence's first blocks are the same blocks): ms "
-           "with every sequence reading the prefix → with the launcher's choice, which reads it "
-           "once for the whole batch (cascade attention) where its cost model expects a gain "
-           "(speed-up); \"forced\": the cascade where the launcher declines it.", ""]
-    out += table(["batch, prefix + own tokens"] + [n for _, n in pools],
-                 [[f"{b}, {pre // 1024}k + {c - pre}"] + [cell(p, b, pre) for p, _ in pools]
-                  for b, pre, c in shapes])
+    out = ["Sequences sharing prefixes (the batch in groups whose sequences' first blocks are "
+           "the same blocks: one group, a system prompt; several, e.g. parallel sampling): ms "
+           "with every sequence reading its prefix → with the plan's choice, which reads each "
+           "group's prefix once for the group (cascade attention) where its cost model expects a "
+           "gain (speed-up); \"forced\": the cascade where the plan declines it.", ""]
+    out += table(["batch (groups), prefix + own tokens"] + [n for _, n in pools],
+                 [[f"{b} ({g}), {pre // 1024}k + {c - pre}"] +
+                  [cell(p, g, b, pre) for p, _ in pools] for g, b, pre, c in shapes])
     out.append("")
     return out
 

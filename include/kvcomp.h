@@ -170,11 +170,12 @@ typedef struct kvc_config {
   kvc_log_level_t log_level; /* default KVC_LOG_WARN */
 
   /* Attention (appended after the first published layout). */
-  int cascade;             /* a prefix of whole blocks that every sequence of a step holds (the
-                              same blocks: fork, prefix-cache hits) is read once for the whole
-                              batch (CUDA backend; two launches and a merge, as FlashInfer's and
-                              vLLM's cascade attention): 1 when the launcher expects it to pay
-                              (default), 2 whenever there is one, 0 never. Same results */
+  int cascade;             /* a prefix of whole blocks that a group of a step's sequences holds
+                              (the same blocks: prefix-cache hits, forks) is read once for the
+                              group (CUDA backend; two launches and a merge, as FlashInfer's and
+                              vLLM's cascade attention): 1 when the plan's cost model expects a
+                              gain (default), 2 whenever there is such a group, 0 never. Same
+                              results */
 } kvc_config_t;
 
 /* Default error bounds (relative to each group's range), chosen by `./kvc eval` on stories260K:

@@ -85,6 +85,9 @@ struct cuda_be {
    * compression reads d_job_block, so it runs before the next plan's upload replaces it. */
   const int32_t *d_row_block, *d_row_slot, *d_job_block, *d_job_staged, *d_new_staging;
   kvc_attn_args_t attn;
+  /* Host scratch of plan_cascade: [5][max_plan_seqs] int32 and [max_plan_seqs] keys. */
+  int32_t *cascade_host;
+  uint64_t *cascade_keys;
 };
 
 cuda_be *be_of(const kvc_cache_t *c) { return static_cast<cuda_be *>(c->be); }
@@ -391,6 +394,8 @@ void cuda_destroy(kvc_cache_t *c) {
       if (be->size_event[i]) cudaEventDestroy(be->size_event[i]);
     cudaGetLastError(); /* errors of the cleanup itself are not the caller's concern */
   }
+  kvc_host_free(c->ha, be->cascade_host);
+  kvc_host_free(c->ha, be->cascade_keys);
   kvc_host_free(c->ha, be);
   c->be = NULL;
 }
@@ -398,10 +403,11 @@ void cuda_destroy(kvc_cache_t *c) {
 size_t meta_bytes(const kvc__geometry_t *g) {
   size_t s = (size_t)g->max_plan_seqs, r = (size_t)g->max_rows, j = (size_t)g->max_jobs;
   /* qo_indptr, block_indptr; kv_len, new_staging; block_ids; row_block, row_slot; job_block,
-   * job_staged; a shared prefix's csr, suffix_kv_len and suffix_block_start: what cuda_plan
-   * packs. */
+   * job_staged; a cascade's prefix_qo_indptr, prefix_rows, prefix_kv_len, prefix_block_start,
+   * suffix_kv_len, suffix_block_start: what cuda_plan packs. */
   return align16((s + 1) * 4) * 2 + align16(s * 4) * 2 + align16((size_t)g->max_table_entries * 4) +
-         align16(r * 4) * 2 + align16(j * 4) * 2 + align16(3 * 4) + align16(s * 4) * 2;
+         align16(r * 4) * 2 + align16(j * 4) * 2 + align16((s + 1) * 4) + align16(r * 4) +
+         align16(s * 4) * 4;
 }
 
 kvc_status_t make_events(kvc_cache_t *c, cuda_be *be) {
@@ -436,6 +442,11 @@ kvc_status_t create_on_device(kvc_cache_t *c, cuda_be *be) {
   KVC_CU(cudaMalloc(&be->full_tokens, J * sizeof(int32_t)));
   KVC_CU(cudaMalloc(&be->page_bytes, L * J * sizeof(uint32_t)));
   KVC_CU(cudaMalloc(&be->page_codec, L * J));
+  be->cascade_host = static_cast<int32_t *>(
+      kvc_host_calloc(c->ha, 5 * (size_t)g->max_plan_seqs, sizeof(int32_t)));
+  be->cascade_keys =
+      static_cast<uint64_t *>(kvc_host_calloc(c->ha, (size_t)g->max_plan_seqs, sizeof(uint64_t)));
+  if (!be->cascade_host || !be->cascade_keys) return KVC_ERR_OUT_OF_HOST_MEMORY;
   be->meta_cap = meta_bytes(g);
   KVC_CU(cudaMalloc(&be->meta_dev, be->meta_cap));
   KVC_CU(cudaHostAlloc(&be->meta_host, kUploadSlots * be->meta_cap, cudaHostAllocPortable));
@@ -492,21 +503,61 @@ const int32_t *pack(cuda_be *be, uint8_t *host, size_t *off, const int32_t *src,
   return dev;
 }
 
-/* The arrays of a's shared prefix (kvc_attn_args_t::prefix_blocks) of `blocks` blocks. */
-void pack_prefix(cuda_be *be, uint8_t *host, size_t *off, const kvc_bm_plan_t *p, int blocks,
-                 int block_tokens, kvc_attn_args_t *a) {
-  const int ns = p->num_seqs, ptok = blocks * block_tokens;
-  int32_t *csr = take(be, host, off, 3, &a->prefix_csr);
-  csr[0] = 0;
-  csr[1] = p->total_rows;
-  csr[2] = ptok;
-  int32_t *kv = take(be, host, off, ns, &a->suffix_kv_len);
-  int32_t *start = take(be, host, off, ns, &a->suffix_block_start);
-  for (int s = 0; s < ns; s++) {
-    kv[s] = p->kv_len[s] - ptok;
-    start[s] = p->block_indptr[s] + blocks;
+/* The cascade of a step whose sequences share prefixes (kvc_attn_args_t::prefix_seqs), when
+ * kvc_config_t::cascade asks for it and, at 1, the launcher's cost model expects a gain: the
+ * groups (kvc_bm_plan_prefix_groups), then their arrays into the upload buffer. */
+void plan_cascade(const kvc_cache_t *c, cuda_be *be, uint8_t *host, size_t *off,
+                  kvc_attn_args_t *a) {
+  const kvc_bm_plan_t *p = &c->plan;
+  const int ns = p->num_seqs, bt = c->cfg.block_tokens;
+  int32_t *seq_group = be->cascade_host, *blocks = seq_group + ns, *rows = blocks + ns;
+  int32_t *tokens = rows + ns, *seq_rows = tokens + ns;
+  const int groups = kvc_bm_plan_prefix_groups(p, bt, seq_group, blocks, be->cascade_keys);
+  if (groups == 0) return;
+  for (int g = 0; g < groups; g++) {
+    rows[g] = 0;
+    tokens[g] = blocks[g] * bt;
   }
-  a->prefix_blocks = blocks;
+  int grouped = 0; /* rows of sequences in a group */
+  for (int s = 0; s < ns; s++) {
+    seq_rows[s] = p->qo_indptr[s + 1] - p->qo_indptr[s];
+    if (seq_group[s] >= 0) rows[seq_group[s]] += seq_rows[s], grouped += seq_rows[s];
+  }
+  if (c->cfg.cascade == 1 &&
+      !kvc_attn_cuda_cascade_pays(a, groups, rows, tokens, seq_rows, seq_group))
+    return;
+  /* The first launch's sequences: the groups, then (if any) one of no tokens for the rest. */
+  const int np = groups + (grouped < p->total_rows);
+  int32_t *qo = take(be, host, off, np + 1, &a->prefix_qo_indptr);
+  int32_t *map = take(be, host, off, p->total_rows, &a->prefix_rows);
+  int32_t *kv = take(be, host, off, np, &a->prefix_kv_len);
+  int32_t *start = take(be, host, off, np, &a->prefix_block_start);
+  int32_t *skv = take(be, host, off, ns, &a->suffix_kv_len);
+  int32_t *sstart = take(be, host, off, ns, &a->suffix_block_start);
+  qo[0] = 0;
+  a->prefix_max_rows = a->prefix_max_tokens = a->suffix_max_tokens = 0;
+  for (int g = 0; g < np; g++) {
+    const int r = g < groups ? rows[g] : p->total_rows - grouped;
+    qo[g + 1] = qo[g] + r;
+    kv[g] = g < groups ? tokens[g] : 0;
+    start[g] = 0;
+    if (r > a->prefix_max_rows) a->prefix_max_rows = r;
+    if (kv[g] > a->prefix_max_tokens) a->prefix_max_tokens = kv[g];
+  }
+  /* Rows in sequence order within each first-launch sequence; its table starts at any member's
+   * (they hold the prefix at the same places). */
+  int32_t *at = rows; /* reused: the next free row of each */
+  for (int g = 0; g < np; g++) at[g] = qo[g];
+  for (int s = 0; s < ns; s++) {
+    const int g = seq_group[s] >= 0 ? seq_group[s] : groups;
+    for (int r = p->qo_indptr[s]; r < p->qo_indptr[s + 1]; r++) map[at[g]++] = r;
+    const int pb = g < groups ? blocks[g] : 0;
+    if (g < groups) start[g] = p->block_indptr[s];
+    skv[s] = p->kv_len[s] - pb * bt;
+    sstart[s] = p->block_indptr[s] + pb;
+    if (skv[s] > a->suffix_max_tokens) a->suffix_max_tokens = skv[s];
+  }
+  a->prefix_seqs = np;
 }
 
 kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
@@ -522,23 +573,17 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
   uint8_t *host = be->meta_host + (size_t)k * be->meta_cap;
   size_t off = 0;
   const int ns = p->num_seqs;
-  const int32_t *d_qo = pack(be, host, &off, p->qo_indptr, ns + 1);
-  const int32_t *d_kv = pack(be, host, &off, p->kv_len, ns);
-  const int32_t *d_bptr = pack(be, host, &off, p->block_indptr, ns + 1);
-  const int32_t *d_bids = pack(be, host, &off, p->block_ids, p->block_indptr[ns]);
+  kvc_attn_args_t a;
+  memset(&a, 0, sizeof(a));
+  a.qo_indptr = pack(be, host, &off, p->qo_indptr, ns + 1);
+  a.kv_len = pack(be, host, &off, p->kv_len, ns);
+  a.block_indptr = pack(be, host, &off, p->block_indptr, ns + 1);
+  a.block_ids = pack(be, host, &off, p->block_ids, p->block_indptr[ns]);
   be->d_row_block = pack(be, host, &off, p->row_block, p->total_rows);
   be->d_row_slot = pack(be, host, &off, p->row_slot, p->total_rows);
   be->d_job_block = pack(be, host, &off, p->job_block, p->num_jobs);
   be->d_job_staged = pack(be, host, &off, p->job_staged, p->num_jobs);
   be->d_new_staging = pack(be, host, &off, p->new_staging, p->num_new_staging);
-  kvc_attn_args_t a;
-  memset(&a, 0, sizeof(a));
-  const int shared = c->cfg.cascade ? kvc_bm_plan_shared_prefix(p, c->cfg.block_tokens) : 0;
-  if (shared > 0) pack_prefix(be, host, &off, p, shared, c->cfg.block_tokens, &a);
-  KVC_CU(cudaMemcpyAsync(be->meta_dev, host, off, cudaMemcpyHostToDevice,
-                         static_cast<cudaStream_t>(stream)));
-  KVC_CU(cudaEventRecord(be->meta_event[k], static_cast<cudaStream_t>(stream)));
-  be->meta_pending[k] = 1;
 
   int max_qo = 0;
   for (int s = 0; s < ns; s++) {
@@ -552,10 +597,6 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
   a.dtype = c->cfg.dtype;
   a.num_seqs = ns;
   a.total_q_rows = p->total_rows;
-  a.qo_indptr = d_qo;
-  a.kv_len = d_kv;
-  a.block_indptr = d_bptr;
-  a.block_ids = d_bids;
   a.max_kv_len = p->max_kv_len;
   a.max_qo_len = max_qo;
   /* The codecs this cache's pages can use: FIXED codes every block with its codec, or raw when
@@ -568,6 +609,11 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
   a.workspace = be->workspace;
   a.workspace_bytes = be->workspace_bytes;
   a.cascade = c->cfg.cascade;
+  if (c->cfg.cascade && ns >= 2) plan_cascade(c, be, host, &off, &a);
+  KVC_CU(cudaMemcpyAsync(be->meta_dev, host, off, cudaMemcpyHostToDevice,
+                         static_cast<cudaStream_t>(stream)));
+  KVC_CU(cudaEventRecord(be->meta_event[k], static_cast<cudaStream_t>(stream)));
+  be->meta_pending[k] = 1;
   be->attn = a;
   return KVC_OK;
 }

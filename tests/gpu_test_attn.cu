@@ -64,7 +64,9 @@ typedef struct gpu_case {
   float k_bound, v_bound; /* of the lossy codecs; 0: 0.05 */
   kvc_bound_mode_t bound_mode; /* of k_bound, v_bound (0: relative) */
   int min_len; /* every length at least this (unscaled; 0: none) */
-  int cascade; /* kvc_attn_args_t::cascade, with the prefix every sequence shares */
+  int cascade; /* kvc_attn_args_t::cascade, over the prefix groups the sequences form */
+  int group_size; /* with cascade: sequences s of each run of this many share the first one's
+                     shared_prefix_blocks blocks (0: every sequence shares sequence 0's) */
 } gpu_case_t;
 
 /* codec_mask values: rows only (raw and staging pages: v3 with units split between two warps),
@@ -89,6 +91,76 @@ typedef struct host_case {
   int32_t *prefix; /* with a shared prefix: csr [3], suffix kv_len [ns], suffix block starts [ns] */
   kvc_attn_args_t args; /* host pointers */
 } host_case_t;
+
+/*
+ * A cascade case's prefix groups: with group_size, every sequence but the first of each run of
+ * group_size takes the run's first sequence's first shared_prefix_blocks blocks (pages of those
+ * blocks exist: the first sequence's own); then the groups as the CUDA backend's plan finds them
+ * (kvc_bm_plan_prefix_groups), which must be the runs (of two or more), each with that prefix,
+ * and the first launch's and suffixes' arrays built from them here.
+ */
+static void host_cascade(const gpu_case_t *c, host_case_t *h) {
+  const int ns = c->num_seqs, bt = c->block_tokens, pb = c->shared_prefix_blocks;
+  int32_t *ids = h->tp.block_ids;
+  const int32_t *bp = h->tp.block_indptr;
+  const int gs = c->group_size ? c->group_size : ns;
+  for (int s = 0; c->group_size && s < ns; s++)
+    for (int j = 0; j < pb && s % gs; j++) ids[bp[s] + j] = ids[bp[s - s % gs] + j];
+  kvc_bm_plan_t view;
+  memset(&view, 0, sizeof(view));
+  view.num_seqs = ns;
+  view.total_rows = h->rows;
+  view.qo_indptr = h->qo_indptr;
+  view.kv_len = h->tp.kv_len;
+  view.block_indptr = bp;
+  view.block_ids = ids;
+  int32_t *group = (int32_t *)malloc(sizeof(int32_t) * ns * 2);
+  uint64_t *scratch = (uint64_t *)malloc(sizeof(uint64_t) * ns);
+  assert_true(group && scratch);
+  int32_t *blocks = group + ns;
+  const int groups = kvc_bm_plan_prefix_groups(&view, bt, group, blocks, scratch);
+  assert_int_equal(groups, ns / gs + (ns % gs >= 2));
+  for (int s = 0; s < ns; s++) {
+    const bool alone = s / gs * gs + 1 == ns; /* a run of one */
+    assert_int_equal(group[s] < 0, alone);
+    if (!alone) assert_int_equal(blocks[group[s]], pb);
+  }
+  /* The first launch: groups in order of their first member, then the sequences of none. */
+  const int np = groups + (ns % gs == 1);
+  h->prefix = (int32_t *)malloc(sizeof(int32_t) * (3 * np + 1 + h->rows + 2 * ns));
+  assert_non_null(h->prefix);
+  int32_t *qo = h->prefix, *rows = qo + np + 1, *kv = rows + h->rows, *start = kv + np;
+  int32_t *skv = start + np, *sstart = skv + ns;
+  kvc_attn_args_t *a = &h->args;
+  int n = 0, r = 0;
+  a->prefix_max_rows = a->suffix_max_tokens = 0;
+  for (int s0 = 0; s0 < ns; s0 += gs, n++) {
+    qo[n] = r;
+    const int s1 = s0 + gs < ns ? s0 + gs : ns, p = s1 - s0 >= 2 ? pb : 0;
+    kv[n] = p * bt;
+    start[n] = bp[s0];
+    for (int s = s0; s < s1; s++) {
+      for (int q = h->qo_indptr[s]; q < h->qo_indptr[s + 1]; q++) rows[r++] = q;
+      skv[s] = h->tp.kv_len[s] - p * bt;
+      sstart[s] = bp[s] + p;
+      if (skv[s] > a->suffix_max_tokens) a->suffix_max_tokens = skv[s];
+    }
+    if (r - qo[n] > a->prefix_max_rows) a->prefix_max_rows = r - qo[n];
+  }
+  qo[n] = r;
+  assert_int_equal(n, np);
+  a->prefix_seqs = np;
+  a->prefix_max_tokens = pb * bt;
+  a->cascade = c->cascade;
+  a->prefix_qo_indptr = qo;
+  a->prefix_rows = rows;
+  a->prefix_kv_len = kv;
+  a->prefix_block_start = start;
+  a->suffix_kv_len = skv;
+  a->suffix_block_start = sstart;
+  free(group);
+  free(scratch);
+}
 
 static void host_setup(const gpu_case_t *c, host_case_t *h) {
   memset(h, 0, sizeof(*h));
@@ -131,7 +203,7 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
                                 c->kinds,
                                 c->k_bound > 0 ? c->k_bound : 0.05f,
                                 c->v_bound > 0 ? c->v_bound : 0.05f,
-                                c->shared_prefix_blocks,
+                                c->group_size ? 0 : c->shared_prefix_blocks,
                                 c->seed ^ 0xabcull,
                                 c->bound_mode};
   assert_int_equal(kvc_test_pages_build(&spec, k, v, &h->tp), KVC_OK);
@@ -180,32 +252,7 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
   a->q = h->q;
   a->out = h->ref;
   a->max_qo_len = max_qo;
-  if (c->cascade) {
-    /* The prefix as the CUDA backend's plan finds it (kvc_bm_plan_shared_prefix). */
-    kvc_bm_plan_t view;
-    memset(&view, 0, sizeof(view));
-    view.num_seqs = c->num_seqs;
-    view.total_rows = h->rows;
-    view.qo_indptr = h->qo_indptr;
-    view.kv_len = h->tp.kv_len;
-    view.block_indptr = h->tp.block_indptr;
-    view.block_ids = h->tp.block_ids;
-    const int pb = kvc_bm_plan_shared_prefix(&view, c->block_tokens), ns = c->num_seqs;
-    h->prefix = (int32_t *)malloc(sizeof(int32_t) * (3 + 2 * ns));
-    assert_non_null(h->prefix);
-    h->prefix[0] = 0;
-    h->prefix[1] = h->rows;
-    h->prefix[2] = pb * c->block_tokens;
-    for (int s = 0; s < ns; s++) {
-      h->prefix[3 + s] = h->tp.kv_len[s] - pb * c->block_tokens;
-      h->prefix[3 + ns + s] = h->tp.block_indptr[s] + pb;
-    }
-    a->prefix_blocks = pb;
-    a->cascade = c->cascade;
-    a->prefix_csr = h->prefix;
-    a->suffix_kv_len = h->prefix + 3;
-    a->suffix_block_start = h->prefix + 3 + ns;
-  }
+  if (c->cascade) host_cascade(c, h);
   assert_int_equal(kvc_attn_cpu(a), KVC_OK);
 }
 
@@ -261,11 +308,16 @@ static void dev_setup(const host_case_t *h, dev_case_t *d) {
   d->args.out = d->out;
   d->args.workspace = d->ws;
   d->args.workspace_bytes = d->ws_bytes;
-  if (a->prefix_blocks > 0) {
-    upload(&d->prefix, h->prefix, sizeof(int32_t) * (3 + 2 * ns));
-    d->args.prefix_csr = d->prefix;
-    d->args.suffix_kv_len = d->prefix + 3;
-    d->args.suffix_block_start = d->prefix + 3 + ns;
+  if (a->prefix_seqs > 0) {
+    const int np = a->prefix_seqs;
+    upload(&d->prefix, h->prefix, sizeof(int32_t) * (3 * np + 1 + h->rows + 2 * ns));
+    /* The same offsets as in h->prefix (host_cascade). */
+    d->args.prefix_qo_indptr = d->prefix;
+    d->args.prefix_rows = d->prefix + (a->prefix_rows - h->prefix);
+    d->args.prefix_kv_len = d->prefix + (a->prefix_kv_len - h->prefix);
+    d->args.prefix_block_start = d->prefix + (a->prefix_block_start - h->prefix);
+    d->args.suffix_kv_len = d->prefix + (a->suffix_kv_len - h->prefix);
+    d->args.suffix_block_start = d->prefix + (a->suffix_block_start - h->prefix);
   }
 }
 
@@ -509,15 +561,16 @@ static void claimed_items(void **state) {
 }
 
 /*
- * A prefix of whole blocks that every sequence shares, read once for all of them (cascade 2: two
- * launches and the combine whenever the workspace holds two partials): decode on v3 for both
+ * Prefixes of whole blocks that groups of the sequences share (every sequence in one group, then
+ * several groups and sequences in none), read once for each group (cascade 2: two launches and
+ * the combine whenever the workspace holds two partials): decode on v3 for both
  * launches (two sequences of a GQA group of 4 fill one v3 tile; four of them, or 12 of a group of
  * 2, take the prefix launch to v3 over several tiles: tile_reads in attention/kvc_attn_cuda.cu),
  * decode with the prefix launch on v2, multi-query rows, head_dim 64/128/256, bf16, blocks of
  * 16-128 tokens, a prefix long enough to split. Lengths start past the prefix; its size must come
  * out as asked. The variants without workspace run without the cascade.
  */
-static void cascade_shared_prefix(void **state) {
+static void cascade_prefix_groups(void **state) {
   (void)state;
   if (!have_gpu()) skip();
   uint64_t seed = 7300;
@@ -531,16 +584,24 @@ static void cascade_shared_prefix(void **state) {
       {23, 32, 8, 64, 64, KVC_DTYPE_F16, 8000, 1, KVC_TEST_PAGE_ALL, 100, seed++},
       {4, 32, 8, 128, 64, KVC_DTYPE_F16, 3000, 1, KVC_TEST_PAGE_ALL, 20, seed++},
       {12, 16, 8, 64, 32, KVC_DTYPE_BF16, 1000, 1, KVC_TEST_PAGE_ALL, 9, seed++},
+      /* Groups (group_size, set below): 4 and 4 and one alone; 8 pairs; 3 and 3 and 2 of
+       * several rows each. */
+      {9, 32, 8, 128, 64, KVC_DTYPE_F16, 1500, 1, KVC_TEST_PAGE_ALL, 6, seed++},
+      {16, 8, 2, 64, 32, KVC_DTYPE_F16, 900, 1, KVC_TEST_PAGE_ALL, 10, seed++},
+      {8, 16, 4, 128, 64, KVC_DTYPE_BF16, 1200, 4, KVC_TEST_PAGE_ALL, 4, seed++},
   };
+  const int group_size[] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 2, 3};
+  static_assert(sizeof(group_size) / sizeof(group_size[0]) == sizeof(cases) / sizeof(cases[0]),
+                "a group size per case");
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
     gpu_case_t c = cases[i];
     c.cascade = 2;
+    c.group_size = group_size[i];
     /* Every sequence holds the prefix and a query row after it; some only that. */
     c.min_len = c.shared_prefix_blocks * c.block_tokens + c.max_q;
     if (c.max_len * kvc_test_scale() < c.min_len) c.max_len = (int)(c.min_len / kvc_test_scale());
     host_case_t h;
     host_setup(&c, &h);
-    assert_int_equal(h.args.prefix_blocks, c.shared_prefix_blocks);
     const size_t pairs = (size_t)h.rows * c.num_q_heads;
     dev_case_t d;
     dev_setup(&h, &d);
@@ -966,7 +1027,7 @@ int main(void) {
       cmocka_unit_test(v3_huffman_page_gives_nan), cmocka_unit_test(corrupt_section_gives_nan),
       cmocka_unit_test(v3_huffman_layouts),    cmocka_unit_test(huffman_damage_gives_nan),
       cmocka_unit_test(absolute_bound_pages),  cmocka_unit_test(claimed_items),
-      cmocka_unit_test(cascade_shared_prefix),
+      cmocka_unit_test(cascade_prefix_groups),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

@@ -26,9 +26,9 @@
  * the blocks a step completes are compressed by the next kvc_plan (from the job list of the
  * step's upload, before the plan's own upload replaces it).
  *
- * cascade_matches_cpu: sequences sharing a prompt's blocks (prefix-cache hits), prefilled and
- * decoded together on a CUDA cache that reads the shared prefix once (kvc_config_t::cascade 2)
- * and on a CPU cache; outputs within the same tolerance.
+ * cascade_matches_cpu: two groups of sequences sharing their prompt's blocks (prefix-cache hits),
+ * prefilled and decoded together on a CUDA cache that reads each group's prefix once
+ * (kvc_config_t::cascade 2) and on a CPU cache; outputs within the same tolerance.
  *
  * Without a GPU every test skips.
  */
@@ -689,12 +689,12 @@ double step_both(kvc_cache_t *cpu, kvc_cache_t *gpu, cudaStream_t s, tensors &T,
 }
 
 /*
- * Sequences that share a prompt's blocks through prefix-cache hits, on a CUDA cache that reads a
- * prefix every sequence of a step holds once for all of them (cascade 2) and on the CPU: the
- * first sequence's prefill, then eight more in one step of several rows each (the prefix hits'
- * six blocks shared by the whole batch, a multi-query launch after it), then decode steps of all
- * nine (after kvc_cache_synchronize has compressed the prompt's blocks). Every output within
- * tolerance of the CPU's.
+ * Sequences that share two prompts' blocks through prefix-cache hits, on a CUDA cache that reads
+ * the prefix each group of a step's sequences shares once for the group (cascade 2) and on the
+ * CPU: the two prompts' prefill (sequences 1 and 10), then thirteen more sequences in one step of
+ * several rows each (eight on the first prompt's six blocks, four on the second's), then decode
+ * steps of all fifteen (after kvc_cache_synchronize has compressed the prompts' blocks), and a
+ * step of one group only. Every output within tolerance of the CPU's.
  */
 void cascade_matches_cpu(void **state) {
   (void)state;
@@ -710,9 +710,12 @@ void cascade_matches_cpu(void **state) {
   kvc_test_rng_t rng;
   kvc_test_rng_seed(&rng, 4242);
   tensors T;
-  const int kPrompt = 6 * kBt + 4, kOwn = 7, kSeqs = 9;
-  std::vector<int32_t> prompt;
-  for (int t = 0; t < kPrompt; t++) prompt.push_back((int32_t)kvc_test_rng_below(&rng, 5000));
+  const int kPrompt = 6 * kBt + 4, kOwn = 7;
+  std::vector<int32_t> prompts[2];
+  for (auto &p : prompts)
+    for (int t = 0; t < kPrompt; t++) p.push_back((int32_t)kvc_test_rng_below(&rng, 5000));
+  /* Sequences 1-9 on the first prompt, 10-14 on the second; 1 and 10 prefill it. */
+  auto prompt_of = [&](int id) -> const std::vector<int32_t> & { return prompts[id >= 10]; };
   double worst = 0;
   auto add = [&](kvc_seq_id_t id, const std::vector<int32_t> &tok, int want_cached) {
     int cached_c = -1, cached_g = -1;
@@ -723,44 +726,55 @@ void cascade_matches_cpu(void **state) {
     assert_int_equal(kvc_seq_reserve(cpu, id, (int)tok.size() - want_cached, 0), KVC_OK);
     assert_int_equal(kvc_seq_reserve(gpu, id, (int)tok.size() - want_cached, 0), KVC_OK);
   };
-  std::vector<kvc_seq_id_t> ids = {1};
-  std::vector<int32_t> n_new = {kPrompt}, toks = prompt;
-  add(1, prompt, 0);
+  auto sync = [&] {
+    assert_int_equal(kvc_cache_synchronize(cpu), KVC_OK);
+    assert_int_equal(kvc_cache_synchronize(gpu), KVC_OK);
+  };
+  std::vector<kvc_seq_id_t> ids;
+  std::vector<int32_t> n_new, toks;
+  for (int id : {1, 10}) {
+    add((kvc_seq_id_t)id, prompt_of(id), 0);
+    ids.push_back((kvc_seq_id_t)id);
+    n_new.push_back(kPrompt);
+    toks.insert(toks.end(), prompt_of(id).begin(), prompt_of(id).end());
+  }
   worst = fmax(worst, step_both(cpu, gpu, s, T, &rng, ids, n_new, toks));
-  assert_int_equal(kvc_cache_synchronize(cpu), KVC_OK);
-  assert_int_equal(kvc_cache_synchronize(gpu), KVC_OK);
-  /* Eight prompts with the first one's text and their own tokens: hits on its six full blocks. */
+  sync();
+  /* The prompts' text and their own tokens: hits on their prompt's six full blocks. */
   ids.clear();
   n_new.clear();
   toks.clear();
-  for (int i = 2; i <= kSeqs; i++) {
-    std::vector<int32_t> tok = prompt;
+  for (int id = 2; id <= 14; id++) {
+    if (id == 10) continue;
+    std::vector<int32_t> tok = prompt_of(id);
     for (int t = 0; t < kOwn; t++) tok.push_back((int32_t)kvc_test_rng_below(&rng, 5000));
-    add((kvc_seq_id_t)i, tok, 6 * kBt);
-    ids.push_back((kvc_seq_id_t)i);
+    add((kvc_seq_id_t)id, tok, 6 * kBt);
+    ids.push_back((kvc_seq_id_t)id);
     n_new.push_back(kPrompt + kOwn - 6 * kBt);
     toks.insert(toks.end(), tok.begin() + 6 * kBt, tok.end());
   }
   worst = fmax(worst, step_both(cpu, gpu, s, T, &rng, ids, n_new, toks));
-  assert_int_equal(kvc_cache_synchronize(cpu), KVC_OK);
-  assert_int_equal(kvc_cache_synchronize(gpu), KVC_OK);
-  /* Every sequence's table starts with the same six blocks. */
-  int32_t first[kMaxLen / kBt + 1], blocks[kMaxLen / kBt + 1];
-  int n0 = 0, n = 0;
-  assert_int_equal(kvc__cache_seq_blocks(gpu, 1, first, kMaxLen / kBt + 1, &n0), KVC_OK);
-  for (int i = 2; i <= kSeqs; i++) {
-    assert_int_equal(kvc__cache_seq_blocks(gpu, (kvc_seq_id_t)i, blocks, kMaxLen / kBt + 1, &n),
+  sync();
+  /* Every sequence's table starts with its prompt's six blocks. */
+  int32_t lead[2][kMaxLen / kBt + 1], blocks[kMaxLen / kBt + 1];
+  int n = 0;
+  assert_int_equal(kvc__cache_seq_blocks(gpu, 1, lead[0], kMaxLen / kBt + 1, &n), KVC_OK);
+  assert_int_equal(kvc__cache_seq_blocks(gpu, 10, lead[1], kMaxLen / kBt + 1, &n), KVC_OK);
+  assert_true(lead[0][0] != lead[1][0]);
+  for (int id = 2; id <= 14; id++) {
+    assert_int_equal(kvc__cache_seq_blocks(gpu, (kvc_seq_id_t)id, blocks, kMaxLen / kBt + 1, &n),
                      KVC_OK);
-    assert_memory_equal(blocks, first, 6 * sizeof(int32_t));
+    assert_memory_equal(blocks, lead[id >= 10], 6 * sizeof(int32_t));
   }
-  for (int step = 0; step < 5; step++) {
+  /* Decode: both groups (steps 0-4), then the second group alone (step 5). */
+  for (int step = 0; step < 6; step++) {
     ids.clear();
     n_new.clear();
     toks.clear();
-    for (int i = 1; i <= kSeqs; i++) {
-      assert_int_equal(kvc_seq_reserve(cpu, (kvc_seq_id_t)i, 1, 0), KVC_OK);
-      assert_int_equal(kvc_seq_reserve(gpu, (kvc_seq_id_t)i, 1, 0), KVC_OK);
-      ids.push_back((kvc_seq_id_t)i);
+    for (int id = step < 5 ? 1 : 10; id <= 14; id++) {
+      assert_int_equal(kvc_seq_reserve(cpu, (kvc_seq_id_t)id, 1, 0), KVC_OK);
+      assert_int_equal(kvc_seq_reserve(gpu, (kvc_seq_id_t)id, 1, 0), KVC_OK);
+      ids.push_back((kvc_seq_id_t)id);
       n_new.push_back(1);
       toks.push_back((int32_t)kvc_test_rng_below(&rng, 5000));
     }

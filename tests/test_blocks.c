@@ -775,9 +775,15 @@ static void fork_shares_full_blocks_and_copies_the_tail(void **state) {
   fx_free(f);
 }
 
-/* The prefix every sequence of a plan shares (cascade attention): whole blocks, the same ids in
- * every table, before every sequence's first query row. */
-static void shared_prefix_of_a_plan(void **state) {
+/* Groups of a plan's sequences that share a prefix (cascade attention): the same first block,
+ * then the whole blocks all members hold at the same places before their first query rows. */
+static int groups_of(const kvc_bm_plan_t *p, int bt, int32_t *seq_group, int32_t *blocks) {
+  uint64_t scratch[8];
+  assert_true(p->num_seqs <= 8);
+  return kvc_bm_plan_prefix_groups(p, bt, seq_group, blocks, scratch);
+}
+
+static void prefix_groups_of_a_plan(void **state) {
   (void)state;
   /* Tables of three sequences, 4-token blocks: {1, 2, 3, 4}, {1, 2, 3, 9}, {1, 2, 3, 4, 5}. */
   int32_t ids[] = {1, 2, 3, 4, 1, 2, 3, 9, 1, 2, 3, 4, 5};
@@ -792,28 +798,50 @@ static void shared_prefix_of_a_plan(void **state) {
   p.kv_len = kv;
   p.block_indptr = bptr;
   p.block_ids = ids;
-  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 3);
+  int32_t g[8], b[8];
+  assert_int_equal(groups_of(&p, 4, g, b), 1);
+  assert_int_equal(b[0], 3);
+  assert_true(g[0] == 0 && g[1] == 0 && g[2] == 0);
   /* Query rows inside block 2 of the second sequence: 14 - 4 rows = 10 tokens, 2 whole blocks. */
   int32_t qo4[] = {0, 1, 5, 6};
   p.qo_indptr = qo4;
-  p.total_rows = 6;
-  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 2);
+  assert_int_equal(groups_of(&p, 4, g, b), 1);
+  assert_int_equal(b[0], 2);
   /* Rows right after block 3 (12 tokens before them): all three. */
   int32_t qo2[] = {0, 1, 3, 4};
   p.qo_indptr = qo2;
-  p.total_rows = 4;
-  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 3);
-  /* One sequence alone shares nothing; nor do tables that differ at once. */
+  assert_int_equal(groups_of(&p, 4, g, b), 1);
+  assert_int_equal(b[0], 3);
+  /* One sequence alone shares nothing; a third that starts elsewhere stays out. */
   p.qo_indptr = qo;
-  p.total_rows = 3;
   p.num_seqs = 1;
-  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 0);
+  assert_int_equal(groups_of(&p, 4, g, b), 0);
+  assert_int_equal(g[0], -1);
   p.num_seqs = 3;
   ids[8] = 7;
-  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 0);
+  assert_int_equal(groups_of(&p, 4, g, b), 1);
+  assert_true(g[0] == 0 && g[1] == 0 && g[2] == -1);
+  assert_int_equal(b[0], 3);
   ids[8] = 1;
   ids[9] = 7;
-  assert_int_equal(kvc_bm_plan_shared_prefix(&p, 4), 1);
+  assert_int_equal(groups_of(&p, 4, g, b), 1);
+  assert_int_equal(b[0], 1);
+
+  /* Two groups: {1, 2, 3} and {1, 2, 4} share 2 blocks, {5, 6} and {5, 6, 7} one (the first has
+   * only 7 tokens before its query row); {8} holds its query row in its only block. */
+  int32_t ids2[] = {1, 2, 3, 5, 6, 1, 2, 4, 5, 6, 7, 8};
+  int32_t bptr2[] = {0, 3, 5, 8, 11, 12};
+  int32_t kv2[] = {12, 8, 12, 12, 3};
+  int32_t qo5[] = {0, 1, 2, 3, 4, 5};
+  p.num_seqs = 5;
+  p.total_rows = 5;
+  p.qo_indptr = qo5;
+  p.kv_len = kv2;
+  p.block_indptr = bptr2;
+  p.block_ids = ids2;
+  assert_int_equal(groups_of(&p, 4, g, b), 2);
+  assert_true(g[0] == 0 && g[2] == 0 && g[1] == 1 && g[3] == 1 && g[4] == -1);
+  assert_true(b[0] == 2 && b[1] == 1);
 
   /* From the block manager: a forked pair shares its two full blocks. */
   kvc_bm_config_t c = tb_config();
@@ -828,9 +856,10 @@ static void shared_prefix_of_a_plan(void **state) {
   reserve(f, 2, 1);
   kvc_seq_id_t both[] = {1, 2};
   int32_t one[] = {1, 1};
-  kvc_bm_batch_t b = {2, both, one, NULL};
-  assert_int_equal(kvc_bm_plan(f->bm, &b, &f->plan), KVC_OK);
-  assert_int_equal(kvc_bm_plan_shared_prefix(&f->plan, c.block_tokens), 2);
+  kvc_bm_batch_t batch = {2, both, one, NULL};
+  assert_int_equal(kvc_bm_plan(f->bm, &batch, &f->plan), KVC_OK);
+  assert_int_equal(groups_of(&f->plan, c.block_tokens, g, b), 1);
+  assert_true(g[0] == 0 && g[1] == 0 && b[0] == 2);
   kvc_bm_step_done(f->bm);
   fx_free(f);
 }
@@ -1093,7 +1122,7 @@ int main(void) {
       cmocka_unit_test(eviction_takes_least_recent_and_last_blocks_first),
       cmocka_unit_test(fork_shares_full_blocks_and_copies_the_tail),
       cmocka_unit_test(fork_fails_cleanly_without_room),
-      cmocka_unit_test(shared_prefix_of_a_plan),
+      cmocka_unit_test(prefix_groups_of_a_plan),
       cmocka_unit_test(swap_moves_exclusive_blocks_and_back),
       cmocka_unit_test(swap_space_and_pool_limits),
       cmocka_unit_test(measurements_lower_charges_and_stale_ones_are_ignored),

@@ -1137,12 +1137,12 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
    * (64, 4k) -3.9%, (16, 128k) -3.4%. */
   const bool u2 = v3 && !v3h && p.unit_split_lg == 0 && (bt == 32 || bt == 64);
   if (u2) p.unit_split_lg = 1;
-  /* lv's batch in query tiles of te entries and units of ut tokens. */
-  auto shape = [&](int te, int ut) {
+  /* lv's batch in query tiles of `tile` entries and units of `unit` tokens. */
+  auto shape = [&](int tile, int unit) {
     launch_shape sh;
-    sh.qtiles = (int)((entries_max + te - 1) / te);
+    sh.qtiles = (int)((entries_max + tile - 1) / tile);
     sh.base_ctas = (long)lv.num_seqs * a->num_kv_heads * sh.qtiles;
-    sh.units_max = (lv.max_kv_len + ut - 1) / ut;
+    sh.units_max = (lv.max_kv_len + unit - 1) / unit;
     sh.max_splits = lv.max_splits;
     sh.partial = lv.partial;
     sh.num_kv_heads = a->num_kv_heads;

@@ -504,8 +504,9 @@ const int32_t *pack(cuda_be *be, uint8_t *host, size_t *off, const int32_t *src,
 }
 
 /* The cascade of a step whose sequences share prefixes (kvc_attn_args_t::prefix_seqs), when
- * kvc_config_t::cascade asks for it and, at 1, the launcher's cost model expects a gain: the
- * groups (kvc_bm_plan_prefix_groups), then their arrays into the upload buffer. */
+ * kvc_config_t::cascade asks for it and, at 1, the attention's cost model expects a gain
+ * (kvc_attn_cuda_cascade_pays): the groups (kvc_bm_plan_prefix_groups), then their arrays into
+ * the upload buffer. */
 void plan_cascade(const kvc_cache_t *c, cuda_be *be, uint8_t *host, size_t *off,
                   kvc_attn_args_t *a) {
   const kvc_bm_plan_t *p = &c->plan;

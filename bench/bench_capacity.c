@@ -237,7 +237,7 @@ static void run_job(const shared_t *sh, job_t *j) {
             sh->pool_bytes, kvc_status_string(j->status));
     return;
   }
-  j->status = kvcb_fill_to_capacity(cache, &cfg, sh->bank, run_context, run_chunk,
+  j->status = kvcb_fill_to_capacity(cache, &cfg, sh->bank, run_context, run_chunk, 0,
                                     o->seed + (uint64_t)j->context, NULL, &fill);
   if (j->status == KVC_OK) {
     double values = (double)fill.tokens * (double)kvcb_values_per_token_layer(o->shape) * o->layers;

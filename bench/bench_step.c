@@ -31,6 +31,7 @@ typedef struct options {
   kvc_codec_t codecs[3];
   int num_codecs;
   int chunk;
+  int shared_prefix; /* tokens of a prefix every sequence shares (0: none) */
   int warmup;
   int steps;
   double target_bits;
@@ -147,7 +148,9 @@ static int make_headroom(kvc_cache_t *cache, int n, int grow) {
 static void run_row(const options_t *o, const kvcb_bank_t *bank, size_t pool_bytes, row_t *r) {
   const kvcb_shape_t *s = o->shape;
   int grow = o->warmup + o->steps;
-  int max_seqs = kvcb_max_seqs(s, o->layers, pool_bytes, r->context, bank->rows);
+  /* With a shared prefix, sequences are bounded by their own tokens (and one holds the prefix). */
+  int max_seqs = kvcb_max_seqs(s, o->layers, pool_bytes, r->context - o->shared_prefix,
+                               bank->rows) + (o->shared_prefix > 0);
   int max_batch = max_seqs > o->chunk ? max_seqs : o->chunk;
   kvc_config_t cfg = kvcb_config(s, o->layers, o->backend, pool_bytes, r->codec, max_seqs,
                                  r->context + grow + 64, max_batch);
@@ -178,7 +181,8 @@ static void run_row(const options_t *o, const kvcb_bank_t *bank, size_t pool_byt
   }
 #endif
   call = "fill";
-  if ((st = kvcb_fill_to_capacity(cache, &cfg, bank, r->context, o->chunk, o->seed, stream,
+  if ((st = kvcb_fill_to_capacity(cache, &cfg, bank, r->context, o->chunk, o->shared_prefix,
+                                  o->seed, stream,
                                   &fill)) != KVC_OK)
     goto out;
   r->admitted = fill.sequences;
@@ -282,11 +286,14 @@ static void usage(FILE *f) {
       "usage: bench_step [--shape llama3-8b|llama3-70b-tp8] [--pool-gib G] [--layers L]\n"
       "                  [--backend auto|cpu|cuda] [--contexts 32768,...]\n"
       "                  [--codecs raw,bitpack,huffman] [--warmup N] [--steps N]\n"
-      "                  [--chunk TOKENS] [--target-bits B] [--target-source TEXT] [--seed S]\n"
+      "                  [--chunk TOKENS] [--shared-prefix TOKENS] [--target-bits B]\n"
+      "                  [--target-source TEXT] [--seed S]\n"
       "                  [--check NAME:KV_HEADS:HEAD_DIM:BITS]...  (data as bench_capacity's)\n"
       "  CUDA defaults: 40 GiB pool, all layers, 32k context, 8 warm-up + 56 timed steps (the\n"
       "                 last completes and compresses every sequence's new block).\n"
-      "  CPU defaults:  1 GiB (full-model) pool, 1 layer, 1k context, 1 + 3 steps: a smoke run.\n");
+      "  CPU defaults:  1 GiB (full-model) pool, 1 layer, 1k context, 1 + 3 steps: a smoke run.\n"
+      "  --shared-prefix: every sequence starts with the same TOKENS (a system prompt: forks of\n"
+      "                 one sequence; a whole number of 64-token blocks, below every context).\n");
 }
 
 static int parse_list(const char *s, int *out, int cap, int *n, int is_codec) {
@@ -358,6 +365,8 @@ static int parse_args(int argc, char **argv, options_t *o) {
       steps = atoi(v);
     } else if (strcmp(a, "--chunk") == 0) {
       o->chunk = atoi(v);
+    } else if (strcmp(a, "--shared-prefix") == 0) {
+      o->shared_prefix = atoi(v);
     } else if (strcmp(a, "--target-bits") == 0) {
       o->target_bits = atof(v);
     } else if (strcmp(a, "--target-source") == 0) {
@@ -385,6 +394,11 @@ static int parse_args(int argc, char **argv, options_t *o) {
     return fprintf(stderr, "step: bad --contexts\n"), -1;
   if (o->layers > o->shape->num_layers || o->chunk < 1 || o->chunk > 8192 || o->target_bits <= 0)
     return fprintf(stderr, "step: --layers, --chunk or --target-bits out of range\n"), -1;
+  const int bt = ((kvc_config_t)KVC_CONFIG_INIT).block_tokens;
+  for (int c = 0; c < o->num_contexts; c++)
+    if (o->shared_prefix < 0 || o->shared_prefix % bt || o->shared_prefix >= o->contexts[c])
+      return fprintf(stderr, "step: --shared-prefix must be a multiple of %d below every context\n",
+                     bt), -1;
   return 0;
 }
 
@@ -416,6 +430,11 @@ int main(int argc, char **argv) {
       "then those that can\n  grow by %d tokens.\n",
       o.warmup, o.steps, cuda ? "CUDA events (host plan time included)" : "the host clock", o.chunk,
       o.warmup + o.steps);
+  if (o.shared_prefix > 0)
+    printf("Shared prefix: every sequence starts with the same %d tokens (forks of one sequence):\n"
+           "  their blocks are held once, and attention reads them once per step where the plan's\n"
+           "  cost model expects a gain (kvc_config_t::cascade, default).\n",
+           o.shared_prefix);
   if (!cuda)
     printf("CPU backend: a functional run at reduced scale; the throughput that matters is the "
            "CUDA backend's.\n");
@@ -493,9 +512,10 @@ int main(int argc, char **argv) {
 
   printf("{\"bench\":\"step\",\"backend\":\"%s\",\"shape\":\"%s\",\"model_layers\":%d,"
          "\"layers_run\":%d,\"pool_gib\":%g,\"pool_bytes_run\":%zu,\"warmup\":%d,\"steps\":%d,"
-         "\"timer\":\"%s\",\"target_bits\":%.4f,\"calibrated_bits\":%.4f,\"ok\":%s,\"rows\":[",
+         "\"timer\":\"%s\",\"target_bits\":%.4f,\"calibrated_bits\":%.4f,\"shared_prefix\":%d,"
+         "\"ok\":%s,\"rows\":[",
          cuda ? "cuda" : "cpu", s->name, s->num_layers, o.layers, o.pool_gib, pool_bytes, o.warmup,
-         o.steps, cuda ? "cuda events" : "host clock", o.target_bits, calibrated,
+         o.steps, cuda ? "cuda events" : "host clock", o.target_bits, calibrated, o.shared_prefix,
          failed ? "false" : "true");
   for (int i = 0; i < num_rows; i++) {
     const row_t *r = &rows[i], *raw = NULL;

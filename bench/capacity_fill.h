@@ -426,58 +426,96 @@ typedef struct kvcb_fill {
   kvc_stats_t stats; /* after the fill, all pages measured */
 } kvcb_fill_t;
 
+/* Stores tokens [from, to) of sequence id in chunks of `chunk` (reserve, plan, store every
+ * layer). A reserve the pool refuses is retried once after kvc_cache_synchronize has measured the
+ * pending pages; *refused is set when it still is. Returns KVC_OK or the status of the failing
+ * call, named in *call. */
+static inline kvc_status_t kvcb_store_range(kvc_cache_t *cache, const kvc_config_t *cfg,
+                                            const kvcb_bank_t *bank, kvc_seq_id_t id, int from,
+                                            int to, int chunk, kvcb_rng_t *rng, void *stream,
+                                            kvcb_fill_t *out, int *refused, const char **call) {
+  kvc_status_t st = KVC_OK;
+  for (int stored = from; stored < to;) {
+    int32_t n = to - stored < chunk ? to - stored : chunk;
+    *call = "kvc_seq_reserve";
+    st = kvc_seq_reserve(cache, id, n, 0);
+    if (st == KVC_ERR_OUT_OF_MEMORY) {
+      *call = "kvc_cache_synchronize";
+      if ((st = kvc_cache_synchronize(cache)) != KVC_OK) return st;
+      *call = "kvc_seq_reserve";
+      st = kvc_seq_reserve(cache, id, n, 0);
+      if (st == KVC_OK) out->sync_retries++;
+    }
+    if (st == KVC_ERR_OUT_OF_MEMORY) {
+      *refused = 1;
+      return KVC_OK;
+    }
+    if (st != KVC_OK) return st;
+    kvc_batch_t batch = {1, &id, &n, NULL};
+    *call = "kvc_plan";
+    if ((st = kvc_plan(cache, &batch, stream)) != KVC_OK) return st;
+    *call = "kvc_store";
+    if ((st = kvcb_store_all_layers(cache, cfg, bank, n, rng, stream)) != KVC_OK) return st;
+    stored += n;
+  }
+  return st;
+}
+
+/* The sequence that holds a shared prefix while kvcb_fill_to_capacity forks from it. */
+#define KVCB_PREFIX_SEQ (KVC_SEQ_NONE - 1)
+
 /*
  * Admits sequences of `context` tokens until kvc_seq_reserve refuses, the way a vLLM-style
  * scheduler does with chunked prefill: each sequence is added, then each chunk of `chunk` tokens is
  * reserved, planned and stored for all layers. Only the chunk in flight is charged at the worst
  * case (a raw page per block) until its pages are measured. When a reserve is refused, pending
  * page sizes are collected (kvc_cache_synchronize) and the reserve is tried once more; if it is
- * still refused, the partial sequence is freed and admission stops. Returns KVC_OK or the first
- * unexpected status (with its call named on stderr).
+ * still refused, the partial sequence is freed and admission stops. With shared_prefix tokens (a
+ * whole number of blocks, below context), a sequence of those tokens is stored first and every
+ * admitted sequence starts as its fork (a system prompt they all share); it is freed at the end,
+ * its blocks held by the forks. Returns KVC_OK or the first unexpected status (with its call
+ * named on stderr).
  */
 static inline kvc_status_t kvcb_fill_to_capacity(kvc_cache_t *cache, const kvc_config_t *cfg,
                                                  const kvcb_bank_t *bank, int context, int chunk,
-                                                 uint64_t seed, void *stream, kvcb_fill_t *out) {
+                                                 int shared_prefix, uint64_t seed, void *stream,
+                                                 kvcb_fill_t *out) {
   kvc_status_t st = KVC_OK;
   kvcb_rng_t rng;
   kvcb_rng_seed(&rng, seed);
   memset(out, 0, sizeof *out);
   double t0 = kvcb_now();
   const char *call = "";
-  for (kvc_seq_id_t id = 1;; id++) {
+  int refused = 0;
+  if (shared_prefix > 0) {
     int n_cached = 0;
     call = "kvc_seq_add";
-    st = kvc_seq_add(cache, id, NULL, 0, 0, &n_cached);
-    if (st == KVC_ERR_OUT_OF_MEMORY) { /* max_seqs live sequences */
+    if ((st = kvc_seq_add(cache, KVCB_PREFIX_SEQ, NULL, 0, 0, &n_cached)) != KVC_OK) goto out;
+    st = kvcb_store_range(cache, cfg, bank, KVCB_PREFIX_SEQ, 0, shared_prefix, chunk, &rng, stream,
+                          out, &refused, &call);
+    if (st != KVC_OK) goto out;
+    if (refused) {
+      call = "the shared prefix";
+      st = KVC_ERR_OUT_OF_MEMORY;
+      goto out;
+    }
+    call = "kvc_cache_synchronize";
+    if ((st = kvc_cache_synchronize(cache)) != KVC_OK) goto out;
+  }
+  for (kvc_seq_id_t id = 1;; id++) {
+    int n_cached = 0;
+    call = shared_prefix > 0 ? "kvc_seq_fork" : "kvc_seq_add";
+    st = shared_prefix > 0 ? kvc_seq_fork(cache, KVCB_PREFIX_SEQ, id)
+                           : kvc_seq_add(cache, id, NULL, 0, 0, &n_cached);
+    if (st == KVC_ERR_OUT_OF_MEMORY) { /* max_seqs live sequences (or no room for a fork) */
       out->stopped_by_max_seqs = 1;
       st = KVC_OK;
       break;
     }
     if (st != KVC_OK) goto out;
-    int stored = 0, refused = 0;
-    while (stored < context) {
-      int32_t n = context - stored < chunk ? context - stored : chunk;
-      call = "kvc_seq_reserve";
-      st = kvc_seq_reserve(cache, id, n, 0);
-      if (st == KVC_ERR_OUT_OF_MEMORY) {
-        call = "kvc_cache_synchronize";
-        if ((st = kvc_cache_synchronize(cache)) != KVC_OK) goto out;
-        call = "kvc_seq_reserve";
-        st = kvc_seq_reserve(cache, id, n, 0);
-        if (st == KVC_OK) out->sync_retries++;
-      }
-      if (st == KVC_ERR_OUT_OF_MEMORY) {
-        refused = 1;
-        break;
-      }
-      if (st != KVC_OK) goto out;
-      kvc_batch_t batch = {1, &id, &n, NULL};
-      call = "kvc_plan";
-      if ((st = kvc_plan(cache, &batch, stream)) != KVC_OK) goto out;
-      call = "kvc_store";
-      if ((st = kvcb_store_all_layers(cache, cfg, bank, n, &rng, stream)) != KVC_OK) goto out;
-      stored += n;
-    }
+    st = kvcb_store_range(cache, cfg, bank, id, shared_prefix, context, chunk, &rng, stream, out,
+                          &refused, &call);
+    if (st != KVC_OK) goto out;
     if (refused) {
       call = "kvc_seq_free";
       st = kvc_seq_free(cache, id);
@@ -486,6 +524,10 @@ static inline kvc_status_t kvcb_fill_to_capacity(kvc_cache_t *cache, const kvc_c
     }
     out->sequences++;
     out->tokens += context;
+  }
+  if (shared_prefix > 0) {
+    call = "kvc_seq_free";
+    if ((st = kvc_seq_free(cache, KVCB_PREFIX_SEQ)) != KVC_OK) goto out;
   }
   call = "kvc_cache_synchronize";
   if ((st = kvc_cache_synchronize(cache)) != KVC_OK) goto out;

@@ -95,12 +95,17 @@ enum : int { SRC_ROWS = 0, SRC_FAST, SRC_GEN, SRC_BAD };
  * and Huffman's and rows' P stay inside fp16. */
 constexpr float kMaxSlack = 6.f;
 
+/* The uint4 of v3_scratch::kq for lane c's channels of k-block kb. */
+__device__ __forceinline__ int kq_index(int c, int kb) { return 4 * kb + c; }
+
 /* SRC_FAST is built for fp16 only. */
 template <class T> constexpr bool kFast16 = half2_of<T>::magic == 0x64006400u;
 
 /* Per-warp scratch (bytes), rewritten at each page: K's region, then V's, each holding either
- * SRC_GEN's group bases and steps or SRC_FAST's tables (same bytes). K fast: per (lane c, k-block)
- * a uint4 (kq) of two fp16 pairs of step * 2^-e and two of b / 2^W - 1, in k_channel order, and
+ * SRC_GEN's group bases and steps or SRC_FAST's tables (same bytes). K fast: per (k-block, lane c)
+ * a uint4 (kq, kq_index: the four c of a k-block side by side, so that a warp's read of them is
+ * one wavefront, not four in one bank) of two fp16 pairs of step * 2^-e and two of b / 2^W - 1,
+ * in k_channel order, and
  * per lane s_fast_const's float2 per n-block (kc). V fast: per page token the floats step *
  * 2^(W - e) (vmul) and b / 2^W - 1 (vbt). Per-token entries are indexed by page token & 63 (a unit
  * reads at most 64 tokens of a page, aligned to 64); absolute mode keeps bases only (per channel;
@@ -225,6 +230,41 @@ __device__ __forceinline__ void load_run(const uint32_t *w, uint32_t start, uint
     const uint32_t nx = w[k0 + m + 1];
     a[m] = __funnelshift_l(nx, prev, sh);
     prev = nx;
+  }
+}
+
+/* 32-bit words of alignment of every run of NC codes of width W in a section whose codes start at a
+ * multiple of G bits (the runs start at multiples of NC W bits after it), or 0 below a word. */
+constexpr int run_align_words(int G, int NC, int W) {
+  int a = G, b = NC * W;
+  while (b) {
+    const int t = a % b;
+    a = b;
+    b = t;
+  }
+  return a >= 32 ? a / 32 : 0;
+}
+
+/* load_run for a run that starts at a multiple of AW >= 1 words (no shift): its NA words in
+ * vector loads of the most words (up to 4) that divide both. Neighbouring lanes' runs are
+ * adjacent, so a warp's vector load reads one contiguous span: without bank conflicts, where the
+ * word loads of runs 2^k words apart met 2^k-way conflicts (bench/NOTES-attention.md). */
+template <int NA, int AW>
+__device__ __forceinline__ void load_run_aligned(const uint32_t *w, uint32_t start,
+                                                 uint32_t (&a)[NA]) {
+  constexpr int V = (AW % 4 == 0 && NA % 4 == 0) ? 4 : (AW % 2 == 0 && NA % 2 == 0) ? 2 : 1;
+  const uint32_t *p = w + (start >> 5);
+#pragma unroll
+  for (int m = 0; m < NA; m += V) {
+    if constexpr (V == 4) {
+      const uint4 x = *(const uint4 *)(p + m);
+      a[m] = x.x, a[m + 1] = x.y, a[m + 2] = x.z, a[m + 3] = x.w;
+    } else if constexpr (V == 2) {
+      const uint2 x = *(const uint2 *)(p + m);
+      a[m] = x.x, a[m + 1] = x.y;
+    } else {
+      a[m] = p[m];
+    }
   }
 }
 
@@ -451,11 +491,11 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
   if constexpr (TS == 0) {
 #pragma unroll
     for (int i = 0; i < v3_groups<HD, TS>::NG; i += 2) {
-      /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. uint4
-       * j * (HD / 16) + pi / 2, its pi % 2-th step and base pairs. */
-      const int pr = lane + 32 * (i / 2);
-      /* word 4 (pr / 2) + pr % 2 */
-      uint32_t *kq = (uint32_t *)(scr + v3_scratch::kq) + (pr + (pr & ~1));
+      /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. the
+       * pi % 2-th step and base pairs of uint4 kq_index(j, pi / 2). */
+      const int pr = lane + 32 * (i / 2), pi = pr % (HD / 8);
+      uint32_t *kq =
+          (uint32_t *)(scr + v3_scratch::kq) + 4 * kq_index(pr / (HD / 8), pi / 2) + pi % 2;
       kq[0] = pack2<__half>(v3_step_x(gr.E[i]) * inv, v3_step_x(gr.E[i + 1]) * inv);
       kq[2] = pack2<__half>(fmaf(__uint2float_rn(gr.u[i]), winv, wofs),
                             fmaf(__uint2float_rn(gr.u[i + 1]), winv, wofs));
@@ -639,7 +679,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
                                        const int (&pt)[2], const qfrag_t<HD, NB> &qb,
                                        uint32_t magic, float (&s)[2][NB][4]) {
   constexpr int NC = HD / 4, NA = (NC * W + 31) / 32;
-  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq);
   const float2 *kc = (const float2 *)(scr + v3_scratch::kc) + lane_id() * NB;
 #pragma unroll
   for (int nb = 0; nb < NB; nb++) {
@@ -648,11 +688,17 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
     for (int e = 0; e < 4; e++) s[0][nb][e] = e & 1 ? k0.y : k0.x;
   }
   uint32_t a[2][NA];
-  load_run<NA>(sec.w, sec.meta + (uint32_t)(pt[0] * HD + c * NC) * W, a[0]);
-  load_run<NA>(sec.w, sec.meta + (uint32_t)(pt[1] * HD + c * NC) * W, a[1]);
+  /* Key codes start at a multiple of HD bits (HD groups' fields before them). */
+  constexpr int AW = run_align_words(HD, NC, W);
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const uint32_t start = sec.meta + (uint32_t)(pt[h] * HD + c * NC) * W;
+    if constexpr (AW > 0) load_run_aligned<NA, AW>(sec.w, start, a[h]);
+    else load_run<NA>(sec.w, start, a[h]);
+  }
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
-    const uint2 sb = *(const uint2 *)&kq[kb]; /* the step pairs */
+    const uint2 sb = *(const uint2 *)&kq[kq_index(c, kb)]; /* the step pairs */
     uint32_t b[2][2];
 #pragma unroll
     for (int h = 0; h < 2; h++)
@@ -676,7 +722,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
  * (v3_scratch::kc). */
 template <int HD, int NB>
 __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb) {
-  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq) + c * (HD / 16);
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq);
   /* Two mma chains (even and odd k-blocks), as in s_fast: this runs between the page setup and
    * the page's first softmax, on the unit's serial path. */
   float acc[2][NB][4];
@@ -688,7 +734,7 @@ __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<
       for (int e = 0; e < 4; e++) acc[p][nb][e] = 0.f;
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
-    const uint4 sb = kq[kb];
+    const uint4 sb = kq[kq_index(c, kb)];
     const uint32_t av[4] = {sb.z, sb.z, sb.w, sb.w}; /* both tokens: the base terms */
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
@@ -732,6 +778,12 @@ __device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int
  * and slab. (bf16 instances never see SRC_FAST.) */
 __device__ __forceinline__ int v3_sel(const v3_src &s) {
   return s.kind == SRC_FAST ? s.sec.width : s.kind == SRC_ROWS ? 0 : 9;
+}
+
+/* Whether value runs of width W start at whole words once the codes start at a multiple of 64
+ * bits (pv_fast's aligned form; widths 2, 4 and 8 only, so that the switch stays small). */
+template <int HD> constexpr bool v_aligned_width(int W) {
+  return (W == 2 || W == 4 || W == 8) && run_align_words(64, HD / 8, W) > 0;
 }
 
 /* S^T from source ks for rows tr of the current page's rows in the unit. */
@@ -808,14 +860,18 @@ __device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g,
 
 /* Bit-pack fast path: the exact 1 + u / 2^W of each code (P' = P * step * 2^(W - e), built by
  * the caller, which also adds what the bases and the 1 give every channel to its vcorr). */
-template <int HD, int W, int NB>
+template <int HD, int W, int NB, bool AL = false>
 __device__ __forceinline__ void pv_fast(const v3_sec &s, int g, const int (&pt)[4],
                                         const uint32_t (&pb)[NB][2], uint32_t magic,
                                         oacc_t<HD, NB> &o) {
-  constexpr int NC = HD / 8, NA = (NC * W + 31) / 32;
+  constexpr int NC = HD / 8, NA = (NC * W + 31) / 32, AW = run_align_words(64, NC, W);
   uint32_t a[4][NA];
 #pragma unroll
-  for (int t = 0; t < 4; t++) load_run<NA>(s.w, s.meta + (uint32_t)(pt[t] * HD + g * NC) * W, a[t]);
+  for (int t = 0; t < 4; t++) {
+    const uint32_t start = s.meta + (uint32_t)(pt[t] * HD + g * NC) * W;
+    if constexpr (AL) load_run_aligned<NA, AW>(s.w, start, a[t]);
+    else load_run<NA>(s.w, start, a[t]);
+  }
   pv_tiles<__half>(pb, o, 0, HD / 16, [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
     const int n = 2 * mt + r;
     lo = code_pair<W, NA>(a[0], a[1], n, n) | magic;
@@ -842,7 +898,14 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
                                       const int (&tv)[4], const uint32_t (&pb)[NB][2],
                                       uint32_t magic, oacc_t<HD, NB> &o) {
   const int pt[4] = {vs.ptok0 + tv[0], vs.ptok0 + tv[1], vs.ptok0 + tv[2], vs.ptok0 + tv[3]};
-  switch (v3_sel(vs)) {
+  /* Value codes start at a multiple of n_tokens bits (relative mode), or of HD: when that is a
+   * multiple of 64, the runs of widths 2, 4 and 8 need no shift (16 + W: load_run_aligned). */
+  constexpr uint32_t kAligned = (v_aligned_width<HD>(2) ? 1u << 2 : 0u) |
+                                (v_aligned_width<HD>(4) ? 1u << 4 : 0u) |
+                                (v_aligned_width<HD>(8) ? 1u << 8 : 0u);
+  const int sel = v3_sel(vs);
+  const bool al = ((kAligned >> sel) & 1u) && (vs.sec.meta & 63u) == 0;
+  switch (al ? 16 + sel : sel) {
   case 0: {
     const uint8_t *row[4] = {vs.rows + tv[0] * (2 * HD), vs.rows + tv[1] * (2 * HD),
                              vs.rows + tv[2] * (2 * HD), vs.rows + tv[3] * (2 * HD)};
@@ -855,6 +918,13 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
     break;
     KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
 #undef KVC__PV
+#define KVC__PVA(W)                                                                                \
+  case 16 + W:                                                                                     \
+    if constexpr (kFast16<T> && FAST && v_aligned_width<HD>(W))                                    \
+      pv_fast<HD, W, NB, true>(vs.sec, g, pt, pb, magic, o);                                       \
+    break;
+    KVC__PVA(2) KVC__PVA(4) KVC__PVA(8)
+#undef KVC__PVA
   default:
     pv_gen<HD, T, NB>(vs.sec, scr, g, pt, pb, o);
   }

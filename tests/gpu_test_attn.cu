@@ -615,8 +615,8 @@ static void cascade_prefix_groups(void **state) {
   }
 }
 
-/* The sections of every compressed page of a case coded with `codec` for which pred(header)
- * holds. */
+/* The sections of every compressed page of a case coded with `codec` for which pred(header, a
+ * value section, the page's tokens) holds. */
 template <class F>
 static int count_sections(const host_case_t *h, kvc_codec_t codec, F pred) {
   int n = 0;
@@ -624,6 +624,7 @@ static int count_sections(const host_case_t *h, kvc_codec_t codec, F pred) {
   for (int i = 0; i < h->tp.dir_len; i++) {
     const kvc_page_entry_t *e = &h->tp.dir[i];
     if (e->kind != KVC_PAGE_COMPRESSED || e->codec != codec) continue;
+    const uint32_t n_tokens = kvc_rd_u16(kvc_page_byte(h->tp.pool, cb, e, 8));
     const uint32_t H = kvc_rd_u16(kvc_page_byte(h->tp.pool, cb, e, 10));
     for (uint32_t sidx = 0; sidx < 2 * H; sidx++) {
       const uint32_t start =
@@ -631,19 +632,27 @@ static int count_sections(const host_case_t *h, kvc_codec_t codec, F pred) {
                     : kvc_align16(kvc_rd_u32(kvc_page_byte(h->tp.pool, cb, e, 32 + 4 * (sidx - 1))));
       kvc_qsec_header_t qh;
       kvc_qsec_header_read(kvc_page_byte(h->tp.pool, cb, e, start), &qh);
-      n += pred(qh) ? 1 : 0;
+      n += pred(qh, sidx >= H, n_tokens) ? 1 : 0;
     }
   }
   return n;
 }
 
 /* Bit-pack section headers of every compressed page of a case: bit w of *widths for each width
- * w (0..31) seen in relative mode; the number of sections seen. */
-static int bitpack_widths(const host_case_t *h, uint32_t *widths) {
-  return count_sections(h, KVC_CODEC_BITPACK, [&](const kvc_qsec_header_t &qh) {
-    if (qh.mode == KVC_QMODE_REL) *widths |= 1u << qh.width;
-    return true;
-  });
+ * w (0..31) seen in relative mode, and of *aligned (*unaligned) for a value section of width w
+ * whose codes start (do not start) at a multiple of 64 bits (pv_fast's two forms); the number of
+ * sections seen. */
+static int bitpack_widths(const host_case_t *h, uint32_t *widths, uint32_t *aligned,
+                          uint32_t *unaligned) {
+  return count_sections(h, KVC_CODEC_BITPACK,
+                        [&](const kvc_qsec_header_t &qh, bool value, uint32_t n_tokens) {
+                          if (qh.mode != KVC_QMODE_REL) return true;
+                          *widths |= 1u << qh.width;
+                          if (value)
+                            *((n_tokens * (qh.w_e + qh.w_b)) % 64 == 0 ? aligned : unaligned) |=
+                                1u << qh.width;
+                          return true;
+                        });
 }
 
 /*
@@ -660,7 +669,7 @@ static void v3_bitpack_widths(void **state) {
   const size_t nb = sizeof(bounds) / sizeof(bounds[0]);
   static const int hds[] = {64, 128};
   static const int bts[] = {16, 64, 128};
-  uint32_t widths = 0;
+  uint32_t widths = 0, aligned = 0, unaligned = 0;
   int sections = 0;
   uint64_t seed = 8000;
   for (size_t b = 0; b < nb; b++)
@@ -673,15 +682,18 @@ static void v3_bitpack_widths(void **state) {
       host_case_t h;
       dev_case_t d;
       host_setup(&c, &h);
-      sections += bitpack_widths(&h, &widths); /* the widest may all fall back to RAW pages */
+      /* the widest may all fall back to RAW pages */
+      sections += bitpack_widths(&h, &widths, &aligned, &unaligned);
       dev_setup(&h, &d);
       run_variants(&c, &h, &d, kNoHuffman);
       dev_teardown(&d);
       host_teardown(&h);
     }
-  print_message("bit-pack sections: %d, widths seen: 0x%x\n", sections, widths);
+  print_message("bit-pack sections: %d, widths seen: 0x%x, value sections aligned 0x%x, not 0x%x\n",
+                sections, widths, aligned, unaligned);
   assert_true((widths & 0x1feu) == 0x1feu); /* 1..8 */
   assert_true((widths & ~0x1ffu) != 0);     /* and wider */
+  assert_true((aligned & 0x114u) != 0 && (unaligned & 0x114u) != 0); /* widths 2, 4, 8 both ways */
 }
 
 /*
@@ -694,7 +706,9 @@ static void absolute_bound_pages(void **state) {
   (void)state;
   if (!have_gpu()) skip();
   static const float bounds[] = {0.3f, 0.05f, 0.01f};
-  auto abs_mode = [](const kvc_qsec_header_t &qh) { return qh.mode == KVC_QMODE_ABS; };
+  auto abs_mode = [](const kvc_qsec_header_t &qh, bool, uint32_t) {
+    return qh.mode == KVC_QMODE_ABS;
+  };
   int bitpack = 0, huffman = 0;
   uint64_t seed = 9000;
   for (int b = 0; b < 3; b++)

@@ -56,7 +56,10 @@
  *             fp16: here the values are exact and Q' and P' carry one fp16 rounding each (the
  *             base terms use the same rounded Q' and P'), so the GPU-vs-reference error includes
  *             the reference's own rounding of K and V (tests: fp16 <= 6.4e-4, the tolerance is
- *             1e-3).
+ *             1e-3). A lane's run of codes is read whole where the section's layout puts it at a
+ *             whole word (keys always at head_dim 128; values of widths 2, 4 and 8 when their
+ *             codes start at a multiple of 64 bits: load_run_aligned), else word by word and
+ *             shifted (load_run).
  *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16, steps or bases
  *             out of those ranges): each value decoded on its own exactly as the CPU decoder does,
  *             rounded to T.

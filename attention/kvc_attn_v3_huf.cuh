@@ -24,7 +24,7 @@
  * Kraft weights, match_any for the order within a length), a decode table of 2^kHufTableBits
  * u16 entries indexed by the window's top kHufTableBits bits (shorter codes fill several), and
  * the stream starts (a warp scan of the lane lengths).
- * The table is per warp and tensor (512 bytes each: a full 11-bit table for K and V of
+ * The table is per warp and tensor (128 bytes each: a full 11-bit table for K and V of
  * five warps would not fit beside the ring with two CTAs per SM). One copy of the parser serves
  * both sections (a loop in v3h_page_setup), for the instruction cache.
  *
@@ -67,8 +67,12 @@ namespace kvc_attn {
 
 constexpr int kHufLanes = 128;    /* streams per section a warp can track (the encoder's n_lanes
                                      for pages of up to 8192 symbols: 64 x 128, 128 x 64) */
-constexpr int kHufTableBits = 8;  /* decode-table index bits (SRC_HUF's longest code: four symbols
-                                     per 32-bit window) */
+/* Decode-table index bits: SRC_HUF's longest code, which the encoders guarantee for direct
+ * sections (KVC_HUF_DIRECT_LEN). 64 u16 entries are 32 words, one per bank, so a warp's 32
+ * lookups never meet a bank conflict (the 256 entries of 8 bits met 2.78 wavefronts per lookup);
+ * four codes fit a 32-bit window. */
+constexpr int kHufTableBits = 6;
+static_assert(kHufTableBits == KVC_HUF_DIRECT_LEN, "direct sections' codes fit the table");
 constexpr uint32_t kHufEsc = 0x8000u; /* generic entry: the code is longer than the table */
 
 /* The Huffman operand sources (after v3's own kinds). */
@@ -388,14 +392,13 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
     return fast ? (uint32_t)to_bits<__half>((float)sy) | len : sy | (len << 6);
   };
   /* The table always has 2^kHufTableBits entries (a code of l bits fills 2^(kHufTableBits - l)):
-   * lane l owns entries 8 l .. 8 l + 7, one 16-byte row, read and written with one LDS.128 /
-   * STS.128 each, and the decoders index it by a constant number of bits. */
-  static_assert(1 << kHufTableBits == 32 * 8, "one 16-byte row of entries per lane");
-  uint4 *row = (uint4 *)(area + A::tab) + tensor * (1 << kHufTableBits) / 8 + lane;
+   * lane l owns entries 2 l and 2 l + 1, one word, and the decoders index it by a constant number
+   * of bits. */
+  static_assert(1 << kHufTableBits == 32 * 2, "one word of entries per lane");
+  uint32_t *row = (uint32_t *)(area + A::tab) + tensor * (1 << kHufTableBits) / 2 + lane;
   uint16_t *tab = (uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
   if (kraft == 0) { /* one symbol, no bits: every entry */
-    const uint32_t v = entry((uint32_t)n_sym - 1, 0) * 0x10001u;
-    *row = make_uint4(v, v, v, v);
+    *row = entry((uint32_t)n_sym - 1, 0) * 0x10001u;
   } else {
     /* Canonical ranges are consecutive in the table, so each code that fits writes its entry at
      * the start of its range only (entries are never 0: every length is >= 1), and the gaps take
@@ -404,20 +407,19 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
      * then marks its kHufTableBits-bit prefix as an escape (its region lies past every short
      * range; codes sharing a prefix write the same value). */
     constexpr int TB = kHufTableBits;
-    *row = make_uint4(0, 0, 0, 0);
+    *row = 0;
     __syncwarp();
     if (la != 0 && la <= (uint32_t)TB) tab[ca << (TB - la)] = (uint16_t)entry((uint32_t)lane, la);
     if (lb != 0 && lb <= (uint32_t)TB)
       tab[cb << (TB - lb)] = (uint16_t)entry((uint32_t)lane + 32, lb);
     __syncwarp();
-    const uint4 r = *row;
-    uint32_t v[8] = {r.x & 0xffffu, r.x >> 16, r.y & 0xffffu, r.y >> 16,
-                     r.z & 0xffffu, r.z >> 16, r.w & 0xffffu, r.w >> 16};
+    const uint32_t r = *row;
+    uint32_t v[2] = {r & 0xffffu, r >> 16};
     /* The row filled from its own starts: entries before the first stay 0, and run ends as its
      * last entry (0: no start in the row). */
     uint32_t run = 0;
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < 2; j++) {
       if (v[j]) run = v[j];
       v[j] = run;
     }
@@ -430,9 +432,9 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
     /* Lane 0's is unused: entry 0 is a start. */
     const uint32_t carry = __shfl_up_sync(0xffffffffu, key, 1) & 0xffffu;
 #pragma unroll
-    for (int j = 0; j < 8; j++)
+    for (int j = 0; j < 2; j++)
       if (!v[j]) v[j] = carry;
-    *row = make_uint4(v[0] | v[1] << 16, v[2] | v[3] << 16, v[4] | v[5] << 16, v[6] | v[7] << 16);
+    *row = v[0] | v[1] << 16;
     if (lmax > TB) {
       __syncwarp();
       if (la > (uint32_t)TB) tab[ca >> (la - TB)] = (uint16_t)kHufEsc;
@@ -449,7 +451,7 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
 
 /*
  * SRC_HUF: page tokens [a, a + 16) of every stream (channel) into the tile. Four symbols per
- * 32-bit window (codes of at most kHufTableBits = 8 bits), read afresh at the stream's bit
+ * 32-bit window (codes of at most kHufTableBits = 6 bits), read afresh at the stream's bit
  * position (two word loads and a funnel shift; the word index clamps to the section, and the one
  * word past it is the ring's slack), so no bit buffer stays live. The window loop is not unrolled:
  * unrolled, the K and V decoders were ~1,370 straight-line instructions per slab, and the

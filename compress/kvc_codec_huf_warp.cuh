@@ -9,7 +9,7 @@
  *      64 counts (shared-memory broadcasts);
  *   2. the two-queue merge (the tree), on lane 0: <= 63 steps, the queue heads kept in registers;
  *   3. each leaf's depth by walking up its parents (in parallel), histogram of depths;
- *   4. the JPEG Annex K.3 fold of depths above KVC_HUF_MAX_LEN, on lane 0 (only when needed);
+ *   4. the JPEG Annex K.3 fold of depths above kvc_huf_len_limit(n_sym), on lane 0 (when needed);
  *   5. lengths from the hand-out positions and the folded histogram, canonical codes from the
  *      per-length counts and, per symbol, the number of lower symbols of the same length (ballots).
  * Only step 2 (and the rare fold) is serial; the single-thread build it replaces (thread 0 running
@@ -110,7 +110,7 @@ __device__ __forceinline__ int kvc_huf_warp_build(const uint32_t *counts, uint8_
     for (int o = 16; o; o >>= 1) maxd = max(maxd, __shfl_xor_sync(full, maxd, o));
     __syncwarp();
     /* 4. Fold depths above the limit (as kvc_huf_build_lengths does). */
-    if (lane == 0) kvc_huf_fold_depths(bl, maxd);
+    if (lane == 0) kvc_huf_fold_depths(bl, maxd, kvc_huf_len_limit(n_sym));
     __syncwarp();
     /* 5. Position p in hand-out order gets the p-th shortest length; canonical codes start at
      * first(l) = (first(l - 1) + count(l - 1)) << 1, in symbol order within a length: symbol s

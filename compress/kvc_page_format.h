@@ -47,6 +47,9 @@
  * the code: kvc_sym_of / kvc_sym_base / kvc_sym_extra. Codes are canonical (ordered by length,
  * then symbol) and at most KVC_HUF_MAX_LEN bits, so one KVC_HUF_MAX_LEN-bit lookup decodes a
  * symbol; KVC_HUF_MAX_LEN + extra <= 30 bits, so a 32-bit window always holds code and extra bits.
+ * The encoders give a section whose symbols are all direct (n_sym <= KVC_SYM_DIRECT) codes of at
+ * most KVC_HUF_DIRECT_LEN bits (kvc_huf_len_limit), which the fused attention kernel decodes with
+ * a 64-entry table; decoders accept any length up to KVC_HUF_MAX_LEN.
  */
 #ifndef KVC_PAGE_FORMAT_H
 #define KVC_PAGE_FORMAT_H
@@ -70,6 +73,7 @@
 #define KVC_HUF_MAX_LEN 11                     /* longest code, bits */
 #define KVC_HUF_TABLE_SIZE (1 << KVC_HUF_MAX_LEN) /* decode table entries */
 #define KVC_SYM_DIRECT 32                      /* symbols 0..31 code u itself */
+#define KVC_HUF_DIRECT_LEN 6                   /* encoders' longest code when n_sym <= 32 */
 #define KVC_SYM_COUNT 64                       /* alphabet size */
 #define KVC_Q_MAX_BITS 21                      /* u < 2^21 */
 #define KVC_LANE_SYMBOLS 64                    /* the encoder's symbols per lane */

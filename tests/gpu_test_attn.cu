@@ -876,8 +876,9 @@ static void huf_section(host_case_t *h, const kvc_page_entry_t *e, uint32_t sidx
 }
 
 /* Bits of what v3's Huffman instance meets in a case's sections: its fast decoder's layout
- * (relative mode, direct symbols, codes <= 9 bits, one stream per channel of a 64-token page),
- * symbols with extra bits, codes longer than its table, other stream counts. */
+ * (relative mode, direct symbols, codes of at most its table's KVC_HUF_DIRECT_LEN bits, one stream
+ * per channel of a 64-token page), symbols with extra bits, codes longer than its table, other
+ * stream counts. */
 enum { HUF_FAST_LAYOUT = 1, HUF_EXTRA_BITS = 2, HUF_LONG_CODES = 4, HUF_OTHER_LANES = 8 };
 
 static unsigned huffman_features(host_case_t *h, int *sections) {
@@ -889,11 +890,11 @@ static unsigned huffman_features(host_case_t *h, int *sections) {
     for (uint32_t sidx = 0; sidx < 2 * H; sidx++) {
       huf_sec_t s;
       huf_section(h, e, sidx, &s);
-      if (s.qh.mode == KVC_QMODE_REL && s.qh.width <= KVC_SYM_DIRECT && s.lmax <= 9 &&
+      if (s.qh.mode == KVC_QMODE_REL && s.qh.width <= KVC_SYM_DIRECT && s.lmax <= KVC_HUF_DIRECT_LEN &&
           s.qh.n_lanes == s.head_dim && s.n_tokens == 64)
         f |= HUF_FAST_LAYOUT;
       if (s.qh.width > KVC_SYM_DIRECT) f |= HUF_EXTRA_BITS;
-      if (s.lmax > 9) f |= HUF_LONG_CODES;
+      if (s.lmax > KVC_HUF_DIRECT_LEN) f |= HUF_LONG_CODES;
       if (s.qh.n_lanes != s.head_dim) f |= HUF_OTHER_LANES;
       (*sections)++;
     }

@@ -486,25 +486,34 @@ static void huffman_lengths_are_limited_complete_and_optimal_when_short(void **s
   (void)state;
   uint32_t counts[KVC_SYM_COUNT];
   uint8_t len[KVC_SYM_COUNT];
-  /* Fibonacci counts force an unlimited depth of 40+; the limit folds it to 11. */
-  memset(counts, 0, sizeof counts);
-  uint32_t a = 1, bb = 1;
-  for (int s = 0; s < 30; s++) {
-    counts[s] = a;
-    uint32_t t = a + bb;
-    a = bb;
-    bb = t;
+  /* Fibonacci counts force an unlimited depth of n - 1; the limit folds it to
+   * KVC_HUF_DIRECT_LEN when every symbol is direct (30 of them), else to KVC_HUF_MAX_LEN (the
+   * same counts on symbols 10..39). */
+  for (int first = 0; first <= 10; first += 10) {
+    memset(counts, 0, sizeof counts);
+    uint32_t a = 1, bb = 1;
+    for (int s = first; s < first + 30; s++) {
+      counts[s] = a;
+      uint32_t t = a + bb;
+      a = bb;
+      bb = t;
+    }
+    const int limit = first == 0 ? KVC_HUF_DIRECT_LEN : KVC_HUF_MAX_LEN;
+    assert_int_equal(kvc_huf_len_limit(first + 30), limit);
+    assert_int_equal(kvc_huf_build_lengths(counts, len), first + 30);
+    uint32_t kraft = 0;
+    int longest = 0;
+    for (int s = 0; s < KVC_SYM_COUNT; s++) {
+      assert_true(len[s] <= limit);
+      assert_true((len[s] == 0) == (counts[s] == 0));
+      if (len[s] > longest) longest = len[s];
+      if (len[s]) kraft += 1u << (KVC_HUF_MAX_LEN - len[s]);
+    }
+    assert_int_equal(longest, limit); /* the fold ran */
+    assert_int_equal(kraft, KVC_HUF_TABLE_SIZE);
+    /* More frequent symbols never get longer codes. */
+    for (int s = first + 1; s < first + 30; s++) assert_true(len[s] <= len[s - 1]);
   }
-  assert_int_equal(kvc_huf_build_lengths(counts, len), 30);
-  uint32_t kraft = 0;
-  for (int s = 0; s < KVC_SYM_COUNT; s++) {
-    assert_true(len[s] <= KVC_HUF_MAX_LEN);
-    assert_true((len[s] == 0) == (counts[s] == 0));
-    if (len[s]) kraft += 1u << (KVC_HUF_MAX_LEN - len[s]);
-  }
-  assert_int_equal(kraft, KVC_HUF_TABLE_SIZE);
-  /* More frequent symbols never get longer codes. */
-  for (int s = 1; s < 30; s++) assert_true(len[s] <= len[s - 1]);
   /* Dyadic counts give exactly -log2 p. */
   memset(counts, 0, sizeof counts);
   counts[3] = 8;

@@ -89,13 +89,16 @@ struct v3h_state {
  * One consumer warp's Huffman area (bytes). The tile holds one tensor's slab at a time, in the
  * layout its mma operand wants (see v3h_kidx and the file comment):
  *   K  [16 tokens][kst bytes]: row t holds u32 channel pairs (c, c + 8), pair q = (c / 16) * 8 +
- *      c % 8 at word v3h_kidx(q), so that lane j of S reads its pairs with four LDS.128
+ *      c % 8 at word v3h_kidx(q) ^ v3h_kswz(t), so that lane j of S reads its pairs with
+ *      LDS.128 (HD / 32 of them per row)
  *   V  [8 token pairs][vst bytes]: word d of row p holds tokens (2p, 2p + 1) of channel d, the
  *      register P V's B operand takes
- * Rows are padded by 16 bytes (conflict-free V reads, 2-way K reads).
+ * V rows are padded by 16 bytes (conflict-free reads). K rows are not: odd rows swap their
+ * 64-byte halves of each 128 bytes instead (v3h_kswz), so that S's quarter-warps, which read rows
+ * g and g + 1, meet no bank conflict (padding rows to 17 16-byte units left them 2-way).
  */
 template <int HD> struct v3h_area {
-  static constexpr int kst = 2 * HD + 16, vst = 4 * HD + 16;
+  static constexpr int kst = 2 * HD, vst = 4 * HD + 16;
   static constexpr int tile = 0;
   static constexpr int tile_bytes = 16 * kst > 8 * vst ? 16 * kst : 8 * vst;
   static constexpr int tab = tile + tile_bytes;                  /* [2][2^kHufTableBits] u16 */
@@ -175,9 +178,12 @@ template <int HD> __device__ __forceinline__ int v3h_kidx(int q) {
   const int j = q / NPL, pi = q % NPL;
   return (pi / 4) * 16 + j * 4 + pi % 4;
 }
+/* The K tile's word swizzle of row t: odd rows swap each 128 bytes' 64-byte halves. */
+__device__ __forceinline__ int v3h_kswz(int t) { return (t & 1) * 16; }
 /* Byte of element (slab token t, channel d) in the K and V tiles. */
 template <int HD> __device__ __forceinline__ int v3h_kbyte(int t, int d) {
-  return t * v3h_area<HD>::kst + 4 * v3h_kidx<HD>((d / 16) * 8 + d % 8) + 2 * ((d / 8) & 1);
+  return t * v3h_area<HD>::kst + 4 * (v3h_kidx<HD>((d / 16) * 8 + d % 8) ^ v3h_kswz(t)) +
+         2 * ((d / 8) & 1);
 }
 template <int HD> __device__ __forceinline__ int v3h_vbyte(int t, int d) {
   return (t / 2) * v3h_area<HD>::vst + 4 * d + 2 * (t & 1);
@@ -467,34 +473,40 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   static_assert(SPW * kHufTableBits <= 32, "a window holds SPW codes");
   constexpr int KST = A::kst, VST = A::vst;
   const int lane = threadIdx.x & 31;
-  const int c0 = 16 * (lane / 8) + lane % 8;
+  /* K: lane l decodes channels c0 + 8 i, c0 = HD / 4 (l / 8) + l % 8, and writes pairs (c0 + 8 i,
+   * c0 + 8 i + 8), i even (pair kq(i)): a warp's store of one pair per lane then writes 32 words
+   * in distinct banks. */
+  const int c0 = HD / 4 * (lane / 8) + lane % 8;
   const uint32_t last = sec.last;
   const uint32_t *w = sec.w;
   int ch[NS];
 #pragma unroll
-  for (int i = 0; i < NS; i++)
-    ch[i] = TENSOR == 0 ? c0 + 8 * (i & 1) + 64 * (i >> 1) : lane + 32 * i;
+  for (int i = 0; i < NS; i++) ch[i] = TENSOR == 0 ? c0 + 8 * i : lane + 32 * i;
+  auto kq = [&](int i) { return ((c0 + 8 * i) / 16) * 8 + lane % 8; }; /* pair of ch[i], i even */
   uint32_t p[NS]; /* bit positions */
 #pragma unroll
   for (int i = 0; i < NS; i++) p[i] = pos[ch[i]];
   /* K: steps and addends of the channel pairs (ch[i], ch[i + 1]) = (c, c + 8), i even: pair
-   * lane + 16 i, one word each (v3h_kslot) */
+   * kq(i), one word each (v3h_kslot) */
   __half2 kst[NS / 2], kbs[NS / 2];
   if (TENSOR == 0)
 #pragma unroll
     for (int i = 0; i < NS; i += 2) {
-      kst[i / 2] = as_h2<__half2>(((const uint32_t *)(area + A::kst2))[lane + 16 * i]);
-      kbs[i / 2] = as_h2<__half2>(((const uint32_t *)(area + A::kbs2))[lane + 16 * i]);
+      kst[i / 2] = as_h2<__half2>(((const uint32_t *)(area + A::kst2))[kq(i)]);
+      kbs[i / 2] = as_h2<__half2>(((const uint32_t *)(area + A::kbs2))[kq(i)]);
     }
   /* Pointers that step with the window loop (each trip's addresses are then immediate offsets):
    * V's token-pair steps (addends kUnitTokens / 2 words after them), V's tile column of channel
-   * lane (+ 32 i: 128 i bytes), K's tile words of pairs lane + 16 i. */
+   * lane (+ 32 i: 128 i bytes), K's tile words of pairs kq(i) in even and odd rows. */
   static_assert(A::vbs2 == A::vst2 + 2 * kUnitTokens, "V's addends follow its steps");
   const uint32_t *vsb = (const uint32_t *)(area + A::vst2) + a / 2;
   uint8_t *vdst = tile + 4 * lane;
-  uint8_t *kdst[NS / 2];
+  uint8_t *kdst[NS / 2][2];
 #pragma unroll
-  for (int i = 0; i < NS; i += 2) kdst[i / 2] = tile + 4 * v3h_kidx<HD>(lane + 16 * i);
+  for (int i = 0; i < NS; i += 2)
+#pragma unroll
+    for (int r = 0; r < 2; r++)
+      kdst[i / 2][r] = tile + r * KST + 4 * (v3h_kidx<HD>(kq(i)) ^ v3h_kswz(r));
 #pragma unroll 1
   for (int t0 = 0; t0 < 16; t0 += SPW) {
     /* V: the token pairs' steps and addends, shared by the lane's streams (loaded once: the tile
@@ -550,15 +562,17 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
               h2_bits<__half2>(__hfma2(u2(e[i][2 * m], e[i][2 * m + 1]), vs2[m], vb2[m]));
       vdst += SPW / 2 * VST;
     } else {
-      /* Channels (c0, c0 + 8) (+ 64) of token t0 + y: one word of tile row t0 + y (pair q =
-       * lane, + 32), paired from the two streams' entries before the step. */
+      /* Channels (ch[i], ch[i] + 8) of token t0 + y: one word of tile row t0 + y (pair kq(i);
+       * t0 is even, so the row's swizzle is y's), paired from the two streams' entries before
+       * the step. */
 #pragma unroll
       for (int i = 0; i < NS; i += 2) {
 #pragma unroll
         for (int y = 0; y < SPW; y++)
-          *(uint32_t *)(kdst[i / 2] + y * KST) =
+          *(uint32_t *)(kdst[i / 2][y & 1] + (y & ~1) * KST) =
               h2_bits<__half2>(__hfma2(u2(e[i][y], e[i + 1][y]), kst[i / 2], kbs[i / 2]));
-        kdst[i / 2] += SPW * KST;
+#pragma unroll
+        for (int r = 0; r < 2; r++) kdst[i / 2][r] += SPW * KST;
       }
     }
   }
@@ -615,13 +629,18 @@ template <int HD, class T, int NB>
 __device__ __forceinline__ void v3h_s(const uint8_t *tile, int g, int c, int nr,
                                       const qfrag_t<HD, NB> &qb, float (&s)[2][NB][4]) {
   constexpr int KST = v3h_area<HD>::kst;
-  const uint8_t *row[2] = {tile + min(g, nr - 1) * KST + 16 * c,
-                           tile + min(g + 8, nr - 1) * KST + 16 * c};
+  const int r[2] = {min(g, nr - 1), min(g + 8, nr - 1)};
+  /* Row r's 16-byte unit of pairs 4 c .. 4 c + 3 in block p4 lies at 16 c + 64 (p4 ^ (r & 1)). */
+  const uint8_t *row[2][2];
+#pragma unroll
+  for (int h = 0; h < 2; h++)
+#pragma unroll
+    for (int x = 0; x < 2; x++) row[h][x] = tile + r[h] * KST + 16 * c + 64 * (x ^ (r[h] & 1));
 #pragma unroll
   for (int p4 = 0; p4 < HD / 32; p4++) {
     uint4 b[2];
 #pragma unroll
-    for (int h = 0; h < 2; h++) b[h] = *(const uint4 *)(row[h] + 64 * p4);
+    for (int h = 0; h < 2; h++) b[h] = *(const uint4 *)(row[h][p4 & 1] + 128 * (p4 / 2));
 #pragma unroll
     for (int x = 0; x < 2; x++) {
       const int kb = 2 * p4 + x; /* pairs 2kb, 2kb + 1: words (x, y) or (z, w) */

@@ -32,8 +32,8 @@
  *   SRC_HUF   the common case: relative mode, fp16, every symbol direct (n_sym <= 32: the symbol
  *             is the code u, no extra bits), longest code <= kHufTableBits, one stream per channel
  *             (n_lanes == HD: a 64-token page), steps and addends normal fp16 numbers. Lane l
- *             decodes HD / 32 streams interleaved (independent chains; K: channels c0, c0 + 8,
- *             c0 + 64, c0 + 72, so that it holds both halves of its pairs), 4 symbols per 32-bit
+ *             decodes HD / 32 streams interleaved (independent chains; K: channels c0 + 8 i,
+ *             so that it holds both halves of its pairs), 4 symbols per 32-bit
  *             window read at the stream's bit position (two word loads, a funnel shift; no
  *             branch, so the chains interleave). A table entry is the fp16 bits
  *             of u with the code length in the (zero) low six bits, so the entry itself is the
@@ -462,8 +462,8 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
  * word past it is the ring's slack), so no bit buffer stays live. The window loop is not unrolled:
  * unrolled, the K and V decoders were ~1,370 straight-line instructions per slab, and the
  * kernel's instruction fetch ("no instruction" stalls) cost more than the loop does.
- * Lane l decodes streams of channels: K c0, c0 + 8 (and c0 + 64, c0 + 72 at head_dim 128),
- * c0 = 16 (l / 8) + l % 8, so that it holds both channels of its K pairs; V l + 32 i.
+ * Lane l decodes streams of channels: K c0 + 8 i, c0 = HD / 4 (l / 8) + l % 8, so that it holds
+ * both channels of its K pairs and a warp's pair stores meet 32 banks; V l + 32 i.
  */
 template <int HD, int TENSOR>
 __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab, uint32_t *pos,

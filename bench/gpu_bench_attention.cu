@@ -14,12 +14,13 @@
  * A configuration uses disjoint slices of that KV in turn ("sets", up to 64) so that repeated runs
  * never find their inputs in the 50 MB L2. Each pool runs with the codec mask the cache passes for
  * it (fp16: raw only, v3 with units split between two warps; bit-pack: no Huffman, the v3 decode
- * kernel; Huffman: v3's Huffman instance) and again with mask 0 (v2, rows *_v2). Then batches whose
- * sequences share prefixes, one for the whole batch or one per group of sequences (rows
- * *_prefix: read by every sequence; *_auto: the cascade where kvc_attn_cuda_cascade_pays, as the
- * plan decides; *_cascade: read once per group; their rel_err is against *_prefix, and their read
- * TB/s counts the prefixes' pages once). Times: CUDA events around each call after
- * warm-up, median. Output: a table, then one JSON line:
+ * kernel; Huffman: v3's Huffman instance), the Huffman pool also under a mask allowing every codec
+ * (row kvcomp_huffman_any: the instance a cache with a per-page policy runs), and each pool again
+ * with mask 0 (v2, rows *_v2). Then batches whose sequences share prefixes, one for the whole batch
+ * or one per group of sequences (rows *_prefix: read by every sequence; *_auto: the cascade where
+ * kvc_attn_cuda_cascade_pays, as the plan decides; *_cascade: read once per group; their rel_err is
+ * against *_prefix, and their read TB/s counts the prefixes' pages once). Times: CUDA events around
+ * each call after warm-up, median. Output: a table, then one JSON line:
  *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context",
  *    "prefix","groups","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
  * Usage: gpu_bench_attention [--quick | --only B CTX [IMPL]]   (--quick: 2^18 tokens, contexts / 8,
@@ -543,8 +544,9 @@ int main(int argc, char **argv) {
     CK(cudaFree(pm));
 
     /* Each pool with the codec mask the cache would pass (a raw cache's for the fp16 pool's
-     * staging pages, v3 for bit-pack pages, v3's Huffman instance for Huffman pages), then each
-     * again with mask 0 (v2), for comparison. */
+     * staging pages, v3 for bit-pack pages, v3's Huffman instance for Huffman pages; Huffman pages
+     * also as a per-page policy's cache passes them, every codec allowed), then each again with
+     * mask 0 (v2), for comparison. */
     struct variant {
       pages *pg;
       uint32_t codec_mask;
@@ -554,6 +556,8 @@ int main(int argc, char **argv) {
     const variant variants[] = {{&fp16, 1u << KVC_CODEC_RAW, fp16.name},
                                 {&bitpack, no_huffman, bitpack.name},
                                 {&huffman, 1u << KVC_CODEC_HUFFMAN, huffman.name},
+                                {&huffman, no_huffman | (1u << KVC_CODEC_HUFFMAN),
+                                 "kvcomp_huffman_any"},
                                 {&fp16, 0, "kvcomp_fp16_paged_v2"},
                                 {&bitpack, 0, "kvcomp_bitpack_v2"},
                                 {&huffman, 0, "kvcomp_huffman_v2"}};

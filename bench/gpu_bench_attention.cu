@@ -23,9 +23,9 @@
  * each call after warm-up, median. Output: a table, then one JSON line:
  *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context",
  *    "prefix","groups","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
- * Usage: gpu_bench_attention [--quick | --only B CTX [IMPL]]   (--quick: 2^18 tokens, contexts / 8,
- * for a smoke run; --only: configuration (B, CTX) alone, and of the kvcomp rows only IMPL when
- * given, e.g. under a profiler)
+ * Usage: gpu_bench_attention [--quick | --only B CTX [IMPL[,IMPL...]]]   (--quick: 2^18 tokens,
+ * contexts / 8, for a smoke run; --only: configuration (B, CTX) alone, and of the kvcomp rows only
+ * the IMPLs given, e.g. under a profiler)
  */
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
@@ -240,6 +240,16 @@ template <class F> double median_ms(F fn, int sets, cudaStream_t st) {
   for (auto &e : ev) CK(cudaEventDestroy(e));
   std::sort(t.begin(), t.end());
   return t[iters / 2];
+}
+
+/* Whether `name` is one of the comma-separated names in `list`. */
+bool in_list(const char *list, const char *name) {
+  const size_t n = strlen(name);
+  for (const char *s = list; s; s = strchr(s, ',')) {
+    if (*s == ',') s++;
+    if (strncmp(s, name, n) == 0 && (s[n] == ',' || s[n] == '\0')) return true;
+  }
+  return false;
 }
 
 double rel_l2(const std::vector<__half> &got, const std::vector<__half> &ref) {
@@ -562,7 +572,7 @@ int main(int argc, char **argv) {
                                 {&bitpack, 0, "kvcomp_bitpack_v2"},
                                 {&huffman, 0, "kvcomp_huffman_v2"}};
     for (const variant &var : variants) {
-      if (only_impl && strcmp(var.impl, only_impl) != 0) continue;
+      if (only_impl && !in_list(only_impl, var.impl)) continue;
       pages *pg = var.pg;
       kvc_attn_args_t a = decode_args(*pg, var.codec_mask, B, ctx, d_qo, d_len, d_indptr, out, ws,
                                       ws_bytes, scale);

@@ -53,12 +53,12 @@
  * so damaged bytes never read or write out of bounds.
  *
  * Operation count of SRC_HUF per symbol (SASS, head_dim 128: a window-loop trip of four streams
- * x four symbols is 137 instructions for K and 139 for V, ~1,100 per slab for 128 symbols per
- * lane, was 1,370 unrolled with a bit buffer): per lookup the index (SHF), its address (IMAD),
- * LDS.U16 and the advance (SHF): 4; per 4-symbol window the word index and its clamp, the
- * address, two LDS, the funnel shift and the position update (SHF, VIMNMX, IMAD, 2 LDS, SHF,
- * IADD3, IADD, LOP3, IADD: 10); per pair of codes PRMT + AND + HFMA2 + STS; the rest (pointers,
- * V's steps, the loop) ~5 per trip: ~8.6 per symbol.
+ * x four symbols was 137 instructions for K and 139 for V before session 13's rotated windows,
+ * 12 fewer since): per lookup the address (LOP3), LDS.U16 and the advance (SHF): 3; per
+ * 4-symbol window the word index and its clamp, the address, two LDS, the funnel shift, its
+ * rotation and the position update (SHF, VIMNMX, IMAD, 2 LDS, 2 SHF, IADD3, IADD, LOP3, IADD:
+ * 11); per pair of codes PRMT + AND + HFMA2 + STS; the rest (pointers, V's steps, the loop) ~5
+ * per trip: ~7.9 per symbol.
  */
 #ifndef KVC_ATTN_V3_HUF_CUH
 #define KVC_ATTN_V3_HUF_CUH
@@ -111,7 +111,9 @@ template <int HD> struct v3h_area {
   static constexpr int kst2 = sym + 2 * KVC_SYM_COUNT * 4, kbs2 = kst2 + 2 * HD;
   static constexpr int vst2 = kbs2 + 2 * HD, vbs2 = vst2 + 2 * kUnitTokens;
   static constexpr int state = vbs2 + 2 * kUnitTokens;          /* [2] v3h_state */
-  static constexpr int bytes = align_up(state + 2 * (int)sizeof(v3h_state), 16);
+  /* Whole 128-byte units, so that every warp's tables are 128-aligned (v3h_fast's lookups). */
+  static constexpr int bytes = align_up(state + 2 * (int)sizeof(v3h_state), 128);
+  static_assert(tab % 128 == 0 && (1 << kHufTableBits) * 2 == 128, "tables of 128 aligned bytes");
 };
 
 /* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
@@ -128,8 +130,8 @@ template <int HD> struct v3h_area {
 template <int HD> constexpr int v3h_qf_stride() { return HD / 2 + 16; }
 /* The ring takes the rest of a CTA's share of the SM, in whole KiB. */
 template <int HD> constexpr int v3h_ring_bytes() {
-  return (233472 / 2 - 1024 - v3_after_ring<0>::end - kW3 * v3h_area<HD>::bytes - 2 * kSlots3 * 8 -
-          32 * v3h_qf_stride<HD>()) /
+  return (233472 / 2 - 1024 - align_up(v3_after_ring<0>::end, 128) - kW3 * v3h_area<HD>::bytes -
+          2 * kSlots3 * 8 - 32 * v3h_qf_stride<HD>()) /
          1024 * 1024;
 }
 
@@ -143,7 +145,7 @@ template <int HD> struct v3h_layout : v3_after_ring<v3h_ring_bytes<HD>()> {
   typedef v3_after_ring<v3h_ring_bytes<HD>()> A;
   using A::ring;
   static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
-  static constexpr int huf_off = A::end;
+  static constexpr int huf_off = align_up(A::end, 128); /* v3h_area's tables are 128-aligned */
   static constexpr int bar_off = huf_off + kW3 * v3h_area<HD>::bytes;
   static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = v3h_qf_stride<HD>();
   static constexpr int bytes = qf_off + 32 * qf_stride;
@@ -479,6 +481,20 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   const int c0 = HD / 4 * (lane / 8) + lane % 8;
   const uint32_t last = sec.last;
   const uint32_t *w = sec.w;
+  /* A window x holds the stream's next 32 bits rotated left by kHufTableBits + 1, so that the
+   * next code's kHufTableBits bits sit at bits 1 .. kHufTableBits: with the table's 128 bytes
+   * 128-aligned (v3h_area), its entry's shared address is one LOP3 (tab | x & 0x7e), and a code
+   * of l bits is consumed by rotating x left by l (bits that come round again are never reached:
+   * a window gives at most SPW * kHufTableBits = 24 of its 32 bits). Per lookup: LOP3, LDS, SHF
+   * (was a shift for the index, an IMAD for the address, LDS and a shift). */
+  static_assert(kHufTableBits == 6 && SPW * kHufTableBits + kHufTableBits <= 32, "x's layout");
+  const uint32_t tab_s = smem_u32(tab);
+  auto rotl = [](uint32_t v, uint32_t n) { return __funnelshift_l(v, v, n); };
+  auto lookup = [&](uint32_t v) {
+    uint32_t r;
+    asm("ld.shared.u16 %0, [%1];\n" : "=r"(r) : "r"(tab_s | (v & 0x7eu)));
+    return r;
+  };
   int ch[NS];
 #pragma unroll
   for (int i = 0; i < NS; i++) ch[i] = TENSOR == 0 ? c0 + 8 * i : lane + 32 * i;
@@ -530,14 +546,14 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
 #pragma unroll
     for (int i = 0; i < NS; i++) {
       const uint32_t k = min(p[i] >> 5, last);
-      x[i] = __funnelshift_l(w[k + 1], w[k], p[i]);
+      x[i] = rotl(__funnelshift_l(w[k + 1], w[k], p[i]), kHufTableBits + 1);
     }
 #pragma unroll
     for (int y = 0; y < SPW; y++)
 #pragma unroll
       for (int i = 0; i < NS; i++) {
-        e[i][y] = tab[kvc_dev_top(x[i], kHufTableBits)];
-        if (y + 1 < SPW) x[i] = __funnelshift_l(0u, x[i], e[i][y]);
+        e[i][y] = lookup(x[i]);
+        if (y + 1 < SPW) x[i] = rotl(x[i], e[i][y]);
       }
     /* An entry's low six bits are its code length (fp16 bits of u < 32 end in six zeros): the
      * funnel shift uses the low five as the shift, the sum of the entries' low six bits is the

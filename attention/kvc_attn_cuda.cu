@@ -151,6 +151,7 @@ template <int HD, int WM> struct smem_layout {
   static constexpr int ring = ring_bytes<HD, WM>();
   static constexpr int slots = kSlots;
   static constexpr bool bulk = false; /* per-lane cp.async, uncompressed units as swizzled tiles */
+  static constexpr bool fetch_ahead = false; /* producer: see fetch_ahead in v3_layout */
   static constexpr int slack = 0;     /* bytes left after each compressed section */
   static constexpr int dtile_off = ring;
   static constexpr int scratch_bytes = align_up(scratch_layout<HD>::bytes, 128);
@@ -368,6 +369,14 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
   __syncwarp();
 }
 
+/* Fetches the directory entry of block `bid` (its head and chunk ids) into L2. */
+__device__ __forceinline__ void prefetch_dir_entry(const params &p, int bid) {
+  const uint8_t *e = (const uint8_t *)(p.dir + bid);
+#pragma unroll
+  for (int o = 0; o < (int)sizeof(*p.dir) + 127; o += 128)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(e + min(o, (int)sizeof(*p.dir) - 1)));
+}
+
 /* Copies page bytes [src_off, src_off + align16(bytes)) to shared address dst. */
 __device__ __forceinline__ void copy_linear(const params &p, const uint32_t *chunks,
                                             uint32_t nchunks_dbg, uint32_t src_off, uint32_t bytes,
@@ -431,6 +440,10 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
   uint32_t *chunks = (uint32_t *)(smem + SL::chunks_off);
   const uint32_t RB = 2 * HD;
   int batch = -1 - kBatch; /* first page of the loaded batch */
+  /* SL::fetch_ahead: lane i < kBatch holds the block id of page batch + kBatch + i, loaded with
+   * the batch; a unit later (the load has returned) its directory entry is prefetched into L2, so
+   * that the next load_batch finds it there. */
+  int next_bid = -1, ahead = 0;
   /* Units [rel, k) are live (attention/kvc_attn_ring.h); lane s holds the ring offset of slot
    * s's unit. Slots and barrier phases are counted, not divided out. */
   kvc_attn_ring_t rg = {0, 0, 0};
@@ -456,6 +469,11 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
     if (jf + npg > batch + kBatch) {
       batch = jf;
       load_batch<HD>(p, batch, nblocks, bi0, kh, len, meta, chunks);
+      if constexpr (SL::fetch_ahead) {
+        const int j = batch + kBatch + lane;
+        next_bid = lane < kBatch && j < nblocks ? p.block_ids[bi0 + j] : -1;
+        ahead = 2;
+      }
     }
     /* The unit's pages and the ring bytes they need. */
     unit_page up[kMaxUnitPages];
@@ -557,6 +575,8 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
      * descriptor). */
     if (!SL::bulk) mbar_arrive_cp_async(bars + 8 * slot);
     mbar_arrive(bars + 8 * slot);
+    if constexpr (SL::fetch_ahead)
+      if (ahead && --ahead == 0 && next_bid >= 0) prefetch_dir_entry(p, next_bid);
   }
 }
 

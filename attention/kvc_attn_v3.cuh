@@ -93,10 +93,7 @@ __device__ __forceinline__ void prefetch_first_batch(const params &p, int seq, i
   const int lane = threadIdx.x & 31, bt_lg = 31 - __clz(p.block_tokens);
   const int j = ((u_begin * UT) >> bt_lg) + lane;
   if (lane < kBatch && j < ((len + p.block_tokens - 1) >> bt_lg)) {
-    const uint8_t *e = (const uint8_t *)(p.dir + p.block_ids[p.block_indptr[seq] + j]);
-#pragma unroll
-    for (int o = 0; o < (int)sizeof(*p.dir) + 127; o += 128)
-      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(e + min(o, (int)sizeof(*p.dir) - 1)));
+    prefetch_dir_entry(p, p.block_ids[p.block_indptr[seq] + j]);
   }
 }
 
@@ -159,6 +156,10 @@ template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 10
   static constexpr int unit_tokens = UT;
   static constexpr int slots = kSlots3;
   static constexpr bool bulk = true; /* bulk copies; every unit lands as linear sections / rows */
+  /* The producer prefetches the next metadata batch's directory entries (producer()): for the
+   * 64-token instance only (fp16 pages' launches, bound by DRAM), since every change to the
+   * producer's code moves the compressed instances' times by ptxas's allocation alone. */
+  static constexpr bool fetch_ahead = UT == kUnitTokens;
   /* Bytes after each compressed section that no copy writes: load_run reads up to one word past
    * a section's last code word (masked off), so it needs no clamp per load. */
   static constexpr int slack = 16;

@@ -491,6 +491,8 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   static_assert(kHufTableBits == 6 && SPW * kHufTableBits + kHufTableBits <= 32, "x's layout");
   const uint32_t tab_s = smem_u32(tab);
   auto rotl = [](uint32_t v, uint32_t n) { return __funnelshift_l(v, v, n); };
+  /* No memory clobber: the table is not written while this runs (v3h_setup writes it before the
+   * caller's __syncwarp), and the address depends on window words loaded after that barrier. */
   auto lookup = [&](uint32_t v) {
     uint32_t r;
     asm("ld.shared.u16 %0, [%1];\n" : "=r"(r) : "r"(tab_s | (v & 0x7eu)));

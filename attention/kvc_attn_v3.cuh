@@ -648,11 +648,19 @@ __device__ __forceinline__ float v3_gen_value(const v3_sec &s, const int32_t *gb
  */
 template <int HD, int NB> using qfrag_t = uint32_t[NB][HD / 16][2];
 
-/* Rows of T: both tokens, one run of 16 channels (two 16-byte pieces per token) at a time. */
-template <int HD, class T, int NB>
+/* Rows of T: both tokens, one run of 16 channels (two 16-byte pieces per token) at a time.
+ * Rows lie 2 HD bytes apart, so the quarter warp of an LDS.128 (tokens g and g + 1, lanes c 0-3)
+ * would read the same bank group for both tokens; lanes of odd g (lane & 4) therefore read each
+ * run's two pieces in the other order and take their byte permutes' operands swapped (selector
+ * nibbles ^ 4). Conflicts per LDS.128: head_dim 128 2-way (was 4-way), head_dim 64 none (was
+ * 2-way). */
+template <int HD, class T, int NB, bool SWAP>
 __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
                                        const qfrag_t<HD, NB> &qb, float (&s)[2][NB][4]) {
   constexpr int NP = HD / 32; /* 16-byte pieces of a lane's HD/4 channels: 2 per run of 16 */
+  const uint32_t odd = SWAP ? lane_id() & 4 : 0;
+  const uint32_t swap = odd * 0x1111u; /* 0x4444 for odd g: swaps a byte permute's operands */
+  const int first = (int)odd << 2;     /* byte offset of the piece read first: 16 for odd g */
 #pragma unroll
   for (int gh = 0; gh < NP / 2; gh++) {
     uint32_t wd[2][8];
@@ -660,7 +668,8 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
     for (int h = 0; h < 2; h++)
 #pragma unroll
       for (int pc = 0; pc < 2; pc++) {
-        const uint4 v = *(const uint4 *)(row[h] + ((c * NP + 2 * gh + pc) << 4));
+        const int off = pc ? 16 - first : first;
+        const uint4 v = *(const uint4 *)(row[h] + ((c * NP + 2 * gh) << 4) + off);
         wd[h][4 * pc] = v.x;
         wd[h][4 * pc + 1] = v.y;
         wd[h][4 * pc + 2] = v.z;
@@ -674,7 +683,8 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
 #pragma unroll
         for (int x = 0; x < 2; x++) {
           const int ch = (2 * kb + x) % 8; /* channel of the low half in the run of 16 */
-          b[h][x] = __byte_perm(wd[h][ch / 2], wd[h][ch / 2 + 4], ch % 2 ? 0x7632 : 0x5410);
+          const uint32_t sel = (ch % 2 ? 0x7632 : 0x5410) ^ swap;
+          b[h][x] = __byte_perm(wd[h][ch / 2], wd[h][ch / 2 + 4], sel);
         }
       const uint32_t a[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
@@ -808,7 +818,7 @@ template <int HD> constexpr bool v_aligned_width(int W) {
 }
 
 /* S^T from source ks for rows tr of the current page's rows in the unit. */
-template <int HD, class T, int NB, bool FAST>
+template <int HD, class T, int NB, bool FAST, bool SWAP>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,
                                      uint32_t magic, float (&s)[2][NB][4]) {
@@ -816,7 +826,7 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
   switch (v3_sel(ks)) {
   case 0: {
     const uint8_t *row[2] = {ks.rows + tr[0] * (2 * HD), ks.rows + tr[1] * (2 * HD)};
-    s_rows<HD, T, NB>(row, c, qb, s);
+    s_rows<HD, T, NB, SWAP>(row, c, qb, s);
     break;
   }
 #define KVC__KF(W)                                                                                 \
@@ -854,21 +864,35 @@ __device__ __forceinline__ void pv_tiles(const uint32_t (&pb)[NB][2], float (&o)
   }
 }
 
-template <int HD, class T, int NB>
+/* Rows of V: lane g's HD / 8 channels of four tokens. The four lanes c of a quarter warp read
+ * the same channels of different rows, 2 HD bytes apart: at head_dim 128 (two pieces per lane)
+ * lanes of odd c (lane & 1) read their pieces in the other order and select them back, so that
+ * an LDS.128 meets 2-way conflicts instead of 4-way (SWAP; one SEL per word). */
+template <int HD, class T, int NB, bool SWAP>
 __device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g,
                                         const uint32_t (&pb)[NB][2], oacc_t<HD, NB> &o) {
   constexpr int NP = HD / 64; /* 16-byte pieces of a lane's HD/8 channels */
+  constexpr bool SW = SWAP && NP == 2;
+  const bool odd = SW && (lane_id() & 1);
+  uint32_t ld[NP][4][4]; /* [read][token][word]: read i is piece i ^ odd */
+#pragma unroll
+  for (int i = 0; i < NP; i++)
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+      const int off = !SW ? 16 * i : i ? 16 - 16 * odd : 16 * odd; /* of piece i ^ odd */
+      const uint4 v = *(const uint4 *)(row[t] + ((g * NP) << 4) + off);
+      ld[i][t][0] = v.x;
+      ld[i][t][1] = v.y;
+      ld[i][t][2] = v.z;
+      ld[i][t][3] = v.w;
+    }
 #pragma unroll
   for (int pc = 0; pc < NP; pc++) {
     uint32_t wd[4][4];
 #pragma unroll
-    for (int t = 0; t < 4; t++) {
-      const uint4 v = *(const uint4 *)(row[t] + ((g * NP + pc) << 4));
-      wd[t][0] = v.x;
-      wd[t][1] = v.y;
-      wd[t][2] = v.z;
-      wd[t][3] = v.w;
-    }
+    for (int t = 0; t < 4; t++)
+#pragma unroll
+      for (int x = 0; x < 4; x++) wd[t][x] = SW && odd ? ld[pc ^ 1][t][x] : ld[pc][t][x];
     auto pair = [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
       const int n = (2 * mt + r) % 8; /* position in the piece */
       const uint32_t sel = n % 2 ? 0x7632 : 0x5410;
@@ -914,7 +938,7 @@ __device__ __forceinline__ void pv_gen(const v3_sec &s, const uint8_t *scr, int 
 }
 
 /* O^T += V^T P^T from source vs for rows tv of the current page's rows in the unit. */
-template <int HD, class T, int NB, bool FAST>
+template <int HD, class T, int NB, bool FAST, bool SWAP>
 __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int g,
                                       const int (&tv)[4], const uint32_t (&pb)[NB][2],
                                       uint32_t magic, oacc_t<HD, NB> &o) {
@@ -930,7 +954,7 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
   case 0: {
     const uint8_t *row[4] = {vs.rows + tv[0] * (2 * HD), vs.rows + tv[1] * (2 * HD),
                              vs.rows + tv[2] * (2 * HD), vs.rows + tv[3] * (2 * HD)};
-    pv_rows<HD, T, NB>(row, g, pb, o);
+    pv_rows<HD, T, NB, SWAP>(row, g, pb, o);
     break;
   }
 #define KVC__PV(W)                                                                                 \
@@ -1247,7 +1271,9 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
               __syncwarp();
             }
           } else {
-            v3_s<HD, T, NB, FAST>(ks, scr, c, tr, qb, magic, s);
+            /* Rows read with fewer bank conflicts (s_rows, pv_rows) except in the Huffman
+             * instances, which read rows only for raw and staging pages and spilled with it. */
+            v3_s<HD, T, NB, FAST, !HUF>(ks, scr, c, tr, qb, magic, s);
           }
           /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
            * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until
@@ -1340,7 +1366,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           if (huf) {
             if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
           } else {
-            v3_pv<HD, T, NB, FAST>(vs, scr, g, tv, pb, magic, o);
+            v3_pv<HD, T, NB, FAST, !HUF>(vs, scr, g, tv, pb, magic, o);
           }
         }
       }

@@ -16,7 +16,10 @@
  * it (fp16: raw only, v3 with units split between two warps; bit-pack: no Huffman, the v3 decode
  * kernel; Huffman: v3's Huffman instance), the Huffman pool also under a mask allowing every codec
  * (row kvcomp_huffman_any: the instance a cache with a per-page policy runs), and each pool again
- * with mask 0 (v2, rows *_v2). Then batches whose sequences share prefixes, one for the whole batch
+ * with mask 0 (v2, rows *_v2). The same KV rounded to bf16 fills a bf16 staging pool and bf16 bit-pack
+ * and Huffman pools, read with bf16 queries (rows kvcomp_bf16_paged, kvcomp_bitpack_bf16,
+ * kvcomp_huffman_bf16; their rel_err includes bf16's rounding of K, V and Q, and bench/attention.sh
+ * compares them with SDPA on fp16, which reads as many bytes). Then batches whose sequences share prefixes, one for the whole batch
  * or one per group of sequences (rows *_prefix: read by every sequence; *_auto: the cascade where
  * kvc_attn_cuda_cascade_pays, as the plan decides; *_cascade: read once per group; their rel_err is
  * against *_prefix, and their read TB/s counts the prefixes' pages once). Times: CUDA events around
@@ -24,14 +27,17 @@
  *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context",
  *    "prefix","groups","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
  * Usage: gpu_bench_attention [--quick | --only B CTX [IMPL[,IMPL...]]]   (--quick: 2^18 tokens,
- * contexts / 8, for a smoke run; --only: configuration (B, CTX) alone, and of the kvcomp rows only
- * the IMPLs given, e.g. under a profiler)
+ * contexts / 8, for a smoke run; --only: the shape (B, CTX) alone, one of the five or any other
+ * whose B x CTX tokens the bench's pages hold (2^21; CTX a multiple of 64), and of the kvcomp rows
+ * only the IMPLs given, e.g. under a profiler)
  */
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -162,6 +168,12 @@ __global__ void scatter_staging(uint8_t *pool, const uint8_t *blocks, const uint
   }
 }
 
+__global__ void to_bf16(const __half *x, __nv_bfloat16 *y, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = __float2bfloat16_rn(__half2float(x[i]));
+}
+
 __global__ void fill_random_half(__half *x, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x)
@@ -268,6 +280,7 @@ struct pages {
   const char *name;
   uint8_t *pool = nullptr;
   uint32_t chunk_bytes = 0;
+  kvc_dtype_t dtype = KVC_DTYPE_F16;
   kvc_page_entry_t *dir = nullptr;
   std::vector<uint32_t> page_bytes; /* per block */
 };
@@ -291,7 +304,7 @@ kvc_attn_args_t decode_args(const pages &pg, uint32_t codec_mask, int B, int ctx
   a.num_kv_heads = HKV;
   a.head_dim = HD;
   a.block_tokens = BT;
-  a.dtype = KVC_DTYPE_F16;
+  a.dtype = pg.dtype;
   a.scale = scale;
   a.num_seqs = B;
   a.total_q_rows = B;
@@ -357,10 +370,23 @@ int main(int argc, char **argv) {
   const int64_t total_tokens = quick ? (int64_t)1 << 18 : (int64_t)1 << 21;
   const int nblocks = (int)(total_tokens / BT);
   const int ctx_div = quick ? 8 : 1;
-  const int configs[][2] = {{1, 32768}, {8, 32768}, {32, 8192}, {64, 4096}, {16, 131072}};
+  std::vector<std::array<int, 2>> configs = {
+      {1, 32768}, {8, 32768}, {32, 8192}, {64, 4096}, {16, 131072}};
+  if (only) {
+    if (only_b < 1 || only_ctx < BT || only_ctx % BT != 0 ||
+        (int64_t)only_b * only_ctx > total_tokens) {
+      fprintf(stderr, "gpu_bench_attention: --only %d %d: B >= 1, CTX a multiple of %d, at most "
+              "%lld tokens in all\n", only_b, only_ctx, BT, (long long)total_tokens);
+      return 2;
+    }
+    configs = {{only_b, only_ctx}};
+  }
 
   /* ---- pages -------------------------------------------------------------------------------- */
   pages fp16{"kvcomp_fp16_paged"}, bitpack{"kvcomp_bitpack"}, huffman{"kvcomp_huffman"};
+  pages bf16{"kvcomp_bf16_paged"}, bitpack_bf16{"kvcomp_bitpack_bf16"},
+      huffman_bf16{"kvcomp_huffman_bf16"};
+  bf16.dtype = bitpack_bf16.dtype = huffman_bf16.dtype = KVC_DTYPE_BF16;
   std::vector<uint32_t> perm((size_t)nblocks * (kStaging / kFp16Chunk));
   for (size_t i = 0; i < perm.size(); i++) perm[i] = (uint32_t)i;
   uint64_t rs = 12345;
@@ -368,8 +394,10 @@ int main(int argc, char **argv) {
   uint32_t *chunk_of;
   CK(cudaMalloc(&chunk_of, perm.size() * 4));
   CK(cudaMemcpy(chunk_of, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
-  fp16.chunk_bytes = kFp16Chunk;
-  CK(cudaMalloc(&fp16.pool, (size_t)nblocks * kStaging));
+  for (pages *raw : {&fp16, &bf16}) {
+    raw->chunk_bytes = kFp16Chunk;
+    CK(cudaMalloc(&raw->pool, (size_t)nblocks * kStaging));
+  }
   {
     std::vector<kvc_page_entry_t> dir(nblocks);
     for (int b = 0; b < nblocks; b++) {
@@ -380,9 +408,12 @@ int main(int argc, char **argv) {
       for (int c = 0; c < (int)(kStaging / kFp16Chunk); c++)
         dir[b].chunk[c] = perm[(size_t)b * (kStaging / kFp16Chunk) + c];
     }
-    CK(cudaMalloc(&fp16.dir, sizeof(kvc_page_entry_t) * nblocks));
-    CK(cudaMemcpy(fp16.dir, dir.data(), sizeof(kvc_page_entry_t) * nblocks, cudaMemcpyHostToDevice));
-    fp16.page_bytes.assign(nblocks, (uint32_t)kStaging);
+    for (pages *raw : {&fp16, &bf16}) {
+      CK(cudaMalloc(&raw->dir, sizeof(kvc_page_entry_t) * nblocks));
+      CK(cudaMemcpy(raw->dir, dir.data(), sizeof(kvc_page_entry_t) * nblocks,
+                    cudaMemcpyHostToDevice));
+      raw->page_bytes.assign(nblocks, (uint32_t)kStaging);
+    }
   }
   kvc_codec_params_t cp;
   memset(&cp, 0, sizeof(cp));
@@ -396,10 +427,12 @@ int main(int argc, char **argv) {
   cp.policy = KVC_POLICY_FIXED;
   cp.size_budget = 0.35f;
   const uint32_t comp_chunks = (uint32_t)nblocks * kChunksPerCompressedPage;
-  kvc_dev_pool_t pools[2];
-  pages *comp[2] = {&bitpack, &huffman};
-  const kvc_codec_t codecs[2] = {KVC_CODEC_BITPACK, KVC_CODEC_HUFFMAN};
-  for (int i = 0; i < 2; i++) {
+  constexpr int kComp = 4;
+  kvc_dev_pool_t pools[kComp];
+  pages *comp[kComp] = {&bitpack, &huffman, &bitpack_bf16, &huffman_bf16};
+  const kvc_codec_t codecs[kComp] = {KVC_CODEC_BITPACK, KVC_CODEC_HUFFMAN, KVC_CODEC_BITPACK,
+                                     KVC_CODEC_HUFFMAN};
+  for (int i = 0; i < kComp; i++) {
     comp[i]->chunk_bytes = kPageChunk;
     CK(cudaMalloc(&comp[i]->pool, (size_t)comp_chunks * kPageChunk));
     CK(cudaMalloc(&comp[i]->dir, sizeof(kvc_page_entry_t) * nblocks));
@@ -422,10 +455,11 @@ int main(int argc, char **argv) {
   }
   {
     const int batch = 2048;
-    uint8_t *blocks;
+    uint8_t *blocks, *blocks_bf16;
     int32_t *ntok, *ids;
     uint32_t *pbytes;
     CK(cudaMalloc(&blocks, (size_t)batch * kStaging));
+    CK(cudaMalloc(&blocks_bf16, (size_t)batch * kStaging));
     CK(cudaMalloc(&ntok, 4 * batch));
     CK(cudaMalloc(&ids, 4 * batch));
     CK(cudaMalloc(&pbytes, 4 * batch));
@@ -435,19 +469,26 @@ int main(int argc, char **argv) {
     cudaEvent_t t0, t1;
     CK(cudaEventCreate(&t0));
     CK(cudaEventCreate(&t1));
-    float comp_ms[2] = {0, 0};
+    float comp_ms[kComp] = {};
     for (int b0 = 0; b0 < nblocks; b0 += batch) {
       const int n = std::min(batch, nblocks - b0);
       for (int i = 0; i < n; i++) hid[i] = b0 + i;
       CK(cudaMemcpyAsync(ids, hid.data(), 4 * n, cudaMemcpyHostToDevice, st));
       gen_staging<<<1024, 256, 0, st>>>((__half *)blocks, b0, n);
       CK(cudaGetLastError());
+      to_bf16<<<1024, 256, 0, st>>>((const __half *)blocks, (__nv_bfloat16 *)blocks_bf16,
+                                    (int64_t)n * kStaging / 2);
+      CK(cudaGetLastError());
       scatter_staging<<<1024, 256, 0, st>>>(fp16.pool, blocks, chunk_of, b0, n);
       CK(cudaGetLastError());
-      for (int i = 0; i < 2; i++) {
+      scatter_staging<<<1024, 256, 0, st>>>(bf16.pool, blocks_bf16, chunk_of, b0, n);
+      CK(cudaGetLastError());
+      for (int i = 0; i < kComp; i++) {
         cp.codec = codecs[i];
+        cp.dtype = comp[i]->dtype;
+        const uint8_t *in = comp[i]->dtype == KVC_DTYPE_BF16 ? blocks_bf16 : blocks;
         CK(cudaEventRecord(t0, st));
-        KV(kvc_codec_cuda_compress(&cp, blocks, ntok, ids, n, comp[i]->dir, pools[i], pbytes, st));
+        KV(kvc_codec_cuda_compress(&cp, in, ntok, ids, n, comp[i]->dir, pools[i], pbytes, st));
         CK(cudaEventRecord(t1, st));
         CK(cudaMemcpyAsync(comp[i]->page_bytes.data() + b0, pbytes, 4 * n, cudaMemcpyDeviceToHost,
                            st));
@@ -458,7 +499,7 @@ int main(int argc, char **argv) {
       }
     }
     CK(cudaStreamSynchronize(st));
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < kComp; i++) {
       int32_t err = 0;
       CK(cudaMemcpy(&err, pools[i].error, 4, cudaMemcpyDeviceToHost));
       if (err) {
@@ -467,11 +508,12 @@ int main(int argc, char **argv) {
       }
       double bytes = 0;
       for (uint32_t b : comp[i]->page_bytes) bytes += b;
-      printf("%s: %.2f GB of pages for %.2f GB fp16 (ratio %.2f), compressed at %.1f GB/s\n",
+      printf("%s: %.2f GB of pages for %.2f GB of 16-bit KV (ratio %.2f), compressed at %.1f GB/s\n",
              comp[i]->name, bytes / 1e9, (double)nblocks * kStaging / 1e9,
              (double)nblocks * kStaging / bytes, (double)nblocks * kStaging / (comp_ms[i] * 1e6));
     }
     CK(cudaFree(blocks));
+    CK(cudaFree(blocks_bf16));
     CK(cudaFree(ntok));
     CK(cudaFree(ids));
     CK(cudaFree(pbytes));
@@ -484,7 +526,6 @@ int main(int argc, char **argv) {
   std::vector<row> rows;
   const float scale = 1.0f / sqrtf((float)HD);
   for (const auto &cfg : configs) {
-    if (only && (cfg[0] != only_b || cfg[1] != only_ctx)) continue;
     const int B = cfg[0], ctx = cfg[1] / ctx_div, bps = ctx / BT;
     const int sets = (int)std::min<int64_t>(kMaxSets, total_tokens / ((int64_t)B * ctx));
     const double logical = (double)B * ctx * HKV * HD * 2 * 2;
@@ -509,6 +550,10 @@ int main(int argc, char **argv) {
     CK(cudaMalloc(&q, sizeof(__half) * qn * sets));
     CK(cudaMalloc(&out, sizeof(__half) * qn));
     fill_random_half<<<256, 256, 0, st>>>(q, (int64_t)qn * sets, 777);
+    CK(cudaGetLastError());
+    __nv_bfloat16 *q_bf16; /* the same queries for the bf16 pools */
+    CK(cudaMalloc(&q_bf16, sizeof(__nv_bfloat16) * qn * sets));
+    to_bf16<<<256, 256, 0, st>>>(q, q_bf16, (int64_t)qn * sets);
     CK(cudaGetLastError());
     const size_t ws_bytes = kvc_attn_cuda_workspace_bytes(B, HQ, HD, B, ctx, BT);
     void *ws;
@@ -555,8 +600,8 @@ int main(int argc, char **argv) {
 
     /* Each pool with the codec mask the cache would pass (a raw cache's for the fp16 pool's
      * staging pages, v3 for bit-pack pages, v3's Huffman instance for Huffman pages; Huffman pages
-     * also as a per-page policy's cache passes them, every codec allowed), then each again with
-     * mask 0 (v2), for comparison. */
+     * also as a per-page policy's cache passes them, every codec allowed), the bf16 pools as
+     * their caches pass them, then the fp16 pools again with mask 0 (v2), for comparison. */
     struct variant {
       pages *pg;
       uint32_t codec_mask;
@@ -568,6 +613,9 @@ int main(int argc, char **argv) {
                                 {&huffman, 1u << KVC_CODEC_HUFFMAN, huffman.name},
                                 {&huffman, no_huffman | (1u << KVC_CODEC_HUFFMAN),
                                  "kvcomp_huffman_any"},
+                                {&bf16, 1u << KVC_CODEC_RAW, bf16.name},
+                                {&bitpack_bf16, no_huffman, bitpack_bf16.name},
+                                {&huffman_bf16, 1u << KVC_CODEC_HUFFMAN, huffman_bf16.name},
                                 {&fp16, 0, "kvcomp_fp16_paged_v2"},
                                 {&bitpack, 0, "kvcomp_bitpack_v2"},
                                 {&huffman, 0, "kvcomp_huffman_v2"}};
@@ -576,8 +624,9 @@ int main(int argc, char **argv) {
       pages *pg = var.pg;
       kvc_attn_args_t a = decode_args(*pg, var.codec_mask, B, ctx, d_qo, d_len, d_indptr, out, ws,
                                       ws_bytes, scale);
+      const bool is_bf16 = pg->dtype == KVC_DTYPE_BF16;
       auto run = [&](int r) {
-        a.q = q + qn * r;
+        a.q = is_bf16 ? (const void *)(q_bf16 + qn * r) : (const void *)(q + qn * r);
         a.block_ids = d_ids + (size_t)r * B * bps;
         KV(kvc_attn_cuda(&a, st));
       };
@@ -585,6 +634,12 @@ int main(int argc, char **argv) {
       run(0);
       CK(cudaStreamSynchronize(st));
       CK(cudaMemcpy(got.data(), out, sizeof(__half) * qn, cudaMemcpyDeviceToHost));
+      if (is_bf16) /* the same 2-byte elements, bf16 */
+        for (__half &x : got) {
+          __nv_bfloat16_raw b;
+          memcpy(&b.x, &x, 2);
+          x = __float2half_rn(__bfloat162float(__nv_bfloat16(b)));
+        }
       const double err = rel_l2(got, ref);
       const double ms = median_ms(run, sets, st);
       double read = 0;
@@ -597,6 +652,7 @@ int main(int argc, char **argv) {
     CK(cudaFree(d_len));
     CK(cudaFree(d_ids));
     CK(cudaFree(q));
+    CK(cudaFree(q_bf16));
     CK(cudaFree(out));
     CK(cudaFree(ws));
     CK(cudaFree(ref_out));

@@ -582,11 +582,13 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
     /* V: the token pairs' steps and addends, shared by the lane's streams (loaded once: the tile
      * stores in between could alias them for the compiler) */
     __half2 vs2[SPW / 2], vb2[SPW / 2];
-    float4 vstf, vbf; /* bf16: the trip's four tokens' steps and bases - 32 */
+    float vs[SPW], vb[SPW]; /* bf16: the trip's four tokens' steps and bases - 32 */
     if (TENSOR == 1 && !F16) {
       const int t = (a + t0) & (kUnitTokens - 1);
-      vstf = *(const float4 *)((const float *)(scr + v3_scratch::vstep) + t);
-      vbf = *(const float4 *)((const float *)(scr + v3_scratch::vbase) + t);
+      const float4 s4 = *(const float4 *)((const float *)(scr + v3_scratch::vstep) + t);
+      const float4 b4 = *(const float4 *)((const float *)(scr + v3_scratch::vbase) + t);
+      vs[0] = s4.x, vs[1] = s4.y, vs[2] = s4.z, vs[3] = s4.w;
+      vb[0] = b4.x, vb[1] = b4.y, vb[2] = b4.z, vb[3] = b4.w;
     }
     if (TENSOR == 1 && F16) {
       /* 8-byte loads: vsb advances by 8 bytes from a 32-byte multiple (a % 16 == 0) */
@@ -630,7 +632,6 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
     }
     if (TENSOR == 1) {
       /* Tokens (t0 + 2m, t0 + 2m + 1) of channel ch[i]: one word of tile row t0 / 2 + m. */
-      const float vs[4] = {vstf.x, vstf.y, vstf.z, vstf.w}, vb[4] = {vbf.x, vbf.y, vbf.z, vbf.w};
 #pragma unroll
       for (int i = 0; i < NS; i++)
 #pragma unroll

@@ -16,14 +16,15 @@
  * it (fp16: raw only, v3 with units split between two warps; bit-pack: no Huffman, the v3 decode
  * kernel; Huffman: v3's Huffman instance), the Huffman pool also under a mask allowing every codec
  * (row kvcomp_huffman_any: the instance a cache with a per-page policy runs), and each pool again
- * with mask 0 (v2, rows *_v2). The same KV rounded to bf16 fills a bf16 staging pool and bf16 bit-pack
- * and Huffman pools, read with bf16 queries (rows kvcomp_bf16_paged, kvcomp_bitpack_bf16,
+ * with mask 0 (v2, rows *_v2). The same KV rounded to bf16 fills a bf16 staging pool and bf16
+ * bit-pack and Huffman pools, read with bf16 queries (rows kvcomp_bf16_paged, kvcomp_bitpack_bf16,
  * kvcomp_huffman_bf16; their rel_err includes bf16's rounding of K, V and Q, and bench/attention.sh
- * compares them with SDPA on fp16, which reads as many bytes). Then batches whose sequences share prefixes, one for the whole batch
- * or one per group of sequences (rows *_prefix: read by every sequence; *_auto: the cascade where
- * kvc_attn_cuda_cascade_pays, as the plan decides; *_cascade: read once per group; their rel_err is
- * against *_prefix, and their read TB/s counts the prefixes' pages once). Times: CUDA events around
- * each call after warm-up, median. Output: a table, then one JSON line:
+ * compares them with SDPA on fp16, which reads as many bytes). Then batches whose sequences share
+ * prefixes, one for the whole batch or one per group of sequences (rows *_prefix: read by every
+ * sequence; *_auto: the cascade where kvc_attn_cuda_cascade_pays, as the plan decides; *_cascade:
+ * read once per group; their rel_err is against *_prefix, and their read TB/s counts the prefixes'
+ * pages once). Times: CUDA events around each call after warm-up, median. Output: a table, then
+ * one JSON line:
  *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context",
  *    "prefix","groups","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
  * Usage: gpu_bench_attention [--quick | --only B CTX [IMPL[,IMPL...]]]   (--quick: 2^18 tokens,
@@ -331,6 +332,13 @@ int main(int argc, char **argv) {
   const bool only = argc > 3 && strcmp(argv[1], "--only") == 0;
   const int only_b = only ? atoi(argv[2]) : 0, only_ctx = only ? atoi(argv[3]) : 0;
   const char *only_impl = only && argc > 4 ? argv[4] : NULL;
+  const int64_t total_tokens = quick ? (int64_t)1 << 18 : (int64_t)1 << 21;
+  if (only && (only_b < 1 || only_ctx < BT || only_ctx % BT != 0 ||
+               (int64_t)only_b * only_ctx > total_tokens)) {
+    fprintf(stderr, "gpu_bench_attention: --only %d %d: B >= 1, CTX a multiple of %d, at most "
+            "%lld tokens in all\n", only_b, only_ctx, BT, (long long)total_tokens);
+    return 2;
+  }
   int dev = 0;
   cudaDeviceProp prop;
   if (cudaGetDeviceCount(&dev) != cudaSuccess || dev == 0) {
@@ -367,20 +375,11 @@ int main(int argc, char **argv) {
   printf("copy ceiling (read + write): %.2f TB/s; read ceiling (loads only): %.2f TB/s\n",
          copy_tbps, read_ceil_tbps);
 
-  const int64_t total_tokens = quick ? (int64_t)1 << 18 : (int64_t)1 << 21;
   const int nblocks = (int)(total_tokens / BT);
   const int ctx_div = quick ? 8 : 1;
   std::vector<std::array<int, 2>> configs = {
       {1, 32768}, {8, 32768}, {32, 8192}, {64, 4096}, {16, 131072}};
-  if (only) {
-    if (only_b < 1 || only_ctx < BT || only_ctx % BT != 0 ||
-        (int64_t)only_b * only_ctx > total_tokens) {
-      fprintf(stderr, "gpu_bench_attention: --only %d %d: B >= 1, CTX a multiple of %d, at most "
-              "%lld tokens in all\n", only_b, only_ctx, BT, (long long)total_tokens);
-      return 2;
-    }
-    configs = {{only_b, only_ctx}};
-  }
+  if (only) configs = {{only_b, only_ctx}};
 
   /* ---- pages -------------------------------------------------------------------------------- */
   pages fp16{"kvcomp_fp16_paged"}, bitpack{"kvcomp_bitpack"}, huffman{"kvcomp_huffman"};
@@ -508,7 +507,8 @@ int main(int argc, char **argv) {
       }
       double bytes = 0;
       for (uint32_t b : comp[i]->page_bytes) bytes += b;
-      printf("%s: %.2f GB of pages for %.2f GB of 16-bit KV (ratio %.2f), compressed at %.1f GB/s\n",
+      printf("%s: %.2f GB of pages for %.2f GB of 16-bit KV (ratio %.2f), compressed at %.1f "
+             "GB/s\n",
              comp[i]->name, bytes / 1e9, (double)nblocks * kStaging / 1e9,
              (double)nblocks * kStaging / bytes, (double)nblocks * kStaging / (comp_ms[i] * 1e6));
     }

@@ -115,7 +115,9 @@ constexpr float kMaxSlack = 6.f;
 /* The uint4 of v3_scratch::kq for lane c's channels of k-block kb. */
 __device__ __forceinline__ int kq_index(int c, int kb) { return 4 * kb + c; }
 
-/* SRC_FAST is built for fp16 only. */
+/* Whether T is fp16. SRC_FAST's operands are fp16 for either T: a bf16 launch's Q' is scaled
+ * into fp16 (q_scaled) when every |Q| <= 65504 (the kernel's qfits), else its bit-pack pages take
+ * SRC_GEN. */
 template <class T> constexpr bool kFast16 = half2_of<T>::magic == 0x64006400u;
 
 /* Per-warp scratch (bytes), rewritten at each page: K's region, then V's, each holding either
@@ -553,7 +555,7 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
 template <int HD, class T, int TS, bool FAST>
 __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec_bytes,
                                                 int n_tokens, int t_lo, int t_hi, int e_keep,
-                                                uint8_t *scr, v3_sec &s) {
+                                                bool qfits, uint8_t *scr, v3_sec &s) {
   if (!v3_shape_ok(sec_bytes, n_tokens, t_lo, t_hi)) return SRC_BAD;
   v3_hdr h;
   if (!v3_header<HD, TS>(sec, sec_bytes, n_tokens, h)) return SRC_BAD;
@@ -576,9 +578,9 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   v3_groups_read<HD, TS>(h, t_lo, t_hi, gr);
   const int emax = __reduce_max_sync(0xffffffffu, gr.emax);
   if (emax > KVC_STEP_CODE_MAX + 823) return SRC_BAD;
-  /* fp16 only (bf16's 8-bit significand cannot hold the bases exactly); width 0 is a constant
-   * section, cheap on the generic path. */
-  bool fast = h.width - 1u < 8u && kFast16<T> && FAST;
+  /* fp16 operands (kFast16's comment); width 0 is a constant section, cheap on the generic
+   * path. */
+  bool fast = h.width - 1u < 8u && FAST && qfits;
   int e = 0;
   if (fast) {
     e = v3_fast_e<TS>(emax, e_keep);
@@ -696,16 +698,26 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
 /* Q's B fragments of k-block kb times a lane's step pairs (x, y): Q' = Q * step * 2^-e, one
  * rounding, shared by both tokens. s_fast and s_fast_const must round Q' alike (the base terms
  * cancel against the codes' 1), so both take it from here. */
-template <int HD, int NB>
+template <int HD, int NB, class T>
 __device__ __forceinline__ void q_scaled(const qfrag_t<HD, NB> &qb, int nb, int kb, uint32_t sx,
                                          uint32_t sy, uint32_t &q0, uint32_t &q1) {
-  q0 = h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sx)));
-  q1 = h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sy)));
+  if constexpr (kFast16<T>) {
+    q0 = h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sx)));
+    q1 = h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sy)));
+  } else { /* bf16 Q times the fp16 steps in float, one rounding to fp16 */
+    auto mul = [](uint32_t q, uint32_t st) {
+      const float2 a = __bfloat1622float2(as_h2<__nv_bfloat162>(q));
+      const float2 b = __half22float2(as_h2<__half2>(st));
+      return h2_bits<__half2>(__floats2half2_rn(a.x * b.x, a.y * b.y));
+    };
+    q0 = mul(qb[nb][kb][0], sx);
+    q1 = mul(qb[nb][kb][1], sy);
+  }
 }
 
 /* Bit-pack fast path: the exact 1 + u / 2^W of each code times Q' = Q * step * 2^-e, added to
  * s_fast_const's sums (the bases and the 1). */
-template <int HD, int W, int NB>
+template <int HD, int W, int NB, class T>
 __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, int c,
                                        const int (&pt)[2], const qfrag_t<HD, NB> &qb,
                                        uint32_t magic, float (&s)[2][NB][4]) {
@@ -742,7 +754,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
       uint32_t q0, q1;
-      q_scaled<HD, NB>(qb, nb, kb, sb.x, sb.y, q0, q1);
+      q_scaled<HD, NB, T>(qb, nb, kb, sb.x, sb.y, q0, q1);
       mma16816<__half>(s[kb % 2][nb], av, q0, q1);
     }
   }
@@ -751,7 +763,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
 /* What SRC_FAST keys add to every token's S^T, per entry: sum over channels of Q' (b / 2^W - 1),
  * with the Q' that s_fast rounds alike (q_scaled). Once per page, into the scratch
  * (v3_scratch::kc). */
-template <int HD, int NB>
+template <int HD, int NB, class T>
 __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb) {
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq);
   /* Two mma chains (even and odd k-blocks), as in s_fast: this runs between the page setup and
@@ -770,7 +782,7 @@ __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
       uint32_t q0, q1;
-      q_scaled<HD, NB>(qb, nb, kb, sb.x, sb.y, q0, q1);
+      q_scaled<HD, NB, T>(qb, nb, kb, sb.x, sb.y, q0, q1);
       mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
     }
   }
@@ -831,7 +843,7 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
   }
 #define KVC__KF(W)                                                                                 \
   case W:                                                                                          \
-    if constexpr (kFast16<T> && FAST) s_fast<HD, W, NB>(ks.sec, scr, c, pt, qb, magic, s);         \
+    if constexpr (FAST) s_fast<HD, W, NB, T>(ks.sec, scr, c, pt, qb, magic, s);                    \
     break;
     KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
 #undef KVC__KF
@@ -959,13 +971,13 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
   }
 #define KVC__PV(W)                                                                                 \
   case W:                                                                                          \
-    if constexpr (kFast16<T> && FAST) pv_fast<HD, W, NB>(vs.sec, g, pt, pb, magic, o);             \
+    if constexpr (FAST) pv_fast<HD, W, NB>(vs.sec, g, pt, pb, magic, o);                           \
     break;
     KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
 #undef KVC__PV
 #define KVC__PVA(W)                                                                                \
   case 16 + W:                                                                                     \
-    if constexpr (kFast16<T> && FAST && v_aligned_width<HD>(W))                                    \
+    if constexpr (FAST && v_aligned_width<HD>(W))                                                  \
       pv_fast<HD, W, NB, true>(vs.sec, g, pt, pb, magic, o);                                       \
     break;
     KVC__PVA(2) KVC__PVA(4) KVC__PVA(8)
@@ -989,7 +1001,7 @@ namespace kvc_attn {
  */
 template <int HD, class T, bool HUF, bool FAST>
 __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t *ub, uint8_t *scr,
-                                              uint8_t *harea, int e_keep, v3_src &ks,
+                                              uint8_t *harea, int e_keep, bool qfits, v3_src &ks,
                                               v3_src &vs) {
   ks.ptok0 = vs.ptok0 = pg.ptok0;
   if (pg.cls == PG_STAGING || pg.cls == PG_RAW) {
@@ -1005,16 +1017,16 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
   if (pg.cls != PG_BITPACK) return false;
   __syncwarp(); /* the previous page's readers are done with the scratch */
   bool both_fast = false;
-  if constexpr (kFast16<T> && FAST)
-    both_fast = v3_setup_fast_pair<HD>(pg, ub, e_keep, scr, ks.sec, vs.sec);
+  if constexpr (FAST)
+    if (qfits) both_fast = v3_setup_fast_pair<HD>(pg, ub, e_keep, scr, ks.sec, vs.sec);
   if (both_fast) {
     ks.kind = vs.kind = SRC_FAST;
   } else {
     const int t_lo = pg.ptok0, t_hi = pg.ptok0 + pg.nrows;
     ks.kind = v3_setup_section<HD, T, 0, FAST>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, t_lo,
-                                               t_hi, 0, scr, ks.sec);
+                                               t_hi, 0, qfits, scr, ks.sec);
     vs.kind = v3_setup_section<HD, T, 1, FAST>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, t_lo,
-                                               t_hi, e_keep, scr, vs.sec);
+                                               t_hi, e_keep, qfits, scr, vs.sec);
   }
   __syncwarp();
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
@@ -1065,6 +1077,8 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   const uint32_t magic = *(const uint32_t *)(smem + SL::scr_off);
   /* Q's B fragments, in the channel order of k_channel: entry 8 nb + g of the tile. */
   qfrag_t<HD, NB> qreg;
+  /* Whether SRC_FAST may take this CTA's Q as fp16 (kFast16's comment); warp-uniform. */
+  bool qfits = true;
   if (warp < kW3) {
     const uint8_t *qs = smem + SL::qtile_off;
     auto q16 = [&](int r, int d) -> uint32_t {
@@ -1080,6 +1094,19 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           qreg[nb][kb][x] =
               q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
         }
+    if constexpr (!kFast16<T> && FAST) {
+      bool big = false; /* |q| > 65504 (0x477f: bf16's largest below it), inf or NaN */
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+        for (int kb = 0; kb < HD / 16; kb++)
+#pragma unroll
+          for (int x = 0; x < 2; x++) {
+            const uint32_t w = qreg[nb][kb][x];
+            big |= (w & 0x7fffu) > 0x477fu || ((w >> 16) & 0x7fffu) > 0x477fu;
+          }
+      qfits = !__any_sync(0xffffffffu, big);
+    }
     if constexpr (!HUF) {
       /* A round trip through the ring's bytes past the Q tile (idle until the producer starts),
        * each lane reading its fragments back with opaque loads: without it ptxas keeps the
@@ -1200,13 +1227,13 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         const int b_pg = min(b_end, ((q + 1) << ubt_lg) >> 4); /* past the page's last slab */
         const unit_page pg = d->pages[q];
         v3_src ks, vs;
-        ok = v3_page_setup<HD, T, HUF, FAST>(pg, ub, scr, harea, e_o, ks, vs);
+        ok = v3_page_setup<HD, T, HUF, FAST>(pg, ub, scr, harea, e_o, qfits, ks, vs);
         if (!ok) break;
         /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
         float kmul = p.scale_log2;
         if (FAST && ks.kind == SRC_FAST) {
           kmul *= pow2i(ks.sec.e);
-          s_fast_const<HD, NB>(scr, c, qb);
+          s_fast_const<HD, NB, T>(scr, c, qb);
           __syncwarp();
         }
         /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
@@ -1245,7 +1272,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
            * them there from anywhere after S), they held P' up by a round trip. Loaded for every
            * page (no branch; only SRC_FAST's are used): the scratch is written only by the page
            * setups, between warp syncs. */
-          const bool vfast = kFast16<T> && FAST && vs.kind == SRC_FAST;
+          const bool vfast = FAST && vs.kind == SRC_FAST;
           float vm[2], vb[2];
 #pragma unroll
           for (int h = 0; h < 2; h++) {
@@ -1345,8 +1372,8 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
              * vcorr, from P' rounded as the mma takes it. */
 #pragma unroll
             for (int nb = 0; nb < NB; nb++) {
-              const uint32_t p0 = pack2<T>(pv[nb][0] * vm[0], pv[nb][1] * vm[0]);
-              const uint32_t p1 = pack2<T>(pv[nb][2] * vm[1], pv[nb][3] * vm[1]);
+              const uint32_t p0 = pack2<__half>(pv[nb][0] * vm[0], pv[nb][1] * vm[0]);
+              const uint32_t p1 = pack2<__half>(pv[nb][2] * vm[1], pv[nb][3] * vm[1]);
               const float2 f0 = __half22float2(as_h2<__half2>(p0));
               const float2 f1 = __half22float2(as_h2<__half2>(p1));
               vcorr[nb][0] += f0.x * vb[0] + f1.x * vb[1];

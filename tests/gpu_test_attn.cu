@@ -67,6 +67,8 @@ typedef struct gpu_case {
   int cascade; /* kvc_attn_args_t::cascade, over the prefix groups the sequences form */
   int group_size; /* with cascade: sequences s of each run of this many share the first one's
                      shared_prefix_blocks blocks (0: every sequence shares sequence 0's) */
+  float q_scale;  /* queries drawn N(0, 1) times this, and the softmax scale divided by it, so
+                     that the scores keep their spread (0: 1) */
 } gpu_case_t;
 
 /* codec_mask values: rows only (raw and staging pages: v3 with units split between two warps),
@@ -227,8 +229,9 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
   h->ref = (uint16_t *)malloc(elems * 2);
   assert_non_null(h->q);
   assert_non_null(h->ref);
+  const float qs = c->q_scale > 0 ? c->q_scale : 1.0f;
   for (size_t i = 0; i < elems; i++) {
-    float x = (float)kvc_test_rng_normal(&rng);
+    float x = qs * (float)kvc_test_rng_normal(&rng);
     h->q[i] = c->dtype == KVC_DTYPE_F16 ? kvc_test_f32_to_f16(x) : kvc_test_f32_to_bf16(x);
   }
   kvc_attn_args_t *a = &h->args;
@@ -238,7 +241,7 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
   a->head_dim = c->head_dim;
   a->block_tokens = c->block_tokens;
   a->dtype = c->dtype;
-  a->scale = 1.0f / sqrtf((float)c->head_dim);
+  a->scale = 1.0f / (sqrtf((float)c->head_dim) * qs);
   a->num_seqs = c->num_seqs;
   a->total_q_rows = h->rows;
   a->qo_indptr = h->qo_indptr;
@@ -735,6 +738,35 @@ static void absolute_bound_pages(void **state) {
   assert_true(huffman > 0);
 }
 
+
+/*
+ * bf16 queries beyond fp16's range: the bit-pack fast path takes bf16 Q as fp16 (scaled by the
+ * keys' steps), which a CTA does only when every |Q| of its tile is at most 65504; otherwise its
+ * bit-pack pages take the generic decoder. Queries of N(0, 1) times 1e4 (every |Q| below 65504 in
+ * practice: the fast path at the edge of its range), 2e4 (a few above it per tile) and 1e5 (most
+ * above it), with the softmax scale divided alike; bit-pack pages mixed with RAW pages and staging
+ * tails, head_dim 64 and 128, both v3 instances that read bit-pack pages.
+ */
+static void bf16_queries_beyond_fp16(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  static const float scales[] = {1e4f, 2e4f, 1e5f};
+  uint64_t seed = 9100;
+  for (size_t i = 0; i < sizeof(scales) / sizeof(scales[0]); i++)
+    for (int hd = 64; hd <= 128; hd *= 2) {
+      gpu_case_t c = {6, 16, 4, hd, 64, KVC_DTYPE_BF16, 700, 1,
+                      KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW, 0, seed++};
+      c.q_scale = scales[i];
+      host_case_t h;
+      dev_case_t d;
+      host_setup(&c, &h);
+      dev_setup(&h, &d);
+      run_variants(&c, &h, &d, kNoHuffman);
+      run_variants(&c, &h, &d, kAllCodecs);
+      dev_teardown(&d);
+      host_teardown(&h);
+    }
+}
 /* A Huffman page that reaches v3 (a codec_mask that says there is none) makes the rows that read
  * it NaN; a sequence held by a staging page alone is still right. */
 static void v3_huffman_page_gives_nan(void **state) {
@@ -1042,7 +1074,7 @@ int main(void) {
       cmocka_unit_test(v3_huffman_page_gives_nan), cmocka_unit_test(corrupt_section_gives_nan),
       cmocka_unit_test(v3_huffman_layouts),    cmocka_unit_test(huffman_damage_gives_nan),
       cmocka_unit_test(absolute_bound_pages),  cmocka_unit_test(claimed_items),
-      cmocka_unit_test(cascade_prefix_groups),
+      cmocka_unit_test(cascade_prefix_groups), cmocka_unit_test(bf16_queries_beyond_fp16),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

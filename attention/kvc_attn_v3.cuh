@@ -40,7 +40,7 @@
  * operand) that read only the ring bytes, the scratch and the v3_src they are given; a new source
  * adds an SRC_ value, its setup in v3_page_setup and a case in v3_s / v3_pv:
  *   SRC_ROWS  staging / RAW rows of a page, linear in the ring: LDS.128 + one PRMT per pair.
- *   SRC_FAST  bit-pack, relative mode, width 1..8, fp16, group bases b with |b - 2^W| <= 2048 and
+ *   SRC_FAST  bit-pack, relative mode, width 1..8, group bases b with |b - 2^W| <= 2048 and
  *             the largest step of the section within 2^+-60: the operand is the exact fp16
  *             1 + u / 2^W of each code (PRMT, shift, one LOP3 with fp16's 1.0 held in a
  *             register), and the rest of (u + b) * step is folded out of it, since
@@ -60,9 +60,11 @@
  *             whole word (keys always at head_dim 128; values of widths 2, 4 and 8 when their
  *             codes start at a multiple of 64 bits: load_run_aligned), else word by word and
  *             shifted (load_run).
- *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16, steps or bases
- *             out of those ranges): each value decoded on its own exactly as the CPU decoder does,
- *             rounded to T.
+ *             bf16 launches use the same fp16 operands and mma, with bf16 Q scaled into fp16 Q'
+ *             (q_scaled) when every |Q| of the CTA's tile is at most 65504 (qfits).
+ *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16 Q beyond fp16's
+ *             range, steps or bases out of those ranges): each value decoded on its own exactly as
+ *             the CPU decoder does, rounded to T.
  *   SRC_HUF, SRC_HUFG (HUF instance only) Huffman sections, decoded slab by slab into a per-warp
  *             tile of the values (e = 0) that v3h_s / v3h_pv read in the builders' operand order
  *             (attention/kvc_attn_v3_huf.cuh).
@@ -818,7 +820,7 @@ __device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int
 /* The builder of a page's operands, as one switch value: 0 rows, W in 1..8 SRC_FAST of width W,
  * 9 SRC_GEN (HUF's sources have their own builders). v3_s and v3_pv switch on it once per slab:
  * the kind and width tests before them were a tree of up to six dependent branches per tensor
- * and slab. (bf16 instances never see SRC_FAST.) */
+ * and slab. */
 __device__ __forceinline__ int v3_sel(const v3_src &s) {
   return s.kind == SRC_FAST ? s.sec.width : s.kind == SRC_ROWS ? 0 : 9;
 }

@@ -61,7 +61,8 @@
  *             codes start at a multiple of 64 bits: load_run_aligned), else word by word and
  *             shifted (load_run).
  *             bf16 launches use the same fp16 operands and mma, with bf16 Q scaled into fp16 Q'
- *             (q_scaled) when every |Q| of the CTA's tile is at most 65504 (qfits).
+ *             (q_scaled) when every |Q| of the CTA's tile is at most 65504 (qfits); outside the
+ *             Huffman instances once per page (q_page), fp16's per slab (one HMUL2 a word).
  *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16 Q beyond fp16's
  *             range, steps or bases out of those ranges): each value decoded on its own exactly as
  *             the CPU decoder does, rounded to T.
@@ -167,11 +168,14 @@ template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 10
   /* Bytes after each compressed section that no copy writes: load_run reads up to one word past
    * a section's last code word (masked off), so it needs no clamp per load. */
   static constexpr int slack = 16;
-  /* The Q tile, read before the producer starts; the consumers' Q fragments make their round
-   * trip through the ring's bytes after it (the kernel's prologue). */
+  /* The Q tile, read before the producer starts (the fp16 two-page instance's fragments then make
+   * a round trip through the ring's bytes after it: the kernel's QRT). */
   static constexpr int qtile_off = 0;
   static constexpr int bar_off = end;
-  static constexpr int bytes = bar_off + 2 * slots * 8;
+  /* Q's B fragments, one copy per CTA (lane stride HD / 2 + 16 bytes: LDS.128 without bank
+   * conflicts), from which the consumers build each page's operand (the kernel's qx). */
+  static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = HD / 2 + 16;
+  static constexpr int bytes = qf_off + 32 * qf_stride;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert(16 * HD * 2 + kW3 * 32 * HD <= ring, "Q's round trip (NB <= 2) fits the ring");
   static_assert(3 * tile <= ring && 2 * (kMaxBlockTokens * RB + slack) <= ring,
@@ -697,29 +701,57 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
   }
 }
 
-/* Q's B fragments of k-block kb times a lane's step pairs (x, y): Q' = Q * step * 2^-e, one
- * rounding, shared by both tokens. s_fast and s_fast_const must round Q' alike (the base terms
- * cancel against the codes' 1), so both take it from here. */
-template <int HD, int NB, class T>
-__device__ __forceinline__ void q_scaled(const qfrag_t<HD, NB> &qb, int nb, int kb, uint32_t sx,
-                                         uint32_t sy, uint32_t &q0, uint32_t &q1) {
+/* A word of Q's B fragments times a lane's step pair st: Q' = Q * step * 2^-e, one rounding.
+ * s_fast and s_fast_const must round Q' alike (the base terms cancel against the codes' 1), so
+ * both take it from here (or from q_page, which applies it once per page). */
+template <class T> __device__ __forceinline__ uint32_t q_scaled(uint32_t q, uint32_t st) {
   if constexpr (kFast16<T>) {
-    q0 = h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][0]), as_h2<__half2>(sx)));
-    q1 = h2_bits<__half2>(__hmul2(as_h2<__half2>(qb[nb][kb][1]), as_h2<__half2>(sy)));
+    return h2_bits<__half2>(__hmul2(as_h2<__half2>(q), as_h2<__half2>(st)));
   } else { /* bf16 Q times the fp16 steps in float, one rounding to fp16 */
-    auto mul = [](uint32_t q, uint32_t st) {
-      const float2 a = __bfloat1622float2(as_h2<__nv_bfloat162>(q));
-      const float2 b = __half22float2(as_h2<__half2>(st));
-      return h2_bits<__half2>(__floats2half2_rn(a.x * b.x, a.y * b.y));
-    };
-    q0 = mul(qb[nb][kb][0], sx);
-    q1 = mul(qb[nb][kb][1], sy);
+    const float2 a = __bfloat1622float2(as_h2<__nv_bfloat162>(q));
+    const float2 b = __half22float2(as_h2<__half2>(st));
+    return h2_bits<__half2>(__floats2half2_rn(a.x * b.x, a.y * b.y));
+  }
+}
+
+/* Q's fragments from shared address qa (the CTA's copy, v3_layout::qf_off, or the kernel's round
+ * trip), with opaque loads: ptxas would otherwise keep the Q tile's halves and rebuild the
+ * fragments from them at their uses (two PRMTs per k-block in every slab of the bit-pack
+ * builders). */
+template <int HD, int NB>
+__device__ __forceinline__ void q_load(uint32_t qa, qfrag_t<HD, NB> &q) {
+  constexpr int NQ = (int)sizeof(qfrag_t<HD, NB>) / 16; /* uint4s: two k-blocks each */
+#pragma unroll
+  for (int i = 0; i < NQ; i++) {
+    const int nb = i / (HD / 32), kb = 2 * (i % (HD / 32));
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(q[nb][kb][0]), "=r"(q[nb][kb][1]), "=r"(q[nb][kb + 1][0]),
+                   "=r"(q[nb][kb + 1][1])
+                 : "r"(qa + 16 * i)
+                 : "memory");
+  }
+}
+
+/* The operand of a page's SRC_FAST keys: Q' (q_scaled) of every k-block, from Q's fragments and
+ * the page's step pairs in the scratch. Once per page instead of once per slab (s_fast's PRE):
+ * a bf16 word takes seven instructions. */
+template <int HD, int NB, class T>
+__device__ __forceinline__ void q_page(const uint8_t *scr, int c, qfrag_t<HD, NB> &q) {
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq);
+#pragma unroll
+  for (int kb = 0; kb < HD / 16; kb++) {
+    const uint2 sb = *(const uint2 *)&kq[kq_index(c, kb)];
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+      q[nb][kb][0] = q_scaled<T>(q[nb][kb][0], sb.x);
+      q[nb][kb][1] = q_scaled<T>(q[nb][kb][1], sb.y);
+    }
   }
 }
 
 /* Bit-pack fast path: the exact 1 + u / 2^W of each code times Q' = Q * step * 2^-e, added to
- * s_fast_const's sums (the bases and the 1). */
-template <int HD, int W, int NB, class T>
+ * s_fast_const's sums (the bases and the 1). PRE: qb holds Q' already (q_page), else Q. */
+template <int HD, int W, int NB, class T, bool PRE>
 __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, int c,
                                        const int (&pt)[2], const qfrag_t<HD, NB> &qb,
                                        uint32_t magic, float (&s)[2][NB][4]) {
@@ -743,7 +775,8 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
   }
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
-    const uint2 sb = *(const uint2 *)&kq[kq_index(c, kb)]; /* the step pairs */
+    uint2 sb = make_uint2(0u, 0u); /* the step pairs, unless Q' is given */
+    if constexpr (!PRE) sb = *(const uint2 *)&kq[kq_index(c, kb)];
     uint32_t b[2][2];
 #pragma unroll
     for (int h = 0; h < 2; h++)
@@ -755,8 +788,8 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
     const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      uint32_t q0, q1;
-      q_scaled<HD, NB, T>(qb, nb, kb, sb.x, sb.y, q0, q1);
+      const uint32_t q0 = PRE ? qb[nb][kb][0] : q_scaled<T>(qb[nb][kb][0], sb.x);
+      const uint32_t q1 = PRE ? qb[nb][kb][1] : q_scaled<T>(qb[nb][kb][1], sb.y);
       mma16816<__half>(s[kb % 2][nb], av, q0, q1);
     }
   }
@@ -764,8 +797,8 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
 
 /* What SRC_FAST keys add to every token's S^T, per entry: sum over channels of Q' (b / 2^W - 1),
  * with the Q' that s_fast rounds alike (q_scaled). Once per page, into the scratch
- * (v3_scratch::kc). */
-template <int HD, int NB, class T>
+ * (v3_scratch::kc). PRE: as s_fast's. */
+template <int HD, int NB, class T, bool PRE>
 __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb) {
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq);
   /* Two mma chains (even and odd k-blocks), as in s_fast: this runs between the page setup and
@@ -783,8 +816,8 @@ __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<
     const uint32_t av[4] = {sb.z, sb.z, sb.w, sb.w}; /* both tokens: the base terms */
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      uint32_t q0, q1;
-      q_scaled<HD, NB, T>(qb, nb, kb, sb.x, sb.y, q0, q1);
+      const uint32_t q0 = PRE ? qb[nb][kb][0] : q_scaled<T>(qb[nb][kb][0], sb.x);
+      const uint32_t q1 = PRE ? qb[nb][kb][1] : q_scaled<T>(qb[nb][kb][1], sb.y);
       mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
     }
   }
@@ -831,11 +864,14 @@ template <int HD> constexpr bool v_aligned_width(int W) {
   return (W == 2 || W == 4 || W == 8) && run_align_words(64, HD / 8, W) > 0;
 }
 
-/* S^T from source ks for rows tr of the current page's rows in the unit. */
-template <int HD, class T, int NB, bool FAST, bool SWAP>
+/* S^T from source ks for rows tr of the current page's rows in the unit. PRE: qb is the page's
+ * operand (Q' for SRC_FAST keys, else Q; the kernel's qx), else Q. qs: Q's fragments for the
+ * generic path's indexed reads (the CTA's copy in shared memory, or the kernel's QRT registers). */
+template <int HD, class T, int NB, bool FAST, bool SWAP, bool PRE>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,
-                                     uint32_t magic, float (&s)[2][NB][4]) {
+                                     const qfrag_t<HD, NB> &qs, uint32_t magic,
+                                     float (&s)[2][NB][4]) {
   const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
   switch (v3_sel(ks)) {
   case 0: {
@@ -845,12 +881,12 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
   }
 #define KVC__KF(W)                                                                                 \
   case W:                                                                                          \
-    if constexpr (FAST) s_fast<HD, W, NB, T>(ks.sec, scr, c, pt, qb, magic, s);                    \
+    if constexpr (FAST) s_fast<HD, W, NB, T, PRE>(ks.sec, scr, c, pt, qb, magic, s);               \
     break;
     KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
 #undef KVC__KF
   default:
-    s_gen<HD, T, NB>(ks.sec, scr, c, pt, qb, s);
+    s_gen<HD, T, NB>(ks.sec, scr, c, pt, qs, s);
   }
 }
 
@@ -1077,8 +1113,17 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   if (tid == 0) *(uint32_t *)(smem + SL::scr_off) = 0x3C003C00u;
   __syncthreads();
   const uint32_t magic = *(const uint32_t *)(smem + SL::scr_off);
-  /* Q's B fragments, in the channel order of k_channel: entry 8 nb + g of the tile. */
-  qfrag_t<HD, NB> qreg;
+  /* Q's B fragments, in the channel order of k_channel: entry 8 nb + g of the tile. From the
+   * unit loop on (!HUF), the current page's operand: PRE, Q or Q' (q_page) while the current
+   * page's keys are SRC_FAST (qx_scaled); bf16 only, whose Q' words take seven instructions
+   * each. fp16's take one, and built once per page they made the fp16 bit-pack launches 2-3%
+   * slower (bench/NOTES-attention.md, session 16). */
+  qfrag_t<HD, NB> qx;
+  constexpr bool PRE = !HUF && !kFast16<T>;
+  /* The fp16 two-page instance (bit-pack's) keeps its fragments apart from the CTA's copy, as
+   * before that copy existed (a per-warp round trip, and s_gen's reads from a local copy): with
+   * the copy it ran 0.4-1.1% slower from ptxas's allocation alone (session 16). */
+  constexpr bool QRT = !HUF && kFast16<T> && UT > kUnitTokens;
   /* Whether SRC_FAST may take this CTA's Q as fp16 (kFast16's comment); warp-uniform. */
   bool qfits = true;
   if (warp < kW3) {
@@ -1093,7 +1138,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
         for (int x = 0; x < 2; x++) {
           const int r = 8 * nb + g, pi = 2 * kb + x;
-          qreg[nb][kb][x] =
+          qx[nb][kb][x] =
               q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
         }
     if constexpr (!kFast16<T> && FAST) {
@@ -1104,16 +1149,14 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         for (int kb = 0; kb < HD / 16; kb++)
 #pragma unroll
           for (int x = 0; x < 2; x++) {
-            const uint32_t w = qreg[nb][kb][x];
+            const uint32_t w = qx[nb][kb][x];
             big |= (w & 0x7fffu) > 0x477fu || ((w >> 16) & 0x7fffu) > 0x477fu;
           }
       qfits = !__any_sync(0xffffffffu, big);
     }
-    if constexpr (!HUF) {
+    if constexpr (QRT) {
       /* A round trip through the ring's bytes past the Q tile (idle until the producer starts),
-       * each lane reading its fragments back with opaque loads: without it ptxas keeps the
-       * tile's loaded halves as well and rebuilds fragments from them at their uses (two PRMTs
-       * per k-block in every slab of the bit-pack builders). */
+       * read back by q_load (its comment says why). */
       constexpr int NQ = (int)sizeof(qfrag_t<HD, NB>) / 16; /* uint4s: two k-blocks each */
       const uint32_t rt =
           smem_u32(smem + SL::qtile_off + NE * HD * 2) + (warp * 32 + lane) * NQ * 16;
@@ -1121,37 +1164,32 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       for (int i = 0; i < NQ; i++) {
         const int nb = i / (HD / 32), kb = 2 * (i % (HD / 32));
         asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(rt + 16 * i),
-                     "r"(qreg[nb][kb][0]), "r"(qreg[nb][kb][1]), "r"(qreg[nb][kb + 1][0]),
-                     "r"(qreg[nb][kb + 1][1])
+                     "r"(qx[nb][kb][0]), "r"(qx[nb][kb][1]), "r"(qx[nb][kb + 1][0]),
+                     "r"(qx[nb][kb + 1][1])
                      : "memory");
       }
       __syncwarp();
-#pragma unroll
-      for (int i = 0; i < NQ; i++) {
-        const int nb = i / (HD / 32), kb = 2 * (i % (HD / 32));
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(qreg[nb][kb][0]), "=r"(qreg[nb][kb][1]), "=r"(qreg[nb][kb + 1][0]),
-                       "=r"(qreg[nb][kb + 1][1])
-                     : "r"(rt + 16 * i)
-                     : "memory");
-      }
+      q_load<HD, NB>(rt, qx);
     }
   }
-  const qfrag_t<HD, NB> *qp = &qreg;
-  if constexpr (HUF) { /* one copy per CTA, read where used (v3h_layout::qf_off says why) */
-    static_assert(sizeof(qfrag_t<HD, NB>) + 16 <= LO::qf_stride, "Q's fragments fit their slot");
-    qfrag_t<HD, NB> *qs = (qfrag_t<HD, NB> *)(smem + LO::qf_off + lane * LO::qf_stride);
+  /* One copy of the fragments per CTA (but QRT's). The Huffman instance reads them where used
+   * (v3h_layout says why); the others hold the current page's operand in registers (qx), and
+   * their generic path reads Q from the copy. */
+  static_assert(sizeof(qfrag_t<HD, NB>) + 16 <= LO::qf_stride, "Q's fragments fit their slot");
+  qfrag_t<HD, NB> *qs = (qfrag_t<HD, NB> *)(smem + LO::qf_off + lane * LO::qf_stride);
+  if constexpr (!QRT)
     if (warp == 0)
 #pragma unroll
       for (int nb = 0; nb < NB; nb++)
 #pragma unroll
         for (int kb = 0; kb < HD / 16; kb++)
 #pragma unroll
-          for (int x = 0; x < 2; x++) (*qs)[nb][kb][x] = qreg[nb][kb][x];
-    qp = qs;
-  }
+          for (int x = 0; x < 2; x++) (*qs)[nb][kb][x] = qx[nb][kb][x];
   __syncthreads(); /* the Q tile's bytes belong to the ring from here on */
-  const qfrag_t<HD, NB> &qb = *qp;
+  bool qx_scaled = false;
+  if constexpr (!HUF && !QRT)
+    if (warp < kW3) q_load<HD, NB>(smem_u32(qs), qx);
+  const qfrag_t<HD, NB> &qb = HUF ? *qs : qx;
 
   oacc_t<HD, NB> o;
   float m[NB][2], l[NB][2];
@@ -1233,9 +1271,15 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         if (!ok) break;
         /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
         float kmul = p.scale_log2;
+        if constexpr (PRE) { /* the page's operand (qx) */
+          const bool kfast = FAST && ks.kind == SRC_FAST;
+          if (kfast || qx_scaled) q_load<HD, NB>(smem_u32(qs), qx);
+          if (kfast) q_page<HD, NB, T>(scr, c, qx);
+          qx_scaled = kfast;
+        }
         if (FAST && ks.kind == SRC_FAST) {
           kmul *= pow2i(ks.sec.e);
-          s_fast_const<HD, NB, T>(scr, c, qb);
+          s_fast_const<HD, NB, T, PRE>(scr, c, qb);
           __syncwarp();
         }
         /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
@@ -1302,7 +1346,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           } else {
             /* Rows read with fewer bank conflicts (s_rows, pv_rows) except in the Huffman
              * instances, which read rows only for raw and staging pages and spilled with it. */
-            v3_s<HD, T, NB, FAST, !HUF>(ks, scr, c, tr, qb, magic, s);
+            v3_s<HD, T, NB, FAST, !HUF, PRE>(ks, scr, c, tr, qb, QRT ? qx : *qs, magic, s);
           }
           /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
            * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until

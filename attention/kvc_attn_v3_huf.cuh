@@ -170,7 +170,8 @@ template <int HD> struct v3h_layout : v3_after_ring<v3h_ring_bytes<HD>()> {
 /* The layout of an instance, and where its warps' Huffman areas are (none without HUF). */
 template <int HD, bool HUF, int UT> struct v3_layout_of {
   typedef v3_layout<HD, UT> type;
-  static constexpr int huf_off = 0, huf_bytes = 0, qf_off = 0, qf_stride = 0;
+  static constexpr int huf_off = 0, huf_bytes = 0;
+  static constexpr int qf_off = v3_layout<HD, UT>::qf_off, qf_stride = v3_layout<HD, UT>::qf_stride;
 };
 template <int HD, int UT> struct v3_layout_of<HD, true, UT> {
   static_assert(UT == kUnitTokens, "two raw pages would not fit the Huffman ring");

@@ -1067,13 +1067,12 @@ const launch_fn kLaunch3u2[2][2] = {
     {launch_v3<64, __half, 1, 128>, launch_v3<64, __nv_bfloat16, 1, 128>},
     {launch_v3<128, __half, 1, 128>, launch_v3<128, __nv_bfloat16, 1, 128>},
 };
-/* [head_dim][dtype][bit-pack pages allowed]. bf16's Huffman instance is built without the bit-pack
- * fast path (its bit-pack pages take the generic decoder): not yet measured with it. */
+/* [head_dim][dtype][bit-pack pages allowed]. */
 const launch_fn kLaunch3h[2][2][2] = {
     {{launch_v3h<64, __half, 1, false>, launch_v3h<64, __half, 1, true>},
-     {launch_v3h<64, __nv_bfloat16, 1, false>, launch_v3h<64, __nv_bfloat16, 1, false>}},
+     {launch_v3h<64, __nv_bfloat16, 1, false>, launch_v3h<64, __nv_bfloat16, 1, true>}},
     {{launch_v3h<128, __half, 1, false>, launch_v3h<128, __half, 1, true>},
-     {launch_v3h<128, __nv_bfloat16, 1, false>, launch_v3h<128, __nv_bfloat16, 1, false>}},
+     {launch_v3h<128, __nv_bfloat16, 1, false>, launch_v3h<128, __nv_bfloat16, 1, true>}},
 };
 
 /* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4]; NULL: not built (the

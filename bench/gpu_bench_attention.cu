@@ -15,7 +15,8 @@
  * never find their inputs in the 50 MB L2. Each pool runs with the codec mask the cache passes for
  * it (fp16: raw only, v3 with units split between two warps; bit-pack: no Huffman, the v3 decode
  * kernel; Huffman: v3's Huffman instance), the Huffman pool also under a mask allowing every codec
- * (row kvcomp_huffman_any: the instance a cache with a per-page policy runs), and each pool again
+ * (row kvcomp_huffman_any: the instance a cache with a per-page policy runs), the bit-pack pools
+ * likewise (kvcomp_bitpack_any, kvcomp_bitpack_bf16_any), and each pool again
  * with mask 0 (v2, rows *_v2). The same KV rounded to bf16 fills a bf16 staging pool and bf16
  * bit-pack and Huffman pools, read with bf16 queries (rows kvcomp_bf16_paged, kvcomp_bitpack_bf16,
  * kvcomp_huffman_bf16; their rel_err includes bf16's rounding of K, V and Q, and bench/attention.sh
@@ -599,22 +600,25 @@ int main(int argc, char **argv) {
     CK(cudaFree(pm));
 
     /* Each pool with the codec mask the cache would pass (a raw cache's for the fp16 pool's
-     * staging pages, v3 for bit-pack pages, v3's Huffman instance for Huffman pages; Huffman pages
-     * also as a per-page policy's cache passes them, every codec allowed), the bf16 pools as
-     * their caches pass them, then the fp16 pools again with mask 0 (v2), for comparison. */
+     * staging pages, v3 for bit-pack pages, v3's Huffman instance for Huffman pages; Huffman and
+     * bit-pack pages also as a per-page policy's cache passes them, every codec allowed), the bf16
+     * pools as their caches pass them, then the fp16 pools again with mask 0 (v2), for
+     * comparison. */
     struct variant {
       pages *pg;
       uint32_t codec_mask;
       const char *impl;
     };
     const uint32_t no_huffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
+    const uint32_t any_codec = no_huffman | (1u << KVC_CODEC_HUFFMAN);
     const variant variants[] = {{&fp16, 1u << KVC_CODEC_RAW, fp16.name},
                                 {&bitpack, no_huffman, bitpack.name},
                                 {&huffman, 1u << KVC_CODEC_HUFFMAN, huffman.name},
-                                {&huffman, no_huffman | (1u << KVC_CODEC_HUFFMAN),
-                                 "kvcomp_huffman_any"},
+                                {&huffman, any_codec, "kvcomp_huffman_any"},
+                                {&bitpack, any_codec, "kvcomp_bitpack_any"},
                                 {&bf16, 1u << KVC_CODEC_RAW, bf16.name},
                                 {&bitpack_bf16, no_huffman, bitpack_bf16.name},
+                                {&bitpack_bf16, any_codec, "kvcomp_bitpack_bf16_any"},
                                 {&huffman_bf16, 1u << KVC_CODEC_HUFFMAN, huffman_bf16.name},
                                 {&fp16, 0, "kvcomp_fp16_paged_v2"},
                                 {&bitpack, 0, "kvcomp_bitpack_v2"},

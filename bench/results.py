@@ -496,7 +496,9 @@ def codec_section(recs, plt, plots):
 ATTN_IMPLS = [("torch_sdpa", "torch SDPA"), ("kvcomp_fp16_paged", "fp16 paged"),
               ("kvcomp_bitpack", "bit-pack"), ("kvcomp_huffman", "Huffman"),
               ("kvcomp_huffman_any", "Huffman, any-codec instance"),
+              ("kvcomp_bitpack_any", "bit-pack, any-codec instance"),
               ("kvcomp_bf16_paged", "bf16 paged"), ("kvcomp_bitpack_bf16", "bit-pack, bf16"),
+              ("kvcomp_bitpack_bf16_any", "bit-pack, bf16, any-codec instance"),
               ("kvcomp_huffman_bf16", "Huffman, bf16"), ("cublas", "cuBLAS"),
               ("kvcomp_fp16_paged_v2", "fp16 paged v2"), ("kvcomp_bitpack_v2", "bit-pack v2"),
               ("kvcomp_huffman_v2", "Huffman v2")]

@@ -40,11 +40,12 @@
  * operand) that read only the ring bytes, the scratch and the v3_src they are given; a new source
  * adds an SRC_ value, its setup in v3_page_setup and a case in v3_s / v3_pv:
  *   SRC_ROWS  staging / RAW rows of a page, linear in the ring: LDS.128 + one PRMT per pair.
- *   SRC_FAST  bit-pack, relative mode, width 1..8, group bases b with |b - 2^W| <= 2048 and
- *             the largest step of the section within 2^+-60: the operand is the exact fp16
- *             1 + u / 2^W of each code (PRMT, shift, one LOP3 with fp16's 1.0 held in a
- *             register), and the rest of (u + b) * step is folded out of it, since
- *             u + b = 2^W (operand + b / 2^W - 1):
+ *   SRC_FAST  bit-pack, relative mode, width 1..8, group bases b with |b - 2^W| <= 2048 (keys:
+ *             and b >= 2^W - 1024) and the largest step of the section within 2^+-60: the
+ *             operand is the exact fp16 1 + u / 2^W of each code (PRMT, shift, one LOP3 with
+ *             fp16's 1.0 held in a register; keys 1 + u 2^(r - 10) without the shift, the 2^-r
+ *             in their Q': code_pair_k), and the rest of (u + b) * step is folded out of it,
+ *             since u + b = 2^W (operand + b / 2^W - 1):
  *             keys' per-channel steps into Q's B fragments (Q' = Q * step * 2^-e, one HMUL2 per
  *             Q pair and k-block, shared by both tokens; S scaled by 2^(e + W) after the mma) and
  *             their bases into a per-page, per-entry start of S (s_fast_const: one mma per
@@ -168,8 +169,7 @@ template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 10
   /* Bytes after each compressed section that no copy writes: load_run reads up to one word past
    * a section's last code word (masked off), so it needs no clamp per load. */
   static constexpr int slack = 16;
-  /* The Q tile, read before the producer starts (the fp16 two-page instance's fragments then make
-   * a round trip through the ring's bytes after it: the kernel's QRT). */
+  /* The Q tile, read before the producer starts. */
   static constexpr int qtile_off = 0;
   static constexpr int bar_off = end;
   /* Q's B fragments, one copy per CTA (lane stride HD / 2 + 16 bytes: LDS.128 without bank
@@ -177,7 +177,6 @@ template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 10
   static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = HD / 2 + 16;
   static constexpr int bytes = qf_off + 32 * qf_stride;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
-  static_assert(16 * HD * 2 + kW3 * 32 * HD <= ring, "Q's round trip (NB <= 2) fits the ring");
   static_assert(3 * tile <= ring && 2 * (kMaxBlockTokens * RB + slack) <= ring,
                 "a unit must fit the ring");
   static_assert(2 * (bytes + 1024) <= 233472, "two CTAs per SM do not fit");
@@ -230,14 +229,26 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
  * so that the codes of one half share it. The shift brings the other half's bits at most 6 places
  * across the halves' border (a code starts at bit r <= 16 - W of its half), never into the mask.
  */
+/* The words that hold codes i1 of run x and i2 of run y (X, Y: a word, or for a code that crosses
+ * a word the funnel shift that brings it into the low half), and the codes' lsb positions in them. */
+template <int W, int NA>
+__device__ __forceinline__ void pair_words(const uint32_t (&x)[NA], const uint32_t (&y)[NA],
+                                           int i1, int i2, uint32_t &X, uint32_t &Y, int &L1,
+                                           int &L2) {
+  const int o1 = i1 * W, o2 = i2 * W, q1 = o1 >> 5, f1 = o1 & 31, q2 = o2 >> 5, f2 = o2 & 31;
+  const bool c1 = f1 + W > 32, c2 = f2 + W > 32;
+  X = c1 ? __funnelshift_l(x[min(q1 + 1, NA - 1)], x[q1], 16) : x[q1];
+  Y = c2 ? __funnelshift_l(y[min(q2 + 1, NA - 1)], y[q2], 16) : y[q2];
+  L1 = (c1 ? 48 : 32) - f1 - W;
+  L2 = (c2 ? 48 : 32) - f2 - W;
+}
+
 template <int W, int NA>
 __device__ __forceinline__ uint32_t code_pair(const uint32_t (&x)[NA], const uint32_t (&y)[NA],
                                               int i1, int i2) {
-  const int o1 = i1 * W, o2 = i2 * W, q1 = o1 >> 5, f1 = o1 & 31, q2 = o2 >> 5, f2 = o2 & 31;
-  const bool c1 = f1 + W > 32, c2 = f2 + W > 32;
-  const uint32_t X = c1 ? __funnelshift_l(x[min(q1 + 1, NA - 1)], x[q1], 16) : x[q1];
-  const uint32_t Y = c2 ? __funnelshift_l(y[min(q2 + 1, NA - 1)], y[q2], 16) : y[q2];
-  const int L1 = (c1 ? 48 : 32) - f1 - W, L2 = (c2 ? 48 : 32) - f2 - W; /* lsb positions */
+  uint32_t X, Y;
+  int L1, L2; /* lsb positions */
+  pair_words<W, NA>(x, y, i1, i2, X, Y, L1, L2);
   const bool half = (L1 & 15) + W <= 16 && (L2 & 15) + W <= 16 && ((L1 - L2) & 15) == 0;
   const int k1 = half ? (L1 >> 4) * 2 : L1 >> 3, k2 = half ? (L2 >> 4) * 2 : L2 >> 3;
   const int r = L1 - 8 * k1, top = 10 - W; /* the code's lsb in its half, and where it goes */
@@ -245,6 +256,34 @@ __device__ __forceinline__ uint32_t code_pair(const uint32_t (&x)[NA], const uin
                                   ((min(k2 + 1, 3) + 4) << 12));
   const uint32_t v = __byte_perm(X, Y, sel);
   return (r >= top ? v >> (r - top) : v << (top - r)) & ((((1u << W) - 1u) << top) * 0x10001u);
+}
+
+/* Keys' pairs without the shift. code_pair moves each code to the top of its half's mantissa,
+ * which costs a shift per pair. A code that already lies inside the mantissa, at bits [r, r + W)
+ * of its half with r <= 10 - W, is exact as it is: the half is 1 + u 2^(r - 10). Key pairs are
+ * built so (code_pair_k): the PRMT takes the two bytes from each code's lowest, so that r is the
+ * code's offset in that byte (0..7), and the 2^-r that sets it apart from the other pairs goes into
+ * their Q' (the step table, v3_fast_tables), with S^T in units of 2^(e + 10). Only codes with
+ * r > 10 - W (some at widths 5-7) are still shifted, to r = 10 - W. */
+__host__ __device__ constexpr int kpair_r(int W, int i1) {
+  const int o1 = i1 * W, f1 = o1 & 31;
+  const int L1 = (f1 + W > 32 ? 48 : 32) - f1 - W; /* the code's lsb, as code_pair finds it */
+  return (L1 & 7) <= 10 - W ? (L1 & 7) : 10 - W;
+}
+
+/* Codes i1 and i2 = i1 + 8 of key runs x and y (code_pair's layout) at bits [r, r + W) of the low
+ * and high halves, r = kpair_r(W, i1): one PRMT (shared by the codes of a byte pair) and an AND. */
+template <int W, int NA>
+__device__ __forceinline__ uint32_t code_pair_k(const uint32_t (&x)[NA], const uint32_t (&y)[NA],
+                                                int i1, int i2) {
+  uint32_t X, Y;
+  int L1, L2;
+  pair_words<W, NA>(x, y, i1, i2, X, Y, L1, L2);
+  const int k1 = L1 >> 3, k2 = L2 >> 3, r = L1 & 7, re = kpair_r(W, i1);
+  const uint32_t sel = (uint32_t)(k1 | (min(k1 + 1, 3) << 4) | ((k2 + 4) << 8) |
+                                  ((min(k2 + 1, 3) + 4) << 12));
+  const uint32_t v = __byte_perm(X, Y, sel);
+  return (v >> (r - re)) & ((((1u << W) - 1u) << re) * 0x10001u);
 }
 
 /* Words [k0, k0 + NA] of a section's stream shifted left by sh: the NA words of a bit run. No
@@ -396,7 +435,8 @@ __device__ __forceinline__ bool v3_header(const uint8_t *sec, uint32_t sec_bytes
  * pairs lane + 32 (i / 2), half i % 2, both channels of a pair in one lane, so SRC_FAST's key
  * pairs need no exchange) or tokens t_lo + lane + 32 i (values: a unit reads at most 64 rows of a
  * page, aligned to 64 page tokens). Per group u = b - 2^W + 2048 (mod 2^32; SRC_FAST's condition
- * on a base b is |b - 2^W| <= 2048, i.e. u <= 4096, so that (b - 2^W) / 2^W is exact in fp16) and
+ * on a base b is |b - 2^W| <= 2048, i.e. u <= 4096, so that (b - 2^W) / 2^W is exact in fp16;
+ * keys' also u >= 1024, for code_pair_k's bases) and
  * E = e + 823, the step code as v3_step_x takes it; in: the token is below t_hi (a token past it
  * reads token t_hi - 1's fields, inside the section, whose step code and base leave emax and inb
  * as they are). */
@@ -406,7 +446,7 @@ template <int HD, int TS> struct v3_groups {
   int E[NG];
   bool in[NG];
   int emax; /* the lane's largest E */
-  bool inb; /* every u of the lane <= 4096 */
+  bool inb; /* every u of the lane <= 4096 (keys: in [1024, 4096]) */
 };
 
 /* The lane's groups of a relative-mode section whose header passed v3_header. No branches. */
@@ -461,7 +501,7 @@ __device__ __forceinline__ void v3_groups_read(const v3_hdr &h, int t_lo, int t_
     gr.u[i] = kvc_dev_top(__funnelshift_l(w[pb[i] + 1], w[pb[i]], sb[i]), h.w_b) + cb;
     gr.E[i] = (int)kvc_dev_top(__funnelshift_l(w[pe[i] + 1], w[pe[i]], se[i]), h.w_e) + ce;
     gr.emax = max(gr.emax, gr.E[i]);
-    gr.inb &= gr.u[i] <= 4096u;
+    gr.inb &= TS == 0 ? gr.u[i] - 1024u <= 3072u : gr.u[i] <= 4096u; /* keys: code_pair_k */
   }
 }
 
@@ -521,15 +561,21 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
 #pragma unroll
     for (int i = 0; i < v3_groups<HD, TS>::NG; i += 2) {
       /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. the
-       * pi % 2-th step and base pairs of uint4 kq_index(j, pi / 2). */
+       * pi % 2-th step and base pairs of uint4 kq_index(j, pi / 2). Its codes lie at bit r of
+       * their halves (code_pair_k): operand 1 + u 2^(r - 10), so the steps take 2^-r and the
+       * bases b 2^(r - 10) - 1 = (u + 2^W - 2048 - 2^(10 - r)) 2^(r - 10), in one FFMA, exact
+       * (the numerator's magnitude is at most 2048 for 1024 <= u <= 4096: v3_groups). */
       const int pr = lane + 32 * (i / 2), pi = pr % (HD / 8);
+      const int r = kpair_r((int)h.width, 16 * (pi / 8) + pi % 8);
+      const float rinv = inv * pow2i(-r), bm = pow2i(r - 10);
+      const float bo = (float)((1 << h.width) - 2048 - (1024 >> r)) * bm;
       uint32_t *kq =
           (uint32_t *)(scr + v3_scratch::kq) + 4 * kq_index(pr / (HD / 8), pi / 2) + pi % 2;
-      kq[0] = pack2<__half>(v3_step_x(gr.E[i]) * inv, v3_step_x(gr.E[i + 1]) * inv);
-      kq[2] = pack2<__half>(fmaf(__uint2float_rn(gr.u[i]), winv, wofs),
-                            fmaf(__uint2float_rn(gr.u[i + 1]), winv, wofs));
+      kq[0] = pack2<__half>(v3_step_x(gr.E[i]) * rinv, v3_step_x(gr.E[i + 1]) * rinv);
+      kq[2] = pack2<__half>(fmaf(__uint2float_rn(gr.u[i]), bm, bo),
+                            fmaf(__uint2float_rn(gr.u[i + 1]), bm, bo));
     }
-    v3_set_sec(h, TS, e + (int)h.width, s); /* S^T's unit: (u + b) / 2^W times Q * step * 2^-e */
+    v3_set_sec(h, TS, e + 10, s); /* S^T's unit: (u + b) / 2^10 times Q * step * 2^-e */
   } else {
     /* Every one of the 64 entries (tokens past t_hi: 0). */
     const float fw = pow2i((int)h.width);
@@ -714,8 +760,7 @@ template <class T> __device__ __forceinline__ uint32_t q_scaled(uint32_t q, uint
   }
 }
 
-/* Q's fragments from shared address qa (the CTA's copy, v3_layout::qf_off, or the kernel's round
- * trip), with opaque loads: ptxas would otherwise keep the Q tile's halves and rebuild the
+/* Q's fragments from shared address qa (the CTA's copy, v3_layout::qf_off), with opaque loads: ptxas would otherwise keep the Q tile's halves and rebuild the
  * fragments from them at their uses (two PRMTs per k-block in every slab of the bit-pack
  * builders). */
 template <int HD, int NB>
@@ -734,7 +779,7 @@ __device__ __forceinline__ void q_load(uint32_t qa, qfrag_t<HD, NB> &q) {
 
 /* The operand of a page's SRC_FAST keys: Q' (q_scaled) of every k-block, from Q's fragments and
  * the page's step pairs in the scratch. Once per page instead of once per slab (s_fast's PRE):
- * a bf16 word takes seven instructions. */
+ * a bf16 word takes seven instructions, an fp16 word one HMUL2. */
 template <int HD, int NB, class T>
 __device__ __forceinline__ void q_page(const uint8_t *scr, int c, qfrag_t<HD, NB> &q) {
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq);
@@ -783,7 +828,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
 #pragma unroll
       for (int x = 0; x < 2; x++) {
         const int pi = 2 * kb + x, ch = 16 * (pi / 8) + pi % 8;
-        b[h][x] = code_pair<W, NA>(a[h], a[h], ch, ch + 8) | magic;
+        b[h][x] = code_pair_k<W, NA>(a[h], a[h], ch, ch + 8) | magic;
       }
     const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
@@ -866,7 +911,7 @@ template <int HD> constexpr bool v_aligned_width(int W) {
 
 /* S^T from source ks for rows tr of the current page's rows in the unit. PRE: qb is the page's
  * operand (Q' for SRC_FAST keys, else Q; the kernel's qx), else Q. qs: Q's fragments for the
- * generic path's indexed reads (the CTA's copy in shared memory, or the kernel's QRT registers). */
+ * generic path's indexed reads (the CTA's copy in shared memory). */
 template <int HD, class T, int NB, bool FAST, bool SWAP, bool PRE>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,
@@ -1115,15 +1160,10 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   const uint32_t magic = *(const uint32_t *)(smem + SL::scr_off);
   /* Q's B fragments, in the channel order of k_channel: entry 8 nb + g of the tile. From the
    * unit loop on (!HUF), the current page's operand: PRE, Q or Q' (q_page) while the current
-   * page's keys are SRC_FAST (qx_scaled); bf16 only, whose Q' words take seven instructions
-   * each. fp16's take one, and built once per page they made the fp16 bit-pack launches 2-3%
-   * slower (bench/NOTES-attention.md, session 16). */
+   * page's keys are SRC_FAST (qx_scaled), built once per page rather than per slab. The Huffman
+   * instances keep Q and scale it per slab (their registers are taken by the decoder). */
   qfrag_t<HD, NB> qx;
-  constexpr bool PRE = !HUF && !kFast16<T>;
-  /* The fp16 two-page instance (bit-pack's) keeps its fragments apart from the CTA's copy, as
-   * before that copy existed (a per-warp round trip, and s_gen's reads from a local copy): with
-   * the copy it ran 0.4-1.1% slower from ptxas's allocation alone (session 16). */
-  constexpr bool QRT = !HUF && kFast16<T> && UT > kUnitTokens;
+  constexpr bool PRE = !HUF;
   /* Whether SRC_FAST may take this CTA's Q as fp16 (kFast16's comment); warp-uniform. */
   bool qfits = true;
   if (warp < kW3) {
@@ -1154,40 +1194,22 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           }
       qfits = !__any_sync(0xffffffffu, big);
     }
-    if constexpr (QRT) {
-      /* A round trip through the ring's bytes past the Q tile (idle until the producer starts),
-       * read back by q_load (its comment says why). */
-      constexpr int NQ = (int)sizeof(qfrag_t<HD, NB>) / 16; /* uint4s: two k-blocks each */
-      const uint32_t rt =
-          smem_u32(smem + SL::qtile_off + NE * HD * 2) + (warp * 32 + lane) * NQ * 16;
-#pragma unroll
-      for (int i = 0; i < NQ; i++) {
-        const int nb = i / (HD / 32), kb = 2 * (i % (HD / 32));
-        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(rt + 16 * i),
-                     "r"(qx[nb][kb][0]), "r"(qx[nb][kb][1]), "r"(qx[nb][kb + 1][0]),
-                     "r"(qx[nb][kb + 1][1])
-                     : "memory");
-      }
-      __syncwarp();
-      q_load<HD, NB>(rt, qx);
-    }
   }
-  /* One copy of the fragments per CTA (but QRT's). The Huffman instance reads them where used
+  /* One copy of the fragments per CTA. The Huffman instance reads them where used
    * (v3h_layout says why); the others hold the current page's operand in registers (qx), and
    * their generic path reads Q from the copy. */
   static_assert(sizeof(qfrag_t<HD, NB>) + 16 <= LO::qf_stride, "Q's fragments fit their slot");
   qfrag_t<HD, NB> *qs = (qfrag_t<HD, NB> *)(smem + LO::qf_off + lane * LO::qf_stride);
-  if constexpr (!QRT)
-    if (warp == 0)
+  if (warp == 0)
 #pragma unroll
-      for (int nb = 0; nb < NB; nb++)
+    for (int nb = 0; nb < NB; nb++)
 #pragma unroll
-        for (int kb = 0; kb < HD / 16; kb++)
+      for (int kb = 0; kb < HD / 16; kb++)
 #pragma unroll
-          for (int x = 0; x < 2; x++) (*qs)[nb][kb][x] = qx[nb][kb][x];
+        for (int x = 0; x < 2; x++) (*qs)[nb][kb][x] = qx[nb][kb][x];
   __syncthreads(); /* the Q tile's bytes belong to the ring from here on */
   bool qx_scaled = false;
-  if constexpr (!HUF && !QRT)
+  if constexpr (!HUF)
     if (warp < kW3) q_load<HD, NB>(smem_u32(qs), qx);
   const qfrag_t<HD, NB> &qb = HUF ? *qs : qx;
 
@@ -1346,7 +1368,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           } else {
             /* Rows read with fewer bank conflicts (s_rows, pv_rows) except in the Huffman
              * instances, which read rows only for raw and staging pages and spilled with it. */
-            v3_s<HD, T, NB, FAST, !HUF, PRE>(ks, scr, c, tr, qb, QRT ? qx : *qs, magic, s);
+            v3_s<HD, T, NB, FAST, !HUF, PRE>(ks, scr, c, tr, qb, *qs, magic, s);
           }
           /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
            * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until

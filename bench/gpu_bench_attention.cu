@@ -80,9 +80,12 @@ namespace {
 
 constexpr int HQ = 32, HKV = 8, HD = 128, BT = 64, GROUP = HQ / HKV;
 constexpr size_t kStaging = 2ull * HKV * BT * HD * 2; /* bytes of one staging page: 256 KiB */
-constexpr uint32_t kFp16Chunk = 64 * 1024;            /* staging pages: 4 chunks each */
-constexpr uint32_t kPageChunk = 16 * 1024;            /* compressed pages */
-constexpr int kChunksPerCompressedPage = 10;          /* pool budget: 160 KiB a page on average */
+/* Chunk sizes: 64 KiB for staging pages (4 chunks each), 16 KiB for compressed pages, unless
+ * KVC_BENCH_CHUNK_KIB (4-64, a power of two) sets both, e.g. to a cache's own (kvc_cache picks 8
+ * KiB at this shape). */
+constexpr uint32_t kFp16Chunk = 64 * 1024;
+constexpr uint32_t kPageChunk = 16 * 1024;
+constexpr size_t kCompressedBudget = 160 * 1024; /* pool bytes per compressed page, on average */
 constexpr int kMaxSets = 64;
 
 /* ---- synthetic model-like KV ------------------------------------------------------------------ */
@@ -157,16 +160,16 @@ __global__ void gen_dense(__half *k, __half *v, int64_t seq0, int nseq, int ctx)
   }
 }
 
-/* Copies staging blocks into the fp16 pool: block b's 16-byte piece o goes to chunk
- * chunk_of[(block0 + b) * 4 + o / kFp16Chunk]. */
+/* Copies staging blocks into the fp16 pool of chunks of cb bytes: block b's 16-byte piece o goes
+ * to chunk chunk_of[(block0 + b) * (kStaging / cb) + o / cb]. */
 __global__ void scatter_staging(uint8_t *pool, const uint8_t *blocks, const uint32_t *chunk_of,
-                                int64_t block0, int nblk) {
+                                int64_t block0, int nblk, uint32_t cb) {
   const int64_t n = (int64_t)nblk * kStaging / 16;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = i / (kStaging / 16), o = (i % (kStaging / 16)) * 16;
-    const uint32_t c = chunk_of[(block0 + b) * (kStaging / kFp16Chunk) + o / kFp16Chunk];
-    *(uint4 *)(pool + (uint64_t)c * kFp16Chunk + o % kFp16Chunk) = *(const uint4 *)(blocks + i * 16);
+    const uint32_t c = chunk_of[(block0 + b) * (kStaging / cb) + o / cb];
+    *(uint4 *)(pool + (uint64_t)c * cb + o % cb) = *(const uint4 *)(blocks + i * 16);
   }
 }
 
@@ -340,6 +343,16 @@ int main(int argc, char **argv) {
             "%lld tokens in all\n", only_b, only_ctx, BT, (long long)total_tokens);
     return 2;
   }
+  uint32_t fp16_chunk = kFp16Chunk, page_chunk = kPageChunk;
+  if (const char *e = getenv("KVC_BENCH_CHUNK_KIB")) {
+    const int kib = atoi(e);
+    if (kib < 4 || kib > 64 || (kib & (kib - 1)) != 0) {
+      fprintf(stderr, "gpu_bench_attention: KVC_BENCH_CHUNK_KIB=%s: a power of two in 4..64\n", e);
+      return 2;
+    }
+    fp16_chunk = page_chunk = (uint32_t)kib * 1024;
+    printf("chunks of %d KiB (KVC_BENCH_CHUNK_KIB)\n", kib);
+  }
   int dev = 0;
   cudaDeviceProp prop;
   if (cudaGetDeviceCount(&dev) != cudaSuccess || dev == 0) {
@@ -387,7 +400,7 @@ int main(int argc, char **argv) {
   pages bf16{"kvcomp_bf16_paged"}, bitpack_bf16{"kvcomp_bitpack_bf16"},
       huffman_bf16{"kvcomp_huffman_bf16"};
   bf16.dtype = bitpack_bf16.dtype = huffman_bf16.dtype = KVC_DTYPE_BF16;
-  std::vector<uint32_t> perm((size_t)nblocks * (kStaging / kFp16Chunk));
+  std::vector<uint32_t> perm((size_t)nblocks * (kStaging / fp16_chunk));
   for (size_t i = 0; i < perm.size(); i++) perm[i] = (uint32_t)i;
   uint64_t rs = 12345;
   for (size_t i = perm.size() - 1; i > 0; i--) std::swap(perm[i], perm[(rs = mix64(rs)) % (i + 1)]);
@@ -395,7 +408,7 @@ int main(int argc, char **argv) {
   CK(cudaMalloc(&chunk_of, perm.size() * 4));
   CK(cudaMemcpy(chunk_of, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
   for (pages *raw : {&fp16, &bf16}) {
-    raw->chunk_bytes = kFp16Chunk;
+    raw->chunk_bytes = fp16_chunk;
     CK(cudaMalloc(&raw->pool, (size_t)nblocks * kStaging));
   }
   {
@@ -404,9 +417,9 @@ int main(int argc, char **argv) {
       memset(&dir[b], 0, sizeof(dir[b]));
       dir[b].nbytes = (uint32_t)kStaging;
       dir[b].kind = KVC_PAGE_STAGING;
-      dir[b].nchunks = kStaging / kFp16Chunk;
-      for (int c = 0; c < (int)(kStaging / kFp16Chunk); c++)
-        dir[b].chunk[c] = perm[(size_t)b * (kStaging / kFp16Chunk) + c];
+      dir[b].nchunks = (uint8_t)(kStaging / fp16_chunk);
+      for (int c = 0; c < (int)(kStaging / fp16_chunk); c++)
+        dir[b].chunk[c] = perm[(size_t)b * (kStaging / fp16_chunk) + c];
     }
     for (pages *raw : {&fp16, &bf16}) {
       CK(cudaMalloc(&raw->dir, sizeof(kvc_page_entry_t) * nblocks));
@@ -426,20 +439,20 @@ int main(int argc, char **argv) {
   cp.v_bound = KVC_DEFAULT_V_BOUND;
   cp.policy = KVC_POLICY_FIXED;
   cp.size_budget = 0.35f;
-  const uint32_t comp_chunks = (uint32_t)nblocks * kChunksPerCompressedPage;
+  const uint32_t comp_chunks = (uint32_t)(nblocks * kCompressedBudget / page_chunk);
   constexpr int kComp = 4;
   kvc_dev_pool_t pools[kComp];
   pages *comp[kComp] = {&bitpack, &huffman, &bitpack_bf16, &huffman_bf16};
   const kvc_codec_t codecs[kComp] = {KVC_CODEC_BITPACK, KVC_CODEC_HUFFMAN, KVC_CODEC_BITPACK,
                                      KVC_CODEC_HUFFMAN};
   for (int i = 0; i < kComp; i++) {
-    comp[i]->chunk_bytes = kPageChunk;
-    CK(cudaMalloc(&comp[i]->pool, (size_t)comp_chunks * kPageChunk));
+    comp[i]->chunk_bytes = page_chunk;
+    CK(cudaMalloc(&comp[i]->pool, (size_t)comp_chunks * page_chunk));
     CK(cudaMalloc(&comp[i]->dir, sizeof(kvc_page_entry_t) * nblocks));
     CK(cudaMemset(comp[i]->dir, 0, sizeof(kvc_page_entry_t) * nblocks));
     kvc_dev_pool_t &p = pools[i];
     p.base = comp[i]->pool;
-    p.chunk_bytes = kPageChunk;
+    p.chunk_bytes = page_chunk;
     p.num_chunks = comp_chunks;
     std::vector<uint32_t> stack(comp_chunks);
     for (uint32_t c = 0; c < comp_chunks; c++) stack[c] = c;
@@ -479,9 +492,9 @@ int main(int argc, char **argv) {
       to_bf16<<<1024, 256, 0, st>>>((const __half *)blocks, (__nv_bfloat16 *)blocks_bf16,
                                     (int64_t)n * kStaging / 2);
       CK(cudaGetLastError());
-      scatter_staging<<<1024, 256, 0, st>>>(fp16.pool, blocks, chunk_of, b0, n);
+      scatter_staging<<<1024, 256, 0, st>>>(fp16.pool, blocks, chunk_of, b0, n, fp16_chunk);
       CK(cudaGetLastError());
-      scatter_staging<<<1024, 256, 0, st>>>(bf16.pool, blocks_bf16, chunk_of, b0, n);
+      scatter_staging<<<1024, 256, 0, st>>>(bf16.pool, blocks_bf16, chunk_of, b0, n, fp16_chunk);
       CK(cudaGetLastError());
       for (int i = 0; i < kComp; i++) {
         cp.codec = codecs[i];

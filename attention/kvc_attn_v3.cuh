@@ -286,16 +286,15 @@ __device__ __forceinline__ uint32_t code_pair_k(const uint32_t (&x)[NA], const u
   return (v >> (r - re)) & ((((1u << W) - 1u) << re) * 0x10001u);
 }
 
-/* Words [k0, k0 + NA] of a section's stream shifted left by sh: the NA words of a bit run. No
+/* Words p[0 .. NA] of a section's stream shifted left by sh: the NA words of a bit run. No
  * clamps: v3_setup_section checked that every run of the section's tokens ends inside the section,
  * so the one word past the run at most is the layout's slack. */
 template <int NA>
-__device__ __forceinline__ void load_run(const uint32_t *w, uint32_t start, uint32_t (&a)[NA]) {
-  const uint32_t k0 = start >> 5, sh = start & 31;
-  uint32_t prev = w[k0];
+__device__ __forceinline__ void load_run(const uint32_t *p, uint32_t sh, uint32_t (&a)[NA]) {
+  uint32_t prev = p[0];
 #pragma unroll
   for (int m = 0; m < NA; m++) {
-    const uint32_t nx = w[k0 + m + 1];
+    const uint32_t nx = p[m + 1];
     a[m] = __funnelshift_l(nx, prev, sh);
     prev = nx;
   }
@@ -318,10 +317,8 @@ constexpr int run_align_words(int G, int NC, int W) {
  * adjacent, so a warp's vector load reads one contiguous span: without bank conflicts, where the
  * word loads of runs 2^k words apart met 2^k-way conflicts (bench/NOTES-attention.md). */
 template <int NA, int AW>
-__device__ __forceinline__ void load_run_aligned(const uint32_t *w, uint32_t start,
-                                                 uint32_t (&a)[NA]) {
+__device__ __forceinline__ void load_run_aligned(const uint32_t *p, uint32_t (&a)[NA]) {
   constexpr int V = (AW % 4 == 0 && NA % 4 == 0) ? 4 : (AW % 2 == 0 && NA % 2 == 0) ? 2 : 1;
-  const uint32_t *p = w + (start >> 5);
 #pragma unroll
   for (int m = 0; m < NA; m += V) {
     if constexpr (V == 4) {
@@ -333,6 +330,25 @@ __device__ __forceinline__ void load_run_aligned(const uint32_t *w, uint32_t sta
     } else {
       a[m] = p[m];
     }
+  }
+}
+
+/* The runs of NA words of codes of width W from channel ch0 of tokens pt[0 .. NT) of a section
+ * whose tokens are HD codes apart: AW > 0, runs that start at a multiple of AW words (load_run_aligned),
+ * else load_run. A token's codes are HD W bits, whole words, so every run starts at the same bit
+ * of a word, (pt[t] - pt[0]) HD W / 32 words after the first: one start, one shift for all. */
+template <int HD, int W, int NA, int AW, int NT>
+__device__ __forceinline__ void load_token_runs(const uint32_t *w, uint32_t meta, int ch0,
+                                                const int (&pt)[NT], uint32_t (&a)[NT][NA]) {
+  static_assert(HD * W % 32 == 0, "a token's codes are whole words");
+  constexpr int TW = HD * W / 32;
+  const uint32_t start = meta + (uint32_t)(pt[0] * HD + ch0) * W;
+  const uint32_t *p0 = w + (start >> 5);
+#pragma unroll
+  for (int t = 0; t < NT; t++) {
+    const uint32_t *p = p0 + (pt[t] - pt[0]) * TW;
+    if constexpr (AW > 0) load_run_aligned<NA, AW>(p, a[t]);
+    else load_run<NA>(p, start & 31, a[t]);
   }
 }
 
@@ -811,13 +827,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
   }
   uint32_t a[2][NA];
   /* Key codes start at a multiple of HD bits (HD groups' fields before them). */
-  constexpr int AW = run_align_words(HD, NC, W);
-#pragma unroll
-  for (int h = 0; h < 2; h++) {
-    const uint32_t start = sec.meta + (uint32_t)(pt[h] * HD + c * NC) * W;
-    if constexpr (AW > 0) load_run_aligned<NA, AW>(sec.w, start, a[h]);
-    else load_run<NA>(sec.w, start, a[h]);
-  }
+  load_token_runs<HD, W, NA, run_align_words(HD, NC, W)>(sec.w, sec.meta, c * NC, pt, a);
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
     uint2 sb = make_uint2(0u, 0u); /* the step pairs, unless Q' is given */
@@ -1006,12 +1016,7 @@ __device__ __forceinline__ void pv_fast(const v3_sec &s, int g, const int (&pt)[
                                         oacc_t<HD, NB> &o) {
   constexpr int NC = HD / 8, NA = (NC * W + 31) / 32, AW = run_align_words(64, NC, W);
   uint32_t a[4][NA];
-#pragma unroll
-  for (int t = 0; t < 4; t++) {
-    const uint32_t start = s.meta + (uint32_t)(pt[t] * HD + g * NC) * W;
-    if constexpr (AL) load_run_aligned<NA, AW>(s.w, start, a[t]);
-    else load_run<NA>(s.w, start, a[t]);
-  }
+  load_token_runs<HD, W, NA, AL ? AW : 0>(s.w, s.meta, g * NC, pt, a);
   pv_tiles<__half>(pb, o, 0, HD / 16, [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
     const int n = 2 * mt + r;
     lo = code_pair<W, NA>(a[0], a[1], n, n) | magic;

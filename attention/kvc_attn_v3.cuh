@@ -127,8 +127,9 @@ template <class T> constexpr bool kFast16 = half2_of<T>::magic == 0x64006400u;
 /* Per-warp scratch (bytes), rewritten at each page: K's region, then V's, each holding either
  * SRC_GEN's group bases and steps or SRC_FAST's tables (same bytes). K fast: per (k-block, lane c)
  * a uint4 (kq, kq_index: the four c of a k-block side by side, so that a warp's read of them is
- * one wavefront, not four in one bank) of two fp16 pairs of step * 2^-e and two of b / 2^W - 1,
- * in k_channel order, and
+ * one wavefront, not four in one bank) {b0, s0, b1, s1}: for the k-block's two channel pairs in
+ * k_channel order, fp16 pairs of the bases b 2^(r - 10) - 1 and of the steps step 2^(-e - r)
+ * (v3_fast_tables), bases first so that the uint4 as loaded is s_fast_const's A operand, and
  * per lane s_fast_const's float2 per n-block (kc). V fast: per page token the floats step *
  * 2^(W - e) (vmul) and b / 2^W - 1 (vbt). Per-token entries are indexed by page token & 63 (a unit
  * reads at most 64 tokens of a page, aligned to 64); absolute mode keeps bases only (per channel;
@@ -229,8 +230,9 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
  * so that the codes of one half share it. The shift brings the other half's bits at most 6 places
  * across the halves' border (a code starts at bit r <= 16 - W of its half), never into the mask.
  */
-/* The words that hold codes i1 of run x and i2 of run y (X, Y: a word, or for a code that crosses
- * a word the funnel shift that brings it into the low half), and the codes' lsb positions in them. */
+/* The words that hold codes i1 of run x and i2 of run y (X, Y: a word, or for a code that
+ * crosses a word the funnel shift that brings it into the low half), and the codes' lsb
+ * positions in them. */
 template <int W, int NA>
 __device__ __forceinline__ void pair_words(const uint32_t (&x)[NA], const uint32_t (&y)[NA],
                                            int i1, int i2, uint32_t &X, uint32_t &Y, int &L1,
@@ -334,9 +336,10 @@ __device__ __forceinline__ void load_run_aligned(const uint32_t *p, uint32_t (&a
 }
 
 /* The runs of NA words of codes of width W from channel ch0 of tokens pt[0 .. NT) of a section
- * whose tokens are HD codes apart: AW > 0, runs that start at a multiple of AW words (load_run_aligned),
- * else load_run. A token's codes are HD W bits, whole words, so every run starts at the same bit
- * of a word, (pt[t] - pt[0]) HD W / 32 words after the first: one start, one shift for all. */
+ * whose tokens are HD codes apart: AW > 0, runs that start at a multiple of AW words
+ * (load_run_aligned), else load_run. A token's codes are HD W bits, whole words, so every run
+ * starts at the same bit of a word, (pt[t] - pt[0]) HD W / 32 words after the first: one start,
+ * one shift for all. */
 template <int HD, int W, int NA, int AW, int NT>
 __device__ __forceinline__ void load_token_runs(const uint32_t *w, uint32_t meta, int ch0,
                                                 const int (&pt)[NT], uint32_t (&a)[NT][NA]) {
@@ -577,7 +580,7 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
 #pragma unroll
     for (int i = 0; i < v3_groups<HD, TS>::NG; i += 2) {
       /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. the
-       * pi % 2-th step and base pairs of uint4 kq_index(j, pi / 2). Its codes lie at bit r of
+       * pi % 2-th base and step pairs of uint4 kq_index(j, pi / 2). Its codes lie at bit r of
        * their halves (code_pair_k): operand 1 + u 2^(r - 10), so the steps take 2^-r and the
        * bases b 2^(r - 10) - 1 = (u + 2^W - 2048 - 2^(10 - r)) 2^(r - 10), in one FFMA, exact
        * (the numerator's magnitude is at most 2048 for 1024 <= u <= 4096: v3_groups). */
@@ -586,10 +589,10 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
       const float rinv = inv * pow2i(-r), bm = pow2i(r - 10);
       const float bo = (float)((1 << h.width) - 2048 - (1024 >> r)) * bm;
       uint32_t *kq =
-          (uint32_t *)(scr + v3_scratch::kq) + 4 * kq_index(pr / (HD / 8), pi / 2) + pi % 2;
-      kq[0] = pack2<__half>(v3_step_x(gr.E[i]) * rinv, v3_step_x(gr.E[i + 1]) * rinv);
-      kq[2] = pack2<__half>(fmaf(__uint2float_rn(gr.u[i]), bm, bo),
+          (uint32_t *)(scr + v3_scratch::kq) + 4 * kq_index(pr / (HD / 8), pi / 2) + 2 * (pi % 2);
+      kq[0] = pack2<__half>(fmaf(__uint2float_rn(gr.u[i]), bm, bo),
                             fmaf(__uint2float_rn(gr.u[i + 1]), bm, bo));
+      kq[1] = pack2<__half>(v3_step_x(gr.E[i]) * rinv, v3_step_x(gr.E[i + 1]) * rinv);
     }
     v3_set_sec(h, TS, e + 10, s); /* S^T's unit: (u + b) / 2^10 times Q * step * 2^-e */
   } else {
@@ -776,9 +779,9 @@ template <class T> __device__ __forceinline__ uint32_t q_scaled(uint32_t q, uint
   }
 }
 
-/* Q's fragments from shared address qa (the CTA's copy, v3_layout::qf_off), with opaque loads: ptxas would otherwise keep the Q tile's halves and rebuild the
- * fragments from them at their uses (two PRMTs per k-block in every slab of the bit-pack
- * builders). */
+/* Q's fragments from shared address qa (the CTA's copy, v3_layout::qf_off), with opaque loads:
+ * ptxas would otherwise keep the Q tile's halves and rebuild the fragments from them at their
+ * uses (two PRMTs per k-block in every slab of the bit-pack builders). */
 template <int HD, int NB>
 __device__ __forceinline__ void q_load(uint32_t qa, qfrag_t<HD, NB> &q) {
   constexpr int NQ = (int)sizeof(qfrag_t<HD, NB>) / 16; /* uint4s: two k-blocks each */
@@ -801,11 +804,11 @@ __device__ __forceinline__ void q_page(const uint8_t *scr, int c, qfrag_t<HD, NB
   const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq);
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
-    const uint2 sb = *(const uint2 *)&kq[kq_index(c, kb)];
+    const uint4 sb = kq[kq_index(c, kb)];
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      q[nb][kb][0] = q_scaled<T>(q[nb][kb][0], sb.x);
-      q[nb][kb][1] = q_scaled<T>(q[nb][kb][1], sb.y);
+      q[nb][kb][0] = q_scaled<T>(q[nb][kb][0], sb.y);
+      q[nb][kb][1] = q_scaled<T>(q[nb][kb][1], sb.w);
     }
   }
 }
@@ -830,8 +833,8 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
   load_token_runs<HD, W, NA, run_align_words(HD, NC, W)>(sec.w, sec.meta, c * NC, pt, a);
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
-    uint2 sb = make_uint2(0u, 0u); /* the step pairs, unless Q' is given */
-    if constexpr (!PRE) sb = *(const uint2 *)&kq[kq_index(c, kb)];
+    uint4 sb = make_uint4(0u, 0u, 0u, 0u); /* the step pairs (y, w), unless Q' is given */
+    if constexpr (!PRE) sb = kq[kq_index(c, kb)];
     uint32_t b[2][2];
 #pragma unroll
     for (int h = 0; h < 2; h++)
@@ -843,8 +846,8 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
     const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      const uint32_t q0 = PRE ? qb[nb][kb][0] : q_scaled<T>(qb[nb][kb][0], sb.x);
-      const uint32_t q1 = PRE ? qb[nb][kb][1] : q_scaled<T>(qb[nb][kb][1], sb.y);
+      const uint32_t q0 = PRE ? qb[nb][kb][0] : q_scaled<T>(qb[nb][kb][0], sb.y);
+      const uint32_t q1 = PRE ? qb[nb][kb][1] : q_scaled<T>(qb[nb][kb][1], sb.w);
       mma16816<__half>(s[kb % 2][nb], av, q0, q1);
     }
   }
@@ -868,17 +871,19 @@ __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
     const uint4 sb = kq[kq_index(c, kb)];
-    const uint32_t av[4] = {sb.z, sb.z, sb.w, sb.w}; /* both tokens: the base terms */
+    /* Rows g: the base terms. Rows g + 8 take the steps, whose products are not used: the
+     * uint4 is the operand as loaded, without register copies. */
+    const uint32_t av[4] = {sb.x, sb.y, sb.z, sb.w};
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      const uint32_t q0 = PRE ? qb[nb][kb][0] : q_scaled<T>(qb[nb][kb][0], sb.x);
-      const uint32_t q1 = PRE ? qb[nb][kb][1] : q_scaled<T>(qb[nb][kb][1], sb.y);
+      const uint32_t q0 = PRE ? qb[nb][kb][0] : q_scaled<T>(qb[nb][kb][0], sb.y);
+      const uint32_t q1 = PRE ? qb[nb][kb][1] : q_scaled<T>(qb[nb][kb][1], sb.w);
       mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
     }
   }
   float2 *kc = (float2 *)(scr + v3_scratch::kc) + lane_id() * NB;
 #pragma unroll
-  for (int nb = 0; nb < NB; nb++)
+  for (int nb = 0; nb < NB; nb++) /* rows g */
     kc[nb] = make_float2(acc[0][nb][0] + acc[1][nb][0], acc[0][nb][1] + acc[1][nb][1]);
 }
 

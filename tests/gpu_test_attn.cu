@@ -738,7 +738,6 @@ static void absolute_bound_pages(void **state) {
   assert_true(huffman > 0);
 }
 
-
 /*
  * bf16 queries beyond fp16's range: the bit-pack fast path takes bf16 Q as fp16 (scaled by the
  * keys' steps), which a CTA does only when every |Q| of its tile is at most 65504; otherwise its
@@ -767,6 +766,7 @@ static void bf16_queries_beyond_fp16(void **state) {
       host_teardown(&h);
     }
 }
+
 /* A Huffman page that reaches v3 (a codec_mask that says there is none) makes the rows that read
  * it NaN; a sequence held by a staging page alone is still right. */
 static void v3_huffman_page_gives_nan(void **state) {

@@ -179,7 +179,8 @@ int kvc_bm_plan_prefix_groups(const kvc_bm_plan_t *plan, int block_tokens, int32
 
 /* A page's size became known: its charge drops from the worst case to `nchunks`. Applies only to
  * a full ACTIVE or CACHED block whose page of `layer` is not measured yet, with
- * 1 <= nchunks <= worst_page_chunks; anything else is counted in stats.ignored_measurements.
+ * nbytes > 0 and nchunks <= worst_page_chunks (0 for a page packed into chunks its block already
+ * holds); anything else is counted in stats.ignored_measurements.
  * Sizes read back asynchronously can arrive after their block was freed and its id reused:
  * kvc_bm_page_measured_step ignores a size unless the block was filled in step `step`
  * (kvc_bm_plan_t.step of the plan that made it a compress job). */

@@ -79,8 +79,8 @@ struct kvc_bm {
 
   /* Blocks. */
   kvc__block_t *blk;      /* [max_blocks] */
-  uint8_t *pg_chunks;     /* [max_blocks * num_layers] measured chunks, 0: not measured */
-  uint32_t *pg_bytes;     /* [max_blocks * num_layers] measured bytes */
+  uint8_t *pg_chunks;     /* [max_blocks * num_layers] measured chunks (a packed page: 0 or more) */
+  uint32_t *pg_bytes;     /* [max_blocks * num_layers] measured bytes, 0: not measured */
   int32_t *block_tok;     /* [max_blocks * block_tokens] token ids (prefix caching only) */
   int32_t *free_ids;      /* [max_blocks] stack */
   int32_t nfree;

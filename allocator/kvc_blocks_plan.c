@@ -201,19 +201,20 @@ int kvc_bm_step_open(const kvc_bm_t *bm) { return bm->step_open; }
 static void measured(kvc_bm_t *bm, int check_step, uint64_t step, int32_t block, int layer,
                      uint32_t nbytes, uint32_t nchunks) {
   if (block < 0 || block >= bm->cfg.max_blocks || layer < 0 || layer >= bm->cfg.num_layers ||
-      nchunks < 1 || nchunks > bm->cfg.worst_page_chunks) {
+      nbytes == 0 || nchunks > bm->cfg.worst_page_chunks) {
     bm->ignored_measurements++;
     return;
   }
   kvc__block_t *blk = &bm->blk[block];
-  uint8_t *pc = bm->pg_chunks + (size_t)block * bm->cfg.num_layers + layer;
+  const size_t at = (size_t)block * bm->cfg.num_layers + layer;
   if ((blk->state != KVC__ACTIVE && blk->state != KVC__CACHED) ||
-      blk->ntok != bm->cfg.block_tokens || *pc || (check_step && blk->done_step != step)) {
+      blk->ntok != bm->cfg.block_tokens || bm->pg_bytes[at] ||
+      (check_step && blk->done_step != step)) {
     bm->ignored_measurements++;
     return;
   }
-  *pc = (uint8_t)nchunks;
-  bm->pg_bytes[(size_t)block * bm->cfg.num_layers + layer] = nbytes;
+  bm->pg_chunks[at] = (uint8_t)nchunks;
+  bm->pg_bytes[at] = nbytes;
   blk->mchunks += nchunks;
   blk->mbytes += nbytes;
   blk->nmeasured++;

@@ -116,7 +116,10 @@ static kvc_status_t check_blocks(const kvc_bm_t *bm, char *why, size_t cap) {
     int32_t nm = 0;
     for (int l = 0; l < L; l++) {
       uint8_t c = bm->pg_chunks[(size_t)b * L + l];
-      if (!c) continue;
+      if (!bm->pg_bytes[(size_t)b * L + l]) {
+        CHECK(c == 0, "block %d layer %d: %u chunks, not measured", b, l, c);
+        continue;
+      }
       CHECK(c <= W, "block %d layer %d: %u chunks", b, l, c);
       mc += c;
       mb += bm->pg_bytes[(size_t)b * L + l];

@@ -106,7 +106,10 @@ void kvc__block_release(kvc_bm_t *bm, int32_t b) {
     }
   }
   if (blk->hashed) kvc__hash_remove(bm, b);
-  if (blk->nmeasured) memset(bm->pg_chunks + (size_t)b * layers, 0, (size_t)layers);
+  if (blk->nmeasured) {
+    memset(bm->pg_chunks + (size_t)b * layers, 0, (size_t)layers);
+    memset(bm->pg_bytes + (size_t)b * layers, 0, (size_t)layers * sizeof(uint32_t));
+  }
   blk->mbytes = 0;
   blk->mchunks = 0;
   blk->nmeasured = 0;

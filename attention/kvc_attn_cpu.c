@@ -77,7 +77,8 @@ static const kvc_page_entry_t *kvc__entry(const kvc_attn_args_t *a, int s, int j
 /* Bytes of the pool a page entry may legitimately describe, or 0 when the entry is malformed. */
 static uint32_t kvc__entry_bytes(const kvc_attn_args_t *a, const kvc_page_entry_t *e) {
   if (e->nchunks > KVC_PAGE_MAX_CHUNKS || e->nbytes == 0 ||
-      (uint64_t)e->nbytes > (uint64_t)e->nchunks * a->chunk_bytes)
+      (uint64_t)kvc_page_start(e, a->chunk_bytes) + e->nbytes >
+          (uint64_t)e->nchunks * a->chunk_bytes)
     return 0;
   return e->nbytes;
 }
@@ -109,9 +110,11 @@ static kvc_status_t kvc__decode_page(const kvc_attn_args_t *a, const kvc_page_en
   }
   if (e->kind != KVC_PAGE_COMPRESSED) return KVC_ERR_CORRUPT;
 
-  for (uint32_t off = 0; off < nbytes; off += a->chunk_bytes) {
-    uint32_t len = nbytes - off < a->chunk_bytes ? nbytes - off : a->chunk_bytes;
-    memcpy(gather + off, kvc_page_byte(pool, a->chunk_bytes, e, off), len);
+  const uint32_t cb = a->chunk_bytes, start = kvc_page_start(e, cb);
+  for (uint32_t off = 0, len; off < nbytes; off += len) {
+    const uint32_t room = cb - (start + off) % cb; /* to the end of the chunk that holds off */
+    len = nbytes - off < room ? nbytes - off : room;
+    memcpy(gather + off, kvc_page_byte(pool, cb, e, off), len);
   }
   kvc_page_info_t info;
   if (kvc_codec_page_info(gather, nbytes, &info) != KVC_OK) return KVC_ERR_CORRUPT;

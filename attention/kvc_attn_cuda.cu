@@ -78,7 +78,8 @@ enum : int32_t { UNIT_TILE_IN_RING = 1, UNIT_BAD = 2 };
 
 /* What the producer knows about one page of its current batch. */
 struct page_meta {
-  uint32_t k_off, k_bytes, v_off, v_bytes; /* page offsets and sizes of this head's K and V */
+  uint32_t k_off, k_bytes, v_off, v_bytes; /* chunk-chain offsets (a packed page: + its
+                                              start) and sizes of this head's K and V */
   uint16_t n_tokens;                       /* tokens the page holds */
   uint8_t cls;                             /* PG_* */
   uint8_t nchunks;                         /* for the debug bounds checks */
@@ -283,7 +284,8 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
   const bool valid = lane < kBatch && j < nblocks;
   const int bid = valid ? p.block_ids[bi0 + j] : 0;
   uint2 head = make_uint2(0, 0);
-  if (valid) head = *(const uint2 *)(p.dir + bid); /* nbytes; kind | nchunks << 8 | codec << 16 */
+  /* nbytes; kind | nchunks << 8 | codec << 16 | first << 24 */
+  if (valid) head = *(const uint2 *)(p.dir + bid);
   /* Chunk ids, transposed: lanes read page i's ids 32 at a time (coalesced). */
   uint32_t cv[2 * kBatch];
 #pragma unroll
@@ -304,6 +306,9 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
   const uint32_t *my = chunks + (valid ? lane : 0) * KVC_PAGE_MAX_CHUNKS;
   const uint32_t nbytes = head.x, kind = head.y & 0xffu, nchunks = (head.y >> 8) & 0xffu;
   const uint32_t codec = (head.y >> 16) & 0xffu;
+  /* A packed page starts fo bytes into its chunk[0] (allocator/kvc_pool_layout.h): its offsets
+   * below are from there, so that page_addr and the copies need nothing else. */
+  const uint32_t fo = (head.y >> 24) * (p.chunk_bytes >> 8);
   const uint32_t RB = 2 * HD;
   const int need = valid ? min(bt, len - j * bt) : 0;
   page_meta pm;
@@ -312,8 +317,8 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
   pm.k_off = pm.k_bytes = pm.v_off = pm.v_bytes = 0;
   pm.nchunks = (uint8_t)nchunks;
   const bool sized = nchunks >= 1 && nchunks <= KVC_PAGE_MAX_CHUNKS &&
-                     (uint64_t)nbytes <= (uint64_t)nchunks * p.chunk_bytes;
-  if (valid && sized && kind == KVC_PAGE_STAGING) {
+                     (uint64_t)fo + nbytes <= (uint64_t)nchunks * p.chunk_bytes;
+  if (valid && sized && kind == KVC_PAGE_STAGING && fo == 0) {
     if ((uint64_t)nbytes >= 2ull * H * bt * RB) {
       pm.cls = PG_STAGING;
       pm.n_tokens = (uint16_t)bt;
@@ -326,18 +331,18 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
     const uint32_t tk = KVC_PAGE_HEADER_BYTES + 4u * kh, tv = tk + 4u * H;
     uint32_t w[4] = {0, 0, 0, 0};
     const bool table_ok = tv + 4 <= nbytes;
-    const uint8_t *hp = page_addr(p, my, 0);
+    const uint8_t *hp = page_addr(p, my, fo);
     union {
       uint4 v[2];
       uint8_t b[32];
     } raw;
     raw.v[0] = __ldg((const uint4 *)hp);
-    raw.v[1] = __ldg((const uint4 *)hp + 1);
+    raw.v[1] = __ldg((const uint4 *)page_addr(p, my, fo + 16)); /* may be in the next chunk */
     if (table_ok) {
-      if (kh > 0) w[0] = __ldg((const uint32_t *)page_addr(p, my, tk - 4));
-      w[1] = __ldg((const uint32_t *)page_addr(p, my, tk));
-      w[2] = __ldg((const uint32_t *)page_addr(p, my, tv - 4));
-      w[3] = __ldg((const uint32_t *)page_addr(p, my, tv));
+      if (kh > 0) w[0] = __ldg((const uint32_t *)page_addr(p, my, fo + tk - 4));
+      w[1] = __ldg((const uint32_t *)page_addr(p, my, fo + tk));
+      w[2] = __ldg((const uint32_t *)page_addr(p, my, fo + tv - 4));
+      w[3] = __ldg((const uint32_t *)page_addr(p, my, fo + tv));
     }
     kvc_page_header_t h;
     kvc_page_header_read(raw.b, &h);
@@ -359,8 +364,8 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
     }
     if (pm.cls != PG_BAD) {
       pm.n_tokens = h.n_tokens;
-      pm.k_off = k0;
-      pm.v_off = v0;
+      pm.k_off = fo + k0;
+      pm.v_off = fo + v0;
       pm.k_bytes = kb;
       pm.v_bytes = vb;
     }

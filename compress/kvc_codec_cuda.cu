@@ -75,6 +75,9 @@ struct Args {
   int policy;
   int codec;
   float size_budget;
+  kvc_pack_cursor_t *cursor; /* packing (kvc_codec_cuda_compress_packed), else NULL */
+  int layer;
+  uint8_t *page_chunks;      /* with cursor: the chunks each page took */
 };
 
 /* Shared memory of the compression kernel, carved from the dynamic buffer. Groups: at most
@@ -99,7 +102,9 @@ struct Smem {
 };
 
 /* misc[]: per-section values first (reset by quantize), then per-page ones. */
-enum { M_FAIL, M_ELO, M_EHI, M_BLO, M_BHI, M_MAXU, M_LLO, M_LHI, M_NSYM, M_HAVE, M_DRY, M_NMISC };
+/* M_BASE: where the page starts in chunks[0] (a packed page), in bytes. */
+enum { M_FAIL, M_ELO, M_EHI, M_BLO, M_BHI, M_MAXU, M_LLO, M_LHI, M_NSYM, M_HAVE, M_DRY, M_BASE,
+       M_NMISC };
 
 __host__ __device__ inline size_t align16z(size_t x) { return (x + 15) & ~(size_t)15; }
 
@@ -836,7 +841,7 @@ struct Pop {
 __device__ __forceinline__ Pop pop_begin(const Smem &sm, const Args &a, uint32_t bytes) {
   Pop p = {0, 0};
   if (threadIdx.x == 0 && !sm.misc[M_DRY]) {
-    uint32_t need = kvc_chunks_for(bytes, a.pool.chunk_bytes);
+    uint32_t need = kvc_chunks_for((uint64_t)sm.misc[M_BASE] + bytes, a.pool.chunk_bytes);
     int have = sm.misc[M_HAVE];
     if (need > KVC_PAGE_MAX_CHUNKS) {
       sm.misc[M_DRY] = 1;
@@ -873,6 +878,7 @@ __device__ bool ensure_chunks(const Smem &sm, const Args &a, uint32_t bytes) {
 __device__ void copy_out(const Smem &sm, const Args &a, const uint8_t *src, uint32_t off,
                          uint32_t bytes, bool global_src) {
   const uint32_t cb = a.pool.chunk_bytes;
+  off += (uint32_t)sm.misc[M_BASE];
   for (uint32_t i = threadIdx.x; i < (uint32_t)align16z(bytes) / 16; i += kThreads) {
     uint32_t o = off + 16 * i;
     uint4 v = global_src ? __ldg((const uint4 *)src + i) : ((const uint4 *)src)[i];
@@ -910,7 +916,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
   const uint64_t row_stride = (uint64_t)a.block_tokens * HD * 2;
   const uint32_t raw = (uint32_t)S * 2, start = kvc_page_sections_start((uint32_t)H);
   if (tid == 0) {
-    sm.misc[M_HAVE] = 0;
+    /* Packed after the block's page of the previous layer when that was its last page. */
+    const bool pack = a.cursor && a.layer > 0 && kvc_pack_codec(a.codec, a.policy);
+    const kvc_pack_cursor_t cur = pack ? a.cursor[bid] : kvc_pack_cursor_t{-1, 0, 0};
+    const uint32_t first = cur.layer == a.layer - 1 ? kvc_pack_first(cur.end, a.pool.chunk_bytes) : 0;
+    sm.chunks[0] = cur.chunk;
+    sm.misc[M_HAVE] = first ? 1 : 0;
+    sm.misc[M_BASE] = (int)(first * (a.pool.chunk_bytes >> 8));
     sm.misc[M_DRY] = 0;
   }
   __syncthreads();
@@ -1024,11 +1036,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
     kvc_page_entry_t *e = &a.dir[bid];
     e->nbytes = pos;
     e->kind = KVC_PAGE_COMPRESSED;
-    e->nchunks = (uint8_t)sm.misc[M_HAVE];
+    const int have = sm.misc[M_HAVE], base = sm.misc[M_BASE];
+    const uint32_t cb = a.pool.chunk_bytes;
+    e->nchunks = (uint8_t)have;
     e->codec = (uint8_t)codec;
-    e->pad = 0;
-    for (int c = 0; c < KVC_PAGE_MAX_CHUNKS; c++) e->chunk[c] = c < sm.misc[M_HAVE] ? sm.chunks[c] : 0;
+    e->first = (uint8_t)(base / (int)(cb >> 8));
+    for (int c = 0; c < KVC_PAGE_MAX_CHUNKS; c++) e->chunk[c] = c < have ? sm.chunks[c] : 0;
     a.page_bytes[job] = pos;
+    if (a.cursor) {
+      a.page_chunks[job] = (uint8_t)(have - (base ? 1 : 0));
+      a.cursor[bid] = kvc_pack_cursor_t{a.layer, sm.chunks[have - 1],
+                                        (uint32_t)base + pos - (uint32_t)(have - 1) * cb};
+    }
   }
 }
 
@@ -1145,11 +1164,21 @@ extern "C" kvc_status_t kvc_codec_cuda_compress(const kvc_codec_params_t *p, con
                                                 int num_jobs, kvc_page_entry_t *dir,
                                                 kvc_dev_pool_t pool, uint32_t *page_bytes,
                                                 void *stream) {
+  return kvc_codec_cuda_compress_packed(p, blocks, n_tokens, block_ids, num_jobs, dir, pool,
+                                        page_bytes, NULL, 0, NULL, stream);
+}
+
+extern "C" kvc_status_t kvc_codec_cuda_compress_packed(
+    const kvc_codec_params_t *p, const void *blocks, const int32_t *n_tokens,
+    const int32_t *block_ids, int num_jobs, kvc_page_entry_t *dir, kvc_dev_pool_t pool,
+    uint32_t *page_bytes, kvc_pack_cursor_t *cursor, int layer, uint8_t *page_chunks,
+    void *stream) {
   kvc_status_t st = check_cuda_params(p);
   if (st != KVC_OK) return st;
   if (num_jobs < 0 || (num_jobs > 0 && (!blocks || !n_tokens || !block_ids || !dir ||
                                         !pool.base || !pool.free_stack || !pool.free_top ||
-                                        !pool.error || !page_bytes)))
+                                        !pool.error || !page_bytes)) ||
+      (cursor && (layer < 0 || !page_chunks)))
     return KVC_ERR_INVALID_ARGUMENT;
   if (pool.chunk_bytes < KVC_CHUNK_MIN_BYTES || (pool.chunk_bytes & (pool.chunk_bytes - 1)))
     return KVC_ERR_INVALID_ARGUMENT;
@@ -1171,6 +1200,9 @@ extern "C" kvc_status_t kvc_codec_cuda_compress(const kvc_codec_params_t *p, con
   a.policy = p->policy;
   a.codec = p->codec;
   a.size_budget = p->size_budget;
+  a.cursor = cursor;
+  a.layer = layer;
+  a.page_chunks = page_chunks;
   cudaStream_t s = (cudaStream_t)stream;
   const bool f16 = p->dtype == KVC_DTYPE_F16;
   switch (p->head_dim) {

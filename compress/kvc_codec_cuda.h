@@ -57,6 +57,20 @@ kvc_status_t kvc_codec_cuda_compress(const kvc_codec_params_t *p, const void *bl
                                      uint32_t *page_bytes, void *stream);
 
 /*
+ * kvc_codec_cuda_compress with packing (allocator/kvc_pool_layout.h): the pages of `layer` start
+ * inside their block's page of layer - 1 when that was the block's last (cursor[block_ids[i]],
+ * device, [max_blocks], read and updated; layer -1 entries start fresh), and page_chunks[i]
+ * (device, [num_jobs]) receives the chunks each page took from the stack. Everything else as
+ * kvc_codec_cuda_compress. KVC_ERR_INVALID_ARGUMENT also for layer < 0 or a NULL page_chunks.
+ */
+kvc_status_t kvc_codec_cuda_compress_packed(const kvc_codec_params_t *p, const void *blocks,
+                                            const int32_t *n_tokens, const int32_t *block_ids,
+                                            int num_jobs, kvc_page_entry_t *dir,
+                                            kvc_dev_pool_t pool, uint32_t *page_bytes,
+                                            kvc_pack_cursor_t *cursor, int layer,
+                                            uint8_t *page_chunks, void *stream);
+
+/*
  * Standalone decompression (swap, migration, debugging): decodes the pages dir[block_ids[i]]
  * (compressed or staging) into out + i * kvc_codec_staging_bytes(p), staging layout, in p->dtype.
  * Rows past a compressed page's n_tokens are written as 0; a section that fails its format checks

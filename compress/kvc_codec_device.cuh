@@ -66,14 +66,13 @@ __host__ __device__ constexpr size_t kvc_dev_decode_scratch_bytes(int head_dim, 
 __device__ __forceinline__ void kvc_dev_read_header(const uint8_t *pool, uint32_t chunk_bytes,
                                                     const kvc_page_entry_t *e,
                                                     kvc_page_header_t *h) {
-  /* The header lies in the first chunk (chunk_bytes >= 256) and pages are 16-aligned there. */
-  const uint4 *p = (const uint4 *)(pool + (uint64_t)e->chunk[0] * chunk_bytes);
+  /* Two 16-byte reads: a packed page's header may cross into its second chunk. */
   union {
     uint4 v[2];
     uint8_t b[32];
   } raw;
-  raw.v[0] = p[0];
-  raw.v[1] = p[1];
+  raw.v[0] = *(const uint4 *)kvc_page_byte((uint8_t *)pool, chunk_bytes, e, 0);
+  raw.v[1] = *(const uint4 *)kvc_page_byte((uint8_t *)pool, chunk_bytes, e, 16);
   kvc_page_header_read(raw.b, h);
 }
 
@@ -100,6 +99,7 @@ __device__ __forceinline__ void kvc_dev_load_bytes(uint8_t *dst, const uint8_t *
                                                    uint32_t off, uint32_t bytes) {
   uint32_t shift = (uint32_t)__ffs(chunk_bytes) - 1, mask = chunk_bytes - 1;
   uint32_t n = (bytes + 15) / 16;
+  off += kvc_page_start(e, chunk_bytes); /* from chunk[0]'s start */
   for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
     uint32_t o = off + 16 * i;
     const uint4 *src = (const uint4 *)(pool + ((uint64_t)e->chunk[o >> shift] << shift) + (o & mask));

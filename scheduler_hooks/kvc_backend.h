@@ -46,27 +46,31 @@ struct kvc__backend_ops {
   /* The deferred compression of `layer` (kvc_cache.c): compresses the step's jobs
    * (c->step_job_block[0 .. c->step_num_jobs), every one a full staging page in this layer) and
    * gives their staging pages back; page sizes go to page_bytes[layer][job] (codecs to
-   * page_codec). Runs after the step's store of `layer` and before the next plan (the CUDA
-   * backend reads the job list from the step's upload). */
+   * page_codec, the chunks each took to page_chunks: fewer than its size needs when it is packed
+   * after its block's page of layer - 1, allocator/kvc_pool_layout.h). Runs after the step's store
+   * of `layer` and before the next plan (the CUDA backend reads the job list from the step's
+   * upload). */
   kvc_status_t (*compress)(kvc_cache_t *c, int layer, void *stream);
   /* Attention of the planned step over `layer`. */
   kvc_status_t (*attend)(kvc_cache_t *c, int layer, const void *q, void *out, float scale,
                          void *stream);
 
-  /* Copies the current step's page sizes and codecs ([num_layers][max_jobs], first num_jobs of
-   * each layer) into size slot `slot` (CUDA: async D2H into pinned memory, plus an event). */
+  /* Copies the current step's page sizes, codecs and chunks taken ([num_layers][max_jobs],
+   * first num_jobs of each layer) into size slot `slot` (CUDA: async D2H into pinned memory, plus
+   * an event). */
   kvc_status_t (*sizes_fetch)(kvc_cache_t *c, int slot, int num_jobs, void *stream);
-  /* Whether slot `slot` has arrived (waiting for it when `wait`); then *bytes, *codecs point at
-   * its [num_layers][max_jobs] arrays. KVC_ERR_INTERNAL when the device reported a pool error
-   * (free stack dry, entry in the wrong state). */
+  /* Whether slot `slot` has arrived (waiting for it when `wait`); then *bytes, *codecs, *chunks
+   * point at its [num_layers][max_jobs] arrays. KVC_ERR_INTERNAL when the device reported a pool
+   * error (free stack dry, entry in the wrong state). */
   kvc_status_t (*sizes_poll)(kvc_cache_t *c, int slot, int wait, int *ready, const uint32_t **bytes,
-                             const uint8_t **codecs);
+                             const uint8_t **codecs, const uint8_t **chunks);
 
   /* The block manager's work. free_pages releases every layer's page of each block (EMPTY
    * entries are skipped). copy_tail gives `dst` a staging page in every layer holding a copy of
    * `src`'s. swap_out copies every layer's entry header and page of each block into swap memory
    * at offsets[i] (layout: KVC__SWAP_HDR_BYTES in kvc_cache_internal.h), then releases the pages;
-   * swap_in takes chunks and copies them back, restoring kind, codec and size. */
+   * swap_in takes chunks and copies them back, restoring kind, codec and size (a page that was
+   * packed packs again, in layer order, and takes the chunks it took before). */
   kvc_status_t (*free_pages)(kvc_cache_t *c, const int32_t *blocks, int n, void *stream);
   kvc_status_t (*copy_tail)(kvc_cache_t *c, int32_t src, int32_t dst, void *stream);
   kvc_status_t (*swap_out)(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets, int n,

@@ -19,8 +19,11 @@ typedef struct cpu_be {
   uint8_t *page_buf;     /* [max_page_bytes]: one encoded page before it is scattered */
   uint32_t *page_bytes;  /* [num_layers][max_jobs] sizes of this step's pages */
   uint8_t *page_codec;   /* [num_layers][max_jobs] */
+  uint8_t *page_chunks;  /* [num_layers][max_jobs] chunks each page took from the stack */
   uint32_t *slot_bytes;  /* [KVC__SIZE_SLOTS][num_layers][max_jobs] */
   uint8_t *slot_codec;   /* [KVC__SIZE_SLOTS][num_layers][max_jobs] */
+  uint8_t *slot_chunks;  /* [KVC__SIZE_SLOTS][num_layers][max_jobs] */
+  kvc_pack_cursor_t *cursor; /* [max_blocks] where each block's last compressed page ended */
   uint8_t *swap;         /* [swap_bytes] */
   kvc_attn_args_t attn;  /* the step's attention arguments, less layer and tensors */
 } cpu_be_t;
@@ -31,12 +34,12 @@ static kvc_page_entry_t *entry(cpu_be_t *be, const kvc_cache_t *c, int layer, in
   return be->dir + (size_t)layer * (size_t)c->geo.max_blocks + (size_t)block;
 }
 
-/* Page bytes [off, off + n) <-> flat memory, split at chunk boundaries. */
+/* Page bytes [off, off + n) <-> flat memory, split where the page's chunks end. */
 static void page_write(const kvc_cache_t *c, uint8_t *pool, const kvc_page_entry_t *e, uint32_t off,
                        const uint8_t *src, size_t n) {
-  uint32_t cb = c->geo.chunk_bytes;
+  const uint32_t cb = c->geo.chunk_bytes, start = kvc_page_start(e, cb);
   while (n > 0) {
-    size_t room = cb - off % cb, m = n < room ? n : room;
+    size_t room = cb - (start + off) % cb, m = n < room ? n : room;
     memcpy(kvc_page_byte(pool, cb, e, off), src, m);
     off += (uint32_t)m;
     src += m;
@@ -46,9 +49,9 @@ static void page_write(const kvc_cache_t *c, uint8_t *pool, const kvc_page_entry
 
 static void page_read(const kvc_cache_t *c, uint8_t *pool, const kvc_page_entry_t *e, uint32_t off,
                       uint8_t *dst, size_t n) {
-  uint32_t cb = c->geo.chunk_bytes;
+  const uint32_t cb = c->geo.chunk_bytes, start = kvc_page_start(e, cb);
   while (n > 0) {
-    size_t room = cb - off % cb, m = n < room ? n : room;
+    size_t room = cb - (start + off) % cb, m = n < room ? n : room;
     memcpy(dst, kvc_page_byte(pool, cb, e, off), m);
     off += (uint32_t)m;
     dst += m;
@@ -56,23 +59,47 @@ static void page_read(const kvc_cache_t *c, uint8_t *pool, const kvc_page_entry_
   }
 }
 
-/* Takes n chunks into e->chunk. The block manager's accounting makes a dry stack impossible; if
- * it happens anyway the entry stays as it was and the caller reports KVC_ERR_INTERNAL. */
-static int pop_chunks(cpu_be_t *be, kvc_page_entry_t *e, uint32_t n) {
-  if (n > KVC_PAGE_MAX_CHUNKS || (uint32_t)be->free_top < n) return -1;
+/* Takes n chunks into e->chunk[at .. at + n) (at: 1 after a shared chunk, else 0). The block
+ * manager's accounting makes a dry stack impossible; if it happens anyway the entry stays as it
+ * was and the caller reports KVC_ERR_INTERNAL. */
+static int pop_chunks(cpu_be_t *be, kvc_page_entry_t *e, uint32_t at, uint32_t n) {
+  if (at + n > KVC_PAGE_MAX_CHUNKS || (uint32_t)be->free_top < n) return -1;
   be->free_top -= (int32_t)n;
-  memcpy(e->chunk, be->free_stack + be->free_top, n * sizeof(uint32_t));
-  e->nchunks = (uint8_t)n;
+  memcpy(e->chunk + at, be->free_stack + be->free_top, n * sizeof(uint32_t));
+  e->nchunks = (uint8_t)(at + n);
   return 0;
 }
 
+/* Gives back the chunks the page owns (not a shared chunk[0]). */
 static void release_entry(cpu_be_t *be, kvc_page_entry_t *e) {
-  memcpy(be->free_stack + be->free_top, e->chunk, e->nchunks * sizeof(uint32_t));
-  be->free_top += e->nchunks;
+  const uint32_t own = kvc_page_own_first(e);
+  memcpy(be->free_stack + be->free_top, e->chunk + own, (e->nchunks - own) * sizeof(uint32_t));
+  be->free_top += (int32_t)(e->nchunks - own);
   e->nbytes = 0;
   e->kind = KVC_PAGE_EMPTY;
   e->nchunks = 0;
   e->codec = 0;
+  e->first = 0;
+}
+
+/* Takes chunks for a compressed page of `bytes` of `block` in `layer`, packed after the block's
+ * previous page when that was `layer` - 1's (kvc_pool_layout.h) and `pack`; sets the entry's
+ * chunks and `first` and moves the block's cursor. Returns the chunks taken, or -1 (dry). */
+static int take_page(cpu_be_t *be, const kvc_cache_t *c, kvc_page_entry_t *e, int32_t block,
+                     int layer, uint32_t bytes, int pack) {
+  const uint32_t cb = c->geo.chunk_bytes;
+  kvc_pack_cursor_t *cur = &be->cursor[block];
+  const uint32_t first = pack && layer > 0 && cur->layer == layer - 1 ? kvc_pack_first(cur->end, cb)
+                                                                        : 0;
+  const uint32_t n = kvc_pack_popped(first, bytes, cb);
+  if (pop_chunks(be, e, first ? 1 : 0, n)) return -1;
+  if (first) e->chunk[0] = cur->chunk;
+  e->first = (uint8_t)first;
+  const uint32_t end = first * (cb >> 8) + bytes; /* past the page's last byte, from chunk[0] */
+  cur->layer = layer;
+  cur->chunk = e->chunk[e->nchunks - 1];
+  cur->end = end - (e->nchunks - 1u) * cb;
+  return (int)n;
 }
 
 static void cpu_destroy(kvc_cache_t *c) {
@@ -85,8 +112,11 @@ static void cpu_destroy(kvc_cache_t *c) {
   kvc_host_free(c->ha, be->page_buf);
   kvc_host_free(c->ha, be->page_bytes);
   kvc_host_free(c->ha, be->page_codec);
+  kvc_host_free(c->ha, be->page_chunks);
   kvc_host_free(c->ha, be->slot_bytes);
   kvc_host_free(c->ha, be->slot_codec);
+  kvc_host_free(c->ha, be->slot_chunks);
+  kvc_host_free(c->ha, be->cursor);
   kvc_host_free(c->ha, be->swap);
   kvc_host_free(c->ha, be);
   c->be = NULL;
@@ -105,18 +135,22 @@ static kvc_status_t cpu_create(kvc_cache_t *c) {
   be->page_buf = kvc_host_malloc(c->ha, g->max_page_bytes);
   be->page_bytes = kvc_host_calloc(c->ha, L * jobs, sizeof(uint32_t));
   be->page_codec = kvc_host_calloc(c->ha, L * jobs, 1);
+  be->page_chunks = kvc_host_calloc(c->ha, L * jobs, 1);
   be->slot_bytes = kvc_host_calloc(c->ha, KVC__SIZE_SLOTS * L * jobs, sizeof(uint32_t));
   be->slot_codec = kvc_host_calloc(c->ha, KVC__SIZE_SLOTS * L * jobs, 1);
+  be->slot_chunks = kvc_host_calloc(c->ha, KVC__SIZE_SLOTS * L * jobs, 1);
+  be->cursor = kvc_host_malloc(c->ha, (size_t)g->max_blocks * sizeof(kvc_pack_cursor_t));
   if (c->cfg.swap_bytes) be->swap = kvc_host_malloc(c->ha, c->cfg.swap_bytes);
   if (!be->pool || !be->free_stack || !be->dir || !be->scratch || !be->page_buf ||
-      !be->page_bytes || !be->page_codec || !be->slot_bytes || !be->slot_codec ||
-      (c->cfg.swap_bytes && !be->swap)) {
+      !be->page_bytes || !be->page_codec || !be->page_chunks || !be->slot_bytes ||
+      !be->slot_codec || !be->slot_chunks || !be->cursor || (c->cfg.swap_bytes && !be->swap)) {
     cpu_destroy(c);
     return KVC_ERR_OUT_OF_HOST_MEMORY;
   }
   /* Low chunk ids on top, so a fresh cache fills the pool from its start. */
   for (uint32_t i = 0; i < g->total_chunks; i++) be->free_stack[i] = g->total_chunks - 1 - i;
   be->free_top = (int32_t)g->total_chunks;
+  for (int32_t b = 0; b < g->max_blocks; b++) be->cursor[b].layer = -1;
   return KVC_OK;
 }
 
@@ -152,7 +186,7 @@ static kvc_status_t cpu_plan(kvc_cache_t *c, void *stream) {
 /* Takes a staging page for `block` in `layer`; KVC_ERR_INTERNAL if it has a page already. */
 static kvc_status_t take_staging(cpu_be_t *be, const kvc_cache_t *c, int layer, int32_t block) {
   kvc_page_entry_t *e = entry(be, c, layer, block);
-  if (e->kind != KVC_PAGE_EMPTY || pop_chunks(be, e, c->geo.staging_chunks))
+  if (e->kind != KVC_PAGE_EMPTY || pop_chunks(be, e, 0, c->geo.staging_chunks))
     return KVC_ERR_INTERNAL;
   e->kind = KVC_PAGE_STAGING;
   e->nbytes = c->geo.staging_bytes;
@@ -209,7 +243,7 @@ static kvc_status_t cpu_compress(kvc_cache_t *c, int layer, void *stream) {
     }
   }
   for (int j = 0; j < n; j++) release_entry(be, entry(be, c, layer, blocks[j]));
-  /* (4) Compress each job into chunks of its own. */
+  /* (4) Compress each job, packed after the page its block got in the previous layer. */
   for (int j = 0; j < n; j++) {
     kvc_page_entry_t *e = entry(be, c, layer, blocks[j]);
     size_t size = 0;
@@ -219,14 +253,17 @@ static kvc_status_t cpu_compress(kvc_cache_t *c, int layer, void *stream) {
     if (st != KVC_OK) return st;
     st = kvc_codec_page_info(be->page_buf, size, &info);
     if (st != KVC_OK) return st;
-    if (e->kind != KVC_PAGE_EMPTY || pop_chunks(be, e, kvc_chunks_for(size, g->chunk_bytes)))
-      return KVC_ERR_INTERNAL;
+    if (e->kind != KVC_PAGE_EMPTY) return KVC_ERR_INTERNAL;
+    const int taken = take_page(be, c, e, blocks[j], layer, (uint32_t)size,
+                                kvc_pack_codec(c->codec.codec, c->codec.policy));
+    if (taken < 0) return KVC_ERR_INTERNAL;
     e->kind = KVC_PAGE_COMPRESSED;
     e->nbytes = (uint32_t)size;
     e->codec = (uint8_t)info.codec;
     page_write(c, be->pool, e, 0, be->page_buf, size);
     be->page_bytes[(size_t)layer * g->max_jobs + j] = (uint32_t)size;
     be->page_codec[(size_t)layer * g->max_jobs + j] = (uint8_t)info.codec;
+    be->page_chunks[(size_t)layer * g->max_jobs + j] = (uint8_t)taken;
   }
   return KVC_OK;
 }
@@ -250,17 +287,21 @@ static kvc_status_t cpu_sizes_fetch(kvc_cache_t *c, int slot, int num_jobs, void
            (size_t)num_jobs * sizeof(uint32_t));
     memcpy(be->slot_codec + ((size_t)slot * L + l) * jobs, be->page_codec + l * jobs,
            (size_t)num_jobs);
+    memcpy(be->slot_chunks + ((size_t)slot * L + l) * jobs, be->page_chunks + l * jobs,
+           (size_t)num_jobs);
   }
   return KVC_OK;
 }
 
 static kvc_status_t cpu_sizes_poll(kvc_cache_t *c, int slot, int wait, int *ready,
-                                   const uint32_t **bytes, const uint8_t **codecs) {
+                                   const uint32_t **bytes, const uint8_t **codecs,
+                                   const uint8_t **chunks) {
   cpu_be_t *be = be_of(c);
   size_t per_slot = (size_t)c->cfg.num_layers * (size_t)c->geo.max_jobs;
   *ready = 1;
   *bytes = be->slot_bytes + (size_t)slot * per_slot;
   *codecs = be->slot_codec + (size_t)slot * per_slot;
+  *chunks = be->slot_chunks + (size_t)slot * per_slot;
   return KVC_OK;
 }
 
@@ -271,6 +312,7 @@ static kvc_status_t cpu_free_pages(kvc_cache_t *c, const int32_t *blocks, int n,
       kvc_page_entry_t *e = entry(be, c, l, blocks[i]);
       if (e->kind != KVC_PAGE_EMPTY) release_entry(be, e);
     }
+    be->cursor[blocks[i]].layer = -1;
   }
   return KVC_OK;
 }
@@ -282,7 +324,7 @@ static kvc_status_t cpu_copy_tail(kvc_cache_t *c, int32_t src, int32_t dst, void
     const kvc_page_entry_t *s = entry(be, c, l, src);
     kvc_page_entry_t *d = entry(be, c, l, dst);
     if (s->kind != KVC_PAGE_STAGING || d->kind != KVC_PAGE_EMPTY ||
-        pop_chunks(be, d, g->staging_chunks))
+        pop_chunks(be, d, 0, g->staging_chunks))
       return KVC_ERR_INTERNAL;
     for (uint32_t i = 0; i < g->staging_chunks; i++) {
       uint32_t n = g->staging_bytes - i * g->chunk_bytes;
@@ -312,6 +354,7 @@ static kvc_status_t cpu_swap_out(kvc_cache_t *c, const int32_t *blocks, const ui
       pos += kvc__round16(e->nbytes);
       release_entry(be, e);
     }
+    be->cursor[blocks[i]].layer = -1;
   }
   return KVC_OK;
 }
@@ -328,9 +371,13 @@ static kvc_status_t cpu_swap_in(kvc_cache_t *c, const int32_t *blocks, const uin
       kvc_page_entry_t saved, *e = entry(be, c, l, blocks[i]);
       memcpy(&saved, base + (size_t)l * KVC__SWAP_HDR_BYTES, KVC__SWAP_HDR_BYTES);
       if (saved.kind == KVC_PAGE_EMPTY) continue;
-      uint32_t nch = saved.kind == KVC_PAGE_STAGING ? g->staging_chunks
-                                                    : kvc_chunks_for(saved.nbytes, g->chunk_bytes);
-      if (e->kind != KVC_PAGE_EMPTY || pop_chunks(be, e, nch)) return KVC_ERR_INTERNAL;
+      if (e->kind != KVC_PAGE_EMPTY) return KVC_ERR_INTERNAL;
+      /* A page packed when it was made packs again: its block's pages come back in layer
+       * order, so it lands where it was in its chunk and takes the chunks it took then. */
+      if (saved.kind == KVC_PAGE_STAGING ? pop_chunks(be, e, 0, g->staging_chunks)
+                                         : take_page(be, c, e, blocks[i], l, saved.nbytes,
+                                                     saved.first != 0) < 0)
+        return KVC_ERR_INTERNAL;
       e->kind = saved.kind;
       e->codec = saved.codec;
       e->nbytes = saved.nbytes;

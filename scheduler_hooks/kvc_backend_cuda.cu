@@ -66,6 +66,8 @@ struct cuda_be {
   int32_t *full_tokens;  /* device [max_jobs], every element block_tokens */
   uint32_t *page_bytes;  /* device [num_layers][max_jobs] */
   uint8_t *page_codec;   /* device [num_layers][max_jobs] */
+  uint8_t *page_chunks;  /* device [num_layers][max_jobs] chunks each page took */
+  kvc_pack_cursor_t *cursor; /* device [max_blocks]: packing (allocator/kvc_pool_layout.h) */
   uint8_t *meta_dev;     /* device [meta_cap]: the plan's arrays */
   uint8_t *meta_host;    /* pinned [kUploadSlots][meta_cap] */
   size_t meta_cap;
@@ -73,7 +75,7 @@ struct cuda_be {
   int meta_pending[kUploadSlots];
   int meta_next;
   uint8_t *sizes_host; /* pinned [KVC__SIZE_SLOTS] x slot_stride */
-  size_t slot_stride;  /* bytes [L][J] uint32, codecs [L][J] uint8, error int32 */
+  size_t slot_stride;  /* bytes [L][J] uint32, codecs and chunks [L][J] uint8, error int32 */
   cudaEvent_t size_event[KVC__SIZE_SLOTS];
   void *workspace; /* device, split-K attention */
   size_t workspace_bytes;
@@ -163,6 +165,7 @@ __device__ void clear_entry(kvc_page_entry_t *e) {
   e->kind = KVC_PAGE_EMPTY;
   e->nchunks = 0;
   e->codec = 0;
+  e->first = 0;
 }
 
 __global__ void fill_stack_kernel(uint32_t *stack, uint32_t n) {
@@ -260,14 +263,17 @@ __global__ void page_codec_kernel(const kvc_page_entry_t *dir, const int32_t *jo
   if (j < n) codec[j] = dir[job_block[j]].codec;
 }
 
-/* Every layer's page of ids[0..n): one thread per (block, layer). */
+/* Every layer's page of ids[0..n): one thread per (block, layer), each giving back the chunks
+ * its page owns (not a shared chunk[0]); the block's packing cursor restarts. */
 __global__ void free_kernel(id_list ids, int n, int layers, int max_blocks, kvc_page_entry_t *dir,
-                            kvc_dev_pool_t pool) {
+                            kvc_dev_pool_t pool, kvc_pack_cursor_t *cursor) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n * layers) return;
+  if (i % layers == 0) cursor[ids.id[i / layers]].layer = -1;
   kvc_page_entry_t *e = &dir[(size_t)(i % layers) * max_blocks + ids.id[i / layers]];
   if (e->kind == KVC_PAGE_EMPTY) return;
-  push_chunks(pool, e->nchunks, e->chunk);
+  const uint32_t own = kvc_page_own_first(e);
+  push_chunks(pool, e->nchunks - own, e->chunk + own);
   clear_entry(e);
 }
 
@@ -322,10 +328,48 @@ __global__ void swap_out_kernel(swap_list list, int layers, int max_blocks,
         *reinterpret_cast<const uint4 *>(kvc_page_byte(pool.base, pool.chunk_bytes, e, w * 16));
 }
 
-/* Swap-in: one thread block per (block, layer) takes chunks and copies the page back. */
+/* Swap-in, first the chunks: one thread per block takes them for its pages in layer order, so that
+ * a page that was packed packs again where it was and takes the chunks it took then (the block
+ * manager charges what the pages measured). An entry it cannot fill stays EMPTY. */
+__global__ void swap_in_take_kernel(swap_list list, int n, int layers, int max_blocks,
+                                    kvc_page_entry_t *dir, kvc_dev_pool_t pool, const uint8_t *swap,
+                                    uint32_t staging_chunks, kvc_pack_cursor_t *cursor) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int32_t b = list.block[i];
+  const uint8_t *base = swap + list.off[i];
+  const uint32_t cb = pool.chunk_bytes;
+  kvc_pack_cursor_t cur = {-1, 0, 0};
+  for (int l = 0; l < layers; l++) {
+    kvc_page_entry_t saved;
+    memcpy(&saved, base + (size_t)l * KVC__SWAP_HDR_BYTES, KVC__SWAP_HDR_BYTES);
+    if (saved.kind == KVC_PAGE_EMPTY) continue;
+    kvc_page_entry_t *e = &dir[(size_t)l * max_blocks + b];
+    if (e->kind != KVC_PAGE_EMPTY) {
+      atomicExch(pool.error, kErrEntryState);
+      return;
+    }
+    const bool staging = saved.kind == KVC_PAGE_STAGING;
+    const uint32_t first =
+        !staging && saved.first && cur.layer == l - 1 ? kvc_pack_first(cur.end, cb) : 0;
+    const uint32_t n_new = staging ? staging_chunks : kvc_pack_popped(first, saved.nbytes, cb);
+    if (!pop_chunks(pool, n_new, e->chunk + (first ? 1 : 0))) return;
+    if (first) e->chunk[0] = cur.chunk;
+    e->first = (uint8_t)first;
+    e->nchunks = (uint8_t)(n_new + (first ? 1 : 0));
+    e->nbytes = saved.nbytes;
+    e->codec = saved.codec;
+    e->kind = saved.kind;
+    if (!staging)
+      cur = kvc_pack_cursor_t{l, e->chunk[e->nchunks - 1],
+                              first * (cb >> 8) + saved.nbytes - (e->nchunks - 1u) * cb};
+  }
+  cursor[b] = cur;
+}
+
+/* Swap-in, then the bytes: one thread block per (block, layer) copies its page back. */
 __global__ void swap_in_kernel(swap_list list, int layers, int max_blocks, kvc_page_entry_t *dir,
-                               kvc_dev_pool_t pool, const uint8_t *swap, uint32_t staging_chunks) {
-  __shared__ int ok;
+                               kvc_dev_pool_t pool, const uint8_t *swap) {
   const int i = blockIdx.x / layers, l = blockIdx.x % layers;
   const uint8_t *base = swap + list.off[i];
   kvc_page_entry_t saved;
@@ -337,24 +381,8 @@ __global__ void swap_in_kernel(swap_list list, int layers, int max_blocks, kvc_p
     memcpy(&o, base + (size_t)m * KVC__SWAP_HDR_BYTES, KVC__SWAP_HDR_BYTES);
     if (o.kind != KVC_PAGE_EMPTY) pos += round16(o.nbytes);
   }
-  kvc_page_entry_t *e = &dir[(size_t)l * max_blocks + list.block[i]];
-  if (threadIdx.x == 0) {
-    uint32_t n = saved.kind == KVC_PAGE_STAGING ? staging_chunks
-                                                : kvc_chunks_for(saved.nbytes, pool.chunk_bytes);
-    ok = e->kind == KVC_PAGE_EMPTY;
-    if (!ok)
-      atomicExch(pool.error, kErrEntryState);
-    else
-      ok = pop_chunks(pool, n, e->chunk);
-    if (ok) {
-      e->nchunks = (uint8_t)n;
-      e->nbytes = saved.nbytes;
-      e->codec = saved.codec;
-      e->kind = saved.kind;
-    }
-  }
-  __syncthreads();
-  if (!ok) return;
+  const kvc_page_entry_t *e = &dir[(size_t)l * max_blocks + list.block[i]];
+  if (e->kind != saved.kind || e->nbytes != saved.nbytes) return; /* the take failed */
   const uint32_t words = (uint32_t)(round16(saved.nbytes) / 16);
   for (uint32_t w = threadIdx.x; w < words; w += blockDim.x)
     *reinterpret_cast<uint4 *>(kvc_page_byte(pool.base, pool.chunk_bytes, e, w * 16)) =
@@ -381,6 +409,8 @@ void cuda_destroy(kvc_cache_t *c) {
     cudaFree(be->full_tokens);
     cudaFree(be->page_bytes);
     cudaFree(be->page_codec);
+    cudaFree(be->page_chunks);
+    cudaFree(be->cursor);
     cudaFree(be->meta_dev);
     cudaFree(be->workspace);
     cudaFreeHost(be->meta_host);
@@ -442,6 +472,8 @@ kvc_status_t create_on_device(kvc_cache_t *c, cuda_be *be) {
   KVC_CU(cudaMalloc(&be->full_tokens, J * sizeof(int32_t)));
   KVC_CU(cudaMalloc(&be->page_bytes, L * J * sizeof(uint32_t)));
   KVC_CU(cudaMalloc(&be->page_codec, L * J));
+  KVC_CU(cudaMalloc(&be->page_chunks, L * J));
+  KVC_CU(cudaMalloc(&be->cursor, (size_t)g->max_blocks * sizeof(kvc_pack_cursor_t)));
   be->cascade_host = static_cast<int32_t *>(
       kvc_host_calloc(c->ha, 5 * (size_t)g->max_plan_seqs, sizeof(int32_t)));
   be->cascade_keys =
@@ -450,7 +482,7 @@ kvc_status_t create_on_device(kvc_cache_t *c, cuda_be *be) {
   be->meta_cap = meta_bytes(g);
   KVC_CU(cudaMalloc(&be->meta_dev, be->meta_cap));
   KVC_CU(cudaHostAlloc(&be->meta_host, kUploadSlots * be->meta_cap, cudaHostAllocPortable));
-  be->slot_stride = align16(L * J * 4) + align16(L * J) + 16;
+  be->slot_stride = align16(L * J * 4) + 2 * align16(L * J) + 16;
   KVC_CU(cudaHostAlloc(&be->sizes_host, KVC__SIZE_SLOTS * be->slot_stride, cudaHostAllocPortable));
   be->workspace_bytes =
       kvc_attn_cuda_workspace_bytes(g->max_rows, c->cfg.num_q_heads, c->cfg.head_dim,
@@ -464,6 +496,8 @@ kvc_status_t create_on_device(kvc_cache_t *c, cuda_be *be) {
   int32_t top = (int32_t)g->total_chunks;
   KVC_CU(cudaMemset(be->dir, 0, L * (size_t)g->max_blocks * sizeof(kvc_page_entry_t)));
   KVC_CU(cudaMemset(be->pool.error, 0, sizeof(int32_t)));
+  /* Every cursor's layer -1: no page to pack after. */
+  KVC_CU(cudaMemset(be->cursor, 0xff, (size_t)g->max_blocks * sizeof(kvc_pack_cursor_t)));
   KVC_CU(cudaMemcpy(be->pool.free_top, &top, sizeof(top), cudaMemcpyHostToDevice));
   fill_stack_kernel<<<(g->total_chunks + 255) / 256, 256>>>(be->pool.free_stack, g->total_chunks);
   KVC_LAUNCHED(fill_stack_kernel);
@@ -672,8 +706,9 @@ kvc_status_t cuda_compress(kvc_cache_t *c, int layer, void *stream) {
   give_staging_kernel<<<blocks_for(n), kThreads, 0, s>>>(dir, be->d_job_block, n, be->pool);
   KVC_LAUNCHED(give_staging_kernel);
   size_t at = (size_t)layer * (size_t)g->max_jobs;
-  st = kvc_codec_cuda_compress(&c->codec, be->scratch, be->full_tokens, be->d_job_block, n, dir,
-                               be->pool, be->page_bytes + at, stream);
+  st = kvc_codec_cuda_compress_packed(&c->codec, be->scratch, be->full_tokens, be->d_job_block, n,
+                                      dir, be->pool, be->page_bytes + at, be->cursor, layer,
+                                      be->page_chunks + at, stream);
   if (st != KVC_OK) return st;
   page_codec_kernel<<<blocks_for(n), kThreads, 0, s>>>(dir, be->d_job_block, n,
                                                        be->page_codec + at);
@@ -707,11 +742,13 @@ kvc_status_t cuda_sizes_fetch(kvc_cache_t *c, int slot, int num_jobs, void *stre
   kvc_status_t st = enter(c, be, stream);
   if (st != KVC_OK) return st;
   uint8_t *base = be->sizes_host + (size_t)slot * be->slot_stride;
-  uint8_t *codecs = base + align16(L * J * 4);
-  int32_t *error = reinterpret_cast<int32_t *>(codecs + align16(L * J));
+  uint8_t *codecs = base + align16(L * J * 4), *chunks = codecs + align16(L * J);
+  int32_t *error = reinterpret_cast<int32_t *>(chunks + align16(L * J));
   KVC_CU(cudaMemcpy2DAsync(base, J * 4, be->page_bytes, J * 4, (size_t)num_jobs * 4, L,
                            cudaMemcpyDeviceToHost, s));
   KVC_CU(cudaMemcpy2DAsync(codecs, J, be->page_codec, J, (size_t)num_jobs, L,
+                           cudaMemcpyDeviceToHost, s));
+  KVC_CU(cudaMemcpy2DAsync(chunks, J, be->page_chunks, J, (size_t)num_jobs, L,
                            cudaMemcpyDeviceToHost, s));
   KVC_CU(cudaMemcpyAsync(error, be->pool.error, sizeof(int32_t), cudaMemcpyDeviceToHost, s));
   KVC_CU(cudaEventRecord(be->size_event[slot], s));
@@ -719,7 +756,7 @@ kvc_status_t cuda_sizes_fetch(kvc_cache_t *c, int slot, int num_jobs, void *stre
 }
 
 kvc_status_t cuda_sizes_poll(kvc_cache_t *c, int slot, int wait, int *ready, const uint32_t **bytes,
-                             const uint8_t **codecs) {
+                             const uint8_t **codecs, const uint8_t **chunks) {
   cuda_be *be = be_of(c);
   const size_t L = (size_t)c->cfg.num_layers, J = (size_t)c->geo.max_jobs;
   KVC_ON_DEVICE(be);
@@ -730,7 +767,7 @@ kvc_status_t cuda_sizes_poll(kvc_cache_t *c, int slot, int wait, int *ready, con
   KVC_CU(e);
   uint8_t *base = be->sizes_host + (size_t)slot * be->slot_stride;
   const int32_t *error =
-      reinterpret_cast<const int32_t *>(base + align16(L * J * 4) + align16(L * J));
+      reinterpret_cast<const int32_t *>(base + align16(L * J * 4) + 2 * align16(L * J));
   if (*error) {
     kvc__log(c, KVC_LOG_ERROR, "device reported pool error %d (%s)", *error,
              *error == kErrStackDry ? "free stack ran dry" : "directory entry in the wrong state");
@@ -739,6 +776,7 @@ kvc_status_t cuda_sizes_poll(kvc_cache_t *c, int slot, int wait, int *ready, con
   *ready = 1;
   *bytes = slot_bytes(be, slot);
   *codecs = base + align16(L * J * 4);
+  *chunks = *codecs + align16(L * J);
   return KVC_OK;
 }
 
@@ -754,7 +792,7 @@ kvc_status_t cuda_free_pages(kvc_cache_t *c, const int32_t *blocks, int n, void 
     id_list ids;
     memcpy(ids.id, blocks + first, (size_t)m * sizeof(int32_t));
     free_kernel<<<blocks_for(m * L), kThreads, 0, s>>>(ids, m, L, c->geo.max_blocks, be->dir,
-                                                       be->pool);
+                                                       be->pool, be->cursor);
     KVC_LAUNCHED(free_kernel);
   }
   return KVC_OK;
@@ -791,11 +829,15 @@ kvc_status_t cuda_swap(kvc_cache_t *c, const int32_t *blocks, const uint64_t *of
       id_list ids;
       memcpy(ids.id, blocks + first, (size_t)m * sizeof(int32_t));
       free_kernel<<<blocks_for(m * L), kThreads, 0, s>>>(ids, m, L, c->geo.max_blocks, be->dir,
-                                                         be->pool);
+                                                         be->pool, be->cursor);
       KVC_LAUNCHED(free_kernel);
     } else {
+      swap_in_take_kernel<<<blocks_for(m), kThreads, 0, s>>>(list, m, L, c->geo.max_blocks,
+                                                             be->dir, be->pool, be->swap_dev,
+                                                             c->geo.staging_chunks, be->cursor);
+      KVC_LAUNCHED(swap_in_take_kernel);
       swap_in_kernel<<<m * L, kThreads, 0, s>>>(list, L, c->geo.max_blocks, be->dir, be->pool,
-                                                be->swap_dev, c->geo.staging_chunks);
+                                                be->swap_dev);
       KVC_LAUNCHED(swap_in_kernel);
     }
   }
@@ -853,10 +895,12 @@ kvc_status_t cuda_read_page(kvc_cache_t *c, const kvc_page_entry_t *e, uint8_t *
   const uint32_t cb = c->geo.chunk_bytes;
   KVC_ON_DEVICE(be);
   KVC_CU(cudaStreamSynchronize(static_cast<cudaStream_t>(c->last_stream)));
-  for (uint32_t i = 0, off = 0; off < e->nbytes; i++, off += cb) {
-    uint32_t n = e->nbytes - off < cb ? e->nbytes - off : cb;
-    KVC_CU(
-        cudaMemcpy(out + off, be->pool.base + (size_t)e->chunk[i] * cb, n, cudaMemcpyDeviceToHost));
+  const uint32_t start = kvc_page_start(e, cb);
+  for (uint32_t off = 0, n; off < e->nbytes; off += n) {
+    const uint32_t room = cb - (start + off) % cb; /* to the end of the chunk that holds off */
+    n = e->nbytes - off < room ? e->nbytes - off : room;
+    KVC_CU(cudaMemcpy(out + off, kvc_page_byte(be->pool.base, cb, e, off), n,
+                      cudaMemcpyDeviceToHost));
   }
   return KVC_OK;
 }
@@ -866,8 +910,9 @@ size_t cuda_overhead_bytes(const kvc_cache_t *c) {
   const kvc__geometry_t *g = &c->geo;
   const size_t L = (size_t)c->cfg.num_layers, J = (size_t)g->max_jobs;
   return L * (size_t)g->max_blocks * sizeof(kvc_page_entry_t) + (size_t)g->total_chunks * 4 +
-         J * g->staging_bytes + J * 4 + L * J * 5 + be->meta_cap * (1 + kUploadSlots) +
-         KVC__SIZE_SLOTS * be->slot_stride + be->workspace_bytes;
+         J * g->staging_bytes + J * 4 + L * J * 6 + be->meta_cap * (1 + kUploadSlots) +
+         KVC__SIZE_SLOTS * be->slot_stride + be->workspace_bytes +
+         (size_t)g->max_blocks * sizeof(kvc_pack_cursor_t);
 }
 
 size_t cuda_host_data_bytes(const kvc_cache_t *) { return 0; }

@@ -305,18 +305,19 @@ static void meta_count(kvc_cache_t *c, const kvc__page_meta_t *m, int64_t sign) 
   } else if (m->kind == KVC_PAGE_COMPRESSED && m->measured) {
     c->measured_pages += sign;
     c->measured_bytes += (uint64_t)(sign * (int64_t)m->nbytes);
-    c->measured_chunks += (uint64_t)(sign * (int64_t)kvc_chunks_for(m->nbytes, c->geo.chunk_bytes));
+    c->measured_chunks += (uint64_t)(sign * (int64_t)m->chunks);
     c->pages_by_codec[m->codec] += sign;
   }
 }
 
 static void meta_set(kvc_cache_t *c, int layer, int32_t block, kvc_page_kind_t kind,
-                     uint32_t nbytes, uint8_t codec, int measured) {
+                     uint32_t nbytes, uint8_t codec, uint8_t chunks, int measured) {
   kvc__page_meta_t *m = meta_at(c, layer, block);
   meta_count(c, m, -1);
   m->kind = (uint8_t)kind;
   m->nbytes = nbytes;
   m->codec = codec;
+  m->chunks = chunks;
   m->measured = (uint8_t)measured;
   m->swapped = 0;
   meta_count(c, m, +1);
@@ -343,23 +344,23 @@ uint64_t kvc__swap_extent_bytes(const kvc_cache_t *c, int32_t b) {
 /* Reports slot `s` (arrived) to the block manager. Jobs whose block was freed (or freed and
  * reused) since are skipped: pending_step no longer names this slot's step. */
 static kvc_status_t report_slot(kvc_cache_t *c, const kvc__size_slot_t *s, const uint32_t *bytes,
-                                const uint8_t *codecs) {
+                                const uint8_t *codecs, const uint8_t *chunks) {
   const size_t jobs = (size_t)c->geo.max_jobs;
   for (int j = 0; j < s->num_jobs; j++) {
     int32_t b = s->job_block[j];
     if (c->pending_step[b] != s->step) continue;
     for (int l = 0; l < c->cfg.num_layers; l++) {
       uint32_t nbytes = bytes[(size_t)l * jobs + j];
-      uint8_t codec = codecs[(size_t)l * jobs + j];
+      uint8_t codec = codecs[(size_t)l * jobs + j], nch = chunks[(size_t)l * jobs + j];
       if (nbytes == 0 || nbytes > c->geo.max_page_bytes || codec > KVC_CODEC_HUFFMAN ||
+          nch > kvc_chunks_for(nbytes, c->geo.chunk_bytes) ||
           meta_at(c, l, b)->kind != KVC_PAGE_COMPRESSED) {
-        kvc__log(c, KVC_LOG_ERROR, "page of block %d layer %d reported %u bytes, codec %u", (int)b,
-                 l, nbytes, codec);
+        kvc__log(c, KVC_LOG_ERROR, "page of block %d layer %d reported %u bytes, codec %u, %u chunks",
+                 (int)b, l, nbytes, codec, nch);
         return KVC_ERR_INTERNAL;
       }
-      meta_set(c, l, b, KVC_PAGE_COMPRESSED, nbytes, codec, 1);
-      kvc_bm_page_measured_step(c->bm, s->step, b, l, nbytes,
-                                kvc_chunks_for(nbytes, c->geo.chunk_bytes));
+      meta_set(c, l, b, KVC_PAGE_COMPRESSED, nbytes, codec, nch, 1);
+      kvc_bm_page_measured_step(c->bm, s->step, b, l, nbytes, nch);
     }
     c->pending_step[b] = 0;
   }
@@ -370,11 +371,11 @@ static kvc_status_t report_slot(kvc_cache_t *c, const kvc__size_slot_t *s, const
 static kvc_status_t retire_oldest(kvc_cache_t *c, int wait, int *retired) {
   const kvc__size_slot_t *s = &c->slots[c->slot_first];
   const uint32_t *bytes;
-  const uint8_t *codecs;
+  const uint8_t *codecs, *chunks;
   int ready = 0;
   *retired = 0;
-  kvc_status_t st = c->ops->sizes_poll(c, c->slot_first, wait, &ready, &bytes, &codecs);
-  if (st == KVC_OK && ready) st = report_slot(c, s, bytes, codecs);
+  kvc_status_t st = c->ops->sizes_poll(c, c->slot_first, wait, &ready, &bytes, &codecs, &chunks);
+  if (st == KVC_OK && ready) st = report_slot(c, s, bytes, codecs, chunks);
   if (st != KVC_OK) return kvc__fail_device(c, st, "collecting page sizes");
   if (ready) {
     c->slot_first = (c->slot_first + 1) % KVC__SIZE_SLOTS;
@@ -422,7 +423,7 @@ static kvc_status_t compress_deferred(kvc_cache_t *c, void *stream) {
     kvc_status_t st = c->ops->compress(c, l, stream);
     if (st != KVC_OK) return kvc__fail_device(c, st, "compressing");
     for (int j = 0; j < c->step_num_jobs; j++)
-      meta_set(c, l, c->step_job_block[j], KVC_PAGE_COMPRESSED, 0, 0, 0);
+      meta_set(c, l, c->step_job_block[j], KVC_PAGE_COMPRESSED, 0, 0, 0, 0);
     c->layer_deferred[l] = 0;
     c->layers_deferred--;
   }
@@ -469,7 +470,7 @@ static kvc_status_t run_work(kvc_cache_t *c, const kvc_bm_work_t *w, int swap_di
     if (st != KVC_OK) return kvc__fail_device(c, st, "freeing pages");
     for (int i = 0; i < w->num_free; i++) {
       int32_t b = w->free_blocks[i];
-      for (int l = 0; l < L; l++) meta_set(c, l, b, KVC_PAGE_EMPTY, 0, 0, 0);
+      for (int l = 0; l < L; l++) meta_set(c, l, b, KVC_PAGE_EMPTY, 0, 0, 0, 0);
       c->pending_step[b] = 0;
       release_swap_extent(c, b);
     }
@@ -478,7 +479,7 @@ static kvc_status_t run_work(kvc_cache_t *c, const kvc_bm_work_t *w, int swap_di
     st = c->ops->copy_tail(c, w->copy_src, w->copy_dst, stream);
     if (st != KVC_OK) return kvc__fail_device(c, st, "copying a tail");
     for (int l = 0; l < L; l++)
-      meta_set(c, l, w->copy_dst, KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0);
+      meta_set(c, l, w->copy_dst, KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0, 0);
   }
   if (w->num_swap > 0 && swap_dir > 0) {
     /* The caller placed the extents (swap_off) and listed them in swap_work_off. */
@@ -910,10 +911,10 @@ kvc_status_t kvc_store(kvc_cache_t *c, int layer, const void *k, const void *v, 
   if (st == KVC_OK) {
     const kvc_bm_plan_t *p = &c->plan;
     for (int i = 0; i < p->num_new_staging; i++)
-      meta_set(c, layer, p->new_staging[i], KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0);
+      meta_set(c, layer, p->new_staging[i], KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0, 0);
     /* Completed blocks hold their rows in staging pages until compress_deferred. */
     for (int j = 0; j < p->num_jobs; j++)
-      meta_set(c, layer, p->job_block[j], KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0);
+      meta_set(c, layer, p->job_block[j], KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0, 0);
     if (p->num_jobs > 0) {
       c->layer_deferred[layer] = 1;
       c->layers_deferred++;

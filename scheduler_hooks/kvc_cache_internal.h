@@ -56,6 +56,7 @@ typedef struct kvc__page_meta {
   uint8_t codec;    /* kvc_codec_t of a measured compressed page */
   uint8_t measured; /* a compressed page whose size (and codec) the host knows */
   uint8_t swapped;  /* the page is in host swap memory; the directory entry is EMPTY */
+  uint8_t chunks;   /* a measured compressed page: the chunks it took (packed: fewer) */
 } kvc__page_meta_t;
 
 /* Derived sizes, fixed at creation. */

@@ -207,8 +207,21 @@ static kvc_status_t check_chunks(const kvc_cache_t *c, vstate_t *v, int32_t top)
   }
   for (int l = 0; l < c->cfg.num_layers; l++) {
     for (int32_t b = 0; b < c->geo.max_blocks; b++) {
-      const kvc_page_entry_t *e = &v->dir[(size_t)l * (size_t)c->geo.max_blocks + (size_t)b];
-      for (int i = 0; i < e->nchunks && i < KVC_PAGE_MAX_CHUNKS; i++) {
+      const size_t MB = (size_t)c->geo.max_blocks;
+      const kvc_page_entry_t *e = &v->dir[(size_t)l * MB + (size_t)b];
+      /* A packed page's chunk[0] is the last chunk of the block's page of layer l - 1. */
+      if (e->first) {
+        const kvc_page_entry_t *pe = l > 0 ? &v->dir[(size_t)(l - 1) * MB + (size_t)b] : NULL;
+        if (e->kind != KVC_PAGE_COMPRESSED || !pe || pe->kind != KVC_PAGE_COMPRESSED ||
+            pe->nchunks == 0 || pe->nchunks > KVC_PAGE_MAX_CHUNKS ||
+            pe->chunk[pe->nchunks - 1] != e->chunk[0] ||
+            kvc_page_start(e, c->geo.chunk_bytes) <
+                kvc_page_start(pe, c->geo.chunk_bytes) + pe->nbytes -
+                    (pe->nchunks - 1u) * c->geo.chunk_bytes)
+          return invalid(c, "layer %d block %d: packed page not after its previous layer's", l,
+                         (int)b);
+      }
+      for (int i = (int)kvc_page_own_first(e); i < e->nchunks && i < KVC_PAGE_MAX_CHUNKS; i++) {
         uint32_t id = e->chunk[i];
         if (id >= total || v->chunk_seen[id])
           return invalid(c, "layer %d block %d chunk %u is out of range or owned twice", l, (int)b,
@@ -252,16 +265,18 @@ static kvc_status_t check_entries(const kvc_cache_t *c, vstate_t *v) {
         break;
       case KVC_PAGE_COMPRESSED:
         if (e->nbytes == 0 || e->nbytes > g->max_page_bytes || e->codec > KVC_CODEC_HUFFMAN ||
-            e->nchunks != kvc_chunks_for(e->nbytes, g->chunk_bytes))
+            e->nchunks != kvc_chunks_for(kvc_page_start(e, g->chunk_bytes) + (uint64_t)e->nbytes,
+                                         g->chunk_bytes))
           return invalid(c, "layer %d block %d: compressed page of %u bytes, codec %u, %u chunks",
                          l, (int)b, e->nbytes, e->codec, e->nchunks);
         if (m->measured) {
-          if (m->nbytes != e->nbytes || m->codec != e->codec)
+          if (m->nbytes != e->nbytes || m->codec != e->codec ||
+              m->chunks != e->nchunks - kvc_page_own_first(e))
             return invalid(c, "layer %d block %d: mirror says %u bytes codec %u, page %u codec %u",
                            l, (int)b, m->nbytes, m->codec, e->nbytes, e->codec);
           measured++;
           mbytes += e->nbytes;
-          mchunks += e->nchunks;
+          mchunks += e->nchunks - kvc_page_own_first(e);
           by_codec[e->codec]++;
         } else if (c->pending_step[b] == 0) {
           return invalid(c, "layer %d block %d: compressed page never measured", l, (int)b);

@@ -1028,24 +1028,26 @@ static void measurements_lower_charges_and_stale_ones_are_ignored(void **state) 
   struct {
     int32_t block;
     int layer;
-    uint32_t chunks;
-  } stale[] = {{full, 0, 2}, {tail, 0, 1}, {full, 2, 1}, {full, -1, 1}, {full, 1, 0},
-               {full, 1, 5}, {-1, 0, 1},   {256, 0, 1},  {40, 0, 1}};
+    uint32_t bytes, chunks;
+  } stale[] = {{full, 0, 100, 2}, {tail, 0, 100, 1}, {full, 2, 100, 1}, {full, -1, 100, 1},
+               {full, 1, 0, 1},   {full, 1, 100, 5}, {-1, 0, 100, 1},   {256, 0, 100, 1},
+               {40, 0, 100, 1}};
   int nstale = (int)(sizeof(stale) / sizeof(stale[0]));
   for (int i = 0; i < nstale; i++) {
     static tb_snap_t a, b;
     tb_snap(f->bm, ids, 1, &a);
-    kvc_bm_page_measured(f->bm, stale[i].block, stale[i].layer, 100, stale[i].chunks);
+    kvc_bm_page_measured(f->bm, stale[i].block, stale[i].layer, stale[i].bytes, stale[i].chunks);
     tb_snap(f->bm, ids, 1, &b);
     a.stats.ignored_measurements++;
     tb_snap_assert_equal(&a, &b);
   }
   kvc_bm_page_measured_step(f->bm, step + 1, full, 1, 100, 1);
   assert_int_equal(stats(f).ignored_measurements, nstale + 1);
-  kvc_bm_page_measured_step(f->bm, step, full, 1, 100, 1);
+  /* A page packed into its block's chunks takes none of its own. */
+  kvc_bm_page_measured_step(f->bm, step, full, 1, 100, 0);
   s = stats(f);
   assert_int_equal(s.ignored_measurements, nstale + 1);
-  assert_int_equal(s.charged_chunks, 16 - 1 - 3);
+  assert_int_equal(s.charged_chunks, 16 - 1 - 4);
   assert_int_equal(s.measured_pages, 2);
   TB_ASSERT_VALID(f->bm);
   /* tokens_fit now uses the average measured page (2 chunks): 4 chunks a block. */

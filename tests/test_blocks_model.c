@@ -98,7 +98,7 @@ static int in_step(const model_t *m, const mseq_t *s) { return m->step_open && s
 
 static uint32_t charge(const mblock_t *b) {
   uint32_t c = 0;
-  for (int l = 0; l < L; l++) c += b->mchunks[l] ? b->mchunks[l] : W;
+  for (int l = 0; l < L; l++) c += b->mbytes[l] ? b->mchunks[l] : W;
   return c;
 }
 
@@ -126,7 +126,7 @@ static macct_t account(const model_t *m) {
     } else {
       a.charged += charge(k);
       for (int l = 0; l < L; l++)
-        if (k->mchunks[l]) a.m_pages++, a.m_chunks += k->mchunks[l], a.m_bytes += k->mbytes[l];
+        if (k->mbytes[l]) a.m_pages++, a.m_chunks += k->mchunks[l], a.m_bytes += k->mbytes[l];
       if (k->cached) a.ncached++, a.cached_chunks += charge(k);
       else a.active++, a.partial += !k->full;
     }
@@ -470,7 +470,7 @@ static void op_swap_out(run_t *r) {
       int32_t b = q->table[i];
       mblock_t *k = &m->blk[b];
       if (mref(m, b) > 1) continue;
-      if (k->full && (!k->mchunks[0] || !k->mchunks[1])) want = KVC_ERR_INVALID_STATE;
+      if (k->full && (!k->mbytes[0] || !k->mbytes[1])) want = KVC_ERR_INVALID_STATE;
       bytes += swap_bytes_of(k);
       moved[nm++] = b;
     }
@@ -527,19 +527,20 @@ static void op_measure(run_t *r) {
     const mblock_t *k = &m->blk[x];
     if (!k->full || k->swapped || (!k->cached && !mref(m, x))) continue;
     for (int l = 0; l < L; l++)
-      if (!k->mchunks[l]) pending[np][0] = x, pending[np][1] = l, np++;
+      if (!k->mbytes[l]) pending[np][0] = x, pending[np][1] = l, np++;
   }
   if (np && kvc_test_rng_below(&r->rng, 5)) {
     int i = (int)kvc_test_rng_below(&r->rng, (uint32_t)np);
     b = pending[i][0];
     layer = pending[i][1];
-    chunks = 1 + kvc_test_rng_below(&r->rng, W);
+    chunks = kvc_test_rng_below(&r->rng, W + 1); /* 0: a page packed into its block's chunks */
   } else {
     b = (int32_t)kvc_test_rng_below(&r->rng, NBLK + 2) - 1;
     layer = (int)kvc_test_rng_below(&r->rng, L + 1);
     chunks = kvc_test_rng_below(&r->rng, W + 2);
   }
-  uint32_t bytes = chunks * 256 - kvc_test_rng_below(&r->rng, 200);
+  uint32_t bytes = (chunks ? chunks : 1) * 256 - kvc_test_rng_below(&r->rng, 200);
+  if (kvc_test_rng_below(&r->rng, 16) == 0) bytes = 0; /* never a page's size */
   int by_step = (int)kvc_test_rng_below(&r->rng, 2);
   uint64_t step = 0;
   if (by_step) {
@@ -549,10 +550,10 @@ static void op_measure(run_t *r) {
   } else {
     kvc_bm_page_measured(r->bm, b, layer, bytes, chunks);
   }
-  int applies = b >= 0 && b < NBLK && layer < L && chunks >= 1 && chunks <= W;
+  int applies = b >= 0 && b < NBLK && layer < L && bytes > 0 && chunks <= W;
   if (applies) {
     mblock_t *k = &m->blk[b];
-    applies = k->full && !k->swapped && (k->cached || mref(m, b)) && !k->mchunks[layer] &&
+    applies = k->full && !k->swapped && (k->cached || mref(m, b)) && !k->mbytes[layer] &&
               (!by_step || k->done_step == step);
   }
   if (!applies) {

@@ -51,7 +51,8 @@ typedef enum kvc_page_kind {
 typedef struct kvc_page_entry {
   uint32_t nbytes;                      /* bytes of the page (staging: the full staging size) */
   uint8_t kind;                         /* kvc_page_kind_t */
-  uint8_t nchunks;                      /* chunks in use, <= KVC_PAGE_MAX_CHUNKS */
+  uint8_t nchunks;                      /* chunks the page lies in (packed: chunk[0] shared),
+                                           <= KVC_PAGE_MAX_CHUNKS */
   uint8_t codec;                        /* kvc_codec_t of a compressed page */
   uint8_t first;                        /* packed: byte 0's offset in chunk[0] / (chunk_bytes /
                                            256); 0: the page's chunks are all its own */

@@ -8,14 +8,16 @@
  * same admission loop over a pool accounted in their exact bytes per block (scales included), which
  * is what a paged allocator of fixed-size blocks of those formats would admit.
  *
- * Scale. Capacity is accounted per layer (every layer of a block has its own page) and per block
- * (pages are independent of the sequence they belong to), so two scalings leave the sequences
- * admitted unchanged: running L of the model's layers with pool * L / num_layers, and storing
- * sequences of context / K tokens, prefilled in chunks of chunk / K, in pool / K. Pages keep their
- * real shape, so page sizes, chunk rounding, the watermark and the charge for blocks in flight are
- * the same fractions of the pool. The CPU default (one layer, K = 8) compresses ~1/256 of what the
- * full model at full context does, to run in a minute or two on a small machine; the CUDA default
- * runs the full model (K = 1).
+ * Scale. Capacity is accounted per block (pages are independent of the sequence they belong to),
+ * so storing sequences of context / K tokens, prefilled in chunks of chunk / K, in pool / K leaves
+ * the sequences admitted unchanged: pages keep their real shape, so page sizes, chunk rounding, the
+ * watermark and the charge for blocks in flight are the same fractions of the pool. Layers are not
+ * independent: a block's pages pack into shared chunks (allocator/kvc_pool_layout.h), so a run of
+ * fewer layers than the model's (--layers L, pool * L / num_layers) rounds more per page and admits
+ * fewer sequences than the model would (at 32k on llama3-8b, one layer: bit-pack 39 and Huffman 45
+ * sequences, the model's 43 and 48). Both defaults run every layer; the CPU's K = 32 compresses
+ * 1/32 of what the full model at full context does (about 6 minutes per context on 2 cores), the
+ * CUDA's K = 1 all of it.
  *
  * Prints a table, then one JSON line (last): {"bench":"capacity",...,"rows":[...]}.
  */
@@ -335,12 +337,12 @@ static void usage(FILE *f) {
       "                      [--chunk TOKENS] [--token-scale K] [--threads N] [--target-bits B]\n"
       "                      [--target-source TEXT] [--seed S]\n"
       "  --pool-gib   KV pool of the full model on one GPU/rank (default 40)\n"
-      "  --layers     layers actually run (default: all on CUDA, 1 on CPU); the pool allocated\n"
-      "               is pool-gib * layers / model layers, so the sequences admitted are the\n"
-      "               full model's\n"
+      "  --layers     layers actually run (default: all); the pool allocated is pool-gib *\n"
+      "               layers / model layers; fewer layers than the model's admit fewer\n"
+      "               sequences (a block's pages pack into shared chunks)\n"
       "  --chunk      chunked-prefill size (default 2048)\n"
       "  --token-scale  store sequences of context/K tokens (chunks of chunk/K) in pool/K: the\n"
-      "               same sequences are admitted (default: 8 on CPU, 1 on CUDA)\n"
+      "               same sequences are admitted (default: 32 on CPU, 1 on CUDA)\n"
       "  --target-bits  bits per value the synthetic data's Huffman pages must measure at\n"
       "               this shape (used without --check)\n"
       "  --check NAME:KV_HEADS:HEAD_DIM:BITS  a real model ./kvc eval measured: calibrate the\n"
@@ -416,8 +418,8 @@ static int parse_args(int argc, char **argv, options_t *o) {
     }
   }
   if (kvcb_parse_backend("capacity", backend, &o->backend) != 0) return -1;
-  o->layers = layers > 0 ? layers : o->backend == KVC_BACKEND_CUDA ? o->shape->num_layers : 1;
-  o->token_scale = token_scale > 0 ? token_scale : o->backend == KVC_BACKEND_CUDA ? 1 : 8;
+  o->layers = layers > 0 ? layers : o->shape->num_layers;
+  o->token_scale = token_scale > 0 ? token_scale : o->backend == KVC_BACKEND_CUDA ? 1 : 32;
   kvc_config_t defaults = KVC_CONFIG_INIT;
   for (int c = 0; c < o->num_contexts; c++)
     if (o->contexts[c] % (o->token_scale * defaults.block_tokens) != 0)
@@ -468,10 +470,11 @@ int main(int argc, char **argv) {
          s->description, s->num_layers, s->num_q_heads, s->num_kv_heads, s->head_dim);
   printf("pool: %.2f GiB per GPU for the full model. This run: %d of %d layers, sequences of "
          "context/%d\n  tokens, in a %.1f MiB %s pool (the full pool x %d/%d / %d). Pages keep "
-         "their real shape and\n  capacity is accounted per layer and per block, so the sequences "
-         "admitted are the full model's.\n",
+         "their real shape and\n  capacity is accounted per block, so the sequences admitted are "
+         "the full model's%s.\n",
          o.pool_gib, o.layers, s->num_layers, o.token_scale, (double)pool_bytes / (1 << 20),
-         o.backend == KVC_BACKEND_CUDA ? "device" : "host", o.layers, s->num_layers, o.token_scale);
+         o.backend == KVC_BACKEND_CUDA ? "device" : "host", o.layers, s->num_layers, o.token_scale,
+         o.layers < s->num_layers ? " or fewer (with fewer layers a block's pages pack less)" : "");
   printf(
       "admission: sequences added one by one, prefill in chunks of %d run tokens (reserve, plan,\n"
       "  store), until kvc_seq_reserve refuses (watermark %.0f%% kept free at admission; blocks "

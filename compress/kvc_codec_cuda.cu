@@ -20,6 +20,9 @@
  * from the device free stack as the page grows (policy FIXED: one pop per section that crosses into
  * new chunks, issued before the emit and published by its barrier; other policies first size every
  * section under both codecs, then pop once). The page header and section table are written last.
+ * Packed (kvc_codec_cuda_compress_packed), a page starts where its block's page of the previous
+ * layer ended, inside that page's last chunk (chunks[0], not popped), and every offset is from
+ * there (misc[M_BASE]).
  * Shared memory is sized to the launch's shape (56 KB at 64 tokens x head_dim 128: four CTAs per
  * SM). Policy FIXED runs a kernel instantiation without the sizing pass. Throughput and its
  * accounting: bench/NOTES-codec.md.
@@ -919,7 +922,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
     /* Packed after the block's page of the previous layer when that was its last page. */
     const bool pack = a.cursor && a.layer > 0 && kvc_pack_codec(a.codec, a.policy);
     const kvc_pack_cursor_t cur = pack ? a.cursor[bid] : kvc_pack_cursor_t{-1, 0, 0};
-    const uint32_t first = cur.layer == a.layer - 1 ? kvc_pack_first(cur.end, a.pool.chunk_bytes) : 0;
+    const uint32_t first =
+        cur.layer == a.layer - 1 ? kvc_pack_first(cur.end, a.pool.chunk_bytes) : 0u;
     sm.chunks[0] = cur.chunk;
     sm.misc[M_HAVE] = first ? 1 : 0;
     sm.misc[M_BASE] = (int)(first * (a.pool.chunk_bytes >> 8));

@@ -390,7 +390,8 @@ typedef struct kvc_stats {
   size_t struct_size;          /* set by the caller to sizeof(kvc_stats_t) */
   size_t pool_bytes;           /* the pool */
   size_t page_bytes;           /* bytes of compressed pages (headers, codebooks, scales included) */
-  size_t page_alloc_bytes;     /* chunk bytes those pages occupy */
+  size_t page_alloc_bytes;     /* chunk bytes those pages took (a block's pages share chunks:
+                                  only its last page's last chunk is partly unused) */
   size_t staging_bytes;        /* chunk bytes of uncompressed tail blocks */
   size_t reserved_bytes;       /* chunk bytes promised to reservations and pages of unknown size */
   size_t free_bytes;           /* chunk bytes available to new reservations */
@@ -439,7 +440,8 @@ kvc_status_t kvc_poll_events(kvc_cache_t *cache, kvc_event_t *events, int cap, i
                              int64_t *dropped);
 
 /* Checks every invariant (refcounts, free lists, directory, block tables, accounting): every pool
- * chunk is free or in exactly one page, every directory entry agrees with the block manager, every
+ * chunk is free or owned by exactly one page (a page that starts in the last chunk of its block's
+ * previous layer's page shares it), every directory entry agrees with the block manager, every
  * block of a running sequence holds the page its length implies. Host side; synchronizes and
  * collects page sizes first (on CUDA it copies the directories to the host). Returns KVC_OK,
  * KVC_ERR_INTERNAL (the reason is logged), KVC_ERR_OUT_OF_HOST_MEMORY (its scratch copies). */

@@ -355,8 +355,9 @@ static kvc_status_t report_slot(kvc_cache_t *c, const kvc__size_slot_t *s, const
       if (nbytes == 0 || nbytes > c->geo.max_page_bytes || codec > KVC_CODEC_HUFFMAN ||
           nch > kvc_chunks_for(nbytes, c->geo.chunk_bytes) ||
           meta_at(c, l, b)->kind != KVC_PAGE_COMPRESSED) {
-        kvc__log(c, KVC_LOG_ERROR, "page of block %d layer %d reported %u bytes, codec %u, %u chunks",
-                 (int)b, l, nbytes, codec, nch);
+        kvc__log(c, KVC_LOG_ERROR,
+                 "page of block %d layer %d reported %u bytes, codec %u, %u chunks", (int)b, l,
+                 nbytes, codec, nch);
         return KVC_ERR_INTERNAL;
       }
       meta_set(c, l, b, KVC_PAGE_COMPRESSED, nbytes, codec, nch, 1);

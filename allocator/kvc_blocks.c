@@ -591,8 +591,11 @@ int64_t kvc_bm_tokens_fit(const kvc_bm_t *bm) {
   avail = avail > bm->wm_chunks ? avail - bm->wm_chunks : 0;
   uint64_t per_block = bm->lw;
   if (bm->m_pages > 0) {
-    uint64_t per_page = (bm->m_chunks + (uint64_t)bm->m_pages - 1) / (uint64_t)bm->m_pages;
-    per_block = per_page * (uint64_t)bm->cfg.num_layers;
+    /* A block's layers at the average measured page, rounded up once per block: packed pages
+     * take fractions of a chunk on average, and some take none. */
+    const uint64_t L = (uint64_t)bm->cfg.num_layers, m = bm->m_pages;
+    per_block = (bm->m_chunks * L + m - 1) / m;
+    if (per_block < 1) per_block = 1;
   }
   int64_t blocks = (int64_t)(avail / per_block);
   int64_t ids = bm->nfree - bm->reserved_ids + bm->ncached;

@@ -191,7 +191,8 @@ void kvc_bm_page_measured_step(kvc_bm_t *bm, uint64_t step, int32_t block, int l
 
 /* Conservative token capacity from the measured average page size (kvc_tokens_fit): free and
  * evictable chunks beyond the watermark over a block's charge at the average measured page size
- * rounded up (the worst case before any page is measured), also bounded by block ids. */
+ * (num_layers pages, rounded up to a whole chunk, at least one; the worst case before any page is
+ * measured), also bounded by block ids. */
 int64_t kvc_bm_tokens_fit(const kvc_bm_t *bm);
 
 /* The block table of `id` (block ids in order, the tail last); valid until the next call. */

@@ -1050,8 +1050,32 @@ static void measurements_lower_charges_and_stale_ones_are_ignored(void **state) 
   assert_int_equal(s.charged_chunks, 16 - 1 - 4);
   assert_int_equal(s.measured_pages, 2);
   TB_ASSERT_VALID(f->bm);
-  /* tokens_fit now uses the average measured page (2 chunks): 4 chunks a block. */
-  assert_int_equal(kvc_bm_tokens_fit(f->bm), (512 - 12) / 4 * 4);
+  /* tokens_fit now charges a block two average measured pages (1.5 chunks): 3 chunks. */
+  assert_int_equal(kvc_bm_tokens_fit(f->bm), (512 - 11) / 3 * 4);
+  fx_free(f);
+}
+
+/* Pages packed into chunks their block already holds measure 0 chunks; a block still costs one
+ * chunk in tokens_fit's estimate (the fuzzer found a division by zero here). */
+static void packed_pages_of_no_chunks(void **state) {
+  (void)state;
+  kvc_bm_config_t c = tb_config();
+  c.max_blocks = 256;
+  fx_t *f = fx_new(&c);
+  add(f, 1, NULL, 0, 0);
+  reserve(f, 1, 6);
+  const kvc_bm_plan_t *p = step1(f, 1, 6, NULL);
+  int32_t full = p->job_block[0];
+  const uint32_t charged = stats(f).charged_chunks;
+  for (int l = 0; l < 2; l++) kvc_bm_page_measured(f->bm, full, l, 100, 0);
+  kvc_bm_stats_t s = stats(f);
+  assert_int_equal(s.measured_pages, 2);
+  assert_int_equal(s.measured_page_chunks, 0);
+  assert_int_equal(s.charged_chunks, charged - 2 * c.worst_page_chunks);
+  TB_ASSERT_VALID(f->bm);
+  /* One chunk a block, so the free block ids (256, less the full block and the tail) bound it. */
+  assert_true(512 - s.charged_chunks > 256 - 2);
+  assert_int_equal(kvc_bm_tokens_fit(f->bm), (256 - 2) * 4);
   fx_free(f);
 }
 
@@ -1128,6 +1152,7 @@ int main(void) {
       cmocka_unit_test(swap_moves_exclusive_blocks_and_back),
       cmocka_unit_test(swap_space_and_pool_limits),
       cmocka_unit_test(measurements_lower_charges_and_stale_ones_are_ignored),
+      cmocka_unit_test(packed_pages_of_no_chunks),
       cmocka_unit_test(measuring_a_cached_block_frees_evictable_chunks),
       cmocka_unit_test(plan_arrays_survive_a_growing_reserve),
   };

@@ -96,6 +96,26 @@ static float gen_value(kvc_test_rng_t *r, int tensor, int h, int d) {
  * bound of the originals. Blocks completed by an earlier step must be compressed; blocks this
  * step completed must still be staging pages, so that this step's attention reads its own new
  * tokens exactly. */
+/* Compressed pages read by decode_sequence that were packed (allocator/kvc_pool_layout.h). */
+static int64_t packed_pages;
+
+/* A packed page starts in the last chunk of its block's page of the previous layer, at or past
+ * where that page ends; raw caches and layer 0 never pack. */
+static void check_packing(kvc_cache_t *c, const kvc_config_t *cfg, int l, int32_t block,
+                          const kvc_page_entry_t *e, uint8_t *page, size_t page_cap) {
+  if (!e->first) return;
+  uint32_t cb = 0;
+  kvc__cache_geometry(c, &cb, NULL, NULL);
+  assert_true(l > 0 && kvc_pack_codec(cfg->codec, cfg->policy));
+  kvc_page_entry_t prev;
+  assert_int_equal(kvc__cache_read_page(c, l - 1, block, &prev, page, page_cap), KVC_OK);
+  assert_int_equal(prev.kind, KVC_PAGE_COMPRESSED);
+  assert_true(prev.chunk[prev.nchunks - 1] == e->chunk[0]);
+  assert_true(kvc_page_start(e, cb) >=
+              kvc_page_start(&prev, cb) + prev.nbytes - (prev.nchunks - 1u) * cb);
+  packed_pages++;
+}
+
 static void decode_sequence(kvc_cache_t *c, const kvc_config_t *cfg, kvc_seq_id_t id, seq_t *s,
                             int len0, int len, int l, uint8_t *page, size_t page_cap) {
   const int bt = cfg->block_tokens;
@@ -113,6 +133,10 @@ static void decode_sequence(kvc_cache_t *c, const kvc_config_t *cfg, kvc_seq_id_
       assert_int_equal(kvc__cache_read_page(c, l, blocks[j], &e, page, page_cap), KVC_OK);
       int earlier = (j + 1) * bt <= len0;
       assert_int_equal(e.kind, ntok == bt && earlier ? KVC_PAGE_COMPRESSED : KVC_PAGE_STAGING);
+      if (e.kind == KVC_PAGE_COMPRESSED) {
+        check_packing(c, cfg, l, blocks[j], &e, page, page_cap);
+        assert_int_equal(kvc__cache_read_page(c, l, blocks[j], &e, page, page_cap), KVC_OK);
+      }
       for (int t = 0; t < 2; t++) {
         float *orig = t ? s->v : s->k, *dec = t ? s->dv : s->dk;
         for (int h = 0; h < KV_HEADS; h++) {
@@ -332,6 +356,7 @@ static void run_scenario(const scenario_t *sc) {
   kvc_test_rng_seed(&rng, 1234 + (uint64_t)sc->dtype * 100 + (uint64_t)sc->policy * 10 +
                               (uint64_t)sc->codec);
   /* Prefill, three decode steps, then a multi-query step of 4 tokens for some sequences. */
+  packed_pages = 0;
   run_step(c, &cfg, sc, seqs, prompt_len, 0, &rng, page, max_page);
   const int one[NUM_SEQS] = {1, 1, 1, 1, 1, 1};
   for (int s = 1; s <= 3; s++) run_step(c, &cfg, sc, seqs, one, s, &rng, page, max_page);
@@ -352,6 +377,11 @@ static void run_scenario(const scenario_t *sc) {
   /* A fixed codec falls back to raw only for blocks it cannot code; these it can. */
   if (sc->policy == KVC_POLICY_FIXED)
     assert_int_equal(st.pages_by_codec[sc->codec], full * NUM_LAYERS);
+  /* Pages (a few KiB at most here) pack after their previous layer's, except in a raw cache. */
+  if (kvc_pack_codec(cfg.codec, cfg.policy))
+    assert_true(packed_pages > 0);
+  else
+    assert_int_equal(packed_pages, 0);
   for (int i = 0; i < NUM_SEQS; i++) {
     assert_int_equal(kvc_seq_free(c, 100 + (kvc_seq_id_t)i), KVC_OK);
     assert_int_equal(kvc_cache_validate(c), KVC_OK);

@@ -14,11 +14,11 @@
  * for the same block (its previous layer), where that page ended, so that a block's pages leave
  * one partly used chunk instead of one each. Such a page's `first` is the offset of its byte 0 in
  * chunk[0], in units of chunk_bytes / 256 (16-byte aligned, so that no 16-byte read of a page
- * straddles two chunks; a 32-byte header may); chunk[0]
- * is owned (popped and pushed) by the page before it, and its own chunks are the rest. A block's
- * pages are freed, swapped and evicted together, so a shared chunk never outlives its owner while
- * in use. Staging pages never pack (first 0), nor do the pages of a cache whose codec is raw
- * (kvc_pack_codec): fp16 paged pages stay chunk-aligned, as the attention reads them fastest.
+ * straddles two chunks; a 32-byte header may). chunk[0] is owned (popped and pushed) by the page
+ * before it; the page's own chunks are the rest. A block's pages are freed, swapped and evicted
+ * together, so a shared chunk never outlives its owner while in use. Staging pages never pack
+ * (first 0), nor do the pages of a cache whose codec is raw (kvc_pack_codec): fp16 paged pages
+ * stay chunk-aligned, as the attention reads them fastest.
  *
  * Staging pages (the tail) have no header; their layout is
  *   // [2 (K, V)][num_kv_heads][block_tokens][head_dim] in the cache dtype

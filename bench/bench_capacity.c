@@ -107,11 +107,9 @@ static const format_t formats[] = {
      * exact), with top-1 agreement no lower: stories260K +0.186% / 0.9880 (KIVI-4 +0.257% /
      * 0.9874), BabyLlama +0.073% / 0.9946 (KIVI-4 +0.075% / 0.9933); `kvc_eval --sweep
      * 'relkv:0.03/0.04'`. BabyLlama's perplexity margin is inside the noise: on four more disjoint
-     * 40-window slices of the text (--text) it ranges -0.050..+0.056 points against KIVI-4. Looser
-     * bounds whose pages fit 8 chunks (4.0 pool bits/value, 39 sequences at 32k), e.g. K 0.032 /
-     * V 0.055, keep the perplexity change no larger on both models but lower top-1 agreement on
-     * both; no bound of the sweep (K 0.02..0.08 x V 0.03..0.1) admitting more than KIVI-4's 36
-     * keeps both. */
+     * 40-window slices of the text (--text) it ranges -0.050..+0.056 points against KIVI-4. With a
+     * block's pages packed into shared chunks its pages take 4.28 pool bits/value: 37 sequences at
+     * 32k against KIVI-4's 36 (bench/NOTES-capacity.md; before packing, 4.5 and 35). */
     {"kvcomp-huffman-kivi-acc", ROW_KVCOMP, KVC_CODEC_HUFFMAN, 0, 0,
      "kvcomp Huffman pages, relative K 0.03 / V 0.04 (accuracy no worse than KIVI-4 in ./kvc "
      "eval), measured",

@@ -16,8 +16,9 @@
  *    Reported: block-manager calls per second, and fragmentation of the measured pages at steady
  *    state, (chunk bytes - page bytes) / chunk bytes, sampled every 100 steps after warm-up.
  * 2. The chunk-size rule. The pool's chunk is the smallest power of two >= 256 bytes in which the
- *    largest possible page (raw fp16 + header) fits in KVC_PAGE_MAX_CHUNKS chunks; the table shows
- *    the fragmentation every candidate chunk size would give for the same page sizes.
+ *    largest possible page (raw fp16 + header) fits in KVC_PAGE_MAX_CHUNKS - 1 chunks (a packed
+ *    page may lie in one more, allocator/kvc_pool_layout.h); the table shows the fragmentation
+ *    every candidate chunk size would give for the same page sizes.
  * 3. Plan time: kvc_bm_plan for a decode step of 256 sequences of 32k tokens (513 blocks each),
  *    median over `--plan-steps` steps (includes the steps where every sequence opens a new block or
  *    completes one).
@@ -101,7 +102,7 @@ static int lognormal_len(double median, double sigma, int lo, int hi) {
 
 static uint32_t chunk_rule(uint64_t max_page) {
   uint64_t cb = KVC_CHUNK_MIN_BYTES;
-  while (max_page > (uint64_t)KVC_PAGE_MAX_CHUNKS * cb) cb *= 2;
+  while (max_page > (uint64_t)(KVC_PAGE_MAX_CHUNKS - 1) * cb) cb *= 2;
   return (uint32_t)cb;
 }
 
@@ -471,7 +472,7 @@ int main(int argc, char **argv) {
   printf("  * cached blocks included: they are evicted on demand\n");
 
   printf("chunk-size rule: smallest power of two >= %d B holding the largest page in <= %d chunks\n",
-         KVC_CHUNK_MIN_BYTES, KVC_PAGE_MAX_CHUNKS);
+         KVC_CHUNK_MIN_BYTES, KVC_PAGE_MAX_CHUNKS - 1);
   printf("  %10s %18s %16s\n", "chunk B", "largest page chunks", "fragmentation");
   for (uint32_t cb = chunk / 4; cb <= chunk * 4; cb *= 2) {
     double alloc = 0, used = 0;
@@ -481,7 +482,9 @@ int main(int argc, char **argv) {
     }
     uint32_t worst = kvc_chunks_for(MAX_PAGE_BYTES, cb);
     printf("  %10u %18u %15.2f%%%s\n", cb, worst, alloc > 0 ? 100.0 * (alloc - used) / alloc : 0.0,
-           cb == chunk ? "   <- the rule" : worst > KVC_PAGE_MAX_CHUNKS ? "   (too many chunks)" : "");
+           cb == chunk                      ? "   <- the rule"
+           : worst > KVC_PAGE_MAX_CHUNKS - 1 ? "   (too many chunks)"
+                                             : "");
   }
   printf("plan: 256 sequences x 32768 tokens (513 blocks each), one decode token each, %d steps\n",
          plan_steps);

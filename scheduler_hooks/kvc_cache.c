@@ -187,8 +187,9 @@ static kvc_status_t compute_geometry(const kvc_config_t *cfg, const kvc_codec_pa
             (unsigned long long)max_page);
     return KVC_ERR_UNSUPPORTED;
   }
+  /* The largest page in KVC_PAGE_MAX_CHUNKS - 1 chunks: packed, it may lie in one more. */
   uint64_t cb = KVC_CHUNK_MIN_BYTES;
-  while (max_page > (uint64_t)KVC_PAGE_MAX_CHUNKS * cb) cb *= 2;
+  while (max_page > (uint64_t)(KVC_PAGE_MAX_CHUNKS - 1) * cb) cb *= 2;
   /* Chunk ids and the device stack's top are 32-bit: a huge pool gets larger chunks instead. */
   while (cfg->pool_bytes / cb > (uint64_t)INT32_MAX) cb *= 2;
   g->chunk_bytes = (uint32_t)cb;

@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <cmocka.h>
 
@@ -1055,6 +1056,53 @@ static void measurements_lower_charges_and_stale_ones_are_ignored(void **state) 
   fx_free(f);
 }
 
+/* Packing's arithmetic (allocator/kvc_pool_layout.h): a page starts 16-byte aligned, in units of
+ * chunk_bytes / 256, after the previous page's end, or in a fresh chunk when none is left; the
+ * chunks it takes; its bytes' addresses. */
+static void packing_arithmetic(void **state) {
+  (void)state;
+  /* 8 KiB chunks: units of 32 bytes. */
+  assert_int_equal(kvc_pack_first(1, 8192), 1);
+  assert_int_equal(kvc_pack_first(32, 8192), 1);
+  assert_int_equal(kvc_pack_first(33, 8192), 2);
+  assert_int_equal(kvc_pack_first(8160, 8192), 255);
+  assert_int_equal(kvc_pack_first(8161, 8192), 0); /* rounds up to the chunk's end */
+  assert_int_equal(kvc_pack_first(8192, 8192), 0);
+  /* 1 KiB chunks: units of 4 bytes, starts still 16-byte aligned. */
+  assert_int_equal(kvc_pack_first(1, 1024), 4);
+  assert_int_equal(kvc_pack_first(17, 1024), 8);
+  assert_int_equal(kvc_pack_first(1008, 1024), 252);
+  assert_int_equal(kvc_pack_first(1009, 1024), 0);
+  /* Chunks taken: none when the page fits in the rest of the shared chunk. */
+  assert_int_equal(kvc_pack_popped(0, 8192, 8192), 1);
+  assert_int_equal(kvc_pack_popped(0, 8193, 8192), 2);
+  assert_int_equal(kvc_pack_popped(128, 4096, 8192), 0);
+  assert_int_equal(kvc_pack_popped(128, 4097, 8192), 1);
+  assert_int_equal(kvc_pack_popped(255, 59136, 8192), 8); /* 8160 + 59136 bytes: 9 chunks */
+  /* A packed page's bytes: from unit 2 (byte 64) of chunk 5, then chunk 9. */
+  static uint8_t pool[16 * 8192];
+  kvc_page_entry_t e;
+  memset(&e, 0, sizeof(e));
+  e.kind = KVC_PAGE_COMPRESSED;
+  e.first = 2;
+  e.nchunks = 2;
+  e.chunk[0] = 5;
+  e.chunk[1] = 9;
+  assert_int_equal(kvc_page_start(&e, 8192), 64);
+  assert_ptr_equal(kvc_page_byte(pool, 8192, &e, 0), pool + 5 * 8192 + 64);
+  assert_ptr_equal(kvc_page_byte(pool, 8192, &e, 8192 - 65), pool + 5 * 8192 + 8191);
+  assert_ptr_equal(kvc_page_byte(pool, 8192, &e, 8192 - 64), pool + 9 * 8192);
+  assert_int_equal(kvc_page_own_first(&e), 1);
+  e.first = 0;
+  assert_int_equal(kvc_page_own_first(&e), 0);
+  assert_ptr_equal(kvc_page_byte(pool, 8192, &e, 8192), pool + 9 * 8192);
+  /* Raw caches do not pack; raw pages of a per-page policy do. */
+  assert_true(kvc_pack_codec(KVC_CODEC_HUFFMAN, KVC_POLICY_FIXED));
+  assert_true(kvc_pack_codec(KVC_CODEC_BITPACK, KVC_POLICY_FIXED));
+  assert_false(kvc_pack_codec(KVC_CODEC_RAW, KVC_POLICY_FIXED));
+  assert_true(kvc_pack_codec(KVC_CODEC_RAW, KVC_POLICY_SMALLEST));
+}
+
 /* Pages packed into chunks their block already holds measure 0 chunks; a block still costs one
  * chunk in tokens_fit's estimate (the fuzzer found a division by zero here). */
 static void packed_pages_of_no_chunks(void **state) {
@@ -1153,6 +1201,7 @@ int main(void) {
       cmocka_unit_test(swap_space_and_pool_limits),
       cmocka_unit_test(measurements_lower_charges_and_stale_ones_are_ignored),
       cmocka_unit_test(packed_pages_of_no_chunks),
+      cmocka_unit_test(packing_arithmetic),
       cmocka_unit_test(measuring_a_cached_block_frees_evictable_chunks),
       cmocka_unit_test(plan_arrays_survive_a_growing_reserve),
   };

@@ -72,6 +72,12 @@ KVC_HD uint8_t *kvc_page_byte(uint8_t *pool, uint32_t chunk_bytes, const kvc_pag
   return pool + (uint64_t)e->chunk[o / chunk_bytes] * chunk_bytes + (o % chunk_bytes);
 }
 
+/* Bytes from page byte `offset` to the end of the chunk that holds it: how far a copy of page
+ * bytes may run in one piece. */
+KVC_HD uint32_t kvc_page_run(const kvc_page_entry_t *e, uint32_t chunk_bytes, uint32_t offset) {
+  return chunk_bytes - (kvc_page_start(e, chunk_bytes) + offset) % chunk_bytes;
+}
+
 /* The chunks a page owns: chunk[kvc_page_own_first(e) .. nchunks). */
 KVC_HD uint32_t kvc_page_own_first(const kvc_page_entry_t *e) { return e->first ? 1u : 0u; }
 
@@ -105,6 +111,22 @@ KVC_HD uint32_t kvc_pack_first(uint32_t end, uint32_t chunk_bytes) {
   const uint32_t unit = chunk_bytes >> 8, step = unit > 16u ? unit : 16u;
   const uint32_t at = (end + step - 1) / step * step;
   return at < chunk_bytes ? at / unit : 0u;
+}
+
+/* Where the page of `layer` starts after the block's cursor: kvc_pack_first of the cursor's end
+ * when the cursor's page is the block's page of layer - 1, else 0 (a fresh chunk). */
+KVC_HD uint32_t kvc_pack_after(const kvc_pack_cursor_t *cur, int layer, uint32_t chunk_bytes) {
+  return layer > 0 && cur->layer == layer - 1 ? kvc_pack_first(cur->end, chunk_bytes) : 0u;
+}
+
+/* The cursor after page `e` (its chunks and `first` set, `bytes` long) of `layer`. */
+KVC_HD kvc_pack_cursor_t kvc_pack_cursor_after(const kvc_page_entry_t *e, int layer,
+                                               uint32_t bytes, uint32_t chunk_bytes) {
+  kvc_pack_cursor_t c;
+  c.layer = layer;
+  c.chunk = e->chunk[e->nchunks - 1];
+  c.end = kvc_page_start(e, chunk_bytes) + bytes - (e->nchunks - 1u) * chunk_bytes;
+  return c;
 }
 
 /* Chunks a page of `bytes` starting at unit `first` of a shared chunk takes from the pool. */

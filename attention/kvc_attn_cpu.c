@@ -110,11 +110,10 @@ static kvc_status_t kvc__decode_page(const kvc_attn_args_t *a, const kvc_page_en
   }
   if (e->kind != KVC_PAGE_COMPRESSED) return KVC_ERR_CORRUPT;
 
-  const uint32_t cb = a->chunk_bytes, start = kvc_page_start(e, cb);
   for (uint32_t off = 0, len; off < nbytes; off += len) {
-    const uint32_t room = cb - (start + off) % cb; /* to the end of the chunk that holds off */
+    const uint32_t room = kvc_page_run(e, a->chunk_bytes, off);
     len = nbytes - off < room ? nbytes - off : room;
-    memcpy(gather + off, kvc_page_byte(pool, cb, e, off), len);
+    memcpy(gather + off, kvc_page_byte(pool, a->chunk_bytes, e, off), len);
   }
   kvc_page_info_t info;
   if (kvc_codec_page_info(gather, nbytes, &info) != KVC_OK) return KVC_ERR_CORRUPT;

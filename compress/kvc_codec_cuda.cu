@@ -922,8 +922,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
     /* Packed after the block's page of the previous layer when that was its last page. */
     const bool pack = a.cursor && a.layer > 0 && kvc_pack_codec(a.codec, a.policy);
     const kvc_pack_cursor_t cur = pack ? a.cursor[bid] : kvc_pack_cursor_t{-1, 0, 0};
-    const uint32_t first =
-        cur.layer == a.layer - 1 ? kvc_pack_first(cur.end, a.pool.chunk_bytes) : 0u;
+    const uint32_t first = kvc_pack_after(&cur, a.layer, a.pool.chunk_bytes);
     sm.chunks[0] = cur.chunk;
     sm.misc[M_HAVE] = first ? 1 : 0;
     sm.misc[M_BASE] = (int)(first * (a.pool.chunk_bytes >> 8));
@@ -1049,6 +1048,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
     a.page_bytes[job] = pos;
     if (a.cursor) {
       a.page_chunks[job] = (uint8_t)(have - (base ? 1 : 0));
+      /* kvc_pack_cursor_after(e, ...), from the shared copies rather than the entry just written */
       a.cursor[bid] = kvc_pack_cursor_t{a.layer, sm.chunks[have - 1],
                                         (uint32_t)base + pos - (uint32_t)(have - 1) * cb};
     }

@@ -37,9 +37,9 @@ static kvc_page_entry_t *entry(cpu_be_t *be, const kvc_cache_t *c, int layer, in
 /* Page bytes [off, off + n) <-> flat memory, split where the page's chunks end. */
 static void page_write(const kvc_cache_t *c, uint8_t *pool, const kvc_page_entry_t *e, uint32_t off,
                        const uint8_t *src, size_t n) {
-  const uint32_t cb = c->geo.chunk_bytes, start = kvc_page_start(e, cb);
+  const uint32_t cb = c->geo.chunk_bytes;
   while (n > 0) {
-    size_t room = cb - (start + off) % cb, m = n < room ? n : room;
+    size_t room = kvc_page_run(e, cb, off), m = n < room ? n : room;
     memcpy(kvc_page_byte(pool, cb, e, off), src, m);
     off += (uint32_t)m;
     src += m;
@@ -49,9 +49,9 @@ static void page_write(const kvc_cache_t *c, uint8_t *pool, const kvc_page_entry
 
 static void page_read(const kvc_cache_t *c, uint8_t *pool, const kvc_page_entry_t *e, uint32_t off,
                       uint8_t *dst, size_t n) {
-  const uint32_t cb = c->geo.chunk_bytes, start = kvc_page_start(e, cb);
+  const uint32_t cb = c->geo.chunk_bytes;
   while (n > 0) {
-    size_t room = cb - (start + off) % cb, m = n < room ? n : room;
+    size_t room = kvc_page_run(e, cb, off), m = n < room ? n : room;
     memcpy(dst, kvc_page_byte(pool, cb, e, off), m);
     off += (uint32_t)m;
     dst += m;
@@ -89,16 +89,12 @@ static int take_page(cpu_be_t *be, const kvc_cache_t *c, kvc_page_entry_t *e, in
                      int layer, uint32_t bytes, int pack) {
   const uint32_t cb = c->geo.chunk_bytes;
   kvc_pack_cursor_t *cur = &be->cursor[block];
-  const uint32_t first = pack && layer > 0 && cur->layer == layer - 1 ? kvc_pack_first(cur->end, cb)
-                                                                        : 0;
+  const uint32_t first = pack ? kvc_pack_after(cur, layer, cb) : 0;
   const uint32_t n = kvc_pack_popped(first, bytes, cb);
   if (pop_chunks(be, e, first ? 1 : 0, n)) return -1;
   if (first) e->chunk[0] = cur->chunk;
   e->first = (uint8_t)first;
-  const uint32_t end = first * (cb >> 8) + bytes; /* past the page's last byte, from chunk[0] */
-  cur->layer = layer;
-  cur->chunk = e->chunk[e->nchunks - 1];
-  cur->end = end - (e->nchunks - 1u) * cb;
+  *cur = kvc_pack_cursor_after(e, layer, bytes, cb);
   return (int)n;
 }
 

@@ -350,8 +350,7 @@ __global__ void swap_in_take_kernel(swap_list list, int n, int layers, int max_b
       return;
     }
     const bool staging = saved.kind == KVC_PAGE_STAGING;
-    const uint32_t first =
-        !staging && saved.first && cur.layer == l - 1 ? kvc_pack_first(cur.end, cb) : 0;
+    const uint32_t first = !staging && saved.first ? kvc_pack_after(&cur, l, cb) : 0;
     const uint32_t n_new = staging ? staging_chunks : kvc_pack_popped(first, saved.nbytes, cb);
     if (!pop_chunks(pool, n_new, e->chunk + (first ? 1 : 0))) return;
     if (first) e->chunk[0] = cur.chunk;
@@ -360,9 +359,7 @@ __global__ void swap_in_take_kernel(swap_list list, int n, int layers, int max_b
     e->nbytes = saved.nbytes;
     e->codec = saved.codec;
     e->kind = saved.kind;
-    if (!staging)
-      cur = kvc_pack_cursor_t{l, e->chunk[e->nchunks - 1],
-                              first * (cb >> 8) + saved.nbytes - (e->nchunks - 1u) * cb};
+    if (!staging) cur = kvc_pack_cursor_after(e, l, saved.nbytes, cb);
   }
   cursor[b] = cur;
 }
@@ -895,9 +892,8 @@ kvc_status_t cuda_read_page(kvc_cache_t *c, const kvc_page_entry_t *e, uint8_t *
   const uint32_t cb = c->geo.chunk_bytes;
   KVC_ON_DEVICE(be);
   KVC_CU(cudaStreamSynchronize(static_cast<cudaStream_t>(c->last_stream)));
-  const uint32_t start = kvc_page_start(e, cb);
   for (uint32_t off = 0, n; off < e->nbytes; off += n) {
-    const uint32_t room = cb - (start + off) % cb; /* to the end of the chunk that holds off */
+    const uint32_t room = kvc_page_run(e, cb, off);
     n = e->nbytes - off < room ? e->nbytes - off : room;
     KVC_CU(cudaMemcpy(out + off, kvc_page_byte(be->pool.base, cb, e, off), n,
                       cudaMemcpyDeviceToHost));

@@ -196,7 +196,7 @@ invalid(const kvc_cache_t *c, const char *fmt, ...) {
 }
 
 static kvc_status_t check_chunks(const kvc_cache_t *c, vstate_t *v, int32_t top) {
-  const uint32_t total = c->geo.total_chunks;
+  const uint32_t total = c->geo.total_chunks, cb = c->geo.chunk_bytes;
   uint64_t seen = 0;
   if (top < 0 || (uint32_t)top > total) return invalid(c, "free stack top %d of %u", top, total);
   for (int32_t i = 0; i < top; i++) {
@@ -209,15 +209,17 @@ static kvc_status_t check_chunks(const kvc_cache_t *c, vstate_t *v, int32_t top)
     for (int32_t b = 0; b < c->geo.max_blocks; b++) {
       const size_t MB = (size_t)c->geo.max_blocks;
       const kvc_page_entry_t *e = &v->dir[(size_t)l * MB + (size_t)b];
-      /* A packed page's chunk[0] is the last chunk of the block's page of layer l - 1. */
+      /* A packed page starts where packing puts it after the block's page of layer l - 1: in
+       * that page's last chunk, just past its end. */
       if (e->first) {
         const kvc_page_entry_t *pe = l > 0 ? &v->dir[(size_t)(l - 1) * MB + (size_t)b] : NULL;
-        if (e->kind != KVC_PAGE_COMPRESSED || !pe || pe->kind != KVC_PAGE_COMPRESSED ||
-            pe->nchunks == 0 || pe->nchunks > KVC_PAGE_MAX_CHUNKS ||
-            pe->chunk[pe->nchunks - 1] != e->chunk[0] ||
-            kvc_page_start(e, c->geo.chunk_bytes) <
-                kvc_page_start(pe, c->geo.chunk_bytes) + pe->nbytes -
-                    (pe->nchunks - 1u) * c->geo.chunk_bytes)
+        int ok = e->kind == KVC_PAGE_COMPRESSED && pe && pe->kind == KVC_PAGE_COMPRESSED &&
+                 pe->nchunks >= 1 && pe->nchunks <= KVC_PAGE_MAX_CHUNKS;
+        if (ok) {
+          const kvc_pack_cursor_t pc = kvc_pack_cursor_after(pe, l - 1, pe->nbytes, cb);
+          ok = pc.chunk == e->chunk[0] && e->first == kvc_pack_after(&pc, l, cb);
+        }
+        if (!ok)
           return invalid(c, "layer %d block %d: packed page not after its previous layer's", l,
                          (int)b);
       }

@@ -299,19 +299,28 @@ kvc_status_t kvc_bm_seq_add(kvc_bm_t *bm, kvc_seq_id_t id, const int32_t *tokens
 
   grow_t g;
   kvc_status_t st = grow_prepare(bm, 0, k, bm->table_blocks + k, &g);
-  if (st != KVC_OK) return st;
   kvc__prompt_t *prompt = NULL;
-  if (bm->cfg.prefix_caching && n_tokens > 0) {
+  if (st == KVC_OK && bm->cfg.prefix_caching && n_tokens > 0) {
     int n = n_tokens - k * B;
     prompt = kvc_host_malloc(bm->ha, sizeof(*prompt) + (size_t)n * sizeof(int32_t));
-    if (!prompt) {
+    if (prompt) {
+      prompt->refs = 1;
+      prompt->start = k * B;
+      prompt->n = n;
+      memcpy(prompt->tok, tokens + (size_t)k * B, (size_t)n * sizeof(int32_t));
+    } else {
       grow_abort(bm, &g);
-      return KVC_ERR_OUT_OF_HOST_MEMORY;
+      st = KVC_ERR_OUT_OF_HOST_MEMORY;
     }
-    prompt->refs = 1;
-    prompt->start = k * B;
-    prompt->n = n;
-    memcpy(prompt->tok, tokens + (size_t)k * B, (size_t)n * sizeof(int32_t));
+  }
+  const kvc_status_t local = st;
+  st = kvc_bm_agree(bm, st, NULL);
+  if (st != KVC_OK) {
+    if (local == KVC_OK) {
+      grow_abort(bm, &g);
+      kvc_host_free(bm->ha, prompt);
+    }
+    return st;
   }
 
   int32_t slot = slot_take(bm, id);
@@ -364,13 +373,19 @@ kvc_status_t kvc_bm_seq_reserve(kvc_bm_t *bm, kvc_seq_id_t id, int n_new, int n_
     return KVC_OK;
   }
   uint64_t chunks = (uint64_t)need * bm->lw + (s->planned ? 0 : bm->wm_chunks);
-  if (!kvc__can_make_room(bm, chunks, need)) return KVC_ERR_OUT_OF_MEMORY;
+  int64_t evict = kvc__evictions_for(bm, chunks, need);
   grow_t g;
-  kvc_status_t st = grow_prepare(bm, s->cap, want, bm->table_blocks + need, &g);
-  if (st != KVC_OK) return st;
+  kvc_status_t st = evict < 0 ? KVC_ERR_OUT_OF_MEMORY
+                              : grow_prepare(bm, s->cap, want, bm->table_blocks + need, &g);
+  const kvc_status_t local = st;
+  st = kvc_bm_agree(bm, st, &evict);
+  if (st != KVC_OK) {
+    if (local == KVC_OK) grow_abort(bm, &g);
+    return st;
+  }
 
   int nf = 0;
-  kvc__evict_until(bm, chunks, need, &nf);
+  kvc__evict(bm, evict, &nf);
   grow_commit(bm, s, &g);
   bm->reserved_ids += need;
   bm->table_blocks += need;
@@ -391,14 +406,20 @@ kvc_status_t kvc_bm_seq_fork(kvc_bm_t *bm, kvc_seq_id_t parent, kvc_seq_id_t chi
   if (bm->nseq_free == 0) return KVC_ERR_OUT_OF_MEMORY;
   const int B = bm->cfg.block_tokens;
   int tail = bm->seq[pslot].len & (B - 1);
-  if (tail && !kvc__can_make_room(bm, bm->lw, 1)) return KVC_ERR_OUT_OF_MEMORY;
+  int64_t evict = tail ? kvc__evictions_for(bm, bm->lw, 1) : 0;
   int32_t nblocks = bm->seq[pslot].nblocks;
   grow_t g;
-  kvc_status_t st = grow_prepare(bm, 0, nblocks, bm->table_blocks + nblocks, &g);
-  if (st != KVC_OK) return st;
+  kvc_status_t st = evict < 0 ? KVC_ERR_OUT_OF_MEMORY
+                              : grow_prepare(bm, 0, nblocks, bm->table_blocks + nblocks, &g);
+  const kvc_status_t local = st;
+  st = kvc_bm_agree(bm, st, &evict);
+  if (st != KVC_OK) {
+    if (local == KVC_OK) grow_abort(bm, &g);
+    return st;
+  }
 
   int nf = 0;
-  if (tail) kvc__evict_until(bm, bm->lw, 1, &nf);
+  kvc__evict(bm, evict, &nf);
   int32_t cslot = slot_take(bm, child);
   kvc__seq_t *p = &bm->seq[pslot], *c = &bm->seq[cslot];
   grow_commit(bm, c, &g);
@@ -471,7 +492,8 @@ kvc_status_t kvc_bm_seq_free(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *work)
   return KVC_OK;
 }
 
-kvc_status_t kvc_bm_seq_swap_out(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *work) {
+kvc_status_t kvc_bm_seq_swap_out(kvc_bm_t *bm, kvc_seq_id_t id, kvc_status_t space,
+                                 kvc_bm_work_t *work) {
   if (!bm || !work) return KVC_ERR_INVALID_ARGUMENT;
   work_clear(work);
   if (bm->cfg.swap_bytes == 0) return KVC_ERR_UNSUPPORTED;
@@ -487,7 +509,9 @@ kvc_status_t kvc_bm_seq_swap_out(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *w
       return KVC_ERR_INVALID_STATE;
     bytes += kvc__swap_bytes(bm, blk);
   }
-  if (bytes > bm->cfg.swap_bytes - bm->swap_used) return KVC_ERR_OUT_OF_MEMORY;
+  if (space == KVC_OK && bytes > bm->cfg.swap_bytes - bm->swap_used) space = KVC_ERR_OUT_OF_MEMORY;
+  kvc_status_t st = kvc_bm_agree(bm, space, NULL);
+  if (st != KVC_OK) return st;
 
   int ns = 0;
   for (int32_t i = 0; i < s->nblocks; i++) {
@@ -531,10 +555,12 @@ kvc_status_t kvc_bm_seq_swap_in(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *wo
     const kvc__block_t *blk = &bm->blk[s->table[i]];
     if (blk->state == KVC__SWAPPED) need += kvc__charge(bm, blk);
   }
-  if (!kvc__can_make_room(bm, need, 0)) return KVC_ERR_OUT_OF_MEMORY;
+  int64_t evict = kvc__evictions_for(bm, need, 0);
+  kvc_status_t st = kvc_bm_agree(bm, evict < 0 ? KVC_ERR_OUT_OF_MEMORY : KVC_OK, &evict);
+  if (st != KVC_OK) return st;
 
   int nf = 0, ns = 0;
-  kvc__evict_until(bm, need, 0, &nf);
+  kvc__evict(bm, evict, &nf);
   for (int32_t i = 0; i < s->nblocks; i++) {
     int32_t b = s->table[i];
     kvc__block_t *blk = &bm->blk[b];
@@ -634,4 +660,22 @@ void kvc_bm_get_stats(const kvc_bm_t *bm, kvc_bm_stats_t *out) {
 void kvc_bm_set_event_sink(kvc_bm_t *bm, kvc_bm_event_fn fn, void *user) {
   bm->event_fn = fn;
   bm->event_user = user;
+}
+
+void kvc_bm_set_agreement(kvc_bm_t *bm, kvc_tp_allreduce_fn fn, void *user) {
+  bm->agree_fn = fn;
+  bm->agree_user = user;
+}
+
+kvc_status_t kvc_bm_agree(kvc_bm_t *bm, kvc_status_t st, int64_t *evict) {
+  if (!bm->agree_fn) return st;
+  const int64_t own = evict ? *evict : 0;
+  int64_t v[2] = {(int64_t)st, own};
+  if (bm->agree_fn(bm->agree_user, v, 2) != 0) return KVC_ERR_NCCL;
+  /* Ranks in step hold the same cached blocks: a result no rank could have sent means they are
+   * not (or the all-reduce is not a maximum). */
+  if (v[0] < KVC_OK || v[0] >= KVC_STATUS_COUNT || v[1] < own || v[1] > bm->ncached)
+    return KVC_ERR_NCCL;
+  if (evict) *evict = v[1];
+  return (kvc_status_t)v[0];
 }

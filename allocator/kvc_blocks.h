@@ -153,8 +153,11 @@ kvc_status_t kvc_bm_seq_fork(kvc_bm_t *bm, kvc_seq_id_t parent, kvc_seq_id_t chi
 kvc_status_t kvc_bm_seq_free(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *work);
 /* Swap space is accounted from measured page bytes (staging_bytes per layer for a tail): the
  * caller measures every page of the sequence first (KVC_ERR_INVALID_STATE otherwise). Only blocks
- * the sequence alone references move; shared blocks stay in the pool. */
-kvc_status_t kvc_bm_seq_swap_out(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *work);
+ * the sequence alone references move; shared blocks stay in the pool. `space` is the outcome of
+ * the caller's own placement of the swap copies (KVC_OK or KVC_ERR_OUT_OF_MEMORY), failed and
+ * agreed with the manager's check (kvc_bm_set_agreement). */
+kvc_status_t kvc_bm_seq_swap_out(kvc_bm_t *bm, kvc_seq_id_t id, kvc_status_t space,
+                                 kvc_bm_work_t *work);
 kvc_status_t kvc_bm_seq_swap_in(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *work);
 kvc_status_t kvc_bm_seq_info(const kvc_bm_t *bm, kvc_seq_id_t id, kvc_seq_info_t *out);
 
@@ -210,6 +213,19 @@ kvc_status_t kvc_bm_validate(const kvc_bm_t *bm, char *why, size_t cap);
  * cache (a block whose tokens are unknown, or a duplicate of an existing entry). */
 typedef void (*kvc_bm_event_fn)(void *user, kvc_event_kind_t kind, int32_t block, uint64_t hash);
 void kvc_bm_set_event_sink(kvc_bm_t *bm, kvc_bm_event_fn fn, void *user);
+
+/* Tensor parallelism (kvcomp.h, "Tensor parallelism"): every rank's manager is given the same
+ * calls, and whatever in them depends on this rank alone (its page sizes, its host memory, its
+ * swap space) is agreed with the other ranks through `fn` between a hook's checks and its commit:
+ * add, reserve, fork and swap-in each call it exactly once when their deterministic checks pass,
+ * and all ranks then fail or commit alike, evicting the same cached blocks. NULL: none. */
+void kvc_bm_set_agreement(kvc_bm_t *bm, kvc_tp_allreduce_fn fn, void *user);
+/* One agreement: KVC_OK when every rank's st is KVC_OK, else the largest status of any rank
+ * (KVC_ERR_NCCL when the exchange itself fails or returns what no rank in step could have sent:
+ * fewer evictions than this rank's, more than its cached blocks); *evict (may be NULL) becomes the
+ * largest count of cached blocks any rank must evict. Without an agreement returns st and leaves *evict. The
+ * cache agrees its own swap space through it before kvc_bm_seq_swap_out. */
+kvc_status_t kvc_bm_agree(kvc_bm_t *bm, kvc_status_t st, int64_t *evict);
 
 /* The chained block hash: of tokens[n] after `parent` (0 for a sequence's first block), never 0. */
 uint64_t kvc_bm_block_hash(uint64_t parent, const int32_t *tokens, int n, uint64_t codec_identity,

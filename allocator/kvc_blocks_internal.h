@@ -143,6 +143,8 @@ struct kvc_bm {
 
   kvc_bm_event_fn event_fn;
   void *event_user;
+  kvc_tp_allreduce_fn agree_fn; /* kvc_bm_set_agreement; NULL: this manager decides alone */
+  void *agree_user;
 };
 
 static inline uint64_t kvc__mix64(uint64_t x) {
@@ -191,10 +193,12 @@ int32_t kvc__hash_find(const kvc_bm_t *bm, uint64_t hash, uint64_t parent_serial
                        const int32_t *tokens);
 void kvc__lru_push(kvc_bm_t *bm, int32_t b);
 void kvc__lru_remove(kvc_bm_t *bm, int32_t b);
-/* Whether evicting CACHED blocks can leave `chunks` free chunks (beyond the reservations) and
- * `ids` unreserved block ids; kvc__evict_until then does it, appending to w_free at *nfree. */
-int kvc__can_make_room(const kvc_bm_t *bm, uint64_t chunks, int64_t ids);
-void kvc__evict_until(kvc_bm_t *bm, uint64_t chunks, int64_t ids, int *nfree);
+/* How many CACHED blocks, least recently used first, must be evicted to leave `chunks` free
+ * chunks (beyond the reservations) and `ids` unreserved block ids; -1 when all of them would not.
+ * kvc__evict evicts the n least recently used (n <= ncached), appending them to w_free at
+ * *nfree. */
+int64_t kvc__evictions_for(const kvc_bm_t *bm, uint64_t chunks, int64_t ids);
+void kvc__evict(kvc_bm_t *bm, int64_t n, int *nfree);
 /* Returns a block that no table references to the free-id list (its pages are released by the
  * caller's free work), dropping its charge and measurements. */
 void kvc__block_release(kvc_bm_t *bm, int32_t b);

@@ -119,13 +119,20 @@ void kvc__block_release(kvc_bm_t *bm, int32_t b) {
   bm->free_ids[bm->nfree++] = b;
 }
 
-int kvc__can_make_room(const kvc_bm_t *bm, uint64_t chunks, int64_t ids) {
-  return kvc__free_chunks(bm) + bm->cached_chunks >= chunks &&
-         bm->nfree - bm->reserved_ids + bm->ncached >= ids;
+int64_t kvc__evictions_for(const kvc_bm_t *bm, uint64_t chunks, int64_t ids) {
+  uint64_t free = kvc__free_chunks(bm);
+  int64_t unreserved = bm->nfree - bm->reserved_ids, n = 0;
+  for (int32_t b = bm->lru_head; free < chunks || unreserved < ids; b = bm->blk[b].lru_next) {
+    if (b < 0) return -1;
+    free += kvc__charge(bm, &bm->blk[b]);
+    unreserved++;
+    n++;
+  }
+  return n;
 }
 
-void kvc__evict_until(kvc_bm_t *bm, uint64_t chunks, int64_t ids, int *nfree) {
-  while (kvc__free_chunks(bm) < chunks || bm->nfree - bm->reserved_ids < ids) {
+void kvc__evict(kvc_bm_t *bm, int64_t n, int *nfree) {
+  for (; n > 0; n--) {
     int32_t b = bm->lru_head;
     uint64_t hash = bm->blk[b].hash;
     kvc__block_release(bm, b);

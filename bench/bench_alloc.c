@@ -199,7 +199,7 @@ static void preempt(churn_t *c, req_t *r, req_t **waiting, int *nwaiting, req_t 
                     int *nswapped) {
   kvc_bm_work_t w;
   c->ops++;
-  if (r->len >= r->prompt && kvc_bm_seq_swap_out(c->bm, r->id, &w) == KVC_OK) {
+  if (r->len >= r->prompt && kvc_bm_seq_swap_out(c->bm, r->id, KVC_OK, &w) == KVC_OK) {
     r->state = SWAPPED;
     swapped[(*nswapped)++] = r;
     c->preempt_swap++;

@@ -38,7 +38,8 @@
  *
  * Device failures: a call that fails with KVC_ERR_CUDA (or KVC_ERR_INTERNAL) after the cache had
  * committed to its effect (a store, the device work of a hook) cannot restore the cache; it stays
- * unusable and every later call returns that status. Destroy it.
+ * unusable and every later call returns that status. Destroy it. A failed tensor-parallel
+ * agreement (KVC_ERR_NCCL, see "Tensor parallelism") does the same.
  *
  * The per-step protocol (FlashInfer plan/run; vLLM allocate_slots semantics):
  *
@@ -129,6 +130,29 @@ typedef enum kvc_log_level {
 typedef void (*kvc_log_fn)(void *user, kvc_log_level_t level, const char *message);
 
 /*
+ * Tensor parallelism. Each rank runs its own cache over its share of the kv heads (num_kv_heads
+ * and num_q_heads as this rank holds them) and makes the same calls, with the same arguments, in
+ * the same order (an SPMD scheduler, as TensorRT-LLM's and SGLang's tensor-parallel workers run).
+ * Block ids, block tables, the prefix cache and every call's status are then the same on every
+ * rank, although each rank's pages have their own compressed sizes: whatever a hook decides from
+ * this rank alone (pool space, the cached blocks it evicts for room, swap space, host memory) is
+ * agreed with the other ranks before the hook commits, through the caller's all-reduce
+ * (kvc_config_t.tp_allreduce_max; kvcomp_nccl.h provides one over an NCCL communicator). A hook
+ * succeeds only when it can on every rank, and evicts on every rank the blocks the neediest rank
+ * must evict. Hooks that agree: kvc_seq_add, kvc_seq_reserve, kvc_seq_fork, kvc_seq_swap_out,
+ * kvc_seq_swap_in (one all-reduce each, made only after the call's own argument and state checks
+ * passed, so a call that every rank refuses alike exchanges nothing) and kvc_tokens_fit_agreed.
+ * The plan, store and attend of a step need no agreement and exchange nothing.
+ * A rank whose cache failed for good (KVC_ERR_CUDA, KVC_ERR_INTERNAL, KVC_ERR_NCCL: see "Device
+ * failures") no longer takes part: the job must stop, as after any NCCL error.
+ */
+
+/* In place, over every rank of the group: values[i] becomes the largest values[i] of any rank
+ * (count <= 2). Returns 0 on success; anything else makes the calling cache unusable
+ * (KVC_ERR_NCCL). Called with the cache's lock held, on the thread of the hook that agrees. */
+typedef int (*kvc_tp_allreduce_fn)(void *user, int64_t *values, int count);
+
+/*
  * Cache configuration. Always start from KVC_CONFIG_INIT and change fields by name: struct_size
  * tells the library which version of this struct the caller was compiled against, and fields the
  * caller does not know take their defaults.
@@ -176,6 +200,11 @@ typedef struct kvc_config {
                               vLLM's cascade attention): 1 when the plan's cost model expects a
                               gain (default), 2 whenever there is such a group, 0 never. Same
                               results */
+
+  /* Tensor parallelism (appended; see "Tensor parallelism" above). */
+  kvc_tp_allreduce_fn tp_allreduce_max; /* NULL (default): this cache decides alone */
+  void *tp_user;                        /* passed to tp_allreduce_max; borrowed for the cache's
+                                           lifetime */
 } kvc_config_t;
 
 /* Default error bounds (relative to each group's range), chosen by `./kvc eval` on stories260K:
@@ -188,7 +217,8 @@ typedef struct kvc_config {
   {                                                                                                \
     sizeof(kvc_config_t), KVC_BACKEND_CPU, 0, 0, 0, 0, 0, KVC_DTYPE_F16, 64, (size_t)256 << 20, 0,   \
         256, 131072, 8192, 0.01f, 1, KVC_POLICY_FIXED, KVC_CODEC_HUFFMAN, 0.35f,                    \
-        KVC_BOUND_RELATIVE, KVC_DEFAULT_K_BOUND, KVC_DEFAULT_V_BOUND, NULL, NULL, KVC_LOG_WARN, 1   \
+        KVC_BOUND_RELATIVE, KVC_DEFAULT_K_BOUND, KVC_DEFAULT_V_BOUND, NULL, NULL, KVC_LOG_WARN, 1, \
+        NULL, NULL                                                                                 \
   }
 
 typedef struct kvc_cache kvc_cache_t;
@@ -313,6 +343,13 @@ kvc_status_t kvc_seq_info(const kvc_cache_t *cache, kvc_seq_id_t id, kvc_seq_inf
  * Cheap; host only. Any thread.
  */
 kvc_status_t kvc_tokens_fit(const kvc_cache_t *cache, int64_t *n_tokens);
+
+/* kvc_tokens_fit agreed over the tensor-parallel ranks: the smallest of their estimates (what an
+ * admission can count on). A hook like those that agree: every rank calls it at the same point of
+ * its calls. Without tp_allreduce_max the same as kvc_tokens_fit. Returns KVC_OK,
+ * KVC_ERR_INVALID_ARGUMENT (NULL), KVC_ERR_NCCL (the exchange failed: the cache is unusable), or
+ * the cache's earlier failure. */
+kvc_status_t kvc_tokens_fit_agreed(kvc_cache_t *cache, int64_t *n_tokens);
 
 /* ---------------------------------------------------------------------------------------------
  * Per-step plan and per-layer run (FlashInfer-style).

@@ -635,6 +635,7 @@ kvc_status_t kvc__cache_create_faulty(const kvc_config_t *config, int64_t fail_a
   }
   if (st == KVC_OK) {
     kvc_bm_set_event_sink(c->bm, on_event, c);
+    kvc_bm_set_agreement(c->bm, cfg.tp_allreduce_max, cfg.tp_user);
 #if KVC_HAVE_CUDA
     c->ops = cfg.backend == KVC_BACKEND_CUDA ? &kvc__backend_cuda : &kvc__backend_cpu;
 #else
@@ -693,6 +694,17 @@ static kvc_cache_t *lock(const kvc_cache_t *cc) {
 
 static void unlock(kvc_cache_t *c) { pthread_mutex_unlock(&c->mu); }
 
+/* The status of a call that may have agreed with the other tensor-parallel ranks: a failed
+ * agreement leaves the ranks' caches possibly different, so this one is unusable from then on. */
+static kvc_status_t tp_status(kvc_cache_t *c, kvc_status_t st) {
+  if (st != KVC_ERR_NCCL || c->sticky != KVC_OK) return st;
+  c->sticky = st;
+  kvc__log(c, KVC_LOG_ERROR,
+           "the tensor-parallel agreement failed: the ranks' caches may differ, so this one is "
+           "unusable from now on");
+  return st;
+}
+
 kvc_status_t kvc_seq_add(kvc_cache_t *c, kvc_seq_id_t id, const int32_t *tokens, int n_tokens,
                          uint64_t salt, int *n_cached) {
   if (!c || (n_tokens > 0 && !tokens)) return KVC_ERR_INVALID_ARGUMENT;
@@ -700,7 +712,8 @@ kvc_status_t kvc_seq_add(kvc_cache_t *c, kvc_seq_id_t id, const int32_t *tokens,
   kvc_bm_work_t w;
   int cached = 0;
   kvc_status_t st = c->sticky;
-  if (st == KVC_OK) st = kvc_bm_seq_add(c->bm, id, tokens, n_tokens, salt, &cached, &w);
+  if (st == KVC_OK)
+    st = tp_status(c, kvc_bm_seq_add(c->bm, id, tokens, n_tokens, salt, &cached, &w));
   if (st == KVC_OK) {
     if (seq_set_add(&c->live, c->cfg.max_seqs, id))
       st = kvc__fail_device(c, KVC_ERR_INTERNAL, "adding a sequence");
@@ -717,7 +730,7 @@ kvc_status_t kvc_seq_reserve(kvc_cache_t *c, kvc_seq_id_t id, int n_new, int n_l
   lock(c);
   kvc_bm_work_t w;
   kvc_status_t st = c->sticky;
-  if (st == KVC_OK) st = kvc_bm_seq_reserve(c->bm, id, n_new, n_lookahead, &w);
+  if (st == KVC_OK) st = tp_status(c, kvc_bm_seq_reserve(c->bm, id, n_new, n_lookahead, &w));
   if (st == KVC_OK) st = run_work(c, &w, 0, c->last_stream);
   unlock(c);
   return st;
@@ -728,7 +741,7 @@ kvc_status_t kvc_seq_fork(kvc_cache_t *c, kvc_seq_id_t parent, kvc_seq_id_t chil
   lock(c);
   kvc_bm_work_t w;
   kvc_status_t st = c->sticky;
-  if (st == KVC_OK) st = kvc_bm_seq_fork(c->bm, parent, child, &w);
+  if (st == KVC_OK) st = tp_status(c, kvc_bm_seq_fork(c->bm, parent, child, &w));
   if (st == KVC_OK) {
     if (seq_set_add(&c->live, c->cfg.max_seqs, child))
       st = kvc__fail_device(c, KVC_ERR_INTERNAL, "forking");
@@ -799,15 +812,18 @@ kvc_status_t kvc_seq_swap_out(kvc_cache_t *c, kvc_seq_id_t id, void *stream) {
   if (st == KVC_OK) st = kvc_bm_seq_blocks(c->bm, id, &table, &n);
   if (st == KVC_OK && n > c->geo.max_seq_blocks)
     st = kvc__fail_device(c, KVC_ERR_INTERNAL, "swap-out of an oversized table");
+  kvc_status_t space = KVC_OK; /* this rank's own placement: the manager agrees it with its own */
   if (st == KVC_OK) {
     memcpy(c->swap_table, table, (size_t)n * sizeof(int32_t));
-    st = place_swap_extents(c, n);
+    space = place_swap_extents(c, n);
+    if (space != KVC_OK && space != KVC_ERR_OUT_OF_MEMORY) st = space;
   }
   if (st == KVC_OK) {
     kvc_bm_work_t w;
-    st = kvc_bm_seq_swap_out(c->bm, id, &w);
+    st = tp_status(c, kvc_bm_seq_swap_out(c->bm, id, space, &w));
     if (st != KVC_OK) {
-      for (int i = 0; i < n; i++) release_swap_extent(c, c->swap_table[i]);
+      if (space == KVC_OK)
+        for (int i = 0; i < n; i++) release_swap_extent(c, c->swap_table[i]);
     } else {
       /* Blocks that stay in the pool give their extent back; the others' go in work order. */
       for (int i = 0; i < w.num_swap; i++) c->block_mark[w.swap_blocks[i]] = 1;
@@ -831,7 +847,7 @@ kvc_status_t kvc_seq_swap_in(kvc_cache_t *c, kvc_seq_id_t id, void *stream) {
   kvc_bm_work_t w;
   kvc_status_t st = c->sticky;
   if (st == KVC_OK && c->cfg.swap_bytes == 0) st = KVC_ERR_UNSUPPORTED;
-  if (st == KVC_OK) st = kvc_bm_seq_swap_in(c->bm, id, &w);
+  if (st == KVC_OK) st = tp_status(c, kvc_bm_seq_swap_in(c->bm, id, &w));
   if (st == KVC_OK && w.num_swap > c->geo.max_seq_blocks)
     st = kvc__fail_device(c, KVC_ERR_INTERNAL, "swap-in of an oversized table");
   if (st == KVC_OK) st = run_work(c, &w, -1, stream);
@@ -853,6 +869,22 @@ kvc_status_t kvc_tokens_fit(const kvc_cache_t *cc, int64_t *n_tokens) {
   *n_tokens = kvc_bm_tokens_fit(c->bm);
   unlock(c);
   return KVC_OK;
+}
+
+kvc_status_t kvc_tokens_fit_agreed(kvc_cache_t *c, int64_t *n_tokens) {
+  if (!c || !n_tokens) return KVC_ERR_INVALID_ARGUMENT;
+  lock(c);
+  kvc_status_t st = c->sticky;
+  int64_t fit = kvc_bm_tokens_fit(c->bm), neg = -fit;
+  if (st == KVC_OK && c->cfg.tp_allreduce_max) {
+    if (c->cfg.tp_allreduce_max(c->cfg.tp_user, &neg, 1) != 0)
+      st = tp_status(c, KVC_ERR_NCCL);
+    else
+      fit = -neg; /* the smallest estimate */
+  }
+  if (st == KVC_OK) *n_tokens = fit;
+  unlock(c);
+  return st;
 }
 
 /* ---- plan / store / attend ----------------------------------------------------------------- */

@@ -1,9 +1,12 @@
 /*
  * libFuzzer target for the block manager. The input is a byte-coded operation sequence: the first
- * byte picks a configuration, the second a colliding hash or not, then each operation is an opcode byte followed by its argument
- * bytes (missing bytes read as 0). After every operation kvc_bm_validate must pass, and a call
- * that fails must leave the statistics exactly as they were. Host allocation failures are
- * injected by an opcode too. Any violation aborts.
+ * byte picks a configuration, the second a colliding hash or not and a tensor-parallel agreement
+ * or not, then each operation is an opcode byte followed by its argument bytes (missing bytes
+ * read as 0). After every operation kvc_bm_validate must pass, and a call that fails must leave
+ * the statistics exactly as they were. Host allocation failures are injected by an opcode too;
+ * with the agreement, each exchange reads a byte: the other ranks' status and eviction count
+ * (anything, also counts no rank in step could send), or a failed exchange. Any violation
+ * aborts.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -27,6 +30,17 @@ static uint64_t collide(uint64_t parent, const int32_t *tokens, int n, uint64_t 
                         uint64_t salt) {
   (void)parent, (void)n, (void)identity, (void)salt;
   return (uint64_t)(tokens[0] & 3);
+}
+
+/* The other ranks of an agreement, as the input says. */
+static int other_ranks(void *user, int64_t *v, int count) {
+  static const int64_t status[4] = {KVC_OK, KVC_OK, KVC_ERR_OUT_OF_MEMORY,
+                                    KVC_ERR_OUT_OF_HOST_MEMORY};
+  const uint8_t x = next((input_t *)user);
+  if (x == 255) return -1;
+  if (status[x & 3] > v[0]) v[0] = status[x & 3];
+  if (count > 1 && (x >> 2) % 16 > v[1]) v[1] = (x >> 2) % 16;
+  return 0;
 }
 
 static void die(const char *what, const char *why) {
@@ -60,7 +74,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (kvc_host_alloc_create(&ha) != KVC_OK) return 0;
   kvc_bm_t *bm;
   if (kvc_bm_create(&c, ha, &bm) != KVC_OK) die("create", "valid config refused");
-  if (next(&in) & 1) kvc_bm_set_hash_fn(bm, collide);
+  const uint8_t mode = next(&in);
+  if (mode & 1) kvc_bm_set_hash_fn(bm, collide);
+  if (mode & 2) kvc_bm_set_agreement(bm, other_ranks, &in);
   kvc_bm_work_t w;
   kvc_bm_plan_t plan;
   int32_t tokens[64];
@@ -107,7 +123,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         st = kvc_bm_seq_free(bm, id, &w);
         break;
       case 7:
-        st = kvc_bm_seq_swap_out(bm, id, &w);
+        st = kvc_bm_seq_swap_out(bm, id, KVC_OK, &w);
         break;
       case 8:
         st = kvc_bm_seq_swap_in(bm, id, &w);

@@ -422,7 +422,7 @@ static void steps_block_calls_on_their_sequences(void **state) {
   EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_reserve(f->bm, 1, 1, 0, &f->w));
   EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_fork(f->bm, 1, 3, &f->w));
   EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_free(f->bm, 1, &f->w));
-  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_swap_out(f->bm, 1, &f->w));
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_swap_out(f->bm, 1, KVC_OK, &f->w));
   kvc_seq_info_t info;
   kvc_bm_seq_info(f->bm, 1, &info);
   assert_int_equal(info.length, 3); /* planned tokens count */
@@ -643,12 +643,11 @@ static void blocks_with_unknown_tokens_are_not_cached(void **state) {
   fx_free(f);
 }
 
-static void eviction_takes_least_recent_and_last_blocks_first(void **state) {
-  (void)state;
-  kvc_bm_config_t c = tb_config();
-  c.total_chunks = 8 * 7; /* seven unmeasured blocks */
-  fx_t *f = fx_new(&c);
-  int32_t a[13], b[13];
+/* On a pool of seven unmeasured blocks: sequences 1 and 2 (prompts 100.. and 200.., 12 tokens
+ * each stored) freed, so that their blocks ab and bb are cached, a's last first in eviction
+ * order, then b's; one block is free. */
+static void cache_two_prompts(fx_t *f, int32_t *a, int32_t ab[3], int32_t bb[3]) {
+  int32_t b[13];
   iota(a, 13, 100);
   iota(b, 13, 200);
   add(f, 1, a, 13, 0);
@@ -659,15 +658,23 @@ static void eviction_takes_least_recent_and_last_blocks_first(void **state) {
   step1(f, 2, 12, NULL);
   const int32_t *t;
   int n;
-  int32_t ab[3], bb[3];
   kvc_bm_seq_blocks(f->bm, 1, &t, &n);
-  memcpy(ab, t, sizeof(ab));
+  memcpy(ab, t, 3 * sizeof(int32_t));
   kvc_bm_seq_blocks(f->bm, 2, &t, &n);
-  memcpy(bb, t, sizeof(bb));
+  memcpy(bb, t, 3 * sizeof(int32_t));
   assert_int_equal(kvc_bm_seq_free(f->bm, 1, &f->w), KVC_OK);
   assert_int_equal(kvc_bm_seq_free(f->bm, 2, &f->w), KVC_OK);
   assert_int_equal(f->w.num_free, 0);
   assert_int_equal(stats(f).cached_blocks, 6);
+}
+
+static void eviction_takes_least_recent_and_last_blocks_first(void **state) {
+  (void)state;
+  kvc_bm_config_t c = tb_config();
+  c.total_chunks = 8 * 7; /* seven unmeasured blocks */
+  fx_t *f = fx_new(&c);
+  int32_t a[13], ab[3], bb[3];
+  cache_two_prompts(f, a, ab, bb);
   /* Touch a's first block through a hit: it becomes the most recently used. */
   int32_t a4[5] = {100, 101, 102, 103, 0};
   assert_int_equal(add(f, 3, a4, 5, 0), 4);
@@ -696,6 +703,90 @@ static void eviction_takes_least_recent_and_last_blocks_first(void **state) {
   reserve(f, 5, 4);
   assert_int_equal(f->w.num_free, 1);
   assert_int_equal(f->w.free_blocks[0], ab[0]);
+  fx_free(f);
+}
+
+/* ---- tensor-parallel agreement -------------------------------------------------------------- */
+
+/* Another rank, as an agreement sees it: its own values (or a failed exchange). */
+typedef struct other_rank {
+  int64_t v[2];
+  int fail, calls;
+  int64_t own[2]; /* what this rank brought to the last exchange */
+} other_rank_t;
+
+static int other_allreduce(void *user, int64_t *v, int count) {
+  other_rank_t *o = user;
+  o->calls++;
+  o->own[0] = v[0];
+  o->own[1] = count > 1 ? v[1] : 0;
+  if (o->fail) return -1;
+  for (int i = 0; i < count; i++)
+    if (o->v[i] > v[i]) v[i] = o->v[i];
+  return 0;
+}
+
+static void agreement_decides_status_and_evictions(void **state) {
+  (void)state;
+  kvc_bm_config_t c = tb_config();
+  c.total_chunks = 8 * 7; /* seven unmeasured blocks */
+  fx_t *f = fx_new(&c);
+  other_rank_t o = {{KVC_OK, 0}, 0, 0, {0, 0}};
+  kvc_bm_set_agreement(f->bm, other_allreduce, &o);
+  int32_t a[13], ab[3], bb[3];
+  cache_two_prompts(f, a, ab, bb);
+  assert_int_equal(o.calls, 4); /* each add and growing reserve agreed once */
+  add(f, 3, NULL, 0, 0);
+  kvc_seq_id_t ids[] = {3, 4, 5};
+  /* Another rank has no room: refused here too, though this rank has, and nothing is evicted. */
+  o.v[0] = KVC_ERR_OUT_OF_MEMORY;
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_OUT_OF_MEMORY, kvc_bm_seq_reserve(f->bm, 3, 4, 0, &f->w));
+  assert_int_equal(o.own[0], KVC_OK);
+  assert_int_equal(o.own[1], 0);
+  /* Another rank must evict two blocks: this one evicts the same two, least recently used. */
+  o.v[0] = KVC_OK;
+  o.v[1] = 2;
+  int events = f->ev.n;
+  reserve(f, 3, 4);
+  assert_int_equal(f->w.num_free, 2);
+  assert_int_equal(f->w.free_blocks[0], ab[2]);
+  assert_int_equal(f->w.free_blocks[1], ab[1]);
+  assert_int_equal(f->ev.n, events + 2);
+  assert_int_equal(f->ev.kind[events], KVC_EVENT_BLOCK_EVICTED);
+  o.v[1] = 0;
+  /* Every agreeing hook fails alike when another rank cannot do it. */
+  o.v[0] = KVC_ERR_OUT_OF_MEMORY;
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_OUT_OF_MEMORY, kvc_bm_seq_fork(f->bm, 3, 4, &f->w));
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_OUT_OF_MEMORY,
+                   kvc_bm_seq_swap_out(f->bm, 3, KVC_OK, &f->w));
+  o.v[0] = KVC_ERR_OUT_OF_HOST_MEMORY;
+  int cached = -1;
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_OUT_OF_HOST_MEMORY,
+                   kvc_bm_seq_add(f->bm, 5, a, 13, 0, &cached, &f->w));
+  assert_int_equal(stats(f).live_seqs, 1);
+  /* This rank's own swap placement failed: agreed, and refused. */
+  o.v[0] = KVC_OK;
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_OUT_OF_MEMORY,
+                   kvc_bm_seq_swap_out(f->bm, 3, KVC_ERR_OUT_OF_MEMORY, &f->w));
+  assert_int_equal(o.own[0], KVC_ERR_OUT_OF_MEMORY);
+  assert_int_equal(kvc_bm_seq_swap_out(f->bm, 3, KVC_OK, &f->w), KVC_OK);
+  o.v[0] = KVC_ERR_OUT_OF_MEMORY;
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_OUT_OF_MEMORY, kvc_bm_seq_swap_in(f->bm, 3, &f->w));
+  o.v[0] = KVC_OK;
+  assert_int_equal(kvc_bm_seq_swap_in(f->bm, 3, &f->w), KVC_OK);
+  /* A failed exchange is KVC_ERR_NCCL, and changes nothing here. */
+  o.fail = 1;
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_NCCL, kvc_bm_seq_reserve(f->bm, 3, 8, 0, &f->w));
+  o.fail = 0;
+  /* Refusals every rank reaches alike, and growth within a reservation, exchange nothing. */
+  reserve(f, 3, 4);
+  const int calls = o.calls;
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_NOT_FOUND, kvc_bm_seq_reserve(f->bm, 9, 4, 0, &f->w));
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_ARGUMENT,
+                   kvc_bm_seq_add(f->bm, 3, a, 13, 0, &cached, &f->w));
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_swap_in(f->bm, 3, &f->w));
+  reserve(f, 3, 3);
+  assert_int_equal(o.calls, calls);
   fx_free(f);
 }
 
@@ -903,17 +994,17 @@ static void swap_moves_exclusive_blocks_and_back(void **state) {
   assert_int_equal(kvc_bm_seq_free(f->bm, 2, &f->w), KVC_OK); /* was only for sharing below */
   assert_int_equal(add(f, 2, tok, 5, 0), 4);                   /* shares block 0 */
   /* Pages not measured yet: the swap size is unknown. */
-  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_swap_out(f->bm, 1, &f->w));
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_swap_out(f->bm, 1, KVC_OK, &f->w));
   kvc_bm_page_measured(f->bm, p->job_block[0], 0, 300, 2);
   kvc_bm_page_measured(f->bm, p->job_block[0], 1, 310, 2);
   kvc_bm_page_measured(f->bm, p->job_block[1], 0, 200, 1);
-  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_swap_out(f->bm, 1, &f->w));
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_swap_out(f->bm, 1, KVC_OK, &f->w));
   kvc_bm_page_measured(f->bm, p->job_block[1], 1, 210, 1);
-  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_NOT_FOUND, kvc_bm_seq_swap_out(f->bm, 3, &f->w));
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_NOT_FOUND, kvc_bm_seq_swap_out(f->bm, 3, KVC_OK, &f->w));
   EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_swap_in(f->bm, 1, &f->w));
   kvc_bm_stats_t before = stats(f);
 
-  assert_int_equal(kvc_bm_seq_swap_out(f->bm, 1, &f->w), KVC_OK);
+  assert_int_equal(kvc_bm_seq_swap_out(f->bm, 1, KVC_OK, &f->w), KVC_OK);
   TB_ASSERT_VALID(f->bm);
   /* Block 0 is shared with 2 and stays; block 1 (410 bytes) and the tail (2 x 500) move. */
   const int32_t *t;
@@ -941,7 +1032,7 @@ static void swap_moves_exclusive_blocks_and_back(void **state) {
   EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_plan(f->bm, &b, &f->plan));
   EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_reserve(f->bm, 1, 1, 0, &f->w));
   EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_fork(f->bm, 1, 3, &f->w));
-  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_swap_out(f->bm, 1, &f->w));
+  EXPECT_UNCHANGED(f, ids, 3, KVC_ERR_INVALID_STATE, kvc_bm_seq_swap_out(f->bm, 1, KVC_OK, &f->w));
   /* Its cached prefix is not handed out while its pages are in host memory. */
   assert_int_equal(add(f, 3, tok, 10, 0), 4);
   assert_int_equal(kvc_bm_seq_free(f->bm, 3, &f->w), KVC_OK);
@@ -960,7 +1051,7 @@ static void swap_moves_exclusive_blocks_and_back(void **state) {
   step1(f, 1, 1, NULL);
 
   /* Freeing a swapped-out sequence releases its host copies too. */
-  assert_int_equal(kvc_bm_seq_swap_out(f->bm, 1, &f->w), KVC_OK);
+  assert_int_equal(kvc_bm_seq_swap_out(f->bm, 1, KVC_OK, &f->w), KVC_OK);
   assert_int_equal(kvc_bm_seq_free(f->bm, 1, &f->w), KVC_OK);
   assert_int_equal(f->w.num_free, 2);
   s = stats(f);
@@ -980,7 +1071,7 @@ static void swap_space_and_pool_limits(void **state) {
   add(f, 1, NULL, 0, 0);
   reserve(f, 1, 2);
   step1(f, 1, 2, NULL); /* a tail: 2 x 500 bytes in swap */
-  EXPECT_UNCHANGED(f, ids, 2, KVC_ERR_OUT_OF_MEMORY, kvc_bm_seq_swap_out(f->bm, 1, &f->w));
+  EXPECT_UNCHANGED(f, ids, 2, KVC_ERR_OUT_OF_MEMORY, kvc_bm_seq_swap_out(f->bm, 1, KVC_OK, &f->w));
   fx_free(f);
 
   c.swap_bytes = 1000;
@@ -988,7 +1079,7 @@ static void swap_space_and_pool_limits(void **state) {
   add(f, 1, NULL, 0, 0);
   reserve(f, 1, 2);
   step1(f, 1, 2, NULL);
-  assert_int_equal(kvc_bm_seq_swap_out(f->bm, 1, &f->w), KVC_OK);
+  assert_int_equal(kvc_bm_seq_swap_out(f->bm, 1, KVC_OK, &f->w), KVC_OK);
   /* Meanwhile another sequence takes the pool; swap-in must wait. */
   add(f, 2, NULL, 0, 0);
   reserve(f, 2, 12);
@@ -1000,7 +1091,7 @@ static void swap_space_and_pool_limits(void **state) {
   c.swap_bytes = 0;
   f = fx_new(&c);
   add(f, 1, NULL, 0, 0);
-  EXPECT_UNCHANGED(f, ids, 2, KVC_ERR_UNSUPPORTED, kvc_bm_seq_swap_out(f->bm, 1, &f->w));
+  EXPECT_UNCHANGED(f, ids, 2, KVC_ERR_UNSUPPORTED, kvc_bm_seq_swap_out(f->bm, 1, KVC_OK, &f->w));
   EXPECT_UNCHANGED(f, ids, 2, KVC_ERR_UNSUPPORTED, kvc_bm_seq_swap_in(f->bm, 1, &f->w));
   fx_free(f);
 }
@@ -1194,6 +1285,7 @@ int main(void) {
       cmocka_unit_test(identical_blocks_computed_twice_are_cached_once),
       cmocka_unit_test(blocks_with_unknown_tokens_are_not_cached),
       cmocka_unit_test(eviction_takes_least_recent_and_last_blocks_first),
+      cmocka_unit_test(agreement_decides_status_and_evictions),
       cmocka_unit_test(fork_shares_full_blocks_and_copies_the_tail),
       cmocka_unit_test(fork_fails_cleanly_without_room),
       cmocka_unit_test(prefix_groups_of_a_plan),

@@ -55,7 +55,7 @@ static void scenario(ctx_t *c) {
   ok(kvc_bm_seq_reserve(c->bm, 3, 6, 0, &c->w));
   step(c, 3, 6);
   measure(c);
-  ok(kvc_bm_seq_swap_out(c->bm, 3, &c->w));
+  ok(kvc_bm_seq_swap_out(c->bm, 3, KVC_OK, &c->w));
   ok(kvc_bm_seq_add(c->bm, 5, NULL, 0, 0, &cached, &c->w));
 }
 
@@ -83,7 +83,9 @@ static kvc_status_t op_reserve_evicting(ctx_t *c) {
 static kvc_status_t op_fork_tail(ctx_t *c) { return kvc_bm_seq_fork(c->bm, 1, 6, &c->w); }
 static kvc_status_t op_free(ctx_t *c) { return kvc_bm_seq_free(c->bm, 1, &c->w); }
 static kvc_status_t op_free_swapped(ctx_t *c) { return kvc_bm_seq_free(c->bm, 3, &c->w); }
-static kvc_status_t op_swap_out(ctx_t *c) { return kvc_bm_seq_swap_out(c->bm, 1, &c->w); }
+static kvc_status_t op_swap_out(ctx_t *c) {
+  return kvc_bm_seq_swap_out(c->bm, 1, KVC_OK, &c->w);
+}
 static kvc_status_t op_swap_in(ctx_t *c) { return kvc_bm_seq_swap_in(c->bm, 3, &c->w); }
 static kvc_status_t op_plan(ctx_t *c) {
   kvc_seq_id_t id = 1;

@@ -457,7 +457,7 @@ static void op_free(run_t *r) {
 static void op_swap_out(run_t *r) {
   model_t *m = &r->m;
   kvc_seq_id_t id = pick_id(r);
-  kvc_status_t st = kvc_bm_seq_swap_out(r->bm, id, &r->w);
+  kvc_status_t st = kvc_bm_seq_swap_out(r->bm, id, KVC_OK, &r->w);
   mseq_t *q = mseq(m, id);
   kvc_status_t want = KVC_OK;
   int64_t bytes = 0;

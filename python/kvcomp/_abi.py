@@ -90,6 +90,10 @@ C_ENUM_PREFIXES = {
 # typedef void (*kvc_log_fn)(void *user, kvc_log_level_t level, const char *message);
 LOG_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)
 
+# typedef int (*kvc_tp_allreduce_fn)(void *user, int64_t *values, int count);
+TP_ALLREDUCE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
+                                   ctypes.c_int)
+
 _enum_t = ctypes.c_int
 
 
@@ -121,6 +125,8 @@ class kvc_config_t(ctypes.Structure):
         ("log_user", ctypes.c_void_p),
         ("log_level", _enum_t),
         ("cascade", ctypes.c_int),
+        ("tp_allreduce_max", TP_ALLREDUCE_FN),
+        ("tp_user", ctypes.c_void_p),
     ]
 
 

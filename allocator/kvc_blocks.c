@@ -269,6 +269,22 @@ static void grow_commit(kvc_bm_t *bm, kvc__seq_t *s, grow_t *g) {
   }
 }
 
+/* Room for a hook: the cached blocks to evict for `chunks` free chunks and `ids` unreserved block
+ * ids (*evict), and a table of table_need entries for a sequence whose table has `cap` (and plan
+ * arrays for bids_need ids), agreed with the other ranks. On KVC_OK the caller commits, evicting
+ * *evict blocks first; on failure nothing changed. */
+static kvc_status_t prepare_room(kvc_bm_t *bm, uint64_t chunks, int64_t ids, int32_t cap,
+                                 int32_t table_need, int64_t bids_need, int64_t *evict,
+                                 grow_t *g) {
+  *evict = kvc__evictions_for(bm, chunks, ids);
+  kvc_status_t st = *evict < 0 ? KVC_ERR_OUT_OF_MEMORY
+                               : grow_prepare(bm, cap, table_need, bids_need, g);
+  const kvc_status_t local = st;
+  st = kvc_bm_agree(bm, st, evict);
+  if (st != KVC_OK && local == KVC_OK) grow_abort(bm, g);
+  return st;
+}
+
 /* ---- the per-request hooks ------------------------------------------------------------------ */
 
 kvc_status_t kvc_bm_seq_add(kvc_bm_t *bm, kvc_seq_id_t id, const int32_t *tokens, int n_tokens,
@@ -373,16 +389,11 @@ kvc_status_t kvc_bm_seq_reserve(kvc_bm_t *bm, kvc_seq_id_t id, int n_new, int n_
     return KVC_OK;
   }
   uint64_t chunks = (uint64_t)need * bm->lw + (s->planned ? 0 : bm->wm_chunks);
-  int64_t evict = kvc__evictions_for(bm, chunks, need);
+  int64_t evict;
   grow_t g;
-  kvc_status_t st = evict < 0 ? KVC_ERR_OUT_OF_MEMORY
-                              : grow_prepare(bm, s->cap, want, bm->table_blocks + need, &g);
-  const kvc_status_t local = st;
-  st = kvc_bm_agree(bm, st, &evict);
-  if (st != KVC_OK) {
-    if (local == KVC_OK) grow_abort(bm, &g);
-    return st;
-  }
+  kvc_status_t st =
+      prepare_room(bm, chunks, need, s->cap, want, bm->table_blocks + need, &evict, &g);
+  if (st != KVC_OK) return st;
 
   int nf = 0;
   kvc__evict(bm, evict, &nf);
@@ -406,17 +417,12 @@ kvc_status_t kvc_bm_seq_fork(kvc_bm_t *bm, kvc_seq_id_t parent, kvc_seq_id_t chi
   if (bm->nseq_free == 0) return KVC_ERR_OUT_OF_MEMORY;
   const int B = bm->cfg.block_tokens;
   int tail = bm->seq[pslot].len & (B - 1);
-  int64_t evict = tail ? kvc__evictions_for(bm, bm->lw, 1) : 0;
   int32_t nblocks = bm->seq[pslot].nblocks;
+  int64_t evict;
   grow_t g;
-  kvc_status_t st = evict < 0 ? KVC_ERR_OUT_OF_MEMORY
-                              : grow_prepare(bm, 0, nblocks, bm->table_blocks + nblocks, &g);
-  const kvc_status_t local = st;
-  st = kvc_bm_agree(bm, st, &evict);
-  if (st != KVC_OK) {
-    if (local == KVC_OK) grow_abort(bm, &g);
-    return st;
-  }
+  kvc_status_t st = prepare_room(bm, tail ? bm->lw : 0, tail ? 1 : 0, 0, nblocks,
+                                 bm->table_blocks + nblocks, &evict, &g);
+  if (st != KVC_OK) return st;
 
   int nf = 0;
   kvc__evict(bm, evict, &nf);
@@ -584,6 +590,54 @@ kvc_status_t kvc_bm_seq_swap_in(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *wo
   work->num_free = nf;
   work->swap_blocks = bm->w_swap;
   work->num_swap = ns;
+  return KVC_OK;
+}
+
+kvc_status_t kvc_bm_seq_import(kvc_bm_t *bm, kvc_seq_id_t id, int length,
+                               const uint32_t *page_bytes, const uint8_t *page_chunks,
+                               kvc_bm_work_t *work) {
+  if (!bm || !work) return KVC_ERR_INVALID_ARGUMENT;
+  work_clear(work);
+  if (id == KVC_SEQ_NONE || kvc__seq_find(bm, id) >= 0 || length < 1 ||
+      length > bm->cfg.max_seq_len)
+    return KVC_ERR_INVALID_ARGUMENT;
+  const int B = bm->cfg.block_tokens, L = bm->cfg.num_layers;
+  const int32_t n = kvc__blocks_for(bm, length), full = length / B;
+  if (full > 0 && (!page_bytes || !page_chunks)) return KVC_ERR_INVALID_ARGUMENT;
+  /* Full blocks at their measured pages, a tail at the worst case, and the watermark. */
+  uint64_t chunks = bm->wm_chunks + (full < n ? bm->lw : 0);
+  for (size_t i = 0; i < (size_t)full * (size_t)L; i++) {
+    if (page_bytes[i] == 0 || page_chunks[i] > bm->cfg.worst_page_chunks)
+      return KVC_ERR_INVALID_ARGUMENT;
+    chunks += page_chunks[i];
+  }
+  if (bm->nseq_free == 0) return KVC_ERR_OUT_OF_MEMORY;
+  int64_t evict;
+  grow_t g;
+  kvc_status_t st = prepare_room(bm, chunks, n, 0, n, bm->table_blocks + n, &evict, &g);
+  if (st != KVC_OK) return st;
+
+  int nf = 0;
+  kvc__evict(bm, evict, &nf);
+  kvc__seq_t *s = &bm->seq[slot_take(bm, id)];
+  grow_commit(bm, s, &g);
+  for (int32_t i = 0; i < n; i++) {
+    const int32_t b = kvc__block_take(bm, i < full ? B : length - full * B);
+    s->table[i] = b;
+    bm->w_swap[i] = b;
+    for (int l = 0; i < full && l < L; l++) {
+      const size_t at = (size_t)i * L + l;
+      kvc_bm_page_measured(bm, b, l, page_bytes[at], page_chunks[at]);
+    }
+  }
+  s->nblocks = n;
+  s->len = s->reserved = length;
+  s->planned = 1; /* it holds its blocks, as a running sequence does */
+  bm->table_blocks += n;
+  work->free_blocks = bm->w_free;
+  work->num_free = nf;
+  work->swap_blocks = bm->w_swap;
+  work->num_swap = n;
   return KVC_OK;
 }
 

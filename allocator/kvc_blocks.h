@@ -159,6 +159,19 @@ kvc_status_t kvc_bm_seq_free(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *work)
 kvc_status_t kvc_bm_seq_swap_out(kvc_bm_t *bm, kvc_seq_id_t id, kvc_status_t space,
                                  kvc_bm_work_t *work);
 kvc_status_t kvc_bm_seq_swap_in(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *work);
+/* A sequence brought in from another cache (kvc_seq_import): `length` tokens in
+ * ceil(length / block_tokens) new blocks, the full ones holding pages of page_bytes and
+ * page_chunks [full blocks][num_layers] (charged as measured), a partial last one a staging page
+ * per layer. An admission: it also keeps the watermark free, evicts cached blocks for room and
+ * agrees (kvc_bm_set_agreement). Its blocks are not in the prefix cache, nor will the blocks it
+ * completes later be (their token ids are unknown); its reservation is its length.
+ * work->swap_blocks lists the new blocks in table order, for the copy of their pages.
+ * KVC_ERR_INVALID_ARGUMENT (id in use or KVC_SEQ_NONE, length out of 1..max_seq_len, a page of 0
+ * bytes or more than worst_page_chunks), KVC_ERR_OUT_OF_MEMORY (max_seqs, pool, block ids),
+ * KVC_ERR_OUT_OF_HOST_MEMORY. */
+kvc_status_t kvc_bm_seq_import(kvc_bm_t *bm, kvc_seq_id_t id, int length,
+                               const uint32_t *page_bytes, const uint8_t *page_chunks,
+                               kvc_bm_work_t *work);
 kvc_status_t kvc_bm_seq_info(const kvc_bm_t *bm, kvc_seq_id_t id, kvc_seq_info_t *out);
 
 /* Plans a step (kvc_plan's checks and statuses; more than max_batch_tokens new tokens is

@@ -352,6 +352,42 @@ kvc_status_t kvc_tokens_fit(const kvc_cache_t *cache, int64_t *n_tokens);
 kvc_status_t kvc_tokens_fit_agreed(kvc_cache_t *cache, int64_t *n_tokens);
 
 /* ---------------------------------------------------------------------------------------------
+ * Moving a sequence between caches: prefill on one GPU and decode on another (disaggregation),
+ * rebalancing, migration. The pages move as they are compressed, not as fp16.
+ * ------------------------------------------------------------------------------------------- */
+
+/*
+ * A sequence image holds a sequence's length and every page of its blocks, as compressed, in one
+ * buffer of the backend's memory (device memory of the cache's device on the CUDA backend, host
+ * memory on the CPU backend). The caller moves it (cudaMemcpyPeer, ncclSend / ncclRecv, RDMA) and
+ * a cache of the same configuration (num_layers, num_kv_heads, head_dim, dtype, block_tokens,
+ * codec, policy and bounds, and so the same page chunk size) imports it.
+ *
+ * kvc_seq_export_bytes: the size of `id`'s image. Like swap-out, it first compresses the blocks
+ * the last step completed and waits for the page sizes in flight (a host wait: not the hot path).
+ * kvc_seq_export: writes `id`'s image to image[cap] (the header and index synchronously, the pages
+ * enqueued on `stream`). The sequence stays as it was: free it to move it. Returns KVC_OK,
+ * KVC_ERR_INVALID_ARGUMENT (NULL, cap below kvc_seq_export_bytes), KVC_ERR_NOT_FOUND,
+ * KVC_ERR_INVALID_STATE (swapped out, or a step open), KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CUDA.
+ * kvc_seq_import: adds sequence `id` from image[bytes] (complete before the work on `stream`; it
+ * may be reused once that work is done): reads the image's header and index to the host
+ * (synchronously), then copies its pages into this pool on `stream`. An admission: it needs room
+ * for its pages plus the watermark, evicts cached blocks for it, and is agreed over
+ * tensor-parallel ranks. The sequence's reservation is its length; its blocks are not in the
+ * prefix cache, nor are those it completes later. Returns KVC_OK, KVC_ERR_INVALID_ARGUMENT (NULL,
+ * id in use, an image of another configuration), KVC_ERR_CORRUPT (the header or index is not an
+ * image's, or does not fit `bytes`), KVC_ERR_OUT_OF_MEMORY (pool, block ids, max_seqs),
+ * KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CUDA. The pages themselves are trusted as kvc_seq_export
+ * wrote them (a cache that imported altered bytes fails kvc_cache_validate).
+ */
+kvc_status_t kvc_seq_export_bytes(kvc_cache_t *cache, kvc_seq_id_t id, size_t *bytes,
+                                  void *stream);
+kvc_status_t kvc_seq_export(kvc_cache_t *cache, kvc_seq_id_t id, void *image, size_t cap,
+                            void *stream);
+kvc_status_t kvc_seq_import(kvc_cache_t *cache, kvc_seq_id_t id, const void *image, size_t bytes,
+                            void *stream);
+
+/* ---------------------------------------------------------------------------------------------
  * Per-step plan and per-layer run (FlashInfer-style).
  * ------------------------------------------------------------------------------------------- */
 

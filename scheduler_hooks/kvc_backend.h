@@ -67,16 +67,23 @@ struct kvc__backend_ops {
 
   /* The block manager's work. free_pages releases every layer's page of each block (EMPTY
    * entries are skipped). copy_tail gives `dst` a staging page in every layer holding a copy of
-   * `src`'s. swap_out copies every layer's entry header and page of each block into swap memory
-   * at offsets[i] (layout: KVC__SWAP_HDR_BYTES in kvc_cache_internal.h), then releases the pages;
-   * swap_in takes chunks and copies them back, restoring kind, codec and size (a page that was
-   * packed packs again, in layer order, and takes the chunks it took before). */
+   * `src`'s. swap_out copies every layer's entry header and page of each block to `mem` (NULL:
+   * the cache's swap memory; else a sequence image's extents, in the backend's memory) at
+   * offsets[i] (layout: KVC__SWAP_HDR_BYTES in kvc_cache_internal.h), then, when `release`,
+   * releases the pages; swap_in takes chunks and copies them back from `mem` (NULL: swap
+   * memory), restoring kind, codec and size (a page that was packed packs again, in layer order,
+   * and takes the chunks it took before: in the same cache, or one of the same geometry). */
   kvc_status_t (*free_pages)(kvc_cache_t *c, const int32_t *blocks, int n, void *stream);
   kvc_status_t (*copy_tail)(kvc_cache_t *c, int32_t src, int32_t dst, void *stream);
   kvc_status_t (*swap_out)(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets, int n,
-                           void *stream);
+                           void *mem, int release, void *stream);
   kvc_status_t (*swap_in)(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets, int n,
-                          void *stream);
+                          const void *mem, void *stream);
+  /* Synchronous copy of `bytes` between host memory and the backend's memory (CUDA: device
+   * memory of the cache's device), ordered after the work on `stream`: host_to_backend from
+   * src (host) to dst, else from src to dst (host). */
+  kvc_status_t (*copy_bytes)(kvc_cache_t *c, void *dst, const void *src, size_t bytes,
+                             int host_to_backend, void *stream);
 
   /* Waits for all work the cache enqueued. */
   kvc_status_t (*synchronize)(kvc_cache_t *c);

@@ -336,11 +336,11 @@ static kvc_status_t cpu_copy_tail(kvc_cache_t *c, int32_t src, int32_t dst, void
 }
 
 static kvc_status_t cpu_swap_out(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets,
-                                 int n, void *stream) {
+                                 int n, void *mem, int release, void *stream) {
   cpu_be_t *be = be_of(c);
   const int L = c->cfg.num_layers;
   for (int i = 0; i < n; i++) {
-    uint8_t *base = be->swap + offsets[i];
+    uint8_t *base = (mem ? (uint8_t *)mem : be->swap) + offsets[i];
     uint64_t pos = kvc__round16((uint64_t)L * KVC__SWAP_HDR_BYTES);
     for (int l = 0; l < L; l++) {
       kvc_page_entry_t *e = entry(be, c, l, blocks[i]);
@@ -348,20 +348,20 @@ static kvc_status_t cpu_swap_out(kvc_cache_t *c, const int32_t *blocks, const ui
       if (e->kind == KVC_PAGE_EMPTY) continue;
       page_read(c, be->pool, e, 0, base + pos, e->nbytes);
       pos += kvc__round16(e->nbytes);
-      release_entry(be, e);
+      if (release) release_entry(be, e);
     }
-    be->cursor[blocks[i]].layer = -1;
+    if (release) be->cursor[blocks[i]].layer = -1;
   }
   return KVC_OK;
 }
 
 static kvc_status_t cpu_swap_in(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets,
-                                int n, void *stream) {
+                                int n, const void *mem, void *stream) {
   cpu_be_t *be = be_of(c);
   const int L = c->cfg.num_layers;
   const kvc__geometry_t *g = &c->geo;
   for (int i = 0; i < n; i++) {
-    const uint8_t *base = be->swap + offsets[i];
+    const uint8_t *base = (mem ? (const uint8_t *)mem : be->swap) + offsets[i];
     uint64_t pos = kvc__round16((uint64_t)L * KVC__SWAP_HDR_BYTES);
     for (int l = 0; l < L; l++) {
       kvc_page_entry_t saved, *e = entry(be, c, l, blocks[i]);
@@ -381,6 +381,12 @@ static kvc_status_t cpu_swap_in(kvc_cache_t *c, const int32_t *blocks, const uin
       pos += kvc__round16(saved.nbytes);
     }
   }
+  return KVC_OK;
+}
+
+static kvc_status_t cpu_copy_bytes(kvc_cache_t *c, void *dst, const void *src, size_t bytes,
+                                   int host_to_backend, void *stream) {
+  memcpy(dst, src, bytes);
   return KVC_OK;
 }
 
@@ -425,6 +431,7 @@ const kvc__backend_ops_t kvc__backend_cpu = {
     .copy_tail = cpu_copy_tail,
     .swap_out = cpu_swap_out,
     .swap_in = cpu_swap_in,
+    .copy_bytes = cpu_copy_bytes,
     .synchronize = cpu_synchronize,
     .read_state = cpu_read_state,
     .read_entry = cpu_read_entry,

@@ -806,14 +806,17 @@ kvc_status_t cuda_copy_tail(kvc_cache_t *c, int32_t src, int32_t dst, void *stre
   return KVC_OK;
 }
 
+/* Swap-out (out: copies to mem, then frees the pages when `release`) or swap-in (from mem);
+ * mem NULL: the cache's swap memory. */
 kvc_status_t cuda_swap(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets, int n,
-                       void *stream, int out) {
+                       const void *mem, int out, int release, void *stream) {
   cuda_be *be = be_of(c);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int L = c->cfg.num_layers;
   KVC_ON_DEVICE(be);
   kvc_status_t st = enter(c, be, stream);
   if (st != KVC_OK) return st;
+  uint8_t *base = mem ? static_cast<uint8_t *>(const_cast<void *>(mem)) : be->swap_dev;
   for (int first = 0; first < n; first += kSwapPerLaunch) {
     int m = n - first < kSwapPerLaunch ? n - first : kSwapPerLaunch;
     swap_list list;
@@ -821,8 +824,9 @@ kvc_status_t cuda_swap(kvc_cache_t *c, const int32_t *blocks, const uint64_t *of
     memcpy(list.off, offsets + first, (size_t)m * sizeof(uint64_t));
     if (out) {
       swap_out_kernel<<<m * L, kThreads, 0, s>>>(list, L, c->geo.max_blocks, be->dir, be->pool,
-                                                 be->swap_dev);
+                                                 base);
       KVC_LAUNCHED(swap_out_kernel);
+      if (!release) continue;
       id_list ids;
       memcpy(ids.id, blocks + first, (size_t)m * sizeof(int32_t));
       free_kernel<<<blocks_for(m * L), kThreads, 0, s>>>(ids, m, L, c->geo.max_blocks, be->dir,
@@ -830,11 +834,11 @@ kvc_status_t cuda_swap(kvc_cache_t *c, const int32_t *blocks, const uint64_t *of
       KVC_LAUNCHED(free_kernel);
     } else {
       swap_in_take_kernel<<<blocks_for(m), kThreads, 0, s>>>(list, m, L, c->geo.max_blocks,
-                                                             be->dir, be->pool, be->swap_dev,
+                                                             be->dir, be->pool, base,
                                                              c->geo.staging_chunks, be->cursor);
       KVC_LAUNCHED(swap_in_take_kernel);
       swap_in_kernel<<<m * L, kThreads, 0, s>>>(list, L, c->geo.max_blocks, be->dir, be->pool,
-                                                be->swap_dev);
+                                                base);
       KVC_LAUNCHED(swap_in_kernel);
     }
   }
@@ -842,13 +846,26 @@ kvc_status_t cuda_swap(kvc_cache_t *c, const int32_t *blocks, const uint64_t *of
 }
 
 kvc_status_t cuda_swap_out(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets, int n,
-                           void *stream) {
-  return cuda_swap(c, blocks, offsets, n, stream, 1);
+                           void *mem, int release, void *stream) {
+  return cuda_swap(c, blocks, offsets, n, mem, 1, release, stream);
 }
 
 kvc_status_t cuda_swap_in(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets, int n,
-                          void *stream) {
-  return cuda_swap(c, blocks, offsets, n, stream, 0);
+                          const void *mem, void *stream) {
+  return cuda_swap(c, blocks, offsets, n, mem, 0, 0, stream);
+}
+
+kvc_status_t cuda_copy_bytes(kvc_cache_t *c, void *dst, const void *src, size_t bytes,
+                             int host_to_backend, void *stream) {
+  cuda_be *be = be_of(c);
+  KVC_ON_DEVICE(be);
+  kvc_status_t st = enter(c, be, stream);
+  if (st != KVC_OK) return st;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  KVC_CU(cudaMemcpyAsync(dst, src, bytes,
+                         host_to_backend ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost, s));
+  KVC_CU(cudaStreamSynchronize(s));
+  return KVC_OK;
 }
 
 kvc_status_t cuda_synchronize(kvc_cache_t *c) {
@@ -919,6 +936,6 @@ extern "C" const kvc__backend_ops_t kvc__backend_cuda = {
     "cuda",          cuda_create,     cuda_destroy,        cuda_plan,
     cuda_store,      cuda_compress,   cuda_attend,         cuda_sizes_fetch,
     cuda_sizes_poll, cuda_free_pages, cuda_copy_tail,      cuda_swap_out,
-    cuda_swap_in,    cuda_synchronize, cuda_read_state,    cuda_read_entry,
-    cuda_read_page,  cuda_overhead_bytes, cuda_host_data_bytes,
+    cuda_swap_in,    cuda_copy_bytes, cuda_synchronize,    cuda_read_state,
+    cuda_read_entry, cuda_read_page,  cuda_overhead_bytes, cuda_host_data_bytes,
 };

@@ -253,6 +253,10 @@ static int seq_set_add(kvc__seq_set_t *s, int cap, kvc_seq_id_t id) {
 }
 
 /* Linear probing with backward-shift deletion: no tombstones, so lookups stay short. */
+int kvc__live_add(kvc_cache_t *c, kvc_seq_id_t id) {
+  return seq_set_add(&c->live, c->cfg.max_seqs, id);
+}
+
 static int seq_set_remove(kvc__seq_set_t *s, kvc_seq_id_t id) {
   uint32_t i = (uint32_t)seq_set_slot(s, id);
   int32_t pos = s->index[i];
@@ -311,8 +315,8 @@ static void meta_count(kvc_cache_t *c, const kvc__page_meta_t *m, int64_t sign) 
   }
 }
 
-static void meta_set(kvc_cache_t *c, int layer, int32_t block, kvc_page_kind_t kind,
-                     uint32_t nbytes, uint8_t codec, uint8_t chunks, int measured) {
+void kvc__meta_set(kvc_cache_t *c, int layer, int32_t block, kvc_page_kind_t kind,
+                   uint32_t nbytes, uint8_t codec, uint8_t chunks, int measured) {
   kvc__page_meta_t *m = meta_at(c, layer, block);
   meta_count(c, m, -1);
   m->kind = (uint8_t)kind;
@@ -361,7 +365,7 @@ static kvc_status_t report_slot(kvc_cache_t *c, const kvc__size_slot_t *s, const
                  nbytes, codec, nch);
         return KVC_ERR_INTERNAL;
       }
-      meta_set(c, l, b, KVC_PAGE_COMPRESSED, nbytes, codec, nch, 1);
+      kvc__meta_set(c, l, b, KVC_PAGE_COMPRESSED, nbytes, codec, nch, 1);
       kvc_bm_page_measured_step(c->bm, s->step, b, l, nbytes, nch);
     }
     c->pending_step[b] = 0;
@@ -425,7 +429,7 @@ static kvc_status_t compress_deferred(kvc_cache_t *c, void *stream) {
     kvc_status_t st = c->ops->compress(c, l, stream);
     if (st != KVC_OK) return kvc__fail_device(c, st, "compressing");
     for (int j = 0; j < c->step_num_jobs; j++)
-      meta_set(c, l, c->step_job_block[j], KVC_PAGE_COMPRESSED, 0, 0, 0, 0);
+      kvc__meta_set(c, l, c->step_job_block[j], KVC_PAGE_COMPRESSED, 0, 0, 0, 0);
     c->layer_deferred[l] = 0;
     c->layers_deferred--;
   }
@@ -448,6 +452,15 @@ kvc_status_t kvc__collect_all(kvc_cache_t *c) {
   return poll_slots(c, 1);
 }
 
+kvc_status_t kvc__measure_seq(kvc_cache_t *c, kvc_seq_id_t id, void *stream) {
+  const int32_t *table = NULL;
+  int n = 0;
+  kvc_status_t st = kvc_bm_seq_blocks(c->bm, id, &table, &n);
+  if (st == KVC_OK && !kvc_bm_step_open(c->bm) && any_compress_pending(c, table, n))
+    st = compress_deferred(c, stream);
+  return st == KVC_OK ? kvc__collect_all(c) : st;
+}
+
 /* ---- the block manager's work -------------------------------------------------------------- */
 
 static void release_swap_extent(kvc_cache_t *c, int32_t b) {
@@ -457,8 +470,11 @@ static void release_swap_extent(kvc_cache_t *c, int32_t b) {
   c->swap_len[b] = 0;
 }
 
-/* Executes `w` (free, then copy, then the swap direction given) on `stream` and mirrors it. */
-static kvc_status_t run_work(kvc_cache_t *c, const kvc_bm_work_t *w, int swap_dir, void *stream) {
+/* Executes `w` (free, then copy, then the swap direction given) on `stream` and mirrors it. A
+ * swap-in from `mem` (a sequence image's extents; NULL: swap memory) takes its offsets from
+ * c->swap_work_off, and the caller has set the mirror of the blocks it fills. */
+kvc_status_t kvc__run_work(kvc_cache_t *c, const kvc_bm_work_t *w, int swap_dir, const void *mem,
+                           void *stream) {
   const int L = c->cfg.num_layers;
   kvc_status_t st;
   /* Compression reads a pending block's staging page, which freeing it releases: compress the
@@ -472,7 +488,7 @@ static kvc_status_t run_work(kvc_cache_t *c, const kvc_bm_work_t *w, int swap_di
     if (st != KVC_OK) return kvc__fail_device(c, st, "freeing pages");
     for (int i = 0; i < w->num_free; i++) {
       int32_t b = w->free_blocks[i];
-      for (int l = 0; l < L; l++) meta_set(c, l, b, KVC_PAGE_EMPTY, 0, 0, 0, 0);
+      for (int l = 0; l < L; l++) kvc__meta_set(c, l, b, KVC_PAGE_EMPTY, 0, 0, 0, 0);
       c->pending_step[b] = 0;
       release_swap_extent(c, b);
     }
@@ -481,11 +497,11 @@ static kvc_status_t run_work(kvc_cache_t *c, const kvc_bm_work_t *w, int swap_di
     st = c->ops->copy_tail(c, w->copy_src, w->copy_dst, stream);
     if (st != KVC_OK) return kvc__fail_device(c, st, "copying a tail");
     for (int l = 0; l < L; l++)
-      meta_set(c, l, w->copy_dst, KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0, 0);
+      kvc__meta_set(c, l, w->copy_dst, KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0, 0);
   }
   if (w->num_swap > 0 && swap_dir > 0) {
     /* The caller placed the extents (swap_off) and listed them in swap_work_off. */
-    st = c->ops->swap_out(c, w->swap_blocks, c->swap_work_off, w->num_swap, stream);
+    st = c->ops->swap_out(c, w->swap_blocks, c->swap_work_off, w->num_swap, NULL, 1, stream);
     if (st != KVC_OK) return kvc__fail_device(c, st, "swapping out");
     for (int i = 0; i < w->num_swap; i++) {
       int32_t b = w->swap_blocks[i];
@@ -493,8 +509,9 @@ static kvc_status_t run_work(kvc_cache_t *c, const kvc_bm_work_t *w, int swap_di
         if (meta_at(c, l, b)->kind != KVC_PAGE_EMPTY) meta_set_swapped(c, l, b, 1);
     }
   } else if (w->num_swap > 0) {
-    for (int i = 0; i < w->num_swap; i++) c->swap_work_off[i] = c->swap_off[w->swap_blocks[i]];
-    st = c->ops->swap_in(c, w->swap_blocks, c->swap_work_off, w->num_swap, stream);
+    if (!mem)
+      for (int i = 0; i < w->num_swap; i++) c->swap_work_off[i] = c->swap_off[w->swap_blocks[i]];
+    st = c->ops->swap_in(c, w->swap_blocks, c->swap_work_off, w->num_swap, mem, stream);
     if (st != KVC_OK) return kvc__fail_device(c, st, "swapping in");
     for (int i = 0; i < w->num_swap; i++) {
       int32_t b = w->swap_blocks[i];
@@ -686,17 +703,17 @@ kvc_status_t kvc_cache_config(const kvc_cache_t *c, kvc_config_t *out) {
 
 /* ---- per-request hooks --------------------------------------------------------------------- */
 
-static kvc_cache_t *lock(const kvc_cache_t *cc) {
+kvc_cache_t *kvc__lock(const kvc_cache_t *cc) {
   kvc_cache_t *c = (kvc_cache_t *)cc;
   pthread_mutex_lock(&c->mu);
   return c;
 }
 
-static void unlock(kvc_cache_t *c) { pthread_mutex_unlock(&c->mu); }
+void kvc__unlock(kvc_cache_t *c) { pthread_mutex_unlock(&c->mu); }
 
 /* The status of a call that may have agreed with the other tensor-parallel ranks: a failed
  * agreement leaves the ranks' caches possibly different, so this one is unusable from then on. */
-static kvc_status_t tp_status(kvc_cache_t *c, kvc_status_t st) {
+kvc_status_t kvc__tp_status(kvc_cache_t *c, kvc_status_t st) {
   if (st != KVC_ERR_NCCL || c->sticky != KVC_OK) return st;
   c->sticky = st;
   kvc__log(c, KVC_LOG_ERROR,
@@ -708,53 +725,53 @@ static kvc_status_t tp_status(kvc_cache_t *c, kvc_status_t st) {
 kvc_status_t kvc_seq_add(kvc_cache_t *c, kvc_seq_id_t id, const int32_t *tokens, int n_tokens,
                          uint64_t salt, int *n_cached) {
   if (!c || (n_tokens > 0 && !tokens)) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_bm_work_t w;
   int cached = 0;
   kvc_status_t st = c->sticky;
   if (st == KVC_OK)
-    st = tp_status(c, kvc_bm_seq_add(c->bm, id, tokens, n_tokens, salt, &cached, &w));
+    st = kvc__tp_status(c, kvc_bm_seq_add(c->bm, id, tokens, n_tokens, salt, &cached, &w));
   if (st == KVC_OK) {
     if (seq_set_add(&c->live, c->cfg.max_seqs, id))
       st = kvc__fail_device(c, KVC_ERR_INTERNAL, "adding a sequence");
     else
-      st = run_work(c, &w, 0, c->last_stream);
+      st = kvc__run_work(c, &w, 0, NULL, c->last_stream);
     if (st == KVC_OK && n_cached) *n_cached = cached;
   }
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
 kvc_status_t kvc_seq_reserve(kvc_cache_t *c, kvc_seq_id_t id, int n_new, int n_lookahead) {
   if (!c) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_bm_work_t w;
   kvc_status_t st = c->sticky;
-  if (st == KVC_OK) st = tp_status(c, kvc_bm_seq_reserve(c->bm, id, n_new, n_lookahead, &w));
-  if (st == KVC_OK) st = run_work(c, &w, 0, c->last_stream);
-  unlock(c);
+  if (st == KVC_OK) st = kvc__tp_status(c, kvc_bm_seq_reserve(c->bm, id, n_new, n_lookahead, &w));
+  if (st == KVC_OK) st = kvc__run_work(c, &w, 0, NULL, c->last_stream);
+  kvc__unlock(c);
   return st;
 }
 
 kvc_status_t kvc_seq_fork(kvc_cache_t *c, kvc_seq_id_t parent, kvc_seq_id_t child) {
   if (!c) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_bm_work_t w;
   kvc_status_t st = c->sticky;
-  if (st == KVC_OK) st = tp_status(c, kvc_bm_seq_fork(c->bm, parent, child, &w));
+  if (st == KVC_OK) st = kvc__tp_status(c, kvc_bm_seq_fork(c->bm, parent, child, &w));
   if (st == KVC_OK) {
     if (seq_set_add(&c->live, c->cfg.max_seqs, child))
       st = kvc__fail_device(c, KVC_ERR_INTERNAL, "forking");
     else
-      st = run_work(c, &w, 0, c->last_stream);
+      st = kvc__run_work(c, &w, 0, NULL, c->last_stream);
   }
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
 kvc_status_t kvc_seq_free(kvc_cache_t *c, kvc_seq_id_t id) {
   if (!c) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_bm_work_t w;
   kvc_status_t st = c->sticky;
   if (st == KVC_OK) st = kvc_bm_seq_free(c->bm, id, &w);
@@ -762,10 +779,10 @@ kvc_status_t kvc_seq_free(kvc_cache_t *c, kvc_seq_id_t id) {
     if (seq_set_remove(&c->live, id))
       st = kvc__fail_device(c, KVC_ERR_INTERNAL, "freeing a sequence");
     else
-      st = run_work(c, &w, 0, c->last_stream);
+      st = kvc__run_work(c, &w, 0, NULL, c->last_stream);
     close_finished_plan(c);
   }
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
@@ -792,7 +809,7 @@ static kvc_status_t place_swap_extents(kvc_cache_t *c, int n) {
 
 kvc_status_t kvc_seq_swap_out(kvc_cache_t *c, kvc_seq_id_t id, void *stream) {
   if (!c) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_status_t st = c->sticky;
   kvc_seq_info_t info;
   const int32_t *table = NULL;
@@ -800,15 +817,8 @@ kvc_status_t kvc_seq_swap_out(kvc_cache_t *c, kvc_seq_id_t id, void *stream) {
   if (st == KVC_OK && c->cfg.swap_bytes == 0) st = KVC_ERR_UNSUPPORTED;
   if (st == KVC_OK) st = kvc_bm_seq_info(c->bm, id, &info);
   if (st == KVC_OK && info.state == KVC_SEQ_SWAPPED) st = KVC_ERR_INVALID_STATE;
-  /* Swap space is accounted from measured page sizes: compress the sequence's pending blocks
-   * (only once the step is done: a sequence in the open step cannot be swapped out, and its
-   * attends still read them) and wait for every size in flight (swap-out is not on the hot path).
-   * Neither changes what the cache holds, only how its full blocks are encoded and what the host
-   * knows of their sizes. */
-  if (st == KVC_OK && !kvc_bm_step_open(c->bm)) st = kvc_bm_seq_blocks(c->bm, id, &table, &n);
-  if (st == KVC_OK && !kvc_bm_step_open(c->bm) && any_compress_pending(c, table, n))
-    st = compress_deferred(c, stream);
-  if (st == KVC_OK) st = kvc__collect_all(c);
+  /* Swap space is accounted from measured page sizes (kvc__measure_seq). */
+  if (st == KVC_OK) st = kvc__measure_seq(c, id, stream);
   if (st == KVC_OK) st = kvc_bm_seq_blocks(c->bm, id, &table, &n);
   if (st == KVC_OK && n > c->geo.max_seq_blocks)
     st = kvc__fail_device(c, KVC_ERR_INTERNAL, "swap-out of an oversized table");
@@ -820,7 +830,7 @@ kvc_status_t kvc_seq_swap_out(kvc_cache_t *c, kvc_seq_id_t id, void *stream) {
   }
   if (st == KVC_OK) {
     kvc_bm_work_t w;
-    st = tp_status(c, kvc_bm_seq_swap_out(c->bm, id, space, &w));
+    st = kvc__tp_status(c, kvc_bm_seq_swap_out(c->bm, id, space, &w));
     if (st != KVC_OK) {
       if (space == KVC_OK)
         for (int i = 0; i < n; i++) release_swap_extent(c, c->swap_table[i]);
@@ -833,57 +843,57 @@ kvc_status_t kvc_seq_swap_out(kvc_cache_t *c, kvc_seq_id_t id, void *stream) {
         c->block_mark[w.swap_blocks[i]] = 0;
         c->swap_work_off[i] = c->swap_off[w.swap_blocks[i]];
       }
-      st = run_work(c, &w, 1, stream);
+      st = kvc__run_work(c, &w, 1, NULL, stream);
       close_finished_plan(c);
     }
   }
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
 kvc_status_t kvc_seq_swap_in(kvc_cache_t *c, kvc_seq_id_t id, void *stream) {
   if (!c) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_bm_work_t w;
   kvc_status_t st = c->sticky;
   if (st == KVC_OK && c->cfg.swap_bytes == 0) st = KVC_ERR_UNSUPPORTED;
-  if (st == KVC_OK) st = tp_status(c, kvc_bm_seq_swap_in(c->bm, id, &w));
+  if (st == KVC_OK) st = kvc__tp_status(c, kvc_bm_seq_swap_in(c->bm, id, &w));
   if (st == KVC_OK && w.num_swap > c->geo.max_seq_blocks)
     st = kvc__fail_device(c, KVC_ERR_INTERNAL, "swap-in of an oversized table");
-  if (st == KVC_OK) st = run_work(c, &w, -1, stream);
-  unlock(c);
+  if (st == KVC_OK) st = kvc__run_work(c, &w, -1, NULL, stream);
+  kvc__unlock(c);
   return st;
 }
 
 kvc_status_t kvc_seq_info(const kvc_cache_t *cc, kvc_seq_id_t id, kvc_seq_info_t *out) {
   if (!cc || !out) return KVC_ERR_INVALID_ARGUMENT;
-  kvc_cache_t *c = lock(cc);
+  kvc_cache_t *c = kvc__lock(cc);
   kvc_status_t st = kvc_bm_seq_info(c->bm, id, out);
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
 kvc_status_t kvc_tokens_fit(const kvc_cache_t *cc, int64_t *n_tokens) {
   if (!cc || !n_tokens) return KVC_ERR_INVALID_ARGUMENT;
-  kvc_cache_t *c = lock(cc);
+  kvc_cache_t *c = kvc__lock(cc);
   *n_tokens = kvc_bm_tokens_fit(c->bm);
-  unlock(c);
+  kvc__unlock(c);
   return KVC_OK;
 }
 
 kvc_status_t kvc_tokens_fit_agreed(kvc_cache_t *c, int64_t *n_tokens) {
   if (!c || !n_tokens) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_status_t st = c->sticky;
   int64_t fit = kvc_bm_tokens_fit(c->bm), neg = -fit;
   if (st == KVC_OK && c->cfg.tp_allreduce_max) {
     if (c->cfg.tp_allreduce_max(c->cfg.tp_user, &neg, 1) != 0)
-      st = tp_status(c, KVC_ERR_NCCL);
+      st = kvc__tp_status(c, KVC_ERR_NCCL);
     else
       fit = -neg; /* the smallest estimate */
   }
   if (st == KVC_OK) *n_tokens = fit;
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
@@ -921,19 +931,19 @@ static kvc_status_t begin_step(kvc_cache_t *c, const kvc_bm_plan_t *p, void *str
 kvc_status_t kvc_plan(kvc_cache_t *c, const kvc_batch_t *batch, void *stream) {
   if (!c || !batch || batch->num_seqs < 1 || !batch->seq_ids || !batch->num_new_tokens)
     return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_status_t st = c->sticky;
   kvc_bm_plan_t p;
   kvc_bm_batch_t bb = {batch->num_seqs, batch->seq_ids, batch->num_new_tokens, batch->token_ids};
   if (st == KVC_OK) st = kvc_bm_plan(c->bm, &bb, &p);
   if (st == KVC_OK) st = begin_step(c, &p, stream);
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
 kvc_status_t kvc_store(kvc_cache_t *c, int layer, const void *k, const void *v, void *stream) {
   if (!c) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_status_t st = c->sticky;
   if (st == KVC_OK && (layer < 0 || layer >= c->cfg.num_layers || !k || !v))
     st = KVC_ERR_INVALID_ARGUMENT;
@@ -945,10 +955,10 @@ kvc_status_t kvc_store(kvc_cache_t *c, int layer, const void *k, const void *v, 
   if (st == KVC_OK) {
     const kvc_bm_plan_t *p = &c->plan;
     for (int i = 0; i < p->num_new_staging; i++)
-      meta_set(c, layer, p->new_staging[i], KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0, 0);
+      kvc__meta_set(c, layer, p->new_staging[i], KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0, 0);
     /* Completed blocks hold their rows in staging pages until compress_deferred. */
     for (int j = 0; j < p->num_jobs; j++)
-      meta_set(c, layer, p->job_block[j], KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0, 0);
+      kvc__meta_set(c, layer, p->job_block[j], KVC_PAGE_STAGING, c->geo.staging_bytes, 0, 0, 0);
     if (p->num_jobs > 0) {
       c->layer_deferred[layer] = 1;
       c->layers_deferred++;
@@ -956,14 +966,14 @@ kvc_status_t kvc_store(kvc_cache_t *c, int layer, const void *k, const void *v, 
     c->layer_stored[layer] = 1;
     if (++c->layers_stored == c->cfg.num_layers) kvc_bm_step_done(c->bm);
   }
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
 kvc_status_t kvc_attend(kvc_cache_t *c, int layer, const void *q, void *out, float scale,
                         void *stream) {
   if (!c) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_status_t st = c->sticky;
   if (st == KVC_OK &&
       (layer < 0 || layer >= c->cfg.num_layers || !q || !out || !isfinite(scale) || scale <= 0.0f))
@@ -971,17 +981,17 @@ kvc_status_t kvc_attend(kvc_cache_t *c, int layer, const void *q, void *out, flo
   if (st == KVC_OK && (!c->plan_valid || !c->layer_stored[layer])) st = KVC_ERR_INVALID_STATE;
   /* Attention only reads: a failure leaves the cache as it was. */
   if (st == KVC_OK) st = c->ops->attend(c, layer, q, out, scale, stream);
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
 kvc_status_t kvc_cache_synchronize(kvc_cache_t *c) {
   if (!c) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_status_t st = c->sticky;
   if (st == KVC_OK) st = compress_deferred(c, c->last_stream);
   if (st == KVC_OK) st = kvc__collect_all(c);
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
@@ -994,7 +1004,7 @@ kvc_status_t kvc__cache_read_page(kvc_cache_t *c, int layer, int32_t block, kvc_
   if (!c || !entry || layer < 0 || layer >= c->cfg.num_layers || block < 0 ||
       block >= c->geo.max_blocks)
     return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   kvc_status_t st = c->ops->read_entry(c, layer, block, entry);
   if (st == KVC_OK && entry->kind != KVC_PAGE_EMPTY) {
     if (!out || cap < entry->nbytes)
@@ -1002,21 +1012,21 @@ kvc_status_t kvc__cache_read_page(kvc_cache_t *c, int layer, int32_t block, kvc_
     else
       st = c->ops->read_page(c, entry, out);
   }
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 
 kvc_status_t kvc__cache_seq_blocks(kvc_cache_t *c, kvc_seq_id_t id, int32_t *blocks, int cap,
                                    int *n) {
   if (!c || !n) return KVC_ERR_INVALID_ARGUMENT;
-  lock(c);
+  kvc__lock(c);
   const int32_t *table = NULL;
   kvc_status_t st = kvc_bm_seq_blocks(c->bm, id, &table, n);
   if (st == KVC_OK && *n <= cap && blocks)
     memcpy(blocks, table, (size_t)*n * sizeof(int32_t));
   else if (st == KVC_OK)
     st = KVC_ERR_INVALID_ARGUMENT;
-  unlock(c);
+  kvc__unlock(c);
   return st;
 }
 

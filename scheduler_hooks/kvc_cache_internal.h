@@ -170,6 +170,26 @@ uint64_t kvc__swap_extent_bytes(const kvc_cache_t *c, int32_t b);
 
 /* Waits for the backend, then reports every page size in flight to the block manager. */
 kvc_status_t kvc__collect_all(kvc_cache_t *c);
+/* Makes every page of sequence `id` measured: compresses its blocks whose compression is
+ * deferred (unless a step is open), then kvc__collect_all (a host wait). Changes only how its
+ * full blocks are encoded and what the host knows of their sizes. */
+kvc_status_t kvc__measure_seq(kvc_cache_t *c, kvc_seq_id_t id, void *stream);
+
+/* The cache's lock (kvcomp.h, "Threading"), taken by every public call. */
+kvc_cache_t *kvc__lock(const kvc_cache_t *c);
+void kvc__unlock(kvc_cache_t *c);
+/* Runs the block manager's work (kvc_cache.c). */
+kvc_status_t kvc__run_work(kvc_cache_t *c, const kvc_bm_work_t *w, int swap_dir, const void *mem,
+                           void *stream);
+/* Sets the host mirror of one page, keeping the page counters in step. */
+void kvc__meta_set(kvc_cache_t *c, int layer, int32_t block, kvc_page_kind_t kind,
+                   uint32_t nbytes, uint8_t codec, uint8_t chunks, int measured);
+/* Adds `id` to the set of live sequences (sized max_seqs, so it cannot fail for an id the block
+ * manager accepted); non-zero when it is there already. */
+int kvc__live_add(kvc_cache_t *c, kvc_seq_id_t id);
+/* The status of a call that may have agreed with the other tensor-parallel ranks: a failed
+ * agreement (KVC_ERR_NCCL) makes the cache unusable. */
+kvc_status_t kvc__tp_status(kvc_cache_t *c, kvc_status_t st);
 
 /* Validation pieces (kvc_cache_stats.c). */
 kvc_status_t kvc__validate_locked(kvc_cache_t *c);

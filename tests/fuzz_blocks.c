@@ -87,7 +87,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     kvc_bm_stats_t before, after;
     kvc_bm_get_stats(bm, &before);
     kvc_status_t st = KVC_OK;
-    switch (op % 12) {
+    switch (op % 13) {
       case 0: {
         int n = b % 48;
         for (int i = 0; i < n; i++) tokens[i] = (i < (a >> 4) * 4) ? i : (int32_t)(next(&in) & 3);
@@ -134,6 +134,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       case 10:
         kvc_host_alloc_fail_after(ha, a % 4);
         break;
+      case 11: { /* a sequence from another cache: pages of any size, also invalid ones */
+        uint32_t pb[64];
+        uint8_t pc[64];
+        for (int i = 0; i < 64; i++) {
+          pb[i] = next(&in) % 4 ? 100 : 0;
+          pc[i] = (uint8_t)(next(&in) % 5);
+        }
+        st = kvc_bm_seq_import(bm, id, b % 41 - (b == 255), pb, pc, &w);
+        break;
+      }
       default:
         (void)kvc_bm_tokens_fit(bm);
         break;

@@ -54,16 +54,6 @@ typedef struct row {
   kvc_status_t status;
 } row_t;
 
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-  qsort(v, (size_t)n, sizeof *v, cmp_double);
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* Device (CUDA backend) or host buffers for one step's q and attention output. */
 typedef struct step_buffers {
   size_t q_bytes;
@@ -256,9 +246,9 @@ static void run_row(const options_t *o, const kvcb_bank_t *bank, size_t pool_byt
   double sum = 0.0;
   for (int i = 0; i < o->steps; i++) sum += step_ms[i];
   r->step_ms_mean = sum / o->steps;
-  r->step_ms_median = median(step_ms, o->steps);
-  r->step_ms_min = step_ms[0]; /* sorted by median() */
-  r->plan_ms_median = median(plan_ms, o->steps);
+  r->step_ms_median = kvcb_median(step_ms, o->steps);
+  r->step_ms_min = step_ms[0]; /* sorted by kvcb_median() */
+  r->plan_ms_median = kvcb_median(plan_ms, o->steps);
   r->tokens_per_s = 1e3 * n / r->step_ms_median;
   r->tokens_per_s_amortized = 1e3 * n / r->step_ms_mean;
   st = KVC_OK;

@@ -116,6 +116,17 @@ static inline double kvcb_gengauss_unit(double beta) {
   return 1.0 / sqrt(tgamma(3.0 / beta) / tgamma(1.0 / beta));
 }
 
+static inline int kvcb_cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* The median of v[n] (n >= 1), which it sorts. */
+static inline double kvcb_median(double *v, int n) {
+  qsort(v, (size_t)n, sizeof *v, kvcb_cmp_double);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 /* "32k" for whole multiples of 1024 tokens, else the count; in a caller-provided buffer. */
 typedef struct kvcb_label {
   char s[16];

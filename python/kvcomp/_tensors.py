@@ -90,3 +90,21 @@ def _check_torch(t, name, shape, dtype, backend, device, writable):
 def overlaps(a, b):
     """Whether the byte ranges (address, nbytes) a and b share any byte."""
     return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
+
+
+def check_bytes(obj, name, backend, device):
+    """Returns (address, nbytes) of a 1-D contiguous uint8 buffer in the backend's memory: a NumPy
+    array or CPU torch tensor on the CPU backend, a CUDA tensor on `device` on the CUDA backend."""
+    if is_torch_tensor(obj):
+        want = "cuda" if backend == Backend.CUDA else "cpu"
+        if str(obj.dtype) != "torch.uint8" or obj.dim() != 1 or not obj.is_contiguous():
+            raise TypeError(f"{name}: expected a 1-D contiguous torch.uint8 tensor")
+        if obj.device.type != want or (want == "cuda" and obj.device.index != device):
+            raise TypeError(f"{name}: expected a tensor on the cache's device, got {obj.device}")
+        return obj.data_ptr(), obj.numel()
+    if backend == Backend.CPU and _is_numpy_array(obj):
+        if obj.dtype.name != "uint8" or obj.ndim != 1 or not obj.flags.c_contiguous:
+            raise TypeError(f"{name}: expected a 1-D contiguous numpy.uint8 array")
+        return obj.__array_interface__["data"][0], obj.nbytes
+    raise TypeError(f"{name}: expected the uint8 buffer export_seq returned, got "
+                    f"{type(obj).__module__}.{type(obj).__name__}")

@@ -104,6 +104,22 @@ class _LogRelay:
         self.sink(level, text)
 
 
+def _tp_relay(fn):
+    """A TP_ALLREDUCE_FN body calling fn(list of ints) -> list of ints. No exception may cross
+    into C: one is logged (the "kvcomp" logger) and returned as a failure, which the cache
+    reports as KvcNcclError."""
+    def allreduce(user, values, count):
+        try:
+            out = fn([values[i] for i in range(count)])
+            for i in range(count):
+                values[i] = int(out[i])
+            return 0
+        except Exception:  # noqa: BLE001 - reported through the cache's status
+            _logger.exception("tp_allreduce_max raised")
+            return -1
+    return allreduce
+
+
 def status_string(status):
     """kvc_status_string(status) from the library."""
     return _loader.load().kvc_status_string(int(status)).decode()
@@ -159,12 +175,17 @@ class Cache:
 
     log: callable(level: LogLevel, message: str) receiving the library's log lines (at or below
     config.log_level); default: the "kvcomp" logger of the logging module.
+    tp_allreduce_max: for tensor parallelism (kvcomp.h, "Tensor parallelism"), a callable taking
+    a list of ints and returning the list of their maxima over every rank (e.g. through
+    torch.distributed.all_reduce with ReduceOp.MAX); every rank's cache gets one and every rank
+    makes the same calls. An exception in it makes the cache unusable (KvcNcclError). None: this cache
+    decides alone.
     library: path of libkvcomp.so for the first cache of the process (see _loader.py's search).
     Raises the KvcError subclass of kvc_cache_create's status (e.g. KvcInvalidArgument for a bad
     shape, KvcUnsupported for a backend not built), TypeError/ValueError for fields C cannot hold.
     """
 
-    def __init__(self, config=None, *, log=None, library=None, **fields):
+    def __init__(self, config=None, *, log=None, library=None, tp_allreduce_max=None, **fields):
         self._handle = None  # first, so that close() works on a half-constructed object
         if config is None:
             config = Config(**fields)
@@ -177,6 +198,10 @@ class Cache:
         self._borrowed = []
         self._last_stream = None  # the Python object owning the last stream given to C
         c_config = config.to_c(self._log_fn)
+        self._tp_fn = None
+        if tp_allreduce_max is not None:
+            self._tp_fn = _abi.TP_ALLREDUCE_FN(_tp_relay(tp_allreduce_max))
+            c_config.tp_allreduce_max = self._tp_fn
         handle = ctypes.c_void_p()
         status = self._api.kvc_cache_create(ctypes.byref(c_config), ctypes.byref(handle))
         if status != Status.OK:
@@ -338,6 +363,47 @@ class Cache:
         n = ctypes.c_int64()
         self._call("kvc_tokens_fit", ctypes.byref(n))
         return n.value
+
+    def tokens_fit_agreed(self):
+        """kvc_tokens_fit_agreed: the smallest tokens_fit over the tensor-parallel ranks (a hook:
+        every rank calls it at the same point); without tp_allreduce_max, tokens_fit."""
+        n = ctypes.c_int64()
+        self._call("kvc_tokens_fit_agreed", ctypes.byref(n))
+        return n.value
+
+    # ---- moving a sequence between caches ------------------------------------------------------
+
+    def export_seq(self, seq_id, stream=None):
+        """kvc_seq_export_bytes + kvc_seq_export: the sequence's image (its pages as compressed)
+        as a new uint8 buffer in the cache's memory: a NumPy array on the CPU backend, a torch
+        CUDA tensor on the cache's device on the CUDA backend (written on `stream`). The sequence
+        stays in this cache; free it to move it."""
+        seq_id = _seq_id(seq_id)
+        handle = self._stream(stream)
+        n = ctypes.c_size_t()
+        self._call("kvc_seq_export_bytes", seq_id, ctypes.byref(n), handle)
+        if self._config.backend == Backend.CUDA:
+            torch = sys.modules.get("torch")
+            if torch is None:
+                raise RuntimeError("export_seq on the CUDA backend needs torch imported")
+            image = torch.empty(n.value, dtype=torch.uint8, device=f"cuda:{self._config.device}")
+            address = image.data_ptr()
+        else:
+            import numpy
+            image = numpy.empty(n.value, dtype=numpy.uint8)
+            address = image.__array_interface__["data"][0]
+        self._call("kvc_seq_export", seq_id, address, n.value, handle)
+        return image
+
+    def import_seq(self, seq_id, image, stream=None):
+        """kvc_seq_import: adds sequence seq_id from an image export_seq made (a 1-D uint8 NumPy
+        array or CPU tensor on the CPU backend, a CUDA uint8 tensor on this cache's device on the
+        CUDA backend), copying its pages on `stream`. An admission: KvcOutOfMemory when there is
+        no room, and nothing changes."""
+        seq_id = _seq_id(seq_id)
+        address, nbytes = _tensors.check_bytes(image, "image", self._config.backend,
+                                               self._config.device)
+        self._call("kvc_seq_import", seq_id, address, nbytes, self._stream(stream))
 
     # ---- per-step plan and per-layer run -----------------------------------------------------
 

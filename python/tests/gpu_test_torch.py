@@ -288,6 +288,45 @@ class TestCudaBackend(unittest.TestCase):
                 cache.store(1, good.to(other), good)
 
 
+@unittest.skipUnless(cuda_available(), "no CUDA device visible to torch")
+class TestMovingSequences(unittest.TestCase):
+    def test_export_import_on_cuda(self):
+        dev = torch.device("cuda", torch.cuda.current_device())
+        fields = dict(backend="cuda", device=dev.index, num_layers=2, num_q_heads=8,
+                      num_kv_heads=2, head_dim=128, dtype="f16", block_tokens=16,
+                      pool_bytes=64 << 20, max_seqs=4, max_batch_tokens=256, codec="huffman")
+        a, b = kvcomp.Cache(**fields), kvcomp.Cache(**fields)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        gen = torch.Generator(device=dev).manual_seed(5)
+
+        def step(caches, n):
+            k, v = (torch.randn(n, 2, 128, device=dev, generator=gen).half() for _ in range(2))
+            q = torch.randn(n, 8, 128, device=dev, generator=gen).half()
+            outs = []
+            for cache in caches:
+                cache.reserve(1, n)
+                cache.plan([1], [n])
+                for layer in range(2):
+                    cache.store(layer, k, v)
+                    out = cache.attend(layer, q)
+                outs.append(out)
+            return outs
+
+        a.seq_add(1)
+        step([a], 45)
+        image = a.export_seq(1)
+        self.assertEqual((image.dtype, image.device), (torch.uint8, dev))
+        b.import_seq(1, image)
+        for n in (2, 1, 16):
+            got_a, got_b = step([a, b], n)
+            self.assertTrue(torch.equal(got_a, got_b))
+        a.validate()
+        b.validate()
+        with self.assertRaises(TypeError):
+            b.import_seq(2, image.cpu())
+
+
 class TestCpuBackendWithTorch(unittest.TestCase):
     """The CPU backend also takes CPU torch tensors."""
 

@@ -418,6 +418,78 @@ class TestSequences(CacheTest):
         cache.validate()
 
 
+class TestMultiGpu(CacheTest):
+    """Sequence images and the tensor-parallel agreement, through the binding (CPU backend)."""
+
+    def same_step(self, caches, seq, n, rng):
+        """One step of n identical tokens on each cache; their last layer's outputs."""
+        cfg = caches[0].config
+        k = rng.standard_normal((n, cfg.num_kv_heads, cfg.head_dim)).astype(np.float16)
+        v = rng.standard_normal((n, cfg.num_kv_heads, cfg.head_dim)).astype(np.float16)
+        q = rng.standard_normal((n, cfg.num_q_heads, cfg.head_dim)).astype(np.float16)
+        outs = []
+        for cache in caches:
+            cache.reserve(seq, n)
+            cache.plan([seq], [n])
+            for layer in range(cfg.num_layers):
+                cache.store(layer, k, v)
+                out = cache.attend(layer, q)
+            outs.append(out)
+        return outs
+
+    def test_export_import_moves_a_sequence(self):
+        a, b = (self.make(dtype="f16", codec="huffman") for _ in range(2))
+        rng = np.random.default_rng(SEED)
+        a.seq_add(1)
+        self.same_step([a], 1, 37, rng)
+        image = a.export_seq(1)
+        self.assertEqual(image.dtype, np.uint8)
+        b.import_seq(1, image)
+        self.assertEqual(b.seq_info(1).length, 37)
+        self.assertEqual(b.seq_info(1).num_blocks, a.seq_info(1).num_blocks)
+        for n in (3, 1, 16):  # past a block boundary: the tails compress on both
+            got_a, got_b = self.same_step([a, b], 1, n, rng)
+            self.assertTrue(np.array_equal(got_a, got_b))
+        a.validate()
+        b.validate()
+        with self.assertRaises(kvcomp.KvcInvalidArgument):
+            b.import_seq(1, image)  # id in use
+        with self.assertRaises(kvcomp.KvcCorrupt):
+            b.import_seq(2, np.zeros_like(image))
+        with self.assertRaises(TypeError):
+            b.import_seq(2, image.astype(np.int16))
+        self.assertEqual(b.stats()["live_seqs"], 1)
+
+    def test_agreement_callback(self):
+        other = {"status": 0, "fit": 1 << 40, "raise": False}
+
+        def allreduce(values):  # this rank and one other, whose values `other` gives
+            if other["raise"]:
+                raise RuntimeError("the group is gone")
+            if len(values) == 1:  # tokens_fit_agreed sends -fit
+                return [max(values[0], -other["fit"])]
+            return [max(values[0], other["status"]), values[1]]
+
+        cache = self.make(tp_allreduce_max=allreduce)
+        cache.seq_add(1)
+        cache.reserve(1, 40)
+        other["status"] = int(kvcomp.Status.ERR_OUT_OF_MEMORY)  # the other rank is full
+        with self.assertRaises(kvcomp.KvcOutOfMemory):
+            cache.reserve(1, 100)
+        self.assertEqual(cache.seq_info(1).reserved, 40)
+        other["status"] = 0
+        self.assertEqual(cache.tokens_fit_agreed(), cache.tokens_fit())
+        other["fit"] = 10
+        self.assertEqual(cache.tokens_fit_agreed(), 10)
+        other["raise"] = True
+        with self.assertLogs("kvcomp", "ERROR") as logs, self.assertRaises(kvcomp.KvcNcclError):
+            cache.reserve(1, 100)
+        self.assertIn("the group is gone", "\n".join(logs.output))
+        other["raise"] = False
+        with self.assertRaises(kvcomp.KvcNcclError):
+            cache.seq_add(2)  # unusable from then on
+
+
 class TestErrors(CacheTest):
     def assert_status(self, cls, status, function, call):
         with self.assertRaises(cls) as ctx:

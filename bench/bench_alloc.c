@@ -13,6 +13,8 @@
  *    requests are freed. Compressed page sizes arrive
  *    one step late through kvc_bm_page_measured_step, as the device would report them: 131072
  *    values x b bits + a 3 KiB header (scales, codebooks), b ~ N(4, 0.4) clipped to [3, 5].
+ *    A block's pages pack into shared chunks as a cache's do (each starts where the previous
+ *    layer's ended), and each page reports the chunks it took from the pool.
  *    Reported: block-manager calls per second, and fragmentation of the measured pages at steady
  *    state, (chunk bytes - page bytes) / chunk bytes, sampled every 100 steps after warm-up.
  * 2. The chunk-size rule. The pool's chunk is the smallest power of two >= 256 bytes in which the
@@ -180,16 +182,30 @@ static req_t *new_request(kvc_seq_id_t id) {
   return r;
 }
 
+/* Chunks the page of `layer` takes from the pool when a block's pages pack into shared chunks as
+ * a cache's do (allocator/kvc_pool_layout.h): it starts where the previous layer's page ended,
+ * inside that page's last chunk. *cur follows the block's pages in layer order. */
+static uint32_t packed_chunks(kvc_pack_cursor_t *cur, int layer, uint32_t bytes, uint32_t chunk) {
+  const uint32_t first = kvc_pack_after(cur, layer, chunk);
+  const uint32_t popped = kvc_pack_popped(first, bytes, chunk);
+  const uint32_t nchunks = popped + (first ? 1u : 0u);
+  cur->layer = layer;
+  cur->end = first * (chunk >> 8) + bytes - (nchunks - 1u) * chunk;
+  return popped;
+}
+
 static void deliver_measurements(churn_t *c, pending_t *p, int n) {
-  for (int i = 0; i < n; i++)
+  for (int i = 0; i < n; i++) {
+    kvc_pack_cursor_t cur = {-1, 0, 0};
     for (int l = 0; l < LAYERS; l++) {
       uint32_t bytes = sample_page_bytes();
       kvc_bm_page_measured_step(c->bm, p[i].step, p[i].block, l, bytes,
-                                kvc_chunks_for(bytes, c->chunk));
+                                packed_chunks(&cur, l, bytes, c->chunk));
       c->ops++;
       c->measurements++;
       if (c->npage_sizes < c->page_sizes_cap) c->page_sizes[c->npage_sizes++] = bytes;
     }
+  }
 }
 
 /* Moves a running request out of the pool: a decoding one is swapped when every page it alone
@@ -476,8 +492,10 @@ int main(int argc, char **argv) {
   printf("  %10s %18s %16s\n", "chunk B", "largest page chunks", "fragmentation");
   for (uint32_t cb = chunk / 4; cb <= chunk * 4; cb *= 2) {
     double alloc = 0, used = 0;
-    for (int64_t i = 0; i < c.npage_sizes; i++) {
-      alloc += (double)kvc_chunks_for(c.page_sizes[i], cb) * cb;
+    kvc_pack_cursor_t cur = {-1, 0, 0};
+    for (int64_t i = 0; i < c.npage_sizes; i++) { /* a block's LAYERS pages, in layer order */
+      if (i % LAYERS == 0) cur.layer = -1;
+      alloc += (double)packed_chunks(&cur, (int)(i % LAYERS), c.page_sizes[i], cb) * cb;
       used += c.page_sizes[i];
     }
     uint32_t worst = kvc_chunks_for(MAX_PAGE_BYTES, cb);

@@ -595,26 +595,31 @@ kvc_status_t kvc_bm_seq_swap_in(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *wo
 
 kvc_status_t kvc_bm_seq_import(kvc_bm_t *bm, kvc_seq_id_t id, int length,
                                const uint32_t *page_bytes, const uint8_t *page_chunks,
-                               kvc_bm_work_t *work) {
+                               kvc_status_t local, kvc_bm_work_t *work) {
   if (!bm || !work) return KVC_ERR_INVALID_ARGUMENT;
   work_clear(work);
-  if (id == KVC_SEQ_NONE || kvc__seq_find(bm, id) >= 0 || length < 1 ||
-      length > bm->cfg.max_seq_len)
-    return KVC_ERR_INVALID_ARGUMENT;
-  const int B = bm->cfg.block_tokens, L = bm->cfg.num_layers;
-  const int32_t n = kvc__blocks_for(bm, length), full = length / B;
-  if (full > 0 && (!page_bytes || !page_chunks)) return KVC_ERR_INVALID_ARGUMENT;
-  /* Full blocks at their measured pages, a tail at the worst case, and the watermark. */
-  uint64_t chunks = bm->wm_chunks + (full < n ? bm->lw : 0);
-  for (size_t i = 0; i < (size_t)full * (size_t)L; i++) {
-    if (page_bytes[i] == 0 || page_chunks[i] > bm->cfg.worst_page_chunks)
-      return KVC_ERR_INVALID_ARGUMENT;
-    chunks += page_chunks[i];
-  }
+  if (id == KVC_SEQ_NONE || kvc__seq_find(bm, id) >= 0) return KVC_ERR_INVALID_ARGUMENT;
   if (bm->nseq_free == 0) return KVC_ERR_OUT_OF_MEMORY;
-  int64_t evict;
+  /* What the image says is this rank's own: from here on every failure is agreed. */
+  const int B = bm->cfg.block_tokens, L = bm->cfg.num_layers;
+  int32_t n = 0, full = 0;
+  uint64_t chunks = bm->wm_chunks; /* full blocks at their pages, a tail at the worst case */
+  kvc_status_t st = local;
+  if (st == KVC_OK && (length < 1 || length > bm->cfg.max_seq_len)) st = KVC_ERR_INVALID_ARGUMENT;
+  if (st == KVC_OK) {
+    n = kvc__blocks_for(bm, length), full = length / B;
+    chunks += full < n ? bm->lw : 0;
+    if (full > 0 && (!page_bytes || !page_chunks)) st = KVC_ERR_INVALID_ARGUMENT;
+    for (size_t i = 0; st == KVC_OK && i < (size_t)full * (size_t)L; i++) {
+      if (page_bytes[i] == 0 || page_chunks[i] > bm->cfg.worst_page_chunks)
+        st = KVC_ERR_INVALID_ARGUMENT;
+      chunks += page_chunks[i];
+    }
+  }
+  int64_t evict = 0;
   grow_t g;
-  kvc_status_t st = prepare_room(bm, chunks, n, 0, n, bm->table_blocks + n, &evict, &g);
+  st = st == KVC_OK ? prepare_room(bm, chunks, n, 0, n, bm->table_blocks + n, &evict, &g)
+                    : kvc_bm_agree(bm, st, NULL);
   if (st != KVC_OK) return st;
 
   int nf = 0;
@@ -727,8 +732,8 @@ kvc_status_t kvc_bm_agree(kvc_bm_t *bm, kvc_status_t st, int64_t *evict) {
   int64_t v[2] = {(int64_t)st, own};
   if (bm->agree_fn(bm->agree_user, v, 2) != 0) return KVC_ERR_NCCL;
   /* Ranks in step hold the same cached blocks: a result no rank could have sent means they are
-   * not (or the all-reduce is not a maximum). */
-  if (v[0] < KVC_OK || v[0] >= KVC_STATUS_COUNT || v[1] < own || v[1] > bm->ncached)
+   * not, or the all-reduce is not a maximum (below this rank's own values). */
+  if (v[0] < (int64_t)st || v[0] >= KVC_STATUS_COUNT || v[1] < own || v[1] > bm->ncached)
     return KVC_ERR_NCCL;
   if (evict) *evict = v[1];
   return (kvc_status_t)v[0];

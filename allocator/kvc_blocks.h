@@ -165,13 +165,15 @@ kvc_status_t kvc_bm_seq_swap_in(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *wo
  * per layer. An admission: it also keeps the watermark free, evicts cached blocks for room and
  * agrees (kvc_bm_set_agreement). Its blocks are not in the prefix cache, nor will the blocks it
  * completes later be (their token ids are unknown); its reservation is its length.
- * work->swap_blocks lists the new blocks in table order, for the copy of their pages.
+ * work->swap_blocks lists the new blocks in table order, for the copy of their pages. `local` is
+ * the outcome of the caller's own reading of the image (KVC_OK, or why it cannot be imported:
+ * then length and the arrays are not read), failed and agreed with the manager's checks.
  * KVC_ERR_INVALID_ARGUMENT (id in use or KVC_SEQ_NONE, length out of 1..max_seq_len, a page of 0
  * bytes or more than worst_page_chunks), KVC_ERR_OUT_OF_MEMORY (max_seqs, pool, block ids),
- * KVC_ERR_OUT_OF_HOST_MEMORY. */
+ * KVC_ERR_OUT_OF_HOST_MEMORY, or `local`. */
 kvc_status_t kvc_bm_seq_import(kvc_bm_t *bm, kvc_seq_id_t id, int length,
                                const uint32_t *page_bytes, const uint8_t *page_chunks,
-                               kvc_bm_work_t *work);
+                               kvc_status_t local, kvc_bm_work_t *work);
 kvc_status_t kvc_bm_seq_info(const kvc_bm_t *bm, kvc_seq_id_t id, kvc_seq_info_t *out);
 
 /* Plans a step (kvc_plan's checks and statuses; more than max_batch_tokens new tokens is
@@ -235,7 +237,7 @@ void kvc_bm_set_event_sink(kvc_bm_t *bm, kvc_bm_event_fn fn, void *user);
 void kvc_bm_set_agreement(kvc_bm_t *bm, kvc_tp_allreduce_fn fn, void *user);
 /* One agreement: KVC_OK when every rank's st is KVC_OK, else the largest status of any rank
  * (KVC_ERR_NCCL when the exchange itself fails or returns what no rank in step could have sent:
- * fewer evictions than this rank's, more than its cached blocks); *evict (may be NULL) becomes the
+ * a status or fewer evictions below this rank's own, more evictions than its cached blocks); *evict (may be NULL) becomes the
  * largest count of cached blocks any rank must evict. Without an agreement returns st and leaves *evict. The
  * cache agrees its own swap space through it before kvc_bm_seq_swap_out. */
 kvc_status_t kvc_bm_agree(kvc_bm_t *bm, kvc_status_t st, int64_t *evict);

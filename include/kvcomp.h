@@ -377,10 +377,11 @@ kvc_status_t kvc_tokens_fit_agreed(kvc_cache_t *cache, int64_t *n_tokens);
  * tensor-parallel ranks. The sequence's reservation is its length; its blocks are not in the
  * prefix cache, nor are those it completes later. Returns KVC_OK, KVC_ERR_INVALID_ARGUMENT (NULL,
  * id in use, an image of another configuration), KVC_ERR_CORRUPT (the header or index is not an
- * image's, or does not fit `bytes`), KVC_ERR_OUT_OF_MEMORY (pool, block ids, max_seqs),
- * KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CUDA. The pages' bytes are trusted as kvc_seq_export wrote
- * them: extents altered after the export can leave the pool's directory different from what the
- * host charged (kvc_cache_validate reports it) or decode to wrong values.
+ * image's, does not fit `bytes`, or disagrees with the page headers the copy would read),
+ * KVC_ERR_OUT_OF_MEMORY (pool, block ids, max_seqs), KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CUDA.
+ * Under tensor parallelism every rank imports its own image of the same sequence, and a refusal
+ * on any rank (a damaged image included) is a refusal on all. The pages' payload bytes are not
+ * checked: altered ones decode to wrong values (the decoders stay within the page).
  */
 kvc_status_t kvc_seq_export_bytes(kvc_cache_t *cache, kvc_seq_id_t id, size_t *bytes,
                                   void *stream);

@@ -13,9 +13,14 @@
  *
  * Each agreement is one ncclAllReduce of one or two int64 values (ncclMax) on a stream of the
  * handle's own, followed by a host wait for it: the hooks that agree (admission, growth, fork,
- * swap) are scheduler calls, not the per-layer hot path, which exchanges nothing. Like any NCCL
- * collective it must be reached by every rank of the communicator: ranks make the same calls in
- * the same order.
+ * swap, import) are scheduler calls, not the per-layer hot path, which exchanges nothing. Like
+ * any NCCL collective it must be reached by every rank of the communicator: ranks make the same
+ * calls in the same order.
+ *
+ * The communicator: a blocking one (the default; a non-blocking communicator's ncclInProgress
+ * counts as a failure), used by nothing that could issue collectives on it concurrently with a
+ * cache's hooks: give the caches a communicator of their own (ncclCommSplit of the model's),
+ * and one handle to one cache.
  */
 #ifndef KVCOMP_NCCL_H
 #define KVCOMP_NCCL_H

@@ -79,6 +79,11 @@ struct kvc__backend_ops {
                            void *mem, int release, void *stream);
   kvc_status_t (*swap_in)(kvc_cache_t *c, const int32_t *blocks, const uint64_t *offsets, int n,
                           const void *mem, void *stream);
+  /* Copies the page headers at the start of n extents of `mem` (in the backend's memory, at
+   * offsets[i], n <= max_seq_blocks) to out[n][num_layers * KVC__SWAP_HDR_BYTES] (host),
+   * synchronously, after the work on `stream`: what swap_in would read, for the caller to check. */
+  kvc_status_t (*read_swap_headers)(kvc_cache_t *c, const void *mem, const uint64_t *offsets,
+                                    int n, uint8_t *out, void *stream);
   /* Synchronous copy of `bytes` between host memory and the backend's memory (CUDA: device
    * memory of the cache's device), ordered after the work on `stream`: host_to_backend from
    * src (host) to dst, else from src to dst (host). */

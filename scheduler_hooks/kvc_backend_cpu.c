@@ -384,6 +384,14 @@ static kvc_status_t cpu_swap_in(kvc_cache_t *c, const int32_t *blocks, const uin
   return KVC_OK;
 }
 
+static kvc_status_t cpu_read_swap_headers(kvc_cache_t *c, const void *mem,
+                                          const uint64_t *offsets, int n, uint8_t *out,
+                                          void *stream) {
+  const size_t h = (size_t)c->cfg.num_layers * KVC__SWAP_HDR_BYTES;
+  for (int i = 0; i < n; i++) memcpy(out + (size_t)i * h, (const uint8_t *)mem + offsets[i], h);
+  return KVC_OK;
+}
+
 static kvc_status_t cpu_copy_bytes(kvc_cache_t *c, void *dst, const void *src, size_t bytes,
                                    int host_to_backend, void *stream) {
   memcpy(dst, src, bytes);
@@ -431,6 +439,7 @@ const kvc__backend_ops_t kvc__backend_cpu = {
     .copy_tail = cpu_copy_tail,
     .swap_out = cpu_swap_out,
     .swap_in = cpu_swap_in,
+    .read_swap_headers = cpu_read_swap_headers,
     .copy_bytes = cpu_copy_bytes,
     .synchronize = cpu_synchronize,
     .read_state = cpu_read_state,

@@ -68,6 +68,8 @@ struct cuda_be {
   uint8_t *page_codec;   /* device [num_layers][max_jobs] */
   uint8_t *page_chunks;  /* device [num_layers][max_jobs] chunks each page took */
   kvc_pack_cursor_t *cursor; /* device [max_blocks]: packing (allocator/kvc_pool_layout.h) */
+  uint64_t *hdr_off;         /* device [max_seq_blocks]: extent offsets, for read_swap_headers */
+  uint64_t *hdr;             /* device [max_seq_blocks][num_layers]: the headers it gathers */
   uint8_t *meta_dev;     /* device [meta_cap]: the plan's arrays */
   uint8_t *meta_host;    /* pinned [kUploadSlots][meta_cap] */
   size_t meta_cap;
@@ -388,6 +390,19 @@ __global__ void swap_in_kernel(swap_list list, int layers, int max_blocks, kvc_p
 
 int blocks_for(int n) { return (n + kThreads - 1) / kThreads; }
 
+/* The page headers of n extents (KVC__SWAP_HDR_BYTES each, layer by layer at the extent's start),
+ * gathered into out[n][layers]: one thread per header. */
+static_assert(KVC__SWAP_HDR_BYTES == sizeof(uint64_t), "a header is one 8-byte word");
+__global__ void gather_headers_kernel(const uint8_t *mem, const uint64_t *off, int n, int layers,
+                                      uint64_t *out) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= n * layers) return;
+  const uint8_t *h = mem + off[t / layers] + (size_t)(t % layers) * KVC__SWAP_HDR_BYTES;
+  uint64_t v = 0;
+  for (int k = 0; k < (int)KVC__SWAP_HDR_BYTES; k++) v |= (uint64_t)h[k] << (8 * k);
+  out[t] = v;
+}
+
 /* ---- the backend operations ---------------------------------------------------------------- */
 
 void cuda_destroy(kvc_cache_t *c) {
@@ -408,6 +423,8 @@ void cuda_destroy(kvc_cache_t *c) {
     cudaFree(be->page_codec);
     cudaFree(be->page_chunks);
     cudaFree(be->cursor);
+    cudaFree(be->hdr_off);
+    cudaFree(be->hdr);
     cudaFree(be->meta_dev);
     cudaFree(be->workspace);
     cudaFreeHost(be->meta_host);
@@ -471,6 +488,8 @@ kvc_status_t create_on_device(kvc_cache_t *c, cuda_be *be) {
   KVC_CU(cudaMalloc(&be->page_codec, L * J));
   KVC_CU(cudaMalloc(&be->page_chunks, L * J));
   KVC_CU(cudaMalloc(&be->cursor, (size_t)g->max_blocks * sizeof(kvc_pack_cursor_t)));
+  KVC_CU(cudaMalloc(&be->hdr_off, (size_t)g->max_seq_blocks * sizeof(uint64_t)));
+  KVC_CU(cudaMalloc(&be->hdr, (size_t)g->max_seq_blocks * L * sizeof(uint64_t)));
   be->cascade_host = static_cast<int32_t *>(
       kvc_host_calloc(c->ha, 5 * (size_t)g->max_plan_seqs, sizeof(int32_t)));
   be->cascade_keys =
@@ -855,6 +874,25 @@ kvc_status_t cuda_swap_in(kvc_cache_t *c, const int32_t *blocks, const uint64_t 
   return cuda_swap(c, blocks, offsets, n, mem, 0, 0, stream);
 }
 
+kvc_status_t cuda_read_swap_headers(kvc_cache_t *c, const void *mem, const uint64_t *offsets,
+                                    int n, uint8_t *out, void *stream) {
+  cuda_be *be = be_of(c);
+  KVC_ON_DEVICE(be);
+  kvc_status_t st = enter(c, be, stream);
+  if (st != KVC_OK) return st;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int L = c->cfg.num_layers;
+  KVC_CU(cudaMemcpyAsync(be->hdr_off, offsets, (size_t)n * sizeof(uint64_t),
+                         cudaMemcpyHostToDevice, s));
+  gather_headers_kernel<<<blocks_for(n * L), kThreads, 0, s>>>(static_cast<const uint8_t *>(mem),
+                                                               be->hdr_off, n, L, be->hdr);
+  KVC_LAUNCHED(gather_headers_kernel);
+  KVC_CU(cudaMemcpyAsync(out, be->hdr, (size_t)n * L * sizeof(uint64_t), cudaMemcpyDeviceToHost,
+                         s));
+  KVC_CU(cudaStreamSynchronize(s));
+  return KVC_OK;
+}
+
 kvc_status_t cuda_copy_bytes(kvc_cache_t *c, void *dst, const void *src, size_t bytes,
                              int host_to_backend, void *stream) {
   cuda_be *be = be_of(c);
@@ -925,7 +963,8 @@ size_t cuda_overhead_bytes(const kvc_cache_t *c) {
   return L * (size_t)g->max_blocks * sizeof(kvc_page_entry_t) + (size_t)g->total_chunks * 4 +
          J * g->staging_bytes + J * 4 + L * J * 6 + be->meta_cap * (1 + kUploadSlots) +
          KVC__SIZE_SLOTS * be->slot_stride + be->workspace_bytes +
-         (size_t)g->max_blocks * sizeof(kvc_pack_cursor_t);
+         (size_t)g->max_blocks * sizeof(kvc_pack_cursor_t) +
+         (size_t)g->max_seq_blocks * (L + 1) * sizeof(uint64_t);
 }
 
 size_t cuda_host_data_bytes(const kvc_cache_t *) { return 0; }
@@ -936,6 +975,7 @@ extern "C" const kvc__backend_ops_t kvc__backend_cuda = {
     "cuda",          cuda_create,     cuda_destroy,        cuda_plan,
     cuda_store,      cuda_compress,   cuda_attend,         cuda_sizes_fetch,
     cuda_sizes_poll, cuda_free_pages, cuda_copy_tail,      cuda_swap_out,
-    cuda_swap_in,    cuda_copy_bytes, cuda_synchronize,    cuda_read_state,
-    cuda_read_entry, cuda_read_page,  cuda_overhead_bytes, cuda_host_data_bytes,
+    cuda_swap_in,    cuda_read_swap_headers, cuda_copy_bytes,   cuda_synchronize,
+    cuda_read_state, cuda_read_entry, cuda_read_page,  cuda_overhead_bytes,
+    cuda_host_data_bytes,
 };

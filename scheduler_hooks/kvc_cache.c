@@ -887,10 +887,11 @@ kvc_status_t kvc_tokens_fit_agreed(kvc_cache_t *c, int64_t *n_tokens) {
   kvc_status_t st = c->sticky;
   int64_t fit = kvc_bm_tokens_fit(c->bm), neg = -fit;
   if (st == KVC_OK && c->cfg.tp_allreduce_max) {
-    if (c->cfg.tp_allreduce_max(c->cfg.tp_user, &neg, 1) != 0)
+    /* The smallest estimate; one above this rank's own means the exchange is no maximum. */
+    if (c->cfg.tp_allreduce_max(c->cfg.tp_user, &neg, 1) != 0 || -neg > fit)
       st = kvc__tp_status(c, KVC_ERR_NCCL);
     else
-      fit = -neg; /* the smallest estimate */
+      fit = -neg;
   }
   if (st == KVC_OK) *n_tokens = fit;
   kvc__unlock(c);

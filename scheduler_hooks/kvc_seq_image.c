@@ -54,7 +54,8 @@ static kvc_status_t exportable(kvc_cache_t *c, kvc_seq_id_t id, void *stream,
   kvc_seq_info_t info;
   kvc_status_t st = c->sticky;
   if (st == KVC_OK) st = kvc_bm_seq_info(c->bm, id, &info);
-  if (st == KVC_OK && (info.state == KVC_SEQ_SWAPPED || kvc_bm_step_open(c->bm)))
+  if (st == KVC_OK &&
+      (info.state == KVC_SEQ_SWAPPED || kvc_bm_step_open(c->bm) || info.length == 0))
     st = KVC_ERR_INVALID_STATE;
   if (st == KVC_OK) st = kvc__measure_seq(c, id, stream);
   if (st == KVC_OK) st = kvc_bm_seq_blocks(c->bm, id, table, n);
@@ -169,7 +170,7 @@ static kvc_status_t check_index(kvc_cache_t *c, const image_header_t *h, const i
       const image_page_t *p = &index[(size_t)i * L + l];
       const int ok = i < full ? p->kind == KVC_PAGE_COMPRESSED && p->nbytes >= 1 &&
                                     p->nbytes <= c->geo.max_page_bytes &&
-                                    p->chunks <= c->geo.worst_page_chunks &&
+                                    p->chunks <= kvc_chunks_for(p->nbytes, c->geo.chunk_bytes) &&
                                     p->codec <= KVC_CODEC_HUFFMAN
                               : p->kind == KVC_PAGE_STAGING && p->nbytes == c->geo.staging_bytes;
       if (!ok) return KVC_ERR_CORRUPT;
@@ -183,51 +184,81 @@ static kvc_status_t check_index(kvc_cache_t *c, const image_header_t *h, const i
   return index_end(h->num_blocks, L) + off == h->bytes ? KVC_OK : KVC_ERR_CORRUPT;
 }
 
+/* Checks that the extents' own page headers (what the backend's copy will read) say what the
+ * index says: n blocks' headers in hdr[n][num_layers * KVC__SWAP_HDR_BYTES]. */
+static kvc_status_t check_extents(const kvc_cache_t *c, int n, const image_page_t *index,
+                                  const uint8_t *hdr) {
+  const int L = c->cfg.num_layers;
+  for (size_t i = 0; i < (size_t)n * (size_t)L; i++) {
+    kvc_page_entry_t e;
+    memcpy(&e, hdr + i * KVC__SWAP_HDR_BYTES, KVC__SWAP_HDR_BYTES);
+    const image_page_t *p = &index[i];
+    if (e.nbytes != p->nbytes || e.kind != p->kind ||
+        (p->kind == KVC_PAGE_COMPRESSED && e.codec != p->codec))
+      return KVC_ERR_CORRUPT;
+  }
+  return KVC_OK;
+}
+
 kvc_status_t kvc_seq_import(kvc_cache_t *c, kvc_seq_id_t id, const void *image, size_t bytes,
                             void *stream) {
   if (!c || !image) return KVC_ERR_INVALID_ARGUMENT;
   kvc__lock(c);
-  kvc_status_t st = c->sticky;
+  /* What this rank reads in its image decides only `local`, which the block manager agrees with
+   * the other ranks' (so that every rank reaches the agreement); a failed copy is a device
+   * failure. */
+  kvc_status_t st = c->sticky, local = KVC_OK;
   image_header_t h;
-  if (st == KVC_OK && bytes < sizeof(h)) st = KVC_ERR_CORRUPT;
-  if (st == KVC_OK) st = c->ops->copy_bytes(c, &h, image, sizeof(h), 0, stream);
-  if (st == KVC_OK) st = check_header(c, &h, bytes);
-  const int L = c->cfg.num_layers, n = st == KVC_OK ? h.num_blocks : 0;
-  const size_t head = (size_t)index_end(n, L), pages = (size_t)n * (size_t)L;
-  uint8_t *host = NULL;
+  memset(&h, 0, sizeof(h));
+  const int L = c->cfg.num_layers;
+  uint8_t *host = NULL, *hdr = NULL;
   uint32_t *page_bytes = NULL;
   uint8_t *page_chunks = NULL;
-  if (st == KVC_OK) {
+  size_t head = 0;
+  if (st == KVC_OK && bytes < sizeof(h)) local = KVC_ERR_CORRUPT;
+  if (st == KVC_OK && local == KVC_OK) st = c->ops->copy_bytes(c, &h, image, sizeof(h), 0, stream);
+  if (st == KVC_OK && local == KVC_OK) local = check_header(c, &h, bytes);
+  const int n = local == KVC_OK ? h.num_blocks : 0;
+  if (st == KVC_OK && local == KVC_OK) {
+    const size_t pages = (size_t)n * (size_t)L;
+    head = (size_t)index_end(n, L);
     host = kvc_host_malloc(c->ha, head);
+    hdr = kvc_host_malloc(c->ha, pages * KVC__SWAP_HDR_BYTES);
     page_bytes = kvc_host_malloc(c->ha, pages * sizeof(uint32_t));
     page_chunks = kvc_host_malloc(c->ha, pages);
-    if (!host || !page_bytes || !page_chunks) st = KVC_ERR_OUT_OF_HOST_MEMORY;
+    if (!host || !hdr || !page_bytes || !page_chunks) local = KVC_ERR_OUT_OF_HOST_MEMORY;
   }
-  if (st == KVC_OK) st = c->ops->copy_bytes(c, host, image, head, 0, stream);
-  if (st == KVC_OK)
-    st = check_index(c, &h, (const image_page_t *)(host + sizeof(h)), page_bytes, page_chunks);
+  if (st == KVC_OK && local == KVC_OK) st = c->ops->copy_bytes(c, host, image, head, 0, stream);
+  const image_page_t *index = host ? (const image_page_t *)(host + sizeof(h)) : NULL;
+  if (st == KVC_OK && local == KVC_OK) local = check_index(c, &h, index, page_bytes, page_chunks);
+  if (st == KVC_OK && local == KVC_OK)
+    st = c->ops->read_swap_headers(c, (const uint8_t *)image + head, c->swap_work_off, n, hdr,
+                                   stream);
+  if (st == KVC_OK && local == KVC_OK) local = check_extents(c, n, index, hdr);
+  if (st != KVC_OK) st = kvc__fail_device(c, st, "reading a sequence image");
   kvc_bm_work_t w;
   if (st == KVC_OK)
-    st = kvc__tp_status(c, kvc_bm_seq_import(c->bm, id, h.length, page_bytes, page_chunks, &w));
+    st = kvc__tp_status(c, kvc_bm_seq_import(c->bm, id, h.length, page_bytes, page_chunks, local,
+                                             &w));
   if (st == KVC_OK) {
     /* Evicted blocks first (their ids may be among the new ones), then the new blocks' pages. */
     kvc_bm_work_t frees = w, copies = w;
     frees.num_swap = 0;
     copies.num_free = 0;
     st = kvc__run_work(c, &frees, 0, NULL, stream);
-    const image_page_t *index = (const image_page_t *)(host + sizeof(h));
     for (int i = 0; st == KVC_OK && i < n; i++)
       for (int l = 0; l < L; l++) {
         const image_page_t *p = &index[(size_t)i * L + l];
+        const int full = p->kind == KVC_PAGE_COMPRESSED;
         kvc__meta_set(c, l, w.swap_blocks[i], (kvc_page_kind_t)p->kind, p->nbytes,
-                      p->kind == KVC_PAGE_STAGING ? 0 : p->codec, p->chunks,
-                      p->kind == KVC_PAGE_COMPRESSED);
+                      full ? p->codec : 0, full ? p->chunks : 0, full);
       }
     if (st == KVC_OK) st = kvc__run_work(c, &copies, -1, (const uint8_t *)image + head, stream);
     if (st == KVC_OK && kvc__live_add(c, id))
       st = kvc__fail_device(c, KVC_ERR_INTERNAL, "importing a sequence");
   }
   kvc_host_free(c->ha, host);
+  kvc_host_free(c->ha, hdr);
   kvc_host_free(c->ha, page_bytes);
   kvc_host_free(c->ha, page_chunks);
   kvc__unlock(c);

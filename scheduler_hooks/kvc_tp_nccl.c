@@ -22,12 +22,11 @@ static void leave(int prev) { (void)cudaSetDevice(prev); }
 void kvc_nccl_tp_destroy(kvc_nccl_tp_t *tp) {
   if (!tp) return;
   int prev = 0;
-  if (enter(tp->device, &prev) == 0) {
-    if (tp->stream) (void)cudaStreamDestroy(tp->stream);
-    (void)cudaFree(tp->dev);
-    (void)cudaFreeHost(tp->host);
-    leave(prev);
-  }
+  const int entered = enter(tp->device, &prev) == 0;
+  if (tp->stream) (void)cudaStreamDestroy(tp->stream);
+  (void)cudaFree(tp->dev);
+  (void)cudaFreeHost(tp->host);
+  if (entered) leave(prev);
   free(tp);
 }
 

@@ -141,7 +141,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
           pb[i] = next(&in) % 4 ? 100 : 0;
           pc[i] = (uint8_t)(next(&in) % 5);
         }
-        st = kvc_bm_seq_import(bm, id, b % 41 - (b == 255), pb, pc, &w);
+        st = kvc_bm_seq_import(bm, id, b % 41 - (b == 255), pb, pc,
+                               a & 1 ? KVC_OK : KVC_ERR_CORRUPT, &w);
         break;
       }
       default:

@@ -124,6 +124,14 @@ static void check_move(dev_cache_t *a, dev_cache_t *b, int len, transfer_fn tran
   CU(cudaSetDevice(b->device));
   CU(cudaMalloc(&img_b, bytes));
   transfer(img_b, b->device, img_a, a->device, bytes);
+  /* An image whose first extent's first page header disagrees with its index is refused. */
+  const size_t blocks = (size_t)(len + BT - 1) / BT;
+  const size_t extents = 64 + ((blocks * LAYERS * 8 + 15) & ~(size_t)15);
+  uint8_t byte = 0;
+  CU(cudaMemcpy(&byte, (uint8_t *)img_b + extents, 1, cudaMemcpyDeviceToHost));
+  CU(cudaMemset((uint8_t *)img_b + extents, byte ^ 0x20, 1));
+  assert_int_equal(kvc_seq_import(b->c, 1, img_b, bytes, b->s), KVC_ERR_CORRUPT);
+  CU(cudaMemset((uint8_t *)img_b + extents, byte, 1));
   assert_int_equal(kvc_seq_import(b->c, 1, img_b, bytes, b->s), KVC_OK);
   const double fp16 = (double)len * LAYERS * 2 * ROW * 2;
   print_message("%s: %d tokens, image %zu bytes (%.2fx fewer than fp16's)\n", how, len, bytes,

@@ -162,6 +162,9 @@ static void refusals_change_nothing(void **state) {
   uint8_t small[64];
   EXPECT_UNCHANGED(src, KVC_ERR_INVALID_ARGUMENT, kvc_seq_export(src, 1, small, 64, NULL));
   EXPECT_UNCHANGED(src, KVC_ERR_NOT_FOUND, kvc_seq_export_bytes(src, 9, &bytes, NULL));
+  assert_int_equal(kvc_seq_add(src, 7, NULL, 0, 0, NULL), KVC_OK); /* nothing to export */
+  EXPECT_UNCHANGED(src, KVC_ERR_INVALID_STATE, kvc_seq_export_bytes(src, 7, &bytes, NULL));
+  assert_int_equal(kvc_seq_free(src, 7), KVC_OK);
   assert_int_equal(kvc_seq_add(src, 2, NULL, 0, 0, NULL), KVC_OK);
   grow(src, 2, 0, 20, 12);
   assert_int_equal(kvc_seq_swap_out(src, 2, NULL), KVC_OK);
@@ -180,6 +183,15 @@ static void refusals_change_nothing(void **state) {
   EXPECT_UNCHANGED(dst, KVC_ERR_CORRUPT, kvc_seq_import(dst, 1, bad, bytes, NULL));
   memcpy(bad, image, bytes);
   bad[64] ^= 0x10; /* the first page's size: the extents no longer fill the image */
+  EXPECT_UNCHANGED(dst, KVC_ERR_CORRUPT, kvc_seq_import(dst, 1, bad, bytes, NULL));
+  /* The first extent's own header of its first page (what the copy reads), after the index of
+   * 6 blocks x LAYERS pages: a size the index does not say. */
+  const size_t extents = 64 + ((6 * LAYERS * 8 + 15) & ~(size_t)15);
+  memcpy(bad, image, bytes);
+  bad[extents] ^= 0x20;
+  EXPECT_UNCHANGED(dst, KVC_ERR_CORRUPT, kvc_seq_import(dst, 1, bad, bytes, NULL));
+  memcpy(bad, image, bytes);
+  bad[extents + 4] = 1; /* and a kind: staging (allocator/kvc_pool_layout.h) */
   EXPECT_UNCHANGED(dst, KVC_ERR_CORRUPT, kvc_seq_import(dst, 1, bad, bytes, NULL));
   free(bad);
   kvc_config_t other = config();

@@ -163,6 +163,79 @@ static void host_failure_on_one_rank(void **state) {
   assert_true(injected > 0);
 }
 
+typedef struct import_job {
+  kvc_test_tp_member_t *member;
+  const uint8_t *first, *second; /* the images this rank imports, in order */
+  size_t bytes;
+  kvc_status_t st[2], valid;
+} import_job_t;
+
+static void *import_main(void *arg) {
+  import_job_t *j = (import_job_t *)arg;
+  kvc_config_t cfg;
+  kvc_test_tp_config(&cfg, KVC_BACKEND_CPU, HEAD_DIM);
+  cfg.tp_allreduce_max = kvc_test_tp_allreduce_max;
+  cfg.tp_user = j->member;
+  kvc_cache_t *c = NULL;
+  if (kvc_cache_create(&cfg, &c) != KVC_OK) return NULL;
+  j->st[0] = kvc_seq_import(c, 1, j->first, j->bytes, NULL);
+  j->st[1] = kvc_seq_import(c, 1, j->second, j->bytes, NULL);
+  j->valid = kvc_cache_validate(c);
+  kvc_cache_destroy(c);
+  return NULL;
+}
+
+/* An image that one rank cannot import (damaged on its way) is refused on every rank, without
+ * a rank left waiting in the agreement; the next import, good everywhere, succeeds everywhere. */
+static void import_refused_on_one_rank_is_refused_on_all(void **state) {
+  (void)state;
+  kvc_config_t cfg;
+  kvc_test_tp_config(&cfg, KVC_BACKEND_CPU, HEAD_DIM);
+  kvc_cache_t *src = NULL;
+  assert_int_equal(kvc_cache_create(&cfg, &src), KVC_OK);
+  assert_int_equal(kvc_seq_add(src, 1, NULL, 0, 0, NULL), KVC_OK);
+  enum { N = 40 };
+  assert_int_equal(kvc_seq_reserve(src, 1, N, 0), KVC_OK);
+  static uint16_t k[N * KVC_TEST_TP_KV_HEADS * HEAD_DIM], v[N * KVC_TEST_TP_KV_HEADS * HEAD_DIM];
+  kvc_test_rng_t r;
+  kvc_test_rng_seed(&r, 3);
+  for (size_t i = 0; i < sizeof k / sizeof k[0]; i++) {
+    k[i] = kvc_test_f32_to_f16((float)kvc_test_rng_normal(&r));
+    v[i] = kvc_test_f32_to_f16((float)kvc_test_rng_normal(&r));
+  }
+  kvc_seq_id_t id = 1;
+  int32_t n = N;
+  kvc_batch_t b = {1, &id, &n, NULL};
+  assert_int_equal(kvc_plan(src, &b, NULL), KVC_OK);
+  for (int l = 0; l < KVC_TEST_TP_LAYERS; l++)
+    assert_int_equal(kvc_store(src, l, k, v, NULL), KVC_OK);
+  size_t bytes = 0;
+  assert_int_equal(kvc_seq_export_bytes(src, 1, &bytes, NULL), KVC_OK);
+  uint8_t *good = malloc(bytes), *bad = malloc(bytes);
+  assert_int_equal(kvc_seq_export(src, 1, good, bytes, NULL), KVC_OK);
+  memcpy(bad, good, bytes);
+  bad[0] ^= 1; /* the magic */
+  kvc_test_tp_group_t g;
+  kvc_test_tp_member_t members[2];
+  kvc_test_tp_group_init(&g, 2, members);
+  import_job_t jobs[2] = {{&members[0], good, good, bytes, {KVC_OK, KVC_OK}, KVC_OK},
+                          {&members[1], bad, good, bytes, {KVC_OK, KVC_OK}, KVC_OK}};
+  pthread_t th[2];
+  for (int i = 0; i < 2; i++)
+    assert_int_equal(pthread_create(&th[i], NULL, import_main, &jobs[i]), 0);
+  for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
+  assert_false(g.broken);
+  for (int i = 0; i < 2; i++) {
+    assert_int_equal(jobs[i].st[0], KVC_ERR_CORRUPT);
+    assert_int_equal(jobs[i].st[1], KVC_OK);
+    assert_int_equal(jobs[i].valid, KVC_OK);
+  }
+  kvc_test_tp_group_destroy(&g);
+  free(good);
+  free(bad);
+  kvc_cache_destroy(src);
+}
+
 static int failing_allreduce(void *user, int64_t *values, int count) {
   int *calls_left = (int *)user;
   (void)values;
@@ -202,6 +275,7 @@ int main(void) {
       cmocka_unit_test(ranks_differ_without_agreement),
       cmocka_unit_test(host_failure_on_one_rank),
       cmocka_unit_test(failed_exchange_makes_the_cache_unusable),
+      cmocka_unit_test(import_refused_on_one_rank_is_refused_on_all),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

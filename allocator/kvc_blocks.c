@@ -606,6 +606,15 @@ kvc_status_t kvc_bm_seq_import(kvc_bm_t *bm, kvc_seq_id_t id, int length,
   uint64_t chunks = bm->wm_chunks; /* full blocks at their pages, a tail at the worst case */
   kvc_status_t st = local;
   if (st == KVC_OK && (length < 1 || length > bm->cfg.max_seq_len)) st = KVC_ERR_INVALID_ARGUMENT;
+  /* The ranks' images must be of one sequence: their lengths' largest and smallest must agree
+   * (a first exchange, which every rank makes; -1 for an image this rank could not read). */
+  if (bm->agree_fn) {
+    const int64_t mine = st == KVC_OK ? length : -1;
+    int64_t v[2] = {mine, -mine};
+    if (bm->agree_fn(bm->agree_user, v, 2) != 0 || v[0] < mine || -v[1] > mine)
+      return KVC_ERR_NCCL;
+    if (st == KVC_OK && v[0] != -v[1]) st = KVC_ERR_INVALID_ARGUMENT;
+  }
   if (st == KVC_OK) {
     n = kvc__blocks_for(bm, length), full = length / B;
     chunks += full < n ? bm->lw : 0;

@@ -167,7 +167,9 @@ kvc_status_t kvc_bm_seq_swap_in(kvc_bm_t *bm, kvc_seq_id_t id, kvc_bm_work_t *wo
  * completes later be (their token ids are unknown); its reservation is its length.
  * work->swap_blocks lists the new blocks in table order, for the copy of their pages. `local` is
  * the outcome of the caller's own reading of the image (KVC_OK, or why it cannot be imported:
- * then length and the arrays are not read), failed and agreed with the manager's checks.
+ * then length and the arrays are not read), failed and agreed with the manager's checks. With an
+ * agreement it exchanges twice: first the lengths (images of different lengths on different
+ * ranks are KVC_ERR_INVALID_ARGUMENT everywhere), then the outcome.
  * KVC_ERR_INVALID_ARGUMENT (id in use or KVC_SEQ_NONE, length out of 1..max_seq_len, a page of 0
  * bytes or more than worst_page_chunks), KVC_ERR_OUT_OF_MEMORY (max_seqs, pool, block ids),
  * KVC_ERR_OUT_OF_HOST_MEMORY, or `local`. */

@@ -140,9 +140,9 @@ typedef void (*kvc_log_fn)(void *user, kvc_log_level_t level, const char *messag
  * (kvc_config_t.tp_allreduce_max; kvcomp_nccl.h provides one over an NCCL communicator). A hook
  * succeeds only when it can on every rank, and evicts on every rank the blocks the neediest rank
  * must evict. Hooks that agree: kvc_seq_add, kvc_seq_reserve, kvc_seq_fork, kvc_seq_swap_out,
- * kvc_seq_swap_in, kvc_seq_import (one all-reduce each, made only after the call's own argument
- * and state checks passed, so a call that every rank refuses alike exchanges nothing) and
- * kvc_tokens_fit_agreed.
+ * kvc_seq_swap_in, kvc_seq_import (one all-reduce each, two for an import, made only after the
+ * call's own argument and state checks passed, so a call that every rank refuses alike exchanges
+ * nothing) and kvc_tokens_fit_agreed.
  * The plan, store and attend of a step need no agreement and exchange nothing.
  * A rank whose cache failed for good (KVC_ERR_CUDA, KVC_ERR_INTERNAL, KVC_ERR_NCCL: see "Device
  * failures") no longer takes part: the job must stop, as after any NCCL error.
@@ -379,8 +379,9 @@ kvc_status_t kvc_tokens_fit_agreed(kvc_cache_t *cache, int64_t *n_tokens);
  * id in use, an image of another configuration), KVC_ERR_CORRUPT (the header or index is not an
  * image's, does not fit `bytes`, or disagrees with the page headers the copy would read),
  * KVC_ERR_OUT_OF_MEMORY (pool, block ids, max_seqs), KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CUDA.
- * Under tensor parallelism every rank imports its own image of the same sequence, and a refusal
- * on any rank (a damaged image included) is a refusal on all. The pages' payload bytes are not
+ * Under tensor parallelism every rank imports its own image of the same sequence (images of
+ * different lengths are KVC_ERR_INVALID_ARGUMENT on every rank), and a refusal on any rank (a
+ * damaged image included) is a refusal on all. The pages' payload bytes are not
  * checked: altered ones decode to wrong values (the decoders stay within the page).
  */
 kvc_status_t kvc_seq_export_bytes(kvc_cache_t *cache, kvc_seq_id_t id, size_t *bytes,

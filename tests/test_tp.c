@@ -165,7 +165,7 @@ static void host_failure_on_one_rank(void **state) {
 
 typedef struct import_job {
   kvc_test_tp_member_t *member;
-  const uint8_t *first, *second; /* the images this rank imports, in order */
+  const uint8_t *first, *second; /* the images this rank imports, in order (`bytes` each) */
   size_t bytes;
   kvc_status_t st[2], valid;
 } import_job_t;
@@ -185,55 +185,82 @@ static void *import_main(void *arg) {
   return NULL;
 }
 
-/* An image that one rank cannot import (damaged on its way) is refused on every rank, without
- * a rank left waiting in the agreement; the next import, good everywhere, succeeds everywhere. */
-static void import_refused_on_one_rank_is_refused_on_all(void **state) {
-  (void)state;
+/* The image of a sequence of n tokens (random K/V, seed), from a cache of the test's shape. */
+static uint8_t *make_image(int n, uint64_t seed, size_t *bytes) {
   kvc_config_t cfg;
   kvc_test_tp_config(&cfg, KVC_BACKEND_CPU, HEAD_DIM);
   kvc_cache_t *src = NULL;
   assert_int_equal(kvc_cache_create(&cfg, &src), KVC_OK);
   assert_int_equal(kvc_seq_add(src, 1, NULL, 0, 0, NULL), KVC_OK);
-  enum { N = 40 };
-  assert_int_equal(kvc_seq_reserve(src, 1, N, 0), KVC_OK);
-  static uint16_t k[N * KVC_TEST_TP_KV_HEADS * HEAD_DIM], v[N * KVC_TEST_TP_KV_HEADS * HEAD_DIM];
+  assert_int_equal(kvc_seq_reserve(src, 1, n, 0), KVC_OK);
+  const size_t values = (size_t)n * KVC_TEST_TP_KV_HEADS * HEAD_DIM;
+  uint16_t *k = malloc(values * 2), *v = malloc(values * 2);
   kvc_test_rng_t r;
-  kvc_test_rng_seed(&r, 3);
-  for (size_t i = 0; i < sizeof k / sizeof k[0]; i++) {
+  kvc_test_rng_seed(&r, seed);
+  for (size_t i = 0; i < values; i++) {
     k[i] = kvc_test_f32_to_f16((float)kvc_test_rng_normal(&r));
     v[i] = kvc_test_f32_to_f16((float)kvc_test_rng_normal(&r));
   }
   kvc_seq_id_t id = 1;
-  int32_t n = N;
-  kvc_batch_t b = {1, &id, &n, NULL};
+  int32_t nn = n;
+  kvc_batch_t b = {1, &id, &nn, NULL};
   assert_int_equal(kvc_plan(src, &b, NULL), KVC_OK);
   for (int l = 0; l < KVC_TEST_TP_LAYERS; l++)
     assert_int_equal(kvc_store(src, l, k, v, NULL), KVC_OK);
-  size_t bytes = 0;
-  assert_int_equal(kvc_seq_export_bytes(src, 1, &bytes, NULL), KVC_OK);
-  uint8_t *good = malloc(bytes), *bad = malloc(bytes);
-  assert_int_equal(kvc_seq_export(src, 1, good, bytes, NULL), KVC_OK);
-  memcpy(bad, good, bytes);
-  bad[0] ^= 1; /* the magic */
+  assert_int_equal(kvc_seq_export_bytes(src, 1, bytes, NULL), KVC_OK);
+  uint8_t *image = malloc(*bytes);
+  assert_int_equal(kvc_seq_export(src, 1, image, *bytes, NULL), KVC_OK);
+  free(k);
+  free(v);
+  kvc_cache_destroy(src);
+  return image;
+}
+
+/* Two ranks import first[r], then second[r]; returns with jobs[r] filled. */
+static void import_on_two_ranks(import_job_t jobs[2]) {
   kvc_test_tp_group_t g;
   kvc_test_tp_member_t members[2];
   kvc_test_tp_group_init(&g, 2, members);
-  import_job_t jobs[2] = {{&members[0], good, good, bytes, {KVC_OK, KVC_OK}, KVC_OK},
-                          {&members[1], bad, good, bytes, {KVC_OK, KVC_OK}, KVC_OK}};
   pthread_t th[2];
-  for (int i = 0; i < 2; i++)
+  for (int i = 0; i < 2; i++) {
+    jobs[i].member = &members[i];
     assert_int_equal(pthread_create(&th[i], NULL, import_main, &jobs[i]), 0);
+  }
   for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
   assert_false(g.broken);
+  assert_int_equal(g.count_mismatches, 0);
+  kvc_test_tp_group_destroy(&g);
+}
+
+/* An image that one rank cannot import (damaged on its way), or images of different sequences,
+ * are refused on every rank, without a rank left waiting in the agreement; the next import, good
+ * everywhere, succeeds everywhere. */
+static void import_refused_on_one_rank_is_refused_on_all(void **state) {
+  (void)state;
+  size_t bytes = 0, other_bytes = 0;
+  uint8_t *good = make_image(40, 3, &bytes), *other = make_image(57, 4, &other_bytes);
+  uint8_t *bad = malloc(bytes);
+  memcpy(bad, good, bytes);
+  bad[0] ^= 1; /* the magic */
+  import_job_t jobs[2] = {{NULL, good, good, bytes, {KVC_OK, KVC_OK}, KVC_OK},
+                          {NULL, bad, good, bytes, {KVC_OK, KVC_OK}, KVC_OK}};
+  import_on_two_ranks(jobs);
   for (int i = 0; i < 2; i++) {
     assert_int_equal(jobs[i].st[0], KVC_ERR_CORRUPT);
     assert_int_equal(jobs[i].st[1], KVC_OK);
     assert_int_equal(jobs[i].valid, KVC_OK);
   }
-  kvc_test_tp_group_destroy(&g);
+  import_job_t mixed[2] = {{NULL, good, good, bytes, {KVC_OK, KVC_OK}, KVC_OK},
+                           {NULL, other, other, other_bytes, {KVC_OK, KVC_OK}, KVC_OK}};
+  import_on_two_ranks(mixed);
+  for (int i = 0; i < 2; i++) {
+    assert_int_equal(mixed[i].st[0], KVC_ERR_INVALID_ARGUMENT);
+    assert_int_equal(mixed[i].st[1], KVC_ERR_INVALID_ARGUMENT);
+    assert_int_equal(mixed[i].valid, KVC_OK);
+  }
   free(good);
   free(bad);
-  kvc_cache_destroy(src);
+  free(other);
 }
 
 static int failing_allreduce(void *user, int64_t *values, int count) {

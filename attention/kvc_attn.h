@@ -117,6 +117,10 @@ size_t kvc_attn_cuda_workspace_bytes(int max_q_rows, int num_q_heads, int head_d
  * KVC_OK, KVC_ERR_UNSUPPORTED (head_dim/dtype/group not built), KVC_ERR_CUDA. */
 kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream);
 
+/* The kernel kvc_attn_cuda runs for a's launch without a cascade: 0 v2, 1 v3, 2 v3's Huffman
+ * instance; -1 for shapes it does not take. For tests and benchmarks, which report per kernel. */
+int kvc_attn_cuda_kernel(const kvc_attn_args_t *a);
+
 /* Whether the CUDA launcher expects a cascade over a's prefix groups to be faster than every
  * sequence reading its prefix (a: shapes, codec_mask, num_seqs, total_q_rows; host arrays:
  * group_rows and group_tokens [groups] of the groups, seq_rows [num_seqs] query rows of each

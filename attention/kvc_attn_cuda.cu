@@ -29,7 +29,10 @@
  * the A operand, the query entries as N) in registers from the ring bytes; a mask that allows
  * Huffman pages selects v3's Huffman instance (attention/kvc_attn_v3_huf.cuh), which leaves
  * blocks of 128 tokens at head_dim 128 to v2. The producer there issues a unit's K and V bulk
- * copies from lanes 0 and 1 side by side.
+ * copies from lanes 0 and 1 side by side. Launches with more query entries per kv head (several
+ * rows per sequence: speculative tokens, short prefill chunks; a cascade's prefixes) run v3 over
+ * several query tiles of 8 where tile_reads expects that to cost less than v2's tiles of 16-64
+ * (each v3 tile decodes the pages again).
  *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
  * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.
@@ -1120,19 +1123,37 @@ int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
   return hdi == 2 || entries_max <= 16 ? 16 : entries_max <= 32 ? 32 : 64;
 }
 
+/* What one query tile of v2 costs, in tiles of v3 (8 entries) over the same KV: [pages: fp16 rows,
+ * bit-pack, Huffman][v2's tile of 16, 32, 64 entries]. Measured on the H200 (session 20, `./kvc
+ * bench attention`'s multi-query rows, 8 sequences of 32k tokens: v2's time over v3's, times v3's
+ * tiles; 16: 12-16 entries, 2 tiles; 32: 24 and 32 entries) and, for 64, the most conservative of
+ * session 10's prefix launches (3.7 / 4.6 / 4.2) and session 20's 64 entries (6.3 / 7.5 / 5.6):
+ * v3's figure per tile falls as its launch fills the GPU, so a linear count is rough and v2 keeps
+ * the large tiles. */
+const double kV2Tile[3][3] = {{2.9, 3.5, 3.7}, {3.4, 3.9, 4.6}, {2.9, 3.0, 4.2}};
+
 /* The cost, in v3 reads of its KV, of attending `entries` query entries of one sequence: its
- * query tiles, a tile of v2 counted as 2.2 (16 entries), 3.6 (32) or 4.2 (64) tiles of v3. From
- * the H200 (session 10, `./kvc bench attention`'s shared-prefix rows, one tile's time over the
- * prefix): v2 over v3, fp16 / bit-pack / Huffman pages, 1.7 / 2.7 / 2.4 (16 entries, decode
- * rows), 3.6 / 4.0 / 3.2 (32), 3.7 / 4.6 / 4.2 (64). *v3_tiles: whether v3 over several tiles of 8
- * costs less (head_dim 64/128, a known codec mask). */
+ * query tiles, a tile of v2 counted as kV2Tile v3 tiles. *v3_tiles: whether v3 over several
+ * tiles of 8 costs less (head_dim 64/128, a known codec mask). */
 double tile_reads(long entries, int hdi, uint32_t codec_mask, bool *v3_tiles) {
   const int te = tile_entries(entries, hdi, codec_mask);
+  const int pages = codec_mask & (1u << KVC_CODEC_HUFFMAN)   ? 2
+                    : codec_mask & (1u << KVC_CODEC_BITPACK) ? 1
+                                                              : 0;
   const double v2 = (double)((entries + te - 1) / te) *
-                    (te == 8 ? 1.0 : te == 16 ? 2.2 : te == 32 ? 3.6 : 4.2);
+                    (te == 8 ? 1.0 : kV2Tile[pages][te == 16 ? 0 : te == 32 ? 1 : 2]);
   const double v3 = (double)((entries + 7) / 8);
   *v3_tiles = hdi < 2 && codec_mask != 0 && v3 < v2;
   return *v3_tiles ? v3 : v2;
+}
+
+/* Whether lv's launch runs v3: query tiles of 8 entries (tile_entries), or several of them where
+ * tile_reads prefers them to v2's larger tiles. v3's Huffman instance may still decline a block
+ * size (launch_v3h). */
+bool runs_v3(const kvc_attn_args_t *a, const level &lv) {
+  const int hdi = hd_index(a->head_dim);
+  return tile_entries(lv.entries_max, hdi, a->codec_mask) == 8 ||
+         (lv.v3_tiles && hdi < 2 && a->codec_mask != 0);
 }
 
 /* Enqueues one launch (v3 where it applies, else v2's smallest query tile that holds lv's rows)
@@ -1151,7 +1172,7 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
    * (with the bit-pack fast path when it allows bit-pack pages too). Else v2's smallest query
    * tile that holds a sequence's rows, or a larger one when the block size needs a larger ring. */
   const int te = tile_entries(entries_max, hdi, a->codec_mask);
-  const bool v3 = te == 8 || (lv.v3_tiles && hdi < 2 && a->codec_mask != 0);
+  const bool v3 = runs_v3(a, lv);
   const int wmi0 = te <= 16 ? 0 : te == 32 ? 1 : 2;
   const bool v3h = (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) != 0;
   /* Units of two pages (v3_layout) where the pages need not be all rows (those split their units
@@ -1227,6 +1248,25 @@ extern "C" int kvc_attn_cuda_cascade_pays(const kvc_attn_args_t *a, int groups,
   return 2 * once <= each && each - once >= 16384;
 }
 
+/* The query entries of a's largest sequence, and whether v3 over several tiles reads less. */
+level whole_level(const kvc_attn_args_t *a, int fit) {
+  const int group = a->num_q_heads / a->num_kv_heads;
+  const int max_qo = a->max_qo_len > 0 ? a->max_qo_len : a->total_q_rows - a->num_seqs + 1;
+  bool v3_tiles;
+  tile_reads((long)max_qo * group, hd_index(a->head_dim), a->codec_mask, &v3_tiles);
+  return {a->num_seqs, a->max_kv_len, (long)max_qo * group, 0, fit >= 2 ? fit : 1, false,
+          v3_tiles};
+}
+
+extern "C" int kvc_attn_cuda_kernel(const kvc_attn_args_t *a) {
+  const int hdi = hd_index(a->head_dim);
+  if (hdi < 0 || a->num_kv_heads < 1 || a->num_q_heads % a->num_kv_heads != 0) return -1;
+  if (!runs_v3(a, whole_level(a, 1))) return 0;
+  if (!(a->codec_mask & (1u << KVC_CODEC_HUFFMAN))) return 1;
+  const int most = hdi == 0 ? v3h_layout<64>::max_block_tokens : v3h_layout<128>::max_block_tokens;
+  return a->block_tokens <= most ? 2 : 0;
+}
+
 extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   if (!a || a->num_seqs < 0 || a->total_q_rows < 0) return KVC_ERR_INVALID_ARGUMENT;
   if (a->num_kv_heads < 1 || a->num_q_heads < a->num_kv_heads ||
@@ -1286,8 +1326,9 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   float *const ws_lse = ws ? ws + fit * pairs * a->head_dim : NULL;
   const cudaStream_t s = (cudaStream_t)stream;
 
-  level whole = {a->num_seqs, a->max_kv_len, (long)max_qo * group, 0, fit >= 2 ? (int)fit : 1,
-                 false, false};
+  /* Several query rows per sequence (speculative tokens, short prefill chunks) may run v3 over
+   * several query tiles where that reads less than v2's larger tiles. */
+  const level whole = whole_level(a, fit < (size_t)INT32_MAX ? (int)fit : INT32_MAX);
   /* The combine takes at most kMaxSplits partials: the two launches share them. */
   const int cap = fit < (size_t)kMaxSplits ? (int)fit : kMaxSplits;
   if (a->prefix_seqs == 0 || a->cascade == 0 || cap < 2) {

@@ -46,7 +46,7 @@ print(f"copy ceiling (read + write): {k.get('copy_tbps', 0):.2f} TB/s; read ceil
 print(f"{'impl':<20} {'batch':>6} {'context':>8} {'ms':>9} {'logical TB/s':>13} "
       f"{'read TB/s':>10} {'vs SDPA':>8}")
 out = []
-plain = [r for r in rows if not r.get("prefix")]
+plain = [r for r in rows if not r.get("prefix") and r.get("qrows", 1) == 1]
 for r in sorted(plain, key=lambda r: (r["context"] * r["batch"], r["batch"], r["impl"])):
     key = (r["batch"], r["context"])
     logical = r["batch"] * r["context"] * 8 * 128 * 2 * 2 / (r["ms"] * 1e-3) / 1e12
@@ -62,6 +62,7 @@ for r in sorted(plain, key=lambda r: (r["context"] * r["batch"], r["batch"], r["
     out.append(o)
 # Batches sharing a prefix: each kvcomp row against the same pool without the cascade.
 shared = [r for r in rows if r.get("prefix")]
+multi = [r for r in rows if r.get("qrows", 1) > 1]
 if shared:
     print()
     print("sequences sharing prefixes, one per group (logical TB/s count a prefix once per sequence):")
@@ -80,6 +81,23 @@ if shared:
                     "speedup_vs_sdpa": None,
                     "speedup_vs_no_cascade": round(sp, 3) if sp else None,
                     "logical_tbps": r["logical_tbps"], "rel_err_vs_prefix": r["rel_err_vs_fp16"]})
+# Several query rows per sequence: each kvcomp row against its pool on v2.
+if multi:
+    print()
+    print("several query rows per sequence (speculative tokens; the launcher picks v3's tiles of 8 "
+          "query entries or v2's larger ones), against the same pool on v2:")
+    print(f"{'impl':<22} {'batch':>6} {'context':>8} {'rows':>5} {'entries':>8} {'ms':>9} "
+          f"{'vs v2':>7}")
+    v2 = {(r["impl"][:-3], r["qrows"]): r["ms"] for r in multi if r["impl"].endswith("_v2")}
+    for r in multi:
+        b = None if r["impl"].endswith("_v2") else v2.get((r["impl"], r["qrows"]))
+        sp = b / r["ms"] if b else None
+        print(f"{r['impl']:<22} {r['batch']:>6} {r['context']:>8} {r['qrows']:>5} "
+              f"{r['qrows'] * 4:>8} {r['ms']:>9.4f} {('%.2fx' % sp) if sp else '-':>7}")
+        out.append({"impl": r["impl"], "batch": r["batch"], "context": r["context"],
+                    "qrows": r["qrows"], "ms": r["ms"], "speedup_vs_sdpa": None,
+                    "speedup_vs_v2": round(sp, 3) if sp else None,
+                    "logical_tbps": r["logical_tbps"], "rel_err_vs_fp16": r["rel_err_vs_fp16"]})
 print(json.dumps({"bench": "attention", "copy_tbps": k.get("copy_tbps"),
                   "read_ceiling_tbps": k.get("read_ceiling_tbps"), "rows": out}))
 PY

@@ -24,11 +24,14 @@
  * prefixes, one for the whole batch or one per group of sequences (rows *_prefix: read by every
  * sequence; *_auto: the cascade where kvc_attn_cuda_cascade_pays, as the plan decides; *_cascade:
  * read once per group; their rel_err is against *_prefix, and their read TB/s counts the prefixes'
- * pages once). Times: CUDA events around each call after warm-up, median. Output: a table, then
- * one JSON line:
+ * pages once). Then 8 sequences of 32k tokens with 2-16 query rows each (speculative tokens:
+ * rows qrows > 1; each pool with its cache's mask, which lets the launcher pick v3 over several
+ * query tiles, and on v2; errors against fp16 pages on v2). Times: CUDA events around each call
+ * after warm-up, median. Output: a table, then one JSON line:
  *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context",
- *    "prefix","groups","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
- * Usage: gpu_bench_attention [--quick | --only B CTX [IMPL[,IMPL...]]]   (--quick: 2^18 tokens,
+ *    "prefix","groups","qrows","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
+ * Usage: gpu_bench_attention [--quick | --qrows | --only B CTX [IMPL[,IMPL...]]]
+ * (--qrows: the multi-query rows alone; --quick: 2^18 tokens,
  * contexts / 8, for a smoke run; --only: the shape (B, CTX) alone, one of the five or any other
  * whose B x CTX tokens the bench's pages hold (2^21; CTX a multiple of 64), and of the kvcomp rows
  * only the IMPLs given, e.g. under a profiler)
@@ -296,7 +299,17 @@ struct row {
   double ms, logical_tbps, read_tbps, rel_err;
   int prefix; /* tokens of the prefix each group of sequences shares (0: none) */
   int groups; /* the groups of sequences that share one */
+  int qrows = 1; /* query rows per sequence (speculative tokens), the last ones of its context */
 };
+
+/* A device copy of h, remembered in `owned` (the caller frees it). */
+int32_t *upload(const std::vector<int32_t> &h, std::vector<int32_t *> &owned) {
+  int32_t *d;
+  CK(cudaMalloc(&d, 4 * h.size()));
+  CK(cudaMemcpy(d, h.data(), 4 * h.size(), cudaMemcpyHostToDevice));
+  owned.push_back(d);
+  return d;
+}
 
 /* Decode arguments over pool pg with codec_mask: B sequences of ctx tokens, one query row each
  * (the caller sets q and block_ids per call). */
@@ -336,6 +349,8 @@ int main(int argc, char **argv) {
   const bool only = argc > 3 && strcmp(argv[1], "--only") == 0;
   const int only_b = only ? atoi(argv[2]) : 0, only_ctx = only ? atoi(argv[3]) : 0;
   const char *only_impl = only && argc > 4 ? argv[4] : NULL;
+  /* --qrows: the multi-query rows alone. */
+  const bool qrows_only = argc > 1 && strcmp(argv[1], "--qrows") == 0;
   const int64_t total_tokens = quick ? (int64_t)1 << 18 : (int64_t)1 << 21;
   if (only && (only_b < 1 || only_ctx < BT || only_ctx % BT != 0 ||
                (int64_t)only_b * only_ctx > total_tokens)) {
@@ -394,6 +409,7 @@ int main(int argc, char **argv) {
   std::vector<std::array<int, 2>> configs = {
       {1, 32768}, {8, 32768}, {32, 8192}, {64, 4096}, {16, 131072}};
   if (only) configs = {{only_b, only_ctx}};
+  if (qrows_only) configs.clear();
 
   /* ---- pages -------------------------------------------------------------------------------- */
   pages fp16{"kvcomp_fp16_paged"}, bitpack{"kvcomp_bitpack"}, huffman{"kvcomp_huffman"};
@@ -685,7 +701,7 @@ int main(int argc, char **argv) {
                                 {32, 1, 16384, 512}, {64, 1, 4096, 256},  {128, 1, 2048, 128},
                                 {16, 1, 1024, 1024}, {32, 8, 8192, 512},  {64, 16, 4096, 512}};
   for (const auto &cfg : shared_cfgs) {
-    if (only) break;
+    if (only || qrows_only) break;
     const int B = cfg[0], G = cfg[1], gsz = B / G, prefix = cfg[2] / ctx_div, own = cfg[3] / ctx_div;
     const int pb = prefix / BT, ob = own / BT, ctx = prefix + own, per_set = G * pb + B * ob;
     const int sets = (int)std::min<int64_t>(kMaxSets, nblocks / per_set);
@@ -712,13 +728,7 @@ int main(int argc, char **argv) {
           ids[((size_t)r * B + i) * (pb + ob) + j] =
               r * per_set + (j < pb ? i / gsz * pb + j : G * pb + i * ob + (j - pb));
     std::vector<int32_t *> dev;
-    auto up = [&](const std::vector<int32_t> &h) {
-      int32_t *d;
-      CK(cudaMalloc(&d, 4 * h.size()));
-      CK(cudaMemcpy(d, h.data(), 4 * h.size(), cudaMemcpyHostToDevice));
-      dev.push_back(d);
-      return d;
-    };
+    auto up = [&](const std::vector<int32_t> &h) { return upload(h, dev); };
     int32_t *d_indptr = up(indptr), *d_qo = up(qo), *d_len = up(lens), *d_ids = up(ids);
     int32_t *d_pqo = up(pqo), *d_prows = up(prows), *d_plen = up(plen), *d_pstart = up(pstart);
     int32_t *d_suf_len = up(suf_len), *d_suf_start = up(suf_start);
@@ -785,19 +795,95 @@ int main(int argc, char **argv) {
     CK(cudaFree(ws));
   }
 
-  printf("\n%-20s %6s %8s %9s %13s %11s %9s %12s\n", "impl", "batch", "context", "ms",
-         "logical TB/s", "read TB/s", "of copy", "err vs fp16");
+  /* ---- several query rows per sequence -------------------------------------------------------
+   * Speculative tokens (or a short chunk of prefill): R query rows per sequence, the last R
+   * tokens of its context, causal, so R x GROUP query entries per kv head. Each pool with its
+   * cache's codec mask (the launcher picks v3 over query tiles of 8 entries or v2's larger tiles
+   * by its cost model) and with mask 0 (v2 always, rows *_v2); errors against fp16 pages on v2. */
+  const int qrow_counts[] = {2, 3, 4, 6, 8, 16};
+  for (const int R : qrow_counts) {
+    if (only) break;
+    const int B = 8, ctx = 32768 / ctx_div, bps = ctx / BT;
+    const int sets = (int)std::min<int64_t>(kMaxSets, total_tokens / ((int64_t)B * ctx));
+    const double logical = (double)B * ctx * HKV * HD * 2 * 2;
+    std::vector<int32_t> indptr(B + 1), qo(B + 1), lens(B, ctx), ids((size_t)sets * B * bps);
+    for (int i = 0; i <= B; i++) {
+      indptr[i] = i * bps;
+      qo[i] = i * R;
+    }
+    for (size_t i = 0; i < ids.size(); i++) ids[i] = (int32_t)i;
+    std::vector<int32_t *> dev;
+    auto up = [&](const std::vector<int32_t> &h) { return upload(h, dev); };
+    int32_t *d_indptr = up(indptr), *d_qo = up(qo), *d_len = up(lens), *d_ids = up(ids);
+    const size_t qn = (size_t)B * R * HQ * HD;
+    __half *q, *out;
+    CK(cudaMalloc(&q, sizeof(__half) * qn * sets));
+    CK(cudaMalloc(&out, sizeof(__half) * qn));
+    fill_random_half<<<256, 256, 0, st>>>(q, (int64_t)qn * sets, 779);
+    CK(cudaGetLastError());
+    const size_t ws_bytes = kvc_attn_cuda_workspace_bytes(B * R, HQ, HD, B, ctx, BT);
+    void *ws;
+    CK(cudaMalloc(&ws, ws_bytes));
+    struct variant {
+      pages *pg;
+      uint32_t codec_mask;
+      const char *impl;
+    };
+    const uint32_t no_huffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
+    const variant variants[] = {{&fp16, 0, "kvcomp_fp16_paged_v2"},
+                                {&fp16, 1u << KVC_CODEC_RAW, fp16.name},
+                                {&bitpack, 0, "kvcomp_bitpack_v2"},
+                                {&bitpack, no_huffman, bitpack.name},
+                                {&huffman, 0, "kvcomp_huffman_v2"},
+                                {&huffman, 1u << KVC_CODEC_HUFFMAN, huffman.name}};
+    std::vector<__half> ref(qn), got(qn);
+    bool have_ref = false;
+    for (const variant &var : variants) {
+      kvc_attn_args_t a = decode_args(*var.pg, var.codec_mask, B, ctx, d_qo, d_len, d_indptr, out,
+                                      ws, ws_bytes, scale);
+      a.total_q_rows = B * R;
+      a.max_qo_len = R;
+      auto run = [&](int r) {
+        a.q = q + qn * r;
+        a.block_ids = d_ids + (size_t)r * B * bps;
+        KV(kvc_attn_cuda(&a, st));
+      };
+      CK(cudaMemsetAsync(out, 0xFF, sizeof(__half) * qn, st));
+      run(0);
+      CK(cudaStreamSynchronize(st));
+      CK(cudaMemcpy((have_ref ? got : ref).data(), out, sizeof(__half) * qn,
+                    cudaMemcpyDeviceToHost));
+      const double err = have_ref ? rel_l2(got, ref) : 0.0;
+      have_ref = true;
+      const double ms = median_ms(run, sets, st);
+      double read = 0;
+      for (int b = 0; b < B * bps; b++) read += var.pg->page_bytes[b];
+      row rw = {var.impl, B, ctx, ms, logical / (ms * 1e-3) / 1e12, read / (ms * 1e-3) / 1e12,
+                err, 0, 0};
+      rw.qrows = R;
+      rows.push_back(rw);
+    }
+    for (int32_t *d : dev) CK(cudaFree(d));
+    CK(cudaFree(q));
+    CK(cudaFree(out));
+    CK(cudaFree(ws));
+  }
+
+  printf("\n%-20s %6s %8s %6s %9s %13s %11s %9s %12s\n", "impl", "batch", "context", "qrows",
+         "ms", "logical TB/s", "read TB/s", "of copy", "err vs fp16");
   for (const row &r : rows)
-    printf("%-20s %6d %8d %9.4f %13.2f %11.2f %8.0f%% %12.2e\n", r.impl, r.batch, r.context, r.ms,
-           r.logical_tbps, r.read_tbps, 100.0 * r.read_tbps / copy_tbps, r.rel_err);
+    printf("%-20s %6d %8d %6d %9.4f %13.2f %11.2f %8.0f%% %12.2e\n", r.impl, r.batch, r.context,
+           r.qrows, r.ms, r.logical_tbps, r.read_tbps, 100.0 * r.read_tbps / copy_tbps, r.rel_err);
   printf("{\"bench\":\"attention_kvcomp\",\"device\":\"%s\",\"copy_tbps\":%.3f,"
          "\"read_ceiling_tbps\":%.3f,\"rows\":[",
          prop.name, copy_tbps, read_ceil_tbps);
   for (size_t i = 0; i < rows.size(); i++)
     printf("%s{\"impl\":\"%s\",\"batch\":%d,\"context\":%d,\"prefix\":%d,\"groups\":%d,"
-           "\"ms\":%.5f,\"logical_tbps\":%.3f,\"read_tbps\":%.3f,\"rel_err_vs_fp16\":%.3e}",
+           "\"qrows\":%d,\"ms\":%.5f,\"logical_tbps\":%.3f,\"read_tbps\":%.3f,"
+           "\"rel_err_vs_fp16\":%.3e}",
            i ? "," : "", rows[i].impl, rows[i].batch, rows[i].context, rows[i].prefix,
-           rows[i].groups, rows[i].ms, rows[i].logical_tbps, rows[i].read_tbps, rows[i].rel_err);
+           rows[i].groups, rows[i].qrows, rows[i].ms, rows[i].logical_tbps, rows[i].read_tbps,
+           rows[i].rel_err);
   printf("]}\n");
   CB(cublasDestroy(cublas));
   return 0;

@@ -519,7 +519,8 @@ def attention_section(recs, plt, plots):
            "on the same pages is what `gpu_test_attn` checks).", ""]
     for rec in recs:
         res = rec["result"]
-        rows = [r for r in res.get("rows", []) if not r.get("prefix")]
+        rows = [r for r in res.get("rows", [])
+                if not r.get("prefix") and r.get("qrows", 1) == 1]
         by = {(r["impl"], r["batch"], r["context"]): r for r in rows}
         shapes = sorted({(r["batch"], r["context"]) for r in rows},
                         key=lambda s: (s[0] * s[1], s[0]))
@@ -560,6 +561,35 @@ def attention_section(recs, plt, plots):
                                      f"(target ≥ {target}×)"))
         out.append("")
         out += shared_prefix_table([r for r in res.get("rows", []) if r.get("prefix")])
+        out += multi_query_table([r for r in res.get("rows", []) if r.get("qrows", 1) > 1])
+    return out
+
+
+def multi_query_table(rows):
+    """Several query rows per sequence (speculative tokens): each pool with its cache's codec mask
+    (the launcher's choice between v3's tiles of 8 query entries and v2's larger tiles) against
+    the same pool on v2 (*_v2)."""
+    if not rows:
+        return []
+    by = {(r["impl"], r["batch"], r["context"], r["qrows"]): r for r in rows}
+    shapes = sorted({(r["batch"], r["context"], r["qrows"]) for r in rows})
+    pools = [("kvcomp_fp16_paged", "fp16 paged"), ("kvcomp_bitpack", "bit-pack"),
+             ("kvcomp_huffman", "Huffman")]
+
+    def cell(pool, b, c, q):
+        v2, run = by.get((pool + "_v2", b, c, q)), by.get((pool, b, c, q))
+        if not v2 or not run:
+            return ""
+        return f"{v2['ms']:.3f} → {run['ms']:.3f} ({v2['ms'] / run['ms']:.2f}×)"
+
+    out = ["Several query rows per sequence (speculative tokens, the last rows of each "
+           "sequence, causal; 4 query heads per kv head, so 4 query entries per row): ms on the "
+           "older kernel v2 → with the launcher's choice between v3 over query tiles of 8 entries "
+           "and v2's tiles of 16-64 (speed-up).", ""]
+    out += table(["batch, context, query rows"] + [n for _, n in pools],
+                 [[f"{b}, {c // 1024}k, {q}"] + [cell(p, b, c, q) for p, _ in pools]
+                  for b, c, q in shapes])
+    out.append("")
     return out
 
 

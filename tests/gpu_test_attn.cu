@@ -374,18 +374,6 @@ static double tolerance(kvc_dtype_t t) { return t == KVC_DTYPE_F16 ? 1e-3 : 1e-2
  * summary line. */
 static double g_max_err[3][2];
 
-/* The kernel kvc_attn_cuda runs for these arguments (its launcher's rule): 0 v2, 1 v3, 2 v3's
- * Huffman instance (which leaves blocks of 128 tokens at head_dim 128 to v2). */
-static int kernel_of(const kvc_attn_args_t *a) {
-  const int max_qo = a->max_qo_len > 0 ? a->max_qo_len : a->total_q_rows - a->num_seqs + 1;
-  const bool huf = (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) != 0;
-  if (!(a->codec_mask != 0 && a->head_dim <= 128 &&
-        (long)max_qo * (a->num_q_heads / a->num_kv_heads) <= 8))
-    return 0;
-  if (!huf) return 1;
-  return a->head_dim == 128 && a->block_tokens > 64 ? 0 : 2;
-}
-
 /* Runs the three launch variants of a case with `codec_mask` and compares with the reference. */
 static void run_variants(const gpu_case_t *c, const host_case_t *h, const dev_case_t *d,
                          uint32_t codec_mask) {
@@ -401,7 +389,7 @@ static void run_variants(const gpu_case_t *c, const host_case_t *h, const dev_ca
     if (variant == 2) a.max_qo_len = 0; /* launch shape derived from total_q_rows */
     uint16_t *out = run_gpu(d, &a);
     double err = rel_l2(c->dtype, out, h->ref, 0, n);
-    double *mx = &g_max_err[kernel_of(&a)][c->dtype == KVC_DTYPE_BF16];
+    double *mx = &g_max_err[kvc_attn_cuda_kernel(&a)][c->dtype == KVC_DTYPE_BF16];
     if (err > *mx) *mx = err;
     if (!(err <= tolerance(c->dtype))) {
       print_error("case seed %llu variant %d codec_mask %u: relative L2 error %g > %g\n",
@@ -491,7 +479,8 @@ static void head_dims_dtypes_block_sizes(void **state) {
       }
 }
 
-/* Chunked prefill (255-row windows), speculative tokens, MHA with many rows, head_dim 256. */
+/* Chunked prefill (255-row windows), speculative tokens, MHA with many rows, head_dim 256, a few
+ * rows of a GQA group. */
 static void multi_query_causal(void **state) {
   (void)state;
   uint64_t seed = 3000;
@@ -501,6 +490,10 @@ static void multi_query_causal(void **state) {
       {3, 4, 4, 64, 32, KVC_DTYPE_F16, 300, 40, KVC_TEST_PAGE_ALL, 0, seed++},
       {2, 8, 2, 256, 64, KVC_DTYPE_F16, 300, 30, KVC_TEST_PAGE_ALL, 0, seed++},
       {37, 8, 1, 64, 16, KVC_DTYPE_BF16, 120, 9, KVC_TEST_PAGE_ALL, 0, seed++},
+      /* A few rows of a GQA group: v3 over several query tiles where the launcher prefers it. */
+      {5, 16, 4, 128, 64, KVC_DTYPE_F16, 600, 5, KVC_TEST_PAGE_ALL, 0, seed++},
+      {9, 16, 2, 64, 32, KVC_DTYPE_BF16, 400, 3, KVC_TEST_PAGE_ALL, 0, seed++},
+      {6, 32, 8, 128, 64, KVC_DTYPE_F16, 900, 4, KVC_TEST_PAGE_BITPACK, 0, seed++},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) check_case(&cases[i]);
 }

@@ -9,7 +9,8 @@
  * and a smaller ring, 56 / 68 KiB at head_dim 128 / 64) when Huffman is allowed, with the bit-pack
  * fast path (FAST) only when bit-pack pages are too. The launcher instantiates NB = 1
  * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
- * two CTAs per SM (~450 bytes of spills), so 9..16 entries stay on v2. Two CTAs per SM,
+ * two CTAs per SM (~450 bytes of spills), so more entries take several tiles of 8 or v2 (the
+ * launcher's tile_reads). Two CTAs per SM,
  * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
  * sections and rows) and kW3 consumer warps over a 96 KiB ring (three uncompressed 64-token units
  * at head_dim 128, six at 64). The consumer warps take work items: an item is a whole unit, or half

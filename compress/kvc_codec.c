@@ -1,7 +1,9 @@
 /*
  * CPU reference codec: error-bounded quantization, bit-pack and Huffman coding, page assembly,
- * page checks and decoding. Format: kvc_page_format.h; shared primitives: kvc_quant.h. Allocates
- * nothing: a section's values are re-read from the input block on each pass.
+ * page checks and decoding. Format: kvc_page_format.h; shared primitives: kvc_quant.h. An encode
+ * keeps a section's codes in a work array (up to 64K values, too many for the stack; the caller's
+ * with kvc_codec_encode_work): each value is read once and quantized while its group's step is
+ * searched; the counts, the Huffman plan and the emitted stream then read its code.
  */
 /* The encoder must round exactly like the CUDA encoder: no fused multiply-add anywhere. */
 #if defined(__clang__)
@@ -13,6 +15,7 @@
 #include "compress/kvc_codec.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "compress/kvc_page_format.h"
@@ -135,92 +138,87 @@ size_t kvc_codec_max_page_bytes(const kvc_codec_params_t *p) {
 #define KVC__MAX_GROUPS 256
 #define KVC__E_UNSET (KVC_STEP_CODE_MIN - 2)
 
-/* A quantized section: how every value maps to its code u. */
+/* A quantized section's parameters; the code u of each value is in an array beside it. */
 typedef struct kvc__qsec {
   int mode; /* KVC_QMODE_* */
-  int tensor;
   int groups;
   int e_min;
   int32_t b_min;
   uint32_t w_e, w_b;
   uint32_t max_u;
-  float abs_step;
   int e[KVC__MAX_GROUPS];
   int32_t base[KVC__MAX_GROUPS]; /* REL: group base; ABS: channel centre */
-  float step[KVC__MAX_GROUPS];
   uint32_t counts[KVC_SYM_COUNT];
 } kvc__qsec_t;
 
-static inline uint32_t kvc__u_of(const kvc__qsec_t *q, float x, int t, int d) {
-  int32_t v = 0;
-  if (q->mode == KVC_QMODE_REL) {
-    int g = q->tensor == 0 ? d : t;
-    kvc_q_of(x, q->step[g], &v);
-    return (uint32_t)v - (uint32_t)q->base[g];
-  }
-  kvc_q_of(x, q->abs_step, &v);
-  return kvc_zigzag((int32_t)((uint32_t)v - (uint32_t)q->base[d]));
+/* Index of value i of group g in [n][hd] order: groups are channels (by_channel: g = d, i = t) or
+ * tokens (g = t, i = d). */
+static inline size_t kvc__grp_at(int hd, int by_channel, int g, int i) {
+  return by_channel ? (size_t)i * hd + g : (size_t)g * hd + i;
 }
 
-/* Value (t, d) of group g in REL mode: keys group by channel, values by token. */
-static inline float kvc__grp_ld(const kvc__src_t *s, int tensor, int g, int i) {
-  return tensor == 0 ? kvc__ld(s, i, g) : kvc__ld(s, g, i);
+/* The len values of group g, as floats. */
+static void kvc__grp_load(const kvc__src_t *s, int by_channel, int g, int len, float *x) {
+  for (int i = 0; i < len; i++) x[i] = by_channel ? kvc__ld(s, i, g) : kvc__ld(s, g, i);
 }
 
-/* Tries step code e on group g: every value within lim; sets base to the smallest q. */
-static int kvc__rel_try(const kvc__src_t *s, int tensor, int g, int len, int e, double lim,
-                        int32_t *base) {
+/* Tries step code e on a group's values x[len]: every value within lim; sets their q and base,
+ * the smallest q. */
+static int kvc__rel_try(const float *x, int len, int e, double lim, int32_t *q, int32_t *base) {
   float step = kvc_step_from_code(e);
   int32_t mn = INT32_MAX;
   for (int i = 0; i < len; i++) {
-    float x = kvc__grp_ld(s, tensor, g, i);
-    int32_t q;
-    if (!kvc_q_of(x, step, &q) || !kvc_q_within(kvc_q_recon(q, step), x, lim)) return 0;
-    if (q < mn) mn = q;
+    if (!kvc_q_of(x[i], step, &q[i]) || !kvc_q_within(kvc_q_recon(q[i], step), x[i], lim))
+      return 0;
+    if (q[i] < mn) mn = q[i];
   }
   *base = mn;
   return 1;
 }
 
+/* Quantizes section s (tensor 0 = K, 1 = V) into q and the codes u[n][hd]. */
 static kvc_status_t kvc__quantize(const kvc__src_t *s, int tensor, kvc_bound_mode_t mode,
-                                  float bound, kvc__qsec_t *q) {
+                                  float bound, kvc__qsec_t *q, uint32_t *u) {
   const int n = s->n, hd = s->hd;
-  q->tensor = tensor;
+  float x[KVC__MAX_GROUPS]; /* one group's values (at most 256 tokens or channels) */
+  int32_t qv[KVC__MAX_GROUPS]; /* and their q */
   memset(q->counts, 0, sizeof q->counts);
   if (mode == KVC_BOUND_RELATIVE) {
     q->mode = KVC_QMODE_REL;
-    const int G = tensor == 0 ? hd : n, len = tensor == 0 ? n : hd;
+    const int by_channel = tensor == 0, G = by_channel ? hd : n, len = by_channel ? n : hd;
     q->groups = G;
     int e_lo = KVC_STEP_CODE_MAX + 1, e_hi = KVC_STEP_CODE_MIN - 1;
     for (int g = 0; g < G; g++) {
+      kvc__grp_load(s, by_channel, g, len, x);
       float mn = INFINITY, mx = -INFINITY;
       for (int i = 0; i < len; i++) {
-        float x = kvc__grp_ld(s, tensor, g, i);
-        if (!isfinite(x)) return KVC_ERR_UNSUPPORTED;
-        if (x < mn) mn = x;
-        if (x > mx) mx = x;
+        if (!isfinite(x[i])) return KVC_ERR_UNSUPPORTED;
+        if (x[i] < mn) mn = x[i];
+        if (x[i] > mx) mx = x[i];
       }
       double lim = kvc_q_rel_lim(bound, mn, mx);
       int e = kvc_step_code_floor(KVC_DMUL(2.0, lim));
-      if (!(e >= KVC_STEP_CODE_MIN && kvc__rel_try(s, tensor, g, len, e, lim, &q->base[g]))) {
+      if (!(e >= KVC_STEP_CODE_MIN && kvc__rel_try(x, len, e, lim, qv, &q->base[g]))) {
         /* Exact fallback: the power of two dividing every value. */
         int k = 1000;
         for (int i = 0; i < len; i++) {
-          float x = kvc__grp_ld(s, tensor, g, i);
-          if (x != 0.0f) {
-            int kb = kvc_q_lowbit_exp(x);
+          if (x[i] != 0.0f) {
+            int kb = kvc_q_lowbit_exp(x[i]);
             if (kb < k) k = kb;
           }
         }
         if (k == 1000) {
           e = KVC__E_UNSET; /* all zero: any step codes them as 0 */
           q->base[g] = 0;
+          memset(qv, 0, (size_t)len * sizeof *qv);
         } else {
           if (k < KVC_STEP_CODE_MIN / 8) return KVC_ERR_UNSUPPORTED;
           e = 8 * k;
-          if (!kvc__rel_try(s, tensor, g, len, e, lim, &q->base[g])) return KVC_ERR_UNSUPPORTED;
+          if (!kvc__rel_try(x, len, e, lim, qv, &q->base[g])) return KVC_ERR_UNSUPPORTED;
         }
       }
+      for (int i = 0; i < len; i++)
+        u[kvc__grp_at(hd, by_channel, g, i)] = (uint32_t)qv[i] - (uint32_t)q->base[g];
       q->e[g] = e;
       if (e != KVC__E_UNSET) {
         if (e < e_lo) e_lo = e;
@@ -231,7 +229,6 @@ static kvc_status_t kvc__quantize(const kvc__src_t *s, int tensor, kvc_bound_mod
     int32_t b_lo = INT32_MAX, b_hi = INT32_MIN;
     for (int g = 0; g < G; g++) {
       if (q->e[g] == KVC__E_UNSET) q->e[g] = e_lo;
-      q->step[g] = kvc_step_from_code(q->e[g]);
       if (q->base[g] < b_lo) b_lo = q->base[g];
       if (q->base[g] > b_hi) b_hi = q->base[g];
     }
@@ -249,33 +246,31 @@ static kvc_status_t kvc__quantize(const kvc__src_t *s, int tensor, kvc_bound_mod
     double lim = (double)bound;
     int32_t c_lo = INT32_MAX, c_hi = INT32_MIN;
     for (int d = 0; d < hd; d++) {
+      kvc__grp_load(s, 1, d, n, x);
       int64_t sum = 0;
       for (int t = 0; t < n; t++) {
-        float x = kvc__ld(s, t, d);
-        int32_t v;
-        if (!isfinite(x) || !kvc_q_of(x, step, &v) || !kvc_q_within(kvc_q_recon(v, step), x, lim))
+        if (!isfinite(x[t]) || !kvc_q_of(x[t], step, &qv[t]) ||
+            !kvc_q_within(kvc_q_recon(qv[t], step), x[t], lim))
           return KVC_ERR_UNSUPPORTED;
-        sum += v;
+        sum += qv[t];
       }
       int32_t c = kvc_q_center(sum, n);
+      for (int t = 0; t < n; t++)
+        u[kvc__grp_at(hd, 1, d, t)] = kvc_zigzag((int32_t)((uint32_t)qv[t] - (uint32_t)c));
       q->base[d] = c;
       if (c < c_lo) c_lo = c;
       if (c > c_hi) c_hi = c;
     }
     q->e_min = e;
-    q->abs_step = step;
     q->b_min = c_lo;
     q->w_e = 0;
     q->w_b = kvc_bits_for((uint32_t)c_hi - (uint32_t)c_lo);
   }
   uint32_t max_u = 0;
-  for (int t = 0; t < n; t++) {
-    for (int d = 0; d < hd; d++) {
-      uint32_t u = kvc__u_of(q, kvc__ld(s, t, d), t, d);
-      if (u >= (1u << KVC_Q_MAX_BITS)) return KVC_ERR_UNSUPPORTED;
-      if (u > max_u) max_u = u;
-      q->counts[kvc_sym_of(u)]++;
-    }
+  for (size_t i = 0; i < (size_t)n * hd; i++) {
+    if (u[i] >= (1u << KVC_Q_MAX_BITS)) return KVC_ERR_UNSUPPORTED;
+    if (u[i] > max_u) max_u = u[i];
+    q->counts[kvc_sym_of(u[i])]++;
   }
   q->max_u = max_u;
   return KVC_OK;
@@ -313,6 +308,7 @@ typedef struct kvc__huf {
   int n_lanes;
   uint32_t lane_min, w_lane;
   uint64_t lane_total;
+  uint32_t lane_bits[KVC_MAX_LANES]; /* each lane's stream bits */
 } kvc__huf_t;
 
 static int kvc__n_lanes(int S) {
@@ -325,8 +321,8 @@ static uint32_t kvc__sym_bits(const kvc__huf_t *h, uint32_t u) {
   return h->len[s] + kvc_sym_extra(s);
 }
 
-static void kvc__huf_plan(const kvc__src_t *s, const kvc__qsec_t *q, kvc__huf_t *h) {
-  const int hd = s->hd, S = s->n * hd;
+/* Plans the Huffman coding of a section's S codes u. */
+static void kvc__huf_plan(const uint32_t *u, int S, const kvc__qsec_t *q, kvc__huf_t *h) {
   h->n_sym = kvc_huf_build_lengths(q->counts, h->len);
   kvc_huf_codes(h->len, h->code);
   h->n_lanes = kvc__n_lanes(S);
@@ -334,8 +330,8 @@ static void kvc__huf_plan(const kvc__src_t *s, const kvc__qsec_t *q, kvc__huf_t 
   h->lane_total = 0;
   for (int lane = 0; lane < h->n_lanes; lane++) {
     uint32_t bits = 0;
-    for (int i = lane; i < S; i += h->n_lanes)
-      bits += kvc__sym_bits(h, kvc__u_of(q, kvc__ld(s, i / hd, i % hd), i / hd, i % hd));
+    for (int i = lane; i < S; i += h->n_lanes) bits += kvc__sym_bits(h, u[i]);
+    h->lane_bits[lane] = bits;
     if (bits < lo) lo = bits;
     if (bits > hi) hi = bits;
     h->lane_total += bits;
@@ -354,8 +350,8 @@ static uint32_t kvc__qsec_bytes(uint64_t bits) {
   return (uint32_t)(KVC_QSEC_HEADER_BYTES + 4 * words);
 }
 
-static uint32_t kvc__bitpack_bytes(const kvc__src_t *s, const kvc__qsec_t *q) {
-  return kvc__qsec_bytes(kvc__meta_bits(q) + (uint64_t)s->n * s->hd * kvc_bits_for(q->max_u));
+static uint32_t kvc__bitpack_bytes(int S, const kvc__qsec_t *q) {
+  return kvc__qsec_bytes(kvc__meta_bits(q) + (uint64_t)S * kvc_bits_for(q->max_u));
 }
 
 static uint32_t kvc__huffman_bytes(const kvc__qsec_t *q, const kvc__huf_t *h) {
@@ -363,10 +359,17 @@ static uint32_t kvc__huffman_bytes(const kvc__qsec_t *q, const kvc__huf_t *h) {
                          (uint64_t)h->n_lanes * h->w_lane + h->lane_total);
 }
 
+/* Bytes of a quantized section of S codes u with `codec`; plans h for HUFFMAN. */
+static uint32_t kvc__qsec_size(const uint32_t *u, int S, const kvc__qsec_t *q, kvc_codec_t codec,
+                               kvc__huf_t *h) {
+  if (codec == KVC_CODEC_BITPACK) return kvc__bitpack_bytes(S, q);
+  kvc__huf_plan(u, S, q, h);
+  return kvc__huffman_bytes(q, h);
+}
+
 /* Writes a quantized section of `codec` (sizes already known to fit) at dst (zeroed). */
-static void kvc__emit(const kvc__src_t *s, const kvc__qsec_t *q, const kvc__huf_t *h,
+static void kvc__emit(const uint32_t *u, int S, const kvc__qsec_t *q, const kvc__huf_t *h,
                       kvc_codec_t codec, uint8_t *dst) {
-  const int hd = s->hd, S = s->n * hd;
   kvc_qsec_header_t sh;
   memset(&sh, 0, sizeof sh);
   sh.mode = (uint8_t)q->mode;
@@ -390,22 +393,16 @@ static void kvc__emit(const kvc__src_t *s, const kvc__qsec_t *q, const kvc__huf_
   for (int g = 0; g < q->groups; g++)
     kvc__put(&w, (uint32_t)q->base[g] - (uint32_t)q->b_min, q->w_b);
   if (codec == KVC_CODEC_BITPACK) {
-    for (int i = 0; i < S; i++)
-      kvc__put(&w, kvc__u_of(q, kvc__ld(s, i / hd, i % hd), i / hd, i % hd), width);
+    for (int i = 0; i < S; i++) kvc__put(&w, u[i], width);
   } else {
     for (int sym = 0; sym < h->n_sym; sym++) kvc__put(&w, h->len[sym], 4);
-    for (int lane = 0; lane < h->n_lanes; lane++) {
-      uint32_t bits = 0;
-      for (int i = lane; i < S; i += h->n_lanes)
-        bits += kvc__sym_bits(h, kvc__u_of(q, kvc__ld(s, i / hd, i % hd), i / hd, i % hd));
-      kvc__put(&w, bits - h->lane_min, h->w_lane);
-    }
+    for (int lane = 0; lane < h->n_lanes; lane++)
+      kvc__put(&w, h->lane_bits[lane] - h->lane_min, h->w_lane);
     for (int lane = 0; lane < h->n_lanes; lane++) {
       for (int i = lane; i < S; i += h->n_lanes) {
-        uint32_t u = kvc__u_of(q, kvc__ld(s, i / hd, i % hd), i / hd, i % hd);
-        uint32_t sym = kvc_sym_of(u), ne = kvc_sym_extra(sym);
+        uint32_t sym = kvc_sym_of(u[i]), ne = kvc_sym_extra(sym);
         kvc__put(&w, h->code[sym], h->len[sym]);
-        kvc__put(&w, u - kvc_sym_base(sym), ne);
+        kvc__put(&w, u[i] - kvc_sym_base(sym), ne);
       }
     }
   }
@@ -425,33 +422,34 @@ static kvc__src_t kvc__section_src(const kvc_codec_params_t *p, const void *bloc
   return s;
 }
 
-/* Sizes of section (tensor, head) under BITPACK and HUFFMAN (0: cannot be coded smaller than raw,
- * or at all), and, with dst, writes it with `codec`. */
-static kvc_status_t kvc__section(const kvc_codec_params_t *p, const void *block, int n, int tensor,
-                                 int head, kvc_codec_t codec, uint8_t *dst, uint32_t *bytes) {
+/* Quantizes section (tensor, head) of the block into q and its codes u[n][head_dim]. */
+static kvc_status_t kvc__section_quantize(const kvc_codec_params_t *p, const void *block, int n,
+                                          int tensor, int head, kvc__qsec_t *q, uint32_t *u) {
   kvc__src_t s = kvc__section_src(p, block, n, tensor, head);
+  return kvc__quantize(&s, tensor, p->bound_mode, tensor == 0 ? p->k_bound : p->v_bound, q, u);
+}
+
+/* Writes section (tensor, head) with `codec` at dst (zeroed); u: room for its codes (unused by
+ * RAW). */
+static kvc_status_t kvc__section(const kvc_codec_params_t *p, const void *block, int n, int tensor,
+                                 int head, kvc_codec_t codec, uint32_t *u, uint8_t *dst,
+                                 uint32_t *bytes) {
   uint32_t raw = kvc_raw_section_bytes((uint32_t)n, (uint32_t)p->head_dim, (uint32_t)p->dtype);
   if (codec == KVC_CODEC_RAW) {
-    if (dst) memcpy(dst, s.rows, raw);
+    memcpy(dst, kvc__section_src(p, block, n, tensor, head).rows, raw);
     *bytes = raw;
     return KVC_OK;
   }
   kvc__qsec_t q;
   kvc__huf_t h;
-  kvc_status_t st = kvc__quantize(&s, tensor, p->bound_mode, tensor == 0 ? p->k_bound : p->v_bound,
-                                  &q);
+  kvc_status_t st = kvc__section_quantize(p, block, n, tensor, head, &q, u);
   if (st != KVC_OK) return st;
-  uint32_t b;
-  if (codec == KVC_CODEC_BITPACK) {
-    b = kvc__bitpack_bytes(&s, &q);
-  } else {
-    kvc__huf_plan(&s, &q, &h);
-    b = kvc__huffman_bytes(&q, &h);
-  }
+  const int S = n * p->head_dim;
+  uint32_t b = kvc__qsec_size(u, S, &q, codec, &h);
   /* No section is larger than its raw form, so no page exceeds kvc_codec_max_page_bytes and
    * decoders can size section buffers by the raw section. */
   if (b > raw) return KVC_ERR_UNSUPPORTED;
-  if (dst) kvc__emit(&s, &q, &h, codec, dst);
+  kvc__emit(u, S, &q, &h, codec, dst);
   *bytes = b;
   return KVC_OK;
 }
@@ -476,9 +474,11 @@ static void kvc__write_header(const kvc_codec_params_t *p, int n, kvc_codec_t co
   kvc_wr_u32(out + 28, kvc_page_checksum(out));
 }
 
-/* Writes the page with `codec` into out (cap >= raw page size checked by the caller). */
+/* Writes the page with `codec` into out (cap >= raw page size checked by the caller); u: room
+ * for a section's codes. */
 static kvc_status_t kvc__write_page(const kvc_codec_params_t *p, kvc_codec_t codec,
-                                    const void *block, int n, uint8_t *out, size_t *size) {
+                                    const void *block, int n, uint32_t *u, uint8_t *out,
+                                    size_t *size) {
   const uint32_t H = (uint32_t)p->num_kv_heads;
   uint32_t pos = kvc_page_sections_start(H);
   memset(out, 0, pos);
@@ -487,7 +487,8 @@ static kvc_status_t kvc__write_page(const kvc_codec_params_t *p, kvc_codec_t cod
     /* Zero the largest the section can be (its raw size, rounded), so padding bytes are 0. */
     uint32_t raw = kvc_raw_section_bytes((uint32_t)n, (uint32_t)p->head_dim, (uint32_t)p->dtype);
     memset(out + pos, 0, kvc_align16(raw));
-    kvc_status_t st = kvc__section(p, block, n, (int)(i / H), (int)(i % H), codec, out + pos, &b);
+    kvc_status_t st =
+        kvc__section(p, block, n, (int)(i / H), (int)(i % H), codec, u, out + pos, &b);
     if (st != KVC_OK) return st;
     kvc_wr_u32(out + KVC_PAGE_HEADER_BYTES + 4 * i, pos + b);
     pos = kvc_align16(pos + b);
@@ -507,6 +508,11 @@ static kvc_status_t kvc__check_encode(const kvc_codec_params_t *p, const void *b
   return KVC_OK;
 }
 
+/* The codes of one section of n tokens (uint32 each): the work an encode that quantizes needs. */
+size_t kvc_codec_work_bytes(const kvc_codec_params_t *p) {
+  return (size_t)p->block_tokens * p->head_dim * sizeof(uint32_t);
+}
+
 kvc_status_t kvc_codec_encode_with(const kvc_codec_params_t *p, kvc_codec_t codec,
                                    const void *block, int n_tokens, uint8_t *out, size_t cap,
                                    size_t *size) {
@@ -514,53 +520,85 @@ kvc_status_t kvc_codec_encode_with(const kvc_codec_params_t *p, kvc_codec_t code
   if (st != KVC_OK) return st;
   if (codec != KVC_CODEC_RAW && codec != KVC_CODEC_BITPACK && codec != KVC_CODEC_HUFFMAN)
     return KVC_ERR_INVALID_ARGUMENT;
-  return kvc__write_page(p, codec, block, n_tokens, out, size);
+  uint32_t *u = NULL;
+  if (codec != KVC_CODEC_RAW && !(u = malloc(kvc_codec_work_bytes(p))))
+    return KVC_ERR_OUT_OF_HOST_MEMORY;
+  st = kvc__write_page(p, codec, block, n_tokens, u, out, size);
+  free(u);
+  return st;
 }
 
-/* Page size with `codec`, or 0 when it cannot code the block. */
-static size_t kvc__page_size(const kvc_codec_params_t *p, kvc_codec_t codec, const void *block,
-                             int n) {
+/* Page sizes with BITPACK (sz[0]) and HUFFMAN (sz[1]), 0 for a codec that cannot code the block;
+ * each section is quantized once for both. */
+static void kvc__page_sizes(const kvc_codec_params_t *p, const void *block, int n, uint32_t *u,
+                            size_t sz[2]) {
+  const kvc_codec_t codec[2] = {KVC_CODEC_BITPACK, KVC_CODEC_HUFFMAN};
   const uint32_t H = (uint32_t)p->num_kv_heads;
-  size_t pos = kvc_page_sections_start(H);
-  for (uint32_t i = 0; i < 2 * H; i++) {
-    uint32_t b;
-    if (kvc__section(p, block, n, (int)(i / H), (int)(i % H), codec, NULL, &b) != KVC_OK) return 0;
-    pos += kvc_align16(b);
+  const uint32_t raw =
+      kvc_raw_section_bytes((uint32_t)n, (uint32_t)p->head_dim, (uint32_t)p->dtype);
+  sz[0] = sz[1] = kvc_page_sections_start(H);
+  for (uint32_t i = 0; i < 2 * H && (sz[0] || sz[1]); i++) {
+    kvc__qsec_t q;
+    kvc__huf_t h;
+    if (kvc__section_quantize(p, block, n, (int)(i / H), (int)(i % H), &q, u) != KVC_OK) {
+      sz[0] = sz[1] = 0;
+      return;
+    }
+    for (int c = 0; c < 2; c++) {
+      if (!sz[c]) continue;
+      uint32_t b = kvc__qsec_size(u, n * p->head_dim, &q, codec[c], &h);
+      sz[c] = b > raw ? 0 : sz[c] + kvc_align16(b);
+    }
   }
-  return pos;
+}
+
+/* The codec a size policy (not KVC_POLICY_FIXED) picks; u: room for a section's codes. */
+static kvc_codec_t kvc__policy_pick(const kvc_codec_params_t *p, const void *block, int n,
+                                    uint32_t *u) {
+  /* Candidates from fastest to slowest decode; ties go to the faster. */
+  const kvc_codec_t order[3] = {KVC_CODEC_RAW, KVC_CODEC_BITPACK, KVC_CODEC_HUFFMAN};
+  size_t sz[3];
+  sz[0] = kvc__raw_page_bytes(p, n);
+  kvc__page_sizes(p, block, n, u, sz + 1);
+  int best = 0;
+  for (int i = 1; i < 3; i++)
+    if (sz[i] && sz[i] < sz[best]) best = i;
+  if (p->policy == KVC_POLICY_FASTEST_WITHIN) {
+    double budget = (double)p->size_budget * (double)sz[0];
+    for (int i = 0; i < 3; i++) {
+      if (sz[i] && (double)sz[i] <= budget) {
+        best = i;
+        break;
+      }
+    }
+  }
+  return order[best];
+}
+
+kvc_status_t kvc_codec_encode_work(const kvc_codec_params_t *p, const void *block, int n_tokens,
+                                   void *work, size_t work_bytes, uint8_t *out, size_t cap,
+                                   size_t *size) {
+  kvc_status_t st = kvc__check_encode(p, block, n_tokens, out, cap, size);
+  if (st != KVC_OK) return st;
+  if (!work || work_bytes < kvc_codec_work_bytes(p) || (uintptr_t)work % sizeof(uint32_t) != 0)
+    return KVC_ERR_INVALID_ARGUMENT;
+  uint32_t *u = work;
+  kvc_codec_t pick =
+      p->policy == KVC_POLICY_FIXED ? p->codec : kvc__policy_pick(p, block, n_tokens, u);
+  st = kvc__write_page(p, pick, block, n_tokens, u, out, size);
+  if (st == KVC_ERR_UNSUPPORTED && pick != KVC_CODEC_RAW)
+    st = kvc__write_page(p, KVC_CODEC_RAW, block, n_tokens, u, out, size);
+  return st;
 }
 
 kvc_status_t kvc_codec_encode(const kvc_codec_params_t *p, const void *block, int n_tokens,
                               uint8_t *out, size_t cap, size_t *size) {
   kvc_status_t st = kvc__check_encode(p, block, n_tokens, out, cap, size);
   if (st != KVC_OK) return st;
-  kvc_codec_t pick = KVC_CODEC_RAW;
-  if (p->policy == KVC_POLICY_FIXED) {
-    pick = p->codec;
-  } else {
-    /* Candidates from fastest to slowest decode; ties go to the faster. */
-    const kvc_codec_t order[3] = {KVC_CODEC_RAW, KVC_CODEC_BITPACK, KVC_CODEC_HUFFMAN};
-    size_t sz[3];
-    sz[0] = kvc__raw_page_bytes(p, n_tokens);
-    sz[1] = kvc__page_size(p, KVC_CODEC_BITPACK, block, n_tokens);
-    sz[2] = kvc__page_size(p, KVC_CODEC_HUFFMAN, block, n_tokens);
-    int best = 0;
-    for (int i = 1; i < 3; i++)
-      if (sz[i] && sz[i] < sz[best]) best = i;
-    if (p->policy == KVC_POLICY_FASTEST_WITHIN) {
-      double budget = (double)p->size_budget * (double)sz[0];
-      for (int i = 0; i < 3; i++) {
-        if (sz[i] && (double)sz[i] <= budget) {
-          best = i;
-          break;
-        }
-      }
-    }
-    pick = order[best];
-  }
-  st = kvc__write_page(p, pick, block, n_tokens, out, size);
-  if (st == KVC_ERR_UNSUPPORTED && pick != KVC_CODEC_RAW)
-    st = kvc__write_page(p, KVC_CODEC_RAW, block, n_tokens, out, size);
+  void *work = malloc(kvc_codec_work_bytes(p));
+  if (!work) return KVC_ERR_OUT_OF_HOST_MEMORY;
+  st = kvc_codec_encode_work(p, block, n_tokens, work, kvc_codec_work_bytes(p), out, cap, size);
+  free(work);
   return st;
 }
 

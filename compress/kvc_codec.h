@@ -14,7 +14,8 @@
  * decode as +0.0. No page is larger than the raw page and no quantized section larger than its raw
  * form: a codec that would enlarge a block refuses it and the policy stores it raw. Also stored raw:
  * blocks whose codes would need 2^21 or more levels per group, and near-constant groups of values
- * below 2^-126 (fp32/bf16 subnormals). Encoding allocates nothing and is thread-safe (no state).
+ * below 2^-126 (fp32/bf16 subnormals). Encoding is thread-safe (no state); kvc_codec_encode_work
+ * allocates nothing, the other encoders one work buffer per call.
  */
 #ifndef KVC_CODEC_H
 #define KVC_CODEC_H
@@ -50,17 +51,29 @@ size_t kvc_codec_staging_bytes(const kvc_codec_params_t *p);
 /* Largest page any codec/policy can produce for these parameters (a raw page with its header). */
 size_t kvc_codec_max_page_bytes(const kvc_codec_params_t *p);
 
+/* Bytes of the work buffer an encode needs (one section's codes, block_tokens x head_dim x 4). */
+size_t kvc_codec_work_bytes(const kvc_codec_params_t *p);
+
 /*
  * Encodes the first n_tokens (1..block_tokens) tokens of `block` (staging layout) into out[cap]
  * with the codec the policy picks; *size is the page size. Deterministic: same input, same bytes.
- * Returns KVC_ERR_INVALID_ARGUMENT (cap < kvc_codec_max_page_bytes, bad n_tokens).
+ * work[work_bytes]: the caller's scratch, 4-byte aligned, at least kvc_codec_work_bytes; the
+ * encode allocates nothing. Returns KVC_ERR_INVALID_ARGUMENT (cap < kvc_codec_max_page_bytes,
+ * bad n_tokens, work too small).
  */
+kvc_status_t kvc_codec_encode_work(const kvc_codec_params_t *p, const void *block, int n_tokens,
+                                   void *work, size_t work_bytes, uint8_t *out, size_t cap,
+                                   size_t *size);
+
+/* kvc_codec_encode_work with a work buffer of its own (KVC_ERR_OUT_OF_HOST_MEMORY if it cannot
+ * have one). */
 kvc_status_t kvc_codec_encode(const kvc_codec_params_t *p, const void *block, int n_tokens,
                               uint8_t *out, size_t cap, size_t *size);
 
 /* Encodes with one given codec (no policy); KVC_ERR_UNSUPPORTED if that codec cannot code this
  * block (non-finite values, quantized range too wide, a section that would be larger than raw) —
- * the caller falls back to raw. The contents of out are unspecified after an error. */
+ * the caller falls back to raw; KVC_ERR_OUT_OF_HOST_MEMORY without room for its work buffer
+ * (codecs other than RAW). The contents of out are unspecified after an error. */
 kvc_status_t kvc_codec_encode_with(const kvc_codec_params_t *p, kvc_codec_t codec,
                                    const void *block, int n_tokens, uint8_t *out, size_t cap,
                                    size_t *size);

@@ -17,6 +17,7 @@ typedef struct cpu_be {
   kvc_page_entry_t *dir; /* [num_layers][max_blocks] */
   uint8_t *scratch;      // [max_jobs][2][num_kv_heads][block_tokens][head_dim] staging layout
   uint8_t *page_buf;     /* [max_page_bytes]: one encoded page before it is scattered */
+  void *encode_work;     /* [kvc_codec_work_bytes]: the encoder's work buffer */
   uint32_t *page_bytes;  /* [num_layers][max_jobs] sizes of this step's pages */
   uint8_t *page_codec;   /* [num_layers][max_jobs] */
   uint8_t *page_chunks;  /* [num_layers][max_jobs] chunks each page took from the stack */
@@ -106,6 +107,7 @@ static void cpu_destroy(kvc_cache_t *c) {
   kvc_host_free(c->ha, be->dir);
   kvc_host_free(c->ha, be->scratch);
   kvc_host_free(c->ha, be->page_buf);
+  kvc_host_free(c->ha, be->encode_work);
   kvc_host_free(c->ha, be->page_bytes);
   kvc_host_free(c->ha, be->page_codec);
   kvc_host_free(c->ha, be->page_chunks);
@@ -129,6 +131,7 @@ static kvc_status_t cpu_create(kvc_cache_t *c) {
   be->dir = kvc_host_calloc(c->ha, L * (size_t)g->max_blocks, sizeof(kvc_page_entry_t));
   be->scratch = kvc_host_malloc(c->ha, jobs * g->staging_bytes);
   be->page_buf = kvc_host_malloc(c->ha, g->max_page_bytes);
+  be->encode_work = kvc_host_malloc(c->ha, kvc_codec_work_bytes(&c->codec));
   be->page_bytes = kvc_host_calloc(c->ha, L * jobs, sizeof(uint32_t));
   be->page_codec = kvc_host_calloc(c->ha, L * jobs, 1);
   be->page_chunks = kvc_host_calloc(c->ha, L * jobs, 1);
@@ -138,8 +141,9 @@ static kvc_status_t cpu_create(kvc_cache_t *c) {
   be->cursor = kvc_host_malloc(c->ha, (size_t)g->max_blocks * sizeof(kvc_pack_cursor_t));
   if (c->cfg.swap_bytes) be->swap = kvc_host_malloc(c->ha, c->cfg.swap_bytes);
   if (!be->pool || !be->free_stack || !be->dir || !be->scratch || !be->page_buf ||
-      !be->page_bytes || !be->page_codec || !be->page_chunks || !be->slot_bytes ||
-      !be->slot_codec || !be->slot_chunks || !be->cursor || (c->cfg.swap_bytes && !be->swap)) {
+      !be->encode_work || !be->page_bytes || !be->page_codec || !be->page_chunks ||
+      !be->slot_bytes || !be->slot_codec || !be->slot_chunks || !be->cursor ||
+      (c->cfg.swap_bytes && !be->swap)) {
     cpu_destroy(c);
     return KVC_ERR_OUT_OF_HOST_MEMORY;
   }
@@ -244,8 +248,9 @@ static kvc_status_t cpu_compress(kvc_cache_t *c, int layer, void *stream) {
     kvc_page_entry_t *e = entry(be, c, layer, blocks[j]);
     size_t size = 0;
     kvc_page_info_t info;
-    kvc_status_t st = kvc_codec_encode(&c->codec, be->scratch + (size_t)j * sb, bt, be->page_buf,
-                                       g->max_page_bytes, &size);
+    kvc_status_t st = kvc_codec_encode_work(&c->codec, be->scratch + (size_t)j * sb, bt,
+                                            be->encode_work, kvc_codec_work_bytes(&c->codec),
+                                            be->page_buf, g->max_page_bytes, &size);
     if (st != KVC_OK) return st;
     st = kvc_codec_page_info(be->page_buf, size, &info);
     if (st != KVC_OK) return st;

@@ -158,9 +158,15 @@ static uint8_t *encode_check(const block_t *b, int with, kvc_codec_t codec, kvc_
     free(page2);
     return NULL;
   }
-  /* Deterministic, independent of the output buffer's previous contents. */
+  /* Deterministic, independent of the output buffer's previous contents (and, with the caller's
+   * work buffer, of that buffer's). */
+  const size_t wb = kvc_codec_work_bytes(p);
+  void *work = malloc(wb);
+  assert_non_null(work);
+  memset(work, 0xE7, wb);
   st = with ? kvc_codec_encode_with(p, codec, b->raw, b->n, page2, cap, &size2)
-            : kvc_codec_encode(p, b->raw, b->n, page2, cap, &size2);
+            : kvc_codec_encode_work(p, b->raw, b->n, work, wb, page2, cap, &size2);
+  free(work);
   assert_int_equal(st, KVC_OK);
   assert_int_equal(size, size2);
   assert_memory_equal(page, page2, size);
@@ -423,6 +429,17 @@ static void bad_arguments_are_rejected(void **state) {
   assert_int_equal(kvc_codec_encode(&p, blk, 64, page, cap - 1, &size), KVC_ERR_INVALID_ARGUMENT);
   assert_int_equal(kvc_codec_encode_with(&p, (kvc_codec_t)3, blk, 64, page, cap, &size),
                    KVC_ERR_INVALID_ARGUMENT);
+  const size_t wb = kvc_codec_work_bytes(&p);
+  uint8_t *work = malloc(wb + 4); /* the work buffer: too small, absent, misaligned, right */
+  assert_non_null(work);
+  assert_int_equal(kvc_codec_encode_work(&p, blk, 64, work, wb - 1, page, cap, &size),
+                   KVC_ERR_INVALID_ARGUMENT);
+  assert_int_equal(kvc_codec_encode_work(&p, blk, 64, NULL, wb, page, cap, &size),
+                   KVC_ERR_INVALID_ARGUMENT);
+  assert_int_equal(kvc_codec_encode_work(&p, blk, 64, work + 1, wb, page, cap, &size),
+                   KVC_ERR_INVALID_ARGUMENT);
+  assert_int_equal(kvc_codec_encode_work(&p, blk, 64, work, wb, page, cap, &size), KVC_OK);
+  free(work);
   assert_int_equal(kvc_codec_encode(&p, blk, 1, page, cap, &size), KVC_OK);
   assert_int_equal(kvc_codec_decode_head(page, size, 2, 0, out), KVC_ERR_INVALID_ARGUMENT);
   assert_int_equal(kvc_codec_decode_head(page, size, 0, 2, out), KVC_ERR_INVALID_ARGUMENT);

@@ -37,8 +37,11 @@ def last_json(path):
     return {"rows": []}
 
 k, t = last_json(sys.argv[1]), last_json(sys.argv[2])
-sdpa = {(r["batch"], r["context"]): r["ms"] for r in t.get("rows", [])}
-rows = [dict(r, variant=r.get("variant")) for r in t.get("rows", [])] + k["rows"]
+sdpa = {(r["batch"], r["context"]): r["ms"] for r in t.get("rows", []) if "qrows" not in r}
+sdpa_q = {(r["batch"], r["context"], r["qrows"]): r["ms"] for r in t.get("rows", [])
+          if "qrows" in r}
+rows = [dict(r, variant=r.get("variant")) for r in t.get("rows", []) if "qrows" not in r] + \
+    k["rows"]
 print()
 print(f"copy ceiling (read + write): {k.get('copy_tbps', 0):.2f} TB/s; read ceiling (loads "
       f"only): {k.get('read_ceiling_tbps', 0):.2f} TB/s; torch SDPA: "
@@ -84,18 +87,27 @@ if shared:
 # Several query rows per sequence: each kvcomp row against its pool on v2.
 if multi:
     print()
-    print("several query rows per sequence (speculative tokens; the launcher picks v3's tiles of 8 "
-          "query entries or v2's larger ones), against the same pool on v2:")
+    print("several query rows per sequence (speculative tokens, prefill chunks; the launcher "
+          "picks v3's tiles of 8 query entries or v2's larger ones), against the same pool on v2 "
+          "and torch SDPA with the same rows (unmasked):")
     print(f"{'impl':<22} {'batch':>6} {'context':>8} {'rows':>5} {'entries':>8} {'ms':>9} "
-          f"{'vs v2':>7}")
+          f"{'vs v2':>7} {'vs SDPA':>8}")
     v2 = {(r["impl"][:-3], r["qrows"]): r["ms"] for r in multi if r["impl"].endswith("_v2")}
+    for b, c, q in sorted(sdpa_q):
+        print(f"{'torch_sdpa':<22} {b:>6} {c:>8} {q:>5} {q * 4:>8} {sdpa_q[(b, c, q)]:>9.4f}")
+        out.append({"impl": "torch_sdpa", "batch": b, "context": c, "qrows": q,
+                    "ms": sdpa_q[(b, c, q)], "speedup_vs_sdpa": 1.0})
     for r in multi:
         b = None if r["impl"].endswith("_v2") else v2.get((r["impl"], r["qrows"]))
         sp = b / r["ms"] if b else None
+        ref = sdpa_q.get((r["batch"], r["context"], r["qrows"]))
+        sq = ref / r["ms"] if ref else None
         print(f"{r['impl']:<22} {r['batch']:>6} {r['context']:>8} {r['qrows']:>5} "
-              f"{r['qrows'] * 4:>8} {r['ms']:>9.4f} {('%.2fx' % sp) if sp else '-':>7}")
+              f"{r['qrows'] * 4:>8} {r['ms']:>9.4f} {('%.2fx' % sp) if sp else '-':>7} "
+              f"{('%.2fx' % sq) if sq else '-':>8}")
         out.append({"impl": r["impl"], "batch": r["batch"], "context": r["context"],
-                    "qrows": r["qrows"], "ms": r["ms"], "speedup_vs_sdpa": None,
+                    "qrows": r["qrows"], "ms": r["ms"],
+                    "speedup_vs_sdpa": round(sq, 3) if sq else None,
                     "speedup_vs_v2": round(sp, 3) if sp else None,
                     "logical_tbps": r["logical_tbps"], "rel_err_vs_fp16": r["rel_err_vs_fp16"]})
 print(json.dumps({"bench": "attention", "copy_tbps": k.get("copy_tbps"),

@@ -9,8 +9,11 @@ repeated calls do not find their K/V in L2. Two formulations are timed and the f
   gqa      q [B, 32, 1, 128], k/v [B, 8, ctx, 128], enable_gqa=True
   grouped  q viewed as [B, 8, 4, 128] (the 4 query heads of a kv head as 4 query rows), k/v
            [B, 8, ctx, 128]: plain multi-head SDPA, which every fused backend accepts
+Then several query rows per sequence (qrows: 8 sequences of 32k tokens, as the kvcomp bench's
+multi-query rows), both formulations again (grouped: q [B, 8, 4 R, 128]), without a causal mask
+(the mask covers only the last R x R tokens of 32k; the kvcomp rows apply it).
 Median of CUDA-event times after warm-up. Last line: {"bench":"attention_torch","rows":[...]}.
-Usage: attention_torch.py [--quick]
+Usage: attention_torch.py [--quick] [--qrows]   (--qrows: the multi-query rows alone)
 """
 import json
 import statistics
@@ -25,6 +28,7 @@ except ImportError:
 
 HQ, HKV, HD = 32, 8, 128
 CONFIGS = [(1, 32768), (8, 32768), (32, 8192), (64, 4096), (16, 131072)]
+QROWS = [2, 3, 4, 6, 8, 16, 64, 256]  # as bench/gpu_bench_attention.cu's qrow_counts
 MAX_SETS = 64
 
 
@@ -77,7 +81,7 @@ def main():
     rows = []
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     print(f"{'impl':<12} {'batch':>6} {'context':>8} {'variant':>8} {'ms':>9} {'TB/s':>7}")
-    for b, ctx in CONFIGS:
+    for b, ctx in [] if "--qrows" in sys.argv else CONFIGS:
         ctx //= div
         sets = min(MAX_SETS, total // (b * ctx))
         k, v = model_like_kv(sets, b, ctx, gen)
@@ -107,6 +111,30 @@ def main():
                          "variant": best[0]})
         del k, v, q
         torch.cuda.empty_cache()
+    b, ctx = 8, 32768 // div
+    sets = min(MAX_SETS, total // (b * ctx))
+    k, v = model_like_kv(sets, b, ctx, gen)
+    for r_rows in QROWS:
+        q = torch.randn(sets, b, HQ, r_rows, HD, generator=gen, device="cuda").half()
+        variants = {
+            "gqa": lambda r: F.scaled_dot_product_attention(q[r], k[r], v[r], enable_gqa=True),
+            "grouped": lambda r: F.scaled_dot_product_attention(
+                q[r].reshape(b, HKV, HQ // HKV * r_rows, HD), k[r], v[r]),
+        }
+        best = None
+        for name, fn in variants.items():
+            try:
+                ms = median_ms(fn, sets)
+            except RuntimeError as e:
+                print(f"sdpa {name} rows {r_rows}: {e}", file=sys.stderr)
+                continue
+            print(f"{'torch_sdpa':<12} {b:>6} {ctx:>8} {name:>8} {ms:>9.4f}  ({r_rows} rows)")
+            if best is None or ms < best[1]:
+                best = (name, ms)
+        if best:
+            rows.append({"impl": "torch_sdpa", "batch": b, "context": ctx, "qrows": r_rows,
+                         "ms": round(best[1], 5), "variant": best[0]})
+        del q
     print(json.dumps({"bench": "attention_torch", "torch": torch.__version__, "rows": rows}))
 
 

@@ -24,8 +24,8 @@
  * prefixes, one for the whole batch or one per group of sequences (rows *_prefix: read by every
  * sequence; *_auto: the cascade where kvc_attn_cuda_cascade_pays, as the plan decides; *_cascade:
  * read once per group; their rel_err is against *_prefix, and their read TB/s counts the prefixes'
- * pages once). Then 8 sequences of 32k tokens with 2-16 query rows each (speculative tokens:
- * rows qrows > 1; each pool with its cache's mask, which lets the launcher pick v3 over several
+ * pages once). Then 8 sequences of 32k tokens with 2-256 query rows each (speculative tokens,
+ * prefill chunks: rows qrows > 1; each pool with its cache's mask, which lets the launcher pick v3 over several
  * query tiles, and on v2; errors against fp16 pages on v2). Times: CUDA events around each call
  * after warm-up, median. Output: a table, then one JSON line:
  *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context",
@@ -800,7 +800,7 @@ int main(int argc, char **argv) {
    * tokens of its context, causal, so R x GROUP query entries per kv head. Each pool with its
    * cache's codec mask (the launcher picks v3 over query tiles of 8 entries or v2's larger tiles
    * by its cost model) and with mask 0 (v2 always, rows *_v2); errors against fp16 pages on v2. */
-  const int qrow_counts[] = {2, 3, 4, 6, 8, 16};
+  const int qrow_counts[] = {2, 3, 4, 6, 8, 16, 64, 256}; /* 64, 256: chunks of prefill */
   for (const int R : qrow_counts) {
     if (only) break;
     const int B = 8, ctx = 32768 / ctx_div, bps = ctx / BT;

@@ -580,15 +580,22 @@ def multi_query_table(rows):
         v2, run = by.get((pool + "_v2", b, c, q)), by.get((pool, b, c, q))
         if not v2 or not run:
             return ""
-        return f"{v2['ms']:.3f} → {run['ms']:.3f} ({v2['ms'] / run['ms']:.2f}×)"
+        text = f"{v2['ms']:.3f} → {run['ms']:.3f} ({v2['ms'] / run['ms']:.2f}×"
+        sdpa = by.get(("torch_sdpa", b, c, q))
+        return text + (f"; {sdpa['ms'] / run['ms']:.2f}× SDPA)" if sdpa else ")")
 
-    out = ["Several query rows per sequence (speculative tokens, the last rows of each "
-           "sequence, causal; 4 query heads per kv head, so 4 query entries per row): ms on the "
-           "older kernel v2 → with the launcher's choice between v3 over query tiles of 8 entries "
-           "and v2's tiles of 16-64 (speed-up).", ""]
-    out += table(["batch, context, query rows"] + [n for _, n in pools],
-                 [[f"{b}, {c // 1024}k, {q}"] + [cell(p, b, c, q) for p, _ in pools]
-                  for b, c, q in shapes])
+    def sdpa_ms(b, c, q):
+        r = by.get(("torch_sdpa", b, c, q))
+        return f"{r['ms']:.3f}" if r else ""
+
+    out = ["Several query rows per sequence (speculative tokens and prefill chunks, the last "
+           "rows of each sequence, causal; 4 query heads per kv head, so 4 query entries per "
+           "row): ms on the older kernel v2 → with the launcher's choice between v3 over query "
+           "tiles of 8 entries and v2's tiles of 16-64 (speed-up over v2; over torch SDPA on "
+           "dense fp16 with the same rows, unmasked).", ""]
+    out += table(["batch, context, query rows", "torch SDPA"] + [n for _, n in pools],
+                 [[f"{b}, {c // 1024}k, {q}", sdpa_ms(b, c, q)] +
+                  [cell(p, b, c, q) for p, _ in pools] for b, c, q in shapes])
     out.append("")
     return out
 

@@ -7,15 +7,18 @@
  *
  *   producer (warp 4)  walks the split's units: reads block ids, page entries, page headers and
  *                      section tables 16 pages at a time, takes space in a shared-memory byte ring
- *                      and issues 16-byte cp.async loads; a unit's completion is tracked by an
- *                      mbarrier ("full"), its release by the consumers by another ("empty"); every
- *                      thread arrives itself, so each arrive releases that thread's own accesses.
- *                      A unit whose pages are all uncompressed rows (staging pages, RAW pages)
- *                      lands directly in the swizzled tile layout the tensor cores read; otherwise
- *                      its compressed sections land as bytes. The producer runs ahead as far as the
- *                      ring allows, so its dependent metadata loads stay off the consumers' path.
- *   consumers (0..3)   per unit: decode compressed sections into a shared K/V tile (warps 0-1 the
- *                      K sections, warps 2-3 the V sections, attention/kvc_attn_decode.cuh), then
+ *                      and issues bulk copies (the TMA engine; lanes 0 and 1 the K and V sections,
+ *                      one copy per section and pool chunk), so that each unit lands as its pages'
+ *                      sections: compressed bytes or uncompressed rows. A unit's completion is
+ *                      tracked by an mbarrier ("full", by bytes), its release by the consumers by
+ *                      another ("empty"); every thread arrives itself, so each arrive releases that
+ *                      thread's own accesses. The producer runs ahead as far as the ring allows, so
+ *                      its dependent metadata loads stay off the consumers' path. (Per-lane 16-byte
+ *                      cp.async into the swizzled tile, as first written, held fp16 launches to
+ *                      ~1.5 TB/s: bench/NOTES-attention.md, session 21.)
+ *   consumers (0..3)   per unit: decode compressed sections, or copy rows, into a shared K/V tile
+ *                      (warps 0-1 the K sections, warps 2-3 the V sections,
+ *                      attention/kvc_attn_decode.cuh), then
  *                      S = Q K^T with mma.sync m16n8k16 (M = the 16 query entries, so the GQA group
  *                      shares every K/V value it loads), online softmax in fp32 (exp2, scale folded
  *                      in), O += P V with mma.sync. With one query tile (decode) the four warps
@@ -24,7 +27,7 @@
  * Decode instances (16 query entries) are sized for two CTAs per SM; see ring_bytes.
  *
  * Decode launches at head_dim 64/128 whose caller passes a codec mask run v3 instead
- * (attention/kvc_attn_v3.cuh): the same producer with bulk copies, and consumer warps that each
+ * (attention/kvc_attn_v3.cuh): the same producer, and consumer warps that each
  * take whole units (half units when all pages are rows) and build the mma operands (K and V as
  * the A operand, the query entries as N) in registers from the ring bytes; a mask that allows
  * Huffman pages selects v3's Huffman instance (attention/kvc_attn_v3_huf.cuh), which leaves
@@ -77,7 +80,7 @@ constexpr int kMaxSplits = 64;
 constexpr int kWsEntries = 16384; /* (row, head) partials the workspace is sized for */
 
 enum : uint8_t { PG_NONE = 0, PG_STAGING, PG_RAW, PG_BITPACK, PG_HUFFMAN, PG_BAD };
-enum : int32_t { UNIT_TILE_IN_RING = 1, UNIT_BAD = 2 };
+enum : int32_t { UNIT_BAD = 1 }; /* unit_desc::flags */
 
 /* What the producer knows about one page of its current batch. */
 struct page_meta {
@@ -154,7 +157,6 @@ template <int HD, int WM> struct smem_layout {
   static constexpr int unit_tokens = kUnitTokens;
   static constexpr int ring = ring_bytes<HD, WM>();
   static constexpr int slots = kSlots;
-  static constexpr bool bulk = false; /* per-lane cp.async, uncompressed units as swizzled tiles */
   static constexpr bool fetch_ahead = false; /* producer: see fetch_ahead in v3_layout */
   static constexpr int slack = 0;     /* bytes left after each compressed section */
   static constexpr int dtile_off = ring;
@@ -178,19 +180,12 @@ template <int HD, int WM> struct smem_layout {
 __device__ __forceinline__ uint32_t smem_u32(const void *p) {
   return (uint32_t)__cvta_generic_to_shared(p);
 }
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
                : "memory");
-}
-/* Arrives on `bar` once all of this thread's earlier cp.async have landed. */
-__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 /* Adds `bytes` to the transaction count the current phase of `bar` waits for. */
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
@@ -385,19 +380,6 @@ __device__ __forceinline__ void prefetch_dir_entry(const params &p, int bid) {
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(e + min(o, (int)sizeof(*p.dir) - 1)));
 }
 
-/* Copies page bytes [src_off, src_off + align16(bytes)) to shared address dst. */
-__device__ __forceinline__ void copy_linear(const params &p, const uint32_t *chunks,
-                                            uint32_t nchunks_dbg, uint32_t src_off, uint32_t bytes,
-                                            uint32_t dst) {
-  const uint32_t n = (bytes + 15) >> 4;
-#pragma unroll 4
-  for (uint32_t i = threadIdx.x & 31; i < n; i += 32) {
-    const uint32_t o = src_off + 16 * i;
-    if (kDebug && (o >> p.chunk_shift) >= nchunks_dbg) __trap();
-    cp_async16(dst + 16 * i, page_addr(p, chunks, o));
-  }
-}
-
 /* One thread: copies page bytes [src_off, src_off + align16(bytes)) to shared address dst with
  * bulk copies (one per chunk the range touches) that complete on mbarrier `bar`; returns the
  * bytes, for the barrier's expected transaction count. */
@@ -415,22 +397,8 @@ __device__ __forceinline__ uint32_t copy_bulk(const params &p, const uint32_t *c
   return total;
 }
 
-/* Copies nrows contiguous rows starting at page byte src_off into swizzled tile rows row0.. . */
-template <int HD>
-__device__ __forceinline__ void copy_rows_tile(const params &p, const uint32_t *chunks,
-                                               uint32_t nchunks_dbg, uint32_t src_off, int nrows,
-                                               int row0, uint32_t tile) {
-  constexpr int P = HD / 8;
-#pragma unroll 4
-  for (int i = threadIdx.x & 31; i < nrows * P; i += 32) {
-    const uint32_t o = src_off + 16u * i;
-    if (kDebug && (o >> p.chunk_shift) >= nchunks_dbg) __trap();
-    cp_async16(tile + tile_off<HD>(row0 + i / P, i % P), page_addr(p, chunks, o));
-  }
-}
-
 /* SL: the kernel's shared-memory layout (ring, desc_off, meta_off, chunks_off, bar_off, tile,
- * slots (the units in flight at most, <= 32), bulk (copy kind), slack (bytes the ring keeps
+ * slots (the units in flight at most, <= 32), slack (bytes the ring keeps
  * unwritten after each compressed section) and unit_tokens (64, or 128 for v3's instance over
  * two-page units: then block_tokens is 32 or 64, so a unit holds at most kMaxUnitPages pages
  * and reads whole pages)). */
@@ -485,7 +453,7 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
     }
     /* The unit's pages and the ring bytes they need. */
     unit_page up[kMaxUnitPages];
-    bool all_rows = true, any_bad = false;
+    bool any_bad = false;
     uint32_t need = 0;
 #pragma unroll
     for (int q = 0; q < kMaxUnitPages; q++) {
@@ -499,7 +467,6 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       x.nrows = (int16_t)(bt >= UT ? n_valid : min(bt, len - (jf + q) * bt));
       any_bad |= pm.cls == PG_BAD || pm.cls == PG_NONE;
       const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
-      all_rows &= rows;
       x.k_bytes = rows ? (uint32_t)x.nrows * RB : pm.k_bytes;
       x.v_bytes = rows ? (uint32_t)x.nrows * RB : pm.v_bytes;
       x.k_ring = need;
@@ -507,8 +474,7 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       x.v_ring = need;
       need += kvc_align16(x.v_bytes) + (rows ? 0u : (uint32_t)SL::slack);
     }
-    int32_t flags = any_bad ? UNIT_BAD : all_rows && !SL::bulk ? UNIT_TILE_IN_RING : 0;
-    if (flags == UNIT_TILE_IN_RING) need = 2 * SL::tile;
+    int32_t flags = any_bad ? UNIT_BAD : 0;
     if (any_bad || need > (uint32_t)SL::ring) {
       flags = UNIT_BAD;
       need = 0;
@@ -518,45 +484,12 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
     while (!kvc_attn_ring_place(&rg, (uint32_t)SL::ring, need, rel < k, &off)) release_oldest(k);
     if (lane == slot) live_off = off;
     /* Issue the copies. */
-    if (SL::bulk) {
-      /* Lane 0 copies the K sections, lane 1 the V sections: the two chains of chunk lookups and
-       * copies side by side (each adds its bytes to the phase's transaction count before it
-       * arrives). */
-      if (lane < 2 && flags == 0) {
-        const bool v = lane == 1;
-        uint32_t bytes = 0;
-#pragma unroll
-        for (int q = 0; q < kMaxUnitPages; q++) {
-          if (q >= npg) break;
-          const page_meta pm = meta[jf + q - batch];
-          const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
-          const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
-          const uint32_t rofs = rows ? (uint32_t)up[q].ptok0 * RB : 0;
-          bytes += copy_bulk(p, pc, pm.nchunks, (v ? pm.v_off : pm.k_off) + rofs,
-                             v ? up[q].v_bytes : up[q].k_bytes,
-                             ring + off + (v ? up[q].v_ring : up[q].k_ring), bars + 8 * slot);
-        }
-        mbar_expect_tx(bars + 8 * slot, bytes);
-      }
-    } else if (flags == UNIT_TILE_IN_RING) {
-      const uint32_t kt = ring + off, vt = kt + SL::tile;
-#pragma unroll
-      for (int q = 0; q < kMaxUnitPages; q++) {
-        if (q >= npg) break;
-        const page_meta pm = meta[jf + q - batch];
-        const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
-        const uint32_t nch = pm.nchunks;
-        const uint32_t rofs = (uint32_t)up[q].ptok0 * RB;
-        copy_rows_tile<HD>(p, pc, nch, pm.k_off + rofs, up[q].nrows, up[q].row0, kt);
-        copy_rows_tile<HD>(p, pc, nch, pm.v_off + rofs, up[q].nrows, up[q].row0, vt);
-      }
-      /* Rows past the sequence: zeros, so that masked probabilities never meet NaN. */
-      uint8_t *kz = smem + off, *vz = kz + SL::tile;
-      for (int i = n_valid * (HD / 8) + lane; i < kUnitTokens * (HD / 8); i += 32) {
-        *(uint4 *)(kz + 16 * i) = make_uint4(0, 0, 0, 0);
-        *(uint4 *)(vz + 16 * i) = make_uint4(0, 0, 0, 0);
-      }
-    } else if (flags == 0) {
+    /* Lane 0 copies the K sections, lane 1 the V sections: the two chains of chunk lookups and
+     * copies side by side (each adds its bytes to the phase's transaction count before it
+     * arrives). */
+    if (lane < 2 && flags == 0) {
+      const bool v = lane == 1;
+      uint32_t bytes = 0;
 #pragma unroll
       for (int q = 0; q < kMaxUnitPages; q++) {
         if (q >= npg) break;
@@ -564,9 +497,11 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
         const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
         const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
         const uint32_t rofs = rows ? (uint32_t)up[q].ptok0 * RB : 0;
-        copy_linear(p, pc, pm.nchunks, pm.k_off + rofs, up[q].k_bytes, ring + off + up[q].k_ring);
-        copy_linear(p, pc, pm.nchunks, pm.v_off + rofs, up[q].v_bytes, ring + off + up[q].v_ring);
+        bytes += copy_bulk(p, pc, pm.nchunks, (v ? pm.v_off : pm.k_off) + rofs,
+                           v ? up[q].v_bytes : up[q].k_bytes,
+                           ring + off + (v ? up[q].v_ring : up[q].k_ring), bars + 8 * slot);
       }
+      mbar_expect_tx(bars + 8 * slot, bytes);
     }
     if (lane == 0) {
       unit_desc &d = descs[slot];
@@ -578,10 +513,8 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       for (int q = 0; q < kMaxUnitPages; q++)
         if (q < npg) d.pages[q] = up[q];
     }
-    /* Every lane: its copies complete the phase asynchronously (bulk copies: by their byte
-     * count), its arrive releases its own shared-memory stores (zero rows; lane 0: the
-     * descriptor). */
-    if (!SL::bulk) mbar_arrive_cp_async(bars + 8 * slot);
+    /* Every lane arrives (lane 0's arrive releases the descriptor); the copies complete the phase
+     * by their byte count. */
     mbar_arrive(bars + 8 * slot);
     if constexpr (SL::fetch_ahead)
       if (ahead && --ahead == 0 && next_bid >= 0) prefetch_dir_entry(p, next_bid);
@@ -832,13 +765,6 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>()))
       const uint32_t uo = d->ring_off;
       if (flags & UNIT_BAD) {
         bad = true;
-        mbar_arrive(bars + 8 * (kSlots + slot));
-        continue;
-      }
-      if (flags & UNIT_TILE_IN_RING) {
-        const uint32_t kt = smem_u32(smem) + uo;
-        attend<HD, T, NT>(kt, kt + SL::tile, qw, tb, n_valid, token0, pos0, pos1, pos_warp,
-                          p.scale_log2, o, m, l);
         mbar_arrive(bars + 8 * (kSlots + slot));
         continue;
       }
@@ -1124,13 +1050,15 @@ int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
 }
 
 /* What one query tile of v2 costs, in tiles of v3 (8 entries) over the same KV: [pages: fp16 rows,
- * bit-pack, Huffman][v2's tile of 16, 32, 64 entries]. Measured on the H200 (session 20, `./kvc
- * bench attention`'s multi-query rows, 8 sequences of 32k tokens: v2's time over v3's, times v3's
- * tiles; 16: 12-16 entries, 2 tiles; 32: 24 and 32 entries) and, for 64, the most conservative of
- * session 10's prefix launches (3.7 / 4.6 / 4.2) and session 20's 64 entries (6.3 / 7.5 / 5.6):
- * v3's figure per tile falls as its launch fills the GPU, so a linear count is rough and v2 keeps
- * the large tiles. */
-const double kV2Tile[3][3] = {{2.9, 3.5, 3.7}, {3.4, 3.9, 4.6}, {2.9, 3.0, 4.2}};
+ * bit-pack, Huffman][v2's tile of 16, 32, 64 entries]. Measured on the H200 (session 21, v2 on
+ * bulk copies; `./kvc bench attention`'s multi-query rows, 8 sequences of 32k tokens: v2's time
+ * over v3's, times v3's tiles; 16: 12-16 entries, 2 tiles; 32: 24 and 32 entries) and, for 64,
+ * the most conservative of session 10's prefix launches (3.7 / 4.6 / 4.2) and sessions 20-21's
+ * 64 entries (3.7-7.5): v3's figure per tile falls as its launch fills the GPU, so a linear count
+ * is rough and v2 keeps the large tiles. fp16's 16-entry tile measured 1.8 there, but a cascade's
+ * prefix launches of 16 entries ran 3-20% slower on v2 than on v3's two tiles (`./kvc bench
+ * attention`'s prefix rows, 4 sequences per group), so 2.4 keeps those on v3. */
+const double kV2Tile[3][3] = {{2.4, 2.0, 3.7}, {3.3, 3.9, 4.6}, {2.8, 3.0, 4.2}};
 
 /* The cost, in v3 reads of its KV, of attending `entries` query entries of one sequence: its
  * query tiles, a tile of v2 counted as kV2Tile v3 tiles. *v3_tiles: whether v3 over several

@@ -163,7 +163,6 @@ template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 10
   static constexpr int tile = kUnitTokens * RB;
   static constexpr int unit_tokens = UT;
   static constexpr int slots = kSlots3;
-  static constexpr bool bulk = true; /* bulk copies; every unit lands as linear sections / rows */
   /* The producer prefetches the next metadata batch's directory entries (producer()): for the
    * 64-token instance only (fp16 pages' launches, bound by DRAM), since every change to the
    * producer's code moves the compressed instances' times by ptxas's allocation alone. */

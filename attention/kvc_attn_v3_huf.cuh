@@ -145,7 +145,6 @@ template <int HD> struct v3h_layout : v3_after_ring<v3h_ring_bytes<HD>()> {
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
   static constexpr int slots = kSlots3;
-  static constexpr bool bulk = true;
   static constexpr bool fetch_ahead = false; /* producer: see v3_layout */
   static constexpr int slack = v3_layout<HD>::slack;
   static constexpr int unit_tokens = kUnitTokens;

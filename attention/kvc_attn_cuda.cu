@@ -3,7 +3,8 @@
  *
  * One CTA handles (sequence, kv head, query tile, split): a query tile is 16 * WM "query entries"
  * (a query row times one head of the kv head's GQA group, flattened row-major), a split a range of
- * the sequence's 64-token *units*. Five warps:
+ * the sequence's 64-token *units*. A producer warp and four consumer warps (eight in the instance
+ * of 128 entries, WM = 8):
  *
  *   producer (warp 4)  walks the split's units: reads block ids, page entries, page headers and
  *                      section tables 16 pages at a time, takes space in a shared-memory byte ring
@@ -17,12 +18,15 @@
  *                      cp.async into the swizzled tile, as first written, held fp16 launches to
  *                      ~1.5 TB/s: bench/NOTES-attention.md, session 21.)
  *   consumers (0..3)   per unit: decode compressed sections, or copy rows, into a shared K/V tile
- *                      (warps 0-1 the K sections, warps 2-3 the V sections,
- *                      attention/kvc_attn_decode.cuh), then
+ *                      (pairs of warps: pair p decodes tensor p & 1 (K, V) of each section; with
+ *                      eight warps, part p >> 1 of two, attention/kvc_attn_decode.cuh), then
  *                      S = Q K^T with mma.sync m16n8k16 (M = the 16 query entries, so the GQA group
  *                      shares every K/V value it loads), online softmax in fp32 (exp2, scale folded
  *                      in), O += P V with mma.sync. With one query tile (decode) the four warps
  *                      split the unit's 64 tokens; with more entries each warp owns 16 of them.
+ *                      (Eight warps of which only half took part in the decode, with pairs on
+ *                      named barriers, made compute-sanitizer's racecheck report hazards in
+ *                      race-free code: bench/NOTES-attention.md, session 21.)
  *
  * Decode instances (16 query entries) are sized for two CTAs per SM; see ring_bytes.
  *
@@ -34,7 +38,7 @@
  * blocks of 128 tokens at head_dim 128 to v2. The producer there issues a unit's K and V bulk
  * copies from lanes 0 and 1 side by side. Launches with more query entries per kv head (several
  * rows per sequence: speculative tokens, short prefill chunks; a cascade's prefixes) run v3 over
- * several query tiles of 8 where tile_reads expects that to cost less than v2's tiles of 16-64
+ * several query tiles of 8 where tile_reads expects that to cost less than v2's tiles of 16-128
  * (each v3 tile decodes the pages again).
  *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
@@ -66,9 +70,12 @@ constexpr bool kDebug = false;
 constexpr bool kDebug = true; /* bounds checks on every pool read the producer issues */
 #endif
 
-constexpr int kConsumerWarps = 4;
-constexpr int kConsumers = 32 * kConsumerWarps;
-constexpr int kThreads = kConsumers + 32;
+/* Consumer warps of the instance with WM m-tiles of 16 query entries: four (4 / WM of them share
+ * an m-tile, splitting a unit's tokens), or one per m-tile above that; its threads (+ the producer
+ * warp); and the parts each section's decode is split into (one per pair of K pairs). */
+template <int WM> constexpr int consumer_warps() { return WM > 4 ? WM : 4; }
+template <int WM> constexpr int threads_of() { return 32 * (consumer_warps<WM>() + 1); }
+template <int WM> constexpr int decode_parts() { return consumer_warps<WM>() / 4; }
 constexpr int kSlots = 8;                        /* units in flight at most */
 constexpr int kMaxUnitPages = kUnitTokens / 16;  /* pages in a unit (block_tokens >= 16) */
 constexpr int kBatch = 16;                       /* pages of metadata the producer loads at once */
@@ -142,12 +149,13 @@ constexpr int align_up(int x, int a) { return (x + a - 1) / a * a; }
  * Ring size per instance. Decode (WM = 1) and speculative (WM = 2) instances are sized for two CTAs
  * per SM, so that one CTA decodes while the other computes or waits for memory; that leaves room
  * for two uncompressed 64-token units (head_dim 64) or one and a half (head_dim 128), and for the
- * sections of blocks up to 64 tokens. The WM = 4 instances (many query rows) take a whole SM and a
- * ring for blocks of 128 tokens; head_dim 256 has one instance, one CTA per SM.
+ * sections of blocks up to 64 tokens. The WM = 4 and 8 instances (many query rows) take a whole SM
+ * and a ring for blocks of 128 tokens (WM = 8: less ring, for its eight warps' scratch); head_dim
+ * 256 has one instance, one CTA per SM.
  */
 template <int HD, int WM> constexpr int ring_bytes() {
-  return HD == 64 ? (WM == 1 ? 64 : WM == 2 ? 56 : 48) * 1024
-         : HD == 128 ? (WM == 1 ? 48 : WM == 2 ? 40 : 144) * 1024
+  return HD == 64 ? (WM == 1 ? 64 : WM == 2 ? 56 : WM == 4 ? 48 : 96) * 1024
+         : HD == 128 ? (WM == 1 ? 48 : WM == 2 ? 40 : WM == 4 ? 144 : 104) * 1024
                      : 112 * 1024;
 }
 
@@ -162,17 +170,18 @@ template <int HD, int WM> struct smem_layout {
   static constexpr int dtile_off = ring;
   static constexpr int scratch_bytes = align_up(scratch_layout<HD>::bytes, 128);
   static constexpr int scratch_off = dtile_off + 2 * tile;
-  static constexpr int qtile_off = scratch_off + 2 * scratch_bytes;
+  static constexpr int qtile_off = scratch_off + consumer_warps<WM>() / 2 * scratch_bytes;
   static constexpr int desc_off = qtile_off + 16 * WM * RB;
   static constexpr int meta_off = desc_off + kSlots * (int)sizeof(unit_desc);
   static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
   static constexpr int bar_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 8);
   static constexpr int bytes = bar_off + 2 * kSlots * 8;
   /* The epilogue reuses the ring for the warps' partial results. */
-  static_assert(kConsumerWarps * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
+  static_assert(consumer_warps<WM>() * 16 * (HD + 2) * 4 <= ring,
+                "epilogue does not fit the ring");
   static_assert(2 * tile <= ring, "one uncompressed unit must fit the ring");
   static_assert(bytes <= 232448, "more than the 227 KiB of shared memory a CTA may have");
-  static_assert(WM == 4 || HD == 256 || bytes + 1024 <= 233472 / 2, "two CTAs per SM do not fit");
+  static_assert(WM >= 4 || HD == 256 || bytes + 1024 <= 233472 / 2, "two CTAs per SM do not fit");
 };
 
 /* ---- PTX wrappers ---------------------------------------------------------------------------- */
@@ -212,19 +221,19 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
-/* Barrier of the four consumer warps that also ORs `x` over them. */
-__device__ __forceinline__ bool consumers_any(bool x) {
+/* Barrier of the N consumer threads that also ORs `x` over them. */
+template <int N> __device__ __forceinline__ bool consumers_any(bool x) {
   uint32_t r;
   asm volatile(
       "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, 1, %2, p;\n"
       " selp.u32 %0, 1, 0, q;\n}\n"
       : "=r"(r)
-      : "r"((uint32_t)x), "n"(kConsumers)
+      : "r"((uint32_t)x), "n"(N)
       : "memory");
   return r != 0;
 }
-__device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumers) : "memory");
+template <int N> __device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -474,7 +483,7 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       x.v_ring = need;
       need += kvc_align16(x.v_bytes) + (rows ? 0u : (uint32_t)SL::slack);
     }
-    int32_t flags = any_bad ? UNIT_BAD : 0;
+    int32_t flags = 0;
     if (any_bad || need > (uint32_t)SL::ring) {
       flags = UNIT_BAD;
       need = 0;
@@ -710,9 +719,11 @@ __device__ __forceinline__ void write_entry(const params &p, float (&acc)[8], fl
 template <int HD, int WM> constexpr int min_ctas_per_sm() { return HD <= 128 && WM <= 2 ? 2 : 1; }
 
 template <int HD, class T, int WM>
-__global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>()))
+__global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
     attn_kernel(const params p) {
   typedef smem_layout<HD, WM> SL;
+  constexpr int kConsumerWarps = consumer_warps<WM>(), kConsumers = 32 * kConsumerWarps;
+  constexpr int kThreads = threads_of<WM>(), kParts = decode_parts<WM>();
   constexpr int WN = kConsumerWarps / WM, NT = kUnitTokens / WN;
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -754,7 +765,8 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>()))
     const uint32_t qw = qtile + mt * 16 * SL::RB;
     const unit_desc *descs = (const unit_desc *)(smem + SL::desc_off);
     uint8_t *dtile = smem + SL::dtile_off;
-    const int pr = warp >> 1, pt = tid & 63;
+    /* Pair pr decodes tensor pr & 1 (K, V) of each section, part pr >> 1 of kParts. */
+    const int pr = warp >> 1, pt = tid & 63, tensor = pr & 1, part = pr >> 1;
     const scratch sc = make_scratch<HD>(smem + SL::scratch_off + pr * SL::scratch_bytes);
     for (int k = 0; u_begin + k < u_end; k++) {
       const int slot = k % kSlots, token0 = (u_begin + k) * kUnitTokens;
@@ -768,23 +780,25 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>()))
         mbar_arrive(bars + 8 * (kSlots + slot));
         continue;
       }
-      consumers_sync(); /* every warp is done with the previous unit's decoded tile */
-      uint8_t *tile = dtile + pr * SL::tile;
+      consumers_sync<kConsumers>(); /* every warp is done with the previous unit's tile */
+      uint8_t *tile = dtile + tensor * SL::tile;
       bool ok = true;
       for (int q = 0; q < d->npages; q++) {
         const unit_page pg = d->pages[q];
-        const uint8_t *src = smem + uo + (pr ? pg.v_ring : pg.k_ring);
-        if (pg.cls == PG_STAGING || pg.cls == PG_RAW)
-          copy_rows<HD>(src, pg.nrows, pg.row0, tile, pt);
-        else
-          ok &= decode_quant<HD, T>(src, pr ? pg.v_bytes : pg.k_bytes,
-                                    pg.cls == PG_BITPACK ? KVC_CODEC_BITPACK : KVC_CODEC_HUFFMAN,
-                                    pr, pg.n_tokens, pg.ptok0, pg.nrows, pg.row0, tile, sc, pt,
-                                    2 + pr);
+        const uint8_t *src = smem + uo + (tensor ? pg.v_ring : pg.k_ring);
+        if (pg.cls == PG_STAGING || pg.cls == PG_RAW) {
+          const int ra = pg.nrows * part / kParts, rb = pg.nrows * (part + 1) / kParts;
+          copy_rows<HD>(src + ra * SL::RB, rb - ra, pg.row0 + ra, tile, pt);
+        } else {
+          ok &= decode_quant<HD, T, kParts>(
+              src, tensor ? pg.v_bytes : pg.k_bytes,
+              pg.cls == PG_BITPACK ? KVC_CODEC_BITPACK : KVC_CODEC_HUFFMAN, tensor, pg.n_tokens,
+              pg.ptok0, pg.nrows, pg.row0, tile, sc, pt, 2 + pr, part);
+        }
       }
-      zero_rows<HD>(n_valid, tile, pt);
+      if (part == 0) zero_rows<HD>(n_valid, tile, pt);
       mbar_arrive(bars + 8 * (kSlots + slot)); /* this thread is done with the ring bytes */
-      if (consumers_any(!ok)) {
+      if (consumers_any<kConsumers>(!ok)) {
         bad = true;
         continue;
       }
@@ -796,7 +810,7 @@ __global__ void __launch_bounds__(kThreads, (min_ctas_per_sm<HD, WM>()))
 
   /* Epilogue: the consumer warps' (m, l, O) through the ring, combined per query entry. */
   const bool cta_bad = __syncthreads_or(bad);
-  float *obuf = (float *)smem; /* [4 warps][16][HD] */
+  float *obuf = (float *)smem; /* [consumer warps][16][HD] */
   float *mbuf = obuf + kConsumerWarps * 16 * HD, *lbuf = mbuf + kConsumerWarps * 16;
   if (warp < kConsumerWarps) {
     const int g = lane >> 2, c = lane & 3;
@@ -971,8 +985,8 @@ kvc_status_t launch_with(void (*kernel)(const params), int threads, int smem, pa
 template <int HD, class T, int WM>
 kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
   if (p.block_tokens > max_block_tokens<HD, WM>()) return KVC_ERR_UNSUPPORTED;
-  return launch_with<HD, T>(attn_kernel<HD, T, WM>, kThreads, smem_layout<HD, WM>::bytes, p, sh,
-                            stream);
+  return launch_with<HD, T>(attn_kernel<HD, T, WM>, threads_of<WM>(), smem_layout<HD, WM>::bytes,
+                            p, sh, stream);
 }
 
 /* v3 (attention/kvc_attn_v3.cuh): query tiles of 8 NB entries, pages without Huffman coding. */
@@ -1009,17 +1023,19 @@ const launch_fn kLaunch3h[2][2][2] = {
      {launch_v3h<128, __nv_bfloat16, 1, false>, launch_v3h<128, __nv_bfloat16, 1, true>}},
 };
 
-/* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4]; NULL: not built (the
+/* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4/8]; NULL: not built (the
  * shared-memory budget of head_dim 256 leaves room for one query tile of 16 entries). An instance
  * returns KVC_ERR_UNSUPPORTED for a block_tokens its ring cannot hold; the caller then tries the
  * next larger WM. */
-const launch_fn kLaunch[3][2][3] = {
-    {{launch<64, __half, 1>, launch<64, __half, 2>, launch<64, __half, 4>},
-     {launch<64, __nv_bfloat16, 1>, launch<64, __nv_bfloat16, 2>, launch<64, __nv_bfloat16, 4>}},
-    {{launch<128, __half, 1>, launch<128, __half, 2>, launch<128, __half, 4>},
+const launch_fn kLaunch[3][2][4] = {
+    {{launch<64, __half, 1>, launch<64, __half, 2>, launch<64, __half, 4>, launch<64, __half, 8>},
+     {launch<64, __nv_bfloat16, 1>, launch<64, __nv_bfloat16, 2>, launch<64, __nv_bfloat16, 4>,
+      launch<64, __nv_bfloat16, 8>}},
+    {{launch<128, __half, 1>, launch<128, __half, 2>, launch<128, __half, 4>,
+      launch<128, __half, 8>},
      {launch<128, __nv_bfloat16, 1>, launch<128, __nv_bfloat16, 2>,
-      launch<128, __nv_bfloat16, 4>}},
-    {{launch<256, __half, 1>, NULL, NULL}, {launch<256, __nv_bfloat16, 1>, NULL, NULL}},
+      launch<128, __nv_bfloat16, 4>, launch<128, __nv_bfloat16, 8>}},
+    {{launch<256, __half, 1>, NULL, NULL, NULL}, {launch<256, __nv_bfloat16, 1>, NULL, NULL, NULL}},
 };
 
 int hd_index(int hd) { return hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1; }
@@ -1046,7 +1062,8 @@ struct level {
  * (head_dim 256: always 16, more tiles). */
 int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
   if (entries_max <= 8 && hdi < 2 && codec_mask != 0) return 8;
-  return hdi == 2 || entries_max <= 16 ? 16 : entries_max <= 32 ? 32 : 64;
+  if (hdi == 2 || entries_max <= 16) return 16;
+  return entries_max <= 32 ? 32 : entries_max <= 64 ? 64 : 128;
 }
 
 /* What one query tile of v2 costs, in tiles of v3 (8 entries) over the same KV: [pages: fp16 rows,
@@ -1057,8 +1074,11 @@ int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
  * 64 entries (3.7-7.5): v3's figure per tile falls as its launch fills the GPU, so a linear count
  * is rough and v2 keeps the large tiles. fp16's 16-entry tile measured 1.8 there, but a cascade's
  * prefix launches of 16 entries ran 3-20% slower on v2 than on v3's two tiles (`./kvc bench
- * attention`'s prefix rows, 4 sequences per group), so 2.4 keeps those on v3. */
-const double kV2Tile[3][3] = {{2.4, 2.0, 3.7}, {3.3, 3.9, 4.6}, {2.8, 3.0, 4.2}};
+ * attention`'s prefix rows, 4 sequences per group), so 2.4 keeps those on v3. 128: the 64-entry
+ * factor times two tiles times the 128-entry tile's time over the 64-entry tile's, at 64 and 256
+ * rows of 4 entries (session 22: 0.67-0.69 / 0.57 / 0.47). */
+const double kV2Tile[3][4] = {
+    {2.4, 2.0, 3.7, 5.0}, {3.3, 3.9, 4.6, 5.3}, {2.8, 3.0, 4.2, 3.9}};
 
 /* The cost, in v3 reads of its KV, of attending `entries` query entries of one sequence: its
  * query tiles, a tile of v2 counted as kV2Tile v3 tiles. *v3_tiles: whether v3 over several
@@ -1068,8 +1088,8 @@ double tile_reads(long entries, int hdi, uint32_t codec_mask, bool *v3_tiles) {
   const int pages = codec_mask & (1u << KVC_CODEC_HUFFMAN)   ? 2
                     : codec_mask & (1u << KVC_CODEC_BITPACK) ? 1
                                                               : 0;
-  const double v2 = (double)((entries + te - 1) / te) *
-                    (te == 8 ? 1.0 : kV2Tile[pages][te == 16 ? 0 : te == 32 ? 1 : 2]);
+  const int wmi = te == 16 ? 0 : te == 32 ? 1 : te == 64 ? 2 : 3;
+  const double v2 = (double)((entries + te - 1) / te) * (te == 8 ? 1.0 : kV2Tile[pages][wmi]);
   const double v3 = (double)((entries + 7) / 8);
   *v3_tiles = hdi < 2 && codec_mask != 0 && v3 < v2;
   return *v3_tiles ? v3 : v2;
@@ -1101,7 +1121,7 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
    * tile that holds a sequence's rows, or a larger one when the block size needs a larger ring. */
   const int te = tile_entries(entries_max, hdi, a->codec_mask);
   const bool v3 = runs_v3(a, lv);
-  const int wmi0 = te <= 16 ? 0 : te == 32 ? 1 : 2;
+  const int wmi0 = te <= 16 ? 0 : te == 32 ? 1 : te == 64 ? 2 : 3;
   const bool v3h = (a->codec_mask & (1u << KVC_CODEC_HUFFMAN)) != 0;
   /* Units of two pages (v3_layout) where the pages need not be all rows (those split their units
    * of one page instead), without Huffman, for blocks of 32 or 64 tokens: the producer's steps
@@ -1133,7 +1153,7 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
     const kvc_status_t st = fn(p, shape(8, u2 ? 2 * kUnitTokens : kUnitTokens), stream);
     if (st != KVC_ERR_UNSUPPORTED) return st;
   }
-  for (int wmi = wmi0; wmi < 3; wmi++) {
+  for (int wmi = wmi0; wmi < 4; wmi++) {
     const launch_fn fn = kLaunch[hdi][a->dtype == KVC_DTYPE_BF16][wmi];
     if (!fn) break;
     const kvc_status_t st = fn(p, shape(16 << wmi, kUnitTokens), stream);

@@ -382,18 +382,20 @@ __device__ __forceinline__ uint32_t fast_huf_entry(uint32_t sym, uint32_t len) {
  * The same for the common shape, a whole 64-token page into a whole unit (lane i is channel i,
  * symbol k is token k): each lane's eight swizzled column offsets are compile-time indexed
  * registers, so a symbol costs one store, and a value row's step and addend are loaded once for
- * all of the thread's lanes.
+ * all of the thread's lanes. The pair decodes lanes [lane0, lane0 + nl): LPT per thread, threads
+ * past nl idle.
  */
 template <int HD, class T, int MODE, int LPT>
 __device__ __forceinline__ bool huffman_rows_fast64(const scratch &sc, const uint32_t *w,
                                                     uint32_t last, int lmax, uint8_t *tile,
-                                                    int pt) {
+                                                    int pt, int lane0, int nl) {
   constexpr int RB = 2 * HD;
+  if (pt >= nl) return true;
   uint32_t cur[LPT], nxt[LPT], used[LPT], widx[LPT], off[LPT][8];
   float kst[LPT], kbs[LPT];
 #pragma unroll
   for (int l = 0; l < LPT; l++) {
-    const int d = pt + 64 * l;
+    const int d = lane0 + pt + 64 * l;
     const uint32_t pos = sc.lane_start[d];
     widx[l] = pos >> 5;
     used[l] = pos & 31;
@@ -438,7 +440,8 @@ __device__ __forceinline__ bool huffman_rows_fast64(const scratch &sc, const uin
   }
   bool ok = true;
 #pragma unroll
-  for (int l = 0; l < LPT; l++) ok &= widx[l] * 32 + used[l] == sc.lane_start[pt + 64 * l + 1];
+  for (int l = 0; l < LPT; l++)
+    ok &= widx[l] * 32 + used[l] == sc.lane_start[lane0 + pt + 64 * l + 1];
   return ok;
 }
 
@@ -513,12 +516,15 @@ __device__ __forceinline__ bool huffman_rows_fast(const scratch &sc, const uint3
  * Decodes tokens [ptok0, ptok0 + nrows) of a quantized section (bit-pack or Huffman) of a page
  * with n_tokens tokens into tile rows row0.. . `sec` (16-byte aligned, shared) holds sec_bytes.
  * Returns false, in every thread of the pair, for a section inconsistent with the format. The
- * caller synchronizes the readers of the tile with its writers.
+ * caller synchronizes the readers of the tile with its writers. PARTS pairs share the section,
+ * this one being `part`: each reads the header and builds the tables in its own scratch, then
+ * writes its share (bit-pack: a range of the rows; Huffman: a range of the lanes of a whole
+ * 64-token page, and otherwise part 0 all of it).
  */
-template <int HD, class T>
+template <int HD, class T, int PARTS>
 __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, int tensor,
                              int n_tokens, int ptok0, int nrows, int row0, uint8_t *tile,
-                             const scratch &sc, int pt, int bar) {
+                             const scratch &sc, int pt, int bar, int part) {
   typedef scratch_layout<HD> SL;
   const int S = n_tokens * HD;
   pair_sync(bar); /* the previous section's readers are done with the scratch */
@@ -565,6 +571,10 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
     if (qh.width > KVC_Q_MAX_BITS || qh.n_lanes != 0 || meta + (uint64_t)S * qh.width > cap)
       return false;
     if (pair_any(bad, bar)) return false;
+    const int ra = nrows * part / PARTS, rb = nrows * (part + 1) / PARTS;
+    ptok0 += ra;
+    row0 += ra;
+    nrows = rb - ra;
     /* fp16 tiles only: bf16's 8-bit significand would add up to an ulp of noise to values the
      * float path rounds exactly. */
     const bool f16 = half2_of<T>::magic == 0x64006400u;
@@ -688,9 +698,12 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
   bool lanes_ok;
   if (fast && n_lanes == HD && n_tokens == kUnitTokens && ptok0 == 0 && nrows == kUnitTokens &&
       row0 == 0) {
-    constexpr int L64 = HD / 64;
-    lanes_ok = mode == 0 ? huffman_rows_fast64<HD, T, 0, L64>(sc, w, last, lmax, tile, pt)
-                         : huffman_rows_fast64<HD, T, 1, L64>(sc, w, last, lmax, tile, pt);
+    constexpr int NL = HD / PARTS, L64 = NL >= 64 ? NL / 64 : 1;
+    lanes_ok = mode == 0
+                   ? huffman_rows_fast64<HD, T, 0, L64>(sc, w, last, lmax, tile, pt, part * NL, NL)
+                   : huffman_rows_fast64<HD, T, 1, L64>(sc, w, last, lmax, tile, pt, part * NL, NL);
+  } else if (part != 0) {
+    lanes_ok = true;
   } else if (fast) {
 #define KVC__FAST(MODE, LPT)                                                                       \
   huffman_rows_fast<HD, T, MODE, LPT>(sc, w, last, n_lanes, lmax, S, ptok0, nrows, row0, tile, pt)

@@ -494,6 +494,9 @@ static void multi_query_causal(void **state) {
       {5, 16, 4, 128, 64, KVC_DTYPE_F16, 600, 5, KVC_TEST_PAGE_ALL, 0, seed++},
       {9, 16, 2, 64, 32, KVC_DTYPE_BF16, 400, 3, KVC_TEST_PAGE_ALL, 0, seed++},
       {6, 32, 8, 128, 64, KVC_DTYPE_F16, 900, 4, KVC_TEST_PAGE_BITPACK, 0, seed++},
+      /* More than 64 entries: v2's 128-entry instance at head_dim 64, blocks of 32. */
+      {3, 16, 2, 64, 32, KVC_DTYPE_BF16, 500, 20, KVC_TEST_PAGE_ALL, 0, seed++},
+      {2, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 70, KVC_TEST_PAGE_HUFFMAN, 0, seed++},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) check_case(&cases[i]);
 }

@@ -155,7 +155,7 @@ constexpr int align_up(int x, int a) { return (x + a - 1) / a * a; }
  */
 template <int HD, int WM> constexpr int ring_bytes() {
   return HD == 64 ? (WM == 1 ? 64 : WM == 2 ? 56 : WM == 4 ? 48 : 96) * 1024
-         : HD == 128 ? (WM == 1 ? 48 : WM == 2 ? 40 : WM == 4 ? 144 : 104) * 1024
+         : HD == 128 ? (WM == 1 ? 48 : WM == 2 ? 40 : WM == 4 ? 112 : 72) * 1024
                      : 112 * 1024;
 }
 
@@ -167,9 +167,12 @@ template <int HD, int WM> struct smem_layout {
   static constexpr int slots = kSlots;
   static constexpr bool fetch_ahead = false; /* producer: see fetch_ahead in v3_layout */
   static constexpr int slack = 0;     /* bytes left after each compressed section */
+  /* Instances of one CTA per SM decode unit k + 1 into a second K/V tile while slower warps
+   * still attend unit k, so a unit costs the consumers one barrier instead of two. */
+  static constexpr int dtiles = WM >= 4 && HD <= 128 ? 2 : 1;
   static constexpr int dtile_off = ring;
   static constexpr int scratch_bytes = align_up(scratch_layout<HD>::bytes, 128);
-  static constexpr int scratch_off = dtile_off + 2 * tile;
+  static constexpr int scratch_off = dtile_off + dtiles * 2 * tile;
   static constexpr int qtile_off = scratch_off + consumer_warps<WM>() / 2 * scratch_bytes;
   static constexpr int desc_off = qtile_off + 16 * WM * RB;
   static constexpr int meta_off = desc_off + kSlots * (int)sizeof(unit_desc);
@@ -778,10 +781,15 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
       if (flags & UNIT_BAD) {
         bad = true;
         mbar_arrive(bars + 8 * (kSlots + slot));
+        /* The next unit's decode goes to the tile the previous unit's attend may still read. */
+        if (SL::dtiles == 2) consumers_sync<kConsumers>();
         continue;
       }
-      consumers_sync<kConsumers>(); /* every warp is done with the previous unit's tile */
-      uint8_t *tile = dtile + tensor * SL::tile;
+      /* Every warp is done with the tile this unit goes to: the previous unit's (one tile), or
+       * the one before it (two tiles: every warp attended it before the last unit's barrier). */
+      if (SL::dtiles == 1) consumers_sync<kConsumers>();
+      uint8_t *const utile = dtile + (SL::dtiles == 2 ? (k & 1) * 2 * SL::tile : 0);
+      uint8_t *tile = utile + tensor * SL::tile;
       bool ok = true;
       for (int q = 0; q < d->npages; q++) {
         const unit_page pg = d->pages[q];
@@ -802,7 +810,7 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
         bad = true;
         continue;
       }
-      const uint32_t kt = smem_u32(dtile);
+      const uint32_t kt = smem_u32(utile);
       attend<HD, T, NT>(kt, kt + SL::tile, qw, tb, n_valid, token0, pos0, pos1, pos_warp,
                         p.scale_log2, o, m, l);
     }

@@ -1032,11 +1032,10 @@ static void unsupported_shapes(void **state) {
 }
 
 /* A page whose header fails its checks turns the rows that read it into NaN, never into numbers;
- * sequences that do not read it are unaffected. */
-static void corrupt_page_gives_nan(void **state) {
-  (void)state;
-  if (!have_gpu()) skip();
-  gpu_case_t c = {3, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 1, KVC_TEST_PAGE_HUFFMAN, 0, 7000};
+ * sequences that do not read it are unaffected. With max_q 1 (decode) and 40 (v2's instances of
+ * one CTA per SM, whose warps skip a bad unit together and decode the next one). */
+static void corrupt_page_case(int max_q, uint64_t seed) {
+  gpu_case_t c = {3, 8, 2, 128, 64, KVC_DTYPE_F16, 300, max_q, KVC_TEST_PAGE_HUFFMAN, 0, seed};
   host_case_t h;
   dev_case_t d;
   host_setup(&c, &h);
@@ -1048,7 +1047,7 @@ static void corrupt_page_gives_nan(void **state) {
   dev_setup(&h, &d);
   const size_t per_row = (size_t)c.num_q_heads * c.head_dim;
   const size_t r2 = (size_t)h.qo_indptr[2], r3 = (size_t)h.qo_indptr[3];
-  for (int v = 0; v < 2; v++) { /* v2, then v3's Huffman instance */
+  for (int v = 0; v < 2; v++) { /* v2, then every codec allowed (decode: v3's Huffman instance) */
     kvc_attn_args_t a = d.args;
     a.codec_mask = v ? kAllCodecs : 0;
     uint16_t *out = run_gpu(&d, &a);
@@ -1059,6 +1058,13 @@ static void corrupt_page_gives_nan(void **state) {
   }
   dev_teardown(&d);
   host_teardown(&h);
+}
+
+static void corrupt_page_gives_nan(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  corrupt_page_case(1, 7000);
+  corrupt_page_case(40, 7001);
 }
 
 int main(void) {

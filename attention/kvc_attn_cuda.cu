@@ -150,8 +150,8 @@ constexpr int align_up(int x, int a) { return (x + a - 1) / a * a; }
  * per SM, so that one CTA decodes while the other computes or waits for memory; that leaves room
  * for two uncompressed 64-token units (head_dim 64) or one and a half (head_dim 128), and for the
  * sections of blocks up to 64 tokens. The WM = 4 and 8 instances (many query rows) take a whole SM
- * and a ring for blocks of 128 tokens (WM = 8: less ring, for its eight warps' scratch); head_dim
- * 256 has one instance, one CTA per SM.
+ * and what is left beside their two K/V tiles and scratch (WM = 8: eight warps' scratch), at least
+ * a ring for blocks of 128 tokens; head_dim 256 has one instance, one CTA per SM.
  */
 template <int HD, int WM> constexpr int ring_bytes() {
   return HD == 64 ? (WM == 1 ? 64 : WM == 2 ? 56 : WM == 4 ? 48 : 96) * 1024

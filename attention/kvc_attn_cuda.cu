@@ -23,7 +23,10 @@
  *                      S = Q K^T with mma.sync m16n8k16 (M = the 16 query entries, so the GQA group
  *                      shares every K/V value it loads), online softmax in fp32 (exp2, scale folded
  *                      in), O += P V with mma.sync. With one query tile (decode) the four warps
- *                      split the unit's 64 tokens; with more entries each warp owns 16 of them.
+ *                      split the unit's 64 tokens; with more entries each warp owns 16 of them,
+ *                      and the instances of 64 and 128 entries (head_dim 64/128, built for
+ *                      sm_90a) run S and P V on wgmma, each warpgroup over its 64 entries, so
+ *                      that K and V are read from shared memory once per warpgroup.
  *                      (Eight warps of which only half took part in the decode, with pairs on
  *                      named barriers, made compute-sanitizer's racecheck report hazards in
  *                      race-free code: bench/NOTES-attention.md, session 21.)
@@ -56,6 +59,8 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "attention/kvc_attn.h"
 #include "attention/kvc_attn_decode.cuh"
@@ -238,6 +243,92 @@ template <int N> __device__ __forceinline__ bool consumers_any(bool x) {
 template <int N> __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(N) : "memory");
 }
+/* wgmma needs the architecture-specific target sm_90a (CMAKE_CUDA_ARCHITECTURES 90a, the
+ * default); built for plain sm_90, v2 runs mma.sync everywhere. */
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr bool kHaveWgmma = true;
+#else
+constexpr bool kHaveWgmma = false;
+#endif
+
+/* Makes this thread's generic-proxy writes to shared memory visible to wgmma's (async-proxy)
+ * reads; before the barrier after which other warps' wgmma read them. */
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+/* Descriptor of a 128-byte swizzled shared-memory operand (PTX ISA, "Matrix Descriptor"): start
+ * address, leading and stride byte offsets. */
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | (uint64_t)(lbo >> 4) << 16 |
+         (uint64_t)(sbo >> 4) << 32 | (uint64_t)1 << 62;
+}
+/* Warpgroup MMA (sm_90a), D[64 x N] += A[64 x 16] B[16 x N]: A in registers (each warp of the
+ * warpgroup its 16 rows, as mma.sync's A fragment), B in shared memory by descriptor (TB = 1: B
+ * stored N-major, else K-major), D as N / 8 blocks of mma.sync's accumulator layout. It runs
+ * asynchronously: wgmma_fence before it when D or A were written by other instructions, then
+ * wgmma_commit and wgmma_wait before they are read or written again. PREC: "f16" or "bf16". */
+#define KVC__WGMMA_RS_N64(PREC)                                                                   \
+  asm volatile(                                                                                   \
+      "{\n .reg .pred p;\n setp.ne.u32 p, %38, 0;\n "                                             \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PREC "." PREC                                 \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "   \
+      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, "  \
+      "%36, p, 1, 1, %37;\n}\n"                                                                   \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
+        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
+        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
+        "+f"(d[7][2]), "+f"(d[7][3])                                                              \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TB), "r"(1u))
+#define KVC__WGMMA_RS_N128(PREC)                                                                   \
+  asm volatile(                                                                                    \
+      "{\n .reg .pred p;\n setp.ne.u32 p, %70, 0;\n "                                              \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PREC "." PREC                                 \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "    \
+      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, " \
+      "%37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, " \
+      "%55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, "         \
+      "%69;\n}\n"                                                                                  \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),  \
+        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),  \
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),  \
+        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),  \
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),  \
+        "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),  \
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]),                \
+        "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]),            \
+        "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]),            \
+        "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),            \
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]),            \
+        "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])                                             \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TB), "r"(1u))
+template <int N, int TB, class T>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4],
+                                         uint64_t desc) {
+  static_assert(N == 64 || N == 128, "instances built: n64, n128");
+  constexpr bool f16 = std::is_same<T, __half>::value;
+  if constexpr (N == 64 && f16) {
+    KVC__WGMMA_RS_N64("f16");
+  } else if constexpr (N == 64) {
+    KVC__WGMMA_RS_N64("bf16");
+  } else if constexpr (f16) {
+    KVC__WGMMA_RS_N128("f16");
+  } else {
+    KVC__WGMMA_RS_N128("bf16");
+  }
+}
+#undef KVC__WGMMA_RS_N64
+#undef KVC__WGMMA_RS_N128
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -539,29 +630,47 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
  * One warp's share of a unit: tokens [tb, tb + NT) of the tiles at kt, vt (shared addresses)
  * against the 16 query entries of the warp's Q tile at qt. Rows g and g + 8 of the M tile sit at
  * positions pos0 and pos1 (causal limits; pos_warp is the largest over the warp); tokens past
- * n_valid are masked.
+ * n_valid are masked. WG: the four warps of each warpgroup call it together, each with its own 16
+ * entries and all 64 tokens, and S and P V run on wgmma (64 entries per instruction, so K and V
+ * are read from shared memory once per warpgroup instead of once per warp); else mma.sync.
  */
-template <int HD, class T, int NT>
+template <int HD, class T, int NT, bool WG>
 __device__ __forceinline__ void attend(uint32_t kt, uint32_t vt, uint32_t qt, int tb, int n_valid,
                                        int token0, int pos0, int pos1, int pos_warp,
                                        float scale_log2, float (&o)[HD / 8][4], float (&m)[2],
                                        float (&l)[2]) {
+  static_assert(!WG || (NT == 64 && HD <= 128), "wgmma: a warpgroup takes whole units");
   const int lane = threadIdx.x & 31, c = lane & 3, mi = lane >> 3, ri = lane & 7;
-  /* Warp-uniform: nothing of this slice is visible to any of the warp's rows. */
-  if (tb >= n_valid || token0 + tb > pos_warp) return;
+  /* Warp-uniform: nothing of this slice is visible to any of the warp's rows. (Not with wgmma,
+   * whose instructions the whole warpgroup issues.) */
+  if (!WG && (tb >= n_valid || token0 + tb > pos_warp)) return;
   float s[NT / 8][4];
 #pragma unroll
   for (int j = 0; j < NT / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  if constexpr (WG) {
+    uint32_t a[HD / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < HD / 16; kk++) {
-    uint32_t a[4];
-    ldsm_x4(a, qt + tile_off<HD>(ri + ((mi & 1) << 3), 2 * kk + (mi >> 1)));
+    for (int kk = 0; kk < HD / 16; kk++)
+      ldsm_x4(a[kk], qt + tile_off<HD>(ri + ((mi & 1) << 3), 2 * kk + (mi >> 1)));
+    wgmma_fence();
+    /* K as the K-major B operand: channels 16 kk.. of the 64 tokens (kv_tile_off's layout). */
 #pragma unroll
-    for (int jj = 0; jj < NT / 16; jj++) {
-      uint32_t b[4];
-      ldsm_x4(b, kt + tile_off<HD>(tb + 16 * jj + ri + ((mi >> 1) << 3), 2 * kk + (mi & 1)));
-      mma16816<T>(s[2 * jj], a, b[0], b[1]);
-      mma16816<T>(s[2 * jj + 1], a, b[2], b[3]);
+    for (int kk = 0; kk < HD / 16; kk++)
+      wgmma_rs<64, 0, T>(s, a[kk], wgmma_desc(kt + kv_tile_off<HD>(0, 2 * kk), 16, 1024));
+    wgmma_commit();
+    wgmma_wait();
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+      uint32_t a[4];
+      ldsm_x4(a, qt + tile_off<HD>(ri + ((mi & 1) << 3), 2 * kk + (mi >> 1)));
+#pragma unroll
+      for (int jj = 0; jj < NT / 16; jj++) {
+        uint32_t b[4];
+        ldsm_x4(b, kt + kv_tile_off<HD>(tb + 16 * jj + ri + ((mi >> 1) << 3), 2 * kk + (mi & 1)));
+        mma16816<T>(s[2 * jj], a, b[0], b[1]);
+        mma16816<T>(s[2 * jj + 1], a, b[2], b[3]);
+      }
     }
   }
   float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -613,15 +722,26 @@ __device__ __forceinline__ void attend(uint32_t kt, uint32_t vt, uint32_t qt, in
     pa[jj][2] = pack2<T>(pv[1][0], pv[1][1]);
     pa[jj][3] = pack2<T>(pv[1][2], pv[1][3]);
   }
+  if constexpr (WG) {
+    /* V as the N-major B operand: tokens 16 jj.., all channels. */
+    wgmma_fence();
 #pragma unroll
-  for (int jj = 0; jj < NT / 16; jj++)
+    for (int jj = 0; jj < NT / 16; jj++)
+      wgmma_rs<HD, 1, T>(o, pa[jj], wgmma_desc(vt + kv_tile_off<HD>(16 * jj, 0), 64 * 128, 1024));
+    wgmma_commit();
+    wgmma_wait();
+  } else {
 #pragma unroll
-    for (int dn = 0; dn < HD / 16; dn++) {
-      uint32_t b[4];
-      ldsm_x4_trans(b, vt + tile_off<HD>(tb + 16 * jj + ri + ((mi & 1) << 3), 2 * dn + (mi >> 1)));
-      mma16816<T>(o[2 * dn], pa[jj], b[0], b[1]);
-      mma16816<T>(o[2 * dn + 1], pa[jj], b[2], b[3]);
-    }
+    for (int jj = 0; jj < NT / 16; jj++)
+#pragma unroll
+      for (int dn = 0; dn < HD / 16; dn++) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, vt + kv_tile_off<HD>(tb + 16 * jj + ri + ((mi & 1) << 3),
+                                              2 * dn + (mi >> 1)));
+        mma16816<T>(o[2 * dn], pa[jj], b[0], b[1]);
+        mma16816<T>(o[2 * dn + 1], pa[jj], b[2], b[3]);
+      }
+  }
 }
 
 template <class T> __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
@@ -728,7 +848,9 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
   constexpr int kConsumerWarps = consumer_warps<WM>(), kConsumers = 32 * kConsumerWarps;
   constexpr int kThreads = threads_of<WM>(), kParts = decode_parts<WM>();
   constexpr int WN = kConsumerWarps / WM, NT = kUnitTokens / WN;
-  extern __shared__ __align__(128) uint8_t smem[];
+  /* S and P V on wgmma: every warpgroup of consumers owns 64 entries and all of a unit's tokens. */
+  constexpr bool WG = kHaveWgmma && WN == 1 && kConsumerWarps % 4 == 0 && HD <= 128;
+  extern __shared__ __align__(1024) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int seq = blockIdx.z, kh = blockIdx.y;
   const int qt = blockIdx.x % p.qtiles, split = blockIdx.x / p.qtiles;
@@ -805,14 +927,15 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
         }
       }
       if (part == 0) zero_rows<HD>(n_valid, tile, pt);
+      if (WG) fence_proxy_async();
       mbar_arrive(bars + 8 * (kSlots + slot)); /* this thread is done with the ring bytes */
       if (consumers_any<kConsumers>(!ok)) {
         bad = true;
         continue;
       }
       const uint32_t kt = smem_u32(utile);
-      attend<HD, T, NT>(kt, kt + SL::tile, qw, tb, n_valid, token0, pos0, pos1, pos_warp,
-                        p.scale_log2, o, m, l);
+      attend<HD, T, NT, WG>(kt, kt + SL::tile, qw, tb, n_valid, token0, pos0, pos1, pos_warp,
+                            p.scale_log2, o, m, l);
     }
   }
 

@@ -7,12 +7,13 @@
  * not: they run on a *pair* of warps (64 threads, synchronised by a named barrier) while the other
  * pair decodes the V section and a producer warp keeps loading, so they may not use
  * __syncthreads(); they write bf16 as well as fp16; they decode only the token rows a 64-token
- * attention unit needs; and they write straight into the XOR-swizzled tile the tensor-core loads
- * (ldmatrix) read, with a 16-byte store per 8 values where the code layout allows it.
+ * attention unit needs; and they write straight into the XOR-swizzled tile the tensor cores read
+ * (ldmatrix, wgmma), with a 16-byte store per 8 values where the code layout allows it.
  *
- * Tile layout (shared memory), for one of K or V of a 64-token unit:
- *   // [64 rows (tokens)][HD] of T, row r at r * 2*HD bytes, 16-byte piece c of row r stored at
- *   // piece (c ^ (r & 7)): eight consecutive rows of one piece hit eight different bank groups.
+ * Tile layout (shared memory), for one of K or V of a 64-token unit (kv_tile_off):
+ *   // [HD / 64 channel groups][64 rows (tokens)][64] of T: row r of group g is the 128-byte line
+ *   // at g * 8192 + r * 128, its 16-byte piece c stored at piece (c ^ (r & 7)), so eight
+ *   // consecutive rows of one piece hit eight different bank groups (wgmma's 128-byte swizzle).
  *
  * Every function here is "pair-cooperative": all 64 threads of the pair call it with the same
  * arguments; `pt` is the thread's index in the pair (0..63), `bar` the pair's named barrier.
@@ -37,6 +38,16 @@ constexpr int kMaxBlockTokens = 128;     /* largest block_tokens the CUDA kernel
 template <int HD>
 __device__ __forceinline__ uint32_t tile_off(int row, int piece) {
   return (uint32_t)(row * (HD * 2) + ((piece ^ (row & 7)) << 4));
+}
+
+/* The same in a K/V tile (kUnitTokens rows, 1024-byte aligned): 64 values of a row per 128-byte
+ * line, the lines of each group of 64 channels together, the pieces of line r XORed with r & 7:
+ * the tensor cores' 128-byte swizzled layout, which wgmma reads (as K-major B for K, N-major B for
+ * V) and ldmatrix reads without bank conflicts. */
+template <int HD>
+__device__ __forceinline__ uint32_t kv_tile_off(int row, int piece) {
+  return (uint32_t)((piece >> 3) * (kUnitTokens * 128) + row * 128 +
+                    (((piece & 7) ^ (row & 7)) << 4));
 }
 
 __device__ __forceinline__ void pair_sync(int bar) {
@@ -122,7 +133,7 @@ __device__ __forceinline__ void copy_rows(const uint8_t *src, int nrows, int row
   constexpr int P = HD / 8;
   for (int i = pt; i < nrows * P; i += 64) {
     int r = i / P, c = i % P;
-    *(uint4 *)(tile + tile_off<HD>(row0 + r, c)) = *(const uint4 *)(src + (r * P + c) * 16);
+    *(uint4 *)(tile + kv_tile_off<HD>(row0 + r, c)) = *(const uint4 *)(src + (r * P + c) * 16);
   }
 }
 
@@ -131,7 +142,7 @@ template <int HD>
 __device__ __forceinline__ void zero_rows(int r0, uint8_t *tile, int pt) {
   constexpr int P = HD / 8;
   for (int i = r0 * P + pt; i < kUnitTokens * P; i += 64)
-    *(uint4 *)(tile + (size_t)i * 16) = make_uint4(0, 0, 0, 0);
+    *(uint4 *)(tile + kv_tile_off<HD>(i / P, i % P)) = make_uint4(0, 0, 0, 0);
 }
 
 /* The value of code u at (t, d): (base + u) * step for relative mode (group d for keys, t for
@@ -163,7 +174,7 @@ __device__ __forceinline__ void bitpack_rows(const scratch &sc, float abs_step, 
       v[j / 2] = pack2<T>(recon<MODE>(sc, abs_step, u0, t, c * 8 + j),
                           recon<MODE>(sc, abs_step, u1, t, c * 8 + j + 1));
     }
-    *(uint4 *)(tile + tile_off<HD>(row0 + r, c)) = make_uint4(v[0], v[1], v[2], v[3]);
+    *(uint4 *)(tile + kv_tile_off<HD>(row0 + r, c)) = make_uint4(v[0], v[1], v[2], v[3]);
   }
 }
 
@@ -190,7 +201,7 @@ __device__ __forceinline__ bool huffman_rows(const scratch &sc, float abs_step, 
       pos += tot;
       if (s >= s_begin) {
         const int t = s / HD, d = s % HD, row = row0 + t - ptok0;
-        *(uint16_t *)(tile + tile_off<HD>(row, d >> 3) + (d & 7) * 2) =
+        *(uint16_t *)(tile + kv_tile_off<HD>(row, d >> 3) + (d & 7) * 2) =
             to_bits<T>(recon<MODE>(sc, abs_step, u, t, d));
       }
     }
@@ -255,7 +266,7 @@ __device__ __forceinline__ void bitpack_rows_fast(const scratch &sc, const uint3
       const float uf = small_uint_to_float(code_at<W>(hi, lo, j));
       v[j] = MODE == 0 ? __fmaf_rn(uf, kst[j], kbs[j]) : __fmaf_rn(uf, vst, vbs);
     }
-    *(uint4 *)(tile + tile_off<HD>(row0 + r, c)) =
+    *(uint4 *)(tile + kv_tile_off<HD>(row0 + r, c)) =
         make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
                    pack2<T>(v[6], v[7]));
   }
@@ -346,7 +357,7 @@ __device__ __forceinline__ void bitpack_rows_h2(const scratch &sc, const uint32_
         out[p2] = h2_bits<H2>(__hfma2(u, MODE == 0 ? kst[p2] : vst, MODE == 0 ? kbs[p2] : vbs));
       }
     }
-    *(uint4 *)(tile + tile_off<HD>(row0 + r, c)) = make_uint4(out[0], out[1], out[2], out[3]);
+    *(uint4 *)(tile + kv_tile_off<HD>(row0 + r, c)) = make_uint4(out[0], out[1], out[2], out[3]);
   }
 }
 
@@ -389,7 +400,6 @@ template <int HD, class T, int MODE, int LPT>
 __device__ __forceinline__ bool huffman_rows_fast64(const scratch &sc, const uint32_t *w,
                                                     uint32_t last, int lmax, uint8_t *tile,
                                                     int pt, int lane0, int nl) {
-  constexpr int RB = 2 * HD;
   if (pt >= nl) return true;
   uint32_t cur[LPT], nxt[LPT], used[LPT], widx[LPT], off[LPT][8];
   float kst[LPT], kbs[LPT];
@@ -404,10 +414,10 @@ __device__ __forceinline__ bool huffman_rows_fast64(const scratch &sc, const uin
     kst[l] = MODE == 0 ? sc.step[d] : 0.f;
     kbs[l] = MODE == 0 ? sc.bs[d] : 0.f;
 #pragma unroll
-    for (int j = 0; j < 8; j++) off[l][j] = (uint32_t)((((d >> 3) ^ j) << 4) + (d & 7) * 2);
+    for (int j = 0; j < 8; j++) off[l][j] = kv_tile_off<HD>(j, d >> 3) + (d & 7) * 2;
   }
   for (int k0 = 0; k0 < kUnitTokens; k0 += 8) {
-    uint8_t *rows = tile + k0 * RB;
+    uint8_t *rows = tile + k0 * 128; /* kv_tile_off: line r at 128 r */
 #pragma unroll
     for (int kk = 0; kk < 8; kk += 2) {
       float vst0 = 0.f, vbs0 = 0.f, vst1 = 0.f, vbs1 = 0.f;
@@ -433,8 +443,8 @@ __device__ __forceinline__ bool huffman_rows_fast64(const scratch &sc, const uin
         const float u1 = __uint_as_float(e1 & ~15u), u2 = __uint_as_float(e2 & ~15u);
         const float v1 = MODE == 0 ? __fmaf_rn(u1, kst[l], kbs[l]) : __fmaf_rn(u1, vst0, vbs0);
         const float v2 = MODE == 0 ? __fmaf_rn(u2, kst[l], kbs[l]) : __fmaf_rn(u2, vst1, vbs1);
-        *(uint16_t *)(rows + kk * RB + off[l][kk]) = to_bits<T>(v1);
-        *(uint16_t *)(rows + (kk + 1) * RB + off[l][kk + 1]) = to_bits<T>(v2);
+        *(uint16_t *)(rows + off[l][kk]) = to_bits<T>(v1);
+        *(uint16_t *)(rows + off[l][kk + 1]) = to_bits<T>(v2);
       }
     }
   }
@@ -450,7 +460,6 @@ __device__ __forceinline__ bool huffman_rows_fast(const scratch &sc, const uint3
                                                   uint32_t last, int n_lanes, int lmax, int S,
                                                   int ptok0, int nrows, int row0, uint8_t *tile,
                                                   int pt) {
-  constexpr int RB = 2 * HD;
   const int m = n_lanes / HD; /* tokens a lane advances per symbol */
   const int per_lane = S / n_lanes;
   const int t_end = ptok0 + nrows;
@@ -497,8 +506,7 @@ __device__ __forceinline__ bool huffman_rows_fast(const scratch &sc, const uint3
           const float v = MODE == 0 ? __fmaf_rn(uf, kst[l], kbs[l])
                                     : __fmaf_rn(uf, sc.step[t], sc.bs[t]);
           const int row = row0 + t - ptok0;
-          *(uint16_t *)(tile + row * RB + (((d[l] >> 3) ^ (row & 7)) << 4) + (d[l] & 7) * 2) =
-              to_bits<T>(v);
+          *(uint16_t *)(tile + kv_tile_off<HD>(row, d[l] >> 3) + (d[l] & 7) * 2) = to_bits<T>(v);
         }
       }
     }

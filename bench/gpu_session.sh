@@ -14,7 +14,7 @@ note() { summary+=("$1"); }
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$out/gpu.txt"
 t0=$(date +%s)
-if cmake -S . -B build-gpu -G Ninja -DKVC_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+if cmake -S . -B build-gpu -G Ninja -DKVC_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
      -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$out/configure.log" 2>&1 &&
    cmake --build build-gpu -j "$(nproc)" -- -k 0 >"$out/build.log" 2>&1; then
   note "build: ok ($(( $(date +%s) - t0 )) s)"

@@ -497,6 +497,8 @@ static void multi_query_causal(void **state) {
       /* More than 64 entries: v2's 128-entry instance at head_dim 64, blocks of 32. */
       {3, 16, 2, 64, 32, KVC_DTYPE_BF16, 500, 20, KVC_TEST_PAGE_ALL, 0, seed++},
       {2, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 70, KVC_TEST_PAGE_HUFFMAN, 0, seed++},
+      /* bf16 at head_dim 128 past 32 entries (wgmma's m64n128 for bf16, one and two warpgroups). */
+      {3, 16, 4, 128, 64, KVC_DTYPE_BF16, 500, 30, KVC_TEST_PAGE_ALL, 0, seed++},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) check_case(&cases[i]);
 }

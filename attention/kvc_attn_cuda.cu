@@ -461,8 +461,10 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
  * n_valid are masked. WG: the four warps of each warpgroup call it together, each with its own 16
  * entries and all 64 tokens, and S and P V run on wgmma (64 entries per instruction, so K and V
  * are read from shared memory once per warpgroup instead of once per warp); else mma.sync.
+ * PIPE (wgmma only): P V is left in flight; the caller runs wgmma_wait before o is read or the V
+ * tile is written again.
  */
-template <int HD, class T, int NT, bool WG>
+template <int HD, class T, int NT, bool WG, bool PIPE>
 __device__ __forceinline__ void attend(uint32_t kt, uint32_t vt, uint32_t qt, int tb, int n_valid,
                                        int token0, int pos0, int pos1, int pos_warp,
                                        float scale_log2, float (&o)[HD / 8][4], float (&m)[2],
@@ -557,7 +559,7 @@ __device__ __forceinline__ void attend(uint32_t kt, uint32_t vt, uint32_t qt, in
     for (int jj = 0; jj < NT / 16; jj++)
       wgmma_rs<HD, 1, T>(o, pa[jj], wgmma_desc(vt + kv_tile_off<HD>(16 * jj, 0), 64 * 128, 1024));
     wgmma_commit();
-    wgmma_wait();
+    if (!PIPE) wgmma_wait();
   } else {
 #pragma unroll
     for (int jj = 0; jj < NT / 16; jj++)
@@ -678,6 +680,10 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
   constexpr int WN = kConsumerWarps / WM, NT = kUnitTokens / WN;
   /* S and P V on wgmma: every warpgroup of consumers owns 64 entries and all of a unit's tokens. */
   constexpr bool WG = kHaveWgmma && WN == 1 && kConsumerWarps % 4 == 0 && HD <= 128;
+  /* P V of unit k runs under the decode of unit k + 1 (two K/V tiles keep its V tile intact).
+   * Measured faster with four consumer warps only: at eight, the registers it holds live across
+   * the decode cost spills (bench/NOTES-attention.md, session 23). */
+  constexpr bool PIPE = WG && WM == 4 && SL::dtiles == 2;
   extern __shared__ __align__(1024) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int seq = blockIdx.z, kh = blockIdx.y;
@@ -732,6 +738,7 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
         bad = true;
         mbar_arrive(bars + 8 * (kSlots + slot));
         /* The next unit's decode goes to the tile the previous unit's attend may still read. */
+        if (PIPE) wgmma_wait();
         if (SL::dtiles == 2) consumers_sync<kConsumers>();
         continue;
       }
@@ -757,17 +764,21 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
       if (part == 0) zero_rows<HD>(n_valid, tile, pt);
       if (WG) fence_proxy_async();
       mbar_arrive(bars + 8 * (kSlots + slot)); /* this thread is done with the ring bytes */
+      /* The previous unit's P V is done: O is whole, and its V tile, which the unit after this
+       * one is decoded into, is no longer read. */
+      if (PIPE) wgmma_wait();
       if (consumers_any<kConsumers>(!ok)) {
         bad = true;
         continue;
       }
       const uint32_t kt = smem_u32(utile);
-      attend<HD, T, NT, WG>(kt, kt + SL::tile, qw, tb, n_valid, token0, pos0, pos1, pos_warp,
+      attend<HD, T, NT, WG, PIPE>(kt, kt + SL::tile, qw, tb, n_valid, token0, pos0, pos1, pos_warp,
                             p.scale_log2, o, m, l);
     }
   }
 
   /* Epilogue: the consumer warps' (m, l, O) through the ring, combined per query entry. */
+  if (PIPE) wgmma_wait();
   const bool cta_bad = __syncthreads_or(bad);
   float *obuf = (float *)smem; /* [consumer warps][16][HD] */
   float *mbuf = obuf + kConsumerWarps * 16 * HD, *lbuf = mbuf + kConsumerWarps * 16;

@@ -30,8 +30,9 @@
  * after warm-up, median. Output: a table, then one JSON line:
  *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context",
  *    "prefix","groups","qrows","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
- * Usage: gpu_bench_attention [--quick | --qrows | --only B CTX [IMPL[,IMPL...]]]
- * (--qrows: the multi-query rows alone; --quick: 2^18 tokens,
+ * Usage: gpu_bench_attention [--quick | --qrows [R [IMPL[,IMPL...]]] | --only B CTX [IMPL[,...]]]
+ * (--qrows: the multi-query rows alone, or those of R rows and the IMPLs given (the fp16 v2
+ * reference still runs once, untimed, before them; e.g. under a profiler); --quick: 2^18 tokens,
  * contexts / 8, for a smoke run; --only: the shape (B, CTX) alone, one of the five or any other
  * whose B x CTX tokens the bench's pages hold (2^21; CTX a multiple of 64), and of the kvcomp rows
  * only the IMPLs given, e.g. under a profiler)
@@ -349,8 +350,10 @@ int main(int argc, char **argv) {
   const bool only = argc > 3 && strcmp(argv[1], "--only") == 0;
   const int only_b = only ? atoi(argv[2]) : 0, only_ctx = only ? atoi(argv[3]) : 0;
   const char *only_impl = only && argc > 4 ? argv[4] : NULL;
-  /* --qrows: the multi-query rows alone. */
+  /* --qrows [R [IMPL,...]]: the multi-query rows alone (of R rows, of those IMPLs). */
   const bool qrows_only = argc > 1 && strcmp(argv[1], "--qrows") == 0;
+  const int qrows_r = qrows_only && argc > 2 ? atoi(argv[2]) : 0;
+  const char *qrows_impl = qrows_only && argc > 3 ? argv[3] : NULL;
   const int64_t total_tokens = quick ? (int64_t)1 << 18 : (int64_t)1 << 21;
   if (only && (only_b < 1 || only_ctx < BT || only_ctx % BT != 0 ||
                (int64_t)only_b * only_ctx > total_tokens)) {
@@ -803,6 +806,7 @@ int main(int argc, char **argv) {
   const int qrow_counts[] = {2, 3, 4, 6, 8, 16, 64, 256}; /* 64, 256: chunks of prefill */
   for (const int R : qrow_counts) {
     if (only) break;
+    if (qrows_r && R != qrows_r) continue;
     const int B = 8, ctx = 32768 / ctx_div, bps = ctx / BT;
     const int sets = (int)std::min<int64_t>(kMaxSets, total_tokens / ((int64_t)B * ctx));
     const double logical = (double)B * ctx * HKV * HD * 2 * 2;
@@ -839,6 +843,8 @@ int main(int argc, char **argv) {
     std::vector<__half> ref(qn), got(qn);
     bool have_ref = false;
     for (const variant &var : variants) {
+      const bool timed = !qrows_impl || in_list(qrows_impl, var.impl);
+      if (have_ref && !timed) continue;
       kvc_attn_args_t a = decode_args(*var.pg, var.codec_mask, B, ctx, d_qo, d_len, d_indptr, out,
                                       ws, ws_bytes, scale);
       a.total_q_rows = B * R;
@@ -855,6 +861,7 @@ int main(int argc, char **argv) {
                     cudaMemcpyDeviceToHost));
       const double err = have_ref ? rel_l2(got, ref) : 0.0;
       have_ref = true;
+      if (!timed) continue;
       const double ms = median_ms(run, sets, st);
       double read = 0;
       for (int b = 0; b < B * bps; b++) read += var.pg->page_bytes[b];

@@ -92,9 +92,7 @@ template <int HD> struct scratch_layout {
   static constexpr int step_off = base_off + 4 * groups;
   static constexpr int bs_off = step_off + 4 * groups;
   static constexpr int lane_off = bs_off + 4 * groups;
-  static constexpr int sym_start_off = lane_off + 4 * (lanes + 4);
-  static constexpr int sym_entry_off = sym_start_off + 4 * KVC_SYM_COUNT;
-  static constexpr int cnt_off = sym_entry_off + 4 * KVC_SYM_COUNT;
+  static constexpr int cnt_off = lane_off + 4 * (lanes + 4);
   static constexpr int bytes = cnt_off + 4 * (2 * 16 + 4);
 };
 
@@ -104,8 +102,6 @@ struct scratch {
   float *step;
   float *bs;            /* base * step, where exact (the fast paths' FFMA addend) */
   uint32_t *lane_start; /* [n_lanes + 1] */
-  uint32_t *sym_start;  /* [64] canonical order: table index where each code's range starts */
-  uint32_t *sym_entry;  /* [64] its table entry */
   int32_t *cnt;         /* [2 warps][16 lengths], then the lane scan's carry at [32] */
 };
 
@@ -117,10 +113,20 @@ template <int HD> __device__ __forceinline__ scratch make_scratch(uint8_t *p) {
   s.step = (float *)(p + L::step_off);
   s.bs = (float *)(p + L::bs_off);
   s.lane_start = (uint32_t *)(p + L::lane_off);
-  s.sym_start = (uint32_t *)(p + L::sym_start_off);
-  s.sym_entry = (uint32_t *)(p + L::sym_entry_off);
   s.cnt = (int32_t *)(p + L::cnt_off);
   return s;
+}
+
+/* The header of a quantized section in the ring (sections are 16-byte aligned there): one
+ * 16-byte load instead of 16 byte loads. */
+__device__ __forceinline__ void qsec_header_load(const uint8_t *sec, kvc_qsec_header_t *qh) {
+  static_assert(KVC_QSEC_HEADER_BYTES == 16, "one 16-byte load");
+  union {
+    uint4 v;
+    uint8_t b[KVC_QSEC_HEADER_BYTES];
+  } hb;
+  hb.v = *(const uint4 *)sec;
+  kvc_qsec_header_read(hb.b, qh);
 }
 
 /*
@@ -541,7 +547,7 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
             n_tokens <= kMaxBlockTokens && ptok0 >= 0 && ptok0 + nrows <= n_tokens;
   kvc_qsec_header_t qh;
   if (ok) {
-    kvc_qsec_header_read(sec, &qh);
+    qsec_header_load(sec, &qh);
     ok = qh.mode <= KVC_QMODE_ABS && qh.w_e <= 16 && qh.w_b <= 31 &&
          qh.e_min >= KVC_STEP_CODE_MIN && qh.e_min <= KVC_STEP_CODE_MAX &&
          (qh.mode == KVC_QMODE_REL || qh.w_e == 0);
@@ -641,32 +647,36 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
   __syncwarp();
   if (below == 0 && len <= KVC_HUF_MAX_LEN) sc.cnt[wp * 16 + len] = __popc(same);
   pair_sync(bar);
-  uint32_t kraft = 0, first = 0, sorted = 0, nz = 0;
+  uint32_t kraft = 0, first = 0;
   int lmax = 0;
   for (int l = 1; l <= KVC_HUF_MAX_LEN; l++) {
     const uint32_t c = (uint32_t)(sc.cnt[l] + sc.cnt[16 + l]);
-    if ((uint32_t)l < len) {
-      first += c << (KVC_HUF_MAX_LEN - l);
-      sorted += c;
-    }
+    if ((uint32_t)l < len) first += c << (KVC_HUF_MAX_LEN - l);
     kraft += c << (KVC_HUF_MAX_LEN - l);
-    nz += c;
     if (c) lmax = l;
   }
   const bool single = kraft == 0; /* one symbol (n_sym - 1), coded with no bits */
   if (!single && kraft != KVC_HUF_TABLE_SIZE) return false;
+  /* Table: the thread of each code fills its range, 2^(lmax - len) entries from the code's
+   * canonical start (a multiple of the range's size, so 16-byte stores from 4 entries on). The
+   * pair_any below orders the fill before the decoders' reads. */
   if (len > 0 && len <= KVC_HUF_MAX_LEN) {
     const uint32_t rank = (uint32_t)__popc(below) + (wp ? (uint32_t)sc.cnt[len] : 0u);
     const uint32_t start = first + (rank << (KVC_HUF_MAX_LEN - len));
-    sc.sym_start[sorted + rank] = start >> (KVC_HUF_MAX_LEN - lmax);
-    sc.sym_entry[sorted + rank] =
+    const uint32_t a = start >> (KVC_HUF_MAX_LEN - lmax), n = 1u << (lmax - len);
+    const uint32_t ent =
         fast ? fast_huf_entry((uint32_t)pt, len) : kvc_huf_entry((uint32_t)pt, len);
+    if (n >= 4) {
+      for (uint32_t i = 0; i < n; i += 4)
+        *(uint4 *)(sc.table + a + i) = make_uint4(ent, ent, ent, ent);
+    } else {
+      sc.table[a] = ent;
+      if (n == 2) sc.table[a + 1] = ent;
+    }
   }
-  if (single && pt == 0) {
-    sc.sym_start[0] = 0;
-    sc.sym_entry[0] = fast ? fast_huf_entry((uint32_t)n_sym - 1, 0)
-                           : kvc_huf_entry((uint32_t)n_sym - 1, 0);
-  }
+  if (single && pt == 0)
+    sc.table[0] = fast ? fast_huf_entry((uint32_t)n_sym - 1, 0)
+                       : kvc_huf_entry((uint32_t)n_sym - 1, 0);
   /* Lane starts: exclusive scan of the lane lengths (each thread a contiguous run of lanes). */
   const int per = (n_lanes + 63) / 64, lo = min(n_lanes, pt * per), hi = min(n_lanes, lo + per);
   uint32_t sum = 0;
@@ -693,14 +703,6 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
   if (hi == n_lanes && lo < hi) {
     sc.lane_start[n_lanes] = run;
     bad |= (uint64_t)run > cap;
-  }
-  /* Table: each code's range, all 64 threads on one code at a time. */
-  const int table_size = 1 << lmax, ncodes = single ? 1 : (int)nz;
-  for (int p = 0; p < ncodes; p++) {
-    const uint32_t a = sc.sym_start[p];
-    const uint32_t b = p + 1 < ncodes ? sc.sym_start[p + 1] : (uint32_t)table_size;
-    const uint32_t ent = sc.sym_entry[p];
-    for (uint32_t i = a + pt; i < b; i += 64) sc.table[i] = ent;
   }
   if (pair_any(bad, bar)) return false;
   bool lanes_ok;

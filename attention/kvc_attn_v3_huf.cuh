@@ -270,14 +270,7 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
         n_tokens <= kMaxBlockTokens && 0 <= t_lo && t_lo < t_hi && t_hi <= n_tokens))
     return SRC_BAD;
   kvc_qsec_header_t qh;
-  {
-    union {
-      uint4 v;
-      uint8_t b[KVC_QSEC_HEADER_BYTES];
-    } hb;
-    hb.v = *(const uint4 *)sec; /* one load instead of 16 byte loads (sections are 16-aligned) */
-    kvc_qsec_header_read(hb.b, &qh);
-  }
+  qsec_header_load(sec, &qh);
   const int S = n_tokens * HD, n_sym = qh.width, n_lanes = qh.n_lanes;
   if (!(qh.mode <= KVC_QMODE_ABS && qh.w_e <= 16 && qh.w_b <= 31 &&
         qh.e_min >= KVC_STEP_CODE_MIN && qh.e_min <= KVC_STEP_CODE_MAX &&

@@ -177,7 +177,9 @@ template <int HD, int WM> struct smem_layout {
   static constexpr int dtile_off = ring;
   static constexpr int scratch_bytes = align_up(scratch_layout<HD>::bytes, 128);
   static constexpr int scratch_off = dtile_off + dtiles * 2 * tile;
-  static constexpr int qtile_off = scratch_off + consumer_warps<WM>() / 2 * scratch_bytes;
+  /* wgmma reads the Q tile of the WM >= 4 instances by descriptor: 1024-byte aligned. */
+  static constexpr int qtile_off =
+      align_up(scratch_off + consumer_warps<WM>() / 2 * scratch_bytes, WM >= 4 ? 1024 : 16);
   static constexpr int desc_off = qtile_off + 16 * WM * RB;
   static constexpr int meta_off = desc_off + kSlots * (int)sizeof(unit_desc);
   static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
@@ -456,7 +458,7 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
 
 /*
  * One warp's share of a unit: tokens [tb, tb + NT) of the tiles at kt, vt (shared addresses)
- * against the 16 query entries of the warp's Q tile at qt. Rows g and g + 8 of the M tile sit at
+ * against the 16 query entries of the warp's Q tile at qt (WG: the warpgroup's 64 entries). Rows g and g + 8 of the M tile sit at
  * positions pos0 and pos1 (causal limits; pos_warp is the largest over the warp); tokens past
  * n_valid are masked. WG: the four warps of each warpgroup call it together, each with its own 16
  * entries and all 64 tokens, and S and P V run on wgmma (64 entries per instruction, so K and V
@@ -478,15 +480,13 @@ __device__ __forceinline__ void attend(uint32_t kt, uint32_t vt, uint32_t qt, in
 #pragma unroll
   for (int j = 0; j < NT / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   if constexpr (WG) {
-    uint32_t a[HD / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++)
-      ldsm_x4(a[kk], qt + tile_off<HD>(ri + ((mi & 1) << 3), 2 * kk + (mi >> 1)));
     wgmma_fence();
-    /* K as the K-major B operand: channels 16 kk.. of the 64 tokens (kv_tile_off's layout). */
+    /* Q (the warpgroup's 64 entries) as the K-major A operand and K as the K-major B operand:
+     * channels 16 kk.. (both in kv_tile_off's layout). */
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++)
-      wgmma_rs<64, 0, T>(s, a[kk], wgmma_desc(kt + kv_tile_off<HD>(0, 2 * kk), 16, 1024));
+      wgmma_ss64<T>(s, wgmma_desc(qt + kv_tile_off<HD>(0, 2 * kk), 16, 1024),
+                    wgmma_desc(kt + kv_tile_off<HD>(0, 2 * kk), 16, 1024));
     wgmma_commit();
     wgmma_wait();
   } else {
@@ -582,10 +582,11 @@ template <class T> __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
 /* Row `r` of the launch as a row of q and out (params::row_map). */
 __device__ __forceinline__ int q_row(const params &p, int r) { return p.row_map ? p.row_map[r] : r; }
 
-/* The CTA's Q tile (rows entries e0 .. e0 + rows - 1, swizzled like K/V tiles) at `tile`: entry e
- * is query row q0 + e / group, head kh * group + e % group; zeros past the sequence's entries.
+/* The CTA's Q tile (rows entries e0 .. e0 + rows - 1) at `tile`: entry e is query row
+ * q0 + e / group, head kh * group + e % group; zeros past the sequence's entries. Swizzled rows
+ * (tile_off), or KV: blocks of 64 rows laid out as K/V tiles (kv_tile_off), wgmma's A operand.
  * Threads tid of nthreads share the copy; the caller syncs. */
-template <int HD, class T>
+template <int HD, class T, bool KV>
 __device__ __forceinline__ void load_q_tile(const params &p, uint8_t *tile, int rows, int q0,
                                             int kh, int e0, int entries, int tid, int nthreads) {
   const int group = p.group;
@@ -597,7 +598,8 @@ __device__ __forceinline__ void load_q_tile(const params &p, uint8_t *tile, int 
                      ((size_t)q_row(p, q0 + e / group) * p.num_q_heads + kh * group + e % group) * HD;
       v = __ldg((const uint4 *)(src + 8 * c8));
     }
-    *(uint4 *)(tile + tile_off<HD>(r, c8)) = v;
+    *(uint4 *)(tile + (KV ? (r >> 6) * (kUnitTokens * 2 * HD) + kv_tile_off<HD>(r & 63, c8)
+                          : tile_off<HD>(r, c8))) = v;
   }
 }
 
@@ -704,7 +706,8 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
       mbar_init(bars + 8 * (kSlots + i), kConsumers);       /* empty: every consumer thread */
     }
   }
-  load_q_tile<HD, T>(p, smem + SL::qtile_off, 16 * WM, q0, kh, e0, entries, tid, kThreads);
+  load_q_tile<HD, T, WG>(p, smem + SL::qtile_off, 16 * WM, q0, kh, e0, entries, tid, kThreads);
+  if (WG) fence_proxy_async(); /* wgmma reads the Q tile */
   __syncthreads();
 
   float o[HD / 8][4];
@@ -721,7 +724,7 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
     const int pos0 = len - nq + p.pos_shift + (er0 < entries ? er0 / group : nq - 1);
     const int pos1 = len - nq + p.pos_shift + (er1 < entries ? er1 / group : nq - 1);
     const int pos_warp = __reduce_max_sync(0xffffffffu, max(pos0, pos1));
-    const uint32_t qw = qtile + mt * 16 * SL::RB;
+    const uint32_t qw = qtile + (WG ? (warp >> 2) * 64 : mt * 16) * SL::RB;
     const unit_desc *descs = (const unit_desc *)(smem + SL::desc_off);
     uint8_t *dtile = smem + SL::dtile_off;
     /* Pair pr decodes tensor pr & 1 (K, V) of each section, part pr >> 1 of kParts. */

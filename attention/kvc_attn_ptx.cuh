@@ -132,6 +132,21 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint
         "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]),            \
         "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])                                             \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(TB), "r"(1u))
+/* The same with A in shared memory too (K-major, by descriptor), for N = 64. */
+#define KVC__WGMMA_SS_N64(PREC)                                                                   \
+  asm volatile(                                                                                   \
+      "{\n .reg .pred p;\n setp.ne.u32 p, %34, 0;\n "                                             \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PREC "." PREC                                 \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "   \
+      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, "  \
+      "0;\n}\n"                                                                                   \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), \
+        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), \
+        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), \
+        "+f"(d[7][2]), "+f"(d[7][3])                                                              \
+      : "l"(desc_a), "l"(desc_b), "r"(1u))
 template <int N, int TB, class T>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4],
                                          uint64_t desc) {
@@ -147,8 +162,17 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
     KVC__WGMMA_RS_N128("bf16");
   }
 }
+template <class T>
+__device__ __forceinline__ void wgmma_ss64(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (std::is_same<T, __half>::value) {
+    KVC__WGMMA_SS_N64("f16");
+  } else {
+    KVC__WGMMA_SS_N64("bf16");
+  }
+}
 #undef KVC__WGMMA_RS_N64
 #undef KVC__WGMMA_RS_N128
+#undef KVC__WGMMA_SS_N64
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

@@ -1160,7 +1160,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
     *(int *)(smem + SL::claim_off) = kW3; /* items 0 .. kW3 - 1 go to warps 0 .. kW3 - 1 */
   }
   if (warp == kW3) prefetch_first_batch<UT>(p, seq, len, u_begin); /* it loads none of Q */
-  load_q_tile<HD, T>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, kThreads3);
+  load_q_tile<HD, T, false>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, kThreads3);
   /* fp16's 1.0 for the fast paths, passed through shared memory so that it is a register the
    * compiler cannot fold: LOP3 takes one immediate (the code mask), and with the exponent in a
    * register (code & mask) | magic is one instruction instead of two. The word is warp 0's

@@ -682,10 +682,8 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
   constexpr int WN = kConsumerWarps / WM, NT = kUnitTokens / WN;
   /* S and P V on wgmma: every warpgroup of consumers owns 64 entries and all of a unit's tokens. */
   constexpr bool WG = kHaveWgmma && WN == 1 && kConsumerWarps % 4 == 0 && HD <= 128;
-  /* P V of unit k runs under the decode of unit k + 1 (two K/V tiles keep its V tile intact).
-   * Measured faster with four consumer warps only: at eight, the registers it holds live across
-   * the decode cost spills (bench/NOTES-attention.md, session 23). */
-  constexpr bool PIPE = WG && WM == 4 && SL::dtiles == 2;
+  /* P V of unit k runs under the decode of unit k + 1 (two K/V tiles keep its V tile intact). */
+  constexpr bool PIPE = WG && SL::dtiles == 2;
   extern __shared__ __align__(1024) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int seq = blockIdx.z, kh = blockIdx.y;

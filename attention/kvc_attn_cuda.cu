@@ -458,11 +458,12 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
 
 /*
  * One warp's share of a unit: tokens [tb, tb + NT) of the tiles at kt, vt (shared addresses)
- * against the 16 query entries of the warp's Q tile at qt (WG: the warpgroup's 64 entries). Rows g and g + 8 of the M tile sit at
+ * against the 16 query entries of the warp's Q tile at qt. Rows g and g + 8 of the M tile sit at
  * positions pos0 and pos1 (causal limits; pos_warp is the largest over the warp); tokens past
  * n_valid are masked. WG: the four warps of each warpgroup call it together, each with its own 16
  * entries and all 64 tokens, and S and P V run on wgmma (64 entries per instruction, so K and V
- * are read from shared memory once per warpgroup instead of once per warp); else mma.sync.
+ * are read from shared memory once per warpgroup instead of once per warp); qt is then the
+ * warpgroup's 64 entries (load_q_tile's KV layout), which S reads by descriptor. Else mma.sync.
  * PIPE (wgmma only): P V is left in flight; the caller runs wgmma_wait before o is read or the V
  * tile is written again.
  */
@@ -580,7 +581,9 @@ template <class T> __device__ __forceinline__ uint4 pack8(const float (&x)[8]) {
 }
 
 /* Row `r` of the launch as a row of q and out (params::row_map). */
-__device__ __forceinline__ int q_row(const params &p, int r) { return p.row_map ? p.row_map[r] : r; }
+__device__ __forceinline__ int q_row(const params &p, int r) {
+  return p.row_map ? p.row_map[r] : r;
+}
 
 /* The CTA's Q tile (rows entries e0 .. e0 + rows - 1) at `tile`: entry e is query row
  * q0 + e / group, head kh * group + e % group; zeros past the sequence's entries. Swizzled rows
@@ -594,8 +597,9 @@ __device__ __forceinline__ void load_q_tile(const params &p, uint8_t *tile, int 
     const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (e < entries) {
-      const T *src = (const T *)p.q +
-                     ((size_t)q_row(p, q0 + e / group) * p.num_q_heads + kh * group + e % group) * HD;
+      const T *src =
+          (const T *)p.q +
+          ((size_t)q_row(p, q0 + e / group) * p.num_q_heads + kh * group + e % group) * HD;
       v = __ldg((const uint4 *)(src + 8 * c8));
     }
     *(uint4 *)(tile + (KV ? (r >> 6) * (kUnitTokens * 2 * HD) + kv_tile_off<HD>(r & 63, c8)

@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
-# `./kvc bench attention [--quick]`: kvcomp's attention kernels, cuBLAS attention and the copy
-# ceiling (gpu_bench_attention), then torch SDPA on the same shapes (attention_torch.py), merged
-# into one table with the speed-up over SDPA. Last line: JSON
-#   {"bench":"attention","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context","ms","speedup_vs_sdpa",..}]}
+# `./kvc bench attention [--head-dim 64|256] [--quick]`: kvcomp's attention kernels, cuBLAS
+# attention and the copy ceiling (gpu_bench_attention; gpu_bench_attention_hdN at another head_dim),
+# then torch SDPA on the same shapes (attention_torch.py), merged into one table with the speed-up
+# over SDPA. Last line: JSON
+#   {"bench":"attention","head_dim":..,"copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context","ms","speedup_vs_sdpa",..}]}
 set -uo pipefail
-dir=${1:?usage: bench/attention.sh BUILD_DIR [--quick]}
+dir=${1:?usage: bench/attention.sh BUILD_DIR [--head-dim 64|256] [--quick]}
 shift
+hd=128
+if [ "${1:-}" = --head-dim ]; then
+  hd=${2:?--head-dim 64, 128 or 256}
+  shift 2
+fi
+case "$hd" in
+  128) suffix= ;;
+  64|256) suffix=_hd$hd ;;
+  *) echo "attention: --head-dim $hd: 64, 128 or 256" >&2; exit 2 ;;
+esac
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-exe="$dir/bench/gpu_bench_attention"
+exe="$dir/bench/gpu_bench_attention$suffix"
 if [ ! -x "$exe" ]; then
   echo "attention: $exe not built (needs a CUDA build)" >&2
   exit 2
@@ -22,7 +33,7 @@ if [ "$rc" -ne 0 ]; then
   exit "$rc"
 fi
 if command -v python3 >/dev/null; then
-  python3 "$here/attention_torch.py" "$@" | tee "$tmp/torch.log"
+  python3 "$here/attention_torch.py" --head-dim "$hd" "$@" | tee "$tmp/torch.log"
 else
   echo '{"bench":"attention_torch","error":"no python3","rows":[]}' >"$tmp/torch.log"
 fi
@@ -37,6 +48,7 @@ def last_json(path):
     return {"rows": []}
 
 k, t = last_json(sys.argv[1]), last_json(sys.argv[2])
+hd = k.get("head_dim", 128)
 sdpa = {(r["batch"], r["context"]): r["ms"] for r in t.get("rows", []) if "qrows" not in r}
 sdpa_q = {(r["batch"], r["context"], r["qrows"]): r["ms"] for r in t.get("rows", [])
           if "qrows" in r}
@@ -52,7 +64,7 @@ out = []
 plain = [r for r in rows if not r.get("prefix") and r.get("qrows", 1) == 1]
 for r in sorted(plain, key=lambda r: (r["context"] * r["batch"], r["batch"], r["impl"])):
     key = (r["batch"], r["context"])
-    logical = r["batch"] * r["context"] * 8 * 128 * 2 * 2 / (r["ms"] * 1e-3) / 1e12
+    logical = r["batch"] * r["context"] * 8 * hd * 2 * 2 / (r["ms"] * 1e-3) / 1e12
     sp = sdpa[key] / r["ms"] if key in sdpa else None
     print(f"{r['impl']:<20} {r['batch']:>6} {r['context']:>8} {r['ms']:>9.4f} {logical:>13.2f} "
           f"{r.get('read_tbps', logical):>10.2f} {('%.2fx' % sp) if sp else '-':>8}")
@@ -110,6 +122,6 @@ if multi:
                     "speedup_vs_sdpa": round(sq, 3) if sq else None,
                     "speedup_vs_v2": round(sp, 3) if sp else None,
                     "logical_tbps": r["logical_tbps"], "rel_err_vs_fp16": r["rel_err_vs_fp16"]})
-print(json.dumps({"bench": "attention", "copy_tbps": k.get("copy_tbps"),
+print(json.dumps({"bench": "attention", "head_dim": hd, "copy_tbps": k.get("copy_tbps"),
                   "read_ceiling_tbps": k.get("read_ceiling_tbps"), "rows": out}))
 PY

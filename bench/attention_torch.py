@@ -13,7 +13,9 @@ Then several query rows per sequence (qrows: 8 sequences of 32k tokens, as the k
 multi-query rows), both formulations again (grouped: q [B, 8, 4 R, 128]), without a causal mask
 (the mask covers only the last R x R tokens of 32k; the kvcomp rows apply it).
 Median of CUDA-event times after warm-up. Last line: {"bench":"attention_torch","rows":[...]}.
-Usage: attention_torch.py [--quick] [--qrows]   (--qrows: the multi-query rows alone)
+Usage: attention_torch.py [--head-dim N] [--quick] [--qrows]   (--qrows: the multi-query rows
+alone; --head-dim: 64 or 256 instead of 128, over the same bytes, 2^21 x 128 / N tokens, as
+gpu_bench_attention_hdN)
 """
 import json
 import statistics
@@ -70,11 +72,14 @@ def median_ms(fn, sets):
 
 
 def main():
+    global HD
     quick = "--quick" in sys.argv
+    if "--head-dim" in sys.argv:
+        HD = int(sys.argv[sys.argv.index("--head-dim") + 1])
     if not torch.cuda.is_available():
         print(json.dumps({"bench": "attention_torch", "error": "no CUDA device", "rows": []}))
         return
-    total = (1 << 18) if quick else (1 << 21)
+    total = ((1 << 18) if quick else (1 << 21)) * 128 // HD
     div = 8 if quick else 1
     gen = torch.Generator(device="cuda")
     gen.manual_seed(1234)
@@ -83,6 +88,8 @@ def main():
     print(f"{'impl':<12} {'batch':>6} {'context':>8} {'variant':>8} {'ms':>9} {'TB/s':>7}")
     for b, ctx in [] if "--qrows" in sys.argv else CONFIGS:
         ctx //= div
+        if b * ctx > total:
+            continue
         sets = min(MAX_SETS, total // (b * ctx))
         k, v = model_like_kv(sets, b, ctx, gen)
         q = torch.randn(sets, b, HQ, 1, HD, generator=gen, device="cuda").half()
@@ -135,7 +142,8 @@ def main():
             rows.append({"impl": "torch_sdpa", "batch": b, "context": ctx, "qrows": r_rows,
                          "ms": round(best[1], 5), "variant": best[0]})
         del q
-    print(json.dumps({"bench": "attention_torch", "torch": torch.__version__, "rows": rows}))
+    print(json.dumps({"bench": "attention_torch", "torch": torch.__version__, "head_dim": HD,
+                      "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
  * Decode attention on the GPU: kvcomp over Huffman pages, over bit-pack pages and over fp16 staging
  * pages, against cuBLAS attention (batched GEMM, softmax, batched GEMM) on dense fp16, and the
  * measured ceilings: device-to-device copy (read + write) and loads only (what attention does). bench/attention.sh adds torch SDPA (attention_torch.py)
- * and the speed-ups. Shape: 32 query heads, 8 kv heads, head_dim 128, block_tokens 64, fp16,
+ * and the speed-ups. Shape: 32 query heads, 8 kv heads, head_dim 128 (KVC_BENCH_HD at build time:
+ * gpu_bench_attention_hd64 and _hd256 are this program at head_dim 64 and 256, over the same KV
+ * bytes: 2^21 x 128 / head_dim tokens, so (16, 128k) is left out at 256), block_tokens 64, fp16,
  * one query token per sequence; (batch, context) = (1, 32k), (8, 32k), (32, 8k), (64, 4k),
  * (16, 128k).
  *
- * One logical KV of 2^21 tokens (16 x 128k, one layer: 8.6 GB in fp16) is generated on the GPU
- * from a hash of (token, channel) with model-like statistics (keys: per-channel offset and scale,
- * one channel in 16 an outlier; values: per-channel scale), compressed once by the CUDA codec
+ * One logical KV of 2^21 tokens at head_dim 128 (16 x 128k, one layer: 8.6 GB in fp16) is
+ * generated on the GPU from a hash of (token, channel) with model-like statistics (keys:
+ * per-channel offset and scale, one channel in 16 an outlier; values: per-channel scale),
+ * compressed once by the CUDA codec
  * (kvc_codec_cuda_compress) into a Huffman pool and a bit-pack pool, and written as staging pages
  * into an fp16 pool; pages sit in shuffled chunks. cuBLAS reads the same values in dense layout.
  * A configuration uses disjoint slices of that KV in turn ("sets", up to 64) so that repeated runs
@@ -82,14 +85,19 @@
 
 namespace {
 
-constexpr int HQ = 32, HKV = 8, HD = 128, BT = 64, GROUP = HQ / HKV;
-constexpr size_t kStaging = 2ull * HKV * BT * HD * 2; /* bytes of one staging page: 256 KiB */
+#ifndef KVC_BENCH_HD
+#define KVC_BENCH_HD 128
+#endif
+constexpr int HQ = 32, HKV = 8, HD = KVC_BENCH_HD, BT = 64, GROUP = HQ / HKV;
+static_assert(HD == 64 || HD == 128 || HD == 256, "the CUDA backend's head sizes");
+constexpr size_t kStaging = 2ull * HKV * BT * HD * 2; /* one staging page: 256 KiB at HD 128 */
 /* Chunk sizes: 64 KiB for staging pages (4 chunks each), 16 KiB for compressed pages, unless
  * KVC_BENCH_CHUNK_KIB (4-64, a power of two) sets both, e.g. to a cache's own (kvc_cache picks 8
  * KiB at this shape). */
 constexpr uint32_t kFp16Chunk = 64 * 1024;
 constexpr uint32_t kPageChunk = 16 * 1024;
-constexpr size_t kCompressedBudget = 160 * 1024; /* pool bytes per compressed page, on average */
+/* Pool bytes per compressed page, on average. */
+constexpr size_t kCompressedBudget = (size_t)160 * 1024 * HD / 128;
 constexpr int kMaxSets = 64;
 
 /* ---- synthetic model-like KV ------------------------------------------------------------------ */
@@ -354,7 +362,8 @@ int main(int argc, char **argv) {
   const bool qrows_only = argc > 1 && strcmp(argv[1], "--qrows") == 0;
   const int qrows_r = qrows_only && argc > 2 ? atoi(argv[2]) : 0;
   const char *qrows_impl = qrows_only && argc > 3 ? argv[3] : NULL;
-  const int64_t total_tokens = quick ? (int64_t)1 << 18 : (int64_t)1 << 21;
+  /* The same KV bytes at every head_dim. */
+  const int64_t total_tokens = (quick ? (int64_t)1 << 18 : (int64_t)1 << 21) * 128 / HD;
   if (only && (only_b < 1 || only_ctx < BT || only_ctx % BT != 0 ||
                (int64_t)only_b * only_ctx > total_tokens)) {
     fprintf(stderr, "gpu_bench_attention: --only %d %d: B >= 1, CTX a multiple of %d, at most "
@@ -381,8 +390,8 @@ int main(int argc, char **argv) {
   CK(cudaGetDeviceProperties(&prop, dev));
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
-  printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
-         prop.l2CacheSize >> 20);
+  printf("device: %s, %d SMs, L2 %d MB; head_dim %d\n", prop.name, prop.multiProcessorCount,
+         prop.l2CacheSize >> 20, HD);
 
   /* Copy ceiling: bytes read plus bytes written over time. */
   double copy_tbps, read_ceil_tbps;
@@ -412,6 +421,11 @@ int main(int argc, char **argv) {
   std::vector<std::array<int, 2>> configs = {
       {1, 32768}, {8, 32768}, {32, 8192}, {64, 4096}, {16, 131072}};
   if (only) configs = {{only_b, only_ctx}};
+  configs.erase(std::remove_if(configs.begin(), configs.end(),
+                               [&](const std::array<int, 2> &c) {
+                                 return (int64_t)c[0] * (c[1] / ctx_div) > total_tokens;
+                               }),
+                configs.end());
   if (qrows_only) configs.clear();
 
   /* ---- pages -------------------------------------------------------------------------------- */
@@ -881,9 +895,9 @@ int main(int argc, char **argv) {
   for (const row &r : rows)
     printf("%-20s %6d %8d %6d %9.4f %13.2f %11.2f %8.0f%% %12.2e\n", r.impl, r.batch, r.context,
            r.qrows, r.ms, r.logical_tbps, r.read_tbps, 100.0 * r.read_tbps / copy_tbps, r.rel_err);
-  printf("{\"bench\":\"attention_kvcomp\",\"device\":\"%s\",\"copy_tbps\":%.3f,"
+  printf("{\"bench\":\"attention_kvcomp\",\"device\":\"%s\",\"head_dim\":%d,\"copy_tbps\":%.3f,"
          "\"read_ceiling_tbps\":%.3f,\"rows\":[",
-         prop.name, copy_tbps, read_ceil_tbps);
+         prop.name, HD, copy_tbps, read_ceil_tbps);
   for (size_t i = 0; i < rows.size(); i++)
     printf("%s{\"impl\":\"%s\",\"batch\":%d,\"context\":%d,\"prefix\":%d,\"groups\":%d,"
            "\"qrows\":%d,\"ms\":%.5f,\"logical_tbps\":%.3f,\"read_tbps\":%.3f,"

@@ -509,8 +509,8 @@ ATTN_TARGETS = [("kvcomp_fp16_paged", "fp16 paged", 0.9), ("kvcomp_bitpack", "bi
 
 def attention_section(recs, plt, plots):
     out = ["## Attention (`./kvc bench attention`)", "",
-           "Decode attention over the same logical KV (32 query heads, 8 kv heads, head_dim 128) "
-           "in each layout: kvcomp's decode kernel over fp16, bit-pack and Huffman pages (and its "
+           "Decode attention over the same logical KV (32 query heads, 8 kv heads, head_dim 128 "
+           "unless a record says otherwise: `--head-dim 64|256`) in each layout: kvcomp's decode kernel over fp16, bit-pack and Huffman pages (and its "
            "older kernel v2), cuBLAS (matmul, softmax, matmul) and torch SDPA over dense fp16. "
            "Cells: median ms of CUDA-event timings after warm-up (speed-up over SDPA). Error vs "
            "fp16: relative L2 distance of the output from cuBLAS attention over the dense fp16 KV: "
@@ -528,7 +528,8 @@ def attention_section(recs, plt, plots):
         ceil = f"Copy ceiling (read + write): {fmt(res.get('copy_tbps'), 2)} TB/s"
         if res.get("read_ceiling_tbps"):
             ceil += f"; read ceiling (loads only): {fmt(res['read_ceiling_tbps'], 2)} TB/s"
-        out += [provenance(rec), "", ceil + ".", ""]
+        hd = res.get("head_dim", 128)
+        out += [provenance(rec), "", (f"head_dim {hd}. " if hd != 128 else "") + ceil + ".", ""]
 
         def speedup(impl, b, c):
             """Over SDPA, from the two times (the record's speedup_vs_sdpa is rounded)."""
@@ -553,7 +554,7 @@ def attention_section(recs, plt, plots):
             out += ["Error vs fp16: " + "; ".join(
                 f"{n} {min(errs[i]):.2g}-{max(errs[i]):.2g}" for i, n in ATTN_IMPLS if i in errs)
                 + ".", ""]
-        for impl, name, target in ATTN_TARGETS:
+        for impl, name, target in ATTN_TARGETS if hd == 128 else []:
             for b, c in shapes:
                 sp = speedup(impl, b, c)
                 if sp and c >= 32768 and b >= 8:

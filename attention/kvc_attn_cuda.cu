@@ -33,7 +33,8 @@
  *
  * Decode instances (16 query entries) are sized for two CTAs per SM; see ring_bytes.
  *
- * Decode launches at head_dim 64/128 whose caller passes a codec mask run v3 instead
+ * Decode launches whose caller passes a codec mask run v3 instead (head_dim 256: a mask that
+ * allows bit-pack pages and not Huffman pages, blocks up to 64 tokens; v3_built)
  * (attention/kvc_attn_v3.cuh): the same producer, and consumer warps that each
  * take whole units (half units when all pages are rows) and build the mma operands (K and V as
  * the A operand, the query entries as N) in registers from the ring bytes; a mask that allows
@@ -964,9 +965,11 @@ kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
                             p, sh, stream);
 }
 
-/* v3 (attention/kvc_attn_v3.cuh): query tiles of 8 NB entries, pages without Huffman coding. */
+/* v3 (attention/kvc_attn_v3.cuh): query tiles of 8 NB entries, pages without Huffman coding.
+ * Blocks whose sections may not fit its ring are left to v2. */
 template <int HD, class T, int NB, int UT>
 kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
+  if (p.block_tokens > v3_layout<HD, UT>::max_block_tokens) return KVC_ERR_UNSUPPORTED;
   return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, false, true, UT>, kThreads3,
                             v3_layout<HD, UT>::bytes, p, sh, stream);
 }
@@ -980,17 +983,19 @@ kvc_status_t launch_v3h(params &p, const launch_shape &sh, cudaStream_t stream) 
                             v3h_layout<HD>::bytes, p, sh, stream);
 }
 
-/* [head_dim 64/128][dtype f16/bf16], tiles of 8 entries (NB = 1; see attention/kvc_attn_v3.cuh). */
-const launch_fn kLaunch3[2][2] = {
+/* [head_dim 64/128/256][dtype f16/bf16], tiles of 8 entries (NB = 1; see
+ * attention/kvc_attn_v3.cuh). */
+const launch_fn kLaunch3[3][2] = {
     {launch_v3<64, __half, 1, kUnitTokens>, launch_v3<64, __nv_bfloat16, 1, kUnitTokens>},
     {launch_v3<128, __half, 1, kUnitTokens>, launch_v3<128, __nv_bfloat16, 1, kUnitTokens>},
+    {launch_v3<256, __half, 1, kUnitTokens>, launch_v3<256, __nv_bfloat16, 1, kUnitTokens>},
 };
-/* The same over units of two pages (v3_layout). */
+/* The same over units of two pages (v3_layout), head_dim 64/128. */
 const launch_fn kLaunch3u2[2][2] = {
     {launch_v3<64, __half, 1, 128>, launch_v3<64, __nv_bfloat16, 1, 128>},
     {launch_v3<128, __half, 1, 128>, launch_v3<128, __nv_bfloat16, 1, 128>},
 };
-/* [head_dim][dtype][bit-pack pages allowed]. */
+/* [head_dim 64/128][dtype][bit-pack pages allowed]. */
 const launch_fn kLaunch3h[2][2][2] = {
     {{launch_v3h<64, __half, 1, false>, launch_v3h<64, __half, 1, true>},
      {launch_v3h<64, __nv_bfloat16, 1, false>, launch_v3h<64, __nv_bfloat16, 1, true>}},
@@ -1032,17 +1037,26 @@ struct level {
   bool v3_tiles;    /* v3 over query tiles of 8 entries, however many (tile_reads) */
 };
 
+/* Whether v3 takes a head_dim (hd_index) and codec mask: a known mask; at head_dim 256, one that
+ * allows bit-pack pages and not Huffman pages (v3's Huffman instance is built for 64 and 128,
+ * and on fp16 rows alone v3 ran 1.48x slower than v2 there: session 25, (8, 32k)). */
+bool v3_built(int hdi, uint32_t codec_mask) {
+  const uint32_t huf = 1u << KVC_CODEC_HUFFMAN, bp = 1u << KVC_CODEC_BITPACK;
+  return codec_mask != 0 && (hdi < 2 || (codec_mask & (huf | bp)) == bp);
+}
+
 /* Query entries per CTA of the instance dispatch picks for sequences of up to entries_max query
- * entries: v3's 8 (head_dim 64/128, a known codec mask), else v2's smallest tile that holds them
- * (head_dim 256: always 16, more tiles). */
+ * entries: v3's 8 (v3_built), else v2's smallest tile that holds them (head_dim 256: always 16,
+ * more tiles). */
 int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
-  if (entries_max <= 8 && hdi < 2 && codec_mask != 0) return 8;
+  if (entries_max <= 8 && v3_built(hdi, codec_mask)) return 8;
   if (hdi == 2 || entries_max <= 16) return 16;
   return entries_max <= 32 ? 32 : entries_max <= 64 ? 64 : 128;
 }
 
-/* What one query tile of v2 costs, in tiles of v3 (8 entries) over the same KV: [pages: fp16 rows,
- * bit-pack, Huffman][v2's tile of 16, 32, 64 entries]. Measured on the H200 (session 21, v2 on
+/* What one query tile of v2 costs, in tiles of v3 (8 entries) over the same KV: [head_dim 64, 128,
+ * 256][pages: fp16 rows, bit-pack, Huffman][v2's tile of 16, 32, 64, 128 entries]. head_dim 128:
+ * measured on the H200 (session 21, v2 on
  * bulk copies; `./kvc bench attention`'s multi-query rows, 8 sequences of 32k tokens: v2's time
  * over v3's, times v3's tiles; 16: 12-16 entries, 2 tiles; 32: 24 and 32 entries) and, for 64,
  * the most conservative of session 10's prefix launches (3.7 / 4.6 / 4.2) and sessions 20-21's
@@ -1051,22 +1065,29 @@ int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
  * prefix launches of 16 entries ran 3-20% slower on v2 than on v3's two tiles (`./kvc bench
  * attention`'s prefix rows, 4 sequences per group), so 2.4 keeps those on v3. 128: the 64-entry
  * factor times two tiles times the 128-entry tile's time over the 64-entry tile's, at 64 and 256
- * rows of 4 entries (session 22: 0.67-0.69 / 0.57 / 0.47). */
-const double kV2Tile[3][4] = {
-    {2.4, 2.0, 3.7, 5.0}, {3.3, 3.9, 4.6, 5.3}, {2.8, 3.0, 4.2, 3.9}};
+ * rows of 4 entries (session 22: 0.67-0.69 / 0.57 / 0.47). head_dim 64's 16-entry tile, measured
+ * the same way (session 25, the 12 and 16 entries of `./kvc bench attention --head-dim 64`):
+ * fp16 1.3 (v2 0.169 ms, v3's two tiles 0.260), bit-pack 2.7, Huffman 2.3. head_dim 256 (v2's
+ * one tile is 16 entries; v3 for bit-pack masks alone): bit-pack 2.8 (v2 1.105 ms at 12-16
+ * entries, v3's one tile 0.394 at 8). The other entries are head_dim 128's, unmeasured there. */
+const double kV2Tile[3][3][4] = {
+    {{1.3, 2.0, 3.7, 5.0}, {2.7, 3.9, 4.6, 5.3}, {2.3, 3.0, 4.2, 3.9}},
+    {{2.4, 2.0, 3.7, 5.0}, {3.3, 3.9, 4.6, 5.3}, {2.8, 3.0, 4.2, 3.9}},
+    {{2.4, 2.0, 3.7, 5.0}, {2.8, 3.9, 4.6, 5.3}, {2.8, 3.0, 4.2, 3.9}}};
 
 /* The cost, in v3 reads of its KV, of attending `entries` query entries of one sequence: its
  * query tiles, a tile of v2 counted as kV2Tile v3 tiles. *v3_tiles: whether v3 over several
- * tiles of 8 costs less (head_dim 64/128, a known codec mask). */
+ * tiles of 8 costs less (v3_built). */
 double tile_reads(long entries, int hdi, uint32_t codec_mask, bool *v3_tiles) {
   const int te = tile_entries(entries, hdi, codec_mask);
   const int pages = codec_mask & (1u << KVC_CODEC_HUFFMAN)   ? 2
                     : codec_mask & (1u << KVC_CODEC_BITPACK) ? 1
                                                               : 0;
   const int wmi = te == 16 ? 0 : te == 32 ? 1 : te == 64 ? 2 : 3;
-  const double v2 = (double)((entries + te - 1) / te) * (te == 8 ? 1.0 : kV2Tile[pages][wmi]);
+  const double v2 =
+      (double)((entries + te - 1) / te) * (te == 8 ? 1.0 : kV2Tile[hdi][pages][wmi]);
   const double v3 = (double)((entries + 7) / 8);
-  *v3_tiles = hdi < 2 && codec_mask != 0 && v3 < v2;
+  *v3_tiles = v3_built(hdi, codec_mask) && v3 < v2;
   return *v3_tiles ? v3 : v2;
 }
 
@@ -1075,8 +1096,7 @@ double tile_reads(long entries, int hdi, uint32_t codec_mask, bool *v3_tiles) {
  * size (launch_v3h). */
 bool runs_v3(const kvc_attn_args_t *a, const level &lv) {
   const int hdi = hd_index(a->head_dim);
-  return tile_entries(lv.entries_max, hdi, a->codec_mask) == 8 ||
-         (lv.v3_tiles && hdi < 2 && a->codec_mask != 0);
+  return tile_entries(lv.entries_max, hdi, a->codec_mask) == 8 || lv.v3_tiles;
 }
 
 /* Enqueues one launch (v3 where it applies, else v2's smallest query tile that holds lv's rows)
@@ -1104,7 +1124,7 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
    * (v3_claims), so that the consumers still take 64 tokens at a time. Measured against whole
    * 128-token units in the fixed order (session 9, ms): bit-pack (1, 32k) -1.6%, (8, 32k) -3.5%,
    * (64, 4k) -3.9%, (16, 128k) -3.4%. */
-  const bool u2 = v3 && !v3h && p.unit_split_lg == 0 && (bt == 32 || bt == 64);
+  const bool u2 = v3 && !v3h && hdi < 2 && p.unit_split_lg == 0 && (bt == 32 || bt == 64);
   if (u2) p.unit_split_lg = 1;
   /* lv's batch in query tiles of `tile` entries and units of `unit` tokens. */
   auto shape = [&](int tile, int unit) {
@@ -1185,7 +1205,8 @@ extern "C" int kvc_attn_cuda_kernel(const kvc_attn_args_t *a) {
   const int hdi = hd_index(a->head_dim);
   if (hdi < 0 || a->num_kv_heads < 1 || a->num_q_heads % a->num_kv_heads != 0) return -1;
   if (!runs_v3(a, whole_level(a, 1))) return 0;
-  if (!(a->codec_mask & (1u << KVC_CODEC_HUFFMAN))) return 1;
+  if (!(a->codec_mask & (1u << KVC_CODEC_HUFFMAN)))
+    return hdi < 2 || a->block_tokens <= v3_layout<256>::max_block_tokens ? 1 : 0;
   const int most = hdi == 0 ? v3h_layout<64>::max_block_tokens : v3h_layout<128>::max_block_tokens;
   return a->block_tokens <= most ? 2 : 0;
 }

@@ -3,8 +3,8 @@
  * consumers, whose params, unit descriptors, PTX wrappers and producer it shares).
  *
  * For launches whose query entries fit one tile of 8 * NB entries with a known codec mask
- * (kvc_attn_args_t.codec_mask), head_dim 64 and 128: attn_kernel_v3<HD, T, NB, false, true> for
- * pages without Huffman coding, attn_kernel_v3<HD, T, NB, true, FAST>
+ * (kvc_attn_args_t.codec_mask): attn_kernel_v3<HD, T, NB, false, true> for pages without
+ * Huffman coding (head_dim 64, 128 and 256), attn_kernel_v3<HD, T, NB, true, FAST> (64 and 128)
  * (attention/kvc_attn_v3_huf.cuh: one more operand source and a layout with per-warp Huffman areas
  * and a smaller ring, 56 / 68 KiB at head_dim 128 / 64) when Huffman is allowed, with the bit-pack
  * fast path (FAST) only when bit-pack pages are too. The launcher instantiates NB = 1
@@ -117,7 +117,7 @@ enum : int { SRC_ROWS = 0, SRC_FAST, SRC_GEN, SRC_BAD };
  * and Huffman's and rows' P stay inside fp16. */
 constexpr float kMaxSlack = 6.f;
 
-/* The uint4 of v3_scratch::kq for lane c's channels of k-block kb. */
+/* The uint4 of v3_scratch<HD>::kq for lane c's channels of k-block kb. */
 __device__ __forceinline__ int kq_index(int c, int kb) { return 4 * kb + c; }
 
 /* Whether T is fp16. SRC_FAST's operands are fp16 for either T: a bf16 launch's Q' is scaled
@@ -134,30 +134,42 @@ template <class T> constexpr bool kFast16 = half2_of<T>::magic == 0x64006400u;
  * per lane s_fast_const's float2 per n-block (kc). V fast: per page token the floats step *
  * 2^(W - e) (vmul) and b / 2^W - 1 (vbt). Per-token entries are indexed by page token & 63 (a unit
  * reads at most 64 tokens of a page, aligned to 64); absolute mode keeps bases only (per channel;
- * its one step is v3_sec.step). */
-struct v3_scratch {
-  static constexpr int kbase = 0, kstep = 512, kq = 0, kc = 512;
-  static constexpr int vbase = 1024, vstep = 1280, vmul = 1024, vbt = 1280;
-  static constexpr int bytes = 1536;
+ * its one step is v3_sec.step). Sized for head_dim H = max(HD, 128) (head_dim 64 keeps 128's
+ * layout, the one measured): K's tables take 4 H bytes each, V's region the larger of its two
+ * per-token tables (4 bytes per unit token each) and absolute mode's bases (4 H bytes). */
+template <int HD> struct v3_scratch {
+  static constexpr int H = HD < 128 ? 128 : HD;
+  static constexpr int kbase = 0, kstep = 4 * H, kq = 0, kc = 4 * H;
+  static constexpr int vbase = 8 * H, vstep = 8 * H + 256, vmul = 8 * H, vbt = 8 * H + 256;
+  static constexpr int bytes = 8 * H + (4 * H > 512 ? 4 * H : 512);
+  static_assert(kUnitTokens * 4 == 256, "V's per-token tables hold one entry per unit token");
 };
 
 /* What both v3 layouts place after a ring of RING bytes, alike: the unit descriptors, the
  * producer's metadata batch, the consumer warps' scratch and the next unclaimed work item
  * (v3_claims), up to `end`. */
-template <int RING> struct v3_after_ring {
+template <int HD, int RING> struct v3_after_ring {
   static constexpr int ring = RING;
   static constexpr int desc_off = RING;
   static constexpr int meta_off = desc_off + kSlots3 * (int)sizeof(unit_desc);
   static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
   static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
-  static constexpr int claim_off = scr_off + kW3 * v3_scratch::bytes;
+  static constexpr int claim_off = scr_off + kW3 * v3_scratch<HD>::bytes;
   static constexpr int end = claim_off + 16;
 };
 
+/* The ring: 96 KiB, three uncompressed units at head_dim 128; 84 KiB at head_dim 256, where the
+ * scratch takes more (two CTAs per SM) and a unit of fp16 rows takes 32 KiB. */
+template <int HD> constexpr int v3_ring_bytes() { return HD == 256 ? 84 * 1024 : 96 * 1024; }
+
 /* UT: tokens per unit, kUnitTokens or two pages' 128 (launches with block_tokens 32 or 64 whose
  * pages are not all rows: the producer's steps per unit, not per page, bound bit-pack). */
-template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 1024> {
-  static_assert(HD == 64 || HD == 128, "v3 is built for head_dim 64 and 128");
+template <int HD, int UT = kUnitTokens>
+struct v3_layout : v3_after_ring<HD, v3_ring_bytes<HD>()> {
+  static_assert(HD == 64 || HD == 128 || HD == 256, "v3 is built for head_dim 64, 128 and 256");
+  typedef v3_after_ring<HD, v3_ring_bytes<HD>()> A;
+  using A::end;
+  using A::ring;
   static_assert(UT == kUnitTokens || UT == 2 * kUnitTokens, "units of 64 or 128 tokens");
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
@@ -177,11 +189,14 @@ template <int HD, int UT = kUnitTokens> struct v3_layout : v3_after_ring<96 * 10
    * conflicts), from which the consumers build each page's operand (the kernel's qx). */
   static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = HD / 2 + 16;
   static constexpr int bytes = qf_off + 32 * qf_stride;
+  /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring
+   * twice; launch_v3 leaves larger blocks to v2 (head_dim 256: 64). */
+  static constexpr int max_block_tokens =
+      2 * (kMaxBlockTokens * RB + slack) <= ring ? kMaxBlockTokens : 64;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
-  static_assert(3 * tile <= ring && 2 * (kMaxBlockTokens * RB + slack) <= ring,
+  static_assert((HD == 256 ? 2 : 3) * tile <= ring && 2 * (64 * RB + slack) <= ring,
                 "a unit must fit the ring");
   static_assert(2 * (bytes + 1024) <= 233472, "two CTAs per SM do not fit");
-  static_assert(HD * 4 <= 512 && kUnitTokens * 4 <= 256, "scratch groups");
 };
 
 /* Channel of k-slot `hi` (0: low half, 1: high half) of pair pi (k-block pi / 2, A registers 0-1
@@ -504,7 +519,7 @@ __device__ __forceinline__ void v3_groups_read(const v3_hdr &h, int t_lo, int t_
       uint32_t g;
       if constexpr (TS == 0) {
         /* k_channel(lane / (HD / 8), lane % (HD / 8), i) = lane % 8 + 16 (lane / 8) + 8 i, i.e.
-         * lane + (lane & 24) + 8 i (head_dim 64 and 128). */
+         * lane + (lane & 24) + 8 i (every head_dim). */
         g = (uint32_t)(lane + (lane & 24) + 8 * i);
         gr.in[i] = true;
       } else {
@@ -551,8 +566,8 @@ template <int HD, int TS>
 __device__ __forceinline__ void v3_gen_tables(const v3_hdr &h, const v3_groups<HD, TS> &gr,
                                               int t_lo, uint8_t *scr, v3_sec &s) {
   const int lane = lane_id();
-  int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
-  float *ws = (float *)(scr + (TS ? v3_scratch::vstep : v3_scratch::kstep));
+  int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch<HD>::vbase : v3_scratch<HD>::kbase));
+  float *ws = (float *)(scr + (TS ? v3_scratch<HD>::vstep : v3_scratch<HD>::kstep));
 #pragma unroll
   for (int i = 0; i < v3_groups<HD, TS>::NG; i++)
     if (gr.in[i]) {
@@ -588,8 +603,8 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
       const int r = kpair_r((int)h.width, 16 * (pi / 8) + pi % 8);
       const float rinv = inv * pow2i(-r), bm = pow2i(r - 10);
       const float bo = (float)((1 << h.width) - 2048 - (1024 >> r)) * bm;
-      uint32_t *kq =
-          (uint32_t *)(scr + v3_scratch::kq) + 4 * kq_index(pr / (HD / 8), pi / 2) + 2 * (pi % 2);
+      uint32_t *kq = (uint32_t *)(scr + v3_scratch<HD>::kq) + 4 * kq_index(pr / (HD / 8), pi / 2) +
+                     2 * (pi % 2);
       kq[0] = pack2<__half>(fmaf(__uint2float_rn(gr.u[i]), bm, bo),
                             fmaf(__uint2float_rn(gr.u[i + 1]), bm, bo));
       kq[1] = pack2<__half>(v3_step_x(gr.E[i]) * rinv, v3_step_x(gr.E[i + 1]) * rinv);
@@ -602,8 +617,8 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
     for (int i = 0; i < v3_groups<HD, TS>::NG; i++) {
       /* A token past t_hi: +0 from the operands (2048 / 2^W - 2048 / 2^W, step * 2^-e * +0). */
       const int x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
-      ((float *)(scr + v3_scratch::vmul))[x] = v3_step_x(gr.E[i]) * inv * (gr.in[i] ? fw : 0.f);
-      ((float *)(scr + v3_scratch::vbt))[x] =
+      ((float *)(scr + v3_scratch<HD>::vmul))[x] = v3_step_x(gr.E[i]) * inv * (gr.in[i] ? fw : 0.f);
+      ((float *)(scr + v3_scratch<HD>::vbt))[x] =
           fmaf(__uint2float_rn(gr.in[i] ? gr.u[i] : 2048u), winv, wofs);
     }
     v3_set_sec(h, TS, e, s);
@@ -633,7 +648,7 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   if (!h.rel) {
     /* Absolute mode: per-channel centres and the one step e_min, always SRC_GEN. */
     const int lane = lane_id();
-    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch::vbase : v3_scratch::kbase));
+    int32_t *wb = (int32_t *)(scr + (TS ? v3_scratch<HD>::vbase : v3_scratch<HD>::kbase));
     constexpr int NGC = HD / 32;
 #pragma unroll
     for (int i = 0; i < NGC; i++) {
@@ -801,7 +816,7 @@ __device__ __forceinline__ void q_load(uint32_t qa, qfrag_t<HD, NB> &q) {
  * a bf16 word takes seven instructions, an fp16 word one HMUL2. */
 template <int HD, int NB, class T>
 __device__ __forceinline__ void q_page(const uint8_t *scr, int c, qfrag_t<HD, NB> &q) {
-  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq);
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
     const uint4 sb = kq[kq_index(c, kb)];
@@ -820,8 +835,8 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
                                        const int (&pt)[2], const qfrag_t<HD, NB> &qb,
                                        uint32_t magic, float (&s)[2][NB][4]) {
   constexpr int NC = HD / 4, NA = (NC * W + 31) / 32;
-  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq);
-  const float2 *kc = (const float2 *)(scr + v3_scratch::kc) + lane_id() * NB;
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
+  const float2 *kc = (const float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
 #pragma unroll
   for (int nb = 0; nb < NB; nb++) {
     const float2 k0 = kc[nb];
@@ -855,10 +870,10 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
 
 /* What SRC_FAST keys add to every token's S^T, per entry: sum over channels of Q' (b / 2^W - 1),
  * with the Q' that s_fast rounds alike (q_scaled). Once per page, into the scratch
- * (v3_scratch::kc). PRE: as s_fast's. */
+ * (v3_scratch<HD>::kc). PRE: as s_fast's. */
 template <int HD, int NB, class T, bool PRE>
 __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb) {
-  const uint4 *kq = (const uint4 *)(scr + v3_scratch::kq);
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
   /* Two mma chains (even and odd k-blocks), as in s_fast: this runs between the page setup and
    * the page's first softmax, on the unit's serial path. */
   float acc[2][NB][4];
@@ -881,7 +896,7 @@ __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<
       mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
     }
   }
-  float2 *kc = (float2 *)(scr + v3_scratch::kc) + lane_id() * NB;
+  float2 *kc = (float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
 #pragma unroll
   for (int nb = 0; nb < NB; nb++) /* rows g */
     kc[nb] = make_float2(acc[0][nb][0] + acc[1][nb][0], acc[0][nb][1] + acc[1][nb][1]);
@@ -893,8 +908,8 @@ template <int HD, class T, int NB>
 __device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int c,
                                       const int (&pt)[2], const qfrag_t<HD, NB> &qb,
                                       float (&s)[2][NB][4]) {
-  const int32_t *gb = (const int32_t *)(scr + v3_scratch::kbase);
-  const float *gs = (const float *)(scr + v3_scratch::kstep);
+  const int32_t *gb = (const int32_t *)(scr + v3_scratch<HD>::kbase);
+  const float *gs = (const float *)(scr + v3_scratch<HD>::kstep);
 #pragma unroll 1
   for (int kb = 0; kb < HD / 16; kb++) {
     uint32_t b[2][2];
@@ -1033,8 +1048,8 @@ template <int HD, class T, int NB>
 __device__ __forceinline__ void pv_gen(const v3_sec &s, const uint8_t *scr, int g,
                                        const int (&pt)[4], const uint32_t (&pb)[NB][2],
                                        oacc_t<HD, NB> &o) {
-  const int32_t *gb = (const int32_t *)(scr + v3_scratch::vbase);
-  const float *gs = (const float *)(scr + v3_scratch::vstep);
+  const int32_t *gb = (const int32_t *)(scr + v3_scratch<HD>::vbase);
+  const float *gs = (const float *)(scr + v3_scratch<HD>::vstep);
   pv_tiles<T>(pb, o, 0, HD / 16, [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
     const int d = g * (HD / 8) + 2 * mt + r;
     lo = pack2<T>(v3_gen_value(s, gb, gs, HD, pt[0], d), v3_gen_value(s, gb, gs, HD, pt[1], d));
@@ -1255,7 +1270,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       }
     const int pos_warp = __reduce_max_sync(0xffffffffu, pos_lane);
     const unit_desc *descs = (const unit_desc *)(smem + SL::desc_off);
-    uint8_t *scr = smem + SL::scr_off + warp * v3_scratch::bytes;
+    uint8_t *scr = smem + SL::scr_off + warp * v3_scratch<HD>::bytes;
     uint8_t *harea = smem + LO::huf_off + warp * LO::huf_bytes; /* HUF: this warp's Huffman area */
     /* Rows of a unit per page (a power of two): unit row r is on page r >> ubt_lg. */
     const int ubt_lg = 31 - __clz(min(p.block_tokens, UT));
@@ -1355,8 +1370,8 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
 #pragma unroll
           for (int h = 0; h < 2; h++) {
             const int t = (vs.ptok0 + tr[h]) & (kUnitTokens - 1);
-            vm[h] = ((const float *)(scr + v3_scratch::vmul))[t];
-            vb[h] = ((const float *)(scr + v3_scratch::vbt))[t];
+            vm[h] = ((const float *)(scr + v3_scratch<HD>::vmul))[t];
+            vb[h] = ((const float *)(scr + v3_scratch<HD>::vbt))[t];
           }
           bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
           if constexpr (HUF) huf = ks.kind >= SRC_HUF;

@@ -136,19 +136,20 @@ template <int HD> struct v3h_area {
 template <int HD> constexpr int v3h_qf_stride() { return HD / 2 + 16; }
 /* The ring takes the rest of a CTA's share of the SM, in whole KiB. */
 template <int HD> constexpr int v3h_ring_bytes() {
-  return (233472 / 2 - 1024 - align_up(v3_after_ring<0>::end, 128) - kW3 * v3h_area<HD>::bytes -
+  return (233472 / 2 - 1024 - align_up(v3_after_ring<HD, 0>::end, 128) - kW3 * v3h_area<HD>::bytes -
           2 * kSlots3 * 8 - 32 * v3h_qf_stride<HD>()) /
          1024 * 1024;
 }
 
-template <int HD> struct v3h_layout : v3_after_ring<v3h_ring_bytes<HD>()> {
+template <int HD> struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD>()> {
+  static_assert(HD == 64 || HD == 128, "v3's Huffman instance is built for head_dim 64 and 128");
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
   static constexpr int slots = kSlots3;
   static constexpr bool fetch_ahead = false; /* producer: see v3_layout */
   static constexpr int slack = v3_layout<HD>::slack;
   static constexpr int unit_tokens = kUnitTokens;
-  typedef v3_after_ring<v3h_ring_bytes<HD>()> A;
+  typedef v3_after_ring<HD, v3h_ring_bytes<HD>()> A;
   using A::ring;
   static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
   static constexpr int huf_off = align_up(A::end, 128); /* v3h_area's tables are 128-aligned */
@@ -163,7 +164,6 @@ template <int HD> struct v3h_layout : v3_after_ring<v3h_ring_bytes<HD>()> {
   static_assert(2 * (bytes + 1024) <= 233472, "two CTAs per SM do not fit");
   static_assert(HD * kMaxBlockTokens / KVC_LANE_SYMBOLS <= kHufLanes || max_block_tokens == 64,
                 "the encoder's streams of the largest block must fit the position arrays");
-  static_assert(HD * 4 <= 512 && kUnitTokens * 4 <= 256, "v3's scratch holds the groups");
 };
 
 /* The layout of an instance, and where its warps' Huffman areas are (none without HUF). */
@@ -298,8 +298,9 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
    * fast decoder writes whole slabs of a 64-token page, so it needs all of them): at most NG per
    * lane, unrolled. Every field lies before stream_pos <= cap, so the reads need no clamp (the
    * word after the last is the ring's slack). */
-  int32_t *gb = (int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
-  float *gs = (float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
+  typedef v3_scratch<HD> SC;
+  int32_t *gb = (int32_t *)(scr + (tensor ? SC::vbase : SC::kbase));
+  float *gs = (float *)(scr + (tensor ? SC::vstep : SC::kstep));
   const bool per_token = rel && tensor == 1;
   const int g_lo = per_token ? t_lo & ~(kUnitTokens - 1) : 0;
   const int g_hi = per_token ? min(n_tokens, g_lo + kUnitTokens) : G;
@@ -545,8 +546,8 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
     } else {
 #pragma unroll
       for (int i = 0; i < NS; i++) {
-        kstf[i] = ((const float *)(scr + v3_scratch::kstep))[ch[i]];
-        kbf[i] = ((const float *)(scr + v3_scratch::kbase))[ch[i]];
+        kstf[i] = ((const float *)(scr + v3_scratch<HD>::kstep))[ch[i]];
+        kbf[i] = ((const float *)(scr + v3_scratch<HD>::kbase))[ch[i]];
       }
     }
   }
@@ -578,8 +579,8 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
     float vs[SPW], vb[SPW]; /* bf16: the trip's four tokens' steps and bases - 32 */
     if (TENSOR == 1 && !F16) {
       const int t = (a + t0) & (kUnitTokens - 1);
-      const float4 s4 = *(const float4 *)((const float *)(scr + v3_scratch::vstep) + t);
-      const float4 b4 = *(const float4 *)((const float *)(scr + v3_scratch::vbase) + t);
+      const float4 s4 = *(const float4 *)((const float *)(scr + v3_scratch<HD>::vstep) + t);
+      const float4 b4 = *(const float4 *)((const float *)(scr + v3_scratch<HD>::vbase) + t);
       vs[0] = s4.x, vs[1] = s4.y, vs[2] = s4.z, vs[3] = s4.w;
       vb[0] = b4.x, vb[1] = b4.y, vb[2] = b4.z, vb[3] = b4.w;
     }
@@ -669,8 +670,9 @@ __device__ void v3h_generic(const v3_sec &sec, const v3h_state &h, const uint16_
                             const uint32_t *sym, uint32_t *pos, const uint8_t *scr, int tensor,
                             uint8_t *tile, int a, int nr) {
   const int lane = threadIdx.x & 31, n_lanes = h.n_lanes;
-  const int32_t *gb = (const int32_t *)(scr + (tensor ? v3_scratch::vbase : v3_scratch::kbase));
-  const float *gs = (const float *)(scr + (tensor ? v3_scratch::vstep : v3_scratch::kstep));
+  typedef v3_scratch<HD> SC;
+  const int32_t *gb = (const int32_t *)(scr + (tensor ? SC::vbase : SC::kbase));
+  const float *gs = (const float *)(scr + (tensor ? SC::vstep : SC::kstep));
   const int s_from = h.tok_done * HD, s_lo = a * HD, s_end = (a + nr) * HD;
   for (int i = lane; i < n_lanes; i += 32) {
     uint32_t p = pos[i];

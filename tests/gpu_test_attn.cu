@@ -8,9 +8,10 @@
  * head_dim 64, 128, 256; fp16 and bf16; block_tokens 16..128; decode, speculative and chunked
  * prefill rows (causal); every page kind mixed in one batch; prefix-shared blocks; a long context.
  * Every case runs on the v2 kernels (codec_mask 0) and, with a codec_mask without Huffman, on the
- * v3 decode kernel where it applies (at most 8 query entries per sequence and kv head, head_dim
- * 64/128; cases with Huffman pages run v3 on the same sizes with their other page kinds, and
- * themselves on v3's Huffman instances, with every codec in the mask and with a Huffman cache's
+ * v3 decode kernel where it applies (at most 8 query entries per sequence and kv head; head_dim
+ * 64/128, and 256 with bit-pack pages in the mask and blocks up to 64 tokens; cases with Huffman
+ * pages run v3 on the same sizes with their other page kinds, and themselves on v3's Huffman
+ * instances (head_dim 64/128), with every codec in the mask and with a Huffman cache's
  * mask (no bit-pack fast path there: bit-pack pages take the generic path); their rows-only kinds
  * run with a raw cache's mask, whose units v3 splits between two warps). v3's bit-pack fast path
  * rounds differently from the reference (exact code values; the steps folded into fp16
@@ -659,8 +660,9 @@ static int bitpack_widths(const host_case_t *h, uint32_t *widths, uint32_t *alig
 /*
  * v3's bit-pack operand builders, one per code width, and the generic decoder for the rest: the
  * error bounds sweep the section widths from 1 to beyond 8 (wider sections take the generic path,
- * as do bf16 and absolute mode), at head_dim 64 and 128, blocks of 16, 64 and 128 tokens, mixed
- * with staging tails and RAW pages. Checks that every width 1..8 and one above 8 occurred.
+ * as do bf16 and absolute mode), at head_dim 64, 128 and 256, blocks of 16, 64 and 128 tokens
+ * (256: 16 and 64), mixed with staging tails and RAW pages. Checks that every width 1..8 and one
+ * above 8 occurred.
  */
 static void v3_bitpack_widths(void **state) {
   (void)state;
@@ -668,14 +670,14 @@ static void v3_bitpack_widths(void **state) {
   static const float bounds[] = {4.0f,   0.9f,   0.25f,  0.12f,  0.05f,
                                  0.025f, 0.012f, 0.006f, 0.003f, 0.0004f};
   const size_t nb = sizeof(bounds) / sizeof(bounds[0]);
-  static const int hds[] = {64, 128};
+  static const int hds[] = {64, 128, 256};
   static const int bts[] = {16, 64, 128};
   uint32_t widths = 0, aligned = 0, unaligned = 0;
   int sections = 0;
   uint64_t seed = 8000;
   for (size_t b = 0; b < nb; b++)
-    for (size_t i = 0; i < 2; i++) {
-      const int bt = bts[(b + i) % 3];
+    for (size_t i = 0; i < 3; i++) {
+      const int bt = bts[(b + i) % (hds[i] == 256 ? 2 : 3)];
       const kvc_dtype_t dt = b % 4 == 3 ? KVC_DTYPE_BF16 : KVC_DTYPE_F16;
       gpu_case_t c = {5, 8, 2, hds[i], bt, dt, 400, 1,
                       KVC_TEST_PAGE_BITPACK | (b % 3 == 0 ? KVC_TEST_PAGE_RAW : 0u), 0, seed++,
@@ -700,8 +702,8 @@ static void v3_bitpack_widths(void **state) {
 /*
  * Pages coded with absolute error bounds (one step per section, per-channel centres, zigzag codes)
  * on v2, on v3's generic bit-pack decoder and on its Huffman instance's generic decoder: head_dim
- * 64 and 128, fp16 and bf16, blocks of 16 and 64 tokens, mixed with RAW pages and staging tails.
- * Checks that absolute-mode sections of both codecs occurred.
+ * 64, 128 and 256 (no Huffman instance there), fp16 and bf16, blocks of 16 and 64 tokens, mixed
+ * with RAW pages and staging tails. Checks that absolute-mode sections of both codecs occurred.
  */
 static void absolute_bound_pages(void **state) {
   (void)state;
@@ -713,10 +715,10 @@ static void absolute_bound_pages(void **state) {
   int bitpack = 0, huffman = 0;
   uint64_t seed = 9000;
   for (int b = 0; b < 3; b++)
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < 3; i++) {
       const kvc_dtype_t dt = b == 1 ? KVC_DTYPE_BF16 : KVC_DTYPE_F16;
       const unsigned kinds = KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_HUFFMAN | KVC_TEST_PAGE_RAW;
-      gpu_case_t c = {5,     8, 2, i ? 128 : 64, (b + i) % 2 ? 16 : 64, dt, 400, 1, kinds, 0,
+      gpu_case_t c = {5,     8, 2, 64 << i, (b + i) % 2 ? 16 : 64, dt, 400, 1, kinds, 0,
                       seed++, bounds[b], bounds[(b + 1) % 3], KVC_BOUND_ABSOLUTE};
       host_case_t h;
       dev_case_t d;
@@ -742,7 +744,7 @@ static void absolute_bound_pages(void **state) {
  * bit-pack pages take the generic decoder. Queries of N(0, 1) times 1e4 (every |Q| below 65504 in
  * practice: the fast path at the edge of its range), 2e4 (a few above it per tile) and 1e5 (most
  * above it), with the softmax scale divided alike; bit-pack pages mixed with RAW pages and staging
- * tails, head_dim 64 and 128, both v3 instances that read bit-pack pages.
+ * tails, head_dim 64, 128 and 256, every v3 instance that reads bit-pack pages.
  */
 static void bf16_queries_beyond_fp16(void **state) {
   (void)state;
@@ -750,7 +752,7 @@ static void bf16_queries_beyond_fp16(void **state) {
   static const float scales[] = {1e4f, 2e4f, 1e5f};
   uint64_t seed = 9100;
   for (size_t i = 0; i < sizeof(scales) / sizeof(scales[0]); i++)
-    for (int hd = 64; hd <= 128; hd *= 2) {
+    for (int hd = 64; hd <= 256; hd *= 2) {
       gpu_case_t c = {6, 16, 4, hd, 64, KVC_DTYPE_BF16, 700, 1,
                       KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW, 0, seed++};
       c.q_scale = scales[i];
@@ -1033,6 +1035,43 @@ static void unsupported_shapes(void **state) {
   host_teardown(&h);
 }
 
+/* Which kernel a launch runs (kvc_attn_cuda_kernel; no GPU needed), 32 query heads on 8 kv heads
+ * (4 entries per row). At head_dim 256: v3 for masks with bit-pack pages and without Huffman
+ * pages, blocks up to 64 tokens, over as many tiles of 8 entries as the rows need; v2 for the rest
+ * (fp16 rows alone ran faster on v2 there, and v3's Huffman instance is built for 64 and 128).
+ * Three rows (12 entries) of fp16 rows: v3's two tiles at head_dim 128, v2 at 64 (kV2Tile). */
+static void kernel_choice(void **state) {
+  (void)state;
+  kvc_attn_args_t a;
+  memset(&a, 0, sizeof(a));
+  a.num_seqs = 8;
+  a.num_q_heads = 32;
+  a.num_kv_heads = 8;
+  a.max_kv_len = 4096;
+  a.dtype = KVC_DTYPE_F16;
+  const struct {
+    int head_dim, block_tokens, rows;
+    uint32_t mask;
+    int kernel;
+  } cases[] = {
+      {256, 64, 1, kNoHuffman, 1},  {256, 16, 1, 1u << KVC_CODEC_BITPACK, 1},
+      {256, 64, 3, kNoHuffman, 1},  {256, 64, 30, kNoHuffman, 1},
+      {256, 128, 1, kNoHuffman, 0}, {256, 64, 1, kRowsOnly, 0},
+      {256, 64, 1, kAllCodecs, 0},  {256, 64, 1, 0, 0},
+      {128, 64, 1, kRowsOnly, 1},   {128, 128, 1, kNoHuffman, 1},
+      {128, 64, 1, kAllCodecs, 2},  {64, 16, 1, kHuffmanCache, 2},
+      {128, 64, 3, kRowsOnly, 1},   {64, 64, 3, kRowsOnly, 0},
+  };
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    a.head_dim = cases[i].head_dim;
+    a.block_tokens = cases[i].block_tokens;
+    a.max_qo_len = cases[i].rows;
+    a.total_q_rows = a.num_seqs * cases[i].rows;
+    a.codec_mask = cases[i].mask;
+    assert_int_equal(kvc_attn_cuda_kernel(&a), cases[i].kernel);
+  }
+}
+
 /* A page whose header fails its checks turns the rows that read it into NaN, never into numbers;
  * sequences that do not read it are unaffected. With max_q 1 (decode) and 40 (v2's instances of
  * one CTA per SM, whose warps skip a bad unit together and decode the next one). */
@@ -1079,6 +1118,7 @@ int main(void) {
       cmocka_unit_test(v3_huffman_layouts),    cmocka_unit_test(huffman_damage_gives_nan),
       cmocka_unit_test(absolute_bound_pages),  cmocka_unit_test(claimed_items),
       cmocka_unit_test(cascade_prefix_groups), cmocka_unit_test(bf16_queries_beyond_fp16),
+      cmocka_unit_test(kernel_choice),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

@@ -1054,26 +1054,25 @@ int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
   return entries_max <= 32 ? 32 : entries_max <= 64 ? 64 : 128;
 }
 
-/* What one query tile of v2 costs, in tiles of v3 (8 entries) over the same KV: [head_dim 64, 128,
- * 256][pages: fp16 rows, bit-pack, Huffman][v2's tile of 16, 32, 64, 128 entries]. head_dim 128:
- * measured on the H200 (session 21, v2 on
- * bulk copies; `./kvc bench attention`'s multi-query rows, 8 sequences of 32k tokens: v2's time
- * over v3's, times v3's tiles; 16: 12-16 entries, 2 tiles; 32: 24 and 32 entries) and, for 64,
- * the most conservative of session 10's prefix launches (3.7 / 4.6 / 4.2) and sessions 20-21's
- * 64 entries (3.7-7.5): v3's figure per tile falls as its launch fills the GPU, so a linear count
- * is rough and v2 keeps the large tiles. fp16's 16-entry tile measured 1.8 there, but a cascade's
- * prefix launches of 16 entries ran 3-20% slower on v2 than on v3's two tiles (`./kvc bench
- * attention`'s prefix rows, 4 sequences per group), so 2.4 keeps those on v3. 128: the 64-entry
- * factor times two tiles times the 128-entry tile's time over the 64-entry tile's, at 64 and 256
- * rows of 4 entries (session 22: 0.67-0.69 / 0.57 / 0.47). head_dim 64's 16-entry tile, measured
- * the same way (session 25, the 12 and 16 entries of `./kvc bench attention --head-dim 64`):
- * fp16 1.3 (v2 0.169 ms, v3's two tiles 0.260), bit-pack 2.7, Huffman 2.3. head_dim 256 (v2's
- * one tile is 16 entries; v3 for bit-pack masks alone): bit-pack 2.8 (v2 1.105 ms at 12-16
- * entries, v3's one tile 0.394 at 8). The other entries are head_dim 128's, unmeasured there. */
-const double kV2Tile[3][3][4] = {
-    {{1.3, 2.0, 3.7, 5.0}, {2.7, 3.9, 4.6, 5.3}, {2.3, 3.0, 4.2, 3.9}},
-    {{2.4, 2.0, 3.7, 5.0}, {3.3, 3.9, 4.6, 5.3}, {2.8, 3.0, 4.2, 3.9}},
-    {{2.4, 2.0, 3.7, 5.0}, {2.8, 3.9, 4.6, 5.3}, {2.8, 3.0, 4.2, 3.9}}};
+/* What one query tile of v2 costs, in tiles of v3 (8 entries) over the same KV: [pages: fp16 rows,
+ * bit-pack, Huffman][v2's tile of 16, 32, 64, 128 entries]. Measured on the H200 at head_dim 128
+ * (session 21, v2 on bulk copies; `./kvc bench attention`'s multi-query rows, 8 sequences of 32k
+ * tokens: v2's time over v3's, times v3's tiles; 16: 12-16 entries, 2 tiles; 32: 24 and 32 entries)
+ * and, for 64, the most conservative of session 10's prefix launches (3.7 / 4.6 / 4.2) and sessions
+ * 20-21's 64 entries (3.7-7.5): v3's figure per tile falls as its launch fills the GPU, so a linear
+ * count is rough and v2 keeps the large tiles. fp16's 16-entry tile measured 1.8 there, but a
+ * cascade's prefix launches of 16 entries ran 3-20% slower on v2 than on v3's two tiles (`./kvc
+ * bench attention`'s prefix rows, 4 sequences per group), so 2.4 keeps those on v3. 128: the
+ * 64-entry factor times two tiles times the 128-entry tile's time over the 64-entry tile's, at 64
+ * and 256 rows of 4 entries (session 22: 0.67-0.69 / 0.57 / 0.47). Every head_dim takes these.
+ * Measured the same way at the others' 16-entry tile (session 25): head_dim 256 (v2's one tile; v3
+ * for bit-pack masks alone) bit-pack 2.8; head_dim 64 bit-pack 2.7, Huffman 2.3, the same choices
+ * as here, and fp16 1.3 (v2 0.169 ms at 12-16 entries, v3's two tiles 0.260), but with 1.3 a
+ * cascade's prefix launch over one group of 4 sequences took v2 too and the call ran 0.042 -> 0.051
+ * ms, slower than without the cascade (groups of 4 in 8 or 16 groups gained 9-11%): the factor
+ * depends on the launch's size, which this count leaves out. */
+const double kV2Tile[3][4] = {
+    {2.4, 2.0, 3.7, 5.0}, {3.3, 3.9, 4.6, 5.3}, {2.8, 3.0, 4.2, 3.9}};
 
 /* The cost, in v3 reads of its KV, of attending `entries` query entries of one sequence: its
  * query tiles, a tile of v2 counted as kV2Tile v3 tiles. *v3_tiles: whether v3 over several
@@ -1084,8 +1083,7 @@ double tile_reads(long entries, int hdi, uint32_t codec_mask, bool *v3_tiles) {
                     : codec_mask & (1u << KVC_CODEC_BITPACK) ? 1
                                                               : 0;
   const int wmi = te == 16 ? 0 : te == 32 ? 1 : te == 64 ? 2 : 3;
-  const double v2 =
-      (double)((entries + te - 1) / te) * (te == 8 ? 1.0 : kV2Tile[hdi][pages][wmi]);
+  const double v2 = (double)((entries + te - 1) / te) * (te == 8 ? 1.0 : kV2Tile[pages][wmi]);
   const double v3 = (double)((entries + 7) / 8);
   *v3_tiles = v3_built(hdi, codec_mask) && v3 < v2;
   return *v3_tiles ? v3 : v2;

@@ -834,7 +834,10 @@ template <int HD, int W, int NB, class T, bool PRE>
 __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, int c,
                                        const int (&pt)[2], const qfrag_t<HD, NB> &qb,
                                        uint32_t magic, float (&s)[2][NB][4]) {
-  constexpr int NC = HD / 4, NA = (NC * W + 31) / 32;
+  /* The lane's HD / 4 channels in NH parts of 32 at most, a part's run loaded before its
+   * k-blocks (head_dim 256: two, so that half the codes are live at a time). */
+  constexpr int NC = HD / 4, NH = NC > 32 ? NC / 32 : 1, NCP = NC / NH, KBP = HD / 16 / NH;
+  constexpr int NA = (NCP * W + 31) / 32;
   const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
   const float2 *kc = (const float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
 #pragma unroll
@@ -843,27 +846,31 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
 #pragma unroll
     for (int e = 0; e < 4; e++) s[0][nb][e] = e & 1 ? k0.y : k0.x;
   }
-  uint32_t a[2][NA];
-  /* Key codes start at a multiple of HD bits (HD groups' fields before them). */
-  load_token_runs<HD, W, NA, run_align_words(HD, NC, W)>(sec.w, sec.meta, c * NC, pt, a);
 #pragma unroll
-  for (int kb = 0; kb < HD / 16; kb++) {
-    uint4 sb = make_uint4(0u, 0u, 0u, 0u); /* the step pairs (y, w), unless Q' is given */
-    if constexpr (!PRE) sb = kq[kq_index(c, kb)];
-    uint32_t b[2][2];
+  for (int part = 0; part < NH; part++) {
+    uint32_t a[2][NA];
+    /* Key codes start at a multiple of HD bits (HD groups' fields before them). */
+    load_token_runs<HD, W, NA, run_align_words(HD, NCP, W)>(sec.w, sec.meta,
+                                                             c * NC + part * NCP, pt, a);
 #pragma unroll
-    for (int h = 0; h < 2; h++)
+    for (int kb = part * KBP; kb < (part + 1) * KBP; kb++) {
+      uint4 sb = make_uint4(0u, 0u, 0u, 0u); /* the step pairs (y, w), unless Q' is given */
+      if constexpr (!PRE) sb = kq[kq_index(c, kb)];
+      uint32_t b[2][2];
 #pragma unroll
-      for (int x = 0; x < 2; x++) {
-        const int pi = 2 * kb + x, ch = 16 * (pi / 8) + pi % 8;
-        b[h][x] = code_pair_k<W, NA>(a[h], a[h], ch, ch + 8) | magic;
+      for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int x = 0; x < 2; x++) {
+          const int pi = 2 * kb + x, ch = 16 * (pi / 8) + pi % 8 - part * NCP;
+          b[h][x] = code_pair_k<W, NA>(a[h], a[h], ch, ch + 8) | magic;
+        }
+      const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++) {
+        const uint32_t q0 = PRE ? qb[nb][kb][0] : q_scaled<T>(qb[nb][kb][0], sb.y);
+        const uint32_t q1 = PRE ? qb[nb][kb][1] : q_scaled<T>(qb[nb][kb][1], sb.w);
+        mma16816<__half>(s[kb % 2][nb], av, q0, q1);
       }
-    const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) {
-      const uint32_t q0 = PRE ? qb[nb][kb][0] : q_scaled<T>(qb[nb][kb][0], sb.y);
-      const uint32_t q1 = PRE ? qb[nb][kb][1] : q_scaled<T>(qb[nb][kb][1], sb.w);
-      mma16816<__half>(s[kb % 2][nb], av, q0, q1);
     }
   }
 }
@@ -1184,11 +1191,14 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
   __syncthreads();
   const uint32_t magic = *(const uint32_t *)(smem + SL::scr_off);
   /* Q's B fragments, in the channel order of k_channel: entry 8 nb + g of the tile. From the
-   * unit loop on (!HUF), the current page's operand: PRE, Q or Q' (q_page) while the current
-   * page's keys are SRC_FAST (qx_scaled), built once per page rather than per slab. The Huffman
-   * instances keep Q and scale it per slab (their registers are taken by the decoder). */
+   * unit loop on (PRE), the current page's operand: Q or Q' (q_page) while the current page's
+   * keys are SRC_FAST (qx_scaled), built once per page rather than per slab. The Huffman
+   * instances keep Q and scale it per slab (their registers are taken by the decoder), and so
+   * does fp16 at head_dim 256, whose 32 registers of Q made ptxas spill ~280 bytes: measured
+   * (session 25, bit-pack (8, 32k)) 0.386 -> 0.303 ms; bf16, whose per-slab scaling converts too,
+   * keeps Q' in registers (0.401 ms, 0.415 without). */
   qfrag_t<HD, NB> qx;
-  constexpr bool PRE = !HUF;
+  constexpr bool PRE = !HUF && (HD < 256 || !kFast16<T>);
   /* Whether SRC_FAST may take this CTA's Q as fp16 (kFast16's comment); warp-uniform. */
   bool qfits = true;
   if (warp < kW3) {
@@ -1220,9 +1230,9 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       qfits = !__any_sync(0xffffffffu, big);
     }
   }
-  /* One copy of the fragments per CTA. The Huffman instance reads them where used
-   * (v3h_layout says why); the others hold the current page's operand in registers (qx), and
-   * their generic path reads Q from the copy. */
+  /* One copy of the fragments per CTA. The Huffman instance and fp16 at head_dim 256 read them
+   * where used (!PRE; v3h_layout says why); the others hold the current page's operand in
+   * registers (qx), and their generic path reads Q from the copy. */
   static_assert(sizeof(qfrag_t<HD, NB>) + 16 <= LO::qf_stride, "Q's fragments fit their slot");
   qfrag_t<HD, NB> *qs = (qfrag_t<HD, NB> *)(smem + LO::qf_off + lane * LO::qf_stride);
   if (warp == 0)
@@ -1234,9 +1244,9 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         for (int x = 0; x < 2; x++) (*qs)[nb][kb][x] = qx[nb][kb][x];
   __syncthreads(); /* the Q tile's bytes belong to the ring from here on */
   bool qx_scaled = false;
-  if constexpr (!HUF)
+  if constexpr (PRE)
     if (warp < kW3) q_load<HD, NB>(smem_u32(qs), qx);
-  const qfrag_t<HD, NB> &qb = HUF ? *qs : qx;
+  const qfrag_t<HD, NB> &qb = PRE ? qx : *qs;
 
   oacc_t<HD, NB> o;
   float m[NB][2], l[NB][2];

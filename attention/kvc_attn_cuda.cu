@@ -1121,7 +1121,7 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
    * per unit bound bit-pack. Each is split in halves between two warps, which claim them
    * (v3_claims), so that the consumers still take 64 tokens at a time. Measured against whole
    * 128-token units in the fixed order (session 9, ms): bit-pack (1, 32k) -1.6%, (8, 32k) -3.5%,
-   * (64, 4k) -3.9%, (16, 128k) -3.4%. */
+   * (64, 4k) -3.9%, (16, 128k) -3.4%. Not built at head_dim 256 (not measured there). */
   const bool u2 = v3 && !v3h && hdi < 2 && p.unit_split_lg == 0 && (bt == 32 || bt == 64);
   if (u2) p.unit_split_lg = 1;
   /* lv's batch in query tiles of `tile` entries and units of `unit` tokens. */

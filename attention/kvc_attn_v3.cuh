@@ -158,9 +158,10 @@ template <int HD, int RING> struct v3_after_ring {
   static constexpr int end = claim_off + 16;
 };
 
-/* The ring: 96 KiB, three uncompressed units at head_dim 128; 84 KiB at head_dim 256, where the
- * scratch takes more (two CTAs per SM) and a unit of fp16 rows takes 32 KiB. */
-template <int HD> constexpr int v3_ring_bytes() { return HD == 256 ? 84 * 1024 : 96 * 1024; }
+/* The ring: 96 KiB, three uncompressed units at head_dim 128; 81 KiB at head_dim 256, where the
+ * scratch and a second copy of Q take more (two CTAs per SM), and a unit of fp16 rows takes
+ * 32 KiB: the epilogue's 80.6 KiB and two such units fit. */
+template <int HD> constexpr int v3_ring_bytes() { return HD == 256 ? 81 * 1024 : 96 * 1024; }
 
 /* UT: tokens per unit, kUnitTokens or two pages' 128 (launches with block_tokens 32 or 64 whose
  * pages are not all rows: the producer's steps per unit, not per page, bound bit-pack). */
@@ -188,7 +189,10 @@ struct v3_layout : v3_after_ring<HD, v3_ring_bytes<HD>()> {
   /* Q's B fragments, one copy per CTA (lane stride HD / 2 + 16 bytes: LDS.128 without bank
    * conflicts), from which the consumers build each page's operand (the kernel's qx). */
   static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = HD / 2 + 16;
-  static constexpr int bytes = qf_off + 32 * qf_stride;
+  /* At head_dim 256, a second copy of the fragments, in fp16 (bf16 launches' fast path: the
+   * kernel's Q16). */
+  static constexpr int qh_off = qf_off + 32 * qf_stride;
+  static constexpr int bytes = qh_off + (HD == 256 ? 32 * qf_stride : 0);
   /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring
    * twice; launch_v3 leaves larger blocks to v2 (head_dim 256: 64). */
   static constexpr int max_block_tokens =
@@ -949,11 +953,11 @@ template <int HD> constexpr bool v_aligned_width(int W) {
 /* S^T from source ks for rows tr of the current page's rows in the unit. PRE: qb is the page's
  * operand (Q' for SRC_FAST keys, else Q; the kernel's qx), else Q. qs: Q's fragments for the
  * generic path's indexed reads (the CTA's copy in shared memory). */
-template <int HD, class T, int NB, bool FAST, bool SWAP, bool PRE>
+template <int HD, class T, int NB, bool FAST, bool SWAP, bool PRE, class TQ>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,
-                                     const qfrag_t<HD, NB> &qs, uint32_t magic,
-                                     float (&s)[2][NB][4]) {
+                                     const qfrag_t<HD, NB> &qf, const qfrag_t<HD, NB> &qs,
+                                     uint32_t magic, float (&s)[2][NB][4]) {
   const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
   switch (v3_sel(ks)) {
   case 0: {
@@ -963,7 +967,7 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
   }
 #define KVC__KF(W)                                                                                 \
   case W:                                                                                          \
-    if constexpr (FAST) s_fast<HD, W, NB, T, PRE>(ks.sec, scr, c, pt, qb, magic, s);               \
+    if constexpr (FAST) s_fast<HD, W, NB, TQ, PRE>(ks.sec, scr, c, pt, qf, magic, s);              \
     break;
     KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
 #undef KVC__KF
@@ -1194,11 +1198,10 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
    * unit loop on (PRE), the current page's operand: Q or Q' (q_page) while the current page's
    * keys are SRC_FAST (qx_scaled), built once per page rather than per slab. The Huffman
    * instances keep Q and scale it per slab (their registers are taken by the decoder), and so
-   * does fp16 at head_dim 256, whose 32 registers of Q made ptxas spill ~280 bytes: measured
-   * (session 25, bit-pack (8, 32k)) 0.386 -> 0.303 ms; bf16, whose per-slab scaling converts too,
-   * keeps Q' in registers (0.401 ms, 0.415 without). */
+   * does head_dim 256, whose 32 registers of Q made ptxas spill ~280 bytes: measured (session 25,
+   * bit-pack (8, 32k)) fp16 0.386 -> 0.303 ms. */
   qfrag_t<HD, NB> qx;
-  constexpr bool PRE = !HUF && (HD < 256 || !kFast16<T>);
+  constexpr bool PRE = !HUF && HD < 256;
   /* Whether SRC_FAST may take this CTA's Q as fp16 (kFast16's comment); warp-uniform. */
   bool qfits = true;
   if (warp < kW3) {
@@ -1230,23 +1233,37 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
       qfits = !__any_sync(0xffffffffu, big);
     }
   }
-  /* One copy of the fragments per CTA. The Huffman instance and fp16 at head_dim 256 read them
-   * where used (!PRE; v3h_layout says why); the others hold the current page's operand in
-   * registers (qx), and their generic path reads Q from the copy. */
+  /* One copy of the fragments per CTA. The Huffman instance and head_dim 256 read them where
+   * used (!PRE; v3h_layout says why); the others hold the current page's operand in registers
+   * (qx), and their generic path reads Q from the copy. */
   static_assert(sizeof(qfrag_t<HD, NB>) + 16 <= LO::qf_stride, "Q's fragments fit their slot");
   qfrag_t<HD, NB> *qs = (qfrag_t<HD, NB> *)(smem + LO::qf_off + lane * LO::qf_stride);
+  /* bf16 at head_dim 256 reads Q where used too (!PRE), and its fast path takes Q converted to
+   * fp16 once here (Q16: TQ, the copy qh), so that its per-slab Q' is one HMUL2 (q_scaled) rather
+   * than two conversions and a multiply. The conversion is exact for every |Q| the fast path
+   * takes (qfits) down to fp16's normal range. */
+  constexpr bool Q16 = !HUF && HD == 256 && !kFast16<T>;
+  typedef std::conditional_t<Q16, __half, T> TQ;
+  qfrag_t<HD, NB> *qh = qs;
+  if constexpr (Q16) qh = (qfrag_t<HD, NB> *)(smem + SL::qh_off + lane * LO::qf_stride);
   if (warp == 0)
 #pragma unroll
     for (int nb = 0; nb < NB; nb++)
 #pragma unroll
       for (int kb = 0; kb < HD / 16; kb++)
 #pragma unroll
-        for (int x = 0; x < 2; x++) (*qs)[nb][kb][x] = qx[nb][kb][x];
+        for (int x = 0; x < 2; x++) {
+          (*qs)[nb][kb][x] = qx[nb][kb][x];
+          if constexpr (Q16)
+            (*qh)[nb][kb][x] = h2_bits<__half2>(
+                __float22half2_rn(__bfloat1622float2(as_h2<__nv_bfloat162>(qx[nb][kb][x]))));
+        }
   __syncthreads(); /* the Q tile's bytes belong to the ring from here on */
   bool qx_scaled = false;
   if constexpr (PRE)
     if (warp < kW3) q_load<HD, NB>(smem_u32(qs), qx);
   const qfrag_t<HD, NB> &qb = PRE ? qx : *qs;
+  const qfrag_t<HD, NB> &qf = Q16 ? *(const qfrag_t<HD, NB> *)qh : qb; /* SRC_FAST's Q, as TQ */
 
   oacc_t<HD, NB> o;
   float m[NB][2], l[NB][2];
@@ -1336,7 +1353,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
         }
         if (FAST && ks.kind == SRC_FAST) {
           kmul *= pow2i(ks.sec.e);
-          s_fast_const<HD, NB, T, PRE>(scr, c, qb);
+          s_fast_const<HD, NB, TQ, PRE>(scr, c, qf);
           __syncwarp();
         }
         /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
@@ -1403,7 +1420,7 @@ __global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
           } else {
             /* Rows read with fewer bank conflicts (s_rows, pv_rows) except in the Huffman
              * instances, which read rows only for raw and staging pages and spilled with it. */
-            v3_s<HD, T, NB, FAST, !HUF, PRE>(ks, scr, c, tr, qb, *qs, magic, s);
+            v3_s<HD, T, NB, FAST, !HUF, PRE, TQ>(ks, scr, c, tr, qb, qf, *qs, magic, s);
           }
           /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
            * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until

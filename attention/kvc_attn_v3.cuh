@@ -10,17 +10,17 @@
  * fast path (FAST) only when bit-pack pages are too. The launcher instantiates NB = 1
  * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
  * two CTAs per SM (~450 bytes of spills), so more entries take several tiles of 8 or v2 (the
- * launcher's tile_reads). Two CTAs per SM,
- * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
- * sections and rows) and kW3 consumer warps over a 96 KiB ring (three uncompressed 64-token units
- * at head_dim 128, six at 64). The consumer warps take work items: an item is a whole unit, or half
- * a unit (p.unit_split_lg = 1) in launches whose pages are all rows, so that all five warps work
- * while the ring holds three fp16 units, and in launches without Huffman over blocks of 32 or 64
- * tokens, which take units of 128 tokens (v3_layout's UT: half the producer's steps per token)
- * in halves of 64. The Huffman instance and the 128-token one hand items out from a shared counter
- * (a warp that runs faster takes more); the others give warp w items w, w + kW3, ... (v3_claims).
- * No CTA barrier in the loop: a unit's "empty" barrier counts the lanes of its warps, and the
- * warps' (m, l, O) meet in the epilogue.
+ * launcher's tile_reads). Two CTAs per SM, each the producer warp of v2 (one bulk copy per section
+ * and chunk, so every unit lands as linear sections and rows) and kW3 consumer warps over a 96 KiB
+ * ring (three uncompressed 64-token units at head_dim 128, six at 64; 81 KiB at 256,
+ * v3_ring_bytes). The consumer warps take work items: an item is a whole unit, or half a unit
+ * (p.unit_split_lg = 1) in launches whose pages are all rows, so that all five warps work while the
+ * ring holds three fp16 units, and in launches without Huffman over blocks of 32 or 64 tokens,
+ * which take units of 128 tokens (v3_layout's UT: half the producer's steps per token) in halves of
+ * 64. The Huffman instance and the 128-token one hand items out from a shared counter (a warp that
+ * runs faster takes more); the others give warp w items w, w + kW3, ... (v3_claims). No CTA barrier
+ * in the loop: a unit's "empty" barrier counts the lanes of its warps, and the warps' (m, l, O)
+ * meet in the epilogue.
  *
  * A warp attends to its unit 16 tokens at a time with mma.sync m16n8k16 in the "swapped" form
  * (the query entries are the N dimension, so a GQA group of 4 to 8 wastes no M rows):

@@ -951,8 +951,9 @@ template <int HD> constexpr bool v_aligned_width(int W) {
 }
 
 /* S^T from source ks for rows tr of the current page's rows in the unit. PRE: qb is the page's
- * operand (Q' for SRC_FAST keys, else Q; the kernel's qx), else Q. qs: Q's fragments for the
- * generic path's indexed reads (the CTA's copy in shared memory). */
+ * operand (Q' for SRC_FAST keys, else Q; the kernel's qx), else Q. qf: SRC_FAST's Q, of type TQ
+ * (qb, or without PRE its fp16 copy: the kernel's Q16). qs: Q's fragments for the generic path's
+ * indexed reads (the CTA's copy in shared memory). */
 template <int HD, class T, int NB, bool FAST, bool SWAP, bool PRE, class TQ>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,

@@ -1064,26 +1064,38 @@ int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
  * cascade's prefix launches of 16 entries ran 3-20% slower on v2 than on v3's two tiles (`./kvc
  * bench attention`'s prefix rows, 4 sequences per group), so 2.4 keeps those on v3. 128: the
  * 64-entry factor times two tiles times the 128-entry tile's time over the 64-entry tile's, at 64
- * and 256 rows of 4 entries (session 22: 0.67-0.69 / 0.57 / 0.47). Every head_dim takes these.
+ * and 256 rows of 4 entries (session 22: 0.67-0.69 / 0.57 / 0.47). Every head_dim takes these,
+ * head_dim 64 with one exception (below).
  * Measured the same way at the others' 16-entry tile (session 25): head_dim 256 (v2's one tile; v3
  * for bit-pack masks alone) bit-pack 2.8; head_dim 64 bit-pack 2.7, Huffman 2.3, the same choices
  * as here, and fp16 1.3 (v2 0.169 ms at 12-16 entries, v3's two tiles 0.260), but with 1.3 a
  * cascade's prefix launch over one group of 4 sequences took v2 too and the call ran 0.042 -> 0.051
  * ms, slower than without the cascade (groups of 4 in 8 or 16 groups gained 9-11%): the factor
- * depends on the launch's size, which this count leaves out. */
+ * depends on the launch's size. So at head_dim 64, launches of at least kLargeLaunch (sequence,
+ * kv head) pairs take fp16's 16-entry factor as measured on decode rows (8 sequences x 8 kv heads),
+ * kV2Tile16Large, and smaller ones (one group's prefix: 8 pairs) 2.4; session 26: 3-4 rows 0.261
+ * -> 0.169 ms, cascades over 8 and 16 groups 0.092 -> 0.083 and 0.108 -> 0.099, one group
+ * unchanged. At head_dim 128 the same rule with 1.8 ran 3-4 rows 0.324 -> 0.293 ms, but cascades
+ * over 8 and 16 groups (64 and 128 pairs, 16 entries over 8k and 4k tokens) 0.123 -> 0.128 and
+ * 0.148 -> 0.153, so 128 keeps 2.4 everywhere. */
 const double kV2Tile[3][4] = {
     {2.4, 2.0, 3.7, 5.0}, {3.3, 3.9, 4.6, 5.3}, {2.8, 3.0, 4.2, 3.9}};
+constexpr long kLargeLaunch = 32;
+constexpr double kV2Tile16Large = 1.3;
 
-/* The cost, in v3 reads of its KV, of attending `entries` query entries of one sequence: its
- * query tiles, a tile of v2 counted as kV2Tile v3 tiles. *v3_tiles: whether v3 over several
- * tiles of 8 costs less (v3_built). */
-double tile_reads(long entries, int hdi, uint32_t codec_mask, bool *v3_tiles) {
+/* The cost, in v3 reads of its KV, of attending `entries` query entries of one sequence in a
+ * launch of `pairs` (sequence, kv head) pairs: its query tiles, a tile of v2 counted as kV2Tile
+ * v3 tiles. *v3_tiles: whether v3 over several tiles of 8 costs less (v3_built). */
+double tile_reads(long entries, long pairs, int hdi, uint32_t codec_mask, bool *v3_tiles) {
   const int te = tile_entries(entries, hdi, codec_mask);
   const int pages = codec_mask & (1u << KVC_CODEC_HUFFMAN)   ? 2
                     : codec_mask & (1u << KVC_CODEC_BITPACK) ? 1
                                                               : 0;
   const int wmi = te == 16 ? 0 : te == 32 ? 1 : te == 64 ? 2 : 3;
-  const double v2 = (double)((entries + te - 1) / te) * (te == 8 ? 1.0 : kV2Tile[pages][wmi]);
+  const double f = pages == 0 && wmi == 0 && hdi == 0 && pairs >= kLargeLaunch
+                       ? kV2Tile16Large
+                       : kV2Tile[pages][wmi];
+  const double v2 = (double)((entries + te - 1) / te) * (te == 8 ? 1.0 : f);
   const double v3 = (double)((entries + 7) / 8);
   *v3_tiles = v3_built(hdi, codec_mask) && v3 < v2;
   return *v3_tiles ? v3 : v2;
@@ -1181,10 +1193,13 @@ extern "C" int kvc_attn_cuda_cascade_pays(const kvc_attn_args_t *a, int groups,
   bool unused;
   double once = 0, each = 0;
   for (int g = 0; g < groups; g++)
-    once += tile_reads((long)group_rows[g] * group, hdi, a->codec_mask, &unused) * group_tokens[g];
+    once += tile_reads((long)group_rows[g] * group, (long)groups * a->num_kv_heads, hdi,
+                       a->codec_mask, &unused) *
+            group_tokens[g];
   for (int s = 0; s < a->num_seqs; s++)
     if (seq_group[s] >= 0)
-      each += tile_reads((long)seq_rows[s] * group, hdi, a->codec_mask, &unused) *
+      each += tile_reads((long)seq_rows[s] * group, (long)a->num_seqs * a->num_kv_heads, hdi,
+                         a->codec_mask, &unused) *
               group_tokens[seq_group[s]];
   return 2 * once <= each && each - once >= 16384;
 }
@@ -1194,7 +1209,8 @@ level whole_level(const kvc_attn_args_t *a, int fit) {
   const int group = a->num_q_heads / a->num_kv_heads;
   const int max_qo = a->max_qo_len > 0 ? a->max_qo_len : a->total_q_rows - a->num_seqs + 1;
   bool v3_tiles;
-  tile_reads((long)max_qo * group, hd_index(a->head_dim), a->codec_mask, &v3_tiles);
+  tile_reads((long)max_qo * group, (long)a->num_seqs * a->num_kv_heads, hd_index(a->head_dim),
+             a->codec_mask, &v3_tiles);
   return {a->num_seqs, a->max_kv_len, (long)max_qo * group, 0, fit >= 2 ? fit : 1, false,
           v3_tiles};
 }
@@ -1281,7 +1297,8 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   /* The prefixes, once: each group's rows as one sequence, at or past its prefix's last token
    * (pos_shift: the most rows of one, less one). */
   bool v3_tiles;
-  tile_reads((long)a->prefix_max_rows * group, hdi, a->codec_mask, &v3_tiles);
+  tile_reads((long)a->prefix_max_rows * group, (long)a->prefix_seqs * a->num_kv_heads, hdi,
+             a->codec_mask, &v3_tiles);
   level pre = {a->prefix_seqs,        a->prefix_max_tokens, (long)a->prefix_max_rows * group,
                a->prefix_max_rows - 1, cap - 1,              true,
                v3_tiles};

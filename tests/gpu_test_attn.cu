@@ -1040,7 +1040,9 @@ static void unsupported_shapes(void **state) {
  * pages, blocks up to 64 tokens, over as many tiles of 8 entries as the rows need; v2 for the rest
  * (fp16 rows alone ran faster on v2 there, and v3's Huffman instance is built for 64 and 128).
  * Six rows (24 entries) at head_dim 128: v3's three tiles for bit-pack pages, v2's tile of 32
- * for fp16 rows (kV2Tile). */
+ * for fp16 rows (kV2Tile). Three rows (12 entries) of fp16 rows at head_dim 64: v2's tile of 16
+ * for 8 sequences (64 (sequence, kv head) pairs), v3's two tiles for one (8 pairs; kLargeLaunch);
+ * at head_dim 128, v3's two tiles for both. */
 static void kernel_choice(void **state) {
   (void)state;
   kvc_attn_args_t a;
@@ -1070,6 +1072,18 @@ static void kernel_choice(void **state) {
     a.total_q_rows = a.num_seqs * cases[i].rows;
     a.codec_mask = cases[i].mask;
     assert_int_equal(kvc_attn_cuda_kernel(&a), cases[i].kernel);
+  }
+  for (int hd = 64; hd <= 128; hd *= 2) {
+    a.head_dim = hd;
+    a.block_tokens = 64;
+    a.codec_mask = kRowsOnly;
+    a.max_qo_len = 3;
+    a.num_seqs = 8;
+    a.total_q_rows = 24;
+    assert_int_equal(kvc_attn_cuda_kernel(&a), hd == 64 ? 0 : 1);
+    a.num_seqs = 1;
+    a.total_q_rows = 3;
+    assert_int_equal(kvc_attn_cuda_kernel(&a), 1);
   }
 }
 

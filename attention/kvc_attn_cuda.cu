@@ -965,13 +965,13 @@ kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
                             p, sh, stream);
 }
 
-/* v3 (attention/kvc_attn_v3.cuh): query tiles of 8 NB entries, pages without Huffman coding.
- * Blocks whose sections may not fit its ring are left to v2. */
-template <int HD, class T, int NB, int UT>
+/* v3 (attention/kvc_attn_v3.cuh): query tiles of 8 NB entries, pages without Huffman coding,
+ * CPS CTAs per SM. Blocks whose sections may not fit its ring are left to v2. */
+template <int HD, class T, int NB, int UT, int CPS = 2>
 kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
-  if (p.block_tokens > v3_layout<HD, UT>::max_block_tokens) return KVC_ERR_UNSUPPORTED;
-  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, false, true, UT>, kThreads3,
-                            v3_layout<HD, UT>::bytes, p, sh, stream);
+  if (p.block_tokens > v3_layout<HD, UT, CPS>::max_block_tokens) return KVC_ERR_UNSUPPORTED;
+  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, false, true, UT, CPS>, kThreads3,
+                            v3_layout<HD, UT, CPS>::bytes, p, sh, stream);
 }
 
 /* v3 with Huffman pages (attention/kvc_attn_v3_huf.cuh): every codec; FAST: with the bit-pack
@@ -990,6 +990,10 @@ const launch_fn kLaunch3[3][2] = {
     {launch_v3<128, __half, 1, kUnitTokens>, launch_v3<128, __nv_bfloat16, 1, kUnitTokens>},
     {launch_v3<256, __half, 1, kUnitTokens>, launch_v3<256, __nv_bfloat16, 1, kUnitTokens>},
 };
+/* [dtype f16/bf16]: head_dim 256 launches whose pages are all rows, one CTA per SM (v3_ring_bytes:
+ * at two, the ring holds one unit of fp16 rows, and the producer waits for it to drain). */
+const launch_fn kLaunch3rows256[2] = {launch_v3<256, __half, 1, kUnitTokens, 1>,
+                                      launch_v3<256, __nv_bfloat16, 1, kUnitTokens, 1>};
 /* The same over units of two pages (v3_layout), head_dim 64/128. */
 const launch_fn kLaunch3u2[2][2] = {
     {launch_v3<64, __half, 1, 128>, launch_v3<64, __nv_bfloat16, 1, 128>},
@@ -1037,12 +1041,18 @@ struct level {
   bool v3_tiles;    /* v3 over query tiles of 8 entries, however many (tile_reads) */
 };
 
+/* Whether a launch at head_dim 256 (hd_index 2) reads rows alone: kLaunch3rows256's. */
+bool rows_only_256(int hdi, uint32_t codec_mask) {
+  return hdi == 2 && codec_mask == 1u << KVC_CODEC_RAW;
+}
+
 /* Whether v3 takes a head_dim (hd_index) and codec mask: a known mask; at head_dim 256, one that
- * allows bit-pack pages and not Huffman pages (v3's Huffman instance is built for 64 and 128,
- * and on fp16 rows alone v3 ran 1.48x slower than v2 there: session 25, (8, 32k)). */
+ * allows bit-pack pages and not Huffman pages (v3's Huffman instance is built for 64 and 128),
+ * or rows alone (one CTA per SM: at two, v3 ran them 1.48x slower than v2, session 25). */
 bool v3_built(int hdi, uint32_t codec_mask) {
   const uint32_t huf = 1u << KVC_CODEC_HUFFMAN, bp = 1u << KVC_CODEC_BITPACK;
-  return codec_mask != 0 && (hdi < 2 || (codec_mask & (huf | bp)) == bp);
+  return codec_mask != 0 &&
+         (hdi < 2 || (codec_mask & (huf | bp)) == bp || rows_only_256(hdi, codec_mask));
 }
 
 /* Query entries per CTA of the instance dispatch picks for sequences of up to entries_max query
@@ -1082,6 +1092,9 @@ const double kV2Tile[3][4] = {
     {2.4, 2.0, 3.7, 5.0}, {3.3, 3.9, 4.6, 5.3}, {2.8, 3.0, 4.2, 3.9}};
 constexpr long kLargeLaunch = 32;
 constexpr double kV2Tile16Large = 1.3;
+/* head_dim 256, rows alone (v3 at one CTA per SM): measured 1.6 (session 26: 3 rows of 8
+ * sequences of 32k, v2 0.689 ms, v3's two tiles 0.852), so only rows of up to 8 entries take v3. */
+constexpr double kV2TileRows256 = 1.6;
 
 /* The cost, in v3 reads of its KV, of attending `entries` query entries of one sequence in a
  * launch of `pairs` (sequence, kv head) pairs: its query tiles, a tile of v2 counted as kV2Tile
@@ -1092,9 +1105,10 @@ double tile_reads(long entries, long pairs, int hdi, uint32_t codec_mask, bool *
                     : codec_mask & (1u << KVC_CODEC_BITPACK) ? 1
                                                               : 0;
   const int wmi = te == 16 ? 0 : te == 32 ? 1 : te == 64 ? 2 : 3;
-  const double f = pages == 0 && wmi == 0 && hdi == 0 && pairs >= kLargeLaunch
-                       ? kV2Tile16Large
-                       : kV2Tile[pages][wmi];
+  const bool large16 = pages == 0 && wmi == 0 && hdi == 0 && pairs >= kLargeLaunch;
+  const double f = rows_only_256(hdi, codec_mask) ? kV2TileRows256
+                   : large16                      ? kV2Tile16Large
+                                                  : kV2Tile[pages][wmi];
   const double v2 = (double)((entries + te - 1) / te) * (te == 8 ? 1.0 : f);
   const double v3 = (double)((entries + 7) / 8);
   *v3_tiles = v3_built(hdi, codec_mask) && v3 < v2;
@@ -1152,9 +1166,11 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
   if (v3) {
     const int bf16 = a->dtype == KVC_DTYPE_BF16;
     const bool bitpack = (a->codec_mask & (1u << KVC_CODEC_BITPACK)) != 0;
-    const launch_fn fn = v3h ? kLaunch3h[hdi][bf16][bitpack]
-                         : u2  ? kLaunch3u2[hdi][bf16]
-                               : kLaunch3[hdi][bf16];
+    const bool rows256 = rows_only_256(hdi, a->codec_mask);
+    const launch_fn fn = v3h       ? kLaunch3h[hdi][bf16][bitpack]
+                         : u2      ? kLaunch3u2[hdi][bf16]
+                         : rows256 ? kLaunch3rows256[bf16]
+                                   : kLaunch3[hdi][bf16];
     const kvc_status_t st = fn(p, shape(8, u2 ? 2 * kUnitTokens : kUnitTokens), stream);
     if (st != KVC_ERR_UNSUPPORTED) return st;
   }
@@ -1219,6 +1235,8 @@ extern "C" int kvc_attn_cuda_kernel(const kvc_attn_args_t *a) {
   const int hdi = hd_index(a->head_dim);
   if (hdi < 0 || a->num_kv_heads < 1 || a->num_q_heads % a->num_kv_heads != 0) return -1;
   if (!runs_v3(a, whole_level(a, 1))) return 0;
+  if (rows_only_256(hdi, a->codec_mask))
+    return a->block_tokens <= v3_layout<256, kUnitTokens, 1>::max_block_tokens ? 1 : 0;
   if (!(a->codec_mask & (1u << KVC_CODEC_HUFFMAN)))
     return hdi < 2 || a->block_tokens <= v3_layout<256>::max_block_tokens ? 1 : 0;
   const int most = hdi == 0 ? v3h_layout<64>::max_block_tokens : v3h_layout<128>::max_block_tokens;

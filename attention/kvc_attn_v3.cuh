@@ -10,10 +10,10 @@
  * fast path (FAST) only when bit-pack pages are too. The launcher instantiates NB = 1
  * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
  * two CTAs per SM (~450 bytes of spills), so more entries take several tiles of 8 or v2 (the
- * launcher's tile_reads). Two CTAs per SM, each the producer warp of v2 (one bulk copy per section
- * and chunk, so every unit lands as linear sections and rows) and kW3 consumer warps over a 96 KiB
- * ring (three uncompressed 64-token units at head_dim 128, six at 64; 81 KiB at 256,
- * v3_ring_bytes). The consumer warps take work items: an item is a whole unit, or half a unit
+ * launcher's tile_reads). Two CTAs per SM (one for launches over rows alone at head_dim 256: CPS),
+ * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
+ * sections and rows) and kW3 consumer warps over a 96 KiB ring (three uncompressed 64-token units
+ * at head_dim 128, six at 64; 81 KiB at 256, ~199 KiB at one CTA per SM: v3_ring_bytes). The consumer warps take work items: an item is a whole unit, or half a unit
  * (p.unit_split_lg = 1) in launches whose pages are all rows, so that all five warps work while the
  * ring holds three fp16 units, and in launches without Huffman over blocks of 32 or 64 tokens,
  * which take units of 128 tokens (v3_layout's UT: half the producer's steps per token) in halves of
@@ -158,17 +158,29 @@ template <int HD, int RING> struct v3_after_ring {
   static constexpr int end = claim_off + 16;
 };
 
-/* The ring: 96 KiB, three uncompressed units at head_dim 128; 81 KiB at head_dim 256, where the
- * scratch and a second copy of Q take more (two CTAs per SM), and a unit of fp16 rows takes
- * 32 KiB: the epilogue's 80.6 KiB and two such units fit. */
-template <int HD> constexpr int v3_ring_bytes() { return HD == 256 ? 81 * 1024 : 96 * 1024; }
+/* Bytes of a v3 layout past its ring (v3_layout's tail: from v3_after_ring on). */
+template <int HD> constexpr int v3_tail_bytes() {
+  return v3_after_ring<HD, 0>::end + 2 * kSlots3 * 8 + (HD == 256 ? 2 : 1) * 32 * (HD / 2 + 16);
+}
+
+/* The ring, for CPS CTAs per SM. Two: 96 KiB, three uncompressed units at head_dim 128; 81 KiB at
+ * head_dim 256, where the scratch and a second copy of Q take more, and a unit of fp16 rows takes
+ * 64 KiB (K and V): the epilogue's 80.6 KiB and one such unit fit. One (head_dim 256, launches
+ * whose pages are all rows): the rest of the SM's shared memory, in whole KiB (~199 KiB, three
+ * units of fp16 rows), so that the producer copies the next units while the consumers read one. */
+template <int HD, int CPS> constexpr int v3_ring_bytes() {
+  return CPS == 1 ? (233472 - 1024 - v3_tail_bytes<HD>()) / 1024 * 1024
+         : HD == 256 ? 81 * 1024
+                     : 96 * 1024;
+}
 
 /* UT: tokens per unit, kUnitTokens or two pages' 128 (launches with block_tokens 32 or 64 whose
  * pages are not all rows: the producer's steps per unit, not per page, bound bit-pack). */
-template <int HD, int UT = kUnitTokens>
-struct v3_layout : v3_after_ring<HD, v3_ring_bytes<HD>()> {
+template <int HD, int UT = kUnitTokens, int CPS = 2>
+struct v3_layout : v3_after_ring<HD, v3_ring_bytes<HD, CPS>()> {
   static_assert(HD == 64 || HD == 128 || HD == 256, "v3 is built for head_dim 64, 128 and 256");
-  typedef v3_after_ring<HD, v3_ring_bytes<HD>()> A;
+  static_assert(CPS == 2 || (CPS == 1 && HD == 256), "one CTA per SM at head_dim 256 only");
+  typedef v3_after_ring<HD, v3_ring_bytes<HD, CPS>()> A;
   using A::end;
   using A::ring;
   static_assert(UT == kUnitTokens || UT == 2 * kUnitTokens, "units of 64 or 128 tokens");
@@ -200,7 +212,8 @@ struct v3_layout : v3_after_ring<HD, v3_ring_bytes<HD>()> {
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert((HD == 256 ? 2 : 3) * tile <= ring && 2 * (64 * RB + slack) <= ring,
                 "a unit must fit the ring");
-  static_assert(2 * (bytes + 1024) <= 233472, "two CTAs per SM do not fit");
+  static_assert(bytes - ring == v3_tail_bytes<HD>(), "v3_tail_bytes matches the layout");
+  static_assert(CPS * (bytes + 1024) <= 233472, "CPS CTAs per SM do not fit");
 };
 
 /* Channel of k-slot `hi` (0: low half, 1: high half) of pair pi (k-block pi / 2, A registers 0-1
@@ -1158,11 +1171,11 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
  * meet Huffman pages (attention/kvc_attn_v3_huf.cuh). FAST: SRC_FAST is built (else bit-pack
  * sections take SRC_GEN); the Huffman instance for launches without bit-pack pages leaves it out,
  * since its code alone made the Huffman slabs 2.8% slower (bench/NOTES-attention.md, session 8).
- * UT: tokens per unit (v3_layout). */
-template <int HD, class T, int NB, bool HUF, bool FAST, int UT>
-__global__ void __launch_bounds__(kThreads3, 2) attn_kernel_v3(const params p) {
+ * UT: tokens per unit (v3_layout). CPS: CTAs per SM, the ring's share (v3_ring_bytes). */
+template <int HD, class T, int NB, bool HUF, bool FAST, int UT, int CPS = 2>
+__global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p) {
   static_assert(HUF || FAST, "without Huffman pages the fast path is what v3 is for");
-  typedef v3_layout_of<HD, HUF, UT> LO;
+  typedef v3_layout_of<HD, HUF, UT, CPS> LO;
   typedef typename LO::type SL;
   constexpr int NE = 8 * NB;
   extern __shared__ __align__(128) uint8_t smem[];

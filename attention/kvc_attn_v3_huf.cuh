@@ -167,13 +167,14 @@ template <int HD> struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD>()> {
 };
 
 /* The layout of an instance, and where its warps' Huffman areas are (none without HUF). */
-template <int HD, bool HUF, int UT> struct v3_layout_of {
-  typedef v3_layout<HD, UT> type;
+template <int HD, bool HUF, int UT, int CPS> struct v3_layout_of {
+  typedef v3_layout<HD, UT, CPS> type;
   static constexpr int huf_off = 0, huf_bytes = 0;
-  static constexpr int qf_off = v3_layout<HD, UT>::qf_off, qf_stride = v3_layout<HD, UT>::qf_stride;
+  static constexpr int qf_off = type::qf_off, qf_stride = type::qf_stride;
 };
-template <int HD, int UT> struct v3_layout_of<HD, true, UT> {
+template <int HD, int UT, int CPS> struct v3_layout_of<HD, true, UT, CPS> {
   static_assert(UT == kUnitTokens, "two raw pages would not fit the Huffman ring");
+  static_assert(CPS == 2, "the Huffman instance runs two CTAs per SM");
   typedef v3h_layout<HD> type;
   static constexpr int huf_off = v3h_layout<HD>::huf_off, huf_bytes = v3h_area<HD>::bytes;
   static constexpr int qf_off = v3h_layout<HD>::qf_off, qf_stride = v3h_layout<HD>::qf_stride;

@@ -1037,8 +1037,9 @@ static void unsupported_shapes(void **state) {
 
 /* Which kernel a launch runs (kvc_attn_cuda_kernel; no GPU needed), 32 query heads on 8 kv heads
  * (4 entries per row). At head_dim 256: v3 for masks with bit-pack pages and without Huffman
- * pages, blocks up to 64 tokens, over as many tiles of 8 entries as the rows need; v2 for the rest
- * (fp16 rows alone ran faster on v2 there, and v3's Huffman instance is built for 64 and 128).
+ * pages, blocks up to 64 tokens, over as many tiles of 8 entries as the rows need, and for rows
+ * alone (one CTA per SM, blocks up to 128 tokens) up to 8 entries (kV2TileRows256); v2 for the
+ * rest (v3's Huffman instance is built for 64 and 128).
  * Six rows (24 entries) at head_dim 128: v3's three tiles for bit-pack pages, v2's tile of 32
  * for fp16 rows (kV2Tile). Three rows (12 entries) of fp16 rows at head_dim 64: v2's tile of 16
  * for 8 sequences (64 (sequence, kv head) pairs), v3's two tiles for one (8 pairs; kLargeLaunch);
@@ -1059,7 +1060,8 @@ static void kernel_choice(void **state) {
   } cases[] = {
       {256, 64, 1, kNoHuffman, 1},  {256, 16, 1, 1u << KVC_CODEC_BITPACK, 1},
       {256, 64, 3, kNoHuffman, 1},  {256, 64, 30, kNoHuffman, 1},
-      {256, 128, 1, kNoHuffman, 0}, {256, 64, 1, kRowsOnly, 0},
+      {256, 128, 1, kNoHuffman, 0}, {256, 64, 1, kRowsOnly, 1},
+      {256, 128, 1, kRowsOnly, 1},  {256, 64, 3, kRowsOnly, 0},
       {256, 64, 1, kAllCodecs, 0},  {256, 64, 1, 0, 0},
       {128, 64, 1, kRowsOnly, 1},   {128, 128, 1, kNoHuffman, 1},
       {128, 64, 1, kAllCodecs, 2},  {64, 16, 1, kHuffmanCache, 2},

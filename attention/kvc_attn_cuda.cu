@@ -33,17 +33,16 @@
  *
  * Decode instances (16 query entries) are sized for two CTAs per SM; see ring_bytes.
  *
- * Decode launches whose caller passes a codec mask run v3 instead (head_dim 256: a mask that
- * allows bit-pack pages and not Huffman pages, blocks up to 64 tokens; v3_built)
- * (attention/kvc_attn_v3.cuh): the same producer, and consumer warps that each
- * take whole units (half units when all pages are rows) and build the mma operands (K and V as
- * the A operand, the query entries as N) in registers from the ring bytes; a mask that allows
- * Huffman pages selects v3's Huffman instance (attention/kvc_attn_v3_huf.cuh), which leaves
- * blocks of 128 tokens at head_dim 128 to v2. The producer there issues a unit's K and V bulk
- * copies from lanes 0 and 1 side by side. Launches with more query entries per kv head (several
- * rows per sequence: speculative tokens, short prefill chunks; a cascade's prefixes) run v3 over
- * several query tiles of 8 where tile_reads expects that to cost less than v2's tiles of 16-128
- * (each v3 tile decodes the pages again).
+ * Decode launches whose caller passes a codec mask run v3 instead (v3_built; head_dim 256: blocks
+ * up to 64 tokens unless the pages are all rows) (attention/kvc_attn_v3.cuh): the same producer,
+ * and consumer warps that each take whole units (half units when all pages are rows) and build the
+ * mma operands (K and V as the A operand, the query entries as N) in registers from the ring bytes;
+ * a mask that allows Huffman pages selects v3's Huffman instance (attention/kvc_attn_v3_huf.cuh),
+ * which leaves blocks of 128 tokens at head_dim 128 and 256 to v2. The producer there issues a unit's K and
+ * V bulk copies from lanes 0 and 1 side by side. Launches with more query entries per kv head
+ * (several rows per sequence: speculative tokens, short prefill chunks; a cascade's prefixes) run
+ * v3 over several query tiles of 8 where tile_reads expects that to cost less than v2's tiles of
+ * 16-128 (each v3 tile decodes the pages again).
  *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
  * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.
@@ -979,8 +978,8 @@ kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
 template <int HD, class T, int NB, bool FAST>
 kvc_status_t launch_v3h(params &p, const launch_shape &sh, cudaStream_t stream) {
   if (p.block_tokens > v3h_layout<HD>::max_block_tokens) return KVC_ERR_UNSUPPORTED;
-  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, true, FAST, kUnitTokens>, kThreads3,
-                            v3h_layout<HD>::bytes, p, sh, stream);
+  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, true, FAST, kUnitTokens, v3h_cps<HD>()>,
+                            kThreads3, v3h_layout<HD>::bytes, p, sh, stream);
 }
 
 /* [head_dim 64/128/256][dtype f16/bf16], tiles of 8 entries (NB = 1; see
@@ -999,12 +998,14 @@ const launch_fn kLaunch3u2[2][2] = {
     {launch_v3<64, __half, 1, 128>, launch_v3<64, __nv_bfloat16, 1, 128>},
     {launch_v3<128, __half, 1, 128>, launch_v3<128, __nv_bfloat16, 1, 128>},
 };
-/* [head_dim 64/128][dtype][bit-pack pages allowed]. */
-const launch_fn kLaunch3h[2][2][2] = {
+/* [head_dim 64/128/256][dtype][bit-pack pages allowed]. */
+const launch_fn kLaunch3h[3][2][2] = {
     {{launch_v3h<64, __half, 1, false>, launch_v3h<64, __half, 1, true>},
      {launch_v3h<64, __nv_bfloat16, 1, false>, launch_v3h<64, __nv_bfloat16, 1, true>}},
     {{launch_v3h<128, __half, 1, false>, launch_v3h<128, __half, 1, true>},
      {launch_v3h<128, __nv_bfloat16, 1, false>, launch_v3h<128, __nv_bfloat16, 1, true>}},
+    {{launch_v3h<256, __half, 1, false>, launch_v3h<256, __half, 1, true>},
+     {launch_v3h<256, __nv_bfloat16, 1, false>, launch_v3h<256, __nv_bfloat16, 1, true>}},
 };
 
 /* The dispatch table: [head_dim 64/128/256][dtype f16/bf16][WM 1/2/4/8]; NULL: not built (the
@@ -1046,20 +1047,16 @@ bool rows_only_256(int hdi, uint32_t codec_mask) {
   return hdi == 2 && codec_mask == 1u << KVC_CODEC_RAW;
 }
 
-/* Whether v3 takes a head_dim (hd_index) and codec mask: a known mask; at head_dim 256, one that
- * allows bit-pack pages and not Huffman pages (v3's Huffman instance is built for 64 and 128),
- * or rows alone (one CTA per SM: at two, v3 ran them 1.48x slower than v2, session 25). */
-bool v3_built(int hdi, uint32_t codec_mask) {
-  const uint32_t huf = 1u << KVC_CODEC_HUFFMAN, bp = 1u << KVC_CODEC_BITPACK;
-  return codec_mask != 0 &&
-         (hdi < 2 || (codec_mask & (huf | bp)) == bp || rows_only_256(hdi, codec_mask));
-}
+/* Whether v3 takes a launch's codec mask: a known mask (every head_dim; at 256, rows alone and
+ * Huffman pages run one CTA per SM: at two, v3 ran rows 1.48x slower than v2, session 25, and
+ * its Huffman instance does not fit). */
+bool v3_built(uint32_t codec_mask) { return codec_mask != 0; }
 
 /* Query entries per CTA of the instance dispatch picks for sequences of up to entries_max query
  * entries: v3's 8 (v3_built), else v2's smallest tile that holds them (head_dim 256: always 16,
  * more tiles). */
 int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
-  if (entries_max <= 8 && v3_built(hdi, codec_mask)) return 8;
+  if (entries_max <= 8 && v3_built(codec_mask)) return 8;
   if (hdi == 2 || entries_max <= 16) return 16;
   return entries_max <= 32 ? 32 : entries_max <= 64 ? 64 : 128;
 }
@@ -1111,7 +1108,7 @@ double tile_reads(long entries, long pairs, int hdi, uint32_t codec_mask, bool *
                                                   : kV2Tile[pages][wmi];
   const double v2 = (double)((entries + te - 1) / te) * (te == 8 ? 1.0 : f);
   const double v3 = (double)((entries + 7) / 8);
-  *v3_tiles = v3_built(hdi, codec_mask) && v3 < v2;
+  *v3_tiles = v3_built(codec_mask) && v3 < v2;
   return *v3_tiles ? v3 : v2;
 }
 
@@ -1239,7 +1236,9 @@ extern "C" int kvc_attn_cuda_kernel(const kvc_attn_args_t *a) {
     return a->block_tokens <= v3_layout<256, kUnitTokens, 1>::max_block_tokens ? 1 : 0;
   if (!(a->codec_mask & (1u << KVC_CODEC_HUFFMAN)))
     return hdi < 2 || a->block_tokens <= v3_layout<256>::max_block_tokens ? 1 : 0;
-  const int most = hdi == 0 ? v3h_layout<64>::max_block_tokens : v3h_layout<128>::max_block_tokens;
+  const int most = hdi == 0   ? v3h_layout<64>::max_block_tokens
+                   : hdi == 1 ? v3h_layout<128>::max_block_tokens
+                              : v3h_layout<256>::max_block_tokens;
   return a->block_tokens <= most ? 2 : 0;
 }
 

@@ -4,23 +4,24 @@
  *
  * For launches whose query entries fit one tile of 8 * NB entries with a known codec mask
  * (kvc_attn_args_t.codec_mask): attn_kernel_v3<HD, T, NB, false, true> for pages without
- * Huffman coding (head_dim 64, 128 and 256), attn_kernel_v3<HD, T, NB, true, FAST> (64 and 128)
- * (attention/kvc_attn_v3_huf.cuh: one more operand source and a layout with per-warp Huffman areas
- * and a smaller ring, 56 / 68 KiB at head_dim 128 / 64) when Huffman is allowed, with the bit-pack
+ * Huffman coding, attn_kernel_v3<HD, T, NB, true, FAST> (attention/kvc_attn_v3_huf.cuh: one
+ * more operand source and a layout with per-warp Huffman areas and a smaller ring, 56 / 68 KiB at
+ * head_dim 128 / 64; one CTA per SM at 256) when Huffman is allowed, with the bit-pack
  * fast path (FAST) only when bit-pack pages are too. The launcher instantiates NB = 1
  * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
  * two CTAs per SM (~450 bytes of spills), so more entries take several tiles of 8 or v2 (the
  * launcher's tile_reads). Two CTAs per SM (one for launches over rows alone at head_dim 256: CPS),
  * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
  * sections and rows) and kW3 consumer warps over a 96 KiB ring (three uncompressed 64-token units
- * at head_dim 128, six at 64; 81 KiB at 256, ~199 KiB at one CTA per SM: v3_ring_bytes). The consumer warps take work items: an item is a whole unit, or half a unit
- * (p.unit_split_lg = 1) in launches whose pages are all rows, so that all five warps work while the
- * ring holds three fp16 units, and in launches without Huffman over blocks of 32 or 64 tokens,
- * which take units of 128 tokens (v3_layout's UT: half the producer's steps per token) in halves of
- * 64. The Huffman instance and the 128-token one hand items out from a shared counter (a warp that
- * runs faster takes more); the others give warp w items w, w + kW3, ... (v3_claims). No CTA barrier
- * in the loop: a unit's "empty" barrier counts the lanes of its warps, and the warps' (m, l, O)
- * meet in the epilogue.
+ * at head_dim 128, six at 64; 81 KiB at 256, 197 KiB at one CTA per SM: v3_ring_bytes). The
+ * consumer warps take work items: an item is a whole unit, or half a unit (p.unit_split_lg = 1) in
+ * launches whose pages are all rows, so that all five warps work while the ring holds three fp16
+ * units, and in launches without Huffman over blocks of 32 or 64 tokens, which take units of 128
+ * tokens (v3_layout's UT: half the producer's steps per token) in halves of 64. The Huffman
+ * instance and the 128-token one hand items out from a shared counter (a warp that runs faster
+ * takes more); the others give warp w items w, w + kW3, ... (v3_claims). No CTA barrier in the
+ * loop: a unit's "empty" barrier counts the lanes of its warps, and the warps' (m, l, O) meet in
+ * the epilogue.
  *
  * A warp attends to its unit 16 tokens at a time with mma.sync m16n8k16 in the "swapped" form
  * (the query entries are the N dimension, so a GQA group of 4 to 8 wastes no M rows):
@@ -166,7 +167,7 @@ template <int HD> constexpr int v3_tail_bytes() {
 /* The ring, for CPS CTAs per SM. Two: 96 KiB, three uncompressed units at head_dim 128; 81 KiB at
  * head_dim 256, where the scratch and a second copy of Q take more, and a unit of fp16 rows takes
  * 64 KiB (K and V): the epilogue's 80.6 KiB and one such unit fit. One (head_dim 256, launches
- * whose pages are all rows): the rest of the SM's shared memory, in whole KiB (~199 KiB, three
+ * whose pages are all rows): the rest of the SM's shared memory, in whole KiB (197 KiB, three
  * units of fp16 rows), so that the producer copies the next units while the consumers read one. */
 template <int HD, int CPS> constexpr int v3_ring_bytes() {
   return CPS == 1 ? (233472 - 1024 - v3_tail_bytes<HD>()) / 1024 * 1024

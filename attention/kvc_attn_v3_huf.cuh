@@ -48,15 +48,15 @@
  *             (7 instructions per pair of codes, 3 for fp16; session 14: 13% slower than fp16
  *             pages, 5.9x faster than the generic decoder it replaces).
  *   SRC_HUFG  everything else (absolute mode, extra bits, codes longer than the table, other
- *             n_lanes up to kHufLanes, blocks of 16, 32 or 128 tokens, units starting inside a
+ *             n_lanes up to kHufLanes<HD>, blocks of 16, 32 or 128 tokens, units starting inside a
  *             page): symbol by symbol, the exact value of the CPU decoder rounded to T; a table
  *             entry is the symbol and its length, or an escape to a search over the longer codes.
  * A section inconsistent with the format (lengths, Kraft sum, stream sizes past the section, more
- * than kHufLanes streams) makes the unit's rows NaN; a stream decoded to its end must stop where
- * the next one starts (as in v2 and the CPU decoder). Reads stay inside the section and the
+ * than kHufLanes<HD> streams) makes the unit's rows NaN; a stream decoded to its end must stop
+ * where the next one starts (as in v2 and the CPU decoder). Reads stay inside the section and the
  * ring's slack after it (the window loads clamp their word index; setup reads only fields that lie
- * before a stream start it has checked against the section), the table index inside the table,
- * so damaged bytes never read or write out of bounds.
+ * before a stream start it has checked against the section), the table index inside the table, so
+ * damaged bytes never read or write out of bounds.
  *
  * Operation count of SRC_HUF per symbol (SASS, head_dim 128: a window-loop trip of four streams
  * x four symbols was 137 instructions for K and 139 for V before session 13's rotated windows,
@@ -71,8 +71,10 @@
 
 namespace kvc_attn {
 
-constexpr int kHufLanes = 128;    /* streams per section a warp can track (the encoder's n_lanes
-                                     for pages of up to 8192 symbols: 64 x 128, 128 x 64) */
+/* Streams per section a warp can track: the encoder's n_lanes for pages of up to 8192 symbols
+ * (64 x 128, 128 x 64) at head_dim 64 and 128, and a 64-token page's 256 at head_dim 256; a lane
+ * keeps kHufLanes<HD> / 32 of them (v3h_lane_starts). */
+template <int HD> constexpr int kHufLanes = HD > 128 ? HD : 128;
 /* Decode-table index bits: SRC_HUF's longest code, which the encoders guarantee for direct
  * sections (KVC_HUF_DIRECT_LEN). 64 u16 entries are 32 words, one per bank, so a warp's 32
  * lookups never meet a bank conflict (the 256 entries of 8 bits met 2.78 wavefronts per lookup);
@@ -108,13 +110,16 @@ template <int HD> struct v3h_area {
   static constexpr int tile = 0;
   static constexpr int tile_bytes = 16 * kst > 8 * vst ? 16 * kst : 8 * vst;
   static constexpr int tab = tile + tile_bytes;                  /* [2][2^kHufTableBits] u16 */
-  static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][kHufLanes] u32 positions */
-  /* [2][64] u32: code | len << 16 (SRC_HUFG); SRC_HUF reads no codes and keeps its stream
-   * starts here instead, as [kHufLanes] u16 offsets from stream_pos, for its end check */
-  static constexpr int sym = pos + 2 * kHufLanes * 4;
+  static constexpr int lanes = kHufLanes<HD>;
+  static constexpr int pos = tab + 2 * (1 << kHufTableBits) * 2; /* [2][lanes] u32 positions */
+  /* [2][symw] u32: code | len << 16 (SRC_HUFG: KVC_SYM_COUNT of them); SRC_HUF reads no codes
+   * and keeps its stream starts here instead, as [lanes] u16 offsets from stream_pos, for its end
+   * check */
+  static constexpr int symw = KVC_SYM_COUNT > lanes / 2 ? KVC_SYM_COUNT : lanes / 2;
+  static constexpr int sym = pos + 2 * lanes * 4;
   /* SRC_HUF's fp16 step and addend base * step: per channel (K, by channel pair: v3h_kslot), per
    * page token (V: the fast decoder's pages have 64 tokens) */
-  static constexpr int kst2 = sym + 2 * KVC_SYM_COUNT * 4, kbs2 = kst2 + 2 * HD;
+  static constexpr int kst2 = sym + 2 * symw * 4, kbs2 = kst2 + 2 * HD;
   static constexpr int vst2 = kbs2 + 2 * HD, vbs2 = vst2 + 2 * kUnitTokens;
   static constexpr int state = vbs2 + 2 * kUnitTokens;          /* [2] v3h_state */
   /* Whole 128-byte units, so that every warp's tables are 128-aligned (v3h_fast's lookups). */
@@ -124,46 +129,55 @@ template <int HD> struct v3h_area {
 
 /* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
  * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (61 at head_dim 128, 73 at
- * 64: one uncompressed 64-token unit and more; the bench's Huffman units, ~6 KiB at head_dim
- * 128, fill all ten slots). Huffman units are sensitive to it: with a second slab tile per warp
- * (ring 40 KiB, ~6 units for five warps) the consumers' waits for a unit rose from 0.9% to 3.8% of
- * the stall samples (bench/NOTES-huf4.md).
- * Blocks whose sections may not fit (head_dim 128, 128 tokens) are left to v2 by the launcher. */
+ * 64: one uncompressed 64-token unit and more; the bench's Huffman units, ~6 KiB at head_dim 128,
+ * fill all ten slots), or one at head_dim 256 (v3h_cps; 137 KiB). Huffman units are sensitive to
+ * it: with a second slab tile per warp (ring 40 KiB, ~6 units for five warps) the consumers' waits
+ * for a unit rose from 0.9% to 3.8% of the stall samples (bench/NOTES-huf4.md).
+ * Blocks whose sections or streams may not fit (head_dim 128 and 256, 128 tokens) are left to v2
+ * by the launcher. */
 /* Q's B fragments (one query tile: HD / 2 bytes per lane), one copy per CTA: every consumer
  * warp's are the same, and in registers they leave the decode loops too few (ptxas then runs
  * two of a lane's four streams side by side instead of four, and the instance spills). Lane
  * stride HD / 2 + 16 bytes (an odd number of 16-byte units: LDS.128 without bank conflicts). */
 template <int HD> constexpr int v3h_qf_stride() { return HD / 2 + 16; }
-/* The ring takes the rest of a CTA's share of the SM, in whole KiB. */
-template <int HD> constexpr int v3h_ring_bytes() {
-  return (233472 / 2 - 1024 - align_up(v3_after_ring<HD, 0>::end, 128) - kW3 * v3h_area<HD>::bytes -
-          2 * kSlots3 * 8 - 32 * v3h_qf_stride<HD>()) /
+/* The ring takes the rest of a CTA's share of the SM (CPS CTAs per SM), in whole KiB. */
+template <int HD, int CPS> constexpr int v3h_ring_bytes() {
+  return (233472 / CPS - 1024 - align_up(v3_after_ring<HD, 0>::end, 128) -
+          kW3 * v3h_area<HD>::bytes - 2 * kSlots3 * 8 - 32 * v3h_qf_stride<HD>()) /
          1024 * 1024;
 }
 
-template <int HD> struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD>()> {
-  static_assert(HD == 64 || HD == 128, "v3's Huffman instance is built for head_dim 64 and 128");
+/* CTAs per SM of the Huffman instance: two at head_dim 64 and 128; one at 256, where the per-warp
+ * areas (~12 KiB each) and a unit of raw pages (64 KiB) do not fit two. */
+template <int HD> constexpr int v3h_cps() { return HD == 256 ? 1 : 2; }
+
+template <int HD, int CPS = v3h_cps<HD>()>
+struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD, CPS>()> {
+  static_assert(CPS == v3h_cps<HD>(), "v3h_cps");
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
   static constexpr int slots = kSlots3;
   static constexpr bool fetch_ahead = false; /* producer: see v3_layout */
   static constexpr int slack = v3_layout<HD>::slack;
   static constexpr int unit_tokens = kUnitTokens;
-  typedef v3_after_ring<HD, v3h_ring_bytes<HD>()> A;
+  typedef v3_after_ring<HD, v3h_ring_bytes<HD, CPS>()> A;
   using A::ring;
   static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
   static constexpr int huf_off = align_up(A::end, 128); /* v3h_area's tables are 128-aligned */
   static constexpr int bar_off = huf_off + kW3 * v3h_area<HD>::bytes;
   static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = v3h_qf_stride<HD>();
   static constexpr int bytes = qf_off + 32 * qf_stride;
-  /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring. */
+  /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring
+   * and whose streams (the encoder's n_lanes) fit the position arrays. */
   static constexpr int max_block_tokens =
-      2 * (kMaxBlockTokens * RB + slack) <= ring ? kMaxBlockTokens : 64;
+      2 * (kMaxBlockTokens * RB + slack) <= ring &&
+              HD * kMaxBlockTokens / KVC_LANE_SYMBOLS <= kHufLanes<HD>
+          ? kMaxBlockTokens
+          : 64;
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert(2 * (64 * RB + slack) <= ring, "a unit must fit the ring");
-  static_assert(2 * (bytes + 1024) <= 233472, "two CTAs per SM do not fit");
-  static_assert(HD * kMaxBlockTokens / KVC_LANE_SYMBOLS <= kHufLanes || max_block_tokens == 64,
-                "the encoder's streams of the largest block must fit the position arrays");
+  static_assert(HD * 64 / KVC_LANE_SYMBOLS <= kHufLanes<HD>, "a 64-token page's streams fit");
+  static_assert(CPS * (bytes + 1024) <= 233472, "CPS CTAs per SM do not fit");
 };
 
 /* The layout of an instance, and where its warps' Huffman areas are (none without HUF). */
@@ -174,10 +188,9 @@ template <int HD, bool HUF, int UT, int CPS> struct v3_layout_of {
 };
 template <int HD, int UT, int CPS> struct v3_layout_of<HD, true, UT, CPS> {
   static_assert(UT == kUnitTokens, "two raw pages would not fit the Huffman ring");
-  static_assert(CPS == 2, "the Huffman instance runs two CTAs per SM");
-  typedef v3h_layout<HD> type;
-  static constexpr int huf_off = v3h_layout<HD>::huf_off, huf_bytes = v3h_area<HD>::bytes;
-  static constexpr int qf_off = v3h_layout<HD>::qf_off, qf_stride = v3h_layout<HD>::qf_stride;
+  typedef v3h_layout<HD, CPS> type;
+  static constexpr int huf_off = type::huf_off, huf_bytes = v3h_area<HD>::bytes;
+  static constexpr int qf_off = type::qf_off, qf_stride = type::qf_stride;
 };
 
 /* Word of K pair q (channels (c, c + 8), q = (c / 16) * 8 + c % 8) in a K tile row: lane j of S
@@ -219,19 +232,20 @@ __device__ __forceinline__ float v3h_u32f(uint32_t e) {
   return __uint_as_float(__byte_perm(e, 0x42000000u, 0x7154));
 }
 
-/* Stream starts of streams 4 * lane .. 4 * lane + 3 (bit positions; streams past n_lanes get the
- * end of the last), and the end of the last stream. Warp-cooperative. In 32 bits: a stream's
- * length is clamped to kHufMaxBits, so the sums cannot wrap, and a clamped stream still ends past
- * its section (v3h_setup refuses sections of kHufMaxBits bits or more). */
+/* Stream starts of streams SPL * lane .. SPL * lane + SPL - 1 (bit positions; streams past
+ * n_lanes get the end of the last), and the end of the last stream. Warp-cooperative. In 32 bits:
+ * a stream's length is clamped to kHufMaxBits, so the sums cannot wrap, and a clamped stream still
+ * ends past its section (v3h_setup refuses sections of kHufMaxBits bits or more). */
 constexpr uint32_t kHufMaxBits = 1u << 24;
+template <int SPL>
 __device__ __forceinline__ uint32_t v3h_lane_starts(const uint32_t *w, const v3h_state &h,
-                                                    uint32_t (&start)[4]) {
+                                                    uint32_t (&start)[SPL]) {
   const int lane = threadIdx.x & 31;
-  uint32_t len[4], sum = 0;
+  uint32_t len[SPL], sum = 0;
 #pragma unroll
-  for (int q = 0; q < 4; q++) {
+  for (int q = 0; q < SPL; q++) {
     /* The field of stream min(i, n_lanes - 1) lies in the section (before stream_pos). */
-    const int i = 4 * lane + q;
+    const int i = SPL * lane + q;
     const uint32_t f = v3_field(w, h.lanes_pos + (uint32_t)(min(i, h.n_lanes - 1) * h.w_lane),
                                 (uint32_t)h.w_lane);
     len[q] = i < h.n_lanes ? min(h.lane_min + f, kHufMaxBits) : 0u;
@@ -245,7 +259,7 @@ __device__ __forceinline__ uint32_t v3h_lane_starts(const uint32_t *w, const v3h
   }
   uint32_t run = h.stream_pos + incl - sum;
 #pragma unroll
-  for (int q = 0; q < 4; q++) {
+  for (int q = 0; q < SPL; q++) {
     start[q] = run;
     run += len[q];
   }
@@ -276,7 +290,7 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   if (!(qh.mode <= KVC_QMODE_ABS && qh.w_e <= 16 && qh.w_b <= 31 &&
         qh.e_min >= KVC_STEP_CODE_MIN && qh.e_min <= KVC_STEP_CODE_MAX &&
         (qh.mode == KVC_QMODE_REL || qh.w_e == 0) && n_sym >= 1 && n_sym <= KVC_SYM_COUNT &&
-        n_lanes >= 1 && n_lanes <= kHufLanes && n_lanes <= S))
+        n_lanes >= 1 && n_lanes <= A::lanes && n_lanes <= S))
     return SRC_BAD;
   s.w = (const uint32_t *)(sec + KVC_QSEC_HEADER_BYTES);
   const uint32_t nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
@@ -392,7 +406,8 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   h.w_lane = (int)w_lane;
   h.n_tokens = n_tokens;
   h.tok_done = 0;
-  uint32_t start[4];
+  constexpr int SPL = A::lanes / 32;
+  uint32_t start[SPL];
   h.end = v3h_lane_starts(s.w, h, start);
   if (h.end > cap) return SRC_BAD;
   /* SRC_HUF: see the file comment. */
@@ -412,12 +427,16 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
         if (g_lo + x < g_hi) gb[x] = __float_as_int((float)gb[x] - 32.f);
       }
   }
-  uint32_t *sym = (uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT;
-  static_assert(kHufLanes * 2 <= KVC_SYM_COUNT * 4, "SRC_HUF's start offsets fit the code area");
+  uint32_t *sym = (uint32_t *)(area + A::sym) + tensor * A::symw;
   if (fast) {
     auto off = [&](int q) { return start[q] - stream_pos; }; /* <= h.end - stream_pos */
-    *(uint2 *)((uint16_t *)sym + 4 * lane) =
-        make_uint2(off(0) | off(1) << 16, off(2) | off(3) << 16);
+    if constexpr (SPL == 4)
+      *(uint2 *)((uint16_t *)sym + 4 * lane) =
+          make_uint2(off(0) | off(1) << 16, off(2) | off(3) << 16);
+    else
+      *(uint4 *)((uint16_t *)sym + 8 * lane) =
+          make_uint4(off(0) | off(1) << 16, off(2) | off(3) << 16, off(4) | off(5) << 16,
+                     off(6) | off(7) << 16);
   } else {
     sym[lane] = ca | (la << 16);
     sym[lane + 32] = cb | (lb << 16);
@@ -478,8 +497,11 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   }
   /* One 16-byte store per lane: positions past n_lanes (the end of the last stream) are never
    * read. */
-  uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * kHufLanes;
-  *(uint4 *)(pos + 4 * lane) = make_uint4(start[0], start[1], start[2], start[3]);
+  uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * A::lanes;
+#pragma unroll
+  for (int q = 0; q < SPL; q += 4)
+    *(uint4 *)(pos + SPL * lane + q) =
+        make_uint4(start[q], start[q + 1], start[q + 2], start[q + 3]);
   if (lane == 0) ((v3h_state *)(area + A::state))[tensor] = h;
   return fast ? SRC_HUF : SRC_HUFG;
 }
@@ -773,7 +795,7 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
   const int lane = threadIdx.x & 31;
   const v3h_state h = ((const v3h_state *)(area + A::state))[tensor];
   const uint16_t *tab = (const uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
-  uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * kHufLanes;
+  uint32_t *pos = (uint32_t *)(area + A::pos) + tensor * A::lanes;
   int done = a + nr;
   if (src.kind == SRC_HUF) {
     uint8_t *tile = area + A::tile;
@@ -788,7 +810,7 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
         *(uint4 *)(area + A::tile + 16 * i) = make_uint4(0, 0, 0, 0);
       __syncwarp();
     }
-    v3h_generic<HD, T>(src.sec, h, tab, (const uint32_t *)(area + A::sym) + tensor * KVC_SYM_COUNT,
+    v3h_generic<HD, T>(src.sec, h, tab, (const uint32_t *)(area + A::sym) + tensor * A::symw,
                        pos, scr, tensor, area + A::tile, a, nr);
   }
   __syncwarp(); /* also: every lane has read h before lane 0 moves tok_done */
@@ -797,30 +819,34 @@ __device__ bool v3h_slab(const v3_src &src, int tensor, const uint8_t *scr, uint
   if (done < h.n_tokens) return true;
   /* Every stream decoded to its end: each must stop where the next one starts (nx: the starts
    * of the lane's streams' successors; SRC_HUF's kept by v3h_setup, SRC_HUFG's recomputed). */
-  uint32_t first, nx[4];
+  constexpr int SPL = A::lanes / 32;
+  uint32_t start[SPL];
   if (src.kind == SRC_HUF) {
-    const uint2 o = *(const uint2 *)((const uint16_t *)(area + A::sym) +
-                                     tensor * 2 * KVC_SYM_COUNT + 4 * lane);
-    first = h.stream_pos + (o.x & 0xffffu);
-    nx[0] = h.stream_pos + (o.x >> 16);
-    nx[1] = h.stream_pos + (o.y & 0xffffu);
-    nx[2] = h.stream_pos + (o.y >> 16);
+    const uint16_t *o = (const uint16_t *)(area + A::sym) + tensor * 2 * A::symw + SPL * lane;
+#pragma unroll
+    for (int q = 0; q < SPL; q += 4) {
+      const uint2 v = *(const uint2 *)(o + q);
+      start[q] = h.stream_pos + (v.x & 0xffffu);
+      start[q + 1] = h.stream_pos + (v.x >> 16);
+      start[q + 2] = h.stream_pos + (v.y & 0xffffu);
+      start[q + 3] = h.stream_pos + (v.y >> 16);
+    }
   } else {
-    uint32_t start[4];
     v3h_lane_starts(src.sec.w, h, start);
-    first = start[0];
-    nx[0] = start[1];
-    nx[1] = start[2];
-    nx[2] = start[3];
   }
-  nx[3] = __shfl_down_sync(0xffffffffu, first, 1);
-  const uint4 p4 = *(const uint4 *)(pos + 4 * lane);
-  const uint32_t p[4] = {p4.x, p4.y, p4.z, p4.w};
+  const uint32_t next_first = __shfl_down_sync(0xffffffffu, start[0], 1);
+  uint32_t p[SPL];
+#pragma unroll
+  for (int q = 0; q < SPL; q += 4) {
+    const uint4 v = *(const uint4 *)(pos + SPL * lane + q);
+    p[q] = v.x, p[q + 1] = v.y, p[q + 2] = v.z, p[q + 3] = v.w;
+  }
   bool ok = true;
 #pragma unroll
-  for (int q = 0; q < 4; q++) {
-    const int i = 4 * lane + q;
-    ok &= i >= h.n_lanes || p[q] == (i + 1 < h.n_lanes ? nx[q] : h.end);
+  for (int q = 0; q < SPL; q++) {
+    const int i = SPL * lane + q;
+    const uint32_t nx = q + 1 < SPL ? start[q + 1] : next_first;
+    ok &= i >= h.n_lanes || p[q] == (i + 1 < h.n_lanes ? nx : h.end);
   }
   return __all_sync(0xffffffffu, ok);
 }

@@ -8,10 +8,10 @@
  * head_dim 64, 128, 256; fp16 and bf16; block_tokens 16..128; decode, speculative and chunked
  * prefill rows (causal); every page kind mixed in one batch; prefix-shared blocks; a long context.
  * Every case runs on the v2 kernels (codec_mask 0) and, with a codec_mask without Huffman, on the
- * v3 decode kernel where it applies (at most 8 query entries per sequence and kv head; head_dim
- * 64/128, and 256 with bit-pack pages in the mask and blocks up to 64 tokens; cases with Huffman
+ * v3 decode kernel where it applies (at most 8 query entries per sequence and kv head; at head_dim
+ * 256, blocks up to 64 tokens, or 128 for rows alone); cases with Huffman
  * pages run v3 on the same sizes with their other page kinds, and themselves on v3's Huffman
- * instances (head_dim 64/128), with every codec in the mask and with a Huffman cache's
+ * instances (head_dim 64/128/256), with every codec in the mask and with a Huffman cache's
  * mask (no bit-pack fast path there: bit-pack pages take the generic path); their rows-only kinds
  * run with a raw cache's mask, whose units v3 splits between two warps). v3's bit-pack fast path
  * rounds differently from the reference (exact code values; the steps folded into fp16
@@ -937,7 +937,8 @@ static unsigned huffman_features(host_case_t *h, int *sections) {
 /*
  * v3's Huffman instance on the layouts its fast decoder does not take, against the reference:
  * blocks of 16, 32 and 128 tokens (128 at head_dim 64: units that start inside a page; at head_dim
- * 128 the launcher leaves them to v2), bf16, tight bounds (symbols with extra bits, codes longer
+ * 128 the launcher leaves them to v2; head_dim 256 takes blocks up to 64 tokens, one CTA per SM),
+ * bf16, tight bounds (symbols with extra bits, codes longer
  * than the decode table), short tails and sequences of one token, mixed with the other page kinds.
  * Checks that every feature occurred.
  */
@@ -946,14 +947,14 @@ static void v3_huffman_layouts(void **state) {
   if (!have_gpu()) skip();
   static const float bounds[] = {0.3f, 0.05f, 0.012f, 0.003f, 0.0008f, 0.0002f};
   const size_t nb = sizeof(bounds) / sizeof(bounds[0]);
-  static const int hds[] = {64, 128};
+  static const int hds[] = {64, 128, 256};
   static const int bts[] = {16, 32, 64, 128};
   unsigned features = 0;
   int sections = 0;
   uint64_t seed = 8500;
   for (size_t b = 0; b < nb; b++)
-    for (size_t i = 0; i < 2; i++) {
-      const int bt = bts[(b + 2 * i) % 4];
+    for (size_t i = 0; i < 3; i++) {
+      const int bt = bts[(b + 2 * i) % (hds[i] == 256 ? 3 : 4)]; /* 256: blocks up to 64 */
       const kvc_dtype_t dt = b % 3 == 2 ? KVC_DTYPE_BF16 : KVC_DTYPE_F16;
       const unsigned kinds = KVC_TEST_PAGE_HUFFMAN | (b % 2 ? KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW : 0u);
       gpu_case_t c = {5, 8, 2, hds[i], bt, dt, 400, 1, kinds, 0, seed++, bounds[b],
@@ -975,15 +976,16 @@ static void v3_huffman_layouts(void **state) {
 /*
  * A damaged Huffman section (the page header and table intact, so only the decoder can tell):
  * (0) a code length above the format's longest, (1) a stream whose bits are all ones (every
- * stream then decodes the longest code and ends elsewhere than the next one starts). The rows
- * that read it are NaN on v2 and on v3's Huffman instance; the other sequences are right.
+ * stream then decodes the longest code and ends elsewhere than the next one starts), at head_dim
+ * 128 and 256. The rows that read it are NaN on v2 and on v3's Huffman instance; the other
+ * sequences are right.
  */
 static void huffman_damage_gives_nan(void **state) {
   (void)state;
   if (!have_gpu()) skip();
-  for (int damage = 0; damage < 2; damage++) {
-    gpu_case_t c = {3, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 1, KVC_TEST_PAGE_HUFFMAN, 0,
-                    7300 + (uint64_t)damage};
+  for (int damage = 0; damage < 4; damage++) {
+    gpu_case_t c = {3, 8, 2, damage < 2 ? 128 : 256, 64, KVC_DTYPE_F16, 300, 1,
+                    KVC_TEST_PAGE_HUFFMAN, 0, 7300 + (uint64_t)damage};
     host_case_t h;
     dev_case_t d;
     host_setup(&c, &h);
@@ -994,7 +996,7 @@ static void huffman_damage_gives_nan(void **state) {
     assert_int_equal(e->codec, KVC_CODEC_HUFFMAN);
     huf_sec_t s;
     huf_section(&h, e, 2 + 1, &s);
-    if (damage == 0) {
+    if (damage % 2 == 0) {
       set_bits(&h, e, s.words, s.meta, 4, 15);
     } else {
       for (uint64_t b = s.stream_pos; b < (uint64_t)s.nwords * 32; b++) set_bits(&h, e, s.words, b, 1, 1);
@@ -1038,8 +1040,9 @@ static void unsupported_shapes(void **state) {
 /* Which kernel a launch runs (kvc_attn_cuda_kernel; no GPU needed), 32 query heads on 8 kv heads
  * (4 entries per row). At head_dim 256: v3 for masks with bit-pack pages and without Huffman
  * pages, blocks up to 64 tokens, over as many tiles of 8 entries as the rows need, and for rows
- * alone (one CTA per SM, blocks up to 128 tokens) up to 8 entries (kV2TileRows256); v2 for the
- * rest (v3's Huffman instance is built for 64 and 128).
+ * alone (one CTA per SM, blocks up to 128 tokens) up to 8 entries (kV2TileRows256), and its
+ * Huffman instance (one CTA per SM) for masks with Huffman pages, blocks up to 64 tokens; v2 for
+ * the rest.
  * Six rows (24 entries) at head_dim 128: v3's three tiles for bit-pack pages, v2's tile of 32
  * for fp16 rows (kV2Tile). Three rows (12 entries) of fp16 rows at head_dim 64: v2's tile of 16
  * for 8 sequences (64 (sequence, kv head) pairs), v3's two tiles for one (8 pairs; kLargeLaunch);
@@ -1062,7 +1065,8 @@ static void kernel_choice(void **state) {
       {256, 64, 3, kNoHuffman, 1},  {256, 64, 30, kNoHuffman, 1},
       {256, 128, 1, kNoHuffman, 0}, {256, 64, 1, kRowsOnly, 1},
       {256, 128, 1, kRowsOnly, 1},  {256, 64, 3, kRowsOnly, 0},
-      {256, 64, 1, kAllCodecs, 0},  {256, 64, 1, 0, 0},
+      {256, 64, 1, kAllCodecs, 2},  {256, 128, 1, kAllCodecs, 0},
+      {256, 16, 1, kHuffmanCache, 2}, {256, 64, 1, 0, 0},
       {128, 64, 1, kRowsOnly, 1},   {128, 128, 1, kNoHuffman, 1},
       {128, 64, 1, kAllCodecs, 2},  {64, 16, 1, kHuffmanCache, 2},
       {128, 64, 6, kNoHuffman, 1},  {128, 64, 6, kRowsOnly, 0},

@@ -171,7 +171,9 @@ typedef struct kvc_config {
   kvc_dtype_t dtype;       /* of K, V, Q and attention outputs; default KVC_DTYPE_F16 */
 
   /* Memory. */
-  int block_tokens;        /* tokens per block; a power of two, 16..256; default 64 */
+  int block_tokens;        /* tokens per block; a power of two, 16..256; default 64. CUDA: at most
+                            * 128, at head_dim 256 at most 64 unless every page is raw (policy
+                            * FIXED, codec RAW) */
   size_t pool_bytes;       /* the one pool, taken at creation and never grown; default 256 MiB */
   size_t swap_bytes;       /* host memory for swapped-out sequences; 0 disables swap; default 0 */
   int max_seqs;            /* live sequences (running, swapped) at once; default 256 */

@@ -143,6 +143,12 @@ static kvc_status_t check_config(const kvc_config_t *cfg) {
       why = "CUDA head_dim must be 64, 128 or 256";
     else if (cfg->dtype == KVC_DTYPE_F32)
       why = "CUDA dtype must be f16 or bf16";
+    else if (bt > 128)
+      why = "CUDA block_tokens must be at most 128";
+    else if (hd == 256 && bt > 64 &&
+             !(cfg->policy == KVC_POLICY_FIXED && cfg->codec == KVC_CODEC_RAW))
+      why = "CUDA head_dim 256 takes block_tokens up to 64 unless every page is raw (policy "
+            "FIXED, codec RAW)";
   }
   if (!why) return KVC_OK;
   log_cfg(cfg, KVC_LOG_ERROR, "kvc_cache_create: %s", why);

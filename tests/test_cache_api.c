@@ -13,6 +13,7 @@
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,10 +27,12 @@ enum { LAYERS = 2, KV_HEADS = 1, Q_HEADS = 2, HEAD_DIM = 16, BT = 16, MAX_SEQS =
 enum { MAX_ROWS = 64, ROW = KV_HEADS * HEAD_DIM, QROW = Q_HEADS * HEAD_DIM };
 
 static int log_lines;
+static char last_error[256]; /* the last error line logged */
 static void count_log(void *user, kvc_log_level_t level, const char *msg) {
   (void)user;
-  (void)msg;
-  if (level == KVC_LOG_ERROR) log_lines++;
+  if (level != KVC_LOG_ERROR) return;
+  log_lines++;
+  snprintf(last_error, sizeof(last_error), "%s", msg);
 }
 
 static kvc_config_t base_config(void) {
@@ -232,6 +235,31 @@ static void create_rejects_bad_configs(void **state) {
       fail_msg("%s: rejected without a log line saying why", name);
   }
   kvc_cache_destroy(NULL);
+}
+
+/* The CUDA backend's block sizes (attention/kvc_attn.h): refused at creation, saying why, rather
+ * than at every step. Checked only where CUDA is built (elsewhere the backend itself is refused). */
+static void create_rejects_cuda_block_sizes(void **state) {
+  (void)state;
+  if (!KVC_HAVE_CUDA) skip();
+  static const struct {
+    int head_dim, block_tokens;
+    kvc_codec_t codec;
+  } bad[] = {{128, 256, KVC_CODEC_RAW},
+             {256, 128, KVC_CODEC_HUFFMAN},
+             {256, 128, KVC_CODEC_BITPACK}};
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    kvc_config_t cfg = base_config();
+    cfg.backend = KVC_BACKEND_CUDA;
+    cfg.head_dim = bad[i].head_dim;
+    cfg.block_tokens = bad[i].block_tokens;
+    cfg.codec = bad[i].codec;
+    kvc_cache_t *c = NULL;
+    last_error[0] = 0;
+    assert_int_equal(kvc_cache_create(&cfg, &c), KVC_ERR_UNSUPPORTED);
+    assert_null(c);
+    assert_non_null(strstr(last_error, "block_tokens"));
+  }
 }
 
 static void config_round_trip(void **state) {
@@ -726,6 +754,7 @@ static void stats_from_another_thread(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(create_rejects_bad_configs),
+      cmocka_unit_test(create_rejects_cuda_block_sizes),
       cmocka_unit_test(config_round_trip),
       cmocka_unit_test(hooks_reject_bad_input),
       cmocka_unit_test(max_seqs_and_swap_in_without_room),

@@ -4,7 +4,8 @@
  * measured ceilings: device-to-device copy (read + write) and loads only (what attention does). bench/attention.sh adds torch SDPA (attention_torch.py)
  * and the speed-ups. Shape: 32 query heads, 8 kv heads, head_dim 128 (KVC_BENCH_HD at build time:
  * gpu_bench_attention_hd64 and _hd256 are this program at head_dim 64 and 256, over the same KV
- * bytes: 2^21 x 128 / head_dim tokens, so (16, 128k) is left out at 256), block_tokens 64, fp16,
+ * bytes: 2^21 x 128 / head_dim tokens, so (16, 128k) is left out at 256), block_tokens 64
+ * (KVC_BENCH_BT at build time), fp16,
  * one query token per sequence; (batch, context) = (1, 32k), (8, 32k), (32, 8k), (64, 4k),
  * (16, 128k).
  *
@@ -85,10 +86,13 @@
 
 namespace {
 
+#ifndef KVC_BENCH_BT
+#define KVC_BENCH_BT 64 /* block_tokens: another at build time (-DKVC_BENCH_BT=16) */
+#endif
 #ifndef KVC_BENCH_HD
 #define KVC_BENCH_HD 128
 #endif
-constexpr int HQ = 32, HKV = 8, HD = KVC_BENCH_HD, BT = 64, GROUP = HQ / HKV;
+constexpr int HQ = 32, HKV = 8, HD = KVC_BENCH_HD, BT = KVC_BENCH_BT, GROUP = HQ / HKV;
 static_assert(HD == 64 || HD == 128 || HD == 256, "the CUDA backend's head sizes");
 constexpr size_t kStaging = 2ull * HKV * BT * HD * 2; /* one staging page: 256 KiB at HD 128 */
 /* Chunk sizes: 64 KiB for staging pages (4 chunks each), 16 KiB for compressed pages, unless

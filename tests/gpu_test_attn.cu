@@ -1042,7 +1042,7 @@ static void unsupported_shapes(void **state) {
  * pages, blocks up to 64 tokens, over as many tiles of 8 entries as the rows need, and for rows
  * alone (one CTA per SM, blocks up to 128 tokens) up to 8 entries (kV2TileRows256), and its
  * Huffman instance (one CTA per SM) for masks with Huffman pages, blocks up to 64 tokens; v2 for
- * the rest.
+ * the rest. At head_dim 128, a Huffman cache's 32-token blocks take v2 (v3h_takes).
  * Six rows (24 entries) at head_dim 128: v3's three tiles for bit-pack pages, v2's tile of 32
  * for fp16 rows (kV2Tile). Three rows (12 entries) of fp16 rows at head_dim 64: v2's tile of 16
  * for 8 sequences (64 (sequence, kv head) pairs), v3's two tiles for one (8 pairs; kLargeLaunch);
@@ -1069,6 +1069,8 @@ static void kernel_choice(void **state) {
       {256, 16, 1, kHuffmanCache, 2}, {256, 64, 1, 0, 0},
       {128, 64, 1, kRowsOnly, 1},   {128, 128, 1, kNoHuffman, 1},
       {128, 64, 1, kAllCodecs, 2},  {64, 16, 1, kHuffmanCache, 2},
+      {128, 32, 1, kHuffmanCache, 0}, {128, 32, 1, kAllCodecs, 2},
+      {128, 16, 1, kHuffmanCache, 2},
       {128, 64, 6, kNoHuffman, 1},  {128, 64, 6, kRowsOnly, 0},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {

@@ -975,25 +975,20 @@ kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
 
 int hd_index(int hd) { return hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1; }
 
-/* Whether v3's Huffman instance takes blocks of bt tokens (hd_index hdi; bitpack: the mask allows
- * bit-pack pages, FAST): not those whose sections may not fit its ring or position arrays, and at
- * head_dim 128 not 32-token blocks of a cache without bit-pack pages. Such pages have 64 streams,
- * two channels each, which only the generic decoder takes; measured (session 26, ms, v3 / v2):
- * (8, 32k) 3.07 / 2.74, (1, 32k) 0.449 / 0.346, (16, 128k) 23.97 / 22.80 (with 16-token blocks
- * v3 is the faster: 3.26 / 4.83; bit-pack pages keep v3, 0.205 / 0.553; head_dim 64 and 256 not
- * measured). */
-bool v3h_takes(int hdi, bool bitpack, int bt) {
+/* Whether v3's Huffman instance takes blocks of bt tokens (hd_index hdi): not those whose
+ * sections may not fit its ring or position arrays. */
+bool v3h_takes(int hdi, int bt) {
   const int most = hdi == 0   ? v3h_layout<64>::max_block_tokens
                    : hdi == 1 ? v3h_layout<128>::max_block_tokens
                               : v3h_layout<256>::max_block_tokens;
-  return bt <= most && !(hdi == 1 && !bitpack && bt == 32);
+  return bt <= most;
 }
 
 /* v3 with Huffman pages (attention/kvc_attn_v3_huf.cuh): every codec; FAST: with the bit-pack
  * fast path. Block sizes it does not take (v3h_takes) are left to v2. */
 template <int HD, class T, int NB, bool FAST>
 kvc_status_t launch_v3h(params &p, const launch_shape &sh, cudaStream_t stream) {
-  if (!v3h_takes(hd_index(HD), FAST, p.block_tokens)) return KVC_ERR_UNSUPPORTED;
+  if (!v3h_takes(hd_index(HD), p.block_tokens)) return KVC_ERR_UNSUPPORTED;
   return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, true, FAST, kUnitTokens, v3h_cps<HD>()>,
                             kThreads3, v3h_layout<HD>::bytes, p, sh, stream);
 }
@@ -1250,8 +1245,7 @@ extern "C" int kvc_attn_cuda_kernel(const kvc_attn_args_t *a) {
     return a->block_tokens <= v3_layout<256, kUnitTokens, 1>::max_block_tokens ? 1 : 0;
   if (!(a->codec_mask & (1u << KVC_CODEC_HUFFMAN)))
     return hdi < 2 || a->block_tokens <= v3_layout<256>::max_block_tokens ? 1 : 0;
-  const bool bitpack = (a->codec_mask & (1u << KVC_CODEC_BITPACK)) != 0;
-  return v3h_takes(hdi, bitpack, a->block_tokens) ? 2 : 0;
+  return v3h_takes(hdi, a->block_tokens) ? 2 : 0;
 }
 
 extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {

@@ -31,7 +31,8 @@
  * Two decoders, chosen per section (warp-uniform):
  *   SRC_HUF   the common case: relative mode, every symbol direct (n_sym <= 32: the symbol
  *             is the code u, no extra bits), longest code <= kHufTableBits, one stream per channel
- *             (n_lanes == HD: a 64-token page); fp16 tiles: steps and addends normal fp16
+ *             (n_lanes == HD: pages of 16, 32 or 64 tokens, kvc_huf_lanes), a slab of 16 page
+ *             tokens at a time; fp16 tiles: steps and addends normal fp16
  *             numbers; bf16 tiles: bases below 2^24 in magnitude. Lane l
  *             decodes HD / 32 streams interleaved (independent chains; K: channels c0 + 8 i,
  *             so that it holds both halves of its pairs), 4 symbols per 32-bit
@@ -48,7 +49,7 @@
  *             (7 instructions per pair of codes, 3 for fp16; session 14: 13% slower than fp16
  *             pages, 5.9x faster than the generic decoder it replaces).
  *   SRC_HUFG  everything else (absolute mode, extra bits, codes longer than the table, other
- *             n_lanes up to kHufLanes<HD>, blocks of 16, 32 or 128 tokens, units starting inside a
+ *             n_lanes up to kHufLanes<HD>, blocks of 128 tokens, units starting inside a
  *             page): symbol by symbol, the exact value of the CPU decoder rounded to T; a table
  *             entry is the symbol and its length, or an escape to a search over the longer codes.
  * A section inconsistent with the format (lengths, Kraft sum, stream sizes past the section, more
@@ -413,7 +414,8 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   /* SRC_HUF: see the file comment. */
   /* bf16: b + u exact in float (|b| < 2^24 - 64; see below) */
   const bool fast = rel && n_sym <= KVC_SYM_DIRECT && lmax <= kHufTableBits && n_lanes == HD &&
-                    n_tokens == kUnitTokens && h.end - stream_pos <= 0xffffu &&
+                    n_tokens % 16 == 0 && n_tokens <= kUnitTokens &&
+                    h.end - stream_pos <= 0xffffu &&
                     v3h_h2_ok<T>(qh.e_min, emax) &&
                     !__any_sync(0xffffffffu, bs_max > (kFast16<T> ? 60000.f : 16777152.f));
   if constexpr (!kFast16<T>) {

@@ -311,21 +311,17 @@ typedef struct kvc__huf {
   uint32_t lane_bits[KVC_MAX_LANES]; /* each lane's stream bits */
 } kvc__huf_t;
 
-static int kvc__n_lanes(int S) {
-  int l = (S + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS;
-  return l > KVC_MAX_LANES ? KVC_MAX_LANES : l;
-}
-
 static uint32_t kvc__sym_bits(const kvc__huf_t *h, uint32_t u) {
   uint32_t s = kvc_sym_of(u);
   return h->len[s] + kvc_sym_extra(s);
 }
 
-/* Plans the Huffman coding of a section's S codes u. */
-static void kvc__huf_plan(const uint32_t *u, int S, const kvc__qsec_t *q, kvc__huf_t *h) {
+/* Plans the Huffman coding of a section's S = n_tokens x head_dim codes u. */
+static void kvc__huf_plan(const uint32_t *u, int S, int head_dim, const kvc__qsec_t *q,
+                          kvc__huf_t *h) {
   h->n_sym = kvc_huf_build_lengths(q->counts, h->len);
   kvc_huf_codes(h->len, h->code);
-  h->n_lanes = kvc__n_lanes(S);
+  h->n_lanes = kvc_huf_lanes(S / head_dim, head_dim);
   uint32_t lo = UINT32_MAX, hi = 0;
   h->lane_total = 0;
   for (int lane = 0; lane < h->n_lanes; lane++) {
@@ -359,11 +355,12 @@ static uint32_t kvc__huffman_bytes(const kvc__qsec_t *q, const kvc__huf_t *h) {
                          (uint64_t)h->n_lanes * h->w_lane + h->lane_total);
 }
 
-/* Bytes of a quantized section of S codes u with `codec`; plans h for HUFFMAN. */
-static uint32_t kvc__qsec_size(const uint32_t *u, int S, const kvc__qsec_t *q, kvc_codec_t codec,
-                               kvc__huf_t *h) {
+/* Bytes of a quantized section of S = n_tokens x head_dim codes u with `codec`; plans h for
+ * HUFFMAN. */
+static uint32_t kvc__qsec_size(const uint32_t *u, int S, int head_dim, const kvc__qsec_t *q,
+                               kvc_codec_t codec, kvc__huf_t *h) {
   if (codec == KVC_CODEC_BITPACK) return kvc__bitpack_bytes(S, q);
-  kvc__huf_plan(u, S, q, h);
+  kvc__huf_plan(u, S, head_dim, q, h);
   return kvc__huffman_bytes(q, h);
 }
 
@@ -445,7 +442,7 @@ static kvc_status_t kvc__section(const kvc_codec_params_t *p, const void *block,
   kvc_status_t st = kvc__section_quantize(p, block, n, tensor, head, &q, u);
   if (st != KVC_OK) return st;
   const int S = n * p->head_dim;
-  uint32_t b = kvc__qsec_size(u, S, &q, codec, &h);
+  uint32_t b = kvc__qsec_size(u, S, p->head_dim, &q, codec, &h);
   /* No section is larger than its raw form, so no page exceeds kvc_codec_max_page_bytes and
    * decoders can size section buffers by the raw section. */
   if (b > raw) return KVC_ERR_UNSUPPORTED;
@@ -546,7 +543,7 @@ static void kvc__page_sizes(const kvc_codec_params_t *p, const void *block, int 
     }
     for (int c = 0; c < 2; c++) {
       if (!sz[c]) continue;
-      uint32_t b = kvc__qsec_size(u, n * p->head_dim, &q, codec[c], &h);
+      uint32_t b = kvc__qsec_size(u, n * p->head_dim, p->head_dim, &q, codec[c], &h);
       sz[c] = b > raw ? 0 : sz[c] + kvc_align16(b);
     }
   }

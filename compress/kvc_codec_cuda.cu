@@ -84,7 +84,7 @@ struct Args {
 };
 
 /* Shared memory of the compression kernel, carved from the dynamic buffer. Groups: at most
- * max(head_dim, block_tokens) (channels of K, tokens of V); lanes: ceil(S_max / 64). */
+ * max(head_dim, block_tokens) (channels of K, tokens of V); lanes: kvc_huf_lanes of the block. */
 struct Smem {
   uint8_t *xs;        /* [S_max] input rows in the page dtype; reused as the section staging buffer */
   uint32_t *us;       /* [S_max] q after verification, then the codes u */
@@ -121,7 +121,7 @@ __host__ __device__ inline Smem carve(uint8_t *p, int smax, int hd, int bt, int 
     return r;
   };
   const size_t groups = (size_t)(hd > bt ? hd : bt);
-  const size_t lanes = ((size_t)smax + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS;
+  const size_t lanes = (size_t)kvc_huf_lanes(smax / hd, hd);
   /* The Huffman build's scratch is dead before the lane lengths are computed. */
   const size_t lane_bytes = lanes * 4 > KVC_HUF_WARP_SCRATCH ? lanes * 4 : KVC_HUF_WARP_SCRATCH;
   s.xs = take((size_t)smax * 2);
@@ -684,9 +684,9 @@ __device__ __forceinline__ void lane_part(int S, int nl, int *s, int *s_end) {
  * thread's part; *part_bits_out: its length. No trailing barrier: the caller's next step either
  * writes only code-dependent words (emit) or starts with one (quantize).
  */
-__device__ __forceinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q, int S, bool stage,
-                                                 int *n_lanes_out, uint32_t *w_lane_out, uint32_t *off_out,
-                                                 uint32_t *part_bits_out) {
+__device__ __forceinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q, int S, int hd,
+                                                 bool stage, int *n_lanes_out, uint32_t *w_lane_out,
+                                                 uint32_t *off_out, uint32_t *part_bits_out) {
   const int tid = threadIdx.x;
   if (tid < 32) {
     const int n_sym = kvc_huf_warp_build(sm.counts, sm.len, sm.code, sm.huf);
@@ -703,7 +703,7 @@ __device__ __forceinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q,
     stage_groups(sm, q, (uint32_t)S * 2, tid - 32, kThreads - 32);
   }
   __syncthreads();
-  const int nl = (S + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS;
+  const int nl = kvc_huf_lanes(S / hd, hd);
   int s, s_end;
   lane_part(S, nl, &s, &s_end);
   uint32_t bits = 0;
@@ -946,7 +946,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
       uint32_t bp = qsec_bytes((uint64_t)q.groups * (q.w_e + q.w_b) + (uint64_t)S * kvc_bits_for(q.max_u));
       int nl;
       uint32_t wl, off, pb;
-      uint32_t hf = huffman_plan(sm, q, S, false, &nl, &wl, &off, &pb);
+      uint32_t hf = huffman_plan(sm, q, S, HD, false, &nl, &wl, &off, &pb);
       if (bp > raw) ok_bp = false;
       if (hf > raw) ok_hf = false;
       sz_bp += align16z(bp);
@@ -987,7 +987,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
           if (codec == KVC_CODEC_BITPACK)
             bytes = qsec_bytes((uint64_t)q.groups * (q.w_e + q.w_b) + (uint64_t)S * kvc_bits_for(q.max_u));
           else
-            bytes = huffman_plan(sm, q, S, true, &nl, &wl, &off, &pb);
+            bytes = huffman_plan(sm, q, S, HD, true, &nl, &wl, &off, &pb);
         }
         if (!q.ok || bytes > raw) {
           restart = true;

@@ -28,7 +28,8 @@
  *             lane_bits_i - lane_min [n_lanes] x w_lane bits
  *   stream    BITPACK: u_s in `width` bits for s = 0..S-1 (S = n_tokens * head_dim)
  *             HUFFMAN: lane 0's bits, lane 1's bits, ...; lane i codes symbols i, i + n_lanes,
- *             i + 2 n_lanes, ... (strided, so that a warp's lanes write neighbouring outputs)
+ *             i + 2 n_lanes, ... (strided, so that a warp's lanes write neighbouring outputs;
+ *             the encoders' n_lanes: kvc_huf_lanes, one lane per channel for 16-64 tokens)
  * The section's byte count is 16 + 4 * words; words cover every bit above.
  *
  * Quantization (the error-bound contract; x = input value as float, exactly):
@@ -76,7 +77,7 @@
 #define KVC_HUF_DIRECT_LEN 6                   /* encoders' longest code when n_sym <= 32 */
 #define KVC_SYM_COUNT 64                       /* alphabet size */
 #define KVC_Q_MAX_BITS 21                      /* u < 2^21 */
-#define KVC_LANE_SYMBOLS 64                    /* the encoder's symbols per lane */
+#define KVC_LANE_SYMBOLS 64                    /* the encoder's most symbols per lane */
 #define KVC_MAX_LANES 1024
 #define KVC_FMT_MAX_HEAD_DIM 256
 #define KVC_FMT_MAX_TOKENS 256
@@ -113,6 +114,19 @@ typedef struct kvc_qsec_header {
 } kvc_qsec_header_t;
 
 KVC_HD uint32_t kvc_align16(uint32_t x) { return (x + 15u) & ~15u; }
+
+/* The lanes (streams) the encoders give a Huffman section of n_tokens x head_dim symbols: one per
+ * channel for 16 to 64 tokens (blocks of 16, 32 and 64 tokens), so that a decoder takes every
+ * page's channels as independent chains; else ceil(S / KVC_LANE_SYMBOLS) (fewer, longer streams
+ * for a few tokens, whose stream lengths would outweigh their codes). Decoders take any n_lanes
+ * in 1..min(S, KVC_MAX_LANES). */
+KVC_HD int kvc_huf_lanes(int n_tokens, int head_dim) {
+  const int S = n_tokens * head_dim;
+  const int l = n_tokens >= 16 && n_tokens <= KVC_LANE_SYMBOLS
+                    ? head_dim
+                    : (S + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS;
+  return l > KVC_MAX_LANES ? KVC_MAX_LANES : l;
+}
 
 KVC_HD uint32_t kvc_rd_u16(const uint8_t *p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8); }
 KVC_HD uint32_t kvc_rd_u32(const uint8_t *p) {

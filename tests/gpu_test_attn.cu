@@ -923,7 +923,7 @@ static unsigned huffman_features(host_case_t *h, int *sections) {
       huf_sec_t s;
       huf_section(h, e, sidx, &s);
       if (s.qh.mode == KVC_QMODE_REL && s.qh.width <= KVC_SYM_DIRECT && s.lmax <= KVC_HUF_DIRECT_LEN &&
-          s.qh.n_lanes == s.head_dim && s.n_tokens == 64)
+          s.qh.n_lanes == s.head_dim && s.n_tokens % 16 == 0 && s.n_tokens <= 64)
         f |= HUF_FAST_LAYOUT;
       if (s.qh.width > KVC_SYM_DIRECT) f |= HUF_EXTRA_BITS;
       if (s.lmax > KVC_HUF_DIRECT_LEN) f |= HUF_LONG_CODES;
@@ -935,12 +935,12 @@ static unsigned huffman_features(host_case_t *h, int *sections) {
 }
 
 /*
- * v3's Huffman instance on the layouts its fast decoder does not take, against the reference:
- * blocks of 16, 32 and 128 tokens (128 at head_dim 64: units that start inside a page; at head_dim
- * 128 the launcher leaves them to v2; head_dim 256 takes blocks up to 64 tokens, one CTA per SM),
- * bf16, tight bounds (symbols with extra bits, codes longer
- * than the decode table), short tails and sequences of one token, mixed with the other page kinds.
- * Checks that every feature occurred.
+ * v3's Huffman instance on every page layout, against the reference: blocks of 16 and 32 tokens
+ * (the fast decoder, a page per slab or two), 128 (the generic decoder; at head_dim 64 units that
+ * start inside a page; at head_dim 128 the launcher leaves them to v2; head_dim 256 takes blocks up
+ * to 64 tokens, one CTA per SM), bf16, tight bounds (symbols with extra bits, codes longer than the
+ * decode table: the generic decoder), short tails and sequences of one token, mixed with the other
+ * page kinds. Checks that every feature occurred.
  */
 static void v3_huffman_layouts(void **state) {
   (void)state;
@@ -1042,7 +1042,7 @@ static void unsupported_shapes(void **state) {
  * pages, blocks up to 64 tokens, over as many tiles of 8 entries as the rows need, and for rows
  * alone (one CTA per SM, blocks up to 128 tokens) up to 8 entries (kV2TileRows256), and its
  * Huffman instance (one CTA per SM) for masks with Huffman pages, blocks up to 64 tokens; v2 for
- * the rest. At head_dim 128, a Huffman cache's 32-token blocks take v2 (v3h_takes).
+ * the rest.
  * Six rows (24 entries) at head_dim 128: v3's three tiles for bit-pack pages, v2's tile of 32
  * for fp16 rows (kV2Tile). Three rows (12 entries) of fp16 rows at head_dim 64: v2's tile of 16
  * for 8 sequences (64 (sequence, kv head) pairs), v3's two tiles for one (8 pairs; kLargeLaunch);
@@ -1069,7 +1069,7 @@ static void kernel_choice(void **state) {
       {256, 16, 1, kHuffmanCache, 2}, {256, 64, 1, 0, 0},
       {128, 64, 1, kRowsOnly, 1},   {128, 128, 1, kNoHuffman, 1},
       {128, 64, 1, kAllCodecs, 2},  {64, 16, 1, kHuffmanCache, 2},
-      {128, 32, 1, kHuffmanCache, 0}, {128, 32, 1, kAllCodecs, 2},
+      {128, 32, 1, kHuffmanCache, 2}, {128, 32, 1, kAllCodecs, 2},
       {128, 16, 1, kHuffmanCache, 2},
       {128, 64, 6, kNoHuffman, 1},  {128, 64, 6, kRowsOnly, 0},
   };

@@ -95,9 +95,9 @@ namespace {
 constexpr int HQ = 32, HKV = 8, HD = KVC_BENCH_HD, BT = KVC_BENCH_BT, GROUP = HQ / HKV;
 static_assert(HD == 64 || HD == 128 || HD == 256, "the CUDA backend's head sizes");
 constexpr size_t kStaging = 2ull * HKV * BT * HD * 2; /* one staging page: 256 KiB at HD 128 */
-/* Chunk sizes: 64 KiB for staging pages (4 chunks each), 16 KiB for compressed pages, unless
- * KVC_BENCH_CHUNK_KIB (4-64, a power of two) sets both, e.g. to a cache's own (kvc_cache picks 8
- * KiB at this shape). */
+/* Chunk sizes: 64 KiB for staging pages (4 chunks each; at most a staging page, which is 32 KiB
+ * at head_dim 64 with 16-token blocks), 16 KiB for compressed pages, unless KVC_BENCH_CHUNK_KIB
+ * (4-64, a power of two) sets both, e.g. to a cache's own (kvc_cache picks 8 KiB at this shape). */
 constexpr uint32_t kFp16Chunk = 64 * 1024;
 constexpr uint32_t kPageChunk = 16 * 1024;
 /* Pool bytes per compressed page, on average. */
@@ -384,6 +384,7 @@ int main(int argc, char **argv) {
     fp16_chunk = page_chunk = (uint32_t)kib * 1024;
     printf("chunks of %d KiB (KVC_BENCH_CHUNK_KIB)\n", kib);
   }
+  fp16_chunk = std::min(fp16_chunk, (uint32_t)kStaging);
   int dev = 0;
   cudaDeviceProp prop;
   if (cudaGetDeviceCount(&dev) != cudaSuccess || dev == 0) {

@@ -780,10 +780,12 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
       attend<HD, T, NT, WG, PIPE>(kt, kt + SL::tile, qw, tb, n_valid, token0, pos0, pos1, pos_warp,
                             p.scale_log2, o, m, l);
     }
+    /* The last unit's P V (a warpgroup instruction, which the producer warp, alone in its
+     * warpgroup, must not run). */
+    if (PIPE) wgmma_wait();
   }
 
   /* Epilogue: the consumer warps' (m, l, O) through the ring, combined per query entry. */
-  if (PIPE) wgmma_wait();
   const bool cta_bad = __syncthreads_or(bad);
   float *obuf = (float *)smem; /* [consumer warps][16][HD] */
   float *mbuf = obuf + kConsumerWarps * 16 * HD, *lbuf = mbuf + kConsumerWarps * 16;

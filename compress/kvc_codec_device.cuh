@@ -54,9 +54,8 @@ __host__ __device__ constexpr int kvc_dev_decode_groups(int head_dim, int max_to
 }
 __host__ __device__ constexpr int kvc_dev_decode_lanes(int head_dim, int max_tokens) {
   /* kvc_huf_lanes of the largest section (max_tokens x head_dim) or of a 64-token one */
-  return (head_dim * max_tokens + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS > head_dim
-             ? (head_dim * max_tokens + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS
-             : head_dim;
+  const int of_largest = (head_dim * max_tokens + KVC_LANE_SYMBOLS - 1) / KVC_LANE_SYMBOLS;
+  return of_largest > head_dim ? of_largest : head_dim;
 }
 /* Bytes of scratch kvc_dev_decode_section needs: the decode table (4 * 2^KVC_HUF_MAX_LEN), group
  * base and step (8 per group), lane starts (4 per lane), code starts and lengths, a flag. */

@@ -617,6 +617,24 @@ __device__ __forceinline__ uint32_t qsec_bytes(uint64_t bits) {
   return (uint32_t)(KVC_QSEC_HEADER_BYTES + 4 * words);
 }
 
+/* The bits of fields i = 0..n-1 of w (1..31) bits, field i = val(i) at bit p0 + i w of an
+ * MSB-first word stream, that fall in word k (0 where none does). */
+template <class F>
+__device__ __forceinline__ uint32_t field_word(uint32_t k, uint32_t p0, uint32_t n, uint32_t w,
+                                               F val) {
+  const uint32_t wb = k << 5;
+  uint32_t word = 0;
+  for (uint32_t i = wb > p0 ? (wb - p0) / w : 0; i < n; i++) {
+    const uint32_t b = p0 + i * w;
+    if (b >= wb + 32) break;
+    const uint64_t v = val(i);
+    const int sh = (int)b - (int)wb; /* field start in the word; > -w */
+    word |= sh >= 0 ? (uint32_t)((v << (64 - w)) >> (32 + sh))
+                    : (uint32_t)(v << (32 - (int)w - sh));
+  }
+  return word;
+}
+
 /*
  * Writes n fields of w (0..31) bits, field i = val(i), at bit p0 of the zeroed MSB-first word
  * stream wd (threads t = 0..nt-1 of the caller's set): one output word per thread, ORed from the
@@ -629,39 +647,38 @@ __device__ __forceinline__ void put_fields(uint32_t *wd, uint32_t p0, uint32_t n
   if (w == 0 || n == 0) return;
   const uint32_t end = p0 + n * w;
   for (uint32_t k = (p0 >> 5) + (uint32_t)t; k <= (end - 1) >> 5; k += (uint32_t)nt) {
-    const uint32_t wb = k << 5;
-    uint32_t word = 0;
-    for (uint32_t i = wb > p0 ? (wb - p0) / w : 0; i < n; i++) {
-      const uint32_t b = p0 + i * w;
-      if (b >= wb + 32) break;
-      const uint64_t v = val(i);
-      const int sh = (int)b - (int)wb; /* field start in the word; > -w */
-      word |= sh >= 0 ? (uint32_t)((v << (64 - w)) >> (32 + sh)) : (uint32_t)(v << (32 - (int)w - sh));
-    }
+    const uint32_t wb = k << 5, word = field_word(k, p0, n, w, val);
     if (wb >= p0 && wb + 32 <= end) wd[k] = word;
     else atomicOr(&wd[k], word);
   }
 }
 
-/* Synchronizes the nt threads that stage a section: the whole CTA, or warps 1-7 (named barrier 1)
- * while warp 0 builds the Huffman code. */
-__device__ __forceinline__ void stage_sync(int nt) {
-  if (nt == kThreads) __syncthreads();
-  else asm volatile("bar.sync 1, %0;" ::"r"(nt) : "memory");
-}
-
-/* Zeroes the first align16(zero_bytes) bytes of the staging buffer sm.xs and writes the group fields
- * (step codes, bases), which do not depend on the code (threads t = 0..nt-1; the caller syncs). */
-__device__ __forceinline__ void stage_groups(const Smem &sm, const QInfo &q, uint32_t zero_bytes, int t, int nt) {
-  for (uint32_t i = (uint32_t)t; i < (uint32_t)align16z(zero_bytes) / 16; i += (uint32_t)nt)
-    ((uint4 *)sm.xs)[i] = make_uint4(0, 0, 0, 0);
-  stage_sync(nt);
-  uint32_t *wd = (uint32_t *)(sm.xs + KVC_QSEC_HEADER_BYTES);
+/*
+ * Writes the group fields (step codes, then bases), which do not depend on the code, after the
+ * section header of the staging buffer sm.xs as whole words, and zeroes the words after them up to
+ * byte align16z(zero_bytes) (threads t = 0..nt-1; the caller syncs before other threads write
+ * into those words). Every word has one writer, so the threads need no barrier among
+ * themselves: warps 1-7 run this while warp 0 builds the Huffman code. (A named barrier of warps
+ * 1-7 here once made compute-sanitizer's racecheck report false hazards for the rest of the
+ * kernel: tests/sanitizer/racecheck_named_barriers.cu.)
+ */
+__device__ __forceinline__ void stage_groups(const Smem &sm, const QInfo &q, uint32_t zero_bytes,
+                                             int t, int nt) {
+  uint32_t *xw = (uint32_t *)sm.xs, *wd = xw + KVC_QSEC_HEADER_BYTES / 4;
   const uint32_t G = (uint32_t)q.groups;
-  const uint32_t pos_b = q.mode == KVC_QMODE_REL ? G * q.w_e : 0;
-  if (q.mode == KVC_QMODE_REL)
-    put_fields(wd, 0, G, q.w_e, t, nt, [&](uint32_t g) { return (uint32_t)(sm.ge[g] - q.e_min); });
-  put_fields(wd, pos_b, G, q.w_b, t, nt, [&](uint32_t g) { return (uint32_t)sm.gbase[g] - (uint32_t)q.b_min; });
+  const bool rel = q.mode == KVC_QMODE_REL;
+  const uint32_t pos_b = rel ? G * q.w_e : 0, nw = (pos_b + G * q.w_b + 31) >> 5;
+  auto step_code = [&](uint32_t g) { return (uint32_t)(sm.ge[g] - q.e_min); };
+  auto base = [&](uint32_t g) { return (uint32_t)sm.gbase[g] - (uint32_t)q.b_min; };
+  for (uint32_t k = (uint32_t)t; k < nw; k += (uint32_t)nt)
+    wd[k] = (rel && q.w_e ? field_word(k, 0, G, q.w_e, step_code) : 0u) |
+            (q.w_b ? field_word(k, pos_b, G, q.w_b, base) : 0u);
+  /* The rest: single words up to a 16-byte boundary, then 16 bytes at a time. */
+  const uint32_t z0 = KVC_QSEC_HEADER_BYTES / 4 + nw, z1 = (uint32_t)align16z(zero_bytes) / 4;
+  const uint32_t v0 = min(z1, (z0 + 3) & ~3u);
+  for (uint32_t i = z0 + (uint32_t)t; i < v0; i += (uint32_t)nt) xw[i] = 0;
+  for (uint32_t i = v0 / 4 + (uint32_t)t; i < z1 / 4; i += (uint32_t)nt)
+    ((uint4 *)sm.xs)[i] = make_uint4(0, 0, 0, 0);
 }
 
 /* The part of the lane streams this thread codes: lane l holds values l, l + nl, l + 2 nl, ... (at
@@ -773,7 +790,10 @@ __device__ __forceinline__ void emit(const Smem &sm, const QInfo &q, int codec, 
                                      uint32_t bytes) {
   const int tid = threadIdx.x;
   uint32_t *wd = (uint32_t *)(sm.xs + KVC_QSEC_HEADER_BYTES);
-  if (codec == KVC_CODEC_BITPACK) stage_groups(sm, q, bytes, tid, kThreads);
+  if (codec == KVC_CODEC_BITPACK) {
+    stage_groups(sm, q, bytes, tid, kThreads);
+    __syncthreads(); /* the values go into the words staged above, the first ORed into the last */
+  }
   const uint32_t width = kvc_bits_for(q.max_u);
   const int n_sym = sm.misc[M_NSYM];
   const uint32_t lane_min = (uint32_t)sm.misc[M_LLO];

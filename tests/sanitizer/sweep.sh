@@ -16,6 +16,10 @@ tools=${*:-memcheck racecheck synccheck}
 logs=${KVC_SANITIZER_LOGS:-$(mktemp -d)}
 mkdir -p "$logs"
 export KVC_TEST_SCALE=${KVC_TEST_SCALE:-0.05}
+# as ctest runs the tests: the source tree, and the models beside the checkout
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export KVC_SOURCE_DIR=${KVC_SOURCE_DIR:-$root}
+export KVC_SHARED_DIR=${KVC_SHARED_DIR:-$(cd "$root/.." && pwd)/shared}
 status=0
 if [ -n "${KVC_SANITIZER_TESTS:-}" ]; then
   bins=(); for n in $KVC_SANITIZER_TESTS; do bins+=("$build/tests/$n"); done

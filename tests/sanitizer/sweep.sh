@@ -20,6 +20,7 @@ export KVC_TEST_SCALE=${KVC_TEST_SCALE:-0.05}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export KVC_SOURCE_DIR=${KVC_SOURCE_DIR:-$root}
 export KVC_SHARED_DIR=${KVC_SHARED_DIR:-$(cd "$root/.." && pwd)/shared}
+limit=${KVC_SANITIZER_TIMEOUT:-0}
 status=0
 if [ -n "${KVC_SANITIZER_TESTS:-}" ]; then
   bins=(); for n in $KVC_SANITIZER_TESTS; do bins+=("$build/tests/$n"); done
@@ -31,7 +32,6 @@ for bin in "${bins[@]}"; do
   for tool in $tools; do
     log=$logs/${name}_$tool.txt
     start=$(date +%s)
-    limit=${KVC_SANITIZER_TIMEOUT:-0}
     (cd "$(dirname "$bin")" &&
       timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 99 "./$name" > "$log" 2>&1)
     rc=$?

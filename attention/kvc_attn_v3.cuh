@@ -1168,6 +1168,16 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
 
 /* ---- the kernel ------------------------------------------------------------------------------ */
 
+/* The section widths the default error bounds give bit-pack pages (KVC_DEFAULT_K_BOUND and
+ * _V_BOUND: keys 4 bits, values 3): pages with both take a copy of the slab loop with those
+ * builders inlined and no dispatch on the width per slab, 9% fewer instructions at (8, 32k). Only
+ * the decode instances (one query tile) of the bit-pack kernel at head_dim 128 carry it: at 64 and
+ * 256 it measured no faster (bench/NOTES-attention.md, session 30). */
+constexpr int kHotKeyWidth = 4, kHotValueWidth = 3;
+template <int HD, int NB, bool HUF, bool FAST> constexpr bool v3_hot_widths() {
+  return !HUF && FAST && NB == 1 && HD == 128;
+}
+
 /* NB n-blocks of 8 query entries per CTA (one query tile). HUF: the instance for launches that may
  * meet Huffman pages (attention/kvc_attn_v3_huf.cuh). FAST: SRC_FAST is built (else bit-pack
  * sections take SRC_GEN); the Huffman instance for launches without bit-pack pages leaves it out,
@@ -1391,146 +1401,167 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
         /* Unit row r of this page is page row min(r - row0, nrows - 1): rows past the page's
          * (masked below) read its last row, so that they stay finite and inside the section. */
         auto prow = [&](int r) { return min(r - pg.row0, pg.nrows - 1); };
-        for (; ok && b < b_pg; b++) {
-          const int tb = 16 * b;
-          /* S^T for tokens tb + g, tb + g + 8. */
-          float s[2][NB][4];
+        /* The page's slabs. KW, VW > 0: both sections SRC_FAST of those widths, known at compile
+         * time (no builder dispatch in the slab); 0: dispatched per slab. */
+        auto slabs = [&](auto kw, auto vw) {
+          constexpr int KW = decltype(kw)::value, VW = decltype(vw)::value;
+          for (; ok && b < b_pg; b++) {
+            const int tb = 16 * b;
+            /* S^T for tokens tb + g, tb + g + 8. */
+            float s[2][NB][4];
 #pragma unroll
-          for (int h = 0; h < 2; h++)
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-              for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
-          const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
-          /* SRC_FAST values' factors of tokens tr (P' and vcorr below), loaded at the slab's start
-           * so that S and the softmax hide their latency: loaded after the softmax (ptxas sinks
-           * them there from anywhere after S), they held P' up by a round trip. Loaded for every
-           * page (no branch; only SRC_FAST's are used): the scratch is written only by the page
-           * setups, between warp syncs. */
-          const bool vfast = FAST && vs.kind == SRC_FAST;
-          float vm[2], vb[2];
-#pragma unroll
-          for (int h = 0; h < 2; h++) {
-            const int t = (vs.ptok0 + tr[h]) & (kUnitTokens - 1);
-            vm[h] = ((const float *)(scr + v3_scratch<HD>::vmul))[t];
-            vb[h] = ((const float *)(scr + v3_scratch<HD>::vbt))[t];
-          }
-          bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
-          if constexpr (HUF) huf = ks.kind >= SRC_HUF;
-          if (huf) {
-            if constexpr (HUF) {
-              /* The slab's page tokens [a, a + nr) through the tile (tile row = page row - r0). */
-              const int r0 = tb - pg.row0, a = pg.ptok0 + r0, nr = min(16, pg.nrows - r0);
-              uint8_t *tile = harea + v3h_area<HD>::tile;
-              __syncwarp(); /* the previous slab's O^T update is done with the tile */
-              ok &= v3h_slab<HD, T>(ks, 0, scr, harea, a, nr);
-              __syncwarp();
-              v3h_s<HD, T, NB>(tile, g, c, nr, qb, s);
-              /* V's slab next, into the same tile (S's loads have returned): its independent
-               * decode chains overlap S's mma chains and the softmax. */
-              __syncwarp();
-              ok &= v3h_slab<HD, T>(vs, 1, scr, harea, a, nr);
-              __syncwarp();
-            }
-          } else {
-            /* Rows read with fewer bank conflicts (s_rows, pv_rows) except in the Huffman
-             * instances, which read rows only for raw and staging pages and spilled with it. */
-            v3_s<HD, T, NB, FAST, !HUF, PRE, TQ>(ks, scr, c, tr, qb, qf, *qs, magic, s);
-          }
-          /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
-           * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until
-           * then P = 2^(s - m) < 2^kMaxSlack, and the slab needs no shuffles for the maximum (most
-           * slabs once the first tokens are in). When it moves, it moves to the exact maximum.
-           * sx: the scores relative to the maximum, s kmul - m in one FFMA (+inf while m is -inf,
-           * so that any visible score moves it), -inf for rows not visible. */
-          auto visible = [&](int nb, int e) { return tb + g + 8 * (e >> 1) < lim[nb][e & 1]; };
-          float sx[NB][4];
-          bool grow = false;
-#pragma unroll
-          for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-              sx[nb][e] = visible(nb, e)
-                              ? fmaf(s[0][nb][e] + s[1][nb][e], kmul, -m[nb][e & 1])
-                              : -INFINITY;
-              grow |= sx[nb][e] > kMaxSlack;
-            }
-          if (__any_sync(0xffffffffu, grow)) {
-            /* The scores themselves, their maximum over the tokens (over g), and sx again. */
-            float sa[NB][4], cf[NB][2];
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-              for (int e = 0; e < 4; e++)
-                sa[nb][e] = visible(nb, e) ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-              for (int x = 0; x < 2; x++) {
-                float mx = fmaxf(sa[nb][x], sa[nb][x + 2]);
-#pragma unroll
-                for (int o2 = 4; o2 <= 16; o2 <<= 1)
-                  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
-                const float mn = fmaxf(m[nb][x], mx);
-                cf[nb][x] = mn == -INFINITY ? 1.f : ex2_ftz(m[nb][x] - mn);
-                m[nb][x] = mn;
-                l[nb][x] *= cf[nb][x];
-                vcorr[nb][x] *= cf[nb][x];
-              }
-            /* A visible score has a finite maximum; the others stay -inf (an entry with nothing
-             * visible yet keeps m = -inf, and -inf - m would be NaN). */
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-              for (int e = 0; e < 4; e++)
-                sx[nb][e] = visible(nb, e) ? sa[nb][e] - m[nb][e & 1] : -INFINITY;
-#pragma unroll
-            for (int mt = 0; mt < HD / 16; mt++)
+            for (int h = 0; h < 2; h++)
 #pragma unroll
               for (int nb = 0; nb < NB; nb++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
-          }
-          /* P^T as the B operand: S^T's accumulator pairs (token g or g+8, entries 2c, 2c+1)
-           * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). */
-          float pv[NB][4];
+                for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
+            const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
+            /* SRC_FAST values' factors of tokens tr (P' and vcorr below), loaded at the slab's
+             * start so that S and the softmax hide their latency: loaded after the softmax (ptxas
+             * sinks them there from anywhere after S), they held P' up by a round trip. Loaded
+             * for every page (no branch; only SRC_FAST's are used): the scratch is written only by
+             * the page setups, between warp syncs. */
+            const bool vfast = VW > 0 || (FAST && vs.kind == SRC_FAST);
+            float vm[2], vb[2];
 #pragma unroll
-          for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-              pv[nb][e] = ex2_ftz(sx[nb][e]);
-              l[nb][e & 1] += pv[nb][e];
+            for (int h = 0; h < 2; h++) {
+              const int t = (vs.ptok0 + tr[h]) & (kUnitTokens - 1);
+              vm[h] = ((const float *)(scr + v3_scratch<HD>::vmul))[t];
+              vb[h] = ((const float *)(scr + v3_scratch<HD>::vbt))[t];
             }
-          uint32_t pb[NB][2];
-          if (vfast) {
-            /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases and 1 go to
-             * vcorr, from P' rounded as the mma takes it. */
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++) {
-              const uint32_t p0 = pack2<__half>(pv[nb][0] * vm[0], pv[nb][1] * vm[0]);
-              const uint32_t p1 = pack2<__half>(pv[nb][2] * vm[1], pv[nb][3] * vm[1]);
-              const float2 f0 = __half22float2(as_h2<__half2>(p0));
-              const float2 f1 = __half22float2(as_h2<__half2>(p1));
-              vcorr[nb][0] += f0.x * vb[0] + f1.x * vb[1];
-              vcorr[nb][1] += f0.y * vb[0] + f1.y * vb[1];
-              pb[nb][0] = movmatrix_trans(p0);
-              pb[nb][1] = movmatrix_trans(p1);
+            bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
+            if constexpr (HUF) huf = ks.kind >= SRC_HUF;
+            if constexpr (KW > 0) {
+              const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
+              s_fast<HD, KW, NB, TQ, PRE>(ks.sec, scr, c, pt, qf, magic, s);
+            } else if (huf) {
+              if constexpr (HUF) {
+                /* The slab's page tokens [a, a + nr) through the tile (tile row = page row -
+                 * r0). */
+                const int r0 = tb - pg.row0, a = pg.ptok0 + r0, nr = min(16, pg.nrows - r0);
+                uint8_t *tile = harea + v3h_area<HD>::tile;
+                __syncwarp(); /* the previous slab's O^T update is done with the tile */
+                ok &= v3h_slab<HD, T>(ks, 0, scr, harea, a, nr);
+                __syncwarp();
+                v3h_s<HD, T, NB>(tile, g, c, nr, qb, s);
+                /* V's slab next, into the same tile (S's loads have returned): its independent
+                 * decode chains overlap S's mma chains and the softmax. */
+                __syncwarp();
+                ok &= v3h_slab<HD, T>(vs, 1, scr, harea, a, nr);
+                __syncwarp();
+              }
+            } else {
+              /* Rows read with fewer bank conflicts (s_rows, pv_rows) except in the Huffman
+               * instances, which read rows only for raw and staging pages and spilled with it. */
+              v3_s<HD, T, NB, FAST, !HUF, PRE, TQ>(ks, scr, c, tr, qb, qf, *qs, magic, s);
             }
-          } else {
+            /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
+             * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until
+             * then P = 2^(s - m) < 2^kMaxSlack, and the slab needs no shuffles for the maximum
+             * (most slabs once the first tokens are in). When it moves, it moves to the exact
+             * maximum.
+             * sx: the scores relative to the maximum, s kmul - m in one FFMA (+inf while m is -inf,
+             * so that any visible score moves it), -inf for rows not visible. */
+            auto visible = [&](int nb, int e) { return tb + g + 8 * (e >> 1) < lim[nb][e & 1]; };
+            float sx[NB][4];
+            bool grow = false;
 #pragma unroll
-            for (int nb = 0; nb < NB; nb++) {
-              pb[nb][0] = movmatrix_trans(pack2<T>(pv[nb][0], pv[nb][1]));
-              pb[nb][1] = movmatrix_trans(pack2<T>(pv[nb][2], pv[nb][3]));
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++) {
+                sx[nb][e] = visible(nb, e)
+                                ? fmaf(s[0][nb][e] + s[1][nb][e], kmul, -m[nb][e & 1])
+                                : -INFINITY;
+                grow |= sx[nb][e] > kMaxSlack;
+              }
+            if (__any_sync(0xffffffffu, grow)) {
+              /* The scores themselves, their maximum over the tokens (over g), and sx again. */
+              float sa[NB][4], cf[NB][2];
+#pragma unroll
+              for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                  sa[nb][e] = visible(nb, e) ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
+#pragma unroll
+              for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                for (int x = 0; x < 2; x++) {
+                  float mx = fmaxf(sa[nb][x], sa[nb][x + 2]);
+#pragma unroll
+                  for (int o2 = 4; o2 <= 16; o2 <<= 1)
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+                  const float mn = fmaxf(m[nb][x], mx);
+                  cf[nb][x] = mn == -INFINITY ? 1.f : ex2_ftz(m[nb][x] - mn);
+                  m[nb][x] = mn;
+                  l[nb][x] *= cf[nb][x];
+                  vcorr[nb][x] *= cf[nb][x];
+                }
+              /* A visible score has a finite maximum; the others stay -inf (an entry with nothing
+               * visible yet keeps m = -inf, and -inf - m would be NaN). */
+#pragma unroll
+              for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                  sx[nb][e] = visible(nb, e) ? sa[nb][e] - m[nb][e & 1] : -INFINITY;
+#pragma unroll
+              for (int mt = 0; mt < HD / 16; mt++)
+#pragma unroll
+                for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                  for (int e = 0; e < 4; e++) o[mt][nb][e] *= cf[nb][e & 1];
+            }
+            /* P^T as the B operand: S^T's accumulator pairs (token g or g+8, entries 2c, 2c+1)
+             * transposed by movmatrix into (tokens 2c, 2c+1 or 2c+8, 2c+9; entry g). */
+            float pv[NB][4];
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+              for (int e = 0; e < 4; e++) {
+                pv[nb][e] = ex2_ftz(sx[nb][e]);
+                l[nb][e & 1] += pv[nb][e];
+              }
+            uint32_t pb[NB][2];
+            if (vfast) {
+              /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases and 1 go to
+               * vcorr, from P' rounded as the mma takes it. */
+#pragma unroll
+              for (int nb = 0; nb < NB; nb++) {
+                const uint32_t p0 = pack2<__half>(pv[nb][0] * vm[0], pv[nb][1] * vm[0]);
+                const uint32_t p1 = pack2<__half>(pv[nb][2] * vm[1], pv[nb][3] * vm[1]);
+                const float2 f0 = __half22float2(as_h2<__half2>(p0));
+                const float2 f1 = __half22float2(as_h2<__half2>(p1));
+                vcorr[nb][0] += f0.x * vb[0] + f1.x * vb[1];
+                vcorr[nb][1] += f0.y * vb[0] + f1.y * vb[1];
+                pb[nb][0] = movmatrix_trans(p0);
+                pb[nb][1] = movmatrix_trans(p1);
+              }
+            } else {
+#pragma unroll
+              for (int nb = 0; nb < NB; nb++) {
+                pb[nb][0] = movmatrix_trans(pack2<T>(pv[nb][0], pv[nb][1]));
+                pb[nb][1] = movmatrix_trans(pack2<T>(pv[nb][2], pv[nb][3]));
+              }
+            }
+            const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
+                               prow(tb + 2 * c + 9)};
+            if constexpr (VW > 0) {
+              const int pt[4] = {vs.ptok0 + tv[0], vs.ptok0 + tv[1], vs.ptok0 + tv[2],
+                                 vs.ptok0 + tv[3]};
+              pv_fast<HD, VW, NB>(vs.sec, g, pt, pb, magic, o);
+            } else if (huf) {
+              if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
+            } else {
+              v3_pv<HD, T, NB, FAST, !HUF>(vs, scr, g, tv, pb, magic, o);
             }
           }
-          const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
-                             prow(tb + 2 * c + 9)};
-          if (huf) {
-            if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
-          } else {
-            v3_pv<HD, T, NB, FAST, !HUF>(vs, scr, g, tv, pb, magic, o);
-          }
-        }
+        };
+        constexpr bool hot = v3_hot_widths<HD, NB, HUF, FAST>();
+        if (hot && ks.kind == SRC_FAST && ks.sec.width == kHotKeyWidth && vs.kind == SRC_FAST &&
+            vs.sec.width == kHotValueWidth)
+          slabs(std::integral_constant<int, hot ? kHotKeyWidth : 0>(),
+                std::integral_constant<int, hot ? kHotValueWidth : 0>());
+        else
+          slabs(std::integral_constant<int, 0>(), std::integral_constant<int, 0>());
       }
       bad |= !ok;
       mbar_arrive(bars + 8 * (NS + slot)); /* this lane is done with the unit's ring bytes */

@@ -23,7 +23,8 @@
  * instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols with extra bits and codes longer
  * than its table (checked to occur), short tails, and damaged Huffman sections (a code length,
  * stream bits) -> NaN rows on v2 and v3; pages coded with absolute bounds (both codecs, checked
- * to occur) on v2, v3 and v3's Huffman instance; launches large enough for v3's units of two pages.
+ * to occur) on v2, v3 and v3's Huffman instance; launches large enough for v3's units of two pages;
+ * bit-pack pages at the library's default bounds (4-bit keys and 3-bit values, checked to occur).
  * Skips cleanly where there is no GPU. KVC_TEST_SCALE scales the lengths; KVC_TEST_FILTER selects
  * tests by name (cmocka pattern).
  */
@@ -617,26 +618,41 @@ static void cascade_prefix_groups(void **state) {
   }
 }
 
+/* The header of section sidx (keys of head sidx, then values of head sidx - H) of page e, which
+ * holds H heads. */
+static void section_header(const host_case_t *h, const kvc_page_entry_t *e, uint32_t H,
+                           uint32_t sidx, kvc_qsec_header_t *qh) {
+  const uint32_t cb = h->tp.chunk_bytes;
+  const uint32_t start =
+      sidx == 0 ? kvc_page_sections_start(H)
+                : kvc_align16(kvc_rd_u32(kvc_page_byte(h->tp.pool, cb, e, 32 + 4 * (sidx - 1))));
+  kvc_qsec_header_read(kvc_page_byte(h->tp.pool, cb, e, start), qh);
+}
+
+/* Calls fn(page entry, its tokens, its heads) for every compressed page of a case coded with
+ * `codec`. */
+template <class F> static void for_each_page(const host_case_t *h, kvc_codec_t codec, F fn) {
+  const uint32_t cb = h->tp.chunk_bytes;
+  for (int i = 0; i < h->tp.dir_len; i++) {
+    const kvc_page_entry_t *e = &h->tp.dir[i];
+    if (e->kind != KVC_PAGE_COMPRESSED || e->codec != codec) continue;
+    fn(e, kvc_rd_u16(kvc_page_byte(h->tp.pool, cb, e, 8)),
+       kvc_rd_u16(kvc_page_byte(h->tp.pool, cb, e, 10)));
+  }
+}
+
 /* The sections of every compressed page of a case coded with `codec` for which pred(header, a
  * value section, the page's tokens) holds. */
 template <class F>
 static int count_sections(const host_case_t *h, kvc_codec_t codec, F pred) {
   int n = 0;
-  const uint32_t cb = h->tp.chunk_bytes;
-  for (int i = 0; i < h->tp.dir_len; i++) {
-    const kvc_page_entry_t *e = &h->tp.dir[i];
-    if (e->kind != KVC_PAGE_COMPRESSED || e->codec != codec) continue;
-    const uint32_t n_tokens = kvc_rd_u16(kvc_page_byte(h->tp.pool, cb, e, 8));
-    const uint32_t H = kvc_rd_u16(kvc_page_byte(h->tp.pool, cb, e, 10));
+  for_each_page(h, codec, [&](const kvc_page_entry_t *e, uint32_t n_tokens, uint32_t H) {
     for (uint32_t sidx = 0; sidx < 2 * H; sidx++) {
-      const uint32_t start =
-          sidx == 0 ? kvc_page_sections_start(H)
-                    : kvc_align16(kvc_rd_u32(kvc_page_byte(h->tp.pool, cb, e, 32 + 4 * (sidx - 1))));
       kvc_qsec_header_t qh;
-      kvc_qsec_header_read(kvc_page_byte(h->tp.pool, cb, e, start), &qh);
+      section_header(h, e, H, sidx, &qh);
       n += pred(qh, sidx >= H, n_tokens) ? 1 : 0;
     }
-  }
+  });
   return n;
 }
 
@@ -697,6 +713,61 @@ static void v3_bitpack_widths(void **state) {
   assert_true((widths & 0x1feu) == 0x1feu); /* 1..8 */
   assert_true((widths & ~0x1ffu) != 0);     /* and wider */
   assert_true((aligned & 0x114u) != 0 && (unaligned & 0x114u) != 0); /* widths 2, 4, 8 both ways */
+}
+
+/* Pages of a case coded with `codec` whose head-h key and value sections (headers k, v) satisfy
+ * pred(k, v), counted per (page, head). */
+template <class F> static int count_head_pages(const host_case_t *h, kvc_codec_t codec, F pred) {
+  int n = 0;
+  for_each_page(h, codec, [&](const kvc_page_entry_t *e, uint32_t, uint32_t H) {
+    for (uint32_t hd = 0; hd < H; hd++) {
+      kvc_qsec_header_t k, v;
+      section_header(h, e, H, hd, &k);
+      section_header(h, e, H, H + hd, &v);
+      n += pred(k, v) ? 1 : 0;
+    }
+  });
+  return n;
+}
+
+/*
+ * Bit-pack pages at the library's default bounds (KVC_DEFAULT_K_BOUND, KVC_DEFAULT_V_BOUND): keys
+ * of 4 bits and values of 3 on most pages, the widths v3's decode instances build without a
+ * dispatch per slab (kHotKeyWidth, kHotValueWidth), beside pages of other widths, RAW pages and
+ * staging tails, at every head_dim, fp16 and bf16, blocks of 16 and 64 tokens. Checks that such
+ * pages occurred in every case.
+ */
+static void default_bound_pages(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  static const int hds[] = {64, 128, 256};
+  uint64_t seed = 8500;
+  for (size_t i = 0; i < 3; i++)
+    for (int v = 0; v < 2; v++) {
+      const kvc_dtype_t dt = v ? KVC_DTYPE_BF16 : KVC_DTYPE_F16;
+      gpu_case_t c = {7, 32, 8, hds[i], v && hds[i] < 256 ? 16 : 64, dt, 900, 1,
+                      KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW | KVC_TEST_PAGE_STAGING, 0, seed++,
+                      KVC_DEFAULT_K_BOUND, KVC_DEFAULT_V_BOUND};
+      host_case_t h;
+      dev_case_t d;
+      host_setup(&c, &h);
+      int other = 0;
+      const int hot = count_head_pages(
+          &h, KVC_CODEC_BITPACK, [&](const kvc_qsec_header_t &k, const kvc_qsec_header_t &vh) {
+            const bool rel = k.mode == KVC_QMODE_REL && vh.mode == KVC_QMODE_REL;
+            const bool is_hot = rel && k.width == 4 && vh.width == 3;
+            other += !is_hot;
+            return is_hot;
+          });
+      print_message("head_dim %d %s: %d (page, head) pairs of 4-bit keys and 3-bit values, %d "
+                    "others\n", hds[i], v ? "bf16" : "fp16", hot, other);
+      assert_true(hot > 0);
+      dev_setup(&h, &d);
+      run_variants(&c, &h, &d, 0);
+      run_variants(&c, &h, &d, kNoHuffman);
+      dev_teardown(&d);
+      host_teardown(&h);
+    }
 }
 
 /*
@@ -1141,7 +1212,7 @@ int main(void) {
       cmocka_unit_test(v3_huffman_layouts),    cmocka_unit_test(huffman_damage_gives_nan),
       cmocka_unit_test(absolute_bound_pages),  cmocka_unit_test(claimed_items),
       cmocka_unit_test(cascade_prefix_groups), cmocka_unit_test(bf16_queries_beyond_fp16),
-      cmocka_unit_test(kernel_choice),
+      cmocka_unit_test(kernel_choice),         cmocka_unit_test(default_bound_pages),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

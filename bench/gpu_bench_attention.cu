@@ -20,7 +20,8 @@
  * it (fp16: raw only, v3 with units split between two warps; bit-pack: no Huffman, the v3 decode
  * kernel; Huffman: v3's Huffman instance), the Huffman pool also under a mask allowing every codec
  * (row kvcomp_huffman_any: the instance a cache with a per-page policy runs), the bit-pack pools
- * likewise (kvcomp_bitpack_any, kvcomp_bitpack_bf16_any), and each pool again
+ * and the bf16 Huffman pool likewise (kvcomp_bitpack_any, kvcomp_bitpack_bf16_any,
+ * kvcomp_huffman_bf16_any), and each pool again
  * with mask 0 (v2, rows *_v2). The same KV rounded to bf16 fills a bf16 staging pool and bf16
  * bit-pack and Huffman pools, read with bf16 queries (rows kvcomp_bf16_paged, kvcomp_bitpack_bf16,
  * kvcomp_huffman_bf16; their rel_err includes bf16's rounding of K, V and Q, and bench/attention.sh
@@ -671,6 +672,7 @@ int main(int argc, char **argv) {
                                 {&bitpack_bf16, no_huffman, bitpack_bf16.name},
                                 {&bitpack_bf16, any_codec, "kvcomp_bitpack_bf16_any"},
                                 {&huffman_bf16, 1u << KVC_CODEC_HUFFMAN, huffman_bf16.name},
+                                {&huffman_bf16, any_codec, "kvcomp_huffman_bf16_any"},
                                 {&fp16, 0, "kvcomp_fp16_paged_v2"},
                                 {&bitpack, 0, "kvcomp_bitpack_v2"},
                                 {&huffman, 0, "kvcomp_huffman_v2"}};

@@ -732,11 +732,11 @@ template <class F> static int count_head_pages(const host_case_t *h, kvc_codec_t
 
 /*
  * Bit-pack pages at the library's default bounds (KVC_DEFAULT_K_BOUND, KVC_DEFAULT_V_BOUND): keys
- * of 4 bits and values of 3 on most pages, the widths v3's decode instances build without a
- * dispatch per slab (kHotKeyWidth, kHotValueWidth), beside pages of other widths, RAW pages and
- * staging tails, at every head_dim, fp16 and bf16, blocks of 16 and 64 tokens, on v2, on v3 and
- * on the instance that takes every codec (bf16's carries the same copy). Checks that such pages
- * occurred in every case.
+ * of 4 bits and values of 3 (on this data, every page), the widths v3's decode instances build
+ * without a dispatch per slab (kHotKeyWidth, kHotValueWidth), in the same launches as RAW pages
+ * and staging tails (the dispatching path), at every head_dim, fp16 and bf16, blocks of 16 and 64
+ * tokens, on v2, on v3 and on the instance that takes every codec (bf16's carries the same copy).
+ * Checks that such pages occurred in every case.
  */
 static void default_bound_pages(void **state) {
   (void)state;

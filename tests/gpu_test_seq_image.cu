@@ -111,8 +111,9 @@ static uint16_t *g_out[2];
  * KVC_TEST_SCALE < 1 (compute-sanitizer runs) as few as still take both sequences past the next
  * block boundary, where the tail block is compressed. */
 static int steps_after(int len) {
-  const int tail = len % BT;
-  const int cross = tail == 0 ? 2 : 2 + (BT - tail + 1 - 5 > 0 ? BT - tail + 1 - 5 : 0);
+  /* A tail of r tokens needs BT - r + 1 more to pass the next boundary; the first step brings 5. */
+  const int r = len % BT, need = r ? BT - r + 1 : 0;
+  const int cross = 2 + (need > 5 ? need - 5 : 0);
   int steps = (int)((BT + 2) * kvc_test_scale() + 0.999);
   if (steps < cross) steps = cross;
   return steps < BT + 2 ? steps : BT + 2;
@@ -149,7 +150,8 @@ static void check_move(dev_cache_t *a, dev_cache_t *b, int len, transfer_fn tran
   print_message("%s: %d tokens, image %zu bytes (%.2fx fewer than fp16's)\n", how, len, bytes,
                 fp16 / (double)bytes);
   dev_cache_t *ds[2] = {a, b};
-  for (int s = 0; s < steps_after(len); s++) {
+  const int steps = steps_after(len);
+  for (int s = 0; s < steps; s++) {
     const int n = s == 0 ? 5 : 1;
     step_all(ds, 2, n, 1000 + (uint64_t)s, g_out);
     assert_memory_equal(g_out[0], g_out[1], (size_t)n * QROW * 2);

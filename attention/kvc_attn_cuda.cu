@@ -384,31 +384,29 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
         ahead = 2;
       }
     }
-    /* The unit's pages and the ring bytes they need. */
-    unit_page up[kMaxUnitPages];
-    bool any_bad = false;
-    uint32_t need = 0;
+    /* Lane s < 2 npg takes section s of the unit: page s / 2, its K (even s) or V (odd s), so
+     * that the unit's sizes, copies and page entries take one pass of the warp rather than one
+     * per page (the producer's serial time per unit bounds every kernel's unit rate). */
+    const int q = min(lane >> 1, npg - 1);
+    const bool v = lane & 1, mine = lane < 2 * npg;
+    const page_meta pm = meta[jf + q - batch];
+    const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
+    const int nrows = bt >= UT ? n_valid : min(bt, len - (jf + q) * bt);
+    const int ptok0 = bt >= UT ? t0 - jf * bt : 0;
+    const uint32_t sec_bytes = rows ? (uint32_t)nrows * RB : v ? pm.v_bytes : pm.k_bytes;
+    const uint32_t sz = mine ? kvc_align16(sec_bytes) + (rows ? 0u : (uint32_t)SL::slack) : 0u;
+    /* The sections in lane order: ring offsets by an inclusive scan of their sizes. */
+    uint32_t end = sz;
 #pragma unroll
-    for (int q = 0; q < kMaxUnitPages; q++) {
-      if (q >= npg) break;
-      const page_meta pm = meta[jf + q - batch];
-      unit_page &x = up[q];
-      x.cls = pm.cls;
-      x.n_tokens = pm.n_tokens;
-      x.ptok0 = (int16_t)(bt >= UT ? t0 - jf * bt : 0);
-      x.row0 = (int16_t)(bt >= UT ? 0 : q * bt);
-      x.nrows = (int16_t)(bt >= UT ? n_valid : min(bt, len - (jf + q) * bt));
-      any_bad |= pm.cls == PG_BAD || pm.cls == PG_NONE;
-      const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
-      x.k_bytes = rows ? (uint32_t)x.nrows * RB : pm.k_bytes;
-      x.v_bytes = rows ? (uint32_t)x.nrows * RB : pm.v_bytes;
-      x.k_ring = need;
-      need += kvc_align16(x.k_bytes) + (rows ? 0u : (uint32_t)SL::slack);
-      x.v_ring = need;
-      need += kvc_align16(x.v_bytes) + (rows ? 0u : (uint32_t)SL::slack);
+    for (int o = 1; o < 2 * kMaxUnitPages; o <<= 1) {
+      const uint32_t x = __shfl_up_sync(0xffffffffu, end, o);
+      if (lane >= o) end += x;
     }
+    const uint32_t sec_ring = end - sz;
+    uint32_t need = __shfl_sync(0xffffffffu, end, 2 * kMaxUnitPages - 1);
     int32_t flags = 0;
-    if (any_bad || need > (uint32_t)SL::ring) {
+    if (__any_sync(0xffffffffu, mine && (pm.cls == PG_BAD || pm.cls == PG_NONE)) ||
+        need > (uint32_t)SL::ring) {
       flags = UNIT_BAD;
       need = 0;
     }
@@ -416,38 +414,39 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
     uint32_t off;
     while (!kvc_attn_ring_place(&rg, (uint32_t)SL::ring, need, rel < k, &off)) release_oldest(k);
     if (lane == slot) live_off = off;
-    /* Issue the copies. */
-    /* Lane 0 copies the K sections, lane 1 the V sections: the two chains of chunk lookups and
-     * copies side by side (each adds its bytes to the phase's transaction count before it
-     * arrives). */
-    if (lane < 2 && flags == 0) {
-      const bool v = lane == 1;
-      uint32_t bytes = 0;
-#pragma unroll
-      for (int q = 0; q < kMaxUnitPages; q++) {
-        if (q >= npg) break;
-        const page_meta pm = meta[jf + q - batch];
-        const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
-        const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
-        const uint32_t rofs = rows ? (uint32_t)up[q].ptok0 * RB : 0;
-        bytes += copy_bulk(p, pc, pm.nchunks, (v ? pm.v_off : pm.k_off) + rofs,
-                           v ? up[q].v_bytes : up[q].k_bytes,
-                           ring + off + (v ? up[q].v_ring : up[q].k_ring), bars + 8 * slot);
-      }
-      mbar_expect_tx(bars + 8 * slot, bytes);
+    /* Each section's copies; its lane adds their bytes to the phase's transaction count before
+     * it arrives. */
+    if (mine && flags == 0) {
+      const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
+      const uint32_t rofs = rows ? (uint32_t)ptok0 * RB : 0;
+      mbar_expect_tx(bars + 8 * slot,
+                     copy_bulk(p, pc, pm.nchunks, (v ? pm.v_off : pm.k_off) + rofs, sec_bytes,
+                               ring + off + sec_ring, bars + 8 * slot));
     }
+    /* The descriptor: lane 0 the unit's fields, the K lane of each page its entry. */
+    unit_desc &d = descs[slot];
+    const uint32_t v_ring = __shfl_down_sync(0xffffffffu, sec_ring, 1);
+    const uint32_t v_bytes = __shfl_down_sync(0xffffffffu, sec_bytes, 1);
     if (lane == 0) {
-      unit_desc &d = descs[slot];
       d.ring_off = off;
       d.flags = flags;
       d.n_valid = (int16_t)n_valid;
       d.npages = (int16_t)npg;
-#pragma unroll
-      for (int q = 0; q < kMaxUnitPages; q++)
-        if (q < npg) d.pages[q] = up[q];
     }
-    /* Every lane arrives (lane 0's arrive releases the descriptor); the copies complete the phase
-     * by their byte count. */
+    if (mine && !v) {
+      unit_page &x = d.pages[q];
+      x.cls = pm.cls;
+      x.n_tokens = pm.n_tokens;
+      x.ptok0 = (int16_t)ptok0;
+      x.row0 = (int16_t)(bt >= UT ? 0 : q * bt);
+      x.nrows = (int16_t)nrows;
+      x.k_bytes = sec_bytes;
+      x.v_bytes = v_bytes;
+      x.k_ring = sec_ring;
+      x.v_ring = v_ring;
+    }
+    /* Every lane arrives (each arrive releases the lane's writes to the descriptor); the copies
+     * complete the phase by their byte count. */
     mbar_arrive(bars + 8 * slot);
     if constexpr (SL::fetch_ahead)
       if (ahead && --ahead == 0 && next_bid >= 0) prefetch_dir_entry(p, next_bid);

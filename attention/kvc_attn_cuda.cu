@@ -8,8 +8,8 @@
  *
  *   producer (warp 4)  walks the split's units: reads block ids, page entries, page headers and
  *                      section tables 16 pages at a time, takes space in a shared-memory byte ring
- *                      and issues bulk copies (the TMA engine; lanes 0 and 1 the K and V sections,
- *                      one copy per section and pool chunk), so that each unit lands as its pages'
+ *                      and issues bulk copies (the TMA engine; lane s the unit's section s, one
+ *                      copy per section and pool chunk), so that each unit lands as its pages'
  *                      sections: compressed bytes or uncompressed rows. A unit's completion is
  *                      tracked by an mbarrier ("full", by bytes), its release by the consumers by
  *                      another ("empty"); every thread arrives itself, so each arrive releases that
@@ -38,11 +38,10 @@
  * and consumer warps that each take whole units (half units when all pages are rows) and build the
  * mma operands (K and V as the A operand, the query entries as N) in registers from the ring bytes;
  * a mask that allows Huffman pages selects v3's Huffman instance (attention/kvc_attn_v3_huf.cuh),
- * which leaves blocks of 128 tokens at head_dim 128 and 256 to v2. The producer there issues a unit's K and
- * V bulk copies from lanes 0 and 1 side by side. Launches with more query entries per kv head
- * (several rows per sequence: speculative tokens, short prefill chunks; a cascade's prefixes) run
- * v3 over several query tiles of 8 where tile_reads expects that to cost less than v2's tiles of
- * 16-128 (each v3 tile decodes the pages again).
+ * which leaves blocks of 128 tokens at head_dim 128 and 256 to v2. Launches with more query
+ * entries per kv head (several rows per sequence: speculative tokens, short prefill chunks; a
+ * cascade's prefixes) run v3 over several query tiles of 8 where tile_reads expects that to cost
+ * less than v2's tiles of 16-128 (each v3 tile decodes the pages again).
  *
  * Nothing decoded leaves shared memory. Partial results of a split go to the workspace as
  * (O / l, log2-sum-exp) and a second kernel combines them; with one split the CTA writes `out`.

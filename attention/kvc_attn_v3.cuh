@@ -193,6 +193,7 @@ struct v3_layout : v3_after_ring<HD, v3_ring_bytes<HD, CPS>()> {
    * 64-token instance only (fp16 pages' launches, bound by DRAM), since every change to the
    * producer's code moves the compressed instances' times by ptxas's allocation alone. */
   static constexpr bool fetch_ahead = UT == kUnitTokens;
+  static constexpr bool ids_per_lane = true; /* load_batch */
   /* Bytes after each compressed section that no copy writes: load_run reads up to one word past
    * a section's last code word (masked off), so it needs no clamp per load. */
   static constexpr int slack = 16;

@@ -159,6 +159,7 @@ struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD, CPS>()> {
   static constexpr int tile = kUnitTokens * RB;
   static constexpr int slots = kSlots3;
   static constexpr bool fetch_ahead = false; /* producer: see v3_layout */
+  static constexpr bool ids_per_lane = false; /* load_batch: its Huffman pages ran slower */
   static constexpr int slack = v3_layout<HD>::slack;
   static constexpr int unit_tokens = kUnitTokens;
   typedef v3_after_ring<HD, v3h_ring_bytes<HD, CPS>()> A;

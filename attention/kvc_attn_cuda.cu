@@ -7,16 +7,18 @@
  * of 128 entries, WM = 8):
  *
  *   producer (warp 4)  walks the split's units: reads block ids, page entries, page headers and
- *                      section tables 16 pages at a time, takes space in a shared-memory byte ring
- *                      and issues bulk copies (the TMA engine; lane s the unit's section s, one
- *                      copy per section and pool chunk), so that each unit lands as its pages'
- *                      sections: compressed bytes or uncompressed rows. A unit's completion is
- *                      tracked by an mbarrier ("full", by bytes), its release by the consumers by
- *                      another ("empty"); every thread arrives itself, so each arrive releases that
- *                      thread's own accesses. The producer runs ahead as far as the ring allows, so
- *                      its dependent metadata loads stay off the consumers' path. (Per-lane 16-byte
- *                      cp.async into the swizzled tile, as first written, held fp16 launches to
- *                      ~1.5 TB/s: bench/NOTES-attention.md, session 21.)
+ *                      section tables a batch of pages at a time (16; 32 in v3's two-page
+ *                      units), takes space in a shared-memory byte ring and issues bulk copies
+ *                      (the TMA engine; lane s the unit's section s, one copy per section and
+ *                      pool chunk), so that each unit lands as its pages' sections: compressed
+ *                      bytes or uncompressed rows. A unit's completion is tracked by an mbarrier
+ *                      ("full", by bytes), its release by the consumers by another ("empty");
+ *                      every thread arrives itself, so each arrive releases that thread's own
+ *                      accesses. The producer runs ahead as far as the ring allows; its dependent
+ *                      metadata loads still cost the consumers a wait at each batch (session 32's
+ *                      profile, bench/NOTES-attention.md). (Per-lane 16-byte cp.async into the
+ *                      swizzled tile, as first written, held fp16 launches to ~1.5 TB/s:
+ *                      bench/NOTES-attention.md, session 21.)
  *   consumers (0..3)   per unit: decode compressed sections, or copy rows, into a shared K/V tile
  *                      (pairs of warps: pair p decodes tensor p & 1 (K, V) of each section; with
  *                      eight warps, part p >> 1 of two, attention/kvc_attn_decode.cuh), then
@@ -81,7 +83,7 @@ template <int WM> constexpr int threads_of() { return 32 * (consumer_warps<WM>()
 template <int WM> constexpr int decode_parts() { return consumer_warps<WM>() / 4; }
 constexpr int kSlots = 8;                        /* units in flight at most */
 constexpr int kMaxUnitPages = kUnitTokens / 16;  /* pages in a unit (block_tokens >= 16) */
-constexpr int kBatch = 16;                       /* pages of metadata the producer loads at once */
+constexpr int kBatch = 16; /* pages of metadata the producer loads at once (layouts' `batch`) */
 static_assert(KVC_PAGE_MAX_CHUNKS <= 64, "the producer loads two chunk ids per lane and page");
 /* Splitting stops at this many CTAs: large batches (a decode step at capacity: 39 sequences x 8
  * kv heads) still split when that fills the last wave of CTAs better. */
@@ -182,8 +184,9 @@ template <int HD, int WM> struct smem_layout {
       align_up(scratch_off + consumer_warps<WM>() / 2 * scratch_bytes, WM >= 4 ? 1024 : 16);
   static constexpr int desc_off = qtile_off + 16 * WM * RB;
   static constexpr int meta_off = desc_off + kSlots * (int)sizeof(unit_desc);
-  static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
-  static constexpr int bar_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 8);
+  static constexpr int batch = kBatch;
+  static constexpr int chunks_off = meta_off + batch * (int)sizeof(page_meta);
+  static constexpr int bar_off = align_up(chunks_off + batch * KVC_PAGE_MAX_CHUNKS * 4, 8);
   static constexpr int bytes = bar_off + 2 * kSlots * 8;
   /* The epilogue reuses the ring for the warps' partial results. */
   static_assert(consumer_warps<WM>() * 16 * (HD + 2) * 4 <= ring,
@@ -203,16 +206,16 @@ __device__ __forceinline__ const uint8_t *page_addr(const params &p, const uint3
 }
 
 /*
- * Loads the metadata of pages [first, first + kBatch) of the sequence into meta[] / chunks[]
- * (lane i < kBatch: page first + i): block id, then the directory entry and its chunk ids,
+ * Loads the metadata of pages [first, first + NP) of the sequence into meta[] / chunks[]
+ * (lane i < NP <= 32: page first + i): block id, then the directory entry and its chunk ids,
  * then (compressed pages) the header and this head's two section-table entries. Validates
  * everything the consumers and the copies rely on; a page that fails is PG_BAD.
  */
-template <int HD, bool IDS_PER_LANE>
+template <int HD, bool IDS_PER_LANE, int NP>
 __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int kh, int len,
                            page_meta *meta, uint32_t *chunks) {
   const int lane = threadIdx.x & 31, j = first + lane, H = p.num_kv_heads, bt = p.block_tokens;
-  const bool valid = lane < kBatch && j < nblocks;
+  const bool valid = lane < NP && j < nblocks;
   const int bid = valid ? p.block_ids[bi0 + j] : 0;
   uint2 head = make_uint2(0, 0);
   /* nbytes; kind | nchunks << 8 | codec << 16 | first << 24 */
@@ -221,7 +224,7 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
    * waiting for the head (most pages lie in that many chunks), the rest once nchunks is known.
    * The producer shares the SM's shared-memory and load pipes with the consumer warps, so it
    * pays for every warp-wide operation, and a batch then takes ~kFirstIds of them instead of the
-   * 5 kBatch of the transposed loads (page i's ids 32 lanes at a time). Measured (session 31,
+   * 5 NP of the transposed loads (page i's ids 32 lanes at a time). Measured (session 31,
    * ms): bit-pack (8, 32k) -3.1%, (16, 128k) -6.1%, fp16 pages -2..-5%, but Huffman pages in
    * v3's Huffman instance +1.4..+3.9%, so that instance keeps the transposed loads. */
   if constexpr (IDS_PER_LANE) {
@@ -244,9 +247,9 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
       for (int c = kFirstIds; c < n; c += kFirstIds) copy_ids(c);
     }
   } else {
-    uint32_t cv[2 * kBatch];
+    uint32_t cv[2 * NP];
 #pragma unroll
-    for (int i = 0; i < kBatch; i++) {
+    for (int i = 0; i < NP; i++) {
       const int bi = __shfl_sync(0xffffffffu, bid, i);
       const bool ok = first + i < nblocks;
       cv[2 * i] = ok ? p.dir[bi].chunk[lane] : 0u;
@@ -254,7 +257,7 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
     }
     __syncwarp();
 #pragma unroll
-    for (int i = 0; i < kBatch; i++) {
+    for (int i = 0; i < NP; i++) {
       chunks[i * KVC_PAGE_MAX_CHUNKS + lane] = cv[2 * i];
       if (32 + lane < KVC_PAGE_MAX_CHUNKS)
         chunks[i * KVC_PAGE_MAX_CHUNKS + 32 + lane] = cv[2 * i + 1];
@@ -328,7 +331,7 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
       pm.v_bytes = vb;
     }
   }
-  if (lane < kBatch) meta[lane] = pm;
+  if (lane < NP) meta[lane] = pm;
   __syncwarp();
 }
 
@@ -358,7 +361,8 @@ __device__ __forceinline__ uint32_t copy_bulk(const params &p, const uint32_t *c
 }
 
 /* SL: the kernel's shared-memory layout (ring, desc_off, meta_off, chunks_off, bar_off, tile,
- * slots (the units in flight at most, <= 32), slack (bytes the ring keeps
+ * slots (the units in flight at most, <= 32), batch (pages of a metadata batch, <= 32: one lane
+ * each), slack (bytes the ring keeps
  * unwritten after each compressed section) and unit_tokens (64, or 128 for v3's instance over
  * two-page units: then block_tokens is 32 or 64, so a unit holds at most kMaxUnitPages pages
  * and reads whole pages)). */
@@ -375,8 +379,10 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
   page_meta *meta = (page_meta *)(smem + SL::meta_off);
   uint32_t *chunks = (uint32_t *)(smem + SL::chunks_off);
   const uint32_t RB = 2 * HD;
-  int batch = -1 - kBatch; /* first page of the loaded batch */
-  /* SL::fetch_ahead: lane i < kBatch holds the block id of page batch + kBatch + i, loaded with
+  constexpr int NP = SL::batch;
+  static_assert(NP <= 32, "one lane per page of the metadata batch");
+  int batch = -1 - NP; /* first page of the loaded batch */
+  /* SL::fetch_ahead: lane i < NP holds the block id of page batch + NP + i, loaded with
    * the batch; a unit later (the load has returned) its directory entry is prefetched into L2, so
    * that the next load_batch finds it there. */
   int next_bid = -1, ahead = 0;
@@ -402,12 +408,12 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
     while (rel <= k - kSlots) release_oldest(k);
     const int jf = t0 >> bt_lg;
     const int npg = bt >= UT ? 1 : min(UT >> bt_lg, nblocks - jf);
-    if (jf + npg > batch + kBatch) {
+    if (jf + npg > batch + NP) {
       batch = jf;
-      load_batch<HD, SL::ids_per_lane>(p, batch, nblocks, bi0, kh, len, meta, chunks);
+      load_batch<HD, SL::ids_per_lane, NP>(p, batch, nblocks, bi0, kh, len, meta, chunks);
       if constexpr (SL::fetch_ahead) {
-        const int j = batch + kBatch + lane;
-        next_bid = lane < kBatch && j < nblocks ? p.block_ids[bi0 + j] : -1;
+        const int j = batch + NP + lane;
+        next_bid = lane < NP && j < nblocks ? p.block_ids[bi0 + j] : -1;
         ahead = 2;
       }
     }

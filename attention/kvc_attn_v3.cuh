@@ -93,12 +93,12 @@ static_assert(kSlots3 % kW3 == 0, "with items w, w + kW3, ... a slot comes back 
  * fetched into L2 by the producer warp while the consumer warps load the Q tile (a tile of 8
  * entries is at most 128 uint4s: the first 128 threads), so that the first load_batch finds them
  * there instead of in DRAM. Measured (session 13): (8, 32k) -0.2..-0.7%, (1, 32k) -1..-2%. */
-template <int UT>
+template <int UT, int NP>
 __device__ __forceinline__ void prefetch_first_batch(const params &p, int seq, int len,
                                                      int u_begin) {
   const int lane = threadIdx.x & 31, bt_lg = 31 - __clz(p.block_tokens);
   const int j = ((u_begin * UT) >> bt_lg) + lane;
-  if (lane < kBatch && j < ((len + p.block_tokens - 1) >> bt_lg)) {
+  if (lane < NP && j < ((len + p.block_tokens - 1) >> bt_lg)) {
     prefetch_dir_entry(p, p.block_ids[p.block_indptr[seq] + j]);
   }
 }
@@ -149,39 +149,49 @@ template <int HD> struct v3_scratch {
 /* What both v3 layouts place after a ring of RING bytes, alike: the unit descriptors, the
  * producer's metadata batch, the consumer warps' scratch and the next unclaimed work item
  * (v3_claims), up to `end`. */
-template <int HD, int RING> struct v3_after_ring {
+template <int HD, int RING, int NP = kBatch> struct v3_after_ring {
   static constexpr int ring = RING;
+  static constexpr int batch = NP;
   static constexpr int desc_off = RING;
   static constexpr int meta_off = desc_off + kSlots3 * (int)sizeof(unit_desc);
-  static constexpr int chunks_off = meta_off + kBatch * (int)sizeof(page_meta);
-  static constexpr int scr_off = align_up(chunks_off + kBatch * KVC_PAGE_MAX_CHUNKS * 4, 128);
+  static constexpr int chunks_off = meta_off + NP * (int)sizeof(page_meta);
+  static constexpr int scr_off = align_up(chunks_off + NP * KVC_PAGE_MAX_CHUNKS * 4, 128);
   static constexpr int claim_off = scr_off + kW3 * v3_scratch<HD>::bytes;
   static constexpr int end = claim_off + 16;
 };
 
 /* Bytes of a v3 layout past its ring (v3_layout's tail: from v3_after_ring on). */
-template <int HD> constexpr int v3_tail_bytes() {
-  return v3_after_ring<HD, 0>::end + 2 * kSlots3 * 8 + (HD == 256 ? 2 : 1) * 32 * (HD / 2 + 16);
+template <int HD, int NP> constexpr int v3_tail_bytes() {
+  return v3_after_ring<HD, 0, NP>::end + 2 * kSlots3 * 8 +
+         (HD == 256 ? 2 : 1) * 32 * (HD / 2 + 16);
 }
 
-/* The ring, for CPS CTAs per SM. Two: 96 KiB, three uncompressed units at head_dim 128; 81 KiB at
+/* The ring, for CPS CTAs per SM. Two: 96 KiB, three uncompressed units at head_dim 128 (93 and 92
+ * KiB at head_dim 64 and 128 with a metadata batch of 32 pages: what is left); 81 KiB at
  * head_dim 256, where the scratch and a second copy of Q take more, and a unit of fp16 rows takes
  * 64 KiB (K and V): the epilogue's 80.6 KiB and one such unit fit. One (head_dim 256, launches
  * whose pages are all rows): the rest of the SM's shared memory, in whole KiB (197 KiB, three
  * units of fp16 rows), so that the producer copies the next units while the consumers read one. */
-template <int HD, int CPS> constexpr int v3_ring_bytes() {
-  return CPS == 1 ? (233472 - 1024 - v3_tail_bytes<HD>()) / 1024 * 1024
-         : HD == 256 ? 81 * 1024
-                     : 96 * 1024;
+template <int HD, int CPS, int NP> constexpr int v3_ring_bytes() {
+  constexpr int rest = (233472 / CPS - 1024 - v3_tail_bytes<HD, NP>()) / 1024 * 1024;
+  return CPS == 1 ? rest : HD == 256 ? 81 * 1024 : rest < 96 * 1024 ? rest : 96 * 1024;
 }
+
+/* Pages of the producer's metadata batch: 32 for units of two pages, 16 for 64-token units, whose
+ * launches (fp16 pages) keep the 96 KiB ring that the larger batch's chunk ids would take 4 KiB
+ * of. A batch costs its round trips (block id, directory entry, header), not its lanes, and the
+ * consumers wait while it loads. Measured (session 32, ms, 16 -> 32 pages): bit-pack (8, 32k)
+ * -1.8%, (16, 128k) -2.6..-3.6%, bf16 -2.1% / -3.2..-4.2%; with the ring at 76 KiB instead of
+ * 92, bit-pack ran only 0.5-1.4% slower than at 92. */
+template <int UT> constexpr int v3_batch() { return UT > kUnitTokens ? 32 : kBatch; }
 
 /* UT: tokens per unit, kUnitTokens or two pages' 128 (launches with block_tokens 32 or 64 whose
  * pages are not all rows: the producer's steps per unit, not per page, bound bit-pack). */
 template <int HD, int UT = kUnitTokens, int CPS = 2>
-struct v3_layout : v3_after_ring<HD, v3_ring_bytes<HD, CPS>()> {
+struct v3_layout : v3_after_ring<HD, v3_ring_bytes<HD, CPS, v3_batch<UT>()>(), v3_batch<UT>()> {
   static_assert(HD == 64 || HD == 128 || HD == 256, "v3 is built for head_dim 64, 128 and 256");
   static_assert(CPS == 2 || (CPS == 1 && HD == 256), "one CTA per SM at head_dim 256 only");
-  typedef v3_after_ring<HD, v3_ring_bytes<HD, CPS>()> A;
+  typedef v3_after_ring<HD, v3_ring_bytes<HD, CPS, v3_batch<UT>()>(), v3_batch<UT>()> A;
   using A::end;
   using A::ring;
   static_assert(UT == kUnitTokens || UT == 2 * kUnitTokens, "units of 64 or 128 tokens");
@@ -214,7 +224,7 @@ struct v3_layout : v3_after_ring<HD, v3_ring_bytes<HD, CPS>()> {
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert((HD == 256 ? 2 : 3) * tile <= ring && 2 * (64 * RB + slack) <= ring,
                 "a unit must fit the ring");
-  static_assert(bytes - ring == v3_tail_bytes<HD>(), "v3_tail_bytes matches the layout");
+  static_assert(bytes - ring == v3_tail_bytes<HD, A::batch>(), "v3_tail_bytes matches the layout");
   static_assert(CPS * (bytes + 1024) <= 233472, "CPS CTAs per SM do not fit");
 };
 
@@ -1212,7 +1222,8 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
     }
     *(int *)(smem + SL::claim_off) = kW3; /* items 0 .. kW3 - 1 go to warps 0 .. kW3 - 1 */
   }
-  if (warp == kW3) prefetch_first_batch<UT>(p, seq, len, u_begin); /* it loads none of Q */
+  /* The producer warp loads none of Q. */
+  if (warp == kW3) prefetch_first_batch<UT, SL::batch>(p, seq, len, u_begin);
   load_q_tile<HD, T, false>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, kThreads3);
   /* fp16's 1.0 for the fast paths, passed through shared memory so that it is a register the
    * compiler cannot fold: LOP3 takes one immediate (the code mask), and with the exponent in a

@@ -185,13 +185,17 @@ template <int HD, int CPS, int NP> constexpr int v3_ring_bytes() {
  * 92, bit-pack ran only 0.5-1.4% slower than at 92. */
 template <int UT> constexpr int v3_batch() { return UT > kUnitTokens ? 32 : kBatch; }
 
+/* v3_after_ring of a v3_layout: its ring and metadata batch. */
+template <int HD, int UT, int CPS>
+using v3_tail_of = v3_after_ring<HD, v3_ring_bytes<HD, CPS, v3_batch<UT>()>(), v3_batch<UT>()>;
+
 /* UT: tokens per unit, kUnitTokens or two pages' 128 (launches with block_tokens 32 or 64 whose
  * pages are not all rows: the producer's steps per unit, not per page, bound bit-pack). */
 template <int HD, int UT = kUnitTokens, int CPS = 2>
-struct v3_layout : v3_after_ring<HD, v3_ring_bytes<HD, CPS, v3_batch<UT>()>(), v3_batch<UT>()> {
+struct v3_layout : v3_tail_of<HD, UT, CPS> {
   static_assert(HD == 64 || HD == 128 || HD == 256, "v3 is built for head_dim 64, 128 and 256");
   static_assert(CPS == 2 || (CPS == 1 && HD == 256), "one CTA per SM at head_dim 256 only");
-  typedef v3_after_ring<HD, v3_ring_bytes<HD, CPS, v3_batch<UT>()>(), v3_batch<UT>()> A;
+  typedef v3_tail_of<HD, UT, CPS> A;
   using A::end;
   using A::ring;
   static_assert(UT == kUnitTokens || UT == 2 * kUnitTokens, "units of 64 or 128 tokens");

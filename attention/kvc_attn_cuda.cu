@@ -93,6 +93,9 @@ constexpr int kWsEntries = 16384; /* (row, head) partials the workspace is sized
 
 enum : uint8_t { PG_NONE = 0, PG_STAGING, PG_RAW, PG_BITPACK, PG_HUFFMAN, PG_BAD };
 enum : int32_t { UNIT_BAD = 1 }; /* unit_desc::flags */
+/* A bad page's ring bytes in page_meta::end: above any ring, and a unit's pages' sum of them
+ * does not overflow. */
+constexpr uint32_t kBadUnit = 1u << 29;
 
 /* What the producer knows about one page of its current batch. */
 struct page_meta {
@@ -101,6 +104,8 @@ struct page_meta {
   uint16_t n_tokens;                       /* tokens the page holds */
   uint8_t cls;                             /* PG_* */
   uint8_t nchunks;                         /* for the debug bounds checks */
+  uint32_t end;                            /* whole-page units: ring bytes of its unit's pages
+                                              up to this one (kBadUnit and up: one is bad) */
 };
 
 /* One page of a unit, as the consumers see it. */
@@ -209,11 +214,14 @@ __device__ __forceinline__ const uint8_t *page_addr(const params &p, const uint3
  * Loads the metadata of pages [first, first + NP) of the sequence into meta[] / chunks[]
  * (lane i < NP <= 32: page first + i): block id, then the directory entry and its chunk ids,
  * then (compressed pages) the header and this head's two section-table entries. Validates
- * everything the consumers and the copies rely on; a page that fails is PG_BAD.
+ * everything the consumers and the copies rely on; a page that fails is PG_BAD. Layouts over
+ * units of whole pages (SL::unit_tokens > 64) also get each page's descriptor entry in ents[]
+ * and its unit's ring bytes so far in meta[].end.
  */
-template <int HD, bool IDS_PER_LANE, int NP>
+template <int HD, class SL>
 __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int kh, int len,
-                           page_meta *meta, uint32_t *chunks) {
+                           page_meta *meta, uint32_t *chunks, unit_page *ents) {
+  constexpr int NP = SL::batch, UT = SL::unit_tokens;
   const int lane = threadIdx.x & 31, j = first + lane, H = p.num_kv_heads, bt = p.block_tokens;
   const bool valid = lane < NP && j < nblocks;
   const int bid = valid ? p.block_ids[bi0 + j] : 0;
@@ -227,7 +235,7 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
    * 5 NP of the transposed loads (page i's ids 32 lanes at a time). Measured (session 31,
    * ms): bit-pack (8, 32k) -3.1%, (16, 128k) -6.1%, fp16 pages -2..-5%, but Huffman pages in
    * v3's Huffman instance +1.4..+3.9%, so that instance keeps the transposed loads. */
-  if constexpr (IDS_PER_LANE) {
+  if constexpr (SL::ids_per_lane) {
     constexpr int kFirstIds = 8;
     static_assert(offsetof(kvc_page_entry_t, chunk) % 8 == 0 &&
                       sizeof(kvc_page_entry_t) % 8 == 0 && KVC_PAGE_MAX_CHUNKS % kFirstIds == 0,
@@ -331,6 +339,38 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
       pm.v_bytes = vb;
     }
   }
+  pm.end = 0;
+  if constexpr (UT > kUnitTokens) {
+    /* Units of whole pages (block_tokens < UT; batches start at a unit's first page): the page's
+     * entry in its unit's descriptor, and its ring bytes up to here (a scan over the unit's
+     * pages, poisoned by a bad page), so that a unit costs the producer no per-page work. */
+    const int bt_lg = 31 - __clz(bt), ppu = UT >> bt_lg, q = lane & (ppu - 1);
+    const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
+    const int nrows = valid ? min(bt, len - j * bt) : 0;
+    const uint32_t kb = rows ? (uint32_t)nrows * RB : pm.k_bytes;
+    const uint32_t vb = rows ? (uint32_t)nrows * RB : pm.v_bytes;
+    const uint32_t pad = rows ? 0u : (uint32_t)SL::slack;
+    const uint32_t szk = kvc_align16(kb) + pad, szv = kvc_align16(vb) + pad;
+    const uint32_t sz = pm.cls == PG_BAD || pm.cls == PG_NONE ? kBadUnit : szk + szv;
+    uint32_t end = sz;
+    for (int o = 1; o < ppu; o <<= 1) {
+      const uint32_t x = __shfl_up_sync(0xffffffffu, end, o);
+      if (q >= o) end += x;
+    }
+    pm.end = end;
+    unit_page e;
+    e.k_ring = end - sz;
+    e.v_ring = end - sz + szk;
+    e.k_bytes = kb;
+    e.v_bytes = vb;
+    e.n_tokens = pm.n_tokens;
+    e.ptok0 = 0;
+    e.row0 = (int16_t)(q * bt);
+    e.nrows = (int16_t)nrows;
+    e.cls = pm.cls;
+    e.pad[0] = e.pad[1] = e.pad[2] = 0;
+    if (lane < NP) ents[lane] = e;
+  }
   if (lane < NP) meta[lane] = pm;
   __syncwarp();
 }
@@ -360,12 +400,11 @@ __device__ __forceinline__ uint32_t copy_bulk(const params &p, const uint32_t *c
   return total;
 }
 
-/* SL: the kernel's shared-memory layout (ring, desc_off, meta_off, chunks_off, bar_off, tile,
- * slots (the units in flight at most, <= 32), batch (pages of a metadata batch, <= 32: one lane
- * each), slack (bytes the ring keeps
- * unwritten after each compressed section) and unit_tokens (64, or 128 for v3's instance over
- * two-page units: then block_tokens is 32 or 64, so a unit holds at most kMaxUnitPages pages
- * and reads whole pages)). */
+/* SL: the kernel's shared-memory layout (ring, desc_off, meta_off, chunks_off, ents_off (units
+ * of whole pages only), bar_off, tile, slots (the units in flight at most, <= 32), batch (pages
+ * of a metadata batch, <= 32: one lane each), slack (bytes the ring keeps unwritten after each
+ * compressed section) and unit_tokens (64, or 128 for v3's instance over units of whole pages:
+ * then block_tokens is 32 or 64, so a unit holds at most kMaxUnitPages pages)). */
 template <int HD, class SL>
 __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
                          int u_end) {
@@ -378,6 +417,9 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
   unit_desc *descs = (unit_desc *)(smem + SL::desc_off);
   page_meta *meta = (page_meta *)(smem + SL::meta_off);
   uint32_t *chunks = (uint32_t *)(smem + SL::chunks_off);
+  constexpr int UT = SL::unit_tokens;
+  unit_page *ents = nullptr; /* units of whole pages: the batch's pages' descriptor entries */
+  if constexpr (UT > kUnitTokens) ents = (unit_page *)(smem + SL::ents_off);
   const uint32_t RB = 2 * HD;
   constexpr int NP = SL::batch;
   static_assert(NP <= 32, "one lane per page of the metadata batch");
@@ -403,14 +445,13 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
 
   for (int k = 0, slot = 0; u_begin + k < u_end; k++, slot = slot + 1 == kSlots ? 0 : slot + 1) {
     const int u = u_begin + k;
-    constexpr int UT = SL::unit_tokens;
     const int t0 = u * UT, n_valid = min(UT, len - t0);
     while (rel <= k - kSlots) release_oldest(k);
     const int jf = t0 >> bt_lg;
     const int npg = bt >= UT ? 1 : min(UT >> bt_lg, nblocks - jf);
     if (jf + npg > batch + NP) {
       batch = jf;
-      load_batch<HD, SL::ids_per_lane, NP>(p, batch, nblocks, bi0, kh, len, meta, chunks);
+      load_batch<HD, SL>(p, batch, nblocks, bi0, kh, len, meta, chunks, ents);
       if constexpr (SL::fetch_ahead) {
         const int j = batch + NP + lane;
         next_bid = lane < NP && j < nblocks ? p.block_ids[bi0 + j] : -1;
@@ -418,28 +459,44 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       }
     }
     /* Lane s < 2 npg takes section s of the unit: page s / 2, its K (even s) or V (odd s), so
-     * that the unit's sizes, copies and page entries take one pass of the warp rather than one
-     * per page (the producer's serial time per unit bounds every kernel's unit rate). */
+     * that the unit's copies and page entries take one pass of the warp rather than one per page
+     * (the producer's serial time per unit bounds every kernel's unit rate). */
     const int q = min(lane >> 1, npg - 1);
     const bool v = lane & 1, mine = lane < 2 * npg;
     const page_meta pm = meta[jf + q - batch];
-    const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
-    const int nrows = bt >= UT ? n_valid : min(bt, len - (jf + q) * bt);
-    const int ptok0 = bt >= UT ? t0 - jf * bt : 0;
-    const uint32_t sec_bytes = rows ? (uint32_t)nrows * RB : v ? pm.v_bytes : pm.k_bytes;
-    const uint32_t sz = mine ? kvc_align16(sec_bytes) + (rows ? 0u : (uint32_t)SL::slack) : 0u;
-    /* The sections in lane order: ring offsets by an inclusive scan of their sizes. */
-    uint32_t end = sz;
+    uint32_t sec_ring, sec_bytes, need, rofs = 0;
+    int nrows = 0, ptok0 = 0;
+    bool bad;
+    if constexpr (UT > kUnitTokens) {
+      /* Units of whole pages: the sections' ring offsets and the unit's bytes come with the
+       * batch (load_batch), so a unit costs no scan. */
+      const unit_page &e = ents[jf + q - batch];
+      sec_ring = v ? e.v_ring : e.k_ring;
+      sec_bytes = v ? e.v_bytes : e.k_bytes;
+      need = meta[jf + npg - 1 - batch].end;
+      bad = need > (uint32_t)SL::ring;
+    } else {
+      const bool rows = pm.cls == PG_STAGING || pm.cls == PG_RAW;
+      nrows = bt >= UT ? n_valid : min(bt, len - (jf + q) * bt);
+      ptok0 = bt >= UT ? t0 - jf * bt : 0;
+      rofs = rows ? (uint32_t)ptok0 * RB : 0;
+      sec_bytes = rows ? (uint32_t)nrows * RB : v ? pm.v_bytes : pm.k_bytes;
+      const uint32_t sz =
+          mine ? kvc_align16(sec_bytes) + (rows ? 0u : (uint32_t)SL::slack) : 0u;
+      /* The sections in lane order: ring offsets by an inclusive scan of their sizes. */
+      uint32_t end = sz;
 #pragma unroll
-    for (int o = 1; o < 2 * kMaxUnitPages; o <<= 1) {
-      const uint32_t x = __shfl_up_sync(0xffffffffu, end, o);
-      if (lane >= o) end += x;
+      for (int o = 1; o < 2 * kMaxUnitPages; o <<= 1) {
+        const uint32_t x = __shfl_up_sync(0xffffffffu, end, o);
+        if (lane >= o) end += x;
+      }
+      sec_ring = end - sz;
+      need = __shfl_sync(0xffffffffu, end, 2 * kMaxUnitPages - 1);
+      bad = __any_sync(0xffffffffu, mine && (pm.cls == PG_BAD || pm.cls == PG_NONE)) ||
+            need > (uint32_t)SL::ring;
     }
-    const uint32_t sec_ring = end - sz;
-    uint32_t need = __shfl_sync(0xffffffffu, end, 2 * kMaxUnitPages - 1);
     int32_t flags = 0;
-    if (__any_sync(0xffffffffu, mine && (pm.cls == PG_BAD || pm.cls == PG_NONE)) ||
-        need > (uint32_t)SL::ring) {
+    if (bad) {
       flags = UNIT_BAD;
       need = 0;
     }
@@ -451,32 +508,43 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
      * it arrives. */
     if (mine && flags == 0) {
       const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
-      const uint32_t rofs = rows ? (uint32_t)ptok0 * RB : 0;
       mbar_expect_tx(bars + 8 * slot,
                      copy_bulk(p, pc, pm.nchunks, (v ? pm.v_off : pm.k_off) + rofs, sec_bytes,
                                ring + off + sec_ring, bars + 8 * slot));
     }
-    /* The descriptor: lane 0 the unit's fields, the K lane of each page its entry. */
     unit_desc &d = descs[slot];
-    const uint32_t v_ring = __shfl_down_sync(0xffffffffu, sec_ring, 1);
-    const uint32_t v_bytes = __shfl_down_sync(0xffffffffu, sec_bytes, 1);
-    if (lane == 0) {
-      d.ring_off = off;
-      d.flags = flags;
-      d.n_valid = (int16_t)n_valid;
-      d.npages = (int16_t)npg;
-    }
-    if (mine && !v) {
-      unit_page &x = d.pages[q];
-      x.cls = pm.cls;
-      x.n_tokens = pm.n_tokens;
-      x.ptok0 = (int16_t)ptok0;
-      x.row0 = (int16_t)(bt >= UT ? 0 : q * bt);
-      x.nrows = (int16_t)nrows;
-      x.k_bytes = sec_bytes;
-      x.v_bytes = v_bytes;
-      x.k_ring = sec_ring;
-      x.v_ring = v_ring;
+    if constexpr (UT > kUnitTokens) {
+      /* The descriptor: lane 0 the unit's fields, lanes < 7 npg the words of the page entries. */
+      static_assert(sizeof(unit_page) == 28 && offsetof(unit_desc, pages) == 16 &&
+                        offsetof(unit_desc, n_valid) == 8 && offsetof(unit_desc, npages) == 10,
+                    "the descriptor's words");
+      if (lane == 0)
+        *(uint4 *)&d = make_uint4(off, (uint32_t)flags,
+                                  (uint32_t)(uint16_t)n_valid | (uint32_t)npg << 16, 0u);
+      if (lane < 7 * npg)
+        ((uint32_t *)d.pages)[lane] = ((const uint32_t *)(ents + jf - batch))[lane];
+    } else {
+      /* The descriptor: lane 0 the unit's fields, the K lane of each page its entry. */
+      const uint32_t v_ring = __shfl_down_sync(0xffffffffu, sec_ring, 1);
+      const uint32_t v_bytes = __shfl_down_sync(0xffffffffu, sec_bytes, 1);
+      if (lane == 0) {
+        d.ring_off = off;
+        d.flags = flags;
+        d.n_valid = (int16_t)n_valid;
+        d.npages = (int16_t)npg;
+      }
+      if (mine && !v) {
+        unit_page &x = d.pages[q];
+        x.cls = pm.cls;
+        x.n_tokens = pm.n_tokens;
+        x.ptok0 = (int16_t)ptok0;
+        x.row0 = (int16_t)(bt >= UT ? 0 : q * bt);
+        x.nrows = (int16_t)nrows;
+        x.k_bytes = sec_bytes;
+        x.v_bytes = v_bytes;
+        x.k_ring = sec_ring;
+        x.v_ring = v_ring;
+      }
     }
     /* Every lane arrives (each arrive releases the lane's writes to the descriptor); the copies
      * complete the phase by their byte count. */

@@ -147,35 +147,19 @@ template <int HD> struct v3_scratch {
 };
 
 /* What both v3 layouts place after a ring of RING bytes, alike: the unit descriptors, the
- * producer's metadata batch, the consumer warps' scratch and the next unclaimed work item
- * (v3_claims), up to `end`. */
-template <int HD, int RING, int NP = kBatch> struct v3_after_ring {
+ * producer's metadata batch (NP pages, and ENTS of their descriptor entries: producer()), the
+ * consumer warps' scratch and the next unclaimed work item (v3_claims), up to `end`. */
+template <int HD, int RING, int NP = kBatch, int ENTS = 0> struct v3_after_ring {
   static constexpr int ring = RING;
   static constexpr int batch = NP;
   static constexpr int desc_off = RING;
   static constexpr int meta_off = desc_off + kSlots3 * (int)sizeof(unit_desc);
   static constexpr int chunks_off = meta_off + NP * (int)sizeof(page_meta);
-  static constexpr int scr_off = align_up(chunks_off + NP * KVC_PAGE_MAX_CHUNKS * 4, 128);
+  static constexpr int ents_off = chunks_off + NP * KVC_PAGE_MAX_CHUNKS * 4;
+  static constexpr int scr_off = align_up(ents_off + ENTS * (int)sizeof(unit_page), 128);
   static constexpr int claim_off = scr_off + kW3 * v3_scratch<HD>::bytes;
   static constexpr int end = claim_off + 16;
 };
-
-/* Bytes of a v3 layout past its ring (v3_layout's tail: from v3_after_ring on). */
-template <int HD, int NP> constexpr int v3_tail_bytes() {
-  return v3_after_ring<HD, 0, NP>::end + 2 * kSlots3 * 8 +
-         (HD == 256 ? 2 : 1) * 32 * (HD / 2 + 16);
-}
-
-/* The ring, for CPS CTAs per SM. Two: 96 KiB, three uncompressed units at head_dim 128 (93 and 92
- * KiB at head_dim 64 and 128 with a metadata batch of 32 pages: what is left); 81 KiB at
- * head_dim 256, where the scratch and a second copy of Q take more, and a unit of fp16 rows takes
- * 64 KiB (K and V): the epilogue's 80.6 KiB and one such unit fit. One (head_dim 256, launches
- * whose pages are all rows): the rest of the SM's shared memory, in whole KiB (197 KiB, three
- * units of fp16 rows), so that the producer copies the next units while the consumers read one. */
-template <int HD, int CPS, int NP> constexpr int v3_ring_bytes() {
-  constexpr int rest = (233472 / CPS - 1024 - v3_tail_bytes<HD, NP>()) / 1024 * 1024;
-  return CPS == 1 ? rest : HD == 256 ? 81 * 1024 : rest < 96 * 1024 ? rest : 96 * 1024;
-}
 
 /* Pages of the producer's metadata batch: 32 for units of two pages, 16 for 64-token units, whose
  * launches (fp16 pages) keep the 96 KiB ring that the larger batch's chunk ids would take 4 KiB
@@ -184,10 +168,34 @@ template <int HD, int CPS, int NP> constexpr int v3_ring_bytes() {
  * -1.8%, (16, 128k) -2.6..-3.6%, bf16 -2.1% / -3.2..-4.2%; with the ring at 76 KiB instead of
  * 92, bit-pack ran only 0.5-1.4% slower than at 92. */
 template <int UT> constexpr int v3_batch() { return UT > kUnitTokens ? 32 : kBatch; }
+/* The batch's pages' descriptor entries, built with it: units of whole pages (UT > 64) only. */
+template <int UT> constexpr int v3_ents() { return UT > kUnitTokens ? v3_batch<UT>() : 0; }
+
+/* v3_after_ring of a v3_layout over UT-token units, at a ring of RING bytes. */
+template <int HD, int UT, int RING>
+using v3_after_ring_of = v3_after_ring<HD, RING, v3_batch<UT>(), v3_ents<UT>()>;
+
+/* Bytes of a v3 layout past its ring (v3_layout's tail: from v3_after_ring on). */
+template <int HD, int UT> constexpr int v3_tail_bytes() {
+  return v3_after_ring_of<HD, UT, 0>::end + 2 * kSlots3 * 8 +
+         (HD == 256 ? 2 : 1) * 32 * (HD / 2 + 16);
+}
+
+/* The ring, for CPS CTAs per SM. Two: 96 KiB, three uncompressed units at head_dim 128 (92 and 91
+ * KiB at head_dim 64 and 128 with units of whole pages, whose metadata batch takes more: what is
+ * left); 81 KiB at head_dim 256, where the scratch and a second copy of Q take more, and a unit of
+ * fp16 rows takes 64 KiB (K and V): the epilogue's 80.6 KiB and one such unit fit. One (head_dim
+ * 256, launches whose pages are all rows): the rest of the SM's shared memory, in whole KiB (197
+ * KiB, three units of fp16 rows), so that the producer copies the next units while the consumers
+ * read one. */
+template <int HD, int CPS, int UT> constexpr int v3_ring_bytes() {
+  constexpr int rest = (233472 / CPS - 1024 - v3_tail_bytes<HD, UT>()) / 1024 * 1024;
+  return CPS == 1 ? rest : HD == 256 ? 81 * 1024 : rest < 96 * 1024 ? rest : 96 * 1024;
+}
 
 /* v3_after_ring of a v3_layout: its ring and metadata batch. */
 template <int HD, int UT, int CPS>
-using v3_tail_of = v3_after_ring<HD, v3_ring_bytes<HD, CPS, v3_batch<UT>()>(), v3_batch<UT>()>;
+using v3_tail_of = v3_after_ring_of<HD, UT, v3_ring_bytes<HD, CPS, UT>()>;
 
 /* UT: tokens per unit, kUnitTokens or two pages' 128 (launches with block_tokens 32 or 64 whose
  * pages are not all rows: the producer's steps per unit, not per page, bound bit-pack). */
@@ -228,7 +236,7 @@ struct v3_layout : v3_tail_of<HD, UT, CPS> {
   static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert((HD == 256 ? 2 : 3) * tile <= ring && 2 * (64 * RB + slack) <= ring,
                 "a unit must fit the ring");
-  static_assert(bytes - ring == v3_tail_bytes<HD, A::batch>(), "v3_tail_bytes matches the layout");
+  static_assert(bytes - ring == v3_tail_bytes<HD, UT>(), "v3_tail_bytes matches the layout");
   static_assert(CPS * (bytes + 1024) <= 233472, "CPS CTAs per SM do not fit");
 };
 

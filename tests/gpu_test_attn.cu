@@ -19,7 +19,8 @@
  * path computes each value as one fp16 fma (u * step + base * step), both within the same
  * tolerance; the largest error per kernel and dtype is printed at the end. Extra v3 cases: every
  * bit-pack width (bounds sweep, generic path for width 0 and > 8), Huffman pages reaching v3's
- * instance without Huffman -> NaN rows, a damaged section header -> NaN rows; v3's Huffman
+ * instance without Huffman -> NaN rows, a damaged section header -> NaN rows, a damaged page
+ * header -> NaN rows (in each place of a unit of whole pages, blocks of 32 and 64); v3's Huffman
  * instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols with extra bits and codes longer
  * than its table (checked to occur), short tails, and damaged Huffman sections (a code length,
  * stream bits) -> NaN rows on v2 and v3; pages coded with absolute bounds (both codecs, checked
@@ -1171,22 +1172,27 @@ static void kernel_choice(void **state) {
 /* A page whose header fails its checks turns the rows that read it into NaN, never into numbers;
  * sequences that do not read it are unaffected. With max_q 1 (decode) and 40 (v2's instances of
  * one CTA per SM, whose warps skip a bad unit together and decode the next one). */
-static void corrupt_page_case(int max_q, uint64_t seed) {
-  gpu_case_t c = {3, 8, 2, 128, 64, KVC_DTYPE_F16, 300, max_q, KVC_TEST_PAGE_HUFFMAN, 0, seed};
+/* Sequence 2 (one full block, or two and two tokens with `two`) gets full block `blk`'s page
+ * magic broken; its rows come out NaN on v2 and on v3 under `mask`, the rows before it stay within
+ * the tolerance. */
+static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, bool two, int blk, int max_q,
+                              uint64_t seed) {
+  gpu_case_t c = {3, 8, 2, 128, bt, KVC_DTYPE_F16, 300, max_q, kind, 0, seed};
+  c.min_len = two ? 2 * bt + 2 : 0;
   host_case_t h;
   dev_case_t d;
   host_setup(&c, &h);
-  /* Sequence 2 has exactly one full block (host_setup pins it): break its page's magic. */
-  const int32_t bid = h.tp.block_ids[h.tp.block_indptr[2]];
-  kvc_page_entry_t *e = &h.tp.dir[bid];
+  const int32_t b0 = h.tp.block_indptr[2];
+  assert_int_equal(h.tp.block_indptr[3] - b0, two ? 3 : 1); /* host_setup pins its length */
+  kvc_page_entry_t *e = &h.tp.dir[h.tp.block_ids[b0 + blk]];
   assert_int_equal(e->kind, KVC_PAGE_COMPRESSED);
   *kvc_page_byte(h.tp.pool, h.tp.chunk_bytes, e, 0) ^= 0x01;
   dev_setup(&h, &d);
   const size_t per_row = (size_t)c.num_q_heads * c.head_dim;
   const size_t r2 = (size_t)h.qo_indptr[2], r3 = (size_t)h.qo_indptr[3];
-  for (int v = 0; v < 2; v++) { /* v2, then every codec allowed (decode: v3's Huffman instance) */
+  for (int v = 0; v < 2; v++) { /* v2, then `mask` */
     kvc_attn_args_t a = d.args;
-    a.codec_mask = v ? kAllCodecs : 0;
+    a.codec_mask = v ? mask : 0;
     uint16_t *out = run_gpu(&d, &a);
     for (size_t i = r2 * per_row; i < r3 * per_row; i++)
       assert_true(isnan(to_float(c.dtype, out[i])));
@@ -1200,8 +1206,15 @@ static void corrupt_page_case(int max_q, uint64_t seed) {
 static void corrupt_page_gives_nan(void **state) {
   (void)state;
   if (!have_gpu()) skip();
-  corrupt_page_case(1, 7000);
-  corrupt_page_case(40, 7001);
+  /* Every codec allowed (decode: v3's Huffman instance, one page per unit). */
+  corrupt_page_case(64, KVC_TEST_PAGE_HUFFMAN, kAllCodecs, false, 0, 1, 7000);
+  corrupt_page_case(64, KVC_TEST_PAGE_HUFFMAN, kAllCodecs, false, 0, 40, 7001);
+  /* Bit-pack pages without Huffman (decode: units of whole pages, whose entries the producer
+   * builds with its metadata batch): the bad page alone, the last of its unit's two, and in the
+   * middle of a unit of 32-token pages. */
+  corrupt_page_case(64, KVC_TEST_PAGE_BITPACK, kNoHuffman, false, 0, 1, 7002);
+  corrupt_page_case(64, KVC_TEST_PAGE_BITPACK, kNoHuffman, true, 1, 1, 7003);
+  corrupt_page_case(32, KVC_TEST_PAGE_BITPACK, kNoHuffman, true, 1, 1, 7004);
 }
 
 int main(void) {

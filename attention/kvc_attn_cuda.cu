@@ -11,7 +11,8 @@
  *                      units), takes space in a shared-memory byte ring and issues bulk copies
  *                      (the TMA engine; lane s the unit's section s, one copy per section and
  *                      pool chunk), so that each unit lands as its pages' sections: compressed
- *                      bytes or uncompressed rows. A unit's completion is tracked by an mbarrier
+ *                      bytes or uncompressed rows (v3's units of whole pages: each page's
+ *                      descriptor entry comes with the batch, load_batch). A unit's completion is tracked by an mbarrier
  *                      ("full", by bytes), its release by the consumers by another ("empty");
  *                      every thread arrives itself, so each arrive releases that thread's own
  *                      accesses. The producer runs ahead as far as the ring allows; its dependent

@@ -12,12 +12,13 @@
  *                      (the TMA engine; lane s the unit's section s, one copy per section and
  *                      pool chunk), so that each unit lands as its pages' sections: compressed
  *                      bytes or uncompressed rows (v3's units of whole pages: each page's
- *                      descriptor entry comes with the batch, load_batch). A unit's completion is tracked by an mbarrier
- *                      ("full", by bytes), its release by the consumers by another ("empty");
- *                      every thread arrives itself, so each arrive releases that thread's own
- *                      accesses. The producer runs ahead as far as the ring allows; its dependent
- *                      metadata loads still cost the consumers a wait at each batch (session 32's
- *                      profile, bench/NOTES-attention.md). (Per-lane 16-byte cp.async into the
+ *                      descriptor entry comes with the batch, load_batch). A unit's completion
+ *                      is tracked by an mbarrier ("full", by bytes), its release by the
+ *                      consumers by another ("empty"); every thread arrives itself, so each
+ *                      arrive releases that thread's own accesses. The producer runs ahead as
+ *                      far as the ring allows; its dependent metadata loads still cost the
+ *                      consumers a wait at each batch (session 32's profile,
+ *                      bench/NOTES-attention.md). (Per-lane 16-byte cp.async into the
  *                      swizzled tile, as first written, held fp16 launches to ~1.5 TB/s:
  *                      bench/NOTES-attention.md, session 21.)
  *   consumers (0..3)   per unit: decode compressed sections, or copy rows, into a shared K/V tile

@@ -44,26 +44,31 @@
  *   SRC_ROWS  staging / RAW rows of a page, linear in the ring: LDS.128 + one PRMT per pair.
  *   SRC_FAST  bit-pack, relative mode, width 1..8, group bases b with |b - 2^W| <= 2048 (keys:
  *             and b >= 2^W - 1024) and the largest step of the section within 2^+-60: the
- *             operand is the exact fp16 1 + u / 2^W of each code (PRMT, shift, one LOP3 with
- *             fp16's 1.0 held in a register; keys 1 + u 2^(r - 10) without the shift, the 2^-r
- *             in their Q': code_pair_k), and the rest of (u + b) * step is folded out of it,
- *             since u + b = 2^W (operand + b / 2^W - 1):
+ *             operands hold each code u exactly, at bit r of an fp16 half, r the code's offset
+ *             in its byte where the mantissa allows (pair_r; code_pair: one PRMT and one LOP3,
+ *             no shift at the default widths): keys as 1 + u 2^(r - 10) (OR-ed with fp16's 1.0,
+ *             held in a register), values as the subnormal u 2^(r - 24). The rest of (u + b) *
+ *             step is folded out of them:
  *             keys' per-channel steps into Q's B fragments (Q' = Q * step * 2^(-e - r), built
  *             once per page outside the Huffman instances, else one HMUL2 per Q pair and k-block
- *             and slab; S scaled by 2^(e + 10) after the mma) and their bases into a per-page,
- *             per-entry start of S (s_fast_const: one mma per k-block with the b 2^(r - 10) - 1
- *             of every channel as the tokens' rows, once per page);
- *             values' per-token steps into P (P' = P * step * 2^(W - e); O^T accumulates in units
- *             of 2^e, rescaled when a page needs another e) and their bases into a per-entry sum
- *             of P' (b / 2^W - 1) that the epilogue adds to every channel (vcorr). Rounding
- *             differs from the CPU reference, which rounds each decoded value (u + b) * step to
- *             fp16: here the values are exact and Q' and P' carry one fp16 rounding each (the
- *             base terms use the same rounded Q' and P'), so the GPU-vs-reference error includes
- *             the reference's own rounding of K and V (tests: fp16 <= 7.3e-4, the tolerance is
- *             1e-3). A lane's run of codes is read whole where the section's layout puts it at a
- *             whole word (keys always at head_dim 128; values of widths 2, 4 and 8 when their
- *             codes start at a multiple of 64 bits: load_run_aligned), else word by word and
- *             shifted (load_run).
+ *             and slab; S scaled by 2^(e + 10) after the mma) and their bases and 1 into a
+ *             per-page, per-entry start of S (s_fast_const: one mma per k-block with the b 2^(r -
+ *             10) - 1 of every channel as the tokens' rows, once per page);
+ *             values' per-token steps into P (P' = P * step * 2^(W - e)) and their bases into a
+ *             per-entry sum of P' b / 2^W that the epilogue adds to every channel (vcorr). O^T's
+ *             row of channel offset n in its lane's run accumulates O * 2^(-e - v_row_lg(W, n)),
+ *             rescaled when a page needs another e or W (o_units). Subnormal values have no
+ *             constant part to cancel: with 1 + u 2^(r - 10), O^T's large sum of P' lost the
+ *             low bits of the codes' part in the tensor cores' fp32 accumulation (a warp's mma
+ *             over 32k tokens of 3-bit codes, relative L2 error: 6.1e-4 at r = 7, doubling per
+ *             bit lower; as subnormals 1.4e-4 at every r). Rounding differs from the CPU
+ *             reference, which rounds each decoded value (u + b) * step to fp16: here the values
+ *             are exact and Q' and P' carry one fp16 rounding each (the base terms use the same
+ *             rounded Q' and P'), so the GPU-vs-reference error includes the reference's own
+ *             rounding of K and V (tests: fp16 <= 7.3e-4, the tolerance is 1e-3). A lane's run
+ *             of codes is read whole where the section's layout puts it at a whole word (keys
+ *             always at head_dim 128; values of widths 2, 4 and 8 when their codes start at a
+ *             multiple of 64 bits: load_run_aligned), else word by word and shifted (load_run).
  *             bf16 launches use the same fp16 operands and mma, with bf16 Q scaled into fp16 Q'
  *             (q_scaled) when every |Q| of the CTA's tile is at most 65504 (qfits).
  *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16 Q beyond fp16's
@@ -133,7 +138,7 @@ template <class T> constexpr bool kFast16 = half2_of<T>::magic == 0x64006400u;
  * k_channel order, fp16 pairs of the bases b 2^(r - 10) - 1 and of the steps step 2^(-e - r)
  * (v3_fast_tables), bases first so that the uint4 as loaded is s_fast_const's A operand, and
  * per lane s_fast_const's float2 per n-block (kc). V fast: per page token the floats step *
- * 2^(W - e) (vmul) and b / 2^W - 1 (vbt). Per-token entries are indexed by page token & 63 (a unit
+ * 2^(W - e) (vmul) and b / 2^W (vbt). Per-token entries are indexed by page token & 63 (a unit
  * reads at most 64 tokens of a page, aligned to 64); absolute mode keeps bases only (per channel;
  * its one step is v3_sec.step). Sized for head_dim H = max(HD, 128) (head_dim 64 keeps 128's
  * layout, the one measured): K's tables take 4 H bytes each, V's region the larger of its two
@@ -290,54 +295,29 @@ __device__ __forceinline__ void pair_words(const uint32_t (&x)[NA], const uint32
   L2 = (c2 ? 48 : 32) - f2 - W;
 }
 
-/*
- * Codes i1 (from words x) and i2 (from words y) of two runs of W-bit codes, each run held most
- * significant bit first in realigned words, as the low and high halves of the result, each code
- * at bits [10 - W, 10) of its half (other bits 0): OR-ed with fp16's 1.0 (0x3C00) a half is
- * exactly 1 + u / 2^W. The two codes' bit offsets must be equal modulo 8. Indices are
- * compile-time constants after unrolling, so this is one PRMT, a shift and an AND (and a funnel
- * shift for a code that crosses a word, shared by neighbouring codes). The PRMT takes the 16-bit
- * half of each word that holds the code where it can (else the two bytes from the code's lowest),
- * so that the codes of one half share it. The shift brings the other half's bits at most 6 places
- * across the halves' border (a code starts at bit r <= 16 - W of its half), never into the mask.
- */
+/* Where code_pair puts code i1 of a run of W-bit codes (codes side by side from the run's most
+ * significant bit, as load_run realigns them): at bit r of its half, r its lsb's offset in the
+ * byte that holds it (0..7: the PRMT moves whole bytes), or 10 - W where that is lower, so that
+ * the code lies inside fp16's mantissa (bits 0-9). Only codes with r > 10 - W (some at widths
+ * 5-7) are shifted. Equal for codes i and i + 8: r depends on W (i + 1) modulo 8 alone. */
+__host__ __device__ constexpr int pair_r(int W, int i1) {
+  const int o1 = i1 * W, f1 = o1 & 31;
+  const int L1 = (f1 + W > 32 ? 48 : 32) - f1 - W; /* the code's lsb, as pair_words finds it */
+  return (L1 & 7) <= 10 - W ? (L1 & 7) : 10 - W;
+}
+
+/* Codes i1 (from words x) and i2 (from words y) of two runs of W-bit codes (code lsbs equal
+ * modulo 8) as the low and high halves of the result, each at bits [r, r + W) of its half, r =
+ * pair_r(W, i1), the other bits 0: one PRMT (shared by the codes of a byte pair) and an AND, a
+ * shift before it for r > 10 - W. A half is then exactly u 2^r as an fp16 subnormal (u 2^(r -
+ * 24)), or u 2^(r - 10) + 1 OR-ed with fp16's 1.0 (keys: code_pair's caller chooses). */
 template <int W, int NA>
 __device__ __forceinline__ uint32_t code_pair(const uint32_t (&x)[NA], const uint32_t (&y)[NA],
                                               int i1, int i2) {
   uint32_t X, Y;
-  int L1, L2; /* lsb positions */
-  pair_words<W, NA>(x, y, i1, i2, X, Y, L1, L2);
-  const bool half = (L1 & 15) + W <= 16 && (L2 & 15) + W <= 16 && ((L1 - L2) & 15) == 0;
-  const int k1 = half ? (L1 >> 4) * 2 : L1 >> 3, k2 = half ? (L2 >> 4) * 2 : L2 >> 3;
-  const int r = L1 - 8 * k1, top = 10 - W; /* the code's lsb in its half, and where it goes */
-  const uint32_t sel = (uint32_t)(k1 | (min(k1 + 1, 3) << 4) | ((k2 + 4) << 8) |
-                                  ((min(k2 + 1, 3) + 4) << 12));
-  const uint32_t v = __byte_perm(X, Y, sel);
-  return (r >= top ? v >> (r - top) : v << (top - r)) & ((((1u << W) - 1u) << top) * 0x10001u);
-}
-
-/* Keys' pairs without the shift. code_pair moves each code to the top of its half's mantissa,
- * which costs a shift per pair. A code that already lies inside the mantissa, at bits [r, r + W)
- * of its half with r <= 10 - W, is exact as it is: the half is 1 + u 2^(r - 10). Key pairs are
- * built so (code_pair_k): the PRMT takes the two bytes from each code's lowest, so that r is the
- * code's offset in that byte (0..7), and the 2^-r that sets it apart from the other pairs goes into
- * their Q' (the step table, v3_fast_tables), with S^T in units of 2^(e + 10). Only codes with
- * r > 10 - W (some at widths 5-7) are still shifted, to r = 10 - W. */
-__host__ __device__ constexpr int kpair_r(int W, int i1) {
-  const int o1 = i1 * W, f1 = o1 & 31;
-  const int L1 = (f1 + W > 32 ? 48 : 32) - f1 - W; /* the code's lsb, as code_pair finds it */
-  return (L1 & 7) <= 10 - W ? (L1 & 7) : 10 - W;
-}
-
-/* Codes i1 and i2 = i1 + 8 of key runs x and y (code_pair's layout) at bits [r, r + W) of the low
- * and high halves, r = kpair_r(W, i1): one PRMT (shared by the codes of a byte pair) and an AND. */
-template <int W, int NA>
-__device__ __forceinline__ uint32_t code_pair_k(const uint32_t (&x)[NA], const uint32_t (&y)[NA],
-                                                int i1, int i2) {
-  uint32_t X, Y;
   int L1, L2;
   pair_words<W, NA>(x, y, i1, i2, X, Y, L1, L2);
-  const int k1 = L1 >> 3, k2 = L2 >> 3, r = L1 & 7, re = kpair_r(W, i1);
+  const int k1 = L1 >> 3, k2 = L2 >> 3, r = L1 & 7, re = pair_r(W, i1);
   const uint32_t sel = (uint32_t)(k1 | (min(k1 + 1, 3) << 4) | ((k2 + 4) << 8) |
                                   ((min(k2 + 1, 3) + 4) << 12));
   const uint32_t v = __byte_perm(X, Y, sel);
@@ -391,23 +371,41 @@ __device__ __forceinline__ void load_run_aligned(const uint32_t *p, uint32_t (&a
   }
 }
 
-/* The runs of NA words of codes of width W from channel ch0 of tokens pt[0 .. NT) of a section
- * whose tokens are HD codes apart: AW > 0, runs that start at a multiple of AW words
- * (load_run_aligned), else load_run. A token's codes are HD W bits, whole words, so every run
- * starts at the same bit of a word, (pt[t] - pt[0]) HD W / 32 words after the first: one start,
- * one shift for all. */
-template <int HD, int W, int NA, int AW, int NT>
-__device__ __forceinline__ void load_token_runs(const uint32_t *w, uint32_t meta, int ch0,
-                                                const int (&pt)[NT], uint32_t (&a)[NT][NA]) {
+/* Where a lane's code runs of NT tokens start in a section whose tokens are HD codes of width W
+ * apart: the first token's run at bit sh (0..31) of word p, token t's dt[t] tokens after it. A
+ * token's codes are HD W bits, whole words, so every run starts at the same bit of a word: one
+ * start, one shift for all. (Whole slabs give dt as constants and advance p: the kernel.) */
+template <int NT> struct token_runs {
+  const uint32_t *p;
+  uint32_t sh;
+  int dt[NT];
+};
+
+/* token_runs of the runs from channel ch0 of page tokens pt of a section. */
+template <int HD, int W, int NT>
+__device__ __forceinline__ token_runs<NT> token_runs_of(const uint32_t *w, uint32_t meta, int ch0,
+                                                        const int (&pt)[NT]) {
   static_assert(HD * W % 32 == 0, "a token's codes are whole words");
-  constexpr int TW = HD * W / 32;
   const uint32_t start = meta + (uint32_t)(pt[0] * HD + ch0) * W;
-  const uint32_t *p0 = w + (start >> 5);
+  token_runs<NT> r;
+  r.p = w + (start >> 5);
+  r.sh = start & 31;
+#pragma unroll
+  for (int t = 0; t < NT; t++) r.dt[t] = pt[t] - pt[0];
+  return r;
+}
+
+/* The runs of NA words of tr, starting dw words further into each token: AW > 0, runs that start
+ * at a multiple of AW words (load_run_aligned, tr.sh = 0), else load_run. */
+template <int HD, int W, int NA, int AW, int NT>
+__device__ __forceinline__ void load_token_runs(const token_runs<NT> &tr, int dw,
+                                                uint32_t (&a)[NT][NA]) {
+  constexpr int TW = HD * W / 32;
 #pragma unroll
   for (int t = 0; t < NT; t++) {
-    const uint32_t *p = p0 + (pt[t] - pt[0]) * TW;
+    const uint32_t *p = tr.p + tr.dt[t] * TW + dw;
     if constexpr (AW > 0) load_run_aligned<NA, AW>(p, a[t]);
-    else load_run<NA>(p, start & 31, a[t]);
+    else load_run<NA>(p, tr.sh, a[t]);
   }
 }
 
@@ -511,7 +509,7 @@ __device__ __forceinline__ bool v3_header(const uint8_t *sec, uint32_t sec_bytes
  * pairs need no exchange) or tokens t_lo + lane + 32 i (values: a unit reads at most 64 rows of a
  * page, aligned to 64 page tokens). Per group u = b - 2^W + 2048 (mod 2^32; SRC_FAST's condition
  * on a base b is |b - 2^W| <= 2048, i.e. u <= 4096, so that (b - 2^W) / 2^W is exact in fp16;
- * keys' also u >= 1024, for code_pair_k's bases) and
+ * keys' also u >= 1024, for code_pair's bases) and
  * E = e + 823, the step code as v3_step_x takes it; in: the token is below t_hi (a token past it
  * reads token t_hi - 1's fields, inside the section, whose step code and base leave emax and inb
  * as they are). */
@@ -576,7 +574,7 @@ __device__ __forceinline__ void v3_groups_read(const v3_hdr &h, int t_lo, int t_
     gr.u[i] = kvc_dev_top(__funnelshift_l(w[pb[i] + 1], w[pb[i]], sb[i]), h.w_b) + cb;
     gr.E[i] = (int)kvc_dev_top(__funnelshift_l(w[pe[i] + 1], w[pe[i]], se[i]), h.w_e) + ce;
     gr.emax = max(gr.emax, gr.E[i]);
-    gr.inb &= TS == 0 ? gr.u[i] - 1024u <= 3072u : gr.u[i] <= 4096u; /* keys: code_pair_k */
+    gr.inb &= TS == 0 ? gr.u[i] - 1024u <= 3072u : gr.u[i] <= 4096u; /* keys: code_pair */
   }
 }
 
@@ -637,11 +635,11 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
     for (int i = 0; i < v3_groups<HD, TS>::NG; i += 2) {
       /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. the
        * pi % 2-th base and step pairs of uint4 kq_index(j, pi / 2). Its codes lie at bit r of
-       * their halves (code_pair_k): operand 1 + u 2^(r - 10), so the steps take 2^-r and the
+       * their halves (code_pair): operand 1 + u 2^(r - 10), so the steps take 2^-r and the
        * bases b 2^(r - 10) - 1 = (u + 2^W - 2048 - 2^(10 - r)) 2^(r - 10), in one FFMA, exact
        * (the numerator's magnitude is at most 2048 for 1024 <= u <= 4096: v3_groups). */
       const int pr = lane + 32 * (i / 2), pi = pr % (HD / 8);
-      const int r = kpair_r((int)h.width, 16 * (pi / 8) + pi % 8);
+      const int r = pair_r((int)h.width, 16 * (pi / 8) + pi % 8);
       const float rinv = inv * pow2i(-r), bm = pow2i(r - 10);
       const float bo = (float)((1 << h.width) - 2048 - (1024 >> r)) * bm;
       uint32_t *kq = (uint32_t *)(scr + v3_scratch<HD>::kq) + 4 * kq_index(pr / (HD / 8), pi / 2) +
@@ -652,15 +650,15 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
     }
     v3_set_sec(h, TS, e + 10, s); /* S^T's unit: (u + b) / 2^10 times Q * step * 2^-e */
   } else {
-    /* Every one of the 64 entries (tokens past t_hi: 0). */
+    /* Every one of the 64 entries (tokens past t_hi: 0). b / 2^W = u / 2^W + (1 - 2048 / 2^W):
+     * exact. */
     const float fw = pow2i((int)h.width);
 #pragma unroll
     for (int i = 0; i < v3_groups<HD, TS>::NG; i++) {
-      /* A token past t_hi: +0 from the operands (2048 / 2^W - 2048 / 2^W, step * 2^-e * +0). */
       const int x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
       ((float *)(scr + v3_scratch<HD>::vmul))[x] = v3_step_x(gr.E[i]) * inv * (gr.in[i] ? fw : 0.f);
       ((float *)(scr + v3_scratch<HD>::vbt))[x] =
-          fmaf(__uint2float_rn(gr.in[i] ? gr.u[i] : 2048u), winv, wofs);
+          gr.in[i] ? fmaf(__uint2float_rn(gr.u[i]), winv, wofs + 1.f) : 0.f;
     }
     v3_set_sec(h, TS, e, s);
   }
@@ -872,13 +870,14 @@ __device__ __forceinline__ void q_page(const uint8_t *scr, int c, qfrag_t<HD, NB
 /* Bit-pack fast path: the exact 1 + u / 2^W of each code times Q' = Q * step * 2^-e, added to
  * s_fast_const's sums (the bases and the 1). PRE: qb holds Q' already (q_page), else Q. */
 template <int HD, int W, int NB, class T, bool PRE>
-__device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, int c,
-                                       const int (&pt)[2], const qfrag_t<HD, NB> &qb,
-                                       uint32_t magic, float (&s)[2][NB][4]) {
+__device__ __forceinline__ void s_fast(const token_runs<2> &tr, const uint8_t *scr, int c,
+                                       const qfrag_t<HD, NB> &qb, uint32_t magic,
+                                       float (&s)[2][NB][4]) {
   /* The lane's HD / 4 channels in NH parts of 32 at most, a part's run loaded before its
    * k-blocks (head_dim 256: two, so that half the codes are live at a time). */
   constexpr int NC = HD / 4, NH = NC > 32 ? NC / 32 : 1, NCP = NC / NH, KBP = HD / 16 / NH;
   constexpr int NA = (NCP * W + 31) / 32;
+  static_assert(NH == 1 || NCP * W % 32 == 0, "a part's run starts at a whole word of the first");
   const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
   const float2 *kc = (const float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
 #pragma unroll
@@ -891,8 +890,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
   for (int part = 0; part < NH; part++) {
     uint32_t a[2][NA];
     /* Key codes start at a multiple of HD bits (HD groups' fields before them). */
-    load_token_runs<HD, W, NA, run_align_words(HD, NCP, W)>(sec.w, sec.meta,
-                                                             c * NC + part * NCP, pt, a);
+    load_token_runs<HD, W, NA, run_align_words(HD, NCP, W)>(tr, part * NCP * W / 32, a);
 #pragma unroll
     for (int kb = part * KBP; kb < (part + 1) * KBP; kb++) {
       uint4 sb = make_uint4(0u, 0u, 0u, 0u); /* the step pairs (y, w), unless Q' is given */
@@ -903,7 +901,7 @@ __device__ __forceinline__ void s_fast(const v3_sec &sec, const uint8_t *scr, in
 #pragma unroll
         for (int x = 0; x < 2; x++) {
           const int pi = 2 * kb + x, ch = 16 * (pi / 8) + pi % 8 - part * NCP;
-          b[h][x] = code_pair_k<W, NA>(a[h], a[h], ch, ch + 8) | magic;
+          b[h][x] = code_pair<W, NA>(a[h], a[h], ch, ch + 8) | magic;
         }
       const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
@@ -997,6 +995,9 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
                                      const qfrag_t<HD, NB> &qf, const qfrag_t<HD, NB> &qs,
                                      uint32_t magic, float (&s)[2][NB][4]) {
   const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
+  auto runs = [&](auto w) {
+    return token_runs_of<HD, decltype(w)::value>(ks.sec.w, ks.sec.meta, c * (HD / 4), pt);
+  };
   switch (v3_sel(ks)) {
   case 0: {
     const uint8_t *row[2] = {ks.rows + tr[0] * (2 * HD), ks.rows + tr[1] * (2 * HD)};
@@ -1005,7 +1006,8 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
   }
 #define KVC__KF(W)                                                                                 \
   case W:                                                                                          \
-    if constexpr (FAST) s_fast<HD, W, NB, TQ, PRE>(ks.sec, scr, c, pt, qf, magic, s);              \
+    if constexpr (FAST)                                                                            \
+      s_fast<HD, W, NB, TQ, PRE>(runs(std::integral_constant<int, W>()), scr, c, qf, magic, s);   \
     break;
     KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
 #undef KVC__KF
@@ -1077,20 +1079,42 @@ __device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g,
   }
 }
 
-/* Bit-pack fast path: the exact 1 + u / 2^W of each code (P' = P * step * 2^(W - e), built by
- * the caller, which also adds what the bases and the 1 give every channel to its vcorr). */
+/* Bit-pack fast path: each code u as the fp16 subnormal u 2^(pair_r(W, n) - 24), n its channel's
+ * offset in the lane's run (P' = P * step * 2^(W - e), built by the caller, which also adds what
+ * the bases give every channel to its vcorr). Row n of O^T accumulates in units of 2^v_row_lg(W,
+ * n). */
 template <int HD, int W, int NB, bool AL = false>
-__device__ __forceinline__ void pv_fast(const v3_sec &s, int g, const int (&pt)[4],
-                                        const uint32_t (&pb)[NB][2], uint32_t magic,
+__device__ __forceinline__ void pv_fast(const token_runs<4> &tr, const uint32_t (&pb)[NB][2],
                                         oacc_t<HD, NB> &o) {
   constexpr int NC = HD / 8, NA = (NC * W + 31) / 32, AW = run_align_words(64, NC, W);
   uint32_t a[4][NA];
-  load_token_runs<HD, W, NA, AL ? AW : 0>(s.w, s.meta, g * NC, pt, a);
+  load_token_runs<HD, W, NA, AL ? AW : 0>(tr, 0, a);
   pv_tiles<__half>(pb, o, 0, HD / 16, [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
     const int n = 2 * mt + r;
-    lo = code_pair<W, NA>(a[0], a[1], n, n) | magic;
-    hi = code_pair<W, NA>(a[2], a[3], n, n) | magic;
+    lo = code_pair<W, NA>(a[0], a[1], n, n);
+    hi = code_pair<W, NA>(a[2], a[3], n, n);
   });
+}
+
+/* log2 of the units that row n (its channel's offset in the lane's run) of O^T accumulates in
+ * while the values are SRC_FAST of width W (pv_fast: 2^(24 - r) from the subnormal, 2^-W from P'),
+ * 0 for every other source (W = 0). Depends on n modulo 8 alone (pair_r). */
+__device__ __forceinline__ int v_row_lg(int W, int n) { return W ? 24 - W - pair_r(W, n) : 0; }
+
+/* O^T from units 2^(e + v_row_lg(w_from, n)) to 2^(e - de + v_row_lg(w_to, n)) per row n: eight
+ * factors (n modulo 8) and a multiply per register. O^T's register e of m-tile mt is row n = 2 mt
+ * + e / 2 (v_channel). */
+template <int HD, int NB>
+__device__ __forceinline__ void o_units(oacc_t<HD, NB> &o, int de, int w_from, int w_to) {
+  float f[8];
+#pragma unroll
+  for (int j = 0; j < 8; j++) f[j] = pow2i(de + v_row_lg(w_from, j) - v_row_lg(w_to, j));
+#pragma unroll
+  for (int mt = 0; mt < HD / 16; mt++)
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) o[mt][nb][e] *= f[(2 * mt + e / 2) % 8];
 }
 
 template <int HD, class T, int NB>
@@ -1110,8 +1134,11 @@ __device__ __forceinline__ void pv_gen(const v3_sec &s, const uint8_t *scr, int 
 template <int HD, class T, int NB, bool FAST, bool SWAP>
 __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int g,
                                       const int (&tv)[4], const uint32_t (&pb)[NB][2],
-                                      uint32_t magic, oacc_t<HD, NB> &o) {
+                                      oacc_t<HD, NB> &o) {
   const int pt[4] = {vs.ptok0 + tv[0], vs.ptok0 + tv[1], vs.ptok0 + tv[2], vs.ptok0 + tv[3]};
+  auto runs = [&](auto w) {
+    return token_runs_of<HD, decltype(w)::value>(vs.sec.w, vs.sec.meta, g * (HD / 8), pt);
+  };
   /* Value codes start at a multiple of n_tokens bits (relative mode), or of HD: when that is a
    * multiple of 64, the runs of widths 2, 4 and 8 need no shift (16 + W: load_run_aligned). */
   constexpr uint32_t kAligned = (v_aligned_width<HD>(2) ? 1u << 2 : 0u) |
@@ -1128,14 +1155,14 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
   }
 #define KVC__PV(W)                                                                                 \
   case W:                                                                                          \
-    if constexpr (FAST) pv_fast<HD, W, NB>(vs.sec, g, pt, pb, magic, o);                           \
+    if constexpr (FAST) pv_fast<HD, W, NB>(runs(std::integral_constant<int, W>()), pb, o);        \
     break;
     KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
 #undef KVC__PV
 #define KVC__PVA(W)                                                                                \
   case 16 + W:                                                                                     \
     if constexpr (FAST && v_aligned_width<HD>(W))                                                  \
-      pv_fast<HD, W, NB, true>(vs.sec, g, pt, pb, magic, o);                                       \
+      pv_fast<HD, W, NB, true>(runs(std::integral_constant<int, W>()), pb, o);                     \
     break;
     KVC__PVA(2) KVC__PVA(4) KVC__PVA(8)
 #undef KVC__PVA
@@ -1237,7 +1264,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
   /* The producer warp loads none of Q. */
   if (warp == kW3) prefetch_first_batch<UT, SL::batch>(p, seq, len, u_begin);
   load_q_tile<HD, T, false>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, kThreads3);
-  /* fp16's 1.0 for the fast paths, passed through shared memory so that it is a register the
+  /* fp16's 1.0 for the keys' fast path, passed through shared memory so that it is a register the
    * compiler cannot fold: LOP3 takes one immediate (the code mask), and with the exponent in a
    * register (code & mask) | magic is one instruction instead of two. The word is warp 0's
    * scratch, unused until the unit loop. */
@@ -1317,10 +1344,11 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
 
   oacc_t<HD, NB> o;
   float m[NB][2], l[NB][2];
-  /* What SRC_FAST values add to every channel of entry 8 nb + 2c + x's O^T (the bases and the 1
-   * of their operands), kept apart and added in the epilogue: this lane's tokens' part. */
+  /* What SRC_FAST values add to every channel of entry 8 nb + 2c + x's O^T (their bases), kept
+   * apart and added in the epilogue: this lane's tokens' part. */
   float vcorr[NB][2];
-  int e_o = 0; /* O^T and vcorr hold O * 2^-e_o */
+  /* vcorr holds O * 2^-e_o, O^T's row n O * 2^(-e_o - v_row_lg(w_o, n)) */
+  int e_o = 0, w_o = 0;
   bool bad = false;
   if (warp == kW3) {
     producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
@@ -1406,30 +1434,43 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
           s_fast_const<HD, NB, TQ, PRE>(scr, c, qf);
           __syncwarp();
         }
-        /* O^T's units: those of this page's V operand (2^e for SRC_FAST, else 1). */
+        /* O^T's units: those of this page's V operand (2^e and the rows' v_row_lg for SRC_FAST,
+         * else 1). */
         const int ev = FAST && vs.kind == SRC_FAST ? vs.sec.e : 0;
-        if (ev != e_o) {
+        const int wv = FAST && vs.kind == SRC_FAST ? vs.sec.width : 0;
+        if (ev != e_o || wv != w_o) {
+          o_units<HD, NB>(o, e_o - ev, w_o, wv);
           const float f = pow2i(e_o - ev);
-#pragma unroll
-          for (int mt = 0; mt < HD / 16; mt++)
-#pragma unroll
-            for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-              for (int e = 0; e < 4; e++) o[mt][nb][e] *= f;
 #pragma unroll
           for (int nb = 0; nb < NB; nb++) {
             vcorr[nb][0] *= f;
             vcorr[nb][1] *= f;
           }
           e_o = ev;
+          w_o = wv;
         }
-        /* Unit row r of this page is page row min(r - row0, nrows - 1): rows past the page's
-         * (masked below) read its last row, so that they stay finite and inside the section. */
-        auto prow = [&](int r) { return min(r - pg.row0, pg.nrows - 1); };
         /* The page's slabs. KW, VW > 0: both sections SRC_FAST of those widths, known at compile
-         * time (no builder dispatch in the slab); 0: dispatched per slab. */
+         * time (no builder dispatch in the slab), and every slab row a row of the page; 0:
+         * dispatched per slab. */
         auto slabs = [&](auto kw, auto vw) {
           constexpr int KW = decltype(kw)::value, VW = decltype(vw)::value;
+          /* Unit row r of this page is page row min(r - row0, nrows - 1): rows past the page's
+           * (masked below) read its last row, so that they stay finite and inside the section. */
+          auto prow = [&](int r) { return KW ? r - pg.row0 : min(r - pg.row0, pg.nrows - 1); };
+          /* With KW: the slab's code runs (kr, vr) and V's factors (from index vi + tb) lie at
+           * constant distances from their first, which moves by 16 tokens per slab: no clamps,
+           * no per-slab offsets. */
+          token_runs<2> kr{};
+          token_runs<4> vr{};
+          int vi = 0;
+          if constexpr (KW > 0) {
+            const int t0 = pg.ptok0 + 16 * b - pg.row0;
+            const int kt[2] = {t0 + g, t0 + g + 8};
+            const int vt[4] = {t0 + 2 * c, t0 + 2 * c + 1, t0 + 2 * c + 8, t0 + 2 * c + 9};
+            kr = token_runs_of<HD, KW>(ks.sec.w, ks.sec.meta, c * (HD / 4), kt);
+            vr = token_runs_of<HD, VW>(vs.sec.w, vs.sec.meta, g * (HD / 8), vt);
+            vi = (pg.ptok0 & (kUnitTokens - 1)) - pg.row0 + g;
+          }
           for (; ok && b < b_pg; b++) {
             const int tb = 16 * b;
             /* S^T for tokens tb + g, tb + g + 8. */
@@ -1450,15 +1491,15 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             float vm[2], vb[2];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-              const int t = (vs.ptok0 + tr[h]) & (kUnitTokens - 1);
+              const int t = KW ? vi + tb + 8 * h : (vs.ptok0 + tr[h]) & (kUnitTokens - 1);
               vm[h] = ((const float *)(scr + v3_scratch<HD>::vmul))[t];
               vb[h] = ((const float *)(scr + v3_scratch<HD>::vbt))[t];
             }
             bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
             if constexpr (HUF) huf = ks.kind >= SRC_HUF;
             if constexpr (KW > 0) {
-              const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
-              s_fast<HD, KW, NB, TQ, PRE>(ks.sec, scr, c, pt, qf, magic, s);
+              s_fast<HD, KW, NB, TQ, PRE>(kr, scr, c, qf, magic, s);
+              kr.p += 16 * HD * KW / 32;
             } else if (huf) {
               if constexpr (HUF) {
                 /* The slab's page tokens [a, a + nr) through the tile (tile row = page row -
@@ -1547,7 +1588,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
               }
             uint32_t pb[NB][2];
             if (vfast) {
-              /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases and 1 go to
+              /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases go to
                * vcorr, from P' rounded as the mma takes it. */
 #pragma unroll
               for (int nb = 0; nb < NB; nb++) {
@@ -1570,19 +1611,20 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
                                prow(tb + 2 * c + 9)};
             if constexpr (VW > 0) {
-              const int pt[4] = {vs.ptok0 + tv[0], vs.ptok0 + tv[1], vs.ptok0 + tv[2],
-                                 vs.ptok0 + tv[3]};
-              pv_fast<HD, VW, NB>(vs.sec, g, pt, pb, magic, o);
+              pv_fast<HD, VW, NB>(vr, pb, o);
+              vr.p += 16 * HD * VW / 32;
             } else if (huf) {
               if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
             } else {
-              v3_pv<HD, T, NB, FAST, !HUF>(vs, scr, g, tv, pb, magic, o);
+              v3_pv<HD, T, NB, FAST, !HUF>(vs, scr, g, tv, pb, o);
             }
           }
         };
         constexpr bool hot = v3_hot_widths<HD, T, NB, HUF, FAST>();
+        /* The hot widths' copy takes a page's slabs when they hold only its rows (not the last,
+         * partial page of a sequence). */
         if (hot && ks.kind == SRC_FAST && ks.sec.width == kHotKeyWidth && vs.kind == SRC_FAST &&
-            vs.sec.width == kHotValueWidth)
+            vs.sec.width == kHotValueWidth && 16 * b_pg <= pg.row0 + pg.nrows)
           slabs(std::integral_constant<int, hot ? kHotKeyWidth : 0>(),
                 std::integral_constant<int, hot ? kHotValueWidth : 0>());
         else
@@ -1624,6 +1666,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
 #pragma unroll
         for (int o2 = 4; o2 <= 16; o2 <<= 1)
           vcorr[nb][x] += __shfl_xor_sync(0xffffffffu, vcorr[nb][x], o2);
+    if (w_o) o_units<HD, NB>(o, 0, w_o, 0);
     const float f = pow2i(e_o);
     float *ow = obuf + warp * 16 * HD;
 #pragma unroll

@@ -43,32 +43,33 @@
  * adds an SRC_ value, its setup in v3_page_setup and a case in v3_s / v3_pv:
  *   SRC_ROWS  staging / RAW rows of a page, linear in the ring: LDS.128 + one PRMT per pair.
  *   SRC_FAST  bit-pack, relative mode, width 1..8, group bases b with |b - 2^W| <= 2048 (keys:
- *             and b >= 2^W - 1024) and the largest step of the section within 2^+-60: the
- *             operands hold each code u exactly, at bit r of an fp16 half, r the code's offset
- *             in its byte where the mantissa allows (pair_r; code_pair: one PRMT and one LOP3,
- *             no shift at the default widths): keys as 1 + u 2^(r - 10) (OR-ed with fp16's 1.0,
- *             held in a register), values as the subnormal u 2^(r - 24). The rest of (u + b) *
- *             step is folded out of them:
+ *             and b >= 2^W - 1024; values: and b <= 2048) and the largest step of the section
+ *             within 2^+-60: the operands hold each code u exactly, at bit r of an fp16 half, r
+ *             the code's offset in its byte where the mantissa allows (pair_r; code_pair: one
+ *             PRMT and one LOP3, no shift at the default widths): keys as 1 + u 2^(r - 10)
+ *             (OR-ed with fp16's 1.0, held in a register), values as the subnormal u 2^(r - 24).
+ *             The rest of (u + b) * step is folded out of them:
  *             keys' per-channel steps into Q's B fragments (Q' = Q * step * 2^(-e - r), built
  *             once per page outside the Huffman instances, else one HMUL2 per Q pair and k-block
  *             and slab; S scaled by 2^(e + 10) after the mma) and their bases and 1 into a
  *             per-page, per-entry start of S (s_fast_const: one mma per k-block with the b 2^(r -
  *             10) - 1 of every channel as the tokens' rows, once per page);
  *             values' per-token steps into P (P' = P * step * 2^(W - e)) and their bases into a
- *             per-entry sum of P' b / 2^W that the epilogue adds to every channel (vcorr). O^T's
- *             row of channel offset n in its lane's run accumulates O * 2^(-e - v_row_lg(W, n)),
- *             rescaled when a page needs another e or W (o_units). Subnormal values have no
- *             constant part to cancel: with 1 + u 2^(r - 10), O^T's large sum of P' lost the
- *             low bits of the codes' part in the tensor cores' fp32 accumulation (a warp's mma
- *             over 32k tokens of 3-bit codes, relative L2 error: 6.1e-4 at r = 7, doubling per
- *             bit lower; as subnormals 1.4e-4 at every r). Rounding differs from the CPU
- *             reference, which rounds each decoded value (u + b) * step to fp16: here the values
- *             are exact and Q' and P' carry one fp16 rounding each (the base terms use the same
- *             rounded Q' and P'), so the GPU-vs-reference error includes the reference's own
- *             rounding of K and V (tests: fp16 <= 7.3e-4, the tolerance is 1e-3). A lane's run
- *             of codes is read whole where the section's layout puts it at a whole word (keys
- *             always at head_dim 128; values of widths 2, 4 and 8 when their codes start at a
- *             multiple of 64 bits: load_run_aligned), else word by word and shifted (load_run).
+ *             per-entry sum of P' b / 2^W (one more mma per slab) that the epilogue adds to every
+ *             channel (vcorr). O^T's row of channel offset n in its lane's run accumulates O *
+ *             2^(-e - v_row_lg(W, n)), rescaled when a page needs another e or W (o_units).
+ *             Subnormal values have no constant part to cancel: with 1 + u 2^(r - 10), O^T's
+ *             large sum of P' lost the low bits of the codes' part in the tensor cores' fp32
+ *             accumulation (a warp's mma over 32k tokens of 3-bit codes, relative L2 error:
+ *             6.1e-4 at r = 7, doubling per bit lower; as subnormals 1.4e-4 at every r).
+ *             Rounding differs from the CPU reference, which rounds each decoded value (u + b) *
+ *             step to fp16: here the values are exact and Q' and P' carry one fp16 rounding each
+ *             (the base terms use the same rounded Q' and P'), so the GPU-vs-reference error
+ *             includes the reference's own rounding of K and V (tests: fp16 <= 7.3e-4, the
+ *             tolerance is 1e-3). A lane's run of codes is read whole where the section's layout
+ *             puts it at a whole word (keys always at head_dim 128; values of widths 2, 4 and 8
+ *             when their codes start at a multiple of 64 bits: load_run_aligned), else word by
+ *             word and shifted (load_run).
  *             bf16 launches use the same fp16 operands and mma, with bf16 Q scaled into fp16 Q'
  *             (q_scaled) when every |Q| of the CTA's tile is at most 65504 (qfits).
  *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16 Q beyond fp16's
@@ -138,11 +139,12 @@ template <class T> constexpr bool kFast16 = half2_of<T>::magic == 0x64006400u;
  * k_channel order, fp16 pairs of the bases b 2^(r - 10) - 1 and of the steps step 2^(-e - r)
  * (v3_fast_tables), bases first so that the uint4 as loaded is s_fast_const's A operand, and
  * per lane s_fast_const's float2 per n-block (kc). V fast: per page token the floats step *
- * 2^(W - e) (vmul) and b / 2^W (vbt). Per-token entries are indexed by page token & 63 (a unit
- * reads at most 64 tokens of a page, aligned to 64); absolute mode keeps bases only (per channel;
- * its one step is v3_sec.step). Sized for head_dim H = max(HD, 128) (head_dim 64 keeps 128's
- * layout, the one measured): K's tables take 4 H bytes each, V's region the larger of its two
- * per-token tables (4 bytes per unit token each) and absolute mode's bases (4 H bytes). */
+ * 2^(W - e) (vmul) and the fp16 b / 2^W (vbt, exact: |b| <= 2048). Per-token entries are
+ * indexed by page token & 63 (a unit reads at most 64 tokens of a page, aligned to 64); absolute
+ * mode keeps bases only (per channel; its one step is v3_sec.step). Sized for head_dim H =
+ * max(HD, 128) (head_dim 64 keeps 128's layout, the one measured): K's tables take 4 H bytes
+ * each, V's region the larger of its two per-token tables (4 bytes per unit token each: SRC_GEN's
+ * steps and bases) and absolute mode's bases (4 H bytes). */
 template <int HD> struct v3_scratch {
   static constexpr int H = HD < 128 ? 128 : HD;
   static constexpr int kbase = 0, kstep = 4 * H, kq = 0, kc = 4 * H;
@@ -509,7 +511,8 @@ __device__ __forceinline__ bool v3_header(const uint8_t *sec, uint32_t sec_bytes
  * pairs need no exchange) or tokens t_lo + lane + 32 i (values: a unit reads at most 64 rows of a
  * page, aligned to 64 page tokens). Per group u = b - 2^W + 2048 (mod 2^32; SRC_FAST's condition
  * on a base b is |b - 2^W| <= 2048, i.e. u <= 4096, so that (b - 2^W) / 2^W is exact in fp16;
- * keys' also u >= 1024, for code_pair's bases) and
+ * keys' also u >= 1024, for code_pair's bases; values' also b <= 2048, i.e. u <= 4096 - 2^W
+ * (widths 1..8), so that b / 2^W is exact in fp16, vbt) and
  * E = e + 823, the step code as v3_step_x takes it; in: the token is below t_hi (a token past it
  * reads token t_hi - 1's fields, inside the section, whose step code and base leave emax and inb
  * as they are). */
@@ -574,7 +577,7 @@ __device__ __forceinline__ void v3_groups_read(const v3_hdr &h, int t_lo, int t_
     gr.u[i] = kvc_dev_top(__funnelshift_l(w[pb[i] + 1], w[pb[i]], sb[i]), h.w_b) + cb;
     gr.E[i] = (int)kvc_dev_top(__funnelshift_l(w[pe[i] + 1], w[pe[i]], se[i]), h.w_e) + ce;
     gr.emax = max(gr.emax, gr.E[i]);
-    gr.inb &= TS == 0 ? gr.u[i] - 1024u <= 3072u : gr.u[i] <= 4096u; /* keys: code_pair */
+    gr.inb &= TS == 0 ? gr.u[i] - 1024u <= 3072u : gr.u[i] <= 4096u - (1u << h.width);
   }
 }
 
@@ -651,14 +654,14 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
     v3_set_sec(h, TS, e + 10, s); /* S^T's unit: (u + b) / 2^10 times Q * step * 2^-e */
   } else {
     /* Every one of the 64 entries (tokens past t_hi: 0). b / 2^W = u / 2^W + (1 - 2048 / 2^W):
-     * exact. */
+     * exact, and in fp16 (|b| <= 2048: v3_groups). */
     const float fw = pow2i((int)h.width);
 #pragma unroll
     for (int i = 0; i < v3_groups<HD, TS>::NG; i++) {
       const int x = (t_lo + lane + 32 * i) & (kUnitTokens - 1);
       ((float *)(scr + v3_scratch<HD>::vmul))[x] = v3_step_x(gr.E[i]) * inv * (gr.in[i] ? fw : 0.f);
-      ((float *)(scr + v3_scratch<HD>::vbt))[x] =
-          gr.in[i] ? fmaf(__uint2float_rn(gr.u[i]), winv, wofs + 1.f) : 0.f;
+      ((__half *)(scr + v3_scratch<HD>::vbt))[x] =
+          __float2half_rn(gr.in[i] ? fmaf(__uint2float_rn(gr.u[i]), winv, wofs + 1.f) : 0.f);
     }
     v3_set_sec(h, TS, e, s);
   }
@@ -1370,7 +1373,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
         pos[nb][x] = len - nq + p.pos_shift + (en < entries ? en / group : nq - 1);
         pos_lane = max(pos_lane, pos[nb][x]);
         m[nb][x] = -INFINITY;
-        vcorr[nb][0] = vcorr[nb][1] = 0.f;
+        vcorr[nb][x] = 0.f;
         l[nb][x] = 0.f;
       }
     const int pos_warp = __reduce_max_sync(0xffffffffu, pos_lane);
@@ -1450,8 +1453,8 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
           w_o = wv;
         }
         /* The page's slabs. KW, VW > 0: both sections SRC_FAST of those widths, known at compile
-         * time (no builder dispatch in the slab), and every slab row a row of the page; 0:
-         * dispatched per slab. */
+         * time (no builder dispatch in the slab), and every slab row a row of the page that every
+         * entry sees; 0: dispatched per slab. */
         auto slabs = [&](auto kw, auto vw) {
           constexpr int KW = decltype(kw)::value, VW = decltype(vw)::value;
           /* Unit row r of this page is page row min(r - row0, nrows - 1): rows past the page's
@@ -1462,7 +1465,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
            * no per-slab offsets. */
           token_runs<2> kr{};
           token_runs<4> vr{};
-          int vi = 0;
+          int vi = 0, vbi = 0;
           if constexpr (KW > 0) {
             const int t0 = pg.ptok0 + 16 * b - pg.row0;
             const int kt[2] = {t0 + g, t0 + g + 8};
@@ -1470,6 +1473,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             kr = token_runs_of<HD, KW>(ks.sec.w, ks.sec.meta, c * (HD / 4), kt);
             vr = token_runs_of<HD, VW>(vs.sec.w, vs.sec.meta, g * (HD / 8), vt);
             vi = (pg.ptok0 & (kUnitTokens - 1)) - pg.row0 + g;
+            vbi = vi - g + 2 * c;
           }
           for (; ok && b < b_pg; b++) {
             const int tb = 16 * b;
@@ -1486,14 +1490,23 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
              * start so that S and the softmax hide their latency: loaded after the softmax (ptxas
              * sinks them there from anywhere after S), they held P' up by a round trip. Loaded
              * for every page (no branch; only SRC_FAST's are used): the scratch is written only by
-             * the page setups, between warp syncs. */
+             * the page setups, between warp syncs. The bases b / 2^W (fp16): with KW, lanes g = 0
+             * take those of their P V tokens (2c, 2c + 1) and (2c + 8, 2c + 9) (neighbours, a
+             * word each) as row 0 of an mma's A operand, the other rows 0 (vbw); else every lane
+             * those of tokens tr (vbf). */
             const bool vfast = VW > 0 || (FAST && vs.kind == SRC_FAST);
-            float vm[2], vb[2];
+            const __half *vbt = (const __half *)(scr + v3_scratch<HD>::vbt);
+            float vm[2], vbf[2];
+            uint32_t vbw[2] = {0u, 0u};
 #pragma unroll
             for (int h = 0; h < 2; h++) {
               const int t = KW ? vi + tb + 8 * h : (vs.ptok0 + tr[h]) & (kUnitTokens - 1);
               vm[h] = ((const float *)(scr + v3_scratch<HD>::vmul))[t];
-              vb[h] = ((const float *)(scr + v3_scratch<HD>::vbt))[t];
+              if constexpr (KW > 0) {
+                if (g == 0) vbw[h] = *(const uint32_t *)(vbt + vbi + tb + 8 * h);
+              } else {
+                vbf[h] = __half2float(vbt[t]);
+              }
             }
             bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
             if constexpr (HUF) huf = ks.kind >= SRC_HUF;
@@ -1528,7 +1541,9 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
              * maximum.
              * sx: the scores relative to the maximum, s kmul - m in one FFMA (+inf while m is -inf,
              * so that any visible score moves it), -inf for rows not visible. */
-            auto visible = [&](int nb, int e) { return tb + g + 8 * (e >> 1) < lim[nb][e & 1]; };
+            auto visible = [&](int nb, int e) {
+              return KW > 0 || tb + g + 8 * (e >> 1) < lim[nb][e & 1];
+            };
             float sx[NB][4];
             bool grow = false;
 #pragma unroll
@@ -1588,18 +1603,27 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
               }
             uint32_t pb[NB][2];
             if (vfast) {
-              /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases go to
-               * vcorr, from P' rounded as the mma takes it. */
+              /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases' products
+               * with P' as the mma takes it go to vcorr (with KW the 16 tokens' sum by one mma,
+               * in lanes g = 0). */
+              const uint32_t av[4] = {vbw[0], 0u, vbw[1], 0u};
 #pragma unroll
               for (int nb = 0; nb < NB; nb++) {
                 const uint32_t p0 = pack2<__half>(pv[nb][0] * vm[0], pv[nb][1] * vm[0]);
                 const uint32_t p1 = pack2<__half>(pv[nb][2] * vm[1], pv[nb][3] * vm[1]);
-                const float2 f0 = __half22float2(as_h2<__half2>(p0));
-                const float2 f1 = __half22float2(as_h2<__half2>(p1));
-                vcorr[nb][0] += f0.x * vb[0] + f1.x * vb[1];
-                vcorr[nb][1] += f0.y * vb[0] + f1.y * vb[1];
                 pb[nb][0] = movmatrix_trans(p0);
                 pb[nb][1] = movmatrix_trans(p1);
+                if constexpr (KW > 0) {
+                  float d[4] = {0.f, 0.f, 0.f, 0.f};
+                  mma16816<__half>(d, av, pb[nb][0], pb[nb][1]);
+                  vcorr[nb][0] += d[0];
+                  vcorr[nb][1] += d[1];
+                } else {
+                  const float2 f0 = __half22float2(as_h2<__half2>(p0));
+                  const float2 f1 = __half22float2(as_h2<__half2>(p1));
+                  vcorr[nb][0] += f0.x * vbf[0] + f1.x * vbf[1];
+                  vcorr[nb][1] += f0.y * vbf[0] + f1.y * vbf[1];
+                }
               }
             } else {
 #pragma unroll
@@ -1621,10 +1645,16 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
           }
         };
         constexpr bool hot = v3_hot_widths<HD, T, NB, HUF, FAST>();
-        /* The hot widths' copy takes a page's slabs when they hold only its rows (not the last,
-         * partial page of a sequence). */
+        /* The hot widths' copy takes a page's slabs when they hold only its rows and every entry
+         * sees every row (not the last, partial page of a sequence). */
+        auto all_visible = [&] {
+          bool v = 16 * b_pg <= pg.row0 + pg.nrows;
+#pragma unroll
+          for (int nb = 0; nb < NB; nb++) v &= 16 * b_pg <= min(lim[nb][0], lim[nb][1]);
+          return __all_sync(0xffffffffu, v);
+        };
         if (hot && ks.kind == SRC_FAST && ks.sec.width == kHotKeyWidth && vs.kind == SRC_FAST &&
-            vs.sec.width == kHotValueWidth && 16 * b_pg <= pg.row0 + pg.nrows)
+            vs.sec.width == kHotValueWidth && all_visible())
           slabs(std::integral_constant<int, hot ? kHotKeyWidth : 0>(),
                 std::integral_constant<int, hot ? kHotValueWidth : 0>());
         else

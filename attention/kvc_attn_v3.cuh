@@ -1490,10 +1490,12 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
              * start so that S and the softmax hide their latency: loaded after the softmax (ptxas
              * sinks them there from anywhere after S), they held P' up by a round trip. Loaded
              * for every page (no branch; only SRC_FAST's are used): the scratch is written only by
-             * the page setups, between warp syncs. The bases b / 2^W (fp16): with KW, lanes g = 0
+             * the page setups, between warp syncs. The bases b / 2^W (fp16): with VMMA, lanes g = 0
              * take those of their P V tokens (2c, 2c + 1) and (2c + 8, 2c + 9) (neighbours, a
              * word each) as row 0 of an mma's A operand, the other rows 0 (vbw); else every lane
-             * those of tokens tr (vbf). */
+             * those of tokens tr (vbf). VMMA: the hot widths' copy where Q' is held in registers
+             * (PRE; in the Huffman instances the mma's registers made ptxas reload Q per slab). */
+            constexpr bool VMMA = KW > 0 && PRE;
             const bool vfast = VW > 0 || (FAST && vs.kind == SRC_FAST);
             const __half *vbt = (const __half *)(scr + v3_scratch<HD>::vbt);
             float vm[2], vbf[2];
@@ -1502,7 +1504,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             for (int h = 0; h < 2; h++) {
               const int t = KW ? vi + tb + 8 * h : (vs.ptok0 + tr[h]) & (kUnitTokens - 1);
               vm[h] = ((const float *)(scr + v3_scratch<HD>::vmul))[t];
-              if constexpr (KW > 0) {
+              if constexpr (VMMA) {
                 if (g == 0) vbw[h] = *(const uint32_t *)(vbt + vbi + tb + 8 * h);
               } else {
                 vbf[h] = __half2float(vbt[t]);
@@ -1604,7 +1606,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             uint32_t pb[NB][2];
             if (vfast) {
               /* SRC_FAST values: P' = P * step * 2^(W - e) per token, and their bases' products
-               * with P' as the mma takes it go to vcorr (with KW the 16 tokens' sum by one mma,
+               * with P' as the mma takes it go to vcorr (with VMMA the 16 tokens' sum by one mma,
                * in lanes g = 0). */
               const uint32_t av[4] = {vbw[0], 0u, vbw[1], 0u};
 #pragma unroll
@@ -1613,7 +1615,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
                 const uint32_t p1 = pack2<__half>(pv[nb][2] * vm[1], pv[nb][3] * vm[1]);
                 pb[nb][0] = movmatrix_trans(p0);
                 pb[nb][1] = movmatrix_trans(p1);
-                if constexpr (KW > 0) {
+                if constexpr (VMMA) {
                   float d[4] = {0.f, 0.f, 0.f, 0.f};
                   mma16816<__half>(d, av, pb[nb][0], pb[nb][1]);
                   vcorr[nb][0] += d[0];

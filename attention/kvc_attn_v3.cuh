@@ -1223,13 +1223,14 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
 
 /* The section widths the default error bounds give bit-pack pages (KVC_DEFAULT_K_BOUND and
  * _V_BOUND: keys 4 bits, values 3): pages with both take a copy of the slab loop with those
- * builders inlined and no dispatch on the width per slab, 9% fewer instructions at (8, 32k). Only
- * the decode instances (one query tile) at head_dim 128 carry it (at 64 and 256 it measured no
- * faster): the bit-pack kernel's, and for bf16 the instance that takes every codec (fp16's then
- * spilled, and its Huffman pages ran 3% slower). bench/NOTES-attention.md, session 30. */
+ * builders inlined, no dispatch on the width per slab and (whole slabs) no row clamps. The
+ * decode instances (one query tile) at head_dim 64 and 128 carry it: the bit-pack kernel's, and
+ * for bf16 the instance that takes every codec (fp16's then spilled, and its Huffman pages ran 3%
+ * slower: session 30). At head_dim 64 it measured no faster in session 30, and 26-27% faster with
+ * whole slabs and subnormal values (session 34). bench/NOTES-attention.md. */
 constexpr int kHotKeyWidth = 4, kHotValueWidth = 3;
 template <int HD, class T, int NB, bool HUF, bool FAST> constexpr bool v3_hot_widths() {
-  return FAST && NB == 1 && HD == 128 && (!HUF || !kFast16<T>);
+  return FAST && NB == 1 && HD <= 128 && (!HUF || !kFast16<T>);
 }
 
 /* NB n-blocks of 8 query entries per CTA (one query tile). HUF: the instance for launches that may

@@ -55,13 +55,13 @@
  *             per-page, per-entry start of S (s_fast_const: one mma per k-block with the b 2^(r -
  *             10) - 1 of every channel as the tokens' rows, once per page);
  *             values' per-token steps into P (P' = P * step * 2^(W - e)) and their bases into a
- *             per-entry sum of P' b / 2^W (one more mma per slab) that the epilogue adds to every
- *             channel (vcorr). O^T's row of channel offset n in its lane's run accumulates O *
- *             2^(-e - v_row_lg(W, n)), rescaled when a page needs another e or W (o_units).
- *             Subnormal values have no constant part to cancel: with 1 + u 2^(r - 10), O^T's
- *             large sum of P' lost the low bits of the codes' part in the tensor cores' fp32
- *             accumulation (a warp's mma over 32k tokens of 3-bit codes, relative L2 error:
- *             6.1e-4 at r = 7, doubling per bit lower; as subnormals 1.4e-4 at every r).
+ *             per-entry sum of P' b / 2^W (in the hot-width loop one more mma per slab) that the
+ *             epilogue adds to every channel (vcorr). O^T's row of channel offset n in its lane's
+ *             run accumulates O * 2^(-e - v_row_lg(W, n)), rescaled when a page needs another e or
+ *             W (o_units). Subnormal values have no constant part to cancel: with 1 + u 2^(r - 10),
+ *             O^T's large sum of P' lost the low bits of the codes' part in the tensor cores' fp32
+ *             accumulation (a warp's mma over 32k tokens of 3-bit codes, relative L2 error: 6.1e-4
+ *             at r = 7, doubling per bit lower; as subnormals 1.4e-4 at every r).
  *             Rounding differs from the CPU reference, which rounds each decoded value (u + b) *
  *             step to fp16: here the values are exact and Q' and P' carry one fp16 rounding each
  *             (the base terms use the same rounded Q' and P'), so the GPU-vs-reference error

@@ -634,22 +634,26 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
   /* (b - 2^W) / 2^W = u / 2^W - 2048 / 2^W in one FFMA, exact (u <= 4096; +0 for b = 2^W). */
   const float inv = pow2i(-e), winv = pow2i(-(int)h.width), wofs = -2048.f * winv;
   if constexpr (TS == 0) {
+    /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. the pi % 2-th
+     * base and step pairs of uint4 kq_index(j, pi / 2). Its codes lie at bit r of their halves
+     * (code_pair): operand 1 + u 2^(r - 10), so the steps take 2^-r and the bases b 2^(r - 10) - 1
+     * = (u + 2^W - 2048 - 2^(10 - r)) 2^(r - 10), in one FFMA, exact (the numerator's magnitude is
+     * at most 2048 for 1024 <= u <= 4096: v3_groups). HD / 8 divides 32, so pi = lane % (HD / 8)
+     * for every pair of the lane: one r and one set of factors, computed once (not per pair). */
+    static_assert(32 % (HD / 8) == 0, "a lane's pairs share pi");
+    const int pi = lane % (HD / 8);
+    const int r = pair_r((int)h.width, 16 * (pi / 8) + pi % 8);
+    const float rinv = inv * pow2i(-r), bm = pow2i(r - 10);
+    const float bo = (float)((1 << h.width) - 2048 - (1024 >> r)) * bm;
+    uint32_t *kq = (uint32_t *)(scr + v3_scratch<HD>::kq) +
+                   4 * kq_index(lane / (HD / 8), pi / 2) + 2 * (pi % 2);
 #pragma unroll
     for (int i = 0; i < v3_groups<HD, TS>::NG; i += 2) {
-      /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. the
-       * pi % 2-th base and step pairs of uint4 kq_index(j, pi / 2). Its codes lie at bit r of
-       * their halves (code_pair): operand 1 + u 2^(r - 10), so the steps take 2^-r and the
-       * bases b 2^(r - 10) - 1 = (u + 2^W - 2048 - 2^(10 - r)) 2^(r - 10), in one FFMA, exact
-       * (the numerator's magnitude is at most 2048 for 1024 <= u <= 4096: v3_groups). */
-      const int pr = lane + 32 * (i / 2), pi = pr % (HD / 8);
-      const int r = pair_r((int)h.width, 16 * (pi / 8) + pi % 8);
-      const float rinv = inv * pow2i(-r), bm = pow2i(r - 10);
-      const float bo = (float)((1 << h.width) - 2048 - (1024 >> r)) * bm;
-      uint32_t *kq = (uint32_t *)(scr + v3_scratch<HD>::kq) + 4 * kq_index(pr / (HD / 8), pi / 2) +
-                     2 * (pi % 2);
-      kq[0] = pack2<__half>(fmaf(__uint2float_rn(gr.u[i]), bm, bo),
-                            fmaf(__uint2float_rn(gr.u[i + 1]), bm, bo));
-      kq[1] = pack2<__half>(v3_step_x(gr.E[i]) * rinv, v3_step_x(gr.E[i + 1]) * rinv);
+      /* j = pr / (HD / 8) moves by 32 / (HD / 8) per pair: kq_index(j, .) by as many uint4s */
+      uint32_t *q = kq + 4 * (32 / (HD / 8)) * (i / 2);
+      q[0] = pack2<__half>(fmaf(__uint2float_rn(gr.u[i]), bm, bo),
+                           fmaf(__uint2float_rn(gr.u[i + 1]), bm, bo));
+      q[1] = pack2<__half>(v3_step_x(gr.E[i]) * rinv, v3_step_x(gr.E[i + 1]) * rinv);
     }
     v3_set_sec(h, TS, e + 10, s); /* S^T's unit: (u + b) / 2^10 times Q * step * 2^-e */
   } else {
@@ -871,8 +875,9 @@ __device__ __forceinline__ void q_page(const uint8_t *scr, int c, qfrag_t<HD, NB
 }
 
 /* Bit-pack fast path: the exact 1 + u / 2^W of each code times Q' = Q * step * 2^-e, added to
- * s_fast_const's sums (the bases and the 1). PRE: qb holds Q' already (q_page), else Q. */
-template <int HD, int W, int NB, class T, bool PRE>
+ * s_fast_const's sums (the bases and the 1; KC: s[0] starts from them, else the caller adds them,
+ * s being 0). PRE: qb holds Q' already (q_page), else Q. */
+template <int HD, int W, int NB, class T, bool PRE, bool KC = true>
 __device__ __forceinline__ void s_fast(const token_runs<2> &tr, const uint8_t *scr, int c,
                                        const qfrag_t<HD, NB> &qb, uint32_t magic,
                                        float (&s)[2][NB][4]) {
@@ -882,12 +887,14 @@ __device__ __forceinline__ void s_fast(const token_runs<2> &tr, const uint8_t *s
   constexpr int NA = (NCP * W + 31) / 32;
   static_assert(NH == 1 || NCP * W % 32 == 0, "a part's run starts at a whole word of the first");
   const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
-  const float2 *kc = (const float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
+  if constexpr (KC) {
+    const float2 *kc = (const float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
 #pragma unroll
-  for (int nb = 0; nb < NB; nb++) {
-    const float2 k0 = kc[nb];
+    for (int nb = 0; nb < NB; nb++) {
+      const float2 k0 = kc[nb];
 #pragma unroll
-    for (int e = 0; e < 4; e++) s[0][nb][e] = e & 1 ? k0.y : k0.x;
+      for (int e = 0; e < 4; e++) s[0][nb][e] = e & 1 ? k0.y : k0.x;
+    }
   }
 #pragma unroll
   for (int part = 0; part < NH; part++) {
@@ -1476,6 +1483,19 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             vi = (pg.ptok0 & (kUnitTokens - 1)) - pg.row0 + g;
             vbi = vi - g + 2 * c;
           }
+          /* With KW: the keys' base terms (s_fast_const's, in log2 units) enter the softmax's
+           * FFMA as mk = kc kmul - m, per page and after each move of m, instead of starting S's
+           * mma chain in every slab (a load and two moves per slab). */
+          const float2 *kc = (const float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
+          float mk[NB][2];
+          if constexpr (KW > 0) {
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+              const float2 k0 = kc[nb];
+              mk[nb][0] = fmaf(k0.x, kmul, -m[nb][0]);
+              mk[nb][1] = fmaf(k0.y, kmul, -m[nb][1]);
+            }
+          }
           for (; ok && b < b_pg; b++) {
             const int tb = 16 * b;
             /* S^T for tokens tb + g, tb + g + 8. */
@@ -1514,7 +1534,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
             if constexpr (HUF) huf = ks.kind >= SRC_HUF;
             if constexpr (KW > 0) {
-              s_fast<HD, KW, NB, TQ, PRE>(kr, scr, c, qf, magic, s);
+              s_fast<HD, KW, NB, TQ, PRE, false>(kr, scr, c, qf, magic, s);
               kr.p += 16 * HD * KW / 32;
             } else if (huf) {
               if constexpr (HUF) {
@@ -1542,8 +1562,9 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
              * then P = 2^(s - m) < 2^kMaxSlack, and the slab needs no shuffles for the maximum
              * (most slabs once the first tokens are in). When it moves, it moves to the exact
              * maximum.
-             * sx: the scores relative to the maximum, s kmul - m in one FFMA (+inf while m is -inf,
-             * so that any visible score moves it), -inf for rows not visible. */
+             * sx: the scores relative to the maximum, s kmul - m in one FFMA (the hot widths' s
+             * without the keys' base terms: + mk), +inf while m is -inf (so that any visible score
+             * moves it), -inf for rows not visible. */
             auto visible = [&](int nb, int e) {
               return KW > 0 || tb + g + 8 * (e >> 1) < lim[nb][e & 1];
             };
@@ -1553,19 +1574,28 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             for (int nb = 0; nb < NB; nb++)
 #pragma unroll
               for (int e = 0; e < 4; e++) {
-                sx[nb][e] = visible(nb, e)
-                                ? fmaf(s[0][nb][e] + s[1][nb][e], kmul, -m[nb][e & 1])
-                                : -INFINITY;
+                const float ms = KW > 0 ? mk[nb][e & 1] : -m[nb][e & 1];
+                sx[nb][e] = visible(nb, e) ? fmaf(s[0][nb][e] + s[1][nb][e], kmul, ms) : -INFINITY;
                 grow |= sx[nb][e] > kMaxSlack;
               }
             if (__any_sync(0xffffffffu, grow)) {
               /* The scores themselves, their maximum over the tokens (over g), and sx again. */
-              float sa[NB][4], cf[NB][2];
+              float sa[NB][4], cf[NB][2], kb[NB][2] = {};
+              if constexpr (KW > 0) {
+#pragma unroll
+                for (int nb = 0; nb < NB; nb++) {
+                  const float2 k0 = kc[nb];
+                  kb[nb][0] = k0.x * kmul;
+                  kb[nb][1] = k0.y * kmul;
+                }
+              }
 #pragma unroll
               for (int nb = 0; nb < NB; nb++)
 #pragma unroll
                 for (int e = 0; e < 4; e++)
-                  sa[nb][e] = visible(nb, e) ? (s[0][nb][e] + s[1][nb][e]) * kmul : -INFINITY;
+                  sa[nb][e] = visible(nb, e)
+                                  ? fmaf(s[0][nb][e] + s[1][nb][e], kmul, kb[nb][e & 1])
+                                  : -INFINITY;
 #pragma unroll
               for (int nb = 0; nb < NB; nb++)
 #pragma unroll
@@ -1577,6 +1607,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
                   const float mn = fmaxf(m[nb][x], mx);
                   cf[nb][x] = mn == -INFINITY ? 1.f : ex2_ftz(m[nb][x] - mn);
                   m[nb][x] = mn;
+                  if constexpr (KW > 0) mk[nb][x] = kb[nb][x] - mn;
                   l[nb][x] *= cf[nb][x];
                   vcorr[nb][x] *= cf[nb][x];
                 }

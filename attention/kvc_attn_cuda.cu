@@ -921,52 +921,77 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
 
 namespace kvc_attn {
 
-/* Log-sum-exp combination of the splits: one warp per (query row, query head). Launched as a
- * programmatic dependent of the attention kernel: its CTAs start as the attention CTAs retire and
- * wait here until that grid has completed and its partial results are visible. The kernel reads a
- * few hundred KB and is bound by load latency, so lanes hold the splits' weights (split s in lane
- * s % 32) and each lane has eight splits' partials in flight at once. */
-template <int HD, class T>
+/* Log-sum-exp combination of the splits. Launched as a programmatic dependent of the attention
+ * kernel: its CTAs start as the attention CTAs retire and wait here until that grid has completed
+ * and its partial results are visible. The kernel reads a few hundred KB and is bound by load
+ * latency, so lanes hold the splits' weights (split s in lane s % 32) and each lane has eight
+ * splits' partials in flight at once. 2^WLG warps take a (query row, query head), eight splits
+ * each, and the first sums them through shared memory (combine_warps_lg picks WLG by the splits).
+ * Session 35's timeline: with one warp per pair walking its splits eight at a time, the combine of
+ * bit-pack (1, 32k)'s 32 splits took ~4.4 us of the launch's ~28.5. */
+template <int HD, class T, int WLG>
 __global__ void __launch_bounds__(256) combine_kernel(const params p) {
-  static_assert(kMaxSplits <= 64, "two splits' weights per lane");
+  static_assert(kMaxSplits <= 64 && WLG <= 3, "two splits' weights per lane; 8 warps of 8 splits");
   constexpr int CH = HD / 32; /* channels per lane: VW * lane + 32 * VW * i + j */
   constexpr int NV = (CH + 3) / 4, VW = CH < 4 ? CH : 4;
+  /* The warps' weighted sums (none with one warp per pair). */
+  __shared__ float sums[WLG ? 8 : 1][WLG ? HD : 1];
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-  const int hq = p.num_q_heads, lane = threadIdx.x & 31, ns = p.nsplits;
-  const long pe = (long)blockIdx.x * 8 + (threadIdx.x >> 5);
-  if (pe >= (long)p.total_q_rows * hq) return;
+  const int hq = p.num_q_heads, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ns = p.nsplits;
+  const long pe = (long)blockIdx.x * (8 >> WLG) + (warp >> WLG);
+  const int part = warp & ((1 << WLG) - 1);
+  /* Warp-uniform; with several warps per pair every warp reaches the barrier below. */
+  const bool live = pe < (long)p.total_q_rows * hq;
+  if (!WLG && !live) return;
   const size_t stride = (size_t)p.total_q_rows * hq;
-  const float l0 = lane < ns ? p.ws_lse[lane * stride + pe] : -INFINITY;
-  const float l1 = lane + 32 < ns ? p.ws_lse[(lane + 32) * stride + pe] : -INFINITY;
-  float mx = fmaxf(l0, l1);
+  float acc[NV][VW] = {}, wsum = 0.f;
+  if (live) {
+    const float l0 = lane < ns ? p.ws_lse[lane * stride + pe] : -INFINITY;
+    const float l1 = lane + 32 < ns ? p.ws_lse[(lane + 32) * stride + pe] : -INFINITY;
+    float mx = fmaxf(l0, l1);
 #pragma unroll
-  for (int o2 = 16; o2 >= 1; o2 >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
-  const float w0 = exp2f(l0 - mx), w1 = exp2f(l1 - mx);
-  float wsum = w0 + w1;
+    for (int o2 = 16; o2 >= 1; o2 >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+    const float w0 = exp2f(l0 - mx), w1 = exp2f(l1 - mx);
+    wsum = w0 + w1;
 #pragma unroll
-  for (int o2 = 16; o2 >= 1; o2 >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o2);
-  float acc[NV][VW] = {};
-  const float *src = p.ws_o + pe * HD + VW * lane;
-  for (int s0 = 0; s0 < ns; s0 += 8) {
+    for (int o2 = 16; o2 >= 1; o2 >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o2);
+    const float *src = p.ws_o + pe * HD + VW * lane;
+    for (int s0 = 8 * part; s0 < ns; s0 += 8 << WLG) {
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-      const int s = s0 + j;
-      const float w = __shfl_sync(0xffffffffu, s < 32 ? w0 : w1, s & 31);
-      if (s < ns)
+      for (int j = 0; j < 8; j++) {
+        const int s = s0 + j;
+        const float w = __shfl_sync(0xffffffffu, s < 32 ? w0 : w1, s & 31);
+        if (s < ns)
 #pragma unroll
-        for (int i = 0; i < NV; i++) {
-          const float *v = src + s * stride * HD + 32 * VW * i;
-          if constexpr (VW == 4) {
-            const float4 x = *(const float4 *)v;
-            acc[i][0] += w * x.x, acc[i][1] += w * x.y, acc[i][2] += w * x.z, acc[i][3] += w * x.w;
-          } else {
-            const float2 x = *(const float2 *)v;
-            acc[i][0] += w * x.x, acc[i][1] += w * x.y;
+          for (int i = 0; i < NV; i++) {
+            const float *v = src + s * stride * HD + 32 * VW * i;
+            if constexpr (VW == 4) {
+              const float4 x = *(const float4 *)v;
+              acc[i][0] += w * x.x, acc[i][1] += w * x.y, acc[i][2] += w * x.z;
+              acc[i][3] += w * x.w;
+            } else {
+              const float2 x = *(const float2 *)v;
+              acc[i][0] += w * x.x, acc[i][1] += w * x.y;
+            }
           }
-        }
+      }
     }
+  }
+  if constexpr (WLG > 0) {
+#pragma unroll
+    for (int i = 0; i < NV; i++)
+#pragma unroll
+      for (int j = 0; j < VW; j++) sums[warp][VW * lane + 32 * VW * i + j] = acc[i][j];
+    __syncthreads();
+    if (part != 0 || !live) return;
+#pragma unroll
+    for (int k = 1; k < 1 << WLG; k++)
+#pragma unroll
+      for (int i = 0; i < NV; i++)
+#pragma unroll
+        for (int j = 0; j < VW; j++) acc[i][j] += sums[warp + k][VW * lane + 32 * VW * i + j];
   }
   const float inv = 1.f / wsum;
   T *out = (T *)p.out + (size_t)pe * HD + VW * lane;
@@ -976,6 +1001,11 @@ __global__ void __launch_bounds__(256) combine_kernel(const params p) {
     for (int j = 0; j < VW; j += 2)
       *(uint32_t *)(out + 32 * VW * i + j) = pack2<T>(acc[i][j] * inv, acc[i][j + 1] * inv);
 }
+
+/* log2 of the combine's warps per (query row, query head) for ns splits. Measured (session 36,
+ * against one warp per pair): bit-pack (1, 8k) -5.0%, (1, 32k) -4.0%, (1, 128k) -2.6%, batches
+ * 2-16 unchanged; two warps for 16 splits made (2, 32k) 1% slower, so up to 16 take one. */
+constexpr int combine_warps_lg(int ns) { return ns <= 16 ? 0 : ns <= 32 ? 2 : 3; }
 
 /* ---- host ------------------------------------------------------------------------------------ */
 
@@ -1021,16 +1051,21 @@ template <int HD, int WM> constexpr int max_block_tokens() {
  * dependent of the launch before it. */
 template <int HD, class T> kvc_status_t launch_combine(const params &p, cudaStream_t stream) {
   const long pairs = (long)p.total_q_rows * p.num_q_heads;
+  const int wlg = combine_warps_lg(p.nsplits);
+  void (*const kernel)(const params) = wlg == 0   ? combine_kernel<HD, T, 0>
+                                       : wlg == 2 ? combine_kernel<HD, T, 2>
+                                                  : combine_kernel<HD, T, 3>;
   cudaLaunchAttribute pdl;
   pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   pdl.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)((pairs + 7) / 8));
+  const long per_cta = 8 >> wlg; /* pairs */
+  cfg.gridDim = dim3((unsigned)((pairs + per_cta - 1) / per_cta));
   cfg.blockDim = dim3(256);
   cfg.stream = stream;
   cfg.attrs = &pdl;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, combine_kernel<HD, T>, p) == cudaSuccess ? KVC_OK : KVC_ERR_CUDA;
+  return cudaLaunchKernelEx(&cfg, kernel, p) == cudaSuccess ? KVC_OK : KVC_ERR_CUDA;
 }
 
 /* Enqueues `kernel` (threads and dynamic shared memory per CTA) over the split-K partition that

@@ -529,8 +529,8 @@ static void long_context_splits(void **state) {
   check_case(&few);
   /* One sequence and kv head of 3,000-4,000 tokens: over 32 splits, which the combine takes with
    * several warps per query row and head, at head_dim 64 and 256. In bf16: in fp16 the head_dim
-   * 64 case misses the 1e-3 bound on v3 with splits (1.4e-3, main's kernels as well; session 36
-   * of bench/NOTES-attention.md). */
+   * 64 case misses the 1e-3 bound on v3's bit-pack fast path, with or without splits (1.4e-3;
+   * bench/NOTES-attention.md, session 36, call 9). */
   gpu_case_t hd64 = {1, 8, 1, 64, 64, KVC_DTYPE_BF16, 4000, 1, KVC_TEST_PAGE_ALL, 0, 5002};
   hd64.min_len = (int)(3000 * kvc_test_scale());
   check_case(&hd64);

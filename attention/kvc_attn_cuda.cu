@@ -1032,6 +1032,7 @@ int choose_splits(long base_ctas, int units_max, int slots) {
 /* What the launcher knows before it picks an instance. */
 struct launch_shape {
   long base_ctas; /* sequences x kv heads x query tiles */
+  long entries_max; /* query entries (rows x GQA group) of the largest sequence */
   int units_max;  /* 64-token units of the longest sequence */
   int max_splits; /* >= 1: the splits whose partials the workspace holds for this launch */
   bool partial;   /* partials even with one split, combined by the caller (a cascade's launches) */
@@ -1108,8 +1109,12 @@ kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
 template <int HD, class T, int NB, int UT, int CPS = 2>
 kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
   if (p.block_tokens > v3_layout<HD, UT, CPS>::max_block_tokens) return KVC_ERR_UNSUPPORTED;
-  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, false, true, UT, CPS>, kThreads3,
-                            v3_layout<HD, UT, CPS>::bytes, p, sh, stream);
+  auto kernel = attn_kernel_v3<HD, T, NB, false, true, UT, CPS>;
+  /* fp16 query tiles of at most 4 entries take the instance that adds Q' 's remainder to S^T in
+   * the tile's free columns (kvc_attn_v3.cuh, lo4); it holds Q in registers below head_dim 256. */
+  if constexpr (std::is_same<T, __half>::value && NB == 1 && HD < 256)
+    if (sh.entries_max <= 4) kernel = attn_kernel_v3<HD, T, NB, false, true, UT, CPS, true>;
+  return launch_with<HD, T>(kernel, kThreads3, v3_layout<HD, UT, CPS>::bytes, p, sh, stream);
 }
 
 int hd_index(int hd) { return hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1; }
@@ -1300,6 +1305,7 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
     launch_shape sh;
     sh.qtiles = (int)((entries_max + tile - 1) / tile);
     sh.base_ctas = (long)lv.num_seqs * a->num_kv_heads * sh.qtiles;
+    sh.entries_max = entries_max;
     sh.units_max = (lv.max_kv_len + unit - 1) / unit;
     sh.max_splits = lv.max_splits;
     sh.partial = lv.partial;

@@ -42,26 +42,28 @@
  * operand) that read only the ring bytes, the scratch and the v3_src they are given; a new source
  * adds an SRC_ value, its setup in v3_page_setup and a case in v3_s / v3_pv:
  *   SRC_ROWS  staging / RAW rows of a page, linear in the ring: LDS.128 + one PRMT per pair.
- *   SRC_FAST  bit-pack, relative mode, width 1..8, group bases b with |b - 2^W| <= 2048 (keys:
- *             and b >= 2^W - 1024; values: and b <= 2048) and the largest step of the section
- *             within 2^+-60: the operands hold each code u exactly, at bit r of an fp16 half, r
- *             the code's offset in its byte where the mantissa allows (pair_r; code_pair: one
- *             PRMT and one LOP3, no shift at the default widths): keys as 1 + u 2^(r - 10)
- *             (OR-ed with fp16's 1.0, held in a register), values as the subnormal u 2^(r - 24).
- *             The rest of (u + b) * step is folded out of them:
+ *   SRC_FAST  bit-pack, relative mode, width 1..8, group bases b with |b - 2^W| <= 2048 and
+ *             b <= 2048, and the largest step of the section within 2^+-60: the operands hold
+ *             each code u exactly as the fp16 subnormal u 2^(r - 24), r the code's offset in its
+ *             byte where the mantissa allows (pair_r; code_pair: one PRMT and one LOP3, no shift
+ *             at the default widths). The rest of (u + b) * step is folded out of them:
  *             keys' per-channel steps into Q's B fragments (Q' = Q * step * 2^(-e - r), built
  *             once per page outside the Huffman instances, else one HMUL2 per Q pair and k-block
- *             and slab; S scaled by 2^(e + 10) after the mma) and their bases and 1 into a
- *             per-page, per-entry start of S (s_fast_const: one mma per k-block with the b 2^(r -
- *             10) - 1 of every channel as the tokens' rows, once per page);
+ *             and slab; S scaled by 2^(e + 24) after the mma) and their bases into a per-page,
+ *             per-entry term of S (s_fast_const: one mma per k-block with the b 2^(r - 24) of
+ *             every channel as the tokens' rows, once per page);
  *             values' per-token steps into P (P' = P * step * 2^(W - e)) and their bases into a
  *             per-entry sum of P' b / 2^W (in the hot-width loop one more mma per slab) that the
  *             epilogue adds to every channel (vcorr). O^T's row of channel offset n in its lane's
  *             run accumulates O * 2^(-e - v_row_lg(W, n)), rescaled when a page needs another e or
- *             W (o_units). Subnormal values have no constant part to cancel: with 1 + u 2^(r - 10),
- *             O^T's large sum of P' lost the low bits of the codes' part in the tensor cores' fp32
- *             accumulation (a warp's mma over 32k tokens of 3-bit codes, relative L2 error: 6.1e-4
- *             at r = 7, doubling per bit lower; as subnormals 1.4e-4 at every r).
+ *             W (o_units). Subnormals have no constant part to cancel: with operands 1 + u 2^(r -
+ *             10), the tensor cores' fp32 accumulation of the large constant products lost the low
+ *             bits of the codes' part (values: a warp's mma over 32k tokens of 3-bit codes,
+ *             relative L2 error 6.1e-4 at r = 7, doubling per bit lower; as subnormals 1.4e-4 at
+ *             every r). Keys' sums are short (head_dim terms): as subnormals they measured the
+ *             same error and time as 1 + u 2^(r - 10), without a 1.0 held in a register. What did
+ *             matter for keys is Q' 's rounding, shared by every token of a page: S^T takes Q' 's
+ *             remainder too in fp16 launches (q_resid).
  *             Rounding differs from the CPU reference, which rounds each decoded value (u + b) *
  *             step to fp16: here the values are exact and Q' and P' carry one fp16 rounding each
  *             (the base terms use the same rounded Q' and P'), so the GPU-vs-reference error
@@ -136,7 +138,7 @@ template <class T> constexpr bool kFast16 = half2_of<T>::magic == 0x64006400u;
  * SRC_GEN's group bases and steps or SRC_FAST's tables (same bytes). K fast: per (k-block, lane c)
  * a uint4 (kq, kq_index: the four c of a k-block side by side, so that a warp's read of them is
  * one wavefront, not four in one bank) {b0, s0, b1, s1}: for the k-block's two channel pairs in
- * k_channel order, fp16 pairs of the bases b 2^(r - 10) - 1 and of the steps step 2^(-e - r)
+ * k_channel order, fp16 pairs of the bases b 2^(r - 24) and of the steps step 2^(-e - r)
  * (v3_fast_tables), bases first so that the uint4 as loaded is s_fast_const's A operand, and
  * per lane s_fast_const's float2 per n-block (kc). V fast: per page token the floats step *
  * 2^(W - e) (vmul) and the fp16 b / 2^W (vbt, exact: |b| <= 2048). Per-token entries are
@@ -312,7 +314,7 @@ __host__ __device__ constexpr int pair_r(int W, int i1) {
  * modulo 8) as the low and high halves of the result, each at bits [r, r + W) of its half, r =
  * pair_r(W, i1), the other bits 0: one PRMT (shared by the codes of a byte pair) and an AND, a
  * shift before it for r > 10 - W. A half is then exactly u 2^r as an fp16 subnormal (u 2^(r -
- * 24)), or u 2^(r - 10) + 1 OR-ed with fp16's 1.0 (keys: code_pair's caller chooses). */
+ * 24)). */
 template <int W, int NA>
 __device__ __forceinline__ uint32_t code_pair(const uint32_t (&x)[NA], const uint32_t (&y)[NA],
                                               int i1, int i2) {
@@ -510,9 +512,8 @@ __device__ __forceinline__ bool v3_header(const uint8_t *sec, uint32_t sec_bytes
  * pairs lane + 32 (i / 2), half i % 2, both channels of a pair in one lane, so SRC_FAST's key
  * pairs need no exchange) or tokens t_lo + lane + 32 i (values: a unit reads at most 64 rows of a
  * page, aligned to 64 page tokens). Per group u = b - 2^W + 2048 (mod 2^32; SRC_FAST's condition
- * on a base b is |b - 2^W| <= 2048, i.e. u <= 4096, so that (b - 2^W) / 2^W is exact in fp16;
- * keys' also u >= 1024, for code_pair's bases; values' also b <= 2048, i.e. u <= 4096 - 2^W
- * (widths 1..8), so that b / 2^W is exact in fp16, vbt) and
+ * on a base b is b - 2^W >= -2048 and b <= 2048, i.e. u <= 4096 - 2^W (widths 1..8), so that b
+ * times a power of two is exact in fp16: keys' b 2^(r - 24), values' b / 2^W, vbt) and
  * E = e + 823, the step code as v3_step_x takes it; in: the token is below t_hi (a token past it
  * reads token t_hi - 1's fields, inside the section, whose step code and base leave emax and inb
  * as they are). */
@@ -522,7 +523,7 @@ template <int HD, int TS> struct v3_groups {
   int E[NG];
   bool in[NG];
   int emax; /* the lane's largest E */
-  bool inb; /* every u of the lane <= 4096 (keys: in [1024, 4096]) */
+  bool inb; /* every u of the lane <= 4096 - 2^W */
 };
 
 /* The lane's groups of a relative-mode section whose header passed v3_header. No branches. */
@@ -577,7 +578,7 @@ __device__ __forceinline__ void v3_groups_read(const v3_hdr &h, int t_lo, int t_
     gr.u[i] = kvc_dev_top(__funnelshift_l(w[pb[i] + 1], w[pb[i]], sb[i]), h.w_b) + cb;
     gr.E[i] = (int)kvc_dev_top(__funnelshift_l(w[pe[i] + 1], w[pe[i]], se[i]), h.w_e) + ce;
     gr.emax = max(gr.emax, gr.E[i]);
-    gr.inb &= TS == 0 ? gr.u[i] - 1024u <= 3072u : gr.u[i] <= 4096u - (1u << h.width);
+    gr.inb &= gr.u[i] <= 4096u - (1u << h.width);
   }
 }
 
@@ -636,15 +637,15 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
   if constexpr (TS == 0) {
     /* Pair pr = lane + 32 (i / 2): pi = pr % (HD / 8) of lane j = pr / (HD / 8), i.e. the pi % 2-th
      * base and step pairs of uint4 kq_index(j, pi / 2). Its codes lie at bit r of their halves
-     * (code_pair): operand 1 + u 2^(r - 10), so the steps take 2^-r and the bases b 2^(r - 10) - 1
-     * = (u + 2^W - 2048 - 2^(10 - r)) 2^(r - 10), in one FFMA, exact (the numerator's magnitude is
-     * at most 2048 for 1024 <= u <= 4096: v3_groups). HD / 8 divides 32, so pi = lane % (HD / 8)
-     * for every pair of the lane: one r and one set of factors, computed once (not per pair). */
+     * (code_pair): operand u 2^(r - 24), so the steps take 2^-r and the bases b 2^(r - 24) = (u +
+     * 2^W - 2048) 2^(r - 24), in one FFMA, exact (|b| <= 2048: v3_groups). HD / 8 divides 32, so
+     * pi = lane % (HD / 8) for every pair of the lane: one r and one set of factors, computed
+     * once (not per pair). */
     static_assert(32 % (HD / 8) == 0, "a lane's pairs share pi");
     const int pi = lane % (HD / 8);
     const int r = pair_r((int)h.width, 16 * (pi / 8) + pi % 8);
-    const float rinv = inv * pow2i(-r), bm = pow2i(r - 10);
-    const float bo = (float)((1 << h.width) - 2048 - (1024 >> r)) * bm;
+    const float rinv = inv * pow2i(-r), bm = pow2i(r - 24);
+    const float bo = (float)((1 << h.width) - 2048) * bm;
     uint32_t *kq = (uint32_t *)(scr + v3_scratch<HD>::kq) +
                    4 * kq_index(lane / (HD / 8), pi / 2) + 2 * (pi % 2);
 #pragma unroll
@@ -655,7 +656,7 @@ __device__ __forceinline__ void v3_fast_tables(const v3_hdr &h, const v3_groups<
                            fmaf(__uint2float_rn(gr.u[i + 1]), bm, bo));
       q[1] = pack2<__half>(v3_step_x(gr.E[i]) * rinv, v3_step_x(gr.E[i + 1]) * rinv);
     }
-    v3_set_sec(h, TS, e + 10, s); /* S^T's unit: (u + b) / 2^10 times Q * step * 2^-e */
+    v3_set_sec(h, TS, e + 24, s); /* S^T's unit: (u + b) / 2^24 times Q * step * 2^-e */
   } else {
     /* Every one of the 64 entries (tokens past t_hi: 0). b / 2^W = u / 2^W + (1 - 2048 / 2^W):
      * exact, and in fp16 (|b| <= 2048: v3_groups). */
@@ -828,8 +829,8 @@ __device__ __forceinline__ void s_rows(const uint8_t *const (&row)[2], int c,
 }
 
 /* A word of Q's B fragments times a lane's step pair st: Q' = Q * step * 2^-e, one rounding.
- * s_fast and s_fast_const must round Q' alike (the base terms cancel against the codes' 1), so
- * both take it from here (or from q_page, which applies it once per page). */
+ * s_fast and s_fast_const round Q' alike, so both take it from here (or from q_page, which
+ * applies it once per page), with q_resid's remainder. */
 template <class T> __device__ __forceinline__ uint32_t q_scaled(uint32_t q, uint32_t st) {
   if constexpr (kFast16<T>) {
     return h2_bits<__half2>(__hmul2(as_h2<__half2>(q), as_h2<__half2>(st)));
@@ -837,6 +838,24 @@ template <class T> __device__ __forceinline__ uint32_t q_scaled(uint32_t q, uint
     const float2 a = __bfloat1622float2(as_h2<__nv_bfloat162>(q));
     const float2 b = __half22float2(as_h2<__half2>(st));
     return h2_bits<__half2>(__floats2half2_rn(a.x * b.x, a.y * b.y));
+  }
+}
+
+/* What q_scaled's rounding dropped from the word q times st: Q * step * 2^-e - Q' (qh), rounded
+ * to fp16 (fp16: one HFMA2). The keys' fast path multiplies the codes by Q' and by this, so
+ * that Q' errs by ~2^-22 instead of ~2^-12: Q' alone errs alike for every token of a page (a
+ * query perturbed per channel), which attention does not average out; fp16 outputs erred up
+ * to 1.8e-3 at head_dim 64 and 8,000 tokens, growing with the context (session 37). */
+template <class T>
+__device__ __forceinline__ uint32_t q_resid(uint32_t q, uint32_t st, uint32_t qh) {
+  if constexpr (kFast16<T>) {
+    return h2_bits<__half2>(
+        __hfma2(as_h2<__half2>(q), as_h2<__half2>(st), __hneg2(as_h2<__half2>(qh))));
+  } else { /* bf16 Q's product is exact in float (8 + 11 significant bits) */
+    const float2 a = __bfloat1622float2(as_h2<__nv_bfloat162>(q));
+    const float2 b = __half22float2(as_h2<__half2>(st));
+    const float2 h = __half22float2(as_h2<__half2>(qh));
+    return h2_bits<__half2>(__floats2half2_rn(fmaf(a.x, b.x, -h.x), fmaf(a.y, b.y, -h.y)));
   }
 }
 
@@ -857,30 +876,66 @@ __device__ __forceinline__ void q_load(uint32_t qa, qfrag_t<HD, NB> &q) {
   }
 }
 
-/* The operand of a page's SRC_FAST keys: Q' (q_scaled) of every k-block, from Q's fragments and
- * the page's step pairs in the scratch. Once per page instead of once per slab (s_fast's PRE):
- * a bf16 word takes seven instructions, an fp16 word one HMUL2. */
-template <int HD, int NB, class T>
-__device__ __forceinline__ void q_page(const uint8_t *scr, int c, qfrag_t<HD, NB> &q) {
+/* The operands of a page's SRC_FAST keys: Q' (q_scaled) of every k-block in place of Q's
+ * fragments q, and with HL its remainder (q_resid): in ql, or with lo4 in place of q in lanes of
+ * odd g (the kernel's lo4). From the page's step pairs in the scratch, once per page instead of
+ * once per slab (s_fast's PRE): an fp16 word takes an HMUL2, an HFMA2 and a select, a bf16 word
+ * seven instructions. */
+template <int HD, int NB, class T, bool HL>
+__device__ __forceinline__ void q_page(const uint8_t *scr, int c, qfrag_t<HD, NB> &q,
+                                       qfrag_t<HD, NB> &ql, bool lo4) {
   const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
+  const bool lo = lo4 && (lane_id() & 4); /* odd g */
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
     const uint4 sb = kq[kq_index(c, kb)];
 #pragma unroll
-    for (int nb = 0; nb < NB; nb++) {
-      q[nb][kb][0] = q_scaled<T>(q[nb][kb][0], sb.y);
-      q[nb][kb][1] = q_scaled<T>(q[nb][kb][1], sb.w);
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int x = 0; x < 2; x++) {
+        const uint32_t st = x ? sb.w : sb.y, qh = q_scaled<T>(q[nb][kb][x], st);
+        if constexpr (HL) {
+          const uint32_t rl = q_resid<T>(q[nb][kb][x], st, qh);
+          ql[nb][kb][x] = rl;
+          q[nb][kb][x] = lo ? rl : qh;
+        } else {
+          q[nb][kb][x] = qh;
+        }
+      }
+  }
+}
+
+/* The B operands of SRC_FAST keys for k-block kb and n-block nb: Q' (q) and with HL its
+ * remainder (l); lanes with lo (lo4, odd g) take the remainder as q. PRE: from qb and ql as
+ * q_page left them, else formed here from Q (qb) and the step pairs sb. */
+template <int HD, int NB, class T, bool PRE, bool HL>
+__device__ __forceinline__ void fast_q(const qfrag_t<HD, NB> &qb, const qfrag_t<HD, NB> &ql,
+                                       const uint4 &sb, int nb, int kb, bool lo, uint32_t (&q)[2],
+                                       uint32_t (&l)[2]) {
+#pragma unroll
+  for (int x = 0; x < 2; x++) {
+    const uint32_t st = x ? sb.w : sb.y;
+    q[x] = PRE ? qb[nb][kb][x] : q_scaled<T>(qb[nb][kb][x], st);
+    l[x] = 0u;
+    if constexpr (HL) {
+      l[x] = PRE ? ql[nb][kb][x] : q_resid<T>(qb[nb][kb][x], st, q[x]);
+      if (!PRE && lo) q[x] = l[x];
     }
   }
 }
 
-/* Bit-pack fast path: the exact 1 + u / 2^W of each code times Q' = Q * step * 2^-e, added to
- * s_fast_const's sums (the bases and the 1; KC: s[0] starts from them, else the caller adds them,
- * s being 0). PRE: qb holds Q' already (q_page), else Q. */
-template <int HD, int W, int NB, class T, bool PRE, bool KC = true>
+/* Bit-pack fast path: the exact u 2^(r - 24) of each code times Q' = Q * step * 2^(-e - r),
+ * added to s_fast_const's sums (the bases; KC: s[0] starts from them, else the caller adds them,
+ * s being 0). With HL, times Q' 's remainder too: with lo4 in the odd columns of the same mma
+ * (the caller adds each to the even column before it), else into sl (two more mma chains,
+ * zeroed by the caller, who adds them to s: fp16 (8, 32k) 10% slower than without the
+ * remainder; in s's own chains, twice as long, 13%). PRE: qb and ql hold the operands already
+ * (q_page), else qb is Q (ql unused). */
+template <int HD, int W, int NB, class T, bool PRE, bool HL, bool KC = true>
 __device__ __forceinline__ void s_fast(const token_runs<2> &tr, const uint8_t *scr, int c,
-                                       const qfrag_t<HD, NB> &qb, uint32_t magic,
-                                       float (&s)[2][NB][4]) {
+                                       const qfrag_t<HD, NB> &qb, const qfrag_t<HD, NB> &ql,
+                                       bool lo4, float (&s)[2][NB][4], float (&sl)[2][NB][4]) {
+  const bool lo = lo4 && (lane_id() & 4); /* odd g: the remainder's columns */
   /* The lane's HD / 4 channels in NH parts of 32 at most, a part's run loaded before its
    * k-blocks (head_dim 256: two, so that half the codes are live at a time). */
   constexpr int NC = HD / 4, NH = NC > 32 ? NC / 32 : 1, NCP = NC / NH, KBP = HD / 16 / NH;
@@ -888,12 +943,14 @@ __device__ __forceinline__ void s_fast(const token_runs<2> &tr, const uint8_t *s
   static_assert(NH == 1 || NCP * W % 32 == 0, "a part's run starts at a whole word of the first");
   const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
   if constexpr (KC) {
+    /* With lo4, the odd columns hold only the remainder's terms, which the caller adds to the
+     * even ones: the sums start there alone. */
     const float2 *kc = (const float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
       const float2 k0 = kc[nb];
 #pragma unroll
-      for (int e = 0; e < 4; e++) s[0][nb][e] = e & 1 ? k0.y : k0.x;
+      for (int e = 0; e < 4; e++) s[0][nb][e] = e & 1 ? (lo4 ? 0.f : k0.y) : k0.x;
     }
   }
 #pragma unroll
@@ -911,24 +968,27 @@ __device__ __forceinline__ void s_fast(const token_runs<2> &tr, const uint8_t *s
 #pragma unroll
         for (int x = 0; x < 2; x++) {
           const int pi = 2 * kb + x, ch = 16 * (pi / 8) + pi % 8 - part * NCP;
-          b[h][x] = code_pair<W, NA>(a[h], a[h], ch, ch + 8) | magic;
+          b[h][x] = code_pair<W, NA>(a[h], a[h], ch, ch + 8);
         }
       const uint32_t av[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
       for (int nb = 0; nb < NB; nb++) {
-        const uint32_t q0 = PRE ? qb[nb][kb][0] : q_scaled<T>(qb[nb][kb][0], sb.y);
-        const uint32_t q1 = PRE ? qb[nb][kb][1] : q_scaled<T>(qb[nb][kb][1], sb.w);
-        mma16816<__half>(s[kb % 2][nb], av, q0, q1);
+        uint32_t q[2], l[2];
+        fast_q<HD, NB, T, PRE, HL>(qb, ql, sb, nb, kb, lo, q, l);
+        mma16816<__half>(s[kb % 2][nb], av, q[0], q[1]);
+        if (HL && !lo4) mma16816<__half>(sl[kb % 2][nb], av, l[0], l[1]);
       }
     }
   }
 }
 
-/* What SRC_FAST keys add to every token's S^T, per entry: sum over channels of Q' (b / 2^W - 1),
- * with the Q' that s_fast rounds alike (q_scaled). Once per page, into the scratch
- * (v3_scratch<HD>::kc). PRE: as s_fast's. */
-template <int HD, int NB, class T, bool PRE>
-__device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb) {
+/* What SRC_FAST keys add to every token's S^T, per entry: sum over channels of Q' b 2^(r - 24),
+ * with Q' (and with HL its remainder) as s_fast takes them. Once per page, into the scratch
+ * (v3_scratch<HD>::kc). PRE, lo4: as s_fast's. */
+template <int HD, int NB, class T, bool PRE, bool HL>
+__device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb,
+                                             const qfrag_t<HD, NB> &ql, bool lo4) {
+  const bool lo = lo4 && (lane_id() & 4);
   const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
   /* Two mma chains (even and odd k-blocks), as in s_fast: this runs between the page setup and
    * the page's first softmax, on the unit's serial path. */
@@ -947,15 +1007,19 @@ __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<
     const uint32_t av[4] = {sb.x, sb.y, sb.z, sb.w};
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) {
-      const uint32_t q0 = PRE ? qb[nb][kb][0] : q_scaled<T>(qb[nb][kb][0], sb.y);
-      const uint32_t q1 = PRE ? qb[nb][kb][1] : q_scaled<T>(qb[nb][kb][1], sb.w);
-      mma16816<__half>(acc[kb % 2][nb], av, q0, q1);
+      uint32_t q[2], l[2];
+      fast_q<HD, NB, T, PRE, HL>(qb, ql, sb, nb, kb, lo, q, l);
+      mma16816<__half>(acc[kb % 2][nb], av, q[0], q[1]);
+      if (HL && !lo4) mma16816<__half>(acc[(kb + 1) % 2][nb], av, l[0], l[1]);
     }
   }
   float2 *kc = (float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
 #pragma unroll
-  for (int nb = 0; nb < NB; nb++) /* rows g */
-    kc[nb] = make_float2(acc[0][nb][0] + acc[1][nb][0], acc[0][nb][1] + acc[1][nb][1]);
+  for (int nb = 0; nb < NB; nb++) { /* rows g */
+    float2 k = make_float2(acc[0][nb][0] + acc[1][nb][0], acc[0][nb][1] + acc[1][nb][1]);
+    if (HL && lo4) k.x += k.y; /* column 2c + 1: the remainder's of column 2c's entry */
+    kc[nb] = k;
+  }
 }
 
 /* The generic path is rare (non-default sections): k-block by k-block, not unrolled, so that it
@@ -997,13 +1061,15 @@ template <int HD> constexpr bool v_aligned_width(int W) {
 
 /* S^T from source ks for rows tr of the current page's rows in the unit. PRE: qb is the page's
  * operand (Q' for SRC_FAST keys, else Q; the kernel's qx), else Q. qf: SRC_FAST's Q, of type TQ
- * (qb, or without PRE its fp16 copy: the kernel's Q16). qs: Q's fragments for the generic path's
- * indexed reads (the CTA's copy in shared memory). */
-template <int HD, class T, int NB, bool FAST, bool SWAP, bool PRE, class TQ>
+ * (qb, or without PRE its fp16 copy: the kernel's Q16); ql: with PRE, Q' 's remainder (q_page).
+ * qs: Q's fragments for the generic path's indexed reads (the CTA's copy in shared memory). HL,
+ * lo4, sl: s_fast's. */
+template <int HD, class T, int NB, bool FAST, bool SWAP, bool PRE, bool HL, class TQ>
 __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c,
                                      const int (&tr)[2], const qfrag_t<HD, NB> &qb,
-                                     const qfrag_t<HD, NB> &qf, const qfrag_t<HD, NB> &qs,
-                                     uint32_t magic, float (&s)[2][NB][4]) {
+                                     const qfrag_t<HD, NB> &qf, const qfrag_t<HD, NB> &ql,
+                                     const qfrag_t<HD, NB> &qs, bool lo4, float (&s)[2][NB][4],
+                                     float (&sl)[2][NB][4]) {
   const int pt[2] = {ks.ptok0 + tr[0], ks.ptok0 + tr[1]};
   auto runs = [&](auto w) {
     return token_runs_of<HD, decltype(w)::value>(ks.sec.w, ks.sec.meta, c * (HD / 4), pt);
@@ -1017,7 +1083,8 @@ __device__ __forceinline__ void v3_s(const v3_src &ks, const uint8_t *scr, int c
 #define KVC__KF(W)                                                                                 \
   case W:                                                                                          \
     if constexpr (FAST)                                                                            \
-      s_fast<HD, W, NB, TQ, PRE>(runs(std::integral_constant<int, W>()), scr, c, qf, magic, s);   \
+      s_fast<HD, W, NB, TQ, PRE, HL>(runs(std::integral_constant<int, W>()), scr, c, qf, ql, lo4, \
+                                     s, sl);                                                      \
     break;
     KVC__KF(1) KVC__KF(2) KVC__KF(3) KVC__KF(4) KVC__KF(5) KVC__KF(6) KVC__KF(7) KVC__KF(8)
 #undef KVC__KF
@@ -1244,8 +1311,10 @@ template <int HD, class T, int NB, bool HUF, bool FAST> constexpr bool v3_hot_wi
  * meet Huffman pages (attention/kvc_attn_v3_huf.cuh). FAST: SRC_FAST is built (else bit-pack
  * sections take SRC_GEN); the Huffman instance for launches without bit-pack pages leaves it out,
  * since its code alone made the Huffman slabs 2.8% slower (bench/NOTES-attention.md, session 8).
- * UT: tokens per unit (v3_layout). CPS: CTAs per SM, the ring's share (v3_ring_bytes). */
-template <int HD, class T, int NB, bool HUF, bool FAST, int UT, int CPS = 2>
+ * UT: tokens per unit (v3_layout). CPS: CTAs per SM, the ring's share (v3_ring_bytes). LO4: the
+ * instance for launches whose query tiles hold at most 4 entries each (lo4 below; fp16 with Q in
+ * registers only). */
+template <int HD, class T, int NB, bool HUF, bool FAST, int UT, int CPS = 2, bool LO4 = false>
 __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p) {
   static_assert(HUF || FAST, "without Huffman pages the fast path is what v3 is for");
   typedef v3_layout_of<HD, HUF, UT, CPS> LO;
@@ -1275,21 +1344,30 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
   /* The producer warp loads none of Q. */
   if (warp == kW3) prefetch_first_batch<UT, SL::batch>(p, seq, len, u_begin);
   load_q_tile<HD, T, false>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, kThreads3);
-  /* fp16's 1.0 for the keys' fast path, passed through shared memory so that it is a register the
-   * compiler cannot fold: LOP3 takes one immediate (the code mask), and with the exponent in a
-   * register (code & mask) | magic is one instruction instead of two. The word is warp 0's
-   * scratch, unused until the unit loop. */
-  if (tid == 0) *(uint32_t *)(smem + SL::scr_off) = 0x3C003C00u;
   __syncthreads();
-  const uint32_t magic = *(const uint32_t *)(smem + SL::scr_off);
   /* Q's B fragments, in the channel order of k_channel: entry 8 nb + g of the tile. From the
    * unit loop on (PRE), the current page's operand: Q or Q' (q_page) while the current page's
    * keys are SRC_FAST (qx_scaled), built once per page rather than per slab. The Huffman
    * instances keep Q and scale it per slab (their registers are taken by the decoder), and so
    * does head_dim 256, whose 32 registers of Q made ptxas spill ~280 bytes: measured (session 25,
    * bit-pack (8, 32k)) fp16 0.386 -> 0.303 ms. */
-  qfrag_t<HD, NB> qx;
+  qfrag_t<HD, NB> qx, ql; /* ql: with PRE and HL, Q' 's remainder while qx is Q' (q_page) */
   constexpr bool PRE = !HUF && HD < 256;
+  /* SRC_FAST keys take Q' 's remainder (q_resid) in fp16 launches. bf16 launches keep one mma:
+   * Q' 's error (2^-12) is below their outputs' own rounding (2^-9). */
+  constexpr bool HL = FAST && kFast16<T>;
+  /* With at most 4 entries in the tile (a GQA group of 4 or fewer, one query row), 4 of the B
+   * operand's 8 columns are free: column 2j holds entry j and column 2j + 1 its Q again, which
+   * q_page makes Q' 's remainder for SRC_FAST keys, so that S^T's one mma per k-block sums both
+   * and each lane adds its odd column to its even one, instead of two more mma chains (s_fast's
+   * sl: fp16 (8, 32k) 10% slower; entries in columns 0..3 and the remainder in 4..7, added by
+   * shuffles: 5%). Entry e0 + j of the tile is then column 2j; the odd columns are entries
+   * nobody reads. With PRE it is the instance's (LO4, the launcher's choice): decided at run
+   * time, the other path's remainder registers (ql) stayed live and cost 8% at (8, 32k); as an
+   * instance, 4.4% (the per-page remainder and the additions). */
+  const bool lo4 = PRE ? LO4 : HL && NB == 1 && entries - e0 <= 4;
+  static_assert(!LO4 || (PRE && HL && NB == 1), "LO4: fp16 instances that hold Q' in registers");
+  auto column_entry = [&](int col) { return lo4 ? col >> 1 : col; }; /* entry offset in the tile */
   /* Whether SRC_FAST may take this CTA's Q as fp16 (kFast16's comment); warp-uniform. */
   bool qfits = true;
   if (warp < kW3) {
@@ -1303,7 +1381,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
       for (int kb = 0; kb < HD / 16; kb++)
 #pragma unroll
         for (int x = 0; x < 2; x++) {
-          const int r = 8 * nb + g, pi = 2 * kb + x;
+          const int r = column_entry(8 * nb + g), pi = 2 * kb + x;
           qx[nb][kb][x] =
               q16(r, k_channel<HD>(c, pi, 0)) | (q16(r, k_channel<HD>(c, pi, 1)) << 16);
         }
@@ -1360,7 +1438,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
   float vcorr[NB][2];
   /* vcorr holds O * 2^-e_o, O^T's row n O * 2^(-e_o - v_row_lg(w_o, n)) */
   int e_o = 0, w_o = 0;
-  bool bad = false;
+  bool bad = LO4 && entries - e0 > 4; /* a tile LO4 cannot take: NaN rather than wrong values */
   if (warp == kW3) {
     producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
   } else {
@@ -1377,7 +1455,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
     for (int nb = 0; nb < NB; nb++)
 #pragma unroll
       for (int x = 0; x < 2; x++) {
-        const int en = e0 + 8 * nb + 2 * c + x;
+        const int en = e0 + column_entry(8 * nb + 2 * c + x);
         pos[nb][x] = len - nq + p.pos_shift + (en < entries ? en / group : nq - 1);
         pos_lane = max(pos_lane, pos[nb][x]);
         m[nb][x] = -INFINITY;
@@ -1437,12 +1515,12 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
         if constexpr (PRE) { /* the page's operand (qx) */
           const bool kfast = FAST && ks.kind == SRC_FAST;
           if (kfast || qx_scaled) q_load<HD, NB>(smem_u32(qs), qx);
-          if (kfast) q_page<HD, NB, T>(scr, c, qx);
+          if (kfast) q_page<HD, NB, T, HL>(scr, c, qx, ql, lo4);
           qx_scaled = kfast;
         }
         if (FAST && ks.kind == SRC_FAST) {
           kmul *= pow2i(ks.sec.e);
-          s_fast_const<HD, NB, TQ, PRE>(scr, c, qf);
+          s_fast_const<HD, NB, TQ, PRE, HL>(scr, c, qf, ql, lo4);
           __syncwarp();
         }
         /* O^T's units: those of this page's V operand (2^e and the rows' v_row_lg for SRC_FAST,
@@ -1499,13 +1577,13 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
           for (; ok && b < b_pg; b++) {
             const int tb = 16 * b;
             /* S^T for tokens tb + g, tb + g + 8. */
-            float s[2][NB][4];
+            float s[2][NB][4], sl[2][NB][4]; /* sl: s_fast's chains of Q' 's remainder (HL) */
 #pragma unroll
             for (int h = 0; h < 2; h++)
 #pragma unroll
               for (int nb = 0; nb < NB; nb++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) s[h][nb][e] = 0.f;
+                for (int e = 0; e < 4; e++) s[h][nb][e] = sl[h][nb][e] = 0.f;
             const int tr[2] = {prow(tb + g), prow(tb + 8 + g)};
             /* SRC_FAST values' factors of tokens tr (P' and vcorr below), loaded at the slab's
              * start so that S and the softmax hide their latency: loaded after the softmax (ptxas
@@ -1534,7 +1612,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             bool huf = false; /* a Huffman page: K and V both come through the warp's tile */
             if constexpr (HUF) huf = ks.kind >= SRC_HUF;
             if constexpr (KW > 0) {
-              s_fast<HD, KW, NB, TQ, PRE, false>(kr, scr, c, qf, magic, s);
+              s_fast<HD, KW, NB, TQ, PRE, HL, false>(kr, scr, c, qf, ql, lo4, s, sl);
               kr.p += 16 * HD * KW / 32;
             } else if (huf) {
               if constexpr (HUF) {
@@ -1555,7 +1633,22 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             } else {
               /* Rows read with fewer bank conflicts (s_rows, pv_rows) except in the Huffman
                * instances, which read rows only for raw and staging pages and spilled with it. */
-              v3_s<HD, T, NB, FAST, !HUF, PRE, TQ>(ks, scr, c, tr, qb, qf, *qs, magic, s);
+              v3_s<HD, T, NB, FAST, !HUF, PRE, HL, TQ>(ks, scr, c, tr, qb, qf, ql, *qs, lo4, s,
+                                                       sl);
+            }
+            if constexpr (HL) { /* S^T's terms of Q' 's remainder (s_fast) */
+              if (!lo4) {
+#pragma unroll
+                for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                  for (int e = 0; e < 4; e++) s[0][nb][e] += sl[0][nb][e] + sl[1][nb][e];
+              } else if (KW > 0 || (FAST && ks.kind == SRC_FAST)) {
+#pragma unroll
+                for (int e = 0; e < 4; e += 2) /* column 2c + 1 to column 2c */
+                  s[0][0][e] += s[1][0][e] + (s[0][0][e + 1] + s[1][0][e + 1]);
+#pragma unroll
+                for (int e = 0; e < 4; e += 2) s[1][0][e] = 0.f;
+              }
             }
             /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
              * maximum moves only when one of its scores exceeds it by more than kMaxSlack: until
@@ -1748,9 +1841,9 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
   if (warp == kW3) return;
   for (int i = tid; i < NE * (HD / 8); i += 32 * kW3) {
     const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
-    if (e >= entries) continue;
+    if (e >= entries) continue; /* with lo4: r < 4 */
     float acc[8], lsum, mu;
-    merge_entry<HD, kW3>(obuf, mbuf, lbuf, r, c8, acc, &lsum, &mu);
+    merge_entry<HD, kW3>(obuf, mbuf, lbuf, lo4 ? 2 * r : r, c8, acc, &lsum, &mu);
     write_entry<HD, T>(p, acc, lsum, mu, cta_bad, q0 + e / group, kh * group + e % group, split,
                        c8);
   }

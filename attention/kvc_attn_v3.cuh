@@ -876,6 +876,10 @@ __device__ __forceinline__ void q_load(uint32_t qa, qfrag_t<HD, NB> &q) {
   }
 }
 
+/* Whether this lane supplies Q' 's remainder rather than Q': with lo4 (the kernel's), the lanes of
+ * odd g, which supply the B operand's odd columns. */
+__device__ __forceinline__ bool remainder_lane(bool lo4) { return lo4 && (lane_id() & 4); }
+
 /* The operands of a page's SRC_FAST keys: Q' (q_scaled) of every k-block in place of Q's
  * fragments q, and with HL its remainder (q_resid): in ql, or with lo4 in place of q in lanes of
  * odd g (the kernel's lo4). From the page's step pairs in the scratch, once per page instead of
@@ -885,7 +889,7 @@ template <int HD, int NB, class T, bool HL>
 __device__ __forceinline__ void q_page(const uint8_t *scr, int c, qfrag_t<HD, NB> &q,
                                        qfrag_t<HD, NB> &ql, bool lo4) {
   const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
-  const bool lo = lo4 && (lane_id() & 4); /* odd g */
+  const bool lo = remainder_lane(lo4);
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
     const uint4 sb = kq[kq_index(c, kb)];
@@ -935,7 +939,7 @@ template <int HD, int W, int NB, class T, bool PRE, bool HL, bool KC = true>
 __device__ __forceinline__ void s_fast(const token_runs<2> &tr, const uint8_t *scr, int c,
                                        const qfrag_t<HD, NB> &qb, const qfrag_t<HD, NB> &ql,
                                        bool lo4, float (&s)[2][NB][4], float (&sl)[2][NB][4]) {
-  const bool lo = lo4 && (lane_id() & 4); /* odd g: the remainder's columns */
+  const bool lo = remainder_lane(lo4);
   /* The lane's HD / 4 channels in NH parts of 32 at most, a part's run loaded before its
    * k-blocks (head_dim 256: two, so that half the codes are live at a time). */
   constexpr int NC = HD / 4, NH = NC > 32 ? NC / 32 : 1, NCP = NC / NH, KBP = HD / 16 / NH;
@@ -988,7 +992,7 @@ __device__ __forceinline__ void s_fast(const token_runs<2> &tr, const uint8_t *s
 template <int HD, int NB, class T, bool PRE, bool HL>
 __device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb,
                                              const qfrag_t<HD, NB> &ql, bool lo4) {
-  const bool lo = lo4 && (lane_id() & 4);
+  const bool lo = remainder_lane(lo4);
   const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
   /* Two mma chains (even and odd k-blocks), as in s_fast: this runs between the page setup and
    * the page's first softmax, on the unit's serial path. */

@@ -95,12 +95,22 @@ typedef struct kvc_attn_args {
   const int32_t *prefix_block_start;
   const int32_t *suffix_kv_len;
   const int32_t *suffix_block_start;
+
+  /* CPU reference only (appended; 0: none): bit 1 << KVC_CODEC_x set for each codec whose
+   * compressed pages the reference uses exactly, as the codec's float, instead of rounded to
+   * `dtype`. The CUDA kernels ignore it (see kvc_attn_cpu for which values each one rounds). */
+  uint32_t ref_exact_codecs;
 } kvc_attn_args_t;
 
 /*
  * Reference: float64 accumulation, pages decoded with the CPU codec, each page once per call; a
  * decoded value is the codec's float rounded to `dtype` (what the cache holds, and what the GPU
- * kernels' tiles hold).
+ * kernels' tiles hold), or with ref_exact_codecs the codec's float itself.
+ * Which one a CUDA kernel uses: v2, v3's Huffman tiles and its generic bit-pack path round each
+ * value to `dtype`; v3's bit-pack fast path (kvc_attn_v3.cuh, SRC_FAST) computes with the exact
+ * values. Both are within the codec's bound of the data; they differ by the rounding alone, which
+ * in bf16 (8 significant bits) can move the output by ~1e-2 relative L2 where keys are large
+ * against their steps (every token's rounding of a channel alike). The GPU tests accept either.
  * Also the CPU backend's attention. Takes one scratch allocation per call. Returns KVC_OK,
  * KVC_ERR_INVALID_ARGUMENT (shapes: head_dim a multiple of 8 in 8..256, num_q_heads a multiple of
  * num_kv_heads, CSR arrays inconsistent, a sequence with more query rows than tokens or fewer

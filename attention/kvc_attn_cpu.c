@@ -122,13 +122,15 @@ static kvc_status_t kvc__decode_page(const kvc_attn_args_t *a, const kvc_page_en
     return KVC_ERR_CORRUPT;
   /* decode_head writes n_tokens rows; the tile has block_tokens rows per head. A decoded value is
    * what the cache's dtype holds: the codec's float rounded once to f16/bf16, as the GPU's
-   * tiles. */
+   * tiles, unless the caller asks for this codec's floats as they are. */
+  const int exact = e->codec < 32 && ((a->ref_exact_codecs >> e->codec) & 1u);
   for (int tensor = 0; tensor < 2; tensor++) {
     float *dst = tensor == 0 ? k_out : v_out;
     for (int h = 0; h < kvh; h++) {
       float *rows = dst + (size_t)h * bt * hd;
       kvc_status_t st = kvc_codec_decode_head(gather, nbytes, tensor, h, rows);
       if (st != KVC_OK) return KVC_ERR_CORRUPT;
+      if (exact) continue;
       if (a->dtype == KVC_DTYPE_F16)
         for (size_t i = 0; i < (size_t)n * hd; i++)
           rows[i] = kvc_codec_f16_to_f32(kvc_codec_f32_to_f16(rows[i]));

@@ -17,8 +17,11 @@
  * rounds differently from the reference (exact code values; the steps folded into fp16
  * Q' = Q * step and P' = P * step instead of each decoded value rounded to fp16), its Huffman fast
  * path computes each value as one fp16 fma (u * step + base * step), both within the same
- * tolerance; the largest error per kernel and dtype is printed at the end. Extra v3 cases: every
- * bit-pack width (bounds sweep, generic path for width 0 and > 8), Huffman pages reaching v3's
+ * tolerance. With bit-pack pages the error is taken against the closer of two references: values
+ * rounded to the dtype (v2, the Huffman tiles, the generic paths) or exact (v3's fast path), which
+ * in bf16 differ by up to ~1e-2 (the long-context case of seed 5004). The largest error per
+ * kernel and dtype, and the largest gap between the references, are printed at the end. Extra v3
+ * cases: every bit-pack width (bounds sweep, generic path for width 0 and > 8), Huffman pages reaching v3's
  * instance without Huffman -> NaN rows, a damaged section header -> NaN rows, a damaged page
  * header -> NaN rows (in each place of a unit of whole pages, blocks of 32 and 64); v3's Huffman
  * instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols with extra bits and codes longer
@@ -92,6 +95,7 @@ typedef struct host_case {
   kvc_test_pages_t tp;
   int32_t *qo_indptr;
   uint16_t *q, *ref;
+  uint16_t *ref_exact; /* with bit-pack pages: the reference over their exact values, else NULL */
   int rows;
   int32_t *prefix; /* with a shared prefix: csr [3], suffix kv_len [ns], suffix block starts [ns] */
   kvc_attn_args_t args; /* host pointers */
@@ -210,7 +214,8 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
                                 c->v_bound > 0 ? c->v_bound : 0.05f,
                                 c->group_size ? 0 : c->shared_prefix_blocks,
                                 c->seed ^ 0xabcull,
-                                c->bound_mode};
+                                c->bound_mode,
+                                0};
   assert_int_equal(kvc_test_pages_build(&spec, k, v, &h->tp), KVC_OK);
   free(k);
   free(v);
@@ -260,6 +265,14 @@ static void host_setup(const gpu_case_t *c, host_case_t *h) {
   a->max_qo_len = max_qo;
   if (c->cascade) host_cascade(c, h);
   assert_int_equal(kvc_attn_cpu(a), KVC_OK);
+  if (h->tp.pages_by_kind[2] > 0) {
+    h->ref_exact = (uint16_t *)malloc(elems * 2);
+    assert_non_null(h->ref_exact);
+    kvc_attn_args_t x = *a;
+    x.out = h->ref_exact;
+    x.ref_exact_codecs = 1u << KVC_CODEC_BITPACK;
+    assert_int_equal(kvc_attn_cpu(&x), KVC_OK);
+  }
 }
 
 static void host_teardown(host_case_t *h) {
@@ -268,6 +281,7 @@ static void host_teardown(host_case_t *h) {
   free(h->qo_indptr);
   free(h->q);
   free(h->ref);
+  free(h->ref_exact);
 }
 
 /* Device copies of a host case. */
@@ -373,6 +387,26 @@ static double rel_l2(kvc_dtype_t t, const uint16_t *got, const uint16_t *ref, si
 
 static double tolerance(kvc_dtype_t t) { return t == KVC_DTYPE_F16 ? 1e-3 : 1e-2; }
 
+/* Largest distance between a case's two references (bit-pack values rounded to the dtype, and
+ * exact) per dtype f16 / bf16, for the summary line. */
+static double g_max_ref_gap[2];
+
+/* A kernel's error on rows [lo, hi): against the reference, or with bit-pack pages against the
+ * one over their exact values if that is closer. kvc_attn_cpu (attention/kvc_attn.h) names which
+ * kernels round those values and which use them exactly; either is the cache's value within the
+ * codec's bound, and in bf16 the two references can differ by about the tolerance itself. */
+static double case_err(kvc_dtype_t t, const host_case_t *h, const uint16_t *out, size_t lo,
+                       size_t hi) {
+  double err = rel_l2(t, out, h->ref, lo, hi);
+  if (h->ref_exact) {
+    const double gap = rel_l2(t, h->ref_exact, h->ref, lo, hi);
+    double *g = &g_max_ref_gap[t == KVC_DTYPE_BF16];
+    if (gap > *g) *g = gap;
+    err = fmin(err, rel_l2(t, out, h->ref_exact, lo, hi));
+  }
+  return err;
+}
+
 /* Largest error seen per [kernel v2 / v3 / v3's Huffman instance][dtype f16 / bf16], for the
  * summary line. */
 static double g_max_err[3][2];
@@ -391,7 +425,7 @@ static void run_variants(const gpu_case_t *c, const host_case_t *h, const dev_ca
     }
     if (variant == 2) a.max_qo_len = 0; /* launch shape derived from total_q_rows */
     uint16_t *out = run_gpu(d, &a);
-    double err = rel_l2(c->dtype, out, h->ref, 0, n);
+    double err = case_err(c->dtype, h, out, 0, n);
     double *mx = &g_max_err[kvc_attn_cuda_kernel(&a)][c->dtype == KVC_DTYPE_BF16];
     if (err > *mx) *mx = err;
     if (!(err <= tolerance(c->dtype))) {
@@ -538,6 +572,13 @@ static void long_context_splits(void **state) {
     hd256.min_len = hd64.min_len;
     check_case(&hd256);
   }
+  /* bf16 at head_dim 64 over 4,000 tokens, where rounding the bit-pack values to bf16 moves the
+   * reference by ~1e-2 (keys large against their steps round alike in every token): v3's fast
+   * path, which uses them exactly, erred 1.1e-2 against the rounded reference (session 37), and
+   * v2 and the Huffman tiles round them. */
+  gpu_case_t bf16_gap = {1, 8, 1, 64, 64, KVC_DTYPE_BF16, 4000, 1, KVC_TEST_PAGE_ALL, 0, 5004};
+  bf16_gap.min_len = (int)(4000 * kvc_test_scale());
+  check_case(&bf16_gap);
   /* fp16 at head_dim 64 over 7,000-8,000 tokens, 8 and 4 query heads: v3's bit-pack keys erred
    * there up to 1.8e-3, growing with the context, before S^T took Q' 's remainder, in two more
    * mma chains (8 entries) or in the free columns of a tile of 4 (kvc_attn_v3.cuh, lo4;
@@ -882,7 +923,7 @@ static void v3_huffman_page_gives_nan(void **state) {
       for (size_t i = lo; i < hi; i++) assert_true(isnan(to_float(c.dtype, out[i])));
       nan_seqs++;
     } else {
-      assert_true(rel_l2(c.dtype, out, h.ref, lo, hi) <= tolerance(c.dtype));
+      assert_true(case_err(c.dtype, &h, out, lo, hi) <= tolerance(c.dtype));
       ok_seqs++;
     }
   }
@@ -906,7 +947,7 @@ static void expect_head1_nan(const gpu_case_t *c, const host_case_t *h, const de
     for (size_t r = r2; r < r3; r++)
       for (size_t i = 4 * (size_t)c->head_dim; i < per_row; i++)
         assert_true(isnan(to_float(c->dtype, out[r * per_row + i])));
-    assert_true(rel_l2(c->dtype, out, h->ref, 0, r2 * per_row) <= tolerance(c->dtype));
+    assert_true(case_err(c->dtype, h, out, 0, r2 * per_row) <= tolerance(c->dtype));
     free(out);
   }
 }
@@ -1216,7 +1257,7 @@ static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, bool two, in
     uint16_t *out = run_gpu(&d, &a);
     for (size_t i = r2 * per_row; i < r3 * per_row; i++)
       assert_true(isnan(to_float(c.dtype, out[i])));
-    assert_true(rel_l2(c.dtype, out, h.ref, 0, r2 * per_row) <= tolerance(c.dtype));
+    assert_true(case_err(c.dtype, &h, out, 0, r2 * per_row) <= tolerance(c.dtype));
     free(out);
   }
   dev_teardown(&d);
@@ -1253,8 +1294,9 @@ int main(void) {
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));
   const int rc = cmocka_run_group_tests(tests, NULL, NULL);
   printf("largest relative L2 error (run_variants cases): fp16 v2 %.3g, v3 %.3g, v3 Huffman "
-         "%.3g; bf16 v2 %.3g, v3 %.3g, v3 Huffman %.3g\n",
+         "%.3g; bf16 v2 %.3g, v3 %.3g, v3 Huffman %.3g; between the references with bit-pack "
+         "values rounded and exact: fp16 %.3g, bf16 %.3g\n",
          g_max_err[0][0], g_max_err[1][0], g_max_err[2][0], g_max_err[0][1], g_max_err[1][1],
-         g_max_err[2][1]);
+         g_max_err[2][1], g_max_ref_gap[0], g_max_ref_gap[1]);
   return rc;
 }

@@ -204,15 +204,17 @@ kvc_status_t kvc_test_pages_build(const kvc_test_pages_spec_t *spec, const float
       out->pages_by_kind[1 + (int)codec]++;
       st = kvc_codec_decode(pg->bytes, size, decoded);
       if (st != KVC_OK) goto fail;
-      /* decoded [2][kvh][n][hd] -> rows of out->k / out->v, rounded to the dtype */
+      /* decoded [2][kvh][n][hd] -> rows of out->k / out->v, rounded to the dtype unless exact */
+      const int exact = (spec->exact_codecs >> (int)codec) & 1u;
       for (int tensor = 0; tensor < 2; tensor++) {
         float *dst = tensor == 0 ? out->k : out->v;
         for (int h = 0; h < kvh; h++)
           for (int t = 0; t < n; t++)
             for (int d = 0; d < hd; d++) {
               uint8_t scratch[4];
-              dst[((size_t)(row0 + t) * kvh + h) * hd + d] = put_value(
-                  spec->dtype, decoded[(((size_t)tensor * kvh + h) * n + t) * hd + d], scratch);
+              const float x = decoded[(((size_t)tensor * kvh + h) * n + t) * hd + d];
+              dst[((size_t)(row0 + t) * kvh + h) * hd + d] =
+                  exact ? x : put_value(spec->dtype, x, scratch);
             }
       }
     }

@@ -11,8 +11,8 @@
  *
  * Alongside, the helper records what each token's K and V decode to (`k`, `v`, float): the values
  * the cache's dtype holds — kvc_codec_decode's floats (compressed pages) or the inputs (staging
- * pages), rounded to the dtype. A test computes its naive reference over these, independently of
- * the attention code.
+ * pages), rounded to the dtype (except the codecs of spec.exact_codecs). A test computes its naive
+ * reference over these, independently of the attention code.
  */
 #ifndef KVC_TEST_PAGES_H
 #define KVC_TEST_PAGES_H
@@ -50,6 +50,8 @@ typedef struct kvc_test_pages_spec {
                                 blocks (same block ids), as prefix sharing does */
   uint64_t seed;
   kvc_bound_mode_t bound_mode; /* of k_bound, v_bound (0: relative) */
+  uint32_t exact_codecs;     /* 1 << KVC_CODEC_x: k, v hold these pages' decoded floats as they
+                                are, not rounded (kvc_attn_args_t.ref_exact_codecs) */
 } kvc_test_pages_spec_t;
 
 typedef struct kvc_test_pages {

@@ -3,7 +3,8 @@
  * pages decode to (kvc_test_pages records them independently of the attention code). Awkward
  * sizes: 1, 3, 7, 37, 61 sequences; lengths shorter than a block and not multiples of it; GQA 1, 3,
  * 4, 8; head_dim 8, 64, 128, 256; f16, bf16, f32; several query rows per sequence (causal); every
- * page kind mixed in one batch; shared prefix blocks. Then the error paths.
+ * page kind mixed in one batch; shared prefix blocks; compressed values used exactly
+ * (ref_exact_codecs). Then the error paths.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -92,7 +93,9 @@ typedef struct attn_setup {
   double *ref;
 } attn_setup_t;
 
-static void setup_case(const attn_case_t *c, attn_setup_t *su) {
+/* The case's pages, queries and arguments; exact: kvc_attn_args_t.ref_exact_codecs, and the codecs
+ * whose values the naive reference takes unrounded. */
+static void setup_case(const attn_case_t *c, uint32_t exact, attn_setup_t *su) {
   memset(su, 0, sizeof(*su));
   kvc_test_rng_t rng;
   kvc_test_rng_seed(&rng, c->seed);
@@ -120,7 +123,7 @@ static void setup_case(const attn_case_t *c, attn_setup_t *su) {
   chunk <<= kvc_test_rng_below(&rng, 3);
   kvc_test_pages_spec_t spec = {c->num_seqs, len, c->num_kv_heads, c->head_dim, c->block_tokens,
                                 c->dtype, chunk, c->kinds, 0.05f, 0.05f, c->shared_prefix_blocks,
-                                c->seed ^ 0xabcull, KVC_BOUND_RELATIVE};
+                                c->seed ^ 0xabcull, KVC_BOUND_RELATIVE, exact};
   assert_int_equal(kvc_test_pages_build(&spec, k, v, &su->tp), KVC_OK);
   free(k);
   free(v);
@@ -165,6 +168,7 @@ static void setup_case(const attn_case_t *c, attn_setup_t *su) {
   a->chunk_bytes = su->tp.chunk_bytes;
   a->q = su->q;
   a->out = su->out;
+  a->ref_exact_codecs = exact;
 }
 
 static void teardown_case(attn_setup_t *su) {
@@ -176,9 +180,9 @@ static void teardown_case(attn_setup_t *su) {
 }
 
 /* Every output element within one rounding of the dtype of the float64 reference. */
-static void check_case(const attn_case_t *c) {
+static void check_case_exact(const attn_case_t *c, uint32_t exact) {
   attn_setup_t su;
-  setup_case(c, &su);
+  setup_case(c, exact, &su);
   assert_int_equal(kvc_attn_cpu(&su.args), KVC_OK);
   naive_attention(&su.args, &su.tp, su.ref);
   size_t elems = (size_t)su.args.total_q_rows * c->num_q_heads * c->head_dim;
@@ -200,6 +204,8 @@ static void check_case(const attn_case_t *c) {
   assert_true(sqrt(err2 / ref2) < rel);
   teardown_case(&su);
 }
+
+static void check_case(const attn_case_t *c) { check_case_exact(c, 0); }
 
 static void sweep_sizes_and_gqa(void **state) {
   (void)state;
@@ -252,11 +258,47 @@ static void page_kinds_and_sharing(void **state) {
   check_case(&shared);
 }
 
+/* Elements of out farther from ref than one rounding to the dtype (unit roundoff 2^-11 for f16,
+ * 2^-8 for bf16; the output is rounded from float64 through float, hence the 2^-20) plus float64
+ * noise. */
+static size_t beyond_one_rounding(const attn_case_t *c, const attn_setup_t *su) {
+  const double u = c->dtype == KVC_DTYPE_F16 ? 1.0 / 2048 : 1.0 / 256;
+  const size_t elems = (size_t)su->args.total_q_rows * c->num_q_heads * c->head_dim;
+  size_t n = 0;
+  for (size_t i = 0; i < elems; i++) {
+    const double got = get_value(c->dtype, su->out + i * esz(c->dtype)), want = su->ref[i];
+    n += !(fabs(got - want) <= (u + 1.0 / (1 << 20)) * fabs(want) + 1e-9);
+  }
+  return n;
+}
+
+/* ref_exact_codecs: compressed pages' values as the codec's floats. The output is then within one
+ * rounding of a naive reference over those floats in every element; rounding the values to bf16
+ * first (the default) moves some elements farther, so the option is seen to act. */
+static void exact_codecs(void **state) {
+  (void)state;
+  const uint32_t lossy = (1u << KVC_CODEC_BITPACK) | (1u << KVC_CODEC_HUFFMAN);
+  attn_case_t c = {3, 8, 2, 64, 16, KVC_DTYPE_BF16, 150, 3, KVC_TEST_PAGE_ALL, 0, 500};
+  attn_setup_t su;
+  setup_case(&c, lossy, &su);
+  assert_true(su.tp.pages_by_kind[2] > 0 && su.tp.pages_by_kind[3] > 0);
+  assert_int_equal(kvc_attn_cpu(&su.args), KVC_OK);
+  naive_attention(&su.args, &su.tp, su.ref);
+  assert_int_equal(beyond_one_rounding(&c, &su), 0);
+  su.args.ref_exact_codecs = 0;
+  assert_int_equal(kvc_attn_cpu(&su.args), KVC_OK);
+  assert_true(beyond_one_rounding(&c, &su) > 0);
+  teardown_case(&su);
+  /* Bit-pack alone exact, in f16 too, through the usual check. */
+  attn_case_t f16 = {5, 8, 2, 128, 32, KVC_DTYPE_F16, 100, 2, KVC_TEST_PAGE_ALL, 0, 501};
+  check_case_exact(&f16, 1u << KVC_CODEC_BITPACK);
+}
+
 static void rejects_bad_arguments(void **state) {
   (void)state;
   attn_case_t c = {3, 8, 2, 64, 16, KVC_DTYPE_F16, 50, 2, KVC_TEST_PAGE_ALL, 0, 500};
   attn_setup_t su;
-  setup_case(&c, &su);
+  setup_case(&c, 0, &su);
   kvc_attn_args_t a = su.args;
   assert_int_equal(kvc_attn_cpu(NULL), KVC_ERR_INVALID_ARGUMENT);
   a.num_q_heads = 7; /* not a multiple of num_kv_heads */
@@ -283,7 +325,7 @@ static void rejects_corrupt_pages(void **state) {
   (void)state;
   attn_case_t c = {3, 8, 2, 64, 16, KVC_DTYPE_F16, 60, 1, KVC_TEST_PAGE_HUFFMAN, 0, 600};
   attn_setup_t su;
-  setup_case(&c, &su);
+  setup_case(&c, 0, &su);
   /* Sequence 2 holds exactly one full block (setup_case pins it), so a compressed page exists. */
   int found = -1;
   for (int i = 0; i < su.tp.block_indptr[3] && found < 0; i++)
@@ -311,7 +353,8 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(sweep_sizes_and_gqa),     cmocka_unit_test(head_dims_and_dtypes),
       cmocka_unit_test(multi_query_causal),      cmocka_unit_test(page_kinds_and_sharing),
-      cmocka_unit_test(rejects_bad_arguments),   cmocka_unit_test(rejects_corrupt_pages),
+      cmocka_unit_test(exact_codecs),            cmocka_unit_test(rejects_bad_arguments),
+      cmocka_unit_test(rejects_corrupt_pages),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

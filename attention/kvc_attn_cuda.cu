@@ -1111,8 +1111,9 @@ kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
   if (p.block_tokens > v3_layout<HD, UT, CPS>::max_block_tokens) return KVC_ERR_UNSUPPORTED;
   auto kernel = attn_kernel_v3<HD, T, NB, false, true, UT, CPS>;
   /* fp16 query tiles of at most 4 entries take the instance that adds Q' 's remainder to S^T in
-   * the tile's free columns (kvc_attn_v3.cuh, lo4); it holds Q in registers below head_dim 256. */
-  if constexpr (kFast16<T> && NB == 1 && HD < 256)
+   * the tile's free columns (kvc_attn_v3.cuh, lo4); not launches of rows alone at head_dim 256
+   * (CPS 1), which have no bit-pack pages. */
+  if constexpr (kFast16<T> && NB == 1 && CPS == 2)
     if (sh.entries_max <= 4) kernel = attn_kernel_v3<HD, T, NB, false, true, UT, CPS, true>;
   return launch_with<HD, T>(kernel, kThreads3, v3_layout<HD, UT, CPS>::bytes, p, sh, stream);
 }

@@ -1317,8 +1317,8 @@ template <int HD, class T, int NB, bool HUF, bool FAST> constexpr bool v3_hot_wi
  * sections take SRC_GEN); the Huffman instance for launches without bit-pack pages leaves it out,
  * since its code alone made the Huffman slabs 2.8% slower (bench/NOTES-attention.md, session 8).
  * UT: tokens per unit (v3_layout). CPS: CTAs per SM, the ring's share (v3_ring_bytes). LO4: the
- * instance for launches whose query tiles hold at most 4 entries each (lo4 below; fp16 with Q in
- * registers only). */
+ * instance for launches whose query tiles hold at most 4 entries each (lo4 below; fp16 without
+ * Huffman only). */
 template <int HD, class T, int NB, bool HUF, bool FAST, int UT, int CPS = 2, bool LO4 = false>
 __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p) {
   static_assert(HUF || FAST, "without Huffman pages the fast path is what v3 is for");
@@ -1367,11 +1367,13 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
    * and each lane adds its odd column to its even one, instead of two more mma chains (s_fast's
    * sl: fp16 (8, 32k) 10% slower; entries in columns 0..3 and the remainder in 4..7, added by
    * shuffles: 5%). Entry e0 + j of the tile is then column 2j; the odd columns are entries
-   * nobody reads. With PRE it is the instance's (LO4, the launcher's choice): decided at run
-   * time, the other path's remainder registers (ql) stayed live and cost 8% at (8, 32k); as an
-   * instance, 4.4% (the per-page remainder and the additions). */
-  const bool lo4 = PRE ? LO4 : HL && NB == 1 && entries - e0 <= 4;
-  static_assert(!LO4 || (PRE && HL && NB == 1), "LO4: fp16 instances that hold Q' in registers");
+   * nobody reads. Outside the Huffman instances it is the instance's (LO4, the launcher's
+   * choice): decided at run time, the other path's remainder registers (ql) stayed live and cost
+   * 8% at (8, 32k); as an instance, 4.4% (the per-page remainder and the additions). At head_dim
+   * 256 (Q' formed per slab) the run-time choice kept the other path's mma as predicated-off
+   * instructions in every slab. */
+  const bool lo4 = HUF ? HL && NB == 1 && entries - e0 <= 4 : LO4;
+  static_assert(!LO4 || (!HUF && HL && NB == 1), "LO4: fp16 instances without Huffman");
   auto column_entry = [&](int col) { return lo4 ? col >> 1 : col; }; /* entry offset in the tile */
   /* Whether SRC_FAST may take this CTA's Q as fp16 (kFast16's comment); warp-uniform. */
   bool qfits = true;

@@ -1369,9 +1369,10 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
    * shuffles: 5%). Entry e0 + j of the tile is then column 2j; the odd columns are entries
    * nobody reads. Outside the Huffman instances it is the instance's (LO4, the launcher's
    * choice): decided at run time, the other path's remainder registers (ql) stayed live and cost
-   * 8% at (8, 32k); as an instance, 4.4% (the per-page remainder and the additions). At head_dim
-   * 256 (Q' formed per slab) the run-time choice kept the other path's mma as predicated-off
-   * instructions in every slab. */
+   * 8% at (8, 32k); as an instance, 4.4% (the per-page remainder and the additions), less the
+   * odd columns' softmax, which it skips (column_used below: -1.5% at (8, 32k), -2.9% at (16,
+   * 128k)). At head_dim 256 (Q' formed per slab) the run-time choice kept the other path's mma
+   * as predicated-off instructions in every slab. */
   const bool lo4 = HUF ? HL && NB == 1 && entries - e0 <= 4 : LO4;
   static_assert(!LO4 || (!HUF && HL && NB == 1), "LO4: fp16 instances without Huffman");
   auto column_entry = [&](int col) { return lo4 ? col >> 1 : col; }; /* entry offset in the tile */
@@ -1653,8 +1654,9 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
 #pragma unroll
                 for (int e = 0; e < 4; e += 2) /* column 2c + 1 to column 2c */
                   s[0][0][e] += s[1][0][e] + (s[0][0][e + 1] + s[1][0][e + 1]);
+                /* -0: the softmax's s[0] + s[1] is then s[0] itself, and ptxas drops the add */
 #pragma unroll
-                for (int e = 0; e < 4; e += 2) s[1][0][e] = 0.f;
+                for (int e = 0; e < 4; e += 2) s[1][0][e] = -0.f;
               }
             }
             /* Online softmax over the 16 tokens (exp2, scale folded in). An entry's running
@@ -1668,12 +1670,19 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             auto visible = [&](int nb, int e) {
               return KW > 0 || tb + g + 8 * (e >> 1) < lim[nb][e & 1];
             };
+            /* LO4: the odd columns are no entry's (Q' 's remainder, or Q again), so their
+             * scores, weights and sums are not computed (their P is 0, their O^T unread). */
+            auto column_used = [](int e) { return !(LO4 && (e & 1)); };
             float sx[NB][4];
             bool grow = false;
 #pragma unroll
             for (int nb = 0; nb < NB; nb++)
 #pragma unroll
               for (int e = 0; e < 4; e++) {
+                if (!column_used(e)) {
+                  sx[nb][e] = -INFINITY;
+                  continue;
+                }
                 const float ms = KW > 0 ? mk[nb][e & 1] : -m[nb][e & 1];
                 sx[nb][e] = visible(nb, e) ? fmaf(s[0][nb][e] + s[1][nb][e], kmul, ms) : -INFINITY;
                 grow |= sx[nb][e] > kMaxSlack;
@@ -1732,6 +1741,8 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             for (int nb = 0; nb < NB; nb++)
 #pragma unroll
               for (int e = 0; e < 4; e++) {
+                pv[nb][e] = 0.f;
+                if (!column_used(e)) continue;
                 pv[nb][e] = ex2_ftz(sx[nb][e]);
                 l[nb][e & 1] += pv[nb][e];
               }
@@ -1743,8 +1754,9 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
               const uint32_t av[4] = {vbw[0], 0u, vbw[1], 0u};
 #pragma unroll
               for (int nb = 0; nb < NB; nb++) {
-                const uint32_t p0 = pack2<__half>(pv[nb][0] * vm[0], pv[nb][1] * vm[0]);
-                const uint32_t p1 = pack2<__half>(pv[nb][2] * vm[1], pv[nb][3] * vm[1]);
+                auto pw = [&](int e) { return column_used(e) ? pv[nb][e] * vm[e >> 1] : 0.f; };
+                const uint32_t p0 = pack2<__half>(pw(0), pw(1));
+                const uint32_t p1 = pack2<__half>(pw(2), pw(3));
                 pb[nb][0] = movmatrix_trans(p0);
                 pb[nb][1] = movmatrix_trans(p1);
                 if constexpr (VMMA) {

@@ -1,36 +1,35 @@
 /*
- * kvc_attn_cuda against kvc_attn_cpu on the same pages (the CPU reference decodes them with the
- * CPU codec and accumulates in float64). Relative L2 error of the outputs <= 1e-3 for fp16, 1e-2
- * for bf16; NaN never passes; outputs are poisoned (NaN) before every run, so an element the
- * kernel does not write fails. Each case runs twice: with the split-K workspace (flash-decoding
- * splits and the combine kernel) and without it (one CTA per sequence and head). Sweep: 1, 3, 7,
- * 37, 61 sequences; lengths shorter than a block and not multiples of it; GQA 1, 3, 4, 8;
- * head_dim 64, 128, 256; fp16 and bf16; block_tokens 16..128; decode, speculative and chunked
- * prefill rows (causal); every page kind mixed in one batch; prefix-shared blocks; a long context.
- * Every case runs on the v2 kernels (codec_mask 0) and, with a codec_mask without Huffman, on the
- * v3 decode kernel where it applies (at most 8 query entries per sequence and kv head; at head_dim
- * 256, blocks up to 64 tokens, or 128 for rows alone); cases with Huffman
- * pages run v3 on the same sizes with their other page kinds, and themselves on v3's Huffman
- * instances (head_dim 64/128/256), with every codec in the mask and with a Huffman cache's
- * mask (no bit-pack fast path there: bit-pack pages take the generic path); their rows-only kinds
- * run with a raw cache's mask, whose units v3 splits between two warps). v3's bit-pack fast path
- * rounds differently from the reference (exact code values; the steps folded into fp16
- * Q' = Q * step and P' = P * step instead of each decoded value rounded to fp16), its Huffman fast
- * path computes each value as one fp16 fma (u * step + base * step), both within the same
- * tolerance. With bit-pack pages the error is taken against the closer of two references: values
- * rounded to the dtype (v2, the Huffman tiles, the generic paths) or exact (v3's fast path), which
- * in bf16 differ by up to ~1e-2 (the long-context case of seed 5004). The largest error per
- * kernel and dtype, and the largest gap between the references, are printed at the end. Extra v3
- * cases: every bit-pack width (bounds sweep, generic path for width 0 and > 8), Huffman pages reaching v3's
- * instance without Huffman -> NaN rows, a damaged section header -> NaN rows, a damaged page
- * header -> NaN rows (in each place of a unit of whole pages, blocks of 32 and 64); v3's Huffman
- * instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols with extra bits and codes longer
- * than its table (checked to occur), short tails, and damaged Huffman sections (a code length,
- * stream bits) -> NaN rows on v2 and v3; pages coded with absolute bounds (both codecs, checked
- * to occur) on v2, v3 and v3's Huffman instance; launches large enough for v3's units of two pages;
- * bit-pack pages at the library's default bounds (4-bit keys and 3-bit values, checked to occur).
- * Skips cleanly where there is no GPU. KVC_TEST_SCALE scales the lengths; KVC_TEST_FILTER selects
- * tests by name (cmocka pattern).
+ * kvc_attn_cuda against kvc_attn_cpu on the same pages (the CPU reference decodes them with the CPU
+ * codec and accumulates in float64). Relative L2 error of the outputs <= 1e-3 for fp16, 1e-2 for
+ * bf16; NaN never passes; outputs are poisoned (NaN) before every run, so an element the kernel
+ * does not write fails. Each case runs twice: with the split-K workspace (flash-decoding splits and
+ * the combine kernel) and without it (one CTA per sequence and head). Sweep: 1, 3, 7, 37, 61
+ * sequences; lengths shorter than a block and not multiples of it; GQA 1, 3, 4, 8; head_dim 64,
+ * 128, 256; fp16 and bf16; block_tokens 16..128; decode, speculative and chunked prefill rows
+ * (causal); every page kind mixed in one batch; prefix-shared blocks; a long context. Every case
+ * runs on the v2 kernels (codec_mask 0) and, with a codec_mask without Huffman, on the v3 decode
+ * kernel where it applies (at most 8 query entries per sequence and kv head; at head_dim 256,
+ * blocks up to 64 tokens, or 128 for rows alone); cases with Huffman pages run v3 on the same sizes
+ * with their other page kinds, and themselves on v3's Huffman instances (head_dim 64/128/256), with
+ * every codec in the mask and with a Huffman cache's mask (no bit-pack fast path there: bit-pack
+ * pages take the generic path); their rows-only kinds run with a raw cache's mask, whose units v3
+ * splits between two warps). v3's bit-pack fast path rounds differently from the reference (exact
+ * code values; the steps folded into fp16 Q' = Q * step and P' = P * step instead of each decoded
+ * value rounded to fp16), its Huffman fast path computes each value as one fp16 fma (u * step +
+ * base * step), both within the same tolerance. With bit-pack pages the error is taken against the
+ * closer of two references: values rounded to the dtype (v2, the Huffman tiles, the generic paths)
+ * or exact (v3's fast path), which in bf16 differ by up to ~1e-2 (the long-context case of seed
+ * 5004). The largest error per kernel and dtype, and the largest gap between the references, are
+ * printed at the end. Extra v3 cases: every bit-pack width (bounds sweep, generic path for width 0
+ * and > 8), Huffman pages reaching v3's instance without Huffman -> NaN rows, a damaged section
+ * header -> NaN rows, a damaged page header -> NaN rows (in each place of a unit of whole pages,
+ * blocks of 32 and 64); v3's Huffman instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols
+ * with extra bits and codes longer than its table (checked to occur), short tails, and damaged
+ * Huffman sections (a code length, stream bits) -> NaN rows on v2 and v3; pages coded with absolute
+ * bounds (both codecs, checked to occur) on v2, v3 and v3's Huffman instance; launches large enough
+ * for v3's units of two pages; bit-pack pages at the library's default bounds (4-bit keys and 3-bit
+ * values, checked to occur). Skips cleanly where there is no GPU. KVC_TEST_SCALE scales the
+ * lengths; KVC_TEST_FILTER selects tests by name (cmocka pattern).
  */
 #include <cuda_runtime.h>
 #include <math.h>

@@ -162,21 +162,59 @@ __device__ __forceinline__ float recon(const scratch &sc, float abs_step, uint32
                    abs_step);
 }
 
+/* A bit-pack section's codes by token rows (row_bits = HD * width bits each), read linearly or,
+ * in a paired section (kvc_bp_paired), from the 16-bit halves of its token pairs' words. Word
+ * indices clamp to `last`, as kvc_dev_window's. */
+struct bp_rows {
+  const uint32_t *w;
+  uint32_t last, start, row_bits; /* start: kvc_bp_start */
+  bool paired;
+
+  /* Paired: the 32 bits from row bit i of both tokens of block p (even, odd), from the three
+   * words of their halves i / 16 .. i / 16 + 2 (a PRMT joins a token's first two halves, another
+   * takes its third). */
+  __device__ __forceinline__ void pair_windows(uint32_t p, uint32_t i, uint32_t &ev,
+                                               uint32_t &od) const {
+    const uint32_t k = (start >> 5) + p * (row_bits >> 4) + (i >> 4);
+    const uint32_t w0 = w[min(k, last)], w1 = w[min(k + 1, last)], w2 = w[min(k + 2, last)];
+    ev = __funnelshift_l(__byte_perm(w2, 0u, 0x1044u), __byte_perm(w0, w1, 0x1054u), i & 15);
+    od = __funnelshift_l(__byte_perm(w2, 0u, 0x3244u), __byte_perm(w0, w1, 0x3276u), i & 15);
+  }
+  /* The 32 bits of token t's row from row bit i. */
+  __device__ __forceinline__ uint32_t window(int t, uint32_t i) const {
+    if (!paired) return kvc_dev_window(w, last, start + (uint32_t)t * row_bits + i);
+    uint32_t ev, od;
+    pair_windows((uint32_t)t >> 1, i, ev, od);
+    return t & 1 ? od : ev;
+  }
+  /* The 64 bits of token t's row from row bit i, as hi:lo. */
+  __device__ __forceinline__ void window64(int t, uint32_t i, uint32_t &hi, uint32_t &lo) const {
+    if (!paired) {
+      const uint32_t pos = start + (uint32_t)t * row_bits + i, k = pos >> 5, sh = pos & 31;
+      const uint32_t w0 = w[min(k, last)], w1 = w[min(k + 1, last)], w2 = w[min(k + 2, last)];
+      hi = __funnelshift_l(w1, w0, sh);
+      lo = __funnelshift_l(w2, w1, sh);
+    } else {
+      hi = window(t, i);
+      lo = window(t, i + 32);
+    }
+  }
+};
+
 /* Bit-pack: eight consecutive codes per thread, one 16-byte store per eight values. */
 template <int HD, class T, int MODE>
-__device__ __forceinline__ void bitpack_rows(const scratch &sc, float abs_step, const uint32_t *w,
-                                             uint32_t last, uint32_t meta, uint32_t width,
-                                             int ptok0, int nrows, int row0, uint8_t *tile,
-                                             int pt) {
+__device__ __forceinline__ void bitpack_rows(const scratch &sc, float abs_step, const bp_rows &br,
+                                             uint32_t width, int ptok0, int nrows, int row0,
+                                             uint8_t *tile, int pt) {
   constexpr int P = HD / 8;
   for (int i = pt; i < nrows * P; i += 64) {
     const int r = i / P, c = i % P, t = ptok0 + r;
-    uint32_t pos = meta + (uint32_t)(t * HD + c * 8) * width;
+    const uint32_t pos = (uint32_t)(c * 8) * width;
     uint32_t v[4];
 #pragma unroll
     for (int j = 0; j < 8; j += 2) {
-      uint32_t u0 = kvc_dev_top(kvc_dev_window(w, last, pos + j * width), width);
-      uint32_t u1 = kvc_dev_top(kvc_dev_window(w, last, pos + (j + 1) * width), width);
+      uint32_t u0 = kvc_dev_top(br.window(t, pos + j * width), width);
+      uint32_t u1 = kvc_dev_top(br.window(t, pos + (j + 1) * width), width);
       v[j / 2] = pack2<T>(recon<MODE>(sc, abs_step, u0, t, c * 8 + j),
                           recon<MODE>(sc, abs_step, u1, t, c * 8 + j + 1));
     }
@@ -247,8 +285,7 @@ __device__ __forceinline__ float small_uint_to_float(uint32_t u) {
  * window (three word loads) and leave as one 16-byte store.
  */
 template <int HD, class T, int MODE, int W>
-__device__ __forceinline__ void bitpack_rows_fast(const scratch &sc, const uint32_t *w,
-                                                  uint32_t last, uint32_t meta, int ptok0,
+__device__ __forceinline__ void bitpack_rows_fast(const scratch &sc, const bp_rows &br, int ptok0,
                                                   int nrows, int row0, uint8_t *tile, int pt) {
   constexpr int P = HD / 8, RSTEP = 64 / P;
   const int c = pt % P;
@@ -262,9 +299,8 @@ __device__ __forceinline__ void bitpack_rows_fast(const scratch &sc, const uint3
   }
   for (int r = pt / P; r < nrows; r += RSTEP) {
     const int t = ptok0 + r;
-    const uint32_t pos = meta + (uint32_t)(t * HD + 8 * c) * W, k = pos >> 5, sh = pos & 31;
-    const uint32_t w0 = w[min(k, last)], w1 = w[min(k + 1, last)], w2 = w[min(k + 2, last)];
-    const uint32_t hi = __funnelshift_l(w1, w0, sh), lo = __funnelshift_l(w2, w1, sh);
+    uint32_t hi, lo;
+    br.window64(t, (uint32_t)(8 * c * W), hi, lo);
     const float vst = MODE == 1 ? sc.step[t] : 0.f, vbs = MODE == 1 ? sc.bs[t] : 0.f;
     float v[8];
 #pragma unroll
@@ -311,8 +347,7 @@ template <class H2> __device__ __forceinline__ uint32_t h2_bits(H2 x) {
 }
 
 template <int HD, class T, int MODE, int W>
-__device__ __forceinline__ void bitpack_rows_h2(const scratch &sc, const uint32_t *w,
-                                                uint32_t last, uint32_t meta, int ptok0,
+__device__ __forceinline__ void bitpack_rows_h2(const scratch &sc, const bp_rows &br, int ptok0,
                                                 int nrows, int row0, uint8_t *tile, int pt) {
   typedef half2_of<T> HT;
   typedef typename HT::type H2;
@@ -329,9 +364,8 @@ __device__ __forceinline__ void bitpack_rows_h2(const scratch &sc, const uint32_
   }
   for (int r = pt / P; r < nrows; r += RSTEP) {
     const int t = ptok0 + r;
-    const uint32_t pos = meta + (uint32_t)(t * HD + 8 * c) * W, k = pos >> 5, sh = pos & 31;
-    const uint32_t w0 = w[min(k, last)], w1 = w[min(k + 1, last)], w2 = w[min(k + 2, last)];
-    const uint32_t hi = __funnelshift_l(w1, w0, sh), lo = __funnelshift_l(w2, w1, sh);
+    uint32_t hi, lo;
+    br.window64(t, (uint32_t)(8 * c * W), hi, lo);
     H2 vst, vbs;
     if (MODE == 1) {
       vst = HT::from_floats(sc.step[t], sc.step[t]);
@@ -368,14 +402,13 @@ __device__ __forceinline__ void bitpack_rows_h2(const scratch &sc, const uint32_
 }
 
 template <int HD, class T, int MODE>
-__device__ __forceinline__ void bitpack_rows_fast_w(const scratch &sc, const uint32_t *w,
-                                                    uint32_t last, uint32_t meta, uint32_t width,
-                                                    int ptok0, int nrows, int row0, uint8_t *tile,
-                                                    int pt) {
+__device__ __forceinline__ void bitpack_rows_fast_w(const scratch &sc, const bp_rows &br,
+                                                    uint32_t width, int ptok0, int nrows, int row0,
+                                                    uint8_t *tile, int pt) {
   switch (width) {
 #define KVC__W(W)                                                                                  \
   case W:                                                                                          \
-    bitpack_rows_fast<HD, T, MODE, W>(sc, w, last, meta, ptok0, nrows, row0, tile, pt);            \
+    bitpack_rows_fast<HD, T, MODE, W>(sc, br, ptok0, nrows, row0, tile, pt);                       \
     break;
     KVC__W(0) KVC__W(1) KVC__W(2) KVC__W(3) KVC__W(4) KVC__W(5) KVC__W(6) KVC__W(7) KVC__W(8)
 #undef KVC__W
@@ -582,8 +615,12 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
                      (int64_t)qh.b_min + ((int64_t)1 << qh.w_b) <= (int64_t)1 << 18;
 
   if (codec == KVC_CODEC_BITPACK) {
-    if (qh.width > KVC_Q_MAX_BITS || qh.n_lanes != 0 || meta + (uint64_t)S * qh.width > cap)
+    const bool paired = kvc_bp_paired(tensor, HD);
+    const uint32_t start = kvc_bp_start((uint32_t)meta, paired);
+    if (qh.width > KVC_Q_MAX_BITS || qh.n_lanes != 0 ||
+        start + kvc_bp_code_bits(n_tokens, HD, qh.width, paired) > cap)
       return false;
+    const bp_rows br = {w, last, start, (uint32_t)HD * qh.width, paired};
     if (pair_any(bad, bar)) return false;
     const int ra = nrows * part / PARTS, rb = nrows * (part + 1) / PARTS;
     ptok0 += ra;
@@ -597,29 +634,24 @@ __device__ bool decode_quant(const uint8_t *sec, uint32_t sec_bytes, int codec, 
 #define KVC__W(W)                                                                                  \
   case W:                                                                                          \
     if (mode == 0)                                                                                 \
-      bitpack_rows_h2<HD, T, 0, W>(sc, w, last, (uint32_t)meta, ptok0, nrows, row0, tile, pt);     \
+      bitpack_rows_h2<HD, T, 0, W>(sc, br, ptok0, nrows, row0, tile, pt);                          \
     else                                                                                           \
-      bitpack_rows_h2<HD, T, 1, W>(sc, w, last, (uint32_t)meta, ptok0, nrows, row0, tile, pt);     \
+      bitpack_rows_h2<HD, T, 1, W>(sc, br, ptok0, nrows, row0, tile, pt);                          \
     break;
         KVC__W(0) KVC__W(1) KVC__W(2) KVC__W(3) KVC__W(4) KVC__W(5) KVC__W(6) KVC__W(7) KVC__W(8)
 #undef KVC__W
       }
     } else if (exact && qh.width <= 8) {
       if (mode == 0)
-        bitpack_rows_fast_w<HD, T, 0>(sc, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
-                                      tile, pt);
+        bitpack_rows_fast_w<HD, T, 0>(sc, br, qh.width, ptok0, nrows, row0, tile, pt);
       else
-        bitpack_rows_fast_w<HD, T, 1>(sc, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
-                                      tile, pt);
+        bitpack_rows_fast_w<HD, T, 1>(sc, br, qh.width, ptok0, nrows, row0, tile, pt);
     } else if (mode == 0)
-      bitpack_rows<HD, T, 0>(sc, abs_step, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
-                             tile, pt);
+      bitpack_rows<HD, T, 0>(sc, abs_step, br, qh.width, ptok0, nrows, row0, tile, pt);
     else if (mode == 1)
-      bitpack_rows<HD, T, 1>(sc, abs_step, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
-                             tile, pt);
+      bitpack_rows<HD, T, 1>(sc, abs_step, br, qh.width, ptok0, nrows, row0, tile, pt);
     else
-      bitpack_rows<HD, T, 2>(sc, abs_step, w, last, (uint32_t)meta, qh.width, ptok0, nrows, row0,
-                             tile, pt);
+      bitpack_rows<HD, T, 2>(sc, abs_step, br, qh.width, ptok0, nrows, row0, tile, pt);
     return true;
   }
   if (codec != KVC_CODEC_HUFFMAN) return false;

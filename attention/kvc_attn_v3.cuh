@@ -44,9 +44,11 @@
  *   SRC_ROWS  staging / RAW rows of a page, linear in the ring: LDS.128 + one PRMT per pair.
  *   SRC_FAST  bit-pack, relative mode, width 1..8, group bases b with |b - 2^W| <= 2048 and
  *             b <= 2048, and the largest step of the section within 2^+-60: the operands hold
- *             each code u exactly as the fp16 subnormal u 2^(r - 24), r the code's offset in its
- *             byte where the mantissa allows (pair_r; code_pair: one PRMT and one LOP3, no shift
- *             at the default widths). The rest of (u + b) * step is folded out of them:
+ *             each code u exactly as the fp16 u 2^(r - 24) (r + W <= 11): keys' r the code's
+ *             offset in its byte where the mantissa allows (pair_r; code_pair: one PRMT and one
+ *             LOP3, no shift at the default widths); values' from their paired sections' words,
+ *             whose halves hold a token pair's codes (vpair_r; vpair_code: one LOP3, a shift or a
+ *             PRMT before it for some). The rest of (u + b) * step is folded out of them:
  *             keys' per-channel steps into Q's B fragments (Q' = Q * step * 2^(-e - r), built
  *             once per page outside the Huffman instances, else one HMUL2 per Q pair and k-block
  *             and slab; S scaled by 2^(e + 24) after the mma) and their bases into a per-page,
@@ -495,18 +497,21 @@ __device__ __forceinline__ bool v3_header(const uint8_t *sec, uint32_t sec_bytes
   hd.nwords = (sec_bytes - KVC_QSEC_HEADER_BYTES) / 4;
   const uint32_t G = hd.rel ? (TS == 0 ? (uint32_t)HD : (uint32_t)n_tokens) : (uint32_t)HD;
   hd.pos_b = G * hd.w_e; /* 0 in absolute mode (w_e = 0) */
-  hd.meta = hd.pos_b + G * hd.w_b;
+  /* Value codes are paired (kvc_bp_paired: every v3 head_dim is a multiple of 16): they start at a
+   * word and take whole token pairs. */
+  hd.meta = kvc_bp_start(hd.pos_b + G * hd.w_b, TS == 1);
+  const uint32_t code_rows = TS == 1 ? (uint32_t)(n_tokens + 1) & ~1u : (uint32_t)n_tokens;
   /* mode <= 1 and w_b <= 31: bits 1-7 and 21-23 clear; width <= KVC_Q_MAX_BITS; w_e <= 16 (REL)
    * or 0 (ABS); e_min in [KVC_STEP_CODE_MIN, KVC_STEP_CODE_MAX] and n_lanes == 0 at once: with
    * e_min's sign bit flipped, h.y is e_min + 32768 + n_lanes * 65536. Then every code lies inside
-   * the section (load_run's runs and v3_field's fields end inside it): meta + n_tokens HD width
+   * the section (load_run's runs and v3_field's fields end inside it): meta + code_rows HD width
    * (< 2^20 with the fields in range) <= 32 nwords, i.e. its count of words rounded up <=
    * nwords. & rather than &&: one predicate, no branches. */
   return ((h.x & 0x00e000feu) == 0) & (h.x < ((KVC_Q_MAX_BITS + 1u) << 24)) &
          (hd.w_e <= (hd.rel ? 16u : 0u)) &
          ((h.y ^ 0x8000u) - (uint32_t)(32768 + KVC_STEP_CODE_MIN) <=
           (uint32_t)(KVC_STEP_CODE_MAX - KVC_STEP_CODE_MIN)) &
-         ((hd.meta + (uint32_t)n_tokens * (HD * hd.width) + 31u) >> 5 <= hd.nwords);
+         ((hd.meta + code_rows * (HD * hd.width) + 31u) >> 5 <= hd.nwords);
 }
 
 /* A lane's groups of a relative-mode section: NG channels (keys: HD / 32, k_channel pair order:
@@ -764,12 +769,9 @@ __device__ __forceinline__ bool v3_setup_fast_pair(const unit_page &pg, const ui
   return true;
 }
 
-/* The exact value of code (t, d) of a section, as the CPU decoder computes it. */
-__device__ __forceinline__ float v3_gen_value(const v3_sec &s, const int32_t *gb, const float *gs,
-                                              int HD, int t, int d) {
-  const uint32_t u =
-      kvc_dev_top(kvc_dev_window(s.w, s.last, s.meta + (uint32_t)(t * HD + d) * s.width),
-                  (uint32_t)s.width);
+/* The exact value of code u at (t, d) of a section, as the CPU decoder computes it. */
+__device__ __forceinline__ float v3_gen_recon(const v3_sec &s, const int32_t *gb, const float *gs,
+                                              uint32_t u, int t, int d) {
   const int g = s.mode == 1 ? t & (kUnitTokens - 1) : d;
   const uint32_t b = (uint32_t)gb[g] + (s.mode == 2 ? (uint32_t)kvc_unzigzag(u) : u);
   return __fmul_rn(__int2float_rn((int)b), s.mode == 2 ? s.step : gs[g]);
@@ -1035,6 +1037,11 @@ __device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int
                                       float (&s)[2][NB][4]) {
   const int32_t *gb = (const int32_t *)(scr + v3_scratch<HD>::kbase);
   const float *gs = (const float *)(scr + v3_scratch<HD>::kstep);
+  auto key = [&](int t, int d) { /* keys are linear */
+    const uint32_t pos = sec.meta + (uint32_t)(t * HD + d) * sec.width;
+    const uint32_t u = kvc_dev_top(kvc_dev_window(sec.w, sec.last, pos), (uint32_t)sec.width);
+    return v3_gen_recon(sec, gb, gs, u, t, d);
+  };
 #pragma unroll 1
   for (int kb = 0; kb < HD / 16; kb++) {
     uint32_t b[2][2];
@@ -1042,8 +1049,8 @@ __device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int
     for (int h = 0; h < 2; h++)
 #pragma unroll
       for (int x = 0; x < 2; x++)
-        b[h][x] = pack2<T>(v3_gen_value(sec, gb, gs, HD, pt[h], k_channel<HD>(c, 2 * kb + x, 0)),
-                           v3_gen_value(sec, gb, gs, HD, pt[h], k_channel<HD>(c, 2 * kb + x, 1)));
+        b[h][x] = pack2<T>(key(pt[h], k_channel<HD>(c, 2 * kb + x, 0)),
+                           key(pt[h], k_channel<HD>(c, 2 * kb + x, 1)));
     const uint32_t a[4] = {b[0][0], b[1][0], b[0][1], b[1][1]};
 #pragma unroll
     for (int nb = 0; nb < NB; nb++) mma16816<T>(s[0][nb], a, qb[nb][kb][0], qb[nb][kb][1]);
@@ -1056,12 +1063,6 @@ __device__ __forceinline__ void s_gen(const v3_sec &sec, const uint8_t *scr, int
  * and slab. */
 __device__ __forceinline__ int v3_sel(const v3_src &s) {
   return s.kind == SRC_FAST ? s.sec.width : s.kind == SRC_ROWS ? 0 : 9;
-}
-
-/* Whether value runs of width W start at whole words once the codes start at a multiple of 64
- * bits (pv_fast's aligned form; widths 2, 4 and 8 only, so that the switch stays small). */
-template <int HD> constexpr bool v_aligned_width(int W) {
-  return (W == 2 || W == 4 || W == 8) && run_align_words(64, HD / 8, W) > 0;
 }
 
 /* S^T from source ks for rows tr of the current page's rows in the unit. PRE: qb is the page's
@@ -1161,42 +1162,108 @@ __device__ __forceinline__ void pv_rows(const uint8_t *const (&row)[4], int g,
   }
 }
 
-/* Bit-pack fast path: each code u as the fp16 subnormal u 2^(pair_r(W, n) - 24), n its channel's
- * offset in the lane's run (P' = P * step * 2^(W - e), built by the caller, which also adds what
- * the bases give every channel to its vcorr). Row n of O^T accumulates in units of 2^v_row_lg(W,
- * n). */
-template <int HD, int W, int NB, bool AL = false>
-__device__ __forceinline__ void pv_fast(const token_runs<4> &tr, const uint32_t (&pb)[NB][2],
-                                        oacc_t<HD, NB> &o) {
-  constexpr int NC = HD / 8, NA = (NC * W + 31) / 32, AW = run_align_words(64, NC, W);
-  uint32_t a[4][NA];
-  load_token_runs<HD, W, NA, AL ? AW : 0>(tr, 0, a);
+/* ---- values of paired sections (kvc_page_format.h): a word of a token pair's block holds 16 row
+ * bits of both tokens, the even token's in its low half, so one word gives a code's fp16 operand
+ * pair (tokens 2c, 2c + 1 or 2c + 8, 2c + 9: the A operand's k order) in a LOP3 or two. */
+
+/* Words of a paired block (two tokens' rows) of width W. */
+template <int HD, int W> constexpr int vpair_block_words() { return HD * W / 16; }
+
+/* Words of a lane's run (HD / 8 channels) as vpair_load gives it: at head_dim 64 a run of odd
+ * width starts mid-half for odd g, and is realigned from one word more. */
+template <int HD, int W> constexpr int vpair_run_words() {
+  return HD == 64 ? (W + 1) / 2 : HD * W / 128;
+}
+
+/* The first word of lane g's run in the block of page token t, codes from word s.meta / 32 on. */
+template <int HD, int W>
+__device__ __forceinline__ const uint32_t *vpair_at(const v3_sec &s, int t, int g) {
+  return s.w + (s.meta >> 5) + (t >> 1) * vpair_block_words<HD, W>() +
+         ((g * (HD / 8) * W) >> 4);
+}
+
+/* Lane g's run from p, so that its code n lies at run bit n W: the halves of words from 8 bits
+ * on (PRMT 0x2705: a half's low byte, then the next half's high byte) where the run starts
+ * mid-half. No clamps: v3_header checked that the section holds its blocks, and the one word past
+ * a block at most is the layout's slack. */
+template <int HD, int W, int NR = vpair_run_words<HD, W>()>
+__device__ __forceinline__ void vpair_load(const uint32_t *p, uint32_t (&a)[NR]) {
+  if constexpr (HD == 64 && (W & 1)) {
+    const uint32_t sel = lane_id() & 4 ? 0x2705u : 0x3210u; /* odd g */
+    uint32_t x[NR + 1];
+#pragma unroll
+    for (int m = 0; m <= NR; m++) x[m] = p[m];
+#pragma unroll
+    for (int m = 0; m < NR; m++) a[m] = __byte_perm(x[m], x[m + 1], sel);
+  } else {
+#pragma unroll
+    for (int m = 0; m < NR; m++) a[m] = p[m];
+  }
+}
+
+/* Where vpair_code puts code n of a run of width W: its lsb at bit r of each half, r + W <= 11, so
+ * that the half is exactly u 2^(r - 24) in fp16 (bits below 2^11 read as a subnormal or as
+ * exponent field 1, both u 2^-24). A code at bits [f, f + W) of its 16-bit unit (f from the top):
+ * as it lies (r = 16 - f - W) for f >= 5, else shifted right by 5; a code that crosses into the
+ * next unit: from the PRMT of both halves' neighbouring bytes, as it lies there (r = 24 - f - W)
+ * for f >= 13, else shifted to r = 11 - W. */
+__host__ __device__ constexpr int vpair_r(int W, int n) {
+  const int f = n * W & 15;
+  return f + W <= 16 ? (f >= 5 ? 16 - f - W : 11 - f - W) : (f >= 13 ? 24 - f - W : 11 - W);
+}
+
+/* Code n of both tokens of a run (vpair_load) as the operand pair u 2^(vpair_r(W, n) - 24): a
+ * LOP3, after a shift or a PRMT for some. */
+template <int W, int NR>
+__device__ __forceinline__ uint32_t vpair_code(const uint32_t (&a)[NR], int n) {
+  const int j = n * W >> 4, f = n * W & 15, r = vpair_r(W, n);
+  const uint32_t mask = (((1u << W) - 1u) << r) * 0x10001u;
+  if (f + W <= 16) return (a[j] >> (16 - f - W - r)) & mask;
+  return (__byte_perm(a[j], a[j + 1], 0x2705u) >> (24 - f - W - r)) & mask;
+}
+
+/* Bit-pack fast path: each code u as the fp16 u 2^(vpair_r(W, n) - 24), n its channel's offset in
+ * the lane's run, from the runs at pa (tokens 2c, 2c + 1) and pb (2c + 8, 2c + 9) (P' = P * step *
+ * 2^(W - e), built by the caller, which also adds what the bases give every channel to its vcorr).
+ * Row n of O^T accumulates in units of 2^v_row_lg(W, n). */
+template <int HD, int W, int NB>
+__device__ __forceinline__ void pv_fast(const uint32_t *pa, const uint32_t *pb_,
+                                        const uint32_t (&pb)[NB][2], oacc_t<HD, NB> &o) {
+  constexpr int NR = vpair_run_words<HD, W>();
+  uint32_t a[NR], b[NR];
+  vpair_load<HD, W>(pa, a);
+  vpair_load<HD, W>(pb_, b);
   pv_tiles<__half>(pb, o, 0, HD / 16, [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
-    const int n = 2 * mt + r;
-    lo = code_pair<W, NA>(a[0], a[1], n, n);
-    hi = code_pair<W, NA>(a[2], a[3], n, n);
+    lo = vpair_code<W>(a, 2 * mt + r);
+    hi = vpair_code<W>(b, 2 * mt + r);
   });
 }
 
 /* log2 of the units that row n (its channel's offset in the lane's run) of O^T accumulates in
- * while the values are SRC_FAST of width W (pv_fast: 2^(24 - r) from the subnormal, 2^-W from P'),
- * 0 for every other source (W = 0). Depends on n modulo 8 alone (pair_r). */
-__device__ __forceinline__ int v_row_lg(int W, int n) { return W ? 24 - W - pair_r(W, n) : 0; }
+ * while the values are SRC_FAST of width W (pv_fast: 2^(24 - r) from the operand, 2^-W from P'),
+ * 0 for every other source (W = 0). Depends on n modulo 16 alone. */
+__device__ __forceinline__ int v_row_lg(int W, int n) { return W ? 24 - W - vpair_r(W, n) : 0; }
 
-/* O^T from units 2^(e + v_row_lg(w_from, n)) to 2^(e - de + v_row_lg(w_to, n)) per row n: eight
- * factors (n modulo 8) and a multiply per register. O^T's register e of m-tile mt is row n = 2 mt
- * + e / 2 (v_channel). */
+/* O^T from units 2^(e + v_row_lg(w_from, n)) to 2^(e - de + v_row_lg(w_to, n)) per row n: a factor
+ * per row, computed where it is used (a table of them held 16 registers more at the kernel's
+ * peak), or one for all when the width stays. O^T's register e of m-tile mt is row n = 2 mt + e / 2
+ * (v_channel). */
 template <int HD, int NB>
 __device__ __forceinline__ void o_units(oacc_t<HD, NB> &o, int de, int w_from, int w_to) {
-  float f[8];
-#pragma unroll
-  for (int j = 0; j < 8; j++) f[j] = pow2i(de + v_row_lg(w_from, j) - v_row_lg(w_to, j));
+  const float f = pow2i(de);
 #pragma unroll
   for (int mt = 0; mt < HD / 16; mt++)
 #pragma unroll
-    for (int nb = 0; nb < NB; nb++)
+    for (int h = 0; h < 2; h++) {
+      const float fn = w_from == w_to
+                           ? f
+                           : pow2i(de + v_row_lg(w_from, 2 * mt + h) - v_row_lg(w_to, 2 * mt + h));
 #pragma unroll
-      for (int e = 0; e < 4; e++) o[mt][nb][e] *= f[(2 * mt + e / 2) % 8];
+      for (int nb = 0; nb < NB; nb++) {
+        o[mt][nb][2 * h] *= fn;
+        o[mt][nb][2 * h + 1] *= fn;
+      }
+    }
 }
 
 template <int HD, class T, int NB>
@@ -1205,10 +1272,20 @@ __device__ __forceinline__ void pv_gen(const v3_sec &s, const uint8_t *scr, int 
                                        oacc_t<HD, NB> &o) {
   const int32_t *gb = (const int32_t *)(scr + v3_scratch<HD>::vbase);
   const float *gs = (const float *)(scr + v3_scratch<HD>::vstep);
+  /* Values are paired: tokens pt[0] and pt[2] are even and each the first of its block, pt[1]
+   * and pt[3] the second but where rows past the page's are clamped, whose P is 0 (their codes
+   * are then the block's second token's, their groups their own: a finite value). */
+  const bp_rows br = {s.w, s.last, s.meta, (uint32_t)(HD * s.width), true};
+  const uint32_t wd = (uint32_t)s.width;
   pv_tiles<T>(pb, o, 0, HD / 16, [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
     const int d = g * (HD / 8) + 2 * mt + r;
-    lo = pack2<T>(v3_gen_value(s, gb, gs, HD, pt[0], d), v3_gen_value(s, gb, gs, HD, pt[1], d));
-    hi = pack2<T>(v3_gen_value(s, gb, gs, HD, pt[2], d), v3_gen_value(s, gb, gs, HD, pt[3], d));
+    uint32_t u[4];
+    br.pair_windows((uint32_t)pt[0] >> 1, (uint32_t)d * wd, u[0], u[1]);
+    br.pair_windows((uint32_t)pt[2] >> 1, (uint32_t)d * wd, u[2], u[3]);
+#pragma unroll
+    for (int k = 0; k < 4; k++) u[k] = kvc_dev_top(u[k], wd);
+    lo = pack2<T>(v3_gen_recon(s, gb, gs, u[0], pt[0], d), v3_gen_recon(s, gb, gs, u[1], pt[1], d));
+    hi = pack2<T>(v3_gen_recon(s, gb, gs, u[2], pt[2], d), v3_gen_recon(s, gb, gs, u[3], pt[3], d));
   });
 }
 
@@ -1218,36 +1295,23 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
                                       const int (&tv)[4], const uint32_t (&pb)[NB][2],
                                       oacc_t<HD, NB> &o) {
   const int pt[4] = {vs.ptok0 + tv[0], vs.ptok0 + tv[1], vs.ptok0 + tv[2], vs.ptok0 + tv[3]};
-  auto runs = [&](auto w) {
-    return token_runs_of<HD, decltype(w)::value>(vs.sec.w, vs.sec.meta, g * (HD / 8), pt);
-  };
-  /* Value codes start at a multiple of n_tokens bits (relative mode), or of HD: when that is a
-   * multiple of 64, the runs of widths 2, 4 and 8 need no shift (16 + W: load_run_aligned). */
-  constexpr uint32_t kAligned = (v_aligned_width<HD>(2) ? 1u << 2 : 0u) |
-                                (v_aligned_width<HD>(4) ? 1u << 4 : 0u) |
-                                (v_aligned_width<HD>(8) ? 1u << 8 : 0u);
-  const int sel = v3_sel(vs);
-  const bool al = ((kAligned >> sel) & 1u) && (vs.sec.meta & 63u) == 0;
-  switch (al ? 16 + sel : sel) {
+  switch (v3_sel(vs)) {
   case 0: {
     const uint8_t *row[4] = {vs.rows + tv[0] * (2 * HD), vs.rows + tv[1] * (2 * HD),
                              vs.rows + tv[2] * (2 * HD), vs.rows + tv[3] * (2 * HD)};
     pv_rows<HD, T, NB, SWAP>(row, g, pb, o);
     break;
   }
+  /* Tokens pt[0] and pt[2] are even (units and pages start at even tokens), and pt[1], pt[3] the
+   * next ones but where rows past the page's are clamped (their P is 0: any finite operand). */
 #define KVC__PV(W)                                                                                 \
   case W:                                                                                          \
-    if constexpr (FAST) pv_fast<HD, W, NB>(runs(std::integral_constant<int, W>()), pb, o);        \
+    if constexpr (FAST)                                                                            \
+      pv_fast<HD, W, NB>(vpair_at<HD, W>(vs.sec, pt[0], g), vpair_at<HD, W>(vs.sec, pt[2], g), pb, \
+                         o);                                                                       \
     break;
     KVC__PV(1) KVC__PV(2) KVC__PV(3) KVC__PV(4) KVC__PV(5) KVC__PV(6) KVC__PV(7) KVC__PV(8)
 #undef KVC__PV
-#define KVC__PVA(W)                                                                                \
-  case 16 + W:                                                                                     \
-    if constexpr (FAST && v_aligned_width<HD>(W))                                                  \
-      pv_fast<HD, W, NB, true>(runs(std::integral_constant<int, W>()), pb, o);                     \
-    break;
-    KVC__PVA(2) KVC__PVA(4) KVC__PVA(8)
-#undef KVC__PVA
   default:
     pv_gen<HD, T, NB>(vs.sec, scr, g, pt, pb, o);
   }
@@ -1558,14 +1622,13 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
            * constant distances from their first, which moves by 16 tokens per slab: no clamps,
            * no per-slab offsets. */
           token_runs<2> kr{};
-          token_runs<4> vr{};
+          const uint32_t *vr = nullptr; /* pv_fast's run of tokens (2c, 2c + 1) */
           int vi = 0, vbi = 0;
           if constexpr (KW > 0) {
             const int t0 = pg.ptok0 + 16 * b - pg.row0;
             const int kt[2] = {t0 + g, t0 + g + 8};
-            const int vt[4] = {t0 + 2 * c, t0 + 2 * c + 1, t0 + 2 * c + 8, t0 + 2 * c + 9};
             kr = token_runs_of<HD, KW>(ks.sec.w, ks.sec.meta, c * (HD / 4), kt);
-            vr = token_runs_of<HD, VW>(vs.sec.w, vs.sec.meta, g * (HD / 8), vt);
+            vr = vpair_at<HD, VW>(vs.sec, t0 + 2 * c, g);
             vi = (pg.ptok0 & (kUnitTokens - 1)) - pg.row0 + g;
             vbi = vi - g + 2 * c;
           }
@@ -1781,8 +1844,8 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
             const int tv[4] = {prow(tb + 2 * c), prow(tb + 2 * c + 1), prow(tb + 2 * c + 8),
                                prow(tb + 2 * c + 9)};
             if constexpr (VW > 0) {
-              pv_fast<HD, VW, NB>(vr, pb, o);
-              vr.p += 16 * HD * VW / 32;
+              pv_fast<HD, VW, NB>(vr, vr + 4 * vpair_block_words<HD, VW>(), pb, o);
+              vr += 8 * vpair_block_words<HD, VW>();
             } else if (huf) {
               if constexpr (HUF) v3h_pv<HD, T, NB>(harea + v3h_area<HD>::tile, g, c, pb, o);
             } else {

@@ -1,8 +1,8 @@
 /*
  * Where a page's bits go: splits the bytes of compressed pages (compress/kvc_page_format.h) into
  * the page header and section table, each quantized section's header, group fields (step codes,
- * bases or centres), code lengths, lane lengths, code stream, and the padding of the last stream
- * word and of each section's 16-byte alignment, plus the pool chunk rounding of the page. Raw
+ * bases or centres), code lengths, lane lengths, code stream, and the padding of the stream words
+ * and of each section's 16-byte alignment, plus the pool chunk rounding of the page. Raw
  * sections count as payload. Used by bench_capacity on the pages a filled cache holds.
  *
  * Everything here is static (included by one benchmark program); no global state.
@@ -36,7 +36,8 @@ enum {
   KVCB_BITS_STREAM,      /* codes (bit-pack or Huffman with extra bits), or raw values */
   KVCB_BITS_ENTROPY,     /* of which, Huffman: the symbols' entropy (each section's own counts) */
   KVCB_BITS_EXTRA,       /* of which, Huffman: raw bits after symbols >= 32 */
-  KVCB_BITS_WORD_PAD,    /* the last stream word's unused bits */
+  KVCB_BITS_WORD_PAD,    /* unused stream bits: the last word's, and in paired bit-pack sections
+                            the gap before the codes' first word and an odd token's zero row */
   KVCB_BITS_SECTION_PAD, /* 16-byte alignment after each section */
   KVCB_BITS_CHUNK_PAD,   /* pool chunk rounding of the page */
   KVCB_BITS_PARTS
@@ -152,6 +153,11 @@ static inline int kvcb_page_bits_add(kvcb_page_bits_t *b, const uint8_t *p, uint
     part[KVCB_BITS_BASES] += (double)groups * q.w_b;
     pos = (uint64_t)groups * ((q.mode == KVC_QMODE_REL ? q.w_e : 0u) + q.w_b);
     if (h.codec == KVC_CODEC_BITPACK) {
+      /* The codes proper; a paired section's alignment and zero row fall to KVCB_BITS_WORD_PAD. */
+      const int paired = kvc_bp_paired(i >= H, hd);
+      const uint64_t end = kvc_bp_start((uint32_t)pos, paired) + kvc_bp_code_bits(n, hd, q.width,
+                                                                                 paired);
+      if (end > 32ull * nwords) goto bad;
       part[KVCB_BITS_STREAM] += (double)n * hd * q.width;
       used = pos + (uint64_t)n * hd * q.width;
     } else {

@@ -346,8 +346,12 @@ static uint32_t kvc__qsec_bytes(uint64_t bits) {
   return (uint32_t)(KVC_QSEC_HEADER_BYTES + 4 * words);
 }
 
-static uint32_t kvc__bitpack_bytes(int S, const kvc__qsec_t *q) {
-  return kvc__qsec_bytes(kvc__meta_bits(q) + (uint64_t)S * kvc_bits_for(q->max_u));
+/* Bytes of a BITPACK section of tensor (0 K, 1 V), n tokens x hd channels. */
+static uint32_t kvc__bitpack_bytes(const kvc__qsec_t *q, int tensor, int n, int hd) {
+  const int paired = kvc_bp_paired(tensor, (uint32_t)hd);
+  return kvc__qsec_bytes(kvc_bp_start((uint32_t)kvc__meta_bits(q), paired) +
+                         kvc_bp_code_bits((uint32_t)n, (uint32_t)hd, kvc_bits_for(q->max_u),
+                                          paired));
 }
 
 static uint32_t kvc__huffman_bytes(const kvc__qsec_t *q, const kvc__huf_t *h) {
@@ -355,18 +359,47 @@ static uint32_t kvc__huffman_bytes(const kvc__qsec_t *q, const kvc__huf_t *h) {
                          (uint64_t)h->n_lanes * h->w_lane + h->lane_total);
 }
 
-/* Bytes of a quantized section of S = n_tokens x head_dim codes u with `codec`; plans h for
+/* Bytes of a quantized section of tensor (0 K, 1 V), codes u[n][hd], with `codec`; plans h for
  * HUFFMAN. */
-static uint32_t kvc__qsec_size(const uint32_t *u, int S, int head_dim, const kvc__qsec_t *q,
+static uint32_t kvc__qsec_size(const uint32_t *u, int tensor, int n, int hd, const kvc__qsec_t *q,
                                kvc_codec_t codec, kvc__huf_t *h) {
-  if (codec == KVC_CODEC_BITPACK) return kvc__bitpack_bytes(S, q);
-  kvc__huf_plan(u, S, head_dim, q, h);
+  if (codec == KVC_CODEC_BITPACK) return kvc__bitpack_bytes(q, tensor, n, hd);
+  kvc__huf_plan(u, n * hd, hd, q, h);
   return kvc__huffman_bytes(q, h);
 }
 
-/* Writes a quantized section of `codec` (sizes already known to fit) at dst (zeroed). */
-static void kvc__emit(const uint32_t *u, int S, const kvc__qsec_t *q, const kvc__huf_t *h,
-                      kvc_codec_t codec, uint8_t *dst) {
+/* ORs the n-bit field v at stream bit pos of the MSB-first words (the field within one word). */
+static void kvc__or_bits(uint8_t *words, uint64_t pos, uint32_t v, uint32_t n) {
+  uint8_t *at = words + 4 * (pos >> 5);
+  kvc_wr_u32(at, kvc_rd_u32(at) | v << (32 - n - (uint32_t)(pos & 31)));
+}
+
+/* Writes the codes u[n][hd] of width (1..KVC_Q_MAX_BITS) bits of a paired section at stream bit
+ * start (word-aligned) of the zeroed words: a code that crosses a 16-bit unit of its row goes in
+ * pieces, as kvc_bp_get reads it. The odd token's partner row stays zero. */
+static void kvc__put_paired(uint8_t *words, uint64_t start, const uint32_t *u, int n, int hd,
+                            uint32_t width) {
+  const uint32_t row_bits = (uint32_t)hd * width;
+  for (int t = 0; t < n; t++) {
+    for (int d = 0; d < hd; d++) {
+      const uint32_t v = u[(size_t)t * hd + d];
+      uint32_t i = (uint32_t)d * width, left = width;
+      while (left) {
+        const uint32_t k = left < 16u - (i & 15u) ? left : 16u - (i & 15u);
+        left -= k;
+        kvc__or_bits(words, start + kvc_bp_bit(1, row_bits, (uint32_t)t, i),
+                     (v >> left) & ((1u << k) - 1u), k);
+        i += k;
+      }
+    }
+  }
+}
+
+/* Writes a quantized section of tensor (0 K, 1 V), codes u[n][hd], with `codec` (sizes already
+ * known to fit) at dst (zeroed). */
+static void kvc__emit(const uint32_t *u, int tensor, int n, int hd, const kvc__qsec_t *q,
+                      const kvc__huf_t *h, kvc_codec_t codec, uint8_t *dst) {
+  const int S = n * hd;
   kvc_qsec_header_t sh;
   memset(&sh, 0, sizeof sh);
   sh.mode = (uint8_t)q->mode;
@@ -389,6 +422,12 @@ static void kvc__emit(const uint32_t *u, int S, const kvc__qsec_t *q, const kvc_
   }
   for (int g = 0; g < q->groups; g++)
     kvc__put(&w, (uint32_t)q->base[g] - (uint32_t)q->b_min, q->w_b);
+  if (codec == KVC_CODEC_BITPACK && kvc_bp_paired(tensor, (uint32_t)hd)) {
+    kvc__flush(&w);
+    if (width)
+      kvc__put_paired(w.words, kvc_bp_start((uint32_t)kvc__meta_bits(q), 1), u, n, hd, width);
+    return;
+  }
   if (codec == KVC_CODEC_BITPACK) {
     for (int i = 0; i < S; i++) kvc__put(&w, u[i], width);
   } else {
@@ -441,12 +480,11 @@ static kvc_status_t kvc__section(const kvc_codec_params_t *p, const void *block,
   kvc__huf_t h;
   kvc_status_t st = kvc__section_quantize(p, block, n, tensor, head, &q, u);
   if (st != KVC_OK) return st;
-  const int S = n * p->head_dim;
-  uint32_t b = kvc__qsec_size(u, S, p->head_dim, &q, codec, &h);
+  uint32_t b = kvc__qsec_size(u, tensor, n, p->head_dim, &q, codec, &h);
   /* No section is larger than its raw form, so no page exceeds kvc_codec_max_page_bytes and
    * decoders can size section buffers by the raw section. */
   if (b > raw) return KVC_ERR_UNSUPPORTED;
-  kvc__emit(u, S, &q, &h, codec, dst);
+  kvc__emit(u, tensor, n, p->head_dim, &q, &h, codec, dst);
   *bytes = b;
   return KVC_OK;
 }
@@ -543,7 +581,7 @@ static void kvc__page_sizes(const kvc_codec_params_t *p, const void *block, int 
     }
     for (int c = 0; c < 2; c++) {
       if (!sz[c]) continue;
-      uint32_t b = kvc__qsec_size(u, n * p->head_dim, p->head_dim, &q, codec[c], &h);
+      uint32_t b = kvc__qsec_size(u, (int)(i / H), n, p->head_dim, &q, codec[c], &h);
       sz[c] = b > raw ? 0 : sz[c] + kvc_align16(b);
     }
   }
@@ -670,12 +708,17 @@ static kvc_status_t kvc__decode_q(const kvc_page_header_t *h, int tensor, const 
                      step[tensor == 0 ? (d) : (t)])                                                \
        : kvc_q_recon((int32_t)((uint32_t)base[(d)] + (uint32_t)kvc_unzigzag(u)), abs_step))
   if (h->codec == KVC_CODEC_BITPACK) {
+    const int paired = kvc_bp_paired(tensor, (uint32_t)hd);
+    const uint64_t start = kvc_bp_start((uint32_t)meta, paired);
     if (qh.width > KVC_Q_MAX_BITS || qh.n_lanes != 0 || qh.lane_info != 0 ||
-        meta + (uint64_t)S * qh.width > cap)
+        start + kvc_bp_code_bits((uint32_t)n, (uint32_t)hd, qh.width, paired) > cap)
       return KVC_ERR_CORRUPT;
-    for (int i = 0; i < S; i++) {
-      uint32_t u = kvc_bits_get(w, nwords, meta + (uint64_t)i * qh.width, qh.width);
-      out[i] = KVC__RECON(u, i / hd, i % hd);
+    for (int t = 0; t < n; t++) {
+      for (int d = 0; d < hd; d++) {
+        uint32_t u = kvc_bp_get(w, nwords, start, paired, (uint32_t)hd, (uint32_t)t, (uint32_t)d,
+                                qh.width);
+        out[(size_t)t * hd + d] = KVC__RECON(u, t, d);
+      }
     }
     return KVC_OK;
   }

@@ -15,7 +15,8 @@
  * places them, and each half's words are then shifted into the stream, whole words with plain
  * stores and only the two words it may share with its neighbours with atomicOr. Fixed-width fields
  * (group parameters, code lengths, lane lengths, bit-pack codes) are written one output word per
- * thread, gathered from the fields it overlaps.
+ * thread, gathered from the fields it overlaps (paired value codes: two words per thread, from the
+ * same 32 row bits of two tokens).
  * The section is staged in shared memory, then copied into the page's chunks. Chunks are taken
  * from the device free stack as the page grows (policy FIXED: one pop per section that crosses into
  * new chunks, issued before the emit and published by its barrier; other policies first size every
@@ -617,6 +618,13 @@ __device__ __forceinline__ uint32_t qsec_bytes(uint64_t bits) {
   return (uint32_t)(KVC_QSEC_HEADER_BYTES + 4 * words);
 }
 
+/* Bytes of a BITPACK section of tensor (0 K, 1 V), n tokens x hd channels. */
+__device__ __forceinline__ uint32_t bitpack_bytes(const QInfo &q, int tensor, int n, int hd) {
+  const int paired = kvc_bp_paired(tensor, (uint32_t)hd);
+  return qsec_bytes(kvc_bp_start((uint32_t)q.groups * (q.w_e + q.w_b), paired) +
+                    kvc_bp_code_bits((uint32_t)n, (uint32_t)hd, kvc_bits_for(q.max_u), paired));
+}
+
 /* The bits of fields i = 0..n-1 of w (1..31) bits, field i = val(i) at bit p0 + i w of an
  * MSB-first word stream, that fall in word k (0 where none does). */
 template <class F>
@@ -650,6 +658,29 @@ __device__ __forceinline__ void put_fields(uint32_t *wd, uint32_t p0, uint32_t n
     const uint32_t wb = k << 5, word = field_word(k, p0, n, w, val);
     if (wb >= p0 && wb + 32 <= end) wd[k] = word;
     else atomicOr(&wd[k], word);
+  }
+}
+
+/*
+ * Writes the codes of a paired section (kvc_bp_paired), code d of token r = val(r * hd + d) of
+ * w (1..31) bits for r < n, into the zeroed stream wd from word k0 (kvc_bp_start / 32) on
+ * (threads t = 0..nt-1 of the caller's set). One item per (token pair p, row word j): the thread
+ * gathers row bits [32 j, 32 j + 32) of both tokens and builds words 2j and 2j + 1 of block p
+ * from their halves. The code area is whole words of no other field: plain stores.
+ */
+template <class F>
+__device__ __forceinline__ void put_paired(uint32_t *wd, uint32_t k0, uint32_t n, uint32_t hd,
+                                           uint32_t w, int t, int nt, F val) {
+  const uint32_t block_words = hd * w / 16, row_words = (block_words + 1) / 2;
+  const uint32_t items = (n + 1) / 2 * row_words;
+  for (uint32_t it = (uint32_t)t; it < items; it += (uint32_t)nt) {
+    const uint32_t p = it / row_words, j = it % row_words, s0 = 2 * p * hd, s1 = s0 + hd;
+    const uint32_t a = field_word(j, 0, hd, w, [&](uint32_t d) { return val(s0 + d); });
+    const uint32_t b =
+        2 * p + 1 < n ? field_word(j, 0, hd, w, [&](uint32_t d) { return val(s1 + d); }) : 0u;
+    uint32_t *o = wd + k0 + p * block_words + 2 * j;
+    o[0] = (a >> 16) | (b & 0xffff0000u);
+    if (2 * j + 1 < block_words) o[1] = (a & 0xffffu) | (b << 16);
   }
 }
 
@@ -782,12 +813,13 @@ __device__ __forceinline__ uint32_t huffman_plan(const Smem &sm, const QInfo &q,
   return qsec_bytes(meta + 4u * (uint32_t)sm.misc[M_NSYM] + (uint64_t)nl * w_lane + total);
 }
 
-/* Writes the quantized section into the staging buffer sm.xs (all threads; no trailing barrier).
- * Huffman: huffman_plan(stage = true) has zeroed it, written the group fields and coded this
- * thread's part (part_bits bits, in the us[] slots of its values). */
-__device__ __forceinline__ void emit(const Smem &sm, const QInfo &q, int codec, int S, int n_lanes,
-                                     uint32_t w_lane, uint32_t lane_part_off, uint32_t part_bits,
-                                     uint32_t bytes) {
+/* Writes the quantized section of tensor (0 K, 1 V), S = n_tokens x hd codes, into the staging
+ * buffer sm.xs (all threads; no trailing barrier). Huffman: huffman_plan(stage = true) has zeroed
+ * it, written the group fields and coded this thread's part (part_bits bits, in the us[] slots of
+ * its values). */
+__device__ __forceinline__ void emit(const Smem &sm, const QInfo &q, int codec, int tensor, int S,
+                                     int hd, int n_lanes, uint32_t w_lane, uint32_t lane_part_off,
+                                     uint32_t part_bits, uint32_t bytes) {
   const int tid = threadIdx.x;
   uint32_t *wd = (uint32_t *)(sm.xs + KVC_QSEC_HEADER_BYTES);
   if (codec == KVC_CODEC_BITPACK) {
@@ -819,8 +851,13 @@ __device__ __forceinline__ void emit(const Smem &sm, const QInfo &q, int codec, 
   }
   const uint32_t G = (uint32_t)q.groups;
   const uint32_t meta = (q.mode == KVC_QMODE_REL ? G * q.w_e : 0) + G * q.w_b;
-  if (codec == KVC_CODEC_BITPACK) {
-    put_fields(wd, meta, (uint32_t)S, width, tid, kThreads, [&](uint32_t s) { return sm.us[s] & kUMask; });
+  auto code = [&](uint32_t s) { return sm.us[s] & kUMask; };
+  if (codec == KVC_CODEC_BITPACK && kvc_bp_paired(tensor, (uint32_t)hd)) {
+    if (width)
+      put_paired(wd, kvc_bp_start(meta, 1) >> 5, (uint32_t)(S / hd), (uint32_t)hd, width, tid,
+                 kThreads, code);
+  } else if (codec == KVC_CODEC_BITPACK) {
+    put_fields(wd, meta, (uint32_t)S, width, tid, kThreads, code);
   } else {
     put_fields(wd, meta, (uint32_t)n_sym, 4, tid, kThreads, [&](uint32_t s) { return (uint32_t)sm.len[s]; });
     const uint32_t lanes_pos = meta + 4u * (uint32_t)n_sym;
@@ -963,7 +1000,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
         ok_bp = ok_hf = false;
         continue;
       }
-      uint32_t bp = qsec_bytes((uint64_t)q.groups * (q.w_e + q.w_b) + (uint64_t)S * kvc_bits_for(q.max_u));
+      uint32_t bp = bitpack_bytes(q, tensor, n, HD);
       int nl;
       uint32_t wl, off, pb;
       uint32_t hf = huffman_plan(sm, q, S, HD, false, &nl, &wl, &off, &pb);
@@ -1005,7 +1042,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
         uint32_t wl = 0, off = 0, pb = 0;
         if (q.ok) {
           if (codec == KVC_CODEC_BITPACK)
-            bytes = qsec_bytes((uint64_t)q.groups * (q.w_e + q.w_b) + (uint64_t)S * kvc_bits_for(q.max_u));
+            bytes = bitpack_bytes(q, tensor, n, HD);
           else
             bytes = huffman_plan(sm, q, S, HD, true, &nl, &wl, &off, &pb);
         }
@@ -1015,7 +1052,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
         }
         /* One barrier publishes the staged section and the chunks popped meanwhile. */
         const Pop pp = pop_begin(sm, a, (uint32_t)align16z(pos + bytes));
-        emit(sm, q, codec, S, nl, wl, off, pb, bytes);
+        emit(sm, q, codec, tensor, S, HD, nl, wl, off, pb, bytes);
         pop_end(sm, a, pp);
         __syncthreads();
         if (sm.misc[M_DRY]) return fail_job(a, job);

@@ -181,6 +181,40 @@ __device__ __forceinline__ void kvc_dev_bitpack_run(const kvc_dev_scratch &sc, f
   }
 }
 
+/* A paired section (kvc_bp_paired) whose codes start at word k0: one item per (token pair p,
+ * channel d) decodes both tokens' codes from the same words, the even token's row bits in their
+ * low halves and the odd token's in their high halves (kvc_page_format.h). The code's row bits
+ * [i, i + width) lie in the 16-bit units i / 16 .. (i + width - 1) / 16 <= i / 16 + 2. */
+template <int HEAD_DIM, typename T, int MODE>
+__device__ __forceinline__ void kvc_dev_bitpack_pairs_run(const kvc_dev_scratch &sc,
+                                                          float abs_step, const uint32_t *w,
+                                                          uint32_t last, uint32_t k0,
+                                                          uint32_t width, int n, T *tile,
+                                                          int row_stride) {
+  const uint32_t block_words = HEAD_DIM * width / 16, mask = (1u << width) - 1u;
+  const int items = (n + 1) / 2 * HEAD_DIM;
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    const int p = it / HEAD_DIM, d = it % HEAD_DIM, t = 2 * p;
+    const uint32_t i = (uint32_t)d * width, o = i & 15u;
+    const uint32_t k = k0 + (uint32_t)p * block_words + (i >> 4);
+    const uint32_t w0 = w[min(k, last)], w1 = w[min(k + 1, last)];
+    /* 48 row bits of each token from unit i / 16 on, most significant first */
+    uint64_t ev = (uint64_t)(w0 & 0xffffu) << 32 | (uint64_t)(w1 & 0xffffu) << 16;
+    uint64_t od = (uint64_t)(w0 >> 16) << 32 | (uint64_t)(w1 >> 16) << 16;
+    if (o + width > 32) {
+      const uint32_t w2 = w[min(k + 2, last)];
+      ev |= w2 & 0xffffu;
+      od |= w2 >> 16;
+    }
+    const uint32_t sh = 48 - o - width;
+    tile[t * row_stride + d] = kvc_dev_from_float<T>(
+        kvc_dev_recon<MODE>(sc, abs_step, (uint32_t)(ev >> sh) & mask, t, d));
+    if (t + 1 < n)
+      tile[(t + 1) * row_stride + d] = kvc_dev_from_float<T>(
+          kvc_dev_recon<MODE>(sc, abs_step, (uint32_t)(od >> sh) & mask, t + 1, d));
+  }
+}
+
 template <int HEAD_DIM, typename T, int MODE>
 __device__ __forceinline__ void kvc_dev_huffman_run(const kvc_dev_scratch &sc, float abs_step,
                                                     const uint32_t *w, uint32_t last, int n_lanes,
@@ -258,18 +292,30 @@ __device__ bool kvc_dev_decode_section(const kvc_page_header_t *hdr, int tensor,
   const int mode = rel ? tensor : 2;
 
   if (hdr->codec == 1) { /* BITPACK */
-    ok = qh.width <= KVC_Q_MAX_BITS && meta + (uint64_t)S * qh.width <= cap_bits;
+    /* Pairing follows the tensor in either mode (ABS values too). */
+    const bool paired = kvc_bp_paired(tensor, HEAD_DIM);
+    const uint32_t pos0 = kvc_bp_start((uint32_t)meta, paired);
+    ok = qh.width <= KVC_Q_MAX_BITS &&
+         pos0 + kvc_bp_code_bits((uint32_t)n, HEAD_DIM, qh.width, paired) <= cap_bits;
     __syncthreads();
-    if (ok) {
-      if (mode == 0)
-        kvc_dev_bitpack_run<HEAD_DIM, T, 0>(sc, abs_step, w, last, (uint32_t)meta, qh.width, S,
-                                            tile, row_stride);
-      else if (mode == 1)
-        kvc_dev_bitpack_run<HEAD_DIM, T, 1>(sc, abs_step, w, last, (uint32_t)meta, qh.width, S,
-                                            tile, row_stride);
+    if (ok && paired) {
+      /* REL keys (mode 0) are never paired */
+      if (mode == 1)
+        kvc_dev_bitpack_pairs_run<HEAD_DIM, T, 1>(sc, abs_step, w, last, pos0 >> 5, qh.width, n,
+                                                  tile, row_stride);
       else
-        kvc_dev_bitpack_run<HEAD_DIM, T, 2>(sc, abs_step, w, last, (uint32_t)meta, qh.width, S,
-                                            tile, row_stride);
+        kvc_dev_bitpack_pairs_run<HEAD_DIM, T, 2>(sc, abs_step, w, last, pos0 >> 5, qh.width, n,
+                                                  tile, row_stride);
+    } else if (ok) {
+      if (mode == 0)
+        kvc_dev_bitpack_run<HEAD_DIM, T, 0>(sc, abs_step, w, last, pos0, qh.width, S, tile,
+                                            row_stride);
+      else if (mode == 1)
+        kvc_dev_bitpack_run<HEAD_DIM, T, 1>(sc, abs_step, w, last, pos0, qh.width, S, tile,
+                                            row_stride);
+      else
+        kvc_dev_bitpack_run<HEAD_DIM, T, 2>(sc, abs_step, w, last, pos0, qh.width, S, tile,
+                                            row_stride);
     }
     __syncthreads();
     return ok;

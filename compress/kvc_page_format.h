@@ -1,5 +1,5 @@
 /*
- * The compressed page format, version 1: the bytes of one block (all kv heads, K and V) for one
+ * The compressed page format, version 2: the bytes of one block (all kv heads, K and V) for one
  * layer. Plain C, no CUDA types; the KVC_HD helpers below run on host and device, so the CPU codec,
  * the CUDA encoder and the attention kernels read one definition. All multi-byte fields are
  * little-endian (every supported host and NVIDIA GPUs are).
@@ -20,17 +20,28 @@
  *
  * Quantized section (BITPACK, HUFFMAN): kvc_qsec_header_t (16 bytes), then one bit array read as
  * little-endian uint32 words, most significant bit first (stream bit b is bit 31 - b % 32 of word
- * b / 32), holding back to back, without padding:
+ * b / 32), holding back to back, without padding (but before a paired section's codes, below):
  *   REL mode  e_g - e_min      [n_groups] x w_e bits  (step code of each group)
  *             base_g - b_min   [n_groups] x w_b bits  (n_groups: head_dim for K, n_tokens for V)
  *   ABS mode  center_c - b_min [head_dim] x w_b bits  (per-channel integer centre; step code e_min)
  *   HUFFMAN   code lengths     [n_sym] x 4 bits (0 = unused; all 0: symbol n_sym-1 has length 0)
  *             lane_bits_i - lane_min [n_lanes] x w_lane bits
- *   stream    BITPACK: u_s in `width` bits for s = 0..S-1 (S = n_tokens * head_dim)
+ *   stream    BITPACK: u_s in `width` bits for s = 0..S-1 (S = n_tokens * head_dim), back to
+ *                       back, except in paired sections (below)
  *             HUFFMAN: lane 0's bits, lane 1's bits, ...; lane i codes symbols i, i + n_lanes,
  *             i + 2 n_lanes, ... (strided, so that a warp's lanes write neighbouring outputs;
  *             the encoders' n_lanes: kvc_huf_lanes, one lane per channel for 16-64 tokens)
  * The section's byte count is 16 + 4 * words; words cover every bit above.
+ *
+ * Paired sections (kvc_bp_paired: BITPACK values, head_dim a multiple of 16) hold their codes by
+ * token pairs, so that one 32-bit word gives two tokens' codes of the same channels, at the same
+ * bits of its two halves (the fused kernel's fp16 operand pairs). A token's row is its head_dim
+ * codes back to back (R = head_dim * width bits, channel 0 first, most significant bit first).
+ * The codes start at the first word boundary after the group fields (kvc_bp_start); block p
+ * (tokens 2p, 2p + 1; p < ceil(n_tokens / 2)) is the R / 16 words from word start / 32 + p R / 16
+ * on; its word m holds row bits [16 m, 16 m + 16) of token 2p in its low half and of token 2p + 1
+ * in its high half, each half most significant bit first; a token past n_tokens is all zero bits.
+ * kvc_bp_bit maps a row bit to its stream bit.
  *
  * Quantization (the error-bound contract; x = input value as float, exactly):
  *   step(e)  = kvc_step_from_code(e) = M[e & 7] / 32 * 2^(e >> 3), M = {32,35,38,41,45,49,54,59}
@@ -63,7 +74,7 @@
 #include "allocator/kvc_pool_layout.h"
 
 #define KVC_PAGE_MAGIC 0x5043564Bu /* "KVCP" */
-#define KVC_PAGE_VERSION 1
+#define KVC_PAGE_VERSION 2 /* 2: paired value sections */
 #define KVC_PAGE_HEADER_BYTES 32
 #define KVC_PAGE_ALIGN 16
 #define KVC_QSEC_HEADER_BYTES 16
@@ -336,6 +347,48 @@ KVC_HD uint32_t kvc_bits_window(const uint8_t *words, uint32_t nwords, uint64_t 
 /* The w-bit (0..32) field at bit `pos`. */
 KVC_HD uint32_t kvc_bits_get(const uint8_t *words, uint32_t nwords, uint64_t pos, uint32_t w) {
   return (uint32_t)((uint64_t)kvc_bits_window(words, nwords, pos) >> (32 - w));
+}
+
+/* ---- bit-pack codes ------------------------------------------------------------------------ */
+
+/* Whether a BITPACK section of tensor (0 K, 1 V) at head_dim holds its codes by token pairs. */
+KVC_HD int kvc_bp_paired(int tensor, uint32_t head_dim) {
+  return tensor == 1 && head_dim % 16 == 0;
+}
+
+/* Stream bit where a BITPACK section's codes start, its group fields taking bits [0, meta). */
+KVC_HD uint32_t kvc_bp_start(uint32_t meta, int paired) {
+  return paired ? (meta + 31u) & ~31u : meta;
+}
+
+/* Bits of a BITPACK section's codes, from kvc_bp_start on. */
+KVC_HD uint64_t kvc_bp_code_bits(uint32_t n_tokens, uint32_t head_dim, uint32_t width, int paired) {
+  const uint64_t rows = paired ? (n_tokens + 1u) & ~1u : n_tokens;
+  return rows * head_dim * width;
+}
+
+/* Stream bit, counted from kvc_bp_start, of bit i of token t's row (row_bits = head_dim * width
+ * bits per token). */
+KVC_HD uint64_t kvc_bp_bit(int paired, uint32_t row_bits, uint32_t t, uint32_t i) {
+  if (!paired) return (uint64_t)t * row_bits + i;
+  return (uint64_t)(t >> 1) * 2u * row_bits + 32u * (i >> 4) + (t & 1u ? 0u : 16u) + (i & 15u);
+}
+
+/* Code d (width w, 0..KVC_Q_MAX_BITS) of token t of a BITPACK section whose codes start at stream
+ * bit `start`: read piece by piece where a paired row's bits are not contiguous. */
+KVC_HD uint32_t kvc_bp_get(const uint8_t *words, uint32_t nwords, uint64_t start, int paired,
+                           uint32_t head_dim, uint32_t t, uint32_t d, uint32_t w) {
+  const uint32_t row_bits = head_dim * w;
+  uint32_t i = d * w;
+  if (!paired) return kvc_bits_get(words, nwords, start + kvc_bp_bit(0, row_bits, t, i), w);
+  uint32_t u = 0;
+  while (w) {
+    const uint32_t n = w < 16u - (i & 15u) ? w : 16u - (i & 15u);
+    u = (u << n) | kvc_bits_get(words, nwords, start + kvc_bp_bit(1, row_bits, t, i), n);
+    i += n;
+    w -= n;
+  }
+  return u;
 }
 
 /* Bits needed to hold values 0..v. */

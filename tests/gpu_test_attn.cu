@@ -718,17 +718,17 @@ static int count_sections(const host_case_t *h, kvc_codec_t codec, F pred) {
 }
 
 /* Bit-pack section headers of every compressed page of a case: bit w of *widths for each width
- * w (0..31) seen in relative mode, and of *aligned (*unaligned) for a value section of width w
- * whose codes start (do not start) at a multiple of 64 bits (pv_fast's two forms); the number of
+ * w (0..31) seen in relative mode, and of *padded (*unpadded) for a value section of width w
+ * whose group fields end inside a word (at a word: kvc_bp_start pads them); the number of
  * sections seen. */
-static int bitpack_widths(const host_case_t *h, uint32_t *widths, uint32_t *aligned,
-                          uint32_t *unaligned) {
+static int bitpack_widths(const host_case_t *h, uint32_t *widths, uint32_t *padded,
+                          uint32_t *unpadded) {
   return count_sections(h, KVC_CODEC_BITPACK,
                         [&](const kvc_qsec_header_t &qh, bool value, uint32_t n_tokens) {
                           if (qh.mode != KVC_QMODE_REL) return true;
                           *widths |= 1u << qh.width;
                           if (value)
-                            *((n_tokens * (qh.w_e + qh.w_b)) % 64 == 0 ? aligned : unaligned) |=
+                            *((n_tokens * (qh.w_e + qh.w_b)) % 32 != 0 ? padded : unpadded) |=
                                 1u << qh.width;
                           return true;
                         });
@@ -749,7 +749,7 @@ static void v3_bitpack_widths(void **state) {
   const size_t nb = sizeof(bounds) / sizeof(bounds[0]);
   static const int hds[] = {64, 128, 256};
   static const int bts[] = {16, 64, 128};
-  uint32_t widths = 0, aligned = 0, unaligned = 0;
+  uint32_t widths = 0, padded = 0, unpadded = 0;
   int sections = 0;
   uint64_t seed = 8000;
   for (size_t b = 0; b < nb; b++)
@@ -763,17 +763,17 @@ static void v3_bitpack_widths(void **state) {
       dev_case_t d;
       host_setup(&c, &h);
       /* the widest may all fall back to RAW pages */
-      sections += bitpack_widths(&h, &widths, &aligned, &unaligned);
+      sections += bitpack_widths(&h, &widths, &padded, &unpadded);
       dev_setup(&h, &d);
       run_variants(&c, &h, &d, kNoHuffman);
       dev_teardown(&d);
       host_teardown(&h);
     }
-  print_message("bit-pack sections: %d, widths seen: 0x%x, value sections aligned 0x%x, not 0x%x\n",
-                sections, widths, aligned, unaligned);
-  assert_true((widths & 0x1feu) == 0x1feu); /* 1..8 */
-  assert_true((widths & ~0x1ffu) != 0);     /* and wider */
-  assert_true((aligned & 0x114u) != 0 && (unaligned & 0x114u) != 0); /* widths 2, 4, 8 both ways */
+  print_message("bit-pack sections: %d, widths seen: 0x%x, value sections padded 0x%x, not 0x%x\n",
+                sections, widths, padded, unpadded);
+  assert_true((widths & 0x1feu) == 0x1feu);                             /* 1..8 */
+  assert_true((widths & ~0x1ffu) != 0);                                 /* and wider */
+  assert_true((padded & 0x1feu) != 0 && (unpadded & 0x1feu) != 0); /* fast path, both starts */
 }
 
 /* Pages of a case coded with `codec` whose head-h key and value sections (headers k, v) satisfy

@@ -133,12 +133,26 @@ static void say_stream_bit(const uint8_t *sec, uint32_t bytes, int codec, int te
     fprintf(stderr, "    in the %s: group %llu\n", rel ? "group bases" : "channel centres",
             (unsigned long long)((bit - pos_b) / h.w_b));
   } else if (codec == KVC_CODEC_BITPACK) {
-    uint64_t s = h.width ? (bit - meta) / h.width : 0;
-    if (s < (uint64_t)n * hd)
-      fprintf(stderr, "    in the codes: symbol %llu (token %llu, channel %llu)\n",
-              (unsigned long long)s, (unsigned long long)(s / hd), (unsigned long long)(s % hd));
-    else
+    const int paired = kvc_bp_paired(tensor, (uint32_t)hd);
+    const uint64_t start = kvc_bp_start((uint32_t)meta, paired), row_bits = (uint64_t)hd * h.width;
+    if (bit < start) {
+      fprintf(stderr, "    in the padding before the codes (paired section)\n");
+      return;
+    }
+    if (bit >= start + kvc_bp_code_bits((uint32_t)n, (uint32_t)hd, h.width, paired)) {
       fprintf(stderr, "    in the padding after the codes\n");
+      return;
+    }
+    /* Token and row bit: the inverse of kvc_bp_bit. */
+    const uint64_t b = bit - start, r = b % (2 * row_bits), o = r % 32;
+    const uint64_t t = paired ? 2 * (b / (2 * row_bits)) + (o < 16) : b / row_bits;
+    const uint64_t i = paired ? 16 * (r / 32) + o % 16 : b % row_bits;
+    if (t >= (uint64_t)n)
+      fprintf(stderr, "    in the odd token's zero row (paired section)\n");
+    else
+      fprintf(stderr, "    in the codes%s: token %llu, channel %llu, bit %llu of its code\n",
+              paired ? " (paired)" : "", (unsigned long long)t,
+              (unsigned long long)(i / h.width), (unsigned long long)(i % h.width));
   } else {
     const uint64_t lanes_pos = meta + 4ull * h.width;
     const uint32_t w_lane = h.lane_info >> 27, lane_min = h.lane_info & ((1u << 27) - 1);

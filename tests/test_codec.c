@@ -499,6 +499,125 @@ static void damaged_pages_are_caught_or_decoded_in_bounds(void **state) {
   }
 }
 
+/* Stream bits [pos, pos + w) of MSB-first words, read bit by bit (bit b: bit 31 - b % 32 of word
+ * b / 32). */
+static uint32_t stream_field(const uint8_t *words, uint64_t pos, uint32_t w) {
+  uint32_t v = 0;
+  for (uint64_t b = pos; b < pos + w; b++)
+    v = v << 1 | ((kvc_rd_u32(words + 4 * (b / 32)) >> (31 - b % 32)) & 1u);
+  return v;
+}
+
+/* Row bit i of token t of a paired section whose codes start at word k0, row_bits per token: word
+ * m = i / 16 of block t / 2 (row_bits / 16 words), low half for an even t, high for an odd one,
+ * each half most significant bit first. */
+static uint32_t paired_row_bit(const uint8_t *words, uint32_t k0, uint32_t row_bits, int t,
+                               uint32_t i) {
+  const uint32_t word = kvc_rd_u32(words + 4 * (k0 + (uint32_t)t / 2 * (row_bits / 16) + i / 16));
+  const uint32_t half = t % 2 ? word >> 16 : word & 0xffffu;
+  return (half >> (15 - i % 16)) & 1u;
+}
+
+/*
+ * The bit-pack layout, pinned by hand: blocks of 5 tokens (odd) at head_dim 16, 24 and 64, with
+ * integers whose codes are known without the codec. Relative bound 1/32 of a range of 16 gives
+ * step 1, so a code is the value less its group's smallest (keys: channel offsets, values: token
+ * offsets); absolute bound 0.5 gives step 1 and codes zigzag(x - centre), centre = the channel's
+ * mean rounded half up. Values of head_dim 16 and 64 must be paired (codes from the first word
+ * after the group fields, two tokens per word), keys and head_dim 24 linear; sizes exact.
+ */
+static void bitpack_value_sections_pair_tokens(void **state) {
+  (void)state;
+  enum { N = 5, BT = 8, H = 2 };
+  const int hds[3] = {16, 24, 64};
+  for (int hi = 0; hi < 3; hi++) {
+    for (int mode = 0; mode < 2; mode++) {
+      const int hd = hds[hi];
+      const float bound = mode == KVC_BOUND_RELATIVE ? 1.0f / 32 : 0.5f;
+      kvc_codec_params_t p = params(KVC_DTYPE_F16, H, hd, BT, (kvc_bound_mode_t)mode, bound);
+      p.v_bound = bound;
+      block_t b = {p, N, NULL, NULL};
+      const size_t count = kvc_codec_staging_bytes(&p) / 2;
+      b.raw = calloc(count, 2);
+      b.x = calloc(count, sizeof(float));
+      assert_non_null(b.raw);
+      assert_non_null(b.x);
+      /* Each key channel and each value token spans exactly [offset, offset + 16]. */
+      uint32_t *want = malloc(sizeof(uint32_t) * N * hd);
+      assert_non_null(want);
+      for (int sec = 0; sec < 2 * H; sec++) {
+        const int keys = sec < H;
+        for (int t = 0; t < N; t++) {
+          for (int d = 0; d < hd; d++) {
+            const int i = keys ? t : d, g = (7 * t + 3 * d) % 17;
+            const int off = keys ? 2 * d + 1 + sec * 5 : 3 * t + 1 + sec * 5;
+            block_set(&b, ((size_t)sec * BT + t) * hd + d, (float)(off + (i < 2 ? 16 * i : g)));
+          }
+        }
+      }
+      size_t size;
+      double worst;
+      uint8_t *page = encode_check(&b, 1, KVC_CODEC_BITPACK, KVC_OK, &size, NULL, &worst);
+      assert_true(worst == 0.0); /* step 1 on integers */
+      for (int sec = 0; sec < 2 * H; sec++) {
+        const int tensor = sec / H, paired = tensor == 1 && hd % 16 == 0;
+        const float *x = b.x + (size_t)sec * BT * hd;
+        uint32_t max_u = 0;
+        for (int t = 0; t < N; t++) {
+          for (int d = 0; d < hd; d++) {
+            const int v = (int)x[(size_t)t * hd + d];
+            uint32_t u;
+            if (mode == KVC_BOUND_RELATIVE) {
+              float lo = INFINITY;
+              for (int i = 0; i < (tensor == 0 ? N : hd); i++)
+                lo = fminf(lo, x[tensor == 0 ? (size_t)i * hd + d : (size_t)t * hd + i]);
+              u = (uint32_t)(v - (int)lo);
+            } else {
+              int64_t sum = 0;
+              for (int i = 0; i < N; i++) sum += (int64_t)x[(size_t)i * hd + d];
+              const int dev = v - (int)floor((double)sum / N + 0.5);
+              u = dev < 0 ? (uint32_t)(-2 * dev - 1) : (uint32_t)(2 * dev);
+            }
+            want[t * hd + d] = u;
+            if (u > max_u) max_u = u;
+          }
+        }
+        uint32_t off, bytes;
+        kvc_page_section(page, H, (uint32_t)sec, &off, &bytes);
+        kvc_qsec_header_t qh;
+        kvc_qsec_header_read(page + off, &qh);
+        const uint32_t w = qh.width, groups = mode == KVC_BOUND_ABSOLUTE || tensor == 0 ? hd : N;
+        assert_int_equal(w, 32 - __builtin_clz(max_u));
+        if (mode == KVC_BOUND_RELATIVE) assert_int_equal(w, 5); /* codes 0..16 */
+        const uint32_t meta = groups * (qh.w_e + qh.w_b), row_bits = (uint32_t)hd * w;
+        const uint8_t *words = page + off + KVC_QSEC_HEADER_BYTES;
+        if (paired) {
+          const uint32_t k0 = (meta + 31) / 32;
+          assert_int_equal(bytes, KVC_QSEC_HEADER_BYTES + 4 * (k0 + (N + 1) / 2 * row_bits / 16));
+          assert_int_equal(stream_field(words, meta, 32 * k0 - meta), 0); /* the gap */
+          for (int t = 0; t <= N; t++) { /* token N: the odd token's zero row */
+            for (int d = 0; d < hd; d++) {
+              uint32_t u = 0;
+              for (uint32_t i = (uint32_t)d * w; i < (uint32_t)(d + 1) * w; i++)
+                u = u << 1 | paired_row_bit(words, k0, row_bits, t, i);
+              assert_int_equal(u, t < N ? want[t * hd + d] : 0);
+            }
+          }
+        } else {
+          assert_int_equal(bytes, KVC_QSEC_HEADER_BYTES + 4 * ((meta + N * row_bits + 31) / 32));
+          for (int t = 0; t < N; t++)
+            for (int d = 0; d < hd; d++)
+              assert_int_equal(stream_field(words, meta + (uint64_t)t * row_bits + d * w, w),
+                               want[t * hd + d]);
+        }
+      }
+      free(want);
+      free(page);
+      block_free(&b);
+    }
+  }
+}
+
 static void huffman_lengths_are_limited_complete_and_optimal_when_short(void **state) {
   (void)state;
   uint32_t counts[KVC_SYM_COUNT];
@@ -593,6 +712,7 @@ int main(void) {
       cmocka_unit_test(policies_pick_as_documented),
       cmocka_unit_test(bad_arguments_are_rejected),
       cmocka_unit_test(damaged_pages_are_caught_or_decoded_in_bounds),
+      cmocka_unit_test(bitpack_value_sections_pair_tokens),
       cmocka_unit_test(huffman_lengths_are_limited_complete_and_optimal_when_short),
       cmocka_unit_test(step_codes_and_symbols_are_consistent),
       cmocka_unit_test(half_conversions_are_exact),

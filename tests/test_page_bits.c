@@ -1,8 +1,9 @@
 /*
  * bench/page_bits.h, the capacity benchmark's split of page bytes into parts: on pages of every
  * codec the parts add up to the page, the pool chunk rounding is the chunks' slack, the fields
- * have the sizes the format gives them, the Huffman stream's symbol entropy is at most the stream
- * and exactly 0 for a section of one symbol, and a damaged page is refused.
+ * have the sizes the format gives them (a paired bit-pack section's zero row is padding), the
+ * Huffman stream's symbol entropy is at most the stream and exactly 0 for a section of one symbol,
+ * and a damaged page is refused.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -118,6 +119,39 @@ static void parts_add_up_for_every_codec(void **state) {
   free(block);
 }
 
+/* A bit-pack page of an odd token count: each value section (paired, kvc_bp_paired) holds a zero
+ * row for its last token's partner, which counts as word padding, not as stream. */
+static void paired_padding_is_not_stream(void **state) {
+  (void)state;
+  uint16_t *block = make_block(3, 0);
+  kvc_codec_params_t p = params();
+  size_t cap = kvc_codec_max_page_bytes(&p), size = 0;
+  uint8_t *page = malloc(cap);
+  assert_non_null(page);
+  assert_int_equal(kvc_codec_encode_with(&p, KVC_CODEC_BITPACK, block, BT - 1, page, cap, &size),
+                   KVC_OK);
+  kvcb_page_bits_t b;
+  kvcb_page_bits_init(&b);
+  assert_int_equal(kvcb_page_bits_add(&b, page, (uint32_t)size, 1024), 0);
+  assert_true(page_part_bits(&b) == 8.0 * size);
+  double stream = 0.0, zero_rows = 0.0;
+  for (uint32_t i = 0; i < 2 * H; i++) {
+    uint32_t off, bytes;
+    kvc_page_section(page, H, i, &off, &bytes);
+    kvc_qsec_header_t q;
+    kvc_qsec_header_read(page + off, &q);
+    stream += (double)(BT - 1) * HD * q.width;
+    if (i >= H) zero_rows += (double)HD * q.width;
+  }
+  assert_true(zero_rows > 0.0);
+  assert_true(b.bits[KVCB_BITS_STREAM] == stream);
+  /* Besides the zero rows, less than a word per section (a value section's codes end on one). */
+  assert_true(b.bits[KVCB_BITS_WORD_PAD] >= zero_rows &&
+              b.bits[KVCB_BITS_WORD_PAD] < zero_rows + 32.0 * 2 * H);
+  free(page);
+  free(block);
+}
+
 static void one_symbol_sections_have_no_stream(void **state) {
   (void)state;
   uint16_t *block = make_block(0, 1);
@@ -159,6 +193,7 @@ static void pages_accumulate_and_damage_is_refused(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(parts_add_up_for_every_codec),
+      cmocka_unit_test(paired_padding_is_not_stream),
       cmocka_unit_test(one_symbol_sections_have_no_stream),
       cmocka_unit_test(pages_accumulate_and_damage_is_refused),
   };

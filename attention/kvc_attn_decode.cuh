@@ -162,6 +162,15 @@ __device__ __forceinline__ float recon(const scratch &sc, float abs_step, uint32
                    abs_step);
 }
 
+/* The 32 bits from bit sh (0..15) of the halves in words w0, w1, w2 of a paired block (the
+ * words of both tokens' halves j, j + 1, j + 2): the even token's (ev) and the odd token's (od).
+ * A PRMT joins a token's first two halves, another takes its third. */
+__device__ __forceinline__ void bp_pair_windows(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t sh,
+                                                uint32_t &ev, uint32_t &od) {
+  ev = __funnelshift_l(__byte_perm(w2, 0u, 0x1044u), __byte_perm(w0, w1, 0x1054u), sh);
+  od = __funnelshift_l(__byte_perm(w2, 0u, 0x3244u), __byte_perm(w0, w1, 0x3276u), sh);
+}
+
 /* A bit-pack section's codes by token rows (row_bits = HD * width bits each), read linearly or,
  * in a paired section (kvc_bp_paired), from the 16-bit halves of its token pairs' words. Word
  * indices clamp to `last`, as kvc_dev_window's. */
@@ -170,15 +179,11 @@ struct bp_rows {
   uint32_t last, start, row_bits; /* start: kvc_bp_start */
   bool paired;
 
-  /* Paired: the 32 bits from row bit i of both tokens of block p (even, odd), from the three
-   * words of their halves i / 16 .. i / 16 + 2 (a PRMT joins a token's first two halves, another
-   * takes its third). */
+  /* Paired: the 32 bits from row bit i of both tokens of block p (even, odd). */
   __device__ __forceinline__ void pair_windows(uint32_t p, uint32_t i, uint32_t &ev,
                                                uint32_t &od) const {
     const uint32_t k = (start >> 5) + p * (row_bits >> 4) + (i >> 4);
-    const uint32_t w0 = w[min(k, last)], w1 = w[min(k + 1, last)], w2 = w[min(k + 2, last)];
-    ev = __funnelshift_l(__byte_perm(w2, 0u, 0x1044u), __byte_perm(w0, w1, 0x1054u), i & 15);
-    od = __funnelshift_l(__byte_perm(w2, 0u, 0x3244u), __byte_perm(w0, w1, 0x3276u), i & 15);
+    bp_pair_windows(w[min(k, last)], w[min(k + 1, last)], w[min(k + 2, last)], i & 15, ev, od);
   }
   /* The 32 bits of token t's row from row bit i. */
   __device__ __forceinline__ uint32_t window(int t, uint32_t i) const {

@@ -57,8 +57,8 @@
  *             values' per-token steps into P (P' = P * step * 2^(W - e)) and their bases into a
  *             per-entry sum of P' b / 2^W (in the hot-width loop one more mma per slab) that the
  *             epilogue adds to every channel (vcorr). O^T's row of channel offset n in its lane's
- *             run accumulates O * 2^(-e - v_row_lg(W, n)), rescaled when a page needs another e or
- *             W (o_units). Subnormals have no constant part to cancel: with operands 1 + u 2^(r -
+ *             run accumulates O * 2^(-e - lg(W, n)), rescaled when a page needs another e or W
+ *             (o_units). Subnormals have no constant part to cancel: with operands 1 + u 2^(r -
  *             10), the tensor cores' fp32 accumulation of the large constant products lost the low
  *             bits of the codes' part (values: a warp's mma over 32k tokens of 3-bit codes,
  *             relative L2 error 6.1e-4 at r = 7, doubling per bit lower; as subnormals 1.4e-4 at
@@ -1225,7 +1225,7 @@ __device__ __forceinline__ uint32_t vpair_code(const uint32_t (&a)[NR], int n) {
 /* Bit-pack fast path: each code u as the fp16 u 2^(vpair_r(W, n) - 24), n its channel's offset in
  * the lane's run, from the runs at pa (tokens 2c, 2c + 1) and pb (2c + 8, 2c + 9) (P' = P * step *
  * 2^(W - e), built by the caller, which also adds what the bases give every channel to its vcorr).
- * Row n of O^T accumulates in units of 2^v_row_lg(W, n). */
+ * Row n of O^T accumulates in units of 2^lg(W, n) (o_units). */
 template <int HD, int W, int NB>
 __device__ __forceinline__ void pv_fast(const uint32_t *pa, const uint32_t *pb_,
                                         const uint32_t (&pb)[NB][2], oacc_t<HD, NB> &o) {
@@ -1239,29 +1239,46 @@ __device__ __forceinline__ void pv_fast(const uint32_t *pa, const uint32_t *pb_,
   });
 }
 
-/* log2 of the units that row n (its channel's offset in the lane's run) of O^T accumulates in
- * while the values are SRC_FAST of width W (pv_fast: 2^(24 - r) from the operand, 2^-W from P'),
- * 0 for every other source (W = 0). Depends on n modulo 16 alone. */
-__device__ __forceinline__ int v_row_lg(int W, int n) { return W ? 24 - W - vpair_r(W, n) : 0; }
+/* vpair_r(W, n) for n = 0..15 as 4-bit fields (0 for W = 0), per width 0..8: o_units' table. */
+constexpr uint64_t vpair_r_fields(int W) {
+  uint64_t x = 0;
+  for (int n = 0; n < 16 && W > 0; n++) x |= (uint64_t)vpair_r(W, n) << (4 * n);
+  return x;
+}
+__constant__ uint64_t kVpairR[9] = {vpair_r_fields(0), vpair_r_fields(1), vpair_r_fields(2),
+                                    vpair_r_fields(3), vpair_r_fields(4), vpair_r_fields(5),
+                                    vpair_r_fields(6), vpair_r_fields(7), vpair_r_fields(8)};
 
-/* O^T from units 2^(e + v_row_lg(w_from, n)) to 2^(e - de + v_row_lg(w_to, n)) per row n: a factor
- * per row, computed where it is used (a table of them held 16 registers more at the kernel's
- * peak), or one for all when the width stays. O^T's register e of m-tile mt is row n = 2 mt + e / 2
- * (v_channel). */
+/* O^T from units 2^(e + lg(w_from, n)) to 2^(e - de + lg(w_to, n)) per row n (its channel's
+ * offset in the lane's run), lg(W, n) = 24 - W - vpair_r(W, n) while the values are SRC_FAST of
+ * width W (pv_fast: 2^(24 - r) from the operand, 2^-W from P'), 0 for every other source (W = 0):
+ * one factor for all when the width stays, else one per row n modulo 16 from kVpairR, computed
+ * where it is used (a table of factors, or vpair_r at run time, held registers enough to spill at
+ * the kernel's peak). O^T's register e of m-tile mt is row n = 2 mt + e / 2 (v_channel). */
 template <int HD, int NB>
 __device__ __forceinline__ void o_units(oacc_t<HD, NB> &o, int de, int w_from, int w_to) {
-  const float f = pow2i(de);
+  if (w_from == w_to) {
+    const float f = pow2i(de);
+#pragma unroll
+    for (int mt = 0; mt < HD / 16; mt++)
+#pragma unroll
+      for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[mt][nb][e] *= f;
+    return;
+  }
+  const uint64_t rf = kVpairR[w_from], rt = kVpairR[w_to];
+  const int base = de + (w_from ? 24 - w_from : 0) - (w_to ? 24 - w_to : 0);
 #pragma unroll
   for (int mt = 0; mt < HD / 16; mt++)
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-      const float fn = w_from == w_to
-                           ? f
-                           : pow2i(de + v_row_lg(w_from, 2 * mt + h) - v_row_lg(w_to, 2 * mt + h));
+      const int n4 = 4 * ((2 * mt + h) & 15);
+      const float f = pow2i(base - (int)((rf >> n4) & 15u) + (int)((rt >> n4) & 15u));
 #pragma unroll
       for (int nb = 0; nb < NB; nb++) {
-        o[mt][nb][2 * h] *= fn;
-        o[mt][nb][2 * h + 1] *= fn;
+        o[mt][nb][2 * h] *= f;
+        o[mt][nb][2 * h + 1] *= f;
       }
     }
 }
@@ -1274,19 +1291,25 @@ __device__ __forceinline__ void pv_gen(const v3_sec &s, const uint8_t *scr, int 
   const float *gs = (const float *)(scr + v3_scratch<HD>::vstep);
   /* Values are paired: tokens pt[0] and pt[2] are even and each the first of its block, pt[1]
    * and pt[3] the second but where rows past the page's are clamped, whose P is 0 (their codes
-   * are then the block's second token's, their groups their own: a finite value). */
-  const bp_rows br = {s.w, s.last, s.meta, (uint32_t)(HD * s.width), true};
-  const uint32_t wd = (uint32_t)s.width;
-  pv_tiles<T>(pb, o, 0, HD / 16, [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
+   * are then the block's second token's, their groups their own: a finite value). No clamps on
+   * the words (one base address per block, not three clamped ones: they spilled at head_dim 256):
+   * v3_header checked that the section holds its blocks, and a window reads at most two words
+   * past its block's, inside the next block or the layout's slack. */
+  const uint32_t wd = (uint32_t)s.width, bw = (uint32_t)HD * wd / 16;
+  const uint32_t *b0 = s.w + (s.meta >> 5) + ((uint32_t)pt[0] >> 1) * bw;
+  const uint32_t *b2 = s.w + (s.meta >> 5) + ((uint32_t)pt[2] >> 1) * bw;
+  auto pair = [&](int mt, int r, uint32_t &lo, uint32_t &hi) {
     const int d = g * (HD / 8) + 2 * mt + r;
+    const uint32_t i = (uint32_t)d * wd, j = i >> 4;
     uint32_t u[4];
-    br.pair_windows((uint32_t)pt[0] >> 1, (uint32_t)d * wd, u[0], u[1]);
-    br.pair_windows((uint32_t)pt[2] >> 1, (uint32_t)d * wd, u[2], u[3]);
+    bp_pair_windows(b0[j], b0[j + 1], b0[j + 2], i & 15, u[0], u[1]);
+    bp_pair_windows(b2[j], b2[j + 1], b2[j + 2], i & 15, u[2], u[3]);
 #pragma unroll
     for (int k = 0; k < 4; k++) u[k] = kvc_dev_top(u[k], wd);
     lo = pack2<T>(v3_gen_recon(s, gb, gs, u[0], pt[0], d), v3_gen_recon(s, gb, gs, u[1], pt[1], d));
     hi = pack2<T>(v3_gen_recon(s, gb, gs, u[2], pt[2], d), v3_gen_recon(s, gb, gs, u[3], pt[3], d));
-  });
+  };
+  pv_tiles<T>(pb, o, 0, HD / 16, pair);
 }
 
 /* O^T += V^T P^T from source vs for rows tv of the current page's rows in the unit. */
@@ -1508,7 +1531,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
   /* What SRC_FAST values add to every channel of entry 8 nb + 2c + x's O^T (their bases), kept
    * apart and added in the epilogue: this lane's tokens' part. */
   float vcorr[NB][2];
-  /* vcorr holds O * 2^-e_o, O^T's row n O * 2^(-e_o - v_row_lg(w_o, n)) */
+  /* vcorr holds O * 2^-e_o, O^T's row n O * 2^(-e_o - lg(w_o, n)) (o_units) */
   int e_o = 0, w_o = 0;
   bool bad = LO4 && entries - e0 > 4; /* a tile LO4 cannot take: NaN rather than wrong values */
   if (warp == kW3) {
@@ -1595,8 +1618,8 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
           s_fast_const<HD, NB, TQ, PRE, HL>(scr, c, qf, ql, lo4);
           __syncwarp();
         }
-        /* O^T's units: those of this page's V operand (2^e and the rows' v_row_lg for SRC_FAST,
-         * else 1). */
+        /* O^T's units: those of this page's V operand (2^e and the rows' lg for SRC_FAST, else
+         * 1). */
         const int ev = FAST && vs.kind == SRC_FAST ? vs.sec.e : 0;
         const int wv = FAST && vs.kind == SRC_FAST ? vs.sec.width : 0;
         if (ev != e_o || wv != w_o) {

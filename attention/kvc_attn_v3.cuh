@@ -71,10 +71,10 @@
  *             (the base terms use the same rounded Q' and P'), so the error against the
  *             default reference includes that reference's own rounding of K and V, which in bf16
  *             can reach ~1e-2 (kvc_attn.h: the tests also compare with a reference over the exact
- *             values, ref_exact_codecs). A lane's run of codes is read whole where the section's
- *             layout puts it at a whole word (keys always at head_dim 128; values of widths 2, 4
- *             and 8 when their codes start at a multiple of 64 bits: load_run_aligned), else word
- *             by word and shifted (load_run).
+ *             values, ref_exact_codecs). A lane's run of key codes is read whole where the
+ *             section's layout puts it at a whole word (always at head_dim 128:
+ *             load_run_aligned), else word by word and shifted (load_run); of value codes, as the
+ *             words of its block (vpair_load: whole words at head_dim 128 and 256).
  *             bf16 launches use the same fp16 operands and mma, with bf16 Q scaled into fp16 Q'
  *             (q_scaled) when every |Q| of the CTA's tile is at most 65504 (qfits).
  *   SRC_GEN   every other bit-pack section (absolute mode, width 0 or > 8, bf16 Q beyond fp16's

@@ -179,20 +179,21 @@ struct bp_rows {
   uint32_t last, start, row_bits; /* start: kvc_bp_start */
   bool paired;
 
-  /* Paired: the 32 bits from row bit i of both tokens of block p (even, odd). */
-  __device__ __forceinline__ void pair_windows(uint32_t p, uint32_t i, uint32_t &ev,
-                                               uint32_t &od) const {
-    const uint32_t k = (start >> 5) + p * (row_bits >> 4) + (i >> 4);
-    bp_pair_windows(w[min(k, last)], w[min(k + 1, last)], w[min(k + 2, last)], i & 15, ev, od);
+  /* Paired: the word of token t's halves j (and of its pair's), from its block's. */
+  __device__ __forceinline__ uint32_t pair_word(int t, uint32_t j) const {
+    return (start >> 5) + (uint32_t)(t >> 1) * (row_bits >> 4) + j;
   }
-  /* The 32 bits of token t's row from row bit i. */
+  /* The 32 bits of token t's row from row bit i: paired, from the words of its halves i / 16 ..
+   * i / 16 + 2 (a PRMT joins the first two, another takes the third). */
   __device__ __forceinline__ uint32_t window(int t, uint32_t i) const {
     if (!paired) return kvc_dev_window(w, last, start + (uint32_t)t * row_bits + i);
-    uint32_t ev, od;
-    pair_windows((uint32_t)t >> 1, i, ev, od);
-    return t & 1 ? od : ev;
+    const uint32_t k = pair_word(t, i >> 4), odd = t & 1;
+    const uint32_t x = __byte_perm(w[min(k, last)], w[min(k + 1, last)], odd ? 0x3276u : 0x1054u);
+    const uint32_t y = __byte_perm(w[min(k + 2, last)], 0u, odd ? 0x3244u : 0x1044u);
+    return __funnelshift_l(y, x, i & 15);
   }
-  /* The 64 bits of token t's row from row bit i, as hi:lo. */
+  /* The 64 bits of token t's row from row bit i, as hi:lo (paired: from the words of its halves
+   * i / 16 .. i / 16 + 4). */
   __device__ __forceinline__ void window64(int t, uint32_t i, uint32_t &hi, uint32_t &lo) const {
     if (!paired) {
       const uint32_t pos = start + (uint32_t)t * row_bits + i, k = pos >> 5, sh = pos & 31;
@@ -200,8 +201,12 @@ struct bp_rows {
       hi = __funnelshift_l(w1, w0, sh);
       lo = __funnelshift_l(w2, w1, sh);
     } else {
-      hi = window(t, i);
-      lo = window(t, i + 32);
+      const uint32_t k = pair_word(t, i >> 4), odd = t & 1, sel = odd ? 0x3276u : 0x1054u;
+      const uint32_t x0 = __byte_perm(w[min(k, last)], w[min(k + 1, last)], sel);
+      const uint32_t x1 = __byte_perm(w[min(k + 2, last)], w[min(k + 3, last)], sel);
+      const uint32_t x2 = __byte_perm(w[min(k + 4, last)], 0u, odd ? 0x3244u : 0x1044u);
+      hi = __funnelshift_l(x1, x0, i & 15);
+      lo = __funnelshift_l(x2, x1, i & 15);
     }
   }
 };

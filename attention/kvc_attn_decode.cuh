@@ -171,52 +171,103 @@ __device__ __forceinline__ void bp_pair_windows(uint32_t w0, uint32_t w1, uint32
   od = __funnelshift_l(__byte_perm(w2, 0u, 0x3244u), __byte_perm(w0, w1, 0x3276u), sh);
 }
 
-/* A bit-pack section's codes by token rows (row_bits = HD * width bits each), read linearly or,
- * in a paired section (kvc_bp_paired), from the 16-bit halves of its token pairs' words. Word
- * indices clamp to `last`, as kvc_dev_window's. */
+/* A bit-pack section's codes by token rows (row_bits = HD * width bits each). Linear sections are
+ * read through the windows (word indices clamp to `last`, as kvc_dev_window's); paired ones
+ * (kvc_bp_paired) by token pairs, from the words of their blocks. */
 struct bp_rows {
   const uint32_t *w;
   uint32_t last, start, row_bits; /* start: kvc_bp_start */
   bool paired;
 
-  /* Paired: the word of token t's halves j (and of its pair's), from its block's. */
-  __device__ __forceinline__ uint32_t pair_word(int t, uint32_t j) const {
-    return (start >> 5) + (uint32_t)(t >> 1) * (row_bits >> 4) + j;
-  }
-  /* The 32 bits of token t's row from row bit i: paired, from the words of its halves i / 16 ..
-   * i / 16 + 2 (a PRMT joins the first two, another takes the third). */
+  /* Linear: the 32 bits of token t's row from row bit i. */
   __device__ __forceinline__ uint32_t window(int t, uint32_t i) const {
-    if (!paired) return kvc_dev_window(w, last, start + (uint32_t)t * row_bits + i);
-    const uint32_t k = pair_word(t, i >> 4), odd = t & 1;
-    const uint32_t x = __byte_perm(w[min(k, last)], w[min(k + 1, last)], odd ? 0x3276u : 0x1054u);
-    const uint32_t y = __byte_perm(w[min(k + 2, last)], 0u, odd ? 0x3244u : 0x1044u);
-    return __funnelshift_l(y, x, i & 15);
+    return kvc_dev_window(w, last, start + (uint32_t)t * row_bits + i);
   }
-  /* The 64 bits of token t's row from row bit i, as hi:lo (paired: from the words of its halves
-   * i / 16 .. i / 16 + 4). */
+  /* Linear: the 64 bits of token t's row from row bit i, as hi:lo. */
   __device__ __forceinline__ void window64(int t, uint32_t i, uint32_t &hi, uint32_t &lo) const {
-    if (!paired) {
-      const uint32_t pos = start + (uint32_t)t * row_bits + i, k = pos >> 5, sh = pos & 31;
-      const uint32_t w0 = w[min(k, last)], w1 = w[min(k + 1, last)], w2 = w[min(k + 2, last)];
-      hi = __funnelshift_l(w1, w0, sh);
-      lo = __funnelshift_l(w2, w1, sh);
-    } else {
-      const uint32_t k = pair_word(t, i >> 4), odd = t & 1, sel = odd ? 0x3276u : 0x1054u;
-      const uint32_t x0 = __byte_perm(w[min(k, last)], w[min(k + 1, last)], sel);
-      const uint32_t x1 = __byte_perm(w[min(k + 2, last)], w[min(k + 3, last)], sel);
-      const uint32_t x2 = __byte_perm(w[min(k + 4, last)], 0u, odd ? 0x3244u : 0x1044u);
-      hi = __funnelshift_l(x1, x0, i & 15);
-      lo = __funnelshift_l(x2, x1, i & 15);
-    }
+    const uint32_t pos = start + (uint32_t)t * row_bits + i, k = pos >> 5, sh = pos & 31;
+    const uint32_t w0 = w[min(k, last)], w1 = w[min(k + 1, last)], w2 = w[min(k + 2, last)];
+    hi = __funnelshift_l(w1, w0, sh);
+    lo = __funnelshift_l(w2, w1, sh);
+  }
+  /* Paired: the index of word j (both tokens' halves j) of block p. */
+  __device__ __forceinline__ uint32_t pair_word(int p, uint32_t j) const {
+    return (start >> 5) + (uint32_t)p * (row_bits >> 4) + j;
   }
 };
 
-/* Bit-pack: eight consecutive codes per thread, one 16-byte store per eight values. */
+/*
+ * Paired, width W <= 8: the (W + 1) / 2 words of block p that hold column c's codes (row bits
+ * [8 c W, 8 c W + 8 W) of both tokens, from half c W / 2 on, 8 bits into it when c W is odd),
+ * the rest zero. No clamps: decode_quant's size check keeps each block of the page's tokens in
+ * the section.
+ */
+template <int HD, int W>
+__device__ __forceinline__ void pair_column_words(const bp_rows &br, int p, int c,
+                                                  uint32_t (&x)[4]) {
+  const uint32_t *b = br.w + (br.start >> 5) + (uint32_t)(p * (HD * W / 16) + c * W / 2);
+#pragma unroll
+  for (int j = 0; j < 4; j++) x[j] = j < (W + 1) / 2 ? b[j] : 0u;
+}
+
+/* The same as two 64-bit windows from row bit 8 c W, hi:lo, of token 2p (ev: the words' low
+ * halves) and token 2p + 1 (od: their high halves). */
+template <int HD, int W>
+__device__ __forceinline__ void pair_windows64(const bp_rows &br, int p, int c, uint32_t &ehi,
+                                               uint32_t &elo, uint32_t &ohi, uint32_t &olo) {
+  uint32_t x[4];
+  pair_column_words<HD, W>(br, p, c, x);
+  ehi = __byte_perm(x[0], x[1], 0x1054u);
+  elo = __byte_perm(x[2], x[3], 0x1054u);
+  ohi = __byte_perm(x[0], x[1], 0x3276u);
+  olo = __byte_perm(x[2], x[3], 0x3276u);
+  if (W & 1) {
+    const uint32_t o = (uint32_t)(c & 1) * 8;
+    ehi = __funnelshift_l(elo, ehi, o);
+    elo <<= o;
+    ohi = __funnelshift_l(olo, ohi, o);
+    olo <<= o;
+  }
+}
+
+/* Bit-pack: eight consecutive codes per thread, one 16-byte store per eight values. Paired
+ * sections (values: MODE 1 or 2) go by token pairs: a thread decodes a column of both tokens of
+ * a block from the same words, and writes the rows of the pair that lie in the range (the first
+ * pair's even token precedes it when ptok0 is odd, the last's odd token may follow it). */
 template <int HD, class T, int MODE>
 __device__ __forceinline__ void bitpack_rows(const scratch &sc, float abs_step, const bp_rows &br,
                                              uint32_t width, int ptok0, int nrows, int row0,
                                              uint8_t *tile, int pt) {
   constexpr int P = HD / 8;
+  if (MODE != 0 && br.paired) {
+    const int t0 = ptok0 & ~1, t_end = ptok0 + nrows;
+    for (int i = pt; i < (t_end - t0 + 1) / 2 * P; i += 64) {
+      const int t = t0 + 2 * (i / P), c = i % P, r = t - ptok0;
+      const uint32_t pos = (uint32_t)(c * 8) * width;
+      uint32_t ve[4], vo[4];
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) {
+        uint32_t ue[2], uo[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const uint32_t b = pos + (j + h) * width, k = br.pair_word(t >> 1, b >> 4);
+          bp_pair_windows(br.w[min(k, br.last)], br.w[min(k + 1, br.last)],
+                          br.w[min(k + 2, br.last)], b & 15, ue[h], uo[h]);
+        }
+        const int d = c * 8 + j;
+        ve[j / 2] = pack2<T>(recon<MODE>(sc, abs_step, kvc_dev_top(ue[0], width), t, d),
+                             recon<MODE>(sc, abs_step, kvc_dev_top(ue[1], width), t, d + 1));
+        vo[j / 2] = pack2<T>(recon<MODE>(sc, abs_step, kvc_dev_top(uo[0], width), t + 1, d),
+                             recon<MODE>(sc, abs_step, kvc_dev_top(uo[1], width), t + 1, d + 1));
+      }
+      if (r >= 0)
+        *(uint4 *)(tile + kv_tile_off<HD>(row0 + r, c)) = make_uint4(ve[0], ve[1], ve[2], ve[3]);
+      if (r + 1 < nrows)
+        *(uint4 *)(tile + kv_tile_off<HD>(row0 + r + 1, c)) =
+            make_uint4(vo[0], vo[1], vo[2], vo[3]);
+    }
+    return;
+  }
   for (int i = pt; i < nrows * P; i += 64) {
     const int r = i / P, c = i % P, t = ptok0 + r;
     const uint32_t pos = (uint32_t)(c * 8) * width;
@@ -292,7 +343,8 @@ __device__ __forceinline__ float small_uint_to_float(uint32_t u) {
 /*
  * Bit-pack, relative mode, width W <= 8: each thread owns one 16-byte column (8 channels) of the
  * tile, so key steps and addends sit in registers; a row's eight codes come from one 64-bit
- * window (three word loads) and leave as one 16-byte store.
+ * window (three word loads; paired: both tokens' from (W + 1) / 2 words and four PRMTs) and
+ * leave as one 16-byte store. Paired sections (values) go by token pairs, as bitpack_rows.
  */
 template <int HD, class T, int MODE, int W>
 __device__ __forceinline__ void bitpack_rows_fast(const scratch &sc, const bp_rows &br, int ptok0,
@@ -307,11 +359,8 @@ __device__ __forceinline__ void bitpack_rows_fast(const scratch &sc, const bp_ro
       kbs[j] = sc.bs[8 * c + j];
     }
   }
-  for (int r = pt / P; r < nrows; r += RSTEP) {
-    const int t = ptok0 + r;
-    uint32_t hi, lo;
-    br.window64(t, (uint32_t)(8 * c * W), hi, lo);
-    const float vst = MODE == 1 ? sc.step[t] : 0.f, vbs = MODE == 1 ? sc.bs[t] : 0.f;
+  /* Tile row r from its token's window hi:lo and (values) step and addend. */
+  auto row = [&](uint32_t hi, uint32_t lo, float vst, float vbs, int r) {
     float v[8];
 #pragma unroll
     for (int j = 0; j < 8; j++) {
@@ -321,6 +370,23 @@ __device__ __forceinline__ void bitpack_rows_fast(const scratch &sc, const bp_ro
     *(uint4 *)(tile + kv_tile_off<HD>(row0 + r, c)) =
         make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
                    pack2<T>(v[6], v[7]));
+  };
+  if (MODE == 1 && br.paired) {
+    for (int t = (ptok0 & ~1) + 2 * (pt / P); t < ptok0 + nrows; t += 2 * RSTEP) {
+      const int r = t - ptok0;
+      uint32_t ehi, elo, ohi, olo;
+      pair_windows64<HD, W>(br, t >> 1, c, ehi, elo, ohi, olo);
+      const float2 st = *(const float2 *)(sc.step + t), bs = *(const float2 *)(sc.bs + t);
+      if (r >= 0) row(ehi, elo, st.x, bs.x, r);
+      if (r + 1 < nrows) row(ohi, olo, st.y, bs.y, r + 1);
+    }
+    return;
+  }
+  for (int r = pt / P; r < nrows; r += RSTEP) {
+    const int t = ptok0 + r;
+    uint32_t hi, lo;
+    br.window64(t, (uint32_t)(8 * c * W), hi, lo);
+    row(hi, lo, MODE == 1 ? sc.step[t] : 0.f, MODE == 1 ? sc.bs[t] : 0.f, r);
   }
 }
 
@@ -372,15 +438,8 @@ __device__ __forceinline__ void bitpack_rows_h2(const scratch &sc, const bp_rows
       kbs[q] = HT::from_floats(sc.bs[8 * c + 2 * q], sc.bs[8 * c + 2 * q + 1]);
     }
   }
-  for (int r = pt / P; r < nrows; r += RSTEP) {
-    const int t = ptok0 + r;
-    uint32_t hi, lo;
-    br.window64(t, (uint32_t)(8 * c * W), hi, lo);
-    H2 vst, vbs;
-    if (MODE == 1) {
-      vst = HT::from_floats(sc.step[t], sc.step[t]);
-      vbs = HT::from_floats(sc.bs[t], sc.bs[t]);
-    }
+  /* Tile row r from its token's window hi:lo and (values) step and addend pairs. */
+  auto row = [&](uint32_t hi, uint32_t lo, H2 vst, H2 vbs, int r) {
     uint32_t out[4];
     if (W == 4) {
       /* Codes j and j + 4 sit 16 bits apart: one shift and one LOP3 make both halves. */
@@ -408,6 +467,56 @@ __device__ __forceinline__ void bitpack_rows_h2(const scratch &sc, const bp_rows
       }
     }
     *(uint4 *)(tile + kv_tile_off<HD>(row0 + r, c)) = make_uint4(out[0], out[1], out[2], out[3]);
+  };
+  if (MODE == 1 && br.paired) {
+    /* Token pairs, as bitpack_rows. */
+    for (int t = (ptok0 & ~1) + 2 * (pt / P); t < ptok0 + nrows; t += 2 * RSTEP) {
+      const int r = t - ptok0;
+      const float2 st = *(const float2 *)(sc.step + t), bs = *(const float2 *)(sc.bs + t);
+      if constexpr (W == 1 || W == 2 || W == 4 || W == 8) {
+        /* No code crosses a half: one shift and one LOP3 give channel j's codes of both tokens
+         * (the even token's in the low half), one HFMA2 with both tokens' steps reconstructs
+         * them, and PRMTs regroup each token's channel pairs. */
+        uint32_t x[4], f[8], ev[4], od[4];
+        pair_column_words<HD, W>(br, t >> 1, c, x);
+        const uint32_t o = W == 1 ? (uint32_t)(c & 1) * 8 : 0u, m = ((1u << W) - 1u) * 0x10001u;
+        const H2 pst = HT::from_floats(st.x, st.y), pbs = HT::from_floats(bs.x, bs.y);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+          const int b = j * W;
+          const uint32_t y = (x[b / 16] >> (16 - W - b % 16 - o)) & m;
+          f[j] = h2_bits<H2>(__hfma2(__hsub2(as_h2<H2>(y | HT::magic), magic), pst, pbs));
+        }
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+          ev[q] = __byte_perm(f[2 * q], f[2 * q + 1], 0x5410);
+          od[q] = __byte_perm(f[2 * q], f[2 * q + 1], 0x7632);
+        }
+        if (r >= 0)
+          *(uint4 *)(tile + kv_tile_off<HD>(row0 + r, c)) = make_uint4(ev[0], ev[1], ev[2], ev[3]);
+        if (r + 1 < nrows)
+          *(uint4 *)(tile + kv_tile_off<HD>(row0 + r + 1, c)) =
+              make_uint4(od[0], od[1], od[2], od[3]);
+      } else {
+        uint32_t ehi, elo, ohi, olo;
+        pair_windows64<HD, W>(br, t >> 1, c, ehi, elo, ohi, olo);
+        if (r >= 0) row(ehi, elo, HT::from_floats(st.x, st.x), HT::from_floats(bs.x, bs.x), r);
+        if (r + 1 < nrows)
+          row(ohi, olo, HT::from_floats(st.y, st.y), HT::from_floats(bs.y, bs.y), r + 1);
+      }
+    }
+    return;
+  }
+  for (int r = pt / P; r < nrows; r += RSTEP) {
+    const int t = ptok0 + r;
+    uint32_t hi, lo;
+    br.window64(t, (uint32_t)(8 * c * W), hi, lo);
+    H2 vst, vbs;
+    if (MODE == 1) {
+      vst = HT::from_floats(sc.step[t], sc.step[t]);
+      vbs = HT::from_floats(sc.bs[t], sc.bs[t]);
+    }
+    row(hi, lo, vst, vbs, r);
   }
 }
 

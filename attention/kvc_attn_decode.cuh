@@ -94,6 +94,8 @@ template <int HD> struct scratch_layout {
   static constexpr int lane_off = bs_off + 4 * groups;
   static constexpr int cnt_off = lane_off + 4 * (lanes + 4);
   static constexpr int bytes = cnt_off + 4 * (2 * 16 + 4);
+  /* The paired value decoders load a token pair's steps and addends as one float2. */
+  static_assert(step_off % 8 == 0 && bs_off % 8 == 0, "8-byte aligned step and bs");
 };
 
 struct scratch {

@@ -1238,7 +1238,9 @@ int tile_entries(long entries_max, int hdi, uint32_t codec_mask) {
  * -> 0.169 ms, cascades over 8 and 16 groups 0.092 -> 0.083 and 0.108 -> 0.099, one group
  * unchanged. At head_dim 128 the same rule with 1.8 ran 3-4 rows 0.324 -> 0.293 ms, but cascades
  * over 8 and 16 groups (64 and 128 pairs, 16 entries over 8k and 4k tokens) 0.123 -> 0.128 and
- * 0.148 -> 0.153, so 128 keeps 2.4 everywhere. */
+ * 0.148 -> 0.153, so 128 keeps 2.4 everywhere. The bit-pack factors predate session 40, which made
+ * v2's paired value rows 12-19% faster: about 15% high now, which flips none of the choices above
+ * (16 entries stay on v3's two tiles); not measured again. */
 const double kV2Tile[3][4] = {
     {2.4, 2.0, 3.7, 5.0}, {3.3, 3.9, 4.6, 5.3}, {2.8, 3.0, 4.2, 3.9}};
 constexpr long kLargeLaunch = 32;

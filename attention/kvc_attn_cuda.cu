@@ -148,6 +148,10 @@ struct params {
   uint32_t chunk_bytes, chunk_shift;
   int num_q_heads, num_kv_heads, group, block_tokens, dtype;
   int total_q_rows, qtiles, nsplits, units_per_split;
+  /* The grid and the splits' ranges (cta_of, split_range): sequences in this launch, units of
+   * its longest sequence, and, where the launch is one wave of two CTAs per SM, the blocks that
+   * enter their SM first (first_ctas, else 0) and their share against the others' 64 (first_w). */
+  int num_seqs, units_max, first_ctas, first_w;
   int unit_split_lg; /* v3: log2 of the consumer warps sharing each unit (see attn_kernel_v3) */
   /* Added to every query row's position: 0 (causal), or the rows - 1 of a cascade's prefix
    * launch, whose one sequence's rows then all sit at or past its last token and see all of it. */
@@ -156,6 +160,54 @@ struct params {
 };
 
 constexpr int align_up(int x, int a) { return (x + a - 1) / a * a; }
+
+/* A CTA's place in the launch. The grid is one-dimensional with the splits outermost: block
+ * split x groups + group, the groups (sequence, kv head, query tile) with the query tile fastest.
+ * So a group's splits fall both below and above the SM count, in both of an SM's placements. */
+struct cta_place {
+  int qt, kh, seq, split, group;
+};
+
+__device__ __forceinline__ cta_place cta_of(const params &p) {
+  const int groups = p.qtiles * p.num_kv_heads * p.num_seqs, b = (int)blockIdx.x;
+  cta_place c;
+  c.split = b / groups;
+  c.group = b - c.split * groups;
+  c.qt = c.group % p.qtiles;
+  const int r = c.group / p.qtiles;
+  c.kh = r % p.num_kv_heads;
+  c.seq = r / p.num_kv_heads;
+  return c;
+}
+
+/*
+ * Units [*begin, *end) of CTA c's split of a sequence of `units` units. Even splits of
+ * units_per_split, unless the launch is one wave of two CTAs per SM (first_ctas > 0): of the
+ * two CTAs an SM holds, the one that entered second runs ~13% slower (the warp schedulers prefer
+ * older warps; bench/NOTES-attention.md, session 40) and the launch ended with it. There the
+ * splits of a group that enter first (blocks below first_ctas, which the block scheduler places
+ * first: splits 0 .. k - 1 of the group) take first_w units for every 64 of the others', over
+ * the longest sequence's units, so that the two CTAs of an SM end closer together. Static, so a
+ * group's ranges, and the order of every sum, do not depend on timing.
+ */
+__device__ __forceinline__ void split_range(const params &p, const cta_place &c, int units,
+                                            int *begin, int *end) {
+  if (p.first_ctas == 0) {
+    *begin = c.split * p.units_per_split;
+    *end = min(units, *begin + p.units_per_split);
+    return;
+  }
+  const int groups = p.qtiles * p.num_kv_heads * p.num_seqs;
+  const int k = c.group >= p.first_ctas
+                    ? 0
+                    : min(p.nsplits, (p.first_ctas - c.group + groups - 1) / groups);
+  auto prefix = [&](int s) {
+    return (long)min(s, k) * p.first_w + (long)max(s - k, 0) * 64;
+  };
+  const long total = prefix(p.nsplits);
+  *begin = (int)(p.units_max * prefix(c.split) / total);
+  *end = min(units, (int)(p.units_max * prefix(c.split + 1) / total));
+}
 
 /*
  * Ring size per instance. Decode (WM = 1) and speculative (WM = 2) instances are sized for two CTAs
@@ -792,15 +844,15 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
   constexpr bool PIPE = WG && SL::dtiles == 2;
   extern __shared__ __align__(1024) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int seq = blockIdx.z, kh = blockIdx.y;
-  const int qt = blockIdx.x % p.qtiles, split = blockIdx.x / p.qtiles;
+  const cta_place cta = cta_of(p);
+  const int seq = cta.seq, kh = cta.kh, qt = cta.qt, split = cta.split;
   const int q0 = p.qo_indptr[seq], nq = p.qo_indptr[seq + 1] - q0, len = p.kv_len[seq];
   const int group = p.group, entries = nq * group, e0 = qt * 16 * WM;
   if (e0 >= entries) return; /* the whole CTA: a query tile past this sequence's rows */
   const int pos_max = len - nq + p.pos_shift + (min(entries, e0 + 16 * WM) - 1) / group;
   const int units = (min(len, pos_max + 1) + kUnitTokens - 1) / kUnitTokens;
-  const int u_begin = split * p.units_per_split;
-  const int u_end = min(units, u_begin + p.units_per_split);
+  int u_begin, u_end;
+  split_range(p, cta, units, &u_begin, &u_end);
   const uint32_t bars = smem_u32(smem + SL::bar_off);
   const uint32_t qtile = smem_u32(smem + SL::qtile_off);
 
@@ -1087,12 +1139,18 @@ kvc_status_t launch_with(void (*kernel)(const params), int threads, int smem, pa
   if (ns > sh.max_splits) ns = sh.max_splits;
   const int ups = (sh.units_max + ns - 1) / ns;
   ns = (sh.units_max + ups - 1) / ups;
-  if ((long)sh.qtiles * ns > 0x7fffffffL) return KVC_ERR_UNSUPPORTED;
+  const long ctas = sh.base_ctas * ns;
+  if (ctas > 0x7fffffffL) return KVC_ERR_UNSUPPORTED;
   p.nsplits = ns;
   p.units_per_split = ups;
+  p.num_seqs = sh.num_seqs;
+  p.units_max = sh.units_max;
+  /* One wave of two CTAs per SM, some SMs holding two: the splits that enter first take more
+   * units (split_range). */
+  const bool two_placements = per_sm == 2 && ns > 1 && ctas > sms && ctas <= 2L * sms;
+  p.first_ctas = two_placements && p.first_w != 64 ? sms : 0;
   if (ns == 1 && !sh.partial) p.ws_lse = NULL; /* the CTAs write `out` */
-  const dim3 grid((unsigned)(sh.qtiles * ns), (unsigned)sh.num_kv_heads, (unsigned)sh.num_seqs);
-  kernel<<<grid, threads, smem, stream>>>(p);
+  kernel<<<(unsigned)ctas, threads, smem, stream>>>(p);
   if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
   return ns > 1 && !sh.partial ? launch_combine<HD, T>(p, stream) : KVC_OK;
 }
@@ -1325,9 +1383,18 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
                          : u2      ? kLaunch3u2[hdi][bf16]
                          : rows256 ? kLaunch3rows256[bf16]
                                    : kLaunch3[hdi][bf16];
+    /* Units a split that enters its SM first takes for every 64 of one that enters second, where
+     * a launch is one wave of two CTAs per SM (split_range). Measured on an H200 (session 41,
+     * weights 56 to 88; bench/NOTES-attention.md): 80 for units of two bit-pack pages at head_dim
+     * 128 (-2.5% at (8, 32k), -1.7..-2.8% at (16, 128k), -3.3..-4.0% for 2-4 query rows, but
+     * +3.5% for the cascade of 8 x (16k + 1k)). Even elsewhere: every weight was slower at head_dim
+     * 64 and 256 and over fp16 pages, and the Huffman instance's -1.2% came with +2..6% for its
+     * bit-pack pages and cascades. */
+    p.first_w = hdi == 1 && u2 ? 80 : 64;
     const kvc_status_t st = fn(p, shape(8, u2 ? 2 * kUnitTokens : kUnitTokens), stream);
     if (st != KVC_ERR_UNSUPPORTED) return st;
   }
+  p.first_w = 64; /* v2: not measured */
   for (int wmi = wmi0; wmi < 4; wmi++) {
     const launch_fn fn = kLaunch[hdi][a->dtype == KVC_DTYPE_BF16][wmi];
     if (!fn) break;

@@ -1414,15 +1414,15 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
   constexpr int NE = 8 * NB;
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = lane_id(), g = lane >> 2, c = lane & 3;
-  const int seq = blockIdx.z, kh = blockIdx.y;
-  const int qt = blockIdx.x % p.qtiles, split = blockIdx.x / p.qtiles;
+  const cta_place cta = cta_of(p);
+  const int seq = cta.seq, kh = cta.kh, qt = cta.qt, split = cta.split;
   const int q0 = p.qo_indptr[seq], nq = p.qo_indptr[seq + 1] - q0, len = p.kv_len[seq];
   const int group = p.group, entries = nq * group, e0 = qt * NE;
   if (e0 >= entries) return; /* the whole CTA: a query tile past this sequence's rows */
   const int pos_max = len - nq + p.pos_shift + (min(entries, e0 + NE) - 1) / group;
   const int units = (min(len, pos_max + 1) + UT - 1) / UT;
-  const int u_begin = split * p.units_per_split;
-  const int u_end = min(units, u_begin + p.units_per_split);
+  int u_begin, u_end;
+  split_range(p, cta, units, &u_begin, &u_end);
   const uint32_t bars = smem_u32(smem + SL::bar_off);
   constexpr int NS = SL::slots;
 

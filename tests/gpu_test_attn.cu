@@ -560,6 +560,11 @@ static void long_context_splits(void **state) {
   check_case(&one);
   gpu_case_t few = {4, 8, 2, 128, 64, KVC_DTYPE_BF16, 12000, 2, KVC_TEST_PAGE_HUFFMAN, 0, 5001};
   check_case(&few);
+  /* 5 sequences x 4 kv heads of up to 12,000 tokens: about 12 splits each fill one wave of two
+   * CTAs per SM (on an H200), where the splits that enter their SM first take more units than the
+   * others (split_range), over sequences of different lengths; every page kind. */
+  gpu_case_t wave = {5, 16, 4, 128, 64, KVC_DTYPE_F16, 12000, 1, KVC_TEST_PAGE_ALL, 0, 5007};
+  check_case(&wave);
   /* One sequence and kv head of 3,000-4,000 tokens: over 32 splits, which the combine takes with
    * several warps per query row and head, at head_dim 64 and 256, in both types. */
   const kvc_dtype_t types[] = {KVC_DTYPE_F16, KVC_DTYPE_BF16};

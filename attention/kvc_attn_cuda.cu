@@ -1387,7 +1387,7 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
      * a launch is one wave of two CTAs per SM (split_range). Measured on an H200 (session 41,
      * weights 56 to 88; bench/NOTES-attention.md): 80 for units of two bit-pack pages at head_dim
      * 128 (-2.5% at (8, 32k), -1.7..-2.8% at (16, 128k), -3.3..-4.0% for 2-4 query rows, but
-     * +3.5% for the cascade of 8 x (16k + 1k)). Even elsewhere: every weight was slower at head_dim
+     * +3.8% for the cascade of 8 x (16k + 1k)). Even elsewhere: every weight was slower at head_dim
      * 64 and 256 and over fp16 pages, and the Huffman instance's -1.2% came with +2..6% for its
      * bit-pack pages and cascades. */
     p.first_w = hdi == 1 && u2 ? 80 : 64;

@@ -779,13 +779,14 @@ __device__ __forceinline__ void stash_row_stats(const float (&m)[2], float (&l)[
   }
 }
 
-/* Epilogue: merges NW warps' partials of one query entry, stashed at obuf / mbuf / lbuf index
- * base + 16 w (w < NW), for output values 8 * c8 .. 8 * c8 + 7: acc relative to the joint max
- * *mu (0 when every row was -inf), *lsum the joint sum. */
-template <int HD, int NW>
-__device__ __forceinline__ void merge_entry(const float *obuf, const float *mbuf, const float *lbuf,
-                                            int base, int c8, float (&acc)[8], float *lsum,
-                                            float *mu) {
+/* Epilogue: merges NW warps' partials of one query entry, stashed at mbuf / lbuf index base +
+ * 16 w (w < NW) and, for output values 8 * c8 .. 8 * c8 + 7, in the float4s at(base + 16 w, 2 c8)
+ * and at(base + 16 w, 2 c8 + 1) (at(i, G): values 4 G .. 4 G + 3 of stash entry i, in the
+ * caller's layout): acc relative to the joint max *mu (0 when every row was -inf), *lsum the joint
+ * sum. */
+template <int NW, class At>
+__device__ __forceinline__ void merge_entry(At at, const float *mbuf, const float *lbuf, int base,
+                                            int c8, float (&acc)[8], float *lsum, float *mu) {
   float mx = -INFINITY;
 #pragma unroll
   for (int w = 0; w < NW; w++) mx = fmaxf(mx, mbuf[base + 16 * w]);
@@ -798,8 +799,7 @@ __device__ __forceinline__ void merge_entry(const float *obuf, const float *mbuf
     const int wi = base + 16 * w;
     const float f = exp2f(mbuf[wi] - *mu);
     *lsum += lbuf[wi] * f;
-    const float4 *src = (const float4 *)(obuf + (size_t)wi * HD + 8 * c8);
-    const float4 x0 = src[0], x1 = src[1];
+    const float4 x0 = at(wi, 2 * c8), x1 = at(wi, 2 * c8 + 1);
     acc[0] += x0.x * f, acc[1] += x0.y * f, acc[2] += x0.z * f, acc[3] += x0.w * f;
     acc[4] += x1.x * f, acc[5] += x1.y * f, acc[6] += x1.z * f, acc[7] += x1.w * f;
   }
@@ -961,7 +961,8 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
     const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
     if (e >= entries) continue;
     float acc[8], lsum, mu;
-    merge_entry<HD, WN>(obuf, mbuf, lbuf, (r / 16) * WN * 16 + r % 16, c8, acc, &lsum, &mu);
+    merge_entry<WN>([&](int wi, int G) { return ((const float4 *)(obuf + (size_t)wi * HD))[G]; },
+                    mbuf, lbuf, (r / 16) * WN * 16 + r % 16, c8, acc, &lsum, &mu);
     write_entry<HD, T>(p, acc, lsum, mu, cta_bad, q0 + e / group, kh * group + e % group, split,
                        c8);
   }

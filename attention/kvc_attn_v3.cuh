@@ -1385,6 +1385,18 @@ __device__ __forceinline__ bool v3_page_setup(const unit_page &pg, const uint8_t
   return ks.kind != SRC_BAD && vs.kind != SRC_BAD;
 }
 
+/* Where the epilogue stashes values 4 G .. 4 G + 3 of stash entry wi = 16 w + 8 nb + 2 c + x
+ * (warp w's query entry 8 nb + 2 c + x), as an offset in floats: row 16 w + 8 nb + 4 x + c of HD
+ * floats, granule G ^ (c | ((G >> 3) & 1) << 2). A lane holds runs of HD / 8 channels of its
+ * entries, so it stores whole granules, and a quarter-warp's 16-byte stores (lanes of four c, two
+ * g) meet in eight bank groups (head_dim 128, 256; four at 64), where one float per store into
+ * rows in entry order met 16-way (head_dim 128) to 32-way (256) bank conflicts. The merge's reads
+ * stay 2-way, as before. */
+template <int HD> __device__ __forceinline__ int v3_stash_off(int wi, int G) {
+  const int c = (wi & 7) >> 1, row = (wi & ~7) + 4 * (wi & 1) + c;
+  return row * HD + 4 * (G ^ (c | ((G >> 3) & 1) << 2));
+}
+
 /* ---- the kernel ------------------------------------------------------------------------------ */
 
 /* The section widths the default error bounds give bit-pack pages (KVC_DEFAULT_K_BOUND and
@@ -1930,15 +1942,19 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
           vcorr[nb][x] += __shfl_xor_sync(0xffffffffu, vcorr[nb][x], o2);
     if (w_o) o_units<HD, NB>(o, 0, w_o, 0);
     const float f = pow2i(e_o);
-    float *ow = obuf + warp * 16 * HD;
+    /* Granule k of the lane's run (channels g HD / 8 + 4 k ..: v_channel) of entry 8 nb + 2 c + x
+     * is rows x, x + 2 (e) of m-tiles 2 k and 2 k + 1. */
 #pragma unroll
-    for (int mt = 0; mt < HD / 16; mt++)
+    for (int nb = 0; nb < NB; nb++)
 #pragma unroll
-      for (int nb = 0; nb < NB; nb++)
+      for (int x = 0; x < 2; x++)
 #pragma unroll
-        for (int e = 0; e < 4; e++)
-          ow[(8 * nb + 2 * c + (e & 1)) * HD + v_channel<HD>(mt, g + 8 * (e >> 1))] =
-              (o[mt][nb][e] + vcorr[nb][e & 1]) * f;
+        for (int k = 0; k < HD / 32; k++) {
+          const float v = vcorr[nb][x];
+          *(float4 *)(obuf + v3_stash_off<HD>(warp * 16 + 8 * nb + 2 * c + x, g * (HD / 32) + k)) =
+              make_float4((o[2 * k][nb][x] + v) * f, (o[2 * k][nb][x + 2] + v) * f,
+                          (o[2 * k + 1][nb][x] + v) * f, (o[2 * k + 1][nb][x + 2] + v) * f);
+        }
   }
   __syncthreads();
   /* The merge runs on the consumer warps only (as in v2: racecheck does not follow the producer
@@ -1948,7 +1964,9 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
     const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
     if (e >= entries) continue; /* with lo4: r < 4 */
     float acc[8], lsum, mu;
-    merge_entry<HD, kW3>(obuf, mbuf, lbuf, lo4 ? 2 * r : r, c8, acc, &lsum, &mu);
+    merge_entry<kW3>(
+        [&](int wi, int G) { return *(const float4 *)(obuf + v3_stash_off<HD>(wi, G)); }, mbuf,
+        lbuf, lo4 ? 2 * r : r, c8, acc, &lsum, &mu);
     write_entry<HD, T>(p, acc, lsum, mu, cta_bad, q0 + e / group, kh * group + e % group, split,
                        c8);
   }

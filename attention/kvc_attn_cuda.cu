@@ -62,6 +62,11 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+#ifdef KVC_ATTN_PROBE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#endif
 
 #include "attention/kvc_attn.h"
 #include "attention/kvc_attn_decode.cuh"
@@ -1468,7 +1473,8 @@ extern "C" int kvc_attn_cuda_kernel(const kvc_attn_args_t *a) {
   return v3h_takes(hdi, a->block_tokens) ? 2 : 0;
 }
 
-extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
+/* kvc_attn_cuda's work; kvc_attn_cuda wraps it with the probe's accounts in a probe build. */
+static kvc_status_t attn_cuda(const kvc_attn_args_t *a, void *stream) {
   if (!a || a->num_seqs < 0 || a->total_q_rows < 0) return KVC_ERR_INVALID_ARGUMENT;
   if (a->num_kv_heads < 1 || a->num_q_heads < a->num_kv_heads ||
       a->num_q_heads % a->num_kv_heads != 0 || !(a->scale == a->scale))
@@ -1571,4 +1577,44 @@ extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
   pc.ws_lse = ws_lse;
   pc.nsplits = p1.nsplits + p2.nsplits;
   return kCombine[hdi][a->dtype == KVC_DTYPE_BF16](pc, s);
+}
+
+#ifdef KVC_ATTN_PROBE
+/* The KVC_PROBE_CALL-th call's accounts, zeroed before its launches and written after them to
+ * KVC_PROBE_OUT (attention/kvc_attn_probe.cuh). Synchronizes the device around that call only. */
+static kvc_status_t probed_call(const kvc_attn_args_t *a, void *stream) {
+  using kvc_attn::kProbeSlots;
+  using kvc_attn::PR_COUNT;
+  static int calls = 0;
+  static unsigned long long acc[kProbeSlots][PR_COUNT];
+  const char *which = getenv("KVC_PROBE_CALL");
+  if (!which || ++calls != atoi(which)) return attn_cuda(a, stream);
+  memset(acc, 0, sizeof acc);
+  if (cudaDeviceSynchronize() != cudaSuccess ||
+      cudaMemcpyToSymbol(kvc_attn::kvc_probe_cycles, acc, sizeof acc) != cudaSuccess)
+    return KVC_ERR_CUDA;
+  const kvc_status_t st = attn_cuda(a, stream);
+  if (cudaDeviceSynchronize() != cudaSuccess ||
+      cudaMemcpyFromSymbol(acc, kvc_attn::kvc_probe_cycles, sizeof acc) != cudaSuccess)
+    return KVC_ERR_CUDA;
+  const char *path = getenv("KVC_PROBE_OUT");
+  FILE *f = path ? fopen(path, "w") : stderr;
+  if (!f) return st;
+  for (int i = 0; i < kProbeSlots; i++) {
+    if (!acc[i][kvc_attn::PR_LOOP]) continue;
+    fprintf(f, "%d", i);
+    for (int r = 0; r < PR_COUNT; r++) fprintf(f, " %llu", acc[i][r]);
+    fputc('\n', f);
+  }
+  if (f != stderr) fclose(f);
+  return st;
+}
+#endif
+
+extern "C" kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream) {
+#ifdef KVC_ATTN_PROBE
+  return probed_call(a, stream);
+#else
+  return attn_cuda(a, stream);
+#endif
 }

@@ -1342,6 +1342,7 @@ __device__ __forceinline__ void v3_pv(const v3_src &vs, const uint8_t *scr, int 
 
 }  // namespace kvc_attn
 
+#include "attention/kvc_attn_probe.cuh"
 #include "attention/kvc_attn_v3_huf.cuh"
 
 namespace kvc_attn {
@@ -1586,14 +1587,18 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
       return ((it & ((1 << split_lg()) - 1)) + end) * (UT / 16 >> split_lg());
     };
     constexpr bool claims = v3_claims<HUF, UT>();
+    probe pr((int)blockIdx.x * kW3 + warp); /* empty unless built with KVC_ATTN_PROBE */
     for (int it = warp; u_begin + (it >> split_lg()) < u_end;) {
       const int k = it >> split_lg();
       const int slot = k % NS, token0 = (u_begin + k) * UT;
+      pr.mark();
       /* With claimed items, another warp may still hold unit k - NS: once it is released, the
        * slot's "full" barrier is in unit k's phase (the parity alone cannot tell the two apart).
        * In the fixed order this warp released it itself. */
       if (claims && k >= NS) mbar_wait(bars + 8 * (NS + slot), (uint32_t)(k / NS - 1) & 1u);
       mbar_wait(bars + 8 * slot, (uint32_t)(k / NS) & 1u);
+      pr.add(PR_WAIT);
+      pr.count(PR_ITEMS);
       const unit_desc *d = &descs[slot];
       const int32_t flags = d->flags;
       const int n_valid = d->n_valid;
@@ -1611,11 +1616,13 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
       /* Page by page: its setup once, then its slabs (a page holds 1..4 whole slabs: 2^ubt_lg
        * rows, 16..64), so that the slabs' bookkeeping is per page. */
       for (int b = slab(it, 0); ok && b < b_end;) {
+        pr.mark();
         const int q = (16 * b) >> ubt_lg;
         const int b_pg = min(b_end, ((q + 1) << ubt_lg) >> 4); /* past the page's last slab */
         const unit_page pg = d->pages[q];
         v3_src ks, vs;
         ok = v3_page_setup<HD, T, HUF, FAST>(pg, ub, scr, harea, e_o, qfits, ks, vs);
+        pr.add(PR_SETUP);
         if (!ok) break;
         /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
         float kmul = p.scale_log2;
@@ -1630,6 +1637,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
           s_fast_const<HD, NB, TQ, PRE, HL>(scr, c, qf, ql, lo4);
           __syncwarp();
         }
+        pr.add(PR_QK);
         /* O^T's units: those of this page's V operand (2^e and the rows' lg for SRC_FAST, else
          * 1). */
         const int ev = FAST && vs.kind == SRC_FAST ? vs.sec.e : 0;
@@ -1897,12 +1905,15 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
           for (int nb = 0; nb < NB; nb++) v &= 16 * b_pg <= min(lim[nb][0], lim[nb][1]);
           return __all_sync(0xffffffffu, v);
         };
+        pr.add(PR_PREP);
+        pr.count(PR_PAGES);
         if (hot && ks.kind == SRC_FAST && ks.sec.width == kHotKeyWidth && vs.kind == SRC_FAST &&
             vs.sec.width == kHotValueWidth && all_visible())
           slabs(std::integral_constant<int, hot ? kHotKeyWidth : 0>(),
                 std::integral_constant<int, hot ? kHotValueWidth : 0>());
         else
           slabs(std::integral_constant<int, 0>(), std::integral_constant<int, 0>());
+        pr.add(PR_SLABS);
       }
       bad |= !ok;
       mbar_arrive(bars + 8 * (NS + slot)); /* this lane is done with the unit's ring bytes */
@@ -1913,7 +1924,9 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
       } else {
         it += kW3;
       }
+      pr.add(PR_CLAIM);
     }
+    pr.loop_end();
   }
 
   /* Epilogue: the consumer warps' (m, l, O) through the ring, combined per query entry. */

@@ -883,35 +883,6 @@ __device__ __forceinline__ void q_load(uint32_t qa, qfrag_t<HD, NB> &q) {
  * odd g, which supply the B operand's odd columns. */
 __device__ __forceinline__ bool remainder_lane(bool lo4) { return lo4 && (lane_id() & 4); }
 
-/* The operands of a page's SRC_FAST keys: Q' (q_scaled) of every k-block in place of Q's
- * fragments q, and with HL its remainder (q_resid): in ql, or with lo4 in place of q in lanes of
- * odd g (the kernel's lo4). From the page's step pairs in the scratch, once per page instead of
- * once per slab (s_fast's PRE): an fp16 word takes an HMUL2, an HFMA2 and a select, a bf16 word
- * seven instructions. */
-template <int HD, int NB, class T, bool HL>
-__device__ __forceinline__ void q_page(const uint8_t *scr, int c, qfrag_t<HD, NB> &q,
-                                       qfrag_t<HD, NB> &ql, bool lo4) {
-  const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
-  const bool lo = remainder_lane(lo4);
-#pragma unroll
-  for (int kb = 0; kb < HD / 16; kb++) {
-    const uint4 sb = kq[kq_index(c, kb)];
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-      for (int x = 0; x < 2; x++) {
-        const uint32_t st = x ? sb.w : sb.y, qh = q_scaled<T>(q[nb][kb][x], st);
-        if constexpr (HL) {
-          const uint32_t rl = q_resid<T>(q[nb][kb][x], st, qh);
-          ql[nb][kb][x] = rl;
-          q[nb][kb][x] = lo ? rl : qh;
-        } else {
-          q[nb][kb][x] = qh;
-        }
-      }
-  }
-}
-
 /* The B operands of SRC_FAST keys for k-block kb and n-block nb: Q' (q) and with HL its
  * remainder (l); lanes with lo (lo4, odd g) take the remainder as q. PRE: from qb and ql as
  * q_page left them, else formed here from Q (qb) and the step pairs sb. */
@@ -989,44 +960,101 @@ __device__ __forceinline__ void s_fast(const token_runs<2> &tr, const uint8_t *s
   }
 }
 
-/* What SRC_FAST keys add to every token's S^T, per entry: sum over channels of Q' b 2^(r - 24),
- * with Q' (and with HL its remainder) as s_fast takes them. Once per page, into the scratch
- * (v3_scratch<HD>::kc). PRE, lo4: as s_fast's. */
-template <int HD, int NB, class T, bool PRE, bool HL>
-__device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb,
-                                             const qfrag_t<HD, NB> &ql, bool lo4) {
-  const bool lo = remainder_lane(lo4);
-  const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
-  /* Two mma chains (even and odd k-blocks), as in s_fast: this runs between the page setup and
-   * the page's first softmax, on the unit's serial path. */
-  float acc[2][NB][4];
+/* The base sums' two chains, zeroed (s_fast_const, q_page). */
+template <int NB> __device__ __forceinline__ void kc_zero(float (&acc)[2][NB][4]) {
 #pragma unroll
   for (int p = 0; p < 2; p++)
 #pragma unroll
     for (int nb = 0; nb < NB; nb++)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[p][nb][e] = 0.f;
+}
+
+/* One k-block kb of the keys' per-entry base sums (s_fast_const, q_page): rows g of the A operand
+ * are the base terms, rows g + 8 take the steps, whose products are not used (the uint4 sb is
+ * the operand as loaded, without register copies); B is Q' (and with HL its remainder) as
+ * fast_q gives it. Two mma chains (even and odd k-blocks), as in s_fast: the sums run between the
+ * page setup and the page's first softmax, on the unit's serial path. */
+template <int HD, int NB, class T, bool PRE, bool HL>
+__device__ __forceinline__ void kc_block(float (&acc)[2][NB][4], const uint4 &sb,
+                                         const qfrag_t<HD, NB> &qb, const qfrag_t<HD, NB> &ql,
+                                         int kb, bool lo, bool lo4) {
+  const uint32_t av[4] = {sb.x, sb.y, sb.z, sb.w};
+#pragma unroll
+  for (int nb = 0; nb < NB; nb++) {
+    uint32_t q[2], l[2];
+    fast_q<HD, NB, T, PRE, HL>(qb, ql, sb, nb, kb, lo, q, l);
+    mma16816<__half>(acc[kb % 2][nb], av, q[0], q[1]);
+    if (HL && !lo4) mma16816<__half>(acc[(kb + 1) % 2][nb], av, l[0], l[1]);
+  }
+}
+
+/* s_fast_const's two chains' sums into the scratch's kc (rows g: the base terms; with HL and lo4,
+ * column 2c + 1 holds the remainder's terms of column 2c's entry). */
+template <int HD, int NB, bool HL>
+__device__ __forceinline__ void store_kc(uint8_t *scr, const float (&acc)[2][NB][4], bool lo4) {
+  float2 *kc = (float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
+#pragma unroll
+  for (int nb = 0; nb < NB; nb++) {
+    float2 k = make_float2(acc[0][nb][0] + acc[1][nb][0], acc[0][nb][1] + acc[1][nb][1]);
+    if (HL && lo4) k.x += k.y;
+    kc[nb] = k;
+  }
+}
+
+/* What SRC_FAST keys add to every token's S^T, per entry: sum over channels of Q' b 2^(r - 24),
+ * with Q' (and with HL its remainder) as s_fast takes them, formed here from Q (qb) and the step
+ * pairs. Once per page, into the scratch (v3_scratch<HD>::kc). For the instances without PRE
+ * (with it, q_page makes these sums with Q'). lo4: as s_fast's. */
+template <int HD, int NB, class T, bool HL>
+__device__ __forceinline__ void s_fast_const(uint8_t *scr, int c, const qfrag_t<HD, NB> &qb,
+                                             const qfrag_t<HD, NB> &ql, bool lo4) {
+  const bool lo = remainder_lane(lo4);
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
+  float acc[2][NB][4];
+  kc_zero<NB>(acc);
 #pragma unroll
   for (int kb = 0; kb < HD / 16; kb++) {
     const uint4 sb = kq[kq_index(c, kb)];
-    /* Rows g: the base terms. Rows g + 8 take the steps, whose products are not used: the
-     * uint4 is the operand as loaded, without register copies. */
-    const uint32_t av[4] = {sb.x, sb.y, sb.z, sb.w};
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) {
-      uint32_t q[2], l[2];
-      fast_q<HD, NB, T, PRE, HL>(qb, ql, sb, nb, kb, lo, q, l);
-      mma16816<__half>(acc[kb % 2][nb], av, q[0], q[1]);
-      if (HL && !lo4) mma16816<__half>(acc[(kb + 1) % 2][nb], av, l[0], l[1]);
-    }
+    kc_block<HD, NB, T, false, HL>(acc, sb, qb, ql, kb, lo, lo4);
   }
-  float2 *kc = (float2 *)(scr + v3_scratch<HD>::kc) + lane_id() * NB;
+  store_kc<HD, NB, HL>(scr, acc, lo4);
+}
+
+/* The operands of a page's SRC_FAST keys, and s_fast_const's sums with them, in one pass over the
+ * k-blocks (PRE): Q' (q_scaled) of every k-block in place of Q's fragments q, and with HL its
+ * remainder (q_resid): in ql, or with lo4 in place of q in lanes of odd g (the kernel's lo4).
+ * From the page's step pairs in the scratch, once per page instead of once per slab (s_fast's
+ * PRE): an fp16 word takes an HMUL2, an HFMA2 and a select, a bf16 word seven instructions. Each
+ * k-block's pairs are loaded once and its mma issued as soon as its Q' is formed; the sums are
+ * those s_fast_const would make from q and ql afterwards, bit for bit (the same operands, chains
+ * and order). */
+template <int HD, int NB, class T, bool HL>
+__device__ __forceinline__ void q_page(uint8_t *scr, int c, qfrag_t<HD, NB> &q,
+                                       qfrag_t<HD, NB> &ql, bool lo4) {
+  const uint4 *kq = (const uint4 *)(scr + v3_scratch<HD>::kq);
+  const bool lo = remainder_lane(lo4);
+  float acc[2][NB][4];
+  kc_zero<NB>(acc);
 #pragma unroll
-  for (int nb = 0; nb < NB; nb++) { /* rows g */
-    float2 k = make_float2(acc[0][nb][0] + acc[1][nb][0], acc[0][nb][1] + acc[1][nb][1]);
-    if (HL && lo4) k.x += k.y; /* column 2c + 1: the remainder's of column 2c's entry */
-    kc[nb] = k;
+  for (int kb = 0; kb < HD / 16; kb++) {
+    const uint4 sb = kq[kq_index(c, kb)];
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+      for (int x = 0; x < 2; x++) {
+        const uint32_t st = x ? sb.w : sb.y, qh = q_scaled<T>(q[nb][kb][x], st);
+        if constexpr (HL) {
+          const uint32_t rl = q_resid<T>(q[nb][kb][x], st, qh);
+          ql[nb][kb][x] = rl;
+          q[nb][kb][x] = lo ? rl : qh;
+        } else {
+          q[nb][kb][x] = qh;
+        }
+      }
+    kc_block<HD, NB, T, true, HL>(acc, sb, q, ql, kb, lo, lo4);
   }
+  store_kc<HD, NB, HL>(scr, acc, lo4);
 }
 
 /* The generic path is rare (non-default sections): k-block by k-block, not unrolled, so that it
@@ -1629,12 +1657,12 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
         if constexpr (PRE) { /* the page's operand (qx) */
           const bool kfast = FAST && ks.kind == SRC_FAST;
           if (kfast || qx_scaled) q_load<HD, NB>(smem_u32(qs), qx);
-          if (kfast) q_page<HD, NB, T, HL>(scr, c, qx, ql, lo4);
+          if (kfast) q_page<HD, NB, T, HL>(scr, c, qx, ql, lo4); /* with s_fast_const's sums */
           qx_scaled = kfast;
         }
         if (FAST && ks.kind == SRC_FAST) {
           kmul *= pow2i(ks.sec.e);
-          s_fast_const<HD, NB, TQ, PRE, HL>(scr, c, qf, ql, lo4);
+          if constexpr (!PRE) s_fast_const<HD, NB, TQ, HL>(scr, c, qf, ql, lo4);
           __syncwarp();
         }
         pr.add(PR_QK);

@@ -125,8 +125,8 @@ size_t kvc_attn_cuda_workspace_bytes(int max_q_rows, int num_q_heads, int head_d
 
 /* Fused CUDA attention; enqueued on `stream` (a cudaStream_t), no sync, no allocation.
  * KVC_OK, KVC_ERR_UNSUPPORTED (head_dim other than 64, 128, 256; dtype; block_tokens not a power
- * of two in 16..128, or 128 at head_dim 256 unless codec_mask is rows alone; more than 65535
- * sequences), KVC_ERR_CUDA. */
+ * of two in 16..128, or 128 at head_dim 256 unless codec_mask is rows alone; a launch of more
+ * than 2^31 - 1 CTAs), KVC_ERR_CUDA. */
 kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream);
 
 /* The kernel kvc_attn_cuda runs for a's launch without a cascade: 0 v2, 1 v3, 2 v3's Huffman

@@ -1485,8 +1485,6 @@ static kvc_status_t attn_cuda(const kvc_attn_args_t *a, void *stream) {
       bt > kMaxBlockTokens || (bt & (bt - 1)) != 0)
     return KVC_ERR_UNSUPPORTED;
   if (a->num_seqs == 0) return a->total_q_rows == 0 ? KVC_OK : KVC_ERR_INVALID_ARGUMENT;
-  /* The three-dimensional grid's limit before session 41, kept: no test runs more sequences. */
-  if (a->num_seqs > 65535) return KVC_ERR_UNSUPPORTED;
   if (!a->qo_indptr || !a->kv_len || !a->block_indptr || !a->block_ids || !a->dir || !a->pool ||
       !a->q || !a->out || a->chunk_bytes < KVC_CHUNK_MIN_BYTES ||
       (a->chunk_bytes & (a->chunk_bytes - 1)) != 0 || a->max_kv_len < 1 || a->total_q_rows < 1)
@@ -1503,7 +1501,7 @@ static kvc_status_t attn_cuda(const kvc_attn_args_t *a, void *stream) {
        (!a->prefix_qo_indptr || !a->prefix_rows || !a->prefix_kv_len || !a->prefix_block_start ||
         !a->suffix_kv_len || !a->suffix_block_start || a->prefix_max_rows < 1 ||
         a->prefix_max_rows > a->total_q_rows || a->prefix_max_tokens < 1 ||
-        a->suffix_max_tokens < 1 || a->prefix_seqs > 65535)))
+        a->suffix_max_tokens < 1)))
     return KVC_ERR_INVALID_ARGUMENT;
 
   kvc_attn::params p;

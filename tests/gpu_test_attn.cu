@@ -684,6 +684,62 @@ static void cascade_prefix_groups(void **state) {
   }
 }
 
+/* Case c (set up in h, d) with each codec mask: the kernels' grids, not their decoders, are what
+ * many_sequences checks, so one launch per kernel (v2, v3, v3's Huffman instance). */
+static void run_masks(const gpu_case_t *c, const host_case_t *h, const dev_case_t *d) {
+  const uint32_t masks[] = {0, kNoHuffman, kAllCodecs};
+  for (size_t i = 0; i < sizeof(masks) / sizeof(masks[0]); i++) {
+    kvc_attn_args_t a = d->args;
+    a.codec_mask = masks[i];
+    uint16_t *out = run_gpu(d, &a);
+    const double err = case_err(c->dtype, h, out, 0, d->out_bytes / 2);
+    free(out);
+    if (!(err <= tolerance(c->dtype))) {
+      print_error("%d sequences, codec_mask %u: relative L2 error %g\n", c->num_seqs, masks[i],
+                  err);
+      fail();
+    }
+  }
+}
+
+/* More sequences than a grid's y or z dimension could take (65535): the launches' grids are
+ * one-dimensional (kvc_attn_cuda.cu's cta_of), so every sequence gets its CTAs, on every
+ * kernel. Then a cascade over as many prefix groups (pairs of sequences sharing a block), with a
+ * workspace of two partials (kvc_attn_cuda_workspace_bytes sizes it for split-K, which so many
+ * sequences do not take, and the cascade needs two). Raw pages and short sequences keep the
+ * cases cheap. Under racecheck and synccheck (sweep.sh's KVC_SANITIZER_TOOL) it is skipped: its
+ * CTAs do what the other tests' do, and 65537 of them per launch take those tools minutes. */
+static void many_sequences(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  const char *tool = getenv("KVC_SANITIZER_TOOL");
+  if (tool && strcmp(tool, "memcheck") != 0) skip();
+  gpu_case_t one = {65537, 4, 1, 64, 16, KVC_DTYPE_F16, 16, 1, KVC_TEST_PAGE_RAW, 0, 7400};
+  host_case_t h;
+  dev_case_t d;
+  host_setup(&one, &h);
+  dev_setup(&h, &d);
+  run_masks(&one, &h, &d);
+  dev_teardown(&d);
+  host_teardown(&h);
+  gpu_case_t c = {2 * 65537, 4, 1, 64, 16, KVC_DTYPE_F16, 32, 1, KVC_TEST_PAGE_RAW, 1, 7401};
+  c.cascade = 2;
+  c.group_size = 2;
+  c.min_len = c.block_tokens + 1;
+  if (c.max_len * kvc_test_scale() < c.min_len) c.max_len = (int)(c.min_len / kvc_test_scale());
+  host_setup(&c, &h);
+  assert_true(h.args.prefix_seqs > 65535);
+  dev_setup(&h, &d);
+  CU(cudaFree(d.ws));
+  d.ws_bytes = 2 * (size_t)h.rows * c.num_q_heads * (c.head_dim + 1) * sizeof(float);
+  CU(cudaMalloc(&d.ws, d.ws_bytes));
+  d.args.workspace = d.ws;
+  d.args.workspace_bytes = d.ws_bytes;
+  run_masks(&c, &h, &d);
+  dev_teardown(&d);
+  host_teardown(&h);
+}
+
 /* The header of section sidx (keys of head sidx, then values of head sidx - H) of page e, which
  * holds H heads. */
 static void section_header(const host_case_t *h, const kvc_page_entry_t *e, uint32_t H,
@@ -1293,6 +1349,7 @@ int main(void) {
       cmocka_unit_test(absolute_bound_pages),  cmocka_unit_test(claimed_items),
       cmocka_unit_test(cascade_prefix_groups), cmocka_unit_test(bf16_queries_beyond_fp16),
       cmocka_unit_test(kernel_choice),         cmocka_unit_test(default_bound_pages),
+      cmocka_unit_test(many_sequences),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

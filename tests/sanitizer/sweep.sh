@@ -4,7 +4,8 @@
 # Environment: KVC_TEST_SCALE (default 0.05) shrinks the cases; KVC_SANITIZER_TIMEOUT (seconds)
 # bounds each run; KVC_SANITIZER_TESTS names the binaries (default every gpu_test_*);
 # KVC_SANITIZER_LOGS is where the logs go (default a temporary folder); gpu_test_attn and
-# gpu_test_cache take KVC_TEST_FILTER (a cmocka pattern of test names).
+# gpu_test_cache take KVC_TEST_FILTER (a cmocka pattern of test names). The tests see the tool
+# in KVC_SANITIZER_TOOL (gpu_test_attn's many_sequences runs under memcheck alone).
 # Prints, per binary and tool, the exit status (99: the sanitizer reported), the sanitizer's
 # summary and the tests its reports fall in; exits 1 if any run failed. One report is known and
 # not a race: racecheck's hazards in gpu_test_attn's huffman_damage_gives_nan
@@ -32,7 +33,7 @@ for bin in "${bins[@]}"; do
   for tool in $tools; do
     log=$logs/${name}_$tool.txt
     start=$(date +%s)
-    (cd "$(dirname "$bin")" &&
+    (cd "$(dirname "$bin")" && export KVC_SANITIZER_TOOL=$tool &&
       timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 99 "./$name" > "$log" 2>&1)
     rc=$?
     [ $rc -ne 0 ] && status=1

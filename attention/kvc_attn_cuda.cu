@@ -1183,7 +1183,8 @@ kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
    * (CPS 1), which have no bit-pack pages. */
   if constexpr (kFast16<T> && NB == 1 && CPS == 2)
     if (sh.entries_max <= 4) kernel = attn_kernel_v3<HD, T, NB, false, true, UT, CPS, true>;
-  return launch_with<HD, T>(kernel, kThreads3, v3_layout<HD, UT, CPS>::bytes, p, sh, stream);
+  typedef v3_layout<HD, UT, CPS> SL;
+  return launch_with<HD, T>(kernel, SL::threads, SL::bytes, p, sh, stream);
 }
 
 int hd_index(int hd) { return hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1; }
@@ -1203,7 +1204,7 @@ template <int HD, class T, int NB, bool FAST>
 kvc_status_t launch_v3h(params &p, const launch_shape &sh, cudaStream_t stream) {
   if (!v3h_takes(hd_index(HD), p.block_tokens)) return KVC_ERR_UNSUPPORTED;
   return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, true, FAST, kUnitTokens, v3h_cps<HD>()>,
-                            kThreads3, v3h_layout<HD>::bytes, p, sh, stream);
+                            v3h_layout<HD>::threads, v3h_layout<HD>::bytes, p, sh, stream);
 }
 
 /* [head_dim 64/128/256][dtype f16/bf16], tiles of 8 entries (NB = 1; see

@@ -5,8 +5,8 @@
  * it.
  *
  * Lane 0 of each consumer warp reads clock() at the end of each region of its work loop and adds
- * the cycles since the previous mark to kvc_probe_cycles[block * kW3 + warp][region] with a global
- * atomic; PR_ITEMS and PR_PAGES count. The probe's own instructions make a launch 7-10% slower
+ * the cycles since the previous mark to kvc_probe_cycles[block * W + warp][region] (W: the
+ * layout's consumer warps) with a global atomic; PR_ITEMS and PR_PAGES count. The probe's own instructions make a launch 7-10% slower
  * (session 43), and the regions' cycles include the time the warp waits for its scheduler while
  * other warps issue. The host side (kvc_attn_cuda.cu): with KVC_PROBE_CALL=N in the environment,
  * the N-th call of kvc_attn_cuda zeroes the accounts before its launches and writes them after,
@@ -30,7 +30,7 @@ enum probe_region : int {
   PR_PAGES,  /* a count */
   PR_COUNT
 };
-constexpr int kProbeSlots = 4096 * kW3; /* block * kW3 + warp, clamped */
+constexpr int kProbeSlots = 4096 * kMaxW3; /* block * W + warp (W consumer warps), clamped */
 
 #ifdef KVC_ATTN_PROBE
 /* Defined here: one translation unit (kvc_attn_cuda.cu) includes the kernels. */

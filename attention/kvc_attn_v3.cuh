@@ -5,19 +5,20 @@
  * For launches whose query entries fit one tile of 8 * NB entries with a known codec mask
  * (kvc_attn_args_t.codec_mask): attn_kernel_v3<HD, T, NB, false, true> for pages without
  * Huffman coding, attn_kernel_v3<HD, T, NB, true, FAST> (attention/kvc_attn_v3_huf.cuh: one
- * more operand source and a layout with per-warp Huffman areas and a smaller ring, 56 / 68 KiB at
- * head_dim 128 / 64; one CTA per SM at 256) when Huffman is allowed, with the bit-pack
+ * more operand source and a layout with per-warp Huffman areas and a smaller ring, 63 KiB at
+ * head_dim 128 and 64; one CTA per SM at 256) when Huffman is allowed, with the bit-pack
  * fast path (FAST) only when bit-pack pages are too. The launcher instantiates NB = 1
  * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
  * two CTAs per SM (~450 bytes of spills), so more entries take several tiles of 8 or v2 (the
  * launcher's tile_reads). Two CTAs per SM (one for launches over rows alone at head_dim 256: CPS),
  * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
- * sections and rows) and kW3 consumer warps over a 96 KiB ring (three uncompressed 64-token units
- * at head_dim 128, six at 64; 81 KiB at 256, 197 KiB at one CTA per SM: v3_ring_bytes). The
- * consumer warps take work items: an item is a whole unit, or half a unit (p.unit_split_lg = 1) in
- * launches whose pages are all rows, so that all five warps work while the ring holds three fp16
- * units, and in launches without Huffman over blocks of 32 or 64 tokens, which take units of 128
- * tokens (v3_layout's UT: half the producer's steps per token) in halves of 64. The Huffman
+ * sections and rows) and kW3 consumer warps (seven in the head_dim 64 Huffman instance) over a 96
+ * KiB ring (three uncompressed 64-token units at head_dim 128, six at 64; 81 KiB at 256, 197 KiB
+ * at one CTA per SM: v3_ring_bytes). The consumer warps take work items: an item is a whole unit,
+ * or half a unit (p.unit_split_lg = 1) in launches whose pages are all rows, so that all five
+ * warps work while the ring holds three fp16 units, and in launches without Huffman over blocks of
+ * 32 or 64 tokens, which take units of 128 tokens (v3_layout's UT: half the producer's steps per
+ * token) in halves of 64. The Huffman
  * instance and the 128-token one hand items out from a shared counter (a warp that runs faster
  * takes more); the others give warp w items w, w + kW3, ... (v3_claims). No CTA barrier in the
  * loop: a unit's "empty" barrier counts the lanes of its warps, and the warps' (m, l, O) meet in
@@ -90,15 +91,17 @@
 
 namespace kvc_attn {
 
-/* Consumer warps per CTA. Two CTAs per SM (two producers: one producer warp's serial per-unit
- * work was the limit at one CTA per SM), 12 warps: three per SM sub-partition, which caps
- * registers at 168 per thread (16384 / (3 * 32)). Measured: 7 consumer warps (128 registers,
- * ~200 bytes of spills, Q's fragments reloaded from local memory) ran (8, 32k) 1.25x (bit-pack)
- * and 1.9x (fp16 pages) slower. */
+/* Consumer warps per CTA (all but the head_dim 64 Huffman instance: v3h_warps). Two CTAs per SM
+ * (two producers: one producer warp's serial per-unit work was the limit at one CTA per SM), 12
+ * warps: three per SM sub-partition, which caps registers at 168 per thread (16384 / (3 * 32)).
+ * Measured: 7 consumer warps (128 registers, ~200 bytes of spills, Q's fragments reloaded from
+ * local memory) ran (8, 32k) 1.25x (bit-pack) and 1.9x (fp16 pages) slower. */
 constexpr int kW3 = 5;
-constexpr int kThreads3 = 32 * (kW3 + 1); /* + the producer warp */
-constexpr int kSlots3 = 2 * kW3;          /* units in flight at most (a multiple of kW3) */
-static_assert(kSlots3 % kW3 == 0, "with items w, w + kW3, ... a slot comes back to the same warps");
+/* A layout's units in flight at most, for W consumer warps: a multiple of W, so that with items w,
+ * w + W, ... a slot comes back to the same warps. Each layout also says its `warps` (W) and
+ * `threads` (W + 1 warps: the producer's too); v3_layout has kW3, v3h_layout v3h_warps. */
+constexpr int v3_slots(int W) { return 2 * W; }
+constexpr int kMaxW3 = 8; /* the most consumer warps any layout has (the probe's slots) */
 
 /* The directory entries of the producer's first metadata batch (pages of units from u_begin on),
  * fetched into L2 by the producer warp while the consumer warps load the Q tile (a tile of 8
@@ -161,15 +164,17 @@ template <int HD> struct v3_scratch {
 /* What both v3 layouts place after a ring of RING bytes, alike: the unit descriptors, the
  * producer's metadata batch (NP pages, and ENTS of their descriptor entries: producer()), the
  * consumer warps' scratch and the next unclaimed work item (v3_claims), up to `end`. */
-template <int HD, int RING, int NP = kBatch, int ENTS = 0> struct v3_after_ring {
+template <int HD, int RING, int NP = kBatch, int ENTS = 0, int W = kW3> struct v3_after_ring {
+  static_assert(W <= kMaxW3, "kMaxW3");
+  static constexpr int warps = W, threads = 32 * (W + 1), slots = v3_slots(W);
   static constexpr int ring = RING;
   static constexpr int batch = NP;
   static constexpr int desc_off = RING;
-  static constexpr int meta_off = desc_off + kSlots3 * (int)sizeof(unit_desc);
+  static constexpr int meta_off = desc_off + slots * (int)sizeof(unit_desc);
   static constexpr int chunks_off = meta_off + NP * (int)sizeof(page_meta);
   static constexpr int ents_off = chunks_off + NP * KVC_PAGE_MAX_CHUNKS * 4;
   static constexpr int scr_off = align_up(ents_off + ENTS * (int)sizeof(unit_page), 128);
-  static constexpr int claim_off = scr_off + kW3 * v3_scratch<HD>::bytes;
+  static constexpr int claim_off = scr_off + W * v3_scratch<HD>::bytes;
   static constexpr int end = claim_off + 16;
 };
 
@@ -189,7 +194,7 @@ using v3_after_ring_of = v3_after_ring<HD, RING, v3_batch<UT>(), v3_ents<UT>()>;
 
 /* Bytes of a v3 layout past its ring (v3_layout's tail: from v3_after_ring on). */
 template <int HD, int UT> constexpr int v3_tail_bytes() {
-  return v3_after_ring_of<HD, UT, 0>::end + 2 * kSlots3 * 8 +
+  return v3_after_ring_of<HD, UT, 0>::end + 2 * v3_slots(kW3) * 8 +
          (HD == 256 ? 2 : 1) * 32 * (HD / 2 + 16);
 }
 
@@ -222,7 +227,9 @@ struct v3_layout : v3_tail_of<HD, UT, CPS> {
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
   static constexpr int unit_tokens = UT;
-  static constexpr int slots = kSlots3;
+  using A::slots;
+  using A::threads;
+  using A::warps;
   /* The producer prefetches the next metadata batch's directory entries (producer()): for the
    * 64-token instance only (fp16 pages' launches, bound by DRAM), since every change to the
    * producer's code moves the compressed instances' times by ptxas's allocation alone. */
@@ -245,7 +252,7 @@ struct v3_layout : v3_tail_of<HD, UT, CPS> {
    * twice; launch_v3 leaves larger blocks to v2 (head_dim 256: 64). */
   static constexpr int max_block_tokens =
       2 * (kMaxBlockTokens * RB + slack) <= ring ? kMaxBlockTokens : 64;
-  static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
+  static_assert(warps * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert((HD == 256 ? 2 : 3) * tile <= ring && 2 * (64 * RB + slack) <= ring,
                 "a unit must fit the ring");
   static_assert(bytes - ring == v3_tail_bytes<HD, UT>(), "v3_tail_bytes matches the layout");
@@ -1448,10 +1455,12 @@ template <int HD, class T, int NB, bool HUF, bool FAST> constexpr bool v3_hot_wi
  * instance for launches whose query tiles hold at most 4 entries each (lo4 below; fp16 without
  * Huffman only). */
 template <int HD, class T, int NB, bool HUF, bool FAST, int UT, int CPS = 2, bool LO4 = false>
-__global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p) {
+__global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads, CPS)
+    attn_kernel_v3(const params p) {
   static_assert(HUF || FAST, "without Huffman pages the fast path is what v3 is for");
   typedef v3_layout_of<HD, HUF, UT, CPS> LO;
   typedef typename LO::type SL;
+  constexpr int NW = SL::warps; /* consumer warps: 0 .. NW - 1; warp NW is the producer */
   constexpr int NE = 8 * NB;
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = lane_id(), g = lane >> 2, c = lane & 3;
@@ -1472,11 +1481,11 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
       mbar_init(bars + 8 * i, 32);        /* full: every producer lane */
       mbar_init(bars + 8 * (NS + i), 32 << p.unit_split_lg); /* empty: every lane of its warps */
     }
-    *(int *)(smem + SL::claim_off) = kW3; /* items 0 .. kW3 - 1 go to warps 0 .. kW3 - 1 */
+    *(int *)(smem + SL::claim_off) = NW; /* items 0 .. NW - 1 go to warps 0 .. NW - 1 */
   }
   /* The producer warp loads none of Q. */
-  if (warp == kW3) prefetch_first_batch<UT, SL::batch>(p, seq, len, u_begin);
-  load_q_tile<HD, T, false>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, kThreads3);
+  if (warp == NW) prefetch_first_batch<UT, SL::batch>(p, seq, len, u_begin);
+  load_q_tile<HD, T, false>(p, smem + SL::qtile_off, NE, q0, kh, e0, entries, tid, SL::threads);
   __syncthreads();
   /* Q's B fragments, in the channel order of k_channel: entry 8 nb + g of the tile. From the
    * unit loop on (PRE), the current page's operand: Q or Q' (q_page) while the current page's
@@ -1506,7 +1515,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
   auto column_entry = [&](int col) { return lo4 ? col >> 1 : col; }; /* entry offset in the tile */
   /* Whether SRC_FAST may take this CTA's Q as fp16 (kFast16's comment); warp-uniform. */
   bool qfits = true;
-  if (warp < kW3) {
+  if (warp < NW) {
     const uint8_t *qs = smem + SL::qtile_off;
     auto q16 = [&](int r, int d) -> uint32_t {
       return *(const uint16_t *)(qs + tile_off<HD>(r, d >> 3) + (d & 7) * 2);
@@ -1563,7 +1572,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
   __syncthreads(); /* the Q tile's bytes belong to the ring from here on */
   bool qx_scaled = false;
   if constexpr (PRE)
-    if (warp < kW3) q_load<HD, NB>(smem_u32(qs), qx);
+    if (warp < NW) q_load<HD, NB>(smem_u32(qs), qx);
   const qfrag_t<HD, NB> &qb = PRE ? qx : *qs;
   const qfrag_t<HD, NB> &qf = Q16 ? *(const qfrag_t<HD, NB> *)qh : qb; /* SRC_FAST's Q, as TQ */
 
@@ -1575,7 +1584,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
   /* vcorr holds O * 2^-e_o, O^T's row n O * 2^(-e_o - lg(w_o, n)) (o_units) */
   int e_o = 0, w_o = 0;
   bool bad = LO4 && entries - e0 > 4; /* a tile LO4 cannot take: NaN rather than wrong values */
-  if (warp == kW3) {
+  if (warp == NW) {
     producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
   } else {
 #pragma unroll
@@ -1606,7 +1615,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
     const int ubt_lg = 31 - __clz(min(p.block_tokens, UT));
 
     /* Work items: item i is part i % split of unit i / split (split = 2^p.unit_split_lg). Warp w
-     * starts with item w, then claims the next unclaimed one (v3_claims) or takes item w + kW3.
+     * starts with item w, then claims the next unclaimed one (v3_claims) or takes item w + NW.
      * The split is re-read from the parameters where it is used (no registers held across the
      * loop: with them the fp16 head_dim-128 instance spilled). */
     auto split_lg = [&] { return HUF ? 0 : p.unit_split_lg; };
@@ -1615,7 +1624,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
       return ((it & ((1 << split_lg()) - 1)) + end) * (UT / 16 >> split_lg());
     };
     constexpr bool claims = v3_claims<HUF, UT>();
-    probe pr((int)blockIdx.x * kW3 + warp); /* empty unless built with KVC_ATTN_PROBE */
+    probe pr((int)blockIdx.x * NW + warp); /* empty unless built with KVC_ATTN_PROBE */
     for (int it = warp; u_begin + (it >> split_lg()) < u_end;) {
       const int k = it >> split_lg();
       const int slot = k % NS, token0 = (u_begin + k) * UT;
@@ -1950,7 +1959,7 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
         if (lane == 0) next = atomicAdd((int *)(smem + SL::claim_off), 1);
         it = __shfl_sync(0xffffffffu, next, 0);
       } else {
-        it += kW3;
+        it += NW;
       }
       pr.add(PR_CLAIM);
     }
@@ -1959,9 +1968,9 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
 
   /* Epilogue: the consumer warps' (m, l, O) through the ring, combined per query entry. */
   const bool cta_bad = __syncthreads_or(bad);
-  float *obuf = (float *)smem; /* [kW3 warps][16][HD] */
-  float *mbuf = obuf + kW3 * 16 * HD, *lbuf = mbuf + kW3 * 16;
-  if (warp < kW3) {
+  float *obuf = (float *)smem; /* [NW warps][16][HD] */
+  float *mbuf = obuf + NW * 16 * HD, *lbuf = mbuf + NW * 16;
+  if (warp < NW) {
 #pragma unroll
     for (int nb = 0; nb < NB; nb++)
 #pragma unroll
@@ -2000,12 +2009,12 @@ __global__ void __launch_bounds__(kThreads3, CPS) attn_kernel_v3(const params p)
   __syncthreads();
   /* The merge runs on the consumer warps only (as in v2: racecheck does not follow the producer
    * warp's barriers). */
-  if (warp == kW3) return;
-  for (int i = tid; i < NE * (HD / 8); i += 32 * kW3) {
+  if (warp == NW) return;
+  for (int i = tid; i < NE * (HD / 8); i += 32 * NW) {
     const int r = i / (HD / 8), c8 = i % (HD / 8), e = e0 + r;
     if (e >= entries) continue; /* with lo4: r < 4 */
     float acc[8], lsum, mu;
-    merge_entry<kW3>(
+    merge_entry<NW>(
         [&](int wi, int G) { return *(const float4 *)(obuf + v3_stash_off<HD>(wi, G)); }, mbuf,
         lbuf, lo4 ? 2 * r : r, c8, acc, &lsum, &mu);
     write_entry<HD, T>(p, acc, lsum, mu, cta_bad, q0 + e / group, kh * group + e % group, split,

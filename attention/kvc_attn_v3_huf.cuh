@@ -129,9 +129,9 @@ template <int HD> struct v3h_area {
 };
 
 /* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
- * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (61 at head_dim 128, 73 at
- * 64: one uncompressed 64-token unit and more; the bench's Huffman units, ~6 KiB at head_dim 128,
- * fill all ten slots), or one at head_dim 256 (v3h_cps; 137 KiB). Huffman units are sensitive to
+ * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (63 at head_dim 128, and
+ * 63 at 64, where seven warps' areas leave 12 KiB less than five would: one uncompressed 64-token
+ * unit and more; the bench's Huffman units, ~6 KiB at head_dim 128, fill all ten slots), or one at head_dim 256 (v3h_cps; 137 KiB). Huffman units are sensitive to
  * it: with a second slab tile per warp (ring 40 KiB, ~6 units for five warps) the consumers' waits
  * for a unit rose from 0.9% to 3.8% of the stall samples (bench/NOTES-huf4.md).
  * Blocks whose sections or streams may not fit (head_dim 128 and 256, 128 tokens) are left to v2
@@ -141,10 +141,11 @@ template <int HD> struct v3h_area {
  * two of a lane's four streams side by side instead of four, and the instance spills). Lane
  * stride HD / 2 + 16 bytes (an odd number of 16-byte units: LDS.128 without bank conflicts). */
 template <int HD> constexpr int v3h_qf_stride() { return HD / 2 + 16; }
-/* The ring takes the rest of a CTA's share of the SM (CPS CTAs per SM), in whole KiB. */
-template <int HD, int CPS> constexpr int v3h_ring_bytes() {
-  return (233472 / CPS - 1024 - align_up(v3_after_ring<HD, 0>::end, 128) -
-          kW3 * v3h_area<HD>::bytes - 2 * kSlots3 * 8 - 32 * v3h_qf_stride<HD>()) /
+/* The ring takes the rest of a CTA's share of the SM (CPS CTAs per SM, W consumer warps), in whole
+ * KiB. */
+template <int HD, int CPS, int W> constexpr int v3h_ring_bytes() {
+  return (233472 / CPS - 1024 - align_up(v3_after_ring<HD, 0, kBatch, 0, W>::end, 128) -
+          W * v3h_area<HD>::bytes - 2 * v3_slots(W) * 8 - 32 * v3h_qf_stride<HD>()) /
          1024 * 1024;
 }
 
@@ -152,21 +153,32 @@ template <int HD, int CPS> constexpr int v3h_ring_bytes() {
  * areas (~12 KiB each) and a unit of raw pages (64 KiB) do not fit two. */
 template <int HD> constexpr int v3h_cps() { return HD == 256 ? 1 : 2; }
 
-template <int HD, int CPS = v3h_cps<HD>()>
-struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD, CPS>()> {
+/* Consumer warps of the Huffman instance: kW3, but seven at head_dim 64. Seven warps (16 per SM,
+ * four per sub-partition) leave 128 registers per thread, which the head_dim 64 instances fit with
+ * no or few spills (0-24 bytes of stack); measured (session 45, H200, ms) Huffman pages (8, 32k)
+ * 0.3217 -> 0.2877 (-10.6%), (16, 128k) -11.6%, (64, 4k) -11.6%, (1, 32k) -5.0%; six warps (14
+ * per SM) bought half as much. At head_dim 128 the same 128 registers spill 128-208 bytes and six
+ * warps ran 13-21% slower; v3's other instances keep five too (head_dim 64 bit-pack pages +5.6%
+ * with seven). */
+template <int HD> constexpr int v3h_warps() { return HD == 64 ? 7 : kW3; }
+
+template <int HD, int CPS = v3h_cps<HD>(), int W = v3h_warps<HD>()>
+struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD, CPS, W>(), kBatch, 0, W> {
   static_assert(CPS == v3h_cps<HD>(), "v3h_cps");
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
-  static constexpr int slots = kSlots3;
   static constexpr bool fetch_ahead = false; /* producer: see v3_layout */
   static constexpr bool ids_per_lane = false; /* load_batch: its Huffman pages ran slower */
   static constexpr int slack = v3_layout<HD>::slack;
   static constexpr int unit_tokens = kUnitTokens;
-  typedef v3_after_ring<HD, v3h_ring_bytes<HD, CPS>()> A;
+  typedef v3_after_ring<HD, v3h_ring_bytes<HD, CPS, W>(), kBatch, 0, W> A;
   using A::ring;
+  using A::slots;
+  using A::threads;
+  using A::warps;
   static constexpr int qtile_off = 0; /* the Q tile, read before the producer starts */
   static constexpr int huf_off = align_up(A::end, 128); /* v3h_area's tables are 128-aligned */
-  static constexpr int bar_off = huf_off + kW3 * v3h_area<HD>::bytes;
+  static constexpr int bar_off = huf_off + W * v3h_area<HD>::bytes;
   static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = v3h_qf_stride<HD>();
   static constexpr int bytes = qf_off + 32 * qf_stride;
   /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring
@@ -176,7 +188,7 @@ struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD, CPS>()> {
               HD * kMaxBlockTokens / KVC_LANE_SYMBOLS <= kHufLanes<HD>
           ? kMaxBlockTokens
           : 64;
-  static_assert(kW3 * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
+  static_assert(W * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
   static_assert(2 * (64 * RB + slack) <= ring, "a unit must fit the ring");
   static_assert(HD * 64 / KVC_LANE_SYMBOLS <= kHufLanes<HD>, "a 64-token page's streams fit");
   static_assert(CPS * (bytes + 1024) <= 233472, "CPS CTAs per SM do not fit");

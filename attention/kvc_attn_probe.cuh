@@ -5,13 +5,14 @@
  * it.
  *
  * Lane 0 of each consumer warp reads clock() at the end of each region of its work loop and adds
- * the cycles since the previous mark to kvc_probe_cycles[block * W + warp][region] (W: the
- * layout's consumer warps) with a global atomic; PR_ITEMS and PR_PAGES count. The probe's own instructions make a launch 7-10% slower
- * (session 43), and the regions' cycles include the time the warp waits for its scheduler while
- * other warps issue. The host side (kvc_attn_cuda.cu): with KVC_PROBE_CALL=N in the environment,
- * the N-th call of kvc_attn_cuda zeroes the accounts before its launches and writes them after,
- * one line per warp ("slot" then the PR_COUNT columns), to the file named by KVC_PROBE_OUT;
- * bench/probe_cycles.py sums a file. bench/NOTES-attention.md (session 43) has what it found.
+ * the cycles since the previous mark to kvc_probe_cycles[block * W + warp][region] (W: the layout's
+ * consumer warps) with a global atomic; PR_ITEMS and PR_PAGES count. The probe's own instructions
+ * make a launch 7-10% slower (session 43), and the regions' cycles include the time the warp waits
+ * for its scheduler while other warps issue. The host side (kvc_attn_cuda.cu): with
+ * KVC_PROBE_CALL=N in the environment, the N-th call of kvc_attn_cuda zeroes the accounts before
+ * its launches and writes them after, one line per warp ("slot" then the PR_COUNT columns), to the
+ * file named by KVC_PROBE_OUT; bench/probe_cycles.py sums a file. bench/NOTES-attention.md (session
+ * 43) has what it found.
  */
 #ifndef KVC_ATTN_PROBE_CUH
 #define KVC_ATTN_PROBE_CUH

@@ -6,23 +6,22 @@
  * (kvc_attn_args_t.codec_mask): attn_kernel_v3<HD, T, NB, false, true> for pages without
  * Huffman coding, attn_kernel_v3<HD, T, NB, true, FAST> (attention/kvc_attn_v3_huf.cuh: one
  * more operand source and a layout with per-warp Huffman areas and a smaller ring, 63 KiB at
- * head_dim 128 and 64; one CTA per SM at 256) when Huffman is allowed, with the bit-pack
- * fast path (FAST) only when bit-pack pages are too. The launcher instantiates NB = 1
+ * head_dim 128 and 64; one CTA per SM and 105 KiB at 256) when Huffman is allowed, with the
+ * bit-pack fast path (FAST) only when bit-pack pages are too. The launcher instantiates NB = 1
  * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
  * two CTAs per SM (~450 bytes of spills), so more entries take several tiles of 8 or v2 (the
  * launcher's tile_reads). Two CTAs per SM (one for launches over rows alone at head_dim 256: CPS),
  * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
- * sections and rows) and kW3 consumer warps (seven in the head_dim 64 Huffman instance) over a 96
- * KiB ring (three uncompressed 64-token units at head_dim 128, six at 64; 81 KiB at 256, 197 KiB
- * at one CTA per SM: v3_ring_bytes). The consumer warps take work items: an item is a whole unit,
- * or half a unit (p.unit_split_lg = 1) in launches whose pages are all rows, so that all five
- * warps work while the ring holds three fp16 units, and in launches without Huffman over blocks of
- * 32 or 64 tokens, which take units of 128 tokens (v3_layout's UT: half the producer's steps per
- * token) in halves of 64. The Huffman
- * instance and the 128-token one hand items out from a shared counter (a warp that runs faster
- * takes more); the others give warp w items w, w + kW3, ... (v3_claims). No CTA barrier in the
- * loop: a unit's "empty" barrier counts the lanes of its warps, and the warps' (m, l, O) meet in
- * the epilogue.
+ * sections and rows) and kW3 consumer warps (seven in the Huffman instances at head_dim 64 and
+ * 256) over a 96 KiB ring (three uncompressed 64-token units at head_dim 128, six at 64; 81 KiB at
+ * 256, 197 KiB at one CTA per SM: v3_ring_bytes). The consumer warps take work items: an item is a
+ * whole unit, or half a unit (p.unit_split_lg = 1) in launches whose pages are all rows, so that
+ * all five warps work while the ring holds three fp16 units, and in launches without Huffman over
+ * blocks of 32 or 64 tokens, which take units of 128 tokens (v3_layout's UT: half the producer's
+ * steps per token) in halves of 64. The Huffman instance and the 128-token one hand items out from
+ * a shared counter (a warp that runs faster takes more); the others give warp w items w, w + kW3,
+ * ... (v3_claims). No CTA barrier in the loop: a unit's "empty" barrier counts the lanes of its
+ * warps, and the warps' (m, l, O) meet in the epilogue.
  *
  * A warp attends to its unit 16 tokens at a time with mma.sync m16n8k16 in the "swapped" form
  * (the query entries are the N dimension, so a GQA group of 4 to 8 wastes no M rows):
@@ -91,9 +90,10 @@
 
 namespace kvc_attn {
 
-/* Consumer warps per CTA (all but the head_dim 64 Huffman instance: v3h_warps). Two CTAs per SM
- * (two producers: one producer warp's serial per-unit work was the limit at one CTA per SM), 12
- * warps: three per SM sub-partition, which caps registers at 168 per thread (16384 / (3 * 32)).
+/* Consumer warps per CTA (but the Huffman instances at head_dim 64 and 256: v3h_warps). Two CTAs
+ * per SM (two producers: one producer warp's serial per-unit work was the limit at one CTA per
+ * SM), 12 warps: three per SM sub-partition, which caps registers at 168 per thread (16384 / (3 *
+ * 32)).
  * Measured: 7 consumer warps (128 registers, ~200 bytes of spills, Q's fragments reloaded from
  * local memory) ran (8, 32k) 1.25x (bit-pack) and 1.9x (fp16 pages) slower. */
 constexpr int kW3 = 5;

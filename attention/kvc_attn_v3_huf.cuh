@@ -129,13 +129,13 @@ template <int HD> struct v3h_area {
 };
 
 /* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
- * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (63 at head_dim 128, and
- * 63 at 64, where seven warps' areas leave 12 KiB less than five would: one uncompressed 64-token
- * unit and more; the bench's Huffman units, ~6 KiB at head_dim 128, fill all ten slots), or one at head_dim 256 (v3h_cps; 137 KiB). Huffman units are sensitive to
- * it: with a second slab tile per warp (ring 40 KiB, ~6 units for five warps) the consumers' waits
- * for a unit rose from 0.9% to 3.8% of the stall samples (bench/NOTES-huf4.md).
- * Blocks whose sections or streams may not fit (head_dim 128 and 256, 128 tokens) are left to v2
- * by the launcher. */
+ * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (63 at head_dim 128, and 63
+ * at 64, where seven warps' areas leave 12 KiB less than five would: one uncompressed 64-token unit
+ * and more; the bench's Huffman units, ~6 KiB at head_dim 128, fill all ten slots), or one at
+ * head_dim 256 (v3h_cps; 105 KiB for its seven warps). Huffman units are sensitive to it: with a
+ * second slab tile per warp (ring 40 KiB, ~6 units for five warps) the consumers' waits for a unit
+ * rose from 0.9% to 3.8% of the stall samples (bench/NOTES-huf4.md). Blocks whose sections or
+ * streams may not fit (head_dim 128 and 256, 128 tokens) are left to v2 by the launcher. */
 /* Q's B fragments (one query tile: HD / 2 bytes per lane), one copy per CTA: every consumer
  * warp's are the same, and in registers they leave the decode loops too few (ptxas then runs
  * two of a lane's four streams side by side instead of four, and the instance spills). Lane
@@ -153,14 +153,19 @@ template <int HD, int CPS, int W> constexpr int v3h_ring_bytes() {
  * areas (~12 KiB each) and a unit of raw pages (64 KiB) do not fit two. */
 template <int HD> constexpr int v3h_cps() { return HD == 256 ? 1 : 2; }
 
-/* Consumer warps of the Huffman instance: kW3, but seven at head_dim 64. Seven warps (16 per SM,
- * four per sub-partition) leave 128 registers per thread, which the head_dim 64 instances fit with
- * no or few spills (0-24 bytes of stack); measured (session 45, H200, ms) Huffman pages (8, 32k)
- * 0.3217 -> 0.2877 (-10.6%), (16, 128k) -11.6%, (64, 4k) -11.6%, (1, 32k) -5.0%; six warps (14
- * per SM) bought half as much. At head_dim 128 the same 128 registers spill 128-208 bytes and six
- * warps ran 13-21% slower; v3's other instances keep five too (head_dim 64 bit-pack pages +5.6%
- * with seven). */
-template <int HD> constexpr int v3h_warps() { return HD == 64 ? 7 : kW3; }
+/* Consumer warps of the Huffman instance: kW3, but seven at head_dim 64 and 256, whose decoding
+ * gains from more warps when they cost no spills (session 45, H200, Huffman pages):
+ *   - head_dim 64: 16 warps per SM, four per sub-partition, at 128 registers, which its instances
+ *     fit with 0-24 bytes of stack: (8, 32k) -10.5%, (16, 128k) -11.5%, (1, 32k) -5%; six warps
+ *     (14 per SM) bought half as much.
+ *   - head_dim 256 (one CTA per SM): 8 warps instead of 6, still 255 registers and no stack:
+ *     (8, 32k) -8.6%, (32, 8k) -7.8%, (1, 32k) -5.3%.
+ * Bit-pack pages in the instance with the fast path (FAST: launches that may meet both) run 3%
+ * (head_dim 64) and 6-7% (256) slower; they are over ~2x cheaper per page than Huffman pages, so a
+ * launch gains once ~15% of its pages are Huffman. At head_dim 128 the 128 registers of 14 or 16
+ * warps spill 128-208 bytes (six warps ran 13-21% slower), and v3's other instances keep five
+ * (head_dim 64 bit-pack pages with seven: +5.6%). */
+template <int HD> constexpr int v3h_warps() { return HD == 128 ? kW3 : 7; }
 
 template <int HD, int CPS = v3h_cps<HD>(), int W = v3h_warps<HD>()>
 struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD, CPS, W>(), kBatch, 0, W> {
@@ -188,7 +193,9 @@ struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD, CPS, W>(), kBatch, 0, W
               HD * kMaxBlockTokens / KVC_LANE_SYMBOLS <= kHufLanes<HD>
           ? kMaxBlockTokens
           : 64;
-  static_assert(W * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
+  /* The epilogue's stash starts at the ring and may run on over the descriptors, the scratch and
+   * the Huffman areas, which nobody reads after the work loop: up to the barriers. */
+  static_assert(W * 16 * (HD + 2) * 4 <= bar_off, "epilogue does not fit");
   static_assert(2 * (64 * RB + slack) <= ring, "a unit must fit the ring");
   static_assert(HD * 64 / KVC_LANE_SYMBOLS <= kHufLanes<HD>, "a 64-token page's streams fit");
   static_assert(CPS * (bytes + 1024) <= 233472, "CPS CTAs per SM do not fit");

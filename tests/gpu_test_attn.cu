@@ -595,7 +595,7 @@ static void long_context_splits(void **state) {
 }
 
 /* CTAs that each walk more units than the ring has slots (kvc_attn_v3.cuh's v3_slots: 10, and
- * 14 in the head_dim 64 Huffman instance, whose ring serves seven consumer warps), so
+ * 14 in the Huffman instances at head_dim 64 and 256, whose rings serve seven consumer warps), so
  * that slots come back while v3's warps claim their items from the shared counter: the Huffman
  * instance (64-token units) and, without Huffman, units of two pages in halves. As many sequences
  * x kv heads as fill the device's CTA slots (two per SM) once, which the launcher leaves unsplit

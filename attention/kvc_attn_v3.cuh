@@ -92,10 +92,9 @@ namespace kvc_attn {
 
 /* Consumer warps per CTA (but the Huffman instances at head_dim 64 and 256: v3h_warps). Two CTAs
  * per SM (two producers: one producer warp's serial per-unit work was the limit at one CTA per
- * SM), 12 warps: three per SM sub-partition, which caps registers at 168 per thread (16384 / (3 *
- * 32)).
- * Measured: 7 consumer warps (128 registers, ~200 bytes of spills, Q's fragments reloaded from
- * local memory) ran (8, 32k) 1.25x (bit-pack) and 1.9x (fp16 pages) slower. */
+ * SM), 12 warps: three per SM sub-partition, which caps registers at 168 per thread (16384 / (3 x
+ * 32)). Measured: 7 consumer warps (128 registers, ~200 bytes of spills, Q's fragments reloaded
+ * from local memory) ran (8, 32k) 1.25x (bit-pack) and 1.9x (fp16 pages) slower. */
 constexpr int kW3 = 5;
 /* A layout's units in flight at most, for W consumer warps: a multiple of W, so that with items w,
  * w + W, ... a slot comes back to the same warps. Each layout also says its `warps` (W) and
@@ -1966,7 +1965,8 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
     pr.loop_end();
   }
 
-  /* Epilogue: the consumer warps' (m, l, O) through the ring, combined per query entry. */
+  /* Epilogue: the consumer warps' (m, l, O) through the ring (in a Huffman layout possibly on past
+   * it, up to the barriers: v3h_layout), combined per query entry. */
   const bool cta_bad = __syncthreads_or(bad);
   float *obuf = (float *)smem; /* [NW warps][16][HD] */
   float *mbuf = obuf + NW * 16 * HD, *lbuf = mbuf + NW * 16;

@@ -161,8 +161,8 @@ template <int HD> constexpr int v3h_cps() { return HD == 256 ? 1 : 2; }
  *   - head_dim 256 (one CTA per SM): 8 warps instead of 6, still 255 registers and no stack:
  *     (8, 32k) -8.6%, (32, 8k) -7.8%, (1, 32k) -5.3%.
  * Bit-pack pages in the instance with the fast path (FAST: launches that may meet both) run 3%
- * (head_dim 64) and 6-7% (256) slower; they are over ~2x cheaper per page than Huffman pages, so a
- * launch gains once ~15% of its pages are Huffman. At head_dim 128 the 128 registers of 14 or 16
+ * (head_dim 64) and 6-7% (256) slower; a bit-pack page costs under half a Huffman page there, so
+ * a launch gains once ~15% of its pages are Huffman. At head_dim 128 the 128 registers of 14 or 16
  * warps spill 128-208 bytes (six warps ran 13-21% slower), and v3's other instances keep five
  * (head_dim 64 bit-pack pages with seven: +5.6%). */
 template <int HD> constexpr int v3h_warps() { return HD == 128 ? kW3 : 7; }

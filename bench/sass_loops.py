@@ -112,11 +112,12 @@ def main():
     ap.add_argument("-i", "--instance", action="append", help="HD,T,NB,HUF,FAST,UT,CPS")
     ap.add_argument("--threads", type=int, help="launch bounds of this many threads")
     a = ap.parse_args()
+    cuobjdump, nvdisasm = tool("cuobjdump"), tool("nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = build(tmp, a.instance or DEFAULT, a.threads)
-        usage = run(tool("cuobjdump"), "-res-usage", cubin)
-        sass = run(tool("cuobjdump"), "-sass", cubin)
-        lives = run(tool("nvdisasm"), "-plr", "-lrm", "count", cubin)
+        usage = run(cuobjdump, "-res-usage", cubin)
+        sass = run(cuobjdump, "-sass", cubin)
+        lives = run(nvdisasm, "-plr", "-lrm", "count", cubin)
     regs = {m.group(1): (m.group(2), m.group(3))
             for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+)", usage)}
     live, fn = {}, None

@@ -1610,6 +1610,7 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
     const unit_desc *descs = (const unit_desc *)(smem + SL::desc_off);
     uint8_t *scr = smem + SL::scr_off + warp * v3_scratch<HD>::bytes;
     uint8_t *harea = smem + LO::huf_off + warp * LO::huf_bytes; /* HUF: this warp's Huffman area */
+    if constexpr (HUF) v3h_sig_clear<HD>(harea);
     /* Rows of a unit per page (a power of two): unit row r is on page r >> ubt_lg. */
     const int ubt_lg = 31 - __clz(min(p.block_tokens, UT));
 

@@ -23,7 +23,8 @@
  * lengths (Kraft-checked), canonical codes (warp sums of the counts per length, a scan of their
  * Kraft weights, match_any for the order within a length), a decode table of 2^kHufTableBits
  * u16 entries indexed by the window's top kHufTableBits bits (shorter codes fill several), and
- * the stream starts (a warp scan of the lane lengths).
+ * the stream starts (a warp scan of the lane lengths). A SRC_HUF table stays for the tensor's next
+ * section when that has the same code lengths (v3h_sig), which skips its build.
  * The table is per warp and tensor (128 bytes each: a full 11-bit table for K and V of
  * five warps would not fit beside the ring with two CTAs per SM). One copy of the parser serves
  * both sections (a loop in v3h_page_setup), for the instruction cache.
@@ -83,6 +84,13 @@ template <int HD> constexpr int kHufLanes = HD > 128 ? HD : 128;
 constexpr int kHufTableBits = 6;
 static_assert(kHufTableBits == KVC_HUF_DIRECT_LEN, "direct sections' codes fit the table");
 constexpr uint32_t kHufEsc = 0x8000u; /* generic entry: the code is longer than the table */
+/* What a decode table is built from: lane l's code lengths la (symbol l) and lb (symbol 32 + l),
+ * each <= KVC_HUF_MAX_LEN, and the symbol count (a section of one symbol has no code bits, and its
+ * table holds that symbol). kSigNone matches no section. */
+__device__ __forceinline__ uint32_t v3h_sig(uint32_t la, uint32_t lb, int n_sym) {
+  return la | lb << 4 | (uint32_t)n_sym << 8;
+}
+constexpr uint32_t kSigNone = 0xffffu;
 
 /* The Huffman operand sources (after v3's own kinds). */
 enum : int { SRC_HUF = SRC_BAD + 1, SRC_HUFG };
@@ -123,10 +131,20 @@ template <int HD> struct v3h_area {
   static constexpr int kst2 = sym + 2 * symw * 4, kbs2 = kst2 + 2 * HD;
   static constexpr int vst2 = kbs2 + 2 * HD, vbs2 = vst2 + 2 * kUnitTokens;
   static constexpr int state = vbs2 + 2 * kUnitTokens;          /* [2] v3h_state */
+  /* [2][32] u16: what each tensor's table was built from (v3h_sig), kSigNone when it is not a
+   * SRC_HUF table (v3h_setup reuses a table built from the same code lengths) */
+  static constexpr int sig = state + 2 * (int)sizeof(v3h_state);
   /* Whole 128-byte units, so that every warp's tables are 128-aligned (v3h_fast's lookups). */
-  static constexpr int bytes = align_up(state + 2 * (int)sizeof(v3h_state), 128);
+  static constexpr int bytes = align_up(sig + 2 * 32 * 2, 128);
   static_assert(tab % 128 == 0 && (1 << kHufTableBits) * 2 == 128, "tables of 128 aligned bytes");
 };
+
+/* Marks both of a warp's tables as none (before its first page: shared memory holds what an
+ * earlier kernel left). One word per lane; the first v3h_page_setup's __syncwarp orders it. */
+template <int HD> __device__ __forceinline__ void v3h_sig_clear(uint8_t *area) {
+  static_assert(2 * 32 * 2 == 32 * 4, "one word per lane");
+  ((uint32_t *)(area + v3h_area<HD>::sig))[threadIdx.x & 31] = kSigNone * 0x10001u;
+}
 
 /* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
  * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (63 at head_dim 128, and 63
@@ -380,43 +398,7 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
   if (emax > KVC_STEP_CODE_MAX ||
       __any_sync(0xffffffffu, la > KVC_HUF_MAX_LEN || lb > KVC_HUF_MAX_LEN))
     return SRC_BAD;
-  /* Canonical codes, ordered by (length, symbol) as kvc_huf_codes assigns them: a symbol of
-   * length l gets first_l plus the number of length-l symbols before it, first_l = sum over j < l
-   * of n_j 2^(l - j) = K_l >> (11 - l), where K_l = sum over j < l of n_j 2^(11 - j) is the Kraft
-   * sum of the shorter codes (units of 2^-11). The counts n_l come from three warp sums (a byte
-   * per length: lengths 4w .. 4w + 3 in word w, n_l <= 64), the K_l from a scan of lanes 0..15
-   * (lane l: n_l 2^(11 - l) for l = 1..11), which leaves K_(l + 1) in lane l: K_12, the Kraft sum
-   * of every code, in lane 11. */
-  uint32_t n[3];
-  {
-    const uint32_t ta = 1u << 8 * (la & 3), tb = 1u << 8 * (lb & 3);
-#pragma unroll
-    for (int w = 0; w < 3; w++)
-      n[w] = __reduce_add_sync(0xffffffffu, ((la >> 2) == (uint32_t)w ? ta : 0u) +
-                                                ((lb >> 2) == (uint32_t)w ? tb : 0u));
-  }
-  auto count = [&](uint32_t l) { /* n_l */
-    return ((l < 4 ? n[0] : l < 8 ? n[1] : n[2]) >> 8 * (l & 3)) & 0xffu;
-  };
-  uint32_t kr = lane >= 1 && lane <= KVC_HUF_MAX_LEN ? count(lane) << (KVC_HUF_MAX_LEN - lane) : 0u;
-#pragma unroll
-  for (int o = 1; o < 16; o <<= 1) {
-    const uint32_t v = __shfl_up_sync(0xffffffffu, kr, o);
-    if (lane >= o) kr += v;
-  }
-  const uint32_t kraft = __shfl_sync(0xffffffffu, kr, KVC_HUF_MAX_LEN);
-  if (kraft != 0 && kraft != KVC_HUF_TABLE_SIZE) return SRC_BAD;
   const int lmax = (int)__reduce_max_sync(0xffffffffu, max(la, lb));
-  /* Symbols of la's length before symbol lane: the lanes below with that la. Of lb's (symbol
-   * 32 + lane): every la of it and the lanes below with that lb, i.e. n_lb - 1 less the lanes
-   * above with that lb. (Lengths 0 get codes that nothing reads.) */
-  const uint32_t lt = (1u << lane) - 1u, gt = ~lt << 1;
-  const uint32_t ka = __shfl_sync(0xffffffffu, kr, (la - 1) & 31);
-  const uint32_t kb = __shfl_sync(0xffffffffu, kr, (lb - 1) & 31);
-  const uint32_t ca =
-      (ka >> (KVC_HUF_MAX_LEN - la)) + __popc(__match_any_sync(0xffffffffu, la) & lt);
-  const uint32_t cb = (kb >> (KVC_HUF_MAX_LEN - lb)) + count(lb) - 1u -
-                      __popc(__match_any_sync(0xffffffffu, lb) & gt);
   /* Stream starts (before the table: SRC_HUF needs its streams within 2^16 bits). */
   v3h_state h;
   h.stream_pos = stream_pos;
@@ -449,6 +431,13 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
         if (g_lo + x < g_hi) gb[x] = __float_as_int((float)gb[x] - 32.f);
       }
   }
+  /* A SRC_HUF table built from the same code lengths and symbol count is still in the area (the
+   * warp's last section of this tensor that had them): then the counts, the Kraft check, the
+   * canonical codes and the table are skipped (value sections of one head mostly keep their
+   * lengths from page to page). */
+  uint16_t *sig = (uint16_t *)(area + A::sig) + 32 * tensor;
+  const uint32_t mine = v3h_sig(la, lb, n_sym);
+  const bool reuse = fast && __all_sync(0xffffffffu, sig[lane] == mine);
   uint32_t *sym = (uint32_t *)(area + A::sym) + tensor * A::symw;
   if (fast) {
     auto off = [&](int q) { return start[q] - stream_pos; }; /* <= h.end - stream_pos */
@@ -459,63 +448,102 @@ __device__ int v3h_setup(const uint8_t *sec, uint32_t sec_bytes, int tensor, int
       *(uint4 *)((uint16_t *)sym + 8 * lane) =
           make_uint4(off(0) | off(1) << 16, off(2) | off(3) << 16, off(4) | off(5) << 16,
                      off(6) | off(7) << 16);
-  } else {
-    sym[lane] = ca | (la << 16);
-    sym[lane + 32] = cb | (lb << 16);
   }
-  auto entry = [&](uint32_t sy, uint32_t len) -> uint32_t {
-    if (!fast) return sy | (len << 6);
-    return kFast16<T> ? (uint32_t)to_bits<__half>((float)sy) | len : len | sy << 10;
-  };
-  /* The table always has 2^kHufTableBits entries (a code of l bits fills 2^(kHufTableBits - l)):
-   * lane l owns entries 2 l and 2 l + 1, one word, and the decoders index it by a constant number
-   * of bits. */
-  static_assert(1 << kHufTableBits == 32 * 2, "one word of entries per lane");
-  uint32_t *row = (uint32_t *)(area + A::tab) + tensor * (1 << kHufTableBits) / 2 + lane;
-  uint16_t *tab = (uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
-  if (kraft == 0) { /* one symbol, no bits: every entry */
-    *row = entry((uint32_t)n_sym - 1, 0) * 0x10001u;
-  } else {
-    /* Canonical ranges are consecutive in the table, so each code that fits writes its entry at
-     * the start of its range only (entries are never 0: every length is >= 1), and the gaps take
-     * the last entry before them: a forward fill over the lane's row, then its leading gap takes
-     * the carry from the lanes before (a max-scan of (lane, last entry)). A longer code
-     * then marks its kHufTableBits-bit prefix as an escape (its region lies past every short
-     * range; codes sharing a prefix write the same value). */
-    constexpr int TB = kHufTableBits;
-    *row = 0;
-    __syncwarp();
-    if (la != 0 && la <= (uint32_t)TB) tab[ca << (TB - la)] = (uint16_t)entry((uint32_t)lane, la);
-    if (lb != 0 && lb <= (uint32_t)TB)
-      tab[cb << (TB - lb)] = (uint16_t)entry((uint32_t)lane + 32, lb);
-    __syncwarp();
-    const uint32_t r = *row;
-    uint32_t v[2] = {r & 0xffffu, r >> 16};
-    /* The row filled from its own starts: entries before the first stay 0, and run ends as its
-     * last entry (0: no start in the row). */
-    uint32_t run = 0;
+  if (!reuse) {
+    uint32_t n[3], kr, kraft, ca, cb;
+    /* Canonical codes, ordered by (length, symbol) as kvc_huf_codes assigns them: a symbol of
+     * length l gets first_l plus the number of length-l symbols before it, first_l = sum over j < l
+     * of n_j 2^(l - j) = K_l >> (11 - l), where K_l = sum over j < l of n_j 2^(11 - j) is the Kraft
+     * sum of the shorter codes (units of 2^-11). The counts n_l come from three warp sums (a byte
+     * per length: lengths 4w .. 4w + 3 in word w, n_l <= 64), the K_l from a scan of lanes 0..15
+     * (lane l: n_l 2^(11 - l) for l = 1..11), which leaves K_(l + 1) in lane l: K_12, the Kraft sum
+     * of every code, in lane 11. */
+    {
+      const uint32_t ta = 1u << 8 * (la & 3), tb = 1u << 8 * (lb & 3);
 #pragma unroll
-    for (int j = 0; j < 2; j++) {
-      if (v[j]) run = v[j];
-      v[j] = run;
+      for (int w = 0; w < 3; w++)
+        n[w] = __reduce_add_sync(0xffffffffu, ((la >> 2) == (uint32_t)w ? ta : 0u) +
+                                                  ((lb >> 2) == (uint32_t)w ? tb : 0u));
     }
-    uint32_t key = run ? (uint32_t)(lane + 1) << 16 | run : 0u; /* the last start's lane, entry */
+    auto count = [&](uint32_t l) { /* n_l */
+      return ((l < 4 ? n[0] : l < 8 ? n[1] : n[2]) >> 8 * (l & 3)) & 0xffu;
+    };
+    kr = lane >= 1 && lane <= KVC_HUF_MAX_LEN ? count(lane) << (KVC_HUF_MAX_LEN - lane) : 0u;
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t k = __shfl_up_sync(0xffffffffu, key, o);
-      if (lane >= o) key = max(key, k);
+    for (int o = 1; o < 16; o <<= 1) {
+      const uint32_t v = __shfl_up_sync(0xffffffffu, kr, o);
+      if (lane >= o) kr += v;
     }
-    /* Lane 0's is unused: entry 0 is a start. */
-    const uint32_t carry = __shfl_up_sync(0xffffffffu, key, 1) & 0xffffu;
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-      if (!v[j]) v[j] = carry;
-    *row = v[0] | v[1] << 16;
-    if (lmax > TB) {
+    kraft = __shfl_sync(0xffffffffu, kr, KVC_HUF_MAX_LEN);
+    if (kraft != 0 && kraft != KVC_HUF_TABLE_SIZE) return SRC_BAD;
+    /* Symbols of la's length before symbol lane: the lanes below with that la. Of lb's (symbol
+     * 32 + lane): every la of it and the lanes below with that lb, i.e. n_lb - 1 less the lanes
+     * above with that lb. (Lengths 0 get codes that nothing reads.) */
+    const uint32_t lt = (1u << lane) - 1u, gt = ~lt << 1;
+    const uint32_t ka = __shfl_sync(0xffffffffu, kr, (la - 1) & 31);
+    const uint32_t kb = __shfl_sync(0xffffffffu, kr, (lb - 1) & 31);
+    ca = (ka >> (KVC_HUF_MAX_LEN - la)) + __popc(__match_any_sync(0xffffffffu, la) & lt);
+    cb = (kb >> (KVC_HUF_MAX_LEN - lb)) + count(lb) - 1u -
+         __popc(__match_any_sync(0xffffffffu, lb) & gt);
+    if (!fast) {
+      sym[lane] = ca | (la << 16);
+      sym[lane + 32] = cb | (lb << 16);
+    }
+    auto entry = [&](uint32_t sy, uint32_t len) -> uint32_t {
+      if (!fast) return sy | (len << 6);
+      return kFast16<T> ? (uint32_t)to_bits<__half>((float)sy) | len : len | sy << 10;
+    };
+    /* The table always has 2^kHufTableBits entries (a code of l bits fills 2^(kHufTableBits - l)):
+     * lane l owns entries 2 l and 2 l + 1, one word, and the decoders index it by a constant number
+     * of bits. */
+    static_assert(1 << kHufTableBits == 32 * 2, "one word of entries per lane");
+    uint32_t *row = (uint32_t *)(area + A::tab) + tensor * (1 << kHufTableBits) / 2 + lane;
+    uint16_t *tab = (uint16_t *)(area + A::tab) + tensor * (1 << kHufTableBits);
+    if (kraft == 0) { /* one symbol, no bits: every entry */
+      *row = entry((uint32_t)n_sym - 1, 0) * 0x10001u;
+    } else {
+      /* Canonical ranges are consecutive in the table, so each code that fits writes its entry at
+       * the start of its range only (entries are never 0: every length is >= 1), and the gaps take
+       * the last entry before them: a forward fill over the lane's row, then its leading gap takes
+       * the carry from the lanes before (a max-scan of (lane, last entry)). A longer code
+       * then marks its kHufTableBits-bit prefix as an escape (its region lies past every short
+       * range; codes sharing a prefix write the same value). */
+      constexpr int TB = kHufTableBits;
+      *row = 0;
       __syncwarp();
-      if (la > (uint32_t)TB) tab[ca >> (la - TB)] = (uint16_t)kHufEsc;
-      if (lb > (uint32_t)TB) tab[cb >> (lb - TB)] = (uint16_t)kHufEsc;
+      if (la != 0 && la <= (uint32_t)TB) tab[ca << (TB - la)] = (uint16_t)entry((uint32_t)lane, la);
+      if (lb != 0 && lb <= (uint32_t)TB)
+        tab[cb << (TB - lb)] = (uint16_t)entry((uint32_t)lane + 32, lb);
+      __syncwarp();
+      const uint32_t r = *row;
+      uint32_t v[2] = {r & 0xffffu, r >> 16};
+      /* The row filled from its own starts: entries before the first stay 0, and run ends as its
+       * last entry (0: no start in the row). */
+      uint32_t run = 0;
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        if (v[j]) run = v[j];
+        v[j] = run;
+      }
+      uint32_t key = run ? (uint32_t)(lane + 1) << 16 | run : 0u; /* the last start's lane, entry */
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t k = __shfl_up_sync(0xffffffffu, key, o);
+        if (lane >= o) key = max(key, k);
+      }
+      /* Lane 0's is unused: entry 0 is a start. */
+      const uint32_t carry = __shfl_up_sync(0xffffffffu, key, 1) & 0xffffu;
+#pragma unroll
+      for (int j = 0; j < 2; j++)
+        if (!v[j]) v[j] = carry;
+      *row = v[0] | v[1] << 16;
+      if (lmax > TB) {
+        __syncwarp();
+        if (la > (uint32_t)TB) tab[ca >> (la - TB)] = (uint16_t)kHufEsc;
+        if (lb > (uint32_t)TB) tab[cb >> (lb - TB)] = (uint16_t)kHufEsc;
+      }
     }
+    sig[lane] = (uint16_t)(fast ? mine : kSigNone);
   }
   /* One 16-byte store per lane: positions past n_lanes (the end of the last stream) are never
    * read. */

@@ -1073,6 +1073,7 @@ typedef struct huf_sec {
   uint32_t words, nwords; /* page byte of its stream words, and their count */
   uint64_t meta, stream_pos;
   int n_tokens, head_dim, lmax;
+  uint8_t lens[KVC_SYM_COUNT]; /* code length of each symbol (width of them) */
 } huf_sec_t;
 
 static void huf_section(host_case_t *h, const kvc_page_entry_t *e, uint32_t sidx, huf_sec_t *s) {
@@ -1097,8 +1098,10 @@ static void huf_section(host_case_t *h, const kvc_page_entry_t *e, uint32_t sidx
   s->meta = (rel ? G * s->qh.w_e : 0) + G * s->qh.w_b;
   s->stream_pos = s->meta + 4u * s->qh.width + (uint64_t)s->qh.n_lanes * (s->qh.lane_info >> 27);
   s->lmax = 0;
+  memset(s->lens, 0, sizeof(s->lens));
   for (int sy = 0; sy < s->qh.width; sy++) {
     const int l = (int)get_bits(h, e, s->words, s->meta + 4u * sy, 4);
+    s->lens[sy] = (uint8_t)l;
     if (l > s->lmax) s->lmax = l;
   }
 }
@@ -1106,21 +1109,43 @@ static void huf_section(host_case_t *h, const kvc_page_entry_t *e, uint32_t sidx
 /* Bits of what v3's Huffman instance meets in a case's sections: its fast decoder's layout
  * (relative mode, direct symbols, codes of at most its table's KVC_HUF_DIRECT_LEN bits, one stream
  * per channel of a 64-token page), symbols with extra bits, codes longer than its table, other
- * stream counts. */
-enum { HUF_FAST_LAYOUT = 1, HUF_EXTRA_BITS = 2, HUF_LONG_CODES = 4, HUF_OTHER_LANES = 8 };
+ * stream counts, and fast sections of one tensor on different pages with the same symbol count
+ * and code lengths (whose decode table a warp keeps from one to the next: v3h_sig). */
+enum {
+  HUF_FAST_LAYOUT = 1,
+  HUF_EXTRA_BITS = 2,
+  HUF_LONG_CODES = 4,
+  HUF_OTHER_LANES = 8,
+  HUF_SAME_LENGTHS = 16
+};
 
 static unsigned huffman_features(host_case_t *h, int *sections) {
   unsigned f = 0;
+  enum { kSeen = 256 };
+  static huf_sec_t seen[kSeen]; /* fast sections of earlier pages */
+  static int seen_tensor[kSeen];
+  int n_seen = 0;
   for (int i = 0; i < h->tp.dir_len; i++) {
     const kvc_page_entry_t *e = &h->tp.dir[i];
     if (e->kind != KVC_PAGE_COMPRESSED || e->codec != KVC_CODEC_HUFFMAN) continue;
     const uint32_t H = kvc_rd_u16(kvc_page_byte(h->tp.pool, h->tp.chunk_bytes, e, 10));
+    const int page_seen = n_seen;
     for (uint32_t sidx = 0; sidx < 2 * H; sidx++) {
       huf_sec_t s;
       huf_section(h, e, sidx, &s);
       if (s.qh.mode == KVC_QMODE_REL && s.qh.width <= KVC_SYM_DIRECT && s.lmax <= KVC_HUF_DIRECT_LEN &&
-          s.qh.n_lanes == s.head_dim && s.n_tokens % 16 == 0 && s.n_tokens <= 64)
+          s.qh.n_lanes == s.head_dim && s.n_tokens % 16 == 0 && s.n_tokens <= 64) {
         f |= HUF_FAST_LAYOUT;
+        const int tensor = sidx >= H;
+        for (int j = 0; j < page_seen; j++)
+          if (seen_tensor[j] == tensor && seen[j].qh.width == s.qh.width &&
+              memcmp(seen[j].lens, s.lens, sizeof(s.lens)) == 0)
+            f |= HUF_SAME_LENGTHS;
+        if (n_seen < kSeen) {
+          seen[n_seen] = s;
+          seen_tensor[n_seen++] = tensor;
+        }
+      }
       if (s.qh.width > KVC_SYM_DIRECT) f |= HUF_EXTRA_BITS;
       if (s.lmax > KVC_HUF_DIRECT_LEN) f |= HUF_LONG_CODES;
       if (s.qh.n_lanes != s.head_dim) f |= HUF_OTHER_LANES;
@@ -1136,7 +1161,8 @@ static unsigned huffman_features(host_case_t *h, int *sections) {
  * start inside a page; at head_dim 128 the launcher leaves them to v2; head_dim 256 takes blocks up
  * to 64 tokens, one CTA per SM), bf16, tight bounds (symbols with extra bits, codes longer than the
  * decode table: the generic decoder), short tails and sequences of one token, mixed with the other
- * page kinds. Checks that every feature occurred.
+ * page kinds, and fast sections that repeat an earlier one's code lengths (a warp reuses its
+ * table). Checks that every feature occurred.
  */
 static void v3_huffman_layouts(void **state) {
   (void)state;
@@ -1166,7 +1192,8 @@ static void v3_huffman_layouts(void **state) {
       host_teardown(&h);
     }
   print_message("Huffman sections: %d, features seen: 0x%x\n", sections, features);
-  assert_int_equal(features, HUF_FAST_LAYOUT | HUF_EXTRA_BITS | HUF_LONG_CODES | HUF_OTHER_LANES);
+  assert_int_equal(features, HUF_FAST_LAYOUT | HUF_EXTRA_BITS | HUF_LONG_CODES | HUF_OTHER_LANES |
+                                HUF_SAME_LENGTHS);
 }
 
 /*

@@ -5,8 +5,8 @@
  * For launches whose query entries fit one tile of 8 * NB entries with a known codec mask
  * (kvc_attn_args_t.codec_mask): attn_kernel_v3<HD, T, NB, false, true> for pages without
  * Huffman coding, attn_kernel_v3<HD, T, NB, true, FAST> (attention/kvc_attn_v3_huf.cuh: one
- * more operand source and a layout with per-warp Huffman areas and a smaller ring, 63 KiB at
- * head_dim 128 and 64; one CTA per SM and 105 KiB at 256) when Huffman is allowed, with the
+ * more operand source and a layout with per-warp Huffman areas and a smaller ring, 62 KiB at
+ * head_dim 128 and 64; one CTA per SM and 104 KiB at 256) when Huffman is allowed, with the
  * bit-pack fast path (FAST) only when bit-pack pages are too. The launcher instantiates NB = 1
  * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
  * two CTAs per SM (~450 bytes of spills), so more entries take several tiles of 8 or v2 (the

@@ -147,10 +147,10 @@ template <int HD> __device__ __forceinline__ void v3h_sig_clear(uint8_t *area) {
 }
 
 /* Shared-memory layout of the Huffman instance: v3's, with the per-warp Huffman areas after the
- * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (63 at head_dim 128, and 63
+ * scratch and a smaller ring: what two CTAs per SM leave, in whole KiB (62 at head_dim 128, and 62
  * at 64, where seven warps' areas leave 12 KiB less than five would: one uncompressed 64-token unit
  * and more; the bench's Huffman units, ~6 KiB at head_dim 128, fill all ten slots), or one at
- * head_dim 256 (v3h_cps; 105 KiB for its seven warps). Huffman units are sensitive to it: with a
+ * head_dim 256 (v3h_cps; 104 KiB for its seven warps). Huffman units are sensitive to it: with a
  * second slab tile per warp (ring 40 KiB, ~6 units for five warps) the consumers' waits for a unit
  * rose from 0.9% to 3.8% of the stall samples (bench/NOTES-huf4.md). Blocks whose sections or
  * streams may not fit (head_dim 128 and 256, 128 tokens) are left to v2 by the launcher. */

@@ -634,16 +634,15 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   };
   /* Pointers that step with the window loop (each trip's addresses are then immediate offsets):
    * V's token-pair steps (addends kUnitTokens / 2 words after them), V's tile column of channel
-   * lane (+ 32 i: 128 i bytes), K's tile words of pairs kq(i) in even and odd rows. */
+   * lane (+ 32 i: 128 i bytes), K's tile words of pair kq(0) in even and odd rows. Pair kq(i) is
+   * kq(0) + 4 i, whose word lies 64 i bytes after kq(0)'s in every row (v3h_kidx: pi / 4 grows by
+   * i, below the swizzle's bit), so two K pointers serve every pair. */
   static_assert(A::vbs2 == A::vst2 + 2 * kUnitTokens, "V's addends follow its steps");
   const uint32_t *vsb = (const uint32_t *)(area + A::vst2) + a / 2;
   uint8_t *vdst = tile + 4 * lane;
-  uint8_t *kdst[NS / 2][2];
+  uint8_t *kdst[2];
 #pragma unroll
-  for (int i = 0; i < NS; i += 2)
-#pragma unroll
-    for (int r = 0; r < 2; r++)
-      kdst[i / 2][r] = tile + r * KST + 4 * (v3h_kidx<HD>(kq(i)) ^ v3h_kswz(r));
+  for (int r = 0; r < 2; r++) kdst[r] = tile + r * KST + 4 * (v3h_kidx<HD>(kq(0)) ^ v3h_kswz(r));
 #pragma unroll 1
   for (int t0 = 0; t0 < 16; t0 += SPW) {
     /* V: the token pairs' steps and addends, shared by the lane's streams (loaded once: the tile
@@ -726,11 +725,11 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
           else
             wd = bword(bvalue(e[i][y], kbf[i], kstf[i]),
                        bvalue(e[i + 1][y], kbf[i + 1], kstf[i + 1]));
-          *(uint32_t *)(kdst[i / 2][y & 1] + (y & ~1) * KST) = wd;
+          *(uint32_t *)(kdst[y & 1] + (y & ~1) * KST + 64 * i) = wd;
         }
-#pragma unroll
-        for (int r = 0; r < 2; r++) kdst[i / 2][r] += SPW * KST;
       }
+#pragma unroll
+      for (int r = 0; r < 2; r++) kdst[r] += SPW * KST;
     }
   }
 #pragma unroll

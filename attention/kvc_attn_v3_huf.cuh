@@ -235,13 +235,31 @@ template <int HD, int UT, int CPS> struct v3_layout_of<HD, true, UT, CPS> {
 /* Word of K pair q (channels (c, c + 8), q = (c / 16) * 8 + c % 8) in a K tile row: lane j of S
  * takes pairs pi = q - j * HD / 8 (k_channel's order), four at a time, so words are grouped by
  * (pi / 4, j). */
-template <int HD> __device__ __forceinline__ int v3h_kidx(int q) {
+template <int HD> __host__ __device__ constexpr int v3h_kidx(int q) {
   constexpr int NPL = HD / 8;
   const int j = q / NPL, pi = q % NPL;
   return (pi / 4) * 16 + j * 4 + pi % 4;
 }
 /* The K tile's word swizzle of row t: odd rows swap each 128 bytes' 64-byte halves. */
-__device__ __forceinline__ int v3h_kswz(int t) { return (t & 1) * 16; }
+__host__ __device__ constexpr int v3h_kswz(int t) { return (t & 1) * 16; }
+/* What v3h_fast's two K tile pointers rely on: lane l's pairs kq(i) = kq(0) + 4 i (i even,
+ * kq(0) = (c0 / 16) * 8 + l % 8, c0 = HD / 4 (l / 8) + l % 8) lie 16 i words after kq(0)'s in
+ * both rows' swizzles. */
+template <int HD> constexpr bool v3h_k_pairs_strided() {
+  for (int l = 0; l < 32; l++) {
+    const int c0 = HD / 4 * (l / 8) + l % 8;
+    for (int i = 0; i < HD / 32; i += 2) {
+      const int q0 = (c0 / 16) * 8 + l % 8, qi = ((c0 + 8 * i) / 16) * 8 + l % 8;
+      for (int r = 0; r < 2; r++)
+        if ((v3h_kidx<HD>(qi) ^ v3h_kswz(r)) != (v3h_kidx<HD>(q0) ^ v3h_kswz(r)) + 16 * i)
+          return false;
+    }
+  }
+  return true;
+}
+static_assert(v3h_k_pairs_strided<64>() && v3h_k_pairs_strided<128>() &&
+                  v3h_k_pairs_strided<256>(),
+              "K pairs kq(i) of a lane 64 i bytes apart in every tile row");
 /* Byte of element (slab token t, channel d) in the K and V tiles. */
 template <int HD> __device__ __forceinline__ int v3h_kbyte(int t, int d) {
   return t * v3h_area<HD>::kst + 4 * (v3h_kidx<HD>((d / 16) * 8 + d % 8) ^ v3h_kswz(t)) +

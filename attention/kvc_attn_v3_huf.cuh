@@ -242,19 +242,24 @@ template <int HD> __host__ __device__ constexpr int v3h_kidx(int q) {
 }
 /* The K tile's word swizzle of row t: odd rows swap each 128 bytes' 64-byte halves. */
 __host__ __device__ constexpr int v3h_kswz(int t) { return (t & 1) * 16; }
-/* What v3h_fast's two K tile pointers rely on: lane l's pairs kq(i) = kq(0) + 4 i (i even,
- * kq(0) = (c0 / 16) * 8 + l % 8, c0 = HD / 4 (l / 8) + l % 8) lie 16 i words after kq(0)'s in
- * both rows' swizzles. */
+/* v3h_fast's K streams: lane l decodes channels c0 + 8 i, c0 = HD / 4 (l / 8) + l % 8, and for i
+ * even writes pair v3h_kpair(l, i) = (c0 + 8 i, c0 + 8 i + 8): a warp's store of one pair per lane
+ * then writes 32 words in distinct banks. */
+template <int HD> __host__ __device__ constexpr int v3h_kc0(int l) {
+  return HD / 4 * (l / 8) + l % 8;
+}
+template <int HD> __host__ __device__ constexpr int v3h_kpair(int l, int i) {
+  return ((v3h_kc0<HD>(l) + 8 * i) / 16) * 8 + l % 8;
+}
+/* What v3h_fast's two K tile pointers rely on: lane l's pair for stream i lies 16 i words after
+ * its pair for stream 0 under both rows' swizzles. */
 template <int HD> constexpr bool v3h_k_pairs_strided() {
-  for (int l = 0; l < 32; l++) {
-    const int c0 = HD / 4 * (l / 8) + l % 8;
-    for (int i = 0; i < HD / 32; i += 2) {
-      const int q0 = (c0 / 16) * 8 + l % 8, qi = ((c0 + 8 * i) / 16) * 8 + l % 8;
+  for (int l = 0; l < 32; l++)
+    for (int i = 0; i < HD / 32; i += 2)
       for (int r = 0; r < 2; r++)
-        if ((v3h_kidx<HD>(qi) ^ v3h_kswz(r)) != (v3h_kidx<HD>(q0) ^ v3h_kswz(r)) + 16 * i)
+        if ((v3h_kidx<HD>(v3h_kpair<HD>(l, i)) ^ v3h_kswz(r)) !=
+            (v3h_kidx<HD>(v3h_kpair<HD>(l, 0)) ^ v3h_kswz(r)) + 16 * i)
           return false;
-    }
-  }
   return true;
 }
 static_assert(v3h_k_pairs_strided<64>() && v3h_k_pairs_strided<128>() &&
@@ -594,10 +599,7 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   static_assert(SPW * kHufTableBits <= 32, "a window holds SPW codes");
   constexpr int KST = A::kst, VST = A::vst;
   const int lane = threadIdx.x & 31;
-  /* K: lane l decodes channels c0 + 8 i, c0 = HD / 4 (l / 8) + l % 8, and writes pairs (c0 + 8 i,
-   * c0 + 8 i + 8), i even (pair kq(i)): a warp's store of one pair per lane then writes 32 words
-   * in distinct banks. */
-  const int c0 = HD / 4 * (lane / 8) + lane % 8;
+  const int c0 = v3h_kc0<HD>(lane); /* K: channels c0 + 8 i, pairs kq(i) (v3h_kpair) */
   const uint32_t last = sec.last;
   const uint32_t *w = sec.w;
   /* A window x holds the stream's next 32 bits rotated left by kHufTableBits + 1, so that the
@@ -619,7 +621,7 @@ __device__ __forceinline__ void v3h_fast(const v3_sec &sec, const uint16_t *tab,
   int ch[NS];
 #pragma unroll
   for (int i = 0; i < NS; i++) ch[i] = TENSOR == 0 ? c0 + 8 * i : lane + 32 * i;
-  auto kq = [&](int i) { return ((c0 + 8 * i) / 16) * 8 + lane % 8; }; /* pair of ch[i], i even */
+  auto kq = [&](int i) { return v3h_kpair<HD>(lane, i); }; /* pair of ch[i], i even */
   uint32_t p[NS]; /* bit positions */
 #pragma unroll
   for (int i = 0; i < NS; i++) p[i] = pos[ch[i]];

@@ -10,7 +10,8 @@
  *                      section tables a batch of pages at a time (16; 32 in v3's two-page
  *                      units), takes space in a shared-memory byte ring and issues bulk copies
  *                      (the TMA engine; lane s the unit's section s, one copy per section and
- *                      pool chunk), so that each unit lands as its pages' sections: compressed
+ *                      run of chunks adjacent in the pool: copy_bulk), so that each unit lands
+ *                      as its pages' sections: compressed
  *                      bytes or uncompressed rows (v3's units of whole pages: each page's
  *                      descriptor entry comes with the batch, load_batch). A unit's completion
  *                      is tracked by an mbarrier ("full", by bytes), its release by the
@@ -113,7 +114,18 @@ struct page_meta {
   uint8_t nchunks;                         /* for the debug bounds checks */
   uint32_t end;                            /* whole-page units: ring bytes of its unit's pages
                                               up to this one (kBadUnit and up: one is bad) */
+  uint64_t runs;                           /* bit i: chunk i + 1 follows chunk i in the pool
+                                              (bit 63 clear); 0 where not built: chunks of
+                                              kRunChunkBytes and more, the transposed loads */
 };
+
+/* Pools of chunks smaller than this take one bulk copy per run of chunks that follow each other
+ * in the pool (page_meta::runs) instead of one per chunk. At 1 KiB chunks (the cache's pick for
+ * one-kv-head pages, e.g. Llama-3-70B at TP 8) the producer's cost per copy set the pace: runs
+ * took the 70B step's fp16 and bit-pack rows from 1.69 / 2.59 ms to 1.47 / 2.25 ms. At 8 KiB and
+ * more, a section lies in one or two chunks, and finding runs made bit-pack 3-7% slower at 8B
+ * (bench/NOTES-capacity.md, session 51). */
+constexpr uint32_t kRunChunkBytes = 4096;
 
 /* One page of a unit, as the consumers see it. */
 struct unit_page {
@@ -294,6 +306,7 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
    * 5 NP of the transposed loads (page i's ids 32 lanes at a time). Measured (session 31,
    * ms): bit-pack (8, 32k) -3.1%, (16, 128k) -6.1%, fp16 pages -2..-5%, but Huffman pages in
    * v3's Huffman instance +1.4..+3.9%, so that instance keeps the transposed loads. */
+  uint64_t runs = 0; /* page_meta::runs */
   if constexpr (SL::ids_per_lane) {
     constexpr int kFirstIds = 8;
     static_assert(offsetof(kvc_page_entry_t, chunk) % 8 == 0 &&
@@ -301,16 +314,29 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
                   "chunk ids read two at a time, in whole blocks");
     uint32_t *my_ids = chunks + lane * KVC_PAGE_MAX_CHUNKS;
     const uint2 *ids = (const uint2 *)p.dir[bid].chunk;
+    uint32_t prev = 0; /* the id before the group copy_ids takes */
     /* The last batch's ids were read by other lanes (page_addr: the copies, lanes 2i and 2i + 1
      * page i's; below, lanes past the batch page 0's); each lane overwrites its own page's below,
      * so the warp's reads come first (session 42's racecheck; shuffles do not order memory). */
     __syncwarp();
-    auto copy_ids = [&](int c) { /* ids [c, c + kFirstIds): the loads first, then the stores */
+    /* ids [c, c + kFirstIds): the loads, the stores, then (small chunks) their bits of `runs`
+     * (c - 1 .. c + 6; the page's ids past nchunks give bits copy_bulk never reads). */
+    auto copy_ids = [&](int c) {
       uint2 v[kFirstIds / 2];
 #pragma unroll
       for (int i = 0; i < kFirstIds / 2; i++) v[i] = ids[c / 2 + i];
 #pragma unroll
       for (int i = 0; i < kFirstIds / 2; i++) ((uint2 *)my_ids)[c / 2 + i] = v[i];
+      if (p.chunk_bytes >= kRunChunkBytes) return;
+      uint32_t bits = c > 0 && v[0].x == prev + 1 ? 1u : 0u;
+#pragma unroll
+      for (int i = 0; i < kFirstIds - 1; i++) {
+        const uint32_t a = i % 2 ? v[i / 2].y : v[i / 2].x;
+        const uint32_t b = i % 2 ? v[i / 2 + 1].x : v[i / 2].y;
+        bits |= (b == a + 1 ? 2u : 0u) << i;
+      }
+      runs |= c > 0 ? (uint64_t)bits << (c - 1) : (uint64_t)(bits >> 1);
+      prev = v[kFirstIds / 2 - 1].y;
     };
     if (valid) {
       copy_ids(0);
@@ -348,6 +374,7 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
   pm.n_tokens = 0;
   pm.k_off = pm.k_bytes = pm.v_off = pm.v_bytes = 0;
   pm.nchunks = (uint8_t)nchunks;
+  pm.runs = runs;
   const bool sized = nchunks >= 1 && nchunks <= KVC_PAGE_MAX_CHUNKS &&
                      (uint64_t)fo + nbytes <= (uint64_t)nchunks * p.chunk_bytes;
   if (valid && sized && kind == KVC_PAGE_STAGING && fo == 0) {
@@ -447,17 +474,32 @@ __device__ __forceinline__ void prefetch_dir_entry(const params &p, int bid) {
 }
 
 /* One thread: copies page bytes [src_off, src_off + align16(bytes)) to shared address dst with
- * bulk copies (one per chunk the range touches) that complete on mbarrier `bar`; returns the
- * bytes, for the barrier's expected transaction count. */
+ * bulk copies that complete on mbarrier `bar`, one per chunk, or per run of chunks (`runs`:
+ * page_meta::runs) where RUNS (the layouts that build them) in pools of chunks below
+ * kRunChunkBytes; returns the bytes, for the barrier's expected transaction count. */
+template <bool RUNS>
 __device__ __forceinline__ uint32_t copy_bulk(const params &p, const uint32_t *chunks,
-                                              uint32_t nchunks_dbg, uint32_t src_off,
-                                              uint32_t bytes, uint32_t dst, uint32_t bar) {
-  const uint32_t total = (bytes + 15) & ~15u;
+                                              uint64_t runs, uint32_t nchunks_dbg,
+                                              uint32_t src_off, uint32_t bytes, uint32_t dst,
+                                              uint32_t bar) {
+  const uint32_t total = (bytes + 15) & ~15u, mask = p.chunk_bytes - 1;
+  if (!RUNS || p.chunk_bytes >= kRunChunkBytes) { /* a loop of its own: no cost for the runs */
+    for (uint32_t done = 0; done < total;) {
+      const uint32_t o = src_off + done;
+      if (kDebug && (o >> p.chunk_shift) >= nchunks_dbg) __trap();
+      const uint32_t n = min(total - done, p.chunk_bytes - (o & mask));
+      bulk_copy(dst + done, page_addr(p, chunks, o), n, bar);
+      done += n;
+    }
+    return total;
+  }
   for (uint32_t done = 0; done < total;) {
-    const uint32_t o = src_off + done;
-    if (kDebug && (o >> p.chunk_shift) >= nchunks_dbg) __trap();
-    const uint32_t n = min(total - done, p.chunk_bytes - (o & (p.chunk_bytes - 1)));
-    bulk_copy(dst + done, page_addr(p, chunks, o), n, bar);
+    const uint32_t o = src_off + done, c = o >> p.chunk_shift;
+    if (kDebug && c >= nchunks_dbg) __trap();
+    /* The run [c, e] ends at the clear bit of `runs` at or after c (bit 63 is clear). */
+    const uint32_t e = c + (uint32_t)__ffsll((long long)~(runs >> c)) - 1;
+    const uint32_t n = min(total - done, ((e + 1) << p.chunk_shift) - o);
+    bulk_copy(dst + done, p.pool + ((uint64_t)chunks[c] << p.chunk_shift) + (o & mask), n, bar);
     done += n;
   }
   return total;
@@ -571,9 +613,10 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
      * it arrives. */
     if (mine && flags == 0) {
       const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
+      const uint32_t src = (v ? pm.v_off : pm.k_off) + rofs;
       mbar_expect_tx(bars + 8 * slot,
-                     copy_bulk(p, pc, pm.nchunks, (v ? pm.v_off : pm.k_off) + rofs, sec_bytes,
-                               ring + off + sec_ring, bars + 8 * slot));
+                     copy_bulk<SL::ids_per_lane>(p, pc, pm.runs, pm.nchunks, src, sec_bytes,
+                                                 ring + off + sec_ring, bars + 8 * slot));
     }
     unit_desc &d = descs[slot];
     if constexpr (UT > kUnitTokens) {

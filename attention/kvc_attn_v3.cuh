@@ -11,11 +11,11 @@
  * (decode with GQA groups up to 8): at NB = 2 the kernel needs more than the 168 registers of
  * two CTAs per SM (~450 bytes of spills), so more entries take several tiles of 8 or v2 (the
  * launcher's tile_reads). Two CTAs per SM (one for launches over rows alone at head_dim 256: CPS),
- * each the producer warp of v2 (one bulk copy per section and chunk, so every unit lands as linear
- * sections and rows) and kW3 consumer warps (seven in the Huffman instances at head_dim 64 and
- * 256) over a 96 KiB ring (three uncompressed 64-token units at head_dim 128, six at 64; 81 KiB at
- * 256, 197 KiB at one CTA per SM: v3_ring_bytes). The consumer warps take work items: an item is a
- * whole unit, or half a unit (p.unit_split_lg = 1) in launches whose pages are all rows, so that
+ * each the producer warp of v2 (one bulk copy per section and run of chunks, so every unit lands as
+ * linear sections and rows) and kW3 consumer warps (seven in the Huffman instances at head_dim 64
+ * and 256) over a 96 KiB ring (three uncompressed 64-token units at head_dim 128, six at 64; 81 KiB
+ * at 256, 197 KiB at one CTA per SM: v3_ring_bytes). The consumer warps take work items: an item is
+ * a whole unit, or half a unit (p.unit_split_lg = 1) in launches whose pages are all rows, so that
  * all five warps work while the ring holds three fp16 units, and in launches without Huffman over
  * blocks of 32 or 64 tokens, which take units of 128 tokens (v3_layout's UT: half the producer's
  * steps per token) in halves of 64. The Huffman instance and the 128-token one hand items out from

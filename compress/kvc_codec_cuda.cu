@@ -921,7 +921,8 @@ __device__ __forceinline__ void pop_end(const Smem &sm, const Args &a, Pop p) {
       sm.misc[M_DRY] = 1;
       atomicExch(a.pool.error, 1);
     } else {
-      for (int i = 0; i < p.k; i++) sm.chunks[have + i] = a.pool.free_stack[p.old - p.k + i];
+      /* Top first, as pop_chunks (kvc_backend_cuda.cu) takes them: ascending runs. */
+      for (int i = 0; i < p.k; i++) sm.chunks[have + i] = a.pool.free_stack[p.old - 1 - i];
       sm.misc[M_HAVE] = have + p.k;
     }
   }

@@ -4,8 +4,9 @@
  * return before the work is done, never synchronize and never allocate.
  *
  * The device free stack: free_stack[0 .. *free_top) holds free chunk ids. A kernel takes n chunks
- * with old = atomicSub(free_top, n) and uses free_stack[old - n .. old); it returns chunks with
- * old = atomicAdd(free_top, n) and writes free_stack[old .. old + n). Taking and returning never
+ * with old = atomicSub(free_top, n) and uses free_stack[old - n .. old), top first (so runs of
+ * ascending ids come out in order); it returns chunks with old = atomicAdd(free_top, n) and
+ * writes free_stack[old .. old + n) with its first id on top. Taking and returning never
  * happen in the same launch. The host's accounting guarantees the stack never runs dry; if it does,
  * the kernel sets *error (never corrupts a page) and the host reports KVC_ERR_INTERNAL.
  *

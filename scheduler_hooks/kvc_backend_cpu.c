@@ -65,8 +65,10 @@ static void page_read(const kvc_cache_t *c, uint8_t *pool, const kvc_page_entry_
  * was and the caller reports KVC_ERR_INTERNAL. */
 static int pop_chunks(cpu_be_t *be, kvc_page_entry_t *e, uint32_t at, uint32_t n) {
   if (at + n > KVC_PAGE_MAX_CHUNKS || (uint32_t)be->free_top < n) return -1;
+  /* The top n, top first; pushes put a page's first chunk on top: runs of ascending ids stay in
+   * order, as on the CUDA backend (kvc_backend_cuda.cu: pop_chunks). */
+  for (uint32_t i = 0; i < n; i++) e->chunk[at + i] = be->free_stack[be->free_top - 1 - (int)i];
   be->free_top -= (int32_t)n;
-  memcpy(e->chunk + at, be->free_stack + be->free_top, n * sizeof(uint32_t));
   e->nchunks = (uint8_t)(at + n);
   return 0;
 }
@@ -74,8 +76,7 @@ static int pop_chunks(cpu_be_t *be, kvc_page_entry_t *e, uint32_t at, uint32_t n
 /* Gives back the chunks the page owns (not a shared chunk[0]). */
 static void release_entry(cpu_be_t *be, kvc_page_entry_t *e) {
   const uint32_t own = kvc_page_own_first(e);
-  memcpy(be->free_stack + be->free_top, e->chunk + own, (e->nchunks - own) * sizeof(uint32_t));
-  be->free_top += (int32_t)(e->nchunks - own);
+  for (uint32_t i = e->nchunks; i > own; i--) be->free_stack[be->free_top++] = e->chunk[i - 1];
   e->nbytes = 0;
   e->kind = KVC_PAGE_EMPTY;
   e->nchunks = 0;

@@ -146,6 +146,9 @@ kvc_status_t enter(kvc_cache_t *c, cuda_be *be, void *stream) {
 
 /* ---- kernels ------------------------------------------------------------------------------- */
 
+/* The stack keeps runs of chunk ids in order: a pop hands out the top n, top first (the pool
+ * starts with chunk 0 on top), and a push puts ids[0] on top, so a page's chunks tend to follow
+ * each other in the pool and attention copies such a run at once (kvc_attn_cuda.cu: copy_bulk). */
 __device__ bool pop_chunks(const kvc_dev_pool_t &p, uint32_t n, uint32_t *out) {
   int32_t old = atomicSub(p.free_top, (int32_t)n);
   if (old < (int32_t)n) {
@@ -153,13 +156,13 @@ __device__ bool pop_chunks(const kvc_dev_pool_t &p, uint32_t n, uint32_t *out) {
     atomicExch(p.error, kErrStackDry);
     return false;
   }
-  for (uint32_t i = 0; i < n; i++) out[i] = p.free_stack[old - (int32_t)n + (int32_t)i];
+  for (uint32_t i = 0; i < n; i++) out[i] = p.free_stack[old - 1 - (int32_t)i];
   return true;
 }
 
 __device__ void push_chunks(const kvc_dev_pool_t &p, uint32_t n, const uint32_t *ids) {
   int32_t old = atomicAdd(p.free_top, (int32_t)n);
-  for (uint32_t i = 0; i < n; i++) p.free_stack[old + (int32_t)i] = ids[i];
+  for (uint32_t i = 0; i < n; i++) p.free_stack[old + (int32_t)i] = ids[n - 1 - i];
 }
 
 __device__ void clear_entry(kvc_page_entry_t *e) {

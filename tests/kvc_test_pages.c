@@ -91,7 +91,7 @@ kvc_status_t kvc_test_pages_build(const kvc_test_pages_spec_t *spec, const float
   pending_page_t *pages = NULL;
   uint8_t *block = NULL;
   float *decoded = NULL;
-  uint32_t *chunk_perm = NULL;
+  uint32_t *chunk_perm = NULL, *run_start = NULL, *run_order = NULL;
   int32_t *ids = NULL;
   int num_pages = 0;
   size_t staging_bytes = 2 * (size_t)kvh * bt * row_bytes;
@@ -220,21 +220,33 @@ kvc_status_t kvc_test_pages_build(const kvc_test_pages_spec_t *spec, const float
     }
   }
 
-  /* Lay the pages out in shuffled chunks, with a few spare chunks left poisoned. */
+  /* Lay the pages out in shuffled runs of 1 to 4 ascending chunks, as a pool's free stack hands
+   * them out after churn (kvc_backend_cuda.cu: pop_chunks), with a few spare chunks left
+   * poisoned: a page's chunks are partly adjacent in the pool (the decode kernel copies such a
+   * run at once) and partly not. */
   uint32_t need = 0;
   for (int i = 0; i < num_pages; i++) need += kvc_chunks_for(pages[i].nbytes, spec->chunk_bytes);
   out->chunk_bytes = spec->chunk_bytes;
   out->num_chunks = need + need / 8 + 1;
   out->pool = malloc((size_t)out->num_chunks * spec->chunk_bytes);
   chunk_perm = malloc(sizeof(uint32_t) * out->num_chunks);
-  if (!out->pool || !chunk_perm) goto oom;
+  run_start = malloc(sizeof(uint32_t) * (out->num_chunks + 1));
+  run_order = malloc(sizeof(uint32_t) * out->num_chunks);
+  if (!out->pool || !chunk_perm || !run_start || !run_order) goto oom;
   memset(out->pool, 0xFF, (size_t)out->num_chunks * spec->chunk_bytes);
-  for (uint32_t i = 0; i < out->num_chunks; i++) chunk_perm[i] = i;
-  for (uint32_t i = out->num_chunks - 1; i > 0; i--) {
-    uint32_t j = kvc_test_rng_below(&rng, i + 1), t = chunk_perm[i];
-    chunk_perm[i] = chunk_perm[j];
-    chunk_perm[j] = t;
+  uint32_t nruns = 0;
+  for (uint32_t i = 0; i < out->num_chunks; i += 1 + kvc_test_rng_below(&rng, 4))
+    run_start[nruns++] = i;
+  run_start[nruns] = out->num_chunks;
+  for (uint32_t r = 0; r < nruns; r++) run_order[r] = r;
+  for (uint32_t r = nruns - 1; r > 0; r--) {
+    uint32_t j = kvc_test_rng_below(&rng, r + 1), t = run_order[r];
+    run_order[r] = run_order[j];
+    run_order[j] = t;
   }
+  for (uint32_t r = 0, n = 0; r < nruns; r++)
+    for (uint32_t c = run_start[run_order[r]]; c < run_start[run_order[r] + 1]; c++)
+      chunk_perm[n++] = c;
   uint32_t next_chunk = 0;
   for (int i = 0; i < num_pages; i++) {
     pending_page_t *pg = &pages[i];
@@ -268,6 +280,8 @@ done:
   free(block);
   free(decoded);
   free(chunk_perm);
+  free(run_start);
+  free(run_order);
   free(ids);
   return st;
 }

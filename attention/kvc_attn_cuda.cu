@@ -7,21 +7,19 @@
  * of 128 entries, WM = 8):
  *
  *   producer (warp 4)  walks the split's units: reads block ids, page entries, page headers and
- *                      section tables a batch of pages at a time (16; 32 in v3's two-page
- *                      units), takes space in a shared-memory byte ring and issues bulk copies
- *                      (the TMA engine; lane s the unit's section s, one copy per section and
- *                      run of chunks adjacent in the pool: copy_bulk), so that each unit lands
- *                      as its pages' sections: compressed
- *                      bytes or uncompressed rows (v3's units of whole pages: each page's
- *                      descriptor entry comes with the batch, load_batch). A unit's completion
- *                      is tracked by an mbarrier ("full", by bytes), its release by the
- *                      consumers by another ("empty"); every thread arrives itself, so each
- *                      arrive releases that thread's own accesses. The producer runs ahead as
- *                      far as the ring allows; its dependent metadata loads still cost the
- *                      consumers a wait at each batch (session 32's profile,
- *                      bench/NOTES-attention.md). (Per-lane 16-byte cp.async into the
- *                      swizzled tile, as first written, held fp16 launches to ~1.5 TB/s:
- *                      bench/NOTES-attention.md, session 21.)
+ *                      section tables a batch of pages at a time (16; 32 in v3's two-page units),
+ *                      takes space in a shared-memory byte ring and issues bulk copies (the TMA
+ *                      engine; lane s the unit's section s, one copy per section and run of chunks
+ *                      adjacent in the pool: copy_bulk), so that each unit lands as its pages'
+ *                      sections: compressed bytes or uncompressed rows (v3's units of whole pages:
+ *                      each page's descriptor entry comes with the batch, load_batch). A unit's
+ *                      completion is tracked by an mbarrier ("full", by bytes), its release by the
+ *                      consumers by another ("empty"); every thread arrives itself, so each arrive
+ *                      releases that thread's own accesses. The producer runs ahead as far as the
+ *                      ring allows; its dependent metadata loads still cost the consumers a wait at
+ *                      each batch (session 32's profile, bench/NOTES-attention.md). (Per-lane
+ *                      16-byte cp.async into the swizzled tile, as first written, held fp16
+ *                      launches to ~1.5 TB/s: bench/NOTES-attention.md, session 21.)
  *   consumers (0..3)   per unit: decode compressed sections, or copy rows, into a shared K/V tile
  *                      (pairs of warps: pair p decodes tensor p & 1 (K, V) of each section; with
  *                      eight warps, part p >> 1 of two, attention/kvc_attn_decode.cuh), then
@@ -122,9 +120,9 @@ struct page_meta {
 /* Pools of chunks smaller than this take one bulk copy per run of chunks that follow each other
  * in the pool (page_meta::runs) instead of one per chunk. At 1 KiB chunks (the cache's pick for
  * one-kv-head pages, e.g. Llama-3-70B at TP 8) the producer's cost per copy set the pace: runs
- * took the 70B step's fp16 and bit-pack rows from 1.69 / 2.59 ms to 1.47 / 2.25 ms. At 8 KiB and
- * more, a section lies in one or two chunks, and finding runs made bit-pack 3-7% slower at 8B
- * (bench/NOTES-capacity.md, session 51). */
+ * took the 70B step's fp16 and bit-pack rows (8 layers) from 1.69 / 2.61 ms to 1.48 / 2.29 ms.
+ * At 8 KiB and more a section lies in one or two chunks, and looking for runs there made bit-pack
+ * 3-7% slower over the attention bench's 16 KiB chunks (bench/NOTES-capacity.md, session 51). */
 constexpr uint32_t kRunChunkBytes = 4096;
 
 /* One page of a unit, as the consumers see it. */
@@ -495,10 +493,10 @@ __device__ __forceinline__ uint32_t copy_bulk(const params &p, const uint32_t *c
   }
   for (uint32_t done = 0; done < total;) {
     const uint32_t o = src_off + done, c = o >> p.chunk_shift;
-    if (kDebug && c >= nchunks_dbg) __trap();
     /* The run [c, e] ends at the clear bit of `runs` at or after c (bit 63 is clear). */
     const uint32_t e = c + (uint32_t)__ffsll((long long)~(runs >> c)) - 1;
     const uint32_t n = min(total - done, ((e + 1) << p.chunk_shift) - o);
+    if (kDebug && ((o + n - 1) >> p.chunk_shift) >= nchunks_dbg) __trap(); /* the copy's last */
     bulk_copy(dst + done, p.pool + ((uint64_t)chunks[c] << p.chunk_shift) + (o & mask), n, bar);
     done += n;
   }

@@ -493,10 +493,10 @@ __device__ __forceinline__ uint32_t copy_bulk(const params &p, const uint32_t *c
   }
   for (uint32_t done = 0; done < total;) {
     const uint32_t o = src_off + done, c = o >> p.chunk_shift;
-    if (kDebug && c >= nchunks_dbg) __trap();
     /* The run [c, e] ends at the clear bit of `runs` at or after c (bit 63 is clear). */
     const uint32_t e = c + (uint32_t)__ffsll((long long)~(runs >> c)) - 1;
     const uint32_t n = min(total - done, ((e + 1) << p.chunk_shift) - o);
+    if (kDebug && ((o + n - 1) >> p.chunk_shift) >= nchunks_dbg) __trap(); /* the copy's last */
     bulk_copy(dst + done, p.pool + ((uint64_t)chunks[c] << p.chunk_shift) + (o & mask), n, bar);
     done += n;
   }

@@ -287,7 +287,7 @@ __device__ __forceinline__ const uint8_t *page_addr(const params &p, const uint3
  * units of whole pages (SL::unit_tokens > 64) also get each page's descriptor entry in ents[]
  * and its unit's ring bytes so far in meta[].end.
  */
-template <int HD, class SL>
+template <int HD, class SL, bool RUNS>
 __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int kh, int len,
                            page_meta *meta, uint32_t *chunks, unit_page *ents) {
   constexpr int NP = SL::batch, UT = SL::unit_tokens;
@@ -325,7 +325,7 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
       for (int i = 0; i < kFirstIds / 2; i++) v[i] = ids[c / 2 + i];
 #pragma unroll
       for (int i = 0; i < kFirstIds / 2; i++) ((uint2 *)my_ids)[c / 2 + i] = v[i];
-      if (p.chunk_bytes >= kRunChunkBytes) return;
+      if (!RUNS) return;
       uint32_t bits = c > 0 && v[0].x == prev + 1 ? 1u : 0u;
 #pragma unroll
       for (int i = 0; i < kFirstIds - 1; i++) {
@@ -472,33 +472,31 @@ __device__ __forceinline__ void prefetch_dir_entry(const params &p, int bid) {
 }
 
 /* One thread: copies page bytes [src_off, src_off + align16(bytes)) to shared address dst with
- * bulk copies that complete on mbarrier `bar`, one per chunk, or per run of chunks (`runs`:
- * page_meta::runs) where RUNS (the layouts that build them) in pools of chunks below
- * kRunChunkBytes; returns the bytes, for the barrier's expected transaction count. */
+ * bulk copies that complete on mbarrier `bar`, one per chunk, or with RUNS (produce) one per
+ * run of chunks (`runs`: page_meta::runs); returns the bytes, for the barrier's expected
+ * transaction count. */
 template <bool RUNS>
 __device__ __forceinline__ uint32_t copy_bulk(const params &p, const uint32_t *chunks,
                                               uint64_t runs, uint32_t nchunks_dbg,
                                               uint32_t src_off, uint32_t bytes, uint32_t dst,
                                               uint32_t bar) {
   const uint32_t total = (bytes + 15) & ~15u, mask = p.chunk_bytes - 1;
-  if (!RUNS || p.chunk_bytes >= kRunChunkBytes) { /* a loop of its own: no cost for the runs */
-    for (uint32_t done = 0; done < total;) {
-      const uint32_t o = src_off + done;
+  for (uint32_t done = 0; done < total;) {
+    const uint32_t o = src_off + done;
+    if constexpr (RUNS) {
+      const uint32_t c = o >> p.chunk_shift;
+      /* The run [c, e] ends at the clear bit of `runs` at or after c (bit 63 is clear). */
+      const uint32_t e = c + (uint32_t)__ffsll((long long)~(runs >> c)) - 1;
+      const uint32_t n = min(total - done, ((e + 1) << p.chunk_shift) - o);
+      if (kDebug && ((o + n - 1) >> p.chunk_shift) >= nchunks_dbg) __trap(); /* its last chunk */
+      bulk_copy(dst + done, p.pool + ((uint64_t)chunks[c] << p.chunk_shift) + (o & mask), n, bar);
+      done += n;
+    } else {
       if (kDebug && (o >> p.chunk_shift) >= nchunks_dbg) __trap();
       const uint32_t n = min(total - done, p.chunk_bytes - (o & mask));
       bulk_copy(dst + done, page_addr(p, chunks, o), n, bar);
       done += n;
     }
-    return total;
-  }
-  for (uint32_t done = 0; done < total;) {
-    const uint32_t o = src_off + done, c = o >> p.chunk_shift;
-    /* The run [c, e] ends at the clear bit of `runs` at or after c (bit 63 is clear). */
-    const uint32_t e = c + (uint32_t)__ffsll((long long)~(runs >> c)) - 1;
-    const uint32_t n = min(total - done, ((e + 1) << p.chunk_shift) - o);
-    if (kDebug && ((o + n - 1) >> p.chunk_shift) >= nchunks_dbg) __trap(); /* the copy's last */
-    bulk_copy(dst + done, p.pool + ((uint64_t)chunks[c] << p.chunk_shift) + (o & mask), n, bar);
-    done += n;
   }
   return total;
 }
@@ -507,8 +505,9 @@ __device__ __forceinline__ uint32_t copy_bulk(const params &p, const uint32_t *c
  * of whole pages only), bar_off, tile, slots (the units in flight at most, <= 32), batch (pages
  * of a metadata batch, <= 32: one lane each), slack (bytes the ring keeps unwritten after each
  * compressed section) and unit_tokens (64, or 128 for v3's instance over units of whole pages:
- * then block_tokens is 32 or 64, so a unit holds at most kMaxUnitPages pages)). */
-template <int HD, class SL>
+ * then block_tokens is 32 or 64, so a unit holds at most kMaxUnitPages pages)). RUNS: the
+ * batches build page_meta::runs and the copies follow them (produce's choice). */
+template <int HD, class SL, bool RUNS>
 __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
                          int u_end) {
   constexpr int kSlots = SL::slots;
@@ -554,7 +553,7 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
     const int npg = bt >= UT ? 1 : min(UT >> bt_lg, nblocks - jf);
     if (jf + npg > batch + NP) {
       batch = jf;
-      load_batch<HD, SL>(p, batch, nblocks, bi0, kh, len, meta, chunks, ents);
+      load_batch<HD, SL, RUNS>(p, batch, nblocks, bi0, kh, len, meta, chunks, ents);
       if constexpr (SL::fetch_ahead) {
         const int j = batch + NP + lane;
         next_bid = lane < NP && j < nblocks ? p.block_ids[bi0 + j] : -1;
@@ -613,7 +612,7 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       const uint32_t *pc = chunks + (jf + q - batch) * KVC_PAGE_MAX_CHUNKS;
       const uint32_t src = (v ? pm.v_off : pm.k_off) + rofs;
       mbar_expect_tx(bars + 8 * slot,
-                     copy_bulk<SL::ids_per_lane>(p, pc, pm.runs, pm.nchunks, src, sec_bytes,
+                     copy_bulk<RUNS>(p, pc, pm.runs, pm.nchunks, src, sec_bytes,
                                                  ring + off + sec_ring, bars + 8 * slot));
     }
     unit_desc &d = descs[slot];
@@ -656,6 +655,21 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
     if constexpr (SL::fetch_ahead)
       if (ahead && --ahead == 0 && next_bid >= 0) prefetch_dir_entry(p, next_bid);
   }
+}
+
+/* The producer warp's loop, in the form for the launch's pool: the runs of chunks where its
+ * layout builds them (ids per lane) and its chunks are below kRunChunkBytes. Two copies of the
+ * loop rather than a test per copy: looking for runs cost bit-pack 1.0-1.6% over large chunks
+ * (bench/NOTES-capacity.md, session 51) although those never take them. */
+template <int HD, class SL>
+__device__ void produce(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
+                        int u_end) {
+  if constexpr (SL::ids_per_lane)
+    if (p.chunk_bytes < kRunChunkBytes) {
+      producer<HD, SL, true>(p, smem, seq, kh, len, u_begin, u_end);
+      return;
+    }
+  producer<HD, SL, false>(p, smem, seq, kh, len, u_begin, u_end);
 }
 
 /* ---- consumers ------------------------------------------------------------------------------- */
@@ -920,7 +934,7 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   bool bad = false;
   if (warp == kConsumerWarps) {
-    producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
+    produce<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
   } else {
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;

@@ -595,10 +595,12 @@ __device__ __forceinline__ void v3_groups_read(const v3_hdr &h, int t_lo, int t_
 }
 
 /* The power of two SRC_FAST folds out of a section's steps, from the warp's largest step code
- * emax: the folded steps step * 2^-e in (0, 1] (step(emax) in [2^(emax >> 3), 2^((emax >> 3) +
- * 1)): the largest lands in [1/2, 1) at e_need), with e small enough that O^T's rescaling factors
- * stay normal floats (the caller checks |e| <= 60). (emax >> 3) + 1 of the unbiased code: 823 + 1
- * = 103 * 8. Values keep e_keep, O^T's, when it suits (no rescale). */
+ * emax or a bound above it (v3_hdr_emax): the folded steps step * 2^-e lie in (0, 1] (step(emax)
+ * is in [2^(emax >> 3), 2^((emax >> 3) + 1)) and lands in [1/2, 1) at e_need; with a bound the
+ * largest lands lower, which costs bits only to steps that fp16 then holds as subnormals, an
+ * error below 2^-25 absolute), with e small enough that O^T's rescaling factors stay normal
+ * floats (the caller checks |e| <= 60). (emax >> 3) + 1 of the unbiased code: 823 + 1 = 103 * 8.
+ * Values keep e_keep, O^T's, when it suits (no rescale). */
 template <int TS> __device__ __forceinline__ int v3_fast_e(int emax, int e_keep) {
   const int e_need = ((emax + 1) >> 3) - 102;
   return TS == 1 && (uint32_t)(e_keep - e_need) <= 3u ? e_keep : e_need; /* e_need..e_need + 3 */
@@ -739,15 +741,30 @@ __device__ __forceinline__ int v3_setup_section(const uint8_t *sec, uint32_t sec
   return SRC_FAST;
 }
 
+/* The largest step code (as v3_groups' E) and whether every base is in SRC_FAST's range
+ * (v3_groups::inb), for any groups of a relative-mode section of width 1..8, from its header
+ * alone: each field holds fewer than 2^w_e (2^w_b) values above e_min (b_min). Bounds rather
+ * than the groups' own values, so they need no warp reduction, and they hold for a damaged
+ * section too. */
+__device__ __forceinline__ int v3_hdr_emax(const v3_hdr &h) {
+  return h.e_min + 823 + (int)(1u << h.w_e) - 1;
+}
+__device__ __forceinline__ bool v3_hdr_inb(const v3_hdr &h) {
+  const uint32_t room = 4096u - (1u << h.width), span = (1u << h.w_b) - 1u;
+  return span <= room && h.b_min - (1u << h.width) + 2048u <= room - span;
+}
+
 /*
  * Both sections of a bit-pack page (e_keep, scr: as v3_setup_section) when both are SRC_FAST, the
  * common case, read side by side: each section's setup is a chain of dependent steps (header,
- * fields, reduction, vote, tables), and with the two chains in the same basic blocks each fills
- * the other's latencies. One branch per step for both. Returns true iff v3_setup_section would
- * return SRC_FAST for both, having written the same scratch and v3_secs; false (nothing written)
- * otherwise, and the caller runs v3_setup_section on each. (e <= 60 implies the step code check
- * that v3_setup_section makes first: e >= e_need, and e_need <= 60 needs emax <= 163 * 8 - 2,
- * below KVC_STEP_CODE_MAX + 823.)
+ * fields, tables), and with the two chains in the same basic blocks each fills the other's
+ * latencies. The path and the folded powers of two come from the headers (v3_hdr_emax,
+ * v3_hdr_inb), not from the fields: no reduction or vote between the fields and the tables.
+ * Returns true having written SRC_FAST's scratch and v3_secs for both, as v3_setup_section
+ * would with those bounds in place of the groups' values; false (nothing written) otherwise, and
+ * the caller runs v3_setup_section on each. (e <= 60 implies the step code check that
+ * v3_setup_section makes first: e >= e_need, and e_need <= 60 needs emax <= 163 * 8 - 2, below
+ * KVC_STEP_CODE_MAX + 823.)
  */
 template <int HD>
 __device__ __forceinline__ bool v3_setup_fast_pair(const unit_page &pg, const uint8_t *ub,
@@ -761,15 +778,15 @@ __device__ __forceinline__ bool v3_setup_fast_pair(const unit_page &pg, const ui
   const bool kok = v3_header<HD, 0>(ub + pg.k_ring, pg.k_bytes, pg.n_tokens, hk);
   const bool vok = v3_header<HD, 1>(ub + pg.v_ring, pg.v_bytes, pg.n_tokens, hv);
   if (!(kok & vok & hk.rel & hv.rel & (hk.width - 1u < 8u) & (hv.width - 1u < 8u))) return false;
+  const int ek = v3_fast_e<0>(v3_hdr_emax(hk), 0);
+  const int ev = v3_fast_e<1>(v3_hdr_emax(hv), e_keep);
+  if (!(v3_hdr_inb(hk) & v3_hdr_inb(hv) & ((uint32_t)(ek + 60) <= 120u) &
+        ((uint32_t)(ev + 60) <= 120u)))
+    return false;
   v3_groups<HD, 0> gk;
   v3_groups<HD, 1> gv;
   v3_groups_read<HD, 0>(hk, t_lo, t_hi, gk);
   v3_groups_read<HD, 1>(hv, t_lo, t_hi, gv);
-  const int ek = v3_fast_e<0>(__reduce_max_sync(0xffffffffu, gk.emax), 0);
-  const int ev = v3_fast_e<1>(__reduce_max_sync(0xffffffffu, gv.emax), e_keep);
-  if (!(__all_sync(0xffffffffu, gk.inb & gv.inb) & ((uint32_t)(ek + 60) <= 120u) &
-        ((uint32_t)(ev + 60) <= 120u)))
-    return false;
   v3_fast_tables<HD, 0>(hk, gk, t_lo, ek, scr, ks);
   v3_fast_tables<HD, 1>(hv, gv, t_lo, ev, scr, vs);
   return true;
@@ -1584,7 +1601,7 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
   int e_o = 0, w_o = 0;
   bool bad = LO4 && entries - e0 > 4; /* a tile LO4 cannot take: NaN rather than wrong values */
   if (warp == NW) {
-    producer<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
+    produce<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
   } else {
 #pragma unroll
     for (int mt = 0; mt < HD / 16; mt++)

@@ -403,7 +403,7 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
     }
     kvc_page_header_t h;
     kvc_page_header_read(raw.b, &h);
-    const uint32_t k0 = kh > 0 ? kvc_align16(w[0]) : kvc_page_sections_start((uint32_t)H);
+    const uint32_t k0 = kh > 0 ? kvc_align16(w[0]) : kvc_page_sections_start((uint32_t)H, codec);
     const uint32_t v0 = kvc_align16(w[2]);
     bool ok = table_ok && h.magic == KVC_PAGE_MAGIC && h.version == KVC_PAGE_VERSION &&
               h.codec == codec && codec <= KVC_CODEC_HUFFMAN && h.num_kv_heads == H &&

@@ -127,10 +127,10 @@ static inline int kvcb_page_bits_add(kvcb_page_bits_t *b, const uint8_t *p, uint
   kvc_page_header_read(p, &h);
   const uint32_t H = h.num_kv_heads, hd = h.head_dim, n = h.n_tokens;
   if (h.magic != KVC_PAGE_MAGIC || h.total_bytes != size || H == 0 ||
-      kvc_page_sections_start(H) > size)
+      kvc_page_sections_start(H, h.codec) > size)
     goto bad;
   double part[KVCB_BITS_PARTS] = {0};
-  part[KVCB_BITS_PAGE_HEADER] = 8.0 * kvc_page_sections_start(H);
+  part[KVCB_BITS_PAGE_HEADER] = 8.0 * kvc_page_sections_start(H, h.codec);
   for (uint32_t i = 0; i < 2 * H; i++) {
     uint32_t off, bytes;
     kvc_page_section(p, H, i, &off, &bytes);

@@ -124,7 +124,7 @@ size_t kvc_codec_staging_bytes(const kvc_codec_params_t *p) {
 }
 
 static size_t kvc__raw_page_bytes(const kvc_codec_params_t *p, int n_tokens) {
-  return kvc_page_sections_start((uint32_t)p->num_kv_heads) +
+  return kvc_page_sections_start((uint32_t)p->num_kv_heads, KVC_CODEC_RAW) +
          (size_t)2 * p->num_kv_heads *
              (((size_t)n_tokens * p->head_dim * kvc_dtype_bytes(p->dtype) + 15) & ~(size_t)15);
 }
@@ -515,7 +515,7 @@ static kvc_status_t kvc__write_page(const kvc_codec_params_t *p, kvc_codec_t cod
                                     const void *block, int n, uint32_t *u, uint8_t *out,
                                     size_t *size) {
   const uint32_t H = (uint32_t)p->num_kv_heads;
-  uint32_t pos = kvc_page_sections_start(H);
+  uint32_t pos = kvc_page_sections_start(H, codec);
   memset(out, 0, pos);
   for (uint32_t i = 0; i < 2 * H; i++) {
     uint32_t b;
@@ -571,7 +571,7 @@ static void kvc__page_sizes(const kvc_codec_params_t *p, const void *block, int 
   const uint32_t H = (uint32_t)p->num_kv_heads;
   const uint32_t raw =
       kvc_raw_section_bytes((uint32_t)n, (uint32_t)p->head_dim, (uint32_t)p->dtype);
-  sz[0] = sz[1] = kvc_page_sections_start(H);
+  sz[0] = sz[1] = kvc_page_sections_start(H, KVC_CODEC_BITPACK); /* both quantized codecs' */
   for (uint32_t i = 0; i < 2 * H && (sz[0] || sz[1]); i++) {
     kvc__qsec_t q;
     kvc__huf_t h;
@@ -649,10 +649,13 @@ kvc_status_t kvc_codec_page_info(const uint8_t *page, size_t size, kvc_page_info
   if (h.n_tokens < 1 || h.n_tokens > KVC_FMT_MAX_TOKENS || h.num_kv_heads < 1 || h.head_dim < 8 ||
       h.head_dim > KVC_FMT_MAX_HEAD_DIM || h.head_dim % 8 != 0)
     return KVC_ERR_CORRUPT;
-  const uint32_t H = h.num_kv_heads, start = kvc_page_sections_start(H);
+  const uint32_t H = h.num_kv_heads, start = kvc_page_sections_start(H, h.codec);
   if (h.total_bytes > size || h.total_bytes % KVC_PAGE_ALIGN != 0 || h.total_bytes < start)
     return KVC_ERR_CORRUPT;
   if (kvc_page_checksum(page) != h.checksum) return KVC_ERR_CORRUPT;
+  /* The gap before the first section (RAW pages' alignment) is written as zeros. */
+  for (uint32_t b = KVC_PAGE_HEADER_BYTES + kvc_page_table_bytes(H); b < start; b++)
+    if (page[b] != 0) return KVC_ERR_CORRUPT;
   const uint32_t raw = kvc_raw_section_bytes(h.n_tokens, h.head_dim, h.dtype);
   uint32_t pos = start;
   for (uint32_t i = 0; i < 2 * H; i++) {

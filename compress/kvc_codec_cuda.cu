@@ -144,7 +144,7 @@ __host__ __device__ inline Smem carve(uint8_t *p, int smax, int hd, int bt, int 
   s.code = (uint32_t *)take(64 * 4);
   s.enc = (uint32_t *)take(64 * 4);
   s.len = take(64);
-  s.hdr = take(kvc_page_sections_start((uint32_t)heads));
+  s.hdr = take(kvc_page_sections_start((uint32_t)heads, KVC_CODEC_RAW)); /* the larger start */
   s.chunks = (uint32_t *)take(KVC_PAGE_MAX_CHUNKS * 4);
   s.misc = (int *)take(M_NMISC * 4);
   s.bytes = off;
@@ -975,7 +975,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
   const int S = n * HD;
   const uint8_t *block = a.blocks + (uint64_t)job * a.staging_bytes;
   const uint64_t row_stride = (uint64_t)a.block_tokens * HD * 2;
-  const uint32_t raw = (uint32_t)S * 2, start = kvc_page_sections_start((uint32_t)H);
+  const uint32_t raw = (uint32_t)S * 2;
+  /* Where the sections start: after the header and table, 128-byte aligned on RAW pages. */
+  const uint32_t qstart = kvc_page_sections_start((uint32_t)H, KVC_CODEC_BITPACK);
+  const uint32_t rstart = kvc_page_sections_start((uint32_t)H, KVC_CODEC_RAW);
   if (tid == 0) {
     /* Packed after the block's page of the previous layer when that was its last page. */
     const bool pack = a.cursor && a.layer > 0 && kvc_pack_codec(a.codec, a.policy);
@@ -991,7 +994,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
   int codec = a.codec;
   if (SIZING && a.policy != KVC_POLICY_FIXED) {
     /* Size every section under both codecs, then pick like kvc_codec_encode. */
-    size_t sz_bp = start, sz_hf = start;
+    size_t sz_bp = qstart, sz_hf = qstart;
     bool ok_bp = true, ok_hf = true;
     for (int i = 0; i < 2 * H; i++) {
       const int tensor = i / H;
@@ -1010,7 +1013,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
       sz_bp += align16z(bp);
       sz_hf += align16z(hf);
     }
-    size_t sz[3] = {start + (size_t)2 * H * align16z(raw), ok_bp ? sz_bp : 0, ok_hf ? sz_hf : 0};
+    size_t sz[3] = {rstart + (size_t)2 * H * align16z(raw), ok_bp ? sz_bp : 0, ok_hf ? sz_hf : 0};
     int best = 0;
     for (int c = 1; c < 3; c++)
       if (sz[c] && sz[c] < sz[best]) best = c;
@@ -1028,9 +1031,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) compress_kernel(Args a) 
   }
 
   /* Emit. A quantized section that cannot be coded turns the page raw (restart). */
-  uint32_t pos = start;
+  uint32_t pos = 0, start = 0;
   for (int pass = 0; pass < 2; pass++) {
     bool restart = false;
+    start = codec == KVC_CODEC_RAW ? rstart : qstart;
     pos = start;
     for (int i = 0; i < 2 * H && !restart; i++) {
       const int tensor = i / H;

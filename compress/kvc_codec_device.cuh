@@ -87,8 +87,10 @@ __device__ __forceinline__ void kvc_dev_page_section(const uint8_t *pool, uint32
                                                      const kvc_page_entry_t *e,
                                                      uint32_t num_kv_heads, uint32_t idx,
                                                      uint32_t *off, uint32_t *bytes) {
+  /* The header's word 1: version | codec << 8 | ... */
   uint32_t start =
-      idx == 0 ? kvc_page_sections_start(num_kv_heads)
+      idx == 0 ? kvc_page_sections_start(num_kv_heads,
+                                         (kvc_dev_page_u32(pool, chunk_bytes, e, 4) >> 8) & 0xffu)
                : kvc_align16(kvc_dev_page_u32(pool, chunk_bytes, e,
                                               KVC_PAGE_HEADER_BYTES + 4 * (idx - 1)));
   uint32_t end = kvc_dev_page_u32(pool, chunk_bytes, e, KVC_PAGE_HEADER_BYTES + 4 * idx);

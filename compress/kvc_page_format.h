@@ -1,5 +1,5 @@
 /*
- * The compressed page format, version 2: the bytes of one block (all kv heads, K and V) for one
+ * The compressed page format, version 3: the bytes of one block (all kv heads, K and V) for one
  * layer. Plain C, no CUDA types; the KVC_HD helpers below run on host and device, so the CPU codec,
  * the CUDA encoder and the attention kernels read one definition. All multi-byte fields are
  * little-endian (every supported host and NVIDIA GPUs are).
@@ -8,8 +8,13 @@
  *   [0, 32)          kvc_page_header_t
  *   [32, 32 + 8*H)   section table: uint32 section_end[2 * H], H = num_kv_heads; section
  *                    i = tensor * H + head (tensor 0 = K, 1 = V) occupies [start_i, section_end[i])
- *                    with start_0 = align16(32 + 8*H) and start_i = align16(section_end[i-1]).
+ *                    with start_0 = align16(32 + 8*H), align128 on RAW pages (version 3), and
+ *                    start_i = align16(section_end[i-1]).
  *   sections, each starting 16-byte aligned; total_bytes = align16(section_end[2H-1]).
+ * RAW pages start their sections 128-byte aligned so that, with rows of a multiple of 128 bytes
+ * (head_dim >= 64 at 16 bits), every section lies 128-byte aligned in a pool of chunk-aligned
+ * pages: the GPU's bulk copies (TMA) read sources off that alignment up to ~20% slower
+ * (bench/NOTES-capacity.md, session 54).
  * The header checksum (kvc_page_checksum) covers the header (checksum field taken as 0) and the
  * section table. Section payloads are not checksummed: a decoder given damaged payload bytes still
  * never reads or writes out of bounds (it produces wrong values instead).
@@ -74,7 +79,7 @@
 #include "allocator/kvc_pool_layout.h"
 
 #define KVC_PAGE_MAGIC 0x5043564Bu /* "KVCP" */
-#define KVC_PAGE_VERSION 2 /* 2: paired value sections */
+#define KVC_PAGE_VERSION 3 /* 2: paired value sections; 3: RAW sections 128-byte aligned */
 #define KVC_PAGE_HEADER_BYTES 32
 #define KVC_PAGE_ALIGN 16
 #define KVC_QSEC_HEADER_BYTES 16
@@ -227,10 +232,11 @@ KVC_HD void kvc_qsec_header_write(uint8_t *p, const kvc_qsec_header_t *s) {
   kvc_wr_u32(p + 12, s->lane_info);
 }
 
-/* Bytes of the section table, and where the first section starts. */
+/* Bytes of the section table, and where the first section of a page of `codec` starts. */
 KVC_HD uint32_t kvc_page_table_bytes(uint32_t num_kv_heads) { return 8u * num_kv_heads; }
-KVC_HD uint32_t kvc_page_sections_start(uint32_t num_kv_heads) {
-  return kvc_align16(KVC_PAGE_HEADER_BYTES + kvc_page_table_bytes(num_kv_heads));
+KVC_HD uint32_t kvc_page_sections_start(uint32_t num_kv_heads, uint32_t codec) {
+  const uint32_t end = KVC_PAGE_HEADER_BYTES + kvc_page_table_bytes(num_kv_heads);
+  return codec == KVC_CODEC_RAW ? (end + 127u) & ~127u : kvc_align16(end);
 }
 
 /* One checksum step over a 32-bit word (FNV-1a on words, with a final avalanche per step). */
@@ -253,7 +259,7 @@ KVC_HD uint32_t kvc_page_checksum(const uint8_t *p) {
  * byte count. Trusts the table (kvc_codec_page_info validates it on the host). */
 KVC_HD void kvc_page_section(const uint8_t *p, uint32_t num_kv_heads, uint32_t idx, uint32_t *off,
                              uint32_t *bytes) {
-  uint32_t start = idx == 0 ? kvc_page_sections_start(num_kv_heads)
+  uint32_t start = idx == 0 ? kvc_page_sections_start(num_kv_heads, p[5] /* codec */)
                             : kvc_align16(kvc_rd_u32(p + KVC_PAGE_HEADER_BYTES + 4 * (idx - 1)));
   uint32_t end = kvc_rd_u32(p + KVC_PAGE_HEADER_BYTES + 4 * idx);
   *off = start;

@@ -747,7 +747,7 @@ static void section_header(const host_case_t *h, const kvc_page_entry_t *e, uint
                            uint32_t sidx, kvc_qsec_header_t *qh) {
   const uint32_t cb = h->tp.chunk_bytes;
   const uint32_t start =
-      sidx == 0 ? kvc_page_sections_start(H)
+      sidx == 0 ? kvc_page_sections_start(H, *kvc_page_byte(h->tp.pool, cb, e, 5) /* codec */)
                 : kvc_align16(kvc_rd_u32(kvc_page_byte(h->tp.pool, cb, e, 32 + 4 * (sidx - 1))));
   kvc_qsec_header_read(kvc_page_byte(h->tp.pool, cb, e, start), qh);
 }
@@ -1084,7 +1084,7 @@ static void huf_section(host_case_t *h, const kvc_page_entry_t *e, uint32_t sidx
   kvc_page_header_read(hdr, &ph);
   const uint32_t H = ph.num_kv_heads;
   const uint32_t start =
-      sidx == 0 ? kvc_page_sections_start(H)
+      sidx == 0 ? kvc_page_sections_start(H, ph.codec)
                 : kvc_align16(kvc_rd_u32(kvc_page_byte(h->tp.pool, cb, e, 32 + 4 * (sidx - 1))));
   const uint32_t end = kvc_rd_u32(kvc_page_byte(h->tp.pool, cb, e, 32 + 4 * sidx));
   for (uint32_t i = 0; i < KVC_QSEC_HEADER_BYTES; i++) qb[i] = *kvc_page_byte(h->tp.pool, cb, e, start + i);

@@ -193,7 +193,7 @@ static void say_page_diff(const uint8_t *cpu, size_t cpu_size, const uint8_t *gp
             header_field(b), b, cpu[b], gpu[b]);
     while (b + 1 < KVC_PAGE_HEADER_BYTES && header_field(b + 1) == header_field(b)) b++;
   }
-  const uint32_t H = hc.num_kv_heads, start = kvc_page_sections_start(H);
+  const uint32_t H = hc.num_kv_heads, start = kvc_page_sections_start(H, hc.codec);
   const size_t m = std::min(cpu_size, gpu_size);
   size_t b = KVC_PAGE_HEADER_BYTES;
   while (b < m && cpu[b] == gpu[b]) b++;

@@ -307,6 +307,47 @@ static void constant_and_zero_blocks_are_exact_and_tiny(void **state) {
   }
 }
 
+/* Page format 3: a RAW page's sections start 128-byte aligned whenever its rows are a multiple of
+ * 128 bytes (the GPU's bulk copies read such sources at full speed), and its gap before the first
+ * section is part of what page_info checks. Quantized pages keep the 16-byte start. */
+static void raw_sections_start_128_byte_aligned(void **state) {
+  (void)state;
+  const int heads[] = {1, 2, 3, 4, 8, 13};
+  for (int hi = 0; hi < 6; hi++) {
+    for (int hd = 64; hd <= 256; hd *= 2) {
+      const int H = heads[hi], n = 1 + (hi * 23 + hd) % 64;
+      kvc_codec_params_t p = params(KVC_DTYPE_F16, H, hd, 64, KVC_BOUND_RELATIVE, 0.05f);
+      block_t b;
+      block_make(&b, &p, n, DATA_NORMAL, 900 + (uint64_t)(hi * 4 + hd));
+      size_t size;
+      uint8_t *page = encode_check(&b, 1, KVC_CODEC_RAW, KVC_OK, &size, NULL, NULL);
+      for (uint32_t i = 0; i < 2u * (uint32_t)H; i++) {
+        uint32_t off, bytes;
+        kvc_page_section(page, (uint32_t)H, i, &off, &bytes);
+        assert_int_equal(off % 128, 0);
+        assert_int_equal(bytes, (uint32_t)n * (uint32_t)hd * 2u);
+      }
+      const uint32_t table_end = KVC_PAGE_HEADER_BYTES + kvc_page_table_bytes((uint32_t)H);
+      kvc_page_info_t info;
+      if (table_end % 128 != 0) {
+        page[table_end] ^= 1; /* a gap byte */
+        assert_int_equal(kvc_codec_page_info(page, size, &info), KVC_ERR_CORRUPT);
+        page[table_end] ^= 1;
+      }
+      assert_int_equal(kvc_codec_page_info(page, size, &info), KVC_OK);
+      free(page);
+      block_free(&b);
+      block_make(&b, &p, 64, DATA_NORMAL, 950 + (uint64_t)(hi * 4 + hd)); /* codable as bit-pack */
+      page = encode_check(&b, 1, KVC_CODEC_BITPACK, KVC_OK, &size, NULL, NULL);
+      uint32_t off0, bytes0;
+      kvc_page_section(page, (uint32_t)H, 0, &off0, &bytes0);
+      assert_int_equal(off0, kvc_align16(table_end));
+      free(page);
+      block_free(&b);
+    }
+  }
+}
+
 static void non_finite_blocks_are_stored_raw(void **state) {
   (void)state;
   const float bad[3] = {NAN, INFINITY, -INFINITY};
@@ -466,7 +507,7 @@ static void damaged_pages_are_caught_or_decoded_in_bounds(void **state) {
       float *out = malloc(sizeof(float) * 4 * 32 * 32);
       assert_non_null(bad);
       assert_non_null(out);
-      const size_t meta = kvc_page_sections_start(2);
+      const size_t meta = kvc_page_sections_start(2, (uint32_t)c);
       int corrupt = 0, decoded = 0;
       for (int it = 0; it < iters; it++) {
         memcpy(bad, page, size);
@@ -708,6 +749,7 @@ int main(void) {
       cmocka_unit_test(every_codec_mode_dtype_and_shape_meets_the_bound),
       cmocka_unit_test(adversarial_blocks_meet_the_bound),
       cmocka_unit_test(constant_and_zero_blocks_are_exact_and_tiny),
+      cmocka_unit_test(raw_sections_start_128_byte_aligned),
       cmocka_unit_test(non_finite_blocks_are_stored_raw),
       cmocka_unit_test(policies_pick_as_documented),
       cmocka_unit_test(bad_arguments_are_rejected),

@@ -84,7 +84,7 @@ static void parts_add_up_for_every_codec(void **state) {
     assert_true(b.values == 2.0 * H * BT * HD);
     assert_true(page_part_bits(&b) == 8.0 * size);
     assert_true(b.bits[KVCB_BITS_CHUNK_PAD] == 8.0 * (kvc_chunks_for(size, cb) * cb - size));
-    assert_true(b.bits[KVCB_BITS_PAGE_HEADER] == 8.0 * kvc_page_sections_start(H));
+    assert_true(b.bits[KVCB_BITS_PAGE_HEADER] == 8.0 * kvc_page_sections_start(H, codecs[c]));
     assert_int_equal(b.min_bytes, size);
     assert_int_equal(b.max_bytes, size);
     assert_int_equal(b.pages_by_chunks[kvc_chunks_for(size, cb)], 1);

@@ -13,8 +13,10 @@
  * generated on the GPU from a hash of (token, channel) with model-like statistics (keys:
  * per-channel offset and scale, one channel in 16 an outlier; values: per-channel scale),
  * compressed once by the CUDA codec
- * (kvc_codec_cuda_compress) into a Huffman pool and a bit-pack pool, and written as staging pages
- * into an fp16 pool; pages sit in shuffled chunks. cuBLAS reads the same values in dense layout.
+ * (kvc_codec_cuda_compress) into a Huffman pool, a bit-pack pool and a raw-codec pool, and written
+ * as staging pages into an fp16 pool; pages sit in shuffled chunks. The fp16 pool's staging pages
+ * (row kvcomp_fp16_paged) are the layout of a cache's uncompressed tail; a cache of fp16 pages
+ * stores full blocks as raw-codec pages (header, section table, rows: row kvcomp_fp16_raw). cuBLAS reads the same values in dense layout.
  * A configuration uses disjoint slices of that KV in turn ("sets", up to 64) so that repeated runs
  * never find their inputs in the 50 MB L2. Each pool runs with the codec mask the cache passes for
  * it (fp16: raw only, v3 with units split between two warps; bit-pack: no Huffman, the v3 decode
@@ -59,6 +61,7 @@
 #include "attention/kvc_attn.h"
 #include "compress/kvc_codec.h"
 #include "compress/kvc_codec_cuda.h"
+#include "compress/kvc_page_format.h"
 
 #define CK(x)                                                                                      \
   do {                                                                                             \
@@ -436,6 +439,7 @@ int main(int argc, char **argv) {
 
   /* ---- pages -------------------------------------------------------------------------------- */
   pages fp16{"kvcomp_fp16_paged"}, bitpack{"kvcomp_bitpack"}, huffman{"kvcomp_huffman"};
+  pages fp16_raw{"kvcomp_fp16_raw"};
   pages bf16{"kvcomp_bf16_paged"}, bitpack_bf16{"kvcomp_bitpack_bf16"},
       huffman_bf16{"kvcomp_huffman_bf16"};
   bf16.dtype = bitpack_bf16.dtype = huffman_bf16.dtype = KVC_DTYPE_BF16;
@@ -478,13 +482,18 @@ int main(int argc, char **argv) {
   cp.v_bound = KVC_DEFAULT_V_BOUND;
   cp.policy = KVC_POLICY_FIXED;
   cp.size_budget = 0.35f;
-  const uint32_t comp_chunks = (uint32_t)(nblocks * kCompressedBudget / page_chunk);
-  constexpr int kComp = 4;
+  constexpr int kComp = 5;
   kvc_dev_pool_t pools[kComp];
-  pages *comp[kComp] = {&bitpack, &huffman, &bitpack_bf16, &huffman_bf16};
+  pages *comp[kComp] = {&bitpack, &huffman, &bitpack_bf16, &huffman_bf16, &fp16_raw};
   const kvc_codec_t codecs[kComp] = {KVC_CODEC_BITPACK, KVC_CODEC_HUFFMAN, KVC_CODEC_BITPACK,
-                                     KVC_CODEC_HUFFMAN};
+                                     KVC_CODEC_HUFFMAN, KVC_CODEC_RAW};
   for (int i = 0; i < kComp; i++) {
+    /* A raw-codec page: its header and table, then the rows, in whole chunks. */
+    const size_t raw_page = kvc_page_sections_start(HKV, KVC_CODEC_RAW) + kStaging;
+    const size_t budget = codecs[i] == KVC_CODEC_RAW
+                              ? (raw_page + page_chunk - 1) / page_chunk * page_chunk
+                              : kCompressedBudget;
+    const uint32_t comp_chunks = (uint32_t)(nblocks * budget / page_chunk);
     comp[i]->chunk_bytes = page_chunk;
     CK(cudaMalloc(&comp[i]->pool, (size_t)comp_chunks * page_chunk));
     CK(cudaMalloc(&comp[i]->dir, sizeof(kvc_page_entry_t) * nblocks));
@@ -652,7 +661,7 @@ int main(int argc, char **argv) {
     CK(cudaFree(pm));
 
     /* Each pool with the codec mask the cache would pass (a raw cache's for the fp16 pool's
-     * staging pages, v3 for bit-pack pages, v3's Huffman instance for Huffman pages; Huffman and
+     * staging pages and for the raw-codec pages, v3 for bit-pack pages, v3's Huffman instance for Huffman pages; Huffman and
      * bit-pack pages also as a per-page policy's cache passes them, every codec allowed), the bf16
      * pools as their caches pass them, then the fp16 pools again with mask 0 (v2), for
      * comparison. */
@@ -664,6 +673,7 @@ int main(int argc, char **argv) {
     const uint32_t no_huffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
     const uint32_t any_codec = no_huffman | (1u << KVC_CODEC_HUFFMAN);
     const variant variants[] = {{&fp16, 1u << KVC_CODEC_RAW, fp16.name},
+                                {&fp16_raw, 1u << KVC_CODEC_RAW, fp16_raw.name},
                                 {&bitpack, no_huffman, bitpack.name},
                                 {&huffman, 1u << KVC_CODEC_HUFFMAN, huffman.name},
                                 {&huffman, any_codec, "kvcomp_huffman_any"},

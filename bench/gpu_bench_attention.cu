@@ -16,7 +16,8 @@
  * (kvc_codec_cuda_compress) into a Huffman pool, a bit-pack pool and a raw-codec pool, and written
  * as staging pages into an fp16 pool; pages sit in shuffled chunks. The fp16 pool's staging pages
  * (row kvcomp_fp16_paged) are the layout of a cache's uncompressed tail; a cache of fp16 pages
- * stores full blocks as raw-codec pages (header, section table, rows: row kvcomp_fp16_raw). cuBLAS reads the same values in dense layout.
+ * stores full blocks as raw-codec pages (header, section table, rows: row kvcomp_fp16_raw).
+ * cuBLAS reads the same values in dense layout.
  * A configuration uses disjoint slices of that KV in turn ("sets", up to 64) so that repeated runs
  * never find their inputs in the 50 MB L2. Each pool runs with the codec mask the cache passes for
  * it (fp16: raw only, v3 with units split between two warps; bit-pack: no Huffman, the v3 decode
@@ -661,10 +662,10 @@ int main(int argc, char **argv) {
     CK(cudaFree(pm));
 
     /* Each pool with the codec mask the cache would pass (a raw cache's for the fp16 pool's
-     * staging pages and for the raw-codec pages, v3 for bit-pack pages, v3's Huffman instance for Huffman pages; Huffman and
-     * bit-pack pages also as a per-page policy's cache passes them, every codec allowed), the bf16
-     * pools as their caches pass them, then the fp16 pools again with mask 0 (v2), for
-     * comparison. */
+     * staging pages and for the raw-codec pages, v3 for bit-pack pages, v3's Huffman instance
+     * for Huffman pages; Huffman and bit-pack pages also as a per-page policy's cache passes
+     * them, every codec allowed), the bf16 pools as their caches pass them, then the fp16 pools
+     * again with mask 0 (v2), for comparison. */
     struct variant {
       pages *pg;
       uint32_t codec_mask;

@@ -494,7 +494,8 @@ def codec_section(recs, plt, plots):
 
 
 ATTN_IMPLS = [("torch_sdpa", "torch SDPA"), ("kvcomp_fp16_paged", "fp16 paged"),
-              ("kvcomp_fp16_raw", "fp16 paged, raw-codec pages"), ("kvcomp_bitpack", "bit-pack"), ("kvcomp_huffman", "Huffman"),
+              ("kvcomp_fp16_raw", "fp16 paged, raw-codec pages"), ("kvcomp_bitpack", "bit-pack"),
+              ("kvcomp_huffman", "Huffman"),
               ("kvcomp_huffman_any", "Huffman, any-codec instance"),
               ("kvcomp_bitpack_any", "bit-pack, any-codec instance"),
               ("kvcomp_bf16_paged", "bf16 paged"), ("kvcomp_bitpack_bf16", "bit-pack, bf16"),

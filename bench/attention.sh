@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# `./kvc bench attention [--head-dim 64|256] [--quick]`: kvcomp's attention kernels, cuBLAS
-# attention and the copy ceiling (gpu_bench_attention; gpu_bench_attention_hdN at another head_dim),
-# then torch SDPA on the same shapes (attention_torch.py), merged into one table with the speed-up
-# over SDPA. Last line: JSON
+# `./kvc bench attention [--head-dim 64|256] [--quick | --only B CTX [IMPL,...]]`: kvcomp's
+# attention kernels, cuBLAS attention and the copy ceiling (gpu_bench_attention;
+# gpu_bench_attention_hdN at another head_dim), then torch SDPA on the same shapes
+# (attention_torch.py), merged into one table with the speed-up over SDPA. --only: the shape
+# (B, CTX) alone (and only the IMPLs named). KVC_BENCH_SUSTAIN_MS=2000 runs each call for about 2 s
+# before its timed loop, so that the GPU is at its power cap as under sustained load (compute-bound
+# rows read 2-3% slower; gpu_bench_attention.cu). Last line: JSON
 #   {"bench":"attention","head_dim":..,"copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context","ms","speedup_vs_sdpa",..}]}
 set -uo pipefail
-dir=${1:?usage: bench/attention.sh BUILD_DIR [--head-dim 64|256] [--quick]}
+dir=${1:?usage: bench/attention.sh BUILD_DIR [--head-dim 64|256] [--quick | --only B CTX [IMPL,...]]}
 shift
 hd=128
 if [ "${1:-}" = --head-dim ]; then
@@ -123,5 +126,6 @@ if multi:
                     "speedup_vs_v2": round(sp, 3) if sp else None,
                     "logical_tbps": r["logical_tbps"], "rel_err_vs_fp16": r["rel_err_vs_fp16"]})
 print(json.dumps({"bench": "attention", "head_dim": hd, "copy_tbps": k.get("copy_tbps"),
-                  "read_ceiling_tbps": k.get("read_ceiling_tbps"), "rows": out}))
+                  "read_ceiling_tbps": k.get("read_ceiling_tbps"),
+                  "sustain_ms": k.get("sustain_ms", 0), "rows": out}))
 PY

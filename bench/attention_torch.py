@@ -12,12 +12,14 @@ repeated calls do not find their K/V in L2. Two formulations are timed and the f
 Then several query rows per sequence (qrows: 8 sequences of 32k tokens, as the kvcomp bench's
 multi-query rows), both formulations again (grouped: q [B, 8, 4 R, 128]), without a causal mask
 (the mask covers only the last R x R tokens of 32k; the kvcomp rows apply it).
-Median of CUDA-event times after warm-up. Last line: {"bench":"attention_torch","rows":[...]}.
-Usage: attention_torch.py [--head-dim N] [--quick] [--qrows]   (--qrows: the multi-query rows
-alone; --head-dim: 64 or 256 instead of 128, over the same bytes, 2^21 x 128 / N tokens, as
-gpu_bench_attention_hdN)
+Median of CUDA-event times after warm-up (and KVC_BENCH_SUSTAIN_MS). Last line:
+{"bench":"attention_torch","rows":[...]}.
+Usage: attention_torch.py [--head-dim N] [--quick] [--qrows | --only B CTX]   (--qrows: the
+multi-query rows alone; --only: the shape (B, CTX) alone, as gpu_bench_attention --only; --head-dim:
+64 or 256 instead of 128, over the same bytes, 2^21 x 128 / N tokens, as gpu_bench_attention_hdN)
 """
 import json
+import os
 import statistics
 import sys
 
@@ -32,6 +34,9 @@ HQ, HKV, HD = 32, 8, 128
 CONFIGS = [(1, 32768), (8, 32768), (32, 8192), (64, 4096), (16, 131072)]
 QROWS = [2, 3, 4, 6, 8, 16, 64, 256]  # as bench/gpu_bench_attention.cu's qrow_counts
 MAX_SETS = 64
+# KVC_BENCH_SUSTAIN_MS: each timed loop follows about that long of the same calls (the GPU at its
+# power cap, as under sustained load; gpu_bench_attention.cu says why).
+SUSTAIN_MS = max(0.0, float(os.environ.get("KVC_BENCH_SUSTAIN_MS", "0") or 0))
 
 
 def model_like_kv(sets, b, ctx, gen):
@@ -61,6 +66,8 @@ def median_ms(fn, sets):
     torch.cuda.synchronize()
     once = max(a.elapsed_time(b), 1e-3)
     iters = max(20, min(400, int(300.0 / once)))
+    for i in range(int(min(1e6, SUSTAIN_MS / once))):  # as gpu_bench_attention's
+        fn(i % sets)
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
           for _ in range(iters)]
     for i, (s, e) in enumerate(ev):
@@ -86,7 +93,12 @@ def main():
     rows = []
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     print(f"{'impl':<12} {'batch':>6} {'context':>8} {'variant':>8} {'ms':>9} {'TB/s':>7}")
-    for b, ctx in [] if "--qrows" in sys.argv else CONFIGS:
+    configs = [] if "--qrows" in sys.argv else CONFIGS
+    only = "--only" in sys.argv
+    if only:  # as gpu_bench_attention --only B CTX: that shape alone
+        i = sys.argv.index("--only")
+        configs = [(int(sys.argv[i + 1]), int(sys.argv[i + 2]))]
+    for b, ctx in configs:
         ctx //= div
         if b * ctx > total:
             continue
@@ -120,8 +132,8 @@ def main():
         torch.cuda.empty_cache()
     b, ctx = 8, 32768 // div
     sets = min(MAX_SETS, total // (b * ctx))
-    k, v = model_like_kv(sets, b, ctx, gen)
-    for r_rows in QROWS:
+    k, v = model_like_kv(sets, b, ctx, gen) if not only else (None, None)
+    for r_rows in [] if only else QROWS:
         q = torch.randn(sets, b, HQ, r_rows, HD, generator=gen, device="cuda").half()
         variants = {
             "gqa": lambda r: F.scaled_dot_product_attention(q[r], k[r], v[r], enable_gqa=True),

@@ -36,8 +36,9 @@
  * prefill chunks: rows qrows > 1; each pool with its cache's mask, which lets the launcher pick v3 over several
  * query tiles, and on v2; errors against fp16 pages on v2). Times: CUDA events around each call
  * after warm-up, median. Output: a table, then one JSON line:
- *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context",
- *    "prefix","groups","qrows","ms","logical_tbps","read_tbps","rel_err_vs_fp16"}]}
+ *   {"bench":"attention_kvcomp","copy_tbps":..,"read_ceiling_tbps":..,"sustain_ms":..,
+ *    "rows":[{"impl","batch","context","prefix","groups","qrows","ms","logical_tbps","read_tbps",
+ *    "rel_err_vs_fp16"}]}
  * Usage: gpu_bench_attention [--quick | --qrows [R [IMPL[,IMPL...]]] | --only B CTX [IMPL[,...]]]
  * (--qrows: the multi-query rows alone, or those of R rows and the IMPLs given (the fp16 v2
  * reference still runs once, untimed, before them; e.g. under a profiler); --quick: 2^18 tokens,
@@ -249,7 +250,17 @@ __global__ void softmax_rows(const float *s, __half *p, int n) {
 
 /* ---- timing ---------------------------------------------------------------------------------- */
 
-/* Median of CUDA-event times of fn(set) after warm-up; sets rotate. */
+/* KVC_BENCH_SUSTAIN_MS (default 0): before each timed loop, run the call for about that long.
+ * Under load the H200 reaches its power cap within about a second and lowers the SM clock (seen:
+ * 1.98 GHz -> 1.44-1.9 GHz at ~675 W); a timed loop of ~300 ms right after a pause runs partly
+ * before that, so kernels bound by their instructions read faster than they run under sustained
+ * load. */
+double sustain_ms() {
+  const char *e = getenv("KVC_BENCH_SUSTAIN_MS");
+  return e ? std::max(0.0, atof(e)) : 0.0;
+}
+
+/* Median of CUDA-event times of fn(set) after warm-up (and KVC_BENCH_SUSTAIN_MS); sets rotate. */
 template <class F> double median_ms(F fn, int sets, cudaStream_t st) {
   for (int i = 0; i < 3; i++) fn(i % sets);
   CK(cudaStreamSynchronize(st));
@@ -265,6 +276,8 @@ template <class F> double median_ms(F fn, int sets, cudaStream_t st) {
   CK(cudaEventDestroy(a));
   CK(cudaEventDestroy(b));
   const int iters = std::max(20, std::min(400, (int)(300.0 / std::max(once, 0.001f))));
+  const int sustain = (int)std::min(1e6, sustain_ms() / std::max(once, 0.001f));
+  for (int i = 0; i < sustain; i++) fn(i % sets);
   std::vector<cudaEvent_t> ev(2 * iters);
   for (auto &e : ev) CK(cudaEventCreate(&e));
   for (int i = 0; i < iters; i++) {
@@ -914,8 +927,8 @@ int main(int argc, char **argv) {
     printf("%-20s %6d %8d %6d %9.4f %13.2f %11.2f %8.0f%% %12.2e\n", r.impl, r.batch, r.context,
            r.qrows, r.ms, r.logical_tbps, r.read_tbps, 100.0 * r.read_tbps / copy_tbps, r.rel_err);
   printf("{\"bench\":\"attention_kvcomp\",\"device\":\"%s\",\"head_dim\":%d,\"copy_tbps\":%.3f,"
-         "\"read_ceiling_tbps\":%.3f,\"rows\":[",
-         prop.name, HD, copy_tbps, read_ceil_tbps);
+         "\"read_ceiling_tbps\":%.3f,\"sustain_ms\":%g,\"rows\":[",
+         prop.name, HD, copy_tbps, read_ceil_tbps, sustain_ms());
   for (size_t i = 0; i < rows.size(); i++)
     printf("%s{\"impl\":\"%s\",\"batch\":%d,\"context\":%d,\"prefix\":%d,\"groups\":%d,"
            "\"qrows\":%d,\"ms\":%.5f,\"logical_tbps\":%.3f,\"read_tbps\":%.3f,"

@@ -530,6 +530,9 @@ def attention_section(recs, plt, plots):
         ceil = f"Copy ceiling (read + write): {fmt(res.get('copy_tbps'), 2)} TB/s"
         if res.get("read_ceiling_tbps"):
             ceil += f"; read ceiling (loads only): {fmt(res['read_ceiling_tbps'], 2)} TB/s"
+        if res.get("sustain_ms"):
+            ceil += (f". Sustained: each timed loop after ~{res['sustain_ms']:g} ms of the same "
+                     "calls (KVC_BENCH_SUSTAIN_MS: the GPU at its power cap)")
         hd = res.get("head_dim", 128)
         out += [provenance(rec), "", (f"head_dim {hd}. " if hd != 128 else "") + ceil + ".", ""]
 

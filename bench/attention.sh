@@ -6,7 +6,7 @@
 # (B, CTX) alone (and only the IMPLs named). KVC_BENCH_SUSTAIN_MS=2000 runs each call for about 2 s
 # before its timed loop, so that the GPU is at its power cap as under sustained load (compute-bound
 # rows read 2-3% slower; gpu_bench_attention.cu). Last line: JSON
-#   {"bench":"attention","head_dim":..,"copy_tbps":..,"read_ceiling_tbps":..,"rows":[{"impl","batch","context","ms","speedup_vs_sdpa",..}]}
+#   {"bench":"attention","head_dim":..,"copy_tbps":..,"read_ceiling_tbps":..,"sustain_ms":..,"rows":[{"impl","batch","context","ms","speedup_vs_sdpa",..}]}
 set -uo pipefail
 dir=${1:?usage: bench/attention.sh BUILD_DIR [--head-dim 64|256] [--quick | --only B CTX [IMPL,...]]}
 shift

@@ -247,12 +247,14 @@ struct v3_layout : v3_tail_of<HD, UT, CPS> {
    * kernel's Q16). */
   static constexpr int qh_off = qf_off + 32 * qf_stride;
   static constexpr int bytes = qh_off + (HD == 256 ? 32 * qf_stride : 0);
-  /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring
-   * twice; launch_v3 leaves larger blocks to v2 (head_dim 256: 64). */
+  /* Largest block_tokens whose K and V sections of one head (at most the raw size, in their ring
+   * slots) fit the ring twice; launch_v3 leaves larger blocks to v2 (head_dim 256: 64). */
   static constexpr int max_block_tokens =
-      2 * (kMaxBlockTokens * RB + slack) <= ring ? kMaxBlockTokens : 64;
+      2 * (kMaxBlockTokens * RB + slack + kSlotExtra) <= ring ? kMaxBlockTokens : 64;
   static_assert(warps * 16 * (HD + 2) * 4 <= ring, "epilogue does not fit the ring");
-  static_assert((HD == 256 ? 2 : 3) * tile <= ring && 2 * (64 * RB + slack) <= ring,
+  static_assert((HD == 256 ? 2 : 3) * tile <= ring &&
+                    2 * (64 * RB + slack + kSlotExtra) <= ring &&
+                    2 * UT * RB + 2 * kMaxUnitPages * (slack + kSlotExtra) <= ring,
                 "a unit must fit the ring");
   static_assert(bytes - ring == v3_tail_bytes<HD, UT>(), "v3_tail_bytes matches the layout");
   static_assert(CPS * (bytes + 1024) <= 233472, "CPS CTAs per SM do not fit");

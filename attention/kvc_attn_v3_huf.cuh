@@ -204,17 +204,17 @@ struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD, CPS, W>(), kBatch, 0, W
   static constexpr int bar_off = huf_off + W * v3h_area<HD>::bytes;
   static constexpr int qf_off = bar_off + 2 * slots * 8, qf_stride = v3h_qf_stride<HD>();
   static constexpr int bytes = qf_off + 32 * qf_stride;
-  /* Largest block_tokens whose K and V sections of one head (at most the raw size) fit the ring
-   * and whose streams (the encoder's n_lanes) fit the position arrays. */
+  /* Largest block_tokens whose K and V sections of one head (at most the raw size, in their ring
+   * slots) fit the ring and whose streams (the encoder's n_lanes) fit the position arrays. */
   static constexpr int max_block_tokens =
-      2 * (kMaxBlockTokens * RB + slack) <= ring &&
+      2 * (kMaxBlockTokens * RB + slack + kSlotExtra) <= ring &&
               HD * kMaxBlockTokens / KVC_LANE_SYMBOLS <= kHufLanes<HD>
           ? kMaxBlockTokens
           : 64;
   /* The epilogue's stash starts at the ring and may run on over the descriptors, the scratch and
    * the Huffman areas, which nobody reads after the work loop: up to the barriers. */
   static_assert(W * 16 * (HD + 2) * 4 <= bar_off, "epilogue does not fit");
-  static_assert(2 * (64 * RB + slack) <= ring, "a unit must fit the ring");
+  static_assert(2 * (64 * RB + slack + kSlotExtra) <= ring, "a unit must fit the ring");
   static_assert(HD * 64 / KVC_LANE_SYMBOLS <= kHufLanes<HD>, "a 64-token page's streams fit");
   static_assert(CPS * (bytes + 1024) <= 233472, "CPS CTAs per SM do not fit");
 };

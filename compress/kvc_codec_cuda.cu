@@ -1154,7 +1154,7 @@ __global__ void __launch_bounds__(kThreads) decompress_kernel(DArgs a) {
   const bool shape_ok = hdr.num_kv_heads == H && hdr.head_dim == HD && hdr.n_tokens <= bt &&
                         hdr.dtype == a.dtype;
   uint32_t off = 0, bytes = 0;
-  if (shape_ok) kvc_dev_page_section(a.pool, a.chunk_bytes, e, H, sec, &off, &bytes);
+  if (shape_ok) kvc_dev_page_section(a.pool, a.chunk_bytes, e, H, hdr.codec, sec, &off, &bytes);
   bool ok = shape_ok && bytes <= bt * row && off + bytes <= e->nbytes;
   if (ok) kvc_dev_load_bytes(sec_buf, a.pool, a.chunk_bytes, e, off, bytes);
   __syncthreads();

@@ -6,10 +6,10 @@
  * block, with the same arguments, and contain __syncthreads()):
  *
  *   kvc_dev_read_header(pool, chunk_bytes, entry, &hdr)            one thread or all; 32-byte read
- *   kvc_dev_page_section(pool, chunk_bytes, entry, H, idx, &off, &bytes)
- *       byte offset (16-aligned) and size of section idx = tensor * H + head, read from the page's
- *       section table in the pool (two 4-byte loads). For a contiguous page in memory use
- *       kvc_page_section() from kvc_page_format.h.
+ *   kvc_dev_page_section(pool, chunk_bytes, entry, H, codec, idx, &off, &bytes)
+ *       byte offset (16-aligned) and size of section idx = tensor * H + head of a page of that
+ *       codec (the header's), read from the page's section table in the pool (one or two 4-byte
+ *       loads). For a contiguous page in memory use kvc_page_section() from kvc_page_format.h.
  *   kvc_dev_load_bytes(dst, pool, chunk_bytes, entry, off, bytes)  CTA-cooperative, no sync inside
  *       copies page bytes [off, off + align16(bytes)) into dst (16-byte aligned, usually shared
  *       memory) with 16-byte loads; off must be 16-aligned (section offsets are), chunk_bytes a power
@@ -29,7 +29,7 @@
  * Typical use in a kernel handling kv head h of a page (one CTA):
  *     __shared__ kvc_page_header_t hdr;  (or registers: every thread may read it)
  *     if (threadIdx.x == 0) kvc_dev_read_header(pool, cb, e, &hdr);  __syncthreads();
- *     kvc_dev_page_section(pool, cb, e, hdr.num_kv_heads, 0 * H + h, &off, &bytes);
+ *     kvc_dev_page_section(pool, cb, e, hdr.num_kv_heads, hdr.codec, 0 * H + h, &off, &bytes);
  *     kvc_dev_load_bytes(sec_smem, pool, cb, e, off, bytes);  __syncthreads();
  *     kvc_dev_decode_section<128, __half>(&hdr, 0, sec_smem, bytes, k_tile, 128, scratch, 64);
  *
@@ -85,14 +85,11 @@ __device__ __forceinline__ uint32_t kvc_dev_page_u32(const uint8_t *pool, uint32
 
 __device__ __forceinline__ void kvc_dev_page_section(const uint8_t *pool, uint32_t chunk_bytes,
                                                      const kvc_page_entry_t *e,
-                                                     uint32_t num_kv_heads, uint32_t idx,
-                                                     uint32_t *off, uint32_t *bytes) {
-  /* The header's word 1: version | codec << 8 | ... */
-  uint32_t start =
-      idx == 0 ? kvc_page_sections_start(num_kv_heads,
-                                         (kvc_dev_page_u32(pool, chunk_bytes, e, 4) >> 8) & 0xffu)
-               : kvc_align16(kvc_dev_page_u32(pool, chunk_bytes, e,
-                                              KVC_PAGE_HEADER_BYTES + 4 * (idx - 1)));
+                                                     uint32_t num_kv_heads, uint32_t codec,
+                                                     uint32_t idx, uint32_t *off, uint32_t *bytes) {
+  uint32_t start = idx == 0 ? kvc_page_sections_start(num_kv_heads, codec)
+                            : kvc_align16(kvc_dev_page_u32(pool, chunk_bytes, e,
+                                                           KVC_PAGE_HEADER_BYTES + 4 * (idx - 1)));
   uint32_t end = kvc_dev_page_u32(pool, chunk_bytes, e, KVC_PAGE_HEADER_BYTES + 4 * idx);
   *off = start;
   *bytes = end > start ? end - start : 0;

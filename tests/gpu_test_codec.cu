@@ -285,7 +285,7 @@ __global__ void decode_sections(const kvc_page_entry_t *dir, const int32_t *ids,
   if (threadIdx.x == 0) kvc_dev_read_header(pool, chunk_bytes, e, &hdr);
   __syncthreads();
   uint32_t off, bytes;
-  kvc_dev_page_section(pool, chunk_bytes, e, hdr.num_kv_heads, sec, &off, &bytes);
+  kvc_dev_page_section(pool, chunk_bytes, e, hdr.num_kv_heads, hdr.codec, sec, &off, &bytes);
   uint8_t *secbuf = sm;
   uint8_t *scratch = sm + ((bt * HD * 4 + 15) & ~15);
   kvc_dev_load_bytes(secbuf, pool, chunk_bytes, e, off, bytes);

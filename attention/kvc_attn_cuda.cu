@@ -125,22 +125,9 @@ struct page_meta {
  * 3-7% slower over the attention bench's 16 KiB chunks (bench/NOTES-capacity.md, session 51). */
 constexpr uint32_t kRunChunkBytes = 4096;
 
-/* Ring slots. Every slot is a whole number of 128-byte lines, so every unit starts at a multiple
- * of 128 in the ring (which starts 128-aligned). Rows (staging and raw pages) take their bytes as
- * they are: whole lines at every head_dim, and three uncompressed 64-token units fill the ring at
- * head_dim 128. A compressed section starts `lead` = its pool offset mod 128 bytes into its slot
- * and keeps `slack` bytes after it, so that its bulk copies read and write addresses congruent
- * mod 128: copies that were not ran bit-pack (8, 32k) 1.7% and (16, 128k) 4.6% slower (congruence,
- * not alignment: 128-aligned ring slots alone changed nothing; bench/NOTES-attention.md, session
- * 56). A compressed slot holds at most kSlotExtra bytes past its section and slack. */
-constexpr int kSlotExtra = 224; /* a lead of 112 at most, then up to 112 to the line's end */
-__device__ __forceinline__ uint32_t ring_lead(bool rows, uint32_t src_off) {
-  return rows ? 0u : src_off & 127u;
-}
-__device__ __forceinline__ uint32_t ring_slot(bool rows, uint32_t bytes, uint32_t lead,
-                                              uint32_t slack) {
-  return rows ? kvc_align16(bytes) : (lead + kvc_align16(bytes) + slack + 127u) & ~127u;
-}
+/* Compressed sections' ring slots (kvc_attn_ring_slot) hold at most this many bytes past the
+ * section and slack; the layouts' fit checks count it. */
+constexpr int kSlotExtra = KVC_ATTN_SLOT_EXTRA;
 
 /* One page of a unit, as the consumers see it. */
 struct unit_page {
@@ -454,9 +441,10 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
     const int nrows = valid ? min(bt, len - j * bt) : 0;
     const uint32_t kb = rows ? (uint32_t)nrows * RB : pm.k_bytes;
     const uint32_t vb = rows ? (uint32_t)nrows * RB : pm.v_bytes;
-    const uint32_t lk = ring_lead(rows, pm.k_off), lv = ring_lead(rows, pm.v_off);
-    const uint32_t szk = ring_slot(rows, kb, lk, SL::slack);
-    const uint32_t szv = ring_slot(rows, vb, lv, SL::slack);
+    const uint32_t lk = kvc_attn_ring_lead(rows, pm.k_off);
+    const uint32_t lv = kvc_attn_ring_lead(rows, pm.v_off);
+    const uint32_t szk = kvc_attn_ring_slot(rows, kb, lk, SL::slack);
+    const uint32_t szv = kvc_attn_ring_slot(rows, vb, lv, SL::slack);
     const uint32_t sz = pm.cls == PG_BAD || pm.cls == PG_NONE ? kBadUnit : szk + szv;
     uint32_t end = sz;
     for (int o = 1; o < ppu; o <<= 1) {
@@ -601,8 +589,8 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
       ptok0 = bt >= UT ? t0 - jf * bt : 0;
       rofs = rows ? (uint32_t)ptok0 * RB : 0;
       sec_bytes = rows ? (uint32_t)nrows * RB : v ? pm.v_bytes : pm.k_bytes;
-      const uint32_t lead = ring_lead(rows, (v ? pm.v_off : pm.k_off) + rofs);
-      const uint32_t sz = mine ? ring_slot(rows, sec_bytes, lead, SL::slack) : 0u;
+      const uint32_t lead = kvc_attn_ring_lead(rows, (v ? pm.v_off : pm.k_off) + rofs);
+      const uint32_t sz = mine ? kvc_attn_ring_slot(rows, sec_bytes, lead, SL::slack) : 0u;
       /* The sections in lane order: ring offsets by an inclusive scan of their sizes. */
       uint32_t end = sz;
 #pragma unroll

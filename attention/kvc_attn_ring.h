@@ -50,4 +50,29 @@ KVC_HD void kvc_attn_ring_advance(kvc_attn_ring_t *r, uint32_t oldest_off) {
   r->tail = oldest_off;
 }
 
+/*
+ * Ring slots: where a unit's sections go inside its bytes. Every slot is a whole number of
+ * 128-byte lines, so that every unit starts at a multiple of 128 in the ring (which the kernels
+ * start 128-aligned). Rows (staging and raw pages) take their bytes as they are: whole lines at
+ * every head_dim, and three uncompressed 64-token units fill the ring at head_dim 128. A
+ * compressed section starts `lead` = its pool offset mod 128 bytes into its slot and keeps `slack`
+ * bytes after it, so that its bulk copies read and write addresses congruent mod 128: copies that
+ * were not ran bit-pack (8, 32k) 1.7% and (16, 128k) 4.6% slower (congruence, not alignment:
+ * 128-aligned slots alone changed nothing; bench/NOTES-attention.md, session 56).
+ */
+/* The most bytes a compressed section's slot holds past the section and its slack: a lead of 112,
+ * then up to 112 to the line's end (sections and slack are whole 16-byte granules). */
+#define KVC_ATTN_SLOT_EXTRA 224
+
+/* The lead of a section whose bytes start at src_off in the pool (whose chunks are 128-aligned). */
+KVC_HD uint32_t kvc_attn_ring_lead(int rows, uint32_t src_off) {
+  return rows ? 0u : src_off & 127u;
+}
+
+/* The slot of a section of `bytes` with that lead. */
+KVC_HD uint32_t kvc_attn_ring_slot(int rows, uint32_t bytes, uint32_t lead, uint32_t slack) {
+  const uint32_t granules = (bytes + 15u) & ~15u;
+  return rows ? granules : (lead + granules + slack + 127u) & ~127u;
+}
+
 #endif /* KVC_ATTN_RING_H */

@@ -1,7 +1,8 @@
 /* The attention producer's ring of unit bytes (attention/kvc_attn_ring.h), driven the way the
  * producer drives it: units placed in order, released in the same order, a bounded number in
  * flight. Every placement is checked against the live units' bytes, and against a brute-force
- * placer (the same two candidate offsets, each checked against every live unit). */
+ * placer (the same two candidate offsets, each checked against every live unit). Then the slots
+ * that place sections inside a unit. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -88,9 +89,79 @@ static void fifo_ring_places_units_without_overlap(void **state) {
   run(5, 96 * 1024, 10, units, 16 * 1024, 7); /* damaged units (0 bytes) among them */
 }
 
+/* A section's slot by itself: rows as they are; a compressed section at its lead, with its
+ * granules and slack, in whole lines, at most KVC_ATTN_SLOT_EXTRA bytes more. */
+static void check_slot(int rows, uint32_t src_off, uint32_t bytes, uint32_t slack) {
+  const uint32_t lead = kvc_attn_ring_lead(rows, src_off);
+  const uint32_t slot = kvc_attn_ring_slot(rows, bytes, lead, slack);
+  const uint32_t granules = (bytes + 15u) & ~15u;
+  if (rows) {
+    assert_int_equal(lead, 0);
+    assert_int_equal(slot, granules);
+    return;
+  }
+  assert_int_equal(lead, src_off % 128);
+  assert_int_equal(slot % 128, 0);
+  assert_true(lead + granules + slack <= slot);
+  assert_true(slot <= granules + slack + KVC_ATTN_SLOT_EXTRA);
+}
+
+/* Slots as the producer uses them: a unit's sections (rows of whole lines, or compressed sections
+ * at 16-byte pool offsets) laid out one after another from the unit's offset, units placed in the
+ * ring in order. Every compressed section's ring offset must be congruent to its pool offset mod
+ * 128, and every section must lie inside its unit. */
+static void ring_slots_keep_sections_congruent(void **state) {
+  (void)state;
+  for (uint32_t slack = 0; slack <= 16; slack += 16)
+    for (uint32_t src = 0; src < 512; src += 16)
+      for (uint32_t bytes = 0; bytes < 700; bytes++) {
+        check_slot(0, src, bytes, slack);
+        check_slot(1, src, 128 * (bytes % 5), slack);
+      }
+  check_slot(0, 16 * 1024 + 112, 16 * 1024, 16); /* a raw-size section at the largest lead */
+  kvc_test_rng_t r;
+  kvc_test_rng_seed(&r, 56);
+  const uint32_t ring = 96 * 1024;
+  kvc_attn_ring_t rg = {0, 0, 0};
+  uint32_t live_off[8];
+  int n = 0, restarts = 0;
+  const int units = 2000 + (int)(18000 * kvc_test_scale());
+  for (int u = 0; u < units; u++) {
+    /* Up to four pages of K and V: compressed sections, or rows (one kind per unit). */
+    const int rows = kvc_test_rng_below(&r, 4) == 0, nsec = 2 * (1 + kvc_test_rng_below(&r, 4));
+    uint32_t src[8], bytes[8], lead[8], at[8], need = 0;
+    for (int i = 0; i < nsec; i++) {
+      src[i] = 16 * kvc_test_rng_below(&r, 4096);
+      bytes[i] = rows ? 128 * (1 + kvc_test_rng_below(&r, 64)) : 36 + kvc_test_rng_below(&r, 8192);
+      lead[i] = kvc_attn_ring_lead(rows, src[i]);
+      at[i] = need + lead[i];
+      need += kvc_attn_ring_slot(rows, bytes[i], lead[i], 16);
+    }
+    uint32_t off = 0;
+    if (n == 8) {
+      for (int i = 1; i < n; i++) live_off[i - 1] = live_off[i];
+      if (--n > 0) kvc_attn_ring_advance(&rg, live_off[0]);
+    }
+    while (!kvc_attn_ring_place(&rg, ring, need, n > 0, &off)) {
+      assert_true(n > 0);
+      for (int i = 1; i < n; i++) live_off[i - 1] = live_off[i];
+      if (--n > 0) kvc_attn_ring_advance(&rg, live_off[0]);
+    }
+    restarts += off == 0 && n > 0;
+    assert_int_equal(off % 128, 0);
+    for (int i = 0; i < nsec; i++) {
+      if (!rows) assert_int_equal((off + at[i]) % 128, src[i] % 128);
+      assert_true(at[i] + bytes[i] <= need);
+    }
+    live_off[n++] = off;
+  }
+  assert_true(restarts > 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(fifo_ring_places_units_without_overlap),
+      cmocka_unit_test(ring_slots_keep_sections_congruent),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

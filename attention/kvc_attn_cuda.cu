@@ -249,6 +249,7 @@ template <int HD, int WM> struct smem_layout {
   static constexpr int ring = ring_bytes<HD, WM>();
   static constexpr int slots = kSlots;
   static constexpr bool fetch_ahead = false; /* producer: see fetch_ahead in v3_layout */
+  static constexpr bool raw_from_shape = false; /* load_batch: see raw_from_shape in v3_layout */
   static constexpr bool ids_per_lane = true; /* load_batch */
   static constexpr int slack = 0;     /* bytes left after each compressed section */
   /* Instances of one CTA per SM decode unit k + 1 into a second K/V tile while slower warps
@@ -283,24 +284,85 @@ __device__ __forceinline__ const uint8_t *page_addr(const params &p, const uint3
          (off & (p.chunk_bytes - 1));
 }
 
+/* Fetches the directory entry of block `bid` (its head and chunk ids) into L2. */
+__device__ __forceinline__ void prefetch_dir_entry(const params &p, int bid) {
+  const uint8_t *e = (const uint8_t *)(p.dir + bid);
+#pragma unroll
+  for (int o = 0; o < (int)sizeof(*p.dir) + 127; o += 128)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(e + min(o, (int)sizeof(*p.dir) - 1)));
+}
+
+/*
+ * A full RAW page (its directory entry's codec RAW and size that of block_tokens rows per
+ * section) takes its sections' offsets from the shape instead of from its header: the header's
+ * round trip, after the directory's, held up each batch's first copies, with only three units of
+ * rows in the ring to cover it. A cache's fp16 pages (raw) read 8% slower than staging pages at
+ * (8, 32k); this took 3% of it (bench/NOTES-attention.md, session 57). The header and this head's
+ * table words are loaded with the batch all the same and checked when the next batch loads or
+ * the producer ends; a page they disagree with makes the CTA's outputs NaN, as a bad page does.
+ * Its rows are copied first, from inside the page's own chunks (the directory's size bounds the
+ * offsets).
+ */
+struct raw_check {
+  uint4 h;        /* header bytes [0, 16): magic, version, codec, dtype, n_tokens, H, head_dim */
+  uint32_t total; /* header bytes [24, 28): total_bytes */
+  uint32_t w[4];  /* load_batch's table words: ends of sections kh - 1, kh, H + kh - 1, H + kh */
+  bool pending;   /* this lane's page of the last batch took the shape's offsets */
+};
+
+/* Bytes of a full RAW page, and where its first section starts. */
+__device__ __forceinline__ uint32_t raw_page_start(const params &p) {
+  return kvc_page_sections_start((uint32_t)p.num_kv_heads, KVC_CODEC_RAW);
+}
+template <int HD>
+__device__ __forceinline__ uint32_t raw_page_bytes(const params &p) {
+  return raw_page_start(p) + 2u * (uint32_t)p.num_kv_heads * (uint32_t)p.block_tokens * 2u * HD;
+}
+
+/* Whether this lane's pending page (if any) has the header and table words of a full RAW page of
+ * the launch's shape for head kh. */
+template <int HD>
+__device__ __forceinline__ bool raw_check_ok(const params &p, const raw_check &c, int kh) {
+  if (!c.pending) return true;
+  const uint32_t H = (uint32_t)p.num_kv_heads, bt = (uint32_t)p.block_tokens, S = bt * 2u * HD;
+  const uint32_t k0 = raw_page_start(p) + (uint32_t)kh * S, v0 = k0 + H * S;
+  const uint32_t ver_codec_dtype = KVC_PAGE_VERSION | KVC_CODEC_RAW << 8 | (uint32_t)p.dtype << 16;
+  return c.h.x == KVC_PAGE_MAGIC && (c.h.y & 0xffffffu) == ver_codec_dtype &&
+         c.h.z == (bt | H << 16) && (c.h.w & 0xffffu) == (uint32_t)HD &&
+         c.total == raw_page_bytes<HD>(p) && (kh == 0 || c.w[0] == k0) && c.w[1] == k0 + S &&
+         c.w[2] == v0 && c.w[3] == v0 + S;
+}
+
 /*
  * Loads the metadata of pages [first, first + NP) of the sequence into meta[] / chunks[]
  * (lane i < NP <= 32: page first + i): block id, then the directory entry and its chunk ids,
  * then (compressed pages) the header and this head's two section-table entries. Validates
- * everything the consumers and the copies rely on; a page that fails is PG_BAD. Layouts over
- * units of whole pages (SL::unit_tokens > 64) also get each page's descriptor entry in ents[]
- * and its unit's ring bytes so far in meta[].end.
+ * everything the consumers and the copies rely on; a page that fails is PG_BAD, except that a
+ * full RAW page's header is left to `later` (raw_check). Layouts over units of whole pages
+ * (SL::unit_tokens > 64) also get each page's descriptor entry in ents[] and its unit's ring
+ * bytes so far in meta[].end.
  */
 template <int HD, class SL, bool RUNS>
 __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int kh, int len,
-                           page_meta *meta, uint32_t *chunks, unit_page *ents) {
+                           page_meta *meta, uint32_t *chunks, unit_page *ents, raw_check &later) {
   constexpr int NP = SL::batch, UT = SL::unit_tokens;
   const int lane = threadIdx.x & 31, j = first + lane, H = p.num_kv_heads, bt = p.block_tokens;
   const bool valid = lane < NP && j < nblocks;
   const int bid = valid ? p.block_ids[bi0 + j] : 0;
+  /* SL::fetch_ahead: the next batch's directory entries are prefetched into L2 as soon as their
+   * block ids (loaded with this batch's) arrive, so that the next load_batch finds them there.
+   * Two units later (sessions 7-56) the wait for those ids would also wait for the full RAW
+   * pages' header loads that raw_check leaves in flight (ptxas gives them one scoreboard), and
+   * a shuffle that took the wait here cost staging pages 1-5% (session 57). */
+  int ahead_bid = -1;
+  if constexpr (SL::fetch_ahead)
+    if (lane < NP && j + NP < nblocks) ahead_bid = p.block_ids[bi0 + j + NP];
+  later.pending = false;
   uint2 head = make_uint2(0, 0);
   /* nbytes; kind | nchunks << 8 | codec << 16 | first << 24 */
   if (valid) head = *(const uint2 *)(p.dir + bid);
+  if constexpr (SL::fetch_ahead)
+    if (ahead_bid >= 0) prefetch_dir_entry(p, ahead_bid);
   /* IDS_PER_LANE: the lane's page's chunk ids, two per 8-byte load: the first kFirstIds without
    * waiting for the head (most pages lie in that many chunks), the rest once nchunks is known.
    * The producer shares the SM's shared-memory and load pipes with the consumer warps, so it
@@ -388,47 +450,68 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
       pm.k_bytes = pm.v_bytes = (uint32_t)bt * RB;
     }
   } else if (valid && sized && kind == KVC_PAGE_COMPRESSED && nbytes >= KVC_PAGE_HEADER_BYTES) {
-    /* This head's section-table words: end[kh - 1], end[kh], end[H + kh - 1], end[H + kh]. */
-    const uint32_t tk = KVC_PAGE_HEADER_BYTES + 4u * kh, tv = tk + 4u * H;
-    uint32_t w[4] = {0, 0, 0, 0};
-    const bool table_ok = tv + 4 <= nbytes;
-    const uint8_t *hp = page_addr(p, my, fo);
-    union {
-      uint4 v[2];
-      uint8_t b[32];
-    } raw;
-    raw.v[0] = __ldg((const uint4 *)hp);
-    raw.v[1] = __ldg((const uint4 *)page_addr(p, my, fo + 16)); /* may be in the next chunk */
-    if (table_ok) {
-      if (kh > 0) w[0] = __ldg((const uint32_t *)page_addr(p, my, fo + tk - 4));
-      w[1] = __ldg((const uint32_t *)page_addr(p, my, fo + tk));
-      w[2] = __ldg((const uint32_t *)page_addr(p, my, fo + tv - 4));
-      w[3] = __ldg((const uint32_t *)page_addr(p, my, fo + tv));
-    }
-    kvc_page_header_t h;
-    kvc_page_header_read(raw.b, &h);
-    const uint32_t k0 = kh > 0 ? kvc_align16(w[0]) : kvc_page_sections_start((uint32_t)H, codec);
-    const uint32_t v0 = kvc_align16(w[2]);
-    bool ok = table_ok && h.magic == KVC_PAGE_MAGIC && h.version == KVC_PAGE_VERSION &&
-              h.codec == codec && codec <= KVC_CODEC_HUFFMAN && h.num_kv_heads == H &&
-              h.head_dim == HD && h.n_tokens >= need && h.n_tokens <= bt &&
-              h.total_bytes <= nbytes && k0 <= w[1] && w[1] <= h.total_bytes && v0 <= w[3] &&
-              w[3] <= h.total_bytes;
-    const uint32_t raw_bytes = (uint32_t)h.n_tokens * RB;
-    const uint32_t kb = w[1] - k0, vb = w[3] - v0;
-    if (ok && codec == KVC_CODEC_RAW) {
-      if (h.dtype == (uint32_t)p.dtype && kb >= raw_bytes && vb >= raw_bytes) pm.cls = PG_RAW;
-    } else if (ok) {
-      if (kb >= KVC_QSEC_HEADER_BYTES + 4 && vb >= KVC_QSEC_HEADER_BYTES + 4 && kb <= raw_bytes &&
-          vb <= raw_bytes && kb % 4 == 0 && vb % 4 == 0)
-        pm.cls = codec == KVC_CODEC_BITPACK ? PG_BITPACK : PG_HUFFMAN;
-    }
-    if (pm.cls != PG_BAD) {
-      pm.n_tokens = h.n_tokens;
-      pm.k_off = fo + k0;
-      pm.v_off = fo + v0;
-      pm.k_bytes = kb;
-      pm.v_bytes = vb;
+    if (SL::raw_from_shape && codec == KVC_CODEC_RAW && nbytes == raw_page_bytes<HD>(p)) {
+      /* The header and this head's table words (as below), loaded into `later` and left in
+       * flight: raw_check_ok reads them with the next batch (a copy into other registers here
+       * would wait for them). */
+      auto word = [&](uint32_t o) { return __ldg((const uint32_t *)page_addr(p, my, fo + o)); };
+      const uint32_t tk = KVC_PAGE_HEADER_BYTES + 4u * kh, tv = tk + 4u * H;
+      later.h = __ldg((const uint4 *)page_addr(p, my, fo));
+      later.total = word(24);
+      later.w[0] = kh > 0 ? word(tk - 4) : 0u;
+      later.w[1] = word(tk);
+      later.w[2] = word(tv - 4);
+      later.w[3] = word(tv);
+      later.pending = true;
+      const uint32_t S = (uint32_t)bt * RB;
+      pm.cls = PG_RAW;
+      pm.n_tokens = (uint16_t)bt;
+      pm.k_off = fo + raw_page_start(p) + (uint32_t)kh * S;
+      pm.v_off = pm.k_off + (uint32_t)H * S;
+      pm.k_bytes = pm.v_bytes = S;
+    } else {
+      /* This head's section-table words: end[kh - 1], end[kh], end[H + kh - 1], end[H + kh]. */
+      const uint32_t tk = KVC_PAGE_HEADER_BYTES + 4u * kh, tv = tk + 4u * H;
+      uint32_t w[4] = {0, 0, 0, 0};
+      const bool table_ok = tv + 4 <= nbytes;
+      const uint8_t *hp = page_addr(p, my, fo);
+      union {
+        uint4 v[2];
+        uint8_t b[32];
+      } raw;
+      raw.v[0] = __ldg((const uint4 *)hp);
+      raw.v[1] = __ldg((const uint4 *)page_addr(p, my, fo + 16)); /* may be in the next chunk */
+      if (table_ok) {
+        if (kh > 0) w[0] = __ldg((const uint32_t *)page_addr(p, my, fo + tk - 4));
+        w[1] = __ldg((const uint32_t *)page_addr(p, my, fo + tk));
+        w[2] = __ldg((const uint32_t *)page_addr(p, my, fo + tv - 4));
+        w[3] = __ldg((const uint32_t *)page_addr(p, my, fo + tv));
+      }
+      kvc_page_header_t h;
+      kvc_page_header_read(raw.b, &h);
+      const uint32_t k0 = kh > 0 ? kvc_align16(w[0]) : kvc_page_sections_start((uint32_t)H, codec);
+      const uint32_t v0 = kvc_align16(w[2]);
+      bool ok = table_ok && h.magic == KVC_PAGE_MAGIC && h.version == KVC_PAGE_VERSION &&
+                h.codec == codec && codec <= KVC_CODEC_HUFFMAN && h.num_kv_heads == H &&
+                h.head_dim == HD && h.n_tokens >= need && h.n_tokens <= bt &&
+                h.total_bytes <= nbytes && k0 <= w[1] && w[1] <= h.total_bytes && v0 <= w[3] &&
+                w[3] <= h.total_bytes;
+      const uint32_t raw_bytes = (uint32_t)h.n_tokens * RB;
+      const uint32_t kb = w[1] - k0, vb = w[3] - v0;
+      if (ok && codec == KVC_CODEC_RAW) {
+        if (h.dtype == (uint32_t)p.dtype && kb >= raw_bytes && vb >= raw_bytes) pm.cls = PG_RAW;
+      } else if (ok) {
+        if (kb >= KVC_QSEC_HEADER_BYTES + 4 && vb >= KVC_QSEC_HEADER_BYTES + 4 && kb <= raw_bytes &&
+            vb <= raw_bytes && kb % 4 == 0 && vb % 4 == 0)
+          pm.cls = codec == KVC_CODEC_BITPACK ? PG_BITPACK : PG_HUFFMAN;
+      }
+      if (pm.cls != PG_BAD) {
+        pm.n_tokens = h.n_tokens;
+        pm.k_off = fo + k0;
+        pm.v_off = fo + v0;
+        pm.k_bytes = kb;
+        pm.v_bytes = vb;
+      }
     }
   }
   pm.end = 0;
@@ -469,14 +552,6 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
   __syncwarp();
 }
 
-/* Fetches the directory entry of block `bid` (its head and chunk ids) into L2. */
-__device__ __forceinline__ void prefetch_dir_entry(const params &p, int bid) {
-  const uint8_t *e = (const uint8_t *)(p.dir + bid);
-#pragma unroll
-  for (int o = 0; o < (int)sizeof(*p.dir) + 127; o += 128)
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(e + min(o, (int)sizeof(*p.dir) - 1)));
-}
-
 /* One thread: copies page bytes [src_off, src_off + align16(bytes)) to shared address dst with
  * bulk copies that complete on mbarrier `bar`, one per chunk, or with RUNS (produce) one per
  * run of chunks (`runs`: page_meta::runs); returns the bytes, for the barrier's expected
@@ -514,7 +589,7 @@ __device__ __forceinline__ uint32_t copy_bulk(const params &p, const uint32_t *c
  * then block_tokens is 32 or 64, so a unit holds at most kMaxUnitPages pages)). RUNS: the
  * batches build page_meta::runs and the copies follow them (produce's choice). */
 template <int HD, class SL, bool RUNS>
-__device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
+__device__ bool producer(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
                          int u_end) {
   constexpr int kSlots = SL::slots;
   static_assert(kSlots <= 32, "one lane per slot holds its ring offset");
@@ -532,10 +607,8 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
   constexpr int NP = SL::batch;
   static_assert(NP <= 32, "one lane per page of the metadata batch");
   int batch = -1 - NP; /* first page of the loaded batch */
-  /* SL::fetch_ahead: lane i < NP holds the block id of page batch + NP + i, loaded with
-   * the batch; a unit later (the load has returned) its directory entry is prefetched into L2, so
-   * that the next load_batch finds it there. */
-  int next_bid = -1, ahead = 0;
+  raw_check later = {};
+  bool bad_header = false; /* a page of an earlier batch failed raw_check_ok */
   /* Units [rel, k) are live (attention/kvc_attn_ring.h); lane s holds the ring offset of slot
    * s's unit. Slots and barrier phases are counted, not divided out. */
   kvc_attn_ring_t rg = {0, 0, 0};
@@ -559,12 +632,8 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
     const int npg = bt >= UT ? 1 : min(UT >> bt_lg, nblocks - jf);
     if (jf + npg > batch + NP) {
       batch = jf;
-      load_batch<HD, SL, RUNS>(p, batch, nblocks, bi0, kh, len, meta, chunks, ents);
-      if constexpr (SL::fetch_ahead) {
-        const int j = batch + NP + lane;
-        next_bid = lane < NP && j < nblocks ? p.block_ids[bi0 + j] : -1;
-        ahead = 2;
-      }
+      if constexpr (SL::raw_from_shape) bad_header |= !raw_check_ok<HD>(p, later, kh);
+      load_batch<HD, SL, RUNS>(p, batch, nblocks, bi0, kh, len, meta, chunks, ents, later);
     }
     /* Lane s < 2 npg takes section s of the unit: page s / 2, its K (even s) or V (odd s), so
      * that the unit's copies and page entries take one pass of the warp rather than one per page
@@ -658,24 +727,24 @@ __device__ void producer(const params &p, uint8_t *smem, int seq, int kh, int le
     /* Every lane arrives (each arrive releases the lane's writes to the descriptor); the copies
      * complete the phase by their byte count. */
     mbar_arrive(bars + 8 * slot);
-    if constexpr (SL::fetch_ahead)
-      if (ahead && --ahead == 0 && next_bid >= 0) prefetch_dir_entry(p, next_bid);
   }
+  if constexpr (!SL::raw_from_shape) return false;
+  return __any_sync(0xffffffffu, bad_header || !raw_check_ok<HD>(p, later, kh));
 }
 
 /* The producer warp's loop, in the form for the launch's pool: the runs of chunks where its
  * layout builds them (ids per lane) and its chunks are below kRunChunkBytes. Two copies of the
  * loop rather than a test per copy: looking for runs cost bit-pack 1.0-1.6% over large chunks
- * (bench/NOTES-capacity.md, session 51) although those never take them. */
+ * (bench/NOTES-capacity.md, session 51) although those never take them. Returns whether a page
+ * failed its later header check (raw_check, SL::raw_from_shape only): the CTA's outputs must
+ * then be NaN. */
 template <int HD, class SL>
-__device__ void produce(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
+__device__ bool produce(const params &p, uint8_t *smem, int seq, int kh, int len, int u_begin,
                         int u_end) {
   if constexpr (SL::ids_per_lane)
-    if (p.chunk_bytes < kRunChunkBytes) {
-      producer<HD, SL, true>(p, smem, seq, kh, len, u_begin, u_end);
-      return;
-    }
-  producer<HD, SL, false>(p, smem, seq, kh, len, u_begin, u_end);
+    if (p.chunk_bytes < kRunChunkBytes)
+      return producer<HD, SL, true>(p, smem, seq, kh, len, u_begin, u_end);
+  return producer<HD, SL, false>(p, smem, seq, kh, len, u_begin, u_end);
 }
 
 /* ---- consumers ------------------------------------------------------------------------------- */
@@ -940,7 +1009,7 @@ __global__ void __launch_bounds__(threads_of<WM>(), (min_ctas_per_sm<HD, WM>()))
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   bool bad = false;
   if (warp == kConsumerWarps) {
-    produce<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
+    produce<HD, SL>(p, smem, seq, kh, len, u_begin, u_end); /* v2's layouts: never bad */
   } else {
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;

@@ -233,6 +233,11 @@ struct v3_layout : v3_tail_of<HD, UT, CPS> {
    * 64-token instance only (fp16 pages' launches, bound by DRAM), since every change to the
    * producer's code moves the compressed instances' times by ptxas's allocation alone. */
   static constexpr bool fetch_ahead = UT == kUnitTokens;
+  /* Full RAW pages take their sections' offsets from the launch's shape and have their headers
+   * checked a batch later (raw_check), in the same instance only: the other instances' code
+   * stays as it was (their pages are compressed, and the change cost bit-pack 1-2% by ptxas's
+   * allocation alone, bench/NOTES-attention.md, session 57). */
+  static constexpr bool raw_from_shape = UT == kUnitTokens;
   static constexpr bool ids_per_lane = true; /* load_batch */
   /* Bytes after each compressed section that no copy writes: load_run reads up to one word past
    * a section's last code word (masked off), so it needs no clamp per load. */
@@ -1603,7 +1608,8 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
   int e_o = 0, w_o = 0;
   bool bad = LO4 && entries - e0 > 4; /* a tile LO4 cannot take: NaN rather than wrong values */
   if (warp == NW) {
-    produce<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
+    const bool late_bad = produce<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
+    if constexpr (SL::raw_from_shape) bad |= late_bad;
   } else {
 #pragma unroll
     for (int mt = 0; mt < HD / 16; mt++)

@@ -191,6 +191,7 @@ struct v3h_layout : v3_after_ring<HD, v3h_ring_bytes<HD, CPS, W>(), kBatch, 0, W
   static constexpr int RB = 2 * HD;
   static constexpr int tile = kUnitTokens * RB;
   static constexpr bool fetch_ahead = false; /* producer: see v3_layout */
+  static constexpr bool raw_from_shape = false; /* load_batch: see v3_layout */
   static constexpr bool ids_per_lane = false; /* load_batch: its Huffman pages ran slower */
   static constexpr int slack = v3_layout<HD>::slack;
   static constexpr int unit_tokens = kUnitTokens;

@@ -23,13 +23,15 @@
  * printed at the end. Extra v3 cases: every bit-pack width (bounds sweep, generic path for width 0
  * and > 8), Huffman pages reaching v3's instance without Huffman -> NaN rows, a damaged section
  * header -> NaN rows, a damaged page header -> NaN rows (in each place of a unit of whole pages,
- * blocks of 32 and 64); v3's Huffman instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols
- * with extra bits and codes longer than its table (checked to occur), short tails, and damaged
- * Huffman sections (a code length, stream bits) -> NaN rows on v2 and v3; pages coded with absolute
- * bounds (both codecs, checked to occur) on v2, v3 and v3's Huffman instance; launches large enough
- * for v3's units of two pages; bit-pack pages at the library's default bounds (4-bit keys and 3-bit
- * values, checked to occur). Skips cleanly where there is no GPU. KVC_TEST_SCALE scales the
- * lengths; KVC_TEST_FILTER selects tests by name (cmocka pattern).
+ * blocks of 32 and 64; raw pages, whose headers the producer checks after their copies, in the
+ * first and the last metadata batch, and a section table that disagrees with the raw shape); v3's
+ * Huffman instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols with extra bits and codes
+ * longer than its table (checked to occur), short tails, and damaged Huffman sections (a code
+ * length, stream bits) -> NaN rows on v2 and v3; pages coded with absolute bounds (both codecs,
+ * checked to occur) on v2, v3 and v3's Huffman instance; launches large enough for v3's units of
+ * two pages; bit-pack pages at the library's default bounds (4-bit keys and 3-bit values, checked
+ * to occur). Skips cleanly where there is no GPU. KVC_TEST_SCALE scales the lengths;
+ * KVC_TEST_FILTER selects tests by name (cmocka pattern).
  */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -1013,28 +1015,38 @@ static void expect_head1_nan(const gpu_case_t *c, const host_case_t *h, const de
   }
 }
 
+/* Sequence 2's only full block (host_setup pins it), a page of `codec`, gets `damage`; then
+ * expect_head1_nan under `mask`. */
+static void head1_damage_case(unsigned kind, uint32_t codec, uint32_t mask, uint64_t seed,
+                              void (*damage)(host_case_t *h, kvc_page_entry_t *e)) {
+  gpu_case_t c = {3, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 1, kind, 0, seed};
+  host_case_t h;
+  dev_case_t d;
+  host_setup(&c, &h);
+  kvc_page_entry_t *e = &h.tp.dir[h.tp.block_ids[h.tp.block_indptr[2]]];
+  assert_int_equal(e->kind, KVC_PAGE_COMPRESSED);
+  assert_int_equal(e->codec, codec);
+  damage(&h, e);
+  dev_setup(&h, &d);
+  expect_head1_nan(&c, &h, &d, mask);
+  dev_teardown(&d);
+  host_teardown(&h);
+}
+
+/* Head 1's V section header gets mode 7. */
+static void bad_section_mode(host_case_t *h, kvc_page_entry_t *e) {
+  const uint32_t idx = 2 + 1; /* tensor 1 * H + head 1 */
+  const uint32_t start =
+      kvc_align16(kvc_rd_u32(kvc_page_byte(h->tp.pool, h->tp.chunk_bytes, e, 32 + 4 * (idx - 1))));
+  *kvc_page_byte(h->tp.pool, h->tp.chunk_bytes, e, start) = 7;
+}
+
 /* A bit-pack section whose header is inconsistent (the page header and table are intact, so only
  * the consumer's section check can catch it) makes the rows that read it NaN, on v2 and v3. */
 static void corrupt_section_gives_nan(void **state) {
   (void)state;
   if (!have_gpu()) skip();
-  gpu_case_t c = {3, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 1, KVC_TEST_PAGE_BITPACK, 0, 7200};
-  host_case_t h;
-  dev_case_t d;
-  host_setup(&c, &h);
-  /* Sequence 2 has exactly one full block (host_setup pins it): head 1's V section gets mode 7. */
-  const int32_t bid = h.tp.block_ids[h.tp.block_indptr[2]];
-  kvc_page_entry_t *e = &h.tp.dir[bid];
-  assert_int_equal(e->kind, KVC_PAGE_COMPRESSED);
-  assert_int_equal(e->codec, KVC_CODEC_BITPACK);
-  const uint32_t idx = 2 + 1; /* tensor 1 * H + head 1 */
-  const uint32_t start =
-      kvc_align16(kvc_rd_u32(kvc_page_byte(h.tp.pool, h.tp.chunk_bytes, e, 32 + 4 * (idx - 1))));
-  *kvc_page_byte(h.tp.pool, h.tp.chunk_bytes, e, start) = 7;
-  dev_setup(&h, &d);
-  expect_head1_nan(&c, &h, &d, kNoHuffman);
-  dev_teardown(&d);
-  host_teardown(&h);
+  head1_damage_case(KVC_TEST_PAGE_BITPACK, KVC_CODEC_BITPACK, kNoHuffman, 7200, bad_section_mode);
 }
 
 /* ---- Huffman sections, read on the host ---- */
@@ -1321,18 +1333,18 @@ static void kernel_choice(void **state) {
 /* A page whose header fails its checks turns the rows that read it into NaN, never into numbers;
  * sequences that do not read it are unaffected. With max_q 1 (decode) and 40 (v2's instances of
  * one CTA per SM, whose warps skip a bad unit together and decode the next one). */
-/* Sequence 2 (one full block, or two and two tokens with `two`) gets full block `blk`'s page
- * magic broken; its rows come out NaN on v2 and on v3 under `mask`, the rows before it stay within
- * the tolerance. */
-static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, bool two, int blk, int max_q,
+/* Sequence 2 (one full block, or nblk - 1 and two tokens) gets full block `blk`'s page magic
+ * broken; its rows come out NaN on v2 and on v3 under `mask`, the rows before it stay within the
+ * tolerance. */
+static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, int nblk, int blk, int max_q,
                               uint64_t seed) {
   gpu_case_t c = {3, 8, 2, 128, bt, KVC_DTYPE_F16, 300, max_q, kind, 0, seed};
-  c.min_len = two ? 2 * bt + 2 : 0;
+  c.min_len = nblk > 1 ? (nblk - 1) * bt + 2 : 0;
   host_case_t h;
   dev_case_t d;
   host_setup(&c, &h);
   const int32_t b0 = h.tp.block_indptr[2];
-  assert_int_equal(h.tp.block_indptr[3] - b0, two ? 3 : 1); /* host_setup pins its length */
+  assert_int_equal(h.tp.block_indptr[3] - b0, nblk); /* host_setup pins its length */
   kvc_page_entry_t *e = &h.tp.dir[h.tp.block_ids[b0 + blk]];
   assert_int_equal(e->kind, KVC_PAGE_COMPRESSED);
   *kvc_page_byte(h.tp.pool, h.tp.chunk_bytes, e, 0) ^= 0x01;
@@ -1356,14 +1368,34 @@ static void corrupt_page_gives_nan(void **state) {
   (void)state;
   if (!have_gpu()) skip();
   /* Every codec allowed (decode: v3's Huffman instance, one page per unit). */
-  corrupt_page_case(64, KVC_TEST_PAGE_HUFFMAN, kAllCodecs, false, 0, 1, 7000);
-  corrupt_page_case(64, KVC_TEST_PAGE_HUFFMAN, kAllCodecs, false, 0, 40, 7001);
+  corrupt_page_case(64, KVC_TEST_PAGE_HUFFMAN, kAllCodecs, 1, 0, 1, 7000);
+  corrupt_page_case(64, KVC_TEST_PAGE_HUFFMAN, kAllCodecs, 1, 0, 40, 7001);
   /* Bit-pack pages without Huffman (decode: units of whole pages, whose entries the producer
    * builds with its metadata batch): the bad page alone, the last of its unit's two, and in the
    * middle of a unit of 32-token pages. */
-  corrupt_page_case(64, KVC_TEST_PAGE_BITPACK, kNoHuffman, false, 0, 1, 7002);
-  corrupt_page_case(64, KVC_TEST_PAGE_BITPACK, kNoHuffman, true, 1, 1, 7003);
-  corrupt_page_case(32, KVC_TEST_PAGE_BITPACK, kNoHuffman, true, 1, 1, 7004);
+  corrupt_page_case(64, KVC_TEST_PAGE_BITPACK, kNoHuffman, 1, 0, 1, 7002);
+  corrupt_page_case(64, KVC_TEST_PAGE_BITPACK, kNoHuffman, 3, 1, 1, 7003);
+  corrupt_page_case(32, KVC_TEST_PAGE_BITPACK, kNoHuffman, 3, 1, 1, 7004);
+  /* Raw pages, whose rows the producer copies before it checks their header (with the next
+   * metadata batch, or at its end): the bad page in the only batch, and in the first of two (21
+   * blocks of 16 tokens; batches of 16 pages). */
+  corrupt_page_case(64, KVC_TEST_PAGE_RAW, kRowsOnly, 1, 0, 1, 7005);
+  corrupt_page_case(16, KVC_TEST_PAGE_RAW, kRowsOnly, 21, 0, 1, 7006);
+  corrupt_page_case(16, KVC_TEST_PAGE_RAW, kRowsOnly, 21, 19, 1, 7007);
+}
+
+/* The end of head 1's V section (table word 3 of 2 kv heads), read by head 1 alone, moved. */
+static void bad_raw_table(host_case_t *h, kvc_page_entry_t *e) {
+  *kvc_page_byte(h->tp.pool, h->tp.chunk_bytes, e, KVC_PAGE_HEADER_BYTES + 4 * 3) ^= 0x40;
+}
+
+/* A raw page whose section table disagrees with its shape where only kv head 1 reads it makes
+ * head 1's rows NaN, though its header is intact and the producer took the rows' offsets from the
+ * shape. */
+static void raw_table_damage_gives_nan(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  head1_damage_case(KVC_TEST_PAGE_RAW, KVC_CODEC_RAW, kRowsOnly, 7210, bad_raw_table);
 }
 
 int main(void) {
@@ -1371,13 +1403,13 @@ int main(void) {
       cmocka_unit_test(sweep_sizes_and_gqa),   cmocka_unit_test(head_dims_dtypes_block_sizes),
       cmocka_unit_test(multi_query_causal),    cmocka_unit_test(page_kinds_and_sharing),
       cmocka_unit_test(long_context_splits),   cmocka_unit_test(unsupported_shapes),
-      cmocka_unit_test(corrupt_page_gives_nan),   cmocka_unit_test(v3_bitpack_widths),
-      cmocka_unit_test(v3_huffman_page_gives_nan), cmocka_unit_test(corrupt_section_gives_nan),
-      cmocka_unit_test(v3_huffman_layouts),    cmocka_unit_test(huffman_damage_gives_nan),
-      cmocka_unit_test(absolute_bound_pages),  cmocka_unit_test(claimed_items),
-      cmocka_unit_test(cascade_prefix_groups), cmocka_unit_test(bf16_queries_beyond_fp16),
-      cmocka_unit_test(kernel_choice),         cmocka_unit_test(default_bound_pages),
-      cmocka_unit_test(many_sequences),
+      cmocka_unit_test(corrupt_page_gives_nan),   cmocka_unit_test(raw_table_damage_gives_nan),
+      cmocka_unit_test(v3_bitpack_widths),        cmocka_unit_test(v3_huffman_page_gives_nan),
+      cmocka_unit_test(corrupt_section_gives_nan), cmocka_unit_test(v3_huffman_layouts),
+      cmocka_unit_test(huffman_damage_gives_nan), cmocka_unit_test(absolute_bound_pages),
+      cmocka_unit_test(claimed_items),            cmocka_unit_test(cascade_prefix_groups),
+      cmocka_unit_test(bf16_queries_beyond_fp16), cmocka_unit_test(kernel_choice),
+      cmocka_unit_test(default_bound_pages),      cmocka_unit_test(many_sequences),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

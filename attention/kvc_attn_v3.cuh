@@ -229,7 +229,7 @@ struct v3_layout : v3_tail_of<HD, UT, CPS> {
   using A::slots;
   using A::threads;
   using A::warps;
-  /* The producer prefetches the next metadata batch's directory entries (producer()): for the
+  /* The producer prefetches the next metadata batch's directory entries (load_batch): for the
    * 64-token instance only (fp16 pages' launches, bound by DRAM), since every change to the
    * producer's code moves the compressed instances' times by ptxas's allocation alone. */
   static constexpr bool fetch_ahead = UT == kUnitTokens;

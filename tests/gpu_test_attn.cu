@@ -23,15 +23,14 @@
  * printed at the end. Extra v3 cases: every bit-pack width (bounds sweep, generic path for width 0
  * and > 8), Huffman pages reaching v3's instance without Huffman -> NaN rows, a damaged section
  * header -> NaN rows, a damaged page header -> NaN rows (in each place of a unit of whole pages,
- * blocks of 32 and 64; raw pages, whose headers the producer checks after their copies, in the
- * first and the last metadata batch, and a section table that disagrees with the raw shape); v3's
- * Huffman instance on blocks of 16, 32, 64 and 128 tokens, bf16, symbols with extra bits and codes
- * longer than its table (checked to occur), short tails, and damaged Huffman sections (a code
- * length, stream bits) -> NaN rows on v2 and v3; pages coded with absolute bounds (both codecs,
- * checked to occur) on v2, v3 and v3's Huffman instance; launches large enough for v3's units of
- * two pages; bit-pack pages at the library's default bounds (4-bit keys and 3-bit values, checked
- * to occur). Skips cleanly where there is no GPU. KVC_TEST_SCALE scales the lengths;
- * KVC_TEST_FILTER selects tests by name (cmocka pattern).
+ * blocks of 32 and 64; raw pages, whose headers the producer checks after their copies, and a
+ * section table that disagrees with the raw shape); v3's Huffman instance on blocks of 16, 32, 64
+ * and 128 tokens, bf16, symbols with extra bits and codes longer than its table (checked to occur),
+ * short tails, and damaged Huffman sections (a code length, stream bits) -> NaN rows on v2 and v3;
+ * pages coded with absolute bounds (both codecs, checked to occur) on v2, v3 and v3's Huffman
+ * instance; launches large enough for v3's units of two pages; bit-pack pages at the library's
+ * default bounds (4-bit keys and 3-bit values, checked to occur). Skips cleanly where there is no
+ * GPU. KVC_TEST_SCALE scales the lengths; KVC_TEST_FILTER selects tests by name (cmocka pattern).
  */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -1377,8 +1376,10 @@ static void corrupt_page_gives_nan(void **state) {
   corrupt_page_case(64, KVC_TEST_PAGE_BITPACK, kNoHuffman, 3, 1, 1, 7003);
   corrupt_page_case(32, KVC_TEST_PAGE_BITPACK, kNoHuffman, 3, 1, 1, 7004);
   /* Raw pages, whose rows the producer copies before it checks their header (with the next
-   * metadata batch, or at its end): the bad page in the only batch, and in the first of two (21
-   * blocks of 16 tokens; batches of 16 pages). */
+   * metadata batch, or at its end): a 64-token page, and the first and the 20th of 21 pages of 16
+   * tokens. This launch splits each sequence into CTAs of one 64-token unit (4 pages, one batch),
+   * so every check here is the producer's last; the check at a later batch's load runs on good
+   * pages only (the longer cases with raw pages). */
   corrupt_page_case(64, KVC_TEST_PAGE_RAW, kRowsOnly, 1, 0, 1, 7005);
   corrupt_page_case(16, KVC_TEST_PAGE_RAW, kRowsOnly, 21, 0, 1, 7006);
   corrupt_page_case(16, KVC_TEST_PAGE_RAW, kRowsOnly, 21, 19, 1, 7007);

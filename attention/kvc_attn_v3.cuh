@@ -1609,6 +1609,8 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
   bool bad = LO4 && entries - e0 > 4; /* a tile LO4 cannot take: NaN rather than wrong values */
   if (warp == NW) {
     const bool late_bad = produce<HD, SL>(p, smem, seq, kh, len, u_begin, u_end);
+    /* Only where it can be true: folding a constant false into `bad` reordered the other
+     * instances' code (bench/NOTES-attention.md, session 57). */
     if constexpr (SL::raw_from_shape) bad |= late_bad;
   } else {
 #pragma unroll

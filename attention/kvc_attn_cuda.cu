@@ -349,11 +349,13 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
   const int lane = threadIdx.x & 31, j = first + lane, H = p.num_kv_heads, bt = p.block_tokens;
   const bool valid = lane < NP && j < nblocks;
   const int bid = valid ? p.block_ids[bi0 + j] : 0;
-  /* SL::fetch_ahead: the next batch's directory entries are prefetched into L2 as soon as their
-   * block ids (loaded with this batch's) arrive, so that the next load_batch finds them there.
-   * Two units later (sessions 7-56) the wait for those ids would also wait for the full RAW
-   * pages' header loads that raw_check leaves in flight (ptxas gives them one scoreboard), and
-   * a shuffle that took the wait here cost staging pages 1-5% (session 57). */
+  /* SL::fetch_ahead: the next batch's block ids are loaded with this batch's and their directory
+   * entries prefetched into L2 once this batch's chunk ids are in, so that the next load_batch
+   * finds them there. Two units later (sessions 7-56) the wait for those ids would also wait for
+   * the full RAW pages' header loads that raw_check leaves in flight (ptxas gives them one
+   * scoreboard); right after this batch's directory load, the prefetch held up its chunk ids
+   * (staging pages +1.9% at head_dim 256, session 57; bench/NOTES-attention.md, session 58). */
+  static_assert(!SL::fetch_ahead || SL::ids_per_lane, "the prefetch follows the ids per lane");
   int ahead_bid = -1;
   if constexpr (SL::fetch_ahead)
     if (lane < NP && j + NP < nblocks) ahead_bid = p.block_ids[bi0 + j + NP];
@@ -361,8 +363,6 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
   uint2 head = make_uint2(0, 0);
   /* nbytes; kind | nchunks << 8 | codec << 16 | first << 24 */
   if (valid) head = *(const uint2 *)(p.dir + bid);
-  if constexpr (SL::fetch_ahead)
-    if (ahead_bid >= 0) prefetch_dir_entry(p, ahead_bid);
   /* IDS_PER_LANE: the lane's page's chunk ids, two per 8-byte load: the first kFirstIds without
    * waiting for the head (most pages lie in that many chunks), the rest once nchunks is known.
    * The producer shares the SM's shared-memory and load pipes with the consumer warps, so it
@@ -407,6 +407,8 @@ __device__ void load_batch(const params &p, int first, int nblocks, int bi0, int
       const int n = min((int)((head.y >> 8) & 0xffu), KVC_PAGE_MAX_CHUNKS);
       for (int c = kFirstIds; c < n; c += kFirstIds) copy_ids(c);
     }
+    if constexpr (SL::fetch_ahead)
+      if (ahead_bid >= 0) prefetch_dir_entry(p, ahead_bid);
   } else {
     uint32_t cv[2 * NP];
 #pragma unroll

@@ -1333,8 +1333,8 @@ static void kernel_choice(void **state) {
  * sequences that do not read it are unaffected. With max_q 1 (decode) and 40 (v2's instances of
  * one CTA per SM, whose warps skip a bad unit together and decode the next one). */
 /* Sequence 2 (one full block, or nblk - 1 and two tokens) gets full block `blk`'s page magic
- * broken; its rows come out NaN on v2 and on v3 under `mask`, the rows before it stay within the
- * tolerance. */
+ * broken; its rows come out NaN on v2 and on v3 under `mask`, each with the split workspace and
+ * without, and the rows before it stay within the tolerance. */
 static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, int nblk, int blk, int max_q,
                               uint64_t seed) {
   gpu_case_t c = {3, 8, 2, 128, bt, KVC_DTYPE_F16, 300, max_q, kind, 0, seed};
@@ -1350,9 +1350,13 @@ static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, int nblk, in
   dev_setup(&h, &d);
   const size_t per_row = (size_t)c.num_q_heads * c.head_dim;
   const size_t r2 = (size_t)h.qo_indptr[2], r3 = (size_t)h.qo_indptr[3];
-  for (int v = 0; v < 2; v++) { /* v2, then `mask` */
+  for (int v = 0; v < 4; v++) { /* v2, then `mask`; with the split workspace, then without */
     kvc_attn_args_t a = d.args;
-    a.codec_mask = v ? mask : 0;
+    a.codec_mask = v & 1 ? mask : 0;
+    if (v >= 2) { /* one CTA per sequence and head: its pages in ceil(n / 16) metadata batches */
+      a.workspace = NULL;
+      a.workspace_bytes = 0;
+    }
     uint16_t *out = run_gpu(&d, &a);
     for (size_t i = r2 * per_row; i < r3 * per_row; i++)
       assert_true(isnan(to_float(c.dtype, out[i])));
@@ -1377,9 +1381,10 @@ static void corrupt_page_gives_nan(void **state) {
   corrupt_page_case(32, KVC_TEST_PAGE_BITPACK, kNoHuffman, 3, 1, 1, 7004);
   /* Raw pages, whose rows the producer copies before it checks their header (with the next
    * metadata batch, or at its end): a 64-token page, and the first and the 20th of 21 pages of 16
-   * tokens. This launch splits each sequence into CTAs of one 64-token unit (4 pages, one batch),
-   * so every check here is the producer's last; the check at a later batch's load runs on good
-   * pages only (the longer cases with raw pages). */
+   * tokens. With the workspace the launch splits each sequence into CTAs of one 64-token unit (4
+   * pages, one batch), so the producer's last check catches the page; without it one CTA reads
+   * the 21 pages in batches of 16 and 5, and the first page is caught when the second batch
+   * loads. */
   corrupt_page_case(64, KVC_TEST_PAGE_RAW, kRowsOnly, 1, 0, 1, 7005);
   corrupt_page_case(16, KVC_TEST_PAGE_RAW, kRowsOnly, 21, 0, 1, 7006);
   corrupt_page_case(16, KVC_TEST_PAGE_RAW, kRowsOnly, 21, 19, 1, 7007);

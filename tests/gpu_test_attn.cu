@@ -1353,7 +1353,7 @@ static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, int nblk, in
   for (int v = 0; v < 4; v++) { /* v2, then `mask`; with the split workspace, then without */
     kvc_attn_args_t a = d.args;
     a.codec_mask = v & 1 ? mask : 0;
-    if (v >= 2) { /* one CTA per sequence and head: its pages in ceil(n / 16) metadata batches */
+    if (v >= 2) { /* no splits: one CTA per sequence and kv head reads all of its pages */
       a.workspace = NULL;
       a.workspace_bytes = 0;
     }

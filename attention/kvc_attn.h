@@ -100,6 +100,15 @@ typedef struct kvc_attn_args {
    * compressed pages the reference uses exactly, as the codec's float, instead of rounded to
    * `dtype`. The CUDA kernels ignore it (see kvc_attn_cpu for which values each one rounds). */
   uint32_t ref_exact_codecs;
+
+  /* Optional (appended; 0 when unknown): nonzero when few of this layer's pages are expected to
+   * be Huffman coded although codec_mask allows them beside bit-pack (a per-page codec policy
+   * whose pages came out bit-pack). At head_dim 64 and 128 the CUDA decode kernel v3 then runs
+   * in two passes over the same CTAs: its instance without Huffman, where a CTA that meets a
+   * Huffman page writes nothing, then its Huffman instance, whose CTAs run only where their pages
+   * include one (the others exit). Speed only: either way the result is the same attention. The
+   * CPU reference ignores it. */
+  int huffman_rare;
 } kvc_attn_args_t;
 
 /*
@@ -130,7 +139,8 @@ size_t kvc_attn_cuda_workspace_bytes(int max_q_rows, int num_q_heads, int head_d
 kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream);
 
 /* The kernel kvc_attn_cuda runs for a's launch without a cascade: 0 v2, 1 v3, 2 v3's Huffman
- * instance; -1 for shapes it does not take. For tests and benchmarks, which report per kernel. */
+ * instance, 3 both in two passes (huffman_rare); -1 for shapes it does not take. For tests and
+ * benchmarks, which report per kernel. */
 int kvc_attn_cuda_kernel(const kvc_attn_args_t *a);
 
 /* Whether the CUDA launcher expects a cascade over a's prefix groups to be faster than every

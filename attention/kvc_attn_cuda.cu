@@ -175,6 +175,11 @@ struct params {
   /* Added to every query row's position: 0 (causal), or the rows - 1 of a cascade's prefix
    * launch, whose one sequence's rows then all sit at or past its last token and see all of it. */
   int pos_shift;
+  /* A v3 launch in two passes (kvc_attn_args_t.huffman_rare): 0 none; 1 the instance without
+   * Huffman, whose CTAs that meet a Huffman page write nothing; 2 the Huffman instance over pass
+   * 1's grid and ranges (units of kUnitTokens << range_lg tokens there), only its CTAs whose pages
+   * include a Huffman page (v3_pass2_range). */
+  int huf_pass, range_lg;
   float scale_log2;
 };
 
@@ -1278,24 +1283,28 @@ kvc_status_t launch_with(void (*kernel)(const params), int threads, int smem, pa
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess)
     return KVC_ERR_CUDA;
   if (per_sm < 1) return KVC_ERR_UNSUPPORTED;
-  int ns = choose_splits(sh.base_ctas, sh.units_max, sms * per_sm);
-  if (ns > sh.max_splits) ns = sh.max_splits;
-  const int ups = (sh.units_max + ns - 1) / ns;
-  ns = (sh.units_max + ups - 1) / ups;
-  const long ctas = sh.base_ctas * ns;
-  if (ctas > 0x7fffffffL) return KVC_ERR_UNSUPPORTED;
-  p.nsplits = ns;
-  p.units_per_split = ups;
-  p.num_seqs = sh.num_seqs;
-  p.units_max = sh.units_max;
-  /* One wave of two CTAs per SM, some SMs holding two: the splits that enter first take more
-   * units (split_range). */
-  const bool two_placements = per_sm == 2 && ns > 1 && ctas > sms && ctas <= 2L * sms;
-  p.first_ctas = two_placements && p.first_w != 64 ? sms : 0;
-  if (ns == 1 && !sh.partial) p.ws_lse = NULL; /* the CTAs write `out` */
-  kernel<<<(unsigned)ctas, threads, smem, stream>>>(p);
+  if (p.huf_pass != 2) { /* pass 2 takes pass 1's grid and ranges as p holds them */
+    int ns = choose_splits(sh.base_ctas, sh.units_max, sms * per_sm);
+    if (ns > sh.max_splits) ns = sh.max_splits;
+    const int ups = (sh.units_max + ns - 1) / ns;
+    ns = (sh.units_max + ups - 1) / ups;
+    if (sh.base_ctas * ns > 0x7fffffffL) return KVC_ERR_UNSUPPORTED;
+    p.nsplits = ns;
+    p.units_per_split = ups;
+    p.num_seqs = sh.num_seqs;
+    p.units_max = sh.units_max;
+    /* One wave of two CTAs per SM, some SMs holding two: the splits that enter first take more
+     * units (split_range). */
+    const long ctas = sh.base_ctas * ns;
+    const bool two_placements = per_sm == 2 && ns > 1 && ctas > sms && ctas <= 2L * sms;
+    p.first_ctas = two_placements && p.first_w != 64 ? sms : 0;
+    if (ns == 1 && !sh.partial) p.ws_lse = NULL; /* the CTAs write `out` */
+  }
+  kernel<<<(unsigned)(sh.base_ctas * p.nsplits), threads, smem, stream>>>(p);
   if (cudaGetLastError() != cudaSuccess) return KVC_ERR_CUDA;
-  return ns > 1 && !sh.partial ? launch_combine<HD, T>(p, stream) : KVC_OK;
+  /* After pass 1 the caller runs pass 2, then the combine. */
+  return p.nsplits > 1 && !sh.partial && p.huf_pass != 1 ? launch_combine<HD, T>(p, stream)
+                                                          : KVC_OK;
 }
 
 template <int HD, class T, int WM>
@@ -1470,6 +1479,16 @@ double tile_reads(long entries, long pairs, int hdi, uint32_t codec_mask, bool *
   return *v3_tiles ? v3 : v2;
 }
 
+/* Whether a v3 launch runs in two passes (kvc_attn_args_t.huffman_rare): Huffman and bit-pack pages
+ * in the mask, head_dim 64 or 128 (kTwoPasses), and blocks both instances take (launch_v3,
+ * launch_v3h), so that pass 2 never declines after pass 1 ran. */
+bool two_passes(const kvc_attn_args_t *a) {
+  const uint32_t both = (1u << KVC_CODEC_BITPACK) | (1u << KVC_CODEC_HUFFMAN);
+  const int hdi = hd_index(a->head_dim);
+  return a->huffman_rare && (a->codec_mask & both) == both && hdi >= 0 && hdi < 2 &&
+         v3h_takes(hdi, a->block_tokens);
+}
+
 /* Whether lv's launch runs v3: query tiles of 8 entries (tile_entries), or several of them where
  * tile_reads prefers them to v2's larger tiles. v3's Huffman instance may still decline a block
  * size (launch_v3h). */
@@ -1523,6 +1542,27 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
     const int bf16 = a->dtype == KVC_DTYPE_BF16;
     const bool bitpack = (a->codec_mask & (1u << KVC_CODEC_BITPACK)) != 0;
     const bool rows256 = rows_only_256(hdi, a->codec_mask);
+    if (two_passes(a)) {
+      /* Pass 1 as the launch of a mask without Huffman would be (u2 as above), pass 2 on its
+       * grid, then the combine. */
+      const bool u2p = hdi < 2 && (bt == 32 || bt == 64);
+      const launch_shape sh = shape(8, u2p ? 2 * kUnitTokens : kUnitTokens);
+      params q = p;
+      q.unit_split_lg = u2p ? 1 : 0;
+      q.first_w = hdi == 1 && u2p ? 80 : 64;
+      q.huf_pass = 1;
+      kvc_status_t st = (u2p ? kLaunch3u2[hdi][bf16] : kLaunch3[hdi][bf16])(q, sh, stream);
+      if (st == KVC_OK) {
+        q.huf_pass = 2;
+        q.range_lg = u2p ? 1 : 0;
+        q.unit_split_lg = 0; /* whole units: its "empty" barriers count one warp */
+        st = kLaunch3h[hdi][bf16][1](q, sh, stream);
+        if (st == KVC_OK && q.nsplits > 1 && !sh.partial) st = kCombine[hdi][bf16](q, stream);
+        p.nsplits = q.nsplits;
+        return st;
+      }
+      if (st != KVC_ERR_UNSUPPORTED) return st;
+    }
     const launch_fn fn = v3h       ? kLaunch3h[hdi][bf16][bitpack]
                          : u2      ? kLaunch3u2[hdi][bf16]
                          : rows256 ? kLaunch3rows256[bf16]
@@ -1604,6 +1644,7 @@ extern "C" int kvc_attn_cuda_kernel(const kvc_attn_args_t *a) {
     return a->block_tokens <= v3_layout<256, kUnitTokens, 1>::max_block_tokens ? 1 : 0;
   if (!(a->codec_mask & (1u << KVC_CODEC_HUFFMAN)))
     return hdi < 2 || a->block_tokens <= v3_layout<256>::max_block_tokens ? 1 : 0;
+  if (two_passes(a)) return 3;
   return v3h_takes(hdi, a->block_tokens) ? 2 : 0;
 }
 
@@ -1657,6 +1698,7 @@ static kvc_status_t attn_cuda(const kvc_attn_args_t *a, void *stream) {
   p.total_q_rows = a->total_q_rows;
   p.row_map = NULL;
   p.pos_shift = 0;
+  p.huf_pass = p.range_lg = 0;
   p.scale_log2 = a->scale * 1.4426950408889634f;
   /* The workspace: fit splits of partials, then their log2-sum-exps. */
   const size_t pairs = (size_t)a->total_q_rows * a->num_q_heads;

@@ -174,6 +174,7 @@ template <int HD, int RING, int NP = kBatch, int ENTS = 0, int W = kW3> struct v
   static constexpr int ents_off = chunks_off + NP * KVC_PAGE_MAX_CHUNKS * 4;
   static constexpr int scr_off = align_up(ents_off + ENTS * (int)sizeof(unit_page), 128);
   static constexpr int claim_off = scr_off + W * v3_scratch<HD>::bytes;
+  static constexpr int huf_met_off = claim_off + 4; /* an int: pass 1 met a Huffman page */
   static constexpr int end = claim_off + 16;
 };
 
@@ -1470,6 +1471,39 @@ template <int HD, class T, int NB, bool HUF, bool FAST> constexpr bool v3_hot_wi
   return FAST && NB == 1 && HD <= 128 && (!HUF || !kFast16<T>);
 }
 
+/* Whether an instance takes part in launches of two passes (params::huf_pass): PASS (pass 1's
+ * instances: !HUF; pass 2's: HUF) at head_dim 64 and 128. Not at 256, where pass 1's check alone
+ * made the bit-pack instance 10% slower at (8, 32k) (bench/NOTES-attention.md, session 59). */
+template <bool PASS, int HD> constexpr bool kTwoPasses = PASS && HD < 256;
+
+/*
+ * Pass 2 of a launch in two passes (params::huf_pass; the Huffman instance): CTA c's units, those
+ * pass 1 gave it in its units of UT << p.range_lg tokens (lim: the tokens a row sees), and whether
+ * a page of them is Huffman coded by the directory's codec; where none is, pass 1 wrote the CTA's
+ * results and it exits. Pass 1 classes a page PG_HUFFMAN only with that codec, so every CTA pass 1
+ * left unwritten runs here (and a damaged page the directory calls Huffman gives NaN rows in both).
+ * Every thread of the CTA.
+ */
+template <int UT>
+__device__ bool v3_pass2_range(const params &p, const cta_place &c, int len, int lim, int units,
+                               int *begin, int *end) {
+  const int ul = p.range_lg, ut1 = UT << ul;
+  split_range(p, c, (lim + ut1 - 1) / ut1, begin, end);
+  *begin <<= ul;
+  *end = min(*end << ul, units);
+  const int bt_lg = 31 - __clz(p.block_tokens);
+  const int j0 = (*begin * UT) >> bt_lg;
+  const int j1 = *end > *begin ? (min(*end * UT, len) + p.block_tokens - 1) >> bt_lg : j0;
+  const int32_t *ids = p.block_ids + p.block_indptr[c.seq];
+  bool huf = false;
+  for (int j = j0 + (int)threadIdx.x; j < j1; j += (int)blockDim.x) {
+    /* The entry's second word: kind, nchunks, codec, first (allocator/kvc_pool_layout.h). */
+    const uint32_t w = __ldg((const uint32_t *)(p.dir + ids[j]) + 1);
+    huf |= (w & 0xffu) == KVC_PAGE_COMPRESSED && ((w >> 16) & 0xffu) == KVC_CODEC_HUFFMAN;
+  }
+  return __syncthreads_or(huf) != 0;
+}
+
 /* NB n-blocks of 8 query entries per CTA (one query tile). HUF: the instance for launches that may
  * meet Huffman pages (attention/kvc_attn_v3_huf.cuh). FAST: SRC_FAST is built (else bit-pack
  * sections take SRC_GEN); the Huffman instance for launches without bit-pack pages leaves it out,
@@ -1495,7 +1529,11 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
   const int pos_max = len - nq + p.pos_shift + (min(entries, e0 + NE) - 1) / group;
   const int units = (min(len, pos_max + 1) + UT - 1) / UT;
   int u_begin, u_end;
-  split_range(p, cta, units, &u_begin, &u_end);
+  if (kTwoPasses<HUF, HD> && p.huf_pass == 2) {
+    if (!v3_pass2_range<UT>(p, cta, len, min(len, pos_max + 1), units, &u_begin, &u_end)) return;
+  } else {
+    split_range(p, cta, units, &u_begin, &u_end);
+  }
   const uint32_t bars = smem_u32(smem + SL::bar_off);
   constexpr int NS = SL::slots;
 
@@ -1505,6 +1543,7 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
       mbar_init(bars + 8 * (NS + i), 32 << p.unit_split_lg); /* empty: every lane of its warps */
     }
     *(int *)(smem + SL::claim_off) = NW; /* items 0 .. NW - 1 go to warps 0 .. NW - 1 */
+    if constexpr (kTwoPasses<!HUF, HD>) *(int *)(smem + SL::huf_met_off) = 0;
   }
   /* The producer warp loads none of Q. */
   if (warp == NW) prefetch_first_batch<UT, SL::batch>(p, seq, len, u_begin);
@@ -1687,7 +1726,11 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
         v3_src ks, vs;
         ok = v3_page_setup<HD, T, HUF, FAST>(pg, ub, scr, harea, e_o, qfits, ks, vs);
         pr.add(PR_SETUP);
-        if (!ok) break;
+        if (!ok) {
+          if constexpr (kTwoPasses<!HUF, HD>)
+            if (pg.cls == PG_HUFFMAN && lane == 0) atomicOr((int *)(smem + SL::huf_met_off), 1);
+          break;
+        }
         /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
         float kmul = p.scale_log2;
         if constexpr (PRE) { /* the page's operand (qx) */
@@ -1996,6 +2039,9 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
   /* Epilogue: the consumer warps' (m, l, O) through the ring (in a Huffman layout possibly on past
    * it, up to the barriers: v3h_layout), combined per query entry. */
   const bool cta_bad = __syncthreads_or(bad);
+  /* Pass 1 of two (params::huf_pass) leaves a CTA that met a Huffman page to pass 2. */
+  if constexpr (kTwoPasses<!HUF, HD>)
+    if (p.huf_pass == 1 && *(volatile int *)(smem + SL::huf_met_off)) return;
   float *obuf = (float *)smem; /* [NW warps][16][HD] */
   float *mbuf = obuf + NW * 16 * HD, *lbuf = mbuf + NW * 16;
   if (warp < NW) {

@@ -24,7 +24,9 @@
  * kernel; Huffman: v3's Huffman instance), the Huffman pool also under a mask allowing every codec
  * (row kvcomp_huffman_any: the instance a cache with a per-page policy runs), the bit-pack pools
  * and the bf16 Huffman pool likewise (kvcomp_bitpack_any, kvcomp_bitpack_bf16_any,
- * kvcomp_huffman_bf16_any), and each pool again
+ * kvcomp_huffman_bf16_any), the bit-pack pools and the Huffman pool under that mask in two passes
+ * (kvc_attn_args_t.huffman_rare; rows *_any_2pass: what such a cache runs where its pages came
+ * out bit-pack, and for Huffman pages the cost of that choice made wrongly), and each pool again
  * with mask 0 (v2, rows *_v2). The same KV rounded to bf16 fills a bf16 staging pool and bf16
  * bit-pack and Huffman pools, read with bf16 queries (rows kvcomp_bf16_paged, kvcomp_bitpack_bf16,
  * kvcomp_huffman_bf16; their rel_err includes bf16's rounding of K, V and Q, and bench/attention.sh
@@ -683,6 +685,7 @@ int main(int argc, char **argv) {
       pages *pg;
       uint32_t codec_mask;
       const char *impl;
+      int huffman_rare; /* kvc_attn_args_t's: two passes */
     };
     const uint32_t no_huffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
     const uint32_t any_codec = no_huffman | (1u << KVC_CODEC_HUFFMAN);
@@ -692,9 +695,12 @@ int main(int argc, char **argv) {
                                 {&huffman, 1u << KVC_CODEC_HUFFMAN, huffman.name},
                                 {&huffman, any_codec, "kvcomp_huffman_any"},
                                 {&bitpack, any_codec, "kvcomp_bitpack_any"},
+                                {&bitpack, any_codec, "kvcomp_bitpack_any_2pass", 1},
+                                {&huffman, any_codec, "kvcomp_huffman_any_2pass", 1},
                                 {&bf16, 1u << KVC_CODEC_RAW, bf16.name},
                                 {&bitpack_bf16, no_huffman, bitpack_bf16.name},
                                 {&bitpack_bf16, any_codec, "kvcomp_bitpack_bf16_any"},
+                                {&bitpack_bf16, any_codec, "kvcomp_bitpack_bf16_any_2pass", 1},
                                 {&huffman_bf16, 1u << KVC_CODEC_HUFFMAN, huffman_bf16.name},
                                 {&huffman_bf16, any_codec, "kvcomp_huffman_bf16_any"},
                                 {&fp16, 0, "kvcomp_fp16_paged_v2"},
@@ -705,6 +711,7 @@ int main(int argc, char **argv) {
       pages *pg = var.pg;
       kvc_attn_args_t a = decode_args(*pg, var.codec_mask, B, ctx, d_qo, d_len, d_indptr, out, ws,
                                       ws_bytes, scale);
+      a.huffman_rare = var.huffman_rare;
       const bool is_bf16 = pg->dtype == KVC_DTYPE_BF16;
       auto run = [&](int r) {
         a.q = is_bf16 ? (const void *)(q_bf16 + qn * r) : (const void *)(q + qn * r);
@@ -877,6 +884,7 @@ int main(int argc, char **argv) {
       pages *pg;
       uint32_t codec_mask;
       const char *impl;
+      int huffman_rare; /* kvc_attn_args_t's: two passes */
     };
     const uint32_t no_huffman = (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK);
     const variant variants[] = {{&fp16, 0, "kvcomp_fp16_paged_v2"},

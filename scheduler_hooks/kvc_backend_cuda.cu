@@ -658,6 +658,13 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
   a.codec_mask = c->cfg.policy == KVC_POLICY_FIXED
                      ? (1u << KVC_CODEC_RAW) | (1u << c->cfg.codec)
                      : (1u << KVC_CODEC_RAW) | (1u << KVC_CODEC_BITPACK) | (1u << KVC_CODEC_HUFFMAN);
+  /* Those policies' pages are often all of one codec (FASTEST_WITHIN's default budget takes
+   * bit-pack wherever it fits). Where at most one measured page in 1024 is Huffman coded, v3 runs
+   * in two passes (kvc_attn_args_t.huffman_rare): on the bench's shape a CTA reads ~100 pages, so
+   * ~10% of the CTAs then read theirs twice, against every page in the slower instance. */
+  const int64_t *by = c->pages_by_codec;
+  a.huffman_rare = c->cfg.policy != KVC_POLICY_FIXED && by[KVC_CODEC_BITPACK] > 0 &&
+                   by[KVC_CODEC_HUFFMAN] * 1024 <= by[KVC_CODEC_BITPACK];
   a.pool = be->pool.base;
   a.chunk_bytes = be->pool.chunk_bytes;
   a.workspace = be->workspace;

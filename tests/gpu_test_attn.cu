@@ -10,9 +10,11 @@
  * runs on the v2 kernels (codec_mask 0) and, with a codec_mask without Huffman, on the v3 decode
  * kernel where it applies (at most 8 query entries per sequence and kv head; at head_dim 256,
  * blocks up to 64 tokens, or 128 for rows alone); cases with Huffman pages run v3 on the same sizes
- * with their other page kinds, and themselves on v3's Huffman instances (head_dim 64/128/256), with
- * every codec in the mask and with a Huffman cache's mask (no bit-pack fast path there: bit-pack
- * pages take the generic path); their rows-only kinds run with a raw cache's mask, whose units v3
+ * with their other page kinds (also with every codec in the mask in two passes, no CTA reaching the
+ * second: kvc_attn_args_t.huffman_rare), and themselves on v3's Huffman instances (head_dim
+ * 64/128/256), with every codec in the mask (in one launch and in two passes) and with a Huffman
+ * cache's mask (no bit-pack fast path there: bit-pack pages take the generic path); their rows-only
+ * kinds run with a raw cache's mask, whose units v3
  * splits between two warps). v3's bit-pack fast path rounds differently from the reference (exact
  * code values; the steps folded into fp16 Q' = Q * step and P' = P * step instead of each decoded
  * value rounded to fp16), its Huffman fast path computes each value as one fp16 fma (u * step +
@@ -407,18 +409,20 @@ static double case_err(kvc_dtype_t t, const host_case_t *h, const uint16_t *out,
   return err;
 }
 
-/* Largest error seen per [kernel v2 / v3 / v3's Huffman instance][dtype f16 / bf16], for the
- * summary line. */
-static double g_max_err[3][2];
+/* Largest error seen per [kernel v2 / v3 / v3's Huffman instance / both in two passes][dtype f16
+ * / bf16], for the summary line. */
+static double g_max_err[4][2];
 
-/* Runs the three launch variants of a case with `codec_mask` and compares with the reference. */
+/* Runs the three launch variants of a case with `codec_mask` (and huffman_rare) and compares
+ * with the reference. */
 static void run_variants(const gpu_case_t *c, const host_case_t *h, const dev_case_t *d,
-                         uint32_t codec_mask) {
+                         uint32_t codec_mask, int huffman_rare) {
   const size_t n = d->out_bytes / 2;
   /* With the workspace (splits where the batch is small), then without (no splits). */
   for (int variant = 0; variant < 3; variant++) {
     kvc_attn_args_t a = d->args;
     a.codec_mask = codec_mask;
+    a.huffman_rare = huffman_rare;
     if (variant == 1) {
       a.workspace = NULL;
       a.workspace_bytes = 0;
@@ -429,8 +433,10 @@ static void run_variants(const gpu_case_t *c, const host_case_t *h, const dev_ca
     double *mx = &g_max_err[kvc_attn_cuda_kernel(&a)][c->dtype == KVC_DTYPE_BF16];
     if (err > *mx) *mx = err;
     if (!(err <= tolerance(c->dtype))) {
-      print_error("case seed %llu variant %d codec_mask %u: relative L2 error %g > %g\n",
-                  (unsigned long long)c->seed, variant, codec_mask, err, tolerance(c->dtype));
+      print_error("case seed %llu variant %d codec_mask %u huffman_rare %d: relative L2 error "
+                  "%g > %g\n",
+                  (unsigned long long)c->seed, variant, codec_mask, huffman_rare, err,
+                  tolerance(c->dtype));
       free(out);
       fail();
     }
@@ -439,28 +445,33 @@ static void run_variants(const gpu_case_t *c, const host_case_t *h, const dev_ca
 }
 
 /* The case with codec_mask 0 (v2) and then with `mask` (v3 or its Huffman instance where they
- * apply; 0: none); with every codec, also with a Huffman cache's mask. */
+ * apply; 0: none); with every codec, also in two passes (huffman_rare: the sequences' CTAs
+ * with and without Huffman pages split between the passes) and with a Huffman cache's mask. */
 static void check_one(const gpu_case_t *c, uint32_t mask) {
   host_case_t h;
   dev_case_t d;
   host_setup(c, &h);
   dev_setup(&h, &d);
-  run_variants(c, &h, &d, 0);
-  if (mask) run_variants(c, &h, &d, mask);
-  if (mask == kAllCodecs) run_variants(c, &h, &d, kHuffmanCache);
+  run_variants(c, &h, &d, 0, 0);
+  if (mask) run_variants(c, &h, &d, mask, 0);
+  if (mask == kAllCodecs) run_variants(c, &h, &d, mask, 1);
+  if (mask == kAllCodecs) run_variants(c, &h, &d, kHuffmanCache, 0);
   dev_teardown(&d);
   host_teardown(&h);
 }
 
-/* The case's sizes with page kinds `kinds` only, under `mask`. */
-static void check_kinds(const gpu_case_t *c, unsigned kinds, uint32_t mask) {
+/* The case's sizes with page kinds `kinds` only, under `mask`; with two_passes also under every
+ * codec in two passes (huffman_rare), as a per-page policy's cache whose pages came out without
+ * Huffman runs them: every CTA's results from pass 1, pass 2's CTAs all exit. */
+static void check_kinds(const gpu_case_t *c, unsigned kinds, uint32_t mask, int two_passes) {
   gpu_case_t c3 = *c;
   c3.kinds = kinds;
   host_case_t h;
   dev_case_t d;
   host_setup(&c3, &h);
   dev_setup(&h, &d);
-  run_variants(&c3, &h, &d, mask);
+  run_variants(&c3, &h, &d, mask, 0);
+  if (two_passes) run_variants(&c3, &h, &d, kAllCodecs, 1);
   dev_teardown(&d);
   host_teardown(&h);
 }
@@ -481,8 +492,8 @@ static void check_case(const gpu_case_t *c) {
   const bool huffman = (kinds & KVC_TEST_PAGE_HUFFMAN) != 0;
   const uint32_t other_mask = other == rows ? kRowsOnly : kNoHuffman;
   check_one(c, huffman ? kAllCodecs : other_mask);
-  if (huffman && other) check_kinds(c, other, other_mask);
-  if (rows && rows != other) check_kinds(c, rows, kRowsOnly);
+  if (huffman && other) check_kinds(c, other, other_mask, 1);
+  if (rows && rows != other) check_kinds(c, rows, kRowsOnly, 0);
 }
 
 static void sweep_sizes_and_gqa(void **state) {
@@ -624,8 +635,8 @@ static void claimed_items(void **state) {
                   h.args.max_kv_len, sms);
     assert_true(h.args.max_kv_len > 2 * 10 * 128);
     dev_setup(&h, &d);
-    run_variants(&c, &h, &d, 0);
-    run_variants(&c, &h, &d, kNoHuffman);
+    run_variants(&c, &h, &d, 0, 0);
+    run_variants(&c, &h, &d, kNoHuffman, 0);
     dev_teardown(&d);
     host_teardown(&h);
   }
@@ -677,10 +688,10 @@ static void cascade_prefix_groups(void **state) {
     dev_case_t d;
     dev_setup(&h, &d);
     assert_true(d.ws_bytes / (pairs * (c.head_dim + 1) * sizeof(float)) >= 2);
-    run_variants(&c, &h, &d, 0);
+    run_variants(&c, &h, &d, 0, 0);
     const unsigned kinds = c.kinds;
     const uint32_t mask = kinds & KVC_TEST_PAGE_HUFFMAN ? kAllCodecs : kNoHuffman;
-    run_variants(&c, &h, &d, mask);
+    run_variants(&c, &h, &d, mask, 0);
     dev_teardown(&d);
     host_teardown(&h);
   }
@@ -828,7 +839,7 @@ static void v3_bitpack_widths(void **state) {
       /* the widest may all fall back to RAW pages */
       sections += bitpack_widths(&h, &widths, &padded, &unpadded);
       dev_setup(&h, &d);
-      run_variants(&c, &h, &d, kNoHuffman);
+      run_variants(&c, &h, &d, kNoHuffman, 0);
       dev_teardown(&d);
       host_teardown(&h);
     }
@@ -888,9 +899,10 @@ static void default_bound_pages(void **state) {
                     "others\n", hds[i], v ? "bf16" : "fp16", hot, other);
       assert_true(hot > 0);
       dev_setup(&h, &d);
-      run_variants(&c, &h, &d, 0);
-      run_variants(&c, &h, &d, kNoHuffman);
-      run_variants(&c, &h, &d, kAllCodecs); /* a per-page policy's instance */
+      run_variants(&c, &h, &d, 0, 0);
+      run_variants(&c, &h, &d, kNoHuffman, 0);
+      run_variants(&c, &h, &d, kAllCodecs, 0); /* a per-page policy's instance */
+      run_variants(&c, &h, &d, kAllCodecs, 1); /* and its two passes */
       dev_teardown(&d);
       host_teardown(&h);
     }
@@ -923,12 +935,13 @@ static void absolute_bound_pages(void **state) {
       bitpack += count_sections(&h, KVC_CODEC_BITPACK, abs_mode);
       huffman += count_sections(&h, KVC_CODEC_HUFFMAN, abs_mode);
       dev_setup(&h, &d);
-      run_variants(&c, &h, &d, 0);
-      run_variants(&c, &h, &d, kAllCodecs);
-      run_variants(&c, &h, &d, kHuffmanCache);
+      run_variants(&c, &h, &d, 0, 0);
+      run_variants(&c, &h, &d, kAllCodecs, 0);
+      run_variants(&c, &h, &d, kAllCodecs, 1);
+      run_variants(&c, &h, &d, kHuffmanCache, 0);
       dev_teardown(&d);
       host_teardown(&h);
-      check_kinds(&c, KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW, kNoHuffman);
+      check_kinds(&c, KVC_TEST_PAGE_BITPACK | KVC_TEST_PAGE_RAW, kNoHuffman, 0);
     }
   print_message("absolute-mode sections: bit-pack %d, Huffman %d\n", bitpack, huffman);
   assert_true(bitpack > 0);
@@ -957,8 +970,8 @@ static void bf16_queries_beyond_fp16(void **state) {
       dev_case_t d;
       host_setup(&c, &h);
       dev_setup(&h, &d);
-      run_variants(&c, &h, &d, kNoHuffman);
-      run_variants(&c, &h, &d, kAllCodecs);
+      run_variants(&c, &h, &d, kNoHuffman, 0);
+      run_variants(&c, &h, &d, kAllCodecs, 0);
       dev_teardown(&d);
       host_teardown(&h);
     }
@@ -1197,8 +1210,8 @@ static void v3_huffman_layouts(void **state) {
       host_setup(&c, &h);
       features |= huffman_features(&h, &sections);
       dev_setup(&h, &d);
-      run_variants(&c, &h, &d, kAllCodecs);
-      run_variants(&c, &h, &d, kHuffmanCache);
+      run_variants(&c, &h, &d, kAllCodecs, 0);
+      run_variants(&c, &h, &d, kHuffmanCache, 0);
       dev_teardown(&d);
       host_teardown(&h);
     }
@@ -1280,7 +1293,8 @@ static void unsupported_shapes(void **state) {
  * Six rows (24 entries) at head_dim 128: v3's three tiles for bit-pack pages, v2's tile of 32
  * for fp16 rows (kV2Tile). Three rows (12 entries) of fp16 rows at head_dim 64: v2's tile of 16
  * for 8 sequences (64 (sequence, kv head) pairs), v3's two tiles for one (8 pairs; kLargeLaunch);
- * at head_dim 128, v3's two tiles for both. */
+ * at head_dim 128, v3's two tiles for both. With huffman_rare, the launches that run the Huffman
+ * instance under every codec at head_dim 64 and 128 run both instances in two passes. */
 static void kernel_choice(void **state) {
   (void)state;
   kvc_attn_args_t a;
@@ -1314,6 +1328,12 @@ static void kernel_choice(void **state) {
     a.total_q_rows = a.num_seqs * cases[i].rows;
     a.codec_mask = cases[i].mask;
     assert_int_equal(kvc_attn_cuda_kernel(&a), cases[i].kernel);
+    /* huffman_rare: two passes where both v3 instances take the launch and the mask has both
+     * lossy codecs; the same kernel as without it elsewhere. */
+    a.huffman_rare = 1;
+    const int two = cases[i].kernel == 2 && cases[i].mask == kAllCodecs && a.head_dim < 256;
+    assert_int_equal(kvc_attn_cuda_kernel(&a), two ? 3 : cases[i].kernel);
+    a.huffman_rare = 0;
   }
   for (int hd = 64; hd <= 128; hd *= 2) {
     a.head_dim = hd;
@@ -1421,9 +1441,9 @@ int main(void) {
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));
   const int rc = cmocka_run_group_tests(tests, NULL, NULL);
   printf("largest relative L2 error (run_variants cases): fp16 v2 %.3g, v3 %.3g, v3 Huffman "
-         "%.3g; bf16 v2 %.3g, v3 %.3g, v3 Huffman %.3g; between the references with bit-pack "
-         "values rounded and exact: fp16 %.3g, bf16 %.3g\n",
-         g_max_err[0][0], g_max_err[1][0], g_max_err[2][0], g_max_err[0][1], g_max_err[1][1],
-         g_max_err[2][1], g_max_ref_gap[0], g_max_ref_gap[1]);
+         "%.3g, two passes %.3g; bf16 v2 %.3g, v3 %.3g, v3 Huffman %.3g, two passes %.3g; "
+         "between the references with bit-pack values rounded and exact: fp16 %.3g, bf16 %.3g\n",
+         g_max_err[0][0], g_max_err[1][0], g_max_err[2][0], g_max_err[3][0], g_max_err[0][1],
+         g_max_err[1][1], g_max_err[2][1], g_max_err[3][1], g_max_ref_gap[0], g_max_ref_gap[1]);
   return rc;
 }

@@ -15,8 +15,9 @@
  * pool is small enough that sequences are preempted (swapped and dropped) often. Blocks a step
  * completes are compared twice: as the full staging pages they stay until compressed, and (after
  * kvc_cache_synchronize compresses them) as compressed pages. Variants: fp16
- * and bf16 with the smallest-page policy, and the raw codec (pages of staging size plus a header,
- * so one chunk more than a staging page).
+ * and bf16 with the smallest-page policy, fp16 with the fastest codec within the default budget
+ * (bit-pack pages: v3 in two passes), and the raw codec (pages of staging size plus a header, so
+ * one chunk more than a staging page).
  *
  * graph_capture: two CUDA caches run the same steps; for one step, cache A's stores and attends of
  * every layer are captured on a non-default stream (cudaStreamBeginCapture), instantiated and
@@ -442,22 +443,24 @@ bool lockstep_step(lockstep &L, tensors &T) {
   return true;
 }
 
-/* raw: the raw codec (else the smallest page of all codecs). The pool holds a few full-length
- * sequences' pages, so that running sequences outgrow it and get preempted. */
-void run_lockstep(kvc_dtype_t dtype, bool raw) {
+/* The caches' codec policy, and with KVC_POLICY_FIXED their codec. The pool holds a few
+ * full-length sequences' pages, so that running sequences outgrow it and get preempted. Returns
+ * the CUDA cache's pages by codec at the end. */
+std::vector<long long> run_lockstep(kvc_dtype_t dtype, kvc_codec_policy_t policy,
+                                    kvc_codec_t codec) {
   lockstep L;
   L.dtype = dtype;
+  const bool raw = policy == KVC_POLICY_FIXED && codec == KVC_CODEC_RAW;
   const size_t pool = raw ? (size_t)512 << 10 : (size_t)256 << 10;
   kvc_config_t c_cpu = config(KVC_BACKEND_CPU, dtype, pool);
   kvc_config_t c_gpu = config(KVC_BACKEND_CUDA, dtype, pool);
-  if (raw) {
-    c_cpu.policy = c_gpu.policy = KVC_POLICY_FIXED;
-    c_cpu.codec = c_gpu.codec = KVC_CODEC_RAW;
-  }
+  c_cpu.policy = c_gpu.policy = policy;
+  c_cpu.codec = c_gpu.codec = codec;
   assert_int_equal(kvc_cache_create(&c_cpu, &L.cpu), KVC_OK);
   assert_int_equal(kvc_cache_create(&c_gpu, &L.gpu), KVC_OK);
   CUDA_OK(cudaStreamCreateWithFlags(&L.s, cudaStreamNonBlocking));
-  kvc_test_rng_seed(&L.rng, 77 + (uint64_t)dtype + (raw ? 100 : 0));
+  kvc_test_rng_seed(&L.rng, 77 + (uint64_t)dtype + (raw ? 100 : 0) +
+                                (policy == KVC_POLICY_FASTEST_WITHIN ? 300 : 0));
   std::vector<int32_t> prompts[3];
   for (auto &p : prompts)
     for (int t = 0; t < 40; t++) p.push_back((int32_t)kvc_test_rng_below(&L.rng, 5000));
@@ -502,21 +505,33 @@ void run_lockstep(kvc_dtype_t dtype, bool raw) {
   kvc_cache_destroy(L.cpu);
   kvc_cache_destroy(L.gpu);
   CUDA_OK(cudaStreamDestroy(L.s));
+  return {(long long)sb.pages_by_codec[0], (long long)sb.pages_by_codec[1],
+          (long long)sb.pages_by_codec[2]};
 }
 
 void cuda_matches_cpu_f16(void **) {
   if (!have_gpu()) skip();
-  run_lockstep(KVC_DTYPE_F16, false);
+  run_lockstep(KVC_DTYPE_F16, KVC_POLICY_SMALLEST, KVC_CODEC_HUFFMAN);
 }
 
 void cuda_matches_cpu_bf16(void **) {
   if (!have_gpu()) skip();
-  run_lockstep(KVC_DTYPE_BF16, false);
+  run_lockstep(KVC_DTYPE_BF16, KVC_POLICY_SMALLEST, KVC_CODEC_HUFFMAN);
 }
 
 void cuda_matches_cpu_raw(void **) {
   if (!have_gpu()) skip();
-  run_lockstep(KVC_DTYPE_F16, true);
+  run_lockstep(KVC_DTYPE_F16, KVC_POLICY_FIXED, KVC_CODEC_RAW);
+}
+
+/* The fastest codec within the default size budget: bit-pack pages, so that once their sizes
+ * are measured the backend's decode launches run v3 in two passes (kvc_attn_args_t.huffman_rare:
+ * at most one Huffman page in 1024), which the end's counts confirm. */
+void cuda_matches_cpu_fastest(void **) {
+  if (!have_gpu()) skip();
+  const std::vector<long long> by =
+      run_lockstep(KVC_DTYPE_F16, KVC_POLICY_FASTEST_WITHIN, KVC_CODEC_HUFFMAN);
+  assert_true(by[KVC_CODEC_BITPACK] > 0 && by[KVC_CODEC_HUFFMAN] * 1024 <= by[KVC_CODEC_BITPACK]);
 }
 
 /* ---- graph capture -------------------------------------------------------------------------- */
@@ -793,6 +808,7 @@ int main(void) {
       cmocka_unit_test(cuda_matches_cpu_f16),
       cmocka_unit_test(cuda_matches_cpu_bf16),
       cmocka_unit_test(cuda_matches_cpu_raw),
+      cmocka_unit_test(cuda_matches_cpu_fastest),
       cmocka_unit_test(graph_capture),
       cmocka_unit_test(cascade_matches_cpu),
   };

@@ -1522,7 +1522,8 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
    * (v3_claims), so that the consumers still take 64 tokens at a time. Measured against whole
    * 128-token units in the fixed order (session 9, ms): bit-pack (1, 32k) -1.6%, (8, 32k) -3.5%,
    * (64, 4k) -3.9%, (16, 128k) -3.4%. Not built at head_dim 256 (not measured there). */
-  const bool u2 = v3 && !v3h && hdi < 2 && p.unit_split_lg == 0 && (bt == 32 || bt == 64);
+  const bool pairs = hdi < 2 && (bt == 32 || bt == 64); /* blocks that units of two pages take */
+  const bool u2 = v3 && !v3h && p.unit_split_lg == 0 && pairs;
   if (u2) p.unit_split_lg = 1;
   /* lv's batch in query tiles of `tile` entries and units of `unit` tokens. */
   auto shape = [&](int tile, int unit) {
@@ -1545,16 +1546,15 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
     if (two_passes(a)) {
       /* Pass 1 as the launch of a mask without Huffman would be (u2 as above), pass 2 on its
        * grid, then the combine. */
-      const bool u2p = hdi < 2 && (bt == 32 || bt == 64);
-      const launch_shape sh = shape(8, u2p ? 2 * kUnitTokens : kUnitTokens);
+      const launch_shape sh = shape(8, pairs ? 2 * kUnitTokens : kUnitTokens);
       params q = p;
-      q.unit_split_lg = u2p ? 1 : 0;
-      q.first_w = hdi == 1 && u2p ? 80 : 64;
+      q.unit_split_lg = pairs ? 1 : 0;
+      q.first_w = hdi == 1 && pairs ? 80 : 64;
       q.huf_pass = 1;
-      kvc_status_t st = (u2p ? kLaunch3u2[hdi][bf16] : kLaunch3[hdi][bf16])(q, sh, stream);
+      kvc_status_t st = (pairs ? kLaunch3u2[hdi][bf16] : kLaunch3[hdi][bf16])(q, sh, stream);
       if (st == KVC_OK) {
         q.huf_pass = 2;
-        q.range_lg = u2p ? 1 : 0;
+        q.range_lg = pairs ? 1 : 0;
         q.unit_split_lg = 0; /* whole units: its "empty" barriers count one warp */
         st = kLaunch3h[hdi][bf16][1](q, sh, stream);
         if (st == KVC_OK && q.nsplits > 1 && !sh.partial) st = kCombine[hdi][bf16](q, stream);

@@ -103,11 +103,12 @@ typedef struct kvc_attn_args {
 
   /* Optional (appended; 0 when unknown): nonzero when few of this layer's pages are expected to
    * be Huffman coded although codec_mask allows them beside bit-pack (a per-page codec policy
-   * whose pages came out bit-pack). At head_dim 64 and 128 the CUDA decode kernel v3 then runs
-   * in two passes over the same CTAs: its instance without Huffman, where a CTA that meets a
-   * Huffman page writes nothing, then its Huffman instance, whose CTAs run only where their pages
-   * include one (the others exit). Speed only: either way the result is the same attention. The
-   * CPU reference ignores it. */
+   * whose pages came out bit-pack). The CUDA decode kernel v3 then runs in two passes over the
+   * same CTAs: its instance without Huffman, where a CTA that meets a Huffman page writes
+   * nothing, then its Huffman instance, whose CTAs run only where their pages include one (the
+   * others exit). Pass 2 costs ~10-16 us on an H200 even where every CTA exits, so it pays only
+   * for launches with enough tokens (kvc_attn_cuda_two_passes_pay). Speed only: either way the
+   * result is the same attention. The CPU reference ignores it. */
   int huffman_rare;
 } kvc_attn_args_t;
 
@@ -151,6 +152,14 @@ int kvc_attn_cuda_kernel(const kvc_attn_args_t *a);
 int kvc_attn_cuda_cascade_pays(const kvc_attn_args_t *a, int groups, const int32_t *group_rows,
                                const int32_t *group_tokens, const int32_t *seq_rows,
                                const int32_t *seq_group);
+
+/* Whether the CUDA launcher expects two passes (huffman_rare) to be faster than one launch of v3's
+ * instance that takes every codec, over pages that are all bit-pack, for a launch with a's shapes
+ * (head_dim, num_kv_heads) that reads kv_tokens tokens in all (the sum of kv_len). One launch
+ * costs bit-pack pages 6-96% more time, two passes a fixed ~10-16 us, so two passes pay from
+ * ~32k-64k tokens of 8 kv heads (measured on an H200: attention/kvc_attn_cuda.cu,
+ * kTwoPassTokenHeads). */
+int kvc_attn_cuda_two_passes_pay(const kvc_attn_args_t *a, int64_t kv_tokens);
 
 #ifdef __cplusplus
 }

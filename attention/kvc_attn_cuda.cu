@@ -1316,15 +1316,15 @@ kvc_status_t launch(params &p, const launch_shape &sh, cudaStream_t stream) {
 
 /* v3 (attention/kvc_attn_v3.cuh): query tiles of 8 NB entries, pages without Huffman coding,
  * CPS CTAs per SM. Blocks whose sections may not fit its ring are left to v2. */
-template <int HD, class T, int NB, int UT, int CPS = 2>
+template <int HD, class T, int NB, int UT, int CPS = 2, bool TP = kTpDefault<HD>>
 kvc_status_t launch_v3(params &p, const launch_shape &sh, cudaStream_t stream) {
   if (p.block_tokens > v3_layout<HD, UT, CPS>::max_block_tokens) return KVC_ERR_UNSUPPORTED;
-  auto kernel = attn_kernel_v3<HD, T, NB, false, true, UT, CPS>;
+  auto kernel = attn_kernel_v3<HD, T, NB, false, true, UT, CPS, false, TP>;
   /* fp16 query tiles of at most 4 entries take the instance that adds Q' 's remainder to S^T in
    * the tile's free columns (kvc_attn_v3.cuh, lo4); not launches of rows alone at head_dim 256
    * (CPS 1), which have no bit-pack pages. */
   if constexpr (kFast16<T> && NB == 1 && CPS == 2)
-    if (sh.entries_max <= 4) kernel = attn_kernel_v3<HD, T, NB, false, true, UT, CPS, true>;
+    if (sh.entries_max <= 4) kernel = attn_kernel_v3<HD, T, NB, false, true, UT, CPS, true, TP>;
   typedef v3_layout<HD, UT, CPS> SL;
   return launch_with<HD, T>(kernel, SL::threads, SL::bytes, p, sh, stream);
 }
@@ -1342,11 +1342,12 @@ bool v3h_takes(int hdi, int bt) {
 
 /* v3 with Huffman pages (attention/kvc_attn_v3_huf.cuh): every codec; FAST: with the bit-pack
  * fast path. Block sizes it does not take (v3h_takes) are left to v2. */
-template <int HD, class T, int NB, bool FAST>
+template <int HD, class T, int NB, bool FAST, bool TP = kTpDefault<HD>>
 kvc_status_t launch_v3h(params &p, const launch_shape &sh, cudaStream_t stream) {
   if (!v3h_takes(hd_index(HD), p.block_tokens)) return KVC_ERR_UNSUPPORTED;
-  return launch_with<HD, T>(attn_kernel_v3<HD, T, NB, true, FAST, kUnitTokens, v3h_cps<HD>()>,
-                            v3h_layout<HD>::threads, v3h_layout<HD>::bytes, p, sh, stream);
+  return launch_with<HD, T>(
+      attn_kernel_v3<HD, T, NB, true, FAST, kUnitTokens, v3h_cps<HD>(), false, TP>,
+      v3h_layout<HD>::threads, v3h_layout<HD>::bytes, p, sh, stream);
 }
 
 /* [head_dim 64/128/256][dtype f16/bf16], tiles of 8 entries (NB = 1; see
@@ -1365,6 +1366,12 @@ const launch_fn kLaunch3u2[2][2] = {
     {launch_v3<64, __half, 1, 128>, launch_v3<64, __nv_bfloat16, 1, 128>},
     {launch_v3<128, __half, 1, 128>, launch_v3<128, __nv_bfloat16, 1, 128>},
 };
+/* [dtype f16/bf16]: head_dim 256's instances for launches in two passes (kTpDefault), pass 1's
+ * and pass 2's. */
+const launch_fn kLaunch3tp256[2] = {launch_v3<256, __half, 1, kUnitTokens, 2, true>,
+                                    launch_v3<256, __nv_bfloat16, 1, kUnitTokens, 2, true>};
+const launch_fn kLaunch3htp256[2] = {launch_v3h<256, __half, 1, true, true>,
+                                     launch_v3h<256, __nv_bfloat16, 1, true, true>};
 /* [head_dim 64/128/256][dtype][bit-pack pages allowed]. */
 const launch_fn kLaunch3h[3][2][2] = {
     {{launch_v3h<64, __half, 1, false>, launch_v3h<64, __half, 1, true>},
@@ -1480,14 +1487,23 @@ double tile_reads(long entries, long pairs, int hdi, uint32_t codec_mask, bool *
 }
 
 /* Whether a v3 launch runs in two passes (kvc_attn_args_t.huffman_rare): Huffman and bit-pack pages
- * in the mask, head_dim 64 or 128 (kTwoPasses), and blocks both instances take (launch_v3,
- * launch_v3h), so that pass 2 never declines after pass 1 ran. */
+ * in the mask, and blocks both instances take (launch_v3, launch_v3h), so that pass 2 never
+ * declines after pass 1 ran. */
 bool two_passes(const kvc_attn_args_t *a) {
   const uint32_t both = (1u << KVC_CODEC_BITPACK) | (1u << KVC_CODEC_HUFFMAN);
   const int hdi = hd_index(a->head_dim);
-  return a->huffman_rare && (a->codec_mask & both) == both && hdi >= 0 && hdi < 2 &&
+  return a->huffman_rare && (a->codec_mask & both) == both && hdi >= 0 &&
          v3h_takes(hdi, a->block_tokens);
 }
+
+/* The tokens x kv heads from which a launch in two passes beats one launch of the instance that
+ * takes every codec over bit-pack pages, by head_dim 64/128/256 (kvc_attn_cuda_two_passes_pay).
+ * Measured on an H200 (session 61, bench/NOTES-attention.md; 8 kv heads, ms, one launch against
+ * two passes): head_dim 64 (1, 16k) 0.0248 / 0.0270, (1, 32k) 0.0326 / 0.0310; head_dim 128
+ * (1, 32k) 0.0366 / 0.0389, (4, 8k) 0.0354 / 0.0358, (2, 32k) 0.0567 / 0.0508; head_dim 256
+ * (4, 8k) 0.0619 / 0.0684, (2, 32k) 0.1067 / 0.1045. Pass 2 costs more at 256, where the Huffman
+ * instance holds one CTA per SM and so takes pass 1's grid in two waves. */
+constexpr int64_t kTwoPassTokenHeads[3] = {1 << 18, 1 << 19, 1 << 19};
 
 /* Whether lv's launch runs v3: query tiles of 8 entries (tile_entries), or several of them where
  * tile_reads prefers them to v2's larger tiles. v3's Huffman instance may still decline a block
@@ -1551,12 +1567,15 @@ kvc_status_t dispatch(const kvc_attn_args_t *a, params &p, const level &lv, cuda
       q.unit_split_lg = pairs ? 1 : 0;
       q.first_w = hdi == 1 && pairs ? 80 : 64;
       q.huf_pass = 1;
-      kvc_status_t st = (pairs ? kLaunch3u2[hdi][bf16] : kLaunch3[hdi][bf16])(q, sh, stream);
+      const launch_fn pass1 = hdi == 2 ? kLaunch3tp256[bf16]
+                              : pairs  ? kLaunch3u2[hdi][bf16]
+                                       : kLaunch3[hdi][bf16];
+      kvc_status_t st = pass1(q, sh, stream);
       if (st == KVC_OK) {
         q.huf_pass = 2;
         q.range_lg = pairs ? 1 : 0;
         q.unit_split_lg = 0; /* whole units: its "empty" barriers count one warp */
-        st = kLaunch3h[hdi][bf16][1](q, sh, stream);
+        st = (hdi == 2 ? kLaunch3htp256[bf16] : kLaunch3h[hdi][bf16][1])(q, sh, stream);
         if (st == KVC_OK && q.nsplits > 1 && !sh.partial) st = kCombine[hdi][bf16](q, stream);
         p.nsplits = q.nsplits;
         return st;
@@ -1601,6 +1620,11 @@ extern "C" size_t kvc_attn_cuda_workspace_bytes(int max_q_rows, int num_q_heads,
   long entries = (long)max_q_rows * num_q_heads * (units < kMaxSplits ? units : kMaxSplits);
   if (entries > kWsEntries) entries = kWsEntries;
   return (size_t)entries * (size_t)(head_dim + 1) * sizeof(float);
+}
+
+extern "C" int kvc_attn_cuda_two_passes_pay(const kvc_attn_args_t *a, int64_t kv_tokens) {
+  const int hdi = hd_index(a->head_dim);
+  return hdi >= 0 && a->num_kv_heads > 0 && kv_tokens * a->num_kv_heads >= kTwoPassTokenHeads[hdi];
 }
 
 /* Without the cascade every member of a group reads the group's prefix (tile_reads of its own

@@ -1471,10 +1471,12 @@ template <int HD, class T, int NB, bool HUF, bool FAST> constexpr bool v3_hot_wi
   return FAST && NB == 1 && HD <= 128 && (!HUF || !kFast16<T>);
 }
 
-/* Whether an instance takes part in launches of two passes (params::huf_pass): PASS (pass 1's
- * instances: !HUF; pass 2's: HUF) at head_dim 64 and 128. Not at 256, where pass 1's check alone
- * made the bit-pack instance 10% slower at (8, 32k) (bench/NOTES-attention.md, session 59). */
-template <bool PASS, int HD> constexpr bool kTwoPasses = PASS && HD < 256;
+/* Whether an instance takes part in launches of two passes (attn_kernel_v3's TP; params::huf_pass:
+ * pass 1 runs an instance without Huffman, pass 2 a Huffman one). At head_dim 64 and 128 every
+ * instance does; at 256 only those built for two passes, since pass 1's check made the bit-pack
+ * instance that launches of one pass run 10% slower at (8, 32k) (bench/NOTES-attention.md,
+ * session 59). */
+template <int HD> constexpr bool kTpDefault = HD < 256;
 
 /*
  * Pass 2 of a launch in two passes (params::huf_pass; the Huffman instance): CTA c's units, those
@@ -1510,8 +1512,9 @@ __device__ bool v3_pass2_range(const params &p, const cta_place &c, int len, int
  * since its code alone made the Huffman slabs 2.8% slower (bench/NOTES-attention.md, session 8).
  * UT: tokens per unit (v3_layout). CPS: CTAs per SM, the ring's share (v3_ring_bytes). LO4: the
  * instance for launches whose query tiles hold at most 4 entries each (lo4 below; fp16 without
- * Huffman only). */
-template <int HD, class T, int NB, bool HUF, bool FAST, int UT, int CPS = 2, bool LO4 = false>
+ * Huffman only). TP: the instance takes part in launches of two passes (kTpDefault). */
+template <int HD, class T, int NB, bool HUF, bool FAST, int UT, int CPS = 2, bool LO4 = false,
+          bool TP = kTpDefault<HD>>
 __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads, CPS)
     attn_kernel_v3(const params p) {
   static_assert(HUF || FAST, "without Huffman pages the fast path is what v3 is for");
@@ -1529,7 +1532,7 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
   const int pos_max = len - nq + p.pos_shift + (min(entries, e0 + NE) - 1) / group;
   const int units = (min(len, pos_max + 1) + UT - 1) / UT;
   int u_begin, u_end;
-  if (kTwoPasses<HUF, HD> && p.huf_pass == 2) {
+  if (HUF && TP && p.huf_pass == 2) {
     if (!v3_pass2_range<UT>(p, cta, len, min(len, pos_max + 1), units, &u_begin, &u_end)) return;
   } else {
     split_range(p, cta, units, &u_begin, &u_end);
@@ -1543,7 +1546,7 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
       mbar_init(bars + 8 * (NS + i), 32 << p.unit_split_lg); /* empty: every lane of its warps */
     }
     *(int *)(smem + SL::claim_off) = NW; /* items 0 .. NW - 1 go to warps 0 .. NW - 1 */
-    if constexpr (kTwoPasses<!HUF, HD>) *(int *)(smem + SL::huf_met_off) = 0;
+    if constexpr (!HUF && TP) *(int *)(smem + SL::huf_met_off) = 0;
   }
   /* The producer warp loads none of Q. */
   if (warp == NW) prefetch_first_batch<UT, SL::batch>(p, seq, len, u_begin);
@@ -1727,7 +1730,7 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
         ok = v3_page_setup<HD, T, HUF, FAST>(pg, ub, scr, harea, e_o, qfits, ks, vs);
         pr.add(PR_SETUP);
         if (!ok) {
-          if constexpr (kTwoPasses<!HUF, HD>)
+          if constexpr (!HUF && TP)
             if (pg.cls == PG_HUFFMAN && lane == 0) atomicOr((int *)(smem + SL::huf_met_off), 1);
           break;
         }
@@ -2040,7 +2043,7 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
    * it, up to the barriers: v3h_layout), combined per query entry. */
   const bool cta_bad = __syncthreads_or(bad);
   /* Pass 1 of two (params::huf_pass) leaves a CTA that met a Huffman page to pass 2. */
-  if constexpr (kTwoPasses<!HUF, HD>)
+  if constexpr (!HUF && TP)
     if (p.huf_pass == 1 && *(volatile int *)(smem + SL::huf_met_off)) return;
   float *obuf = (float *)smem; /* [NW warps][16][HD] */
   float *mbuf = obuf + NW * 16 * HD, *lbuf = mbuf + NW * 16;

@@ -661,10 +661,14 @@ kvc_status_t cuda_plan(kvc_cache_t *c, void *stream) {
   /* Those policies' pages are often all of one codec (FASTEST_WITHIN's default budget takes
    * bit-pack wherever it fits). Where at most one measured page in 1024 is Huffman coded, v3 runs
    * in two passes (kvc_attn_args_t.huffman_rare): on the bench's shape a CTA reads ~100 pages, so
-   * ~10% of the CTAs then read theirs twice, against every page in the slower instance. */
+   * ~10% of the CTAs then read theirs twice, against every page in the slower instance. Only
+   * launches with enough tokens gain (kvc_attn_cuda_two_passes_pay). */
   const int64_t *by = c->pages_by_codec;
+  int64_t kv_tokens = 0;
+  for (int s = 0; s < ns; s++) kv_tokens += p->kv_len[s];
   a.huffman_rare = c->cfg.policy != KVC_POLICY_FIXED && by[KVC_CODEC_BITPACK] > 0 &&
-                   by[KVC_CODEC_HUFFMAN] * 1024 <= by[KVC_CODEC_BITPACK];
+                   by[KVC_CODEC_HUFFMAN] * 1024 <= by[KVC_CODEC_BITPACK] &&
+                   kvc_attn_cuda_two_passes_pay(&a, kv_tokens);
   a.pool = be->pool.base;
   a.chunk_bytes = be->pool.chunk_bytes;
   a.workspace = be->workspace;

@@ -1294,7 +1294,7 @@ static void unsupported_shapes(void **state) {
  * for fp16 rows (kV2Tile). Three rows (12 entries) of fp16 rows at head_dim 64: v2's tile of 16
  * for 8 sequences (64 (sequence, kv head) pairs), v3's two tiles for one (8 pairs; kLargeLaunch);
  * at head_dim 128, v3's two tiles for both. With huffman_rare, the launches that run the Huffman
- * instance under every codec at head_dim 64 and 128 run both instances in two passes. */
+ * instance under every codec run both instances in two passes. */
 static void kernel_choice(void **state) {
   (void)state;
   kvc_attn_args_t a;
@@ -1331,7 +1331,7 @@ static void kernel_choice(void **state) {
     /* huffman_rare: two passes where both v3 instances take the launch and the mask has both
      * lossy codecs; the same kernel as without it elsewhere. */
     a.huffman_rare = 1;
-    const int two = cases[i].kernel == 2 && cases[i].mask == kAllCodecs && a.head_dim < 256;
+    const int two = cases[i].kernel == 2 && cases[i].mask == kAllCodecs;
     assert_int_equal(kvc_attn_cuda_kernel(&a), two ? 3 : cases[i].kernel);
     a.huffman_rare = 0;
   }
@@ -1347,6 +1347,23 @@ static void kernel_choice(void **state) {
     a.total_q_rows = 3;
     assert_int_equal(kvc_attn_cuda_kernel(&a), 1);
   }
+  /* Two passes pay from 2^18 tokens x kv heads at head_dim 64 and 2^19 at 128 and 256 (the H200's
+   * crossover, kTwoPassTokenHeads); never for a head_dim the kernels do not take. */
+  a.num_kv_heads = 8;
+  const struct {
+    int head_dim;
+    int64_t tokens;
+    int pays;
+  } pay[] = {{64, 16384, 0},  {64, 32768, 1},  {128, 32768, 0}, {128, 65536, 1},
+             {256, 65535, 0}, {256, 65536, 1}, {96, 1 << 20, 0}};
+  for (size_t i = 0; i < sizeof(pay) / sizeof(pay[0]); i++) {
+    a.head_dim = pay[i].head_dim;
+    assert_int_equal(kvc_attn_cuda_two_passes_pay(&a, pay[i].tokens), pay[i].pays);
+  }
+  a.head_dim = 128;
+  a.num_kv_heads = 2; /* a quarter of the kv heads: four times the tokens */
+  assert_int_equal(kvc_attn_cuda_two_passes_pay(&a, 131072), 0);
+  assert_int_equal(kvc_attn_cuda_two_passes_pay(&a, 262144), 1);
 }
 
 /* A page whose header fails its checks turns the rows that read it into NaN, never into numbers;

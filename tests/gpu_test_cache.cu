@@ -524,9 +524,11 @@ void cuda_matches_cpu_raw(void **) {
   run_lockstep(KVC_DTYPE_F16, KVC_POLICY_FIXED, KVC_CODEC_RAW);
 }
 
-/* The fastest codec within the default size budget: bit-pack pages, so that once their sizes
- * are measured the backend's decode launches run v3 in two passes (kvc_attn_args_t.huffman_rare:
- * at most one Huffman page in 1024), which the end's counts confirm. */
+/* The fastest codec within the default size budget: bit-pack pages (at most one Huffman page in
+ * 1024, which the end's counts confirm), the pages for which the backend asks for two passes
+ * (kvc_attn_args_t.huffman_rare) in launches of enough tokens (kvc_attn_cuda_two_passes_pay);
+ * these sequences' launches are too short for that and run in one launch. Two passes are
+ * checked against the reference in gpu_test_attn. */
 void cuda_matches_cpu_fastest(void **) {
   if (!have_gpu()) skip();
   const std::vector<long long> by =

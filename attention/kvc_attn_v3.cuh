@@ -174,7 +174,6 @@ template <int HD, int RING, int NP = kBatch, int ENTS = 0, int W = kW3> struct v
   static constexpr int ents_off = chunks_off + NP * KVC_PAGE_MAX_CHUNKS * 4;
   static constexpr int scr_off = align_up(ents_off + ENTS * (int)sizeof(unit_page), 128);
   static constexpr int claim_off = scr_off + W * v3_scratch<HD>::bytes;
-  static constexpr int huf_met_off = claim_off + 4; /* an int: pass 1 met a Huffman page */
   static constexpr int end = claim_off + 16;
 };
 
@@ -1474,17 +1473,34 @@ template <int HD, class T, int NB, bool HUF, bool FAST> constexpr bool v3_hot_wi
 /* Whether an instance takes part in launches of two passes (attn_kernel_v3's TP; params::huf_pass:
  * pass 1 runs an instance without Huffman, pass 2 a Huffman one). At head_dim 64 and 128 every
  * instance does; at 256 only those built for two passes, since pass 1's check made the bit-pack
- * instance that launches of one pass run 10% slower at (8, 32k) (bench/NOTES-attention.md,
- * session 59). */
+ * instance that launches of one pass run 8-12% slower at (8, 32k): a flag set in the unit loop
+ * (sessions 59, 61) and, for bf16, even today's check in the epilogue of bad CTAs alone
+ * (bench/NOTES-attention.md, session 61). */
 template <int HD> constexpr bool kTpDefault = HD < 256;
+
+/* Whether a page of a sequence's units [begin, end) (of UT tokens; len: its tokens) is Huffman
+ * coded by the directory's codec. Every thread of the CTA. */
+template <int UT>
+__device__ bool v3_units_huffman(const params &p, int seq, int len, int begin, int end) {
+  const int bt_lg = 31 - __clz(p.block_tokens);
+  const int j0 = (begin * UT) >> bt_lg;
+  const int j1 = end > begin ? (min(end * UT, len) + p.block_tokens - 1) >> bt_lg : j0;
+  const int32_t *ids = p.block_ids + p.block_indptr[seq];
+  bool huf = false;
+  for (int j = j0 + (int)threadIdx.x; j < j1; j += (int)blockDim.x) {
+    /* The entry's second word: kind, nchunks, codec, first (allocator/kvc_pool_layout.h). */
+    const uint32_t w = __ldg((const uint32_t *)(p.dir + ids[j]) + 1);
+    huf |= (w & 0xffu) == KVC_PAGE_COMPRESSED && ((w >> 16) & 0xffu) == KVC_CODEC_HUFFMAN;
+  }
+  return __syncthreads_or(huf) != 0;
+}
 
 /*
  * Pass 2 of a launch in two passes (params::huf_pass; the Huffman instance): CTA c's units, those
  * pass 1 gave it in its units of UT << p.range_lg tokens (lim: the tokens a row sees), and whether
  * a page of them is Huffman coded by the directory's codec; where none is, pass 1 wrote the CTA's
- * results and it exits. Pass 1 classes a page PG_HUFFMAN only with that codec, so every CTA pass 1
- * left unwritten runs here (and a damaged page the directory calls Huffman gives NaN rows in both).
- * Every thread of the CTA.
+ * results and it exits. Pass 1 leaves a CTA unwritten only where the same check finds one (and a
+ * damaged page the directory calls Huffman gives NaN rows in both). Every thread of the CTA.
  */
 template <int UT>
 __device__ bool v3_pass2_range(const params &p, const cta_place &c, int len, int lim, int units,
@@ -1493,17 +1509,7 @@ __device__ bool v3_pass2_range(const params &p, const cta_place &c, int len, int
   split_range(p, c, (lim + ut1 - 1) / ut1, begin, end);
   *begin <<= ul;
   *end = min(*end << ul, units);
-  const int bt_lg = 31 - __clz(p.block_tokens);
-  const int j0 = (*begin * UT) >> bt_lg;
-  const int j1 = *end > *begin ? (min(*end * UT, len) + p.block_tokens - 1) >> bt_lg : j0;
-  const int32_t *ids = p.block_ids + p.block_indptr[c.seq];
-  bool huf = false;
-  for (int j = j0 + (int)threadIdx.x; j < j1; j += (int)blockDim.x) {
-    /* The entry's second word: kind, nchunks, codec, first (allocator/kvc_pool_layout.h). */
-    const uint32_t w = __ldg((const uint32_t *)(p.dir + ids[j]) + 1);
-    huf |= (w & 0xffu) == KVC_PAGE_COMPRESSED && ((w >> 16) & 0xffu) == KVC_CODEC_HUFFMAN;
-  }
-  return __syncthreads_or(huf) != 0;
+  return v3_units_huffman<UT>(p, c.seq, len, *begin, *end);
 }
 
 /* NB n-blocks of 8 query entries per CTA (one query tile). HUF: the instance for launches that may
@@ -1546,7 +1552,6 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
       mbar_init(bars + 8 * (NS + i), 32 << p.unit_split_lg); /* empty: every lane of its warps */
     }
     *(int *)(smem + SL::claim_off) = NW; /* items 0 .. NW - 1 go to warps 0 .. NW - 1 */
-    if constexpr (!HUF && TP) *(int *)(smem + SL::huf_met_off) = 0;
   }
   /* The producer warp loads none of Q. */
   if (warp == NW) prefetch_first_batch<UT, SL::batch>(p, seq, len, u_begin);
@@ -1729,11 +1734,7 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
         v3_src ks, vs;
         ok = v3_page_setup<HD, T, HUF, FAST>(pg, ub, scr, harea, e_o, qfits, ks, vs);
         pr.add(PR_SETUP);
-        if (!ok) {
-          if constexpr (!HUF && TP)
-            if (pg.cls == PG_HUFFMAN && lane == 0) atomicOr((int *)(smem + SL::huf_met_off), 1);
-          break;
-        }
+        if (!ok) break;
         /* S^T to log2 units: softmax scale (and 2^e of SRC_FAST keys) */
         float kmul = p.scale_log2;
         if constexpr (PRE) { /* the page's operand (qx) */
@@ -2042,9 +2043,10 @@ __global__ void __launch_bounds__(v3_layout_of<HD, HUF, UT, CPS>::type::threads,
   /* Epilogue: the consumer warps' (m, l, O) through the ring (in a Huffman layout possibly on past
    * it, up to the barriers: v3h_layout), combined per query entry. */
   const bool cta_bad = __syncthreads_or(bad);
-  /* Pass 1 of two (params::huf_pass) leaves a CTA that met a Huffman page to pass 2. */
+  /* Pass 1 of two (params::huf_pass) leaves a CTA whose pages include a Huffman page, which it
+   * cannot read (so it is bad), to pass 2. */
   if constexpr (!HUF && TP)
-    if (p.huf_pass == 1 && *(volatile int *)(smem + SL::huf_met_off)) return;
+    if (p.huf_pass == 1 && cta_bad && v3_units_huffman<UT>(p, seq, len, u_begin, u_end)) return;
   float *obuf = (float *)smem; /* [NW warps][16][HD] */
   float *mbuf = obuf + NW * 16 * HD, *lbuf = mbuf + NW * 16;
   if (warp < NW) {

@@ -365,11 +365,12 @@ static void dev_teardown(dev_case_t *d) {
   cudaFree(d->ws);
 }
 
-/* Runs the kernel with `args` over a NaN-poisoned output and returns the output (host). */
-static uint16_t *run_gpu(const dev_case_t *d, const kvc_attn_args_t *args) {
+/* Runs the kernel with `args` over an output whose bytes are all `poison` and returns the output
+ * (host). */
+static uint16_t *run_gpu_over(const dev_case_t *d, const kvc_attn_args_t *args, int poison) {
   cudaStream_t st;
   CU(cudaStreamCreate(&st));
-  CU(cudaMemsetAsync(d->out, 0xFF, d->out_bytes, st));
+  CU(cudaMemsetAsync(d->out, poison, d->out_bytes, st));
   assert_int_equal(kvc_attn_cuda(args, st), KVC_OK);
   CU(cudaStreamSynchronize(st));
   CU(cudaGetLastError());
@@ -378,6 +379,11 @@ static uint16_t *run_gpu(const dev_case_t *d, const kvc_attn_args_t *args) {
   assert_non_null(out);
   CU(cudaMemcpy(out, d->out, d->out_bytes, cudaMemcpyDeviceToHost));
   return out;
+}
+
+/* run_gpu_over a NaN-poisoned output: an element the kernel does not write fails the checks. */
+static uint16_t *run_gpu(const dev_case_t *d, const kvc_attn_args_t *args) {
+  return run_gpu_over(d, args, 0xFF);
 }
 
 /* Relative L2 error of got against ref; any NaN in got fails. Rows [row_lo, row_hi) only. */
@@ -1371,7 +1377,9 @@ static void kernel_choice(void **state) {
  * one CTA per SM, whose warps skip a bad unit together and decode the next one). */
 /* Sequence 2 (one full block, or nblk - 1 and two tokens) gets full block `blk`'s page magic
  * broken; its rows come out NaN on v2 and on v3 under `mask`, each with the split workspace and
- * without, and the rows before it stay within the tolerance. */
+ * without (and, where `mask` has both lossy codecs, in two passes: huffman_rare), and the rows
+ * before it stay within the tolerance. The output is poisoned with zeros, so NaN rows are rows
+ * the kernels wrote: a CTA that writes nothing would leave a step's stale rows in place. */
 static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, int nblk, int blk, int max_q,
                               uint64_t seed) {
   gpu_case_t c = {3, 8, 2, 128, bt, KVC_DTYPE_F16, 300, max_q, kind, 0, seed};
@@ -1387,14 +1395,18 @@ static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, int nblk, in
   dev_setup(&h, &d);
   const size_t per_row = (size_t)c.num_q_heads * c.head_dim;
   const size_t r2 = (size_t)h.qo_indptr[2], r3 = (size_t)h.qo_indptr[3];
-  for (int v = 0; v < 4; v++) { /* v2, then `mask`; with the split workspace, then without */
+  const uint32_t both = (1u << KVC_CODEC_BITPACK) | (1u << KVC_CODEC_HUFFMAN);
+  const int variants = (mask & both) == both ? 6 : 4;
+  /* v2, then `mask`; with the split workspace, then without; then two passes, both ways */
+  for (int v = 0; v < variants; v++) {
     kvc_attn_args_t a = d.args;
-    a.codec_mask = v & 1 ? mask : 0;
-    if (v >= 2) { /* no splits: one CTA per sequence and kv head reads all of its pages */
+    a.codec_mask = v & 1 || v >= 4 ? mask : 0;
+    a.huffman_rare = v >= 4;
+    if (v == 2 || v == 3 || v == 5) { /* no splits: one CTA per kv head reads all its pages */
       a.workspace = NULL;
       a.workspace_bytes = 0;
     }
-    uint16_t *out = run_gpu(&d, &a);
+    uint16_t *out = run_gpu_over(&d, &a, 0);
     for (size_t i = r2 * per_row; i < r3 * per_row; i++)
       assert_true(isnan(to_float(c.dtype, out[i])));
     assert_true(case_err(c.dtype, &h, out, 0, r2 * per_row) <= tolerance(c.dtype));
@@ -1407,9 +1419,11 @@ static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, int nblk, in
 static void corrupt_page_gives_nan(void **state) {
   (void)state;
   if (!have_gpu()) skip();
-  /* Every codec allowed (decode: v3's Huffman instance, one page per unit). */
+  /* Every codec allowed (decode: v3's Huffman instance, one page per unit; in two passes the
+   * Huffman page is pass 2's, a bit-pack page pass 1's, which then finds no Huffman page). */
   corrupt_page_case(64, KVC_TEST_PAGE_HUFFMAN, kAllCodecs, 1, 0, 1, 7000);
   corrupt_page_case(64, KVC_TEST_PAGE_HUFFMAN, kAllCodecs, 1, 0, 40, 7001);
+  corrupt_page_case(64, KVC_TEST_PAGE_BITPACK, kAllCodecs, 3, 1, 1, 7008);
   /* Bit-pack pages without Huffman (decode: units of whole pages, whose entries the producer
    * builds with its metadata batch): the bad page alone, the last of its unit's two, and in the
    * middle of a unit of 32-token pages. */

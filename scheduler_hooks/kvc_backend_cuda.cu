@@ -37,6 +37,7 @@
 #include "attention/kvc_attn.h"
 #include "compress/kvc_codec_cuda.h"
 #include "scheduler_hooks/kvc_backend.h"
+#include "scheduler_hooks/kvc_cache_test.h"
 
 namespace {
 
@@ -993,3 +994,8 @@ extern "C" const kvc__backend_ops_t kvc__backend_cuda = {
     cuda_read_state, cuda_read_entry, cuda_read_page,  cuda_overhead_bytes,
     cuda_host_data_bytes,
 };
+
+extern "C" int kvc__cache_cuda_kernel(const kvc_cache_t *c) {
+  if (c->ops != &kvc__backend_cuda || !c->be) return -1;
+  return kvc_attn_cuda_kernel(&be_of(c)->attn);
+}

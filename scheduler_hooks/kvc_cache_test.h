@@ -38,6 +38,12 @@ kvc_status_t kvc__cache_seq_blocks(kvc_cache_t *c, kvc_seq_id_t id, int32_t *blo
 void kvc__cache_geometry(const kvc_cache_t *c, uint32_t *chunk_bytes, uint32_t *max_page_bytes,
                          int32_t *max_blocks);
 
+#if KVC_HAVE_CUDA
+/* The kernel the CUDA backend's attention of the planned step runs (kvc_attn_cuda_kernel of the
+ * launch arguments its plan built: 3 means two passes); -1 for a cache of another backend. */
+int kvc__cache_cuda_kernel(const kvc_cache_t *c);
+#endif
+
 #ifdef __cplusplus
 }
 #endif

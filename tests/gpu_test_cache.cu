@@ -16,8 +16,8 @@
  * completes are compared twice: as the full staging pages they stay until compressed, and (after
  * kvc_cache_synchronize compresses them) as compressed pages. Variants: fp16
  * and bf16 with the smallest-page policy, fp16 with the fastest codec within the default budget
- * (bit-pack pages: v3 in two passes), and the raw codec (pages of staging size plus a header, so
- * one chunk more than a staging page).
+ * (bit-pack pages; launches too short for two passes), and the raw codec (pages of staging size
+ * plus a header, so one chunk more than a staging page).
  *
  * graph_capture: two CUDA caches run the same steps; for one step, cache A's stores and attends of
  * every layer are captured on a non-default stream (cudaStreamBeginCapture), instantiated and
@@ -30,6 +30,9 @@
  * cascade_matches_cpu: two groups of sequences sharing their prompt's blocks (prefix-cache hits),
  * prefilled and decoded together on a CUDA cache that reads each group's prefix once
  * (kvc_config_t::cascade 2) and on a CPU cache; outputs within the same tolerance.
+ *
+ * two_passes_matches_cpu: decode steps over 131k tokens of mostly bit-pack pages and a few Huffman
+ * ones, long enough for the backend to run v3 in two passes; outputs within the same tolerance.
  *
  * Without a GPU every test skips.
  */
@@ -528,7 +531,7 @@ void cuda_matches_cpu_raw(void **) {
  * 1024, which the end's counts confirm), the pages for which the backend asks for two passes
  * (kvc_attn_args_t.huffman_rare) in launches of enough tokens (kvc_attn_cuda_two_passes_pay);
  * these sequences' launches are too short for that and run in one launch. Two passes are
- * checked against the reference in gpu_test_attn. */
+ * checked against the reference here by two_passes_matches_cpu, and in gpu_test_attn. */
 void cuda_matches_cpu_fastest(void **) {
   if (!have_gpu()) skip();
   const std::vector<long long> by =
@@ -803,6 +806,119 @@ void cascade_matches_cpu(void **state) {
   CUDA_OK(cudaStreamDestroy(s));
 }
 
+/*
+ * The backend's choice of two passes (kvc_attn_args_t.huffman_rare), end to end: a cache whose
+ * per-page policy (the fastest codec within the default budget, an absolute bound) codes nearly
+ * every page bit-pack, and a few Huffman, holding enough tokens for two passes to pay
+ * (kvc_attn_cuda_two_passes_pay: 2^18 tokens x kv heads at head_dim 64). Seven sequences of
+ * awkward lengths are prefilled without attention (no CPU reference over prompts this long);
+ * four blocks are sparse (most values near zero, a few large: bit-pack needs the whole range,
+ * Huffman codes the zeros short), so their pages in both layers come out Huffman. Then decode
+ * steps: every CUDA output within tolerance of the CPU's; the planned launch of every sequence's
+ * step is v3 in two passes (with 131207 tokens, just past the threshold), whose second pass alone
+ * reads the Huffman pages' CTAs (a pass that skipped them would leave those rows as the poison
+ * step_both writes), and a step of the shortest sequence alone is one launch of v3's Huffman
+ * instance.
+ */
+void two_passes_matches_cpu(void **state) {
+  (void)state;
+  if (!have_gpu()) skip();
+  const int lens[] = {16411, 23000, 9001, 30000, 17777, 20011, 15000};
+  const int n_seqs = (int)(sizeof lens / sizeof lens[0]);
+  /* (sequence, block) of the sparse blocks: the first block, a last full one, middles. */
+  const int sparse[4][2] = {{0, 0}, {2, 9001 / kBt - 1}, {3, 1000}, {5, 700}};
+  kvc_config_t cfg[2];
+  kvc_cache_t *c[2];
+  for (int i = 0; i < 2; i++) {
+    cfg[i] = config(i ? KVC_BACKEND_CUDA : KVC_BACKEND_CPU, KVC_DTYPE_F16, (size_t)96 << 20);
+    cfg[i].policy = KVC_POLICY_FASTEST_WITHIN;
+    cfg[i].bound_mode = KVC_BOUND_ABSOLUTE;
+    cfg[i].k_bound = cfg[i].v_bound = 0.3f;
+    cfg[i].max_seq_len = 32768;
+    assert_int_equal(kvc_cache_create(&cfg[i], &c[i]), KVC_OK);
+  }
+  kvc_cache_t *cpu = c[0], *gpu = c[1];
+  cudaStream_t s;
+  CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  kvc_test_rng_t rng;
+  kvc_test_rng_seed(&rng, 909);
+  tensors T;
+  std::vector<kvc_seq_id_t> ids;
+  long long tokens = 0;
+  for (int q = 0; q < n_seqs; q++) {
+    const kvc_seq_id_t id = (kvc_seq_id_t)(1 + q);
+    ids.push_back(id);
+    tokens += lens[q];
+    int cached = -1;
+    for (kvc_cache_t *cc : c)
+      assert_int_equal(kvc_seq_add(cc, id, nullptr, 0, 0, &cached), KVC_OK);
+  }
+  /* Prefill, kMaxBatch rows of one sequence per step, stores only (the uploads from pageable
+   * memory copy T's rows before they return, and the store reads them on the same stream). */
+  for (int q = 0; q < n_seqs; q++)
+    for (int t0 = 0; t0 < lens[q]; t0 += kMaxBatch) {
+      const int rows = lens[q] - t0 < kMaxBatch ? lens[q] - t0 : kMaxBatch;
+      const kvc_batch_t batch = {1, &ids[q], &rows, nullptr};
+      for (kvc_cache_t *cc : c) assert_int_equal(kvc_seq_reserve(cc, ids[q], rows, 0), KVC_OK);
+      assert_int_equal(kvc_plan(cpu, &batch, nullptr), KVC_OK);
+      assert_int_equal(kvc_plan(gpu, &batch, s), KVC_OK);
+      for (int l = 0; l < kLayers; l++) {
+        for (int r = 0; r < rows; r++) {
+          bool sp = false;
+          for (const auto &b : sparse) sp |= b[0] == q && b[1] == (t0 + r) / kBt;
+          for (int e = 0; e < kKvRow; e++) {
+            const size_t i = (size_t)r * kKvRow + e;
+            double k = kvc_test_rng_normal(&rng) + 0.3 * (e % kHeadDim % 5);
+            double v = kvc_test_rng_normal(&rng);
+            if (sp) {
+              k = kvc_test_rng_below(&rng, 20) == 0 ? 5 * k : 0.1 * k;
+              v = kvc_test_rng_below(&rng, 20) == 0 ? 5 * v : 0.1 * v;
+            }
+            T.k[i] = kvc_test_f32_to_f16((float)k);
+            T.v[i] = kvc_test_f32_to_f16((float)v);
+          }
+        }
+        T.upload(rows, s);
+        assert_int_equal(kvc_store(cpu, l, T.k.data(), T.v.data(), nullptr), KVC_OK);
+        assert_int_equal(kvc_store_cuda(gpu, l, T.dk, T.dv, s), KVC_OK);
+      }
+    }
+  kvc_stats_t st[2];
+  for (int i = 0; i < 2; i++) {
+    assert_int_equal(kvc_cache_synchronize(c[i]), KVC_OK);
+    st[i] = {};
+    st[i].struct_size = sizeof(kvc_stats_t);
+    assert_int_equal(kvc_get_stats(c[i], &st[i]), KVC_OK);
+    assert_int_equal(st[i].pages_by_codec[KVC_CODEC_HUFFMAN], 4 * kLayers);
+    assert_int_equal(st[i].pages_by_codec[KVC_CODEC_RAW], 0);
+    assert_true(st[i].pages_by_codec[KVC_CODEC_BITPACK] >= 4 * kLayers * 1024);
+  }
+  assert_int_equal(st[0].pages_by_codec[KVC_CODEC_BITPACK],
+                   st[1].pages_by_codec[KVC_CODEC_BITPACK]);
+  /* Decode: every sequence (two steps), then the shortest alone, too short for two passes. */
+  double worst = 0;
+  for (int step = 0; step < 3; step++) {
+    std::vector<kvc_seq_id_t> step_ids;
+    std::vector<int32_t> toks;
+    for (int q = step < 2 ? 0 : 2; q < (step < 2 ? n_seqs : 3); q++) {
+      step_ids.push_back(ids[q]);
+      toks.push_back((int32_t)kvc_test_rng_below(&rng, 5000));
+      for (kvc_cache_t *cc : c) assert_int_equal(kvc_seq_reserve(cc, ids[q], 1, 0), KVC_OK);
+    }
+    std::vector<int32_t> n_new(step_ids.size(), 1);
+    worst = fmax(worst, step_both(cpu, gpu, s, T, &rng, step_ids, n_new, toks));
+    assert_int_equal(kvc__cache_cuda_kernel(gpu), step < 2 ? 3 : 2);
+    assert_int_equal(kvc__cache_cuda_kernel(cpu), -1);
+  }
+  print_message("two passes: %lld tokens, pages by codec bitpack/huffman %lld/%lld, worst %.2f of "
+                "tolerance\n",
+                tokens, (long long)st[1].pages_by_codec[KVC_CODEC_BITPACK],
+                (long long)st[1].pages_by_codec[KVC_CODEC_HUFFMAN], worst);
+  kvc_cache_destroy(cpu);
+  kvc_cache_destroy(gpu);
+  CUDA_OK(cudaStreamDestroy(s));
+}
+
 } // namespace
 
 int main(void) {
@@ -813,6 +929,7 @@ int main(void) {
       cmocka_unit_test(cuda_matches_cpu_fastest),
       cmocka_unit_test(graph_capture),
       cmocka_unit_test(cascade_matches_cpu),
+      cmocka_unit_test(two_passes_matches_cpu),
   };
   /* KVC_TEST_FILTER: run only the tests whose names match (cmocka pattern), e.g. under a sanitizer. */
   if (getenv("KVC_TEST_FILTER")) cmocka_set_test_filter(getenv("KVC_TEST_FILTER"));

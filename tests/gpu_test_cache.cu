@@ -100,13 +100,13 @@ float from_dtype(kvc_dtype_t t, uint16_t h) {
   return t == KVC_DTYPE_F16 ? kvc_test_f16_to_f32(h) : kvc_test_bf16_to_f32(h);
 }
 
-/* Host and device copies of one step's tensors. */
+/* Host and device copies of one step's tensors, of up to `rows` rows. */
 struct tensors {
   std::vector<uint16_t> k, v, q, out_cpu, out_gpu;
   uint16_t *dk = nullptr, *dv = nullptr, *dq = nullptr, *dout = nullptr;
-  tensors()
-      : k(kMaxBatch * kKvRow), v(kMaxBatch * kKvRow), q(kMaxBatch * kQRow),
-        out_cpu(kMaxBatch * kQRow), out_gpu(kMaxBatch * kQRow) {
+  explicit tensors(int rows = kMaxBatch)
+      : k((size_t)rows * kKvRow), v((size_t)rows * kKvRow), q((size_t)rows * kQRow),
+        out_cpu((size_t)rows * kQRow), out_gpu((size_t)rows * kQRow) {
     CUDA_OK(cudaMalloc(&dk, k.size() * 2));
     CUDA_OK(cudaMalloc(&dv, v.size() * 2));
     CUDA_OK(cudaMalloc(&dq, q.size() * 2));
@@ -824,6 +824,7 @@ void two_passes_matches_cpu(void **state) {
   (void)state;
   if (!have_gpu()) skip();
   const int lens[] = {16411, 23000, 9001, 30000, 17777, 20011, 15000};
+  const int kChunkRows = 4096;
   const int n_seqs = (int)(sizeof lens / sizeof lens[0]);
   /* (sequence, block) of the sparse blocks: the first block, a last full one, middles. */
   const int sparse[4][2] = {{0, 0}, {2, 9001 / kBt - 1}, {3, 1000}, {5, 700}};
@@ -835,6 +836,7 @@ void two_passes_matches_cpu(void **state) {
     cfg[i].bound_mode = KVC_BOUND_ABSOLUTE;
     cfg[i].k_bound = cfg[i].v_bound = 0.3f;
     cfg[i].max_seq_len = 32768;
+    cfg[i].max_batch_tokens = kChunkRows;
     assert_int_equal(kvc_cache_create(&cfg[i], &c[i]), KVC_OK);
   }
   kvc_cache_t *cpu = c[0], *gpu = c[1];
@@ -842,7 +844,7 @@ void two_passes_matches_cpu(void **state) {
   CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   kvc_test_rng_t rng;
   kvc_test_rng_seed(&rng, 909);
-  tensors T;
+  tensors T(kChunkRows);
   std::vector<kvc_seq_id_t> ids;
   long long tokens = 0;
   for (int q = 0; q < n_seqs; q++) {
@@ -853,11 +855,11 @@ void two_passes_matches_cpu(void **state) {
     for (kvc_cache_t *cc : c)
       assert_int_equal(kvc_seq_add(cc, id, nullptr, 0, 0, &cached), KVC_OK);
   }
-  /* Prefill, kMaxBatch rows of one sequence per step, stores only (the uploads from pageable
+  /* Prefill, kChunkRows rows of one sequence per step, stores only (the uploads from pageable
    * memory copy T's rows before they return, and the store reads them on the same stream). */
   for (int q = 0; q < n_seqs; q++)
-    for (int t0 = 0; t0 < lens[q]; t0 += kMaxBatch) {
-      const int rows = lens[q] - t0 < kMaxBatch ? lens[q] - t0 : kMaxBatch;
+    for (int t0 = 0; t0 < lens[q]; t0 += kChunkRows) {
+      const int rows = lens[q] - t0 < kChunkRows ? lens[q] - t0 : kChunkRows;
       const kvc_batch_t batch = {1, &ids[q], &rows, nullptr};
       for (kvc_cache_t *cc : c) assert_int_equal(kvc_seq_reserve(cc, ids[q], rows, 0), KVC_OK);
       assert_int_equal(kvc_plan(cpu, &batch, nullptr), KVC_OK);

@@ -1502,7 +1502,9 @@ bool two_passes(const kvc_attn_args_t *a) {
  * two passes): head_dim 64 (1, 16k) 0.0248 / 0.0270, (1, 32k) 0.0326 / 0.0310; head_dim 128
  * (1, 32k) 0.0366 / 0.0389, (4, 8k) 0.0354 / 0.0358, (2, 32k) 0.0567 / 0.0508; head_dim 256
  * (4, 8k) 0.0619 / 0.0684, (2, 32k) 0.1067 / 0.1045. Pass 2 costs more at 256, where the Huffman
- * instance holds one CTA per SM and so takes pass 1's grid in two waves. */
+ * instance holds one CTA per SM and so takes pass 1's grid in two waves. The GQA group does not
+ * move the crossover: at head_dim 128 with 8, 32 and 64 query heads (session 62), (4, 8k) runs
+ * faster in one launch and (2, 32k) in two passes in all three. */
 constexpr int64_t kTwoPassTokenHeads[3] = {1 << 18, 1 << 19, 1 << 19};
 
 /* Whether lv's launch runs v3: query tiles of 8 entries (tile_entries), or several of them where

@@ -995,6 +995,8 @@ extern "C" const kvc__backend_ops_t kvc__backend_cuda = {
     cuda_host_data_bytes,
 };
 
+/* ---- test accessor (kvc_cache_test.h) ------------------------------------------------------- */
+
 extern "C" int kvc__cache_cuda_kernel(const kvc_cache_t *c) {
   if (c->ops != &kvc__backend_cuda || !c->be) return -1;
   return kvc_attn_cuda_kernel(&be_of(c)->attn);

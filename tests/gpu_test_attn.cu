@@ -656,7 +656,8 @@ static void claimed_items(void **state) {
  * 2, take the prefix launch to v3 over several tiles: tile_reads in attention/kvc_attn_cuda.cu),
  * decode with the prefix launch on v2, multi-query rows, head_dim 64/128/256, bf16, blocks of
  * 16-128 tokens, a prefix long enough to split. Lengths start past the prefix; its size must come
- * out as asked. The variants without workspace run without the cascade.
+ * out as asked. The variants without workspace run without the cascade. Cases with Huffman pages
+ * also run in two passes (huffman_rare), both launches of the cascade.
  */
 static void cascade_prefix_groups(void **state) {
   (void)state;
@@ -698,6 +699,8 @@ static void cascade_prefix_groups(void **state) {
     const unsigned kinds = c.kinds;
     const uint32_t mask = kinds & KVC_TEST_PAGE_HUFFMAN ? kAllCodecs : kNoHuffman;
     run_variants(&c, &h, &d, mask, 0);
+    /* A per-page policy's cache: each of the cascade's launches in two passes. */
+    if (mask == kAllCodecs) run_variants(&c, &h, &d, mask, 1);
     dev_teardown(&d);
     host_teardown(&h);
   }

@@ -136,7 +136,11 @@ size_t kvc_attn_cuda_workspace_bytes(int max_q_rows, int num_q_heads, int head_d
 /* Fused CUDA attention; enqueued on `stream` (a cudaStream_t), no sync, no allocation.
  * KVC_OK, KVC_ERR_UNSUPPORTED (head_dim other than 64, 128, 256; dtype; block_tokens not a power
  * of two in 16..128, or 128 at head_dim 256 unless codec_mask is rows alone; a launch of more
- * than 2^31 - 1 CTAs), KVC_ERR_CUDA. */
+ * than 2^31 - 1 CTAs), KVC_ERR_CUDA. Not bitwise reproducible in every launch: in v3's
+ * instances whose warps claim work items from a shared counter (its Huffman instance, and units
+ * of two bit-pack pages: kvc_attn_v3.cuh, v3_claims) the order the warps arrive in decides which
+ * tokens each accumulates, so the fp32 rounding, and at times an output's last bit, can differ
+ * between two identical launches. Every other kernel assigns its work statically. */
 kvc_status_t kvc_attn_cuda(const kvc_attn_args_t *a, void *stream);
 
 /* The kernel kvc_attn_cuda runs for a's launch without a cascade: 0 v2, 1 v3, 2 v3's Huffman

@@ -450,7 +450,11 @@ kvc_status_t kvc_store(kvc_cache_t *cache, int layer, const void *k, const void 
  * the plan reads, so it also ends attention for that step. Returns KVC_ERR_INVALID_STATE (no plan,
  * layer not stored this step, step ended as above), KVC_ERR_INVALID_ARGUMENT (NULL tensor, layer
  * out of range, scale not finite and > 0), KVC_ERR_CUDA; on the CPU backend also
- * KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CORRUPT. A failed attend leaves the cache as it was.
+ * KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CORRUPT. A failed attend leaves the cache as it was. The
+ * CPU backend's results are reproducible bit for bit; the CUDA backend's may differ in their last
+ * bits between identical steps where its kernels hand work to warps as they ask for it (Huffman
+ * pages; bit-pack pages at head_dim 64 and 128 in blocks of 32 or 64 tokens; README, known
+ * limits).
  */
 kvc_status_t kvc_attend(kvc_cache_t *cache, int layer, const void *q, void *out, float scale,
                         void *stream);

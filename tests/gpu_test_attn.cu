@@ -1,12 +1,13 @@
 /*
  * kvc_attn_cuda against kvc_attn_cpu on the same pages (the CPU reference decodes them with the CPU
  * codec and accumulates in float64). Relative L2 error of the outputs <= 1e-3 for fp16, 1e-2 for
- * bf16; NaN never passes; outputs are poisoned (NaN) before every run, so an element the kernel
- * does not write fails. Each case runs twice: with the split-K workspace (flash-decoding splits and
- * the combine kernel) and without it (one CTA per sequence and head). Sweep: 1, 3, 7, 37, 61
- * sequences; lengths shorter than a block and not multiples of it; GQA 1, 3, 4, 8; head_dim 64,
- * 128, 256; fp16 and bf16; block_tokens 16..128; decode, speculative and chunked prefill rows
- * (causal); every page kind mixed in one batch; prefix-shared blocks; a long context. Every case
+ * bf16; NaN never passes; outputs and the workspace are poisoned (NaN) before every run, so an
+ * element the kernel does not write fails, and so do partials a split did not write. Each case
+ * runs twice: with the split-K workspace (flash-decoding splits and the combine kernel) and
+ * without it (one CTA per sequence and head). Sweep: 1, 3, 7, 37, 61 sequences; lengths shorter
+ * than a block and not multiples of it; GQA 1, 3, 4, 8; head_dim 64, 128, 256; fp16 and bf16;
+ * block_tokens 16..128; decode, speculative and chunked prefill rows (causal); every page kind
+ * mixed in one batch; prefix-shared blocks (cascades too); a long context. Every case
  * runs on the v2 kernels (codec_mask 0) and, with a codec_mask without Huffman, on the v3 decode
  * kernel where it applies (at most 8 query entries per sequence and kv head; at head_dim 256,
  * blocks up to 64 tokens, or 128 for rows alone); cases with Huffman pages run v3 on the same sizes
@@ -365,12 +366,14 @@ static void dev_teardown(dev_case_t *d) {
   cudaFree(d->ws);
 }
 
-/* Runs the kernel with `args` over an output whose bytes are all `poison` and returns the output
- * (host). */
+/* Runs the kernel with `args` over an output whose bytes are all `poison` and a workspace of NaN,
+ * and returns the output (host). */
 static uint16_t *run_gpu_over(const dev_case_t *d, const kvc_attn_args_t *args, int poison) {
   cudaStream_t st;
   CU(cudaStreamCreate(&st));
   CU(cudaMemsetAsync(d->out, poison, d->out_bytes, st));
+  /* Partials an earlier run left (a case's launches share it) must not pass for this run's. */
+  if (args->workspace) CU(cudaMemsetAsync(args->workspace, 0xFF, args->workspace_bytes, st));
   assert_int_equal(kvc_attn_cuda(args, st), KVC_OK);
   CU(cudaStreamSynchronize(st));
   CU(cudaGetLastError());

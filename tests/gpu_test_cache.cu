@@ -816,9 +816,9 @@ void cascade_matches_cpu(void **state) {
  * Huffman codes the zeros short), so their pages in both layers come out Huffman. Then decode
  * steps: every CUDA output within tolerance of the CPU's; the planned launch of every sequence's
  * step is v3 in two passes (with 131207 tokens, just past the threshold), whose second pass alone
- * reads the Huffman pages' CTAs (a pass that skipped them would leave those rows as the poison
- * step_both writes), and a step of the shortest sequence alone is one launch of v3's Huffman
- * instance.
+ * reads the Huffman pages' CTAs (without it their rows, or the combine of the partials pass 1
+ * left unwritten, fail the comparison), and a step of the shortest sequence alone is one launch
+ * of v3's Huffman instance.
  */
 void two_passes_matches_cpu(void **state) {
   (void)state;

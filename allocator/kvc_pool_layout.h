@@ -22,9 +22,13 @@
  *
  * Staging pages (the tail) have no header; their layout is
  *   // [2 (K, V)][num_kv_heads][block_tokens][head_dim] in the cache dtype
- * so that a row of head_dim values (a power of two times the element size, <= chunk_bytes) never
- * straddles two chunks. Rows past a tail's length are unspecified (pages are not cleared when their
- * chunks are taken); readers use only the rows the block table says the tail holds. Compressed pages follow compress/kvc_page_format.h.
+ * A row of a power-of-two size (every head_dim of the CUDA backend) never straddles two chunks:
+ * chunk_bytes, a power of two, exceeds half a row, since a staging page (32 rows or more) fits in
+ * 63 chunks. Rows of other head_dims (the CPU backend's 24, 96, ...) may straddle two, and readers
+ * copy them chunk by chunk.
+ * Rows past a tail's length are unspecified (pages are not cleared when their chunks are taken);
+ * readers use only the rows the block table says the tail holds. Compressed pages follow
+ * compress/kvc_page_format.h.
  */
 #ifndef KVC_POOL_LAYOUT_H
 #define KVC_POOL_LAYOUT_H

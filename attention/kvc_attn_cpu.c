@@ -13,6 +13,7 @@
 
 #include "attention/kvc_attn.h"
 #include "compress/kvc_codec.h"
+#include "compress/kvc_page_format.h"
 
 static size_t kvc__dtype_bytes(kvc_dtype_t t) { return t == KVC_DTYPE_F32 ? 4 : 2; }
 
@@ -83,6 +84,18 @@ static uint32_t kvc__entry_bytes(const kvc_attn_args_t *a, const kvc_page_entry_
   return e->nbytes;
 }
 
+/* Copies page bytes [off, off + n) to dst chunk by chunk: a compressed page lies in several, and
+ * a staging row whose size is not a power of two (a head_dim like 24 or 96) may straddle two. */
+static void kvc__page_copy(const kvc_attn_args_t *a, const kvc_page_entry_t *e, uint32_t off,
+                           uint32_t n, uint8_t *dst) {
+  uint8_t *pool = (uint8_t *)a->pool; /* kvc_page_byte only computes an address; we only read */
+  for (uint32_t len; n > 0; off += len, dst += len, n -= len) {
+    const uint32_t room = kvc_page_run(e, a->chunk_bytes, off);
+    len = n < room ? n : room;
+    memcpy(dst, kvc_page_byte(pool, a->chunk_bytes, e, off), len);
+  }
+}
+
 /*
  * Decodes the first n tokens of a page into k_out, v_out [num_kv_heads][block_tokens][head_dim].
  * `gather` has room for the largest compressed page of the call.
@@ -92,29 +105,25 @@ static kvc_status_t kvc__decode_page(const kvc_attn_args_t *a, const kvc_page_en
   const int hd = a->head_dim, bt = a->block_tokens, kvh = a->num_kv_heads;
   uint32_t nbytes = kvc__entry_bytes(a, e);
   if (nbytes == 0) return KVC_ERR_CORRUPT;
-  uint8_t *pool = (uint8_t *)a->pool; /* kvc_page_byte only computes an address; we only read */
 
   if (e->kind == KVC_PAGE_STAGING) {
-    size_t row_bytes = (size_t)hd * kvc__dtype_bytes(a->dtype);
+    const uint32_t row_bytes = (uint32_t)hd * (uint32_t)kvc__dtype_bytes(a->dtype);
+    uint8_t row[KVC_FMT_MAX_HEAD_DIM * 4];
     if ((uint64_t)nbytes < 2ull * (uint64_t)kvh * (uint64_t)bt * row_bytes) return KVC_ERR_CORRUPT;
     for (int tensor = 0; tensor < 2; tensor++) {
       float *dst = tensor == 0 ? k_out : v_out;
       for (int h = 0; h < kvh; h++)
         for (int t = 0; t < n; t++) {
-          uint32_t off = kvc_staging_row_offset(tensor, h, t, kvh, bt, (int)row_bytes);
-          kvc__load_row(a->dtype, kvc_page_byte(pool, a->chunk_bytes, e, off), hd,
-                        dst + ((size_t)h * bt + t) * hd);
+          kvc__page_copy(a, e, kvc_staging_row_offset(tensor, h, t, kvh, bt, (int)row_bytes),
+                         row_bytes, row);
+          kvc__load_row(a->dtype, row, hd, dst + ((size_t)h * bt + t) * hd);
         }
     }
     return KVC_OK;
   }
   if (e->kind != KVC_PAGE_COMPRESSED) return KVC_ERR_CORRUPT;
 
-  for (uint32_t off = 0, len; off < nbytes; off += len) {
-    const uint32_t room = kvc_page_run(e, a->chunk_bytes, off);
-    len = nbytes - off < room ? nbytes - off : room;
-    memcpy(gather + off, kvc_page_byte(pool, a->chunk_bytes, e, off), len);
-  }
+  kvc__page_copy(a, e, 0, nbytes, gather);
   kvc_page_info_t info;
   if (kvc_codec_page_info(gather, nbytes, &info) != KVC_OK) return KVC_ERR_CORRUPT;
   if ((int)info.codec != e->codec || info.num_kv_heads != kvh || info.head_dim != hd ||

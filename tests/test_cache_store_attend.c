@@ -1,7 +1,8 @@
 /*
  * The CPU backend end to end: sequences of awkward lengths (1, 3, 63, 64, 65, 200 tokens) are
  * prefilled in one step, then grown by decode steps (one token) and a multi-token step, for every
- * codec and policy and every dtype. After each step, for every layer:
+ * codec and policy and every dtype, at head_dim 32 and at two whose rows are not a power of two
+ * in size (24, 96). After each step, for every layer:
  *   - the pages the cache holds are read back through the directory (kvc__cache_read_page) and
  *     decoded with the CPU codec (kvc_codec_decode_head); staging pages must hold the stored values
  *     exactly, compressed pages must be within the configured error bound of them; blocks completed
@@ -29,7 +30,7 @@
 #include "kvcomp.h"
 #include "scheduler_hooks/kvc_cache_test.h"
 
-enum { NUM_LAYERS = 2, KV_HEADS = 2, Q_HEADS = 4, HEAD_DIM = 32, NUM_SEQS = 6 };
+enum { NUM_LAYERS = 2, KV_HEADS = 2, Q_HEADS = 4, NUM_SEQS = 6 };
 static const int prompt_len[NUM_SEQS] = {1, 3, 63, 64, 65, 200};
 
 typedef struct scenario {
@@ -38,7 +39,12 @@ typedef struct scenario {
   kvc_codec_t codec;
   kvc_bound_mode_t bound_mode;
   int block_tokens;
+  int head_dim;
 } scenario_t;
+
+/* The running scenario's head_dim: 32, or one whose rows (24 or 96 values) are not a power of two
+ * in size and so may straddle two pool chunks once freed pages have scattered the free chunks. */
+static int head_dim;
 
 /* ---- dtype helpers ------------------------------------------------------------------------- */
 
@@ -74,14 +80,14 @@ static double out_eps(kvc_dtype_t t) {
 
 typedef struct seq {
   int len;
-  float *k, *v;   /* [NUM_LAYERS][cap][KV_HEADS][HEAD_DIM] originals (dtype-rounded) */
+  float *k, *v;   /* [NUM_LAYERS][cap][KV_HEADS][head_dim] originals (dtype-rounded) */
   float *dk, *dv; /* same shape: what the cache's pages decode to */
 } seq_t;
 
 enum { SEQ_CAP = 256 };
 
 static size_t at(int layer, int pos, int h, int d) {
-  return (((size_t)layer * SEQ_CAP + (size_t)pos) * KV_HEADS + (size_t)h) * HEAD_DIM + (size_t)d;
+  return (((size_t)layer * SEQ_CAP + (size_t)pos) * KV_HEADS + (size_t)h) * head_dim + (size_t)d;
 }
 
 /* Keys get a per-channel offset and a few wide channels, as real keys do; values are plain. */
@@ -119,12 +125,12 @@ static void check_packing(kvc_cache_t *c, const kvc_config_t *cfg, int l, int32_
 static void decode_sequence(kvc_cache_t *c, const kvc_config_t *cfg, kvc_seq_id_t id, seq_t *s,
                             int len0, int len, int l, uint8_t *page, size_t page_cap) {
   const int bt = cfg->block_tokens;
-  const size_t rb = HEAD_DIM * esize(cfg->dtype);
+  const size_t rb = head_dim * esize(cfg->dtype);
   int32_t blocks[SEQ_CAP];
   int nblocks = 0;
   assert_int_equal(kvc__cache_seq_blocks(c, id, blocks, SEQ_CAP, &nblocks), KVC_OK);
   assert_int_equal(nblocks, (len + bt - 1) / bt);
-  float *tmp = malloc((size_t)bt * HEAD_DIM * sizeof(float));
+  float *tmp = malloc((size_t)bt * head_dim * sizeof(float));
   assert_non_null(tmp);
   {
     for (int j = 0; j < nblocks; j++) {
@@ -143,7 +149,7 @@ static void decode_sequence(kvc_cache_t *c, const kvc_config_t *cfg, kvc_seq_id_
           if (e.kind == KVC_PAGE_STAGING) {
             for (int tok = 0; tok < ntok; tok++) {
               size_t off = (((size_t)t * KV_HEADS + h) * bt + tok) * rb;
-              for (int d = 0; d < HEAD_DIM; d++) {
+              for (int d = 0; d < head_dim; d++) {
                 float x = get_value(cfg->dtype, page + off, (size_t)d);
                 size_t i = at(l, j * bt + tok, h, d);
                 assert_true(x == orig[i]); /* staging pages hold the values as stored */
@@ -160,15 +166,15 @@ static void decode_sequence(kvc_cache_t *c, const kvc_config_t *cfg, kvc_seq_id_
           /* The bound: absolute, or relative to the quantization group's range (keys: a channel
            * over the block's tokens; values: a token over its channels). */
           for (int tok = 0; tok < bt; tok++) {
-            for (int d = 0; d < HEAD_DIM; d++) {
+            for (int d = 0; d < head_dim; d++) {
               size_t i = at(l, j * bt + tok, h, d);
-              double x = orig[i], y = tmp[(size_t)tok * HEAD_DIM + d], lim;
+              double x = orig[i], y = tmp[(size_t)tok * head_dim + d], lim;
               float bound = t ? cfg->v_bound : cfg->k_bound;
               if (cfg->bound_mode == KVC_BOUND_ABSOLUTE || info.codec == KVC_CODEC_RAW) {
                 lim = info.codec == KVC_CODEC_RAW ? 0.0 : bound;
               } else {
                 double mn = INFINITY, mx = -INFINITY;
-                for (int g = 0; g < (t ? HEAD_DIM : bt); g++) {
+                for (int g = 0; g < (t ? head_dim : bt); g++) {
                   double z = t ? orig[at(l, j * bt + tok, h, g)] : orig[at(l, j * bt + g, h, d)];
                   mn = z < mn ? z : mn;
                   mx = z > mx ? z : mx;
@@ -189,7 +195,7 @@ static void decode_sequence(kvc_cache_t *c, const kvc_config_t *cfg, kvc_seq_id_
   free(tmp);
 }
 
-/* Dense causal attention in float64 over k/v [NUM_LAYERS][SEQ_CAP][KV_HEADS][HEAD_DIM]. */
+/* Dense causal attention in float64 over k/v [NUM_LAYERS][SEQ_CAP][KV_HEADS][head_dim]. */
 static void reference(const float *k, const float *v, int layer, int pos, const float *q,
                       float scale, double *out) {
   const int group = Q_HEADS / KV_HEADS;
@@ -200,16 +206,16 @@ static void reference(const float *k, const float *v, int layer, int pos, const 
     double mx = -INFINITY, sum = 0;
     for (int p = 0; p <= pos; p++) {
       double dot = 0;
-      for (int d = 0; d < HEAD_DIM; d++)
-        dot += (double)q[hq * HEAD_DIM + d] * k[at(layer, p, h, d)];
+      for (int d = 0; d < head_dim; d++)
+        dot += (double)q[hq * head_dim + d] * k[at(layer, p, h, d)];
       w[p] = dot * scale;
       mx = w[p] > mx ? w[p] : mx;
     }
     for (int p = 0; p <= pos; p++) sum += (w[p] = exp(w[p] - mx));
-    for (int d = 0; d < HEAD_DIM; d++) {
+    for (int d = 0; d < head_dim; d++) {
       double acc = 0;
       for (int p = 0; p <= pos; p++) acc += w[p] * v[at(layer, p, h, d)];
-      out[hq * HEAD_DIM + d] = acc / sum;
+      out[hq * head_dim + d] = acc / sum;
     }
   }
   free(w);
@@ -218,9 +224,9 @@ static void reference(const float *k, const float *v, int layer, int pos, const 
 static void compare(const scenario_t *sc, const void *out, size_t row, const double *ref,
                     const char *what, int step, int seq, int pos, int layer) {
   double mx = 0;
-  for (int i = 0; i < Q_HEADS * HEAD_DIM; i++) mx = fabs(ref[i]) > mx ? fabs(ref[i]) : mx;
-  for (int i = 0; i < Q_HEADS * HEAD_DIM; i++) {
-    double o = get_value(sc->dtype, out, row * Q_HEADS * HEAD_DIM + (size_t)i);
+  for (int i = 0; i < Q_HEADS * head_dim; i++) mx = fabs(ref[i]) > mx ? fabs(ref[i]) : mx;
+  for (int i = 0; i < Q_HEADS * head_dim; i++) {
+    double o = get_value(sc->dtype, out, row * Q_HEADS * head_dim + (size_t)i);
     double tol = out_eps(sc->dtype) * fabs(ref[i]) + 1e-6 * mx + 1e-30;
     if (!(fabs(o - ref[i]) <= tol))
       fail_msg("%s: step %d seq %d pos %d layer %d element %d: got %.9g want %.9g (tol %.3g)", what,
@@ -243,13 +249,13 @@ static void run_step(kvc_cache_t *c, const kvc_config_t *cfg, const scenario_t *
   }
   kvc_batch_t batch = {n, ids, n_new, NULL};
   assert_int_equal(kvc_plan(c, &batch, NULL), KVC_OK);
-  const size_t es = esize(sc->dtype), kv_row = KV_HEADS * HEAD_DIM, q_row = Q_HEADS * HEAD_DIM;
+  const size_t es = esize(sc->dtype), kv_row = KV_HEADS * head_dim, q_row = Q_HEADS * head_dim;
   uint8_t *k = malloc((size_t)rows * kv_row * es), *v = malloc((size_t)rows * kv_row * es);
   uint8_t *q = malloc((size_t)rows * q_row * es), *out = malloc((size_t)rows * q_row * es);
   float *qf = malloc((size_t)rows * q_row * sizeof(float));
   double *ref = malloc(q_row * sizeof(double));
   assert_true(k && v && q && out && qf && ref);
-  const float scale = 1.0f / sqrtf((float)HEAD_DIM);
+  const float scale = 1.0f / sqrtf((float)head_dim);
 
   for (int l = 0; l < NUM_LAYERS; l++) {
     int r = 0;
@@ -257,8 +263,8 @@ static void run_step(kvc_cache_t *c, const kvc_config_t *cfg, const scenario_t *
       for (int t = 0; t < add[i]; t++, r++) {
         int pos = seqs[i].len + t;
         for (int h = 0; h < KV_HEADS; h++) {
-          for (int d = 0; d < HEAD_DIM; d++) {
-            size_t idx = (size_t)r * kv_row + (size_t)h * HEAD_DIM + (size_t)d;
+          for (int d = 0; d < head_dim; d++) {
+            size_t idx = (size_t)r * kv_row + (size_t)h * head_dim + (size_t)d;
             float kx = round_to(sc->dtype, gen_value(rng, 0, h, d));
             float vx = round_to(sc->dtype, gen_value(rng, 1, h, d));
             put_value(sc->dtype, k, idx, kx);
@@ -316,10 +322,11 @@ static void run_step(kvc_cache_t *c, const kvc_config_t *cfg, const scenario_t *
 
 static void run_scenario(const scenario_t *sc) {
   kvc_config_t cfg = KVC_CONFIG_INIT;
+  head_dim = sc->head_dim;
   cfg.num_layers = NUM_LAYERS;
   cfg.num_q_heads = Q_HEADS;
   cfg.num_kv_heads = KV_HEADS;
-  cfg.head_dim = HEAD_DIM;
+  cfg.head_dim = head_dim;
   cfg.dtype = sc->dtype;
   cfg.block_tokens = sc->block_tokens;
   cfg.pool_bytes = (size_t)4 << 20;
@@ -339,7 +346,7 @@ static void run_scenario(const scenario_t *sc) {
   uint8_t *page = malloc(max_page);
   assert_non_null(page);
   seq_t seqs[NUM_SEQS];
-  const size_t n = (size_t)NUM_LAYERS * SEQ_CAP * KV_HEADS * HEAD_DIM;
+  const size_t n = (size_t)NUM_LAYERS * SEQ_CAP * KV_HEADS * head_dim;
   for (int i = 0; i < NUM_SEQS; i++) {
     seqs[i].len = 0;
     seqs[i].k = calloc(n, sizeof(float));
@@ -398,7 +405,7 @@ static void run_scenario(const scenario_t *sc) {
   kvc_cache_destroy(c);
 }
 
-static void every_codec(kvc_dtype_t dtype, int block_tokens, kvc_bound_mode_t mode) {
+static void every_codec(kvc_dtype_t dtype, int block_tokens, kvc_bound_mode_t mode, int hd) {
   const struct {
     kvc_codec_policy_t policy;
     kvc_codec_t codec;
@@ -410,32 +417,39 @@ static void every_codec(kvc_dtype_t dtype, int block_tokens, kvc_bound_mode_t mo
       {KVC_POLICY_FASTEST_WITHIN, KVC_CODEC_HUFFMAN},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
-    scenario_t sc = {dtype, cases[i].policy, cases[i].codec, mode, block_tokens};
+    scenario_t sc = {dtype, cases[i].policy, cases[i].codec, mode, block_tokens, hd};
     run_scenario(&sc);
   }
 }
 
 static void f16_block16_relative(void **state) {
-  every_codec(KVC_DTYPE_F16, 16, KVC_BOUND_RELATIVE);
+  every_codec(KVC_DTYPE_F16, 16, KVC_BOUND_RELATIVE, 32);
 }
 static void f16_block64_absolute(void **state) {
-  every_codec(KVC_DTYPE_F16, 64, KVC_BOUND_ABSOLUTE);
+  every_codec(KVC_DTYPE_F16, 64, KVC_BOUND_ABSOLUTE, 32);
 }
 static void bf16_block16_relative(void **state) {
-  every_codec(KVC_DTYPE_BF16, 16, KVC_BOUND_RELATIVE);
+  every_codec(KVC_DTYPE_BF16, 16, KVC_BOUND_RELATIVE, 32);
 }
 static void f32_block64_relative(void **state) {
-  every_codec(KVC_DTYPE_F32, 64, KVC_BOUND_RELATIVE);
+  every_codec(KVC_DTYPE_F32, 64, KVC_BOUND_RELATIVE, 32);
 }
 static void f32_block16_absolute(void **state) {
-  every_codec(KVC_DTYPE_F32, 16, KVC_BOUND_ABSOLUTE);
+  every_codec(KVC_DTYPE_F32, 16, KVC_BOUND_ABSOLUTE, 32);
+}
+static void f16_block64_head_dim_96(void **state) {
+  every_codec(KVC_DTYPE_F16, 64, KVC_BOUND_RELATIVE, 96);
+}
+static void f32_block16_head_dim_24(void **state) {
+  every_codec(KVC_DTYPE_F32, 16, KVC_BOUND_ABSOLUTE, 24);
 }
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(f16_block16_relative),  cmocka_unit_test(f16_block64_absolute),
-      cmocka_unit_test(bf16_block16_relative), cmocka_unit_test(f32_block64_relative),
-      cmocka_unit_test(f32_block16_absolute),
+      cmocka_unit_test(f16_block16_relative),    cmocka_unit_test(f16_block64_absolute),
+      cmocka_unit_test(bf16_block16_relative),   cmocka_unit_test(f32_block64_relative),
+      cmocka_unit_test(f32_block16_absolute),    cmocka_unit_test(f16_block64_head_dim_96),
+      cmocka_unit_test(f32_block16_head_dim_24),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

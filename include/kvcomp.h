@@ -371,7 +371,8 @@ kvc_status_t kvc_tokens_fit_agreed(kvc_cache_t *cache, int64_t *n_tokens);
  * kvc_seq_export: writes `id`'s image to image[cap] (the header and index synchronously, the pages
  * enqueued on `stream`). The sequence stays as it was: free it to move it. Returns KVC_OK,
  * KVC_ERR_INVALID_ARGUMENT (NULL, cap below kvc_seq_export_bytes), KVC_ERR_NOT_FOUND,
- * KVC_ERR_INVALID_STATE (swapped out, or a step open), KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CUDA.
+ * KVC_ERR_INVALID_STATE (swapped out, no tokens yet, or a step open), KVC_ERR_OUT_OF_HOST_MEMORY,
+ * KVC_ERR_CUDA.
  * kvc_seq_import: adds sequence `id` from image[bytes] (complete before the work on `stream`; it
  * may be reused once that work is done): reads the image's header and index to the host
  * (synchronously), then copies its pages into this pool on `stream`. An admission: it needs room

@@ -14,17 +14,7 @@
 #include <string.h>
 
 #include "allocator/kvc_blocks.h"
-
-typedef struct input {
-  const uint8_t *p;
-  size_t n;
-} input_t;
-
-static uint8_t next(input_t *in) {
-  if (!in->n) return 0;
-  in->n--;
-  return *in->p++;
-}
+#include "kvc_fuzz_input.h"
 
 static uint64_t collide(uint64_t parent, const int32_t *tokens, int n, uint64_t identity,
                         uint64_t salt) {
@@ -36,7 +26,7 @@ static uint64_t collide(uint64_t parent, const int32_t *tokens, int n, uint64_t 
 static int other_ranks(void *user, int64_t *v, int count) {
   static const int64_t status[4] = {KVC_OK, KVC_OK, KVC_ERR_OUT_OF_MEMORY,
                                     KVC_ERR_OUT_OF_HOST_MEMORY};
-  const uint8_t x = next((input_t *)user);
+  const uint8_t x = kvc_fuzz_next((kvc_fuzz_input_t *)user);
   if (x == 255) return -1;
   if (status[x & 3] > v[0]) v[0] = status[x & 3];
   if (count > 1 && (x >> 2) % 16 > v[1]) v[1] = (x >> 2) % 16;
@@ -51,8 +41,8 @@ static void die(const char *what, const char *why) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  input_t in = {data, size};
-  uint8_t conf = next(&in);
+  kvc_fuzz_input_t in = {data, size};
+  uint8_t conf = kvc_fuzz_next(&in);
   kvc_bm_config_t c;
   memset(&c, 0, sizeof(c));
   c.num_layers = 1 + (conf & 1);
@@ -74,7 +64,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (kvc_host_alloc_create(&ha) != KVC_OK) return 0;
   kvc_bm_t *bm;
   if (kvc_bm_create(&c, ha, &bm) != KVC_OK) die("create", "valid config refused");
-  const uint8_t mode = next(&in);
+  const uint8_t mode = kvc_fuzz_next(&in);
   if (mode & 1) kvc_bm_set_hash_fn(bm, collide);
   if (mode & 2) kvc_bm_set_agreement(bm, other_ranks, &in);
   kvc_bm_work_t w;
@@ -82,7 +72,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   int32_t tokens[64];
   char why[256];
   while (in.n) {
-    uint8_t op = next(&in), a = next(&in), b = next(&in);
+    uint8_t op = kvc_fuzz_next(&in), a = kvc_fuzz_next(&in), b = kvc_fuzz_next(&in);
     kvc_seq_id_t id = 1 + a % 8; /* ids 7 and 8 are often unknown */
     kvc_bm_stats_t before, after;
     kvc_bm_get_stats(bm, &before);
@@ -90,7 +80,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     switch (op % 13) {
       case 0: {
         int n = b % 48;
-        for (int i = 0; i < n; i++) tokens[i] = (i < (a >> 4) * 4) ? i : (int32_t)(next(&in) & 3);
+        for (int i = 0; i < n; i++)
+          tokens[i] = (i < (a >> 4) * 4) ? i : (int32_t)(kvc_fuzz_next(&in) & 3);
         int cached;
         st = kvc_bm_seq_add(bm, id, tokens, n, a >> 7, &cached, &w);
         break;
@@ -104,10 +95,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         int32_t nn[4];
         int n = 1 + (a >> 6);
         for (int i = 0; i < n; i++) {
-          ids[i] = 1 + next(&in) % 8;
-          nn[i] = 1 + next(&in) % 6;
+          ids[i] = 1 + kvc_fuzz_next(&in) % 8;
+          nn[i] = 1 + kvc_fuzz_next(&in) % 6;
         }
-        for (int i = 0; i < 16; i++) tokens[i] = next(&in) & 3;
+        for (int i = 0; i < 16; i++) tokens[i] = kvc_fuzz_next(&in) & 3;
         kvc_bm_batch_t batch = {n, ids, nn, (b & 1) ? tokens : NULL};
         st = kvc_bm_plan(bm, &batch, &plan);
         if (st == KVC_OK && !(b & 2)) kvc_bm_step_done(bm);
@@ -129,7 +120,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         st = kvc_bm_seq_swap_in(bm, id, &w);
         break;
       case 9:
-        kvc_bm_page_measured(bm, (int32_t)(a % 26) - 1, b % 3, 100, (uint32_t)(next(&in) % 5));
+        kvc_bm_page_measured(bm, (int32_t)(a % 26) - 1, b % 3, 100,
+                             (uint32_t)(kvc_fuzz_next(&in) % 5));
         break;
       case 10:
         kvc_host_alloc_fail_after(ha, a % 4);
@@ -138,8 +130,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         uint32_t pb[64];
         uint8_t pc[64];
         for (int i = 0; i < 64; i++) {
-          pb[i] = next(&in) % 4 ? 100 : 0;
-          pc[i] = (uint8_t)(next(&in) % 5);
+          pb[i] = kvc_fuzz_next(&in) % 4 ? 100 : 0;
+          pc[i] = (uint8_t)(kvc_fuzz_next(&in) % 5);
         }
         st = kvc_bm_seq_import(bm, id, b % 41 - (b == 255), pb, pc,
                                a & 1 ? KVC_OK : KVC_ERR_CORRUPT, &w);

@@ -19,6 +19,7 @@
 
 #include <cmocka.h>
 
+#include "kvc_test_snap.h"
 #include "kvc_test_util.h"
 #include "kvcomp.h"
 #include "scheduler_hooks/kvc_cache_test.h"
@@ -53,46 +54,16 @@ static kvc_config_t base_config(void) {
 
 /* ---- snapshots ------------------------------------------------------------------------------ */
 
-enum { SNAP_IDS = 8 };
-typedef struct snap {
-  kvc_stats_t stats;
-  kvc_status_t info_status[SNAP_IDS];
-  kvc_seq_info_t info[SNAP_IDS];
-  int events;
-  int64_t fit;
-} snap_t;
+typedef kvc_test_snap_t snap_t;
 
-/* Validates (which also brings every page size in), then records what a caller can observe and
- * drains the event queue. */
-static void take(kvc_cache_t *c, snap_t *s) {
-  memset(s, 0, sizeof(*s));
-  assert_int_equal(kvc_cache_validate(c), KVC_OK);
-  s->stats.struct_size = sizeof(s->stats);
-  assert_int_equal(kvc_get_stats(c, &s->stats), KVC_OK);
-  for (int i = 0; i < SNAP_IDS; i++)
-    s->info_status[i] = kvc_seq_info(c, (kvc_seq_id_t)i + 1, &s->info[i]);
-  kvc_event_t ev[64];
-  int n = 0;
-  do {
-    assert_int_equal(kvc_poll_events(c, ev, 64, &n, NULL), KVC_OK);
-    s->events += n;
-  } while (n == 64);
-  assert_int_equal(kvc_tokens_fit(c, &s->fit), KVC_OK);
-}
+static void take(kvc_cache_t *c, snap_t *s) { assert_int_equal(kvc_test_snap_take(c, s), KVC_OK); }
 
 /* After a call that failed: nothing observable changed and no event was emitted. */
 static void assert_unchanged(kvc_cache_t *c, const snap_t *before, const char *what) {
   snap_t after;
   take(c, &after);
-  if (memcmp(&before->stats, &after.stats, sizeof(after.stats)) != 0)
-    fail_msg("%s changed the statistics", what);
-  for (int i = 0; i < SNAP_IDS; i++) {
-    if (before->info_status[i] != after.info_status[i] ||
-        memcmp(&before->info[i], &after.info[i], sizeof(after.info[i])) != 0)
-      fail_msg("%s changed sequence %d", what, i + 1);
-  }
-  if (after.events != 0) fail_msg("%s emitted %d events", what, after.events);
-  if (before->fit != after.fit) fail_msg("%s changed tokens_fit", what);
+  const char *changed = kvc_test_snap_diff(before, &after, 0);
+  if (changed) fail_msg("%s changed the %s", what, changed);
 }
 
 #define EXPECT_FAILS(c, call, status)                                                              \

@@ -10,24 +10,8 @@
  * normals seeded by a chained hash of the token ids 0..p (so two sequences with the same prefix
  * have the same K/V there, as in a real model, and a prefix hit must return exactly the blocks
  * this test would have computed). The test keeps its own copy of every running sequence's
- * original K/V and checks every attention output row against a dense float64 reference.
- *
- * Tolerance, derived from the codec's contract in absolute mode (every decoded key element within
- * eps_k of the original, every value element within eps_v; staging pages are exact). For one
- * query row and head, with original scores s_j = scale * q . k_j and decoded keys k_j + dk_j:
- *   |s~_j - s_j| = scale * |q . dk_j| <= scale * ||q||_1 * eps_k =: delta.
- * Each softmax numerator exp(s~_j) is within a factor exp(+-delta) of exp(s_j), and so is their
- * sum, hence every weight satisfies p~_j / p_j in [exp(-2 delta), exp(2 delta)], i.e.
- *   |p~_j - p_j| <= (exp(2 delta) - 1) p_j.
- * With decoded values v_j + dv_j (|dv_j[d]| <= eps_v) the output error in dimension d is
- *   o~ - o = sum_j p~_j dv_j[d] + sum_j (p~_j - p_j) v_j[d].
- * The first sum is at most eps_v (the p~_j sum to 1). The second is unchanged by subtracting any
- * constant c from every v_j[d] (the differences p~_j - p_j sum to 0); with c the midpoint of the
- * range R_d = max_j v_j[d] - min_j v_j[d] over the attended positions it is at most
- * (exp(2 delta) - 1) R_d / 2. So
- *   |o~[d] - o[d]| <= eps_v + (exp(2 delta) - 1) * R_d / 2,
- * plus the output's rounding to f16 (half an ulp: 2^-11 relative, 2^-25 absolute for subnormals)
- * and 1e-6 relative for float accumulation in the kernel.
+ * original K/V and checks every attention output row against a dense float64 reference
+ * (kvc_test_toy.h), within the tolerance the codec's absolute bounds imply (kvc_test_toy.c).
  */
 #include <math.h>
 #include <setjmp.h>
@@ -38,6 +22,7 @@
 
 #include <cmocka.h>
 
+#include "kvc_test_toy.h"
 #include "kvc_test_util.h"
 #include "kvcomp.h"
 
@@ -90,32 +75,15 @@ static size_t kv_at(int layer, int tensor, int pos, int head, int d) {
          (size_t)d;
 }
 
-static uint64_t mix64(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  x ^= x >> 33;
-  return x;
-}
-
 static float f16(float x) { return kvc_test_f16_to_f32(kvc_test_f32_to_f16(x)); }
 
-/* The toy model: K/V of position p, every layer, from the hash of the tokens up to p. */
+static const kvc_test_toy_t TOY = {KV_HEADS, Q_HEADS, HEAD_DIM, EPS_K, EPS_V, 0x1p-11, 0x1p-25};
+
+/* The toy model's K/V of position p, every layer. */
 static void model_kv(req_t *r, int p) {
-  r->ph[p] = mix64((p ? r->ph[p - 1] : 0x5eedull) ^ (uint64_t)(uint32_t)r->tok[p]);
-  for (int l = 0; l < LAYERS; l++) {
-    kvc_test_rng_t g;
-    kvc_test_rng_seed(&g, r->ph[p] + (uint64_t)l * 0x9e3779b97f4a7c15ull);
-    for (int t = 0; t < 2; t++)
-      for (int h = 0; h < KV_HEADS; h++)
-        for (int d = 0; d < HEAD_DIM; d++) {
-          double x = kvc_test_rng_normal(&g);
-          /* Keys with per-channel offsets and a few wide channels, values plain. */
-          if (t == 0) x = x * (d % 8 == 3 ? 4.0 : 1.0) + 0.25 * (double)(d % 5);
-          r->kv[kv_at(l, t, p, h, d)] = f16((float)x);
-        }
-  }
+  r->ph[p] = kvc_test_toy_hash(p ? r->ph[p - 1] : KVC_TEST_TOY_SEED, r->tok[p]);
+  for (int l = 0; l < LAYERS; l++)
+    kvc_test_toy_kv(&TOY, r->ph[p], l, r->kv + kv_at(l, 0, p, 0, 0), r->kv + kv_at(l, 1, p, 0, 0));
 }
 
 static req_t *new_req(loop_t *L, int prompt_len, int final_len) {
@@ -202,40 +170,15 @@ static int admit(loop_t *L, req_t *r) {
 /* Checks one attention output row (f16) against the dense reference over the originals. */
 static void check_row(loop_t *L, const req_t *r, int layer, int pos, const float *q,
                       const uint16_t *out, float scale) {
-  const int group = Q_HEADS / KV_HEADS;
-  double w[MAX_LEN];
-  for (int hq = 0; hq < Q_HEADS; hq++) {
-    const int h = hq / group;
-    double mx = -INFINITY, sum = 0, qnorm1 = 0;
-    for (int d = 0; d < HEAD_DIM; d++) qnorm1 += fabs(q[hq * HEAD_DIM + d]);
-    for (int p = 0; p <= pos; p++) {
-      double dot = 0;
-      for (int d = 0; d < HEAD_DIM; d++)
-        dot += (double)q[hq * HEAD_DIM + d] * r->kv[kv_at(layer, 0, p, h, d)];
-      w[p] = dot * scale;
-      mx = w[p] > mx ? w[p] : mx;
-    }
-    for (int p = 0; p <= pos; p++) sum += (w[p] = exp(w[p] - mx));
-    const double delta = scale * qnorm1 * EPS_K, grow = expm1(2 * delta);
-    for (int d = 0; d < HEAD_DIM; d++) {
-      double acc = 0, lo = INFINITY, hi = -INFINITY;
-      for (int p = 0; p <= pos; p++) {
-        double v = r->kv[kv_at(layer, 1, p, h, d)];
-        acc += w[p] * v;
-        lo = v < lo ? v : lo;
-        hi = v > hi ? v : hi;
-      }
-      const double ref = acc / sum, bound = EPS_V + grow * (hi - lo) / 2;
-      const double tol =
-          bound + ldexp(fabs(ref) + bound, -11) + ldexp(1.0, -25) + 1e-6 * (fabs(ref) + 1);
-      const double got = kvc_test_f16_to_f32(out[hq * HEAD_DIM + d]), err = fabs(got - ref);
-      if (!(err <= tol))
-        fail_msg("seq %llu layer %d pos %d head %d dim %d: got %.6g, reference %.6g, error %.3g > "
-                 "tolerance %.3g",
-                 (unsigned long long)r->id, layer, pos, hq, d, got, ref, err, tol);
-      if (err / tol > L->worst_ratio) L->worst_ratio = err / tol;
-    }
-  }
+  float got[Q_HEADS * HEAD_DIM];
+  char msg[256];
+  for (int e = 0; e < Q_HEADS * HEAD_DIM; e++) got[e] = kvc_test_f16_to_f32(out[e]);
+  const double ratio =
+      kvc_test_toy_check(&TOY, r->kv + kv_at(layer, 0, 0, 0, 0), r->kv + kv_at(layer, 1, 0, 0, 0),
+                         KV_HEADS * HEAD_DIM, pos + 1, q, got, scale, msg, sizeof(msg));
+  if (ratio > 1)
+    fail_msg("seq %llu layer %d pos %d %s", (unsigned long long)r->id, layer, pos, msg);
+  if (ratio > L->worst_ratio) L->worst_ratio = ratio;
   L->rows_checked++;
 }
 

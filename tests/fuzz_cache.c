@@ -1,0 +1,569 @@
+/*
+ * libFuzzer target for the cache's public API on the CPU backend. The input is a configuration
+ * (two bytes: block size, codec policy, prefix caching, swap, head_dim, GQA group, pool size,
+ * dtype, bounds, max_seqs) and then a sequence of calls, each an opcode byte and its argument
+ * bytes (missing bytes read as 0), on sequence ids 1..7: add, reserve, fork, free, swap-out,
+ * swap-in, steps (plan, then store and attend of some layers), stores and attends out of order,
+ * export and import, synchronize. Tokens come from a three-token alphabet, and a prompt may start
+ * with another sequence's tokens, so that the prefix cache hits.
+ *
+ * A shadow of every sequence (its tokens, the length the cache holds, swapped or not, whether the
+ * open step lists it) predicts each call's status: exactly where the header is exact (a call on
+ * an unknown id, a batch that is valid or not), as a set where the pool decides. After every call
+ * kvc_cache_validate passes; a call that fails leaves everything a caller can observe as it was
+ * (kvc_test_snap; a swap-out refused for lack of swap space has compressed the last step's blocks
+ * first, as kvcomp.h says, so only the sequences are compared there); and every attention output
+ * row is within the tolerance of a float64 reference over the toy model's K/V (kvc_test_toy.h,
+ * absolute bounds), which holds only if prefix hits, forks, swaps and imports give each sequence
+ * exactly the blocks of its own tokens. Any violation aborts. KVC_FUZZ_TRACE=1 prints every call
+ * (to read a saved crash: tests/fuzz_replay.c runs one without libFuzzer).
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvc_fuzz_input.h"
+#include "kvc_test_snap.h"
+#include "kvc_test_toy.h"
+#include "kvc_test_util.h"
+#include "kvcomp.h"
+
+enum {
+  IDS = 7, /* sequence ids 1..IDS (kvc_test_snap records 1..8) */
+  LAYERS = 2,
+  KV_HEADS = 2,
+  MAX_HD = 32,
+  MAX_QH = 8,
+  ROW = KV_HEADS * MAX_HD, /* the shadow's K/V row stride */
+  MAX_LEN = 96,            /* max_seq_len */
+  MAX_BATCH = 48,          /* max_batch_tokens */
+  MAX_MEMBERS = 4,         /* sequences listed in one step's batch */
+  ALPHABET = 3,
+};
+
+typedef struct seq {
+  int live, swapped;
+  uint64_t salt;
+  int ntok; /* tokens known: the prompt, then each step's */
+  int len;  /* tokens the cache holds (kvc_plan advances it) */
+  int32_t tok[MAX_LEN];
+  uint64_t hash[MAX_LEN];
+  float kv[LAYERS][2][MAX_LEN][ROW]; /* the toy model's K/V of positions < len */
+} seq_t;
+
+typedef struct world {
+  kvc_cache_t *c;
+  kvc_config_t cfg;
+  kvc_test_toy_t toy;
+  size_t esize; /* bytes per element of the cache's dtype */
+  seq_t seq[IDS + 1];
+  /* The last plan's step. */
+  int attendable;   /* kvc_attend may run (the plan stands: see close_finished_plan) */
+  int layers_done;  /* layers stored */
+  int n_members;
+  int member[MAX_MEMBERS], first[MAX_MEMBERS], n_new[MAX_MEMBERS];
+  int rows;
+  float q[LAYERS][MAX_BATCH * MAX_QH * MAX_HD]; /* each stored layer's queries */
+  uint64_t q_seed;
+  void *tens; /* k, v, q, out staging in the cache's dtype */
+  int trace;  /* KVC_FUZZ_TRACE set: every call and its status to stderr */
+} world_t;
+
+static void violation(const char *what, ...) __attribute__((noreturn, format(printf, 1, 2)));
+static void violation(const char *what, ...) {
+  va_list ap;
+  va_start(ap, what);
+  fprintf(stderr, "fuzz_cache: ");
+  vfprintf(stderr, what, ap);
+  fprintf(stderr, "\n");
+  va_end(ap);
+  abort();
+}
+
+/* With KVC_FUZZ_TRACE set, a line per call with its arguments (to read a saved crash). */
+static void trace(const world_t *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void trace(const world_t *w, const char *fmt, ...) {
+  if (!w->trace) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+}
+
+#define BIT(s) (1u << (s))
+
+static int step_open(const world_t *w) { return w->attendable && w->layers_done < LAYERS; }
+
+static int in_step(const world_t *w, int id) {
+  if (!step_open(w)) return 0;
+  for (int i = 0; i < w->n_members; i++)
+    if (w->member[i] == id) return 1;
+  return 0;
+}
+
+static int live_count(const world_t *w) {
+  int n = 0;
+  for (int i = 1; i <= IDS; i++) n += w->seq[i].live;
+  return n;
+}
+
+static void snap(world_t *w, kvc_test_snap_t *s) {
+  kvc_status_t st = kvc_test_snap_take(w->c, s);
+  if (st != KVC_OK) violation("snapshot: %s", kvc_status_string(st));
+}
+
+/* Every call's epilogue: the status is one of `allowed`, the cache validates, a failure changed
+ * nothing, and a live sequence's info agrees with the shadow. */
+static void check(world_t *w, const char *what, kvc_status_t st, unsigned allowed,
+                  const kvc_test_snap_t *before, int infos_only) {
+  trace(w, "  [%s: %s]\n", what, kvc_status_string(st));
+  if (!(allowed & BIT(st))) violation("%s returned %s", what, kvc_status_string(st));
+  kvc_test_snap_t after;
+  snap(w, &after);
+  if (st != KVC_OK) {
+    const char *changed = kvc_test_snap_diff(before, &after, infos_only);
+    if (changed) violation("%s failed with %s and changed the %s", what, kvc_status_string(st),
+                           changed);
+  }
+  for (int id = 1; id <= IDS; id++) {
+    const seq_t *s = &w->seq[id];
+    kvc_status_t is = after.info_status[id - 1];
+    if (is != (s->live ? KVC_OK : KVC_ERR_NOT_FOUND))
+      violation("after %s: sequence %d info %s", what, id, kvc_status_string(is));
+    const kvc_seq_info_t *info = &after.info[id - 1];
+    if (s->live && (info->length != s->len ||
+                    info->state != (s->swapped ? KVC_SEQ_SWAPPED : KVC_SEQ_RUNNING)))
+      violation("after %s: sequence %d has length %d state %d, expected %d %d", what, id,
+                info->length, (int)info->state, s->len, s->swapped);
+  }
+}
+
+static void set_hashes(seq_t *s, int from) {
+  for (int p = from; p < s->ntok; p++)
+    s->hash[p] = kvc_test_toy_hash(p ? s->hash[p - 1] : KVC_TEST_TOY_SEED ^ s->salt, s->tok[p]);
+}
+
+static void fill_kv(const world_t *w, seq_t *s, int from, int to) {
+  for (int p = from; p < to; p++)
+    for (int l = 0; l < LAYERS; l++)
+      kvc_test_toy_kv(&w->toy, s->hash[p], l, s->kv[l][0][p], s->kv[l][1][p]);
+}
+
+/* ---- per-request hooks ---------------------------------------------------------------------- */
+
+static void op_add(world_t *w, kvc_fuzz_input_t *in) {
+  const int id = 1 + kvc_fuzz_next(in) % IDS, n = kvc_fuzz_next(in) % (MAX_LEN + 4);
+  const uint8_t b = kvc_fuzz_next(in);
+  const uint64_t salt = b & 1;
+  /* A prompt that starts with the tokens of another sequence, live or freed (whose blocks the
+   * prefix cache may still hold), if the input asks: random tokens alone hit far too seldom. */
+  const seq_t *from = b & 2 ? &w->seq[1 + (b >> 2) % IDS] : NULL;
+  const int copied = from ? (from->ntok < n ? from->ntok : n) : 0;
+  int32_t tok[MAX_LEN + 4];
+  for (int i = 0; i < n; i++) tok[i] = i < copied ? from->tok[i] : kvc_fuzz_next(in) % ALPHABET;
+  unsigned allowed;
+  if (w->seq[id].live || n > MAX_LEN)
+    allowed = BIT(KVC_ERR_INVALID_ARGUMENT);
+  else
+    allowed = live_count(w) >= w->cfg.max_seqs ? BIT(KVC_ERR_OUT_OF_MEMORY) : BIT(KVC_OK);
+  trace(w, "add %d, %d tokens (%d of %d), salt %d", id, n, copied,
+        from ? (int)(from - w->seq) : 0, (int)salt);
+  kvc_test_snap_t before;
+  snap(w, &before);
+  int cached = -1;
+  kvc_status_t st = kvc_seq_add(w->c, (kvc_seq_id_t)id, n ? tok : NULL, n, salt, &cached);
+  trace(w, ": %d cached", cached);
+  if (st == KVC_OK) {
+    if (cached < 0 || cached % w->cfg.block_tokens || (n ? cached >= n : cached != 0) ||
+        (!w->cfg.prefix_caching && cached))
+      violation("add of %d tokens found %d cached", n, cached);
+    seq_t *s = &w->seq[id];
+    s->live = 1;
+    s->swapped = 0;
+    s->salt = salt;
+    s->ntok = n;
+    memcpy(s->tok, tok, (size_t)n * sizeof(int32_t));
+    set_hashes(s, 0);
+    s->len = cached;
+    fill_kv(w, s, 0, cached);
+  }
+  check(w, "kvc_seq_add", st, allowed, &before, 0);
+}
+
+static void reserve(world_t *w, int id, int n_new, int n_la) {
+  const seq_t *s = &w->seq[id];
+  unsigned allowed = 0;
+  if (n_new < 0 || n_la < 0 || (s->live && s->len + n_new + n_la > MAX_LEN))
+    allowed |= BIT(KVC_ERR_INVALID_ARGUMENT);
+  if (!s->live) allowed |= BIT(KVC_ERR_NOT_FOUND);
+  if (s->live && (s->swapped || in_step(w, id))) allowed |= BIT(KVC_ERR_INVALID_STATE);
+  if (!allowed) allowed = BIT(KVC_OK) | BIT(KVC_ERR_OUT_OF_MEMORY);
+  kvc_test_snap_t before;
+  snap(w, &before);
+  trace(w, "reserve %d, %d + %d", id, n_new, n_la);
+  kvc_status_t st = kvc_seq_reserve(w->c, (kvc_seq_id_t)id, n_new, n_la);
+  check(w, "kvc_seq_reserve", st, allowed, &before, 0);
+  if (st == KVC_OK) {
+    kvc_seq_info_t info;
+    if (kvc_seq_info(w->c, (kvc_seq_id_t)id, &info) != KVC_OK || info.reserved < s->len + n_new)
+      violation("reserve of %d tokens left %d reserved at length %d", n_new, info.reserved, s->len);
+  }
+}
+
+static void op_reserve(world_t *w, kvc_fuzz_input_t *in) {
+  const int id = 1 + kvc_fuzz_next(in) % IDS, n_new = (int)kvc_fuzz_next(in) % 40 - 2;
+  const int n_la = kvc_fuzz_next(in) % 4;
+  reserve(w, id, n_new, n_la);
+}
+
+static void op_fork(world_t *w, kvc_fuzz_input_t *in) {
+  const int parent = 1 + kvc_fuzz_next(in) % IDS, child = 1 + kvc_fuzz_next(in) % IDS;
+  const seq_t *p = &w->seq[parent];
+  unsigned allowed = 0;
+  if (!p->live) allowed |= BIT(KVC_ERR_NOT_FOUND);
+  if (w->seq[child].live) allowed |= BIT(KVC_ERR_INVALID_ARGUMENT);
+  if (p->live && (p->swapped || in_step(w, parent))) allowed |= BIT(KVC_ERR_INVALID_STATE);
+  if (!allowed) allowed = BIT(KVC_OK) | BIT(KVC_ERR_OUT_OF_MEMORY);
+  kvc_test_snap_t before;
+  snap(w, &before);
+  trace(w, "fork %d -> %d", parent, child);
+  kvc_status_t st = kvc_seq_fork(w->c, (kvc_seq_id_t)parent, (kvc_seq_id_t)child);
+  if (st == KVC_OK) w->seq[child] = *p;
+  check(w, "kvc_seq_fork", st, allowed, &before, 0);
+}
+
+static void op_free(world_t *w, kvc_fuzz_input_t *in) {
+  const int id = 1 + kvc_fuzz_next(in) % IDS;
+  seq_t *s = &w->seq[id];
+  unsigned allowed = !s->live        ? BIT(KVC_ERR_NOT_FOUND)
+                     : in_step(w, id) ? BIT(KVC_ERR_INVALID_STATE)
+                                      : BIT(KVC_OK);
+  kvc_test_snap_t before;
+  snap(w, &before);
+  trace(w, "free %d", id);
+  kvc_status_t st = kvc_seq_free(w->c, (kvc_seq_id_t)id);
+  if (st == KVC_OK) {
+    s->live = 0;
+    if (!step_open(w)) w->attendable = 0;
+  }
+  check(w, "kvc_seq_free", st, allowed, &before, 0);
+}
+
+static void op_swap(world_t *w, kvc_fuzz_input_t *in, int out) {
+  const int id = 1 + kvc_fuzz_next(in) % IDS;
+  seq_t *s = &w->seq[id];
+  unsigned allowed = 0;
+  if (w->cfg.swap_bytes == 0) allowed |= BIT(KVC_ERR_UNSUPPORTED);
+  else if (!s->live) allowed |= BIT(KVC_ERR_NOT_FOUND);
+  else if (s->swapped == out || (out && in_step(w, id))) allowed |= BIT(KVC_ERR_INVALID_STATE);
+  else allowed = BIT(KVC_OK) | BIT(KVC_ERR_OUT_OF_MEMORY);
+  kvc_test_snap_t before;
+  snap(w, &before);
+  trace(w, "swap %s %d", out ? "out" : "in", id);
+  kvc_status_t st = out ? kvc_seq_swap_out(w->c, (kvc_seq_id_t)id, NULL)
+                        : kvc_seq_swap_in(w->c, (kvc_seq_id_t)id, NULL);
+  if (st == KVC_OK) {
+    s->swapped = out;
+    if (out && !step_open(w)) w->attendable = 0;
+  }
+  /* A swap-out that gets past its argument checks compresses the last step's blocks first. */
+  check(w, out ? "kvc_seq_swap_out" : "kvc_seq_swap_in", st, allowed, &before,
+        out && st == KVC_ERR_OUT_OF_MEMORY);
+}
+
+/* ---- steps ---------------------------------------------------------------------------------- */
+
+static void put(const world_t *w, void *dst, size_t i, float x) {
+  if (w->esize == 4)
+    ((float *)dst)[i] = x;
+  else
+    ((uint16_t *)dst)[i] = kvc_test_f32_to_f16(x);
+}
+
+static float get(const world_t *w, const void *src, size_t i) {
+  return w->esize == 4 ? ((const float *)src)[i] : kvc_test_f16_to_f32(((const uint16_t *)src)[i]);
+}
+
+/* Attention of `layer` for the step's rows, with that layer's queries, against the reference. */
+static void attend_and_check(world_t *w, int layer) {
+  const int hd = w->cfg.head_dim, qh = w->cfg.num_q_heads, qrow = qh * hd;
+  uint8_t *q = (uint8_t *)w->tens + 2 * (size_t)MAX_BATCH * ROW * w->esize;
+  uint8_t *out = q + (size_t)MAX_BATCH * MAX_QH * MAX_HD * w->esize;
+  for (size_t e = 0; e < (size_t)w->rows * qrow; e++) {
+    put(w, q, e, w->q[layer][e]);
+    put(w, out, e, NAN);
+  }
+  const float scale = 1.0f / sqrtf((float)hd);
+  trace(w, "attend layer %d\n", layer);
+  kvc_status_t st = kvc_attend(w->c, layer, q, out, scale, NULL);
+  if (st != KVC_OK) violation("kvc_attend of layer %d returned %s", layer, kvc_status_string(st));
+  float got[MAX_QH * MAX_HD];
+  char msg[256];
+  for (int i = 0, row = 0; i < w->n_members; i++) {
+    const seq_t *s = &w->seq[w->member[i]];
+    for (int p = w->first[i]; p < w->first[i] + w->n_new[i]; p++, row++) {
+      for (int e = 0; e < qrow; e++) got[e] = get(w, out, (size_t)row * qrow + e);
+      double r = kvc_test_toy_check(&w->toy, &s->kv[layer][0][0][0], &s->kv[layer][1][0][0], ROW,
+                                    p + 1, w->q[layer] + (size_t)row * qrow, got, scale, msg,
+                                    sizeof(msg));
+      if (r > 1) violation("sequence %d layer %d position %d: %s", w->member[i], layer, p, msg);
+    }
+  }
+}
+
+/* Stores the open step's next layer from the shadow, then attends it. */
+static void store_next(world_t *w) {
+  const int layer = w->layers_done, hd = w->cfg.head_dim;
+  uint8_t *k = w->tens, *v = k + (size_t)MAX_BATCH * ROW * w->esize;
+  for (int i = 0, row = 0; i < w->n_members; i++) {
+    const seq_t *s = &w->seq[w->member[i]];
+    for (int p = w->first[i]; p < w->first[i] + w->n_new[i]; p++, row++)
+      for (int e = 0; e < KV_HEADS * hd; e++) {
+        put(w, k, (size_t)row * KV_HEADS * hd + e, s->kv[layer][0][p][e]);
+        put(w, v, (size_t)row * KV_HEADS * hd + e, s->kv[layer][1][p][e]);
+      }
+  }
+  kvc_test_rng_t g;
+  kvc_test_rng_seed(&g, w->q_seed++);
+  for (size_t e = 0; e < (size_t)w->rows * w->cfg.num_q_heads * hd; e++)
+    w->q[layer][e] = kvc_test_f16_to_f32(kvc_test_f32_to_f16((float)kvc_test_rng_normal(&g)));
+  kvc_test_snap_t before;
+  snap(w, &before);
+  trace(w, "store layer %d", layer);
+  kvc_status_t st = kvc_store(w->c, layer, k, v, NULL);
+  if (st == KVC_OK) w->layers_done++;
+  check(w, "kvc_store", st, BIT(KVC_OK), &before, 0);
+  attend_and_check(w, layer);
+}
+
+/* A step: its members and their new token counts from the input, optionally reserved first; a
+ * batch the shadow finds valid must plan, any other must fail. Then stores (and attends) every
+ * layer, or only some: the step stays open. */
+static void op_step(world_t *w, kvc_fuzz_input_t *in) {
+  const uint8_t flags = kvc_fuzz_next(in);
+  const int n = 1 + kvc_fuzz_next(in) % MAX_MEMBERS;
+  kvc_seq_id_t ids[MAX_MEMBERS];
+  int32_t n_new[MAX_MEMBERS], tok[MAX_MEMBERS * 32];
+  int member[MAX_MEMBERS], total = 0, valid = !step_open(w);
+  for (int i = 0; i < n; i++) {
+    member[i] = 1 + kvc_fuzz_next(in) % IDS;
+    ids[i] = (kvc_seq_id_t)member[i];
+    n_new[i] = flags & 0x10 ? kvc_fuzz_next(in) % 32 : 1 + kvc_fuzz_next(in) % 16;
+    if (flags & 1) reserve(w, member[i], n_new[i], 0);
+  }
+  for (int i = 0; i < n; i++) {
+    const seq_t *s = &w->seq[member[i]];
+    kvc_seq_info_t info = {0};
+    if (s->live) kvc_seq_info(w->c, ids[i], &info);
+    valid &= s->live && !s->swapped && n_new[i] >= 1 && s->len + n_new[i] <= info.reserved;
+    for (int j = 0; j < i; j++) valid &= member[j] != member[i];
+    for (int t = 0; t < n_new[i]; t++) {
+      const int p = s->live ? s->len + t : 0;
+      tok[total + t] = p < s->ntok ? s->tok[p] : kvc_fuzz_next(in) % ALPHABET;
+    }
+    total += n_new[i];
+  }
+  valid &= total <= MAX_BATCH;
+  kvc_batch_t batch = {n, ids, n_new, flags & 2 ? NULL : tok};
+  kvc_test_snap_t before;
+  snap(w, &before);
+  trace(w, "plan");
+  for (int i = 0; i < n; i++) trace(w, " %d+%d", member[i], n_new[i]);
+  kvc_status_t st = kvc_plan(w->c, &batch, NULL);
+  if (st == KVC_OK) {
+    w->attendable = 1;
+    w->layers_done = 0;
+    w->n_members = n;
+    w->rows = total;
+    for (int i = 0, row = 0; i < n; i++) {
+      seq_t *s = &w->seq[member[i]];
+      w->member[i] = member[i];
+      w->first[i] = s->len;
+      w->n_new[i] = n_new[i];
+      for (int t = 0; t < n_new[i]; t++) s->tok[s->len + t] = tok[row + t];
+      row += n_new[i];
+      /* Positions below ntok took the prompt's tokens; those past it are new. */
+      const int old_ntok = s->ntok;
+      if (s->len + n_new[i] > s->ntok) s->ntok = s->len + n_new[i];
+      set_hashes(s, old_ntok);
+      fill_kv(w, s, s->len, s->len + n_new[i]);
+      s->len += n_new[i];
+    }
+  }
+  check(w, "kvc_plan", st,
+        valid ? BIT(KVC_OK)
+              : BIT(KVC_ERR_INVALID_ARGUMENT) | BIT(KVC_ERR_NOT_FOUND) | BIT(KVC_ERR_INVALID_STATE),
+        &before, 0);
+  if (st != KVC_OK) return;
+  const int layers = flags & 0x20 ? (flags >> 2) & 1 : LAYERS;
+  while (w->layers_done < layers) store_next(w);
+}
+
+/* The open step's next layer; without one, a store that must be refused. */
+static void op_store(world_t *w, kvc_fuzz_input_t *in) {
+  const uint8_t b = kvc_fuzz_next(in);
+  if (step_open(w) && !(b & 0x80)) {
+    store_next(w);
+    return;
+  }
+  const int layer = b % (LAYERS + 1);
+  const int null_tensor = (b >> 2) & 1;
+  unsigned allowed = BIT(KVC_ERR_INVALID_STATE);
+  if (layer >= LAYERS || null_tensor) allowed |= BIT(KVC_ERR_INVALID_ARGUMENT);
+  if (step_open(w) && layer >= w->layers_done && layer < LAYERS && !null_tensor)
+    return; /* a valid store of a later layer: not what this op tests */
+  kvc_test_snap_t before;
+  snap(w, &before);
+  trace(w, "store layer %d%s", layer, null_tensor ? " (NULL)" : "");
+  kvc_status_t st =
+      kvc_store(w->c, layer, null_tensor ? NULL : w->tens, null_tensor ? NULL : w->tens, NULL);
+  check(w, "kvc_store out of order", st, allowed, &before, 0);
+}
+
+/* Attention again over a stored layer of the last step (the same outputs within tolerance), or
+ * one that must be refused. */
+static void op_attend(world_t *w, kvc_fuzz_input_t *in) {
+  const uint8_t b = kvc_fuzz_next(in);
+  const int layer = b % (LAYERS + 1), bad_scale = (b >> 2) & 1;
+  if (w->attendable && layer < w->layers_done && !bad_scale) {
+    attend_and_check(w, layer);
+    return;
+  }
+  unsigned allowed = 0;
+  if (!w->attendable || layer >= w->layers_done) allowed |= BIT(KVC_ERR_INVALID_STATE);
+  if (layer >= LAYERS || bad_scale) allowed |= BIT(KVC_ERR_INVALID_ARGUMENT);
+  kvc_test_snap_t before;
+  snap(w, &before);
+  uint8_t *q = (uint8_t *)w->tens + 2 * (size_t)MAX_BATCH * ROW * w->esize;
+  uint8_t *out = q + (size_t)MAX_BATCH * MAX_QH * MAX_HD * w->esize;
+  trace(w, "attend layer %d%s", layer, bad_scale ? " (scale NaN)" : "");
+  kvc_status_t st = kvc_attend(w->c, layer, q, out, bad_scale ? NAN : 1.0f, NULL);
+  check(w, "kvc_attend out of order", st, allowed, &before, 0);
+}
+
+/* ---- moving a sequence ---------------------------------------------------------------------- */
+
+/* Exports one sequence and imports it under another id (or refuses either). */
+static void op_move(world_t *w, kvc_fuzz_input_t *in) {
+  const int src = 1 + kvc_fuzz_next(in) % IDS, dst = 1 + kvc_fuzz_next(in) % IDS;
+  const seq_t *s = &w->seq[src];
+  unsigned allowed = !s->live                     ? BIT(KVC_ERR_NOT_FOUND)
+                     : s->swapped || s->len == 0 || step_open(w) ? BIT(KVC_ERR_INVALID_STATE)
+                                                                  : BIT(KVC_OK);
+  kvc_test_snap_t before;
+  snap(w, &before);
+  trace(w, "export %d", src);
+  size_t bytes = 0;
+  kvc_status_t st = kvc_seq_export_bytes(w->c, (kvc_seq_id_t)src, &bytes, NULL);
+  check(w, "kvc_seq_export_bytes", st, allowed, &before, 0);
+  if (st != KVC_OK) return;
+  void *image = malloc(bytes);
+  if (!image) abort();
+  snap(w, &before);
+  st = kvc_seq_export(w->c, (kvc_seq_id_t)src, image, bytes - 1, NULL);
+  check(w, "kvc_seq_export into too small a buffer", st, BIT(KVC_ERR_INVALID_ARGUMENT), &before, 0);
+  snap(w, &before);
+  st = kvc_seq_export(w->c, (kvc_seq_id_t)src, image, bytes, NULL);
+  check(w, "kvc_seq_export", st, BIT(KVC_OK), &before, 0);
+  allowed = w->seq[dst].live ? BIT(KVC_ERR_INVALID_ARGUMENT)
+            : live_count(w) >= w->cfg.max_seqs
+                ? BIT(KVC_ERR_OUT_OF_MEMORY)
+                : BIT(KVC_OK) | BIT(KVC_ERR_OUT_OF_MEMORY);
+  snap(w, &before);
+  trace(w, "import %d", dst);
+  st = kvc_seq_import(w->c, (kvc_seq_id_t)dst, image, bytes, NULL);
+  if (st == KVC_OK) w->seq[dst] = *s;
+  check(w, "kvc_seq_import", st, allowed, &before, 0);
+  free(image);
+}
+
+static void op_sync(world_t *w) {
+  kvc_test_snap_t before;
+  snap(w, &before);
+  trace(w, "synchronize");
+  check(w, "kvc_cache_synchronize", kvc_cache_synchronize(w->c), BIT(KVC_OK), &before, 0);
+}
+
+/* ---- the target ----------------------------------------------------------------------------- */
+
+static void quiet(void *user, kvc_log_level_t level, const char *message) {
+  (void)user, (void)level, (void)message;
+}
+
+static world_t W; /* ~0.8 MB of shadows: static, reset per input */
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  kvc_fuzz_input_t in = {data, size};
+  const uint8_t c0 = kvc_fuzz_next(&in), c1 = kvc_fuzz_next(&in);
+  world_t *w = &W;
+  void *tens = w->tens;
+  memset(w, 0, sizeof(*w));
+  w->tens = tens;
+  w->trace = getenv("KVC_FUZZ_TRACE") != NULL;
+  kvc_config_t cfg = KVC_CONFIG_INIT;
+  static const struct {
+    kvc_codec_policy_t policy;
+    kvc_codec_t codec;
+  } codecs[5] = {{KVC_POLICY_FIXED, KVC_CODEC_RAW},
+                 {KVC_POLICY_FIXED, KVC_CODEC_BITPACK},
+                 {KVC_POLICY_FIXED, KVC_CODEC_HUFFMAN},
+                 {KVC_POLICY_SMALLEST, KVC_CODEC_HUFFMAN},
+                 {KVC_POLICY_FASTEST_WITHIN, KVC_CODEC_HUFFMAN}};
+  cfg.block_tokens = c0 & 1 ? 32 : 16;
+  cfg.policy = codecs[(c0 >> 1) % 5].policy;
+  cfg.codec = codecs[(c0 >> 1) % 5].codec;
+  cfg.prefix_caching = (c0 >> 4) & 1 ? 0 : 1;
+  cfg.swap_bytes = (c0 >> 5) & 1 ? 0 : 48 << 10;
+  cfg.head_dim = 8 * (1 + (c0 >> 6));
+  cfg.num_layers = LAYERS;
+  cfg.num_kv_heads = KV_HEADS;
+  cfg.num_q_heads = KV_HEADS * (1 + (c1 & 3));
+  cfg.dtype = (c1 >> 5) & 1 ? KVC_DTYPE_F32 : KVC_DTYPE_F16;
+  w->esize = cfg.dtype == KVC_DTYPE_F32 ? 4 : 2;
+  /* From about one worst-case block of every layer (and the watermark) up: admissions, reserves
+   * and swap-ins run out of pool space often. */
+  const size_t block_bytes =
+      (size_t)LAYERS * 2 * KV_HEADS * cfg.block_tokens * cfg.head_dim * w->esize + 4096;
+  cfg.pool_bytes = block_bytes * (2 + ((c1 >> 2) & 7));
+  cfg.bound_mode = KVC_BOUND_ABSOLUTE;
+  cfg.k_bound = cfg.v_bound = (c1 >> 6) & 1 ? 0.05f : 0.002f;
+  cfg.max_seqs = c1 >> 7 ? 6 : 4;
+  cfg.max_seq_len = MAX_LEN;
+  cfg.max_batch_tokens = MAX_BATCH;
+  cfg.log_fn = quiet;
+  w->cfg = cfg;
+  w->toy = (kvc_test_toy_t){KV_HEADS, cfg.num_q_heads, cfg.head_dim, cfg.k_bound, cfg.v_bound,
+                            cfg.dtype == KVC_DTYPE_F32 ? 0x1p-24 : 0x1p-11,
+                            cfg.dtype == KVC_DTYPE_F32 ? 0 : 0x1p-25};
+  trace(w, "config: block %d, policy %d codec %d, prefix caching %d, swap %zu, head_dim %d, "
+        "q heads %d, dtype %d, pool %zu, bound %g, max_seqs %d\n", cfg.block_tokens,
+        (int)cfg.policy, (int)cfg.codec, cfg.prefix_caching, cfg.swap_bytes, cfg.head_dim,
+        cfg.num_q_heads, (int)cfg.dtype, cfg.pool_bytes, cfg.k_bound, cfg.max_seqs);
+  kvc_status_t st = kvc_cache_create(&cfg, &w->c);
+  if (st == KVC_ERR_INVALID_ARGUMENT) return 0; /* a pool below one block of every layer */
+  if (st != KVC_OK) violation("kvc_cache_create returned %s", kvc_status_string(st));
+  if (!w->tens) {
+    w->tens = malloc((2 * (size_t)MAX_BATCH * ROW + 2 * (size_t)MAX_BATCH * MAX_QH * MAX_HD) * 4);
+    if (!w->tens) abort();
+  }
+  for (int ops = 0; in.n && ops < 200; ops++) {
+    switch (kvc_fuzz_next(&in) % 11) {
+    case 0: op_add(w, &in); break;
+    case 1: op_reserve(w, &in); break;
+    case 2: op_fork(w, &in); break;
+    case 3: op_free(w, &in); break;
+    case 4: op_swap(w, &in, 1); break;
+    case 5: op_swap(w, &in, 0); break;
+    case 6: op_step(w, &in); break;
+    case 7: op_store(w, &in); break;
+    case 8: op_attend(w, &in); break;
+    case 9: op_move(w, &in); break;
+    default: op_sync(w); break;
+    }
+  }
+  kvc_cache_destroy(w->c);
+  return 0;
+}

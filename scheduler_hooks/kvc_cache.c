@@ -830,7 +830,7 @@ kvc_status_t kvc_seq_swap_out(kvc_cache_t *c, kvc_seq_id_t id, void *stream) {
     st = kvc__fail_device(c, KVC_ERR_INTERNAL, "swap-out of an oversized table");
   kvc_status_t space = KVC_OK; /* this rank's own placement: the manager agrees it with its own */
   if (st == KVC_OK) {
-    memcpy(c->swap_table, table, (size_t)n * sizeof(int32_t));
+    if (n > 0) memcpy(c->swap_table, table, (size_t)n * sizeof(int32_t)); /* table: NULL if 0 */
     space = place_swap_extents(c, n);
     if (space != KVC_OK && space != KVC_ERR_OUT_OF_MEMORY) st = space;
   }
@@ -1029,9 +1029,9 @@ kvc_status_t kvc__cache_seq_blocks(kvc_cache_t *c, kvc_seq_id_t id, int32_t *blo
   kvc__lock(c);
   const int32_t *table = NULL;
   kvc_status_t st = kvc_bm_seq_blocks(c->bm, id, &table, n);
-  if (st == KVC_OK && *n <= cap && blocks)
-    memcpy(blocks, table, (size_t)*n * sizeof(int32_t));
-  else if (st == KVC_OK)
+  if (st == KVC_OK && *n <= cap && blocks) {
+    if (*n > 0) memcpy(blocks, table, (size_t)*n * sizeof(int32_t)); /* table: NULL if 0 */
+  } else if (st == KVC_OK)
     st = KVC_ERR_INVALID_ARGUMENT;
   kvc__unlock(c);
   return st;

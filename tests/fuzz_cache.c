@@ -4,12 +4,14 @@
  * dtype, bounds, max_seqs) and then a sequence of calls, each an opcode byte and its argument
  * bytes (missing bytes read as 0), on sequence ids 1..7: add, reserve, fork, free, swap-out,
  * swap-in, steps (plan, then store and attend of some layers), stores and attends out of order,
- * export and import, synchronize. Tokens come from a three-token alphabet, and a prompt may start
- * with another sequence's tokens, so that the prefix cache hits.
+ * export and import, synchronize; and host allocation failures injected into the next call
+ * (through the cache's allocator: kvc_cache_test.h). Tokens come from a three-token alphabet, and
+ * a prompt may start with another sequence's tokens, so that the prefix cache hits.
  *
  * A shadow of every sequence (its tokens, the length the cache holds, swapped or not, whether the
  * open step lists it) predicts each call's status: exactly where the header is exact (a call on
- * an unknown id, a batch that is valid or not), as a set where the pool decides. After every call
+ * an unknown id, a batch that is valid or not), as a set where the pool decides; a failed
+ * allocation may surface only where the header lists KVC_ERR_OUT_OF_HOST_MEMORY. After every call
  * kvc_cache_validate passes; a call that fails leaves everything a caller can observe as it was
  * (kvc_test_snap; a swap-out refused for lack of swap space has compressed the last step's blocks
  * first, as kvcomp.h says, so only the sequences are compared there); and every attention output
@@ -30,6 +32,7 @@
 #include "kvc_test_toy.h"
 #include "kvc_test_util.h"
 #include "kvcomp.h"
+#include "scheduler_hooks/kvc_cache_test.h"
 
 enum {
   IDS = 7, /* sequence ids 1..IDS (kvc_test_snap records 1..8) */
@@ -69,6 +72,10 @@ typedef struct world {
   float q[LAYERS][MAX_BATCH * MAX_QH * MAX_HD]; /* each stored layer's queries */
   uint64_t q_seed;
   void *tens; /* k, v, q, out staging in the cache's dtype */
+  /* Host allocation failure for the next call: after fail_after successful allocations (-1:
+   * none armed); `injected` while that call's status is checked. */
+  int64_t fail_after;
+  int injected;
   int trace;  /* KVC_FUZZ_TRACE set: every call and its status to stderr */
 } world_t;
 
@@ -94,6 +101,23 @@ static void trace(const world_t *w, const char *fmt, ...) {
 }
 
 #define BIT(s) (1u << (s))
+/* The calls whose headers document KVC_ERR_OUT_OF_HOST_MEMORY add this to their allowed
+ * statuses; check() keeps it only where an allocation failure was injected. */
+#define HOST_OOM BIT(KVC_ERR_OUT_OF_HOST_MEMORY)
+
+/* CALL(w, call): the library call, with the armed allocation failure (if any) in force. */
+static void arm(world_t *w) {
+  if (w->fail_after >= 0) kvc_host_alloc_fail_after(kvc__cache_host_alloc(w->c), w->fail_after);
+}
+static kvc_status_t disarm(world_t *w, kvc_status_t st) {
+  if (w->fail_after >= 0) {
+    kvc_host_alloc_fail_after(kvc__cache_host_alloc(w->c), -1);
+    w->fail_after = -1;
+    w->injected = 1;
+  }
+  return st;
+}
+#define CALL(w, call) (arm(w), disarm((w), (call)))
 
 static int step_open(const world_t *w) { return w->attendable && w->layers_done < LAYERS; }
 
@@ -119,7 +143,10 @@ static void snap(world_t *w, kvc_test_snap_t *s) {
  * nothing, and a live sequence's info agrees with the shadow. */
 static void check(world_t *w, const char *what, kvc_status_t st, unsigned allowed,
                   const kvc_test_snap_t *before, int infos_only) {
-  trace(w, "  [%s: %s]\n", what, kvc_status_string(st));
+  trace(w, "  [%s: %s%s]\n", what, kvc_status_string(st),
+        w->injected ? ", allocation failing" : "");
+  if (!w->injected) allowed &= ~HOST_OOM;
+  w->injected = 0;
   if (!(allowed & BIT(st))) violation("%s returned %s", what, kvc_status_string(st));
   kvc_test_snap_t after;
   snap(w, &after);
@@ -174,7 +201,7 @@ static void op_add(world_t *w, kvc_fuzz_input_t *in) {
   kvc_test_snap_t before;
   snap(w, &before);
   int cached = -1;
-  kvc_status_t st = kvc_seq_add(w->c, (kvc_seq_id_t)id, n ? tok : NULL, n, salt, &cached);
+  kvc_status_t st = CALL(w, kvc_seq_add(w->c, (kvc_seq_id_t)id, n ? tok : NULL, n, salt, &cached));
   trace(w, ": %d cached", cached);
   if (st == KVC_OK) {
     if (cached < 0 || cached % w->cfg.block_tokens || (n ? cached >= n : cached != 0) ||
@@ -190,7 +217,7 @@ static void op_add(world_t *w, kvc_fuzz_input_t *in) {
     s->len = cached;
     fill_kv(w, s, 0, cached);
   }
-  check(w, "kvc_seq_add", st, allowed, &before, 0);
+  check(w, "kvc_seq_add", st, allowed | HOST_OOM, &before, 0);
 }
 
 static void reserve(world_t *w, int id, int n_new, int n_la) {
@@ -204,8 +231,8 @@ static void reserve(world_t *w, int id, int n_new, int n_la) {
   kvc_test_snap_t before;
   snap(w, &before);
   trace(w, "reserve %d, %d + %d", id, n_new, n_la);
-  kvc_status_t st = kvc_seq_reserve(w->c, (kvc_seq_id_t)id, n_new, n_la);
-  check(w, "kvc_seq_reserve", st, allowed, &before, 0);
+  kvc_status_t st = CALL(w, kvc_seq_reserve(w->c, (kvc_seq_id_t)id, n_new, n_la));
+  check(w, "kvc_seq_reserve", st, allowed | HOST_OOM, &before, 0);
   if (st == KVC_OK) {
     kvc_seq_info_t info;
     if (kvc_seq_info(w->c, (kvc_seq_id_t)id, &info) != KVC_OK || info.reserved < s->len + n_new)
@@ -230,9 +257,9 @@ static void op_fork(world_t *w, kvc_fuzz_input_t *in) {
   kvc_test_snap_t before;
   snap(w, &before);
   trace(w, "fork %d -> %d", parent, child);
-  kvc_status_t st = kvc_seq_fork(w->c, (kvc_seq_id_t)parent, (kvc_seq_id_t)child);
+  kvc_status_t st = CALL(w, kvc_seq_fork(w->c, (kvc_seq_id_t)parent, (kvc_seq_id_t)child));
   if (st == KVC_OK) w->seq[child] = *p;
-  check(w, "kvc_seq_fork", st, allowed, &before, 0);
+  check(w, "kvc_seq_fork", st, allowed | HOST_OOM, &before, 0);
 }
 
 static void op_free(world_t *w, kvc_fuzz_input_t *in) {
@@ -244,7 +271,7 @@ static void op_free(world_t *w, kvc_fuzz_input_t *in) {
   kvc_test_snap_t before;
   snap(w, &before);
   trace(w, "free %d", id);
-  kvc_status_t st = kvc_seq_free(w->c, (kvc_seq_id_t)id);
+  kvc_status_t st = CALL(w, kvc_seq_free(w->c, (kvc_seq_id_t)id));
   if (st == KVC_OK) {
     s->live = 0;
     if (!step_open(w)) w->attendable = 0;
@@ -263,8 +290,8 @@ static void op_swap(world_t *w, kvc_fuzz_input_t *in, int out) {
   kvc_test_snap_t before;
   snap(w, &before);
   trace(w, "swap %s %d", out ? "out" : "in", id);
-  kvc_status_t st = out ? kvc_seq_swap_out(w->c, (kvc_seq_id_t)id, NULL)
-                        : kvc_seq_swap_in(w->c, (kvc_seq_id_t)id, NULL);
+  kvc_status_t st = CALL(w, out ? kvc_seq_swap_out(w->c, (kvc_seq_id_t)id, NULL)
+                                : kvc_seq_swap_in(w->c, (kvc_seq_id_t)id, NULL));
   if (st == KVC_OK) {
     s->swapped = out;
     if (out && !step_open(w)) w->attendable = 0;
@@ -298,7 +325,14 @@ static void attend_and_check(world_t *w, int layer) {
   }
   const float scale = 1.0f / sqrtf((float)hd);
   trace(w, "attend layer %d\n", layer);
-  kvc_status_t st = kvc_attend(w->c, layer, q, out, scale, NULL);
+  kvc_test_snap_t before;
+  snap(w, &before);
+  kvc_status_t st = CALL(w, kvc_attend(w->c, layer, q, out, scale, NULL));
+  if (w->injected && st != KVC_OK) {
+    check(w, "kvc_attend", st, HOST_OOM, &before, 0);
+    st = kvc_attend(w->c, layer, q, out, scale, NULL);
+  }
+  w->injected = 0;
   if (st != KVC_OK) violation("kvc_attend of layer %d returned %s", layer, kvc_status_string(st));
   float got[MAX_QH * MAX_HD];
   char msg[256];
@@ -333,7 +367,7 @@ static void store_next(world_t *w) {
   kvc_test_snap_t before;
   snap(w, &before);
   trace(w, "store layer %d", layer);
-  kvc_status_t st = kvc_store(w->c, layer, k, v, NULL);
+  kvc_status_t st = CALL(w, kvc_store(w->c, layer, k, v, NULL));
   if (st == KVC_OK) w->layers_done++;
   check(w, "kvc_store", st, BIT(KVC_OK), &before, 0);
   attend_and_check(w, layer);
@@ -372,7 +406,7 @@ static void op_step(world_t *w, kvc_fuzz_input_t *in) {
   snap(w, &before);
   trace(w, "plan");
   for (int i = 0; i < n; i++) trace(w, " %d+%d", member[i], n_new[i]);
-  kvc_status_t st = kvc_plan(w->c, &batch, NULL);
+  kvc_status_t st = CALL(w, kvc_plan(w->c, &batch, NULL));
   if (st == KVC_OK) {
     w->attendable = 1;
     w->layers_done = 0;
@@ -440,7 +474,7 @@ static void op_attend(world_t *w, kvc_fuzz_input_t *in) {
   uint8_t *q = (uint8_t *)w->tens + 2 * (size_t)MAX_BATCH * ROW * w->esize;
   uint8_t *out = q + (size_t)MAX_BATCH * MAX_QH * MAX_HD * w->esize;
   trace(w, "attend layer %d%s", layer, bad_scale ? " (scale NaN)" : "");
-  kvc_status_t st = kvc_attend(w->c, layer, q, out, bad_scale ? NAN : 1.0f, NULL);
+  kvc_status_t st = CALL(w, kvc_attend(w->c, layer, q, out, bad_scale ? NAN : 1.0f, NULL));
   check(w, "kvc_attend out of order", st, allowed, &before, 0);
 }
 
@@ -457,8 +491,8 @@ static void op_move(world_t *w, kvc_fuzz_input_t *in) {
   snap(w, &before);
   trace(w, "export %d", src);
   size_t bytes = 0;
-  kvc_status_t st = kvc_seq_export_bytes(w->c, (kvc_seq_id_t)src, &bytes, NULL);
-  check(w, "kvc_seq_export_bytes", st, allowed, &before, 0);
+  kvc_status_t st = CALL(w, kvc_seq_export_bytes(w->c, (kvc_seq_id_t)src, &bytes, NULL));
+  check(w, "kvc_seq_export_bytes", st, allowed | HOST_OOM, &before, 0);
   if (st != KVC_OK) return;
   void *image = malloc(bytes);
   if (!image) abort();
@@ -474,9 +508,9 @@ static void op_move(world_t *w, kvc_fuzz_input_t *in) {
                 : BIT(KVC_OK) | BIT(KVC_ERR_OUT_OF_MEMORY);
   snap(w, &before);
   trace(w, "import %d", dst);
-  st = kvc_seq_import(w->c, (kvc_seq_id_t)dst, image, bytes, NULL);
+  st = CALL(w, kvc_seq_import(w->c, (kvc_seq_id_t)dst, image, bytes, NULL));
   if (st == KVC_OK) w->seq[dst] = *s;
-  check(w, "kvc_seq_import", st, allowed, &before, 0);
+  check(w, "kvc_seq_import", st, allowed | HOST_OOM, &before, 0);
   free(image);
 }
 
@@ -484,7 +518,7 @@ static void op_sync(world_t *w) {
   kvc_test_snap_t before;
   snap(w, &before);
   trace(w, "synchronize");
-  check(w, "kvc_cache_synchronize", kvc_cache_synchronize(w->c), BIT(KVC_OK), &before, 0);
+  check(w, "kvc_cache_synchronize", CALL(w, kvc_cache_synchronize(w->c)), BIT(KVC_OK), &before, 0);
 }
 
 /* ---- the target ----------------------------------------------------------------------------- */
@@ -503,6 +537,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   memset(w, 0, sizeof(*w));
   w->tens = tens;
   w->trace = getenv("KVC_FUZZ_TRACE") != NULL;
+  w->fail_after = -1;
   kvc_config_t cfg = KVC_CONFIG_INIT;
   static const struct {
     kvc_codec_policy_t policy;
@@ -550,7 +585,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!w->tens) abort();
   }
   for (int ops = 0; in.n && ops < 200; ops++) {
-    switch (kvc_fuzz_next(&in) % 11) {
+    switch (kvc_fuzz_next(&in) % 12) {
     case 0: op_add(w, &in); break;
     case 1: op_reserve(w, &in); break;
     case 2: op_fork(w, &in); break;
@@ -561,7 +596,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     case 7: op_store(w, &in); break;
     case 8: op_attend(w, &in); break;
     case 9: op_move(w, &in); break;
-    default: op_sync(w); break;
+    case 10: op_sync(w); break;
+    default: w->fail_after = kvc_fuzz_next(&in) % 4; break;
     }
   }
   kvc_cache_destroy(w->c);

@@ -313,7 +313,8 @@ kvc_status_t kvc_seq_free(kvc_cache_t *cache, kvc_seq_id_t id);
  * ids). Blocks shared with other sequences stay in the pool. Enqueued on `stream`; a swapped-out
  * sequence cannot be planned, forked or reserved, and comes back with its reservation released.
  * Swap-out first compresses the blocks the last step completed if the sequence holds any (see
- * kvc_store; even when the swap-out then fails for lack of swap space), then waits for the sizes
+ * kvc_store; even when the swap-out then fails, for lack of swap space or because another
+ * tensor-parallel rank refused it), then waits for the sizes
  * of pages still in flight (a host wait: swap is not on the hot path); each moved block takes its
  * pages' bytes plus a small header of swap memory, and the space is checked conservatively, as if
  * every block of the sequence moved.

@@ -22,17 +22,6 @@ static uint64_t collide(uint64_t parent, const int32_t *tokens, int n, uint64_t 
   return (uint64_t)(tokens[0] & 3);
 }
 
-/* The other ranks of an agreement, as the input says. */
-static int other_ranks(void *user, int64_t *v, int count) {
-  static const int64_t status[4] = {KVC_OK, KVC_OK, KVC_ERR_OUT_OF_MEMORY,
-                                    KVC_ERR_OUT_OF_HOST_MEMORY};
-  const uint8_t x = kvc_fuzz_next((kvc_fuzz_input_t *)user);
-  if (x == 255) return -1;
-  if (status[x & 3] > v[0]) v[0] = status[x & 3];
-  if (count > 1 && (x >> 2) % 16 > v[1]) v[1] = (x >> 2) % 16;
-  return 0;
-}
-
 static void die(const char *what, const char *why) {
   fprintf(stderr, "fuzz_blocks: %s: %s\n", what, why);
   abort();
@@ -66,7 +55,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (kvc_bm_create(&c, ha, &bm) != KVC_OK) die("create", "valid config refused");
   const uint8_t mode = kvc_fuzz_next(&in);
   if (mode & 1) kvc_bm_set_hash_fn(bm, collide);
-  if (mode & 2) kvc_bm_set_agreement(bm, other_ranks, &in);
+  if (mode & 2) kvc_bm_set_agreement(bm, kvc_fuzz_other_ranks, &in);
   kvc_bm_work_t w;
   kvc_bm_plan_t plan;
   int32_t tokens[64];

@@ -1,7 +1,8 @@
 /*
  * libFuzzer target for the cache's public API on the CPU backend. The input is a configuration
- * (two bytes: block size, codec policy, prefix caching, swap, head_dim, GQA group, pool size,
- * dtype, bounds, max_seqs) and then a sequence of calls, each an opcode byte and its argument
+ * (three bytes: block size, codec policy, prefix caching, swap, head_dim, GQA group, pool size,
+ * dtype, bounds, max_seqs, and tensor-parallel ranks whose answers the input gives, as
+ * fuzz_blocks has them) and then a sequence of calls, each an opcode byte and its argument
  * bytes (missing bytes read as 0), on sequence ids 1..7: add, reserve, fork, free, swap-out,
  * swap-in, steps (plan, then store and attend of some layers), stores and attends out of order,
  * export and import, synchronize; and host allocation failures injected into the next call
@@ -10,15 +11,17 @@
  *
  * A shadow of every sequence (its tokens, the length the cache holds, swapped or not, whether the
  * open step lists it) predicts each call's status: exactly where the header is exact (a call on
- * an unknown id, a batch that is valid or not), as a set where the pool decides; a failed
- * allocation may surface only where the header lists KVC_ERR_OUT_OF_HOST_MEMORY. After every call
- * kvc_cache_validate passes; a call that fails leaves everything a caller can observe as it was
- * (kvc_test_snap; a swap-out refused for lack of swap space has compressed the last step's blocks
- * first, as kvcomp.h says, so only the sequences are compared there); and every attention output
- * row is within the tolerance of a float64 reference over the toy model's K/V (kvc_test_toy.h,
- * absolute bounds), which holds only if prefix hits, forks, swaps and imports give each sequence
- * exactly the blocks of its own tokens. Any violation aborts. KVC_FUZZ_TRACE=1 prints every call
- * (to read a saved crash: tests/fuzz_replay.c runs one without libFuzzer).
+ * an unknown id, a batch that is valid or not), as a set where the pool or the other ranks
+ * decide; a failed allocation may surface only where the header lists KVC_ERR_OUT_OF_HOST_MEMORY.
+ * After every call kvc_cache_validate passes, and a call that fails leaves everything a caller
+ * can observe as it was (kvc_test_snap), except where kvcomp.h says otherwise: a swap-out refused
+ * for lack of swap space or by another rank has compressed the last step's blocks first (only the
+ * sequences are compared), and a failed exchange leaves the cache unusable (the input ends
+ * there). Every attention output row is within the tolerance of a float64 reference over the toy
+ * model's K/V (kvc_test_toy.h, absolute bounds), which holds only if prefix hits, forks, swaps
+ * and imports give each sequence exactly the blocks of its own tokens. Any violation aborts.
+ * KVC_FUZZ_TRACE=1 prints every call (to read a saved crash: tests/fuzz_replay.c runs one without
+ * libFuzzer).
  */
 #include <math.h>
 #include <stdarg.h>
@@ -76,6 +79,11 @@ typedef struct world {
    * none armed); `injected` while that call's status is checked. */
   int64_t fail_after;
   int injected;
+  int tp;                /* tp_allreduce_max: other ranks as the input says (other_ranks) */
+  int dead;              /* an exchange failed: the cache is unusable */
+  kvc_fuzz_input_t *in;  /* where the other ranks' answers come from */
+  int64_t cached_blocks; /* in the last snapshot: the most that ranks in step can evict */
+  int import_lengths;    /* the next exchange is an import's (length, -length) */
   int trace;  /* KVC_FUZZ_TRACE set: every call and its status to stderr */
 } world_t;
 
@@ -101,9 +109,12 @@ static void trace(const world_t *w, const char *fmt, ...) {
 }
 
 #define BIT(s) (1u << (s))
-/* The calls whose headers document KVC_ERR_OUT_OF_HOST_MEMORY add this to their allowed
- * statuses; check() keeps it only where an allocation failure was injected. */
-#define HOST_OOM BIT(KVC_ERR_OUT_OF_HOST_MEMORY)
+/* Markers in a call's allowed statuses, which check() resolves. HOST_OOM: the header lists
+ * KVC_ERR_OUT_OF_HOST_MEMORY, allowed where an allocation failure was injected. AGREES: a hook
+ * that agrees with the other tensor-parallel ranks; where this rank would proceed, they may
+ * refuse (out of pool or host memory) or the exchange may fail (KVC_ERR_NCCL). */
+#define HOST_OOM (1u << 31)
+#define AGREES (1u << 30)
 
 /* CALL(w, call): the library call, with the armed allocation failure (if any) in force. */
 static void arm(world_t *w) {
@@ -137,6 +148,26 @@ static int live_count(const world_t *w) {
 static void snap(world_t *w, kvc_test_snap_t *s) {
   kvc_status_t st = kvc_test_snap_take(w->c, s);
   if (st != KVC_OK) violation("snapshot: %s", kvc_status_string(st));
+  w->cached_blocks = s->stats.cached_blocks;
+}
+
+/* The other ranks, in step with this one: they ask to evict no more cached blocks than it holds
+ * (a rank out of step is the failed exchange, byte 255). */
+static int other_ranks(void *user, int64_t *v, int count) {
+  world_t *w = user;
+  if (w->import_lengths) {
+    /* Their images: of the same length, or (odd byte) of a longer one. */
+    w->import_lengths = 0;
+    const uint8_t x = kvc_fuzz_next(w->in);
+    if (x == 255) return -1;
+    v[0] += x & 1;
+    return 0;
+  }
+  const int64_t own = count > 1 ? v[1] : 0;
+  const int r = kvc_fuzz_other_ranks(w->in, v, count);
+  const int64_t most = own > w->cached_blocks ? own : w->cached_blocks;
+  if (count > 1 && v[1] > most) v[1] = most;
+  return r;
 }
 
 /* Every call's epilogue: the status is one of `allowed`, the cache validates, a failure changed
@@ -145,9 +176,15 @@ static void check(world_t *w, const char *what, kvc_status_t st, unsigned allowe
                   const kvc_test_snap_t *before, int infos_only) {
   trace(w, "  [%s: %s%s]\n", what, kvc_status_string(st),
         w->injected ? ", allocation failing" : "");
-  if (!w->injected) allowed &= ~HOST_OOM;
+  if (w->injected && (allowed & HOST_OOM)) allowed |= BIT(KVC_ERR_OUT_OF_HOST_MEMORY);
+  if (w->tp && (allowed & AGREES) && (allowed & BIT(KVC_OK)))
+    allowed |= BIT(KVC_ERR_OUT_OF_MEMORY) | BIT(KVC_ERR_OUT_OF_HOST_MEMORY) | BIT(KVC_ERR_NCCL);
   w->injected = 0;
   if (!(allowed & BIT(st))) violation("%s returned %s", what, kvc_status_string(st));
+  if (st == KVC_ERR_NCCL) {
+    w->dead = 1; /* unusable from now on (kvcomp.h): the input ends here */
+    return;
+  }
   kvc_test_snap_t after;
   snap(w, &after);
   if (st != KVC_OK) {
@@ -217,7 +254,7 @@ static void op_add(world_t *w, kvc_fuzz_input_t *in) {
     s->len = cached;
     fill_kv(w, s, 0, cached);
   }
-  check(w, "kvc_seq_add", st, allowed | HOST_OOM, &before, 0);
+  check(w, "kvc_seq_add", st, allowed | HOST_OOM | AGREES, &before, 0);
 }
 
 static void reserve(world_t *w, int id, int n_new, int n_la) {
@@ -232,7 +269,7 @@ static void reserve(world_t *w, int id, int n_new, int n_la) {
   snap(w, &before);
   trace(w, "reserve %d, %d + %d", id, n_new, n_la);
   kvc_status_t st = CALL(w, kvc_seq_reserve(w->c, (kvc_seq_id_t)id, n_new, n_la));
-  check(w, "kvc_seq_reserve", st, allowed | HOST_OOM, &before, 0);
+  check(w, "kvc_seq_reserve", st, allowed | HOST_OOM | AGREES, &before, 0);
   if (st == KVC_OK) {
     kvc_seq_info_t info;
     if (kvc_seq_info(w->c, (kvc_seq_id_t)id, &info) != KVC_OK || info.reserved < s->len + n_new)
@@ -259,7 +296,7 @@ static void op_fork(world_t *w, kvc_fuzz_input_t *in) {
   trace(w, "fork %d -> %d", parent, child);
   kvc_status_t st = CALL(w, kvc_seq_fork(w->c, (kvc_seq_id_t)parent, (kvc_seq_id_t)child));
   if (st == KVC_OK) w->seq[child] = *p;
-  check(w, "kvc_seq_fork", st, allowed | HOST_OOM, &before, 0);
+  check(w, "kvc_seq_fork", st, allowed | HOST_OOM | AGREES, &before, 0);
 }
 
 static void op_free(world_t *w, kvc_fuzz_input_t *in) {
@@ -297,8 +334,8 @@ static void op_swap(world_t *w, kvc_fuzz_input_t *in, int out) {
     if (out && !step_open(w)) w->attendable = 0;
   }
   /* A swap-out that gets past its argument checks compresses the last step's blocks first. */
-  check(w, out ? "kvc_seq_swap_out" : "kvc_seq_swap_in", st, allowed, &before,
-        out && st == KVC_ERR_OUT_OF_MEMORY);
+  check(w, out ? "kvc_seq_swap_out" : "kvc_seq_swap_in", st, allowed | AGREES, &before,
+        out && (st == KVC_ERR_OUT_OF_MEMORY || st == KVC_ERR_OUT_OF_HOST_MEMORY));
 }
 
 /* ---- steps ---------------------------------------------------------------------------------- */
@@ -387,6 +424,7 @@ static void op_step(world_t *w, kvc_fuzz_input_t *in) {
     ids[i] = (kvc_seq_id_t)member[i];
     n_new[i] = flags & 0x10 ? kvc_fuzz_next(in) % 32 : 1 + kvc_fuzz_next(in) % 16;
     if (flags & 1) reserve(w, member[i], n_new[i], 0);
+    if (w->dead) return;
   }
   for (int i = 0; i < n; i++) {
     const seq_t *s = &w->seq[member[i]];
@@ -508,9 +546,13 @@ static void op_move(world_t *w, kvc_fuzz_input_t *in) {
                 : BIT(KVC_OK) | BIT(KVC_ERR_OUT_OF_MEMORY);
   snap(w, &before);
   trace(w, "import %d", dst);
+  w->import_lengths = w->tp;
   st = CALL(w, kvc_seq_import(w->c, (kvc_seq_id_t)dst, image, bytes, NULL));
+  w->import_lengths = 0;
   if (st == KVC_OK) w->seq[dst] = *s;
-  check(w, "kvc_seq_import", st, allowed | HOST_OOM, &before, 0);
+  /* Under tensor parallelism the other ranks' images may be of another length. */
+  if (w->tp && (allowed & BIT(KVC_OK))) allowed |= BIT(KVC_ERR_INVALID_ARGUMENT);
+  check(w, "kvc_seq_import", st, allowed | HOST_OOM | AGREES, &before, 0);
   free(image);
 }
 
@@ -519,6 +561,11 @@ static void op_sync(world_t *w) {
   snap(w, &before);
   trace(w, "synchronize");
   check(w, "kvc_cache_synchronize", CALL(w, kvc_cache_synchronize(w->c)), BIT(KVC_OK), &before, 0);
+  int64_t fit = 0;
+  snap(w, &before);
+  trace(w, "tokens_fit_agreed");
+  kvc_status_t st = CALL(w, kvc_tokens_fit_agreed(w->c, &fit));
+  check(w, "kvc_tokens_fit_agreed", st, BIT(KVC_OK) | (w->tp ? BIT(KVC_ERR_NCCL) : 0), &before, 0);
 }
 
 /* ---- the target ----------------------------------------------------------------------------- */
@@ -531,13 +578,14 @@ static world_t W; /* ~0.8 MB of shadows: static, reset per input */
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   kvc_fuzz_input_t in = {data, size};
-  const uint8_t c0 = kvc_fuzz_next(&in), c1 = kvc_fuzz_next(&in);
+  const uint8_t c0 = kvc_fuzz_next(&in), c1 = kvc_fuzz_next(&in), c2 = kvc_fuzz_next(&in);
   world_t *w = &W;
   void *tens = w->tens;
   memset(w, 0, sizeof(*w));
   w->tens = tens;
   w->trace = getenv("KVC_FUZZ_TRACE") != NULL;
   w->fail_after = -1;
+  w->in = &in;
   kvc_config_t cfg = KVC_CONFIG_INIT;
   static const struct {
     kvc_codec_policy_t policy;
@@ -569,14 +617,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   cfg.max_seq_len = MAX_LEN;
   cfg.max_batch_tokens = MAX_BATCH;
   cfg.log_fn = quiet;
+  if (c2 & 1) {
+    w->tp = 1;
+    cfg.tp_allreduce_max = other_ranks;
+    cfg.tp_user = w;
+  }
   w->cfg = cfg;
   w->toy = (kvc_test_toy_t){KV_HEADS, cfg.num_q_heads, cfg.head_dim, cfg.k_bound, cfg.v_bound,
                             cfg.dtype == KVC_DTYPE_F32 ? 0x1p-24 : 0x1p-11,
                             cfg.dtype == KVC_DTYPE_F32 ? 0 : 0x1p-25};
   trace(w, "config: block %d, policy %d codec %d, prefix caching %d, swap %zu, head_dim %d, "
-        "q heads %d, dtype %d, pool %zu, bound %g, max_seqs %d\n", cfg.block_tokens,
+        "q heads %d, dtype %d, pool %zu, bound %g, max_seqs %d, tp %d\n", cfg.block_tokens,
         (int)cfg.policy, (int)cfg.codec, cfg.prefix_caching, cfg.swap_bytes, cfg.head_dim,
-        cfg.num_q_heads, (int)cfg.dtype, cfg.pool_bytes, cfg.k_bound, cfg.max_seqs);
+        cfg.num_q_heads, (int)cfg.dtype, cfg.pool_bytes, cfg.k_bound, cfg.max_seqs, w->tp);
   kvc_status_t st = kvc_cache_create(&cfg, &w->c);
   if (st == KVC_ERR_INVALID_ARGUMENT) return 0; /* a pool below one block of every layer */
   if (st != KVC_OK) violation("kvc_cache_create returned %s", kvc_status_string(st));
@@ -584,7 +637,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     w->tens = malloc((2 * (size_t)MAX_BATCH * ROW + 2 * (size_t)MAX_BATCH * MAX_QH * MAX_HD) * 4);
     if (!w->tens) abort();
   }
-  for (int ops = 0; in.n && ops < 200; ops++) {
+  for (int ops = 0; in.n && !w->dead && ops < 200; ops++) {
     switch (kvc_fuzz_next(&in) % 12) {
     case 0: op_add(w, &in); break;
     case 1: op_reserve(w, &in); break;

@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kvcomp.h"
+
 typedef struct kvc_fuzz_input {
   const uint8_t *p;
   size_t n;
@@ -15,6 +17,20 @@ static inline uint8_t kvc_fuzz_next(kvc_fuzz_input_t *in) {
   if (!in->n) return 0;
   in->n--;
   return *in->p++;
+}
+
+/* The other tensor-parallel ranks of an agreement (kvc_tp_allreduce_fn, user: the input), as
+ * the input's next byte says: 255 fails the exchange; otherwise its low two bits give their
+ * status (OK twice as often as OUT_OF_MEMORY or OUT_OF_HOST_MEMORY) and the rest the evictions
+ * the neediest of them asks for. */
+static inline int kvc_fuzz_other_ranks(void *user, int64_t *v, int count) {
+  static const int64_t status[4] = {KVC_OK, KVC_OK, KVC_ERR_OUT_OF_MEMORY,
+                                    KVC_ERR_OUT_OF_HOST_MEMORY};
+  const uint8_t x = kvc_fuzz_next((kvc_fuzz_input_t *)user);
+  if (x == 255) return -1;
+  if (status[x & 3] > v[0]) v[0] = status[x & 3];
+  if (count > 1 && (x >> 2) % 16 > v[1]) v[1] = (x >> 2) % 16;
+  return 0;
 }
 
 #endif

@@ -170,7 +170,6 @@ static kvc_status_t check_index(kvc_cache_t *c, const image_header_t *h, const i
       const image_page_t *p = &index[(size_t)i * L + l];
       const int ok = i < full ? p->kind == KVC_PAGE_COMPRESSED && p->nbytes >= 1 &&
                                     p->nbytes <= c->geo.max_page_bytes &&
-                                    p->chunks <= kvc_chunks_for(p->nbytes, c->geo.chunk_bytes) &&
                                     p->codec <= KVC_CODEC_HUFFMAN
                               : p->kind == KVC_PAGE_STAGING && p->nbytes == c->geo.staging_bytes;
       if (!ok) return KVC_ERR_CORRUPT;
@@ -185,17 +184,33 @@ static kvc_status_t check_index(kvc_cache_t *c, const image_header_t *h, const i
 }
 
 /* Checks that the extents' own page headers (what the backend's copy will read) say what the
- * index says: n blocks' headers in hdr[n][num_layers * KVC__SWAP_HDR_BYTES]. */
+ * index says: n blocks' headers in hdr[n][num_layers * KVC__SWAP_HDR_BYTES]. The copy places a
+ * compressed page as swap-in does: packed after its block's previous page if its header says it
+ * was packed (kvc_pool_layout.h), so the chunks it takes follow from the headers; they must be
+ * the chunks the index charges the block manager with, or its accounting and the pool part. */
 static kvc_status_t check_extents(const kvc_cache_t *c, int n, const image_page_t *index,
                                   const uint8_t *hdr) {
   const int L = c->cfg.num_layers;
-  for (size_t i = 0; i < (size_t)n * (size_t)L; i++) {
-    kvc_page_entry_t e;
-    memcpy(&e, hdr + i * KVC__SWAP_HDR_BYTES, KVC__SWAP_HDR_BYTES);
-    const image_page_t *p = &index[i];
-    if (e.nbytes != p->nbytes || e.kind != p->kind ||
-        (p->kind == KVC_PAGE_COMPRESSED && e.codec != p->codec))
-      return KVC_ERR_CORRUPT;
+  const uint32_t cb = c->geo.chunk_bytes;
+  const int packs = kvc_pack_codec(c->cfg.codec, c->cfg.policy);
+  for (int b = 0; b < n; b++) {
+    kvc_pack_cursor_t cur = {-1, 0, 0};
+    for (int l = 0; l < L; l++) {
+      const size_t i = (size_t)b * L + l;
+      kvc_page_entry_t e;
+      memcpy(&e, hdr + i * KVC__SWAP_HDR_BYTES, KVC__SWAP_HDR_BYTES);
+      const image_page_t *p = &index[i];
+      if (e.nbytes != p->nbytes || e.kind != p->kind) return KVC_ERR_CORRUPT;
+      if (p->kind != KVC_PAGE_COMPRESSED) continue;
+      if (e.codec != p->codec || (e.first && !packs)) return KVC_ERR_CORRUPT;
+      kvc_page_entry_t placed;
+      memset(&placed, 0, sizeof(placed));
+      placed.first = (uint8_t)(e.first ? kvc_pack_after(&cur, l, cb) : 0);
+      const uint32_t taken = kvc_pack_popped(placed.first, e.nbytes, cb);
+      if (taken != p->chunks) return KVC_ERR_CORRUPT;
+      placed.nchunks = (uint8_t)(taken + (placed.first ? 1 : 0));
+      cur = kvc_pack_cursor_after(&placed, l, e.nbytes, cb);
+    }
   }
   return KVC_OK;
 }

@@ -587,17 +587,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   w->fail_after = -1;
   w->in = &in;
   kvc_config_t cfg = KVC_CONFIG_INIT;
-  static const struct {
-    kvc_codec_policy_t policy;
-    kvc_codec_t codec;
-  } codecs[5] = {{KVC_POLICY_FIXED, KVC_CODEC_RAW},
-                 {KVC_POLICY_FIXED, KVC_CODEC_BITPACK},
-                 {KVC_POLICY_FIXED, KVC_CODEC_HUFFMAN},
-                 {KVC_POLICY_SMALLEST, KVC_CODEC_HUFFMAN},
-                 {KVC_POLICY_FASTEST_WITHIN, KVC_CODEC_HUFFMAN}};
   cfg.block_tokens = c0 & 1 ? 32 : 16;
-  cfg.policy = codecs[(c0 >> 1) % 5].policy;
-  cfg.codec = codecs[(c0 >> 1) % 5].codec;
+  kvc_fuzz_codec(c0 >> 1, &cfg);
   cfg.prefix_caching = (c0 >> 4) & 1 ? 0 : 1;
   cfg.swap_bytes = (c0 >> 5) & 1 ? 0 : 48 << 10;
   cfg.head_dim = 8 * (1 + (c0 >> 6));

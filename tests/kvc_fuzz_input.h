@@ -19,6 +19,21 @@ static inline uint8_t kvc_fuzz_next(kvc_fuzz_input_t *in) {
   return *in->p++;
 }
 
+/* The i % 5-th way a cache codes its blocks: raw, bit-pack and Huffman pages, then the
+ * smallest and the fastest-within-budget policies. */
+static inline void kvc_fuzz_codec(int i, kvc_config_t *cfg) {
+  static const struct {
+    kvc_codec_policy_t policy;
+    kvc_codec_t codec;
+  } ways[5] = {{KVC_POLICY_FIXED, KVC_CODEC_RAW},
+               {KVC_POLICY_FIXED, KVC_CODEC_BITPACK},
+               {KVC_POLICY_FIXED, KVC_CODEC_HUFFMAN},
+               {KVC_POLICY_SMALLEST, KVC_CODEC_HUFFMAN},
+               {KVC_POLICY_FASTEST_WITHIN, KVC_CODEC_HUFFMAN}};
+  cfg->policy = ways[i % 5].policy;
+  cfg->codec = ways[i % 5].codec;
+}
+
 /* The other tensor-parallel ranks of an agreement (kvc_tp_allreduce_fn, user: the input), as
  * the input's next byte says: 255 fails the exchange; otherwise its low two bits give their
  * status (OK twice as often as OUT_OF_MEMORY or OUT_OF_HOST_MEMORY) and the rest the evictions

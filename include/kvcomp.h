@@ -314,10 +314,10 @@ kvc_status_t kvc_seq_free(kvc_cache_t *cache, kvc_seq_id_t id);
  * sequence cannot be planned, forked or reserved, and comes back with its reservation released.
  * Swap-out first compresses the blocks the last step completed if the sequence holds any (see
  * kvc_store; even when the swap-out then fails, for lack of swap space or because another
- * tensor-parallel rank refused it), then waits for the sizes
- * of pages still in flight (a host wait: swap is not on the hot path); each moved block takes its
- * pages' bytes plus a small header of swap memory, and the space is checked conservatively, as if
- * every block of the sequence moved.
+ * tensor-parallel rank refused it), then waits for the sizes of pages still in flight (a host
+ * wait: swap is not on the hot path); each moved block takes its pages' bytes plus a small header
+ * of swap memory, and the space is checked conservatively, as if every block of the sequence
+ * moved.
  * Returns KVC_ERR_NOT_FOUND, KVC_ERR_INVALID_STATE (already swapped out / not swapped out,
  * mid-step), KVC_ERR_OUT_OF_MEMORY (swap space, or pool on swap-in), KVC_ERR_UNSUPPORTED
  * (swap_bytes is 0).

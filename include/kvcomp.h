@@ -176,7 +176,7 @@ typedef struct kvc_config {
                             * FIXED, codec RAW) */
   size_t pool_bytes;       /* the one pool, taken at creation and never grown; default 256 MiB */
   size_t swap_bytes;       /* host memory for swapped-out sequences; 0 disables swap; default 0 */
-  int max_seqs;            /* live sequences (running, swapped) at once; default 256 */
+  int max_seqs;            /* live sequences (running, swapped) at once, < 2^29; default 256 */
   int max_seq_len;         /* tokens per sequence; default 131072 */
   int max_batch_tokens;    /* new tokens in one step over all sequences; default 8192 */
   float watermark;         /* fraction of the pool kvc_seq_reserve keeps free for sequences that
@@ -242,7 +242,8 @@ typedef uint64_t kvc_seq_id_t;
  * sized for min(max_seqs, max_batch_tokens) sequences of max_seq_len tokens), and swap_bytes of
  * pinned, mapped host memory.
  * Returns KVC_OK, KVC_ERR_INVALID_ARGUMENT (NULL, bad shape, pool too small to hold one
- * worst-case block of every layer beyond the watermark, CUDA device out of range),
+ * worst-case block of every layer beyond the watermark or too large to address (~2^62 bytes),
+ * CUDA device out of range),
  * KVC_ERR_UNSUPPORTED (backend not built, dtype/head_dim not supported), KVC_ERR_OUT_OF_MEMORY,
  * KVC_ERR_OUT_OF_HOST_MEMORY, KVC_ERR_CUDA. *out is set only on KVC_OK.
  */

@@ -115,6 +115,8 @@ static kvc_status_t check_config(const kvc_config_t *cfg) {
     why = "pool_bytes must be > 0";
   else if (cfg->max_seqs < 1 || cfg->max_seq_len < 1 || cfg->max_batch_tokens < 1)
     why = "max_seqs, max_seq_len and max_batch_tokens must be >= 1";
+  else if (cfg->max_seqs > (INT32_MAX >> 2)) /* the block manager's limit */
+    why = "max_seqs must be below 2^29";
   else if (!(cfg->watermark >= 0.0f && cfg->watermark < 1.0f))
     why = "watermark must be in [0, 1)";
   else if (cfg->prefix_caching != 0 && cfg->prefix_caching != 1)
@@ -198,6 +200,11 @@ static kvc_status_t compute_geometry(const kvc_config_t *cfg, const kvc_codec_pa
   while (max_page > (uint64_t)(KVC_PAGE_MAX_CHUNKS - 1) * cb) cb *= 2;
   /* Chunk ids and the device stack's top are 32-bit: a huge pool gets larger chunks instead. */
   while (cfg->pool_bytes / cb > (uint64_t)INT32_MAX) cb *= 2;
+  if (cb > (uint64_t)1 << 31) { /* chunk_bytes is 32-bit: ~2^62 bytes are past any pool */
+    log_cfg(cfg, KVC_LOG_ERROR, "kvc_cache_create: pool_bytes %zu is too large to address",
+            cfg->pool_bytes);
+    return KVC_ERR_INVALID_ARGUMENT;
+  }
   g->chunk_bytes = (uint32_t)cb;
   g->total_chunks = (uint32_t)(cfg->pool_bytes / cb);
   g->staging_bytes = (uint32_t)staging;
@@ -214,7 +221,7 @@ static kvc_status_t compute_geometry(const kvc_config_t *cfg, const kvc_codec_pa
   uint64_t per_block_16x = L * staging / 16;
   uint64_t by_ratio = cfg->pool_bytes / (per_block_16x ? per_block_16x : 1);
   uint64_t mb = by_chunks < by_ratio ? by_chunks : by_ratio;
-  if (mb > (uint64_t)INT32_MAX - 1) mb = (uint64_t)INT32_MAX - 1;
+  if (mb > (uint64_t)(INT32_MAX >> 1)) mb = (uint64_t)(INT32_MAX >> 1); /* the block manager's */
   g->max_blocks = (int32_t)mb;
 
   /* One sequence must be admissible: one worst-case block in every layer beyond the watermark. */

@@ -7,6 +7,7 @@
  * Also: the Prometheus text, the event queue's overflow, the configuration round trip, and stats
  * read from another thread while the scheduler thread runs steps.
  */
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -152,7 +153,10 @@ static kvc_cache_t *fixture(void) {
   X(block_tokens = 512, KVC_ERR_INVALID_ARGUMENT)                                                  \
   X(pool_bytes = 0, KVC_ERR_INVALID_ARGUMENT)                                                      \
   X(pool_bytes = 2048, KVC_ERR_INVALID_ARGUMENT) /* less than one block of every layer */          \
+  X(pool_bytes = SIZE_MAX, KVC_ERR_INVALID_ARGUMENT) /* chunks past 32 bits: divided by 0 */       \
   X(max_seqs = 0, KVC_ERR_INVALID_ARGUMENT)                                                        \
+  X(max_seqs = 1 << 29, KVC_ERR_INVALID_ARGUMENT) /* was KVC_ERR_INTERNAL */                       \
+  X(max_seqs = INT_MAX, KVC_ERR_INVALID_ARGUMENT) /* was an endless loop */                        \
   X(max_seq_len = 0, KVC_ERR_INVALID_ARGUMENT)                                                     \
   X(max_batch_tokens = 0, KVC_ERR_INVALID_ARGUMENT)                                                \
   X(watermark = -0.1f, KVC_ERR_INVALID_ARGUMENT)                                                   \

@@ -1,8 +1,9 @@
 /*
- * libFuzzer target for the cache's public API on the CPU backend. The input is a configuration
- * (three bytes: block size, codec policy, prefix caching, swap, head_dim, GQA group, pool size,
- * dtype, bounds, max_seqs, and tensor-parallel ranks whose answers the input gives, as
- * fuzz_blocks has them) and then a sequence of calls, each an opcode byte and its argument
+ * libFuzzer target for the cache's public API on the CPU backend, or, built with KVC_FUZZ_CUDA
+ * (gpu_fuzz_cache_replay), on the CUDA backend. The input is a configuration (three bytes: block
+ * size, codec policy, prefix caching, swap, head_dim, GQA group, pool size, dtype, bounds,
+ * max_seqs, cascade, and tensor-parallel ranks whose answers the input gives, as fuzz_blocks has
+ * them) and then a sequence of calls, each an opcode byte and its argument
  * bytes (missing bytes read as 0), on sequence ids 1..7: add, reserve, fork, free, swap-out,
  * swap-in, steps (plan, then store and attend of some layers), stores and attends out of order,
  * export and import, synchronize; and host allocation failures injected into the next call
@@ -20,6 +21,9 @@
  * there). Every attention output row is within the tolerance of a float64 reference over the toy
  * model's K/V (kvc_test_toy.h, absolute bounds), which holds only if prefix hits, forks, swaps
  * and imports give each sequence exactly the blocks of its own tokens. Any violation aborts.
+ * On the CUDA backend head_dim is 64, 128 or 256 and the dtype fp16 or bf16; K, V, Q, outputs and
+ * sequence images go through device memory, and the tolerance takes the kernels' rounding to the
+ * dtype (kern_rel).
  * KVC_FUZZ_TRACE=1 prints every call (to read a saved crash: tests/fuzz_replay.c runs one without
  * libFuzzer).
  */
@@ -37,11 +41,20 @@
 #include "kvcomp.h"
 #include "scheduler_hooks/kvc_cache_test.h"
 
+#ifdef KVC_FUZZ_CUDA
+#include <cuda_runtime_api.h>
+#define FUZZ_BACKEND KVC_BACKEND_CUDA
+#define FUZZ_MAX_HD 256
+#else
+#define FUZZ_BACKEND KVC_BACKEND_CPU
+#define FUZZ_MAX_HD 32
+#endif
+
 enum {
   IDS = 7, /* sequence ids 1..IDS (kvc_test_snap records 1..8) */
   LAYERS = 2,
   KV_HEADS = 2,
-  MAX_HD = 32,
+  MAX_HD = FUZZ_MAX_HD,
   MAX_QH = 8,
   ROW = KV_HEADS * MAX_HD, /* the shadow's K/V row stride */
   MAX_LEN = 96,            /* max_seq_len */
@@ -75,6 +88,7 @@ typedef struct world {
   float q[LAYERS][MAX_BATCH * MAX_QH * MAX_HD]; /* each stored layer's queries */
   uint64_t q_seed;
   void *tens; /* k, v, q, out staging in the cache's dtype */
+  void *dev;  /* the same on the device (CUDA backend; else NULL) */
   /* Host allocation failure for the next call: after fail_after successful allocations (-1:
    * none armed); `injected` while that call's status is checked. */
   int64_t fail_after;
@@ -86,6 +100,20 @@ typedef struct world {
   int import_lengths;    /* the next exchange is an import's (length, -length) */
   int trace;  /* KVC_FUZZ_TRACE set: every call and its status to stderr */
 } world_t;
+
+/* What the inputs reached, over all of them (kvc_fuzz_report): to see that a run of random inputs
+ * gets past the configuration into hits, forks, swaps and checked attention. */
+static struct {
+  long caches, steps, prefix_hits, forks, swaps_in, imports, rows;
+  double worst; /* the largest error / tolerance of any attention output */
+} reached;
+
+void kvc_fuzz_report(void) {
+  printf("fuzz_cache reached: %ld caches, %ld steps, %ld prefix hits, %ld forks, %ld swap-ins, "
+         "%ld imports, %ld attention rows checked, worst %.3f of tolerance\n", reached.caches,
+         reached.steps, reached.prefix_hits, reached.forks, reached.swaps_in, reached.imports,
+         reached.rows, reached.worst);
+}
 
 static void violation(const char *what, ...) __attribute__((noreturn, format(printf, 1, 2)));
 static void violation(const char *what, ...) {
@@ -210,10 +238,17 @@ static void set_hashes(seq_t *s, int from) {
     s->hash[p] = kvc_test_toy_hash(p ? s->hash[p - 1] : KVC_TEST_TOY_SEED ^ s->salt, s->tok[p]);
 }
 
+static float in_dtype(const world_t *w, float x);
+
+/* The toy model's K/V of positions [from, to), as the cache's dtype holds them (exact in fp16). */
 static void fill_kv(const world_t *w, seq_t *s, int from, int to) {
   for (int p = from; p < to; p++)
-    for (int l = 0; l < LAYERS; l++)
+    for (int l = 0; l < LAYERS; l++) {
       kvc_test_toy_kv(&w->toy, s->hash[p], l, s->kv[l][0][p], s->kv[l][1][p]);
+      for (int t = 0; t < 2; t++)
+        for (int e = 0; e < KV_HEADS * w->cfg.head_dim; e++)
+          s->kv[l][t][p][e] = in_dtype(w, s->kv[l][t][p][e]);
+    }
 }
 
 /* ---- per-request hooks ---------------------------------------------------------------------- */
@@ -241,6 +276,7 @@ static void op_add(world_t *w, kvc_fuzz_input_t *in) {
   kvc_status_t st = CALL(w, kvc_seq_add(w->c, (kvc_seq_id_t)id, n ? tok : NULL, n, salt, &cached));
   trace(w, ": %d cached", cached);
   if (st == KVC_OK) {
+    reached.prefix_hits += cached > 0;
     if (cached < 0 || cached % w->cfg.block_tokens || (n ? cached >= n : cached != 0) ||
         (!w->cfg.prefix_caching && cached))
       violation("add of %d tokens found %d cached", n, cached);
@@ -295,7 +331,10 @@ static void op_fork(world_t *w, kvc_fuzz_input_t *in) {
   snap(w, &before);
   trace(w, "fork %d -> %d", parent, child);
   kvc_status_t st = CALL(w, kvc_seq_fork(w->c, (kvc_seq_id_t)parent, (kvc_seq_id_t)child));
-  if (st == KVC_OK) w->seq[child] = *p;
+  if (st == KVC_OK) {
+    w->seq[child] = *p;
+    reached.forks++;
+  }
   check(w, "kvc_seq_fork", st, allowed | HOST_OOM | AGREES, &before, 0);
 }
 
@@ -331,6 +370,7 @@ static void op_swap(world_t *w, kvc_fuzz_input_t *in, int out) {
                                 : kvc_seq_swap_in(w->c, (kvc_seq_id_t)id, NULL));
   if (st == KVC_OK) {
     s->swapped = out;
+    reached.swaps_in += !out;
     if (out && !step_open(w)) w->attendable = 0;
   }
   /* A swap-out that gets past its argument checks compresses the last step's blocks first. */
@@ -341,14 +381,50 @@ static void op_swap(world_t *w, kvc_fuzz_input_t *in, int out) {
 /* ---- steps ---------------------------------------------------------------------------------- */
 
 static void put(const world_t *w, void *dst, size_t i, float x) {
-  if (w->esize == 4)
+  if (w->cfg.dtype == KVC_DTYPE_F32)
     ((float *)dst)[i] = x;
+  else if (w->cfg.dtype == KVC_DTYPE_BF16)
+    ((uint16_t *)dst)[i] = kvc_test_f32_to_bf16(x);
   else
     ((uint16_t *)dst)[i] = kvc_test_f32_to_f16(x);
 }
 
 static float get(const world_t *w, const void *src, size_t i) {
-  return w->esize == 4 ? ((const float *)src)[i] : kvc_test_f16_to_f32(((const uint16_t *)src)[i]);
+  if (w->cfg.dtype == KVC_DTYPE_F32) return ((const float *)src)[i];
+  const uint16_t h = ((const uint16_t *)src)[i];
+  return w->cfg.dtype == KVC_DTYPE_BF16 ? kvc_test_bf16_to_f32(h) : kvc_test_f16_to_f32(h);
+}
+
+/* x as the cache's dtype holds it. */
+static float in_dtype(const world_t *w, float x) {
+  float h; /* room for any dtype's element */
+  put(w, &h, 0, x);
+  return get(w, &h, 0);
+}
+
+/* The backend's address of staging bytes [host, host + bytes): the host bytes themselves on the
+ * CPU backend; on the CUDA backend their copy on the device (uploaded when `upload`). */
+static void *backend_ptr(const world_t *w, void *host, size_t bytes, int upload) {
+#ifdef KVC_FUZZ_CUDA
+  uint8_t *dev = (uint8_t *)w->dev + ((uint8_t *)host - (uint8_t *)w->tens);
+  if (upload && cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
+    violation("cudaMemcpy to the device failed");
+  return dev;
+#else
+  (void)w, (void)bytes, (void)upload;
+  return host;
+#endif
+}
+
+/* Brings staging bytes [host, host + bytes) back from the backend (CUDA: from the device). */
+static void download(const world_t *w, void *host, size_t bytes) {
+#ifdef KVC_FUZZ_CUDA
+  const uint8_t *dev = (const uint8_t *)w->dev + ((uint8_t *)host - (uint8_t *)w->tens);
+  if (cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
+    violation("cudaMemcpy from the device failed");
+#else
+  (void)w, (void)host, (void)bytes;
+#endif
 }
 
 /* Attention of `layer` for the step's rows, with that layer's queries, against the reference. */
@@ -360,17 +436,20 @@ static void attend_and_check(world_t *w, int layer) {
     put(w, q, e, w->q[layer][e]);
     put(w, out, e, NAN);
   }
+  const size_t bytes = (size_t)w->rows * qrow * w->esize;
+  void *bq = backend_ptr(w, q, bytes, 1), *bout = backend_ptr(w, out, bytes, 1);
   const float scale = 1.0f / sqrtf((float)hd);
   trace(w, "attend layer %d\n", layer);
   kvc_test_snap_t before;
   snap(w, &before);
-  kvc_status_t st = CALL(w, kvc_attend(w->c, layer, q, out, scale, NULL));
+  kvc_status_t st = CALL(w, kvc_attend(w->c, layer, bq, bout, scale, NULL));
   if (w->injected && st != KVC_OK) {
     check(w, "kvc_attend", st, HOST_OOM, &before, 0);
-    st = kvc_attend(w->c, layer, q, out, scale, NULL);
+    st = kvc_attend(w->c, layer, bq, bout, scale, NULL);
   }
   w->injected = 0;
   if (st != KVC_OK) violation("kvc_attend of layer %d returned %s", layer, kvc_status_string(st));
+  download(w, out, bytes);
   float got[MAX_QH * MAX_HD];
   char msg[256];
   for (int i = 0, row = 0; i < w->n_members; i++) {
@@ -380,6 +459,8 @@ static void attend_and_check(world_t *w, int layer) {
       double r = kvc_test_toy_check(&w->toy, &s->kv[layer][0][0][0], &s->kv[layer][1][0][0], ROW,
                                     p + 1, w->q[layer] + (size_t)row * qrow, got, scale, msg,
                                     sizeof(msg));
+      reached.rows++;
+      if (r > reached.worst) reached.worst = r;
       if (r > 1) violation("sequence %d layer %d position %d: %s", w->member[i], layer, p, msg);
     }
   }
@@ -400,11 +481,14 @@ static void store_next(world_t *w) {
   kvc_test_rng_t g;
   kvc_test_rng_seed(&g, w->q_seed++);
   for (size_t e = 0; e < (size_t)w->rows * w->cfg.num_q_heads * hd; e++)
-    w->q[layer][e] = kvc_test_f16_to_f32(kvc_test_f32_to_f16((float)kvc_test_rng_normal(&g)));
+    w->q[layer][e] = in_dtype(w, kvc_test_f16_to_f32(kvc_test_f32_to_f16(
+                                     (float)kvc_test_rng_normal(&g))));
+  const size_t bytes = (size_t)w->rows * KV_HEADS * hd * w->esize;
+  void *bk = backend_ptr(w, k, bytes, 1), *bv = backend_ptr(w, v, bytes, 1);
   kvc_test_snap_t before;
   snap(w, &before);
   trace(w, "store layer %d", layer);
-  kvc_status_t st = CALL(w, kvc_store(w->c, layer, k, v, NULL));
+  kvc_status_t st = CALL(w, kvc_store(w->c, layer, bk, bv, NULL));
   if (st == KVC_OK) w->layers_done++;
   check(w, "kvc_store", st, BIT(KVC_OK), &before, 0);
   attend_and_check(w, layer);
@@ -447,6 +531,7 @@ static void op_step(world_t *w, kvc_fuzz_input_t *in) {
   kvc_status_t st = CALL(w, kvc_plan(w->c, &batch, NULL));
   if (st == KVC_OK) {
     w->attendable = 1;
+    reached.steps++;
     w->layers_done = 0;
     w->n_members = n;
     w->rows = total;
@@ -490,8 +575,8 @@ static void op_store(world_t *w, kvc_fuzz_input_t *in) {
   kvc_test_snap_t before;
   snap(w, &before);
   trace(w, "store layer %d%s", layer, null_tensor ? " (NULL)" : "");
-  kvc_status_t st =
-      kvc_store(w->c, layer, null_tensor ? NULL : w->tens, null_tensor ? NULL : w->tens, NULL);
+  void *kv = null_tensor ? NULL : backend_ptr(w, w->tens, 0, 0);
+  kvc_status_t st = kvc_store(w->c, layer, kv, kv, NULL);
   check(w, "kvc_store out of order", st, allowed, &before, 0);
 }
 
@@ -511,12 +596,33 @@ static void op_attend(world_t *w, kvc_fuzz_input_t *in) {
   snap(w, &before);
   uint8_t *q = (uint8_t *)w->tens + 2 * (size_t)MAX_BATCH * ROW * w->esize;
   uint8_t *out = q + (size_t)MAX_BATCH * MAX_QH * MAX_HD * w->esize;
+  void *bq = backend_ptr(w, q, 0, 0), *bout = backend_ptr(w, out, 0, 0);
   trace(w, "attend layer %d%s", layer, bad_scale ? " (scale NaN)" : "");
-  kvc_status_t st = CALL(w, kvc_attend(w->c, layer, q, out, bad_scale ? NAN : 1.0f, NULL));
+  kvc_status_t st = CALL(w, kvc_attend(w->c, layer, bq, bout, bad_scale ? NAN : 1.0f, NULL));
   check(w, "kvc_attend out of order", st, allowed, &before, 0);
 }
 
 /* ---- moving a sequence ---------------------------------------------------------------------- */
+
+/* A sequence image's buffer, in the backend's memory (kvcomp.h, kvc_seq_export). */
+static void *image_alloc(size_t bytes) {
+  void *p = NULL;
+#ifdef KVC_FUZZ_CUDA
+  if (cudaMalloc(&p, bytes) != cudaSuccess) violation("cudaMalloc of %zu bytes failed", bytes);
+#else
+  p = malloc(bytes);
+  if (!p) abort();
+#endif
+  return p;
+}
+
+static void image_free(void *p) {
+#ifdef KVC_FUZZ_CUDA
+  cudaFree(p);
+#else
+  free(p);
+#endif
+}
 
 /* Exports one sequence and imports it under another id (or refuses either). */
 static void op_move(world_t *w, kvc_fuzz_input_t *in) {
@@ -532,8 +638,7 @@ static void op_move(world_t *w, kvc_fuzz_input_t *in) {
   kvc_status_t st = CALL(w, kvc_seq_export_bytes(w->c, (kvc_seq_id_t)src, &bytes, NULL));
   check(w, "kvc_seq_export_bytes", st, allowed | HOST_OOM, &before, 0);
   if (st != KVC_OK) return;
-  void *image = malloc(bytes);
-  if (!image) abort();
+  void *image = image_alloc(bytes);
   snap(w, &before);
   st = kvc_seq_export(w->c, (kvc_seq_id_t)src, image, bytes - 1, NULL);
   check(w, "kvc_seq_export into too small a buffer", st, BIT(KVC_ERR_INVALID_ARGUMENT), &before, 0);
@@ -549,11 +654,14 @@ static void op_move(world_t *w, kvc_fuzz_input_t *in) {
   w->import_lengths = w->tp;
   st = CALL(w, kvc_seq_import(w->c, (kvc_seq_id_t)dst, image, bytes, NULL));
   w->import_lengths = 0;
-  if (st == KVC_OK) w->seq[dst] = *s;
+  if (st == KVC_OK) {
+    w->seq[dst] = *s;
+    reached.imports++;
+  }
   /* Under tensor parallelism the other ranks' images may be of another length. */
   if (w->tp && (allowed & BIT(KVC_OK))) allowed |= BIT(KVC_ERR_INVALID_ARGUMENT);
   check(w, "kvc_seq_import", st, allowed | HOST_OOM | AGREES, &before, 0);
-  free(image);
+  image_free(image);
 }
 
 static void op_sync(world_t *w) {
@@ -580,22 +688,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   kvc_fuzz_input_t in = {data, size};
   const uint8_t c0 = kvc_fuzz_next(&in), c1 = kvc_fuzz_next(&in), c2 = kvc_fuzz_next(&in);
   world_t *w = &W;
-  void *tens = w->tens;
+  void *tens = w->tens, *dev = w->dev;
   memset(w, 0, sizeof(*w));
   w->tens = tens;
+  w->dev = dev;
   w->trace = getenv("KVC_FUZZ_TRACE") != NULL;
   w->fail_after = -1;
   w->in = &in;
   kvc_config_t cfg = KVC_CONFIG_INIT;
+  cfg.backend = FUZZ_BACKEND;
   cfg.block_tokens = c0 & 1 ? 32 : 16;
   kvc_fuzz_codec(c0 >> 1, &cfg);
   cfg.prefix_caching = (c0 >> 4) & 1 ? 0 : 1;
   cfg.swap_bytes = (c0 >> 5) & 1 ? 0 : 48 << 10;
+#ifdef KVC_FUZZ_CUDA
+  cfg.head_dim = 64 << (c0 >> 6) % 3;
+  cfg.dtype = (c1 >> 5) & 1 ? KVC_DTYPE_BF16 : KVC_DTYPE_F16;
+#else
   cfg.head_dim = 8 * (1 + (c0 >> 6));
+  cfg.dtype = (c1 >> 5) & 1 ? KVC_DTYPE_F32 : KVC_DTYPE_F16;
+#endif
   cfg.num_layers = LAYERS;
   cfg.num_kv_heads = KV_HEADS;
   cfg.num_q_heads = KV_HEADS * (1 + (c1 & 3));
-  cfg.dtype = (c1 >> 5) & 1 ? KVC_DTYPE_F32 : KVC_DTYPE_F16;
   w->esize = cfg.dtype == KVC_DTYPE_F32 ? 4 : 2;
   /* From about one worst-case block of every layer (and the watermark) up: admissions, reserves
    * and swap-ins run out of pool space often. */
@@ -608,26 +723,41 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   cfg.max_seq_len = MAX_LEN;
   cfg.max_batch_tokens = MAX_BATCH;
   cfg.log_fn = quiet;
+  cfg.cascade = (c2 >> 1) % 3;
   if (c2 & 1) {
     w->tp = 1;
     cfg.tp_allreduce_max = other_ranks;
     cfg.tp_user = w;
   }
   w->cfg = cfg;
+  /* Half an ulp of the dtype: bf16 has 8 significant bits, fp16 11 and fp32 24. */
+  const double half_ulp = cfg.dtype == KVC_DTYPE_F32    ? 0x1p-24
+                          : cfg.dtype == KVC_DTYPE_BF16 ? 0x1p-8
+                                                        : 0x1p-11;
+  /* The GPU's kernels round to the dtype on the way (queries scaled by a page's steps, decoded
+   * values, the probabilities): kern_rel allows two roundings of each. The CPU's compute in
+   * fp64. */
+  const double kern_rel = FUZZ_BACKEND == KVC_BACKEND_CUDA ? 2 * half_ulp : 0;
   w->toy = (kvc_test_toy_t){KV_HEADS, cfg.num_q_heads, cfg.head_dim, cfg.k_bound, cfg.v_bound,
-                            cfg.dtype == KVC_DTYPE_F32 ? 0x1p-24 : 0x1p-11,
-                            cfg.dtype == KVC_DTYPE_F32 ? 0 : 0x1p-25};
+                            half_ulp, cfg.dtype == KVC_DTYPE_F16 ? 0x1p-25 : 0, kern_rel};
   trace(w, "config: block %d, policy %d codec %d, prefix caching %d, swap %zu, head_dim %d, "
-        "q heads %d, dtype %d, pool %zu, bound %g, max_seqs %d, tp %d\n", cfg.block_tokens,
-        (int)cfg.policy, (int)cfg.codec, cfg.prefix_caching, cfg.swap_bytes, cfg.head_dim,
-        cfg.num_q_heads, (int)cfg.dtype, cfg.pool_bytes, cfg.k_bound, cfg.max_seqs, w->tp);
+        "q heads %d, dtype %d, pool %zu, bound %g, max_seqs %d, cascade %d, tp %d\n",
+        cfg.block_tokens, (int)cfg.policy, (int)cfg.codec, cfg.prefix_caching, cfg.swap_bytes,
+        cfg.head_dim, cfg.num_q_heads, (int)cfg.dtype, cfg.pool_bytes, cfg.k_bound, cfg.max_seqs,
+        cfg.cascade, w->tp);
   kvc_status_t st = kvc_cache_create(&cfg, &w->c);
   if (st == KVC_ERR_INVALID_ARGUMENT) return 0; /* a pool below one block of every layer */
   if (st != KVC_OK) violation("kvc_cache_create returned %s", kvc_status_string(st));
+  reached.caches++;
+  const size_t tens_bytes =
+      (2 * (size_t)MAX_BATCH * ROW + 2 * (size_t)MAX_BATCH * MAX_QH * MAX_HD) * 4;
   if (!w->tens) {
-    w->tens = malloc((2 * (size_t)MAX_BATCH * ROW + 2 * (size_t)MAX_BATCH * MAX_QH * MAX_HD) * 4);
+    w->tens = malloc(tens_bytes);
     if (!w->tens) abort();
   }
+#ifdef KVC_FUZZ_CUDA
+  if (!w->dev && cudaMalloc(&w->dev, tens_bytes) != cudaSuccess) violation("cudaMalloc failed");
+#endif
   for (int ops = 0; in.n && !w->dead && ops < 200; ops++) {
     switch (kvc_fuzz_next(&in) % 12) {
     case 0: op_add(w, &in); break;

@@ -2,7 +2,8 @@
  * Runs a libFuzzer target (tests/fuzz_*.c) without libFuzzer, so that ctest exercises every
  * target with any compiler: each argument is an input file to replay (a crash libFuzzer saved, a
  * corpus entry); without arguments, KVC_FUZZ_RUNS (default 2000 x KVC_TEST_SCALE) pseudo-random
- * inputs of 1 to 4096 bytes from a fixed seed. A target reports a violation by aborting.
+ * inputs of 1 to 4096 bytes from a fixed seed. A target reports a violation by aborting; one that
+ * defines kvc_fuzz_report prints there what the inputs reached.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -11,6 +12,7 @@
 #include "kvc_test_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+void kvc_fuzz_report(void) __attribute__((weak));
 
 static int replay(const char *path) {
   FILE *f = fopen(path, "rb");
@@ -54,5 +56,6 @@ int main(int argc, char **argv) {
     LLVMFuzzerTestOneInput(buf, n);
   }
   printf("%ld random inputs\n", runs);
+  if (kvc_fuzz_report) kvc_fuzz_report();
   return 0;
 }

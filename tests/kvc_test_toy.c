@@ -16,6 +16,15 @@
  * (exp(2 delta) - 1) R_d / 2. So
  *   |o~[d] - o[d]| <= eps_v + (exp(2 delta) - 1) * R_d / 2,
  * plus the output's rounding (out_rel, out_abs) and 1e-6 relative for the kernel's accumulation.
+ *
+ * A kernel that rounds to the dtype as it goes (kern_rel = r > 0: the GPU's, which feeds decoded
+ * keys and values and the probabilities to the tensor cores in fp16 or bf16) adds three terms.
+ * A decoded element x~ within eps of x, rounded, is within eps + r (|x| + eps) of x: eps_k and
+ * eps_v grow so, and delta with them, per position (scale * sum_d |q_d| (eps_k + r (|k_jd| +
+ * eps_k)), the largest over j). A probability rounded to the dtype is exp(s~_j) (1 + rho_j) with
+ * |rho_j| <= r. Normalised by the sum of the rounded probabilities, that is a score perturbed by
+ * at most -log(1 - r) <= 1.5 r (delta grows by it); normalised by the unrounded sum, it adds
+ * sum_j w_j rho_j v~_j, at most r * max_j |v~_j[d]|. The bound takes both.
  */
 #include "kvc_test_toy.h"
 
@@ -61,25 +70,35 @@ double kvc_test_toy_check(const kvc_test_toy_t *m, const float *keys, const floa
   for (int hq = 0; hq < m->q_heads; hq++) {
     const int h = hq / group;
     const float *qh = q + (size_t)hq * hd;
-    double mx = -INFINITY, sum = 0, qnorm1 = 0;
+    double mx = -INFINITY, sum = 0, qnorm1 = 0, qk1 = 0; /* qk1: max_j sum_d |q_d k_jd| */
     for (int d = 0; d < hd; d++) qnorm1 += fabs(qh[d]);
     for (int p = 0; p < n; p++) {
-      double dot = 0;
-      for (int d = 0; d < hd; d++) dot += (double)qh[d] * keys[p * stride + (size_t)h * hd + d];
+      double dot = 0, abs_dot = 0;
+      for (int d = 0; d < hd; d++) {
+        const double x = (double)qh[d] * keys[p * stride + (size_t)h * hd + d];
+        dot += x;
+        abs_dot += fabs(x);
+      }
       w[p] = dot * scale;
       mx = w[p] > mx ? w[p] : mx;
+      qk1 = abs_dot > qk1 ? abs_dot : qk1;
     }
     for (int p = 0; p < n; p++) sum += (w[p] = exp(w[p] - mx));
-    const double delta = scale * qnorm1 * m->eps_k, grow = expm1(2 * delta);
+    const double r = m->kern_rel, eps_v = m->eps_v * (1 + r);
+    const double delta = scale * (qnorm1 * m->eps_k * (1 + r) + r * qk1) + 1.5 * r;
+    const double grow = expm1(2 * delta);
     for (int d = 0; d < hd; d++) {
-      double acc = 0, lo = INFINITY, hi = -INFINITY;
+      double acc = 0, lo = INFINITY, hi = -INFINITY, big = 0;
       for (int p = 0; p < n; p++) {
         double v = values[p * stride + (size_t)h * hd + d];
         acc += w[p] * v;
         lo = v < lo ? v : lo;
         hi = v > hi ? v : hi;
+        big = fabs(v) > big ? fabs(v) : big;
       }
-      const double ref = acc / sum, bound = m->eps_v + grow * (hi - lo) / 2;
+      /* |v~_j - v_j| <= eps_v + r |v_j| (vdev); the probabilities' rounding adds r max |v~_j|. */
+      const double vdev = eps_v + r * big;
+      const double ref = acc / sum, bound = vdev + grow * (hi - lo) / 2 + r * (big + vdev);
       const double tol =
           bound + m->out_rel * (fabs(ref) + bound) + m->out_abs + 1e-6 * (fabs(ref) + 1);
       const double got = out[(size_t)hq * hd + d], err = fabs(got - ref);

@@ -19,6 +19,9 @@ typedef struct kvc_test_toy {
   double eps_k, eps_v;     /* absolute bounds on every decoded key and value element */
   double out_rel, out_abs; /* the output dtype's rounding: half an ulp, relative, and the
                               absolute floor of its subnormals (fp16: 2^-11 and 2^-25) */
+  double kern_rel;         /* the kernel's own rounding, relative: 0 where it computes in fp32
+                              or better (the CPU backend); the GPU's rounds decoded keys, values
+                              and the probabilities to the dtype (kvc_test_toy.c) */
 } kvc_test_toy_t;
 
 #define KVC_TEST_TOY_SEED 0x5eedull /* the hash before the first token */

@@ -77,7 +77,7 @@ static size_t kv_at(int layer, int tensor, int pos, int head, int d) {
 
 static float f16(float x) { return kvc_test_f16_to_f32(kvc_test_f32_to_f16(x)); }
 
-static const kvc_test_toy_t TOY = {KV_HEADS, Q_HEADS, HEAD_DIM, EPS_K, EPS_V, 0x1p-11, 0x1p-25};
+static const kvc_test_toy_t TOY = {KV_HEADS, Q_HEADS, HEAD_DIM, EPS_K, EPS_V, 0x1p-11, 0x1p-25, 0};
 
 /* The toy model's K/V of position p, every layer. */
 static void model_kv(req_t *r, int p) {

@@ -5,8 +5,8 @@
  * max_seqs, cascade, and tensor-parallel ranks whose answers the input gives, as fuzz_blocks has
  * them) and then a sequence of calls, each an opcode byte and its argument
  * bytes (missing bytes read as 0), on sequence ids 1..7: add, reserve, fork, free, swap-out,
- * swap-in, steps (plan, then store and attend of some layers), stores and attends out of order,
- * export and import, synchronize; and host allocation failures injected into the next call
+ * swap-in, steps (plan, then store and attend of some layers), prefills (a prompt's rest in one
+ * step), stores and attends out of order, export and import, synchronize; and host allocation failures injected into the next call
  * (through the cache's allocator: kvc_cache_test.h). Tokens come from a three-token alphabet, and
  * a prompt may start with another sequence's tokens, so that the prefix cache hits.
  *
@@ -497,16 +497,41 @@ static void store_next(world_t *w) {
 /* A step: its members and their new token counts from the input, optionally reserved first; a
  * batch the shadow finds valid must plan, any other must fail. Then stores (and attends) every
  * layer, or only some: the step stays open. */
+static void run_step(world_t *w, kvc_fuzz_input_t *in, uint8_t flags, int n, const int *member,
+                     int32_t *n_new);
+
 static void op_step(world_t *w, kvc_fuzz_input_t *in) {
   const uint8_t flags = kvc_fuzz_next(in);
   const int n = 1 + kvc_fuzz_next(in) % MAX_MEMBERS;
-  kvc_seq_id_t ids[MAX_MEMBERS];
-  int32_t n_new[MAX_MEMBERS], tok[MAX_MEMBERS * 32];
-  int member[MAX_MEMBERS], total = 0, valid = !step_open(w);
+  int member[MAX_MEMBERS];
+  int32_t n_new[MAX_MEMBERS];
   for (int i = 0; i < n; i++) {
     member[i] = 1 + kvc_fuzz_next(in) % IDS;
-    ids[i] = (kvc_seq_id_t)member[i];
     n_new[i] = flags & 0x10 ? kvc_fuzz_next(in) % 32 : 1 + kvc_fuzz_next(in) % 16;
+  }
+  run_step(w, in, flags, n, member, n_new);
+}
+
+/* A prefill, as an engine runs one: the rest of a sequence's prompt (at most a batch) in a step
+ * of its own, reserved first, every layer stored. Random inputs seldom string together the
+ * reserve and steps that fill whole blocks, which the prefix cache needs before it can hit. */
+static void op_prefill(world_t *w, kvc_fuzz_input_t *in) {
+  const int id = 1 + kvc_fuzz_next(in) % IDS;
+  const seq_t *s = &w->seq[id];
+  const int left = s->ntok - s->len;
+  int32_t n_new = left < 1 ? 1 : left < MAX_BATCH ? left : MAX_BATCH;
+  run_step(w, in, 1, 1, &id, &n_new);
+}
+
+/* Plans a step of members[n] with n_new[i] new tokens each (reserved first if flags & 1; tokens
+ * past a prompt come from the input), then stores and attends as flags say (op_step). */
+static void run_step(world_t *w, kvc_fuzz_input_t *in, uint8_t flags, int n, const int *member,
+                     int32_t *n_new) {
+  kvc_seq_id_t ids[MAX_MEMBERS];
+  int32_t tok[MAX_MEMBERS * 32];
+  int total = 0, valid = !step_open(w);
+  for (int i = 0; i < n; i++) {
+    ids[i] = (kvc_seq_id_t)member[i];
     if (flags & 1) reserve(w, member[i], n_new[i], 0);
     if (w->dead) return;
   }
@@ -759,7 +784,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (!w->dev && cudaMalloc(&w->dev, tens_bytes) != cudaSuccess) violation("cudaMalloc failed");
 #endif
   for (int ops = 0; in.n && !w->dead && ops < 200; ops++) {
-    switch (kvc_fuzz_next(&in) % 12) {
+    switch (kvc_fuzz_next(&in) % 13) {
     case 0: op_add(w, &in); break;
     case 1: op_reserve(w, &in); break;
     case 2: op_fork(w, &in); break;
@@ -771,6 +796,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     case 8: op_attend(w, &in); break;
     case 9: op_move(w, &in); break;
     case 10: op_sync(w); break;
+    case 11: op_prefill(w, &in); break;
     default: w->fail_after = kvc_fuzz_next(&in) % 4; break;
     }
   }

@@ -3,12 +3,13 @@
  * (gpu_fuzz_cache_replay), on the CUDA backend. The input is a configuration (three bytes: block
  * size, codec policy, prefix caching, swap, head_dim, GQA group, pool size, dtype, bounds,
  * max_seqs, cascade, and tensor-parallel ranks whose answers the input gives, as fuzz_blocks has
- * them) and then a sequence of calls, each an opcode byte and its argument
- * bytes (missing bytes read as 0), on sequence ids 1..7: add, reserve, fork, free, swap-out,
- * swap-in, steps (plan, then store and attend of some layers), prefills (a prompt's rest in one
- * step), stores and attends out of order, export and import, synchronize; and host allocation failures injected into the next call
- * (through the cache's allocator: kvc_cache_test.h). Tokens come from a three-token alphabet, and
- * a prompt may start with another sequence's tokens, so that the prefix cache hits.
+ * them) and then a sequence of calls, each an opcode byte and its argument bytes (missing bytes
+ * read as 0), on sequence ids 1..7: add, reserve, fork, free, swap-out, swap-in, steps (plan,
+ * then store and attend of some layers), prefills (a prompt's rest in one step), stores and
+ * attends out of order, export and import, synchronize; and host allocation failures injected
+ * into the next call (through the cache's allocator: kvc_cache_test.h). Tokens come from a
+ * three-token alphabet, and a prompt may start with another sequence's tokens, so that the
+ * prefix cache hits.
  *
  * A shadow of every sequence (its tokens, the length the cache holds, swapped or not, whether the
  * open step lists it) predicts each call's status: exactly where the header is exact (a call on
@@ -238,7 +239,27 @@ static void set_hashes(seq_t *s, int from) {
     s->hash[p] = kvc_test_toy_hash(p ? s->hash[p - 1] : KVC_TEST_TOY_SEED ^ s->salt, s->tok[p]);
 }
 
-static float in_dtype(const world_t *w, float x);
+static void put(const world_t *w, void *dst, size_t i, float x) {
+  if (w->cfg.dtype == KVC_DTYPE_F32)
+    ((float *)dst)[i] = x;
+  else if (w->cfg.dtype == KVC_DTYPE_BF16)
+    ((uint16_t *)dst)[i] = kvc_test_f32_to_bf16(x);
+  else
+    ((uint16_t *)dst)[i] = kvc_test_f32_to_f16(x);
+}
+
+static float get(const world_t *w, const void *src, size_t i) {
+  if (w->cfg.dtype == KVC_DTYPE_F32) return ((const float *)src)[i];
+  const uint16_t h = ((const uint16_t *)src)[i];
+  return w->cfg.dtype == KVC_DTYPE_BF16 ? kvc_test_bf16_to_f32(h) : kvc_test_f16_to_f32(h);
+}
+
+/* x as the cache's dtype holds it. */
+static float in_dtype(const world_t *w, float x) {
+  float h; /* room for any dtype's element */
+  put(w, &h, 0, x);
+  return get(w, &h, 0);
+}
 
 /* The toy model's K/V of positions [from, to), as the cache's dtype holds them (exact in fp16). */
 static void fill_kv(const world_t *w, seq_t *s, int from, int to) {
@@ -380,33 +401,18 @@ static void op_swap(world_t *w, kvc_fuzz_input_t *in, int out) {
 
 /* ---- steps ---------------------------------------------------------------------------------- */
 
-static void put(const world_t *w, void *dst, size_t i, float x) {
-  if (w->cfg.dtype == KVC_DTYPE_F32)
-    ((float *)dst)[i] = x;
-  else if (w->cfg.dtype == KVC_DTYPE_BF16)
-    ((uint16_t *)dst)[i] = kvc_test_f32_to_bf16(x);
-  else
-    ((uint16_t *)dst)[i] = kvc_test_f32_to_f16(x);
+#ifdef KVC_FUZZ_CUDA
+/* The device copy of a staging address (the same offset in w->dev as in w->tens). */
+static uint8_t *dev_of(const world_t *w, const void *host) {
+  return (uint8_t *)w->dev + ((const uint8_t *)host - (const uint8_t *)w->tens);
 }
-
-static float get(const world_t *w, const void *src, size_t i) {
-  if (w->cfg.dtype == KVC_DTYPE_F32) return ((const float *)src)[i];
-  const uint16_t h = ((const uint16_t *)src)[i];
-  return w->cfg.dtype == KVC_DTYPE_BF16 ? kvc_test_bf16_to_f32(h) : kvc_test_f16_to_f32(h);
-}
-
-/* x as the cache's dtype holds it. */
-static float in_dtype(const world_t *w, float x) {
-  float h; /* room for any dtype's element */
-  put(w, &h, 0, x);
-  return get(w, &h, 0);
-}
+#endif
 
 /* The backend's address of staging bytes [host, host + bytes): the host bytes themselves on the
  * CPU backend; on the CUDA backend their copy on the device (uploaded when `upload`). */
 static void *backend_ptr(const world_t *w, void *host, size_t bytes, int upload) {
 #ifdef KVC_FUZZ_CUDA
-  uint8_t *dev = (uint8_t *)w->dev + ((uint8_t *)host - (uint8_t *)w->tens);
+  uint8_t *dev = dev_of(w, host);
   if (upload && cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
     violation("cudaMemcpy to the device failed");
   return dev;
@@ -419,8 +425,7 @@ static void *backend_ptr(const world_t *w, void *host, size_t bytes, int upload)
 /* Brings staging bytes [host, host + bytes) back from the backend (CUDA: from the device). */
 static void download(const world_t *w, void *host, size_t bytes) {
 #ifdef KVC_FUZZ_CUDA
-  const uint8_t *dev = (const uint8_t *)w->dev + ((uint8_t *)host - (uint8_t *)w->tens);
-  if (cudaMemcpy(host, dev, bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
+  if (cudaMemcpy(host, dev_of(w, host), bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
     violation("cudaMemcpy from the device failed");
 #else
   (void)w, (void)host, (void)bytes;
@@ -494,35 +499,6 @@ static void store_next(world_t *w) {
   attend_and_check(w, layer);
 }
 
-/* A step: its members and their new token counts from the input, optionally reserved first; a
- * batch the shadow finds valid must plan, any other must fail. Then stores (and attends) every
- * layer, or only some: the step stays open. */
-static void run_step(world_t *w, kvc_fuzz_input_t *in, uint8_t flags, int n, const int *member,
-                     int32_t *n_new);
-
-static void op_step(world_t *w, kvc_fuzz_input_t *in) {
-  const uint8_t flags = kvc_fuzz_next(in);
-  const int n = 1 + kvc_fuzz_next(in) % MAX_MEMBERS;
-  int member[MAX_MEMBERS];
-  int32_t n_new[MAX_MEMBERS];
-  for (int i = 0; i < n; i++) {
-    member[i] = 1 + kvc_fuzz_next(in) % IDS;
-    n_new[i] = flags & 0x10 ? kvc_fuzz_next(in) % 32 : 1 + kvc_fuzz_next(in) % 16;
-  }
-  run_step(w, in, flags, n, member, n_new);
-}
-
-/* A prefill, as an engine runs one: the rest of a sequence's prompt (at most a batch) in a step
- * of its own, reserved first, every layer stored. Random inputs seldom string together the
- * reserve and steps that fill whole blocks, which the prefix cache needs before it can hit. */
-static void op_prefill(world_t *w, kvc_fuzz_input_t *in) {
-  const int id = 1 + kvc_fuzz_next(in) % IDS;
-  const seq_t *s = &w->seq[id];
-  const int left = s->ntok - s->len;
-  int32_t n_new = left < 1 ? 1 : left < MAX_BATCH ? left : MAX_BATCH;
-  run_step(w, in, 1, 1, &id, &n_new);
-}
-
 /* Plans a step of members[n] with n_new[i] new tokens each (reserved first if flags & 1; tokens
  * past a prompt come from the input), then stores and attends as flags say (op_step). */
 static void run_step(world_t *w, kvc_fuzz_input_t *in, uint8_t flags, int n, const int *member,
@@ -582,6 +558,32 @@ static void run_step(world_t *w, kvc_fuzz_input_t *in, uint8_t flags, int n, con
   if (st != KVC_OK) return;
   const int layers = flags & 0x20 ? (flags >> 2) & 1 : LAYERS;
   while (w->layers_done < layers) store_next(w);
+}
+
+/* A step: its members and their new token counts from the input, optionally reserved first; a
+ * batch the shadow finds valid must plan, any other must fail. Then stores (and attends) every
+ * layer, or only some: the step stays open. */
+static void op_step(world_t *w, kvc_fuzz_input_t *in) {
+  const uint8_t flags = kvc_fuzz_next(in);
+  const int n = 1 + kvc_fuzz_next(in) % MAX_MEMBERS;
+  int member[MAX_MEMBERS];
+  int32_t n_new[MAX_MEMBERS];
+  for (int i = 0; i < n; i++) {
+    member[i] = 1 + kvc_fuzz_next(in) % IDS;
+    n_new[i] = flags & 0x10 ? kvc_fuzz_next(in) % 32 : 1 + kvc_fuzz_next(in) % 16;
+  }
+  run_step(w, in, flags, n, member, n_new);
+}
+
+/* A prefill, as an engine runs one: the rest of a sequence's prompt (at most a batch) in a step
+ * of its own, reserved first, every layer stored. Random inputs seldom string together the
+ * reserve and steps that fill whole blocks, which the prefix cache needs before it can hit. */
+static void op_prefill(world_t *w, kvc_fuzz_input_t *in) {
+  const int id = 1 + kvc_fuzz_next(in) % IDS;
+  const seq_t *s = &w->seq[id];
+  const int left = s->ntok - s->len;
+  int32_t n_new = left < 1 ? 1 : left < MAX_BATCH ? left : MAX_BATCH;
+  run_step(w, in, 1, 1, &id, &n_new);
 }
 
 /* The open step's next layer; without one, a store that must be refused. */

@@ -50,15 +50,11 @@ extern "C" {
 
 #include "kvc_test_util.h"
 }
+#include "kvc_test_cuda.h"
 #include "allocator/kvc_blocks.h"
 #include "attention/kvc_attn.h"
 #include "compress/kvc_page_format.h"
 #include "kvc_test_pages.h"
-
-static int have_gpu(void) {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
 
 #define CU(x) assert_int_equal((int)(x), (int)cudaSuccess)
 
@@ -494,7 +490,7 @@ static void check_kinds(const gpu_case_t *c, unsigned kinds, uint32_t mask, int 
  * rows-only kinds.
  */
 static void check_case(const gpu_case_t *c) {
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   const unsigned kinds = c->kinds ? c->kinds : (unsigned)KVC_TEST_PAGE_ALL;
   const unsigned rows = kinds & (unsigned)(KVC_TEST_PAGE_STAGING | KVC_TEST_PAGE_RAW);
   const unsigned other = kinds & ~(unsigned)KVC_TEST_PAGE_HUFFMAN;
@@ -624,7 +620,7 @@ static void long_context_splits(void **state) {
  * whatever KVC_TEST_SCALE, of which the longest must exceed 2 x 10 units of 128 tokens. */
 static void claimed_items(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   int dev = 0, sms = 0;
   CU(cudaGetDevice(&dev));
   CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
@@ -664,7 +660,7 @@ static void claimed_items(void **state) {
  */
 static void cascade_prefix_groups(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   uint64_t seed = 7300;
   gpu_case_t cases[] = {
       {2, 8, 2, 128, 64, KVC_DTYPE_F16, 900, 1, KVC_TEST_PAGE_ALL, 5, seed++},
@@ -736,7 +732,7 @@ static void run_masks(const gpu_case_t *c, const host_case_t *h, const dev_case_
  * CTAs do what the other tests' do, and 65537 of them per launch take those tools minutes. */
 static void many_sequences(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   const char *tool = getenv("KVC_SANITIZER_TOOL");
   if (tool && strcmp(tool, "memcheck") != 0) skip();
   gpu_case_t one = {65537, 4, 1, 64, 16, KVC_DTYPE_F16, 16, 1, KVC_TEST_PAGE_RAW, 0, 7400};
@@ -829,7 +825,7 @@ static int bitpack_widths(const host_case_t *h, uint32_t *widths, uint32_t *padd
  */
 static void v3_bitpack_widths(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   static const float bounds[] = {4.0f,   0.9f,   0.25f,  0.12f,  0.05f,
                                  0.025f, 0.012f, 0.006f, 0.003f, 0.0004f};
   const size_t nb = sizeof(bounds) / sizeof(bounds[0]);
@@ -887,7 +883,7 @@ template <class F> static int count_head_pages(const host_case_t *h, kvc_codec_t
  */
 static void default_bound_pages(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   static const int hds[] = {64, 128, 256};
   uint64_t seed = 8500;
   for (size_t i = 0; i < 3; i++)
@@ -928,7 +924,7 @@ static void default_bound_pages(void **state) {
  */
 static void absolute_bound_pages(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   static const float bounds[] = {0.3f, 0.05f, 0.01f};
   auto abs_mode = [](const kvc_qsec_header_t &qh, bool, uint32_t) {
     return qh.mode == KVC_QMODE_ABS;
@@ -970,7 +966,7 @@ static void absolute_bound_pages(void **state) {
  */
 static void bf16_queries_beyond_fp16(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   static const float scales[] = {1e4f, 2e4f, 1e5f};
   uint64_t seed = 9100;
   for (size_t i = 0; i < sizeof(scales) / sizeof(scales[0]); i++)
@@ -993,7 +989,7 @@ static void bf16_queries_beyond_fp16(void **state) {
  * it NaN; a sequence held by a staging page alone is still right. */
 static void v3_huffman_page_gives_nan(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   gpu_case_t c = {5, 8, 2, 128, 64, KVC_DTYPE_F16, 300, 1, KVC_TEST_PAGE_HUFFMAN, 0, 7100};
   host_case_t h;
   dev_case_t d;
@@ -1069,7 +1065,7 @@ static void bad_section_mode(host_case_t *h, kvc_page_entry_t *e) {
  * the consumer's section check can catch it) makes the rows that read it NaN, on v2 and v3. */
 static void corrupt_section_gives_nan(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   head1_damage_case(KVC_TEST_PAGE_BITPACK, KVC_CODEC_BITPACK, kNoHuffman, 7200, bad_section_mode);
 }
 
@@ -1202,7 +1198,7 @@ static unsigned huffman_features(host_case_t *h, int *sections) {
  */
 static void v3_huffman_layouts(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   static const float bounds[] = {0.3f, 0.05f, 0.012f, 0.003f, 0.0008f, 0.0002f};
   const size_t nb = sizeof(bounds) / sizeof(bounds[0]);
   static const int hds[] = {64, 128, 256};
@@ -1241,7 +1237,7 @@ static void v3_huffman_layouts(void **state) {
  */
 static void huffman_damage_gives_nan(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   for (int damage = 0; damage < 4; damage++) {
     gpu_case_t c = {3, 8, 2, damage < 2 ? 128 : 256, 64, KVC_DTYPE_F16, 300, 1,
                     KVC_TEST_PAGE_HUFFMAN, 0, 7300 + (uint64_t)damage};
@@ -1270,7 +1266,7 @@ static void huffman_damage_gives_nan(void **state) {
 
 static void unsupported_shapes(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   gpu_case_t c = {2, 8, 2, 128, 64, KVC_DTYPE_F16, 100, 1, KVC_TEST_PAGE_ALL, 0, 6000};
   host_case_t h;
   dev_case_t d;
@@ -1424,7 +1420,7 @@ static void corrupt_page_case(int bt, unsigned kind, uint32_t mask, int nblk, in
 
 static void corrupt_page_gives_nan(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   /* Every codec allowed (decode: v3's Huffman instance, one page per unit; in two passes the
    * Huffman page is pass 2's, a bit-pack page pass 1's, which then finds no Huffman page). */
   corrupt_page_case(64, KVC_TEST_PAGE_HUFFMAN, kAllCodecs, 1, 0, 1, 7000);
@@ -1457,7 +1453,7 @@ static void bad_raw_table(host_case_t *h, kvc_page_entry_t *e) {
  * shape. */
 static void raw_table_damage_gives_nan(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   head1_damage_case(KVC_TEST_PAGE_RAW, KVC_CODEC_RAW, kRowsOnly, 7210, bad_raw_table);
 }
 

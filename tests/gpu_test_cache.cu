@@ -53,6 +53,7 @@ extern "C" {
 #include <string>
 #include <vector>
 
+#include "kvc_test_cuda.h"
 #include "kvc_test_util.h"
 #include "kvcomp.h"
 #include "kvcomp_cuda.h"
@@ -63,17 +64,6 @@ namespace {
 constexpr int kLayers = 2, kKvHeads = 2, kQHeads = 8, kHeadDim = 64, kBt = 16;
 constexpr int kMaxLen = 256, kMaxBatch = 256, kMaxSeqs = 48, kMaxRunning = 10, kChunk = 48;
 constexpr int kKvRow = kKvHeads * kHeadDim, kQRow = kQHeads * kHeadDim;
-
-bool have_gpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define CUDA_OK(call)                                                                              \
-  do {                                                                                             \
-    cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess) fail_msg("%s: %s", #call, cudaGetErrorString(e_));                      \
-  } while (0)
 
 kvc_config_t config(kvc_backend_t backend, kvc_dtype_t dtype, size_t pool_bytes) {
   kvc_config_t cfg = KVC_CONFIG_INIT;
@@ -513,17 +503,17 @@ std::vector<long long> run_lockstep(kvc_dtype_t dtype, kvc_codec_policy_t policy
 }
 
 void cuda_matches_cpu_f16(void **) {
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   run_lockstep(KVC_DTYPE_F16, KVC_POLICY_SMALLEST, KVC_CODEC_HUFFMAN);
 }
 
 void cuda_matches_cpu_bf16(void **) {
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   run_lockstep(KVC_DTYPE_BF16, KVC_POLICY_SMALLEST, KVC_CODEC_HUFFMAN);
 }
 
 void cuda_matches_cpu_raw(void **) {
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   run_lockstep(KVC_DTYPE_F16, KVC_POLICY_FIXED, KVC_CODEC_RAW);
 }
 
@@ -533,7 +523,7 @@ void cuda_matches_cpu_raw(void **) {
  * these sequences' launches are too short for that and run in one launch. Two passes are
  * checked against the reference here by two_passes_matches_cpu, and in gpu_test_attn. */
 void cuda_matches_cpu_fastest(void **) {
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   const std::vector<long long> by =
       run_lockstep(KVC_DTYPE_F16, KVC_POLICY_FASTEST_WITHIN, KVC_CODEC_HUFFMAN);
   assert_true(by[KVC_CODEC_BITPACK] > 0 && by[KVC_CODEC_HUFFMAN] * 1024 <= by[KVC_CODEC_BITPACK]);
@@ -542,7 +532,7 @@ void cuda_matches_cpu_fastest(void **) {
 /* ---- graph capture -------------------------------------------------------------------------- */
 
 void graph_capture(void **) {
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   kvc_config_t cfg = config(KVC_BACKEND_CUDA, KVC_DTYPE_F16, (size_t)1 << 20);
   kvc_config_t cfg_cpu = config(KVC_BACKEND_CPU, KVC_DTYPE_F16, (size_t)1 << 20);
   kvc_cache_t *a = nullptr, *b = nullptr, *h = nullptr;
@@ -718,7 +708,7 @@ double step_both(kvc_cache_t *cpu, kvc_cache_t *gpu, cudaStream_t s, tensors &T,
  */
 void cascade_matches_cpu(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   kvc_config_t cc = config(KVC_BACKEND_CPU, KVC_DTYPE_F16, (size_t)4 << 20);
   kvc_config_t cg = config(KVC_BACKEND_CUDA, KVC_DTYPE_F16, (size_t)4 << 20);
   cg.cascade = 2;
@@ -822,7 +812,7 @@ void cascade_matches_cpu(void **state) {
  */
 void two_passes_matches_cpu(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   const int lens[] = {16411, 23000, 9001, 30000, 17777, 20011, 15000};
   const int kChunkRows = 4096;
   const int n_seqs = (int)(sizeof lens / sizeof lens[0]);

@@ -46,6 +46,7 @@ extern "C" {
 extern "C" {
 #include "kvc_test_util.h"
 }
+#include "kvc_test_cuda.h"
 
 #define CK(x) assert_int_equal((int)(x), (int)cudaSuccess)
 
@@ -74,11 +75,6 @@ static void fill_block(const kvc_codec_params_t &p, Kind kind, uint64_t seed, ui
     }
     out[i] = p.dtype == KVC_DTYPE_F16 ? kvc_test_f32_to_f16(v) : kvc_test_f32_to_bf16(v);
   }
-}
-
-static int have_gpu(void) {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
 /* ---- mismatch reports ----------------------------------------------------------------------- */
@@ -552,7 +548,7 @@ static kvc_codec_params_t mk(kvc_dtype_t dt, int H, int hd, int bt, kvc_bound_mo
 
 static void gpu_pages_equal_cpu_pages(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   const int hds[3] = {64, 128, 256};
   uint64_t seed = 1;
   int problems = 0, bad_cases = 0, cases = 0;
@@ -642,14 +638,14 @@ static int32_t refused_page(uint32_t chunk_bytes, uint32_t num_chunks) {
 
 static void dry_free_stack_sets_the_error_and_leaves_the_directory(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   /* 2048-byte chunks: the page needs 33, the stack holds 4; the failed pop is undone exactly. */
   assert_int_equal(refused_page(2048, 4), 4);
 }
 
 static void page_over_the_chunk_limit_sets_the_error(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   /* 1024-byte chunks: the page would need 65 > KVC_PAGE_MAX_CHUNKS; the stack has room. Chunks
    * popped for the first sections stay taken (the host treats the error as internal). */
   int32_t top = refused_page(1024, 100);
@@ -658,7 +654,7 @@ static void page_over_the_chunk_limit_sets_the_error(void **state) {
 
 static void unbuilt_shapes_are_unsupported(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   kvc_dev_pool_t pool;
   memset(&pool, 0, sizeof pool);
   pool.chunk_bytes = 1024;
@@ -750,7 +746,7 @@ static void huf_histogram(kvc_test_rng_t *r, int kind, uint32_t *c) {
 
 static void warp_huffman_build_equals_cpu(void **state) {
   (void)state;
-  if (!have_gpu()) skip();
+  if (!kvc_test_have_gpu()) skip();
   /* KVC_TEST_SCALE shortens the sweep (e.g. under compute-sanitizer); 2100 still reach the fold. */
   const int n = 7 * std::max(300, (int)(3000 * kvc_test_scale()));
   std::vector<uint32_t> counts((size_t)n * KVC_SYM_COUNT), code((size_t)n * KVC_SYM_COUNT);

@@ -2,8 +2,8 @@
  * The CUDA backend against the CPU backend on a real model's keys, values and queries.
  *
  * The real models of ../shared/models (BabyLlama, head_dim 16; stories260K, head_dim 8) run their
- * fp32 forward pass on the CPU (the runner, bench/runner) over windows of TinyStories text, and a
- * capturing KV backend keeps every layer's post-RoPE K and V and the queries. The CUDA kernels take
+ * fp32 forward pass on the CPU over windows of TinyStories text, which keeps every layer's
+ * post-RoPE K and V and the queries (kvc_runner_capture, bench/runner). The CUDA kernels take
  * head_dim 64, 128 and 256 only, so the test lays the captured channels side by side: one kv head
  * of the test's cache holds m consecutive model layers' kv heads (m x n_kv_heads x head_dim
  * channels: m = 1, 2, 4 for BabyLlama at 64, 128, 256), and its query head j holds the query head
@@ -38,8 +38,7 @@
 extern "C" {
 #include <cmocka.h>
 
-#include "runner_eval.h"
-#include "runner_kv.h"
+#include "kvc_test_capture.h"
 }
 
 #include <algorithm>
@@ -53,114 +52,10 @@ extern "C" {
 
 namespace {
 
-constexpr int kWindows = 16, kWindowLen = 256, kFed = kWindowLen - 1; /* tokens fed per window */
+constexpr int kWindows = 16; /* of 255 tokens: 4080 */
 constexpr int kChunk = 256, kDecode = 5, kBt = 64;
 constexpr int kLens[] = {1, 37, 255, 600, 1021, 2040};
 constexpr int kSeqs = (int)(sizeof kLens / sizeof kLens[0]);
-
-/* ---- the model's activations ----------------------------------------------------------------- */
-
-/* Every layer's K, V [tokens][kv_heads * head_dim] and Q [tokens][heads * head_dim], fp32. */
-struct captured {
-  kvc_runner_shape_t shape{};
-  int tokens = 0;
-  std::vector<std::vector<float>> k, v, q; /* [layer] */
-};
-
-/* A KV backend that forwards to the runner's dense cache and appends each step's rows. */
-struct capture_kv {
-  kvc_runner_kv_t base; /* first: the runner calls through it */
-  kvc_runner_kv_t *inner;
-  captured *out;
-  int step_rows;
-};
-
-capture_kv *self(kvc_runner_kv_t *kv) { return reinterpret_cast<capture_kv *>(kv); }
-
-kvc_status_t cap_add(kvc_runner_kv_t *kv, kvc_seq_id_t id, const int32_t *t, int n, int *c) {
-  return self(kv)->inner->ops->seq_add(self(kv)->inner, id, t, n, c);
-}
-kvc_status_t cap_reserve(kvc_runner_kv_t *kv, kvc_seq_id_t id, int n) {
-  return self(kv)->inner->ops->seq_reserve(self(kv)->inner, id, n);
-}
-kvc_status_t cap_free(kvc_runner_kv_t *kv, kvc_seq_id_t id) {
-  return self(kv)->inner->ops->seq_free(self(kv)->inner, id);
-}
-kvc_status_t cap_swap(kvc_runner_kv_t *, kvc_seq_id_t) { return KVC_ERR_UNSUPPORTED; }
-kvc_status_t cap_plan(kvc_runner_kv_t *kv, const kvc_batch_t *b) {
-  self(kv)->step_rows = 0;
-  for (int i = 0; i < b->num_seqs; i++) self(kv)->step_rows += b->num_new_tokens[i];
-  return self(kv)->inner->ops->plan(self(kv)->inner, b);
-}
-kvc_status_t cap_store(kvc_runner_kv_t *kv, int layer, const float *k, const float *v) {
-  capture_kv *c = self(kv);
-  const size_t n = (size_t)c->step_rows * c->out->shape.n_kv_heads * c->out->shape.head_dim;
-  c->out->k[layer].insert(c->out->k[layer].end(), k, k + n);
-  c->out->v[layer].insert(c->out->v[layer].end(), v, v + n);
-  return c->inner->ops->store(c->inner, layer, k, v);
-}
-kvc_status_t cap_attend(kvc_runner_kv_t *kv, int layer, const float *q, float *o, float scale) {
-  capture_kv *c = self(kv);
-  const size_t n = (size_t)c->step_rows * c->out->shape.n_heads * c->out->shape.head_dim;
-  c->out->q[layer].insert(c->out->q[layer].end(), q, q + n);
-  return c->inner->ops->attend(c->inner, layer, q, o, scale);
-}
-kvc_status_t cap_stats(kvc_runner_kv_t *kv, kvc_stats_t *out) {
-  return self(kv)->inner->ops->stats(self(kv)->inner, out);
-}
-void cap_destroy(kvc_runner_kv_t *) {}
-
-const kvc_runner_kv_ops_t kCaptureOps = {cap_add,  cap_reserve, cap_free,  cap_swap,  cap_swap,
-                                         cap_plan, cap_store,   cap_attend, cap_stats, cap_destroy};
-
-/* Runs the model over kWindows windows of the shared text, one window per step (the evaluation
- * protocol's prefill feed); false when the model or text is missing (the caller skips). */
-bool capture(const char *model_rel, const char *tok_rel, captured &out) {
-  char mp[4096], tp[4096], xp[4096];
-  const char *m = kvc_test_shared_path(model_rel, mp, sizeof mp);
-  const char *t = tok_rel ? kvc_test_shared_path(tok_rel, tp, sizeof tp) : nullptr;
-  const char *x = kvc_test_shared_path("data/tinystories_val.txt", xp, sizeof xp);
-  if (!m || (tok_rel && !t) || !x) {
-    if (kvc_test_require_models()) fail_msg("%s or its text missing and KVC_REQUIRE_MODELS=1",
-                                            model_rel);
-    return false;
-  }
-  kvc_runner_err_t err;
-  kvc_runner_model_t model;
-  memset(&model, 0, sizeof model);
-  if (kvc_runner_model_load(&model, m, t, &err) != KVC_OK) fail_msg("%s: %s", m, err.msg);
-  int32_t *stream = nullptr;
-  int n_stream = 0;
-  if (kvc_runner_text_stream(&model.vocab, x, kWindows * kFed, &stream, &n_stream, &err) != KVC_OK)
-    fail_msg("%s: %s", x, err.msg);
-  kvc_runner_ctx_t ctx;
-  assert_int_equal(kvc_runner_ctx_init(&ctx, &model, kFed, &err), KVC_OK);
-  capture_kv cap;
-  memset(&cap, 0, sizeof cap);
-  assert_int_equal(kvc_runner_kv_dense(&model.shape, nullptr, &cap.inner, &err), KVC_OK);
-  cap.base.ops = &kCaptureOps;
-  cap.base.name = "dense";
-  cap.base.block_tokens = kBt;
-  cap.out = &out;
-  out.shape = model.shape;
-  out.k.resize(model.shape.n_layers);
-  out.v.resize(model.shape.n_layers);
-  out.q.resize(model.shape.n_layers);
-  const kvc_runner_ppl_opts_t pp = {kWindows, kWindowLen, KVC_RUNNER_FEED_PREFILL, 1};
-  kvc_runner_ppl_t ppl;
-  if (kvc_runner_perplexity(&ctx, &cap.base, stream, n_stream, &pp, &ppl, &err) != KVC_OK)
-    fail_msg("%s: %s", m, err.msg);
-  out.tokens = kWindows * kFed;
-  const size_t kv_row = (size_t)model.shape.n_kv_heads * model.shape.head_dim;
-  assert_int_equal(out.k[0].size(), (size_t)out.tokens * kv_row);
-  print_message("%s: %d tokens captured, perplexity %.4f\n", model_rel, out.tokens, ppl.ppl);
-  kvc_runner_ppl_free(&ppl);
-  kvc_runner_kv_destroy(cap.inner);
-  kvc_runner_ctx_free(&ctx);
-  free(stream);
-  kvc_runner_model_free(&model);
-  return true;
-}
 
 /* ---- the test's heads ------------------------------------------------------------------------ */
 
@@ -169,7 +64,7 @@ bool capture(const char *model_rel, const char *tok_rel, captured &out) {
  * j. */
 struct layout {
   int hd, m, kv_heads, group, kv_row, q_row;
-  layout(const captured &c, int head_dim) : hd(head_dim) {
+  layout(const kvc_runner_capture_t &c, int head_dim) : hd(head_dim) {
     const kvc_runner_shape_t &s = c.shape;
     m = hd / (s.n_kv_heads * s.head_dim);
     kv_heads = m >= 1 && m * s.n_kv_heads * s.head_dim == hd ? s.n_layers / m : 0;
@@ -178,16 +73,17 @@ struct layout {
     q_row = kv_heads * group * hd;
   }
   /* Token t's row of K (tensor 0), V (1) or Q (2) in this layout. */
-  void row(const captured &c, int tensor, int t, float *dst) const {
+  void row(const kvc_runner_capture_t &c, int tensor, int t, float *dst) const {
     const kvc_runner_shape_t &s = c.shape;
     for (int kh = 0; kh < kv_heads; kh++)
       for (int j = 0; j < (tensor == 2 ? group : 1); j++)
         for (int lm = 0; lm < m; lm++)
           for (int h = 0; h < s.n_kv_heads; h++) {
             const int layer = kh * m + lm;
+            const size_t at = (size_t)layer * c.tokens + t;
             const float *src =
-                tensor == 2 ? &c.q[layer][((size_t)t * s.n_heads + h * group + j) * s.head_dim]
-                : &(tensor ? c.v : c.k)[layer][((size_t)t * s.n_kv_heads + h) * s.head_dim];
+                tensor == 2 ? c.q + ((at * s.n_heads + h * group + j) * s.head_dim)
+                            : (tensor ? c.v : c.k) + (at * s.n_kv_heads + h) * s.head_dim;
             memcpy(dst + ((size_t)(kh * (tensor == 2 ? group : 1) + j) * hd +
                           (size_t)(lm * s.n_kv_heads + h) * s.head_dim),
                    src, sizeof(float) * s.head_dim);
@@ -233,7 +129,7 @@ void same_pages(kvc_cache_t *cpu, kvc_cache_t *gpu, kvc_seq_id_t id, int len, re
 }
 
 /* Both backends over the captured activations in layout L: prefill in chunks, then decode. */
-results run(const captured &c, const layout &L, kvc_dtype_t dt, kvc_codec_t codec) {
+results run(const kvc_runner_capture_t &c, const layout &L, kvc_dtype_t dt, kvc_codec_t codec) {
   results r;
   kvc_cache_t *cache[2];
   for (int i = 0; i < 2; i++) {
@@ -361,8 +257,8 @@ results run(const captured &c, const layout &L, kvc_dtype_t dt, kvc_codec_t code
 /* Every head_dim the model's channels fill, Huffman and bit-pack, fp16 (and bf16 at 128). */
 void model_matches_cpu(const char *model_rel, const char *tok_rel) {
   if (!kvc_test_have_gpu()) skip();
-  captured c;
-  if (!capture(model_rel, tok_rel, c)) skip();
+  kvc_runner_capture_t c;
+  if (!kvc_test_capture(model_rel, tok_rel, kWindows, &c)) skip();
   int configs = 0;
   for (int hd : {64, 128, 256}) {
     const layout L(c, hd);
@@ -380,6 +276,7 @@ void model_matches_cpu(const char *model_rel, const char *tok_rel) {
       }
     }
   }
+  kvc_runner_capture_free(&c);
   assert_true(configs >= 4);
 }
 

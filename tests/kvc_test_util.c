@@ -102,3 +102,27 @@ double kvc_test_scale(void) {
   double s = v ? atof(v) : 1.0;
   return s > 0 ? s : 1.0;
 }
+
+double kvc_test_bound_ratio(const float *x, const float *dec, int n, int hd, int tensor,
+                            int relative, float bound) {
+  double worst = 0;
+  for (int t = 0; t < n; t++)
+    for (int d = 0; d < hd; d++) {
+      double lim = bound;
+      if (relative) {
+        float mn = INFINITY, mx = -INFINITY;
+        for (int i = 0; i < (tensor == 0 ? n : hd); i++) {
+          const float v = tensor == 0 ? x[(size_t)i * hd + d] : x[(size_t)t * hd + i];
+          mn = fminf(mn, v);
+          mx = fmaxf(mx, v);
+        }
+        lim = (double)bound * ((double)mx - (double)mn);
+      }
+      const float y = dec[(size_t)t * hd + d];
+      if (isnan(y)) return INFINITY;
+      const double err = fabs((double)y - (double)x[(size_t)t * hd + d]);
+      const double r = lim > 0 ? err / lim : (err > 0 ? INFINITY : 0);
+      if (r > worst) worst = r;
+    }
+  return worst;
+}

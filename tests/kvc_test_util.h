@@ -28,6 +28,13 @@ float kvc_test_bf16_to_f32(uint16_t h);
 const char *kvc_test_shared_path(const char *rel, char *buf, size_t cap);
 /* Non-zero when KVC_REQUIRE_MODELS=1: a missing model must fail the test, not skip it. */
 int kvc_test_require_models(void);
+/* The codec's error bound over one section (compress/kvc_codec.h): the largest |dec - x| / limit
+ * over its n tokens x hd channels (x, dec [n][hd]; x the input's exact values), the limit being
+ * `bound` (absolute) or, when `relative`, bound x (max - min) of the value's quantization group
+ * (keys, tensor 0: its channel over the n tokens; values: its token over the hd channels). +inf
+ * for a NaN, or any error where the limit is 0. The contract holds where the result is <= 1. */
+double kvc_test_bound_ratio(const float *x, const float *dec, int n, int hd, int tensor,
+                            int relative, float bound);
 /* Scale iteration counts: KVC_TEST_SCALE (default 1) multiplies randomized-test lengths. */
 double kvc_test_scale(void);
 

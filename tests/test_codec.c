@@ -115,29 +115,10 @@ static void block_free(block_t *b) {
 /* Largest |decoded - input| / bound over section (tensor, head); +inf if a zero bound is broken. */
 static double err_over_bound(const block_t *b, int tensor, int head, const float *dec) {
   const kvc_codec_params_t *p = &b->p;
-  const int hd = p->head_dim, n = b->n;
-  const float *x = b->x + ((size_t)tensor * p->num_kv_heads + head) * p->block_tokens * hd;
-  const float bound = tensor == 0 ? p->k_bound : p->v_bound;
-  double worst = 0;
-  for (int t = 0; t < n; t++) {
-    for (int d = 0; d < hd; d++) {
-      double lim = bound;
-      if (p->bound_mode == KVC_BOUND_RELATIVE) {
-        float mn = INFINITY, mx = -INFINITY;
-        for (int i = 0; i < (tensor == 0 ? n : hd); i++) {
-          float v = tensor == 0 ? x[(size_t)i * hd + d] : x[(size_t)t * hd + i];
-          mn = fminf(mn, v);
-          mx = fmaxf(mx, v);
-        }
-        lim = (double)bound * ((double)mx - (double)mn);
-      }
-      double err = fabs((double)dec[(size_t)t * hd + d] - (double)x[(size_t)t * hd + d]);
-      if (isnan(dec[(size_t)t * hd + d])) return INFINITY;
-      double r = lim > 0 ? err / lim : (err > 0 ? INFINITY : 0);
-      if (r > worst) worst = r;
-    }
-  }
-  return worst;
+  const float *x = b->x + ((size_t)tensor * p->num_kv_heads + head) * p->block_tokens * p->head_dim;
+  return kvc_test_bound_ratio(x, dec, b->n, p->head_dim, tensor,
+                              p->bound_mode == KVC_BOUND_RELATIVE,
+                              tensor == 0 ? p->k_bound : p->v_bound);
 }
 
 /* Encodes (policy or one codec), checks the page fully; returns the page (caller frees). */

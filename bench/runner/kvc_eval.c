@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 
 #include "compress/kvc_codec.h"
+#include "runner_capture.h"
 #include "runner_eval.h"
 
 #ifndef KVC_RUNNER_SOURCE_DIR
@@ -629,88 +630,13 @@ static void write_markdown(FILE *f, model_run_t *runs, int n, const opts_t *o) {
 
 /* ---- --dump-kv ----------------------------------------------------------------------------- */
 
-/* A KV backend that forwards to the dense cache and keeps a copy of every stored K/V row. */
-typedef struct capture {
-  kvc_runner_kv_t base;
-  kvc_runner_kv_t *inner;
-  int step_tokens, n_layers;
-  size_t row;
-  int64_t cap_tokens;
-  int64_t *written;  /* [n_layers] rows captured */
-  float *k, *v;      /* [n_layers][cap_tokens][row] */
-} capture_t;
-
-static kvc_status_t cap_add(kvc_runner_kv_t *kv, kvc_seq_id_t id, const int32_t *t, int n, int *c) {
-  return ((capture_t *)kv)->inner->ops->seq_add(((capture_t *)kv)->inner, id, t, n, c);
-}
-static kvc_status_t cap_reserve(kvc_runner_kv_t *kv, kvc_seq_id_t id, int n) {
-  return ((capture_t *)kv)->inner->ops->seq_reserve(((capture_t *)kv)->inner, id, n);
-}
-static kvc_status_t cap_free(kvc_runner_kv_t *kv, kvc_seq_id_t id) {
-  return ((capture_t *)kv)->inner->ops->seq_free(((capture_t *)kv)->inner, id);
-}
-static kvc_status_t cap_swap(kvc_runner_kv_t *kv, kvc_seq_id_t id) {
-  (void)kv;
-  (void)id;
-  return KVC_ERR_UNSUPPORTED;
-}
-static kvc_status_t cap_plan(kvc_runner_kv_t *kv, const kvc_batch_t *b) {
-  capture_t *c = (capture_t *)kv;
-  c->step_tokens = 0;
-  for (int i = 0; i < b->num_seqs; i++) c->step_tokens += b->num_new_tokens[i];
-  return c->inner->ops->plan(c->inner, b);
-}
-static kvc_status_t cap_store(kvc_runner_kv_t *kv, int layer, const float *k, const float *v) {
-  capture_t *c = (capture_t *)kv;
-  if (c->written[layer] + c->step_tokens > c->cap_tokens) return KVC_ERR_INTERNAL;
-  size_t at = ((size_t)layer * (size_t)c->cap_tokens + (size_t)c->written[layer]) * c->row;
-  memcpy(c->k + at, k, (size_t)c->step_tokens * c->row * sizeof(float));
-  memcpy(c->v + at, v, (size_t)c->step_tokens * c->row * sizeof(float));
-  c->written[layer] += c->step_tokens;
-  return c->inner->ops->store(c->inner, layer, k, v);
-}
-static kvc_status_t cap_attend(kvc_runner_kv_t *kv, int layer, const float *q, float *out, float s) {
-  return ((capture_t *)kv)->inner->ops->attend(((capture_t *)kv)->inner, layer, q, out, s);
-}
-static kvc_status_t cap_stats(kvc_runner_kv_t *kv, kvc_stats_t *out) {
-  return ((capture_t *)kv)->inner->ops->stats(((capture_t *)kv)->inner, out);
-}
-static void cap_destroy(kvc_runner_kv_t *kv) { (void)kv; }
-
-static const kvc_runner_kv_ops_t capture_ops = {cap_add, cap_reserve, cap_free, cap_swap, cap_swap,
-                                                cap_plan, cap_store, cap_attend, cap_stats, cap_destroy};
-
 static kvc_status_t dump_kv(const opts_t *o, const char *model, const char *tok, const char *text,
                             kvc_runner_err_t *err) {
-  model_run_t mr;
-  memset(&mr, 0, sizeof mr);
-  capture_t c;
-  memset(&c, 0, sizeof c);
+  kvc_runner_capture_t c;
   FILE *f = NULL;
-  kvc_status_t st = kvc_runner_model_load(&mr.m, model, tok, err);
+  kvc_status_t st = kvc_runner_capture_files(model, tok, text, o->windows, 256, &c, err);
   if (st != KVC_OK) goto out;
-  const kvc_runner_shape_t *s = &mr.m.shape;
-  if ((st = kvc_runner_text_stream(&mr.m.vocab, text, o->windows * 255, &mr.stream, &mr.n_stream, err)) != KVC_OK)
-    goto out;
-  if ((st = kvc_runner_ctx_init(&mr.ctx, &mr.m, 255, err)) != KVC_OK) goto out;
-  c.n_layers = s->n_layers;
-  c.row = (size_t)s->n_kv_heads * s->head_dim;
-  c.cap_tokens = (int64_t)o->windows * 255;
-  c.written = calloc((size_t)s->n_layers, sizeof *c.written);
-  c.k = malloc((size_t)s->n_layers * (size_t)c.cap_tokens * c.row * sizeof(float));
-  c.v = malloc((size_t)s->n_layers * (size_t)c.cap_tokens * c.row * sizeof(float));
-  if (!c.written || !c.k || !c.v) {
-    st = kvc_runner_fail(err, KVC_ERR_OUT_OF_HOST_MEMORY, "--dump-kv: out of memory");
-    goto out;
-  }
-  if ((st = kvc_runner_kv_dense(s, NULL, &c.inner, err)) != KVC_OK) goto out;
-  c.base.ops = &capture_ops;
-  c.base.name = "dense";
-  c.base.block_tokens = 64;
-  /* One window per step: the captured rows come out window by window. */
-  kvc_runner_ppl_opts_t pp = {o->windows, 256, KVC_RUNNER_FEED_PREFILL, 1};
-  kvc_runner_ppl_t p;
-  if ((st = kvc_runner_perplexity(&mr.ctx, &c.base, mr.stream, mr.n_stream, &pp, &p, err)) != KVC_OK) goto out;
+  const kvc_runner_shape_t *s = &c.shape;
   f = fopen(o->dump_kv, "wb");
   if (!f) {
     st = kvc_runner_fail(err, KVC_ERR_INVALID_ARGUMENT, "%s: %s", o->dump_kv, strerror(errno));
@@ -721,25 +647,19 @@ static kvc_status_t dump_kv(const opts_t *o, const char *model, const char *tok,
   /* The codec benchmark's format (bench/NOTES-codec.md); line 1 may carry more after "v1". */
   fprintf(f, "kvcomp-kv-dump v1 model=%.*s windows=%d window_tokens=255 positions=0..254 rope=applied "
           "ppl=%.6f\nlayers %d tokens %lld kv_heads %d head_dim %d\n", (int)strcspn(base, "."), base,
-          o->windows, p.ppl, s->n_layers, (long long)c.cap_tokens, s->n_kv_heads, s->head_dim);
-  size_t n = (size_t)s->n_layers * (size_t)c.cap_tokens * c.row;
+          o->windows, c.ppl, s->n_layers, (long long)c.tokens, s->n_kv_heads, s->head_dim);
+  size_t n = (size_t)s->n_layers * (size_t)c.tokens * (size_t)s->n_kv_heads * s->head_dim;
   if (fwrite(c.k, sizeof(float), n, f) != n || fwrite(c.v, sizeof(float), n, f) != n || fclose(f) != 0) {
     f = NULL;
     st = kvc_runner_fail(err, KVC_ERR_INVALID_ARGUMENT, "%s: write failed", o->dump_kv);
-    kvc_runner_ppl_free(&p);
     goto out;
   }
   f = NULL;
   fprintf(stderr, "wrote %s: %d layers x %lld tokens x %d kv heads x %d, K then V (exact ppl %.4f)\n",
-          o->dump_kv, s->n_layers, (long long)c.cap_tokens, s->n_kv_heads, s->head_dim, p.ppl);
-  kvc_runner_ppl_free(&p);
+          o->dump_kv, s->n_layers, (long long)c.tokens, s->n_kv_heads, s->head_dim, c.ppl);
 out:
   if (f) fclose(f);
-  kvc_runner_kv_destroy(c.inner);
-  free(c.written);
-  free(c.k);
-  free(c.v);
-  model_run_free(&mr);
+  kvc_runner_capture_free(&c);
   return st;
 }
 

@@ -23,7 +23,8 @@
  * Huffman and bit-pack at the default bounds, at every head_dim the model's channels fill; fp16,
  * and bf16 at head_dim 128.
  *
- * Without a GPU the test skips; without the models it skips unless KVC_REQUIRE_MODELS=1.
+ * KVC_TEST_SCALE below 1 shortens the sequences (the sanitizer sweep). Without a GPU the test
+ * skips; without the models it skips unless KVC_REQUIRE_MODELS=1.
  */
 #include <cuda_runtime.h>
 
@@ -160,14 +161,18 @@ results run(const kvc_runner_capture_t &c, const layout &L, kvc_dtype_t dt, kvc_
   CUDA_OK(cudaMalloc(&dv, v.size() * 2));
   CUDA_OK(cudaMalloc(&dq, q.size() * 2));
   CUDA_OK(cudaMalloc(&dout, q.size() * 2));
-  int first[kSeqs], held[kSeqs] = {0};
-  for (int i = 0, t = 0; i < kSeqs; t += kLens[i], i++) {
+  /* KVC_TEST_SCALE below 1 (the sanitizer sweep's 0.05) shortens the sequences, to a fifth at
+   * most: ten compressed pages remain. */
+  const double sc = std::min(1.0, std::max(0.2, kvc_test_scale()));
+  int lens[kSeqs], first[kSeqs], held[kSeqs] = {0};
+  for (int i = 0; i < kSeqs; i++) lens[i] = std::max(1, (int)lround(kLens[i] * sc));
+  for (int i = 0, t = 0; i < kSeqs; t += lens[i], i++) {
     first[i] = t;
     int cached = -1;
     for (kvc_cache_t *cc : cache)
       assert_int_equal(kvc_seq_add(cc, (kvc_seq_id_t)i, nullptr, 0, 0, &cached), KVC_OK);
   }
-  assert_true(first[kSeqs - 1] + kLens[kSeqs - 1] <= c.tokens);
+  assert_true(first[kSeqs - 1] + lens[kSeqs - 1] <= c.tokens);
   const float scale = 1.0f / sqrtf((float)L.hd);
   for (;;) {
     std::vector<kvc_seq_id_t> ids;
@@ -175,9 +180,9 @@ results run(const kvc_runner_capture_t &c, const layout &L, kvc_dtype_t dt, kvc_
     std::vector<int> src; /* the stream token of each row */
     for (int i = 0; i < kSeqs; i++) {
       /* Up to kChunk prompt rows a step, then the last kDecode tokens one a step. */
-      const int prefill = std::max(kLens[i] - kDecode, 0);
+      const int prefill = std::max(lens[i] - kDecode, 0);
       const int n = held[i] < prefill ? std::min(kChunk, prefill - held[i])
-                                      : std::min(1, kLens[i] - held[i]);
+                                      : std::min(1, lens[i] - held[i]);
       if (n == 0) continue;
       ids.push_back((kvc_seq_id_t)i);
       n_new.push_back(n);
@@ -235,7 +240,7 @@ results run(const kvc_runner_capture_t &c, const layout &L, kvc_dtype_t dt, kvc_
     r.rows += rows;
   }
   for (kvc_cache_t *cc : cache) assert_int_equal(kvc_cache_synchronize(cc), KVC_OK);
-  for (int i = 0; i < kSeqs; i++) same_pages(cpu, gpu, (kvc_seq_id_t)i, kLens[i], r);
+  for (int i = 0; i < kSeqs; i++) same_pages(cpu, gpu, (kvc_seq_id_t)i, lens[i], r);
   /* Every full block in the codec asked for: real data the codec could not code (raw pages)
    * would leave that codec's decoder untested. */
   kvc_stats_t st = {};
